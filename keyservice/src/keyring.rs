@@ -1,0 +1,347 @@
+//! The keyring: every version of every key purpose, sealed at rest under the root key.
+//!
+//! File format (when changing it, bump `FORMAT_V1` to a new value and keep reading the
+//! old one):
+//!
+//! ```text
+//! "TVKR" | format: u8 = 1 | nonce: 12 bytes | AES-256-GCM(root key, aad = "TVKR" | format)
+//! plaintext: count: u32 | count × (purpose: u8 | version: u32 | state: u8 |
+//!            created_at_unix_ms: i64 | has_material: u8 | material: 32 bytes if has_material)
+//! ```
+//! All integers big-endian. The plaintext only ever exists in zeroizing buffers.
+
+use std::path::Path;
+
+use envelope::{KEY_LEN, NONCE_LEN, SecretKey};
+use zeroize::Zeroizing;
+
+const MAGIC: &[u8; 4] = b"TVKR";
+const FORMAT_V1: u8 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Purpose {
+    CardData,
+    Fingerprint,
+    Cvc,
+}
+
+impl Purpose {
+    pub const ALL: [Purpose; 3] = [Purpose::CardData, Purpose::Fingerprint, Purpose::Cvc];
+
+    fn code(self) -> u8 {
+        match self {
+            Purpose::CardData => 1,
+            Purpose::Fingerprint => 2,
+            Purpose::Cvc => 3,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.code() == code)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Purpose::CardData => "card-data",
+            Purpose::Fingerprint => "fingerprint",
+            Purpose::Cvc => "cvc",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Active,
+    DecryptOnly,
+    Retired,
+    Destroyed,
+}
+
+impl State {
+    fn code(self) -> u8 {
+        match self {
+            State::Active => 1,
+            State::DecryptOnly => 2,
+            State::Retired => 3,
+            State::Destroyed => 4,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Self> {
+        [
+            State::Active,
+            State::DecryptOnly,
+            State::Retired,
+            State::Destroyed,
+        ]
+        .into_iter()
+        .find(|s| s.code() == code)
+    }
+}
+
+/// One version of one purpose. `material` is `None` once destroyed.
+#[derive(Debug)]
+pub struct KeyVersion {
+    pub purpose: Purpose,
+    pub version: u32,
+    pub state: State,
+    pub created_at_unix_ms: i64,
+    pub material: Option<SecretKey>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyringError {
+    #[error("keyring file {path} already exists; refusing to overwrite it")]
+    Exists { path: String },
+    #[error("cannot read or write keyring file {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("keyring cannot be opened: wrong root key, or the file was altered")]
+    Integrity,
+    #[error("keyring file is not a keyring or is truncated")]
+    Malformed,
+    #[error("keyring file has format version {0}, which this build does not know")]
+    UnknownFormat(u8),
+    #[error("the system random number generator failed")]
+    Random,
+    #[error("the root key file must hold exactly 64 hex characters (a 256-bit key)")]
+    RootKeyFormat,
+    #[error(transparent)]
+    RootKeyFile(#[from] runtime::secret_file::SecretFileError),
+}
+
+/// The root key (key-encrypting key) that seals the keyring.
+#[derive(Debug)]
+pub struct RootKey(SecretKey);
+
+impl RootKey {
+    /// Reads a root key file: 64 hex characters, mode 0600 (else refused, saying why).
+    pub fn from_file(path: &Path) -> Result<Self, KeyringError> {
+        let text = runtime::secret_file::read_owner_only(path)?;
+        let trimmed = text.trim_ascii();
+        let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
+        hex::decode_to_slice(trimmed, bytes.as_mut_slice())
+            .map_err(|_| KeyringError::RootKeyFormat)?;
+        Ok(Self(
+            SecretKey::from_slice(bytes.as_slice()).map_err(|_| KeyringError::RootKeyFormat)?,
+        ))
+    }
+
+    /// Creates a new random root key file, mode 0600, refusing to overwrite.
+    pub fn generate_file(path: &Path) -> Result<(), KeyringError> {
+        let key = SecretKey::generate().map_err(|_| KeyringError::Random)?;
+        let mut text = Zeroizing::new(hex::encode(key.expose_secret()).into_bytes());
+        text.push(b'\n');
+        runtime::secret_file::create_owner_only(path, &text).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::AlreadyExists {
+                KeyringError::Exists {
+                    path: path.display().to_string(),
+                }
+            } else {
+                KeyringError::Io {
+                    path: path.display().to_string(),
+                    source,
+                }
+            }
+        })
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Keyring {
+    versions: Vec<KeyVersion>,
+}
+
+impl Keyring {
+    /// A new keyring with version 1 of every purpose, active.
+    pub fn generate(now_unix_ms: i64) -> Result<Self, KeyringError> {
+        let versions = Purpose::ALL
+            .into_iter()
+            .map(|purpose| {
+                Ok(KeyVersion {
+                    purpose,
+                    version: 1,
+                    state: State::Active,
+                    created_at_unix_ms: now_unix_ms,
+                    material: Some(SecretKey::generate().map_err(|_| KeyringError::Random)?),
+                })
+            })
+            .collect::<Result<_, KeyringError>>()?;
+        Ok(Self { versions })
+    }
+
+    pub fn versions(&self) -> &[KeyVersion] {
+        &self.versions
+    }
+
+    fn aad() -> [u8; 5] {
+        [MAGIC[0], MAGIC[1], MAGIC[2], MAGIC[3], FORMAT_V1]
+    }
+
+    /// Encrypts the keyring under the root key.
+    pub fn seal(&self, root: &RootKey) -> Result<Vec<u8>, KeyringError> {
+        let mut plain = Zeroizing::new(Vec::with_capacity(8 + self.versions.len() * 51));
+        plain.extend_from_slice(&(self.versions.len() as u32).to_be_bytes());
+        for v in &self.versions {
+            plain.push(v.purpose.code());
+            plain.extend_from_slice(&v.version.to_be_bytes());
+            plain.push(v.state.code());
+            plain.extend_from_slice(&v.created_at_unix_ms.to_be_bytes());
+            match &v.material {
+                Some(key) => {
+                    plain.push(1);
+                    plain.extend_from_slice(key.expose_secret());
+                }
+                None => plain.push(0),
+            }
+        }
+        let sealed = envelope::seal(&root.0, &Self::aad(), &plain).map_err(|_| KeyringError::Random)?;
+        let mut out = Vec::with_capacity(5 + NONCE_LEN + sealed.ciphertext.len());
+        out.extend_from_slice(&Self::aad());
+        out.extend_from_slice(&sealed.nonce);
+        out.extend_from_slice(&sealed.ciphertext);
+        Ok(out)
+    }
+
+    /// Decrypts and parses a sealed keyring.
+    pub fn open(bytes: &[u8], root: &RootKey) -> Result<Self, KeyringError> {
+        if bytes.len() < 5 + NONCE_LEN || &bytes[..4] != MAGIC {
+            return Err(KeyringError::Malformed);
+        }
+        if bytes[4] != FORMAT_V1 {
+            return Err(KeyringError::UnknownFormat(bytes[4]));
+        }
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&bytes[5..5 + NONCE_LEN]);
+        let plain = envelope::open(&root.0, &nonce, &Self::aad(), &bytes[5 + NONCE_LEN..])
+            .map_err(|_| KeyringError::Integrity)?;
+        Self::decode(&plain).ok_or(KeyringError::Malformed)
+    }
+
+    fn decode(mut input: &[u8]) -> Option<Self> {
+        fn take<'a>(input: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+            let (head, tail) = input.split_at_checked(n)?;
+            *input = tail;
+            Some(head)
+        }
+        let count = u32::from_be_bytes(take(&mut input, 4)?.try_into().ok()?);
+        let mut versions = Vec::new();
+        for _ in 0..count {
+            let purpose = Purpose::from_code(take(&mut input, 1)?[0])?;
+            let version = u32::from_be_bytes(take(&mut input, 4)?.try_into().ok()?);
+            let state = State::from_code(take(&mut input, 1)?[0])?;
+            let created_at_unix_ms = i64::from_be_bytes(take(&mut input, 8)?.try_into().ok()?);
+            let material = match take(&mut input, 1)?[0] {
+                0 => None,
+                1 => Some(SecretKey::from_slice(take(&mut input, KEY_LEN)?).ok()?),
+                _ => return None,
+            };
+            versions.push(KeyVersion {
+                purpose,
+                version,
+                state,
+                created_at_unix_ms,
+                material,
+            });
+        }
+        input.is_empty().then_some(Self { versions })
+    }
+
+    /// Reads and opens the keyring file.
+    pub fn load(path: &Path, root: &RootKey) -> Result<Self, KeyringError> {
+        let bytes = std::fs::read(path).map_err(|source| KeyringError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::open(&bytes, root)
+    }
+
+    /// Writes a new keyring file durably: temporary file, fsync, rename, fsync of the
+    /// directory. Refuses to replace an existing keyring.
+    pub fn create_file(&self, path: &Path, root: &RootKey) -> Result<(), KeyringError> {
+        let io = |source| KeyringError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        if path.exists() {
+            return Err(KeyringError::Exists {
+                path: path.display().to_string(),
+            });
+        }
+        let sealed = self.seal(root)?;
+        let tmp = path.with_extension("tmp");
+        let _ = std::fs::remove_file(&tmp);
+        runtime::secret_file::create_owner_only(&tmp, &sealed).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root(dir: &Path) -> RootKey {
+        let path = dir.join("root.key");
+        RootKey::generate_file(&path).unwrap();
+        RootKey::from_file(&path).unwrap()
+    }
+
+    #[test]
+    fn sealed_keyring_round_trips_and_hides_material() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = root(dir.path());
+        let keyring = Keyring::generate(1_700_000_000_000).unwrap();
+        let path = dir.path().join("keyring.sealed");
+        keyring.create_file(&path, &root).unwrap();
+
+        let on_disk = std::fs::read(&path).unwrap();
+        for v in keyring.versions() {
+            let material = v.material.as_ref().unwrap().expose_secret();
+            assert!(!on_disk.windows(KEY_LEN).any(|w| w == material));
+        }
+        let loaded = Keyring::load(&path, &root).unwrap();
+        assert_eq!(loaded.versions().len(), 3);
+        for (a, b) in keyring.versions().iter().zip(loaded.versions()) {
+            assert_eq!((a.purpose, a.version, a.state), (b.purpose, b.version, b.state));
+            assert_eq!(
+                a.material.as_ref().unwrap().expose_secret(),
+                b.material.as_ref().unwrap().expose_secret()
+            );
+        }
+        assert!(matches!(
+            keyring.create_file(&path, &root),
+            Err(KeyringError::Exists { .. })
+        ));
+    }
+
+    #[test]
+    fn wrong_root_key_or_edit_is_an_integrity_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let sealed = Keyring::generate(0).unwrap().seal(&root(dir.path())).unwrap();
+        let other = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            Keyring::open(&sealed, &root(other.path())),
+            Err(KeyringError::Integrity)
+        ));
+        let root = RootKey::from_file(&dir.path().join("root.key")).unwrap();
+        let mut edited = sealed.clone();
+        let last = edited.len() - 1;
+        edited[last] ^= 1;
+        assert!(matches!(Keyring::open(&edited, &root), Err(KeyringError::Integrity)));
+        assert!(matches!(Keyring::open(&sealed[..10], &root), Err(KeyringError::Malformed)));
+    }
+
+    #[test]
+    fn root_key_file_must_be_hex() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("root.key");
+        runtime::secret_file::create_owner_only(&path, b"not hex").unwrap();
+        assert!(matches!(RootKey::from_file(&path), Err(KeyringError::RootKeyFormat)));
+    }
+}

@@ -1,0 +1,64 @@
+//! `keyservice`: parses flags, loads the config, and calls the library.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use runtime::telemetry::LogFormat;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Tokenization vault key service")]
+struct Cli {
+    /// Configuration file (TOML).
+    #[arg(long, short, env = "KEYSERVICE_CONFIG", default_value = "keyservice.toml")]
+    config: PathBuf,
+    #[arg(long, env = "KEYSERVICE_LOG_FORMAT", value_enum, default_value_t)]
+    log_format: LogFormat,
+    /// Log filter, e.g. `info` or `keyservice=debug,info`.
+    #[arg(long, env = "KEYSERVICE_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve keys (the default).
+    Run,
+    /// Create the keyring: version 1 of every key purpose, sealed under the root key.
+    Init,
+    /// Write a new random root key to FILE with mode 0600 (refuses to overwrite).
+    GenRootKey { file: PathBuf },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    runtime::telemetry::init(cli.log_format, &cli.log);
+    if let Some(Command::GenRootKey { file }) = &cli.command {
+        keyservice::keyring::RootKey::generate_file(file)
+            .with_context(|| format!("create root key file {}", file.display()))?;
+        tracing::info!(file = %file.display(), "root key written (mode 0600)");
+        return Ok(());
+    }
+    let settings = keyservice::Settings::load(&cli.config).context("load configuration")?;
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Init => {
+            keyservice::init(&settings).context("initialize keyring")?;
+            tracing::info!(keyring = %settings.keyring_file.display(), "keyring created");
+        }
+        Command::Run => {
+            let bound = keyservice::bind(&settings).await.context("start keyservice")?;
+            #[allow(clippy::print_stdout)] // the one machine-readable start-up line
+            {
+                println!("keyservice listening on {}", bound.local_addr());
+            }
+            bound
+                .serve(runtime::shutdown::Shutdown::on_signals())
+                .await
+                .context("serve")?;
+        }
+        Command::GenRootKey { .. } => unreachable!("handled above"),
+    }
+    Ok(())
+}

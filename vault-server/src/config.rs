@@ -1,0 +1,141 @@
+//! Vault settings: a TOML file, validated before any port is bound.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use runtime::tls::TlsFiles;
+use serde::Deserialize;
+
+/// The vault-server configuration file. See `deploy/vault-server.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Address of the gRPC (mutual TLS) listener.
+    pub listen_addr: SocketAddr,
+    /// RocksDB directory. Holds ciphertext and allowed metadata only.
+    pub data_dir: PathBuf,
+    /// The access policy (identities → tenant and permissions).
+    pub policy_file: PathBuf,
+    /// Most cards accepted in one TokenizeBatch call.
+    #[serde(default = "default_max_batch_size")]
+    pub max_batch_size: usize,
+    /// Server certificate, key, and the CA that signs accepted clients. The same
+    /// certificate is presented to the keyservice as this vault's identity.
+    pub tls: TlsFiles,
+    pub keyservice: KeyserviceSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyserviceSettings {
+    /// e.g. `https://keys.internal:7443`. Only https is accepted.
+    pub endpoint: String,
+    /// Name to verify in the keyservice certificate; defaults to the endpoint's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// CA that signs the keyservice certificate; defaults to `tls.ca_file`.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Longest wait between two attempts to reach the keyservice at start-up.
+    #[serde(default = "default_max_retry_backoff_ms")]
+    pub max_retry_backoff_ms: u64,
+}
+
+fn default_max_batch_size() -> usize {
+    1000
+}
+fn default_connect_timeout_ms() -> u64 {
+    5_000
+}
+fn default_max_retry_backoff_ms() -> u64 {
+    10_000
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl KeyserviceSettings {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    pub fn max_retry_backoff(&self) -> Duration {
+        Duration::from_millis(self.max_retry_backoff_ms)
+    }
+
+    /// The name the keyservice certificate must carry.
+    pub fn server_name(&self) -> &str {
+        if let Some(name) = &self.server_name {
+            return name;
+        }
+        let rest = self.endpoint.strip_prefix("https://").unwrap_or(&self.endpoint);
+        let authority = rest.split('/').next().unwrap_or(rest);
+        match authority.rsplit_once(':') {
+            Some((host, _port)) => host.trim_start_matches('[').trim_end_matches(']'),
+            None => authority,
+        }
+    }
+}
+
+impl Settings {
+    /// Reads and validates a config file. Relative paths inside it are taken relative
+    /// to the file's directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        let mut settings: Settings =
+            toml::from_str(&text).map_err(|e| invalid(e.message().to_owned()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        settings.resolve_relative_paths(base);
+        settings.validate().map_err(invalid)?;
+        Ok(settings)
+    }
+
+    fn resolve_relative_paths(&mut self, base: &Path) {
+        let mut files = vec![
+            &mut self.data_dir,
+            &mut self.policy_file,
+            &mut self.tls.ca_file,
+            &mut self.tls.cert_file,
+            &mut self.tls.key_file,
+        ];
+        if let Some(ca) = &mut self.keyservice.ca_file {
+            files.push(ca);
+        }
+        for file in files {
+            if file.is_relative() {
+                *file = base.join(&*file);
+            }
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.keyservice.endpoint.starts_with("https://") {
+            return Err("keyservice.endpoint must start with https://".into());
+        }
+        if !(1..=100_000).contains(&self.max_batch_size) {
+            return Err("max_batch_size must be 1 to 100000".into());
+        }
+        if self.keyservice.connect_timeout_ms == 0 || self.keyservice.max_retry_backoff_ms == 0 {
+            return Err("keyservice timeouts must be greater than 0".into());
+        }
+        Ok(())
+    }
+}

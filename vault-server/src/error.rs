@@ -1,0 +1,74 @@
+//! Every way a vault call can fail, and the one mapping to gRPC statuses. Client
+//! mistakes get precise codes and static messages that never carry a value; internal
+//! failures get a request id for the caller and the detail in the server log.
+
+use tonic::{Code, Status};
+
+use crate::card::Violation;
+use crate::record::RecordError;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    #[error("invalid {}: {} (rule: {})", .0.field, .0.description, .0.rule)]
+    Invalid(Violation),
+    #[error("cards: at most {max} cards per batch (rule: max_items)")]
+    BatchTooLarge { max: usize },
+    #[error("token not found")]
+    NotFound,
+    #[error("a client certificate is required")]
+    Unauthenticated,
+    #[error("permission denied")]
+    PermissionDenied,
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error("card-data key version {0} is not available to this vault")]
+    KeyUnavailable(u32),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("randomness failure: {0}")]
+    Crypto(#[from] envelope::Error),
+    #[error("no free token after several draws")]
+    TokenSpace,
+}
+
+impl VaultError {
+    /// The status a caller sees. Logs what a human must look at, once, here.
+    pub fn into_status(self, request_id: &str) -> Status {
+        let internal = |code: Code, what: &str| {
+            Status::new(code, format!("{what} (request id {request_id})"))
+        };
+        match self {
+            VaultError::Invalid(_) | VaultError::BatchTooLarge { .. } => {
+                tracing::info!(error = %self, "invalid argument");
+                Status::invalid_argument(self.to_string())
+            }
+            VaultError::NotFound => Status::not_found("token not found"),
+            VaultError::Unauthenticated => {
+                tracing::warn!("refused: no client certificate identity");
+                Status::unauthenticated("a client certificate is required")
+            }
+            VaultError::PermissionDenied => {
+                tracing::warn!("refused: permission denied");
+                Status::permission_denied("permission denied")
+            }
+            VaultError::Record(e) => {
+                tracing::error!(error = %e, "stored record is corrupt or was tampered with");
+                internal(Code::DataLoss, "the stored record failed its integrity check")
+            }
+            VaultError::KeyUnavailable(version) => {
+                tracing::error!(version, "record needs a card-data key version this vault does not hold");
+                internal(Code::FailedPrecondition, "the record's key version is not available")
+            }
+            VaultError::Store(StoreError::Closed) => Status::unavailable("the vault is shutting down"),
+            VaultError::Store(e) => {
+                tracing::error!(error = %e, "storage failure");
+                internal(Code::Internal, "internal error")
+            }
+            VaultError::Crypto(_) | VaultError::TokenSpace => {
+                tracing::error!(error = %self, "internal failure");
+                internal(Code::Internal, "internal error")
+            }
+        }
+    }
+}

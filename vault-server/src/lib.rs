@@ -1,0 +1,137 @@
+//! The vault: tokenizes card data over mutual-TLS gRPC, keeps it only as AES-256-GCM
+//! ciphertext in RocksDB, with keys fetched from the keyservice and held in memory only.
+//!
+//! Layout: `card` and `token` are the domain types, `record` the on-disk format,
+//! `store` the storage trait and its engines, `keys` the key set, `policy` who may do
+//! what, `service` the gRPC handlers, `error` the one mapping to gRPC statuses.
+//!
+//! Must never depend on the keyservice crate (keys arrive only over the wire) nor
+//! expose any API that returns card data.
+
+pub mod card;
+pub mod config;
+pub mod error;
+pub mod keys;
+pub mod policy;
+pub mod record;
+pub mod service;
+pub mod store;
+pub mod token;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use runtime::shutdown::Shutdown;
+use runtime::tls::{TlsFiles, TlsMaterial};
+use tokio::net::TcpListener;
+use vault_proto::vault::v1::vault_server::VaultServer;
+
+pub use config::Settings;
+use store::rocks::RocksStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Policy(#[from] policy::PolicyError),
+    #[error(transparent)]
+    Tls(#[from] runtime::tls::TlsError),
+    #[error(transparent)]
+    Keys(#[from] keys::KeysError),
+    #[error("cannot open the data directory {path}: {detail}")]
+    Storage { path: String, detail: String },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A vault that holds its keys, has opened its database and bound its port.
+#[derive(Debug)]
+pub struct Bound {
+    listener: TcpListener,
+    service: service::VaultService<RocksStore>,
+    tls: TlsMaterial,
+}
+
+/// Start-up: policy, TLS material, keys from the keyservice (retrying until they come
+/// or `shutdown` fires), then the database, then the port. Nothing is served without
+/// keys.
+pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Error> {
+    let policy = policy::Policy::load(&settings.policy_file)?;
+    let tls = TlsMaterial::load(&settings.tls)?;
+    let keyservice_tls = match &settings.keyservice.ca_file {
+        Some(ca_file) => TlsMaterial::load(&TlsFiles {
+            ca_file: ca_file.clone(),
+            ..settings.tls.clone()
+        })?,
+        None => tls.clone(),
+    };
+    let keys = keys::fetch_with_retry(
+        &settings.keyservice,
+        keyservice_tls.client_config(settings.keyservice.server_name()),
+        shutdown,
+    )
+    .await?;
+    let store = open_store(settings)?;
+    let listener = TcpListener::bind(settings.listen_addr)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: settings.listen_addr,
+            source,
+        })?;
+    Ok(Bound {
+        listener,
+        service: service::VaultService::new(
+            Arc::new(store),
+            Arc::new(keys),
+            Arc::new(policy),
+            settings.max_batch_size,
+        ),
+        tls,
+    })
+}
+
+fn open_store(settings: &Settings) -> Result<RocksStore, Error> {
+    let storage_error = |detail: String| Error::Storage {
+        path: settings.data_dir.display().to_string(),
+        detail,
+    };
+    let mut dir = std::fs::DirBuilder::new();
+    dir.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut dir, 0o700);
+    dir.create(&settings.data_dir)
+        .map_err(|e| storage_error(e.to_string()))?;
+    RocksStore::open(&settings.data_dir).map_err(|e| storage_error(e.to_string()))
+}
+
+impl Bound {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Serves until `shutdown` fires, then closes the database.
+    pub async fn serve(self, shutdown: Shutdown) -> Result<(), Error> {
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<VaultServer<service::VaultService<RocksStore>>>()
+            .await;
+        tracing::info!(addr = %self.local_addr(), "vault-server serving");
+        tonic::transport::Server::builder()
+            .tls_config(self.tls.server_config())?
+            .add_service(health_service)
+            .add_service(VaultServer::new(self.service))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(self.listener),
+                shutdown.wait(),
+            )
+            .await?;
+        tracing::info!("vault-server stopped");
+        Ok(())
+    }
+}

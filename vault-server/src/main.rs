@@ -1,0 +1,38 @@
+//! `vault-server`: parses flags, loads the config, and calls the library.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use runtime::shutdown::Shutdown;
+use runtime::telemetry::LogFormat;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Card tokenization vault server")]
+struct Cli {
+    /// Configuration file (TOML).
+    #[arg(long, short, env = "VAULT_CONFIG", default_value = "vault-server.toml")]
+    config: PathBuf,
+    #[arg(long, env = "VAULT_LOG_FORMAT", value_enum, default_value_t)]
+    log_format: LogFormat,
+    /// Log filter, e.g. `info` or `vault_server=debug,info`.
+    #[arg(long, env = "VAULT_LOG", default_value = "info")]
+    log: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    runtime::telemetry::init(cli.log_format, &cli.log);
+    let settings = vault_server::Settings::load(&cli.config).context("load configuration")?;
+    let shutdown = Shutdown::on_signals();
+    let bound = vault_server::start(&settings, shutdown.clone())
+        .await
+        .context("start vault-server")?;
+    #[allow(clippy::print_stdout)] // the one machine-readable start-up line
+    {
+        println!("vault-server listening on {}", bound.local_addr());
+    }
+    bound.serve(shutdown).await.context("serve")?;
+    Ok(())
+}

@@ -1,0 +1,311 @@
+//! The stored record: clear metadata that PCI DSS allows, and the card fields sealed
+//! with AES-256-GCM. The associated data binds the ciphertext to its token, tenant,
+//! key version and metadata, so a ciphertext moved to another record, or edited
+//! metadata, fails authentication instead of decrypting as another card.
+//!
+//! Format v1 (big-endian integers):
+//!
+//! ```text
+//! format: u8 = 1 | key_version: u32 | nonce: 12 | brand: u8 | last_four: 4 ASCII digits |
+//! exp_month: u8 | exp_year: u16 | created_at_unix_ms: i64 | fingerprint_version: u32 |
+//! fingerprint: 32 | tenant_len: u8 | tenant | ciphertext+tag (the rest)
+//!
+//! aad       = "tokenvault.record" | token_len: u8 | token | every byte before the ciphertext
+//! plaintext = pan_len: u8 | pan digits | exp_month: u8 | exp_year: u16 | name_len: u16 | name
+//! ```
+//!
+//! When changing this: add a new format byte and a decoder for it, keep decoding every
+//! older format (stored records are never rewritten just to change format), and add the
+//! old format's bytes as a fixture test.
+
+use envelope::{NONCE_LEN, SecretKey, TAG_LEN};
+use zeroize::Zeroizing;
+
+use crate::card::{Brand, CardData, CardholderName, Expiry, Pan};
+use crate::policy::Tenant;
+use crate::token::Token;
+
+pub const FORMAT_V1: u8 = 1;
+const AAD_LABEL: &[u8] = b"tokenvault.record";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RecordError {
+    /// The bytes are not a record this build can parse.
+    #[error("stored record is malformed")]
+    Malformed,
+    #[error("stored record has unknown format version {0}")]
+    UnknownFormat(u8),
+    /// Authentication failed: the record was edited or moved.
+    #[error("stored record failed its integrity check")]
+    Integrity,
+}
+
+/// A keyed fingerprint of a card number, and the fingerprint key version it used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint {
+    pub version: u32,
+    pub value: [u8; 32],
+}
+
+/// The clear part of a record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metadata {
+    pub key_version: u32,
+    pub brand: Brand,
+    pub last_four: [u8; 4],
+    pub expiry: Expiry,
+    pub created_at_unix_ms: i64,
+    pub fingerprint: Fingerprint,
+    pub tenant: Tenant,
+}
+
+impl Metadata {
+    /// The record's key in the fingerprint index: tenant, fingerprint version and value,
+    /// expiry. A keyed hash and clear metadata only, never the PAN. Computable from the
+    /// clear metadata, so deleting a record needs no decryption.
+    pub fn index_key(&self) -> Vec<u8> {
+        let tenant = self.tenant.as_str().as_bytes();
+        let mut key = Vec::with_capacity(1 + tenant.len() + 4 + 32 + 3);
+        key.push(tenant.len() as u8);
+        key.extend_from_slice(tenant);
+        key.extend_from_slice(&self.fingerprint.version.to_be_bytes());
+        key.extend_from_slice(&self.fingerprint.value);
+        key.extend_from_slice(&self.expiry.year.to_be_bytes());
+        key.push(self.expiry.month);
+        key
+    }
+}
+
+/// A decoded (not yet authenticated) record.
+#[derive(Debug)]
+pub struct StoredRecord {
+    pub metadata: Metadata,
+    nonce: [u8; NONCE_LEN],
+    /// Every byte before the ciphertext, authenticated as associated data.
+    header: Vec<u8>,
+    ciphertext: Vec<u8>,
+}
+
+fn aad(token: &Token, header: &[u8]) -> Vec<u8> {
+    let token = token.as_str().as_bytes();
+    let mut aad = Vec::with_capacity(AAD_LABEL.len() + 1 + token.len() + header.len());
+    aad.extend_from_slice(AAD_LABEL);
+    aad.push(token.len() as u8); // tokens are 26 bytes
+    aad.extend_from_slice(token);
+    aad.extend_from_slice(header);
+    aad
+}
+
+fn encode_header(metadata: &Metadata, nonce: &[u8; NONCE_LEN]) -> Vec<u8> {
+    let tenant = metadata.tenant.as_str().as_bytes();
+    let mut out = Vec::with_capacity(80 + tenant.len());
+    out.push(FORMAT_V1);
+    out.extend_from_slice(&metadata.key_version.to_be_bytes());
+    out.extend_from_slice(nonce);
+    out.push(metadata.brand.code());
+    out.extend_from_slice(&metadata.last_four);
+    out.push(metadata.expiry.month);
+    out.extend_from_slice(&metadata.expiry.year.to_be_bytes());
+    out.extend_from_slice(&metadata.created_at_unix_ms.to_be_bytes());
+    out.extend_from_slice(&metadata.fingerprint.version.to_be_bytes());
+    out.extend_from_slice(&metadata.fingerprint.value);
+    out.push(tenant.len() as u8); // Tenant guarantees at most 64 bytes
+    out.extend_from_slice(tenant);
+    out
+}
+
+fn encode_plaintext(card: &CardData) -> Zeroizing<Vec<u8>> {
+    let pan = card.pan.expose_digits().as_bytes();
+    let name = card.name.as_ref().map_or("", |n| n.expose()).as_bytes();
+    let mut out = Zeroizing::new(Vec::with_capacity(6 + pan.len() + name.len()));
+    out.push(pan.len() as u8); // at most 19
+    out.extend_from_slice(pan);
+    out.push(card.expiry.month);
+    out.extend_from_slice(&card.expiry.year.to_be_bytes());
+    out.extend_from_slice(&(name.len() as u16).to_be_bytes()); // at most 128 chars × 4 bytes
+    out.extend_from_slice(name);
+    out
+}
+
+/// Seals `card` for `token` and returns the record bytes to store.
+pub fn seal(
+    token: &Token,
+    metadata: &Metadata,
+    card: &CardData,
+    key: &SecretKey,
+) -> Result<Vec<u8>, envelope::Error> {
+    let plaintext = encode_plaintext(card);
+    // The nonce is part of the header, which is authenticated as associated data, so
+    // it is drawn before sealing.
+    let mut nonce = [0u8; NONCE_LEN];
+    envelope::fill_random(&mut nonce)?;
+    let header = encode_header(metadata, &nonce);
+    let ciphertext = envelope::seal_with_nonce(key, &nonce, &aad(token, &header), &plaintext)?;
+    let mut out = header;
+    out.extend_from_slice(&ciphertext);
+    Ok(out)
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], RecordError> {
+        let (head, tail) = self.0.split_at_checked(n).ok_or(RecordError::Malformed)?;
+        self.0 = tail;
+        Ok(head)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], RecordError> {
+        self.take(N)?.try_into().map_err(|_| RecordError::Malformed)
+    }
+    fn u8(&mut self) -> Result<u8, RecordError> {
+        Ok(self.array::<1>()?[0])
+    }
+}
+
+/// Parses record bytes. Never panics on any input.
+pub fn decode(bytes: &[u8]) -> Result<StoredRecord, RecordError> {
+    let mut r = Reader(bytes);
+    match r.u8()? {
+        FORMAT_V1 => {}
+        other => return Err(RecordError::UnknownFormat(other)),
+    }
+    let key_version = u32::from_be_bytes(r.array()?);
+    let nonce: [u8; NONCE_LEN] = r.array()?;
+    let brand = Brand::from_code(r.u8()?).ok_or(RecordError::Malformed)?;
+    let last_four: [u8; 4] = r.array()?;
+    if !last_four.iter().all(u8::is_ascii_digit) {
+        return Err(RecordError::Malformed);
+    }
+    let month = r.u8()?;
+    let year = u16::from_be_bytes(r.array()?);
+    let created_at_unix_ms = i64::from_be_bytes(r.array()?);
+    let fingerprint = Fingerprint {
+        version: u32::from_be_bytes(r.array()?),
+        value: r.array()?,
+    };
+    let tenant_len = usize::from(r.u8()?);
+    let tenant = std::str::from_utf8(r.take(tenant_len)?)
+        .ok()
+        .and_then(|t| Tenant::parse(t).ok())
+        .ok_or(RecordError::Malformed)?;
+    let header_len = bytes.len() - r.0.len();
+    if r.0.len() < TAG_LEN {
+        return Err(RecordError::Malformed);
+    }
+    Ok(StoredRecord {
+        metadata: Metadata {
+            key_version,
+            brand,
+            last_four,
+            expiry: Expiry { year, month },
+            created_at_unix_ms,
+            fingerprint,
+            tenant,
+        },
+        nonce,
+        header: bytes[..header_len].to_vec(),
+        ciphertext: r.0.to_vec(),
+    })
+}
+
+impl StoredRecord {
+    /// Authenticates and decrypts the card fields. `key` must be the card-data key of
+    /// `self.metadata.key_version`.
+    pub fn open(&self, token: &Token, key: &SecretKey) -> Result<CardData, RecordError> {
+        let plaintext = envelope::open(key, &self.nonce, &aad(token, &self.header), &self.ciphertext)
+            .map_err(|_| RecordError::Integrity)?;
+        // Authenticated plaintext that does not parse means a bug or a key misuse, not
+        // tampering; still an error, never a panic.
+        decode_plaintext(&plaintext).ok_or(RecordError::Malformed)
+    }
+}
+
+fn decode_plaintext(plaintext: &[u8]) -> Option<CardData> {
+    let mut r = Reader(plaintext);
+    let pan_len = usize::from(r.u8().ok()?);
+    let pan = std::str::from_utf8(r.take(pan_len).ok()?).ok()?;
+    let pan = Pan::parse(pan).ok()?;
+    let month = r.u8().ok()?;
+    let year = u16::from_be_bytes(r.array().ok()?);
+    let name_len = usize::from(u16::from_be_bytes(r.array().ok()?));
+    let name = std::str::from_utf8(r.take(name_len).ok()?).ok()?;
+    let name = CardholderName::parse(name).ok()?;
+    Some(CardData {
+        pan,
+        expiry: Expiry { year, month },
+        name,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::card::Today;
+
+    fn card() -> CardData {
+        CardData {
+            pan: Pan::parse("4242424242424242").unwrap(),
+            expiry: Expiry::parse(12, 2030, Today { year: 2026, month: 1 }).unwrap(),
+            name: CardholderName::parse("Ada Lovelace").unwrap(),
+        }
+    }
+
+    fn metadata(tenant: &str) -> Metadata {
+        Metadata {
+            key_version: 7,
+            brand: Brand::Visa,
+            last_four: *b"4242",
+            expiry: Expiry { year: 2030, month: 12 },
+            created_at_unix_ms: 1_700_000_000_000,
+            fingerprint: Fingerprint { version: 1, value: [9; 32] },
+            tenant: Tenant::parse(tenant).unwrap(),
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let key = SecretKey::generate().unwrap();
+        let token = Token::generate().unwrap();
+        let bytes = seal(&token, &metadata("acme"), &card(), &key).unwrap();
+        assert!(!bytes.windows(16).any(|w| w == b"4242424242424242"));
+        assert!(!bytes.windows(3).any(|w| w == b"Ada"));
+        let record = decode(&bytes).unwrap();
+        assert_eq!(record.metadata, metadata("acme"));
+        let opened = record.open(&token, &key).unwrap();
+        assert_eq!(opened.pan.expose_digits(), "4242424242424242");
+        assert_eq!(opened.name.unwrap().expose(), "Ada Lovelace");
+        assert_eq!(opened.expiry, Expiry { year: 2030, month: 12 });
+    }
+
+    #[test]
+    fn record_under_another_token_fails() {
+        let key = SecretKey::generate().unwrap();
+        let token = Token::generate().unwrap();
+        let bytes = seal(&token, &metadata("acme"), &card(), &key).unwrap();
+        let other = Token::generate().unwrap();
+        assert_eq!(decode(&bytes).unwrap().open(&other, &key).unwrap_err(), RecordError::Integrity);
+    }
+
+    #[test]
+    fn edited_metadata_fails() {
+        let key = SecretKey::generate().unwrap();
+        let token = Token::generate().unwrap();
+        let mut bytes = seal(&token, &metadata("acme"), &card(), &key).unwrap();
+        // last_four sits after format(1) + key_version(4) + nonce(12) + brand(1).
+        bytes[18] = b'1';
+        assert_eq!(decode(&bytes).unwrap().open(&token, &key).unwrap_err(), RecordError::Integrity);
+    }
+
+    #[test]
+    fn truncations_are_errors_not_panics() {
+        let key = SecretKey::generate().unwrap();
+        let token = Token::generate().unwrap();
+        let bytes = seal(&token, &metadata("acme"), &card(), &key).unwrap();
+        for len in 0..bytes.len() {
+            if let Ok(record) = decode(&bytes[..len]) {
+                assert!(record.open(&token, &key).is_err());
+            }
+        }
+        assert_eq!(decode(&[9]).unwrap_err(), RecordError::UnknownFormat(9));
+    }
+}

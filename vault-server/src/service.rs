@@ -1,0 +1,346 @@
+//! The Vault gRPC API. Each handler authorizes the caller, converts the wire request
+//! into validated domain types, and nothing below it sees a prost type.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tonic::metadata::MetadataValue;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+use vault_proto::vault::v1 as pb;
+
+use crate::card::{CardData, Today, Violation};
+use crate::error::VaultError;
+use crate::keys::KeySet;
+use crate::policy::{Caller, Denied, Permission, Policy};
+use crate::record::{self, Fingerprint, Metadata, StoredRecord};
+use crate::store::{InsertOutcome, NewRecord, Store};
+use crate::token::Token;
+
+/// Response (and error) metadata key carrying the request id that the server logs.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Fresh tokens drawn before giving up; with 128 random bits a second draw is already
+/// astronomically unlikely.
+const TOKEN_ATTEMPTS: usize = 3;
+
+#[derive(Debug)]
+pub struct VaultService<S> {
+    store: Arc<S>,
+    keys: Arc<KeySet>,
+    policy: Arc<Policy>,
+    max_batch_size: usize,
+}
+
+impl<S: Store> VaultService<S> {
+    pub fn new(store: Arc<S>, keys: Arc<KeySet>, policy: Arc<Policy>, max_batch_size: usize) -> Self {
+        Self {
+            store,
+            keys,
+            policy,
+            max_batch_size,
+        }
+    }
+
+    /// Runs one RPC: a span with method, request id and caller; authorization; the
+    /// handler; the request id in the response or error metadata.
+    async fn call<Req, Resp, Fut>(
+        &self,
+        method: &'static str,
+        permission: Permission,
+        request: Request<Req>,
+        handler: impl FnOnce(Caller, Req) -> Fut,
+    ) -> Result<Response<Resp>, Status>
+    where
+        Fut: Future<Output = Result<Resp, VaultError>>,
+    {
+        let request_id = new_request_id();
+        let identity = runtime::tls::peer_identity(&request);
+        let span = tracing::info_span!(
+            "rpc",
+            method,
+            request_id = %request_id,
+            caller = identity.as_deref().unwrap_or("-"),
+        );
+        async move {
+            let started = Instant::now();
+            let result = match self.policy.authorize(identity.as_deref(), permission) {
+                Ok(caller) => handler(caller, request.into_inner()).await,
+                Err(Denied::Unauthenticated) => Err(VaultError::Unauthenticated),
+                Err(Denied::PermissionDenied) => Err(VaultError::PermissionDenied),
+            };
+            let request_id_value = MetadataValue::try_from(request_id.as_str()).ok();
+            match result {
+                Ok(body) => {
+                    tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "ok");
+                    let mut response = Response::new(body);
+                    if let Some(value) = request_id_value {
+                        response.metadata_mut().insert(REQUEST_ID_HEADER, value);
+                    }
+                    Ok(response)
+                }
+                Err(error) => {
+                    let mut status = error.into_status(&request_id);
+                    if let Some(value) = request_id_value {
+                        status.metadata_mut().insert(REQUEST_ID_HEADER, value);
+                    }
+                    Err(status)
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The fingerprint and clear metadata of a new record of `card`.
+    fn metadata(&self, caller: &Caller, card: &CardData, now_unix_ms: i64) -> Metadata {
+        let (fingerprint_version, fingerprint_key) = self.keys.fingerprint.active();
+        let fingerprint = envelope::hmac_sha256(
+            fingerprint_key,
+            &[
+                b"tokenvault.fingerprint.v1",
+                caller.tenant.as_str().as_bytes(),
+                card.pan.expose_digits().as_bytes(),
+            ],
+        );
+        Metadata {
+            key_version: self.keys.card_data.active().0,
+            brand: card.pan.brand(),
+            last_four: card.pan.last_four(),
+            expiry: card.expiry,
+            created_at_unix_ms: now_unix_ms,
+            fingerprint: Fingerprint {
+                version: fingerprint_version,
+                value: fingerprint,
+            },
+            tenant: caller.tenant.clone(),
+        }
+    }
+
+    fn seal(&self, metadata: &Metadata, card: &CardData, reuse_existing: bool) -> Result<NewRecord, VaultError> {
+        let token = Token::generate()?;
+        let (_, key) = self.keys.card_data.active();
+        let value = record::seal(&token, metadata, card, key)?;
+        Ok(NewRecord {
+            token,
+            value,
+            index_key: metadata.index_key(),
+            reuse_existing,
+        })
+    }
+
+    /// Reads a record of the caller's tenant. Another tenant's token is NOT_FOUND,
+    /// exactly like an unknown one.
+    async fn load(&self, caller: &Caller, token: &Token) -> Result<StoredRecord, VaultError> {
+        let bytes = self.store.get(token).await?.ok_or(VaultError::NotFound)?;
+        let stored = record::decode(&bytes)?;
+        if stored.metadata.tenant != caller.tenant {
+            return Err(VaultError::NotFound);
+        }
+        Ok(stored)
+    }
+
+    /// Reads a record and authenticates it (decrypting, then dropping the card), so
+    /// that edited or moved records are reported, never served.
+    async fn load_verified(&self, caller: &Caller, token: &Token) -> Result<StoredRecord, VaultError> {
+        let stored = self.load(caller, token).await?;
+        let version = stored.metadata.key_version;
+        let key = self
+            .keys
+            .card_data
+            .get(version)
+            .ok_or(VaultError::KeyUnavailable(version))?;
+        drop(stored.open(token, key)?);
+        Ok(stored)
+    }
+
+    async fn tokenize_one(&self, caller: Caller, request: pb::TokenizeRequest) -> Result<pb::TokenizeResponse, VaultError> {
+        let card = CardData::from_wire(request.card, Today::now()).map_err(VaultError::Invalid)?;
+        let metadata = self.metadata(&caller, &card, now_unix_ms());
+        for _ in 0..TOKEN_ATTEMPTS {
+            let record = self.seal(&metadata, &card, request.reuse_existing)?;
+            let token = record.token.clone();
+            let outcome = self.store.insert(vec![record]).await?.pop();
+            match outcome {
+                Some(InsertOutcome::Stored) => {
+                    tracing::info!(token = %token, "tokenized");
+                    return Ok(tokenize_response(&token, &metadata, false));
+                }
+                Some(InsertOutcome::Existing(existing)) => {
+                    let stored = self.load_verified(&caller, &existing).await?;
+                    tracing::info!(token = %existing, "returned existing token");
+                    return Ok(tokenize_response(&existing, &stored.metadata, true));
+                }
+                Some(InsertOutcome::TokenTaken) | None => continue,
+            }
+        }
+        Err(VaultError::TokenSpace)
+    }
+
+    async fn tokenize_many(&self, caller: Caller, request: pb::TokenizeBatchRequest) -> Result<pb::TokenizeBatchResponse, VaultError> {
+        if request.cards.is_empty() {
+            return Err(VaultError::Invalid(Violation {
+                field: "cards",
+                rule: "required",
+                description: "at least one card is required",
+            }));
+        }
+        if request.cards.len() > self.max_batch_size {
+            return Err(VaultError::BatchTooLarge {
+                max: self.max_batch_size,
+            });
+        }
+        let today = Today::now();
+        let now = now_unix_ms();
+        let mut results: Vec<Option<pb::BatchItemResult>> = Vec::new();
+        results.resize_with(request.cards.len(), || None);
+        // Valid cards, still waiting for a stored token: (index, card, metadata).
+        let mut waiting = Vec::new();
+        for (index, card) in request.cards.into_iter().enumerate() {
+            match CardData::from_wire(Some(card), today) {
+                Ok(card) => {
+                    let metadata = self.metadata(&caller, &card, now);
+                    waiting.push((index, card, metadata));
+                }
+                Err(violation) => results[index] = Some(invalid_item(index, violation)),
+            }
+        }
+        for _ in 0..TOKEN_ATTEMPTS {
+            if waiting.is_empty() {
+                break;
+            }
+            let records = waiting
+                .iter()
+                .map(|(_, card, metadata)| self.seal(metadata, card, request.reuse_existing))
+                .collect::<Result<Vec<_>, _>>()?;
+            let tokens: Vec<Token> = records.iter().map(|r| r.token.clone()).collect();
+            // One durable write for every valid card of the batch.
+            let outcomes = self.store.insert(records).await?;
+            let mut retry = Vec::new();
+            for (((index, card, metadata), token), outcome) in waiting.into_iter().zip(tokens).zip(outcomes) {
+                let stored = match outcome {
+                    InsertOutcome::Stored => tokenize_response(&token, &metadata, false),
+                    InsertOutcome::Existing(existing) => {
+                        let stored = self.load_verified(&caller, &existing).await?;
+                        tokenize_response(&existing, &stored.metadata, true)
+                    }
+                    InsertOutcome::TokenTaken => {
+                        retry.push((index, card, metadata));
+                        continue;
+                    }
+                };
+                results[index] = Some(pb::BatchItemResult {
+                    index: index as u32,
+                    outcome: Some(pb::batch_item_result::Outcome::Stored(stored)),
+                });
+            }
+            waiting = retry;
+        }
+        if !waiting.is_empty() {
+            return Err(VaultError::TokenSpace);
+        }
+        let results: Vec<_> = results.into_iter().flatten().collect();
+        let stored = results
+            .iter()
+            .filter(|r| matches!(r.outcome, Some(pb::batch_item_result::Outcome::Stored(_))))
+            .count();
+        tracing::info!(items = results.len(), stored, "batch tokenized");
+        Ok(pb::TokenizeBatchResponse { results })
+    }
+}
+
+fn invalid_item(index: usize, violation: Violation) -> pb::BatchItemResult {
+    pb::BatchItemResult {
+        index: index as u32,
+        outcome: Some(pb::batch_item_result::Outcome::Invalid(pb::FieldViolation {
+            field: violation.field.to_owned(),
+            rule: violation.rule.to_owned(),
+            description: violation.description.to_owned(),
+        })),
+    }
+}
+
+fn token_info(token: &Token, metadata: &Metadata) -> pb::TokenInfo {
+    pb::TokenInfo {
+        token: token.as_str().to_owned(),
+        brand: metadata.brand.to_wire() as i32,
+        last_four: String::from_utf8_lossy(&metadata.last_four).into_owned(),
+        exp_month: u32::from(metadata.expiry.month),
+        exp_year: u32::from(metadata.expiry.year),
+        fingerprint: hex::encode(metadata.fingerprint.value),
+        created_at_unix_ms: metadata.created_at_unix_ms,
+        key_version: metadata.key_version,
+    }
+}
+
+fn tokenize_response(token: &Token, metadata: &Metadata, reused: bool) -> pb::TokenizeResponse {
+    pb::TokenizeResponse {
+        info: Some(token_info(token, metadata)),
+        reused,
+    }
+}
+
+fn now_unix_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+fn new_request_id() -> String {
+    let mut bytes = [0u8; 8];
+    // A request id is for correlation only; an all-zero id on RNG failure is harmless.
+    let _ = envelope::fill_random(&mut bytes);
+    hex::encode(bytes)
+}
+
+fn parse_token(token: &str) -> Result<Token, VaultError> {
+    Token::parse(token).map_err(VaultError::Invalid)
+}
+
+#[tonic::async_trait]
+impl<S: Store> pb::vault_server::Vault for VaultService<S> {
+    async fn tokenize(&self, request: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
+        self.call("Tokenize", Permission::Tokenize, request, |caller, request| {
+            self.tokenize_one(caller, request)
+        })
+        .await
+    }
+
+    async fn tokenize_batch(
+        &self,
+        request: Request<pb::TokenizeBatchRequest>,
+    ) -> Result<Response<pb::TokenizeBatchResponse>, Status> {
+        self.call("TokenizeBatch", Permission::Tokenize, request, |caller, request| {
+            self.tokenize_many(caller, request)
+        })
+        .await
+    }
+
+    async fn get_token_info(
+        &self,
+        request: Request<pb::GetTokenInfoRequest>,
+    ) -> Result<Response<pb::GetTokenInfoResponse>, Status> {
+        self.call("GetTokenInfo", Permission::Read, request, |caller, request| async move {
+            let token = parse_token(&request.token)?;
+            let stored = self.load_verified(&caller, &token).await?;
+            Ok(pb::GetTokenInfoResponse {
+                info: Some(token_info(&token, &stored.metadata)),
+            })
+        })
+        .await
+    }
+
+    async fn delete_token(
+        &self,
+        request: Request<pb::DeleteTokenRequest>,
+    ) -> Result<Response<pb::DeleteTokenResponse>, Status> {
+        self.call("DeleteToken", Permission::Delete, request, |caller, request| async move {
+            let token = parse_token(&request.token)?;
+            let stored = self.load(&caller, &token).await?;
+            if !self.store.delete(token.clone(), stored.metadata.index_key()).await? {
+                return Err(VaultError::NotFound);
+            }
+            tracing::info!(token = %token, "deleted");
+            Ok(pb::DeleteTokenResponse {})
+        })
+        .await
+    }
+}
