@@ -1,1 +1,279 @@
+//! The development stack: a throwaway development CA and certificates for every
+//! identity, the config files that wire keyservice, vault-server and vaultctl together,
+//! and (in the binary) one command that runs them. Tests use the CA to make their
+//! certificates at test time; nothing here is ever committed or used in production.
+//!
+//! Must never be a dependency of the servers or the client library.
 
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+
+/// URI SAN prefix of every development identity.
+pub const IDENTITY_PREFIX: &str = "spiffe://tokenvault.dev/";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    #[error("certificate generation failed: {0}")]
+    Certificate(#[from] rcgen::Error),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A PEM certificate and its PEM private key.
+#[derive(Clone)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Issued { key_pem: [REDACTED], .. }")
+    }
+}
+
+/// A development certificate authority, held in memory only.
+#[derive(Debug)]
+pub struct DevCa {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+/// What a certificate is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    /// A client identity only (callers, admins).
+    Client,
+    /// A server on localhost that is also a client (the vault calls the keyservice).
+    ServerAndClient,
+}
+
+impl DevCa {
+    pub fn generate(name: &str) -> Result<Self, DevError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        Ok(Self {
+            issuer: CertifiedIssuer::self_signed(params, KeyPair::generate()?)?,
+        })
+    }
+
+    pub fn ca_pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// Issues a certificate whose identity is `spiffe://tokenvault.dev/<name>` (URI SAN)
+    /// with CN `<name>`. Server certificates also name `localhost` and `127.0.0.1`.
+    pub fn issue(&self, name: &str, usage: Usage) -> Result<Issued, DevError> {
+        let dns = match usage {
+            Usage::Client => Vec::new(),
+            Usage::ServerAndClient => vec!["localhost".to_owned()],
+        };
+        let mut params = CertificateParams::new(dns)?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        params
+            .subject_alt_names
+            .push(SanType::URI(format!("{IDENTITY_PREFIX}{name}").try_into()?));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        if usage == Usage::ServerAndClient {
+            params
+                .subject_alt_names
+                .push(SanType::IpAddress([127, 0, 0, 1].into()));
+            params
+                .extended_key_usages
+                .push(ExtendedKeyUsagePurpose::ServerAuth);
+        }
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Writes `<dir>/<name>.pem` and `<dir>/<name>.key` (mode 0600).
+    pub fn write_identity(&self, dir: &Path, name: &str, usage: Usage) -> Result<(), DevError> {
+        let issued = self.issue(name, usage)?;
+        write_file(
+            &dir.join(format!("{name}.pem")),
+            issued.cert_pem.as_bytes(),
+            false,
+        )?;
+        write_file(
+            &dir.join(format!("{name}.key")),
+            issued.key_pem.as_bytes(),
+            true,
+        )
+    }
+}
+
+/// Writes a file; secret files are created with mode 0600 from the start.
+pub fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), DevError> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let write = || -> std::io::Result<()> {
+        let mut file = options.open(path)?;
+        file.write_all(contents)?;
+        file.sync_all()
+    };
+    write().map_err(|source| DevError::Write {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Addresses of the dev stack's services.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    pub keyservice: SocketAddr,
+    pub vault: SocketAddr,
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Self {
+            keyservice: SocketAddr::from(([127, 0, 0, 1], 7443)),
+            vault: SocketAddr::from(([127, 0, 0, 1], 8443)),
+        }
+    }
+}
+
+/// Identities of the dev stack. `admin` is what vaultctl uses; `checkout` is an
+/// example internal service in another tenant.
+pub const DEV_IDENTITIES: &[(&str, Usage)] = &[
+    ("keyservice", Usage::ServerAndClient),
+    ("vault-server", Usage::ServerAndClient),
+    ("admin", Usage::Client),
+    ("checkout", Usage::Client),
+];
+
+/// Config files of the dev stack, with paths relative to the directory they live in.
+pub fn keyservice_config(ports: &Ports) -> String {
+    format!(
+        r#"# Development keyservice. Generated by devstack; see deploy/keyservice.toml for the reference.
+listen_addr = "{ks}"
+keyring_file = "keyring.sealed"
+root_key_file = "root.key"
+
+[tls]
+ca_file = "ca.pem"
+cert_file = "keyservice.pem"
+key_file = "keyservice.key"
+
+[access]
+vault_identities = ["{p}vault-server"]
+admin_identities = ["{p}admin"]
+"#,
+        ks = ports.keyservice,
+        p = IDENTITY_PREFIX
+    )
+}
+
+pub fn vault_config(ports: &Ports) -> String {
+    format!(
+        r#"# Development vault-server. Generated by devstack; see deploy/vault-server.toml for the reference.
+listen_addr = "{vault}"
+data_dir = "vault-data"
+policy_file = "policy.toml"
+
+[tls]
+ca_file = "ca.pem"
+cert_file = "vault-server.pem"
+key_file = "vault-server.key"
+
+[keyservice]
+endpoint = "https://localhost:{ks_port}"
+"#,
+        vault = ports.vault,
+        ks_port = ports.keyservice.port()
+    )
+}
+
+pub fn policy() -> String {
+    format!(
+        r#"# Development access policy. Generated by devstack; see deploy/policy.toml.
+[[identity]]
+id = "{p}admin"
+tenant = "dev"
+permissions = ["tokenize", "read", "delete"]
+
+[[identity]]
+id = "{p}checkout"
+tenant = "checkout"
+permissions = ["tokenize", "read"]
+"#,
+        p = IDENTITY_PREFIX
+    )
+}
+
+pub fn vaultctl_config(ports: &Ports) -> String {
+    format!(
+        r#"# vaultctl settings for the dev stack. Generated by devstack.
+vault_endpoint = "https://localhost:{vault}"
+keyservice_endpoint = "https://localhost:{ks}"
+ca_file = "ca.pem"
+cert_file = "admin.pem"
+key_file = "admin.key"
+"#,
+        vault = ports.vault.port(),
+        ks = ports.keyservice.port()
+    )
+}
+
+/// Creates the dev CA, every identity's certificate and the config files in `dir`,
+/// unless `dir/ca.pem` already exists (then nothing is touched, so data survives).
+/// Returns true when it created them.
+pub fn init_dir(dir: &Path, ports: &Ports) -> Result<bool, DevError> {
+    if dir.join("ca.pem").exists() {
+        return Ok(false);
+    }
+    let mkdir = |path: &Path| {
+        std::fs::create_dir_all(path).map_err(|source| DevError::Write {
+            path: path.to_owned(),
+            source,
+        })
+    };
+    mkdir(dir)?;
+    let ca = DevCa::generate("tokenvault development CA")?;
+    for (name, usage) in DEV_IDENTITIES {
+        ca.write_identity(dir, name, *usage)?;
+    }
+    write_file(
+        &dir.join("keyservice.toml"),
+        keyservice_config(ports).as_bytes(),
+        false,
+    )?;
+    write_file(
+        &dir.join("vault-server.toml"),
+        vault_config(ports).as_bytes(),
+        false,
+    )?;
+    write_file(&dir.join("policy.toml"), policy().as_bytes(), false)?;
+    write_file(
+        &dir.join("vaultctl.toml"),
+        vaultctl_config(ports).as_bytes(),
+        false,
+    )?;
+    // The CA certificate last: its presence marks a complete directory.
+    write_file(&dir.join("ca.pem"), ca.ca_pem().as_bytes(), false)?;
+    Ok(true)
+}

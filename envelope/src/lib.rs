@@ -111,7 +111,13 @@ pub fn seal_with_nonce(
 ) -> Result<Vec<u8>, Error> {
     let cipher = Aes256Gcm::new(key.expose_secret().into());
     cipher
-        .encrypt(Nonce::from_slice(nonce), Payload { msg: plaintext, aad })
+        .encrypt(
+            Nonce::from_slice(nonce),
+            Payload {
+                msg: plaintext,
+                aad,
+            },
+        )
         // aes-gcm fails only for inputs beyond GCM's length limit (about 64 GiB).
         .map_err(|_| Error::Integrity)
 }
@@ -126,7 +132,13 @@ pub fn open(
 ) -> Result<Zeroizing<Vec<u8>>, Error> {
     let cipher = Aes256Gcm::new(key.expose_secret().into());
     cipher
-        .decrypt(Nonce::from_slice(nonce), Payload { msg: ciphertext, aad })
+        .decrypt(
+            Nonce::from_slice(nonce),
+            Payload {
+                msg: ciphertext,
+                aad,
+            },
+        )
         .map(Zeroizing::new)
         .map_err(|_| Error::Integrity)
 }
@@ -164,7 +176,10 @@ mod tests {
 
     #[test]
     fn wrong_key_length_is_refused() {
-        assert!(matches!(SecretKey::from_slice(&[0; 16]), Err(Error::KeyLength)));
+        assert!(matches!(
+            SecretKey::from_slice(&[0; 16]),
+            Err(Error::KeyLength)
+        ));
     }
 
     #[test]
@@ -186,8 +201,14 @@ mod tests {
     #[test]
     fn hmac_parts_are_unambiguous() {
         let key = key();
-        assert_ne!(hmac_sha256(&key, &[b"ab", b"c"]), hmac_sha256(&key, &[b"a", b"bc"]));
-        assert_eq!(hmac_sha256(&key, &[b"ab", b"c"]), hmac_sha256(&key, &[b"ab", b"c"]));
+        assert_ne!(
+            hmac_sha256(&key, &[b"ab", b"c"]),
+            hmac_sha256(&key, &[b"a", b"bc"])
+        );
+        assert_eq!(
+            hmac_sha256(&key, &[b"ab", b"c"]),
+            hmac_sha256(&key, &[b"ab", b"c"])
+        );
     }
 
     proptest! {

@@ -197,7 +197,8 @@ impl Keyring {
                 None => plain.push(0),
             }
         }
-        let sealed = envelope::seal(&root.0, &Self::aad(), &plain).map_err(|_| KeyringError::Random)?;
+        let sealed =
+            envelope::seal(&root.0, &Self::aad(), &plain).map_err(|_| KeyringError::Random)?;
         let mut out = Vec::with_capacity(5 + NONCE_LEN + sealed.ciphertext.len());
         out.extend_from_slice(&Self::aad());
         out.extend_from_slice(&sealed.nonce);
@@ -276,7 +277,9 @@ impl Keyring {
         runtime::secret_file::create_owner_only(&tmp, &sealed).map_err(io)?;
         std::fs::rename(&tmp, path).map_err(io)?;
         if let Some(dir) = path.parent() {
-            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
         }
         Ok(())
     }
@@ -308,7 +311,10 @@ mod tests {
         let loaded = Keyring::load(&path, &root).unwrap();
         assert_eq!(loaded.versions().len(), 3);
         for (a, b) in keyring.versions().iter().zip(loaded.versions()) {
-            assert_eq!((a.purpose, a.version, a.state), (b.purpose, b.version, b.state));
+            assert_eq!(
+                (a.purpose, a.version, a.state),
+                (b.purpose, b.version, b.state)
+            );
             assert_eq!(
                 a.material.as_ref().unwrap().expose_secret(),
                 b.material.as_ref().unwrap().expose_secret()
@@ -323,7 +329,10 @@ mod tests {
     #[test]
     fn wrong_root_key_or_edit_is_an_integrity_error() {
         let dir = tempfile::tempdir().unwrap();
-        let sealed = Keyring::generate(0).unwrap().seal(&root(dir.path())).unwrap();
+        let sealed = Keyring::generate(0)
+            .unwrap()
+            .seal(&root(dir.path()))
+            .unwrap();
         let other = tempfile::tempdir().unwrap();
         assert!(matches!(
             Keyring::open(&sealed, &root(other.path())),
@@ -333,8 +342,14 @@ mod tests {
         let mut edited = sealed.clone();
         let last = edited.len() - 1;
         edited[last] ^= 1;
-        assert!(matches!(Keyring::open(&edited, &root), Err(KeyringError::Integrity)));
-        assert!(matches!(Keyring::open(&sealed[..10], &root), Err(KeyringError::Malformed)));
+        assert!(matches!(
+            Keyring::open(&edited, &root),
+            Err(KeyringError::Integrity)
+        ));
+        assert!(matches!(
+            Keyring::open(&sealed[..10], &root),
+            Err(KeyringError::Malformed)
+        ));
     }
 
     #[test]
@@ -342,6 +357,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("root.key");
         runtime::secret_file::create_owner_only(&path, b"not hex").unwrap();
-        assert!(matches!(RootKey::from_file(&path), Err(KeyringError::RootKeyFormat)));
+        assert!(matches!(
+            RootKey::from_file(&path),
+            Err(KeyringError::RootKeyFormat)
+        ));
     }
 }

@@ -10,7 +10,12 @@ use runtime::telemetry::LogFormat;
 #[command(version, about = "Tokenization vault key service")]
 struct Cli {
     /// Configuration file (TOML).
-    #[arg(long, short, env = "KEYSERVICE_CONFIG", default_value = "keyservice.toml")]
+    #[arg(
+        long,
+        short,
+        env = "KEYSERVICE_CONFIG",
+        default_value = "keyservice.toml"
+    )]
     config: PathBuf,
     #[arg(long, env = "KEYSERVICE_LOG_FORMAT", value_enum, default_value_t)]
     log_format: LogFormat,
@@ -35,20 +40,22 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     runtime::telemetry::init(cli.log_format, &cli.log);
-    if let Some(Command::GenRootKey { file }) = &cli.command {
-        keyservice::keyring::RootKey::generate_file(file)
-            .with_context(|| format!("create root key file {}", file.display()))?;
-        tracing::info!(file = %file.display(), "root key written (mode 0600)");
-        return Ok(());
-    }
-    let settings = keyservice::Settings::load(&cli.config).context("load configuration")?;
+    let load = || keyservice::Settings::load(&cli.config).context("load configuration");
     match cli.command.unwrap_or(Command::Run) {
+        Command::GenRootKey { file } => {
+            keyservice::keyring::RootKey::generate_file(&file)
+                .with_context(|| format!("create root key file {}", file.display()))?;
+            tracing::info!(file = %file.display(), "root key written (mode 0600)");
+        }
         Command::Init => {
+            let settings = load()?;
             keyservice::init(&settings).context("initialize keyring")?;
             tracing::info!(keyring = %settings.keyring_file.display(), "keyring created");
         }
         Command::Run => {
-            let bound = keyservice::bind(&settings).await.context("start keyservice")?;
+            let bound = keyservice::bind(&load()?)
+                .await
+                .context("start keyservice")?;
             #[allow(clippy::print_stdout)] // the one machine-readable start-up line
             {
                 println!("keyservice listening on {}", bound.local_addr());
@@ -58,7 +65,6 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .context("serve")?;
         }
-        Command::GenRootKey { .. } => unreachable!("handled above"),
     }
     Ok(())
 }

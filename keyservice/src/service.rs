@@ -44,7 +44,9 @@ impl KeyServiceImpl {
             Ok(identity)
         } else {
             tracing::warn!(caller = %identity, "permission denied");
-            Err(Status::permission_denied("this identity may not call this method"))
+            Err(Status::permission_denied(
+                "this identity may not call this method",
+            ))
         }
     }
 

@@ -54,7 +54,10 @@ mod tests {
             exp_year: 2030,
             cardholder_name: "Ada Lovelace".into(),
         };
-        let request = vault::v1::TokenizeRequest { card: Some(card), reuse_existing: false };
+        let request = vault::v1::TokenizeRequest {
+            card: Some(card),
+            reuse_existing: false,
+        };
         let printed = format!("{request:?} {request:#?}");
         assert!(!printed.contains("4242"), "{printed}");
         assert!(!printed.contains("Ada"), "{printed}");

@@ -28,7 +28,11 @@ pub fn read_owner_only(path: &Path) -> Result<Zeroizing<Vec<u8>>, SecretFileErro
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(path).map_err(read_err)?.permissions().mode() & 0o777;
+        let mode = std::fs::metadata(path)
+            .map_err(read_err)?
+            .permissions()
+            .mode()
+            & 0o777;
         if mode & 0o077 != 0 {
             return Err(SecretFileError::Permissions {
                 path: path.to_owned(),

@@ -1,1 +1,426 @@
+//! Test harness: real keyservice and vault-server instances with real mutual TLS on
+//! 127.0.0.1, certificates generated at test time. Servers run in-process through
+//! their libraries' `bind`/`start` + `serve` (the same code the binaries run), or as
+//! the real binaries when a test needs a process (logs, signals, vaultctl).
+//!
+//! Ports are bound first (port 0) and their addresses read back; nothing sleeps to wait.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)] // test code
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+
+use devstack::{DevCa, Usage};
+use runtime::shutdown::{self, ShutdownTrigger};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::task::JoinHandle;
+use vault_client::{ClientConfig, VaultClient};
+
+/// The identities every test stack has certificates for.
+pub const VAULT: &str = "vault-server";
+pub const KEYSERVICE: &str = "keyservice";
+/// Tenant `acme`: tokenize, read, delete. Also a keyservice admin.
+pub const ADMIN: &str = "admin";
+/// Tenant `acme`: read only.
+pub const READER: &str = "reader";
+/// Tenant `globex`: tokenize, read, delete.
+pub const OTHER_TENANT: &str = "globex-service";
+/// A valid certificate from our CA that the policy does not list.
+pub const STRANGER: &str = "stranger";
+/// A certificate from another CA.
+pub const FOREIGN: &str = "foreign";
+
+pub fn identity(name: &str) -> String {
+    format!("{}{name}", devstack::IDENTITY_PREFIX)
+}
+
+/// Certificates, keys, configs and data of one stack, in a temporary directory.
+#[derive(Debug)]
+pub struct StackDir {
+    pub dir: tempfile::TempDir,
+}
+
+impl StackDir {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = DevCa::generate("test CA").unwrap();
+        let path = dir.path();
+        devstack::write_file(&path.join("ca.pem"), ca.ca_pem().as_bytes(), false).unwrap();
+        for name in [VAULT, KEYSERVICE] {
+            ca.write_identity(path, name, Usage::ServerAndClient)
+                .unwrap();
+        }
+        for name in [ADMIN, READER, OTHER_TENANT, STRANGER] {
+            ca.write_identity(path, name, Usage::Client).unwrap();
+        }
+        let foreign = DevCa::generate("another CA").unwrap();
+        foreign
+            .write_identity(path, FOREIGN, Usage::Client)
+            .unwrap();
+        // Same name as a listed identity, but signed by the other CA.
+        foreign
+            .write_identity(path, "foreign-admin", Usage::Client)
+            .unwrap();
+
+        std::fs::write(
+            path.join("policy.toml"),
+            format!(
+                r#"
+[[identity]]
+id = "{admin}"
+tenant = "acme"
+permissions = ["tokenize", "read", "delete"]
+
+[[identity]]
+id = "{reader}"
+tenant = "acme"
+permissions = ["read"]
+
+[[identity]]
+id = "{other}"
+tenant = "globex"
+permissions = ["tokenize", "read", "delete"]
+"#,
+                admin = identity(ADMIN),
+                reader = identity(READER),
+                other = identity(OTHER_TENANT),
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            path.join("keyservice.toml"),
+            format!(
+                r#"
+listen_addr = "127.0.0.1:0"
+keyring_file = "keyring.sealed"
+root_key_file = "root.key"
+[tls]
+ca_file = "ca.pem"
+cert_file = "keyservice.pem"
+key_file = "keyservice.key"
+[access]
+vault_identities = ["{vault}"]
+admin_identities = ["{admin}"]
+"#,
+                vault = identity(VAULT),
+                admin = identity(ADMIN),
+            ),
+        )
+        .unwrap();
+        keyservice::keyring::RootKey::generate_file(&path.join("root.key")).unwrap();
+        let settings = keyservice::Settings::load(&path.join("keyservice.toml")).unwrap();
+        keyservice::init(&settings).unwrap();
+        Self { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.path().join("vault-data")
+    }
+
+    /// Writes the vault config pointing at a keyservice on `keyservice_port`.
+    pub fn write_vault_config(&self, keyservice_port: u16) -> PathBuf {
+        let path = self.path().join("vault-server.toml");
+        std::fs::write(
+            &path,
+            format!(
+                r#"
+listen_addr = "127.0.0.1:0"
+data_dir = "vault-data"
+policy_file = "policy.toml"
+max_batch_size = 1000
+[tls]
+ca_file = "ca.pem"
+cert_file = "vault-server.pem"
+key_file = "vault-server.key"
+[keyservice]
+endpoint = "https://localhost:{keyservice_port}"
+max_retry_backoff_ms = 200
+"#
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    /// Client settings for `name`'s certificate against `addr`.
+    pub fn client_config(&self, name: &str, addr: SocketAddr) -> ClientConfig {
+        let mut config = ClientConfig::new(
+            format!("https://localhost:{}", addr.port()),
+            self.path().join("ca.pem"),
+            self.path().join(format!("{name}.pem")),
+            self.path().join(format!("{name}.key")),
+        );
+        config.timeout = std::time::Duration::from_secs(30);
+        config
+    }
+}
+
+impl Default for StackDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Debug)]
+struct Running {
+    trigger: ShutdownTrigger,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.trigger.trigger();
+        self.task.await.unwrap();
+    }
+}
+
+/// Keyservice and vault-server running in this process.
+#[derive(Debug)]
+pub struct Stack {
+    pub dir: StackDir,
+    pub keyservice_addr: SocketAddr,
+    pub vault_addr: SocketAddr,
+    keyservice: Option<Running>,
+    vault: Option<Running>,
+}
+
+async fn start_keyservice(dir: &StackDir) -> (SocketAddr, Running) {
+    let settings = keyservice::Settings::load(&dir.path().join("keyservice.toml")).unwrap();
+    let bound = keyservice::bind(&settings).await.unwrap();
+    let addr = bound.local_addr();
+    let (trigger, shutdown) = shutdown::channel();
+    let task = tokio::spawn(async move { bound.serve(shutdown).await.unwrap() });
+    (addr, Running { trigger, task })
+}
+
+async fn start_vault(dir: &StackDir, keyservice_port: u16) -> (SocketAddr, Running) {
+    let config = dir.write_vault_config(keyservice_port);
+    let settings = vault_server::Settings::load(&config).unwrap();
+    let (trigger, shutdown) = shutdown::channel();
+    let bound = vault_server::start(&settings, shutdown.clone())
+        .await
+        .unwrap();
+    let addr = bound.local_addr();
+    let task = tokio::spawn(async move { bound.serve(shutdown).await.unwrap() });
+    (addr, Running { trigger, task })
+}
+
+impl Stack {
+    pub async fn start() -> Self {
+        Self::start_in(StackDir::new()).await
+    }
+
+    pub async fn start_in(dir: StackDir) -> Self {
+        let (keyservice_addr, keyservice) = start_keyservice(&dir).await;
+        let (vault_addr, vault) = start_vault(&dir, keyservice_addr.port()).await;
+        Self {
+            dir,
+            keyservice_addr,
+            vault_addr,
+            keyservice: Some(keyservice),
+            vault: Some(vault),
+        }
+    }
+
+    pub async fn client(&self, name: &str) -> VaultClient {
+        VaultClient::connect(&self.vault_config(name))
+            .await
+            .unwrap()
+    }
+
+    pub fn vault_config(&self, name: &str) -> ClientConfig {
+        self.dir.client_config(name, self.vault_addr)
+    }
+
+    pub fn keyservice_config(&self, name: &str) -> ClientConfig {
+        self.dir.client_config(name, self.keyservice_addr)
+    }
+
+    /// Stops the vault (closing its database) and leaves the keyservice running.
+    pub async fn stop_vault(&mut self) {
+        if let Some(vault) = self.vault.take() {
+            vault.stop().await;
+        }
+    }
+
+    /// Stops the vault and starts it again on the same data directory.
+    pub async fn restart_vault(&mut self) {
+        self.stop_vault().await;
+        let (addr, vault) = start_vault(&self.dir, self.keyservice_addr.port()).await;
+        self.vault_addr = addr;
+        self.vault = Some(vault);
+    }
+
+    pub async fn stop(mut self) -> StackDir {
+        self.stop_vault().await;
+        if let Some(keyservice) = self.keyservice.take() {
+            keyservice.stop().await;
+        }
+        self.dir
+    }
+}
+
+/// Path of a workspace binary built next to this test executable. `make test` builds
+/// them (`cargo build --bins`) before running the tests.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/e2e-<hash> → target/<profile>/<name>
+    let path = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --bins` first (`make test` does)",
+        path.display()
+    );
+    path
+}
+
+/// A server running as its real binary, with everything it prints captured.
+#[derive(Debug)]
+pub struct Process {
+    pub child: tokio::process::Child,
+    pub addr: SocketAddr,
+    pub output: Arc<Mutex<String>>,
+}
+
+impl Process {
+    /// Starts `binary --config config` with extra environment, and waits for its
+    /// "listening on ADDR" line.
+    pub async fn start(binary_name: &str, config: &Path, env: &[(&str, &str)]) -> Self {
+        let mut command = tokio::process::Command::new(binary(binary_name));
+        command
+            .arg("--config")
+            .arg(config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().unwrap();
+        let output = Arc::new(Mutex::new(String::new()));
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        tokio::spawn({
+            let output = Arc::clone(&output);
+            async move {
+                let mut ready_tx = Some(ready_tx);
+                let mut lines = BufReader::new(stdout).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if let Some(addr) = line.split(" listening on ").nth(1) {
+                        if let Some(tx) = ready_tx.take() {
+                            let _ = tx.send(addr.trim().parse::<SocketAddr>().unwrap());
+                        }
+                    }
+                    let mut out = output.lock().unwrap();
+                    out.push_str(&line);
+                    out.push('\n');
+                }
+            }
+        });
+        tokio::spawn({
+            let output = Arc::clone(&output);
+            async move {
+                let mut lines = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let mut out = output.lock().unwrap();
+                    out.push_str(&line);
+                    out.push('\n');
+                }
+            }
+        });
+        let addr = tokio::time::timeout(std::time::Duration::from_secs(60), ready_rx)
+            .await
+            .unwrap_or_else(|_| panic!("{binary_name} did not start: {}", output.lock().unwrap()))
+            .unwrap_or_else(|_| panic!("{binary_name} exited: {}", output.lock().unwrap()));
+        Self {
+            child,
+            addr,
+            output,
+        }
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub async fn terminate(mut self) -> String {
+        let pid = self.child.id().unwrap();
+        let status = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let exit = self.child.wait().await.unwrap();
+        assert!(exit.success(), "exit status {exit}");
+        // Let the output readers drain what is left.
+        tokio::task::yield_now().await;
+        self.output.lock().unwrap().clone()
+    }
+}
+
+/// A synthetic Luhn-valid card number: `prefix`, then the digits of `n` zero-padded to
+/// fill `len - 1` digits, then the check digit.
+pub fn synthetic_pan(prefix: &str, n: u64, len: usize) -> String {
+    let body_len = len - 1;
+    let mut body = format!("{prefix}{n:0width$}", width = body_len - prefix.len());
+    assert_eq!(body.len(), body_len);
+    let sum: u32 = body
+        .bytes()
+        .rev()
+        .enumerate()
+        .map(|(i, b)| {
+            let d = u32::from(b - b'0');
+            if i % 2 == 0 {
+                let d2 = d * 2;
+                if d2 > 9 { d2 - 9 } else { d2 }
+            } else {
+                d
+            }
+        })
+        .sum();
+    body.push(char::from(b'0' + ((10 - sum % 10) % 10) as u8));
+    body
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synthetic_pans_pass_luhn() {
+        for n in 0..100 {
+            let pan = synthetic_pan("400000", n, 16);
+            assert_eq!(pan.len(), 16);
+            assert!(vault_server::card::luhn_valid(pan.as_bytes()), "{pan}");
+        }
+        assert_eq!(synthetic_pan("42424242424242", 4, 16), "4242424242424242");
+    }
+}
+
+/// A raw mutual-TLS gRPC channel as `name`, for calls the client library does not make.
+pub async fn raw_channel(
+    dir: &StackDir,
+    name: &str,
+    addr: SocketAddr,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let read = |file: &str| std::fs::read(dir.path().join(file)).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.pem")))
+        .identity(Identity::from_pem(
+            read(&format!("{name}.pem")),
+            read(&format!("{name}.key")),
+        ))
+        .domain_name("localhost");
+    Endpoint::from_shared(format!("https://localhost:{}", addr.port()))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+}

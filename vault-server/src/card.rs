@@ -20,7 +20,11 @@ pub struct Violation {
     pub description: &'static str,
 }
 
-const fn violation(field: &'static str, rule: &'static str, description: &'static str) -> Violation {
+const fn violation(
+    field: &'static str,
+    rule: &'static str,
+    description: &'static str,
+) -> Violation {
     Violation {
         field,
         rule,
@@ -217,7 +221,11 @@ impl Expiry {
         let year = u16::try_from(year)
             .ok()
             .filter(|y| (1000..=9999).contains(y))
-            .ok_or(violation("card.exp_year", "format", "must be a four-digit year"))?;
+            .ok_or(violation(
+                "card.exp_year",
+                "format",
+                "must be a four-digit year",
+            ))?;
         if year > today.year.saturating_add(MAX_YEARS_AHEAD) {
             return Err(violation(
                 "card.exp_year",
@@ -227,7 +235,11 @@ impl Expiry {
         }
         // A card is valid through the last day of its expiry month.
         if (year, month) < (today.year, today.month) {
-            return Err(violation("card.exp_year", "expired", "the card has expired"));
+            return Err(violation(
+                "card.exp_year",
+                "expired",
+                "the card has expired",
+            ));
         }
         Ok(Self { year, month })
     }
@@ -253,7 +265,11 @@ impl CardholderName {
             return Ok(None);
         }
         if trimmed.chars().count() > MAX_NAME_CHARS {
-            return Err(violation(FIELD, "too_long", "must be at most 128 characters"));
+            return Err(violation(
+                FIELD,
+                "too_long",
+                "must be at most 128 characters",
+            ));
         }
         if trimmed.chars().any(char::is_control) {
             return Err(violation(
@@ -340,30 +356,56 @@ mod tests {
         assert_eq!(format!("{pan:?}"), "Pan(****4242)");
         let card = CardData {
             pan,
-            expiry: Expiry { year: 2030, month: 1 },
+            expiry: Expiry {
+                year: 2030,
+                month: 1,
+            },
             name: CardholderName::parse("Ada Lovelace").unwrap(),
         };
         let printed = format!("{card:?}");
-        assert!(!printed.contains("424242424242") && !printed.contains("Ada"), "{printed}");
+        assert!(
+            !printed.contains("424242424242") && !printed.contains("Ada"),
+            "{printed}"
+        );
     }
 
     #[test]
     fn expiry_rules() {
         assert!(Expiry::parse(11, 2026, TODAY).is_ok());
         assert_eq!(Expiry::parse(10, 2026, TODAY).unwrap_err().rule, "expired");
-        assert_eq!(Expiry::parse(0, 2030, TODAY).unwrap_err().field, "card.exp_month");
+        assert_eq!(
+            Expiry::parse(0, 2030, TODAY).unwrap_err().field,
+            "card.exp_month"
+        );
         assert_eq!(Expiry::parse(13, 2030, TODAY).unwrap_err().rule, "range");
         assert_eq!(Expiry::parse(1, 30, TODAY).unwrap_err().rule, "format");
         assert_eq!(Expiry::parse(1, 2090, TODAY).unwrap_err().rule, "range");
-        assert_eq!(Expiry::parse(1, u32::MAX, TODAY).unwrap_err().rule, "format");
+        assert_eq!(
+            Expiry::parse(1, u32::MAX, TODAY).unwrap_err().rule,
+            "format"
+        );
     }
 
     #[test]
     fn name_rules() {
         assert!(CardholderName::parse("  ").unwrap().is_none());
-        assert_eq!(CardholderName::parse(&"é".repeat(128)).unwrap().unwrap().expose().chars().count(), 128);
-        assert_eq!(CardholderName::parse(&"a".repeat(129)).unwrap_err().rule, "too_long");
-        assert_eq!(CardholderName::parse("a\u{0}b").unwrap_err().rule, "characters");
+        assert_eq!(
+            CardholderName::parse(&"é".repeat(128))
+                .unwrap()
+                .unwrap()
+                .expose()
+                .chars()
+                .count(),
+            128
+        );
+        assert_eq!(
+            CardholderName::parse(&"a".repeat(129)).unwrap_err().rule,
+            "too_long"
+        );
+        assert_eq!(
+            CardholderName::parse("a\u{0}b").unwrap_err().rule,
+            "characters"
+        );
     }
 
     #[test]

@@ -79,7 +79,10 @@ impl KeyserviceSettings {
         if let Some(name) = &self.server_name {
             return name;
         }
-        let rest = self.endpoint.strip_prefix("https://").unwrap_or(&self.endpoint);
+        let rest = self
+            .endpoint
+            .strip_prefix("https://")
+            .unwrap_or(&self.endpoint);
         let authority = rest.split('/').next().unwrap_or(rest);
         match authority.rsplit_once(':') {
             Some((host, _port)) => host.trim_start_matches('[').trim_end_matches(']'),

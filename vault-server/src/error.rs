@@ -35,9 +35,8 @@ pub enum VaultError {
 impl VaultError {
     /// The status a caller sees. Logs what a human must look at, once, here.
     pub fn into_status(self, request_id: &str) -> Status {
-        let internal = |code: Code, what: &str| {
-            Status::new(code, format!("{what} (request id {request_id})"))
-        };
+        let internal =
+            |code: Code, what: &str| Status::new(code, format!("{what} (request id {request_id})"));
         match self {
             VaultError::Invalid(_) | VaultError::BatchTooLarge { .. } => {
                 tracing::info!(error = %self, "invalid argument");
@@ -54,13 +53,24 @@ impl VaultError {
             }
             VaultError::Record(e) => {
                 tracing::error!(error = %e, "stored record is corrupt or was tampered with");
-                internal(Code::DataLoss, "the stored record failed its integrity check")
+                internal(
+                    Code::DataLoss,
+                    "the stored record failed its integrity check",
+                )
             }
             VaultError::KeyUnavailable(version) => {
-                tracing::error!(version, "record needs a card-data key version this vault does not hold");
-                internal(Code::FailedPrecondition, "the record's key version is not available")
+                tracing::error!(
+                    version,
+                    "record needs a card-data key version this vault does not hold"
+                );
+                internal(
+                    Code::FailedPrecondition,
+                    "the record's key version is not available",
+                )
             }
-            VaultError::Store(StoreError::Closed) => Status::unavailable("the vault is shutting down"),
+            VaultError::Store(StoreError::Closed) => {
+                Status::unavailable("the vault is shutting down")
+            }
             VaultError::Store(e) => {
                 tracing::error!(error = %e, "storage failure");
                 internal(Code::Internal, "internal error")

@@ -41,7 +41,9 @@ pub struct KeySet {
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeysError {
-    #[error("the keyservice refused this vault's identity ({0}); check its access.vault_identities")]
+    #[error(
+        "the keyservice refused this vault's identity ({0}); check its access.vault_identities"
+    )]
     Refused(String),
     #[error("the keyservice answered with an unusable keyring: {0}")]
     Unusable(&'static str),
@@ -147,7 +149,8 @@ enum Retry {
 async fn fetch_once(endpoint: &tonic::transport::Endpoint) -> Result<pb::GetKeysResponse, Retry> {
     let channel = endpoint.connect().await.map_err(|e| {
         // tonic's transport error names its cause one level down.
-        let cause = std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string);
+        let cause =
+            std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string);
         Retry::Yes(format!("cannot connect: {cause}"))
     })?;
     pb::key_service_client::KeyServiceClient::new(channel)

@@ -136,7 +136,13 @@ impl Policy {
                 return Err(format!("identity[{i}].id is empty"));
             }
             if grants
-                .insert(entry.id.clone(), Grant { tenant, permissions })
+                .insert(
+                    entry.id.clone(),
+                    Grant {
+                        tenant,
+                        permissions,
+                    },
+                )
                 .is_some()
             {
                 return Err(format!("identity[{i}].id {:?} is listed twice", entry.id));
@@ -188,7 +194,10 @@ mod tests {
             policy.authorize(Some("spiffe://other"), Permission::Read),
             Err(Denied::PermissionDenied)
         );
-        assert_eq!(policy.authorize(None, Permission::Read), Err(Denied::Unauthenticated));
+        assert_eq!(
+            policy.authorize(None, Permission::Read),
+            Err(Denied::Unauthenticated)
+        );
         assert_eq!(
             Policy::default().authorize(Some("x"), Permission::Read),
             Err(Denied::PermissionDenied)
@@ -198,11 +207,17 @@ mod tests {
     #[test]
     fn invalid_files_say_where() {
         let err = Policy::parse(&POLICY.replace("\"read\"", "\"raed\"")).unwrap_err();
-        assert!(err.contains("identity[0].permissions") && err.contains("raed"), "{err}");
+        assert!(
+            err.contains("identity[0].permissions") && err.contains("raed"),
+            "{err}"
+        );
         let err = Policy::parse(&POLICY.replace("acme", "ac me")).unwrap_err();
         assert!(err.contains("identity[0].tenant"), "{err}");
         let err = Policy::parse(&format!("{POLICY}{POLICY}")).unwrap_err();
         assert!(err.contains("twice"), "{err}");
-        assert!(Policy::parse("[[identity]]\nid = \"a\"\ntenant = \"t\"\npermissions = []\nextra = 1").is_err());
+        assert!(
+            Policy::parse("[[identity]]\nid = \"a\"\ntenant = \"t\"\npermissions = []\nextra = 1")
+                .is_err()
+        );
     }
 }

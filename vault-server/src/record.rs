@@ -212,8 +212,13 @@ impl StoredRecord {
     /// Authenticates and decrypts the card fields. `key` must be the card-data key of
     /// `self.metadata.key_version`.
     pub fn open(&self, token: &Token, key: &SecretKey) -> Result<CardData, RecordError> {
-        let plaintext = envelope::open(key, &self.nonce, &aad(token, &self.header), &self.ciphertext)
-            .map_err(|_| RecordError::Integrity)?;
+        let plaintext = envelope::open(
+            key,
+            &self.nonce,
+            &aad(token, &self.header),
+            &self.ciphertext,
+        )
+        .map_err(|_| RecordError::Integrity)?;
         // Authenticated plaintext that does not parse means a bug or a key misuse, not
         // tampering; still an error, never a panic.
         decode_plaintext(&plaintext).ok_or(RecordError::Malformed)
@@ -245,7 +250,15 @@ mod tests {
     fn card() -> CardData {
         CardData {
             pan: Pan::parse("4242424242424242").unwrap(),
-            expiry: Expiry::parse(12, 2030, Today { year: 2026, month: 1 }).unwrap(),
+            expiry: Expiry::parse(
+                12,
+                2030,
+                Today {
+                    year: 2026,
+                    month: 1,
+                },
+            )
+            .unwrap(),
             name: CardholderName::parse("Ada Lovelace").unwrap(),
         }
     }
@@ -255,9 +268,15 @@ mod tests {
             key_version: 7,
             brand: Brand::Visa,
             last_four: *b"4242",
-            expiry: Expiry { year: 2030, month: 12 },
+            expiry: Expiry {
+                year: 2030,
+                month: 12,
+            },
             created_at_unix_ms: 1_700_000_000_000,
-            fingerprint: Fingerprint { version: 1, value: [9; 32] },
+            fingerprint: Fingerprint {
+                version: 1,
+                value: [9; 32],
+            },
             tenant: Tenant::parse(tenant).unwrap(),
         }
     }
@@ -274,7 +293,13 @@ mod tests {
         let opened = record.open(&token, &key).unwrap();
         assert_eq!(opened.pan.expose_digits(), "4242424242424242");
         assert_eq!(opened.name.unwrap().expose(), "Ada Lovelace");
-        assert_eq!(opened.expiry, Expiry { year: 2030, month: 12 });
+        assert_eq!(
+            opened.expiry,
+            Expiry {
+                year: 2030,
+                month: 12
+            }
+        );
     }
 
     #[test]
@@ -283,7 +308,10 @@ mod tests {
         let token = Token::generate().unwrap();
         let bytes = seal(&token, &metadata("acme"), &card(), &key).unwrap();
         let other = Token::generate().unwrap();
-        assert_eq!(decode(&bytes).unwrap().open(&other, &key).unwrap_err(), RecordError::Integrity);
+        assert_eq!(
+            decode(&bytes).unwrap().open(&other, &key).unwrap_err(),
+            RecordError::Integrity
+        );
     }
 
     #[test]
@@ -293,7 +321,10 @@ mod tests {
         let mut bytes = seal(&token, &metadata("acme"), &card(), &key).unwrap();
         // last_four sits after format(1) + key_version(4) + nonce(12) + brand(1).
         bytes[18] = b'1';
-        assert_eq!(decode(&bytes).unwrap().open(&token, &key).unwrap_err(), RecordError::Integrity);
+        assert_eq!(
+            decode(&bytes).unwrap().open(&token, &key).unwrap_err(),
+            RecordError::Integrity
+        );
     }
 
     #[test]

@@ -33,7 +33,12 @@ pub struct VaultService<S> {
 }
 
 impl<S: Store> VaultService<S> {
-    pub fn new(store: Arc<S>, keys: Arc<KeySet>, policy: Arc<Policy>, max_batch_size: usize) -> Self {
+    pub fn new(
+        store: Arc<S>,
+        keys: Arc<KeySet>,
+        policy: Arc<Policy>,
+        max_batch_size: usize,
+    ) -> Self {
         Self {
             store,
             keys,
@@ -117,7 +122,12 @@ impl<S: Store> VaultService<S> {
         }
     }
 
-    fn seal(&self, metadata: &Metadata, card: &CardData, reuse_existing: bool) -> Result<NewRecord, VaultError> {
+    fn seal(
+        &self,
+        metadata: &Metadata,
+        card: &CardData,
+        reuse_existing: bool,
+    ) -> Result<NewRecord, VaultError> {
         let token = Token::generate()?;
         let (_, key) = self.keys.card_data.active();
         let value = record::seal(&token, metadata, card, key)?;
@@ -142,7 +152,11 @@ impl<S: Store> VaultService<S> {
 
     /// Reads a record and authenticates it (decrypting, then dropping the card), so
     /// that edited or moved records are reported, never served.
-    async fn load_verified(&self, caller: &Caller, token: &Token) -> Result<StoredRecord, VaultError> {
+    async fn load_verified(
+        &self,
+        caller: &Caller,
+        token: &Token,
+    ) -> Result<StoredRecord, VaultError> {
         let stored = self.load(caller, token).await?;
         let version = stored.metadata.key_version;
         let key = self
@@ -154,7 +168,11 @@ impl<S: Store> VaultService<S> {
         Ok(stored)
     }
 
-    async fn tokenize_one(&self, caller: Caller, request: pb::TokenizeRequest) -> Result<pb::TokenizeResponse, VaultError> {
+    async fn tokenize_one(
+        &self,
+        caller: Caller,
+        request: pb::TokenizeRequest,
+    ) -> Result<pb::TokenizeResponse, VaultError> {
         let card = CardData::from_wire(request.card, Today::now()).map_err(VaultError::Invalid)?;
         let metadata = self.metadata(&caller, &card, now_unix_ms());
         for _ in 0..TOKEN_ATTEMPTS {
@@ -177,7 +195,11 @@ impl<S: Store> VaultService<S> {
         Err(VaultError::TokenSpace)
     }
 
-    async fn tokenize_many(&self, caller: Caller, request: pb::TokenizeBatchRequest) -> Result<pb::TokenizeBatchResponse, VaultError> {
+    async fn tokenize_many(
+        &self,
+        caller: Caller,
+        request: pb::TokenizeBatchRequest,
+    ) -> Result<pb::TokenizeBatchResponse, VaultError> {
         if request.cards.is_empty() {
             return Err(VaultError::Invalid(Violation {
                 field: "cards",
@@ -217,7 +239,9 @@ impl<S: Store> VaultService<S> {
             // One durable write for every valid card of the batch.
             let outcomes = self.store.insert(records).await?;
             let mut retry = Vec::new();
-            for (((index, card, metadata), token), outcome) in waiting.into_iter().zip(tokens).zip(outcomes) {
+            for (((index, card, metadata), token), outcome) in
+                waiting.into_iter().zip(tokens).zip(outcomes)
+            {
                 let stored = match outcome {
                     InsertOutcome::Stored => tokenize_response(&token, &metadata, false),
                     InsertOutcome::Existing(existing) => {
@@ -252,11 +276,13 @@ impl<S: Store> VaultService<S> {
 fn invalid_item(index: usize, violation: Violation) -> pb::BatchItemResult {
     pb::BatchItemResult {
         index: index as u32,
-        outcome: Some(pb::batch_item_result::Outcome::Invalid(pb::FieldViolation {
-            field: violation.field.to_owned(),
-            rule: violation.rule.to_owned(),
-            description: violation.description.to_owned(),
-        })),
+        outcome: Some(pb::batch_item_result::Outcome::Invalid(
+            pb::FieldViolation {
+                field: violation.field.to_owned(),
+                rule: violation.rule.to_owned(),
+                description: violation.description.to_owned(),
+            },
+        )),
     }
 }
 
@@ -297,10 +323,16 @@ fn parse_token(token: &str) -> Result<Token, VaultError> {
 
 #[tonic::async_trait]
 impl<S: Store> pb::vault_server::Vault for VaultService<S> {
-    async fn tokenize(&self, request: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
-        self.call("Tokenize", Permission::Tokenize, request, |caller, request| {
-            self.tokenize_one(caller, request)
-        })
+    async fn tokenize(
+        &self,
+        request: Request<pb::TokenizeRequest>,
+    ) -> Result<Response<pb::TokenizeResponse>, Status> {
+        self.call(
+            "Tokenize",
+            Permission::Tokenize,
+            request,
+            |caller, request| self.tokenize_one(caller, request),
+        )
         .await
     }
 
@@ -308,9 +340,12 @@ impl<S: Store> pb::vault_server::Vault for VaultService<S> {
         &self,
         request: Request<pb::TokenizeBatchRequest>,
     ) -> Result<Response<pb::TokenizeBatchResponse>, Status> {
-        self.call("TokenizeBatch", Permission::Tokenize, request, |caller, request| {
-            self.tokenize_many(caller, request)
-        })
+        self.call(
+            "TokenizeBatch",
+            Permission::Tokenize,
+            request,
+            |caller, request| self.tokenize_many(caller, request),
+        )
         .await
     }
 
@@ -318,13 +353,18 @@ impl<S: Store> pb::vault_server::Vault for VaultService<S> {
         &self,
         request: Request<pb::GetTokenInfoRequest>,
     ) -> Result<Response<pb::GetTokenInfoResponse>, Status> {
-        self.call("GetTokenInfo", Permission::Read, request, |caller, request| async move {
-            let token = parse_token(&request.token)?;
-            let stored = self.load_verified(&caller, &token).await?;
-            Ok(pb::GetTokenInfoResponse {
-                info: Some(token_info(&token, &stored.metadata)),
-            })
-        })
+        self.call(
+            "GetTokenInfo",
+            Permission::Read,
+            request,
+            |caller, request| async move {
+                let token = parse_token(&request.token)?;
+                let stored = self.load_verified(&caller, &token).await?;
+                Ok(pb::GetTokenInfoResponse {
+                    info: Some(token_info(&token, &stored.metadata)),
+                })
+            },
+        )
         .await
     }
 
@@ -332,15 +372,24 @@ impl<S: Store> pb::vault_server::Vault for VaultService<S> {
         &self,
         request: Request<pb::DeleteTokenRequest>,
     ) -> Result<Response<pb::DeleteTokenResponse>, Status> {
-        self.call("DeleteToken", Permission::Delete, request, |caller, request| async move {
-            let token = parse_token(&request.token)?;
-            let stored = self.load(&caller, &token).await?;
-            if !self.store.delete(token.clone(), stored.metadata.index_key()).await? {
-                return Err(VaultError::NotFound);
-            }
-            tracing::info!(token = %token, "deleted");
-            Ok(pb::DeleteTokenResponse {})
-        })
+        self.call(
+            "DeleteToken",
+            Permission::Delete,
+            request,
+            |caller, request| async move {
+                let token = parse_token(&request.token)?;
+                let stored = self.load(&caller, &token).await?;
+                if !self
+                    .store
+                    .delete(token.clone(), stored.metadata.index_key())
+                    .await?
+                {
+                    return Err(VaultError::NotFound);
+                }
+                tracing::info!(token = %token, "deleted");
+                Ok(pb::DeleteTokenResponse {})
+            },
+        )
         .await
     }
 }

@@ -49,7 +49,9 @@ impl Token {
 
     /// Rebuilds a token from a storage key the vault wrote itself.
     pub fn from_stored(bytes: &[u8]) -> Option<Self> {
-        std::str::from_utf8(bytes).ok().and_then(|s| Self::parse(s).ok())
+        std::str::from_utf8(bytes)
+            .ok()
+            .and_then(|s| Self::parse(s).ok())
     }
 }
 
@@ -80,7 +82,13 @@ mod tests {
 
     #[test]
     fn malformed_tokens_are_refused() {
-        for bad in ["", "tok_", "tok_abc", "xyz_0123456789012345678901", "tok_012345678901234567890!"] {
+        for bad in [
+            "",
+            "tok_",
+            "tok_abc",
+            "xyz_0123456789012345678901",
+            "tok_012345678901234567890!",
+        ] {
             assert_eq!(Token::parse(bad).unwrap_err().field, "token", "{bad}");
         }
     }

@@ -27,7 +27,10 @@ pub async fn run_all<S: Store>(mut fresh: impl FnMut() -> S) {
 async fn insert_then_get(store: impl Store) {
     let (a, b) = (Token::generate().unwrap(), Token::generate().unwrap());
     let outcomes = store
-        .insert(vec![record(&a, b"A", b"ia", false), record(&b, b"B", b"ib", false)])
+        .insert(vec![
+            record(&a, b"A", b"ia", false),
+            record(&b, b"B", b"ib", false),
+        ])
         .await
         .unwrap();
     assert_eq!(outcomes, vec![InsertOutcome::Stored, InsertOutcome::Stored]);
@@ -38,16 +41,28 @@ async fn insert_then_get(store: impl Store) {
 
 async fn never_overwrites(store: impl Store) {
     let a = Token::generate().unwrap();
-    store.insert(vec![record(&a, b"first", b"i1", false)]).await.unwrap();
-    let outcomes = store.insert(vec![record(&a, b"second", b"i2", false)]).await.unwrap();
+    store
+        .insert(vec![record(&a, b"first", b"i1", false)])
+        .await
+        .unwrap();
+    let outcomes = store
+        .insert(vec![record(&a, b"second", b"i2", false)])
+        .await
+        .unwrap();
     assert_eq!(outcomes, vec![InsertOutcome::TokenTaken]);
     // Within one call too.
     let b = Token::generate().unwrap();
     let outcomes = store
-        .insert(vec![record(&b, b"one", b"i3", false), record(&b, b"two", b"i4", false)])
+        .insert(vec![
+            record(&b, b"one", b"i3", false),
+            record(&b, b"two", b"i4", false),
+        ])
         .await
         .unwrap();
-    assert_eq!(outcomes, vec![InsertOutcome::Stored, InsertOutcome::TokenTaken]);
+    assert_eq!(
+        outcomes,
+        vec![InsertOutcome::Stored, InsertOutcome::TokenTaken]
+    );
     assert_eq!(store.get(&a).await.unwrap().as_deref(), Some(&b"first"[..]));
     assert_eq!(store.get(&b).await.unwrap().as_deref(), Some(&b"one"[..]));
 }
@@ -58,12 +73,21 @@ async fn index_reuse(store: impl Store) {
         Token::generate().unwrap(),
         Token::generate().unwrap(),
     );
-    store.insert(vec![record(&a, b"A", b"card", false)]).await.unwrap();
+    store
+        .insert(vec![record(&a, b"A", b"card", false)])
+        .await
+        .unwrap();
     // Without reuse a second token for the same card is stored.
-    let outcomes = store.insert(vec![record(&b, b"B", b"card", false)]).await.unwrap();
+    let outcomes = store
+        .insert(vec![record(&b, b"B", b"card", false)])
+        .await
+        .unwrap();
     assert_eq!(outcomes, vec![InsertOutcome::Stored]);
     // With reuse the first token is returned and nothing is stored.
-    let outcomes = store.insert(vec![record(&c, b"C", b"card", true)]).await.unwrap();
+    let outcomes = store
+        .insert(vec![record(&c, b"C", b"card", true)])
+        .await
+        .unwrap();
     assert_eq!(outcomes, vec![InsertOutcome::Existing(a)]);
     assert_eq!(store.get(&c).await.unwrap(), None);
 }
@@ -71,20 +95,32 @@ async fn index_reuse(store: impl Store) {
 async fn index_reuse_within_one_call(store: impl Store) {
     let (a, b) = (Token::generate().unwrap(), Token::generate().unwrap());
     let outcomes = store
-        .insert(vec![record(&a, b"A", b"card", true), record(&b, b"B", b"card", true)])
+        .insert(vec![
+            record(&a, b"A", b"card", true),
+            record(&b, b"B", b"card", true),
+        ])
         .await
         .unwrap();
-    assert_eq!(outcomes, vec![InsertOutcome::Stored, InsertOutcome::Existing(a)]);
+    assert_eq!(
+        outcomes,
+        vec![InsertOutcome::Stored, InsertOutcome::Existing(a)]
+    );
 }
 
 async fn delete_removes_record_and_index(store: impl Store) {
     let (a, b) = (Token::generate().unwrap(), Token::generate().unwrap());
-    store.insert(vec![record(&a, b"A", b"card", true)]).await.unwrap();
+    store
+        .insert(vec![record(&a, b"A", b"card", true)])
+        .await
+        .unwrap();
     assert!(store.delete(a.clone(), b"card".to_vec()).await.unwrap());
     assert!(!store.delete(a.clone(), b"card".to_vec()).await.unwrap());
     assert_eq!(store.get(&a).await.unwrap(), None);
     // The card is no longer indexed: reuse stores a new record.
-    let outcomes = store.insert(vec![record(&b, b"B", b"card", true)]).await.unwrap();
+    let outcomes = store
+        .insert(vec![record(&b, b"B", b"card", true)])
+        .await
+        .unwrap();
     assert_eq!(outcomes, vec![InsertOutcome::Stored]);
 }
 

@@ -52,8 +52,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<InsertOutcome>, StoreError>> + Send;
 
     /// The stored bytes of a token's record.
-    fn get(&self, token: &Token)
-    -> impl Future<Output = Result<Option<Vec<u8>>, StoreError>> + Send;
+    fn get(
+        &self,
+        token: &Token,
+    ) -> impl Future<Output = Result<Option<Vec<u8>>, StoreError>> + Send;
 
     /// Deletes a token's record durably, and its index entry if the entry names this
     /// token. Returns false when the token did not exist.

@@ -38,18 +38,25 @@ enum Op {
     },
 }
 
-#[derive(Debug)]
 pub struct RocksStore {
     db: Arc<DB>,
     queue: Option<mpsc::Sender<Op>>,
     writer: Option<JoinHandle<()>>,
 }
 
+impl std::fmt::Debug for RocksStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RocksStore")
+            .field("path", &self.db.path())
+            .finish_non_exhaustive()
+    }
+}
+
 fn engine(e: rocksdb::Error) -> StoreError {
     StoreError::Engine(e.into_string())
 }
 
-fn options() -> Options {
+fn db_options() -> Options {
     let mut options = Options::default();
     options.create_if_missing(true);
     options.create_missing_column_families(true);
@@ -63,9 +70,9 @@ fn options() -> Options {
 impl RocksStore {
     /// Opens (or creates) the database in `dir` and starts the writer thread.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let options = options();
-        let families = [RECORDS, FINGERPRINTS].map(|name| ColumnFamilyDescriptor::new(name, self::options()));
-        let db = Arc::new(DB::open_cf_descriptors(&options, dir, families).map_err(engine)?);
+        let families =
+            [RECORDS, FINGERPRINTS].map(|name| ColumnFamilyDescriptor::new(name, db_options()));
+        let db = Arc::new(DB::open_cf_descriptors(&db_options(), dir, families).map_err(engine)?);
         let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
         let writer_db = Arc::clone(&db);
         let writer = std::thread::Builder::new()
@@ -85,7 +92,10 @@ impl RocksStore {
     ) -> Result<T, StoreError> {
         let queue = self.queue.as_ref().ok_or(StoreError::Closed)?;
         let (reply, answer) = oneshot::channel();
-        queue.send(op(reply)).await.map_err(|_| StoreError::Closed)?;
+        queue
+            .send(op(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 }
@@ -193,10 +203,20 @@ impl Writer {
             }
         };
         for (reply, outcomes) in inserts {
-            let _ = reply.send(written.clone().map(|()| outcomes).map_err(StoreError::Engine));
+            let _ = reply.send(
+                written
+                    .clone()
+                    .map(|()| outcomes)
+                    .map_err(StoreError::Engine),
+            );
         }
         for (reply, existed) in deletes {
-            let _ = reply.send(written.clone().map(|()| existed).map_err(StoreError::Engine));
+            let _ = reply.send(
+                written
+                    .clone()
+                    .map(|()| existed)
+                    .map_err(StoreError::Engine),
+            );
         }
     }
 
@@ -247,7 +267,9 @@ impl Writer {
                 Some(_) => {}
                 None => {
                     batch.put_cf(index_cf, &record.index_key, token);
-                    pending.index.insert(record.index_key.clone(), Some(token.to_vec()));
+                    pending
+                        .index
+                        .insert(record.index_key.clone(), Some(token.to_vec()));
                 }
             }
             batch.put_cf(records_cf, token, &record.value);
@@ -313,6 +335,9 @@ mod tests {
             assert_eq!(outcome, vec![InsertOutcome::Stored]);
         }
         let store = RocksStore::open(dir.path()).unwrap();
-        assert_eq!(store.get(&token).await.unwrap().as_deref(), Some(&b"sealed"[..]));
+        assert_eq!(
+            store.get(&token).await.unwrap().as_deref(),
+            Some(&b"sealed"[..])
+        );
     }
 }

@@ -1,0 +1,33 @@
+# The two commands of the README:
+#   make run    the dev stack (keyservice + vault-server, development CA) in the foreground
+#   make test   every test
+# Both install missing system packages first and build RocksDB's C++ only once.
+
+SHELL := /bin/bash
+CACHE_DIR ?= $(HOME)/.cache/tokenvault
+ROCKSDB_VERSION := $(shell sed -n '/^name = "librocksdb-sys"$$/{n;s/^version = "\(.*\)"$$/\1/p;}' Cargo.lock)
+# RocksDB is linked from a static library built once per version (see
+# scripts/build-rocksdb.sh), never recompiled by a change in the Rust dependency graph.
+export ROCKSDB_LIB_DIR ?= $(CACHE_DIR)/librocksdb-$(ROCKSDB_VERSION)
+export ROCKSDB_STATIC := 1
+
+.PHONY: run test build lint deps rocksdb
+
+run: build
+	cargo run --locked --quiet -p devstack -- --dir .dev
+
+test: build
+	cargo test --locked --workspace
+
+build: rocksdb
+	cargo build --locked --bins
+
+lint: rocksdb
+	cargo fmt --all -- --check
+	cargo clippy --locked --workspace --all-targets -- -D warnings
+
+deps:
+	@scripts/install-deps.sh
+
+rocksdb: deps
+	@scripts/build-rocksdb.sh "$(ROCKSDB_LIB_DIR)"

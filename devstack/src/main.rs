@@ -1,0 +1,165 @@
+//! `devstack`: one command for a development stack on localhost. Creates a development
+//! CA, certificates, root key, keyring and configs in a directory (once), then runs
+//! keyservice and vault-server in the foreground with prefixed logs. Ctrl-C stops both.
+
+#![allow(clippy::print_stdout)] // the instructions for the newcomer
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+#[derive(Debug, Parser)]
+#[command(about = "Run keyservice and vault-server on localhost with a development CA")]
+struct Cli {
+    /// Directory for certificates, keys, configs and data (created once, then reused).
+    #[arg(long, default_value = ".dev")]
+    dir: PathBuf,
+    /// Only create the directory's contents; do not start the services.
+    #[arg(long)]
+    init_only: bool,
+}
+
+fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locate devstack binary")?;
+    let path = exe.with_file_name(name);
+    if !path.exists() {
+        bail!(
+            "{} not found: build it first (`cargo build --bins`)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+async fn status_ok(mut command: Command, what: &str) -> anyhow::Result<()> {
+    let status = command
+        .status()
+        .await
+        .with_context(|| format!("run {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Starts a service, copying its output to ours with a prefix. Resolves the returned
+/// receiver when the service prints its "listening on" line.
+fn spawn_service(
+    binary: &Path,
+    config: &Path,
+    prefix: &'static str,
+) -> anyhow::Result<(Child, tokio::sync::oneshot::Receiver<String>)> {
+    let mut child = Command::new(binary)
+        .arg("--config")
+        .arg(config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("start {}", binary.display()))?;
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    if let Some(stdout) = child.stdout.take() {
+        tokio::spawn(async move {
+            let mut ready_tx = Some(ready_tx);
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(addr) = line.split(" listening on ").nth(1) {
+                    if let Some(tx) = ready_tx.take() {
+                        let _ = tx.send(addr.to_owned());
+                    }
+                }
+                println!("{prefix} {line}");
+            }
+        });
+    }
+    if let Some(stderr) = child.stderr.take() {
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                println!("{prefix} {line}");
+            }
+        });
+    }
+    Ok((child, ready_rx))
+}
+
+fn terminate(child: &Child) {
+    // SIGTERM lets the service finish in-flight calls and close its database.
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let dir = &cli.dir;
+    let ports = devstack::Ports::default();
+    if devstack::init_dir(dir, &ports).context("create development CA and configs")? {
+        println!(
+            "devstack: created development CA, certificates and configs in {}",
+            dir.display()
+        );
+    }
+    let keyservice = sibling_binary("keyservice")?;
+    let vault = sibling_binary("vault-server")?;
+    if !dir.join("root.key").exists() {
+        let mut command = Command::new(&keyservice);
+        command.arg("gen-root-key").arg(dir.join("root.key"));
+        status_ok(command, "keyservice gen-root-key").await?;
+    }
+    if !dir.join("keyring.sealed").exists() {
+        let mut command = Command::new(&keyservice);
+        command
+            .arg("--config")
+            .arg(dir.join("keyservice.toml"))
+            .arg("init");
+        status_ok(command, "keyservice init").await?;
+    }
+    if cli.init_only {
+        return Ok(());
+    }
+
+    let (mut keyservice_child, keyservice_ready) =
+        spawn_service(&keyservice, &dir.join("keyservice.toml"), "[keyservice]  ")?;
+    let (mut vault_child, vault_ready) =
+        spawn_service(&vault, &dir.join("vault-server.toml"), "[vault-server]")?;
+
+    let vaultctl = sibling_binary("vaultctl").map(|p| p.display().to_string());
+    let vaultctl = vaultctl.as_deref().unwrap_or("vaultctl");
+    tokio::spawn({
+        let vaultctl = vaultctl.to_owned();
+        let data = dir.join("vault-data").display().to_string();
+        async move {
+            let (Ok(ks), Ok(vault)) = (keyservice_ready.await, vault_ready.await) else {
+                return;
+            };
+            println!(
+                "\n  Dev stack is up: keyservice on {ks}, vault-server on {vault}.\n  \
+                 Tokenize a test card (in another terminal, from this checkout):\n\n    \
+                 echo 4242424242424242 | {vaultctl} tokenize --exp 12/2030 --json\n    \
+                 {vaultctl} info TOKEN\n    {vaultctl} keys list\n    {vaultctl} health\n\n  \
+                 Ctrl-C stops both services; the tokens in {data} survive.\n"
+            );
+        }
+    });
+
+    let outcome = tokio::select! {
+        _ = tokio::signal::ctrl_c() => "interrupted".to_owned(),
+        status = keyservice_child.wait() => format!("keyservice exited ({})", status.map(|s| s.to_string()).unwrap_or_default()),
+        status = vault_child.wait() => format!("vault-server exited ({})", status.map(|s| s.to_string()).unwrap_or_default()),
+    };
+    println!("devstack: {outcome}; stopping");
+    terminate(&vault_child);
+    let _ = vault_child.wait().await;
+    terminate(&keyservice_child);
+    let _ = keyservice_child.wait().await;
+    Ok(())
+}

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs the system packages the build needs when they are missing: libclang (for
+# RocksDB's Rust bindings) and a C++ compiler (for RocksDB itself). Installs with
+# apt-get when running as root or with passwordless sudo; otherwise says exactly what
+# to install.
+set -euo pipefail
+
+missing=()
+if ! ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then
+  missing+=(clang libclang-dev)
+fi
+if ! command -v c++ >/dev/null 2>&1; then
+  missing+=(g++)
+fi
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+
+echo "==> Installing missing system packages: ${missing[*]}"
+if [ "$(id -u)" -eq 0 ]; then
+  sudo=()
+elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+  sudo=(sudo -n)
+else
+  echo "error: missing system packages: ${missing[*]}" >&2
+  echo "install them with:  sudo apt-get update && sudo apt-get install -y ${missing[*]}" >&2
+  exit 1
+fi
+if ! command -v apt-get >/dev/null 2>&1; then
+  echo "error: no apt-get here; install the equivalents of: ${missing[*]}" >&2
+  exit 1
+fi
+"${sudo[@]}" apt-get update -qq
+DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${missing[@]}"

@@ -1,0 +1,149 @@
+//! Leak scan: after 1,000 distinct cards went through real processes logging at TRACE,
+//! no card number (nor cardholder name, nor the root key) appears in any file under the
+//! vault's data directory or in anything either service printed.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use integration_tests::{ADMIN, Process, StackDir, synthetic_pan};
+use vault_client::{BatchItem, Card, VaultClient};
+
+const PAN_LEN: usize = 16;
+const NAME: &str = "Zyxwvut Cardholder";
+
+/// Every 16-byte window of `haystack` that is one of `pans`.
+fn find_pans(haystack: &[u8], pans: &HashSet<Vec<u8>>) -> Vec<String> {
+    haystack
+        .windows(PAN_LEN)
+        .filter(|w| pans.contains(*w))
+        .map(|w| String::from_utf8_lossy(w).into_owned())
+        .collect()
+}
+
+fn scan_dir(dir: &Path, pans: &HashSet<Vec<u8>>, scanned: &mut Vec<String>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            scan_dir(&path, pans, scanned);
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        let found = find_pans(&bytes, pans);
+        assert!(
+            found.is_empty(),
+            "card numbers in {}: {found:?}",
+            path.display()
+        );
+        assert!(
+            !bytes.windows(NAME.len()).any(|w| w == NAME.as_bytes()),
+            "cardholder name in {}",
+            path.display()
+        );
+        scanned.push(path.file_name().unwrap().to_string_lossy().into_owned());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_card_data_in_files_or_trace_logs() {
+    let dir = StackDir::new();
+    let trace = [("KEYSERVICE_LOG", "trace"), ("VAULT_LOG", "trace")];
+    let keyservice =
+        Process::start("keyservice", &dir.path().join("keyservice.toml"), &trace).await;
+    let vault_config = dir.write_vault_config(keyservice.addr.port());
+    let vault = Process::start("vault-server", &vault_config, &trace).await;
+
+    let pans: Vec<String> = (0..1000)
+        .map(|n| synthetic_pan("411111", n * 7919, PAN_LEN))
+        .collect();
+    let pan_set: HashSet<Vec<u8>> = pans.iter().map(|p| p.as_bytes().to_vec()).collect();
+    assert_eq!(pan_set.len(), 1000);
+
+    let mut client = VaultClient::connect(&dir.client_config(ADMIN, vault.addr))
+        .await
+        .unwrap();
+    let mut tokens = Vec::new();
+    for pan in &pans[..500] {
+        let card = Card::new(pan, 12, 2030).with_cardholder_name(NAME);
+        tokens.push(client.tokenize(card, true).await.unwrap().token);
+    }
+    for chunk in pans[500..].chunks(100) {
+        let cards: Vec<Card> = chunk
+            .iter()
+            .map(|p| Card::new(p, 12, 2030).with_cardholder_name(NAME))
+            .collect();
+        for item in client.tokenize_batch(&cards, false).await.unwrap() {
+            let BatchItem::Stored(info) = item else {
+                panic!("{item:?}")
+            };
+            tokens.push(info.token);
+        }
+    }
+    // Reads, deletes, reuse and refusals go through the logs too.
+    for token in &tokens[..50] {
+        client.token_info(token).await.unwrap();
+    }
+    for token in &tokens[50..60] {
+        client.delete(token).await.unwrap();
+    }
+    client
+        .tokenize(Card::new(&pans[100], 12, 2030), true)
+        .await
+        .unwrap();
+    let bad_luhn = format!(
+        "{}{}",
+        &pans[0][..15],
+        (pans[0].as_bytes()[15] - b'0' + 1) % 10
+    );
+    client
+        .tokenize(Card::new(&bad_luhn, 12, 2030), false)
+        .await
+        .unwrap_err();
+    drop(client);
+
+    let vault_log = vault.terminate().await;
+    let keyservice_log = keyservice.terminate().await;
+    assert!(
+        vault_log.contains("tokenized") && vault_log.contains("TRACE"),
+        "the vault logged at TRACE"
+    );
+    assert!(keyservice_log.contains("served key versions"));
+
+    let mut pans_and_bad = pan_set.clone();
+    pans_and_bad.insert(bad_luhn.into_bytes());
+    for (name, log) in [
+        ("vault-server", &vault_log),
+        ("keyservice", &keyservice_log),
+    ] {
+        let found = find_pans(log.as_bytes(), &pans_and_bad);
+        assert!(
+            found.is_empty(),
+            "card numbers in the {name} log: {found:?}"
+        );
+        assert!(!log.contains(NAME), "cardholder name in the {name} log");
+        let root_key = std::fs::read_to_string(dir.path().join("root.key")).unwrap();
+        assert!(!log.contains(root_key.trim()), "root key in the {name} log");
+    }
+
+    // Files as the vault left them (WAL, MANIFEST, LOG, OPTIONS), then flushed to SST
+    // files, so both the log and the table formats are scanned.
+    let mut scanned = Vec::new();
+    scan_dir(&dir.data_dir(), &pans_and_bad, &mut scanned);
+    {
+        let db = rocksdb::DB::open_cf(
+            &rocksdb::Options::default(),
+            dir.data_dir(),
+            ["records", "fingerprints"],
+        )
+        .unwrap();
+        for cf in ["records", "fingerprints"] {
+            db.flush_cf(db.cf_handle(cf).unwrap()).unwrap();
+        }
+    }
+    scan_dir(&dir.data_dir(), &pans_and_bad, &mut scanned);
+    for kind in ["LOG", "MANIFEST", "OPTIONS", ".sst", ".log"] {
+        assert!(
+            scanned.iter().any(|f| f.contains(kind)),
+            "no {kind} file was scanned: {scanned:?}"
+        );
+    }
+}

@@ -1,0 +1,10 @@
+//! End-to-end tests: real servers, real mutual TLS on 127.0.0.1, real RocksDB.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+mod access;
+mod durability;
+mod leaks;
+mod startup;
+mod tokenize;
+mod vaultctl;

@@ -1,0 +1,340 @@
+//! `vaultctl`: the operator CLI for the vault and the keyservice.
+//!
+//! Card numbers are read from stdin only, never from arguments (argv is visible to
+//! every user of the host). Connection settings come from flags, `VAULTCTL_*`
+//! environment variables, or a config file; run from a checkout with the dev stack up,
+//! it finds `.dev/vaultctl.toml` by itself.
+
+#![allow(clippy::print_stdout)] // a CLI prints its results
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+use vault_client::{Card, ClientConfig, KeyServiceClient, TokenInfo, VaultClient};
+use zeroize::{Zeroize, Zeroizing};
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Operate the card tokenization vault")]
+struct Cli {
+    /// Config file (TOML). Default: `.dev/vaultctl.toml` in this directory or a parent,
+    /// then `~/.config/vaultctl/config.toml`.
+    #[arg(long, env = "VAULTCTL_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    connection: Connection,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Connection settings; each overrides the config file.
+#[derive(Debug, Args, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Connection {
+    /// Vault endpoint, e.g. https://localhost:8443
+    #[arg(long, env = "VAULTCTL_VAULT_ENDPOINT", global = true)]
+    vault_endpoint: Option<String>,
+    /// Keyservice endpoint, e.g. https://localhost:7443
+    #[arg(long, env = "VAULTCTL_KEYSERVICE_ENDPOINT", global = true)]
+    keyservice_endpoint: Option<String>,
+    /// CA certificate that signs the servers (PEM).
+    #[arg(long, env = "VAULTCTL_CA_FILE", global = true)]
+    ca_file: Option<PathBuf>,
+    /// Our client certificate (PEM).
+    #[arg(long, env = "VAULTCTL_CERT_FILE", global = true)]
+    cert_file: Option<PathBuf>,
+    /// Our private key (PEM).
+    #[arg(long, env = "VAULTCTL_KEY_FILE", global = true)]
+    key_file: Option<PathBuf>,
+    /// Deadline of each call, in seconds.
+    #[arg(long, env = "VAULTCTL_TIMEOUT_SECS", global = true)]
+    timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Tokenize one card read from stdin: a card number line (with --exp), or a JSON
+    /// object {"number", "exp_month", "exp_year", "name"}. Prints the token.
+    Tokenize {
+        /// Expiry as MM/YYYY (or MM/YY), for a card number line.
+        #[arg(long)]
+        exp: Option<String>,
+        /// Return the tenant's existing token for the same card and expiry, if any.
+        #[arg(long)]
+        reuse_existing: bool,
+        /// Print the token and its metadata as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a token's metadata (never card data).
+    Info {
+        token: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a token and its record.
+    Delete { token: String },
+    /// Key management (keyservice).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Health of the vault and the keyservice.
+    Health,
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// List key versions and their states (never material).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+impl Connection {
+    /// Flags and environment first, then the config file.
+    fn merge(self, file: Connection) -> Connection {
+        Connection {
+            vault_endpoint: self.vault_endpoint.or(file.vault_endpoint),
+            keyservice_endpoint: self.keyservice_endpoint.or(file.keyservice_endpoint),
+            ca_file: self.ca_file.or(file.ca_file),
+            cert_file: self.cert_file.or(file.cert_file),
+            key_file: self.key_file.or(file.key_file),
+            timeout_secs: self.timeout_secs.or(file.timeout_secs),
+        }
+    }
+
+    fn client_config(
+        &self,
+        endpoint: Option<&String>,
+        which: &str,
+    ) -> anyhow::Result<ClientConfig> {
+        let missing = |what: &str| {
+            anyhow::anyhow!(
+                "no {what} configured: pass --{what}, set VAULTCTL_{}, or start the dev stack (`make run`) \
+                 so that .dev/vaultctl.toml exists",
+                what.replace('-', "_").to_uppercase()
+            )
+        };
+        let endpoint = endpoint.ok_or_else(|| missing(&format!("{which}-endpoint")))?;
+        let mut config = ClientConfig::new(
+            endpoint.clone(),
+            self.ca_file.clone().ok_or_else(|| missing("ca-file"))?,
+            self.cert_file.clone().ok_or_else(|| missing("cert-file"))?,
+            self.key_file.clone().ok_or_else(|| missing("key-file"))?,
+        );
+        if let Some(secs) = self.timeout_secs {
+            config.timeout = Duration::from_secs(secs);
+        }
+        Ok(config)
+    }
+}
+
+fn find_default_config() -> Option<PathBuf> {
+    let cwd = std::env::current_dir().ok()?;
+    for dir in cwd.ancestors() {
+        let candidate = dir.join(".dev/vaultctl.toml");
+        if candidate.is_file() {
+            return Some(candidate);
+        }
+    }
+    let home = std::env::var_os("HOME")?;
+    let candidate = Path::new(&home).join(".config/vaultctl/config.toml");
+    candidate.is_file().then_some(candidate)
+}
+
+fn load_config_file(path: &Path) -> anyhow::Result<Connection> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("read config file {}", path.display()))?;
+    let mut file: Connection =
+        toml::from_str(&text).with_context(|| format!("parse config file {}", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    for p in [&mut file.ca_file, &mut file.cert_file, &mut file.key_file]
+        .into_iter()
+        .flatten()
+    {
+        if p.is_relative() {
+            *p = base.join(&*p);
+        }
+    }
+    Ok(file)
+}
+
+/// The card on stdin, as a number line (plus `--exp`) or a JSON object.
+fn read_card(exp: Option<&str>) -> anyhow::Result<Card> {
+    let mut input = Zeroizing::new(String::new());
+    std::io::stdin()
+        .read_to_string(&mut input)
+        .context("read the card from stdin")?;
+    let text = input.trim();
+    if text.starts_with('{') {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct JsonCard {
+            number: String,
+            exp_month: u32,
+            exp_year: u32,
+            #[serde(default)]
+            name: Option<String>,
+        }
+        // serde_json's error messages quote no input values for these types, but say
+        // only where the problem is, to be sure.
+        let mut parsed: JsonCard = serde_json::from_str(text).map_err(|e| {
+            anyhow::anyhow!(
+                "stdin is not a card JSON object {{\"number\", \"exp_month\", \"exp_year\", \"name\"}} \
+                 (line {}, column {})",
+                e.line(),
+                e.column()
+            )
+        })?;
+        let mut card = Card::new(&parsed.number, parsed.exp_month, parsed.exp_year);
+        if let Some(name) = &parsed.name {
+            card = card.with_cardholder_name(name);
+        }
+        parsed.number.zeroize();
+        if let Some(name) = &mut parsed.name {
+            name.zeroize();
+        }
+        return Ok(card);
+    }
+    if text.is_empty() {
+        bail!("no card on stdin: pipe a card number line (with --exp MM/YYYY) or a JSON object");
+    }
+    if text.lines().count() > 1 {
+        bail!("stdin holds more than one line; tokenize one card per call");
+    }
+    let exp = exp.context("a card number line needs --exp MM/YYYY (or pipe a JSON object with exp_month and exp_year)")?;
+    let (month, year) = exp
+        .split_once('/')
+        .context("--exp must look like MM/YYYY")?;
+    let month: u32 = month
+        .trim()
+        .parse()
+        .context("--exp month must be a number")?;
+    let mut year: u32 = year.trim().parse().context("--exp year must be a number")?;
+    if year < 100 {
+        year += 2000;
+    }
+    Ok(Card::new(text, month, year))
+}
+
+fn print_info(info: &TokenInfo, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(info)?);
+    } else {
+        println!("token:        {}", info.token);
+        println!("brand:        {}", info.brand);
+        println!("last four:    {}", info.last_four);
+        println!("expiry:       {:02}/{}", info.exp_month, info.exp_year);
+        println!("fingerprint:  {}", info.fingerprint);
+        println!("created (ms): {}", info.created_at_unix_ms);
+        println!("key version:  {}", info.key_version);
+    }
+    Ok(())
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let file = match cli.config.or_else(find_default_config) {
+        Some(path) => load_config_file(&path)?,
+        None => Connection::default(),
+    };
+    let connection = cli.connection.merge(file);
+    let vault = || connection.client_config(connection.vault_endpoint.as_ref(), "vault");
+    let keyservice =
+        || connection.client_config(connection.keyservice_endpoint.as_ref(), "keyservice");
+
+    match cli.command {
+        Command::Tokenize {
+            exp,
+            reuse_existing,
+            json,
+        } => {
+            let card = read_card(exp.as_deref())?;
+            let mut client = VaultClient::connect(&vault()?).await?;
+            let info = client
+                .tokenize(card, reuse_existing)
+                .await
+                .context("tokenize")?;
+            if json {
+                print_info(&info, true)?;
+            } else {
+                println!("{}", info.token);
+            }
+        }
+        Command::Info { token, json } => {
+            let mut client = VaultClient::connect(&vault()?).await?;
+            let info = client.token_info(&token).await.context("get token info")?;
+            print_info(&info, json)?;
+        }
+        Command::Delete { token } => {
+            let mut client = VaultClient::connect(&vault()?).await?;
+            client.delete(&token).await.context("delete token")?;
+            println!("deleted {token}");
+        }
+        Command::Keys(KeysCommand::List { json }) => {
+            let mut client = KeyServiceClient::connect(&keyservice()?).await?;
+            let versions = client.list_versions().await.context("list key versions")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&versions)?);
+            } else {
+                println!(
+                    "{:<12} {:>7}  {:<13} created (unix ms)",
+                    "purpose", "version", "state"
+                );
+                for v in versions {
+                    println!(
+                        "{:<12} {:>7}  {:<13} {}",
+                        v.purpose, v.version, v.state, v.created_at_unix_ms
+                    );
+                }
+            }
+        }
+        Command::Health => {
+            let mut healthy = true;
+            for (name, result) in [
+                (
+                    "vault",
+                    async {
+                        VaultClient::connect(&vault()?)
+                            .await?
+                            .health()
+                            .await
+                            .map_err(anyhow::Error::from)
+                    }
+                    .await,
+                ),
+                (
+                    "keyservice",
+                    async {
+                        KeyServiceClient::connect(&keyservice()?)
+                            .await?
+                            .health()
+                            .await
+                            .map_err(anyhow::Error::from)
+                    }
+                    .await,
+                ),
+            ] {
+                match result {
+                    Ok(true) => println!("{name}: serving"),
+                    Ok(false) => {
+                        healthy = false;
+                        println!("{name}: not serving");
+                    }
+                    Err(e) => {
+                        healthy = false;
+                        println!("{name}: unreachable ({e:#})");
+                    }
+                }
+            }
+            if !healthy {
+                std::process::exit(1);
+            }
+        }
+    }
+    Ok(())
+}
