@@ -67,10 +67,10 @@ fn spawn_service(
             let mut ready_tx = Some(ready_tx);
             let mut lines = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(addr) = line.split(" listening on ").nth(1) {
-                    if let Some(tx) = ready_tx.take() {
-                        let _ = tx.send(addr.to_owned());
-                    }
+                if let Some(addr) = line.split(" listening on ").nth(1)
+                    && let Some(tx) = ready_tx.take()
+                {
+                    let _ = tx.send(addr.to_owned());
                 }
                 println!("{prefix} {line}");
             }

@@ -121,8 +121,17 @@ async fn every_validation_rule_names_the_field_and_hides_the_value() {
     let stack = Stack::start().await;
     let mut client = stack.client(ADMIN).await;
     // (number, month, year, name, field, rule, value that must not be echoed)
+    type Case<'a> = (
+        &'a str,
+        u32,
+        u32,
+        Option<&'a str>,
+        &'a str,
+        &'a str,
+        &'a str,
+    );
     let long_name = "N".repeat(129);
-    let cases: Vec<(&str, u32, u32, Option<&str>, &str, &str, &str)> = vec![
+    let cases: Vec<Case> = vec![
         ("", 12, 2030, None, "card.number", "required", ""),
         (
             "4242x4242424242424",

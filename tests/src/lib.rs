@@ -313,10 +313,10 @@ impl Process {
                 let mut ready_tx = Some(ready_tx);
                 let mut lines = BufReader::new(stdout).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
-                    if let Some(addr) = line.split(" listening on ").nth(1) {
-                        if let Some(tx) = ready_tx.take() {
-                            let _ = tx.send(addr.trim().parse::<SocketAddr>().unwrap());
-                        }
+                    if let Some(addr) = line.split(" listening on ").nth(1)
+                        && let Some(tx) = ready_tx.take()
+                    {
+                        let _ = tx.send(addr.trim().parse::<SocketAddr>().unwrap());
                     }
                     let mut out = output.lock().unwrap();
                     out.push_str(&line);
@@ -387,21 +387,6 @@ pub fn synthetic_pan(prefix: &str, n: u64, len: usize) -> String {
     body
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn synthetic_pans_pass_luhn() {
-        for n in 0..100 {
-            let pan = synthetic_pan("400000", n, 16);
-            assert_eq!(pan.len(), 16);
-            assert!(vault_server::card::luhn_valid(pan.as_bytes()), "{pan}");
-        }
-        assert_eq!(synthetic_pan("42424242424242", 4, 16), "4242424242424242");
-    }
-}
-
 /// A raw mutual-TLS gRPC channel as `name`, for calls the client library does not make.
 pub async fn raw_channel(
     dir: &StackDir,
@@ -423,4 +408,19 @@ pub async fn raw_channel(
         .unwrap()
         .connect()
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synthetic_pans_pass_luhn() {
+        for n in 0..100 {
+            let pan = synthetic_pan("400000", n, 16);
+            assert_eq!(pan.len(), 16);
+            assert!(vault_server::card::luhn_valid(pan.as_bytes()), "{pan}");
+        }
+        assert_eq!(synthetic_pan("42424242424242", 4, 16), "4242424242424242");
+    }
 }
