@@ -105,12 +105,24 @@ impl ClientConfig {
             .connect_timeout(self.timeout)
             .tls_config(tls)
             .map_err(|e| Error::Config(format!("invalid TLS settings: {e}")))?;
-        endpoint.connect().await.map_err(|e| {
-            let cause =
-                std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string);
-            Error::Connect(format!("{}: {cause}", self.endpoint))
-        })
+        endpoint
+            .connect()
+            .await
+            .map_err(|e| Error::Connect(format!("{}: {}", self.endpoint, error_chain(&e))))
     }
+}
+
+/// An error and its causes on one line: tonic's transport errors keep the useful part
+/// ("Connection refused", "certificate unknown") a few sources down.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -148,10 +148,15 @@ enum Retry {
 
 async fn fetch_once(endpoint: &tonic::transport::Endpoint) -> Result<pb::GetKeysResponse, Retry> {
     let channel = endpoint.connect().await.map_err(|e| {
-        // tonic's transport error names its cause one level down.
-        let cause =
-            std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string);
-        Retry::Yes(format!("cannot connect: {cause}"))
+        // tonic's transport errors keep the useful part a few sources down.
+        let mut reason = format!("cannot connect: {e}");
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            reason.push_str(": ");
+            reason.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        Retry::Yes(reason)
     })?;
     pb::key_service_client::KeyServiceClient::new(channel)
         .get_keys(pb::GetKeysRequest {})

@@ -5,10 +5,11 @@
 //! environment variables, or a config file; run from a checkout with the dev stack up,
 //! it finds `.dev/vaultctl.toml` by itself.
 
-#![allow(clippy::print_stdout)] // a CLI prints its results
+#![allow(clippy::print_stdout, clippy::print_stderr)] // a CLI prints its results
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -235,9 +236,29 @@ fn print_info(info: &TokenInfo, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(Cli::parse())) {
+        Ok(code) => code,
+        Err(e) => {
+            // One line with the cause chain; the errors carry field names and rules,
+            // never card data.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let file = match cli.config.or_else(find_default_config) {
         Some(path) => load_config_file(&path)?,
         None => Connection::default(),
@@ -332,9 +353,9 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
             if !healthy {
-                std::process::exit(1);
+                return Ok(ExitCode::FAILURE);
             }
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
