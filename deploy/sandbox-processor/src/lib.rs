@@ -1,0 +1,296 @@
+//! A sandbox card processor: HTTPS, one charge endpoint, rules a test can rely on.
+//!
+//! `POST /v1/charges` with a JSON or form body holding `number`, `exp_month`,
+//! `exp_year`, optional `cvc` and `amount`:
+//!
+//! | card | answer |
+//! | --- | --- |
+//! | fails Luhn / not 12-19 digits | 400 `invalid_number` |
+//! | expired / month not 1-12 | 400 `expired_card` / `invalid_expiry` |
+//! | 4000000000000002 | 402 `card_declined` |
+//! | 4000000000009995 | 402 `insufficient_funds` |
+//! | cvc `000` | 402 `incorrect_cvc` |
+//! | any other | 200 `approved`, with a charge id and the last four |
+//!
+//! Request headers that change its behaviour (for tests):
+//! `x-sandbox-delay-ms: N` waits N ms first; `x-sandbox-status: N` answers status N;
+//! `x-sandbox-redirect: URL` answers 302 to URL; `x-sandbox-echo: 1` answers 200 with
+//! the request's headers and body echoed back (card number included: the vault must
+//! mask it).
+//!
+//! It keeps every request it received in memory, for tests to inspect. It never logs a
+//! card number: only method, path and status.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+use runtime::shutdown::Shutdown;
+use tokio::net::TcpListener;
+
+const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// A request as the sandbox received it.
+#[derive(Clone)]
+pub struct Received {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl std::fmt::Debug for Received {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The body holds card data.
+        write!(f, "Received {{ {} {}, body: [{} bytes] }}", self.method, self.path, self.body.len())
+    }
+}
+
+/// Everything the sandbox received, shared with tests.
+#[derive(Debug, Clone, Default)]
+pub struct Journal(Arc<Mutex<Vec<Received>>>);
+
+impl Journal {
+    pub fn requests(&self) -> Vec<Received> {
+        self.0.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    fn push(&self, received: Received) {
+        if let Ok(mut requests) = self.0.lock() {
+            requests.push(received);
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("invalid TLS certificate or key: {0}")]
+    Tls(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+/// A bound sandbox, ready to serve.
+pub struct Bound {
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    journal: Journal,
+}
+
+/// Binds `addr` with the PEM certificate chain and key at the given paths.
+pub async fn bind(addr: SocketAddr, cert_file: &std::path::Path, key_file: &std::path::Path) -> Result<Bound, Error> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| Error::Read {
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    let certs = rustls_pemfile::certs(&mut read(cert_file)?.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::Tls(e.to_string()))?;
+    let key = rustls_pemfile::private_key(&mut read(key_file)?.as_slice())
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .ok_or_else(|| Error::Tls("no private key in the key file".into()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| Error::Tls(e.to_string()))?;
+    let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
+    Ok(Bound {
+        listener,
+        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        journal: Journal::default(),
+    })
+}
+
+impl std::fmt::Debug for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bound").field("addr", &self.local_addr()).finish_non_exhaustive()
+    }
+}
+
+impl Bound {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    pub fn journal(&self) -> Journal {
+        self.journal.clone()
+    }
+
+    pub async fn serve(self, shutdown: Shutdown) {
+        let stop = shutdown.wait();
+        tokio::pin!(stop);
+        loop {
+            let (stream, _) = tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        continue;
+                    }
+                },
+                _ = &mut stop => return,
+            };
+            let acceptor = self.acceptor.clone();
+            let journal = self.journal.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |request| handle(request, journal.clone()));
+                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    }
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+    response
+}
+
+fn header<'a>(request: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
+    request.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn handle(request: Request<Incoming>, journal: Journal) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    let method = request.method().to_string();
+    let path = request.uri().path().to_owned();
+    if let Some(ms) = header(&request, "x-sandbox-delay-ms").and_then(|v| v.parse::<u64>().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
+    }
+    let forced_status = header(&request, "x-sandbox-status").and_then(|v| v.parse::<u16>().ok());
+    let redirect = header(&request, "x-sandbox-redirect").map(str::to_owned);
+    let echo = header(&request, "x-sandbox-echo").is_some();
+    let headers: Vec<(String, String)> = request
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .collect();
+    let content_type = header(&request, "content-type").unwrap_or("").to_owned();
+    let body = match Limited::new(request.into_body(), MAX_BODY_BYTES).collect().await {
+        Ok(body) => body.to_bytes().to_vec(),
+        Err(_) => return Ok(json(StatusCode::PAYLOAD_TOO_LARGE, serde_json::json!({"error": "body_too_large"}))),
+    };
+    journal.push(Received {
+        method: method.clone(),
+        path: path.clone(),
+        headers: headers.clone(),
+        body: body.clone(),
+    });
+
+    let response = if let Some(location) = redirect {
+        let mut response = json(StatusCode::FOUND, serde_json::json!({"redirect": location}));
+        if let Ok(value) = hyper::header::HeaderValue::from_str(&location) {
+            response.headers_mut().insert("location", value);
+        }
+        response
+    } else if let Some(status) = forced_status {
+        json(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            serde_json::json!({"error": "forced_by_test"}),
+        )
+    } else if echo {
+        json(
+            StatusCode::OK,
+            serde_json::json!({
+                "echo": {
+                    "method": method,
+                    "path": path,
+                    "headers": headers.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>(),
+                    "body": String::from_utf8_lossy(&body),
+                }
+            }),
+        )
+    } else if method == "POST" && path == "/v1/charges" {
+        charge(&content_type, &body)
+    } else {
+        json(StatusCode::NOT_FOUND, serde_json::json!({"error": "not_found"}))
+    };
+    tracing::info!(%method, %path, status = response.status().as_u16(), "request");
+    Ok(response)
+}
+
+/// The fields of a charge, from a JSON or form body.
+fn fields(content_type: &str, body: &[u8]) -> Option<std::collections::HashMap<String, String>> {
+    if content_type.starts_with("application/x-www-form-urlencoded") {
+        return Some(form_urlencoded::parse(body).into_owned().collect());
+    }
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let object = value.as_object()?;
+    Some(
+        object
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
+            .collect(),
+    )
+}
+
+fn luhn(digits: &str) -> bool {
+    let mut sum = 0;
+    for (i, c) in digits.chars().rev().enumerate() {
+        let Some(mut d) = c.to_digit(10) else { return false };
+        if i % 2 == 1 {
+            d *= 2;
+            if d > 9 {
+                d -= 9;
+            }
+        }
+        sum += d;
+    }
+    sum % 10 == 0
+}
+
+fn charge(content_type: &str, body: &[u8]) -> Response<Full<Bytes>> {
+    let decline = |status: StatusCode, code: &str| json(status, serde_json::json!({"status": "declined", "error": code}));
+    let Some(fields) = fields(content_type, body) else {
+        return decline(StatusCode::BAD_REQUEST, "malformed_body");
+    };
+    let number = fields.get("number").map(String::as_str).unwrap_or("");
+    if !(12..=19).contains(&number.len()) || !luhn(number) {
+        return decline(StatusCode::BAD_REQUEST, "invalid_number");
+    }
+    let month: u32 = fields.get("exp_month").and_then(|m| m.parse().ok()).unwrap_or(0);
+    let year: i32 = fields.get("exp_year").and_then(|y| y.parse().ok()).unwrap_or(0);
+    if !(1..=12).contains(&month) {
+        return decline(StatusCode::BAD_REQUEST, "invalid_expiry");
+    }
+    let now = time::OffsetDateTime::now_utc();
+    if (year, month) < (now.year(), u32::from(u8::from(now.month()))) {
+        return decline(StatusCode::BAD_REQUEST, "expired_card");
+    }
+    match (number, fields.get("cvc").map(String::as_str)) {
+        ("4000000000000002", _) => decline(StatusCode::PAYMENT_REQUIRED, "card_declined"),
+        ("4000000000009995", _) => decline(StatusCode::PAYMENT_REQUIRED, "insufficient_funds"),
+        (_, Some("000")) => decline(StatusCode::PAYMENT_REQUIRED, "incorrect_cvc"),
+        _ => {
+            let mut id = [0u8; 8];
+            let _ = envelope::fill_random(&mut id);
+            json(
+                StatusCode::OK,
+                serde_json::json!({
+                    "id": format!("ch_{}", hex::encode(id)),
+                    "status": "approved",
+                    "last4": &number[number.len() - 4..],
+                    "amount": fields.get("amount"),
+                }),
+            )
+        }
+    }
+}
