@@ -12,9 +12,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let descriptors = protox::compile(PROTOS, ["proto"])?;
     tonic_prost_build::configure()
-        // Messages that carry card data or key material get a hand-written,
-        // redacting Debug impl in src/lib.rs instead of the derived one.
-        .skip_debug(["tokenvault.vault.v1.Card", "tokenvault.keys.v1.KeyMaterial"])
+        // Messages that carry card data, key material or caller secrets (processor
+        // credentials in forward headers) get a hand-written, redacting Debug impl in
+        // src/lib.rs instead of the derived one.
+        .skip_debug([
+            "tokenvault.vault.v1.Card",
+            "tokenvault.vault.v1.Header",
+            "tokenvault.keys.v1.KeyMaterial",
+        ])
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -27,6 +27,18 @@ impl fmt::Debug for vault::v1::Card {
             .field("exp_month", &self.exp_month)
             .field("exp_year", &self.exp_year)
             .field("cardholder_name", &"[REDACTED]")
+            .field("cvc", &"[REDACTED]")
+            .finish()
+    }
+}
+
+/// Header values may carry the caller's processor credentials, or (in a processor's
+/// answer) masked card data: only the name is printed.
+impl fmt::Debug for vault::v1::Header {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Header")
+            .field("name", &self.name)
+            .field("value", &"[REDACTED]")
             .finish()
     }
 }
@@ -53,6 +65,7 @@ mod tests {
             exp_month: 12,
             exp_year: 2030,
             cardholder_name: "Ada Lovelace".into(),
+            cvc: "737".into(),
         };
         let request = vault::v1::TokenizeRequest {
             card: Some(card),
@@ -61,6 +74,7 @@ mod tests {
         let printed = format!("{request:?} {request:#?}");
         assert!(!printed.contains("4242"), "{printed}");
         assert!(!printed.contains("Ada"), "{printed}");
+        assert!(!printed.contains("737"), "{printed}");
         assert!(printed.contains("[REDACTED]"));
     }
 

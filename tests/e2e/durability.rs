@@ -40,15 +40,6 @@ async fn every_token_survives_a_restart() {
     stack.stop().await;
 }
 
-fn open_db(path: &std::path::Path) -> rocksdb::DB {
-    rocksdb::DB::open_cf(
-        &rocksdb::Options::default(),
-        path,
-        ["records", "fingerprints"],
-    )
-    .unwrap()
-}
-
 /// An attacker with write access to the disk swaps two records, or copies one under
 /// another token: reads fail with an integrity error and never return the other card.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -71,7 +62,7 @@ async fn tampered_records_fail_their_integrity_check() {
 
     let moved = "tok_AAAAAAAAAAAAAAAAAAAAAA";
     {
-        let db = open_db(&stack.dir.data_dir());
+        let db = integration_tests::open_vault_db(&stack.dir.data_dir());
         let records = db.cf_handle("records").unwrap();
         let a = db.get_cf(records, &visa.token).unwrap().unwrap();
         let b = db.get_cf(records, &mastercard.token).unwrap().unwrap();

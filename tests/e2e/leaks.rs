@@ -129,14 +129,9 @@ async fn no_card_data_in_files_or_trace_logs() {
     let mut scanned = Vec::new();
     scan_dir(&dir.data_dir(), &pans_and_bad, &mut scanned);
     {
-        let db = rocksdb::DB::open_cf(
-            &rocksdb::Options::default(),
-            dir.data_dir(),
-            ["records", "fingerprints"],
-        )
-        .unwrap();
-        for cf in ["records", "fingerprints"] {
-            db.flush_cf(db.cf_handle(cf).unwrap()).unwrap();
+        let db = integration_tests::open_vault_db(&dir.data_dir());
+        for cf in rocksdb::DB::list_cf(&rocksdb::Options::default(), dir.data_dir()).unwrap() {
+            db.flush_cf(db.cf_handle(&cf).unwrap()).unwrap();
         }
     }
     scan_dir(&dir.data_dir(), &pans_and_bad, &mut scanned);

@@ -387,6 +387,13 @@ pub fn synthetic_pan(prefix: &str, n: u64, len: usize) -> String {
     body
 }
 
+/// Opens a stopped vault's RocksDB directly, every column family, as an attacker or
+/// auditor with the disk would.
+pub fn open_vault_db(path: &Path) -> rocksdb::DB {
+    let families = rocksdb::DB::list_cf(&rocksdb::Options::default(), path).unwrap();
+    rocksdb::DB::open_cf(&rocksdb::Options::default(), path, families).unwrap()
+}
+
 /// A raw mutual-TLS gRPC channel as `name`, for calls the client library does not make.
 pub async fn raw_channel(
     dir: &StackDir,

@@ -172,6 +172,7 @@ pub struct Card {
     pub exp_month: u32,
     pub exp_year: u32,
     cardholder_name: Option<Zeroizing<String>>,
+    cvc: Option<Zeroizing<String>>,
 }
 
 impl Card {
@@ -181,7 +182,14 @@ impl Card {
             exp_month,
             exp_year,
             cardholder_name: None,
+            cvc: None,
         }
+    }
+
+    /// The card security code: the vault keeps it in memory only, for one forward.
+    pub fn with_cvc(mut self, cvc: &str) -> Self {
+        self.cvc = Some(Zeroizing::new(cvc.to_owned()));
+        self
     }
 
     pub fn with_cardholder_name(mut self, name: &str) -> Self {
@@ -198,6 +206,11 @@ impl Card {
                 .cardholder_name
                 .as_ref()
                 .map(|n| n.as_str().to_owned())
+                .unwrap_or_default(),
+            cvc: self
+                .cvc
+                .as_ref()
+                .map(|c| c.as_str().to_owned())
                 .unwrap_or_default(),
         }
     }
@@ -274,6 +287,46 @@ pub enum BatchItem {
         rule: String,
         description: String,
     },
+}
+
+/// A request for the vault to send to an allowlisted processor, with the card of
+/// `token` filled into placeholders such as `{{card.number}}`.
+#[derive(Clone, Default)]
+pub struct ForwardRequest {
+    pub processor: String,
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+    pub token: String,
+    /// A retry with the same key returns the stored outcome instead of charging again.
+    pub idempotency_key: Option<String>,
+}
+
+impl fmt::Debug for ForwardRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Header values may hold the caller's processor credentials.
+        f.debug_struct("ForwardRequest")
+            .field("processor", &self.processor)
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field(
+                "headers",
+                &self.headers.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
+            .field("token", &self.token)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The processor's answer, card-number-like digit runs masked by the vault.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ForwardResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// True when the vault returned a stored outcome for a repeated idempotency key.
+    pub replayed: bool,
 }
 
 /// Retries an idempotent call while the server is unavailable.
@@ -370,6 +423,38 @@ impl VaultClient {
             })
             .await?;
         Ok(())
+    }
+
+    /// Has the vault send a request to a processor with the card filled in. Not retried
+    /// automatically: set an idempotency key and retry yourself.
+    pub async fn forward(&mut self, request: ForwardRequest) -> Result<ForwardResponse, Error> {
+        let response = self
+            .vault
+            .forward(pb::ForwardRequest {
+                processor: request.processor,
+                method: request.method,
+                path: request.path,
+                headers: request
+                    .headers
+                    .into_iter()
+                    .map(|(name, value)| pb::Header { name, value })
+                    .collect(),
+                body: request.body,
+                token: request.token,
+                idempotency_key: request.idempotency_key.unwrap_or_default(),
+            })
+            .await?
+            .into_inner();
+        Ok(ForwardResponse {
+            status: u16::try_from(response.status).map_err(|_| Error::Incomplete)?,
+            headers: response
+                .headers
+                .into_iter()
+                .map(|h| (h.name, h.value))
+                .collect(),
+            body: response.body,
+            replayed: response.replayed,
+        })
     }
 
     /// gRPC health of the vault: `Ok(true)` when serving.

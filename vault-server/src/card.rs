@@ -245,12 +245,43 @@ impl Expiry {
     }
 }
 
-/// The card fields the vault encrypts, validated.
+/// The card fields, validated. The record stores `pan`, `expiry` and `name`; the CVC
+/// never goes to the record (see `cvc.rs`).
 #[derive(Debug)]
 pub struct CardData {
     pub pan: Pan,
     pub expiry: Expiry,
     pub name: Option<CardholderName>,
+    pub cvc: Option<Cvc>,
+}
+
+/// A card security code: 3 or 4 digits. Redacted in `Debug`, zeroized on drop.
+pub struct Cvc(Zeroizing<String>);
+
+impl Cvc {
+    pub fn parse(input: &str) -> Result<Option<Self>, Violation> {
+        const FIELD: &str = "card.cvc";
+        if input.is_empty() {
+            return Ok(None);
+        }
+        if !input.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(violation(FIELD, "digits", "must contain only digits"));
+        }
+        if !(3..=4).contains(&input.len()) {
+            return Err(violation(FIELD, "length", "must have 3 or 4 digits"));
+        }
+        Ok(Some(Self(Zeroizing::new(input.to_owned()))))
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Cvc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Cvc([REDACTED])")
+    }
 }
 
 /// A cardholder name: at most 128 characters, no control characters. Redacted in
@@ -304,10 +335,12 @@ impl CardData {
                 pan: Pan::parse(&card.number)?,
                 expiry: Expiry::parse(card.exp_month, card.exp_year, today)?,
                 name: CardholderName::parse(&card.cardholder_name)?,
+                cvc: Cvc::parse(&card.cvc)?,
             })
         })();
         card.number.zeroize();
         card.cardholder_name.zeroize();
+        card.cvc.zeroize();
         result
     }
 }
@@ -361,8 +394,10 @@ mod tests {
                 month: 1,
             },
             name: CardholderName::parse("Ada Lovelace").unwrap(),
+            cvc: Cvc::parse("737").unwrap(),
         };
         let printed = format!("{card:?}");
+        assert!(!printed.contains("737"), "{printed}");
         assert!(
             !printed.contains("424242424242") && !printed.contains("Ada"),
             "{printed}"
@@ -384,6 +419,14 @@ mod tests {
             Expiry::parse(1, u32::MAX, TODAY).unwrap_err().rule,
             "format"
         );
+    }
+
+    #[test]
+    fn cvc_rules() {
+        assert!(Cvc::parse("").unwrap().is_none());
+        assert_eq!(Cvc::parse("1234").unwrap().unwrap().expose(), "1234");
+        assert_eq!(Cvc::parse("12").unwrap_err().rule, "length");
+        assert_eq!(Cvc::parse("12a").unwrap_err().rule, "digits");
     }
 
     #[test]

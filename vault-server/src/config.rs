@@ -24,6 +24,12 @@ pub struct Settings {
     /// certificate is presented to the keyservice as this vault's identity.
     pub tls: TlsFiles,
     pub keyservice: KeyserviceSettings,
+    /// CVC and idempotency retention.
+    #[serde(default)]
+    pub forwarding: crate::forward::settings::ForwardingSettings,
+    /// The processor allowlist: `[[processor]]` entries.
+    #[serde(default, rename = "processor")]
+    pub processors: Vec<crate::forward::settings::ProcessorSettings>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -122,6 +128,9 @@ impl Settings {
         if let Some(ca) = &mut self.keyservice.ca_file {
             files.push(ca);
         }
+        for processor in &mut self.processors {
+            files.push(&mut processor.ca_file);
+        }
         for file in files {
             if file.is_relative() {
                 *file = base.join(&*file);
@@ -138,6 +147,12 @@ impl Settings {
         }
         if self.keyservice.connect_timeout_ms == 0 || self.keyservice.max_retry_backoff_ms == 0 {
             return Err("keyservice timeouts must be greater than 0".into());
+        }
+        if self.forwarding.cvc_ttl_secs == 0 || self.forwarding.idempotency_ttl_secs == 0 {
+            return Err("forwarding TTLs must be greater than 0".into());
+        }
+        for processor in &self.processors {
+            processor.validate()?;
         }
         Ok(())
     }

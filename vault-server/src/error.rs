@@ -5,6 +5,7 @@
 use tonic::{Code, Status};
 
 use crate::card::Violation;
+use crate::forward::ForwardError;
 use crate::record::RecordError;
 use crate::store::StoreError;
 
@@ -30,6 +31,14 @@ pub enum VaultError {
     Crypto(#[from] envelope::Error),
     #[error("no free token after several draws")]
     TokenSpace,
+    #[error(transparent)]
+    Forward(crate::forward::ForwardError),
+    #[error("the CVC of this token has expired or was already used")]
+    CvcUnavailable,
+    #[error("idempotency_key was already used for a different request")]
+    IdempotencyConflict,
+    #[error("a forward with this idempotency_key is in progress")]
+    IdempotencyInFlight,
 }
 
 impl VaultError {
@@ -75,6 +84,27 @@ impl VaultError {
                 tracing::error!(error = %e, "storage failure");
                 internal(Code::Internal, "internal error")
             }
+            VaultError::Forward(ForwardError::Denied(why)) => {
+                // The reason is for the log; the caller gets no help with probing.
+                tracing::warn!(reason = why, "refused: forward not allowed");
+                Status::permission_denied("permission denied")
+            }
+            VaultError::Forward(ForwardError::Unreachable(detail)) => {
+                tracing::warn!(%detail, "processor unreachable");
+                Status::unavailable("the processor could not be reached")
+            }
+            VaultError::Forward(ForwardError::Timeout) => {
+                tracing::warn!("processor timed out");
+                Status::deadline_exceeded("the processor did not answer within its timeout")
+            }
+            VaultError::Forward(e @ ForwardError::TooLarge(_)) => {
+                tracing::warn!(error = %e, "processor response too large");
+                Status::resource_exhausted(e.to_string())
+            }
+            VaultError::CvcUnavailable | VaultError::IdempotencyConflict => {
+                Status::failed_precondition(self.to_string())
+            }
+            VaultError::IdempotencyInFlight => Status::aborted(self.to_string()),
             VaultError::Crypto(_) | VaultError::TokenSpace => {
                 tracing::error!(error = %self, "internal failure");
                 internal(Code::Internal, "internal error")

@@ -37,6 +37,8 @@ impl Versions {
 pub struct KeySet {
     pub card_data: Versions,
     pub fingerprint: Versions,
+    /// Seals CVCs held in memory (`cvc.rs`).
+    pub cvc: Versions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,14 +59,17 @@ impl KeySet {
     pub fn from_wire(response: pb::GetKeysResponse) -> Result<Self, KeysError> {
         let mut card_data = BTreeMap::new();
         let mut fingerprint = BTreeMap::new();
+        let mut cvc = BTreeMap::new();
         let mut card_active = None;
         let mut fingerprint_active = None;
+        let mut cvc_active = None;
         for key in response.keys {
             let purpose = pb::KeyPurpose::try_from(key.purpose).ok();
             let (map, active) = match purpose {
                 Some(pb::KeyPurpose::CardData) => (&mut card_data, &mut card_active),
                 Some(pb::KeyPurpose::Fingerprint) => (&mut fingerprint, &mut fingerprint_active),
-                // CVC keys and purposes this build does not know are not used yet.
+                Some(pb::KeyPurpose::Cvc) => (&mut cvc, &mut cvc_active),
+                // Purposes this build does not know are not used.
                 _ => continue,
             };
             let material = zeroize::Zeroizing::new(key.material);
@@ -88,6 +93,10 @@ impl KeySet {
                 active: fingerprint_active
                     .ok_or(KeysError::Unusable("no active fingerprint key"))?,
                 keys: fingerprint,
+            },
+            cvc: Versions {
+                active: cvc_active.ok_or(KeysError::Unusable("no active cvc key"))?,
+                keys: cvc,
             },
         })
     }

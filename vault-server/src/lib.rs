@@ -10,7 +10,9 @@
 
 pub mod card;
 pub mod config;
+pub mod cvc;
 pub mod error;
+pub mod forward;
 pub mod keys;
 pub mod policy;
 pub mod record;
@@ -37,6 +39,8 @@ pub enum Error {
     Tls(#[from] runtime::tls::TlsError),
     #[error(transparent)]
     Keys(#[from] keys::KeysError),
+    #[error("invalid processor configuration: {0}")]
+    Processors(String),
     #[error("cannot open the data directory {path}: {detail}")]
     Storage { path: String, detail: String },
     #[error("cannot listen on {addr}: {source}")]
@@ -61,6 +65,8 @@ pub struct Bound {
 /// keys.
 pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Error> {
     let policy = policy::Policy::load(&settings.policy_file)?;
+    let processors =
+        forward::Processors::from_settings(&settings.processors).map_err(Error::Processors)?;
     let tls = TlsMaterial::load(&settings.tls)?;
     let keyservice_tls = match &settings.keyservice.ca_file {
         Some(ca_file) => TlsMaterial::load(&TlsFiles {
@@ -88,7 +94,14 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
             Arc::new(store),
             Arc::new(keys),
             Arc::new(policy),
-            settings.max_batch_size,
+            service::ServiceSettings {
+                max_batch_size: settings.max_batch_size,
+                processors,
+                cvc_ttl: std::time::Duration::from_secs(settings.forwarding.cvc_ttl_secs),
+                idempotency_ttl: std::time::Duration::from_secs(
+                    settings.forwarding.idempotency_ttl_secs,
+                ),
+            },
         ),
         tls,
     })

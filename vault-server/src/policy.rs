@@ -30,11 +30,13 @@ impl Tenant {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Permission {
     Tokenize,
     Read,
     Delete,
+    /// `forward:<processor>`.
+    Forward(String),
 }
 
 impl Permission {
@@ -43,7 +45,10 @@ impl Permission {
             "tokenize" => Some(Self::Tokenize),
             "read" => Some(Self::Read),
             "delete" => Some(Self::Delete),
-            _ => None,
+            _ => name
+                .strip_prefix("forward:")
+                .filter(|p| !p.is_empty())
+                .map(|p| Self::Forward(p.to_owned())),
         }
     }
 }
@@ -127,7 +132,7 @@ impl Policy {
                     Permission::parse(p).ok_or_else(|| {
                         format!(
                             "identity[{i}].permissions: unknown permission {p:?} \
-                             (known: tokenize, read, delete)"
+                             (known: tokenize, read, delete, forward:<processor>)"
                         )
                     })
                 })
@@ -154,11 +159,11 @@ impl Policy {
     pub fn authorize(
         &self,
         identity: Option<&str>,
-        permission: Permission,
+        permission: &Permission,
     ) -> Result<Caller, Denied> {
         let identity = identity.ok_or(Denied::Unauthenticated)?;
         let grant = self.grants.get(identity).ok_or(Denied::PermissionDenied)?;
-        if !grant.permissions.contains(&permission) {
+        if !grant.permissions.contains(permission) {
             return Err(Denied::PermissionDenied);
         }
         Ok(Caller {
@@ -176,30 +181,33 @@ mod tests {
         [[identity]]
         id = "spiffe://tokenvault.dev/checkout"
         tenant = "acme"
-        permissions = ["tokenize", "read"]
+        permissions = ["tokenize", "read", "forward:sandbox"]
     "#;
 
     #[test]
     fn deny_by_default() {
         let policy = Policy::parse(POLICY).unwrap();
         let caller = policy
-            .authorize(Some("spiffe://tokenvault.dev/checkout"), Permission::Read)
+            .authorize(Some("spiffe://tokenvault.dev/checkout"), &Permission::Read)
             .unwrap();
         assert_eq!(caller.tenant.as_str(), "acme");
         assert_eq!(
-            policy.authorize(Some("spiffe://tokenvault.dev/checkout"), Permission::Delete),
+            policy.authorize(
+                Some("spiffe://tokenvault.dev/checkout"),
+                &Permission::Delete
+            ),
             Err(Denied::PermissionDenied)
         );
         assert_eq!(
-            policy.authorize(Some("spiffe://other"), Permission::Read),
+            policy.authorize(Some("spiffe://other"), &Permission::Read),
             Err(Denied::PermissionDenied)
         );
         assert_eq!(
-            policy.authorize(None, Permission::Read),
+            policy.authorize(None, &Permission::Read),
             Err(Denied::Unauthenticated)
         );
         assert_eq!(
-            Policy::default().authorize(Some("x"), Permission::Read),
+            Policy::default().authorize(Some("x"), &Permission::Read),
             Err(Denied::PermissionDenied)
         );
     }

@@ -239,6 +239,7 @@ fn decode_plaintext(plaintext: &[u8]) -> Option<CardData> {
         pan,
         expiry: Expiry { year, month },
         name,
+        cvc: None,
     })
 }
 
@@ -260,6 +261,7 @@ mod tests {
             )
             .unwrap(),
             name: CardholderName::parse("Ada Lovelace").unwrap(),
+            cvc: crate::card::Cvc::parse("737").unwrap(),
         }
     }
 
@@ -288,6 +290,10 @@ mod tests {
         let bytes = seal(&token, &metadata("acme"), &card(), &key).unwrap();
         assert!(!bytes.windows(16).any(|w| w == b"4242424242424242"));
         assert!(!bytes.windows(3).any(|w| w == b"Ada"));
+        assert!(
+            !bytes.windows(3).any(|w| w == b"737"),
+            "the CVC is never part of a record"
+        );
         let record = decode(&bytes).unwrap();
         assert_eq!(record.metadata, metadata("acme"));
         let opened = record.open(&token, &key).unwrap();

@@ -1,9 +1,10 @@
 //! The Vault gRPC API. Each handler authorizes the caller, converts the wire request
 //! into validated domain types, and nothing below it sees a prost type.
 
+use std::collections::HashSet;
 use std::future::Future;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
@@ -11,7 +12,10 @@ use tracing::Instrument;
 use vault_proto::vault::v1 as pb;
 
 use crate::card::{CardData, Today, Violation};
+use crate::cvc::CvcStore;
 use crate::error::VaultError;
+use crate::forward::template::{Field, Template};
+use crate::forward::{Outbound, Processors, idempotency};
 use crate::keys::KeySet;
 use crate::policy::{Caller, Denied, Permission, Policy};
 use crate::record::{self, Fingerprint, Metadata, StoredRecord};
@@ -24,12 +28,43 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// astronomically unlikely.
 const TOKEN_ATTEMPTS: usize = 3;
 
+/// What the service needs besides its store, keys and policy.
+#[derive(Debug)]
+pub struct ServiceSettings {
+    pub max_batch_size: usize,
+    pub processors: Processors,
+    pub cvc_ttl: Duration,
+    pub idempotency_ttl: Duration,
+}
+
 #[derive(Debug)]
 pub struct VaultService<S> {
     store: Arc<S>,
     keys: Arc<KeySet>,
     policy: Arc<Policy>,
     max_batch_size: usize,
+    processors: Processors,
+    cvcs: CvcStore,
+    idempotency_ttl: Duration,
+    /// Idempotency store keys of forwards in progress: a concurrent retry is refused
+    /// instead of charging twice.
+    in_flight: Mutex<HashSet<Vec<u8>>>,
+}
+
+/// Removes an idempotency key from the in-flight set when the forward ends.
+struct InFlight<'a> {
+    set: &'a Mutex<HashSet<Vec<u8>>>,
+    key: Vec<u8>,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut set = self
+            .set
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        set.remove(&self.key);
+    }
 }
 
 impl<S: Store> VaultService<S> {
@@ -37,13 +72,17 @@ impl<S: Store> VaultService<S> {
         store: Arc<S>,
         keys: Arc<KeySet>,
         policy: Arc<Policy>,
-        max_batch_size: usize,
+        settings: ServiceSettings,
     ) -> Self {
         Self {
             store,
             keys,
             policy,
-            max_batch_size,
+            max_batch_size: settings.max_batch_size,
+            processors: settings.processors,
+            cvcs: CvcStore::new(settings.cvc_ttl),
+            idempotency_ttl: settings.idempotency_ttl,
+            in_flight: Mutex::new(HashSet::new()),
         }
     }
 
@@ -52,7 +91,7 @@ impl<S: Store> VaultService<S> {
     async fn call<Req, Resp, Fut>(
         &self,
         method: &'static str,
-        permission: Permission,
+        permission: impl FnOnce(&Req) -> Permission,
         request: Request<Req>,
         handler: impl FnOnce(Caller, Req) -> Fut,
     ) -> Result<Response<Resp>, Status>
@@ -69,7 +108,8 @@ impl<S: Store> VaultService<S> {
         );
         async move {
             let started = Instant::now();
-            let result = match self.policy.authorize(identity.as_deref(), permission) {
+            let permission = permission(request.get_ref());
+            let result = match self.policy.authorize(identity.as_deref(), &permission) {
                 Ok(caller) => handler(caller, request.into_inner()).await,
                 Err(Denied::Unauthenticated) => Err(VaultError::Unauthenticated),
                 Err(Denied::PermissionDenied) => Err(VaultError::PermissionDenied),
@@ -152,11 +192,12 @@ impl<S: Store> VaultService<S> {
 
     /// Reads a record and authenticates it (decrypting, then dropping the card), so
     /// that edited or moved records are reported, never served.
-    async fn load_verified(
+    /// Reads a record and decrypts its card.
+    async fn load_card(
         &self,
         caller: &Caller,
         token: &Token,
-    ) -> Result<StoredRecord, VaultError> {
+    ) -> Result<(StoredRecord, CardData), VaultError> {
         let stored = self.load(caller, token).await?;
         let version = stored.metadata.key_version;
         let key = self
@@ -164,8 +205,26 @@ impl<S: Store> VaultService<S> {
             .card_data
             .get(version)
             .ok_or(VaultError::KeyUnavailable(version))?;
-        drop(stored.open(token, key)?);
-        Ok(stored)
+        let card = stored.open(token, key)?;
+        Ok((stored, card))
+    }
+
+    /// Reads a record and authenticates it (decrypting, then dropping the card), so
+    /// that edited or moved records are reported, never served.
+    async fn load_verified(
+        &self,
+        caller: &Caller,
+        token: &Token,
+    ) -> Result<StoredRecord, VaultError> {
+        Ok(self.load_card(caller, token).await?.0)
+    }
+
+    /// Keeps the card's CVC (memory only) for the token it was stored under.
+    fn keep_cvc(&self, token: &Token, card: &CardData) -> Result<(), VaultError> {
+        if let Some(cvc) = &card.cvc {
+            self.cvcs.put(&self.keys, token, cvc)?;
+        }
+        Ok(())
     }
 
     async fn tokenize_one(
@@ -181,11 +240,13 @@ impl<S: Store> VaultService<S> {
             let outcome = self.store.insert(vec![record]).await?.pop();
             match outcome {
                 Some(InsertOutcome::Stored) => {
+                    self.keep_cvc(&token, &card)?;
                     tracing::info!(token = %token, "tokenized");
                     return Ok(tokenize_response(&token, &metadata, false));
                 }
                 Some(InsertOutcome::Existing(existing)) => {
                     let stored = self.load_verified(&caller, &existing).await?;
+                    self.keep_cvc(&existing, &card)?;
                     tracing::info!(token = %existing, "returned existing token");
                     return Ok(tokenize_response(&existing, &stored.metadata, true));
                 }
@@ -243,9 +304,13 @@ impl<S: Store> VaultService<S> {
                 waiting.into_iter().zip(tokens).zip(outcomes)
             {
                 let stored = match outcome {
-                    InsertOutcome::Stored => tokenize_response(&token, &metadata, false),
+                    InsertOutcome::Stored => {
+                        self.keep_cvc(&token, &card)?;
+                        tokenize_response(&token, &metadata, false)
+                    }
                     InsertOutcome::Existing(existing) => {
                         let stored = self.load_verified(&caller, &existing).await?;
+                        self.keep_cvc(&existing, &card)?;
                         tokenize_response(&existing, &stored.metadata, true)
                     }
                     InsertOutcome::TokenTaken => {
@@ -270,6 +335,170 @@ impl<S: Store> VaultService<S> {
             .count();
         tracing::info!(items = results.len(), stored, "batch tokenized");
         Ok(pb::TokenizeBatchResponse { results })
+    }
+}
+
+impl<S: Store> VaultService<S> {
+    async fn forward_one(
+        &self,
+        caller: Caller,
+        request: pb::ForwardRequest,
+    ) -> Result<pb::ForwardResponse, VaultError> {
+        let invalid = |field, rule, description| {
+            VaultError::Invalid(Violation {
+                field,
+                rule,
+                description,
+            })
+        };
+        // An unknown processor is refused exactly like one the caller may not use.
+        let processor = self
+            .processors
+            .get(&request.processor)
+            .ok_or(VaultError::Forward(crate::forward::ForwardError::Denied(
+                "unknown processor",
+            )))?;
+        let body = Template::parse(&request.body).map_err(|e| match e {
+            crate::forward::template::TemplateError::Unknown => {
+                invalid("body", "placeholder", "holds an unknown placeholder")
+            }
+            crate::forward::template::TemplateError::Unclosed => {
+                invalid("body", "placeholder", "holds an unclosed placeholder")
+            }
+        })?;
+        let mut headers = Vec::with_capacity(request.headers.len());
+        for header in &request.headers {
+            if !crate::forward::valid_header_name(&header.name) {
+                return Err(invalid(
+                    "headers.name",
+                    "header_name",
+                    "must be a valid header name the vault does not set itself",
+                ));
+            }
+            if header.value.contains(['\r', '\n']) {
+                return Err(invalid(
+                    "headers.value",
+                    "characters",
+                    "must not contain line breaks",
+                ));
+            }
+            let value = Template::parse(&header.value).map_err(|_| {
+                invalid(
+                    "headers.value",
+                    "placeholder",
+                    "holds an unknown or unclosed placeholder",
+                )
+            })?;
+            headers.push((header.name.clone(), value));
+        }
+        let outbound = Outbound {
+            method: request.method.clone(),
+            path: request.path.clone(),
+            headers,
+            body,
+        };
+        processor
+            .check(&caller.identity, &outbound)
+            .map_err(VaultError::Forward)?;
+        let token = parse_token(&request.token)?;
+
+        // Idempotency: the stored outcome of the same request, or a refusal when the
+        // key was used for another request or is in use right now.
+        let idempotency = if request.idempotency_key.is_empty() {
+            None
+        } else {
+            let key = &request.idempotency_key;
+            if key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(invalid(
+                    "idempotency_key",
+                    "format",
+                    "must be 1 to 255 visible ASCII characters",
+                ));
+            }
+            let store_key = idempotency::store_key(&caller.tenant, key);
+            let mut parts: Vec<&[u8]> = vec![
+                request.processor.as_bytes(),
+                request.method.as_bytes(),
+                request.path.as_bytes(),
+                request.body.as_bytes(),
+                request.token.as_bytes(),
+            ];
+            for header in &request.headers {
+                parts.push(header.name.as_bytes());
+                parts.push(header.value.as_bytes());
+            }
+            let digest = idempotency::request_digest(&parts);
+            let guard = {
+                let mut set = self
+                    .in_flight
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if !set.insert(store_key.clone()) {
+                    return Err(VaultError::IdempotencyInFlight);
+                }
+                InFlight {
+                    set: &self.in_flight,
+                    key: store_key.clone(),
+                }
+            };
+            if let Some(bytes) = self.store.get_outcome(&store_key).await? {
+                let outcome = idempotency::decode(&bytes)
+                    .ok_or(VaultError::Record(crate::record::RecordError::Malformed))?;
+                let age_ms = now_unix_ms().saturating_sub(outcome.created_at_unix_ms);
+                if age_ms < self.idempotency_ttl.as_millis() as i64 {
+                    if outcome.request_digest != digest {
+                        return Err(VaultError::IdempotencyConflict);
+                    }
+                    tracing::info!(
+                        processor = processor.name(),
+                        status = outcome.answer.status,
+                        "replayed stored forward outcome"
+                    );
+                    return Ok(forward_response(outcome.answer, true));
+                }
+            }
+            Some((store_key, digest, guard))
+        };
+
+        let (_, card) = self.load_card(&caller, &token).await?;
+        let uses_cvc = outbound.uses(Field::Cvc);
+        let cvc = if uses_cvc {
+            Some(
+                self.cvcs
+                    .get(&self.keys, &token)
+                    .ok_or(VaultError::CvcUnavailable)?,
+            )
+        } else {
+            None
+        };
+        let answer = processor
+            .send(&outbound, &card, cvc.as_deref().map(String::as_str))
+            .await
+            .map_err(VaultError::Forward)?;
+        drop(card);
+        if uses_cvc {
+            // The processor has seen it: a CVC is good for one use.
+            self.cvcs.erase(&token);
+        }
+        tracing::info!(processor = processor.name(), token = %token, status = answer.status, "forwarded");
+        if let Some((store_key, digest, _guard)) = idempotency {
+            let value = idempotency::encode(&digest, now_unix_ms(), &answer);
+            self.store.put_outcome(store_key, value).await?;
+        }
+        Ok(forward_response(answer, false))
+    }
+}
+
+fn forward_response(answer: crate::forward::Answer, replayed: bool) -> pb::ForwardResponse {
+    pb::ForwardResponse {
+        status: u32::from(answer.status),
+        headers: answer
+            .headers
+            .into_iter()
+            .map(|(name, value)| pb::Header { name, value })
+            .collect(),
+        body: answer.body,
+        replayed,
     }
 }
 
@@ -329,7 +558,7 @@ impl<S: Store> pb::vault_server::Vault for VaultService<S> {
     ) -> Result<Response<pb::TokenizeResponse>, Status> {
         self.call(
             "Tokenize",
-            Permission::Tokenize,
+            |_| Permission::Tokenize,
             request,
             |caller, request| self.tokenize_one(caller, request),
         )
@@ -342,7 +571,7 @@ impl<S: Store> pb::vault_server::Vault for VaultService<S> {
     ) -> Result<Response<pb::TokenizeBatchResponse>, Status> {
         self.call(
             "TokenizeBatch",
-            Permission::Tokenize,
+            |_| Permission::Tokenize,
             request,
             |caller, request| self.tokenize_many(caller, request),
         )
@@ -355,7 +584,7 @@ impl<S: Store> pb::vault_server::Vault for VaultService<S> {
     ) -> Result<Response<pb::GetTokenInfoResponse>, Status> {
         self.call(
             "GetTokenInfo",
-            Permission::Read,
+            |_| Permission::Read,
             request,
             |caller, request| async move {
                 let token = parse_token(&request.token)?;
@@ -374,7 +603,7 @@ impl<S: Store> pb::vault_server::Vault for VaultService<S> {
     ) -> Result<Response<pb::DeleteTokenResponse>, Status> {
         self.call(
             "DeleteToken",
-            Permission::Delete,
+            |_| Permission::Delete,
             request,
             |caller, request| async move {
                 let token = parse_token(&request.token)?;
@@ -389,6 +618,19 @@ impl<S: Store> pb::vault_server::Vault for VaultService<S> {
                 tracing::info!(token = %token, "deleted");
                 Ok(pb::DeleteTokenResponse {})
             },
+        )
+        .await
+    }
+
+    async fn forward(
+        &self,
+        request: Request<pb::ForwardRequest>,
+    ) -> Result<Response<pb::ForwardResponse>, Status> {
+        self.call(
+            "Forward",
+            |request: &pb::ForwardRequest| Permission::Forward(request.processor.clone()),
+            request,
+            |caller, request| self.forward_one(caller, request),
         )
         .await
     }

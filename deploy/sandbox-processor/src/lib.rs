@@ -45,7 +45,13 @@ pub struct Received {
 impl std::fmt::Debug for Received {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The body holds card data.
-        write!(f, "Received {{ {} {}, body: [{} bytes] }}", self.method, self.path, self.body.len())
+        write!(
+            f,
+            "Received {{ {} {}, body: [{} bytes] }}",
+            self.method,
+            self.path,
+            self.body.len()
+        )
     }
 }
 
@@ -68,11 +74,17 @@ impl Journal {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("invalid TLS certificate or key: {0}")]
     Tls(String),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// A bound sandbox, ready to serve.
@@ -83,7 +95,11 @@ pub struct Bound {
 }
 
 /// Binds `addr` with the PEM certificate chain and key at the given paths.
-pub async fn bind(addr: SocketAddr, cert_file: &std::path::Path, key_file: &std::path::Path) -> Result<Bound, Error> {
+pub async fn bind(
+    addr: SocketAddr,
+    cert_file: &std::path::Path,
+    key_file: &std::path::Path,
+) -> Result<Bound, Error> {
     let read = |path: &std::path::Path| {
         std::fs::read(path).map_err(|source| Error::Read {
             path: path.display().to_string(),
@@ -96,13 +112,17 @@ pub async fn bind(addr: SocketAddr, cert_file: &std::path::Path, key_file: &std:
     let key = rustls_pemfile::private_key(&mut read(key_file)?.as_slice())
         .map_err(|e| Error::Tls(e.to_string()))?
         .ok_or_else(|| Error::Tls("no private key in the key file".into()))?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Tls(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| Error::Tls(e.to_string()))?;
-    let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| Error::Tls(e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| Error::Tls(e.to_string()))?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, source })?;
     Ok(Bound {
         listener,
         acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
@@ -112,7 +132,9 @@ pub async fn bind(addr: SocketAddr, cert_file: &std::path::Path, key_file: &std:
 
 impl std::fmt::Debug for Bound {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Bound").field("addr", &self.local_addr()).finish_non_exhaustive()
+        f.debug_struct("Bound")
+            .field("addr", &self.local_addr())
+            .finish_non_exhaustive()
     }
 }
 
@@ -147,10 +169,13 @@ impl Bound {
                 let Ok(tls) = acceptor.accept(stream).await else {
                     return;
                 };
-                let service = hyper::service::service_fn(move |request| handle(request, journal.clone()));
-                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                    .await;
+                let service =
+                    hyper::service::service_fn(move |request| handle(request, journal.clone()));
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
             });
         }
     }
@@ -159,9 +184,10 @@ impl Bound {
 fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
     response
 }
 
@@ -169,7 +195,10 @@ fn header<'a>(request: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
     request.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
-async fn handle(request: Request<Incoming>, journal: Journal) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+async fn handle(
+    request: Request<Incoming>,
+    journal: Journal,
+) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     let method = request.method().to_string();
     let path = request.uri().path().to_owned();
     if let Some(ms) = header(&request, "x-sandbox-delay-ms").and_then(|v| v.parse::<u64>().ok()) {
@@ -181,12 +210,25 @@ async fn handle(request: Request<Incoming>, journal: Journal) -> Result<Response
     let headers: Vec<(String, String)> = request
         .headers()
         .iter()
-        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
         .collect();
     let content_type = header(&request, "content-type").unwrap_or("").to_owned();
-    let body = match Limited::new(request.into_body(), MAX_BODY_BYTES).collect().await {
+    let body = match Limited::new(request.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
         Ok(body) => body.to_bytes().to_vec(),
-        Err(_) => return Ok(json(StatusCode::PAYLOAD_TOO_LARGE, serde_json::json!({"error": "body_too_large"}))),
+        Err(_) => {
+            return Ok(json(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                serde_json::json!({"error": "body_too_large"}),
+            ));
+        }
     };
     journal.push(Received {
         method: method.clone(),
@@ -221,7 +263,10 @@ async fn handle(request: Request<Incoming>, journal: Journal) -> Result<Response
     } else if method == "POST" && path == "/v1/charges" {
         charge(&content_type, &body)
     } else {
-        json(StatusCode::NOT_FOUND, serde_json::json!({"error": "not_found"}))
+        json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "not_found"}),
+        )
     };
     tracing::info!(%method, %path, status = response.status().as_u16(), "request");
     Ok(response)
@@ -237,7 +282,12 @@ fn fields(content_type: &str, body: &[u8]) -> Option<std::collections::HashMap<S
     Some(
         object
             .iter()
-            .map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.as_str().map_or_else(|| v.to_string(), str::to_owned),
+                )
+            })
             .collect(),
     )
 }
@@ -245,7 +295,9 @@ fn fields(content_type: &str, body: &[u8]) -> Option<std::collections::HashMap<S
 fn luhn(digits: &str) -> bool {
     let mut sum = 0;
     for (i, c) in digits.chars().rev().enumerate() {
-        let Some(mut d) = c.to_digit(10) else { return false };
+        let Some(mut d) = c.to_digit(10) else {
+            return false;
+        };
         if i % 2 == 1 {
             d *= 2;
             if d > 9 {
@@ -258,7 +310,12 @@ fn luhn(digits: &str) -> bool {
 }
 
 fn charge(content_type: &str, body: &[u8]) -> Response<Full<Bytes>> {
-    let decline = |status: StatusCode, code: &str| json(status, serde_json::json!({"status": "declined", "error": code}));
+    let decline = |status: StatusCode, code: &str| {
+        json(
+            status,
+            serde_json::json!({"status": "declined", "error": code}),
+        )
+    };
     let Some(fields) = fields(content_type, body) else {
         return decline(StatusCode::BAD_REQUEST, "malformed_body");
     };
@@ -266,8 +323,14 @@ fn charge(content_type: &str, body: &[u8]) -> Response<Full<Bytes>> {
     if !(12..=19).contains(&number.len()) || !luhn(number) {
         return decline(StatusCode::BAD_REQUEST, "invalid_number");
     }
-    let month: u32 = fields.get("exp_month").and_then(|m| m.parse().ok()).unwrap_or(0);
-    let year: i32 = fields.get("exp_year").and_then(|y| y.parse().ok()).unwrap_or(0);
+    let month: u32 = fields
+        .get("exp_month")
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0);
+    let year: i32 = fields
+        .get("exp_year")
+        .and_then(|y| y.parse().ok())
+        .unwrap_or(0);
     if !(1..=12).contains(&month) {
         return decline(StatusCode::BAD_REQUEST, "invalid_expiry");
     }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
-use vault_client::{Card, ClientConfig, KeyServiceClient, TokenInfo, VaultClient};
+use vault_client::{Card, ClientConfig, ForwardRequest, KeyServiceClient, TokenInfo, VaultClient};
 use zeroize::{Zeroize, Zeroizing};
 
 #[derive(Debug, Parser)]
@@ -58,7 +58,7 @@ struct Connection {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Tokenize one card read from stdin: a card number line (with --exp), or a JSON
-    /// object {"number", "exp_month", "exp_year", "name"}. Prints the token.
+    /// object {"number", "exp_month", "exp_year", "name", "cvc"}. Prints the token.
     Tokenize {
         /// Expiry as MM/YYYY (or MM/YY), for a card number line.
         #[arg(long)]
@@ -78,11 +78,44 @@ enum Command {
     },
     /// Delete a token and its record.
     Delete { token: String },
+    /// Have the vault send a request to an allowlisted processor with the token's card
+    /// filled into placeholders ({{card.number}}, {{card.exp_month}}, {{card.exp_year}},
+    /// {{card.name}}, {{card.cvc}}). Prints the processor's status and body.
+    Forward(ForwardArgs),
     /// Key management (keyservice).
     #[command(subcommand)]
     Keys(KeysCommand),
     /// Health of the vault and the keyservice.
     Health,
+}
+
+#[derive(Debug, Args)]
+struct ForwardArgs {
+    /// Processor name from the vault's allowlist.
+    #[arg(long)]
+    processor: String,
+    #[arg(long, default_value = "POST")]
+    method: String,
+    /// Path below the processor's base URL, e.g. /v1/charges
+    #[arg(long)]
+    path: String,
+    /// A header as "Name: value"; repeatable.
+    #[arg(long = "header", value_name = "NAME: VALUE")]
+    headers: Vec<String>,
+    /// Body template.
+    #[arg(long, conflicts_with = "body_file")]
+    body: Option<String>,
+    /// Read the body template from a file.
+    #[arg(long)]
+    body_file: Option<PathBuf>,
+    #[arg(long)]
+    token: String,
+    /// A retry with the same key returns the stored outcome instead of charging again.
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// Print status, headers and body as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -179,6 +212,8 @@ fn read_card(exp: Option<&str>) -> anyhow::Result<Card> {
             exp_year: u32,
             #[serde(default)]
             name: Option<String>,
+            #[serde(default)]
+            cvc: Option<String>,
         }
         // serde_json's error messages quote no input values for these types, but say
         // only where the problem is, to be sure.
@@ -194,7 +229,13 @@ fn read_card(exp: Option<&str>) -> anyhow::Result<Card> {
         if let Some(name) = &parsed.name {
             card = card.with_cardholder_name(name);
         }
+        if let Some(cvc) = &parsed.cvc {
+            card = card.with_cvc(cvc);
+        }
         parsed.number.zeroize();
+        if let Some(cvc) = &mut parsed.cvc {
+            cvc.zeroize();
+        }
         if let Some(name) = &mut parsed.name {
             name.zeroize();
         }
@@ -295,6 +336,52 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut client = VaultClient::connect(&vault()?).await?;
             client.delete(&token).await.context("delete token")?;
             println!("deleted {token}");
+        }
+        Command::Forward(args) => {
+            let body = match (&args.body, &args.body_file) {
+                (Some(body), _) => body.clone(),
+                (None, Some(file)) => std::fs::read_to_string(file)
+                    .with_context(|| format!("read body file {}", file.display()))?,
+                (None, None) => String::new(),
+            };
+            let headers = args
+                .headers
+                .iter()
+                .map(|h| {
+                    h.split_once(':')
+                        .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
+                        .with_context(|| format!("--header {h:?} must look like \"Name: value\""))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let mut client = VaultClient::connect(&vault()?).await?;
+            let answer = client
+                .forward(ForwardRequest {
+                    processor: args.processor,
+                    method: args.method,
+                    path: args.path,
+                    headers,
+                    body,
+                    token: args.token,
+                    idempotency_key: args.idempotency_key,
+                })
+                .await
+                .context("forward")?;
+            if args.json {
+                let value = serde_json::json!({
+                    "status": answer.status,
+                    "headers": answer.headers,
+                    "body": String::from_utf8_lossy(&answer.body),
+                    "replayed": answer.replayed,
+                });
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                println!(
+                    "HTTP {}{}",
+                    answer.status,
+                    if answer.replayed { " (replayed)" } else { "" }
+                );
+                println!("{}", String::from_utf8_lossy(&answer.body));
+            }
         }
         Command::Keys(KeysCommand::List { json }) => {
             let mut client = KeyServiceClient::connect(&keyservice()?).await?;

@@ -22,6 +22,35 @@ pub async fn run_all<S: Store>(mut fresh: impl FnMut() -> S) {
     index_reuse_within_one_call(fresh()).await;
     delete_removes_record_and_index(fresh()).await;
     concurrent_inserts_all_land(Arc::new(fresh())).await;
+    outcomes_are_stored_and_replaced(fresh()).await;
+}
+
+async fn outcomes_are_stored_and_replaced(store: impl Store) {
+    assert_eq!(store.get_outcome(b"acme/key-1").await.unwrap(), None);
+    store
+        .put_outcome(b"acme/key-1".to_vec(), b"first".to_vec())
+        .await
+        .unwrap();
+    store
+        .put_outcome(b"acme/key-2".to_vec(), b"other".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_outcome(b"acme/key-1").await.unwrap().as_deref(),
+        Some(&b"first"[..])
+    );
+    store
+        .put_outcome(b"acme/key-1".to_vec(), b"second".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_outcome(b"acme/key-1").await.unwrap().as_deref(),
+        Some(&b"second"[..])
+    );
+    assert_eq!(
+        store.get_outcome(b"acme/key-2").await.unwrap().as_deref(),
+        Some(&b"other"[..])
+    );
 }
 
 async fn insert_then_get(store: impl Store) {

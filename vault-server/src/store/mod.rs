@@ -64,4 +64,17 @@ pub trait Store: Send + Sync + 'static {
         token: Token,
         index_key: Vec<u8>,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// The stored outcome of a forward under an idempotency key.
+    fn get_outcome(
+        &self,
+        key: &[u8],
+    ) -> impl Future<Output = Result<Option<Vec<u8>>, StoreError>> + Send;
+
+    /// Stores (or replaces) a forward outcome durably. Outcomes hold no card data.
+    fn put_outcome(
+        &self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }

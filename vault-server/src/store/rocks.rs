@@ -1,5 +1,6 @@
-//! RocksDB engine. Two column families: `records` (token → sealed record) and
-//! `fingerprints` (index key → token).
+//! RocksDB engine. Column families: `records` (token → sealed record), `fingerprints`
+//! (index key → token) and `idempotency` (tenant and idempotency key → forward outcome,
+//! which holds no card data).
 //!
 //! Writes go through one dedicated writer thread that takes everything queued, checks
 //! put-if-absent against the database plus the writes already in the batch, and commits
@@ -21,6 +22,7 @@ use crate::token::Token;
 
 const RECORDS: &str = "records";
 const FINGERPRINTS: &str = "fingerprints";
+const IDEMPOTENCY: &str = "idempotency";
 /// Most operations committed in one batch; bounds batch size and latency.
 const MAX_GROUP: usize = 2048;
 /// Queue depth in front of the writer; callers wait (backpressure) beyond it.
@@ -35,6 +37,11 @@ enum Op {
         token: Token,
         index_key: Vec<u8>,
         reply: oneshot::Sender<Result<bool, StoreError>>,
+    },
+    PutOutcome {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
     },
 }
 
@@ -70,8 +77,8 @@ fn db_options() -> Options {
 impl RocksStore {
     /// Opens (or creates) the database in `dir` and starts the writer thread.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let families =
-            [RECORDS, FINGERPRINTS].map(|name| ColumnFamilyDescriptor::new(name, db_options()));
+        let families = [RECORDS, FINGERPRINTS, IDEMPOTENCY]
+            .map(|name| ColumnFamilyDescriptor::new(name, db_options()));
         let db = Arc::new(DB::open_cf_descriptors(&db_options(), dir, families).map_err(engine)?);
         let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
         let writer_db = Arc::clone(&db);
@@ -134,6 +141,16 @@ impl Store for RocksStore {
         })
         .await
     }
+
+    async fn get_outcome(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let cf = self.db.cf_handle(IDEMPOTENCY).ok_or(StoreError::Closed)?;
+        self.db.get_cf(cf, key).map_err(engine)
+    }
+
+    async fn put_outcome(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreError> {
+        self.submit(|reply| Op::PutOutcome { key, value, reply })
+            .await
+    }
 }
 
 struct Writer {
@@ -167,6 +184,7 @@ impl Writer {
         let mut pending = Pending::default();
         let mut inserts = Vec::new();
         let mut deletes = Vec::new();
+        let mut outcome_replies = Vec::new();
         // A failed read while planning fails the whole group: the batch may already
         // hold part of that operation, so nothing is written.
         let mut failure = None;
@@ -191,6 +209,15 @@ impl Writer {
                         false
                     });
                     deletes.push((reply, existed));
+                }
+                Op::PutOutcome { key, value, reply } => {
+                    match self.db.cf_handle(IDEMPOTENCY) {
+                        Some(cf) => batch.put_cf(cf, key, value),
+                        None => {
+                            failure.get_or_insert(StoreError::Closed.to_string());
+                        }
+                    }
+                    outcome_replies.push(reply);
                 }
             }
         }
@@ -217,6 +244,9 @@ impl Writer {
                     .map(|()| existed)
                     .map_err(StoreError::Engine),
             );
+        }
+        for reply in outcome_replies {
+            let _ = reply.send(written.clone().map_err(StoreError::Engine));
         }
     }
 

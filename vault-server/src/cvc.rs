@@ -1,0 +1,117 @@
+//! CVCs live here and nowhere else: in memory, sealed under the `cvc` key purpose,
+//! for a limited time, erased after their first use in a forward. Never written to
+//! RocksDB, a WAL, a log or any file; a restart forgets them (PCI DSS 3.3.1.2 forbids
+//! storing the security code after authorization).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use envelope::NONCE_LEN;
+use zeroize::Zeroizing;
+
+use crate::card::Cvc;
+use crate::keys::KeySet;
+use crate::token::Token;
+
+const AAD_LABEL: &[u8] = b"tokenvault.cvc";
+
+struct Entry {
+    key_version: u32,
+    nonce: [u8; NONCE_LEN],
+    ciphertext: Vec<u8>,
+    expires_at: Instant,
+}
+
+#[derive(Default)]
+struct Entries {
+    by_token: HashMap<Token, Entry>,
+    last_sweep: Option<Instant>,
+}
+
+pub struct CvcStore {
+    ttl: Duration,
+    entries: Mutex<Entries>,
+}
+
+impl std::fmt::Debug for CvcStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CvcStore")
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+fn aad(token: &Token) -> Vec<u8> {
+    [AAD_LABEL, token.as_str().as_bytes()].concat()
+}
+
+impl CvcStore {
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            entries: Mutex::new(Entries::default()),
+        }
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, Entries> {
+        // A poisoned lock only means another thread panicked mid-operation; the map is
+        // still a valid map.
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Keeps the CVC of `token` until the TTL ends or it is used.
+    pub fn put(&self, keys: &KeySet, token: &Token, cvc: &Cvc) -> Result<(), envelope::Error> {
+        let (key_version, key) = keys.cvc.active();
+        let sealed = envelope::seal(key, &aad(token), cvc.expose().as_bytes())?;
+        let now = Instant::now();
+        let mut entries = self.entries();
+        // Expired entries are swept at most once a minute, on the way.
+        if entries
+            .last_sweep
+            .is_none_or(|t| now.duration_since(t) > Duration::from_secs(60))
+        {
+            entries.by_token.retain(|_, e| e.expires_at > now);
+            entries.last_sweep = Some(now);
+        }
+        entries.by_token.insert(
+            token.clone(),
+            Entry {
+                key_version,
+                nonce: sealed.nonce,
+                ciphertext: sealed.ciphertext,
+                expires_at: now + self.ttl,
+            },
+        );
+        Ok(())
+    }
+
+    /// The CVC of `token` if it is still held and not expired. It stays held until
+    /// [`CvcStore::erase`] (called after the forward that used it got an answer).
+    pub fn get(&self, keys: &KeySet, token: &Token) -> Option<Zeroizing<String>> {
+        let mut entries = self.entries();
+        let entry = entries.by_token.get(token)?;
+        if entry.expires_at <= Instant::now() {
+            entries.by_token.remove(token);
+            return None;
+        }
+        let key = keys.cvc.get(entry.key_version)?;
+        let plain = envelope::open(key, &entry.nonce, &aad(token), &entry.ciphertext).ok()?;
+        String::from_utf8(plain.to_vec()).ok().map(Zeroizing::new)
+    }
+
+    pub fn erase(&self, token: &Token) {
+        self.entries().by_token.remove(token);
+    }
+
+    /// How many CVCs are held (for tests and metrics).
+    pub fn len(&self) -> usize {
+        self.entries().by_token.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -1,0 +1,263 @@
+//! Forwarding: the only way a card number leaves the vault. A caller names an
+//! allowlisted processor, a method and path it allows, headers and a body template;
+//! the vault renders the card into the placeholders the processor accepts, sends it over
+//! verified TLS, and returns the answer with card-number-like runs masked.
+
+pub mod idempotency;
+pub mod mask;
+pub mod net;
+pub mod settings;
+pub mod template;
+
+use std::collections::{BTreeMap, HashMap};
+
+use zeroize::Zeroizing;
+
+use settings::ProcessorSettings;
+use template::{Encoding, Field, Template};
+
+/// Headers the vault sets itself; a caller may not.
+const RESERVED_HEADERS: [&str; 6] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "te",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// Unknown processor, identity not allowed, method, path or field not allowed. The
+    /// caller learns nothing more (no help for probing); the log says which.
+    #[error("forward not allowed: {0}")]
+    Denied(&'static str),
+    #[error("the processor could not be reached: {0}")]
+    Unreachable(String),
+    #[error("the processor did not answer within its timeout")]
+    Timeout,
+    #[error("the processor's response exceeds max_response_bytes ({0})")]
+    TooLarge(usize),
+}
+
+/// A processor's answer, card-number-like runs already masked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// A configured processor, ready to be called.
+#[derive(Debug)]
+pub struct Processor {
+    name: String,
+    /// Base URL without a trailing slash.
+    base_url: String,
+    routes: Vec<(String, Vec<String>)>,
+    inject: BTreeMap<String, Vec<String>>,
+    allowed_identities: Vec<String>,
+    max_response_bytes: usize,
+    client: reqwest::Client,
+}
+
+/// The allowlist.
+#[derive(Debug, Default)]
+pub struct Processors(HashMap<String, Processor>);
+
+fn segments(path: &str) -> Vec<String> {
+    path.trim_start_matches('/')
+        .split('/')
+        .map(str::to_owned)
+        .collect()
+}
+
+impl Processors {
+    pub fn from_settings(list: &[ProcessorSettings]) -> Result<Self, String> {
+        let mut processors = HashMap::new();
+        for settings in list {
+            settings.validate()?;
+            let processor = Processor {
+                name: settings.name.clone(),
+                base_url: settings.base_url.trim_end_matches('/').to_owned(),
+                routes: settings
+                    .routes
+                    .iter()
+                    .map(|r| (r.method.clone(), segments(&r.path)))
+                    .collect(),
+                inject: settings.inject.clone(),
+                allowed_identities: settings.allowed_identities.clone(),
+                max_response_bytes: settings.max_response_bytes,
+                client: net::client(settings)?,
+            };
+            if processors
+                .insert(settings.name.clone(), processor)
+                .is_some()
+            {
+                return Err(format!("processor {:?} is configured twice", settings.name));
+            }
+        }
+        Ok(Self(processors))
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Processor> {
+        self.0.get(name)
+    }
+}
+
+/// What a caller asked to send, parsed but not yet rendered.
+#[derive(Debug)]
+pub struct Outbound {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, Template)>,
+    pub body: Template,
+}
+
+impl Outbound {
+    pub fn uses(&self, field: Field) -> bool {
+        self.body.fields().any(|f| f == field)
+            || self
+                .headers
+                .iter()
+                .any(|(_, t)| t.fields().any(|f| f == field))
+    }
+
+    fn content_type(&self) -> Option<&Template> {
+        self.headers
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case("content-type"))
+            .map(|(_, t)| t)
+    }
+}
+
+impl Processor {
+    /// Everything the allowlist says about this request, before any card is decrypted.
+    pub fn check(&self, identity: &str, outbound: &Outbound) -> Result<(), ForwardError> {
+        if !self.allowed_identities.iter().any(|i| i == identity) {
+            return Err(ForwardError::Denied(
+                "identity not allowed for this processor",
+            ));
+        }
+        let path = &outbound.path;
+        if !path.starts_with('/') || path.contains(['?', '#', '%', '\\']) {
+            return Err(ForwardError::Denied("path shape"));
+        }
+        let wanted = segments(path);
+        if wanted.iter().any(|s| s == "." || s == "..") {
+            return Err(ForwardError::Denied("dot segment in path"));
+        }
+        let route_allowed = self.routes.iter().any(|(method, route)| {
+            *method == outbound.method
+                && route.len() == wanted.len()
+                && route
+                    .iter()
+                    .zip(&wanted)
+                    .all(|(r, w)| r == "*" && !w.is_empty() || r == w)
+        });
+        if !route_allowed {
+            return Err(ForwardError::Denied("method and path not allowed"));
+        }
+        let allowed = |field: Field, location: &str| {
+            self.inject
+                .get(field.config_name())
+                .is_some_and(|locations| locations.iter().any(|l| l == location))
+        };
+        if outbound.body.fields().any(|f| !allowed(f, "body")) {
+            return Err(ForwardError::Denied("field not allowed in the body"));
+        }
+        if outbound
+            .headers
+            .iter()
+            .any(|(_, value)| value.fields().any(|f| !allowed(f, "header")))
+        {
+            return Err(ForwardError::Denied("field not allowed in a header"));
+        }
+        Ok(())
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Renders the card into the request, sends it, and reads the masked answer.
+    pub async fn send(
+        &self,
+        outbound: &Outbound,
+        card: &crate::card::CardData,
+        cvc: Option<&str>,
+    ) -> Result<Answer, ForwardError> {
+        let content_type = outbound
+            .content_type()
+            .map(|t| t.render(card, cvc, Encoding::Raw));
+        let body = outbound.body.render(
+            card,
+            cvc,
+            Encoding::for_content_type(content_type.as_deref().map(String::as_str)),
+        );
+        let method = reqwest::Method::from_bytes(outbound.method.as_bytes())
+            .map_err(|_| ForwardError::Denied("method"))?;
+        let mut request = self
+            .client
+            .request(method, format!("{}{}", self.base_url, outbound.path));
+        for (name, value) in &outbound.headers {
+            let value = value.render(card, cvc, Encoding::Raw);
+            request = request.header(name.as_str(), value.as_str());
+        }
+        // reqwest copies the body into its own buffer, which is not zeroized; the
+        // rendered copy here is.
+        let body: Zeroizing<Vec<u8>> = Zeroizing::new(body.as_bytes().to_vec());
+        let response = request.body(body.to_vec()).send().await.map_err(classify)?;
+        let status = response.status().as_u16();
+        let mut headers: Vec<(String, String)> = response
+            .headers()
+            .iter()
+            .map(|(name, value)| {
+                let mut value = value.as_bytes().to_vec();
+                mask::mask_card_numbers(&mut value);
+                (
+                    name.to_string(),
+                    String::from_utf8_lossy(&value).into_owned(),
+                )
+            })
+            .collect();
+        headers.retain(|(name, _)| !RESERVED_HEADERS.contains(&name.as_str()));
+        let mut response = response;
+        let mut answer = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(classify)? {
+            if answer.len() + chunk.len() > self.max_response_bytes {
+                return Err(ForwardError::TooLarge(self.max_response_bytes));
+            }
+            answer.extend_from_slice(&chunk);
+        }
+        mask::mask_card_numbers(&mut answer);
+        Ok(Answer {
+            status,
+            headers,
+            body: answer,
+        })
+    }
+}
+
+fn classify(error: reqwest::Error) -> ForwardError {
+    if error.is_timeout() {
+        return ForwardError::Timeout;
+    }
+    let mut reason = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        reason.push_str(": ");
+        reason.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    ForwardError::Unreachable(reason)
+}
+
+/// Checks a caller's header name: a valid token, not one the vault sets itself.
+pub fn valid_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        && !RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str())
+}

@@ -1,0 +1,182 @@
+//! The processor allowlist as configured: static, validated at start-up, refused with a
+//! message naming the processor and the key when wrong.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// One `[[processor]]` entry of the vault config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessorSettings {
+    /// Name callers use, and the `forward:<name>` permission.
+    pub name: String,
+    /// `https://host[:port][/prefix]`. Plain http is refused.
+    pub base_url: String,
+    /// Allowed requests: method and path (a `*` segment matches any one segment).
+    pub routes: Vec<RouteSettings>,
+    /// CA that must have signed the processor's certificate (PEM).
+    pub ca_file: PathBuf,
+    /// Optional pins: base64 SHA-256 of the processor certificate's SubjectPublicKeyInfo.
+    /// When set, the certificate must also match one of them.
+    #[serde(default)]
+    pub spki_sha256_pins: Vec<String>,
+    /// Which card fields may be injected where: field (`number`, `exp_month`,
+    /// `exp_year`, `name`, `cvc`) → locations (`body`, `header`).
+    pub inject: BTreeMap<String, Vec<String>>,
+    /// Client identities that may forward to this processor (they also need the
+    /// `forward:<name>` permission in the policy).
+    pub allowed_identities: Vec<String>,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Deadline for the whole exchange with the processor.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: usize,
+    /// Allow loopback and private addresses (sandboxes and tests only). Off by default.
+    #[serde(default)]
+    pub allow_private_network: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSettings {
+    pub method: String,
+    pub path: String,
+}
+
+/// `[forwarding]`: settings shared by every processor.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardingSettings {
+    /// How long a CVC is kept (in memory only) after tokenization.
+    #[serde(default = "default_cvc_ttl_secs")]
+    pub cvc_ttl_secs: u64,
+    /// How long a forward's outcome is kept for idempotent retries.
+    #[serde(default = "default_idempotency_ttl_secs")]
+    pub idempotency_ttl_secs: u64,
+}
+
+impl Default for ForwardingSettings {
+    fn default() -> Self {
+        Self {
+            cvc_ttl_secs: default_cvc_ttl_secs(),
+            idempotency_ttl_secs: default_idempotency_ttl_secs(),
+        }
+    }
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    5_000
+}
+fn default_timeout_ms() -> u64 {
+    30_000
+}
+fn default_max_response_bytes() -> usize {
+    1024 * 1024
+}
+fn default_cvc_ttl_secs() -> u64 {
+    3600
+}
+fn default_idempotency_ttl_secs() -> u64 {
+    24 * 3600
+}
+
+pub const FIELDS: [&str; 5] = ["number", "exp_month", "exp_year", "name", "cvc"];
+pub const LOCATIONS: [&str; 2] = ["body", "header"];
+const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
+
+impl ProcessorSettings {
+    /// Checks everything that can be checked without the network. Errors name the
+    /// processor and the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let name = &self.name;
+        let err = |key: &str, rule: &str| Err(format!("processor {name:?}: {key} {rule}"));
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(format!(
+                "processor name {name:?} must be letters, digits, '-' or '_'"
+            ));
+        }
+        let Ok(url) = reqwest::Url::parse(&self.base_url) else {
+            return err("base_url", "is not a URL");
+        };
+        if url.scheme() != "https" {
+            return err("base_url", "must be https:// (plain http is never allowed)");
+        }
+        if url.host_str().is_none()
+            || url.query().is_some()
+            || url.fragment().is_some()
+            || !url.username().is_empty()
+        {
+            return err(
+                "base_url",
+                "must be https://host[:port][/prefix] without query, fragment or credentials",
+            );
+        }
+        if let Some(ip) = super::net::literal_ip(&url)
+            && super::net::is_private(ip)
+            && !self.allow_private_network
+        {
+            return err(
+                "base_url",
+                "is a private or loopback address; set allow_private_network = true for sandboxes",
+            );
+        }
+        if self.routes.is_empty() {
+            return err("routes", "must list at least one method and path");
+        }
+        for route in &self.routes {
+            if !METHODS.contains(&route.method.as_str()) {
+                return err(
+                    "routes.method",
+                    "must be one of GET, POST, PUT, PATCH, DELETE (upper case)",
+                );
+            }
+            if !route.path.starts_with('/') || route.path.contains(['?', '#', '%']) {
+                return err(
+                    "routes.path",
+                    "must start with '/' and hold no '?', '#' or '%'",
+                );
+            }
+        }
+        for (field, locations) in &self.inject {
+            if !FIELDS.contains(&field.as_str()) {
+                return err(
+                    "inject",
+                    "names an unknown field (known: number, exp_month, exp_year, name, cvc)",
+                );
+            }
+            if locations.iter().any(|l| !LOCATIONS.contains(&l.as_str())) {
+                return err("inject", "locations must be \"body\" or \"header\"");
+            }
+        }
+        if self.allowed_identities.is_empty() {
+            return err(
+                "allowed_identities",
+                "is empty: nobody could use this processor",
+            );
+        }
+        if self.connect_timeout_ms == 0 || self.timeout_ms == 0 || self.max_response_bytes == 0 {
+            return err("timeouts and max_response_bytes", "must be greater than 0");
+        }
+        for pin in &self.spki_sha256_pins {
+            use base64::Engine;
+            match base64::engine::general_purpose::STANDARD.decode(pin) {
+                Ok(bytes) if bytes.len() == 32 => {}
+                _ => {
+                    return err(
+                        "spki_sha256_pins",
+                        "must be base64 SHA-256 digests (32 bytes)",
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}

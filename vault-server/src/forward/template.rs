@@ -1,0 +1,225 @@
+//! Forward templates: text with `{{card.<field>}}` placeholders, rendered into a
+//! zeroizing buffer with each value escaped for where it goes.
+
+use zeroize::Zeroizing;
+
+use crate::card::CardData;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Field {
+    Number,
+    ExpMonth,
+    ExpYear,
+    Name,
+    Cvc,
+}
+
+impl Field {
+    fn parse(name: &str) -> Option<Self> {
+        match name {
+            "card.number" => Some(Self::Number),
+            "card.exp_month" => Some(Self::ExpMonth),
+            "card.exp_year" => Some(Self::ExpYear),
+            "card.name" => Some(Self::Name),
+            "card.cvc" => Some(Self::Cvc),
+            _ => None,
+        }
+    }
+
+    /// The name used in the processor's `inject` table.
+    pub fn config_name(self) -> &'static str {
+        match self {
+            Self::Number => "number",
+            Self::ExpMonth => "exp_month",
+            Self::ExpYear => "exp_year",
+            Self::Name => "name",
+            Self::Cvc => "cvc",
+        }
+    }
+}
+
+/// How values are escaped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// Inside a JSON string: quotes, backslashes and control characters escaped.
+    Json,
+    /// application/x-www-form-urlencoded.
+    Form,
+    /// As is (header values, other content types). Card values hold no CR or LF.
+    Raw,
+}
+
+impl Encoding {
+    pub fn for_content_type(content_type: Option<&str>) -> Self {
+        let media = content_type
+            .unwrap_or("")
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if media == "application/json" || media.ends_with("+json") {
+            Self::Json
+        } else if media == "application/x-www-form-urlencoded" {
+            Self::Form
+        } else {
+            Self::Raw
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Text(String),
+    Field(Field),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template(Vec<Part>);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    #[error(
+        "unknown placeholder (known: card.number, card.exp_month, card.exp_year, card.name, card.cvc)"
+    )]
+    Unknown,
+    #[error("a placeholder is not closed with }}}}")]
+    Unclosed,
+}
+
+impl Template {
+    pub fn parse(text: &str) -> Result<Self, TemplateError> {
+        let mut parts = Vec::new();
+        let mut rest = text;
+        while let Some(start) = rest.find("{{") {
+            if start > 0 {
+                parts.push(Part::Text(rest[..start].to_owned()));
+            }
+            let after = &rest[start + 2..];
+            let end = after.find("}}").ok_or(TemplateError::Unclosed)?;
+            let field = Field::parse(after[..end].trim()).ok_or(TemplateError::Unknown)?;
+            parts.push(Part::Field(field));
+            rest = &after[end + 2..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Text(rest.to_owned()));
+        }
+        Ok(Self(parts))
+    }
+
+    pub fn fields(&self) -> impl Iterator<Item = Field> + '_ {
+        self.0.iter().filter_map(|p| match p {
+            Part::Field(f) => Some(*f),
+            Part::Text(_) => None,
+        })
+    }
+
+    /// Renders with the card's values (and the CVC, when the template uses it).
+    pub fn render(
+        &self,
+        card: &CardData,
+        cvc: Option<&str>,
+        encoding: Encoding,
+    ) -> Zeroizing<String> {
+        let mut out = Zeroizing::new(String::new());
+        for part in &self.0 {
+            match part {
+                Part::Text(text) => out.push_str(text),
+                Part::Field(field) => {
+                    let value: Zeroizing<String> = Zeroizing::new(match field {
+                        Field::Number => card.pan.expose_digits().to_owned(),
+                        Field::ExpMonth => format!("{:02}", card.expiry.month),
+                        Field::ExpYear => format!("{:04}", card.expiry.year),
+                        Field::Name => card.name.as_ref().map_or("", |n| n.expose()).to_owned(),
+                        Field::Cvc => cvc.unwrap_or("").to_owned(),
+                    });
+                    escape_into(&mut out, &value, encoding);
+                }
+            }
+        }
+        out
+    }
+}
+
+fn escape_into(out: &mut String, value: &str, encoding: Encoding) {
+    match encoding {
+        Encoding::Raw => out.push_str(value),
+        Encoding::Form => out.extend(form_urlencoded::byte_serialize(value.as_bytes())),
+        Encoding::Json => {
+            for c in value.chars() {
+                match c {
+                    '"' => out.push_str("\\\""),
+                    '\\' => out.push_str("\\\\"),
+                    c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+                    c => out.push(c),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::card::{CardholderName, Expiry, Pan};
+
+    fn card(name: &str) -> CardData {
+        CardData {
+            pan: Pan::parse("4242424242424242").unwrap(),
+            expiry: Expiry {
+                year: 2030,
+                month: 7,
+            },
+            name: CardholderName::parse(name).unwrap(),
+            cvc: None,
+        }
+    }
+
+    #[test]
+    fn renders_json_with_escaping() {
+        let t = Template::parse(r#"{"n":"{{card.number}}","m":"{{ card.exp_month }}","y":"{{card.exp_year}}","h":"{{card.name}}","c":"{{card.cvc}}"}"#).unwrap();
+        let out = t.render(&card(r#"O"Brien \ Jr"#), Some("123"), Encoding::Json);
+        assert_eq!(
+            out.as_str(),
+            r#"{"n":"4242424242424242","m":"07","y":"2030","h":"O\"Brien \\ Jr","c":"123"}"#
+        );
+    }
+
+    #[test]
+    fn renders_form_encoding() {
+        let t = Template::parse("number={{card.number}}&name={{card.name}}").unwrap();
+        let out = t.render(&card("Ada & Co=1"), None, Encoding::Form);
+        assert_eq!(out.as_str(), "number=4242424242424242&name=Ada+%26+Co%3D1");
+    }
+
+    #[test]
+    fn unknown_and_unclosed_placeholders_are_errors() {
+        assert_eq!(Template::parse("{{card.pin}}"), Err(TemplateError::Unknown));
+        assert_eq!(
+            Template::parse("{{card.number"),
+            Err(TemplateError::Unclosed)
+        );
+        assert_eq!(
+            Template::parse("no placeholders").unwrap().fields().count(),
+            0
+        );
+        let fields: Vec<_> = Template::parse("{{card.cvc}}{{card.number}}")
+            .unwrap()
+            .fields()
+            .collect();
+        assert_eq!(fields, [Field::Cvc, Field::Number]);
+    }
+
+    #[test]
+    fn encoding_from_content_type() {
+        assert_eq!(
+            Encoding::for_content_type(Some("application/json; charset=utf-8")),
+            Encoding::Json
+        );
+        assert_eq!(
+            Encoding::for_content_type(Some("application/x-www-form-urlencoded")),
+            Encoding::Form
+        );
+        assert_eq!(Encoding::for_content_type(None), Encoding::Raw);
+    }
+}
