@@ -4,6 +4,7 @@
 
 mod access;
 mod durability;
+mod forward;
 mod leaks;
 mod startup;
 mod tokenize;

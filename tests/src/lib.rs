@@ -31,6 +31,8 @@ pub const OTHER_TENANT: &str = "globex-service";
 pub const STRANGER: &str = "stranger";
 /// A certificate from another CA.
 pub const FOREIGN: &str = "foreign";
+/// The sandbox processor's server certificate.
+pub const SANDBOX: &str = "sandbox";
 
 pub fn identity(name: &str) -> String {
     format!("{}{name}", devstack::IDENTITY_PREFIX)
@@ -48,7 +50,7 @@ impl StackDir {
         let ca = DevCa::generate("test CA").unwrap();
         let path = dir.path();
         devstack::write_file(&path.join("ca.pem"), ca.ca_pem().as_bytes(), false).unwrap();
-        for name in [VAULT, KEYSERVICE] {
+        for name in [VAULT, KEYSERVICE, SANDBOX] {
             ca.write_identity(path, name, Usage::ServerAndClient)
                 .unwrap();
         }
@@ -63,6 +65,12 @@ impl StackDir {
         foreign
             .write_identity(path, "foreign-admin", Usage::Client)
             .unwrap();
+        devstack::write_file(
+            &path.join("foreign-ca.pem"),
+            foreign.ca_pem().as_bytes(),
+            false,
+        )
+        .unwrap();
 
         std::fs::write(
             path.join("policy.toml"),
@@ -71,7 +79,7 @@ impl StackDir {
 [[identity]]
 id = "{admin}"
 tenant = "acme"
-permissions = ["tokenize", "read", "delete"]
+permissions = ["tokenize", "read", "delete", "forward:sandbox", "forward:slow", "forward:down", "forward:tiny", "forward:pinned", "forward:foreign-ca", "forward:loopback-denied"]
 
 [[identity]]
 id = "{reader}"
@@ -81,7 +89,7 @@ permissions = ["read"]
 [[identity]]
 id = "{other}"
 tenant = "globex"
-permissions = ["tokenize", "read", "delete"]
+permissions = ["tokenize", "read", "delete", "forward:sandbox"]
 "#,
                 admin = identity(ADMIN),
                 reader = identity(READER),
@@ -125,6 +133,11 @@ admin_identities = ["{admin}"]
 
     /// Writes the vault config pointing at a keyservice on `keyservice_port`.
     pub fn write_vault_config(&self, keyservice_port: u16) -> PathBuf {
+        self.write_vault_config_with(keyservice_port, "")
+    }
+
+    /// The vault config with extra TOML (processors, forwarding settings) appended.
+    pub fn write_vault_config_with(&self, keyservice_port: u16, extra: &str) -> PathBuf {
         let path = self.path().join("vault-server.toml");
         std::fs::write(
             &path,
@@ -141,6 +154,7 @@ key_file = "vault-server.key"
 [keyservice]
 endpoint = "https://localhost:{keyservice_port}"
 max_retry_backoff_ms = 200
+{extra}
 "#
             ),
         )
@@ -186,8 +200,68 @@ pub struct Stack {
     pub dir: StackDir,
     pub keyservice_addr: SocketAddr,
     pub vault_addr: SocketAddr,
+    pub sandbox_addr: SocketAddr,
+    /// Every request the sandbox processor received.
+    pub sandbox: sandbox_processor::Journal,
+    /// Processor and forwarding settings appended to the vault config.
+    vault_extra: String,
     keyservice: Option<Running>,
     vault: Option<Running>,
+    sandbox_server: Option<Running>,
+}
+
+/// The processors of every test stack, all pointing at the sandbox on `port` (or, for
+/// `down`, at a port where nothing listens).
+pub fn processors_config(
+    dir: &Path,
+    sandbox_port: u16,
+    closed_port: u16,
+    cvc_ttl_secs: u64,
+) -> String {
+    let ca = dir.join("ca.pem").display().to_string();
+    let foreign_ca = dir.join("foreign-ca.pem").display().to_string();
+    let admin = identity(ADMIN);
+    let other = identity(OTHER_TENANT);
+    let entry = |name: &str, url: &str, ca: &str, extra: &str| {
+        format!(
+            r#"
+[[processor]]
+name = "{name}"
+base_url = "{url}"
+ca_file = "{ca}"
+allow_private_network = true
+allowed_identities = ["{admin}", "{other}"]
+routes = [{{ method = "POST", path = "/v1/charges" }}, {{ method = "GET", path = "/v1/charges/*" }}]
+inject = {{ number = ["body"], exp_month = ["body"], exp_year = ["body"], name = ["body"], cvc = ["body"] }}
+{extra}
+"#
+        )
+    };
+    let sandbox = format!("https://localhost:{sandbox_port}");
+    [
+        format!("[forwarding]\ncvc_ttl_secs = {cvc_ttl_secs}\n"),
+        entry("sandbox", &sandbox, &ca, "timeout_ms = 5000"),
+        entry("slow", &sandbox, &ca, "timeout_ms = 500"),
+        entry(
+            "down",
+            &format!("https://localhost:{closed_port}"),
+            &ca,
+            "connect_timeout_ms = 1000",
+        ),
+        entry("tiny", &sandbox, &ca, "max_response_bytes = 16"),
+        entry(
+            "pinned",
+            &sandbox,
+            &ca,
+            "spki_sha256_pins = [\"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"]",
+        ),
+        entry("foreign-ca", &sandbox, &foreign_ca, ""),
+        entry("loopback-denied", &sandbox, &ca, "").replace(
+            "allow_private_network = true",
+            "allow_private_network = false",
+        ),
+    ]
+    .concat()
 }
 
 async fn start_keyservice(dir: &StackDir) -> (SocketAddr, Running) {
@@ -199,8 +273,8 @@ async fn start_keyservice(dir: &StackDir) -> (SocketAddr, Running) {
     (addr, Running { trigger, task })
 }
 
-async fn start_vault(dir: &StackDir, keyservice_port: u16) -> (SocketAddr, Running) {
-    let config = dir.write_vault_config(keyservice_port);
+async fn start_vault(dir: &StackDir, keyservice_port: u16, extra: &str) -> (SocketAddr, Running) {
+    let config = dir.write_vault_config_with(keyservice_port, extra);
     let settings = vault_server::Settings::load(&config).unwrap();
     let (trigger, shutdown) = shutdown::channel();
     let bound = vault_server::start(&settings, shutdown.clone())
@@ -217,14 +291,45 @@ impl Stack {
     }
 
     pub async fn start_in(dir: StackDir) -> Self {
+        Self::start_with_cvc_ttl(dir, 3600).await
+    }
+
+    /// A stack whose vault keeps CVCs for `cvc_ttl_secs`.
+    pub async fn start_with_cvc_ttl(dir: StackDir, cvc_ttl_secs: u64) -> Self {
         let (keyservice_addr, keyservice) = start_keyservice(&dir).await;
-        let (vault_addr, vault) = start_vault(&dir, keyservice_addr.port()).await;
+        let sandbox = sandbox_processor::bind(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            &dir.path().join(format!("{SANDBOX}.pem")),
+            &dir.path().join(format!("{SANDBOX}.key")),
+        )
+        .await
+        .unwrap();
+        let sandbox_addr = sandbox.local_addr();
+        let journal = sandbox.journal();
+        let (trigger, shutdown) = shutdown::channel();
+        let sandbox_task = tokio::spawn(sandbox.serve(shutdown));
+        // A port that was free a moment ago: nothing listens there.
+        let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let vault_extra =
+            processors_config(dir.path(), sandbox_addr.port(), closed_port, cvc_ttl_secs);
+        let (vault_addr, vault) = start_vault(&dir, keyservice_addr.port(), &vault_extra).await;
         Self {
             dir,
             keyservice_addr,
             vault_addr,
+            sandbox_addr,
+            sandbox: journal,
+            vault_extra,
             keyservice: Some(keyservice),
             vault: Some(vault),
+            sandbox_server: Some(Running {
+                trigger,
+                task: sandbox_task,
+            }),
         }
     }
 
@@ -252,7 +357,8 @@ impl Stack {
     /// Stops the vault and starts it again on the same data directory.
     pub async fn restart_vault(&mut self) {
         self.stop_vault().await;
-        let (addr, vault) = start_vault(&self.dir, self.keyservice_addr.port()).await;
+        let (addr, vault) =
+            start_vault(&self.dir, self.keyservice_addr.port(), &self.vault_extra).await;
         self.vault_addr = addr;
         self.vault = Some(vault);
     }
@@ -261,6 +367,9 @@ impl Stack {
         self.stop_vault().await;
         if let Some(keyservice) = self.keyservice.take() {
             keyservice.stop().await;
+        }
+        if let Some(sandbox) = self.sandbox_server.take() {
+            sandbox.stop().await;
         }
         self.dir
     }
