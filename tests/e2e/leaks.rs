@@ -10,6 +10,16 @@ use vault_client::{BatchItem, Card, VaultClient};
 
 const PAN_LEN: usize = 16;
 const NAME: &str = "Zyxwvut Cardholder";
+const CVC: &str = "0000";
+
+/// `run` as a digit run of its own (not part of a longer run of digits).
+fn contains_digit_run(bytes: &[u8], run: &[u8]) -> bool {
+    bytes.windows(run.len()).enumerate().any(|(i, w)| {
+        w == run
+            && (i == 0 || !bytes[i - 1].is_ascii_digit())
+            && bytes.get(i + run.len()).is_none_or(|b| !b.is_ascii_digit())
+    })
+}
 
 /// Every 16-byte window of `haystack` that is one of `pans`.
 fn find_pans(haystack: &[u8], pans: &HashSet<Vec<u8>>) -> Vec<String> {
@@ -49,7 +59,20 @@ async fn no_card_data_in_files_or_trace_logs() {
     let trace = [("KEYSERVICE_LOG", "trace"), ("VAULT_LOG", "trace")];
     let keyservice =
         Process::start("keyservice", &dir.path().join("keyservice.toml"), &trace).await;
-    let vault_config = dir.write_vault_config(keyservice.addr.port());
+    // The sandbox runs in this process; the vault process forwards to it.
+    let sandbox = sandbox_processor::bind(
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        &dir.path().join("sandbox.pem"),
+        &dir.path().join("sandbox.key"),
+    )
+    .await
+    .unwrap();
+    let sandbox_port = sandbox.local_addr().port();
+    let journal = sandbox.journal();
+    let (stop_sandbox, sandbox_shutdown) = runtime::shutdown::channel();
+    let sandbox_task = tokio::spawn(sandbox.serve(sandbox_shutdown));
+    let processors = integration_tests::processors_config(dir.path(), sandbox_port, 9, 3600);
+    let vault_config = dir.write_vault_config_with(keyservice.addr.port(), &processors);
     let vault = Process::start("vault-server", &vault_config, &trace).await;
 
     let pans: Vec<String> = (0..1000)
@@ -63,7 +86,9 @@ async fn no_card_data_in_files_or_trace_logs() {
         .unwrap();
     let mut tokens = Vec::new();
     for pan in &pans[..500] {
-        let card = Card::new(pan, 12, 2030).with_cardholder_name(NAME);
+        let card = Card::new(pan, 12, 2030)
+            .with_cardholder_name(NAME)
+            .with_cvc(CVC);
         tokens.push(client.tokenize(card, true).await.unwrap().token);
     }
     for chunk in pans[500..].chunks(100) {
@@ -89,6 +114,23 @@ async fn no_card_data_in_files_or_trace_logs() {
         .tokenize(Card::new(&pans[100], 12, 2030), true)
         .await
         .unwrap();
+    // Forwards with the number, name and CVC, one echoed back by the processor.
+    for (i, token) in tokens[60..70].iter().enumerate() {
+        let mut request = vault_client::ForwardRequest {
+            processor: "sandbox".into(),
+            method: "POST".into(),
+            path: "/v1/charges".into(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: r#"{"number":"{{card.number}}","exp_month":"{{card.exp_month}}","exp_year":"{{card.exp_year}}","name":"{{card.name}}","cvc":"{{card.cvc}}"}"#.into(),
+            token: token.clone(),
+            idempotency_key: Some(format!("leak-{i}")),
+        };
+        if i == 0 {
+            request.headers.push(("x-sandbox-echo".into(), "1".into()));
+        }
+        assert_eq!(client.forward(request).await.unwrap().status, 200);
+    }
+    assert_eq!(journal.requests().len(), 10, "the sandbox got the forwards");
     let bad_luhn = format!(
         "{}{}",
         &pans[0][..15],
@@ -102,6 +144,8 @@ async fn no_card_data_in_files_or_trace_logs() {
 
     let vault_log = vault.terminate().await;
     let keyservice_log = keyservice.terminate().await;
+    stop_sandbox.trigger();
+    sandbox_task.await.unwrap();
     assert!(
         vault_log.contains("tokenized") && vault_log.contains("TRACE"),
         "the vault logged at TRACE"
@@ -120,6 +164,10 @@ async fn no_card_data_in_files_or_trace_logs() {
             "card numbers in the {name} log: {found:?}"
         );
         assert!(!log.contains(NAME), "cardholder name in the {name} log");
+        assert!(
+            !contains_digit_run(log.as_bytes(), CVC.as_bytes()),
+            "a CVC in the {name} log"
+        );
         let root_key = std::fs::read_to_string(dir.path().join("root.key")).unwrap();
         assert!(!log.contains(root_key.trim()), "root key in the {name} log");
     }
