@@ -146,6 +146,7 @@ pub fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), DevE
 pub struct Ports {
     pub keyservice: SocketAddr,
     pub vault: SocketAddr,
+    pub sandbox: SocketAddr,
 }
 
 impl Default for Ports {
@@ -153,6 +154,7 @@ impl Default for Ports {
         Self {
             keyservice: SocketAddr::from(([127, 0, 0, 1], 7443)),
             vault: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            sandbox: SocketAddr::from(([127, 0, 0, 1], 9443)),
         }
     }
 }
@@ -162,6 +164,7 @@ impl Default for Ports {
 pub const DEV_IDENTITIES: &[(&str, Usage)] = &[
     ("keyservice", Usage::ServerAndClient),
     ("vault-server", Usage::ServerAndClient),
+    ("sandbox", Usage::ServerAndClient),
     ("admin", Usage::Client),
     ("checkout", Usage::Client),
 ];
@@ -202,9 +205,23 @@ key_file = "vault-server.key"
 
 [keyservice]
 endpoint = "https://localhost:{ks_port}"
+
+# The sandbox processor that `make run` starts (deploy/sandbox-processor).
+[[processor]]
+name = "sandbox"
+base_url = "https://localhost:{sandbox_port}"
+ca_file = "ca.pem"
+# A sandbox on loopback: never set this for a real processor.
+allow_private_network = true
+allowed_identities = ["{p}admin", "{p}checkout"]
+routes = [{{ method = "POST", path = "/v1/charges" }}]
+inject = {{ number = ["body"], exp_month = ["body"], exp_year = ["body"], name = ["body"], cvc = ["body"] }}
+timeout_ms = 10000
 "#,
         vault = ports.vault,
-        ks_port = ports.keyservice.port()
+        ks_port = ports.keyservice.port(),
+        sandbox_port = ports.sandbox.port(),
+        p = IDENTITY_PREFIX
     )
 }
 
@@ -214,12 +231,12 @@ pub fn policy() -> String {
 [[identity]]
 id = "{p}admin"
 tenant = "dev"
-permissions = ["tokenize", "read", "delete"]
+permissions = ["tokenize", "read", "delete", "forward:sandbox"]
 
 [[identity]]
 id = "{p}checkout"
 tenant = "checkout"
-permissions = ["tokenize", "read"]
+permissions = ["tokenize", "read", "forward:sandbox"]
 "#,
         p = IDENTITY_PREFIX
     )

@@ -1,9 +1,11 @@
 //! `devstack`: one command for a development stack on localhost. Creates a development
 //! CA, certificates, root key, keyring and configs in a directory (once), then runs
-//! keyservice and vault-server in the foreground with prefixed logs. Ctrl-C stops both.
+//! the sandbox processor, keyservice and vault-server in the foreground with prefixed
+//! logs. Ctrl-C stops them all.
 
 #![allow(clippy::print_stdout)] // the instructions for the newcomer
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -50,12 +52,11 @@ async fn status_ok(mut command: Command, what: &str) -> anyhow::Result<()> {
 /// receiver when the service prints its "listening on" line.
 fn spawn_service(
     binary: &Path,
-    config: &Path,
+    args: &[std::ffi::OsString],
     prefix: &'static str,
 ) -> anyhow::Result<(Child, tokio::sync::oneshot::Receiver<String>)> {
     let mut child = Command::new(binary)
-        .arg("--config")
-        .arg(config)
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -127,10 +128,30 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
 
+    let config = |name: &str| {
+        [
+            OsStr::new("--config").to_owned(),
+            dir.join(name).into_os_string(),
+        ]
+    };
+    let keyservice_args = config("keyservice.toml");
+    let vault_args = config("vault-server.toml");
+    let sandbox_args = [
+        OsStr::new("--listen-addr").to_owned(),
+        ports.sandbox.to_string().into(),
+        OsStr::new("--cert-file").to_owned(),
+        dir.join("sandbox.pem").into_os_string(),
+        OsStr::new("--key-file").to_owned(),
+        dir.join("sandbox.key").into_os_string(),
+    ];
+    let (mut sandbox_child, sandbox_ready) = spawn_service(
+        &sibling_binary("sandbox-processor")?,
+        &sandbox_args,
+        "[sandbox]     ",
+    )?;
     let (mut keyservice_child, keyservice_ready) =
-        spawn_service(&keyservice, &dir.join("keyservice.toml"), "[keyservice]  ")?;
-    let (mut vault_child, vault_ready) =
-        spawn_service(&vault, &dir.join("vault-server.toml"), "[vault-server]")?;
+        spawn_service(&keyservice, &keyservice_args, "[keyservice]  ")?;
+    let (mut vault_child, vault_ready) = spawn_service(&vault, &vault_args, "[vault-server]")?;
 
     let vaultctl = sibling_binary("vaultctl").map(|p| p.display().to_string());
     let vaultctl = vaultctl.as_deref().unwrap_or("vaultctl");
@@ -138,15 +159,23 @@ async fn main() -> anyhow::Result<()> {
         let vaultctl = vaultctl.to_owned();
         let data = dir.join("vault-data").display().to_string();
         async move {
-            let (Ok(ks), Ok(vault)) = (keyservice_ready.await, vault_ready.await) else {
+            let (Ok(ks), Ok(vault), Ok(sandbox)) = (
+                keyservice_ready.await,
+                vault_ready.await,
+                sandbox_ready.await,
+            ) else {
                 return;
             };
             println!(
-                "\n  Dev stack is up: keyservice on {ks}, vault-server on {vault}.\n  \
-                 Tokenize a test card (in another terminal, from this checkout):\n\n    \
-                 echo 4242424242424242 | {vaultctl} tokenize --exp 12/2030 --json\n    \
-                 {vaultctl} info TOKEN\n    {vaultctl} keys list\n    {vaultctl} health\n\n  \
-                 Ctrl-C stops both services; the tokens in {data} survive.\n"
+                "\n  Dev stack is up: keyservice on {ks}, vault-server on {vault}, sandbox processor on {sandbox}.\n  \
+                 In another terminal, from this checkout:\n\n    \
+                 TOKEN=$(echo '{{\"number\":\"4242424242424242\",\"exp_month\":12,\"exp_year\":2030,\"cvc\":\"123\"}}' | {vaultctl} tokenize)\n    \
+                 {vaultctl} info $TOKEN\n    \
+                 {vaultctl} forward --processor sandbox --path /v1/charges --token $TOKEN \\\n        \
+                 --header 'content-type: application/json' \\\n        \
+                 --body '{{\"amount\":1000,\"number\":\"{{{{card.number}}}}\",\"exp_month\":\"{{{{card.exp_month}}}}\",\"exp_year\":\"{{{{card.exp_year}}}}\",\"cvc\":\"{{{{card.cvc}}}}\"}}'\n    \
+                 {vaultctl} keys list\n    {vaultctl} health\n\n  \
+                 Ctrl-C stops everything; the tokens in {data} survive.\n"
             );
         }
     });
@@ -155,11 +184,12 @@ async fn main() -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => "interrupted".to_owned(),
         status = keyservice_child.wait() => format!("keyservice exited ({})", status.map(|s| s.to_string()).unwrap_or_default()),
         status = vault_child.wait() => format!("vault-server exited ({})", status.map(|s| s.to_string()).unwrap_or_default()),
+        status = sandbox_child.wait() => format!("sandbox-processor exited ({})", status.map(|s| s.to_string()).unwrap_or_default()),
     };
     println!("devstack: {outcome}; stopping");
-    terminate(&vault_child);
-    let _ = vault_child.wait().await;
-    terminate(&keyservice_child);
-    let _ = keyservice_child.wait().await;
+    for child in [&mut vault_child, &mut keyservice_child, &mut sandbox_child] {
+        terminate(child);
+        let _ = child.wait().await;
+    }
     Ok(())
 }

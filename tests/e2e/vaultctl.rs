@@ -75,6 +75,37 @@ async fn tokenize_info_delete_keys_and_health_through_vaultctl() {
     );
     assert!(!out.stdout.contains("Ada") && !out.stdout.contains("5555555555554444"));
 
+    let out = vaultctl(
+        &config,
+        &[
+            "forward",
+            "--processor",
+            "sandbox",
+            "--path",
+            "/v1/charges",
+            "--token",
+            &token,
+            "--header",
+            "content-type: application/json",
+            "--header",
+            "x-sandbox-echo: 1",
+            "--body",
+            r#"{"number":"{{card.number}}","exp_month":"{{card.exp_month}}","exp_year":"{{card.exp_year}}"}"#,
+        ],
+        "",
+    )
+    .await;
+    assert!(out.ok, "{}", out.stderr);
+    assert!(out.stdout.starts_with("HTTP 200"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("************4242") && !out.stdout.contains("4242424242424242"),
+        "{}",
+        out.stdout
+    );
+    let received = stack.sandbox.requests();
+    assert_eq!(received.len(), 1);
+    assert!(String::from_utf8_lossy(&received[0].body).contains("4242424242424242"));
+
     let out = vaultctl(&config, &["delete", &token], "").await;
     assert!(out.ok, "{}", out.stderr);
     let out = vaultctl(&config, &["info", &token], "").await;
