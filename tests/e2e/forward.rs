@@ -402,3 +402,117 @@ async fn forward_rate_against_the_sandbox() {
     assert_eq!(stack.sandbox.requests().len(), COUNT);
     stack.stop().await;
 }
+
+/// Whatever shape the processor echoes the card in, the caller gets no card data back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echoed_card_data_is_scrubbed_whatever_its_shape() {
+    let stack = Stack::start().await;
+    let mut client = stack.client(ADMIN).await;
+    let token = tokenize(
+        &mut client,
+        Card::new("4242424242424242", 12, 2030)
+            .with_cardholder_name("Zyx Holder")
+            .with_cvc("9731"),
+    )
+    .await;
+    // A digit glued to the number makes the run fail Luhn; the vault scrubs the number
+    // it injected all the same, and the CVC and name too.
+    let body = r#"{"a":"9{{card.number}}","b":"{{card.number}}1","c":"{{card.cvc}}","d":"{{card.name}}","number":"{{card.number}}","exp_month":"{{card.exp_month}}","exp_year":"{{card.exp_year}}"}"#;
+    let mut echo = charge("sandbox", &token, body);
+    echo.headers.push(("x-sandbox-echo".into(), "1".into()));
+    let answer = client.forward(echo).await.unwrap();
+    let text = body_text(&answer.body);
+    assert_eq!(answer.status, 200);
+    assert!(!text.contains("424242424242"), "{text}");
+    assert!(
+        !text.contains("9731") && !text.contains("Zyx Holder"),
+        "{text}"
+    );
+    let sent = body_text(&stack.sandbox.requests()[0].body);
+    assert!(
+        sent.contains("94242424242424242") && sent.contains("9731") && sent.contains("Zyx Holder")
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_could_hide_or_misroute_the_card_are_refused() {
+    let stack = Stack::start().await;
+    let mut client = stack.client(ADMIN).await;
+    let token = tokenize(
+        &mut client,
+        Card::new("4242424242424242", 12, 2030).with_cardholder_name("Ada"),
+    )
+    .await;
+
+    // A compressed or partial answer could not be masked.
+    for header in ["accept-encoding", "range"] {
+        let mut request = charge("sandbox", &token, CHARGE);
+        request.headers.push((header.into(), "gzip".into()));
+        let err = client.forward(request).await.unwrap_err();
+        assert_eq!(err.code(), Some(Code::InvalidArgument), "{header}: {err}");
+    }
+    // Characters a URL parser would drop are refused, not normalised.
+    let request = ForwardRequest {
+        path: "/v1/charges/.\t./x".into(),
+        method: "GET".into(),
+        ..charge("sandbox", &token, CHARGE)
+    };
+    assert_eq!(
+        client.forward(request).await.unwrap_err().code(),
+        Some(Code::PermissionDenied)
+    );
+    // The name only goes where it can be escaped.
+    let mut raw = charge("sandbox", &token, "name={{card.name}}");
+    raw.headers.clear();
+    let err = client.forward(raw).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
+    let mut twice = charge("sandbox", &token, CHARGE);
+    twice
+        .headers
+        .push(("Content-Type".into(), "text/plain".into()));
+    assert_eq!(
+        client.forward(twice).await.unwrap_err().code(),
+        Some(Code::InvalidArgument)
+    );
+    assert!(stack.sandbox.requests().is_empty());
+    stack.stop().await;
+}
+
+/// A forward whose outcome is unknown (the processor may have charged) is never sent
+/// again under the same key; one that failed before sending may be retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_outcome_is_not_retried_under_the_same_key() {
+    let stack = Stack::start().await;
+    let mut client = stack.client(ADMIN).await;
+    let token = tokenize(&mut client, Card::new("4242424242424242", 12, 2030)).await;
+
+    let mut slow = ForwardRequest {
+        idempotency_key: Some("order-7".into()),
+        ..charge("slow", &token, CHARGE)
+    };
+    slow.headers
+        .push(("x-sandbox-delay-ms".into(), "1500".into()));
+    assert_eq!(
+        client.forward(slow.clone()).await.unwrap_err().code(),
+        Some(Code::DeadlineExceeded)
+    );
+    let err = client.forward(slow).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::Aborted), "{err}");
+    assert_eq!(stack.sandbox.requests().len(), 1, "sent once, never again");
+
+    let down = ForwardRequest {
+        idempotency_key: Some("order-8".into()),
+        ..charge("down", &token, CHARGE)
+    };
+    assert_eq!(
+        client.forward(down.clone()).await.unwrap_err().code(),
+        Some(Code::Unavailable)
+    );
+    assert_eq!(
+        client.forward(down).await.unwrap_err().code(),
+        Some(Code::Unavailable),
+        "nothing was sent: retry allowed"
+    );
+    stack.stop().await;
+}

@@ -16,6 +16,18 @@ use crate::token::Token;
 
 const AAD_LABEL: &[u8] = b"tokenvault.cvc";
 
+/// A CVC taken out for one forward.
+pub struct Taken {
+    pub cvc: Zeroizing<String>,
+    entry: Entry,
+}
+
+impl std::fmt::Debug for Taken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Taken([REDACTED])")
+    }
+}
+
 struct Entry {
     key_version: u32,
     nonce: [u8; NONCE_LEN],
@@ -88,18 +100,24 @@ impl CvcStore {
         Ok(())
     }
 
-    /// The CVC of `token` if it is still held and not expired. It stays held until
-    /// [`CvcStore::erase`] (called after the forward that used it got an answer).
-    pub fn get(&self, keys: &KeySet, token: &Token) -> Option<Zeroizing<String>> {
-        let mut entries = self.entries();
-        let entry = entries.by_token.get(token)?;
+    /// Removes the CVC of `token` and returns it, if it is still held and not expired.
+    /// [`CvcStore::restore`] puts it back when the forward failed before sending.
+    pub fn take(&self, keys: &KeySet, token: &Token) -> Option<Taken> {
+        let entry = self.entries().by_token.remove(token)?;
         if entry.expires_at <= Instant::now() {
-            entries.by_token.remove(token);
             return None;
         }
         let key = keys.cvc.get(entry.key_version)?;
         let plain = envelope::open(key, &entry.nonce, &aad(token), &entry.ciphertext).ok()?;
-        String::from_utf8(plain.to_vec()).ok().map(Zeroizing::new)
+        let cvc = Zeroizing::new(String::from_utf8(plain.to_vec()).ok()?);
+        Some(Taken { cvc, entry })
+    }
+
+    /// Puts back a CVC that never reached a processor, with its original expiry.
+    pub fn restore(&self, token: &Token, taken: Taken) {
+        if taken.entry.expires_at > Instant::now() {
+            self.entries().by_token.insert(token.clone(), taken.entry);
+        }
     }
 
     pub fn erase(&self, token: &Token) {

@@ -39,6 +39,11 @@ pub enum VaultError {
     IdempotencyConflict,
     #[error("a forward with this idempotency_key is in progress")]
     IdempotencyInFlight,
+    #[error(
+        "an earlier forward with this idempotency_key may have reached the processor but its \
+         outcome is unknown; check with the processor before retrying with a new key"
+    )]
+    IdempotencyUnknown,
 }
 
 impl VaultError {
@@ -89,7 +94,7 @@ impl VaultError {
                 tracing::warn!(reason = why, "refused: forward not allowed");
                 Status::permission_denied("permission denied")
             }
-            VaultError::Forward(ForwardError::Unreachable(detail)) => {
+            VaultError::Forward(ForwardError::Unreachable { detail, .. }) => {
                 tracing::warn!(%detail, "processor unreachable");
                 Status::unavailable("the processor could not be reached")
             }
@@ -101,10 +106,19 @@ impl VaultError {
                 tracing::warn!(error = %e, "processor response too large");
                 Status::resource_exhausted(e.to_string())
             }
+            VaultError::Forward(e @ ForwardError::Encoded(_)) => {
+                tracing::warn!(error = %e, "processor answer not returned");
+                Status::unavailable(e.to_string())
+            }
+            VaultError::Forward(e @ ForwardError::BadHeader) => {
+                Status::failed_precondition(e.to_string())
+            }
             VaultError::CvcUnavailable | VaultError::IdempotencyConflict => {
                 Status::failed_precondition(self.to_string())
             }
-            VaultError::IdempotencyInFlight => Status::aborted(self.to_string()),
+            VaultError::IdempotencyInFlight | VaultError::IdempotencyUnknown => {
+                Status::aborted(self.to_string())
+            }
             VaultError::Crypto(_) | VaultError::TokenSpace => {
                 tracing::error!(error = %self, "internal failure");
                 internal(Code::Internal, "internal error")

@@ -14,7 +14,7 @@ use vault_proto::vault::v1 as pb;
 use crate::card::{CardData, Today, Violation};
 use crate::cvc::CvcStore;
 use crate::error::VaultError;
-use crate::forward::template::{Field, Template};
+use crate::forward::template::{Encoding, Field, Template};
 use crate::forward::{Outbound, Processors, idempotency};
 use crate::keys::KeySet;
 use crate::policy::{Caller, Denied, Permission, Policy};
@@ -372,14 +372,16 @@ impl<S: Store> VaultService<S> {
                 return Err(invalid(
                     "headers.name",
                     "header_name",
-                    "must be a valid header name the vault does not set itself",
+                    "must be a valid header name that the vault does not reserve",
                 ));
             }
-            if header.value.contains(['\r', '\n']) {
+            // Placeholders are ASCII, so a template that is a valid header value stays
+            // one except for what the card data brings (checked after rendering).
+            if tonic::codegen::http::HeaderValue::from_str(&header.value).is_err() {
                 return Err(invalid(
                     "headers.value",
                     "characters",
-                    "must not contain line breaks",
+                    "must be a valid header value",
                 ));
             }
             let value = Template::parse(&header.value).map_err(|_| {
@@ -391,6 +393,19 @@ impl<S: Store> VaultService<S> {
             })?;
             headers.push((header.name.clone(), value));
         }
+        if request
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("content-type"))
+            .count()
+            > 1
+        {
+            return Err(invalid(
+                "headers",
+                "duplicate",
+                "content-type may appear once",
+            ));
+        }
         let outbound = Outbound {
             method: request.method.clone(),
             path: request.path.clone(),
@@ -400,6 +415,21 @@ impl<S: Store> VaultService<S> {
         processor
             .check(&caller.identity, &outbound)
             .map_err(VaultError::Forward)?;
+        // Free text goes only where it can be escaped.
+        let content_type = request
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("content-type"))
+            .map(|h| h.value.as_str());
+        if outbound.body.fields().any(|f| f == Field::Name)
+            && Encoding::for_content_type(content_type) == Encoding::Raw
+        {
+            return Err(invalid(
+                "body",
+                "content_type",
+                "{{card.name}} in a body needs a JSON or form-encoded content-type header",
+            ));
+        }
         let token = parse_token(&request.token)?;
 
         // Idempotency: the stored outcome of the same request, or a refusal when the
@@ -445,9 +475,13 @@ impl<S: Store> VaultService<S> {
                 let outcome = idempotency::decode(&bytes)
                     .ok_or(VaultError::Record(crate::record::RecordError::Malformed))?;
                 let age_ms = now_unix_ms().saturating_sub(outcome.created_at_unix_ms);
-                if age_ms < self.idempotency_ttl.as_millis() as i64 {
+                let live = age_ms < self.idempotency_ttl.as_millis() as i64;
+                if live && outcome.state != idempotency::State::NotSent {
                     if outcome.request_digest != digest {
                         return Err(VaultError::IdempotencyConflict);
+                    }
+                    if outcome.state == idempotency::State::Pending {
+                        return Err(VaultError::IdempotencyUnknown);
                     }
                     tracing::info!(
                         processor = processor.name(),
@@ -461,28 +495,60 @@ impl<S: Store> VaultService<S> {
         };
 
         let (_, card) = self.load_card(&caller, &token).await?;
-        let uses_cvc = outbound.uses(Field::Cvc);
-        let cvc = if uses_cvc {
+        // A CVC is good for one use: taken out atomically, so two concurrent forwards
+        // cannot both send it; put back only if nothing reached the processor.
+        let cvc = if outbound.uses(Field::Cvc) {
             Some(
                 self.cvcs
-                    .get(&self.keys, &token)
+                    .take(&self.keys, &token)
                     .ok_or(VaultError::CvcUnavailable)?,
             )
         } else {
             None
         };
-        let answer = processor
-            .send(&outbound, &card, cvc.as_deref().map(String::as_str))
-            .await
-            .map_err(VaultError::Forward)?;
-        drop(card);
-        if uses_cvc {
-            // The processor has seen it: a CVC is good for one use.
-            self.cvcs.erase(&token);
+        if let Some((store_key, digest, _)) = &idempotency {
+            // Written before sending: a crash or cancellation from here on leaves a
+            // pending outcome, and a retry gets ABORTED instead of a second charge.
+            let pending = idempotency::encode(
+                idempotency::State::Pending,
+                digest,
+                now_unix_ms(),
+                &Default::default(),
+            );
+            self.store.put_outcome(store_key.clone(), pending).await?;
         }
+        let sent = processor
+            .send(
+                &outbound,
+                &card,
+                cvc.as_ref().map(|taken| taken.cvc.as_str()),
+            )
+            .await;
+        drop(card);
+        let answer = match sent {
+            Ok(answer) => answer,
+            Err(error) => {
+                if error.nothing_sent() {
+                    if let Some(taken) = cvc {
+                        self.cvcs.restore(&token, taken);
+                    }
+                    if let Some((store_key, digest, _)) = &idempotency {
+                        let value = idempotency::encode(
+                            idempotency::State::NotSent,
+                            digest,
+                            now_unix_ms(),
+                            &Default::default(),
+                        );
+                        self.store.put_outcome(store_key.clone(), value).await?;
+                    }
+                }
+                return Err(VaultError::Forward(error));
+            }
+        };
         tracing::info!(processor = processor.name(), token = %token, status = answer.status, "forwarded");
         if let Some((store_key, digest, _guard)) = idempotency {
-            let value = idempotency::encode(&digest, now_unix_ms(), &answer);
+            let value =
+                idempotency::encode(idempotency::State::Done, &digest, now_unix_ms(), &answer);
             self.store.put_outcome(store_key, value).await?;
         }
         Ok(forward_response(answer, false))
@@ -615,6 +681,7 @@ impl<S: Store> pb::vault_server::Vault for VaultService<S> {
                 {
                     return Err(VaultError::NotFound);
                 }
+                self.cvcs.erase(&token);
                 tracing::info!(token = %token, "deleted");
                 Ok(pb::DeleteTokenResponse {})
             },

@@ -201,9 +201,7 @@ async fn handle(
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     let method = request.method().to_string();
     let path = request.uri().path().to_owned();
-    if let Some(ms) = header(&request, "x-sandbox-delay-ms").and_then(|v| v.parse::<u64>().ok()) {
-        tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
-    }
+    let delay_ms = header(&request, "x-sandbox-delay-ms").and_then(|v| v.parse::<u64>().ok());
     let forced_status = header(&request, "x-sandbox-status").and_then(|v| v.parse::<u16>().ok());
     let redirect = header(&request, "x-sandbox-redirect").map(str::to_owned);
     let echo = header(&request, "x-sandbox-echo").is_some();
@@ -236,6 +234,11 @@ async fn handle(
         headers: headers.clone(),
         body: body.clone(),
     });
+    // The request is in the journal before the delay: a caller that times out has
+    // still reached the processor, as with a real one.
+    if let Some(ms) = delay_ms {
+        tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
+    }
 
     let response = if let Some(location) = redirect {
         let mut response = json(StatusCode::FOUND, serde_json::json!({"redirect": location}));

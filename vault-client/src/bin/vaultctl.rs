@@ -350,7 +350,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map(|h| {
                     h.split_once(':')
                         .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
-                        .with_context(|| format!("--header {h:?} must look like \"Name: value\""))
+                        .context("each --header must look like \"Name: value\"")
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let mut client = VaultClient::connect(&vault()?).await?;

@@ -34,8 +34,22 @@ pub fn request_digest(parts: &[&[u8]]) -> [u8; 32] {
     out
 }
 
+/// Where a forward under an idempotency key stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Written before the request is sent: if it is still there later, the processor
+    /// may have been called and the outcome is unknown.
+    Pending,
+    /// The processor answered; `answer` is what it said (masked).
+    Done,
+    /// It failed before anything was sent: the key may be used again.
+    NotSent,
+}
+
 #[derive(Serialize, Deserialize)]
 struct Stored {
+    state: State,
     request_sha256: String,
     created_at_unix_ms: i64,
     status: u16,
@@ -46,13 +60,20 @@ struct Stored {
 /// A stored outcome.
 #[derive(Debug)]
 pub struct Outcome {
+    pub state: State,
     pub request_digest: [u8; 32],
     pub created_at_unix_ms: i64,
     pub answer: Answer,
 }
 
-pub fn encode(digest: &[u8; 32], created_at_unix_ms: i64, answer: &Answer) -> Vec<u8> {
+pub fn encode(
+    state: State,
+    digest: &[u8; 32],
+    created_at_unix_ms: i64,
+    answer: &Answer,
+) -> Vec<u8> {
     let stored = Stored {
+        state,
         request_sha256: hex::encode(digest),
         created_at_unix_ms,
         status: answer.status,
@@ -74,6 +95,7 @@ pub fn decode(bytes: &[u8]) -> Option<Outcome> {
     let mut digest = [0u8; 32];
     hex::decode_to_slice(&stored.request_sha256, &mut digest).ok()?;
     Some(Outcome {
+        state: stored.state,
         request_digest: digest,
         created_at_unix_ms: stored.created_at_unix_ms,
         answer: Answer {
@@ -98,7 +120,8 @@ mod tests {
             body: b"{\"status\":\"declined\"}".to_vec(),
         };
         let digest = request_digest(&[b"sandbox", b"POST"]);
-        let outcome = decode(&encode(&digest, 42, &answer)).unwrap();
+        let outcome = decode(&encode(State::Done, &digest, 42, &answer)).unwrap();
+        assert_eq!(outcome.state, State::Done);
         assert_eq!(outcome.answer, answer);
         assert_eq!(
             (outcome.request_digest, outcome.created_at_unix_ms),

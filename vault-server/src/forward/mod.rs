@@ -16,15 +16,26 @@ use zeroize::Zeroizing;
 use settings::ProcessorSettings;
 use template::{Encoding, Field, Template};
 
-/// Headers the vault sets itself; a caller may not.
-const RESERVED_HEADERS: [&str; 6] = [
+/// Headers a caller may not set: the vault sets them itself, or they would let the
+/// answer reach the caller in a form the masker cannot read (compressed, in ranges).
+const RESERVED_HEADERS: [&str; 10] = [
     "host",
     "content-length",
     "transfer-encoding",
     "connection",
     "upgrade",
     "te",
+    "accept-encoding",
+    "range",
+    "if-range",
+    "proxy-authorization",
 ];
+
+/// Characters allowed in a forward path: RFC 3986 `pchar` and `/`, nothing that a URL
+/// parser would drop or reinterpret.
+fn path_char_allowed(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "/-._~!$&'()*+,;=:@".contains(c)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
@@ -32,16 +43,36 @@ pub enum ForwardError {
     /// caller learns nothing more (no help for probing); the log says which.
     #[error("forward not allowed: {0}")]
     Denied(&'static str),
-    #[error("the processor could not be reached: {0}")]
-    Unreachable(String),
+    #[error("the processor could not be reached: {detail}")]
+    Unreachable { detail: String, sent: bool },
     #[error("the processor did not answer within its timeout")]
     Timeout,
     #[error("the processor's response exceeds max_response_bytes ({0})")]
     TooLarge(usize),
+    /// The answer is compressed or otherwise encoded: the vault cannot mask it, so it
+    /// does not return it.
+    #[error("the processor answered with content-encoding {0:?}, which the vault does not return")]
+    Encoded(String),
+    /// A header value rendered from the card is not a valid header value.
+    #[error("a header rendered from the card data is not a valid header value")]
+    BadHeader,
+}
+
+impl ForwardError {
+    /// True when the request certainly never reached the processor (so a CVC is still
+    /// unused and a retry cannot charge twice).
+    pub fn nothing_sent(&self) -> bool {
+        matches!(
+            self,
+            ForwardError::Denied(_)
+                | ForwardError::BadHeader
+                | ForwardError::Unreachable { sent: false, .. }
+        )
+    }
 }
 
 /// A processor's answer, card-number-like runs already masked.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Answer {
     pub status: u16,
     pub headers: Vec<(String, String)>,
@@ -54,6 +85,8 @@ pub struct Processor {
     name: String,
     /// Base URL without a trailing slash.
     base_url: String,
+    /// Path of the base URL without a trailing slash ("" or "/prefix").
+    base_path: String,
     routes: Vec<(String, Vec<String>)>,
     inject: BTreeMap<String, Vec<String>>,
     allowed_identities: Vec<String>,
@@ -80,6 +113,9 @@ impl Processors {
             let processor = Processor {
                 name: settings.name.clone(),
                 base_url: settings.base_url.trim_end_matches('/').to_owned(),
+                base_path: reqwest::Url::parse(&settings.base_url)
+                    .map(|u| u.path().trim_end_matches('/').to_owned())
+                    .unwrap_or_default(),
                 routes: settings
                     .routes
                     .iter()
@@ -106,12 +142,25 @@ impl Processors {
 }
 
 /// What a caller asked to send, parsed but not yet rendered.
-#[derive(Debug)]
 pub struct Outbound {
     pub method: String,
     pub path: String,
     pub headers: Vec<(String, Template)>,
     pub body: Template,
+}
+
+impl std::fmt::Debug for Outbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Header values may hold the caller's processor credentials.
+        f.debug_struct("Outbound")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field(
+                "headers",
+                &self.headers.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 impl Outbound {
@@ -123,7 +172,7 @@ impl Outbound {
                 .any(|(_, t)| t.fields().any(|f| f == field))
     }
 
-    fn content_type(&self) -> Option<&Template> {
+    pub fn content_type(&self) -> Option<&Template> {
         self.headers
             .iter()
             .find(|(name, _)| name.eq_ignore_ascii_case("content-type"))
@@ -140,7 +189,7 @@ impl Processor {
             ));
         }
         let path = &outbound.path;
-        if !path.starts_with('/') || path.contains(['?', '#', '%', '\\']) {
+        if !path.starts_with('/') || !path.chars().all(path_char_allowed) {
             return Err(ForwardError::Denied("path shape"));
         }
         let wanted = segments(path);
@@ -197,24 +246,47 @@ impl Processor {
         );
         let method = reqwest::Method::from_bytes(outbound.method.as_bytes())
             .map_err(|_| ForwardError::Denied("method"))?;
+        // The URL must be exactly base + checked path: a parser that normalises
+        // anything away would send the card somewhere the allowlist did not approve.
+        let url = reqwest::Url::parse(&format!("{}{}", self.base_url, outbound.path))
+            .map_err(|_| ForwardError::Denied("path does not form a URL"))?;
+        let expected_path = format!("{}{}", self.base_path, outbound.path);
+        if url.path() != expected_path || url.query().is_some() || url.fragment().is_some() {
+            return Err(ForwardError::Denied("path changed when forming the URL"));
+        }
         let mut request = self
             .client
-            .request(method, format!("{}{}", self.base_url, outbound.path));
+            .request(method, url)
+            .header(reqwest::header::ACCEPT_ENCODING, "identity");
         for (name, value) in &outbound.headers {
             let value = value.render(card, cvc, Encoding::Raw);
-            request = request.header(name.as_str(), value.as_str());
+            let value = reqwest::header::HeaderValue::from_str(&value)
+                .map_err(|_| ForwardError::BadHeader)?;
+            request = request.header(name.as_str(), value);
         }
         // reqwest copies the body into its own buffer, which is not zeroized; the
         // rendered copy here is.
         let body: Zeroizing<Vec<u8>> = Zeroizing::new(body.as_bytes().to_vec());
         let response = request.body(body.to_vec()).send().await.map_err(classify)?;
         let status = response.status().as_u16();
+        if let Some(encoding) = response.headers().get(reqwest::header::CONTENT_ENCODING)
+            && !encoding.as_bytes().eq_ignore_ascii_case(b"identity")
+        {
+            return Err(ForwardError::Encoded(
+                String::from_utf8_lossy(encoding.as_bytes()).into_owned(),
+            ));
+        }
+        let injected = mask::Injected {
+            number: card.pan.expose_digits(),
+            cvc,
+            name: card.name.as_ref().map(|n| n.expose()),
+        };
         let mut headers: Vec<(String, String)> = response
             .headers()
             .iter()
             .map(|(name, value)| {
                 let mut value = value.as_bytes().to_vec();
-                mask::mask_card_numbers(&mut value);
+                mask::scrub(&mut value, &injected);
                 (
                     name.to_string(),
                     String::from_utf8_lossy(&value).into_owned(),
@@ -230,7 +302,7 @@ impl Processor {
             }
             answer.extend_from_slice(&chunk);
         }
-        mask::mask_card_numbers(&mut answer);
+        mask::scrub(&mut answer, &injected);
         Ok(Answer {
             status,
             headers,
@@ -243,14 +315,19 @@ fn classify(error: reqwest::Error) -> ForwardError {
     if error.is_timeout() {
         return ForwardError::Timeout;
     }
-    let mut reason = error.to_string();
+    let mut detail = error.to_string();
     let mut source = std::error::Error::source(&error);
     while let Some(cause) = source {
-        reason.push_str(": ");
-        reason.push_str(&cause.to_string());
+        detail.push_str(": ");
+        detail.push_str(&cause.to_string());
         source = cause.source();
     }
-    ForwardError::Unreachable(reason)
+    // A connect error (TCP, TLS handshake, certificate, address rule) happens before
+    // any byte of the request is written.
+    ForwardError::Unreachable {
+        detail,
+        sent: !error.is_connect(),
+    }
 }
 
 /// Checks a caller's header name: a valid token, not one the vault sets itself.

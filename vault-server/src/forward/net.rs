@@ -30,12 +30,25 @@ pub fn is_private(ip: IpAddr) -> bool {
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return is_private(IpAddr::V4(v4));
             }
-            let first = v6.segments()[0];
+            let segments = v6.segments();
+            let first = segments[0];
+            // IPv4-compatible (::a.b.c.d), NAT64 (64:ff9b::/96) and 6to4 (2002::/16)
+            // forms can reach IPv4 hosts: judge the embedded address.
+            let [.., a, b, c, d] = v6.octets();
+            let embedded = std::net::Ipv4Addr::new(a, b, c, d);
+            if segments[..6] == [0; 6] || segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                return is_private(IpAddr::V4(embedded));
+            }
+            if first == 0x2002 {
+                let [_, _, a, b, c, d, ..] = v6.octets();
+                return is_private(IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d)));
+            }
             v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
                 || (first & 0xfe00) == 0xfc00 // unique local
                 || (first & 0xffc0) == 0xfe80 // link local
+                || (first & 0xffc0) == 0xfec0 // site local (deprecated)
         }
     }
 }
@@ -193,6 +206,9 @@ pub fn client(settings: &ProcessorSettings) -> Result<reqwest::Client, String> {
             allow_private_network: settings.allow_private_network,
         }))
         .redirect(reqwest::redirect::Policy::none())
+        // Proxies from the environment would resolve names themselves, around the
+        // private-address rule.
+        .no_proxy()
         .https_only(true)
         .connect_timeout(std::time::Duration::from_millis(
             settings.connect_timeout_ms,
