@@ -206,6 +206,16 @@ mod tests {
             policy.authorize(None, &Permission::Read),
             Err(Denied::Unauthenticated)
         );
+        let checkout = Some("spiffe://tokenvault.dev/checkout");
+        assert!(
+            policy
+                .authorize(checkout, &Permission::Forward("sandbox".into()))
+                .is_ok()
+        );
+        assert_eq!(
+            policy.authorize(checkout, &Permission::Forward("other".into())),
+            Err(Denied::PermissionDenied)
+        );
         assert_eq!(
             Policy::default().authorize(Some("x"), &Permission::Read),
             Err(Denied::PermissionDenied)

@@ -236,6 +236,10 @@ mod tests {
             "fd00::1",
             "fe80::1",
             "::ffff:127.0.0.1",
+            "fec0::1",
+            "::127.0.0.1",
+            "64:ff9b::a00:1",
+            "2002:a00:1::",
         ] {
             assert!(is_private(ip.parse().unwrap()), "{ip}");
         }
