@@ -7,3 +7,17 @@ pub mod secret_file;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
+
+/// An error and its causes on one line, for logs: transport errors (tonic, hyper,
+/// reqwest) keep the useful part ("Connection refused", "certificate unknown") a few
+/// sources down.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -63,7 +63,9 @@ impl KeySet {
         let mut card_active = None;
         let mut fingerprint_active = None;
         let mut cvc_active = None;
-        for key in response.keys {
+        for mut key in response.keys {
+            // Into a zeroizing buffer first, so that no path below drops it in the clear.
+            let material = zeroize::Zeroizing::new(std::mem::take(&mut key.material));
             let purpose = pb::KeyPurpose::try_from(key.purpose).ok();
             let (map, active) = match purpose {
                 Some(pb::KeyPurpose::CardData) => (&mut card_data, &mut card_active),
@@ -72,7 +74,6 @@ impl KeySet {
                 // Purposes this build does not know are not used.
                 _ => continue,
             };
-            let material = zeroize::Zeroizing::new(key.material);
             let secret = SecretKey::from_slice(&material)
                 .map_err(|_| KeysError::Unusable("a key is not 32 bytes"))?;
             if key.state == pb::KeyState::Active as i32 {
@@ -156,17 +157,10 @@ enum Retry {
 }
 
 async fn fetch_once(endpoint: &tonic::transport::Endpoint) -> Result<pb::GetKeysResponse, Retry> {
-    let channel = endpoint.connect().await.map_err(|e| {
-        // tonic's transport errors keep the useful part a few sources down.
-        let mut reason = format!("cannot connect: {e}");
-        let mut source = std::error::Error::source(&e);
-        while let Some(cause) = source {
-            reason.push_str(": ");
-            reason.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        Retry::Yes(reason)
-    })?;
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| Retry::Yes(format!("cannot connect: {}", runtime::error_chain(&e))))?;
     pb::key_service_client::KeyServiceClient::new(channel)
         .get_keys(pb::GetKeysRequest {})
         .await

@@ -315,13 +315,7 @@ fn classify(error: reqwest::Error) -> ForwardError {
     if error.is_timeout() {
         return ForwardError::Timeout;
     }
-    let mut detail = error.to_string();
-    let mut source = std::error::Error::source(&error);
-    while let Some(cause) = source {
-        detail.push_str(": ");
-        detail.push_str(&cause.to_string());
-        source = cause.source();
-    }
+    let detail = runtime::error_chain(&error);
     // A connect error (TCP, TLS handshake, certificate, address rule) happens before
     // any byte of the request is written.
     ForwardError::Unreachable {
