@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make run    the dev stack (keyservice + vault-server, development CA) in the foreground
 #   make test   every test
+#   make crash-test   the long crash test (kill -9 under load, CRASH_CYCLES cycles)
 # Both install missing system packages first and build RocksDB's C++ only once.
 
 SHELL := /bin/bash
@@ -11,13 +12,18 @@ ROCKSDB_VERSION := $(shell sed -n '/^name = "librocksdb-sys"$$/{n;s/^version = "
 export ROCKSDB_LIB_DIR ?= $(CACHE_DIR)/librocksdb-$(ROCKSDB_VERSION)
 export ROCKSDB_STATIC := 1
 
-.PHONY: run test build lint deps rocksdb
+.PHONY: run test crash-test build lint deps rocksdb
 
 run: build
 	cargo run --locked --quiet -p devstack -- --dir .dev
 
 test: build
 	cargo test --locked --workspace
+
+# kill -9 the vault (and now and then the keyservice) under concurrent load,
+# CRASH_CYCLES times (default 50); every acknowledged token must survive.
+crash-test: build
+	cargo test --locked -p integration-tests --test e2e acknowledged_tokens_survive_kill_9_long -- --ignored --nocapture
 
 build: rocksdb
 	cargo build --locked --bins

@@ -455,6 +455,14 @@ impl Process {
         }
     }
 
+    /// `kill -9`: no chance to flush or close anything.
+    pub async fn kill9(mut self) -> String {
+        self.child.start_kill().unwrap();
+        self.child.wait().await.unwrap();
+        tokio::task::yield_now().await;
+        self.output.lock().unwrap().clone()
+    }
+
     /// Sends SIGTERM and waits for a clean exit.
     pub async fn terminate(mut self) -> String {
         let pid = self.child.id().unwrap();
