@@ -12,6 +12,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let descriptors = protox::compile(PROTOS, ["proto"])?;
     tonic_prost_build::configure()
+        // Malformed requests (bad protobuf, non-UTF-8 strings) are the caller's mistake:
+        // INVALID_ARGUMENT, not the INTERNAL that tonic's stock codec answers.
+        .codec_path("crate::codec::Codec")
         // Messages that carry card data, key material or caller secrets (processor
         // credentials in forward headers) get a hand-written, redacting Debug impl in
         // src/lib.rs instead of the derived one.

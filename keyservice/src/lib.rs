@@ -65,7 +65,8 @@ impl Bound {
             .await;
         tracing::info!(addr = %self.local_addr(), "keyservice serving");
         tonic::transport::Server::builder()
-            .tls_config(self.tls.server_config())?
+            .tls_config(self.tls.server_config(std::time::Duration::from_secs(10)))?
+            .timeout(std::time::Duration::from_secs(30))
             .add_service(health_service)
             .add_service(KeyServiceServer::new(self.service))
             .serve_with_incoming_shutdown(

@@ -8,6 +8,8 @@
 
 use std::fmt;
 
+pub mod codec;
+
 pub mod vault {
     pub mod v1 {
         tonic::include_proto!("tokenvault.vault.v1");

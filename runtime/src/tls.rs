@@ -70,10 +70,13 @@ impl TlsMaterial {
 
     /// Server side: present our certificate, require a client certificate signed by
     /// the CA.
-    pub fn server_config(&self) -> ServerTlsConfig {
+    /// A client that has not completed its handshake within `handshake_timeout` is
+    /// disconnected, so slow or silent connections cannot pile up.
+    pub fn server_config(&self, handshake_timeout: std::time::Duration) -> ServerTlsConfig {
         ServerTlsConfig::new()
             .identity(Identity::from_pem(&self.cert, self.key.as_slice()))
             .client_ca_root(Certificate::from_pem(&self.ca))
+            .timeout(handshake_timeout)
     }
 
     /// Client side: verify the server against the CA and name `server_name`, present

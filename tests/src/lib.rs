@@ -154,6 +154,8 @@ key_file = "vault-server.key"
 [keyservice]
 endpoint = "https://localhost:{keyservice_port}"
 max_retry_backoff_ms = 200
+[limits]
+tls_handshake_timeout_ms = 1000
 {extra}
 "#
             ),

@@ -27,6 +27,9 @@ pub struct Settings {
     /// CVC and idempotency retention.
     #[serde(default)]
     pub forwarding: crate::forward::settings::ForwardingSettings,
+    /// Bounds on what one caller can make the server hold or wait for.
+    #[serde(default)]
+    pub limits: LimitsSettings,
     /// The processor allowlist: `[[processor]]` entries.
     #[serde(default, rename = "processor")]
     pub processors: Vec<crate::forward::settings::ProcessorSettings>,
@@ -48,6 +51,49 @@ pub struct KeyserviceSettings {
     /// Longest wait between two attempts to reach the keyservice at start-up.
     #[serde(default = "default_max_retry_backoff_ms")]
     pub max_retry_backoff_ms: u64,
+}
+
+/// `[limits]`: message size, time and concurrency bounds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSettings {
+    /// Largest request message accepted; larger ones are refused before decoding.
+    #[serde(default = "default_max_request_bytes")]
+    pub max_request_bytes: usize,
+    /// Deadline of every call on the server side (forwards included).
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// A client that has not finished its TLS handshake by then is disconnected
+    /// (slowloris).
+    #[serde(default = "default_tls_handshake_timeout_ms")]
+    pub tls_handshake_timeout_ms: u64,
+    /// Concurrent calls on one connection.
+    #[serde(default = "default_max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for LimitsSettings {
+    fn default() -> Self {
+        Self {
+            max_request_bytes: default_max_request_bytes(),
+            request_timeout_ms: default_request_timeout_ms(),
+            tls_handshake_timeout_ms: default_tls_handshake_timeout_ms(),
+            max_concurrent_streams: default_max_concurrent_streams(),
+        }
+    }
+}
+
+fn default_max_request_bytes() -> usize {
+    4 * 1024 * 1024
+}
+fn default_request_timeout_ms() -> u64 {
+    60_000
+}
+fn default_tls_handshake_timeout_ms() -> u64 {
+    10_000
+}
+fn default_max_concurrent_streams() -> u32 {
+    256
 }
 
 fn default_max_batch_size() -> usize {
@@ -147,6 +193,17 @@ impl Settings {
         }
         if self.keyservice.connect_timeout_ms == 0 || self.keyservice.max_retry_backoff_ms == 0 {
             return Err("keyservice timeouts must be greater than 0".into());
+        }
+        let limits = &self.limits;
+        if limits.max_request_bytes < 1024
+            || limits.request_timeout_ms == 0
+            || limits.tls_handshake_timeout_ms == 0
+            || limits.max_concurrent_streams == 0
+        {
+            return Err(
+                "limits: max_request_bytes must be at least 1024 and the others greater than 0"
+                    .into(),
+            );
         }
         if self.forwarding.cvc_ttl_secs == 0 || self.forwarding.idempotency_ttl_secs == 0 {
             return Err("forwarding TTLs must be greater than 0".into());

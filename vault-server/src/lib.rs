@@ -22,6 +22,7 @@ pub mod token;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use runtime::shutdown::Shutdown;
 use runtime::tls::{TlsFiles, TlsMaterial};
@@ -58,6 +59,7 @@ pub struct Bound {
     listener: TcpListener,
     service: service::VaultService<RocksStore>,
     tls: TlsMaterial,
+    limits: config::LimitsSettings,
 }
 
 /// Start-up: policy, TLS material, keys from the keyservice (retrying until they come
@@ -104,6 +106,7 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
             },
         ),
         tls,
+        limits: settings.limits.clone(),
     })
 }
 
@@ -135,10 +138,19 @@ impl Bound {
             .set_serving::<VaultServer<service::VaultService<RocksStore>>>()
             .await;
         tracing::info!(addr = %self.local_addr(), "vault-server serving");
+        let limits = &self.limits;
         tonic::transport::Server::builder()
-            .tls_config(self.tls.server_config())?
+            .tls_config(
+                self.tls
+                    .server_config(Duration::from_millis(limits.tls_handshake_timeout_ms)),
+            )?
+            .timeout(Duration::from_millis(limits.request_timeout_ms))
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .add_service(health_service)
-            .add_service(VaultServer::new(self.service))
+            .add_service(
+                VaultServer::new(self.service).max_decoding_message_size(limits.max_request_bytes),
+            )
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(self.listener),
                 shutdown.wait(),
