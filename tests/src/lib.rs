@@ -79,7 +79,7 @@ impl StackDir {
 [[identity]]
 id = "{admin}"
 tenant = "acme"
-permissions = ["tokenize", "read", "delete", "forward:sandbox", "forward:slow", "forward:down", "forward:tiny", "forward:pinned", "forward:foreign-ca", "forward:loopback-denied"]
+permissions = ["tokenize", "read", "delete", "admin", "forward:sandbox", "forward:slow", "forward:down", "forward:tiny", "forward:pinned", "forward:foreign-ca", "forward:loopback-denied"]
 
 [[identity]]
 id = "{reader}"
@@ -146,6 +146,7 @@ admin_identities = ["{admin}"]
 listen_addr = "127.0.0.1:0"
 data_dir = "vault-data"
 policy_file = "policy.toml"
+backup_dir = "backups"
 max_batch_size = 1000
 [tls]
 ca_file = "ca.pem"

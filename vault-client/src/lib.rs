@@ -329,6 +329,14 @@ pub struct ForwardResponse {
     pub replayed: bool,
 }
 
+/// What `verify_backup` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct BackupReport {
+    pub records: u64,
+    pub verified: u64,
+    pub failed: u64,
+}
+
 /// Retries an idempotent call while the server is unavailable.
 async fn idempotent<T, F, Fut>(mut call: F) -> Result<T, Error>
 where
@@ -454,6 +462,35 @@ impl VaultClient {
                 .collect(),
             body: response.body,
             replayed: response.replayed,
+        })
+    }
+
+    /// Has the vault write a consistent online backup named `name` into its backup
+    /// directory; returns where (on the vault host) and its size in bytes.
+    pub async fn create_backup(&mut self, name: &str) -> Result<(String, u64), Error> {
+        let response = self
+            .vault
+            .create_backup(pb::CreateBackupRequest {
+                name: name.to_owned(),
+            })
+            .await?
+            .into_inner();
+        Ok((response.path, response.size_bytes))
+    }
+
+    /// Has the vault authenticate every record of backup `name`.
+    pub async fn verify_backup(&mut self, name: &str) -> Result<BackupReport, Error> {
+        let response = self
+            .vault
+            .verify_backup(pb::VerifyBackupRequest {
+                name: name.to_owned(),
+            })
+            .await?
+            .into_inner();
+        Ok(BackupReport {
+            records: response.records,
+            verified: response.verified,
+            failed: response.failed,
         })
     }
 

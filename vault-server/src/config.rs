@@ -17,6 +17,9 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// The access policy (identities → tenant and permissions).
     pub policy_file: PathBuf,
+    /// Where `CreateBackup` writes backups (one directory each). Unset: no backups.
+    #[serde(default)]
+    pub backup_dir: Option<PathBuf>,
     /// Most cards accepted in one TokenizeBatch call.
     #[serde(default = "default_max_batch_size")]
     pub max_batch_size: usize,
@@ -176,6 +179,9 @@ impl Settings {
         }
         for processor in &mut self.processors {
             files.push(&mut processor.ca_file);
+        }
+        if let Some(dir) = &mut self.backup_dir {
+            files.push(dir);
         }
         for file in files {
             if file.is_relative() {

@@ -44,6 +44,8 @@ pub enum VaultError {
          outcome is unknown; check with the processor before retrying with a new key"
     )]
     IdempotencyUnknown,
+    #[error("this vault has no backup_dir configured")]
+    BackupsDisabled,
 }
 
 impl VaultError {
@@ -113,9 +115,9 @@ impl VaultError {
             VaultError::Forward(e @ ForwardError::BadHeader) => {
                 Status::failed_precondition(e.to_string())
             }
-            VaultError::CvcUnavailable | VaultError::IdempotencyConflict => {
-                Status::failed_precondition(self.to_string())
-            }
+            VaultError::CvcUnavailable
+            | VaultError::IdempotencyConflict
+            | VaultError::BackupsDisabled => Status::failed_precondition(self.to_string()),
             VaultError::IdempotencyInFlight | VaultError::IdempotencyUnknown => {
                 Status::aborted(self.to_string())
             }

@@ -103,11 +103,64 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
                 idempotency_ttl: std::time::Duration::from_secs(
                     settings.forwarding.idempotency_ttl_secs,
                 ),
+                backup_dir: settings.backup_dir.clone(),
             },
         ),
         tls,
         limits: settings.limits.clone(),
     })
+}
+
+/// Offline restore: copies the backup `name` from `backup_dir` into the (absent or
+/// empty) data directory. The vault must be stopped; start it afterwards as usual. The
+/// restored records need the keyservice's keys, as the originals did. Returns the
+/// number of files copied.
+pub fn restore_backup(settings: &Settings, name: &str) -> Result<usize, Error> {
+    let restore_error = |detail: String| Error::Storage {
+        path: settings.data_dir.display().to_string(),
+        detail,
+    };
+    let backup_dir = settings
+        .backup_dir
+        .as_ref()
+        .ok_or_else(|| restore_error("no backup_dir is configured".into()))?;
+    if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+        return Err(restore_error(format!("invalid backup name {name:?}")));
+    }
+    let source = backup_dir.join(name);
+    if !source.is_dir() {
+        return Err(restore_error(format!("no backup at {}", source.display())));
+    }
+    let data = &settings.data_dir;
+    if data.exists()
+        && std::fs::read_dir(data)
+            .map_err(|e| restore_error(e.to_string()))?
+            .next()
+            .is_some()
+    {
+        return Err(restore_error(
+            "the data directory is not empty: move it aside first, restore never overwrites".into(),
+        ));
+    }
+    let mut dir = std::fs::DirBuilder::new();
+    dir.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut dir, 0o700);
+    dir.create(data).map_err(|e| restore_error(e.to_string()))?;
+    let mut copied = 0;
+    for entry in std::fs::read_dir(&source).map_err(|e| restore_error(e.to_string()))? {
+        let entry = entry.map_err(|e| restore_error(e.to_string()))?;
+        let target = data.join(entry.file_name());
+        std::fs::copy(entry.path(), &target).map_err(|e| restore_error(e.to_string()))?;
+        std::fs::File::open(&target)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| restore_error(e.to_string()))?;
+        copied += 1;
+    }
+    std::fs::File::open(data)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| restore_error(e.to_string()))?;
+    Ok(copied)
 }
 
 fn open_store(settings: &Settings) -> Result<RocksStore, Error> {

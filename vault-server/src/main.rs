@@ -18,6 +18,16 @@ struct Cli {
     /// Log filter, e.g. `info` or `vault_server=debug,info`.
     #[arg(long, env = "VAULT_LOG", default_value = "info")]
     log: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Serve (the default).
+    Run,
+    /// Copy backup NAME from backup_dir into the empty data directory (vault stopped).
+    RestoreBackup { name: String },
 }
 
 #[tokio::main]
@@ -25,6 +35,11 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     runtime::telemetry::init(cli.log_format, &cli.log);
     let settings = vault_server::Settings::load(&cli.config).context("load configuration")?;
+    if let Some(Command::RestoreBackup { name }) = &cli.command {
+        let files = vault_server::restore_backup(&settings, name).context("restore backup")?;
+        tracing::info!(backup = %name, files, data_dir = %settings.data_dir.display(), "backup restored");
+        return Ok(());
+    }
     let shutdown = Shutdown::on_signals();
     let bound = vault_server::start(&settings, shutdown.clone())
         .await

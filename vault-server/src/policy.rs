@@ -37,6 +37,8 @@ pub enum Permission {
     Delete,
     /// `forward:<processor>`.
     Forward(String),
+    /// Operations on the vault itself: backups.
+    Admin,
 }
 
 impl Permission {
@@ -45,6 +47,7 @@ impl Permission {
             "tokenize" => Some(Self::Tokenize),
             "read" => Some(Self::Read),
             "delete" => Some(Self::Delete),
+            "admin" => Some(Self::Admin),
             _ => name
                 .strip_prefix("forward:")
                 .filter(|p| !p.is_empty())
@@ -132,7 +135,7 @@ impl Policy {
                     Permission::parse(p).ok_or_else(|| {
                         format!(
                             "identity[{i}].permissions: unknown permission {p:?} \
-                             (known: tokenize, read, delete, forward:<processor>)"
+                             (known: tokenize, read, delete, forward:<processor>, admin)"
                         )
                     })
                 })

@@ -35,6 +35,8 @@ pub struct ServiceSettings {
     pub processors: Processors,
     pub cvc_ttl: Duration,
     pub idempotency_ttl: Duration,
+    /// Where backups go; `None` refuses backups.
+    pub backup_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug)]
@@ -46,6 +48,7 @@ pub struct VaultService<S> {
     processors: Processors,
     cvcs: CvcStore,
     idempotency_ttl: Duration,
+    backup_dir: Option<std::path::PathBuf>,
     /// Idempotency store keys of forwards in progress: a concurrent retry is refused
     /// instead of charging twice.
     in_flight: Mutex<HashSet<Vec<u8>>>,
@@ -82,6 +85,7 @@ impl<S: Store> VaultService<S> {
             processors: settings.processors,
             cvcs: CvcStore::new(settings.cvc_ttl),
             idempotency_ttl: settings.idempotency_ttl,
+            backup_dir: settings.backup_dir,
             in_flight: Mutex::new(HashSet::new()),
         }
     }
@@ -339,6 +343,28 @@ impl<S: Store> VaultService<S> {
 }
 
 impl<S: Store> VaultService<S> {
+    /// `<backup_dir>/<name>`, the name checked so it cannot leave the directory.
+    fn backup_path(&self, name: &str) -> Result<std::path::PathBuf, VaultError> {
+        let dir = self
+            .backup_dir
+            .as_ref()
+            .ok_or(VaultError::BackupsDisabled)?;
+        let valid = !name.is_empty()
+            && name.len() <= 128
+            && !name.starts_with('.')
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if !valid {
+            return Err(VaultError::Invalid(Violation {
+                field: "name",
+                rule: "format",
+                description: "must be 1 to 128 of [A-Za-z0-9._-], not starting with '.'",
+            }));
+        }
+        Ok(dir.join(name))
+    }
+
     async fn forward_one(
         &self,
         caller: Caller,
@@ -555,6 +581,19 @@ impl<S: Store> VaultService<S> {
     }
 }
 
+/// Decodes and authenticates one stored record (then drops the card).
+fn verify_record(keys: &KeySet, token: &[u8], value: &[u8]) -> bool {
+    let Some(token) = Token::from_stored(token) else {
+        return false;
+    };
+    let Ok(record) = record::decode(value) else {
+        return false;
+    };
+    keys.card_data
+        .get(record.metadata.key_version)
+        .is_some_and(|key| record.open(&token, key).is_ok())
+}
+
 fn forward_response(answer: crate::forward::Answer, replayed: bool) -> pb::ForwardResponse {
     pb::ForwardResponse {
         status: u32::from(answer.status),
@@ -684,6 +723,75 @@ impl<S: Store> pb::vault_server::Vault for VaultService<S> {
                 self.cvcs.erase(&token);
                 tracing::info!(token = %token, "deleted");
                 Ok(pb::DeleteTokenResponse {})
+            },
+        )
+        .await
+    }
+
+    async fn create_backup(
+        &self,
+        request: Request<pb::CreateBackupRequest>,
+    ) -> Result<Response<pb::CreateBackupResponse>, Status> {
+        self.call(
+            "CreateBackup",
+            |_| Permission::Admin,
+            request,
+            |_, request| async move {
+                let path = self.backup_path(&request.name)?;
+                if path.exists() {
+                    return Err(VaultError::Invalid(Violation {
+                        field: "name",
+                        rule: "exists",
+                        description: "a backup with this name exists already",
+                    }));
+                }
+                let size_bytes = self.store.create_backup(&path).await?;
+                tracing::info!(path = %path.display(), size_bytes, "backup created");
+                Ok(pb::CreateBackupResponse {
+                    path: path.display().to_string(),
+                    size_bytes,
+                })
+            },
+        )
+        .await
+    }
+
+    async fn verify_backup(
+        &self,
+        request: Request<pb::VerifyBackupRequest>,
+    ) -> Result<Response<pb::VerifyBackupResponse>, Status> {
+        self.call(
+            "VerifyBackup",
+            |_| Permission::Admin,
+            request,
+            |_, request| async move {
+                let path = self.backup_path(&request.name)?;
+                if !path.is_dir() {
+                    return Err(VaultError::NotFound);
+                }
+                let keys = Arc::clone(&self.keys);
+                let counts = tokio::task::spawn_blocking(move || {
+                    let mut counts = pb::VerifyBackupResponse::default();
+                    S::scan_backup(&path, &mut |token, value| {
+                        counts.records += 1;
+                        if verify_record(&keys, token, value) {
+                            counts.verified += 1;
+                        } else {
+                            counts.failed += 1;
+                        }
+                    })
+                    .map(|()| counts)
+                })
+                .await
+                .map_err(|e| {
+                    VaultError::Store(crate::store::StoreError::Engine(e.to_string()))
+                })??;
+                tracing::info!(
+                    records = counts.records,
+                    failed = counts.failed,
+                    "backup verified"
+                );
+                Ok(counts)
             },
         )
         .await

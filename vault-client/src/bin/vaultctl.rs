@@ -85,6 +85,9 @@ enum Command {
     /// Key management (keyservice).
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Backups of the vault's store (ciphertext only), on the vault host.
+    #[command(subcommand)]
+    Backup(BackupCommand),
     /// Health of the vault and the keyservice.
     Health,
 }
@@ -116,6 +119,14 @@ struct ForwardArgs {
     /// Print status, headers and body as JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum BackupCommand {
+    /// Take a consistent online backup named NAME into the vault's backup_dir.
+    Create { name: String },
+    /// Authenticate every record of backup NAME; exits 1 if any fails.
+    Verify { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -381,6 +392,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     if answer.replayed { " (replayed)" } else { "" }
                 );
                 println!("{}", String::from_utf8_lossy(&answer.body));
+            }
+        }
+        Command::Backup(BackupCommand::Create { name }) => {
+            let mut client = VaultClient::connect(&vault()?).await?;
+            let (path, size) = client.create_backup(&name).await.context("create backup")?;
+            println!("backup {name} written to {path} on the vault host ({size} bytes)");
+        }
+        Command::Backup(BackupCommand::Verify { name }) => {
+            let mut client = VaultClient::connect(&vault()?).await?;
+            let report = client.verify_backup(&name).await.context("verify backup")?;
+            println!(
+                "backup {name}: {} records, {} verified, {} failed",
+                report.records, report.verified, report.failed
+            );
+            if report.failed > 0 {
+                return Ok(ExitCode::FAILURE);
             }
         }
         Command::Keys(KeysCommand::List { json }) => {

@@ -3,6 +3,7 @@
 //! `conformance.rs`. Only `rocks.rs` names RocksDB.
 
 use std::future::Future;
+use std::path::Path;
 
 use crate::token::Token;
 
@@ -70,6 +71,14 @@ pub trait Store: Send + Sync + 'static {
         &self,
         key: &[u8],
     ) -> impl Future<Output = Result<Option<Vec<u8>>, StoreError>> + Send;
+
+    /// Writes a consistent copy of everything stored into `dir` (which must not exist)
+    /// while writes go on, and returns its size in bytes.
+    fn create_backup(&self, dir: &Path) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Calls `visit(token, record bytes)` for every record of a backup made by
+    /// [`Store::create_backup`]. Blocking; call it off the async threads.
+    fn scan_backup(dir: &Path, visit: &mut dyn FnMut(&[u8], &[u8])) -> Result<(), StoreError>;
 
     /// Stores (or replaces) a forward outcome durably. Outcomes hold no card data.
     fn put_outcome(
