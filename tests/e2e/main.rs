@@ -7,6 +7,7 @@ mod backup;
 mod bad_input;
 mod crash;
 mod durability;
+mod faults;
 mod forward;
 mod leaks;
 mod startup;

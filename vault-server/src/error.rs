@@ -87,6 +87,13 @@ impl VaultError {
             VaultError::Store(StoreError::Closed) => {
                 Status::unavailable("the vault is shutting down")
             }
+            VaultError::Store(e @ StoreError::NoSpace(_)) => {
+                tracing::error!(error = %e, "storage full");
+                internal(
+                    Code::ResourceExhausted,
+                    "the vault's storage is full; nothing was stored",
+                )
+            }
             VaultError::Store(e) => {
                 tracing::error!(error = %e, "storage failure");
                 internal(Code::Internal, "internal error")

@@ -38,6 +38,9 @@ pub enum StoreError {
     /// The engine refused or failed a read or write; the detail is for the server log.
     #[error("storage engine error: {0}")]
     Engine(String),
+    /// The disk is full: nothing of the failed write was stored.
+    #[error("storage is full: {0}")]
+    NoSpace(String),
     /// The store is shutting down.
     #[error("storage is shutting down")]
     Closed,

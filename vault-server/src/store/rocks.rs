@@ -60,7 +60,16 @@ impl std::fmt::Debug for RocksStore {
 }
 
 fn engine(e: rocksdb::Error) -> StoreError {
-    StoreError::Engine(e.into_string())
+    classify(e.into_string())
+}
+
+/// RocksDB reports a full disk only in its message (ENOSPC's text).
+fn classify(message: String) -> StoreError {
+    if message.contains("No space left on device") {
+        StoreError::NoSpace(message)
+    } else {
+        StoreError::Engine(message)
+    }
 }
 
 fn db_options() -> Options {
@@ -281,23 +290,13 @@ impl Writer {
             }
         };
         for (reply, outcomes) in inserts {
-            let _ = reply.send(
-                written
-                    .clone()
-                    .map(|()| outcomes)
-                    .map_err(StoreError::Engine),
-            );
+            let _ = reply.send(written.clone().map(|()| outcomes).map_err(classify));
         }
         for (reply, existed) in deletes {
-            let _ = reply.send(
-                written
-                    .clone()
-                    .map(|()| existed)
-                    .map_err(StoreError::Engine),
-            );
+            let _ = reply.send(written.clone().map(|()| existed).map_err(classify));
         }
         for reply in outcome_replies {
-            let _ = reply.send(written.clone().map_err(StoreError::Engine));
+            let _ = reply.send(written.clone().map_err(classify));
         }
     }
 
