@@ -2,6 +2,7 @@
 #   make run    the dev stack (keyservice + vault-server, development CA) in the foreground
 #   make test   every test
 #   make crash-test   the long crash test (kill -9 under load, CRASH_CYCLES cycles)
+#   make fuzz         every fuzz target for FUZZ_SECS seconds
 # Both install missing system packages first and build RocksDB's C++ only once.
 
 SHELL := /bin/bash
@@ -12,7 +13,7 @@ ROCKSDB_VERSION := $(shell sed -n '/^name = "librocksdb-sys"$$/{n;s/^version = "
 export ROCKSDB_LIB_DIR ?= $(CACHE_DIR)/librocksdb-$(ROCKSDB_VERSION)
 export ROCKSDB_STATIC := 1
 
-.PHONY: run test crash-test build lint deps rocksdb
+.PHONY: run test crash-test fuzz build lint deps rocksdb
 
 run: build
 	cargo run --locked --quiet -p devstack -- --dir .dev
@@ -25,12 +26,26 @@ test: build
 crash-test: build
 	cargo test --locked -p integration-tests --test e2e acknowledged_tokens_survive_kill_9_long -- --ignored --nocapture
 
+# Each cargo-fuzz target for FUZZ_SECS seconds (default 60), corpus in fuzz/corpus.
+# Runs on the stable toolchain without a sanitizer (--sanitizer none); Rust's own checks
+# (bounds, overflow in debug assertions, panics) are what it catches.
+FUZZ_SECS ?= 60
+FUZZ_TARGETS := record_decode template card_parse mask policy_config idempotency_decode
+fuzz: rocksdb
+	@command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz --version 0.13.2
+	cd fuzz && for target in $(FUZZ_TARGETS); do \
+	  echo "==> fuzzing $$target for $(FUZZ_SECS) s"; \
+	  cargo fuzz run --sanitizer none $$target -- -max_total_time=$(FUZZ_SECS) -print_final_stats=1 || exit 1; \
+	done
+
 build: rocksdb
 	cargo build --locked --bins
 
 lint: rocksdb
 	cargo fmt --all -- --check
 	cargo clippy --locked --workspace --all-targets -- -D warnings
+	# The fuzz targets are a workspace of their own; keep them compiling.
+	cargo check --locked --manifest-path fuzz/Cargo.toml --bins
 
 deps:
 	@scripts/install-deps.sh
