@@ -75,6 +75,9 @@ async fn tokenize_info_delete_keys_and_health_through_vaultctl() {
     );
     assert!(!out.stdout.contains("Ada") && !out.stdout.contains("5555555555554444"));
 
+    // Headers from a file keep credentials out of argv.
+    let headers_file = stack.dir.path().join("forward-headers");
+    std::fs::write(&headers_file, "content-type: application/json\n").unwrap();
     let out = vaultctl(
         &config,
         &[
@@ -85,8 +88,8 @@ async fn tokenize_info_delete_keys_and_health_through_vaultctl() {
             "/v1/charges",
             "--token",
             &token,
-            "--header",
-            "content-type: application/json",
+            "--header-file",
+            headers_file.to_str().unwrap(),
             "--header",
             "x-sandbox-echo: 1",
             "--body",

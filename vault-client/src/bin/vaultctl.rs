@@ -102,9 +102,13 @@ struct ForwardArgs {
     /// Path below the processor's base URL, e.g. /v1/charges
     #[arg(long)]
     path: String,
-    /// A header as "Name: value"; repeatable.
+    /// A header as "Name: value"; repeatable. Put credentials in --header-file instead:
+    /// arguments are visible to every user of the host.
     #[arg(long = "header", value_name = "NAME: VALUE")]
     headers: Vec<String>,
+    /// A file of "Name: value" lines (e.g. the processor's Authorization header).
+    #[arg(long)]
+    header_file: Option<PathBuf>,
     /// Body template.
     #[arg(long, conflicts_with = "body_file")]
     body: Option<String>,
@@ -355,9 +359,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .with_context(|| format!("read body file {}", file.display()))?,
                 (None, None) => String::new(),
             };
+            let file_headers = match &args.header_file {
+                Some(file) => std::fs::read_to_string(file)
+                    .with_context(|| format!("read header file {}", file.display()))?,
+                None => String::new(),
+            };
             let headers = args
                 .headers
                 .iter()
+                .map(String::as_str)
+                .chain(file_headers.lines().filter(|l| !l.trim().is_empty()))
                 .map(|h| {
                     h.split_once(':')
                         .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))

@@ -74,8 +74,18 @@ enum Part {
     Field(Field),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Template(Vec<Part>);
+
+/// Header templates may hold the caller's processor credentials: only the placeholders
+/// are printed.
+impl std::fmt::Debug for Template {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Template")
+            .field(&self.fields().collect::<Vec<_>>())
+            .finish()
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum TemplateError {
