@@ -249,7 +249,11 @@ impl<S: Store> VaultService<S> {
                     return Ok(tokenize_response(&token, &metadata, false));
                 }
                 Some(InsertOutcome::Existing(existing)) => {
-                    let stored = self.load_verified(&caller, &existing).await?;
+                    // Deleted since the index named it: the next insert stores anew.
+                    let stored = match self.load_verified(&caller, &existing).await {
+                        Err(VaultError::NotFound) => continue,
+                        other => other?,
+                    };
                     self.keep_cvc(&existing, &card)?;
                     tracing::info!(token = %existing, "returned existing token");
                     return Ok(tokenize_response(&existing, &stored.metadata, true));
@@ -313,9 +317,19 @@ impl<S: Store> VaultService<S> {
                         tokenize_response(&token, &metadata, false)
                     }
                     InsertOutcome::Existing(existing) => {
-                        let stored = self.load_verified(&caller, &existing).await?;
-                        self.keep_cvc(&existing, &card)?;
-                        tokenize_response(&existing, &stored.metadata, true)
+                        match self.load_verified(&caller, &existing).await {
+                            Ok(stored) => {
+                                self.keep_cvc(&existing, &card)?;
+                                tokenize_response(&existing, &stored.metadata, true)
+                            }
+                            // Deleted since the index named it: the next round stores
+                            // this card anew instead of failing the whole batch.
+                            Err(VaultError::NotFound) => {
+                                retry.push((index, card, metadata));
+                                continue;
+                            }
+                            Err(other) => return Err(other),
+                        }
                     }
                     InsertOutcome::TokenTaken => {
                         retry.push((index, card, metadata));
