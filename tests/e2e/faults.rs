@@ -102,3 +102,54 @@ async fn a_full_disk_is_resource_exhausted_loses_nothing_and_recovers() {
     }
     stack.stop().await;
 }
+
+/// A read-only data directory (a filesystem with open files cannot be remounted
+/// read-only, so this is the start-up case): a clear error naming the directory, and a
+/// normal start once it is writable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_data_directory_is_a_clear_startup_error() {
+    let dir = StackDir::new();
+    let data = dir.data_dir();
+    std::fs::create_dir_all(&data).unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16M,ro", "tmpfs"])
+        .arg(&data)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "mount a read-only tmpfs at {} (needs root)",
+        data.display()
+    );
+    let _unmount = Unmount(data.clone());
+
+    let keyservice =
+        keyservice::bind(&keyservice::Settings::load(&dir.path().join("keyservice.toml")).unwrap())
+            .await
+            .unwrap();
+    let port = keyservice.local_addr().port();
+    let (ks_trigger, ks_stop) = runtime::shutdown::channel();
+    let ks_task = tokio::spawn(keyservice.serve(ks_stop));
+    let settings = vault_server::Settings::load(&dir.write_vault_config(port)).unwrap();
+    let (_trigger, stop) = runtime::shutdown::channel();
+    let err = vault_server::start(&settings, stop.clone())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("vault-data") && err.contains("Read-only file system"),
+        "{err}"
+    );
+
+    let ok = std::process::Command::new("mount")
+        .args(["-o", "remount,rw"])
+        .arg(&data)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "remount read-write");
+    let bound = vault_server::start(&settings, stop).await.unwrap();
+    drop(bound);
+    ks_trigger.trigger();
+    ks_task.await.unwrap().unwrap();
+}

@@ -87,6 +87,13 @@ impl VaultError {
             VaultError::Store(StoreError::Closed) => {
                 Status::unavailable("the vault is shutting down")
             }
+            VaultError::Store(e @ StoreError::NotWritable(_)) => {
+                tracing::error!(error = %e, "storage not writable");
+                internal(
+                    Code::Unavailable,
+                    "the vault's storage is not writable; nothing was stored",
+                )
+            }
             VaultError::Store(e @ StoreError::NoSpace(_)) => {
                 tracing::error!(error = %e, "storage full");
                 internal(

@@ -41,6 +41,9 @@ pub enum StoreError {
     /// The disk is full: nothing of the failed write was stored.
     #[error("storage is full: {0}")]
     NoSpace(String),
+    /// The data directory cannot be written (read-only filesystem, permissions).
+    #[error("storage is not writable: {0}")]
+    NotWritable(String),
     /// The store is shutting down.
     #[error("storage is shutting down")]
     Closed,

@@ -63,10 +63,12 @@ fn engine(e: rocksdb::Error) -> StoreError {
     classify(e.into_string())
 }
 
-/// RocksDB reports a full disk only in its message (ENOSPC's text).
+/// RocksDB reports the cause of an I/O error only in its message (the OS error text).
 fn classify(message: String) -> StoreError {
     if message.contains("No space left on device") {
         StoreError::NoSpace(message)
+    } else if message.contains("Read-only file system") || message.contains("Permission denied") {
+        StoreError::NotWritable(message)
     } else {
         StoreError::Engine(message)
     }
