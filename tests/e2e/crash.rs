@@ -49,17 +49,8 @@ async fn crash_cycles(cycles: usize) {
     // The keyservice comes back on the same port after a kill.
     pin_port(&keyservice_config, keyservice_port);
 
-    let sandbox = sandbox_processor::bind(
-        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-        &dir.path().join("sandbox.pem"),
-        &dir.path().join("sandbox.key"),
-    )
-    .await
-    .unwrap();
-    let processors =
-        integration_tests::processors_config(dir.path(), sandbox.local_addr().port(), 9, 3600);
-    let (stop_sandbox, sandbox_shutdown) = runtime::shutdown::channel();
-    let sandbox_task = tokio::spawn(sandbox.serve(sandbox_shutdown));
+    let sandbox = integration_tests::SandboxServer::start(&dir).await;
+    let processors = integration_tests::processors_config(dir.path(), sandbox.addr.port(), 9, 3600);
     let vault_config = dir.write_vault_config_with(keyservice_port, &processors);
 
     let acknowledged = Arc::new(Mutex::new(Vec::new()));
@@ -122,8 +113,7 @@ async fn crash_cycles(cycles: usize) {
     drop(client);
     vault.terminate().await;
     keyservice.terminate().await;
-    stop_sandbox.trigger();
-    sandbox_task.await.unwrap();
+    sandbox.stop().await;
     println!(
         "crash test summary: {cycles} vault kill cycles, {keyservice_kills} keyservice kills, {} tokens acknowledged, {} lost, {:.1?}",
         acknowledged.len(),

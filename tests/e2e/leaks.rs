@@ -60,18 +60,9 @@ async fn no_card_data_in_files_or_trace_logs() {
     let keyservice =
         Process::start("keyservice", &dir.path().join("keyservice.toml"), &trace).await;
     // The sandbox runs in this process; the vault process forwards to it.
-    let sandbox = sandbox_processor::bind(
-        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-        &dir.path().join("sandbox.pem"),
-        &dir.path().join("sandbox.key"),
-    )
-    .await
-    .unwrap();
-    let sandbox_port = sandbox.local_addr().port();
-    let journal = sandbox.journal();
-    let (stop_sandbox, sandbox_shutdown) = runtime::shutdown::channel();
-    let sandbox_task = tokio::spawn(sandbox.serve(sandbox_shutdown));
-    let processors = integration_tests::processors_config(dir.path(), sandbox_port, 9, 3600);
+    let sandbox = integration_tests::SandboxServer::start(&dir).await;
+    let journal = sandbox.journal.clone();
+    let processors = integration_tests::processors_config(dir.path(), sandbox.addr.port(), 9, 3600);
     let vault_config = dir.write_vault_config_with(keyservice.addr.port(), &processors);
     let vault = Process::start("vault-server", &vault_config, &trace).await;
 
@@ -144,8 +135,7 @@ async fn no_card_data_in_files_or_trace_logs() {
 
     let vault_log = vault.terminate().await;
     let keyservice_log = keyservice.terminate().await;
-    stop_sandbox.trigger();
-    sandbox_task.await.unwrap();
+    sandbox.stop().await;
     assert!(
         vault_log.contains("tokenized") && vault_log.contains("TRACE"),
         "the vault logged at TRACE"

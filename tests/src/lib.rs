@@ -197,6 +197,40 @@ impl Running {
     }
 }
 
+/// The sandbox processor running in this process (a real HTTPS server on 127.0.0.1),
+/// with the journal of what it received.
+#[derive(Debug)]
+pub struct SandboxServer {
+    pub addr: SocketAddr,
+    pub journal: sandbox_processor::Journal,
+    running: Running,
+}
+
+impl SandboxServer {
+    pub async fn start(dir: &StackDir) -> Self {
+        let bound = sandbox_processor::bind(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            &dir.path().join(format!("{SANDBOX}.pem")),
+            &dir.path().join(format!("{SANDBOX}.key")),
+        )
+        .await
+        .unwrap();
+        let addr = bound.local_addr();
+        let journal = bound.journal();
+        let (trigger, shutdown) = shutdown::channel();
+        let task = tokio::spawn(bound.serve(shutdown));
+        Self {
+            addr,
+            journal,
+            running: Running { trigger, task },
+        }
+    }
+
+    pub async fn stop(self) {
+        self.running.stop().await;
+    }
+}
+
 /// Keyservice and vault-server running in this process.
 #[derive(Debug)]
 pub struct Stack {
@@ -210,7 +244,7 @@ pub struct Stack {
     vault_extra: String,
     keyservice: Option<Running>,
     vault: Option<Running>,
-    sandbox_server: Option<Running>,
+    sandbox_server: Option<SandboxServer>,
 }
 
 /// The processors of every test stack, all pointing at the sandbox on `port` (or, for
@@ -300,17 +334,9 @@ impl Stack {
     /// A stack whose vault keeps CVCs for `cvc_ttl_secs`.
     pub async fn start_with_cvc_ttl(dir: StackDir, cvc_ttl_secs: u64) -> Self {
         let (keyservice_addr, keyservice) = start_keyservice(&dir).await;
-        let sandbox = sandbox_processor::bind(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-            &dir.path().join(format!("{SANDBOX}.pem")),
-            &dir.path().join(format!("{SANDBOX}.key")),
-        )
-        .await
-        .unwrap();
-        let sandbox_addr = sandbox.local_addr();
-        let journal = sandbox.journal();
-        let (trigger, shutdown) = shutdown::channel();
-        let sandbox_task = tokio::spawn(sandbox.serve(shutdown));
+        let sandbox = SandboxServer::start(&dir).await;
+        let sandbox_addr = sandbox.addr;
+        let journal = sandbox.journal.clone();
         // A port that was free a moment ago: nothing listens there.
         let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -329,10 +355,7 @@ impl Stack {
             vault_extra,
             keyservice: Some(keyservice),
             vault: Some(vault),
-            sandbox_server: Some(Running {
-                trigger,
-                task: sandbox_task,
-            }),
+            sandbox_server: Some(sandbox),
         }
     }
 
