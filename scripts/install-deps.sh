@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages the build needs when they are missing: libclang (for
-# RocksDB's Rust bindings) and a C++ compiler (for RocksDB itself). Installs with
+# RocksDB's Rust bindings), a C++ compiler (for RocksDB itself) and systemd-analyze
+# (for the unit checks). Installs with
 # apt-get when running as root or with passwordless sudo; otherwise says exactly what
 # to install.
 set -euo pipefail
@@ -11,6 +12,10 @@ if ! ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/x86_64-linux-gnu/libclang*.so
 fi
 if ! command -v c++ >/dev/null 2>&1; then
   missing+=(g++)
+fi
+# systemd-analyze checks the hardened units in deploy/systemd (make test).
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+  missing+=(systemd)
 fi
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

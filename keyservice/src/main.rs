@@ -40,6 +40,7 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     runtime::telemetry::init(cli.log_format, &cli.log);
+    runtime::harden::harden_process();
     let load = || keyservice::Settings::load(&cli.config).context("load configuration");
     match cli.command.unwrap_or(Command::Run) {
         Command::GenRootKey { file } => {

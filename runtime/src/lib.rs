@@ -3,6 +3,7 @@
 //!
 //! Must never depend on storage, key handling or card-data code.
 
+pub mod harden;
 pub mod secret_file;
 pub mod shutdown;
 pub mod telemetry;

@@ -6,6 +6,7 @@ mod access;
 mod backup;
 mod bad_input;
 mod crash;
+mod deploy;
 mod durability;
 mod faults;
 mod forward;

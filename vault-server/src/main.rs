@@ -34,6 +34,7 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     runtime::telemetry::init(cli.log_format, &cli.log);
+    runtime::harden::harden_process();
     let settings = vault_server::Settings::load(&cli.config).context("load configuration")?;
     if let Some(Command::RestoreBackup { name }) = &cli.command {
         let files = vault_server::restore_backup(&settings, name).context("restore backup")?;
