@@ -44,7 +44,9 @@ build: rocksdb
 lint: rocksdb
 	cargo fmt --all -- --check
 	cargo clippy --locked --workspace --all-targets -- -D warnings
-	# The fuzz targets are a workspace of their own; keep them compiling.
+	# The fuzz targets are a workspace of their own; keep them compiling. When a
+	# dependency of the main workspace changes, refresh fuzz/Cargo.lock with
+	# `cargo check --manifest-path fuzz/Cargo.toml`.
 	cargo check --locked --manifest-path fuzz/Cargo.toml --bins
 
 deps:
