@@ -336,7 +336,7 @@ async fn a_cvc_is_forwarded_once_and_never_stored() {
             let (key, value) = entry.unwrap();
             for bytes in [&key[..], &value[..]] {
                 assert!(
-                    !contains_cvc(bytes, b"0000"),
+                    !integration_tests::contains_digit_run(bytes, b"0000"),
                     "a CVC in column family {family}"
                 );
             }
@@ -344,15 +344,6 @@ async fn a_cvc_is_forwarded_once_and_never_stored() {
     }
     drop(db);
     stack.stop().await;
-}
-
-/// `cvc` as a digit run of its own (not part of a longer run of digits).
-fn contains_cvc(bytes: &[u8], cvc: &[u8]) -> bool {
-    bytes.windows(cvc.len()).enumerate().any(|(i, w)| {
-        w == cvc
-            && (i == 0 || !bytes[i - 1].is_ascii_digit())
-            && bytes.get(i + cvc.len()).is_none_or(|b| !b.is_ascii_digit())
-    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,15 +12,6 @@ const PAN_LEN: usize = 16;
 const NAME: &str = "Zyxwvut Cardholder";
 const CVC: &str = "0000";
 
-/// `run` as a digit run of its own (not part of a longer run of digits).
-fn contains_digit_run(bytes: &[u8], run: &[u8]) -> bool {
-    bytes.windows(run.len()).enumerate().any(|(i, w)| {
-        w == run
-            && (i == 0 || !bytes[i - 1].is_ascii_digit())
-            && bytes.get(i + run.len()).is_none_or(|b| !b.is_ascii_digit())
-    })
-}
-
 /// Every 16-byte window of `haystack` that is one of `pans`.
 fn find_pans(haystack: &[u8], pans: &HashSet<Vec<u8>>) -> Vec<String> {
     haystack
@@ -155,7 +146,7 @@ async fn no_card_data_in_files_or_trace_logs() {
         );
         assert!(!log.contains(NAME), "cardholder name in the {name} log");
         assert!(
-            !contains_digit_run(log.as_bytes(), CVC.as_bytes()),
+            !integration_tests::contains_digit_run(log.as_bytes(), CVC.as_bytes()),
             "a CVC in the {name} log"
         );
         let root_key = std::fs::read_to_string(dir.path().join("root.key")).unwrap();

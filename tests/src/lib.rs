@@ -97,24 +97,15 @@ permissions = ["tokenize", "read", "delete", "forward:sandbox"]
             ),
         )
         .unwrap();
+        // The dev stack's keyservice config (vault-server and admin identities), on a
+        // free port.
+        let ports = devstack::Ports {
+            keyservice: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..devstack::Ports::default()
+        };
         std::fs::write(
             path.join("keyservice.toml"),
-            format!(
-                r#"
-listen_addr = "127.0.0.1:0"
-keyring_file = "keyring.sealed"
-root_key_file = "root.key"
-[tls]
-ca_file = "ca.pem"
-cert_file = "keyservice.pem"
-key_file = "keyservice.key"
-[access]
-vault_identities = ["{vault}"]
-admin_identities = ["{admin}"]
-"#,
-                vault = identity(VAULT),
-                admin = identity(ADMIN),
-            ),
+            devstack::keyservice_config(&ports),
         )
         .unwrap();
         keyservice::keyring::RootKey::generate_file(&path.join("root.key")).unwrap();
@@ -421,6 +412,30 @@ pub struct Process {
     pub child: tokio::process::Child,
     pub addr: SocketAddr,
     pub output: Arc<Mutex<String>>,
+    /// The tasks copying stdout and stderr; they end when the process's pipes close.
+    readers: Vec<JoinHandle<()>>,
+}
+
+/// Copies a pipe line by line into `output`; reports the address of the first
+/// "... listening on ADDR" line to `ready`.
+fn copy_lines(
+    pipe: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+    output: Arc<Mutex<String>>,
+    mut ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(pipe).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(addr) = line.split(" listening on ").nth(1)
+                && let Some(tx) = ready.take()
+            {
+                let _ = tx.send(addr.trim().parse::<SocketAddr>().unwrap());
+            }
+            let mut out = output.lock().unwrap();
+            out.push_str(&line);
+            out.push('\n');
+        }
+    })
 }
 
 impl Process {
@@ -442,34 +457,10 @@ impl Process {
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let stdout = child.stdout.take().unwrap();
         let stderr = child.stderr.take().unwrap();
-        tokio::spawn({
-            let output = Arc::clone(&output);
-            async move {
-                let mut ready_tx = Some(ready_tx);
-                let mut lines = BufReader::new(stdout).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    if let Some(addr) = line.split(" listening on ").nth(1)
-                        && let Some(tx) = ready_tx.take()
-                    {
-                        let _ = tx.send(addr.trim().parse::<SocketAddr>().unwrap());
-                    }
-                    let mut out = output.lock().unwrap();
-                    out.push_str(&line);
-                    out.push('\n');
-                }
-            }
-        });
-        tokio::spawn({
-            let output = Arc::clone(&output);
-            async move {
-                let mut lines = BufReader::new(stderr).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let mut out = output.lock().unwrap();
-                    out.push_str(&line);
-                    out.push('\n');
-                }
-            }
-        });
+        let readers = vec![
+            copy_lines(stdout, Arc::clone(&output), Some(ready_tx)),
+            copy_lines(stderr, Arc::clone(&output), None),
+        ];
         let addr = tokio::time::timeout(std::time::Duration::from_secs(60), ready_rx)
             .await
             .unwrap_or_else(|_| panic!("{binary_name} did not start: {}", output.lock().unwrap()))
@@ -478,6 +469,7 @@ impl Process {
             child,
             addr,
             output,
+            readers,
         }
     }
 
@@ -485,8 +477,7 @@ impl Process {
     pub async fn kill9(mut self) -> String {
         self.child.start_kill().unwrap();
         self.child.wait().await.unwrap();
-        tokio::task::yield_now().await;
-        self.output.lock().unwrap().clone()
+        self.collect_output().await
     }
 
     /// Sends SIGTERM and waits for a clean exit.
@@ -500,8 +491,14 @@ impl Process {
         assert!(status.success());
         let exit = self.child.wait().await.unwrap();
         assert!(exit.success(), "exit status {exit}");
-        // Let the output readers drain what is left.
-        tokio::task::yield_now().await;
+        self.collect_output().await
+    }
+
+    /// Everything the process printed, once both pipes are drained.
+    async fn collect_output(self) -> String {
+        for reader in self.readers {
+            reader.await.unwrap();
+        }
         self.output.lock().unwrap().clone()
     }
 }
@@ -528,6 +525,16 @@ pub fn synthetic_pan(prefix: &str, n: u64, len: usize) -> String {
         .sum();
     body.push(char::from(b'0' + ((10 - sum % 10) % 10) as u8));
     body
+}
+
+/// Whether `run` stands in `bytes` as a digit run of its own (not inside a longer run
+/// of digits): how tests look for a short value such as a CVC.
+pub fn contains_digit_run(bytes: &[u8], run: &[u8]) -> bool {
+    bytes.windows(run.len()).enumerate().any(|(i, w)| {
+        w == run
+            && (i == 0 || !bytes[i - 1].is_ascii_digit())
+            && bytes.get(i + run.len()).is_none_or(|b| !b.is_ascii_digit())
+    })
 }
 
 /// Opens a stopped vault's RocksDB directly, every column family, as an attacker or

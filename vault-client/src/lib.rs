@@ -113,7 +113,8 @@ impl ClientConfig {
 }
 
 /// An error and its causes on one line: tonic's transport errors keep the useful part
-/// ("Connection refused", "certificate unknown") a few sources down.
+/// ("Connection refused", "certificate unknown") a few sources down. (The servers have
+/// the same helper in `runtime`; the client depends on `vault-proto` only.)
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();

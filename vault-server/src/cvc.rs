@@ -123,13 +123,4 @@ impl CvcStore {
     pub fn erase(&self, token: &Token) {
         self.entries().by_token.remove(token);
     }
-
-    /// How many CVCs are held (for tests and metrics).
-    pub fn len(&self) -> usize {
-        self.entries().by_token.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }

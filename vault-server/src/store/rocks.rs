@@ -220,10 +220,11 @@ struct Writer {
 }
 
 /// What one group commit has written so far, so later operations in the same group
-/// see earlier ones. `None` marks a deletion.
+/// see earlier ones: whether a record exists, and what an index key names (`None`
+/// once deleted).
 #[derive(Default)]
 struct Pending {
-    records: HashMap<Vec<u8>, Option<()>>,
+    records: HashMap<Vec<u8>, bool>,
     index: HashMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
@@ -304,7 +305,7 @@ impl Writer {
 
     fn record_exists(&self, token: &[u8], pending: &Pending) -> Result<bool, StoreError> {
         if let Some(state) = pending.records.get(token) {
-            return Ok(state.is_some());
+            return Ok(*state);
         }
         let cf = self.db.cf_handle(RECORDS).ok_or(StoreError::Closed)?;
         Ok(self.db.get_pinned_cf(cf, token).map_err(engine)?.is_some())
@@ -355,7 +356,7 @@ impl Writer {
                 }
             }
             batch.put_cf(records_cf, token, &record.value);
-            pending.records.insert(token.to_vec(), Some(()));
+            pending.records.insert(token.to_vec(), true);
             outcomes.push(InsertOutcome::Stored);
         }
         Ok(outcomes)
@@ -374,7 +375,7 @@ impl Writer {
         }
         let records_cf = self.db.cf_handle(RECORDS).ok_or(StoreError::Closed)?;
         batch.delete_cf(records_cf, token);
-        pending.records.insert(token.to_vec(), None);
+        pending.records.insert(token.to_vec(), false);
         if self.index_entry(index_key, pending)?.as_deref() == Some(token) {
             let index_cf = self.db.cf_handle(FINGERPRINTS).ok_or(StoreError::Closed)?;
             batch.delete_cf(index_cf, index_key);
