@@ -19,6 +19,63 @@ pub struct Settings {
     pub root_key_file: PathBuf,
     pub tls: TlsFiles,
     pub access: Access,
+    #[serde(default)]
+    pub lifecycle: Lifecycle,
+}
+
+/// `[lifecycle]`: budgets, schedules and dual control.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lifecycle {
+    /// Most AES-GCM encryptions under one key version, across all vaults and restarts
+    /// (NIST SP 800-38D allows 2^32 with random nonces). When spent, the keyservice
+    /// rotates by itself.
+    #[serde(default = "default_max_encryptions")]
+    pub max_encryptions_per_version: u64,
+    /// Encryptions leased to a vault at a time. A vault that crashes loses the unused
+    /// rest of its lease (it is never handed out again).
+    #[serde(default = "default_lease_size")]
+    pub lease_size: u64,
+    /// Rotate every purpose whose active version is older than this. Unset: only
+    /// manual and budget rotations.
+    #[serde(default)]
+    pub rotate_after_days: Option<u32>,
+    /// How long a dual-control proposal waits for its approval.
+    #[serde(default = "default_approval_window_secs")]
+    pub approval_window_secs: u64,
+    /// A destroy needs a usage report at most this old from every vault that reports.
+    #[serde(default = "default_usage_report_max_age_secs")]
+    pub usage_report_max_age_secs: u64,
+    /// The key operation history (JSON lines). Default: `key-history.jsonl` beside the
+    /// keyring file.
+    #[serde(default)]
+    pub history_file: Option<PathBuf>,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Self {
+            max_encryptions_per_version: default_max_encryptions(),
+            lease_size: default_lease_size(),
+            rotate_after_days: None,
+            approval_window_secs: default_approval_window_secs(),
+            usage_report_max_age_secs: default_usage_report_max_age_secs(),
+            history_file: None,
+        }
+    }
+}
+
+fn default_max_encryptions() -> u64 {
+    crate::lifecycle::GCM_LIMIT
+}
+fn default_lease_size() -> u64 {
+    100_000
+}
+fn default_approval_window_secs() -> u64 {
+    24 * 60 * 60
+}
+fn default_usage_report_max_age_secs() -> u64 {
+    60
 }
 
 /// Who may do what. Identities are client-certificate URI SANs (or CNs).
@@ -58,6 +115,13 @@ impl Settings {
             message: e.message().to_owned(),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
+        let history = settings
+            .lifecycle
+            .history_file
+            .get_or_insert_with(|| settings.keyring_file.with_file_name("key-history.jsonl"));
+        if history.is_relative() {
+            *history = base.join(&*history);
+        }
         for file in [
             &mut settings.keyring_file,
             &mut settings.root_key_file,
@@ -68,6 +132,27 @@ impl Settings {
             if file.is_relative() {
                 *file = base.join(&*file);
             }
+        }
+        let lifecycle = &settings.lifecycle;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        if lifecycle.max_encryptions_per_version == 0
+            || lifecycle.max_encryptions_per_version > crate::lifecycle::GCM_LIMIT
+        {
+            return Err(invalid(format!(
+                "lifecycle.max_encryptions_per_version must be 1 to {} (2^32)",
+                crate::lifecycle::GCM_LIMIT
+            )));
+        }
+        if lifecycle.lease_size == 0 {
+            return Err(invalid("lifecycle.lease_size must be at least 1".into()));
+        }
+        if lifecycle.rotate_after_days == Some(0) {
+            return Err(invalid(
+                "lifecycle.rotate_after_days must be at least 1 (or unset)".into(),
+            ));
         }
         if settings.access.vault_identities.is_empty() {
             return Err(ConfigError::Invalid {

@@ -1,14 +1,18 @@
 //! The keyring: every version of every key purpose, sealed at rest under the root key.
 //!
-//! File format (when changing it, bump `FORMAT_V1` to a new value and keep reading the
-//! old one):
+//! File format (when changing it, add a new format value and keep reading the old ones):
 //!
 //! ```text
-//! "TVKR" | format: u8 = 1 | nonce: 12 bytes | AES-256-GCM(root key, aad = "TVKR" | format)
-//! plaintext: count: u32 | count × (purpose: u8 | version: u32 | state: u8 |
+//! "TVKR" | format: u8 | nonce: 12 bytes | AES-256-GCM(root key, aad = "TVKR" | format)
+//! format 1 plaintext: count: u32 | count × (purpose: u8 | version: u32 | state: u8 |
 //!            created_at_unix_ms: i64 | has_material: u8 | material: 32 bytes if has_material)
+//! format 2 plaintext: count: u32 | count × (purpose: u8 | version: u32 | state: u8 |
+//!            created_at_unix_ms: i64 | encryptions_leased: u64 | has_material: u8 |
+//!            material: 32 bytes if has_material) | proposals_len: u32 | proposals (JSON)
 //! ```
-//! All integers big-endian. The plaintext only ever exists in zeroizing buffers.
+//! All integers big-endian. The plaintext only ever exists in zeroizing buffers. The
+//! proposals (dual control) hold no secrets; they are sealed with the rest so that
+//! nobody can forge an approval by editing a file.
 
 use std::path::Path;
 
@@ -17,6 +21,7 @@ use zeroize::Zeroizing;
 
 const MAGIC: &[u8; 4] = b"TVKR";
 const FORMAT_V1: u8 = 1;
+const FORMAT_V2: u8 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Purpose {
@@ -38,6 +43,12 @@ impl Purpose {
 
     fn from_code(code: u8) -> Option<Self> {
         Self::ALL.into_iter().find(|p| p.code() == code)
+    }
+
+    /// AES-GCM purposes have an encryption budget per version (NIST SP 800-38D, 8.3);
+    /// HMAC has none.
+    pub fn is_aead(self) -> bool {
+        matches!(self, Purpose::CardData | Purpose::Cvc)
     }
 
     pub fn name(self) -> &'static str {
@@ -86,6 +97,9 @@ pub struct KeyVersion {
     pub version: u32,
     pub state: State,
     pub created_at_unix_ms: i64,
+    /// Encryptions leased to vaults under this version, recorded before each lease is
+    /// handed out: an upper bound of the encryptions made.
+    pub encryptions_leased: u64,
     pub material: Option<SecretKey>,
 }
 
@@ -151,7 +165,9 @@ impl RootKey {
 
 #[derive(Debug, Default)]
 pub struct Keyring {
-    versions: Vec<KeyVersion>,
+    pub(crate) versions: Vec<KeyVersion>,
+    /// Dual-control proposals, open and recent.
+    pub(crate) proposals: Vec<crate::lifecycle::Proposal>,
 }
 
 impl Keyring {
@@ -165,19 +181,23 @@ impl Keyring {
                     version: 1,
                     state: State::Active,
                     created_at_unix_ms: now_unix_ms,
+                    encryptions_leased: 0,
                     material: Some(SecretKey::generate().map_err(|_| KeyringError::Random)?),
                 })
             })
             .collect::<Result<_, KeyringError>>()?;
-        Ok(Self { versions })
+        Ok(Self {
+            versions,
+            proposals: Vec::new(),
+        })
     }
 
     pub fn versions(&self) -> &[KeyVersion] {
         &self.versions
     }
 
-    fn aad() -> [u8; 5] {
-        [MAGIC[0], MAGIC[1], MAGIC[2], MAGIC[3], FORMAT_V1]
+    fn aad(format: u8) -> [u8; 5] {
+        [MAGIC[0], MAGIC[1], MAGIC[2], MAGIC[3], format]
     }
 
     /// Encrypts the keyring under the root key.
@@ -189,6 +209,7 @@ impl Keyring {
             plain.extend_from_slice(&v.version.to_be_bytes());
             plain.push(v.state.code());
             plain.extend_from_slice(&v.created_at_unix_ms.to_be_bytes());
+            plain.extend_from_slice(&v.encryptions_leased.to_be_bytes());
             match &v.material {
                 Some(key) => {
                     plain.push(1);
@@ -197,10 +218,13 @@ impl Keyring {
                 None => plain.push(0),
             }
         }
-        let sealed =
-            envelope::seal(&root.0, &Self::aad(), &plain).map_err(|_| KeyringError::Random)?;
+        let proposals = serde_json::to_vec(&self.proposals).map_err(|_| KeyringError::Malformed)?;
+        plain.extend_from_slice(&(proposals.len() as u32).to_be_bytes());
+        plain.extend_from_slice(&proposals);
+        let aad = Self::aad(FORMAT_V2);
+        let sealed = envelope::seal(&root.0, &aad, &plain).map_err(|_| KeyringError::Random)?;
         let mut out = Vec::with_capacity(5 + NONCE_LEN + sealed.ciphertext.len());
-        out.extend_from_slice(&Self::aad());
+        out.extend_from_slice(&aad);
         out.extend_from_slice(&sealed.nonce);
         out.extend_from_slice(&sealed.ciphertext);
         Ok(out)
@@ -211,17 +235,18 @@ impl Keyring {
         if bytes.len() < 5 + NONCE_LEN || &bytes[..4] != MAGIC {
             return Err(KeyringError::Malformed);
         }
-        if bytes[4] != FORMAT_V1 {
-            return Err(KeyringError::UnknownFormat(bytes[4]));
+        let format = bytes[4];
+        if format != FORMAT_V1 && format != FORMAT_V2 {
+            return Err(KeyringError::UnknownFormat(format));
         }
         let mut nonce = [0u8; NONCE_LEN];
         nonce.copy_from_slice(&bytes[5..5 + NONCE_LEN]);
-        let plain = envelope::open(&root.0, &nonce, &Self::aad(), &bytes[5 + NONCE_LEN..])
+        let plain = envelope::open(&root.0, &nonce, &Self::aad(format), &bytes[5 + NONCE_LEN..])
             .map_err(|_| KeyringError::Integrity)?;
-        Self::decode(&plain).ok_or(KeyringError::Malformed)
+        Self::decode(&plain, format).ok_or(KeyringError::Malformed)
     }
 
-    fn decode(mut input: &[u8]) -> Option<Self> {
+    fn decode(mut input: &[u8], format: u8) -> Option<Self> {
         fn take<'a>(input: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
             let (head, tail) = input.split_at_checked(n)?;
             *input = tail;
@@ -234,6 +259,11 @@ impl Keyring {
             let version = u32::from_be_bytes(take(&mut input, 4)?.try_into().ok()?);
             let state = State::from_code(take(&mut input, 1)?[0])?;
             let created_at_unix_ms = i64::from_be_bytes(take(&mut input, 8)?.try_into().ok()?);
+            let encryptions_leased = if format >= FORMAT_V2 {
+                u64::from_be_bytes(take(&mut input, 8)?.try_into().ok()?)
+            } else {
+                0
+            };
             let material = match take(&mut input, 1)?[0] {
                 0 => None,
                 1 => Some(SecretKey::from_slice(take(&mut input, KEY_LEN)?).ok()?),
@@ -244,10 +274,20 @@ impl Keyring {
                 version,
                 state,
                 created_at_unix_ms,
+                encryptions_leased,
                 material,
             });
         }
-        input.is_empty().then_some(Self { versions })
+        let proposals = if format >= FORMAT_V2 {
+            let len = u32::from_be_bytes(take(&mut input, 4)?.try_into().ok()?) as usize;
+            serde_json::from_slice(take(&mut input, len)?).ok()?
+        } else {
+            Vec::new()
+        };
+        input.is_empty().then_some(Self {
+            versions,
+            proposals,
+        })
     }
 
     /// Reads and opens the keyring file.
@@ -259,29 +299,50 @@ impl Keyring {
         Self::open(&bytes, root)
     }
 
-    /// Writes a new keyring file durably: temporary file, fsync, rename, fsync of the
-    /// directory. Refuses to replace an existing keyring.
+    /// Writes a new keyring file durably. Refuses to replace an existing keyring.
     pub fn create_file(&self, path: &Path, root: &RootKey) -> Result<(), KeyringError> {
-        let io = |source| KeyringError::Io {
-            path: path.display().to_string(),
-            source,
-        };
         if path.exists() {
             return Err(KeyringError::Exists {
                 path: path.display().to_string(),
             });
         }
+        self.save(path, root)
+    }
+
+    /// Replaces the keyring file atomically and durably: temporary file, fsync, rename,
+    /// fsync of the directory. A crash at any moment leaves the old or the new keyring.
+    pub fn save(&self, path: &Path, root: &RootKey) -> Result<(), KeyringError> {
         let sealed = self.seal(root)?;
-        let tmp = path.with_extension("tmp");
-        let _ = std::fs::remove_file(&tmp);
-        runtime::secret_file::create_owner_only(&tmp, &sealed).map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io)?;
-        }
-        Ok(())
+        replace_owner_only(path, &sealed)
+    }
+}
+
+/// Replaces `path` with `contents` (mode 0600) atomically and durably.
+pub(crate) fn replace_owner_only(path: &Path, contents: &[u8]) -> Result<(), KeyringError> {
+    let io = |source| KeyringError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    runtime::secret_file::create_owner_only(&tmp, contents).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)?;
+    sync_parent(path).map_err(io)
+}
+
+pub(crate) fn sync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => std::fs::File::open(dir)?.sync_all(),
+        _ => std::fs::File::open(".")?.sync_all(),
+    }
+}
+
+impl RootKey {
+    /// Writes this key to a new file (mode 0600); used to stage a root key change.
+    pub(crate) fn write_file(&self, path: &Path) -> Result<(), KeyringError> {
+        let mut text = Zeroizing::new(hex::encode(self.0.expose_secret()).into_bytes());
+        text.push(b'\n');
+        replace_owner_only(path, &text)
     }
 }
 

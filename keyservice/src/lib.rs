@@ -5,10 +5,14 @@
 //! cards.
 
 pub mod config;
+pub mod history;
 pub mod keyring;
+pub mod lifecycle;
 mod service;
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use runtime::shutdown::Shutdown;
 use tokio::net::TcpListener;
@@ -30,6 +34,49 @@ pub enum Error {
     },
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("cannot open the key history {path}: {source}")]
+    History {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// Where an approved root key change stages the new key until the keyring is sealed
+/// under it.
+pub fn pending_root_key_file(root_key_file: &Path) -> PathBuf {
+    let mut name = root_key_file.as_os_str().to_owned();
+    name.push(".pending");
+    PathBuf::from(name)
+}
+
+/// Opens the keyring, finishing a root key change that a crash interrupted: if the
+/// keyring opens only under the staged key, that key moves into place; if it opens
+/// under the current key, a staged key is stale and removed.
+fn open_keyring(settings: &Settings) -> Result<(Keyring, RootKey), Error> {
+    let root = RootKey::from_file(&settings.root_key_file)?;
+    let staged = pending_root_key_file(&settings.root_key_file);
+    match Keyring::load(&settings.keyring_file, &root) {
+        Ok(keyring) => {
+            if staged.exists() {
+                tracing::warn!(file = %staged.display(), "removing a staged root key of an unfinished root key change");
+                let _ = std::fs::remove_file(&staged);
+            }
+            Ok((keyring, root))
+        }
+        Err(KeyringError::Integrity) if staged.exists() => {
+            let new_root = RootKey::from_file(&staged)?;
+            let keyring = Keyring::load(&settings.keyring_file, &new_root)?;
+            let io = |source| KeyringError::Io {
+                path: settings.root_key_file.display().to_string(),
+                source,
+            };
+            std::fs::rename(&staged, &settings.root_key_file).map_err(io)?;
+            keyring::sync_parent(&settings.root_key_file).map_err(io)?;
+            tracing::warn!("finished an interrupted root key change");
+            Ok((keyring, new_root))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// `keyservice init`: creates the keyring with version 1 of every purpose, sealed
@@ -45,7 +92,8 @@ pub fn init(settings: &Settings) -> Result<(), Error> {
 #[derive(Debug)]
 pub struct Bound {
     listener: TcpListener,
-    service: service::KeyServiceImpl,
+    shared: Arc<service::Shared>,
+    access: config::Access,
     tls: runtime::tls::TlsMaterial,
 }
 
@@ -64,16 +112,20 @@ impl Bound {
             .set_serving::<KeyServiceServer<service::KeyServiceImpl>>()
             .await;
         tracing::info!(addr = %self.local_addr(), "keyservice serving");
+        let service =
+            service::KeyServiceImpl::new(Arc::clone(&self.shared), &self.access, shutdown.clone());
+        let rotations = tokio::spawn(scheduled_rotations(Arc::clone(&self.shared)));
         tonic::transport::Server::builder()
             .tls_config(self.tls.server_config(std::time::Duration::from_secs(10)))?
             .timeout(std::time::Duration::from_secs(30))
             .add_service(health_service)
-            .add_service(KeyServiceServer::new(self.service))
+            .add_service(KeyServiceServer::new(service))
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(self.listener),
                 shutdown.wait(),
             )
             .await?;
+        rotations.abort();
         tracing::info!("keyservice stopped");
         Ok(())
     }
@@ -81,9 +133,16 @@ impl Bound {
 
 /// Opens the keyring (the root key file must be mode 0600) and binds the listener.
 pub async fn bind(settings: &Settings) -> Result<Bound, Error> {
-    let root = RootKey::from_file(&settings.root_key_file)?;
-    let keyring = Keyring::load(&settings.keyring_file, &root)?;
-    drop(root);
+    let (keyring, root) = open_keyring(settings)?;
+    let history_file = settings
+        .lifecycle
+        .history_file
+        .clone()
+        .unwrap_or_else(|| settings.keyring_file.with_file_name("key-history.jsonl"));
+    let history = history::History::open(&history_file).map_err(|source| Error::History {
+        path: history_file.display().to_string(),
+        source,
+    })?;
     let tls = runtime::tls::TlsMaterial::load(&settings.tls)?;
     let listener = TcpListener::bind(settings.listen_addr)
         .await
@@ -93,7 +152,19 @@ pub async fn bind(settings: &Settings) -> Result<Bound, Error> {
         })?;
     Ok(Bound {
         listener,
-        service: service::KeyServiceImpl::new(keyring, &settings.access),
+        shared: Arc::new(service::Shared::new(keyring, root, settings, history)),
+        access: settings.access.clone(),
         tls,
     })
+}
+
+/// Checks once a minute whether a purpose is due for its scheduled rotation.
+async fn scheduled_rotations(shared: Arc<service::Shared>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        let shared = Arc::clone(&shared);
+        // Saving the keyring is blocking file I/O.
+        let _ = tokio::task::spawn_blocking(move || shared.rotate_due()).await;
+    }
 }

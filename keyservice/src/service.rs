@@ -1,20 +1,56 @@
 //! The KeyService gRPC API. Deny by default: material only to vault identities,
-//! metadata only to admin identities.
+//! metadata and lifecycle operations only to admin identities.
+//!
+//! Every change to the keyring is saved (sealed, atomically, synced) before it is
+//! answered or announced to watching vaults, and recorded in the history.
 
-use std::collections::HashSet;
-use std::sync::{Arc, RwLock};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use futures::{Stream, StreamExt};
+use runtime::shutdown::Shutdown;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use vault_proto::keys::v1 as pb;
 
-use crate::keyring::{Keyring, Purpose, State};
+use crate::config::Lifecycle;
+use crate::history::{History, NewEvent};
+use crate::keyring::{Keyring, Purpose, RootKey, State};
+use crate::lifecycle::{self, OperationKind, Proposal, ProposalState, Refusal};
+
+/// Ended proposals stay listed (and refuse replays by name) this long.
+const KEEP_PROPOSALS_MS: i64 = 7 * 24 * 60 * 60 * 1000;
+
+/// State shared by the handlers and the scheduled-rotation task.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    keyring: Mutex<Keyring>,
+    root: Mutex<RootKey>,
+    keyring_file: PathBuf,
+    root_key_file: PathBuf,
+    history: History,
+    lifecycle: Lifecycle,
+    /// Bumped after every change of the served key set; WatchKeys streams follow it.
+    changes: watch::Sender<u64>,
+    /// The latest usage report of each vault identity.
+    usage: Mutex<HashMap<String, UsageReport>>,
+}
+
+#[derive(Debug)]
+struct UsageReport {
+    at_unix_ms: i64,
+    records: BTreeMap<(Purpose, u32), u64>,
+}
 
 #[derive(Debug)]
 pub struct KeyServiceImpl {
-    keyring: Arc<RwLock<Keyring>>,
+    shared: Arc<Shared>,
     vault_identities: HashSet<String>,
     admin_identities: HashSet<String>,
+    shutdown: Shutdown,
 }
 
 enum Role {
@@ -22,12 +58,289 @@ enum Role {
     Admin,
 }
 
-impl KeyServiceImpl {
-    pub fn new(keyring: Keyring, access: &crate::config::Access) -> Self {
+fn now_unix_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn refused(refusal: &Refusal) -> Status {
+    match refusal {
+        Refusal::NoSuchVersion { .. } | Refusal::NoSuchProposal(_) => {
+            Status::not_found(refusal.to_string())
+        }
+        Refusal::SelfApproval => Status::permission_denied(refusal.to_string()),
+        Refusal::NotAead(_) => Status::invalid_argument(refusal.to_string()),
+        _ => Status::failed_precondition(refusal.to_string()),
+    }
+}
+
+fn purpose_to_wire(purpose: Purpose) -> pb::KeyPurpose {
+    match purpose {
+        Purpose::CardData => pb::KeyPurpose::CardData,
+        Purpose::Fingerprint => pb::KeyPurpose::Fingerprint,
+        Purpose::Cvc => pb::KeyPurpose::Cvc,
+    }
+}
+
+fn purpose_from_wire(purpose: i32) -> Result<Purpose, Status> {
+    match pb::KeyPurpose::try_from(purpose) {
+        Ok(pb::KeyPurpose::CardData) => Ok(Purpose::CardData),
+        Ok(pb::KeyPurpose::Fingerprint) => Ok(Purpose::Fingerprint),
+        Ok(pb::KeyPurpose::Cvc) => Ok(Purpose::Cvc),
+        _ => Err(Status::invalid_argument(
+            "invalid purpose: must be card-data, fingerprint or cvc",
+        )),
+    }
+}
+
+fn state_to_wire(state: State) -> pb::KeyState {
+    match state {
+        State::Active => pb::KeyState::Active,
+        State::DecryptOnly => pb::KeyState::DecryptOnly,
+        State::Retired => pb::KeyState::Retired,
+        State::Destroyed => pb::KeyState::Destroyed,
+    }
+}
+
+fn kind_to_wire(kind: OperationKind) -> pb::OperationKind {
+    match kind {
+        OperationKind::Destroy => pb::OperationKind::Destroy,
+        OperationKind::Unretire => pb::OperationKind::Unretire,
+        OperationKind::RootKeyChange => pb::OperationKind::RootKeyChange,
+    }
+}
+
+fn proposal_to_wire(p: &Proposal, now: i64) -> pb::Proposal {
+    let state = match p.state {
+        ProposalState::Approved => pb::ProposalState::Approved,
+        ProposalState::Pending if p.expired(now) => pb::ProposalState::Expired,
+        ProposalState::Pending => pb::ProposalState::Pending,
+    };
+    pb::Proposal {
+        id: p.id.clone(),
+        kind: kind_to_wire(p.kind) as i32,
+        purpose: p
+            .purpose()
+            .map_or(pb::KeyPurpose::Unspecified, purpose_to_wire) as i32,
+        version: p.version,
+        new_root_key_file: p.new_root_key_file.clone().unwrap_or_default(),
+        proposed_by: p.proposed_by.clone(),
+        proposed_at_unix_ms: p.proposed_at_unix_ms,
+        expires_at_unix_ms: p.expires_at_unix_ms,
+        state: state as i32,
+        approved_by: p.approved_by.clone().unwrap_or_default(),
+        approved_at_unix_ms: p.approved_at_unix_ms,
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(
+        keyring: Keyring,
+        root: RootKey,
+        settings: &crate::Settings,
+        history: History,
+    ) -> Self {
         Self {
-            keyring: Arc::new(RwLock::new(keyring)),
+            keyring: Mutex::new(keyring),
+            root: Mutex::new(root),
+            keyring_file: settings.keyring_file.clone(),
+            root_key_file: settings.root_key_file.clone(),
+            history,
+            lifecycle: settings.lifecycle.clone(),
+            changes: watch::channel(0).0,
+            usage: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Applies `change` to the keyring and saves it. If the save fails, the keyring
+    /// is reloaded from disk, so memory never runs ahead of what is durable.
+    fn mutate<T>(
+        &self,
+        change: impl FnOnce(&mut Keyring) -> Result<T, Status>,
+    ) -> Result<T, Status> {
+        let mut keyring = lock(&self.keyring);
+        let result = change(&mut keyring)?;
+        keyring.prune_proposals(now_unix_ms(), KEEP_PROPOSALS_MS);
+        let root = lock(&self.root);
+        if let Err(error) = keyring.save(&self.keyring_file, &root) {
+            tracing::error!(error = %error, "cannot save the keyring; change undone");
+            if let Ok(on_disk) = Keyring::load(&self.keyring_file, &root) {
+                *keyring = on_disk;
+            }
+            return Err(Status::unavailable(
+                "the keyring could not be saved; nothing was changed",
+            ));
+        }
+        Ok(result)
+    }
+
+    fn announce(&self) {
+        self.changes.send_modify(|generation| *generation += 1);
+    }
+
+    /// Records an event; a failure to record is logged and reported to the caller.
+    fn record(&self, event: NewEvent<'_>) -> Result<(), Status> {
+        self.history
+            .append(event, now_unix_ms())
+            .map(drop)
+            .map_err(|error| {
+                tracing::error!(error = %error, "cannot write the key history");
+                Status::internal("the operation was done but the key history could not be written")
+            })
+    }
+
+    /// Records a refusal and turns it into the caller's status.
+    fn refuse(&self, mut event: NewEvent<'_>, refusal: &Refusal) -> Status {
+        event.outcome = format!("refused: {refusal}");
+        let _ = self.record(event);
+        refused(refusal)
+    }
+
+    fn snapshot(&self) -> pb::GetKeysResponse {
+        let keyring = lock(&self.keyring);
+        let keys = keyring
+            .versions()
+            .iter()
+            .filter(|v| matches!(v.state, State::Active | State::DecryptOnly))
+            .filter_map(|v| {
+                Some(pb::KeyMaterial {
+                    purpose: purpose_to_wire(v.purpose) as i32,
+                    version: v.version,
+                    state: state_to_wire(v.state) as i32,
+                    material: v.material.as_ref()?.expose_secret().to_vec(),
+                })
+            })
+            .collect();
+        pb::GetKeysResponse { keys }
+    }
+
+    /// Rotates `purpose` (saved, recorded, announced).
+    fn rotate(&self, purpose: Purpose, actor: &str, detail: String) -> Result<u32, Status> {
+        let version = self.mutate(|keyring| {
+            keyring
+                .rotate(purpose, now_unix_ms())
+                .map_err(|_| Status::internal("the system random number generator failed"))
+        })?;
+        tracing::info!(purpose = purpose.name(), version, %detail, "rotated");
+        self.announce();
+        self.record(NewEvent {
+            actor,
+            action: "rotate",
+            purpose: Some(purpose.name()),
+            version,
+            outcome: "ok".into(),
+            detail,
+        })?;
+        Ok(version)
+    }
+
+    /// Rotates every purpose whose active version is older than `rotate_after_days`.
+    pub(crate) fn rotate_due(&self) {
+        let Some(days) = self.lifecycle.rotate_after_days else {
+            return;
+        };
+        let max_age_ms = i64::from(days) * 24 * 60 * 60 * 1000;
+        let due = lock(&self.keyring).due_for_rotation(now_unix_ms(), max_age_ms);
+        for purpose in due {
+            let detail = format!("scheduled: rotate_after_days = {days}");
+            if let Err(status) = self.rotate(purpose, "keyservice", detail) {
+                tracing::error!(purpose = purpose.name(), error = %status.message(), "scheduled rotation failed");
+            }
+        }
+    }
+
+    /// A destroy is allowed only when every vault that reports usage has reported
+    /// recently and none holds a record on the version.
+    fn check_unused(&self, purpose: Purpose, version: u32, now: i64) -> Result<(), Refusal> {
+        let reports = lock(&self.usage);
+        if reports.is_empty() {
+            return Err(Refusal::UsageUnknown(
+                "no vault has reported key usage since the keyservice started; a destroy needs \
+                 a fresh report from every vault (running vaults report every few seconds)"
+                    .into(),
+            ));
+        }
+        let max_age_ms = (self.lifecycle.usage_report_max_age_secs * 1000) as i64;
+        let mut records = 0;
+        for (identity, report) in reports.iter() {
+            let age_ms = now.saturating_sub(report.at_unix_ms);
+            if age_ms > max_age_ms {
+                return Err(Refusal::UsageUnknown(format!(
+                    "vault {identity} last reported key usage {} s ago (limit {} s); a destroy \
+                     needs fresh reports from every vault. Is it running?",
+                    age_ms / 1000,
+                    self.lifecycle.usage_report_max_age_secs
+                )));
+            }
+            records += report
+                .records
+                .get(&(purpose, version))
+                .copied()
+                .unwrap_or(0);
+        }
+        if records > 0 {
+            return Err(Refusal::InUse {
+                purpose: purpose.name(),
+                version,
+                records,
+            });
+        }
+        Ok(())
+    }
+
+    fn records_using(&self, purpose: Purpose, version: u32) -> u64 {
+        lock(&self.usage)
+            .values()
+            .map(|r| r.records.get(&(purpose, version)).copied().unwrap_or(0))
+            .sum()
+    }
+
+    /// Carries out an approved root key change: stage the new key beside the old one,
+    /// save the keyring under it, then move it into place. `bind` finishes a change
+    /// that a crash interrupted.
+    fn change_root_key(&self, keyring: &Keyring, new_root_file: &str) -> Result<(), Status> {
+        let new_root = RootKey::from_file(std::path::Path::new(new_root_file)).map_err(|e| {
+            Status::failed_precondition(format!("cannot read the new root key: {e}"))
+        })?;
+        let staged = crate::pending_root_key_file(&self.root_key_file);
+        let failed = |e: crate::keyring::KeyringError| {
+            tracing::error!(error = %e, "root key change failed");
+            Status::unavailable(format!("root key change failed, nothing changed: {e}"))
+        };
+        new_root.write_file(&staged).map_err(failed)?;
+        if let Err(e) = keyring.save(&self.keyring_file, &new_root) {
+            let _ = std::fs::remove_file(&staged);
+            return Err(failed(e));
+        }
+        std::fs::rename(&staged, &self.root_key_file)
+            .and_then(|()| crate::keyring::sync_parent(&self.root_key_file))
+            .map_err(|e| {
+                Status::internal(format!(
+                    "the keyring is sealed under the new root key but moving it into place \
+                     failed ({e}); the keyservice finishes this at its next start"
+                ))
+            })?;
+        *lock(&self.root) = new_root;
+        Ok(())
+    }
+}
+
+impl KeyServiceImpl {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        access: &crate::config::Access,
+        shutdown: Shutdown,
+    ) -> Self {
+        Self {
+            shared,
             vault_identities: access.vault_identities.iter().cloned().collect(),
             admin_identities: access.admin_identities.iter().cloned().collect(),
+            shutdown,
         }
     }
 
@@ -41,6 +354,7 @@ impl KeyServiceImpl {
             Role::Admin => &self.admin_identities,
         };
         if allowed.contains(&identity) {
+            tracing::Span::current().record("caller", identity.as_str());
             Ok(identity)
         } else {
             tracing::warn!(caller = %identity, "permission denied");
@@ -50,29 +364,35 @@ impl KeyServiceImpl {
         }
     }
 
-    fn read_keyring(&self) -> Result<std::sync::RwLockReadGuard<'_, Keyring>, Status> {
-        self.keyring
-            .read()
-            .map_err(|_| Status::internal("keyring lock poisoned"))
+    fn version_info(
+        &self,
+        keyring: &Keyring,
+        purpose: Purpose,
+        version: u32,
+    ) -> pb::KeyVersionInfo {
+        let limit = if purpose.is_aead() {
+            self.shared.lifecycle.max_encryptions_per_version
+        } else {
+            0
+        };
+        let v = keyring.version(purpose, version).ok();
+        pb::KeyVersionInfo {
+            purpose: purpose_to_wire(purpose) as i32,
+            version,
+            state: v.map_or(pb::KeyState::Unspecified, |v| state_to_wire(v.state)) as i32,
+            created_at_unix_ms: v.map_or(0, |v| v.created_at_unix_ms),
+            encryptions_leased: v.map_or(0, |v| v.encryptions_leased),
+            encryption_limit: limit,
+            records: self.shared.records_using(purpose, version),
+        }
     }
 }
 
-fn purpose_to_wire(purpose: Purpose) -> pb::KeyPurpose {
-    match purpose {
-        Purpose::CardData => pb::KeyPurpose::CardData,
-        Purpose::Fingerprint => pb::KeyPurpose::Fingerprint,
-        Purpose::Cvc => pb::KeyPurpose::Cvc,
-    }
+fn span(method: &'static str) -> tracing::Span {
+    tracing::info_span!("rpc", method, caller = tracing::field::Empty)
 }
 
-fn state_to_wire(state: State) -> pb::KeyState {
-    match state {
-        State::Active => pb::KeyState::Active,
-        State::DecryptOnly => pb::KeyState::DecryptOnly,
-        State::Retired => pb::KeyState::Retired,
-        State::Destroyed => pb::KeyState::Destroyed,
-    }
-}
+type KeyStream = Pin<Box<dyn Stream<Item = Result<pb::GetKeysResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::key_service_server::KeyService for KeyServiceImpl {
@@ -80,28 +400,126 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
         &self,
         request: Request<pb::GetKeysRequest>,
     ) -> Result<Response<pb::GetKeysResponse>, Status> {
-        let span = tracing::info_span!("rpc", method = "GetKeys", caller = tracing::field::Empty);
+        async {
+            self.authorize(&request, Role::Vault)?;
+            let keys = self.shared.snapshot();
+            tracing::info!(versions = keys.keys.len(), "served key versions");
+            Ok(Response::new(keys))
+        }
+        .instrument(span("GetKeys"))
+        .await
+    }
+
+    type WatchKeysStream = KeyStream;
+
+    async fn watch_keys(
+        &self,
+        request: Request<pb::WatchKeysRequest>,
+    ) -> Result<Response<KeyStream>, Status> {
+        let span = span("WatchKeys");
+        let _entered = span.enter();
+        self.authorize(&request, Role::Vault)?;
+        tracing::info!("a vault is watching the key set");
+        let shared = Arc::clone(&self.shared);
+        // The current set at once, then one after every change. Ends at shutdown so
+        // that graceful shutdown is not held up by open streams.
+        let stream = tokio_stream::wrappers::WatchStream::new(self.shared.changes.subscribe())
+            .map(move |_| Ok(shared.snapshot()))
+            .take_until(self.shutdown.clone().wait());
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn lease_budget(
+        &self,
+        request: Request<pb::LeaseBudgetRequest>,
+    ) -> Result<Response<pb::LeaseBudgetResponse>, Status> {
         async {
             let caller = self.authorize(&request, Role::Vault)?;
-            tracing::Span::current().record("caller", caller.as_str());
-            let keyring = self.read_keyring()?;
-            let keys = keyring
-                .versions()
-                .iter()
-                .filter(|v| matches!(v.state, State::Active | State::DecryptOnly))
-                .filter_map(|v| {
-                    Some(pb::KeyMaterial {
-                        purpose: purpose_to_wire(v.purpose) as i32,
-                        version: v.version,
-                        state: state_to_wire(v.state) as i32,
-                        material: v.material.as_ref()?.expose_secret().to_vec(),
+            let purpose = purpose_from_wire(request.get_ref().purpose)?;
+            let lifecycle = &self.shared.lifecycle;
+            let lease = self.shared.mutate(|keyring| {
+                keyring
+                    .lease(
+                        purpose,
+                        lifecycle.max_encryptions_per_version,
+                        lifecycle.lease_size,
+                        now_unix_ms(),
+                    )
+                    .map_err(|e| match e {
+                        lifecycle::LeaseError::Refused(r) => refused(&r),
+                        lifecycle::LeaseError::Random => {
+                            Status::internal("the system random number generator failed")
+                        }
                     })
-                })
-                .collect::<Vec<_>>();
-            tracing::info!(versions = keys.len(), "served key versions");
-            Ok(Response::new(pb::GetKeysResponse { keys }))
+            })?;
+            let version = lease.version;
+            if lease.rotated {
+                tracing::info!(
+                    purpose = purpose.name(),
+                    version,
+                    "encryption budget spent: rotated"
+                );
+                self.shared.announce();
+                self.shared.record(NewEvent {
+                    actor: "keyservice",
+                    action: "rotate",
+                    purpose: Some(purpose.name()),
+                    version,
+                    outcome: "ok".into(),
+                    detail: "the previous version's encryption budget is spent".into(),
+                })?;
+            }
+            self.shared.record(NewEvent {
+                actor: &caller,
+                action: "lease",
+                purpose: Some(purpose.name()),
+                version,
+                outcome: "ok".into(),
+                detail: format!("{} encryptions", lease.granted),
+            })?;
+            let keyring = lock(&self.shared.keyring);
+            let v = keyring.version(purpose, version).map_err(|r| refused(&r))?;
+            let material = v
+                .material
+                .as_ref()
+                .ok_or_else(|| Status::internal("the active version has no material"))?;
+            Ok(Response::new(pb::LeaseBudgetResponse {
+                key: Some(pb::KeyMaterial {
+                    purpose: purpose_to_wire(purpose) as i32,
+                    version,
+                    state: state_to_wire(v.state) as i32,
+                    material: material.expose_secret().to_vec(),
+                }),
+                encryptions: lease.granted,
+                version_remaining: lease.remaining,
+            }))
         }
-        .instrument(span)
+        .instrument(span("LeaseBudget"))
+        .await
+    }
+
+    async fn report_usage(
+        &self,
+        request: Request<pb::ReportUsageRequest>,
+    ) -> Result<Response<pb::ReportUsageResponse>, Status> {
+        async {
+            let caller = self.authorize(&request, Role::Vault)?;
+            let mut records = BTreeMap::new();
+            for usage in request.into_inner().usage {
+                let purpose = purpose_from_wire(usage.purpose)?;
+                *records.entry((purpose, usage.version)).or_insert(0) += usage.records;
+            }
+            tracing::debug!(versions = records.len(), "usage reported");
+            lock(&self.shared.usage).insert(
+                caller,
+                UsageReport {
+                    at_unix_ms: now_unix_ms(),
+                    records,
+                },
+            );
+            Ok(Response::new(pb::ReportUsageResponse {}))
+        }
+        .instrument(span("ReportUsage"))
         .await
     }
 
@@ -109,28 +527,306 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
         &self,
         request: Request<pb::ListKeyVersionsRequest>,
     ) -> Result<Response<pb::ListKeyVersionsResponse>, Status> {
-        let span = tracing::info_span!(
-            "rpc",
-            method = "ListKeyVersions",
-            caller = tracing::field::Empty
-        );
         async {
-            let caller = self.authorize(&request, Role::Admin)?;
-            tracing::Span::current().record("caller", caller.as_str());
-            let keyring = self.read_keyring()?;
+            self.authorize(&request, Role::Admin)?;
+            let keyring = lock(&self.shared.keyring);
             let versions = keyring
                 .versions()
                 .iter()
-                .map(|v| pb::KeyVersionInfo {
-                    purpose: purpose_to_wire(v.purpose) as i32,
-                    version: v.version,
-                    state: state_to_wire(v.state) as i32,
-                    created_at_unix_ms: v.created_at_unix_ms,
+                .map(|v| self.version_info(&keyring, v.purpose, v.version))
+                .collect();
+            let reporters = lock(&self.shared.usage)
+                .iter()
+                .map(|(identity, report)| pb::UsageReporter {
+                    identity: identity.clone(),
+                    reported_at_unix_ms: report.at_unix_ms,
                 })
                 .collect();
-            Ok(Response::new(pb::ListKeyVersionsResponse { versions }))
+            Ok(Response::new(pb::ListKeyVersionsResponse {
+                versions,
+                reporters,
+            }))
         }
-        .instrument(span)
+        .instrument(span("ListKeyVersions"))
+        .await
+    }
+
+    async fn rotate_key(
+        &self,
+        request: Request<pb::RotateKeyRequest>,
+    ) -> Result<Response<pb::RotateKeyResponse>, Status> {
+        async {
+            let caller = self.authorize(&request, Role::Admin)?;
+            let purpose = purpose_from_wire(request.get_ref().purpose)?;
+            let version = self.shared.rotate(purpose, &caller, "manual".into())?;
+            let keyring = lock(&self.shared.keyring);
+            Ok(Response::new(pb::RotateKeyResponse {
+                created: Some(self.version_info(&keyring, purpose, version)),
+            }))
+        }
+        .instrument(span("RotateKey"))
+        .await
+    }
+
+    async fn retire_key(
+        &self,
+        request: Request<pb::RetireKeyRequest>,
+    ) -> Result<Response<pb::RetireKeyResponse>, Status> {
+        async {
+            let caller = self.authorize(&request, Role::Admin)?;
+            let purpose = purpose_from_wire(request.get_ref().purpose)?;
+            let version = request.get_ref().version;
+            let event = NewEvent {
+                actor: &caller,
+                action: "retire",
+                purpose: Some(purpose.name()),
+                version,
+                ..Default::default()
+            };
+            let mut refusal = None;
+            self.shared
+                .mutate(|keyring| {
+                    keyring.retire(purpose, version).map_err(|r| {
+                        let status = refused(&r);
+                        refusal = Some(r);
+                        status
+                    })
+                })
+                .map_err(|status| match &refusal {
+                    Some(r) => self.shared.refuse(event.clone(), r),
+                    None => status,
+                })?;
+            self.shared.announce();
+            self.shared.record(NewEvent {
+                outcome: "ok".into(),
+                ..event
+            })?;
+            tracing::info!(purpose = purpose.name(), version, "retired");
+            Ok(Response::new(pb::RetireKeyResponse {}))
+        }
+        .instrument(span("RetireKey"))
+        .await
+    }
+
+    async fn propose_operation(
+        &self,
+        request: Request<pb::ProposeOperationRequest>,
+    ) -> Result<Response<pb::Proposal>, Status> {
+        async {
+            let caller = self.authorize(&request, Role::Admin)?;
+            let request = request.into_inner();
+            let now = now_unix_ms();
+            let kind = match pb::OperationKind::try_from(request.kind) {
+                Ok(pb::OperationKind::Destroy) => OperationKind::Destroy,
+                Ok(pb::OperationKind::Unretire) => OperationKind::Unretire,
+                Ok(pb::OperationKind::RootKeyChange) => OperationKind::RootKeyChange,
+                _ => {
+                    return Err(Status::invalid_argument(
+                        "invalid kind: must be destroy, unretire or root-key-change",
+                    ));
+                }
+            };
+            let (purpose, new_root_key_file) = match kind {
+                OperationKind::RootKeyChange => {
+                    if request.new_root_key_file.is_empty() {
+                        return Err(Status::invalid_argument(
+                            "invalid new_root_key_file: required for a root key change",
+                        ));
+                    }
+                    // Checked now so that a typo fails before a second admin is asked.
+                    RootKey::from_file(std::path::Path::new(&request.new_root_key_file)).map_err(
+                        |e| {
+                            Status::failed_precondition(format!("cannot use the new root key: {e}"))
+                        },
+                    )?;
+                    (None, Some(request.new_root_key_file))
+                }
+                _ => (Some(purpose_from_wire(request.purpose)?), None),
+            };
+            let mut id_bytes = [0u8; 6];
+            envelope::fill_random(&mut id_bytes)
+                .map_err(|_| Status::internal("the system random number generator failed"))?;
+            let proposal = Proposal {
+                id: format!("p-{}", hex::encode(id_bytes)),
+                kind,
+                purpose: purpose.map(|p| p.name().to_owned()),
+                version: if purpose.is_some() {
+                    request.version
+                } else {
+                    0
+                },
+                new_root_key_file,
+                proposed_by: caller.clone(),
+                proposed_at_unix_ms: now,
+                expires_at_unix_ms: now
+                    + (self.shared.lifecycle.approval_window_secs * 1000) as i64,
+                state: ProposalState::Pending,
+                approved_by: None,
+                approved_at_unix_ms: 0,
+            };
+            let event = NewEvent {
+                actor: &caller,
+                action: "propose",
+                purpose: purpose.map(Purpose::name),
+                version: proposal.version,
+                detail: format!("{} {}", lifecycle::kind_name(kind), proposal.id),
+                ..Default::default()
+            };
+            if let (OperationKind::Destroy, Some(purpose)) = (kind, purpose) {
+                // Fail fast; checked again, authoritatively, at approval.
+                if let Err(r) = self.shared.check_unused(purpose, proposal.version, now) {
+                    return Err(self.shared.refuse(event, &r));
+                }
+            }
+            let mut refusal = None;
+            let stored = self
+                .shared
+                .mutate(|keyring| match keyring.propose(proposal) {
+                    Ok(p) => Ok(proposal_to_wire(&p, now)),
+                    Err(r) => {
+                        let status = refused(&r);
+                        refusal = Some(r);
+                        Err(status)
+                    }
+                })
+                .map_err(|status| match &refusal {
+                    Some(r) => self.shared.refuse(event.clone(), r),
+                    None => status,
+                })?;
+            self.shared.record(NewEvent {
+                outcome: "ok".into(),
+                ..event
+            })?;
+            tracing::info!(id = %stored.id, kind = lifecycle::kind_name(kind), "proposed");
+            Ok(Response::new(stored))
+        }
+        .instrument(span("ProposeOperation"))
+        .await
+    }
+
+    async fn approve_operation(
+        &self,
+        request: Request<pb::ApproveOperationRequest>,
+    ) -> Result<Response<pb::Proposal>, Status> {
+        async {
+            let caller = self.authorize(&request, Role::Admin)?;
+            let id = request.into_inner().id;
+            let now = now_unix_ms();
+            let shared = &self.shared;
+            let mut event = NewEvent {
+                actor: &caller,
+                action: "approve",
+                detail: id.clone(),
+                ..Default::default()
+            };
+            // Checked and carried out under the keyring lock: two approvals of the
+            // same proposal cannot both pass.
+            let mut keyring = lock(&shared.keyring);
+            let proposal = keyring
+                .check_approval(&id, &caller, now)
+                .map_err(|r| shared.refuse(event.clone(), &r))?;
+            event.purpose = proposal.purpose().map(Purpose::name);
+            event.version = proposal.version;
+            event.detail = format!("{} {id}", lifecycle::kind_name(proposal.kind));
+            match (proposal.kind, proposal.purpose()) {
+                (OperationKind::Destroy, Some(purpose)) => {
+                    shared
+                        .check_unused(purpose, proposal.version, now)
+                        .and_then(|()| keyring.destroy(purpose, proposal.version))
+                        .map_err(|r| shared.refuse(event.clone(), &r))?;
+                }
+                (OperationKind::Unretire, Some(purpose)) => {
+                    keyring
+                        .unretire(purpose, proposal.version)
+                        .map_err(|r| shared.refuse(event.clone(), &r))?;
+                }
+                (OperationKind::RootKeyChange, _) => {}
+                _ => return Err(Status::internal("stored proposal names no key purpose")),
+            }
+            keyring.mark_approved(&id, &caller, now);
+            let saved = match (proposal.kind, &proposal.new_root_key_file) {
+                (OperationKind::RootKeyChange, Some(file)) => shared.change_root_key(&keyring, file),
+                _ => keyring
+                    .save(&shared.keyring_file, &lock(&shared.root))
+                    .map_err(|e| {
+                        tracing::error!(error = %e, "cannot save the keyring");
+                        Status::unavailable("the keyring could not be saved; nothing was changed")
+                    }),
+            };
+            if let Err(status) = saved {
+                let root = lock(&shared.root);
+                if let Ok(on_disk) = Keyring::load(&shared.keyring_file, &root) {
+                    *keyring = on_disk;
+                }
+                return Err(status);
+            }
+            let approved = keyring
+                .proposals
+                .iter()
+                .find(|p| p.id == id)
+                .map(|p| proposal_to_wire(p, now))
+                .ok_or_else(|| Status::internal("approved proposal vanished"))?;
+            drop(keyring);
+            shared.announce();
+            shared.record(NewEvent {
+                outcome: "ok".into(),
+                ..event
+            })?;
+            tracing::info!(%id, kind = lifecycle::kind_name(proposal.kind), "approved and carried out");
+            Ok(Response::new(approved))
+        }
+        .instrument(span("ApproveOperation"))
+        .await
+    }
+
+    async fn list_proposals(
+        &self,
+        request: Request<pb::ListProposalsRequest>,
+    ) -> Result<Response<pb::ListProposalsResponse>, Status> {
+        async {
+            self.authorize(&request, Role::Admin)?;
+            let now = now_unix_ms();
+            let proposals = lock(&self.shared.keyring)
+                .proposals
+                .iter()
+                .map(|p| proposal_to_wire(p, now))
+                .collect();
+            Ok(Response::new(pb::ListProposalsResponse { proposals }))
+        }
+        .instrument(span("ListProposals"))
+        .await
+    }
+
+    async fn key_history(
+        &self,
+        request: Request<pb::KeyHistoryRequest>,
+    ) -> Result<Response<pb::KeyHistoryResponse>, Status> {
+        async {
+            self.authorize(&request, Role::Admin)?;
+            let events = self
+                .shared
+                .history
+                .read(request.get_ref().limit as usize)
+                .map_err(|e| Status::internal(format!("cannot read the key history: {e}")))?
+                .into_iter()
+                .map(|e| pb::KeyEvent {
+                    sequence: e.sequence,
+                    at_unix_ms: e.at_unix_ms,
+                    purpose: Purpose::ALL
+                        .into_iter()
+                        .find(|p| Some(p.name()) == e.purpose.as_deref())
+                        .map_or(pb::KeyPurpose::Unspecified, purpose_to_wire)
+                        as i32,
+                    actor: e.actor,
+                    action: e.action,
+                    version: e.version,
+                    outcome: e.outcome,
+                    detail: e.detail,
+                })
+                .collect();
+            Ok(Response::new(pb::KeyHistoryResponse { events }))
+        }
+        .instrument(span("KeyHistory"))
         .await
     }
 }

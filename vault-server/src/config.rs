@@ -33,6 +33,8 @@ pub struct Settings {
     /// Bounds on what one caller can make the server hold or wait for.
     #[serde(default)]
     pub limits: LimitsSettings,
+    #[serde(default)]
+    pub rewrap: RewrapSettings,
     /// The processor allowlist: `[[processor]]` entries.
     #[serde(default, rename = "processor")]
     pub processors: Vec<crate::forward::settings::ProcessorSettings>,
@@ -51,9 +53,46 @@ pub struct KeyserviceSettings {
     pub ca_file: Option<PathBuf>,
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
-    /// Longest wait between two attempts to reach the keyservice at start-up.
+    /// Longest wait between two attempts to reach the keyservice (at start-up, and
+    /// to re-establish the key watch).
     #[serde(default = "default_max_retry_backoff_ms")]
     pub max_retry_backoff_ms: u64,
+    /// How often the vault reports its record count per key version (a destroy
+    /// needs a fresh report showing none).
+    #[serde(default = "default_usage_report_interval_ms")]
+    pub usage_report_interval_ms: u64,
+}
+
+/// `[rewrap]`: the background re-encryption onto the active key versions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewrapSettings {
+    /// Most records re-encrypted per second, so that rewrap never starves live
+    /// traffic of disk or CPU.
+    #[serde(default = "default_rewrap_rate")]
+    pub rate_per_sec: u32,
+    /// Records read and written per step (one durable write each).
+    #[serde(default = "default_rewrap_batch")]
+    pub batch_size: u32,
+}
+
+impl Default for RewrapSettings {
+    fn default() -> Self {
+        Self {
+            rate_per_sec: default_rewrap_rate(),
+            batch_size: default_rewrap_batch(),
+        }
+    }
+}
+
+fn default_rewrap_rate() -> u32 {
+    5_000
+}
+fn default_rewrap_batch() -> u32 {
+    256
+}
+fn default_usage_report_interval_ms() -> u64 {
+    5_000
 }
 
 /// `[limits]`: message size, time and concurrency bounds.
@@ -127,6 +166,10 @@ impl KeyserviceSettings {
 
     pub fn max_retry_backoff(&self) -> Duration {
         Duration::from_millis(self.max_retry_backoff_ms)
+    }
+
+    pub fn usage_report_interval(&self) -> Duration {
+        Duration::from_millis(self.usage_report_interval_ms.max(100))
     }
 
     /// The name the keyservice certificate must carry.
@@ -209,6 +252,11 @@ impl Settings {
             return Err(
                 "limits: max_request_bytes must be at least 1024 and the others greater than 0"
                     .into(),
+            );
+        }
+        if self.rewrap.rate_per_sec == 0 || !(1..=10_000).contains(&self.rewrap.batch_size) {
+            return Err(
+                "rewrap: rate_per_sec must be greater than 0 and batch_size 1 to 10000".into(),
             );
         }
         if self.forwarding.cvc_ttl_secs == 0 || self.forwarding.idempotency_ttl_secs == 0 {

@@ -75,8 +75,14 @@ impl CvcStore {
     }
 
     /// Keeps the CVC of `token` until the TTL ends or it is used.
-    pub fn put(&self, keys: &KeySet, token: &Token, cvc: &Cvc) -> Result<(), envelope::Error> {
-        let (key_version, key) = keys.cvc.active();
+    /// `key_version` and `key` come from the cvc purpose's encryption budget.
+    pub fn put(
+        &self,
+        key_version: u32,
+        key: &envelope::SecretKey,
+        token: &Token,
+        cvc: &Cvc,
+    ) -> Result<(), envelope::Error> {
         let sealed = envelope::seal(key, &aad(token), cvc.expose().as_bytes())?;
         let now = Instant::now();
         let mut entries = self.entries();

@@ -46,6 +46,8 @@ pub enum VaultError {
     IdempotencyUnknown,
     #[error("this vault has no backup_dir configured")]
     BackupsDisabled,
+    #[error(transparent)]
+    Keys(crate::keys::KeysError),
 }
 
 impl VaultError {
@@ -81,7 +83,10 @@ impl VaultError {
                 );
                 internal(
                     Code::FailedPrecondition,
-                    "the record's key version is not available",
+                    &format!(
+                        "the record's card-data key version {version} is not available: it was \
+                         retired or destroyed"
+                    ),
                 )
             }
             VaultError::Store(StoreError::Closed) => {
@@ -134,6 +139,14 @@ impl VaultError {
             | VaultError::BackupsDisabled => Status::failed_precondition(self.to_string()),
             VaultError::IdempotencyInFlight | VaultError::IdempotencyUnknown => {
                 Status::aborted(self.to_string())
+            }
+            VaultError::Keys(e) => {
+                tracing::error!(error = %e, "no encryption key available");
+                internal(
+                    Code::Unavailable,
+                    "no encryption key is available right now (keyservice unreachable and the \
+                     leased encryption budget is used up); nothing was stored",
+                )
             }
             VaultError::Crypto(_) | VaultError::TokenSpace => {
                 tracing::error!(error = %self, "internal failure");

@@ -1,19 +1,29 @@
-//! The vault's data keys: fetched from the keyservice at start-up, held in memory
-//! only (zeroized on drop), never written anywhere. There is no local fallback key.
+//! The vault's data keys: fetched from the keyservice, held in memory only (zeroized
+//! on drop), never written anywhere. There is no local fallback key.
+//!
+//! After start-up a watch stream keeps the key set current (rotations, retirements and
+//! destructions arrive within moments, and after a reconnect), and every AES-GCM
+//! encryption draws on a budget leased from the keyservice, which records each lease
+//! durably before handing it out: no key version is used for more encryptions than
+//! its limit, across restarts and vaults (NIST SP 800-38D, 8.3).
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use envelope::SecretKey;
 use runtime::shutdown::Shutdown;
+use tokio::sync::watch;
 use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
 use vault_proto::keys::v1 as pb;
 
 use crate::config::KeyserviceSettings;
 
-/// The versions of one key purpose that the vault may use, and which one encrypts.
-#[derive(Debug)]
+type Client = pb::key_service_client::KeyServiceClient<Channel>;
+
+/// The versions of one key purpose that the vault may use, and which one is active.
+#[derive(Debug, Clone)]
 pub struct Versions {
     active: u32,
     keys: BTreeMap<u32, Arc<SecretKey>>,
@@ -22,7 +32,7 @@ pub struct Versions {
 impl Versions {
     /// The active version: the one new records use.
     pub fn active(&self) -> (u32, &Arc<SecretKey>) {
-        // `from_wire` guarantees the active version is present.
+        // `from_wire` and `learn` guarantee the active version is present.
         let key = &self.keys[&self.active];
         (self.active, key)
     }
@@ -30,10 +40,25 @@ impl Versions {
     pub fn get(&self, version: u32) -> Option<&Arc<SecretKey>> {
         self.keys.get(&version)
     }
+
+    /// Every held version except the active one.
+    pub fn older(&self) -> impl Iterator<Item = (u32, &Arc<SecretKey>)> {
+        self.keys
+            .iter()
+            .filter(|(v, _)| **v != self.active)
+            .map(|(v, k)| (*v, k))
+    }
+
+    /// Adopts a newer active version learnt from a lease before the watch stream
+    /// announced it.
+    fn learn(&mut self, version: u32, key: Arc<SecretKey>) {
+        self.keys.entry(version).or_insert(key);
+        self.active = self.active.max(version);
+    }
 }
 
-/// Every key the vault holds.
-#[derive(Debug)]
+/// Every key the vault holds at one moment.
+#[derive(Debug, Clone)]
 pub struct KeySet {
     pub card_data: Versions,
     pub fingerprint: Versions,
@@ -53,6 +78,9 @@ pub enum KeysError {
     ShutDown,
     #[error("invalid keyservice endpoint: {0}")]
     Endpoint(String),
+    /// No encryption budget is left and the keyservice cannot lease more now.
+    #[error("no encryption budget left and the keyservice cannot lease more: {0}")]
+    NoBudget(String),
 }
 
 impl KeySet {
@@ -105,23 +133,17 @@ impl KeySet {
 
 /// Fetches the keys, retrying with exponential backoff while the keyservice is
 /// unreachable or unavailable. A refusal of our identity is final.
-pub async fn fetch_with_retry(
+async fn fetch_with_retry(
     settings: &KeyserviceSettings,
-    tls: tonic::transport::ClientTlsConfig,
+    endpoint: &Endpoint,
     shutdown: Shutdown,
 ) -> Result<KeySet, KeysError> {
-    let endpoint = tonic::transport::Endpoint::from_shared(settings.endpoint.clone())
-        .map_err(|e| KeysError::Endpoint(e.to_string()))?
-        .connect_timeout(settings.connect_timeout())
-        .timeout(settings.connect_timeout())
-        .tls_config(tls)
-        .map_err(|e| KeysError::Endpoint(e.to_string()))?;
     let mut backoff = Duration::from_millis(200);
     let mut attempt = 1u32;
     let stop = shutdown.wait();
     tokio::pin!(stop);
     loop {
-        match fetch_once(&endpoint).await {
+        match fetch_once(endpoint).await {
             Ok(response) => {
                 let keys = KeySet::from_wire(response)?;
                 tracing::info!(
@@ -171,4 +193,362 @@ async fn fetch_once(endpoint: &tonic::transport::Endpoint) -> Result<pb::GetKeys
             }
             code => Retry::Yes(format!("keyservice answered {code:?}")),
         })
+}
+
+/// AES-GCM purposes, whose encryptions draw on a leased budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aead {
+    CardData,
+    Cvc,
+}
+
+/// Encryptions leased under one version.
+#[derive(Debug)]
+struct Lease {
+    version: u32,
+    key: Arc<SecretKey>,
+    remaining: u64,
+    size: u64,
+    /// The version's budget ends with this lease: the next one rotates, so it is not
+    /// asked for in advance.
+    last: bool,
+}
+
+#[derive(Debug, Default)]
+struct Budget {
+    leases: Mutex<VecDeque<Lease>>,
+    /// One lease request at a time per purpose.
+    refill: tokio::sync::Mutex<()>,
+}
+
+impl Budget {
+    /// Takes one encryption from the oldest lease. The flag says it is time to lease
+    /// the next block (a quarter of a lease left), so that callers rarely wait.
+    fn try_take(&self) -> Option<((u32, Arc<SecretKey>), bool)> {
+        let mut leases = lock(&self.leases);
+        while leases.front().is_some_and(|l| l.remaining == 0) {
+            leases.pop_front();
+        }
+        let lease = leases.front_mut()?;
+        lease.remaining -= 1;
+        let taken = (lease.version, Arc::clone(&lease.key));
+        let low_water = (lease.size / 4).max(1);
+        let prefetch = !lease.last && leases.len() < 2;
+        let left: u64 = leases.iter().map(|l| l.remaining).sum();
+        Some((taken, prefetch && left < low_water))
+    }
+
+    /// Drops leases of versions that are no longer active.
+    fn keep_version(&self, active: u32) {
+        lock(&self.leases).retain(|l| l.version >= active);
+    }
+
+    fn newest_version(&self) -> Option<(u32, Arc<SecretKey>)> {
+        lock(&self.leases)
+            .iter()
+            .max_by_key(|l| l.version)
+            .map(|l| (l.version, Arc::clone(&l.key)))
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The vault's link to its keys: the current key set, the encryption budgets, and
+/// the keyservice connection that keeps both fresh.
+#[derive(Debug)]
+pub struct Keys {
+    current: RwLock<Arc<KeySet>>,
+    card_data: Budget,
+    cvc: Budget,
+    client: Client,
+    watch_endpoint: Endpoint,
+    connected: watch::Sender<bool>,
+    settings: KeyserviceSettings,
+}
+
+impl Keys {
+    /// Fetches the keys, retrying with backoff until the keyservice answers or
+    /// `shutdown` fires; a vault never starts cold without its keys.
+    pub async fn connect(
+        settings: &KeyserviceSettings,
+        tls: tonic::transport::ClientTlsConfig,
+        shutdown: Shutdown,
+    ) -> Result<Arc<Self>, KeysError> {
+        let endpoint = Endpoint::from_shared(settings.endpoint.clone())
+            .map_err(|e| KeysError::Endpoint(e.to_string()))?
+            .connect_timeout(settings.connect_timeout())
+            .tls_config(tls)
+            .map_err(|e| KeysError::Endpoint(e.to_string()))?;
+        // Unary calls get a deadline; the watch stream must not.
+        let unary = endpoint.clone().timeout(settings.connect_timeout());
+        let set = fetch_with_retry(settings, &unary, shutdown).await?;
+        Ok(Arc::new(Self {
+            current: RwLock::new(Arc::new(set)),
+            card_data: Budget::default(),
+            cvc: Budget::default(),
+            client: Client::new(unary.connect_lazy()),
+            watch_endpoint: endpoint,
+            connected: watch::channel(true).0,
+            settings: settings.clone(),
+        }))
+    }
+
+    /// The key set now. Cheap: callers take one per request.
+    pub fn snapshot(&self) -> Arc<KeySet> {
+        Arc::clone(
+            &self
+                .current
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Whether the watch stream to the keyservice is up.
+    pub fn connected(&self) -> watch::Receiver<bool> {
+        self.connected.subscribe()
+    }
+
+    fn budget(&self, aead: Aead) -> &Budget {
+        match aead {
+            Aead::CardData => &self.card_data,
+            Aead::Cvc => &self.cvc,
+        }
+    }
+
+    /// The key and version for one new encryption, counted against the leased budget.
+    pub async fn encryption_key(
+        self: &Arc<Self>,
+        aead: Aead,
+    ) -> Result<(u32, Arc<SecretKey>), KeysError> {
+        let budget = self.budget(aead);
+        for _ in 0..3 {
+            if let Some(taken) = self.take(aead) {
+                return Ok(taken);
+            }
+            let _refill = budget.refill.lock().await;
+            if let Some(taken) = self.take(aead) {
+                return Ok(taken);
+            }
+            self.lease(aead).await?;
+        }
+        Err(KeysError::NoBudget(
+            "the keyservice keeps leasing a version older than the active one".into(),
+        ))
+    }
+
+    fn take(self: &Arc<Self>, aead: Aead) -> Option<(u32, Arc<SecretKey>)> {
+        let (taken, low) = self.budget(aead).try_take()?;
+        if low {
+            let this = Arc::clone(self);
+            tokio::spawn(async move {
+                let budget = this.budget(aead);
+                if let Ok(_refill) = budget.refill.try_lock()
+                    && let Err(e) = this.lease(aead).await
+                {
+                    tracing::warn!(error = %e, "could not lease the next encryption budget in advance");
+                }
+            });
+        }
+        Some(taken)
+    }
+
+    /// Leases a block of encryptions and adds it to the budget.
+    async fn lease(&self, aead: Aead) -> Result<(), KeysError> {
+        let purpose = match aead {
+            Aead::CardData => pb::KeyPurpose::CardData,
+            Aead::Cvc => pb::KeyPurpose::Cvc,
+        };
+        let response = self
+            .client
+            .clone()
+            .lease_budget(pb::LeaseBudgetRequest {
+                purpose: purpose as i32,
+            })
+            .await
+            .map_err(|status| {
+                KeysError::NoBudget(format!("{:?}: {}", status.code(), status.message()))
+            })?
+            .into_inner();
+        let mut key = response
+            .key
+            .ok_or(KeysError::Unusable("a lease without a key"))?;
+        let material = zeroize::Zeroizing::new(std::mem::take(&mut key.material));
+        let secret = Arc::new(
+            SecretKey::from_slice(&material)
+                .map_err(|_| KeysError::Unusable("a key is not 32 bytes"))?,
+        );
+        let mut current = self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let versions = |set: &KeySet| match aead {
+            Aead::CardData => set.card_data.active,
+            Aead::Cvc => set.cvc.active,
+        };
+        if key.version < versions(&current) {
+            // Leased before a rotation we already know of: not usable for new data.
+            return Ok(());
+        }
+        if key.version > versions(&current) {
+            let mut set = KeySet::clone(&current);
+            match aead {
+                Aead::CardData => set.card_data.learn(key.version, Arc::clone(&secret)),
+                Aead::Cvc => set.cvc.learn(key.version, Arc::clone(&secret)),
+            }
+            *current = Arc::new(set);
+        }
+        let budget = self.budget(aead);
+        lock(&budget.leases).push_back(Lease {
+            version: key.version,
+            key: secret,
+            remaining: response.encryptions,
+            size: response.encryptions,
+            last: response.version_remaining == 0,
+        });
+        tracing::info!(
+            purpose = purpose.as_str_name(),
+            version = key.version,
+            encryptions = response.encryptions,
+            "leased an encryption budget"
+        );
+        Ok(())
+    }
+
+    /// Replaces the key set with one from the keyservice. Leases of versions that are
+    /// no longer active are dropped; a version learnt from a lease that the set does
+    /// not show yet is kept.
+    fn apply(&self, mut set: KeySet) {
+        let mut current = self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (aead, versions) in [
+            (Aead::CardData, &mut set.card_data),
+            (Aead::Cvc, &mut set.cvc),
+        ] {
+            let budget = self.budget(aead);
+            budget.keep_version(versions.active);
+            if let Some((version, key)) = budget.newest_version()
+                && version > versions.active
+            {
+                versions.learn(version, key);
+            }
+        }
+        let changed = current.card_data.active != set.card_data.active
+            || current.fingerprint.active != set.fingerprint.active
+            || current.cvc.active != set.cvc.active
+            || current.card_data.keys.len() != set.card_data.keys.len()
+            || current.fingerprint.keys.len() != set.fingerprint.keys.len();
+        if changed {
+            tracing::info!(
+                card_data_version = set.card_data.active,
+                fingerprint_version = set.fingerprint.active,
+                cvc_version = set.cvc.active,
+                card_data_versions_held = set.card_data.keys.len(),
+                "key set updated from the keyservice"
+            );
+        }
+        *current = Arc::new(set);
+    }
+
+    /// Sends the keyservice how many records use each key version.
+    pub async fn report_usage(&self, usage: Vec<pb::VersionUsage>) -> Result<(), tonic::Status> {
+        self.client
+            .clone()
+            .report_usage(pb::ReportUsageRequest { usage })
+            .await
+            .map(drop)
+    }
+
+    /// Follows the keyservice's key set until `shutdown`, reconnecting with backoff,
+    /// and reports record usage on every (re)connection and then periodically.
+    pub fn spawn_watch(
+        self: &Arc<Self>,
+        usage: impl Fn() -> Vec<pb::VersionUsage> + Send + Sync + 'static,
+        shutdown: Shutdown,
+    ) {
+        let usage = Arc::new(usage);
+        let this = Arc::clone(self);
+        let reporter_usage = Arc::clone(&usage);
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(this.settings.usage_report_interval());
+            let stop = stop.wait();
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if let Err(status) = this.report_usage(reporter_usage()).await {
+                            tracing::debug!(code = ?status.code(), "usage report not delivered");
+                        }
+                    }
+                    _ = &mut stop => return,
+                }
+            }
+        });
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let stop = shutdown.wait();
+            tokio::pin!(stop);
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                let started = std::time::Instant::now();
+                let reason = tokio::select! {
+                    reason = this.follow(usage.as_ref()) => reason,
+                    _ = &mut stop => return,
+                };
+                let _ = this.connected.send_replace(false);
+                if started.elapsed() > Duration::from_secs(10) {
+                    backoff = Duration::from_millis(200);
+                }
+                tracing::warn!(
+                    %reason,
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "lost the keyservice watch; serving with the keys held"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = &mut stop => return,
+                }
+                backoff = (backoff * 2).min(this.settings.max_retry_backoff());
+            }
+        });
+    }
+
+    /// One watch session: returns why it ended.
+    async fn follow(&self, usage: &(dyn Fn() -> Vec<pb::VersionUsage> + Send + Sync)) -> String {
+        let channel = match self.watch_endpoint.connect().await {
+            Ok(channel) => channel,
+            Err(e) => return format!("cannot connect: {}", runtime::error_chain(&e)),
+        };
+        let mut stream = match Client::new(channel)
+            .watch_keys(pb::WatchKeysRequest {})
+            .await
+        {
+            Ok(response) => response.into_inner(),
+            Err(status) => return format!("keyservice answered {:?}", status.code()),
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(response)) => match KeySet::from_wire(response) {
+                    Ok(set) => {
+                        self.apply(set);
+                        if !self.connected.send_replace(true) {
+                            tracing::info!("keyservice watch (re)established");
+                            if let Err(status) = self.report_usage(usage()).await {
+                                tracing::debug!(code = ?status.code(), "usage report not delivered");
+                            }
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "ignored an unusable key set"),
+                },
+                Ok(None) => return "the keyservice ended the stream".into(),
+                Err(status) => return format!("stream failed: {:?}", status.code()),
+            }
+        }
+    }
 }

@@ -2,8 +2,9 @@
 //! ciphertext in RocksDB, with keys fetched from the keyservice and held in memory only.
 //!
 //! Layout: `card` and `token` are the domain types, `record` the on-disk format,
-//! `store` the storage trait and its engines, `keys` the key set, `policy` who may do
-//! what, `service` the gRPC handlers, `error` the one mapping to gRPC statuses.
+//! `store` the storage trait and its engines, `keys` the key set and encryption
+//! budgets, `rewrap` the background re-encryption, `policy` who may do what, `service`
+//! the gRPC handlers, `error` the one mapping to gRPC statuses.
 //!
 //! Must never depend on the keyservice crate (keys arrive only over the wire) nor
 //! expose any API that returns card data.
@@ -16,6 +17,7 @@ pub mod forward;
 pub mod keys;
 pub mod policy;
 pub mod record;
+pub mod rewrap;
 pub mod service;
 pub mod store;
 pub mod token;
@@ -58,6 +60,9 @@ pub enum Error {
 pub struct Bound {
     listener: TcpListener,
     service: service::VaultService<RocksStore>,
+    store: Arc<RocksStore>,
+    keys: Arc<keys::Keys>,
+    rewrap: Arc<rewrap::Rewrapper<RocksStore>>,
     tls: TlsMaterial,
     limits: config::LimitsSettings,
 }
@@ -77,13 +82,18 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
         })?,
         None => tls.clone(),
     };
-    let keys = keys::fetch_with_retry(
+    let keys = keys::Keys::connect(
         &settings.keyservice,
         keyservice_tls.client_config(settings.keyservice.server_name()),
         shutdown,
     )
     .await?;
-    let store = open_store(settings)?;
+    let store = Arc::new(open_store(settings)?);
+    let rewrap = Arc::new(rewrap::Rewrapper::new(
+        Arc::clone(&store),
+        Arc::clone(&keys),
+        settings.rewrap.clone(),
+    ));
     let listener = TcpListener::bind(settings.listen_addr)
         .await
         .map_err(|source| Error::Bind {
@@ -92,9 +102,13 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
         })?;
     Ok(Bound {
         listener,
+        store: Arc::clone(&store),
+        keys: Arc::clone(&keys),
+        rewrap: Arc::clone(&rewrap),
         service: service::VaultService::new(
-            Arc::new(store),
-            Arc::new(keys),
+            store,
+            keys,
+            rewrap,
             Arc::new(policy),
             service::ServiceSettings {
                 max_batch_size: settings.max_batch_size,
@@ -174,7 +188,48 @@ fn open_store(settings: &Settings) -> Result<RocksStore, Error> {
     std::os::unix::fs::DirBuilderExt::mode(&mut dir, 0o700);
     dir.create(&settings.data_dir)
         .map_err(|e| storage_error(e.to_string()))?;
-    RocksStore::open(&settings.data_dir).map_err(|e| storage_error(e.to_string()))
+    RocksStore::open(&settings.data_dir, record::versions_of)
+        .map_err(|e| storage_error(e.to_string()))
+}
+
+/// Health service name whose status says whether the keyservice link is up. While it
+/// is NOT_SERVING the vault still serves with the keys it holds (degraded).
+pub const KEYSERVICE_LINK_HEALTH: &str = "tokenvault.vault.v1.Vault/keyservice";
+
+async fn report_keyservice_link(
+    mut connected: tokio::sync::watch::Receiver<bool>,
+    reporter: tonic_health::server::HealthReporter,
+) {
+    loop {
+        let status = if *connected.borrow_and_update() {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        reporter
+            .set_service_status(KEYSERVICE_LINK_HEALTH, status)
+            .await;
+        if connected.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Records per key version, as the keyservice wants them for destroy checks.
+fn usage_report<S: store::Store>(store: &S) -> Vec<vault_proto::keys::v1::VersionUsage> {
+    use vault_proto::keys::v1::{KeyPurpose, VersionUsage};
+    store
+        .version_counts()
+        .into_iter()
+        .map(|((key_use, version), records)| VersionUsage {
+            purpose: match key_use {
+                store::KeyUse::CardData => KeyPurpose::CardData,
+                store::KeyUse::Fingerprint => KeyPurpose::Fingerprint,
+            } as i32,
+            version,
+            records,
+        })
+        .collect()
 }
 
 impl Bound {
@@ -190,6 +245,16 @@ impl Bound {
         health_reporter
             .set_serving::<VaultServer<service::VaultService<RocksStore>>>()
             .await;
+        let store = Arc::clone(&self.store);
+        self.keys
+            .spawn_watch(move || usage_report(store.as_ref()), shutdown.clone());
+        tokio::spawn(report_keyservice_link(
+            self.keys.connected(),
+            health_reporter.clone(),
+        ));
+        if let Err(e) = self.rewrap.resume(shutdown.clone()).await {
+            tracing::error!(error = %e, "cannot read the rewrap job state; start it again with `vaultctl keys rewrap`");
+        }
         tracing::info!(addr = %self.local_addr(), "vault-server serving");
         let limits = &self.limits;
         tonic::transport::Server::builder()

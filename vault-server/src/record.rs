@@ -59,7 +59,33 @@ pub struct Metadata {
     pub tenant: Tenant,
 }
 
+/// The keyed fingerprint of a card number within a tenant.
+pub fn fingerprint(key: &SecretKey, tenant: &Tenant, pan: &Pan) -> [u8; 32] {
+    envelope::hmac_sha256(
+        key,
+        &[
+            b"tokenvault.fingerprint.v1",
+            tenant.as_str().as_bytes(),
+            pan.expose_digits().as_bytes(),
+        ],
+    )
+}
+
+/// The key versions of stored record bytes, read from the clear header without
+/// authenticating it (for indexing only; reads always authenticate).
+pub fn versions_of(bytes: &[u8]) -> Option<crate::store::KeyVersions> {
+    let metadata = decode(bytes).ok()?.metadata;
+    Some(metadata.versions())
+}
+
 impl Metadata {
+    pub fn versions(&self) -> crate::store::KeyVersions {
+        crate::store::KeyVersions {
+            card_data: self.key_version,
+            fingerprint: self.fingerprint.version,
+        }
+    }
+
     /// The record's key in the fingerprint index: tenant, fingerprint version and value,
     /// expiry. A keyed hash and clear metadata only, never the PAN. Computable from the
     /// clear metadata, so deleting a record needs no decryption.

@@ -16,9 +16,10 @@ use crate::cvc::CvcStore;
 use crate::error::VaultError;
 use crate::forward::template::{Encoding, Field, Template};
 use crate::forward::{Outbound, Processors, idempotency};
-use crate::keys::KeySet;
+use crate::keys::{Aead, KeySet, Keys};
 use crate::policy::{Caller, Denied, Permission, Policy};
 use crate::record::{self, Fingerprint, Metadata, StoredRecord};
+use crate::rewrap::Rewrapper;
 use crate::store::{InsertOutcome, NewRecord, Store};
 use crate::token::Token;
 
@@ -42,7 +43,8 @@ pub struct ServiceSettings {
 #[derive(Debug)]
 pub struct VaultService<S> {
     store: Arc<S>,
-    keys: Arc<KeySet>,
+    keys: Arc<Keys>,
+    rewrap: Arc<Rewrapper<S>>,
     policy: Arc<Policy>,
     max_batch_size: usize,
     processors: Processors,
@@ -73,13 +75,15 @@ impl Drop for InFlight<'_> {
 impl<S: Store> VaultService<S> {
     pub fn new(
         store: Arc<S>,
-        keys: Arc<KeySet>,
+        keys: Arc<Keys>,
+        rewrap: Arc<Rewrapper<S>>,
         policy: Arc<Policy>,
         settings: ServiceSettings,
     ) -> Self {
         Self {
             store,
             keys,
+            rewrap,
             policy,
             max_batch_size: settings.max_batch_size,
             processors: settings.processors,
@@ -141,45 +145,65 @@ impl<S: Store> VaultService<S> {
         .await
     }
 
-    /// The fingerprint and clear metadata of a new record of `card`.
-    fn metadata(&self, caller: &Caller, card: &CardData, now_unix_ms: i64) -> Metadata {
-        let (fingerprint_version, fingerprint_key) = self.keys.fingerprint.active();
-        let fingerprint = envelope::hmac_sha256(
-            fingerprint_key,
-            &[
-                b"tokenvault.fingerprint.v1",
-                caller.tenant.as_str().as_bytes(),
-                card.pan.expose_digits().as_bytes(),
-            ],
-        );
-        Metadata {
-            key_version: self.keys.card_data.active().0,
+    /// The fingerprint and clear metadata of a new record of `card` (the card-data
+    /// version is set when it is sealed), and, for `reuse_existing`, the card's index
+    /// keys under the older fingerprint versions still held.
+    fn metadata(
+        &self,
+        caller: &Caller,
+        card: &CardData,
+        now_unix_ms: i64,
+        reuse_existing: bool,
+    ) -> (Metadata, Vec<Vec<u8>>) {
+        let keys = self.keys.snapshot();
+        let (fingerprint_version, fingerprint_key) = keys.fingerprint.active();
+        let mut metadata = Metadata {
+            key_version: keys.card_data.active().0,
             brand: card.pan.brand(),
             last_four: card.pan.last_four(),
             expiry: card.expiry,
             created_at_unix_ms: now_unix_ms,
             fingerprint: Fingerprint {
                 version: fingerprint_version,
-                value: fingerprint,
+                value: record::fingerprint(fingerprint_key, &caller.tenant, &card.pan),
             },
             tenant: caller.tenant.clone(),
+        };
+        let mut older = Vec::new();
+        if reuse_existing {
+            let current = metadata.fingerprint;
+            for (version, key) in keys.fingerprint.older() {
+                metadata.fingerprint = Fingerprint {
+                    version,
+                    value: record::fingerprint(key, &caller.tenant, &card.pan),
+                };
+                older.push(metadata.index_key());
+            }
+            metadata.fingerprint = current;
         }
+        (metadata, older)
     }
 
-    fn seal(
+    /// Seals `card` under a new token with an encryption drawn from the card-data
+    /// budget, and sets `metadata.key_version` to the version used.
+    async fn seal(
         &self,
-        metadata: &Metadata,
+        metadata: &mut Metadata,
         card: &CardData,
         reuse_existing: bool,
+        older_index_keys: &[Vec<u8>],
     ) -> Result<NewRecord, VaultError> {
         let token = Token::generate()?;
-        let (_, key) = self.keys.card_data.active();
-        let value = record::seal(&token, metadata, card, key)?;
+        let (version, key) = self.keys.encryption_key(Aead::CardData).await?;
+        metadata.key_version = version;
+        let value = record::seal(&token, metadata, card, &key)?;
         Ok(NewRecord {
             token,
             value,
             index_key: metadata.index_key(),
             reuse_existing,
+            older_index_keys: older_index_keys.to_vec(),
+            versions: metadata.versions(),
         })
     }
 
@@ -204,8 +228,8 @@ impl<S: Store> VaultService<S> {
     ) -> Result<(StoredRecord, CardData), VaultError> {
         let stored = self.load(caller, token).await?;
         let version = stored.metadata.key_version;
-        let key = self
-            .keys
+        let keys = self.keys.snapshot();
+        let key = keys
             .card_data
             .get(version)
             .ok_or(VaultError::KeyUnavailable(version))?;
@@ -224,9 +248,10 @@ impl<S: Store> VaultService<S> {
     }
 
     /// Keeps the card's CVC (memory only) for the token it was stored under.
-    fn keep_cvc(&self, token: &Token, card: &CardData) -> Result<(), VaultError> {
+    async fn keep_cvc(&self, token: &Token, card: &CardData) -> Result<(), VaultError> {
         if let Some(cvc) = &card.cvc {
-            self.cvcs.put(&self.keys, token, cvc)?;
+            let (version, key) = self.keys.encryption_key(Aead::Cvc).await?;
+            self.cvcs.put(version, &key, token, cvc)?;
         }
         Ok(())
     }
@@ -237,14 +262,17 @@ impl<S: Store> VaultService<S> {
         request: pb::TokenizeRequest,
     ) -> Result<pb::TokenizeResponse, VaultError> {
         let card = CardData::from_wire(request.card, Today::now()).map_err(VaultError::Invalid)?;
-        let metadata = self.metadata(&caller, &card, now_unix_ms());
+        let (mut metadata, older) =
+            self.metadata(&caller, &card, now_unix_ms(), request.reuse_existing);
         for _ in 0..TOKEN_ATTEMPTS {
-            let record = self.seal(&metadata, &card, request.reuse_existing)?;
+            let record = self
+                .seal(&mut metadata, &card, request.reuse_existing, &older)
+                .await?;
             let token = record.token.clone();
             let outcome = self.store.insert(vec![record]).await?.pop();
             match outcome {
                 Some(InsertOutcome::Stored) => {
-                    self.keep_cvc(&token, &card)?;
+                    self.keep_cvc(&token, &card).await?;
                     tracing::info!(token = %token, "tokenized");
                     return Ok(tokenize_response(&token, &metadata, false));
                 }
@@ -254,7 +282,7 @@ impl<S: Store> VaultService<S> {
                         Err(VaultError::NotFound) => continue,
                         other => other?,
                     };
-                    self.keep_cvc(&existing, &card)?;
+                    self.keep_cvc(&existing, &card).await?;
                     tracing::info!(token = %existing, "returned existing token");
                     return Ok(tokenize_response(&existing, &stored.metadata, true));
                 }
@@ -285,13 +313,15 @@ impl<S: Store> VaultService<S> {
         let now = now_unix_ms();
         let mut results: Vec<Option<pb::BatchItemResult>> = Vec::new();
         results.resize_with(request.cards.len(), || None);
-        // Valid cards, still waiting for a stored token: (index, card, metadata).
+        // Valid cards, still waiting for a stored token: (index, card, metadata, the
+        // card's index keys under older fingerprint versions).
         let mut waiting = Vec::new();
         for (index, card) in request.cards.into_iter().enumerate() {
             match CardData::from_wire(Some(card), today) {
                 Ok(card) => {
-                    let metadata = self.metadata(&caller, &card, now);
-                    waiting.push((index, card, metadata));
+                    let (metadata, older) =
+                        self.metadata(&caller, &card, now, request.reuse_existing);
+                    waiting.push((index, card, metadata, older));
                 }
                 Err(violation) => results[index] = Some(invalid_item(index, violation)),
             }
@@ -300,39 +330,42 @@ impl<S: Store> VaultService<S> {
             if waiting.is_empty() {
                 break;
             }
-            let records = waiting
-                .iter()
-                .map(|(_, card, metadata)| self.seal(metadata, card, request.reuse_existing))
-                .collect::<Result<Vec<_>, _>>()?;
+            let mut records = Vec::with_capacity(waiting.len());
+            for (_, card, metadata, older) in &mut waiting {
+                records.push(
+                    self.seal(metadata, card, request.reuse_existing, older)
+                        .await?,
+                );
+            }
             let tokens: Vec<Token> = records.iter().map(|r| r.token.clone()).collect();
             // One durable write for every valid card of the batch.
             let outcomes = self.store.insert(records).await?;
             let mut retry = Vec::new();
-            for (((index, card, metadata), token), outcome) in
+            for (((index, card, metadata, older), token), outcome) in
                 waiting.into_iter().zip(tokens).zip(outcomes)
             {
                 let stored = match outcome {
                     InsertOutcome::Stored => {
-                        self.keep_cvc(&token, &card)?;
+                        self.keep_cvc(&token, &card).await?;
                         tokenize_response(&token, &metadata, false)
                     }
                     InsertOutcome::Existing(existing) => {
                         match self.load_verified(&caller, &existing).await {
                             Ok(stored) => {
-                                self.keep_cvc(&existing, &card)?;
+                                self.keep_cvc(&existing, &card).await?;
                                 tokenize_response(&existing, &stored.metadata, true)
                             }
                             // Deleted since the index named it: the next round stores
                             // this card anew instead of failing the whole batch.
                             Err(VaultError::NotFound) => {
-                                retry.push((index, card, metadata));
+                                retry.push((index, card, metadata, older));
                                 continue;
                             }
                             Err(other) => return Err(other),
                         }
                     }
                     InsertOutcome::TokenTaken => {
-                        retry.push((index, card, metadata));
+                        retry.push((index, card, metadata, older));
                         continue;
                     }
                 };
@@ -540,7 +573,7 @@ impl<S: Store> VaultService<S> {
         let cvc = if outbound.uses(Field::Cvc) {
             Some(
                 self.cvcs
-                    .take(&self.keys, &token)
+                    .take(&self.keys.snapshot(), &token)
                     .ok_or(VaultError::CvcUnavailable)?,
             )
         } else {
@@ -729,7 +762,11 @@ impl<S: Store> pb::vault_server::Vault for VaultService<S> {
                 let stored = self.load(&caller, &token).await?;
                 if !self
                     .store
-                    .delete(token.clone(), stored.metadata.index_key())
+                    .delete(
+                        token.clone(),
+                        stored.metadata.index_key(),
+                        stored.metadata.versions(),
+                    )
                     .await?
                 {
                     return Err(VaultError::NotFound);
@@ -783,7 +820,7 @@ impl<S: Store> pb::vault_server::Vault for VaultService<S> {
                 if !path.is_dir() {
                     return Err(VaultError::NotFound);
                 }
-                let keys = Arc::clone(&self.keys);
+                let keys = self.keys.snapshot();
                 let counts = tokio::task::spawn_blocking(move || {
                     let mut counts = pb::VerifyBackupResponse::default();
                     S::scan_backup(&path, &mut |token, value| {
@@ -807,6 +844,32 @@ impl<S: Store> pb::vault_server::Vault for VaultService<S> {
                 );
                 Ok(counts)
             },
+        )
+        .await
+    }
+
+    async fn start_rewrap(
+        &self,
+        request: Request<pb::StartRewrapRequest>,
+    ) -> Result<Response<pb::RewrapStatus>, Status> {
+        self.call(
+            "StartRewrap",
+            |_| Permission::Admin,
+            request,
+            |_, _| self.rewrap.start(),
+        )
+        .await
+    }
+
+    async fn get_rewrap_status(
+        &self,
+        request: Request<pb::GetRewrapStatusRequest>,
+    ) -> Result<Response<pb::RewrapStatus>, Status> {
+        self.call(
+            "GetRewrapStatus",
+            |_| Permission::Admin,
+            request,
+            |_, _| async { Ok(self.rewrap.status()) },
         )
         .await
     }

@@ -3,8 +3,13 @@
 
 use std::sync::Arc;
 
-use super::{InsertOutcome, NewRecord, Store};
+use super::{InsertOutcome, KeyUse, KeyVersions, NewRecord, Rewrite, RewriteOutcome, Store};
 use crate::token::Token;
+
+const V1: KeyVersions = KeyVersions {
+    card_data: 1,
+    fingerprint: 1,
+};
 
 fn record(token: &Token, value: &[u8], index_key: &[u8], reuse_existing: bool) -> NewRecord {
     NewRecord {
@@ -12,6 +17,8 @@ fn record(token: &Token, value: &[u8], index_key: &[u8], reuse_existing: bool) -
         value: value.to_vec(),
         index_key: index_key.to_vec(),
         reuse_existing,
+        older_index_keys: Vec::new(),
+        versions: V1,
     }
 }
 
@@ -23,6 +30,161 @@ pub async fn run_all<S: Store>(mut fresh: impl FnMut() -> S) {
     delete_removes_record_and_index(fresh()).await;
     concurrent_inserts_all_land(Arc::new(fresh())).await;
     outcomes_are_stored_and_replaced(fresh()).await;
+    records_are_counted_and_listed_by_key_version(fresh()).await;
+    rewrite_replaces_only_an_unchanged_record(fresh()).await;
+    reuse_finds_a_card_under_an_older_fingerprint_version(fresh()).await;
+    meta_is_stored_and_replaced(fresh()).await;
+}
+
+async fn records_are_counted_and_listed_by_key_version(store: impl Store) {
+    let tokens: Vec<Token> = (0..5).map(|_| Token::generate().unwrap()).collect();
+    let mut records = Vec::new();
+    for (i, token) in tokens.iter().enumerate() {
+        let mut r = record(token, b"v", format!("i{i}").as_bytes(), false);
+        if i >= 2 {
+            r.versions = KeyVersions {
+                card_data: 2,
+                fingerprint: 1,
+            };
+        }
+        records.push(r);
+    }
+    store.insert(records).await.unwrap();
+    let counts = store.version_counts();
+    assert_eq!(counts.get(&(KeyUse::CardData, 1)), Some(&2));
+    assert_eq!(counts.get(&(KeyUse::CardData, 2)), Some(&3));
+    assert_eq!(counts.get(&(KeyUse::Fingerprint, 1)), Some(&5));
+
+    let active = KeyVersions {
+        card_data: 2,
+        fingerprint: 1,
+    };
+    // Listed in pages through the cursor: exactly the two records on card-data v1.
+    let first = store.records_off_versions(active, None, 1).await.unwrap();
+    assert_eq!(first.len(), 1);
+    let rest = store
+        .records_off_versions(active, Some(&first[0].0), 10)
+        .await
+        .unwrap();
+    let mut listed: Vec<Token> = first.into_iter().chain(rest).map(|(_, t)| t).collect();
+    listed.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    let mut expected = tokens[..2].to_vec();
+    expected.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    assert_eq!(listed, expected);
+
+    assert!(
+        store
+            .delete(tokens[0].clone(), b"i0".to_vec(), V1)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.version_counts().get(&(KeyUse::CardData, 1)),
+        Some(&1),
+        "a delete uncounts its record"
+    );
+    let left = store.records_off_versions(active, None, 10).await.unwrap();
+    assert_eq!(
+        left.into_iter().map(|(_, t)| t).collect::<Vec<_>>(),
+        vec![tokens[1].clone()]
+    );
+}
+
+async fn rewrite_replaces_only_an_unchanged_record(store: impl Store) {
+    let (a, b) = (Token::generate().unwrap(), Token::generate().unwrap());
+    store
+        .insert(vec![
+            record(&a, b"old-a", b"fp1-a", false),
+            record(&b, b"old-b", b"fp1-b", false),
+        ])
+        .await
+        .unwrap();
+    let v2 = KeyVersions {
+        card_data: 2,
+        fingerprint: 2,
+    };
+    let rewrite = |token: &Token, expected: &[u8], index: &str| Rewrite {
+        token: token.clone(),
+        expected: expected.to_vec(),
+        value: b"new".to_vec(),
+        old_versions: V1,
+        new_versions: v2,
+        old_index_key: format!("fp1-{index}").into_bytes(),
+        new_index_key: format!("fp2-{index}").into_bytes(),
+    };
+    assert_eq!(
+        store.rewrite(rewrite(&a, b"old-a", "a")).await.unwrap(),
+        RewriteOutcome::Rewritten
+    );
+    assert_eq!(store.get(&a).await.unwrap().as_deref(), Some(&b"new"[..]));
+    // A stale copy (the record changed since it was read) writes nothing.
+    assert_eq!(
+        store.rewrite(rewrite(&a, b"old-a", "a")).await.unwrap(),
+        RewriteOutcome::Changed
+    );
+    // A record deleted after it was read is not resurrected.
+    assert!(
+        store
+            .delete(b.clone(), b"fp1-b".to_vec(), V1)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.rewrite(rewrite(&b, b"old-b", "b")).await.unwrap(),
+        RewriteOutcome::Changed
+    );
+    assert_eq!(store.get(&b).await.unwrap(), None);
+    let counts = store.version_counts();
+    assert_eq!(counts.get(&(KeyUse::CardData, 1)), None);
+    assert_eq!(counts.get(&(KeyUse::CardData, 2)), Some(&1));
+    assert!(
+        store
+            .records_off_versions(v2, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // The fingerprint index moved with the record: reuse finds it under fp2.
+    let again = Token::generate().unwrap();
+    let mut dup = record(&again, b"x", b"fp2-a", true);
+    dup.versions = v2;
+    assert_eq!(
+        store.insert(vec![dup]).await.unwrap(),
+        vec![InsertOutcome::Existing(a.clone())]
+    );
+    // Deleting with the new versions and index key removes everything.
+    assert!(
+        store
+            .delete(a.clone(), b"fp2-a".to_vec(), v2)
+            .await
+            .unwrap()
+    );
+    assert!(store.version_counts().is_empty());
+}
+
+async fn reuse_finds_a_card_under_an_older_fingerprint_version(store: impl Store) {
+    let a = Token::generate().unwrap();
+    store
+        .insert(vec![record(&a, b"A", b"fp1-card", false)])
+        .await
+        .unwrap();
+    let b = Token::generate().unwrap();
+    let mut newer = record(&b, b"B", b"fp2-card", true);
+    newer.older_index_keys = vec![b"fp1-card".to_vec()];
+    assert_eq!(
+        store.insert(vec![newer]).await.unwrap(),
+        vec![InsertOutcome::Existing(a)]
+    );
+}
+
+async fn meta_is_stored_and_replaced(store: impl Store) {
+    assert_eq!(store.get_meta("job").await.unwrap(), None);
+    store.put_meta("job", b"one".to_vec()).await.unwrap();
+    store.put_meta("job", b"two".to_vec()).await.unwrap();
+    assert_eq!(
+        store.get_meta("job").await.unwrap().as_deref(),
+        Some(&b"two"[..])
+    );
 }
 
 async fn outcomes_are_stored_and_replaced(store: impl Store) {
@@ -142,8 +304,8 @@ async fn delete_removes_record_and_index(store: impl Store) {
         .insert(vec![record(&a, b"A", b"card", true)])
         .await
         .unwrap();
-    assert!(store.delete(a.clone(), b"card".to_vec()).await.unwrap());
-    assert!(!store.delete(a.clone(), b"card".to_vec()).await.unwrap());
+    assert!(store.delete(a.clone(), b"card".to_vec(), V1).await.unwrap());
+    assert!(!store.delete(a.clone(), b"card".to_vec(), V1).await.unwrap());
     assert_eq!(store.get(&a).await.unwrap(), None);
     // The card is no longer indexed: reuse stores a new record.
     let outcomes = store

@@ -2,6 +2,7 @@
 //! record bytes; it never sees card data. Every engine passes the conformance suite in
 //! `conformance.rs`. Only `rocks.rs` names RocksDB.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::Path;
 
@@ -21,6 +22,69 @@ pub struct NewRecord {
     pub index_key: Vec<u8>,
     /// When the index already names a live token, return it instead of storing.
     pub reuse_existing: bool,
+    /// Index keys of the same card under older fingerprint key versions: with
+    /// `reuse_existing`, a live token named there is returned too.
+    pub older_index_keys: Vec<Vec<u8>>,
+    /// The key versions the record uses (the store counts and lists records by them).
+    pub versions: KeyVersions,
+}
+
+/// The key purposes a stored record uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum KeyUse {
+    CardData,
+    Fingerprint,
+}
+
+impl KeyUse {
+    pub const ALL: [KeyUse; 2] = [KeyUse::CardData, KeyUse::Fingerprint];
+
+    pub fn code(self) -> u8 {
+        match self {
+            KeyUse::CardData => 1,
+            KeyUse::Fingerprint => 2,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|u| u.code() == code)
+    }
+}
+
+/// The card-data and fingerprint key versions of one record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyVersions {
+    pub card_data: u32,
+    pub fingerprint: u32,
+}
+
+impl KeyVersions {
+    pub fn get(self, key_use: KeyUse) -> u32 {
+        match key_use {
+            KeyUse::CardData => self.card_data,
+            KeyUse::Fingerprint => self.fingerprint,
+        }
+    }
+}
+
+/// Re-encryption of one record onto new key versions, applied only if the record
+/// still holds `expected` (so a concurrent delete or rewrite wins).
+#[derive(Debug)]
+pub struct Rewrite {
+    pub token: Token,
+    pub expected: Vec<u8>,
+    pub value: Vec<u8>,
+    pub old_versions: KeyVersions,
+    pub new_versions: KeyVersions,
+    pub old_index_key: Vec<u8>,
+    pub new_index_key: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RewriteOutcome {
+    Rewritten,
+    /// The record was deleted or changed meanwhile; nothing was written.
+    Changed,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,7 +134,40 @@ pub trait Store: Send + Sync + 'static {
         &self,
         token: Token,
         index_key: Vec<u8>,
+        versions: KeyVersions,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Replaces a record with its re-encryption, atomically and durably, unless it
+    /// changed since it was read.
+    fn rewrite(
+        &self,
+        rewrite: Rewrite,
+    ) -> impl Future<Output = Result<RewriteOutcome, StoreError>> + Send;
+
+    /// Records per key use and version.
+    fn version_counts(&self) -> BTreeMap<(KeyUse, u32), u64>;
+
+    /// Up to `limit` tokens of records whose card-data or fingerprint version differs
+    /// from `active`, in a stable order, starting after `cursor` (an opaque position
+    /// returned with each token).
+    fn records_off_versions(
+        &self,
+        active: KeyVersions,
+        cursor: Option<&[u8]>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<(Vec<u8>, Token)>, StoreError>> + Send;
+
+    /// Small durable state of background jobs (the rewrap cursor).
+    fn get_meta(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<Vec<u8>>, StoreError>> + Send;
+
+    fn put_meta(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// The stored outcome of a forward under an idempotency key.
     fn get_outcome(

@@ -1,6 +1,8 @@
 //! RocksDB engine. Column families: `records` (token → sealed record), `fingerprints`
-//! (index key → token) and `idempotency` (tenant and idempotency key → forward outcome,
-//! which holds no card data).
+//! (index key → token), `idempotency` (tenant and idempotency key → forward outcome,
+//! which holds no card data), `versions` (key use | key version | token → empty: which
+//! records use which key version, for counting and rewrap) and `meta` (small state of
+//! background jobs).
 //!
 //! Writes go through one dedicated writer thread that takes everything queued, checks
 //! put-if-absent against the database plus the writes already in the batch, and commits
@@ -9,20 +11,45 @@
 //! shared by every request that arrived meanwhile (DESIGN.md, Storage). Being the only
 //! writer also makes put-if-absent race-free.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use rocksdb::{ColumnFamilyDescriptor, DB, DBCompressionType, Options, WriteBatch, WriteOptions};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{InsertOutcome, NewRecord, Store, StoreError};
+use super::{
+    InsertOutcome, KeyUse, KeyVersions, NewRecord, Rewrite, RewriteOutcome, Store, StoreError,
+};
 use crate::token::Token;
 
 const RECORDS: &str = "records";
 const FINGERPRINTS: &str = "fingerprints";
 const IDEMPOTENCY: &str = "idempotency";
+const VERSIONS: &str = "versions";
+const META: &str = "meta";
+const FAMILIES: [&str; 5] = [RECORDS, FINGERPRINTS, IDEMPOTENCY, VERSIONS, META];
+
+/// Reads the key versions from stored record bytes (to index records written before
+/// the `versions` column family existed).
+pub type VersionsOf = fn(&[u8]) -> Option<KeyVersions>;
+
+type Counts = Arc<Mutex<BTreeMap<(KeyUse, u32), u64>>>;
+
+fn version_key(key_use: KeyUse, version: u32, token: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(5 + token.len());
+    key.push(key_use.code());
+    key.extend_from_slice(&version.to_be_bytes());
+    key.extend_from_slice(token);
+    key
+}
+
+fn parse_version_key(key: &[u8]) -> Option<(KeyUse, u32, &[u8])> {
+    let key_use = KeyUse::from_code(*key.first()?)?;
+    let version = u32::from_be_bytes(key.get(1..5)?.try_into().ok()?);
+    Some((key_use, version, key.get(5..)?))
+}
 /// Most operations committed in one batch; bounds batch size and latency.
 const MAX_GROUP: usize = 2048;
 /// Queue depth in front of the writer; callers wait (backpressure) beyond it.
@@ -36,9 +63,16 @@ enum Op {
     Delete {
         token: Token,
         index_key: Vec<u8>,
+        versions: KeyVersions,
         reply: oneshot::Sender<Result<bool, StoreError>>,
     },
-    PutOutcome {
+    Rewrite {
+        rewrite: Rewrite,
+        reply: oneshot::Sender<Result<RewriteOutcome, StoreError>>,
+    },
+    /// A plain put into `family` (idempotency outcomes, job state).
+    Put {
+        family: &'static str,
         key: Vec<u8>,
         value: Vec<u8>,
         reply: oneshot::Sender<Result<(), StoreError>>,
@@ -47,6 +81,7 @@ enum Op {
 
 pub struct RocksStore {
     db: Arc<DB>,
+    counts: Counts,
     queue: Option<mpsc::Sender<Op>>,
     writer: Option<JoinHandle<()>>,
 }
@@ -86,22 +121,42 @@ fn db_options() -> Options {
 }
 
 impl RocksStore {
-    /// Opens (or creates) the database in `dir` and starts the writer thread.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let families = [RECORDS, FINGERPRINTS, IDEMPOTENCY]
-            .map(|name| ColumnFamilyDescriptor::new(name, db_options()));
+    /// Opens (or creates) the database in `dir` and starts the writer thread. A
+    /// database from before the `versions` column family is indexed once, with
+    /// `versions_of` reading each record's key versions.
+    pub fn open(dir: &Path, versions_of: VersionsOf) -> Result<Self, StoreError> {
+        let existing = DB::list_cf(&Options::default(), dir).unwrap_or_default();
+        let needs_index =
+            existing.iter().any(|f| f == RECORDS) && !existing.iter().any(|f| f == VERSIONS);
+        let families = FAMILIES.map(|name| ColumnFamilyDescriptor::new(name, db_options()));
         let db = Arc::new(DB::open_cf_descriptors(&db_options(), dir, families).map_err(engine)?);
+        if needs_index {
+            index_versions(&db, versions_of)?;
+        }
+        let counts = Arc::new(Mutex::new(count_versions(&db)?));
         let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
         let writer_db = Arc::clone(&db);
+        let writer_counts = Arc::clone(&counts);
         let writer = std::thread::Builder::new()
             .name("rocksdb-writer".into())
-            .spawn(move || Writer { db: writer_db }.run(receiver))
+            .spawn(move || {
+                Writer {
+                    db: writer_db,
+                    counts: writer_counts,
+                }
+                .run(receiver)
+            })
             .map_err(|e| StoreError::Engine(format!("cannot start writer thread: {e}")))?;
         Ok(Self {
             db,
+            counts,
             queue: Some(queue),
             writer: Some(writer),
         })
+    }
+
+    fn family(&self, name: &str) -> Result<&rocksdb::ColumnFamily, StoreError> {
+        self.db.cf_handle(name).ok_or(StoreError::Closed)
     }
 
     async fn submit<T>(
@@ -116,6 +171,51 @@ impl RocksStore {
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
+}
+
+/// Writes the `versions` entries of every record (one synced batch per 10,000).
+fn index_versions(db: &DB, versions_of: VersionsOf) -> Result<(), StoreError> {
+    let records = db.cf_handle(RECORDS).ok_or(StoreError::Closed)?;
+    let versions = db.cf_handle(VERSIONS).ok_or(StoreError::Closed)?;
+    let mut sync = WriteOptions::default();
+    sync.set_sync(true);
+    let mut batch = WriteBatch::default();
+    let mut indexed = 0u64;
+    for entry in db.iterator_cf(records, rocksdb::IteratorMode::Start) {
+        let (token, value) = entry.map_err(engine)?;
+        let Some(v) = versions_of(&value) else {
+            continue;
+        };
+        for key_use in KeyUse::ALL {
+            batch.put_cf(versions, version_key(key_use, v.get(key_use), &token), []);
+        }
+        indexed += 1;
+        if batch.len() >= 20_000 {
+            db.write_opt(std::mem::take(&mut batch), &sync)
+                .map_err(engine)?;
+        }
+    }
+    db.write_opt(batch, &sync).map_err(engine)?;
+    tracing::info!(
+        records = indexed,
+        "indexed the key versions of existing records"
+    );
+    Ok(())
+}
+
+fn count_versions(db: &DB) -> Result<BTreeMap<(KeyUse, u32), u64>, StoreError> {
+    let versions = db.cf_handle(VERSIONS).ok_or(StoreError::Closed)?;
+    let mut counts = BTreeMap::new();
+    let mut iter = db.raw_iterator_cf(versions);
+    iter.seek_to_first();
+    while let Some(key) = iter.key() {
+        if let Some((key_use, version, _)) = parse_version_key(key) {
+            *counts.entry((key_use, version)).or_insert(0) += 1;
+        }
+        iter.next();
+    }
+    iter.status().map_err(engine)?;
+    Ok(counts)
 }
 
 /// Calls `visit(token, record bytes)` for every record of a backup (or any stopped
@@ -160,10 +260,84 @@ impl Store for RocksStore {
         self.db.get_cf(cf, token.as_str()).map_err(engine)
     }
 
-    async fn delete(&self, token: Token, index_key: Vec<u8>) -> Result<bool, StoreError> {
+    async fn delete(
+        &self,
+        token: Token,
+        index_key: Vec<u8>,
+        versions: KeyVersions,
+    ) -> Result<bool, StoreError> {
         self.submit(|reply| Op::Delete {
             token,
             index_key,
+            versions,
+            reply,
+        })
+        .await
+    }
+
+    async fn rewrite(&self, rewrite: Rewrite) -> Result<RewriteOutcome, StoreError> {
+        self.submit(|reply| Op::Rewrite { rewrite, reply }).await
+    }
+
+    fn version_counts(&self) -> BTreeMap<(KeyUse, u32), u64> {
+        self.counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    async fn records_off_versions(
+        &self,
+        active: KeyVersions,
+        cursor: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Token)>, StoreError> {
+        let cf = self.family(VERSIONS)?;
+        let mut found = Vec::new();
+        let mut iter = self.db.raw_iterator_cf(cf);
+        match cursor {
+            Some(cursor) => {
+                iter.seek(cursor);
+                if iter.key() == Some(cursor) {
+                    iter.next();
+                }
+            }
+            None => iter.seek_to_first(),
+        }
+        while found.len() < limit {
+            let Some(key) = iter.key() else { break };
+            let Some((key_use, version, token)) = parse_version_key(key) else {
+                iter.next();
+                continue;
+            };
+            if version == active.get(key_use) {
+                // Skip every record already on the active version in one seek.
+                match version.checked_add(1) {
+                    Some(next) => iter.seek(version_key(key_use, next, &[])),
+                    None => iter.seek([key_use.code() + 1]),
+                }
+                continue;
+            }
+            let token = Token::from_stored(token).ok_or_else(|| {
+                StoreError::Engine("versions index holds a malformed token".into())
+            })?;
+            found.push((key.to_vec(), token));
+            iter.next();
+        }
+        iter.status().map_err(engine)?;
+        Ok(found)
+    }
+
+    async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db.get_cf(self.family(META)?, key).map_err(engine)
+    }
+
+    async fn put_meta(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        let key = key.as_bytes().to_vec();
+        self.submit(|reply| Op::Put {
+            family: META,
+            key,
+            value,
             reply,
         })
         .await
@@ -210,13 +384,19 @@ impl Store for RocksStore {
     }
 
     async fn put_outcome(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreError> {
-        self.submit(|reply| Op::PutOutcome { key, value, reply })
-            .await
+        self.submit(|reply| Op::Put {
+            family: IDEMPOTENCY,
+            key,
+            value,
+            reply,
+        })
+        .await
     }
 }
 
 struct Writer {
     db: Arc<DB>,
+    counts: Counts,
 }
 
 /// What one group commit has written so far, so later operations in the same group
@@ -226,6 +406,18 @@ struct Writer {
 struct Pending {
     records: HashMap<Vec<u8>, bool>,
     index: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Records rewritten in this group (a second rewrite of one must re-read).
+    rewritten: HashSet<Vec<u8>>,
+    /// Changes to the per-version record counts, applied once the batch is durable.
+    counts: Vec<((KeyUse, u32), i64)>,
+}
+
+impl Pending {
+    fn count(&mut self, versions: KeyVersions, delta: i64) {
+        for key_use in KeyUse::ALL {
+            self.counts.push(((key_use, versions.get(key_use)), delta));
+        }
+    }
 }
 
 impl Writer {
@@ -247,7 +439,8 @@ impl Writer {
         let mut pending = Pending::default();
         let mut inserts = Vec::new();
         let mut deletes = Vec::new();
-        let mut outcome_replies = Vec::new();
+        let mut rewrites = Vec::new();
+        let mut put_replies = Vec::new();
         // A failed read while planning fails the whole group: the batch may already
         // hold part of that operation, so nothing is written.
         let mut failure = None;
@@ -264,23 +457,38 @@ impl Writer {
                 Op::Delete {
                     token,
                     index_key,
+                    versions,
                     reply,
                 } => {
-                    let existed = self.plan_delete(&token, &index_key, &mut batch, &mut pending);
+                    let existed =
+                        self.plan_delete(&token, &index_key, versions, &mut batch, &mut pending);
                     let existed = existed.unwrap_or_else(|e| {
                         failure.get_or_insert(e.to_string());
                         false
                     });
                     deletes.push((reply, existed));
                 }
-                Op::PutOutcome { key, value, reply } => {
-                    match self.db.cf_handle(IDEMPOTENCY) {
+                Op::Rewrite { rewrite, reply } => {
+                    let outcome = self.plan_rewrite(&rewrite, &mut batch, &mut pending);
+                    let outcome = outcome.unwrap_or_else(|e| {
+                        failure.get_or_insert(e.to_string());
+                        RewriteOutcome::Changed
+                    });
+                    rewrites.push((reply, outcome));
+                }
+                Op::Put {
+                    family,
+                    key,
+                    value,
+                    reply,
+                } => {
+                    match self.db.cf_handle(family) {
                         Some(cf) => batch.put_cf(cf, key, value),
                         None => {
                             failure.get_or_insert(StoreError::Closed.to_string());
                         }
                     }
-                    outcome_replies.push(reply);
+                    put_replies.push(reply);
                 }
             }
         }
@@ -292,13 +500,29 @@ impl Writer {
                 self.db.write_opt(batch, &sync).map_err(|e| e.into_string())
             }
         };
+        if written.is_ok() {
+            let mut counts = self
+                .counts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (key, delta) in pending.counts {
+                let count = counts.entry(key).or_insert(0);
+                *count = count.saturating_add_signed(delta);
+                if *count == 0 {
+                    counts.remove(&key);
+                }
+            }
+        }
         for (reply, outcomes) in inserts {
             let _ = reply.send(written.clone().map(|()| outcomes).map_err(classify));
         }
         for (reply, existed) in deletes {
             let _ = reply.send(written.clone().map(|()| existed).map_err(classify));
         }
-        for reply in outcome_replies {
+        for (reply, outcome) in rewrites {
+            let _ = reply.send(written.clone().map(|()| outcome).map_err(classify));
+        }
+        for reply in put_replies {
             let _ = reply.send(written.clone().map_err(classify));
         }
     }
@@ -319,14 +543,27 @@ impl Writer {
         self.db.get_cf(cf, key).map_err(engine)
     }
 
+    /// The live token an index key names, if any; a stale entry (record gone) is none.
+    fn live_entry(&self, key: &[u8], pending: &Pending) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.index_entry(key, pending)? {
+            Some(token) if self.record_exists(&token, pending)? => Ok(Some(token)),
+            _ => Ok(None),
+        }
+    }
+
+    fn family(&self, name: &str) -> Result<&rocksdb::ColumnFamily, StoreError> {
+        self.db.cf_handle(name).ok_or(StoreError::Closed)
+    }
+
     fn plan_insert(
         &self,
         records: &[NewRecord],
         batch: &mut WriteBatch,
         pending: &mut Pending,
     ) -> Result<Vec<InsertOutcome>, StoreError> {
-        let records_cf = self.db.cf_handle(RECORDS).ok_or(StoreError::Closed)?;
-        let index_cf = self.db.cf_handle(FINGERPRINTS).ok_or(StoreError::Closed)?;
+        let records_cf = self.family(RECORDS)?;
+        let index_cf = self.family(FINGERPRINTS)?;
+        let versions_cf = self.family(VERSIONS)?;
         let mut outcomes = Vec::with_capacity(records.len());
         for record in records {
             let token = record.token.as_str().as_bytes();
@@ -334,19 +571,26 @@ impl Writer {
                 outcomes.push(InsertOutcome::TokenTaken);
                 continue;
             }
-            let indexed = match self.index_entry(&record.index_key, pending)? {
-                Some(existing) if self.record_exists(&existing, pending)? => Some(existing),
-                // An index entry whose record is gone is stale: replace it.
-                _ => None,
-            };
-            match indexed {
-                Some(existing) if record.reuse_existing => {
-                    let existing = Token::from_stored(&existing).ok_or_else(|| {
-                        StoreError::Engine("fingerprint index holds a malformed token".into())
-                    })?;
-                    outcomes.push(InsertOutcome::Existing(existing));
-                    continue;
+            // An index entry whose record is gone is stale: replaced below.
+            let indexed = self.live_entry(&record.index_key, pending)?;
+            let mut reusable = indexed.clone();
+            if record.reuse_existing && reusable.is_none() {
+                // The card may be indexed under an older fingerprint version still.
+                for older in &record.older_index_keys {
+                    if let Some(token) = self.live_entry(older, pending)? {
+                        reusable = Some(token);
+                        break;
+                    }
                 }
+            }
+            if let (true, Some(existing)) = (record.reuse_existing, reusable) {
+                let existing = Token::from_stored(&existing).ok_or_else(|| {
+                    StoreError::Engine("fingerprint index holds a malformed token".into())
+                })?;
+                outcomes.push(InsertOutcome::Existing(existing));
+                continue;
+            }
+            match indexed {
                 Some(_) => {}
                 None => {
                     batch.put_cf(index_cf, &record.index_key, token);
@@ -356,6 +600,11 @@ impl Writer {
                 }
             }
             batch.put_cf(records_cf, token, &record.value);
+            for key_use in KeyUse::ALL {
+                let version = record.versions.get(key_use);
+                batch.put_cf(versions_cf, version_key(key_use, version, token), []);
+            }
+            pending.count(record.versions, 1);
             pending.records.insert(token.to_vec(), true);
             outcomes.push(InsertOutcome::Stored);
         }
@@ -366,6 +615,7 @@ impl Writer {
         &self,
         token: &Token,
         index_key: &[u8],
+        versions: KeyVersions,
         batch: &mut WriteBatch,
         pending: &mut Pending,
     ) -> Result<bool, StoreError> {
@@ -373,8 +623,15 @@ impl Writer {
         if !self.record_exists(token, pending)? {
             return Ok(false);
         }
-        let records_cf = self.db.cf_handle(RECORDS).ok_or(StoreError::Closed)?;
-        batch.delete_cf(records_cf, token);
+        batch.delete_cf(self.family(RECORDS)?, token);
+        let versions_cf = self.family(VERSIONS)?;
+        for key_use in KeyUse::ALL {
+            batch.delete_cf(
+                versions_cf,
+                version_key(key_use, versions.get(key_use), token),
+            );
+        }
+        pending.count(versions, -1);
         pending.records.insert(token.to_vec(), false);
         if self.index_entry(index_key, pending)?.as_deref() == Some(token) {
             let index_cf = self.db.cf_handle(FINGERPRINTS).ok_or(StoreError::Closed)?;
@@ -383,11 +640,68 @@ impl Writer {
         }
         Ok(true)
     }
+
+    fn plan_rewrite(
+        &self,
+        rewrite: &Rewrite,
+        batch: &mut WriteBatch,
+        pending: &mut Pending,
+    ) -> Result<RewriteOutcome, StoreError> {
+        let token = rewrite.token.as_str().as_bytes();
+        // Touched earlier in this group (deleted, or rewritten): the caller's copy is
+        // stale.
+        if pending.records.contains_key(token) || pending.rewritten.contains(token) {
+            return Ok(RewriteOutcome::Changed);
+        }
+        let current = self
+            .db
+            .get_pinned_cf(self.family(RECORDS)?, token)
+            .map_err(engine)?;
+        if current.as_deref() != Some(rewrite.expected.as_slice()) {
+            return Ok(RewriteOutcome::Changed);
+        }
+        batch.put_cf(self.family(RECORDS)?, token, &rewrite.value);
+        let versions_cf = self.family(VERSIONS)?;
+        for key_use in KeyUse::ALL {
+            let old = rewrite.old_versions.get(key_use);
+            batch.delete_cf(versions_cf, version_key(key_use, old, token));
+        }
+        for key_use in KeyUse::ALL {
+            let new = rewrite.new_versions.get(key_use);
+            batch.put_cf(versions_cf, version_key(key_use, new, token), []);
+        }
+        pending.count(rewrite.old_versions, -1);
+        pending.count(rewrite.new_versions, 1);
+        if rewrite.old_index_key != rewrite.new_index_key {
+            let index_cf = self.family(FINGERPRINTS)?;
+            if self
+                .index_entry(&rewrite.old_index_key, pending)?
+                .as_deref()
+                == Some(token)
+            {
+                batch.delete_cf(index_cf, &rewrite.old_index_key);
+                pending.index.insert(rewrite.old_index_key.clone(), None);
+            }
+            // Another live token of the same card may own the new entry already.
+            if self.live_entry(&rewrite.new_index_key, pending)?.is_none() {
+                batch.put_cf(index_cf, &rewrite.new_index_key, token);
+                pending
+                    .index
+                    .insert(rewrite.new_index_key.clone(), Some(token.to_vec()));
+            }
+        }
+        pending.rewritten.insert(token.to_vec());
+        Ok(RewriteOutcome::Rewritten)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn no_versions(_: &[u8]) -> Option<KeyVersions> {
+        None
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn conformance() {
@@ -395,7 +709,7 @@ mod tests {
         let mut n = 0;
         super::super::conformance::run_all(|| {
             n += 1;
-            RocksStore::open(&dir.path().join(n.to_string())).unwrap()
+            RocksStore::open(&dir.path().join(n.to_string()), no_versions).unwrap()
         })
         .await;
     }
@@ -405,19 +719,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let token = Token::generate().unwrap();
         {
-            let store = RocksStore::open(dir.path()).unwrap();
+            let store = RocksStore::open(dir.path(), no_versions).unwrap();
             let outcome = store
                 .insert(vec![NewRecord {
                     token: token.clone(),
                     value: b"sealed".to_vec(),
                     index_key: b"index".to_vec(),
                     reuse_existing: false,
+                    older_index_keys: Vec::new(),
+                    versions: KeyVersions {
+                        card_data: 1,
+                        fingerprint: 1,
+                    },
                 }])
                 .await
                 .unwrap();
             assert_eq!(outcome, vec![InsertOutcome::Stored]);
         }
-        let store = RocksStore::open(dir.path()).unwrap();
+        let store = RocksStore::open(dir.path(), no_versions).unwrap();
         assert_eq!(
             store.get(&token).await.unwrap().as_deref(),
             Some(&b"sealed"[..])

@@ -1,0 +1,506 @@
+//! Key lifecycle rules, as plain functions over the keyring: rotation, retirement,
+//! encryption budget leases, and dual-control proposals. No I/O here; the service
+//! persists the keyring after every change and before it answers.
+
+use serde::{Deserialize, Serialize};
+
+use crate::keyring::{KeyVersion, Keyring, Purpose, State};
+
+/// NIST SP 800-38D (8.3): at most 2^32 invocations of AES-GCM with random nonces per
+/// key.
+pub const GCM_LIMIT: u64 = 1 << 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OperationKind {
+    Destroy,
+    Unretire,
+    RootKeyChange,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProposalState {
+    Pending,
+    Approved,
+}
+
+/// A dual-control proposal. Sealed inside the keyring with everything else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    pub id: String,
+    pub kind: OperationKind,
+    /// Destroy and un-retire: the version (purpose name and number).
+    pub purpose: Option<String>,
+    pub version: u32,
+    /// Root key change: the new root key file on this host.
+    pub new_root_key_file: Option<String>,
+    pub proposed_by: String,
+    pub proposed_at_unix_ms: i64,
+    pub expires_at_unix_ms: i64,
+    pub state: ProposalState,
+    pub approved_by: Option<String>,
+    pub approved_at_unix_ms: i64,
+}
+
+impl Proposal {
+    pub fn purpose(&self) -> Option<Purpose> {
+        Purpose::ALL
+            .into_iter()
+            .find(|p| Some(p.name()) == self.purpose.as_deref())
+    }
+
+    pub fn expired(&self, now_unix_ms: i64) -> bool {
+        self.state == ProposalState::Pending && now_unix_ms >= self.expires_at_unix_ms
+    }
+}
+
+/// Why an operation was refused. Messages name the rule and never hold key material.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("{purpose} has no version {version}")]
+    NoSuchVersion { purpose: &'static str, version: u32 },
+    #[error("{purpose} version {version} is {state}; {rule}")]
+    WrongState {
+        purpose: &'static str,
+        version: u32,
+        state: &'static str,
+        rule: &'static str,
+    },
+    #[error("{0} keys have no encryption budget (HMAC)")]
+    NotAead(&'static str),
+    #[error("no proposal {0}")]
+    NoSuchProposal(String),
+    #[error("proposal {0} was already approved; an approval cannot be replayed")]
+    AlreadyApproved(String),
+    #[error("proposal {0} expired before it was approved; propose it again")]
+    Expired(String),
+    #[error("dual control: the proposer cannot approve their own proposal")]
+    SelfApproval,
+    #[error("{purpose} version {version} is still used by {records} records; rewrap first")]
+    InUse {
+        purpose: &'static str,
+        version: u32,
+        records: u64,
+    },
+    #[error("{0}")]
+    UsageUnknown(String),
+    #[error("a {kind} proposal for this version is already pending as {id}")]
+    Duplicate { kind: &'static str, id: String },
+}
+
+pub fn state_name(state: State) -> &'static str {
+    match state {
+        State::Active => "active",
+        State::DecryptOnly => "decrypt-only",
+        State::Retired => "retired",
+        State::Destroyed => "destroyed",
+    }
+}
+
+pub fn kind_name(kind: OperationKind) -> &'static str {
+    match kind {
+        OperationKind::Destroy => "destroy",
+        OperationKind::Unretire => "unretire",
+        OperationKind::RootKeyChange => "root-key-change",
+    }
+}
+
+impl Keyring {
+    pub fn version(&self, purpose: Purpose, version: u32) -> Result<&KeyVersion, Refusal> {
+        self.versions
+            .iter()
+            .find(|v| v.purpose == purpose && v.version == version)
+            .ok_or(Refusal::NoSuchVersion {
+                purpose: purpose.name(),
+                version,
+            })
+    }
+
+    fn version_mut(&mut self, purpose: Purpose, version: u32) -> Result<&mut KeyVersion, Refusal> {
+        self.versions
+            .iter_mut()
+            .find(|v| v.purpose == purpose && v.version == version)
+            .ok_or(Refusal::NoSuchVersion {
+                purpose: purpose.name(),
+                version,
+            })
+    }
+
+    pub fn active(&self, purpose: Purpose) -> Option<&KeyVersion> {
+        self.versions
+            .iter()
+            .find(|v| v.purpose == purpose && v.state == State::Active)
+    }
+
+    /// Creates a new active version of `purpose`; the previous active one becomes
+    /// decrypt-only. Returns the new version number.
+    pub fn rotate(&mut self, purpose: Purpose, now_unix_ms: i64) -> Result<u32, envelope::Error> {
+        let material = envelope::SecretKey::generate()?;
+        let next = self
+            .versions
+            .iter()
+            .filter(|v| v.purpose == purpose)
+            .map(|v| v.version)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        for v in &mut self.versions {
+            if v.purpose == purpose && v.state == State::Active {
+                v.state = State::DecryptOnly;
+            }
+        }
+        self.versions.push(KeyVersion {
+            purpose,
+            version: next,
+            state: State::Active,
+            created_at_unix_ms: now_unix_ms,
+            encryptions_leased: 0,
+            material: Some(material),
+        });
+        Ok(next)
+    }
+
+    /// Makes a decrypt-only version unusable. The active version must be rotated
+    /// away first; a destroyed one has nothing left to retire.
+    pub fn retire(&mut self, purpose: Purpose, version: u32) -> Result<(), Refusal> {
+        let v = self.version_mut(purpose, version)?;
+        if v.state != State::DecryptOnly {
+            return Err(wrong_state(v, "only a decrypt-only version can be retired"));
+        }
+        v.state = State::Retired;
+        Ok(())
+    }
+
+    /// Checks that an un-retire could be carried out now.
+    pub fn check_unretire(&self, purpose: Purpose, version: u32) -> Result<(), Refusal> {
+        let v = self.version(purpose, version)?;
+        if v.state != State::Retired {
+            return Err(wrong_state(v, "only a retired version can be un-retired"));
+        }
+        Ok(())
+    }
+
+    pub fn unretire(&mut self, purpose: Purpose, version: u32) -> Result<(), Refusal> {
+        self.check_unretire(purpose, version)?;
+        self.version_mut(purpose, version)?.state = State::DecryptOnly;
+        Ok(())
+    }
+
+    /// Checks the version side of a destroy: it exists, is not active, and still has
+    /// material. Record usage is checked by the caller, which holds the reports.
+    pub fn check_destroy(&self, purpose: Purpose, version: u32) -> Result<(), Refusal> {
+        let v = self.version(purpose, version)?;
+        match v.state {
+            State::DecryptOnly | State::Retired => Ok(()),
+            State::Active => Err(wrong_state(
+                v,
+                "rotate first: the active version cannot be destroyed",
+            )),
+            State::Destroyed => Err(wrong_state(v, "it is already destroyed")),
+        }
+    }
+
+    /// Removes a version's material for good (zeroized on drop).
+    pub fn destroy(&mut self, purpose: Purpose, version: u32) -> Result<(), Refusal> {
+        self.check_destroy(purpose, version)?;
+        let v = self.version_mut(purpose, version)?;
+        v.state = State::Destroyed;
+        v.material = None;
+        Ok(())
+    }
+
+    /// Leases up to `lease_size` encryptions under the active version of an AES-GCM
+    /// purpose. Rotates first when the active version's budget (`limit`) is spent.
+    /// Returns the version, the encryptions granted and left, and whether a rotation
+    /// happened.
+    pub fn lease(
+        &mut self,
+        purpose: Purpose,
+        limit: u64,
+        lease_size: u64,
+        now_unix_ms: i64,
+    ) -> Result<Lease, LeaseError> {
+        if !purpose.is_aead() {
+            return Err(LeaseError::Refused(Refusal::NotAead(purpose.name())));
+        }
+        let mut rotated = false;
+        let active = match self.active(purpose) {
+            Some(v) if v.encryptions_leased < limit => v.version,
+            _ => {
+                rotated = true;
+                self.rotate(purpose, now_unix_ms)
+                    .map_err(|_| LeaseError::Random)?
+            }
+        };
+        let v = self
+            .version_mut(purpose, active)
+            .map_err(LeaseError::Refused)?;
+        let granted = lease_size.min(limit - v.encryptions_leased);
+        v.encryptions_leased += granted;
+        Ok(Lease {
+            version: active,
+            granted,
+            remaining: limit - v.encryptions_leased,
+            rotated,
+        })
+    }
+
+    /// Purposes whose active version is older than `max_age_ms`.
+    pub fn due_for_rotation(&self, now_unix_ms: i64, max_age_ms: i64) -> Vec<Purpose> {
+        Purpose::ALL
+            .into_iter()
+            .filter(|p| {
+                self.active(*p)
+                    .is_some_and(|v| now_unix_ms.saturating_sub(v.created_at_unix_ms) >= max_age_ms)
+            })
+            .collect()
+    }
+
+    /// Records a new proposal after checking the operation makes sense now.
+    pub fn propose(&mut self, proposal: Proposal) -> Result<Proposal, Refusal> {
+        if let Some(purpose) = proposal.purpose() {
+            match proposal.kind {
+                OperationKind::Destroy => self.check_destroy(purpose, proposal.version)?,
+                OperationKind::Unretire => self.check_unretire(purpose, proposal.version)?,
+                OperationKind::RootKeyChange => {}
+            }
+        }
+        if let Some(open) = self.proposals.iter().find(|p| {
+            p.state == ProposalState::Pending
+                && !p.expired(proposal.proposed_at_unix_ms)
+                && p.kind == proposal.kind
+                && p.purpose == proposal.purpose
+                && p.version == proposal.version
+                && p.new_root_key_file == proposal.new_root_key_file
+        }) {
+            return Err(Refusal::Duplicate {
+                kind: kind_name(proposal.kind),
+                id: open.id.clone(),
+            });
+        }
+        self.proposals.push(proposal.clone());
+        Ok(proposal)
+    }
+
+    /// Checks that `approver` may approve proposal `id` now, and returns it. The caller
+    /// carries out the operation and then calls [`Keyring::mark_approved`].
+    pub fn check_approval(
+        &self,
+        id: &str,
+        approver: &str,
+        now_unix_ms: i64,
+    ) -> Result<Proposal, Refusal> {
+        let proposal = self
+            .proposals
+            .iter()
+            .find(|p| p.id == id)
+            .ok_or_else(|| Refusal::NoSuchProposal(id.to_owned()))?;
+        if proposal.state == ProposalState::Approved {
+            return Err(Refusal::AlreadyApproved(id.to_owned()));
+        }
+        if proposal.expired(now_unix_ms) {
+            return Err(Refusal::Expired(id.to_owned()));
+        }
+        if proposal.proposed_by == approver {
+            return Err(Refusal::SelfApproval);
+        }
+        Ok(proposal.clone())
+    }
+
+    pub fn mark_approved(&mut self, id: &str, approver: &str, now_unix_ms: i64) {
+        if let Some(p) = self.proposals.iter_mut().find(|p| p.id == id) {
+            p.state = ProposalState::Approved;
+            p.approved_by = Some(approver.to_owned());
+            p.approved_at_unix_ms = now_unix_ms;
+        }
+    }
+
+    /// Forgets proposals that ended (approved or expired) more than `keep_ms` ago.
+    pub fn prune_proposals(&mut self, now_unix_ms: i64, keep_ms: i64) {
+        self.proposals.retain(|p| {
+            let ended = match p.state {
+                ProposalState::Approved => p.approved_at_unix_ms,
+                ProposalState::Pending => p.expires_at_unix_ms,
+            };
+            now_unix_ms.saturating_sub(ended) < keep_ms
+        });
+    }
+}
+
+/// A lease of encryptions under one version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub version: u32,
+    pub granted: u64,
+    /// Still unleased under `version` afterwards.
+    pub remaining: u64,
+    /// The version's predecessor had spent its budget.
+    pub rotated: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error(transparent)]
+    Refused(Refusal),
+    #[error("the system random number generator failed")]
+    Random,
+}
+
+fn wrong_state(v: &KeyVersion, rule: &'static str) -> Refusal {
+    Refusal::WrongState {
+        purpose: v.purpose.name(),
+        version: v.version,
+        state: state_name(v.state),
+        rule,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn proposal(kind: OperationKind, version: u32, by: &str, now: i64) -> Proposal {
+        Proposal {
+            id: format!("p-{by}-{version}"),
+            kind,
+            purpose: Some("card-data".into()),
+            version,
+            new_root_key_file: None,
+            proposed_by: by.into(),
+            proposed_at_unix_ms: now,
+            expires_at_unix_ms: now + 1000,
+            state: ProposalState::Pending,
+            approved_by: None,
+            approved_at_unix_ms: 0,
+        }
+    }
+
+    #[test]
+    fn rotation_keeps_exactly_one_active_version() {
+        let mut ring = Keyring::generate(0).unwrap();
+        assert_eq!(ring.rotate(Purpose::CardData, 5).unwrap(), 2);
+        assert_eq!(ring.rotate(Purpose::CardData, 6).unwrap(), 3);
+        let card: Vec<_> = ring
+            .versions
+            .iter()
+            .filter(|v| v.purpose == Purpose::CardData)
+            .map(|v| (v.version, v.state))
+            .collect();
+        assert_eq!(
+            card,
+            vec![
+                (1, State::DecryptOnly),
+                (2, State::DecryptOnly),
+                (3, State::Active)
+            ]
+        );
+        assert_eq!(ring.active(Purpose::Fingerprint).unwrap().version, 1);
+    }
+
+    #[test]
+    fn budget_is_never_leased_twice_and_rotates_when_spent() {
+        let mut ring = Keyring::generate(0).unwrap();
+        let mut total_v1 = 0;
+        loop {
+            let lease = ring.lease(Purpose::CardData, 100, 30, 1).unwrap();
+            if lease.version != 1 {
+                assert!(lease.rotated);
+                assert_eq!((lease.version, lease.granted, lease.remaining), (2, 30, 70));
+                break;
+            }
+            assert!(!lease.rotated);
+            total_v1 += lease.granted;
+            assert_eq!(lease.remaining, 100 - total_v1);
+        }
+        assert_eq!(total_v1, 100, "30 + 30 + 30 + the 10 left");
+        assert_eq!(
+            ring.version(Purpose::CardData, 1)
+                .unwrap()
+                .encryptions_leased,
+            100
+        );
+        assert_eq!(
+            ring.version(Purpose::CardData, 1).unwrap().state,
+            State::DecryptOnly
+        );
+        assert!(matches!(
+            ring.lease(Purpose::Fingerprint, 100, 30, 1),
+            Err(LeaseError::Refused(Refusal::NotAead(_)))
+        ));
+    }
+
+    #[test]
+    fn retire_destroy_and_unretire_follow_the_state_rules() {
+        let mut ring = Keyring::generate(0).unwrap();
+        assert!(matches!(
+            ring.retire(Purpose::CardData, 1),
+            Err(Refusal::WrongState { .. })
+        ));
+        assert!(ring.check_destroy(Purpose::CardData, 1).is_err(), "active");
+        ring.rotate(Purpose::CardData, 1).unwrap();
+        ring.retire(Purpose::CardData, 1).unwrap();
+        ring.unretire(Purpose::CardData, 1).unwrap();
+        assert_eq!(
+            ring.version(Purpose::CardData, 1).unwrap().state,
+            State::DecryptOnly
+        );
+        ring.destroy(Purpose::CardData, 1).unwrap();
+        let v1 = ring.version(Purpose::CardData, 1).unwrap();
+        assert_eq!(v1.state, State::Destroyed);
+        assert!(v1.material.is_none());
+        assert!(ring.unretire(Purpose::CardData, 1).is_err());
+        assert!(matches!(
+            ring.check_destroy(Purpose::CardData, 9),
+            Err(Refusal::NoSuchVersion { .. })
+        ));
+    }
+
+    #[test]
+    fn approvals_need_another_admin_in_time_and_only_once() {
+        let mut ring = Keyring::generate(0).unwrap();
+        ring.rotate(Purpose::CardData, 1).unwrap();
+        let id = ring
+            .propose(proposal(OperationKind::Destroy, 1, "alice", 10))
+            .unwrap()
+            .id
+            .clone();
+        assert!(matches!(
+            ring.propose(proposal(OperationKind::Destroy, 1, "carol", 11)),
+            Err(Refusal::Duplicate { .. })
+        ));
+        assert_eq!(
+            ring.check_approval(&id, "alice", 20),
+            Err(Refusal::SelfApproval)
+        );
+        assert_eq!(
+            ring.check_approval(&id, "bob", 1010),
+            Err(Refusal::Expired(id.clone()))
+        );
+        assert!(ring.check_approval(&id, "bob", 20).is_ok());
+        ring.mark_approved(&id, "bob", 20);
+        assert_eq!(
+            ring.check_approval(&id, "bob", 21),
+            Err(Refusal::AlreadyApproved(id.clone()))
+        );
+        assert_eq!(
+            ring.check_approval("p-nope", "bob", 21),
+            Err(Refusal::NoSuchProposal("p-nope".into()))
+        );
+        ring.prune_proposals(20 + 5, 10);
+        assert_eq!(ring.proposals.len(), 1, "recent proposals are kept");
+        ring.prune_proposals(20 + 50, 10);
+        assert!(ring.proposals.is_empty());
+    }
+
+    #[test]
+    fn scheduled_rotation_is_due_by_age_of_the_active_version() {
+        let mut ring = Keyring::generate(0).unwrap();
+        ring.rotate(Purpose::Cvc, 500).unwrap();
+        assert_eq!(
+            ring.due_for_rotation(1000, 1000),
+            vec![Purpose::CardData, Purpose::Fingerprint]
+        );
+        assert!(ring.due_for_rotation(999, 1000).is_empty());
+    }
+}

@@ -1,0 +1,351 @@
+//! Rewrap: re-encrypts, in the background, every record that is not on the active
+//! card-data and fingerprint key versions, so that old versions can be destroyed.
+//!
+//! - Throttled to `[rewrap] rate_per_sec`, in batches of `batch_size` records.
+//! - Resumable: the job's state and cursor (a position in the store's key-version
+//!   index) are saved after every batch, and a requested job resumes at start-up.
+//!   Records before the cursor are already on the target versions (or failed and were
+//!   logged), so nothing is done twice and nothing is skipped.
+//! - Consistent with live traffic: each record is replaced only if it still holds the
+//!   bytes that were read (`Store::rewrite`), so a concurrent delete is never undone.
+//! - Card data exists only inside this process, in zeroizing buffers, as in any read.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use runtime::shutdown::Shutdown;
+use serde::{Deserialize, Serialize};
+use vault_proto::vault::v1 as pb;
+
+use crate::config::RewrapSettings;
+use crate::error::VaultError;
+use crate::keys::{Aead, Keys, KeysError};
+use crate::record::{self, Fingerprint};
+use crate::store::{KeyUse, KeyVersions, Rewrite, RewriteOutcome, Store};
+use crate::token::Token;
+
+const STATE_KEY: &str = "rewrap";
+
+/// The job's durable state (JSON in the store's `meta`; no card data).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Saved {
+    requested: bool,
+    started_at_unix_ms: i64,
+    finished_at_unix_ms: i64,
+    done: u64,
+    failed: u64,
+    /// Target versions of the pass the cursor belongs to.
+    target: Option<(u32, u32)>,
+    /// Hex of the last index position handled in that pass.
+    cursor: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Live {
+    saved: Saved,
+    running: bool,
+    /// Since this process started working on the job: for the rate.
+    run_started: Option<Instant>,
+    run_done: u64,
+}
+
+#[derive(Debug)]
+pub struct Rewrapper<S> {
+    store: Arc<S>,
+    keys: Arc<Keys>,
+    settings: RewrapSettings,
+    live: Mutex<Live>,
+    shutdown: Mutex<Option<Shutdown>>,
+}
+
+fn now_unix_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+fn target_of(keys: &Keys) -> KeyVersions {
+    let set = keys.snapshot();
+    KeyVersions {
+        card_data: set.card_data.active().0,
+        fingerprint: set.fingerprint.active().0,
+    }
+}
+
+impl<S: Store> Rewrapper<S> {
+    pub fn new(store: Arc<S>, keys: Arc<Keys>, settings: RewrapSettings) -> Self {
+        Self {
+            store,
+            keys,
+            settings,
+            live: Mutex::new(Live::default()),
+            shutdown: Mutex::new(None),
+        }
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, Live> {
+        self.live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Loads the saved state and resumes a job that a stop or crash interrupted.
+    /// Background work stops when `shutdown` fires.
+    pub async fn resume(self: &Arc<Self>, shutdown: Shutdown) -> Result<(), VaultError> {
+        *self
+            .shutdown
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(shutdown);
+        let saved: Saved = match self.store.get_meta(STATE_KEY).await? {
+            Some(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+            None => Saved::default(),
+        };
+        let requested = saved.requested;
+        self.live().saved = saved;
+        if requested {
+            tracing::info!("resuming the interrupted rewrap job");
+            self.spawn();
+        }
+        Ok(())
+    }
+
+    /// Starts the job (or joins the running one) and returns its status.
+    pub async fn start(self: &Arc<Self>) -> Result<pb::RewrapStatus, VaultError> {
+        let saved = {
+            let mut live = self.live();
+            if live.running {
+                drop(live);
+                return Ok(self.status());
+            }
+            live.saved = Saved {
+                requested: true,
+                started_at_unix_ms: now_unix_ms(),
+                ..Saved::default()
+            };
+            live.saved.clone()
+        };
+        self.save(&saved).await?;
+        tracing::info!("rewrap started");
+        self.spawn();
+        Ok(self.status())
+    }
+
+    fn spawn(self: &Arc<Self>) {
+        let shutdown = self
+            .shutdown
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let Some(shutdown) = shutdown else {
+            return;
+        };
+        {
+            let mut live = self.live();
+            if live.running {
+                return;
+            }
+            live.running = true;
+            live.run_started = Some(Instant::now());
+            live.run_done = 0;
+        }
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            tokio::select! {
+                () = this.run() => {}
+                () = shutdown.wait() => {}
+            }
+            this.live().running = false;
+        });
+    }
+
+    async fn save(&self, saved: &Saved) -> Result<(), VaultError> {
+        let bytes = serde_json::to_vec(saved)
+            .map_err(|e| VaultError::Store(crate::store::StoreError::Engine(e.to_string())))?;
+        Ok(self.store.put_meta(STATE_KEY, bytes).await?)
+    }
+
+    pub fn status(&self) -> pb::RewrapStatus {
+        let target = target_of(&self.keys);
+        let counts = self.store.version_counts();
+        let remaining = KeyUse::ALL
+            .into_iter()
+            .map(|key_use| {
+                counts
+                    .iter()
+                    .filter(|((u, v), _)| *u == key_use && *v != target.get(key_use))
+                    .map(|(_, n)| n)
+                    .sum::<u64>()
+            })
+            .max()
+            .unwrap_or(0);
+        let live = self.live();
+        let rate_per_sec = match live.run_started {
+            Some(started) if live.running || live.run_done > 0 => {
+                live.run_done as f64 / started.elapsed().as_secs_f64().max(0.001)
+            }
+            _ => 0.0,
+        };
+        pb::RewrapStatus {
+            running: live.running,
+            done: live.saved.done,
+            remaining,
+            failed: live.saved.failed,
+            rate_per_sec,
+            card_data_version: target.card_data,
+            fingerprint_version: target.fingerprint,
+            started_at_unix_ms: live.saved.started_at_unix_ms,
+            finished_at_unix_ms: live.saved.finished_at_unix_ms,
+        }
+    }
+
+    async fn run(&self) {
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self.step(started).await {
+                Ok(true) => backoff = Duration::from_millis(200),
+                Ok(false) => return,
+                Err(e) => {
+                    // Storage or keyservice trouble: nothing is lost, try again later.
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "rewrap paused");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    /// One batch. Returns false when no record is left to rewrap.
+    async fn step(&self, started: Instant) -> Result<bool, VaultError> {
+        let target = target_of(&self.keys);
+        let cursor = {
+            let live = self.live();
+            match (&live.saved.target, &live.saved.cursor) {
+                (Some(t), Some(c)) if *t == (target.card_data, target.fingerprint) => {
+                    hex::decode(c).ok()
+                }
+                // A new pass (first, or the active versions changed meanwhile).
+                _ => None,
+            }
+        };
+        let batch = self
+            .store
+            .records_off_versions(target, cursor.as_deref(), self.settings.batch_size as usize)
+            .await?;
+        if batch.is_empty() {
+            let saved = {
+                let mut live = self.live();
+                live.saved.requested = false;
+                live.saved.finished_at_unix_ms = now_unix_ms();
+                live.saved.cursor = None;
+                live.saved.target = None;
+                live.saved.clone()
+            };
+            self.save(&saved).await?;
+            tracing::info!(
+                done = saved.done,
+                failed = saved.failed,
+                card_data_version = target.card_data,
+                fingerprint_version = target.fingerprint,
+                "rewrap finished"
+            );
+            return Ok(false);
+        }
+        let mut done = 0;
+        let mut failed = 0;
+        let mut last = None;
+        for (position, token) in batch {
+            match self.rewrap_one(&token, target).await {
+                Ok(RewriteOutcome::Rewritten) => done += 1,
+                Ok(RewriteOutcome::Changed) => {}
+                // Not this record's fault: stop here and retry the batch later.
+                Err(e @ (VaultError::Keys(_) | VaultError::Store(_))) => {
+                    self.advance(target, last, done, failed).await?;
+                    return Err(e);
+                }
+                Err(e) => {
+                    failed += 1;
+                    tracing::error!(token = %token, error = %e, "record could not be rewrapped; left as it is");
+                }
+            }
+            last = Some(position);
+        }
+        self.advance(target, last, done, failed).await?;
+        // Throttle: the run's average stays at or below rate_per_sec.
+        let run_done = self.live().run_done;
+        let due = Duration::from_secs_f64(run_done as f64 / f64::from(self.settings.rate_per_sec));
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+        Ok(true)
+    }
+
+    /// Saves progress: counts and the cursor after the last handled record.
+    async fn advance(
+        &self,
+        target: KeyVersions,
+        last: Option<Vec<u8>>,
+        done: u64,
+        failed: u64,
+    ) -> Result<(), VaultError> {
+        let saved = {
+            let mut live = self.live();
+            live.run_done += done + failed;
+            live.saved.done += done;
+            live.saved.failed += failed;
+            if let Some(last) = last {
+                live.saved.target = Some((target.card_data, target.fingerprint));
+                live.saved.cursor = Some(hex::encode(last));
+            }
+            live.saved.clone()
+        };
+        self.save(&saved).await
+    }
+
+    async fn rewrap_one(
+        &self,
+        token: &Token,
+        target: KeyVersions,
+    ) -> Result<RewriteOutcome, VaultError> {
+        let Some(bytes) = self.store.get(token).await? else {
+            return Ok(RewriteOutcome::Changed);
+        };
+        let stored = record::decode(&bytes)?;
+        let old = stored.metadata.versions();
+        if old == target {
+            return Ok(RewriteOutcome::Changed);
+        }
+        let set = self.keys.snapshot();
+        let key = set
+            .card_data
+            .get(old.card_data)
+            .ok_or(VaultError::KeyUnavailable(old.card_data))?;
+        let card = stored.open(token, key)?;
+        let (fingerprint_version, fingerprint_key) = set.fingerprint.active();
+        let (version, key) = self.keys.encryption_key(Aead::CardData).await?;
+        let mut metadata = stored.metadata.clone();
+        metadata.key_version = version;
+        metadata.fingerprint = Fingerprint {
+            version: fingerprint_version,
+            value: record::fingerprint(fingerprint_key, &metadata.tenant, &card.pan),
+        };
+        let value = record::seal(token, &metadata, &card, &key)?;
+        drop(card);
+        Ok(self
+            .store
+            .rewrite(Rewrite {
+                token: token.clone(),
+                expected: bytes,
+                value,
+                old_versions: old,
+                new_versions: metadata.versions(),
+                old_index_key: stored.metadata.index_key(),
+                new_index_key: metadata.index_key(),
+            })
+            .await?)
+    }
+}
+
+impl From<KeysError> for VaultError {
+    fn from(e: KeysError) -> Self {
+        VaultError::Keys(e)
+    }
+}
