@@ -46,6 +46,11 @@ pub struct Lifecycle {
     /// A destroy needs a usage report at most this old from every vault that reports.
     #[serde(default = "default_usage_report_max_age_secs")]
     pub usage_report_max_age_secs: u64,
+    /// A destroy needs usage reports made at least this long after the version stopped
+    /// being active, so that records sealed under it just before (still in flight
+    /// then) are counted. Keep it above the vault's request timeout.
+    #[serde(default = "default_destroy_grace_secs")]
+    pub destroy_grace_secs: u64,
     /// The key operation history (JSON lines). Default: `key-history.jsonl` beside the
     /// keyring file.
     #[serde(default)]
@@ -60,6 +65,7 @@ impl Default for Lifecycle {
             rotate_after_days: None,
             approval_window_secs: default_approval_window_secs(),
             usage_report_max_age_secs: default_usage_report_max_age_secs(),
+            destroy_grace_secs: default_destroy_grace_secs(),
             history_file: None,
         }
     }
@@ -76,6 +82,9 @@ fn default_approval_window_secs() -> u64 {
 }
 fn default_usage_report_max_age_secs() -> u64 {
     60
+}
+fn default_destroy_grace_secs() -> u64 {
+    120
 }
 
 /// Who may do what. Identities are client-certificate URI SANs (or CNs).

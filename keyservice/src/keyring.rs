@@ -7,7 +7,8 @@
 //! format 1 plaintext: count: u32 | count × (purpose: u8 | version: u32 | state: u8 |
 //!            created_at_unix_ms: i64 | has_material: u8 | material: 32 bytes if has_material)
 //! format 2 plaintext: count: u32 | count × (purpose: u8 | version: u32 | state: u8 |
-//!            created_at_unix_ms: i64 | encryptions_leased: u64 | has_material: u8 |
+//!            created_at_unix_ms: i64 | encryptions_leased: u64 |
+//!            deactivated_at_unix_ms: i64 | has_material: u8 |
 //!            material: 32 bytes if has_material) | proposals_len: u32 | proposals (JSON)
 //! ```
 //! All integers big-endian. The plaintext only ever exists in zeroizing buffers. The
@@ -100,6 +101,9 @@ pub struct KeyVersion {
     /// Encryptions leased to vaults under this version, recorded before each lease is
     /// handed out: an upper bound of the encryptions made.
     pub encryptions_leased: u64,
+    /// When the version stopped being active (0 while active): records encrypted under
+    /// it may still be arriving for a while after.
+    pub deactivated_at_unix_ms: i64,
     pub material: Option<SecretKey>,
 }
 
@@ -182,6 +186,7 @@ impl Keyring {
                     state: State::Active,
                     created_at_unix_ms: now_unix_ms,
                     encryptions_leased: 0,
+                    deactivated_at_unix_ms: 0,
                     material: Some(SecretKey::generate().map_err(|_| KeyringError::Random)?),
                 })
             })
@@ -210,6 +215,7 @@ impl Keyring {
             plain.push(v.state.code());
             plain.extend_from_slice(&v.created_at_unix_ms.to_be_bytes());
             plain.extend_from_slice(&v.encryptions_leased.to_be_bytes());
+            plain.extend_from_slice(&v.deactivated_at_unix_ms.to_be_bytes());
             match &v.material {
                 Some(key) => {
                     plain.push(1);
@@ -259,10 +265,13 @@ impl Keyring {
             let version = u32::from_be_bytes(take(&mut input, 4)?.try_into().ok()?);
             let state = State::from_code(take(&mut input, 1)?[0])?;
             let created_at_unix_ms = i64::from_be_bytes(take(&mut input, 8)?.try_into().ok()?);
-            let encryptions_leased = if format >= FORMAT_V2 {
-                u64::from_be_bytes(take(&mut input, 8)?.try_into().ok()?)
+            let (encryptions_leased, deactivated_at_unix_ms) = if format >= FORMAT_V2 {
+                (
+                    u64::from_be_bytes(take(&mut input, 8)?.try_into().ok()?),
+                    i64::from_be_bytes(take(&mut input, 8)?.try_into().ok()?),
+                )
             } else {
-                0
+                (0, 0)
             };
             let material = match take(&mut input, 1)?[0] {
                 0 => None,
@@ -275,6 +284,7 @@ impl Keyring {
                 state,
                 created_at_unix_ms,
                 encryptions_leased,
+                deactivated_at_unix_ms,
                 material,
             });
         }

@@ -148,6 +148,7 @@ impl Keyring {
         for v in &mut self.versions {
             if v.purpose == purpose && v.state == State::Active {
                 v.state = State::DecryptOnly;
+                v.deactivated_at_unix_ms = now_unix_ms;
             }
         }
         self.versions.push(KeyVersion {
@@ -156,6 +157,7 @@ impl Keyring {
             state: State::Active,
             created_at_unix_ms: now_unix_ms,
             encryptions_leased: 0,
+            deactivated_at_unix_ms: 0,
             material: Some(material),
         });
         Ok(next)

@@ -43,6 +43,8 @@ pub(crate) struct Shared {
 struct UsageReport {
     at_unix_ms: i64,
     records: BTreeMap<(Purpose, u32), u64>,
+    /// The versions the vault was using for new data when it reported.
+    active: BTreeMap<Purpose, u32>,
 }
 
 #[derive(Debug)]
@@ -256,7 +258,16 @@ impl Shared {
 
     /// A destroy is allowed only when every vault that reports usage has reported
     /// recently and none holds a record on the version.
-    fn check_unused(&self, purpose: Purpose, version: u32, now: i64) -> Result<(), Refusal> {
+    fn check_unused(
+        &self,
+        keyring: &Keyring,
+        purpose: Purpose,
+        version: u32,
+        now: i64,
+    ) -> Result<(), Refusal> {
+        keyring.check_destroy(purpose, version)?;
+        let deactivated = keyring.version(purpose, version)?.deactivated_at_unix_ms;
+        let grace_ms = (self.lifecycle.destroy_grace_secs * 1000) as i64;
         let reports = lock(&self.usage);
         if reports.is_empty() {
             return Err(Refusal::UsageUnknown(
@@ -289,6 +300,22 @@ impl Shared {
                 version,
                 records,
             });
+        }
+        // A report counts committed records only: one sealed under the version just
+        // before it stopped being active may still be on its way to the disk.
+        for (identity, report) in reports.iter() {
+            if report.active.get(&purpose) == Some(&version)
+                || report.at_unix_ms < deactivated.saturating_add(grace_ms)
+            {
+                let wait_s = (deactivated + grace_ms - now).max(1000) / 1000;
+                return Err(Refusal::UsageUnknown(format!(
+                    "{} version {version} stopped being active too recently: records sealed \
+                     under it may still be in flight at vault {identity}; try again in about \
+                     {wait_s} s (lifecycle.destroy_grace_secs = {})",
+                    purpose.name(),
+                    self.lifecycle.destroy_grace_secs
+                )));
+            }
         }
         Ok(())
     }
@@ -504,10 +531,15 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
     ) -> Result<Response<pb::ReportUsageResponse>, Status> {
         async {
             let caller = self.authorize(&request, Role::Vault)?;
+            let request = request.into_inner();
             let mut records = BTreeMap::new();
-            for usage in request.into_inner().usage {
+            for usage in request.usage {
                 let purpose = purpose_from_wire(usage.purpose)?;
                 *records.entry((purpose, usage.version)).or_insert(0) += usage.records;
+            }
+            let mut active = BTreeMap::new();
+            for version in request.active {
+                active.insert(purpose_from_wire(version.purpose)?, version.version);
             }
             tracing::debug!(versions = records.len(), "usage reported");
             lock(&self.shared.usage).insert(
@@ -515,6 +547,7 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
                 UsageReport {
                     at_unix_ms: now_unix_ms(),
                     records,
+                    active,
                 },
             );
             Ok(Response::new(pb::ReportUsageResponse {}))
@@ -674,7 +707,12 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
             };
             if let (OperationKind::Destroy, Some(purpose)) = (kind, purpose) {
                 // Fail fast; checked again, authoritatively, at approval.
-                if let Err(r) = self.shared.check_unused(purpose, proposal.version, now) {
+                let checked = {
+                    let keyring = lock(&self.shared.keyring);
+                    self.shared
+                        .check_unused(&keyring, purpose, proposal.version, now)
+                };
+                if let Err(r) = checked {
                     return Err(self.shared.refuse(event, &r));
                 }
             }
@@ -731,7 +769,7 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
             match (proposal.kind, proposal.purpose()) {
                 (OperationKind::Destroy, Some(purpose)) => {
                     shared
-                        .check_unused(purpose, proposal.version, now)
+                        .check_unused(&keyring, purpose, proposal.version, now)
                         .and_then(|()| keyring.destroy(purpose, proposal.version))
                         .map_err(|r| shared.refuse(event.clone(), &r))?;
                 }

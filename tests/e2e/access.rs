@@ -151,6 +151,7 @@ async fn the_keyservice_serves_material_to_the_vault_identity_only() {
         .unwrap();
     let versions = keys.list_versions().await.unwrap();
     let mut purposes: Vec<_> = versions
+        .versions
         .iter()
         .map(|v| (v.purpose.as_str(), v.version, v.state.as_str()))
         .collect();

@@ -10,6 +10,7 @@ mod deploy;
 mod durability;
 mod faults;
 mod forward;
+mod keys;
 mod leaks;
 mod startup;
 mod tokenize;

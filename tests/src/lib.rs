@@ -23,6 +23,8 @@ pub const VAULT: &str = "vault-server";
 pub const KEYSERVICE: &str = "keyservice";
 /// Tenant `acme`: tokenize, read, delete. Also a keyservice admin.
 pub const ADMIN: &str = "admin";
+/// The second keyservice admin (dual control); no vault permissions.
+pub const OFFICER: &str = "officer";
 /// Tenant `acme`: read only.
 pub const READER: &str = "reader";
 /// Tenant `globex`: tokenize, read, delete.
@@ -54,7 +56,7 @@ impl StackDir {
             ca.write_identity(path, name, Usage::ServerAndClient)
                 .unwrap();
         }
-        for name in [ADMIN, READER, OTHER_TENANT, STRANGER] {
+        for name in [ADMIN, OFFICER, READER, OTHER_TENANT, STRANGER] {
             ca.write_identity(path, name, Usage::Client).unwrap();
         }
         let foreign = DevCa::generate("another CA").unwrap();
@@ -103,9 +105,10 @@ permissions = ["tokenize", "read", "delete", "forward:sandbox"]
             keyservice: SocketAddr::from(([127, 0, 0, 1], 0)),
             ..devstack::Ports::default()
         };
+        // Tests destroy versions moments after rotating them.
         std::fs::write(
             path.join("keyservice.toml"),
-            devstack::keyservice_config(&ports),
+            devstack::keyservice_config(&ports) + "\n[lifecycle]\ndestroy_grace_secs = 1\n",
         )
         .unwrap();
         keyservice::keyring::RootKey::generate_file(&path.join("root.key")).unwrap();
@@ -120,6 +123,15 @@ permissions = ["tokenize", "read", "delete", "forward:sandbox"]
 
     pub fn data_dir(&self) -> PathBuf {
         self.path().join("vault-data")
+    }
+
+    /// Adds settings to the keyservice config's `[lifecycle]` section (its last).
+    pub fn set_keyservice_lifecycle(&self, lifecycle: &str) {
+        let path = self.path().join("keyservice.toml");
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str(lifecycle);
+        text.push('\n');
+        std::fs::write(path, text).unwrap();
     }
 
     /// Writes the vault config pointing at a keyservice on `keyservice_port`.
@@ -146,6 +158,7 @@ key_file = "vault-server.key"
 [keyservice]
 endpoint = "https://localhost:{keyservice_port}"
 max_retry_backoff_ms = 200
+usage_report_interval_ms = 200
 [limits]
 tls_handshake_timeout_ms = 1000
 {extra}
@@ -292,8 +305,12 @@ inject = {{ number = ["body"], exp_month = ["body"], exp_year = ["body"], name =
     .concat()
 }
 
-async fn start_keyservice(dir: &StackDir) -> (SocketAddr, Running) {
-    let settings = keyservice::Settings::load(&dir.path().join("keyservice.toml")).unwrap();
+/// Starts the keyservice, on `addr` when given (a restart keeps its port).
+async fn start_keyservice(dir: &StackDir, addr: Option<SocketAddr>) -> (SocketAddr, Running) {
+    let mut settings = keyservice::Settings::load(&dir.path().join("keyservice.toml")).unwrap();
+    if let Some(addr) = addr {
+        settings.listen_addr = addr;
+    }
     let bound = keyservice::bind(&settings).await.unwrap();
     let addr = bound.local_addr();
     let (trigger, shutdown) = shutdown::channel();
@@ -324,7 +341,7 @@ impl Stack {
 
     /// A stack whose vault keeps CVCs for `cvc_ttl_secs`.
     pub async fn start_with_cvc_ttl(dir: StackDir, cvc_ttl_secs: u64) -> Self {
-        let (keyservice_addr, keyservice) = start_keyservice(&dir).await;
+        let (keyservice_addr, keyservice) = start_keyservice(&dir, None).await;
         let sandbox = SandboxServer::start(&dir).await;
         let sandbox_addr = sandbox.addr;
         let journal = sandbox.journal.clone();
@@ -369,6 +386,33 @@ impl Stack {
         if let Some(vault) = self.vault.take() {
             vault.stop().await;
         }
+    }
+
+    /// Adds TOML to the vault config (e.g. a `[rewrap]` section); it takes effect at
+    /// the next restart.
+    pub fn add_vault_config(&mut self, extra: &str) {
+        self.vault_extra.push('\n');
+        self.vault_extra.push_str(extra);
+    }
+
+    /// Writes the vault config this stack uses (with its processors and extras), for
+    /// running the real vault-server binary on the stack's directory.
+    pub fn write_vault_config(&self) -> PathBuf {
+        self.dir
+            .write_vault_config_with(self.keyservice_addr.port(), &self.vault_extra)
+    }
+
+    pub async fn stop_keyservice(&mut self) {
+        if let Some(keyservice) = self.keyservice.take() {
+            keyservice.stop().await;
+        }
+    }
+
+    /// Starts the keyservice again on its port and keyring (after `stop_keyservice`).
+    pub async fn start_keyservice(&mut self) {
+        let (addr, keyservice) = start_keyservice(&self.dir, Some(self.keyservice_addr)).await;
+        self.keyservice_addr = addr;
+        self.keyservice = Some(keyservice);
     }
 
     /// Stops the vault and starts it again on the same data directory.

@@ -5,6 +5,13 @@
 //! Must never depend on storage or key-handling crates: a client holds a certificate,
 //! never a data key.
 //!
+//! - [`VaultClient`]: tokenize (one card or a batch), token info, delete, forward to a
+//!   processor, backups, and the rewrap job that re-encrypts records onto the active key
+//!   versions after a rotation.
+//! - [`KeyServiceClient`], as an admin: key versions with their budget use and record
+//!   counts, rotation, retirement, dual-control proposals (destroy, unretire, root key
+//!   change) and their approval, and the key history. Never key material.
+//!
 //! ```no_run
 //! use vault_client::{Card, ClientConfig, VaultClient};
 //!
@@ -142,6 +149,12 @@ pub enum Error {
     },
     #[error("the server sent an incomplete response")]
     Incomplete,
+    /// The client refused a request before sending it: the field and the rule.
+    #[error("invalid {field}: {rule}")]
+    InvalidArgument {
+        field: &'static str,
+        rule: &'static str,
+    },
 }
 
 impl Error {
@@ -495,9 +508,71 @@ impl VaultClient {
         })
     }
 
+    /// Starts the vault's background rewrap job (or joins the one running) and returns
+    /// its status at once. Retried: a second start joins the first.
+    pub async fn start_rewrap(&mut self) -> Result<RewrapStatus, Error> {
+        let response = idempotent(|| {
+            let mut vault = self.vault.clone();
+            async move { vault.start_rewrap(pb::StartRewrapRequest {}).await }
+        })
+        .await?;
+        Ok(RewrapStatus::from_wire(response.into_inner()))
+    }
+
+    /// The rewrap job's progress.
+    pub async fn rewrap_status(&mut self) -> Result<RewrapStatus, Error> {
+        let response = idempotent(|| {
+            let mut vault = self.vault.clone();
+            async move { vault.get_rewrap_status(pb::GetRewrapStatusRequest {}).await }
+        })
+        .await?;
+        Ok(RewrapStatus::from_wire(response.into_inner()))
+    }
+
     /// gRPC health of the vault: `Ok(true)` when serving.
     pub async fn health(&mut self) -> Result<bool, Error> {
         health(&self.health).await
+    }
+}
+
+/// Progress of the vault's rewrap job, which re-encrypts records onto the active
+/// card-data and fingerprint key versions.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RewrapStatus {
+    /// True while records remain to be re-encrypted.
+    pub running: bool,
+    /// Records re-encrypted by this job so far.
+    pub done: u64,
+    /// Records still on another card-data or fingerprint version.
+    pub remaining: u64,
+    /// Records that could not be re-encrypted; they stay as they are, and the vault
+    /// logs them.
+    pub failed: u64,
+    /// Records per second over the last few seconds.
+    pub rate_per_sec: f64,
+    /// The versions records are moved onto.
+    pub card_data_version: u32,
+    pub fingerprint_version: u32,
+    /// `None` when no job has run since the vault's store was created.
+    pub started_at_unix_ms: Option<i64>,
+    /// `None` while running (or before any job).
+    pub finished_at_unix_ms: Option<i64>,
+}
+
+impl RewrapStatus {
+    fn from_wire(status: pb::RewrapStatus) -> Self {
+        let timestamp = |ms: i64| (ms != 0).then_some(ms);
+        Self {
+            running: status.running,
+            done: status.done,
+            remaining: status.remaining,
+            failed: status.failed,
+            rate_per_sec: status.rate_per_sec,
+            card_data_version: status.card_data_version,
+            fingerprint_version: status.fingerprint_version,
+            started_at_unix_ms: timestamp(status.started_at_unix_ms),
+            finished_at_unix_ms: timestamp(status.finished_at_unix_ms),
+        }
     }
 }
 
@@ -519,16 +594,202 @@ async fn health(
     Ok(response.into_inner().status == ServingStatus::Serving as i32)
 }
 
+/// The key purposes by name, as [`KeyServiceClient`] takes and returns them.
+pub const KEY_PURPOSES: [&str; 3] = ["card-data", "fingerprint", "cvc"];
+
+/// A purpose name (one of [`KEY_PURPOSES`]) as the wire enum.
+fn purpose_from_name(name: &str) -> Result<keys_pb::KeyPurpose, Error> {
+    // When adding a purpose: add it here, to KEY_PURPOSES and to the rule below.
+    match name {
+        "card-data" => Ok(keys_pb::KeyPurpose::CardData),
+        "fingerprint" => Ok(keys_pb::KeyPurpose::Fingerprint),
+        "cvc" => Ok(keys_pb::KeyPurpose::Cvc),
+        _ => Err(Error::InvalidArgument {
+            field: "purpose",
+            rule: "must be one of card-data, fingerprint, cvc",
+        }),
+    }
+}
+
+/// Version 0 is proto3's "not set": no key version has it.
+fn check_version(version: u32) -> Result<(), Error> {
+    if version == 0 {
+        return Err(Error::InvalidArgument {
+            field: "version",
+            rule: "must be at least 1",
+        });
+    }
+    Ok(())
+}
+
+/// A wire enum value as a readable name: `KEY_STATE_DECRYPT_ONLY` → `decrypt-only`;
+/// `None` for the unspecified value, "unknown" for one this client does not know.
+fn wire_name<E>(value: Result<&str, E>, prefix: &str) -> Option<String> {
+    match value {
+        Ok(name) => {
+            let name = name
+                .trim_start_matches(prefix)
+                .to_ascii_lowercase()
+                .replace('_', "-");
+            (name != "unspecified").then_some(name)
+        }
+        Err(_) => Some("unknown".into()),
+    }
+}
+
+fn purpose_name(purpose: i32) -> Option<String> {
+    wire_name(
+        keys_pb::KeyPurpose::try_from(purpose).map(|p| p.as_str_name()),
+        "KEY_PURPOSE_",
+    )
+}
+
+/// Versions start at 1; 0 is "none".
+fn version_number(version: u32) -> Option<u32> {
+    (version != 0).then_some(version)
+}
+
 /// One key version as the keyservice lists it to an admin (never material).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct KeyVersion {
+    /// One of [`KEY_PURPOSES`].
     pub purpose: String,
     pub version: u32,
+    /// "active", "decrypt-only", "retired" or "destroyed".
     pub state: String,
     pub created_at_unix_ms: i64,
+    /// Encryptions leased to vaults under this version: an upper bound of those made.
+    pub encryptions_leased: u64,
+    /// Most encryptions allowed under one version; 0 means no limit (HMAC purposes).
+    pub encryption_limit: u64,
+    /// Records using this version, summed over the latest report of every vault.
+    pub records: u64,
+}
+
+impl KeyVersion {
+    fn from_wire(v: keys_pb::KeyVersionInfo) -> Self {
+        Self {
+            purpose: purpose_name(v.purpose).unwrap_or_else(|| "unknown".into()),
+            version: v.version,
+            state: wire_name(
+                keys_pb::KeyState::try_from(v.state).map(|s| s.as_str_name()),
+                "KEY_STATE_",
+            )
+            .unwrap_or_else(|| "unknown".into()),
+            created_at_unix_ms: v.created_at_unix_ms,
+            encryptions_leased: v.encryptions_leased,
+            encryption_limit: v.encryption_limit,
+            records: v.records,
+        }
+    }
+}
+
+/// A vault that has reported how many records use each key version.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UsageReporter {
+    pub identity: String,
+    pub reported_at_unix_ms: i64,
+}
+
+/// What [`KeyServiceClient::list_versions`] returns.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KeyListing {
+    pub versions: Vec<KeyVersion>,
+    /// The vaults whose latest reports the `records` counts sum; empty until a vault
+    /// has reported.
+    pub reporters: Vec<UsageReporter>,
+}
+
+/// A dual-control operation: proposed by one admin, carried out when a different admin
+/// approves it before it expires.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Proposal {
+    /// E.g. "p-3f9c1a2b"; what `approve` takes.
+    pub id: String,
+    /// "destroy", "unretire" or "root-key-change".
+    pub kind: String,
+    /// The key version a destroy or unretire is about; `None` for a root key change.
+    pub purpose: Option<String>,
+    pub version: Option<u32>,
+    /// Root key change: the new root key file, on the keyservice host.
+    pub new_root_key_file: Option<String>,
+    pub proposed_by: String,
+    pub proposed_at_unix_ms: i64,
+    pub expires_at_unix_ms: i64,
+    /// "pending", "approved" or "expired".
+    pub state: String,
+    pub approved_by: Option<String>,
+    pub approved_at_unix_ms: Option<i64>,
+}
+
+impl Proposal {
+    fn from_wire(p: keys_pb::Proposal) -> Result<Self, Error> {
+        if p.id.is_empty() {
+            return Err(Error::Incomplete);
+        }
+        let text = |s: String| (!s.is_empty()).then_some(s);
+        Ok(Self {
+            id: p.id,
+            kind: wire_name(
+                keys_pb::OperationKind::try_from(p.kind).map(|k| k.as_str_name()),
+                "OPERATION_KIND_",
+            )
+            .unwrap_or_else(|| "unknown".into()),
+            purpose: purpose_name(p.purpose),
+            version: version_number(p.version),
+            new_root_key_file: text(p.new_root_key_file),
+            proposed_by: p.proposed_by,
+            proposed_at_unix_ms: p.proposed_at_unix_ms,
+            expires_at_unix_ms: p.expires_at_unix_ms,
+            state: wire_name(
+                keys_pb::ProposalState::try_from(p.state).map(|s| s.as_str_name()),
+                "PROPOSAL_STATE_",
+            )
+            .unwrap_or_else(|| "unknown".into()),
+            approved_by: text(p.approved_by),
+            approved_at_unix_ms: (p.approved_at_unix_ms != 0).then_some(p.approved_at_unix_ms),
+        })
+    }
+}
+
+/// One entry of the keyservice's audit trail of key operations (never material).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KeyEvent {
+    pub sequence: u64,
+    pub at_unix_ms: i64,
+    /// Client identity, or "keyservice" for automatic rotations.
+    pub actor: String,
+    /// E.g. "rotate", "retire", "propose", "approve", "destroy", "lease",
+    /// "root-key-change".
+    pub action: String,
+    /// The key version acted on, if any.
+    pub purpose: Option<String>,
+    pub version: Option<u32>,
+    /// "ok" or "refused: `<reason>`".
+    pub outcome: String,
+    /// Free detail: proposal id, lease size, reason for an automatic rotation.
+    pub detail: String,
+}
+
+impl KeyEvent {
+    fn from_wire(e: keys_pb::KeyEvent) -> Self {
+        Self {
+            sequence: e.sequence,
+            at_unix_ms: e.at_unix_ms,
+            actor: e.actor,
+            action: e.action,
+            purpose: purpose_name(e.purpose),
+            version: version_number(e.version),
+            outcome: e.outcome,
+            detail: e.detail,
+        }
+    }
 }
 
 /// A connection to the keyservice, as an admin.
+///
+/// Only reads are retried; a rotation, retirement, proposal or approval is sent once
+/// (a retry could rotate twice or open a second proposal).
 #[derive(Debug, Clone)]
 pub struct KeyServiceClient {
     keys: keys_pb::key_service_client::KeyServiceClient<Channel>,
@@ -544,7 +805,9 @@ impl KeyServiceClient {
         })
     }
 
-    pub async fn list_versions(&mut self) -> Result<Vec<KeyVersion>, Error> {
+    /// Every key version with its budget use and record count, and the vaults whose
+    /// reports the record counts come from.
+    pub async fn list_versions(&mut self) -> Result<KeyListing, Error> {
         let response = idempotent(|| {
             let mut keys = self.keys.clone();
             async move {
@@ -552,26 +815,166 @@ impl KeyServiceClient {
                     .await
             }
         })
+        .await?
+        .into_inner();
+        Ok(KeyListing {
+            versions: response
+                .versions
+                .into_iter()
+                .map(KeyVersion::from_wire)
+                .collect(),
+            reporters: response
+                .reporters
+                .into_iter()
+                .map(|r| UsageReporter {
+                    identity: r.identity,
+                    reported_at_unix_ms: r.reported_at_unix_ms,
+                })
+                .collect(),
+        })
+    }
+
+    /// Creates a new active version of `purpose` (one of [`KEY_PURPOSES`]) and returns
+    /// it; the previous active version becomes decrypt-only.
+    pub async fn rotate(&mut self, purpose: &str) -> Result<KeyVersion, Error> {
+        let purpose = purpose_from_name(purpose)?;
+        let response = self
+            .keys
+            .rotate_key(keys_pb::RotateKeyRequest {
+                purpose: purpose.into(),
+            })
+            .await?
+            .into_inner();
+        response
+            .created
+            .map(KeyVersion::from_wire)
+            .ok_or(Error::Incomplete)
+    }
+
+    /// Retires a decrypt-only version: the keyservice stops serving it to vaults.
+    /// Undoing this needs dual control ([`Self::propose_unretire`]).
+    pub async fn retire(&mut self, purpose: &str, version: u32) -> Result<(), Error> {
+        let purpose = purpose_from_name(purpose)?;
+        check_version(version)?;
+        self.keys
+            .retire_key(keys_pb::RetireKeyRequest {
+                purpose: purpose.into(),
+                version,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Proposes destroying a version's material for good; the keyservice refuses while
+    /// any vault reports records under it.
+    pub async fn propose_destroy(
+        &mut self,
+        purpose: &str,
+        version: u32,
+    ) -> Result<Proposal, Error> {
+        self.propose_version(keys_pb::OperationKind::Destroy, purpose, version)
+            .await
+    }
+
+    /// Proposes making a retired version decrypt-only again.
+    pub async fn propose_unretire(
+        &mut self,
+        purpose: &str,
+        version: u32,
+    ) -> Result<Proposal, Error> {
+        self.propose_version(keys_pb::OperationKind::Unretire, purpose, version)
+            .await
+    }
+
+    /// Proposes re-sealing the keyring under the root key in `new_root_key_file`, a path
+    /// on the keyservice host (made there with `keyservice gen-root-key`).
+    pub async fn propose_root_key_change(
+        &mut self,
+        new_root_key_file: &str,
+    ) -> Result<Proposal, Error> {
+        if new_root_key_file.trim().is_empty() {
+            return Err(Error::InvalidArgument {
+                field: "new_root_key_file",
+                rule: "must not be empty",
+            });
+        }
+        self.propose(keys_pb::ProposeOperationRequest {
+            kind: keys_pb::OperationKind::RootKeyChange.into(),
+            new_root_key_file: new_root_key_file.to_owned(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    async fn propose_version(
+        &mut self,
+        kind: keys_pb::OperationKind,
+        purpose: &str,
+        version: u32,
+    ) -> Result<Proposal, Error> {
+        let purpose = purpose_from_name(purpose)?;
+        check_version(version)?;
+        self.propose(keys_pb::ProposeOperationRequest {
+            kind: kind.into(),
+            purpose: purpose.into(),
+            version,
+            ..Default::default()
+        })
+        .await
+    }
+
+    async fn propose(
+        &mut self,
+        request: keys_pb::ProposeOperationRequest,
+    ) -> Result<Proposal, Error> {
+        let response = self.keys.propose_operation(request).await?.into_inner();
+        Proposal::from_wire(response)
+    }
+
+    /// Approves proposal `id` and has the keyservice carry it out; returns the approved
+    /// proposal. Refused for the proposer's own proposals and for expired ones.
+    pub async fn approve(&mut self, id: &str) -> Result<Proposal, Error> {
+        if id.trim().is_empty() {
+            return Err(Error::InvalidArgument {
+                field: "id",
+                rule: "must not be empty",
+            });
+        }
+        let response = self
+            .keys
+            .approve_operation(keys_pb::ApproveOperationRequest { id: id.to_owned() })
+            .await?
+            .into_inner();
+        Proposal::from_wire(response)
+    }
+
+    /// Open and recent proposals.
+    pub async fn proposals(&mut self) -> Result<Vec<Proposal>, Error> {
+        let response = idempotent(|| {
+            let mut keys = self.keys.clone();
+            async move { keys.list_proposals(keys_pb::ListProposalsRequest {}).await }
+        })
         .await?;
-        let name = |s: &str, prefix: &str| {
-            s.trim_start_matches(prefix)
-                .to_ascii_lowercase()
-                .replace('_', "-")
-        };
+        response
+            .into_inner()
+            .proposals
+            .into_iter()
+            .map(Proposal::from_wire)
+            .collect()
+    }
+
+    /// The last `limit` key events (0: all), oldest first.
+    pub async fn history(&mut self, limit: u32) -> Result<Vec<KeyEvent>, Error> {
+        let response = idempotent(|| {
+            let mut keys = self.keys.clone();
+            async move { keys.key_history(keys_pb::KeyHistoryRequest { limit }).await }
+        })
+        .await?;
         Ok(response
             .into_inner()
-            .versions
+            .events
             .into_iter()
-            .map(|v| KeyVersion {
-                purpose: keys_pb::KeyPurpose::try_from(v.purpose)
-                    .map(|p| name(p.as_str_name(), "KEY_PURPOSE_"))
-                    .unwrap_or_else(|_| "unknown".into()),
-                version: v.version,
-                state: keys_pb::KeyState::try_from(v.state)
-                    .map(|s| name(s.as_str_name(), "KEY_STATE_"))
-                    .unwrap_or_else(|_| "unknown".into()),
-                created_at_unix_ms: v.created_at_unix_ms,
-            })
+            .map(KeyEvent::from_wire)
             .collect())
     }
 
@@ -600,6 +1003,83 @@ mod tests {
         assert_eq!(config.host(), "localhost");
         let config = ClientConfig::new("https://[::1]:8443", "a", "b", "c");
         assert_eq!(config.host(), "::1");
+    }
+
+    #[test]
+    fn purpose_names_round_trip() {
+        for name in KEY_PURPOSES {
+            let purpose = purpose_from_name(name).unwrap();
+            assert_eq!(purpose_name(purpose.into()).as_deref(), Some(name));
+        }
+    }
+
+    #[test]
+    fn unknown_purpose_is_refused_with_the_valid_names() {
+        for name in ["", "card_data", "Card-Data", "unspecified", "pan"] {
+            let err = purpose_from_name(name).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                KEY_PURPOSES.iter().all(|p| text.contains(p)),
+                "{name:?}: {text}"
+            );
+            assert!(
+                matches!(
+                    err,
+                    Error::InvalidArgument {
+                        field: "purpose",
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn wire_names_are_readable() {
+        let state = |s: keys_pb::KeyState| {
+            wire_name(Ok::<_, ()>(s.as_str_name()), "KEY_STATE_").unwrap_or_default()
+        };
+        assert_eq!(state(keys_pb::KeyState::DecryptOnly), "decrypt-only");
+        assert_eq!(state(keys_pb::KeyState::Active), "active");
+        let kind = |k: keys_pb::OperationKind| {
+            wire_name(Ok::<_, ()>(k.as_str_name()), "OPERATION_KIND_").unwrap_or_default()
+        };
+        assert_eq!(
+            kind(keys_pb::OperationKind::RootKeyChange),
+            "root-key-change"
+        );
+        assert_eq!(kind(keys_pb::OperationKind::Destroy), "destroy");
+        assert_eq!(purpose_name(0), None);
+        assert_eq!(purpose_name(99).as_deref(), Some("unknown"));
+    }
+
+    #[test]
+    fn proposal_without_target_has_no_purpose_or_version() {
+        let proposal = Proposal::from_wire(keys_pb::Proposal {
+            id: "p-1".into(),
+            kind: keys_pb::OperationKind::RootKeyChange.into(),
+            new_root_key_file: "/etc/keyservice/root-2.key".into(),
+            proposed_by: "admin-a".into(),
+            state: keys_pb::ProposalState::Pending.into(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(proposal.kind, "root-key-change");
+        assert_eq!(proposal.state, "pending");
+        assert_eq!(proposal.purpose, None);
+        assert_eq!(proposal.version, None);
+        assert_eq!(proposal.approved_by, None);
+        assert!(matches!(
+            Proposal::from_wire(keys_pb::Proposal::default()),
+            Err(Error::Incomplete)
+        ));
+    }
+
+    #[test]
+    fn version_zero_is_refused() {
+        assert!(check_version(0).is_err());
+        assert!(check_version(1).is_ok());
     }
 
     #[tokio::test]

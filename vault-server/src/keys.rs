@@ -457,9 +457,21 @@ impl Keys {
 
     /// Sends the keyservice how many records use each key version.
     pub async fn report_usage(&self, usage: Vec<pb::VersionUsage>) -> Result<(), tonic::Status> {
+        let set = self.snapshot();
+        let active = [
+            (pb::KeyPurpose::CardData, set.card_data.active),
+            (pb::KeyPurpose::Fingerprint, set.fingerprint.active),
+            (pb::KeyPurpose::Cvc, set.cvc.active),
+        ]
+        .map(|(purpose, version)| pb::VersionUsage {
+            purpose: purpose as i32,
+            version,
+            records: 0,
+        })
+        .to_vec();
         self.client
             .clone()
-            .report_usage(pb::ReportUsageRequest { usage })
+            .report_usage(pb::ReportUsageRequest { usage, active })
             .await
             .map(drop)
     }

@@ -7,6 +7,10 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr)] // a CLI prints its results
 
+// Under vaultctl/: a file beside this one would be built as a binary of its own.
+#[path = "vaultctl/keys.rs"]
+mod keys;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -82,9 +86,10 @@ enum Command {
     /// filled into placeholders ({{card.number}}, {{card.exp_month}}, {{card.exp_year}},
     /// {{card.name}}, {{card.cvc}}). Prints the processor's status and body.
     Forward(ForwardArgs),
-    /// Key management (keyservice).
+    /// Key lifecycle: versions, rotation, retirement, dual-control proposals and the key
+    /// history (keyservice); rewrap of stored records onto the active keys (vault).
     #[command(subcommand)]
-    Keys(KeysCommand),
+    Keys(keys::KeysCommand),
     /// Backups of the vault's store (ciphertext only), on the vault host.
     #[command(subcommand)]
     Backup(BackupCommand),
@@ -131,15 +136,6 @@ enum BackupCommand {
     Create { name: String },
     /// Authenticate every record of backup NAME; exits 1 if any fails.
     Verify { name: String },
-}
-
-#[derive(Debug, Subcommand)]
-enum KeysCommand {
-    /// List key versions and their states (never material).
-    List {
-        #[arg(long)]
-        json: bool,
-    },
 }
 
 impl Connection {
@@ -421,24 +417,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Command::Keys(KeysCommand::List { json }) => {
-            let mut client = KeyServiceClient::connect(&keyservice()?).await?;
-            let versions = client.list_versions().await.context("list key versions")?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&versions)?);
-            } else {
-                println!(
-                    "{:<12} {:>7}  {:<13} created (unix ms)",
-                    "purpose", "version", "state"
-                );
-                for v in versions {
-                    println!(
-                        "{:<12} {:>7}  {:<13} {}",
-                        v.purpose, v.version, v.state, v.created_at_unix_ms
-                    );
-                }
-            }
-        }
+        Command::Keys(command) => return keys::run(command, &vault, &keyservice).await,
         Command::Health => {
             let mut healthy = true;
             for (name, result) in [
@@ -483,4 +462,64 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+    use keys::{KeysCommand, ProposeCommand, Purpose};
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("vaultctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn keys_commands_parse() {
+        let cli = parse(&["keys", "retire", "2"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Keys(KeysCommand::Retire {
+                version: 2,
+                purpose: Purpose::CardData
+            })
+        ));
+        let cli = parse(&["keys", "propose", "unretire", "3", "--purpose", "cvc"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Keys(KeysCommand::Propose(ProposeCommand::Unretire {
+                version: 3,
+                purpose: Purpose::Cvc
+            }))
+        ));
+        let cli = parse(&["keys", "history"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Keys(KeysCommand::History {
+                limit: 50,
+                json: false
+            })
+        ));
+        assert!(parse(&["keys", "propose", "root-key", "/etc/ks/root-2.key"]).is_ok());
+    }
+
+    #[test]
+    fn keys_commands_refuse_bad_arguments() {
+        // Rotation names its purpose explicitly.
+        assert!(parse(&["keys", "rotate"]).is_err());
+        let err = parse(&["keys", "rotate", "--purpose", "pan"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            vault_client::KEY_PURPOSES.iter().all(|p| err.contains(p)),
+            "{err}"
+        );
+        assert!(parse(&["keys", "rewrap", "--status", "--no-wait"]).is_err());
+        assert!(parse(&["keys", "retire", "two"]).is_err());
+    }
 }

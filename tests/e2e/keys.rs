@@ -1,0 +1,549 @@
+//! Key lifecycle end to end: rotation reaching a running vault, rewrap (also across a
+//! `kill -9`), retire, destroy under dual control, the GCM budget, root key change, and
+//! keyservice outages.
+
+use std::time::{Duration, Instant};
+
+use integration_tests::{ADMIN, OFFICER, Process, Stack, StackDir, synthetic_pan};
+use tonic::Code;
+use vault_client::{Card, ForwardRequest, KeyServiceClient, TokenInfo, VaultClient};
+
+async fn key_admin(stack: &Stack, name: &str) -> KeyServiceClient {
+    KeyServiceClient::connect(&stack.keyservice_config(name))
+        .await
+        .unwrap()
+}
+
+fn card(n: u64) -> Card {
+    Card::new(&synthetic_pan("400000", n, 16), 12, 2031)
+}
+
+/// Forwards `token`'s card to the sandbox and returns the card number it received.
+async fn forward_number(stack: &Stack, vault: &mut VaultClient, token: &str) -> String {
+    let before = stack.sandbox.requests().len();
+    let answer = vault
+        .forward(ForwardRequest {
+            processor: "sandbox".into(),
+            method: "POST".into(),
+            path: "/v1/charges".into(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: r#"{"number":"{{card.number}}","exp_month":"{{card.exp_month}}","exp_year":"{{card.exp_year}}"}"#.into(),
+            token: token.into(),
+            idempotency_key: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 200);
+    let received = stack.sandbox.requests();
+    assert_eq!(received.len(), before + 1);
+    let body: serde_json::Value = serde_json::from_slice(&received[before].body).unwrap();
+    body["number"].as_str().unwrap().to_owned()
+}
+
+/// Polls `check` every 50 ms until it returns Some, for at most `limit`.
+async fn within<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn version_state(keys: &mut KeyServiceClient, purpose: &str, version: u32) -> String {
+    keys.list_versions()
+        .await
+        .unwrap()
+        .versions
+        .into_iter()
+        .find(|v| v.purpose == purpose && v.version == version)
+        .map(|v| v.state)
+        .unwrap_or_default()
+}
+
+async fn rewrap_to_the_end(vault: &mut VaultClient) -> vault_client::RewrapStatus {
+    within(Duration::from_secs(60), "rewrap finished", || {
+        let mut vault = vault.clone();
+        async move {
+            let status = vault.rewrap_status().await.unwrap();
+            (!status.running).then_some(status)
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rotation_reaches_the_running_vault_and_old_tokens_still_forward() {
+    let stack = Stack::start().await;
+    let mut vault = stack.client(ADMIN).await;
+    let old = vault.tokenize(card(1), false).await.unwrap();
+    assert_eq!(old.key_version, 1);
+
+    let mut keys = key_admin(&stack, ADMIN).await;
+    let created = keys.rotate("card-data").await.unwrap();
+    assert_eq!((created.version, created.state.as_str()), (2, "active"));
+    assert_eq!(
+        version_state(&mut keys, "card-data", 1).await,
+        "decrypt-only"
+    );
+
+    // The running vault uses the new version within 5 seconds, without a restart.
+    let fresh: TokenInfo = within(Duration::from_secs(5), "rotation picked up", || {
+        let mut vault = vault.clone();
+        async move {
+            let info = vault.tokenize(card(2), false).await.unwrap();
+            (info.key_version == 2).then_some(info)
+        }
+    })
+    .await;
+    // Old and new records both read and forward with the right card.
+    assert_eq!(vault.token_info(&old.token).await.unwrap().key_version, 1);
+    assert_eq!(
+        forward_number(&stack, &mut vault, &old.token).await,
+        synthetic_pan("400000", 1, 16)
+    );
+    assert_eq!(
+        forward_number(&stack, &mut vault, &fresh.token).await,
+        synthetic_pan("400000", 2, 16)
+    );
+
+    // A fingerprint rotation does not break reuse_existing for cards stored before.
+    let before = vault.tokenize(card(3), false).await.unwrap().fingerprint;
+    keys.rotate("fingerprint").await.unwrap();
+    within(
+        Duration::from_secs(5),
+        "fingerprint rotation picked up",
+        || {
+            let mut vault = vault.clone();
+            let before = before.clone();
+            async move {
+                let info = vault.tokenize(card(3), false).await.unwrap();
+                (info.fingerprint != before).then_some(())
+            }
+        },
+    )
+    .await;
+    let again = vault.tokenize(card(1), true).await.unwrap();
+    assert_eq!(
+        again.token, old.token,
+        "found under the older fingerprint version"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rewrap_finishes_across_a_kill_and_never_resurrects_a_delete() {
+    const RECORDS: u64 = 300;
+    let mut stack = Stack::start().await;
+    // Slow enough to kill it midway: 100 records a second in batches of 10.
+    stack.add_vault_config("[rewrap]\nrate_per_sec = 100\nbatch_size = 10\n");
+    stack.restart_vault().await;
+    let mut vault = stack.client(ADMIN).await;
+    let cards: Vec<Card> = (0..RECORDS).map(card).collect();
+    let tokens: Vec<String> = vault
+        .tokenize_batch(&cards, false)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|item| match item {
+            vault_client::BatchItem::Stored(info) => info.token,
+            other => panic!("not stored: {other:?}"),
+        })
+        .collect();
+    let mut keys = key_admin(&stack, ADMIN).await;
+    keys.rotate("card-data").await.unwrap();
+    keys.rotate("fingerprint").await.unwrap();
+
+    // The real binary, so that it can be killed with -9.
+    stack.stop_vault().await;
+    let config = stack.write_vault_config();
+    let process = Process::start("vault-server", &config, &[]).await;
+    let mut vault = VaultClient::connect(&stack.dir.client_config(ADMIN, process.addr))
+        .await
+        .unwrap();
+    within(Duration::from_secs(5), "rotation picked up", || {
+        let mut vault = vault.clone();
+        async move {
+            let status = vault.rewrap_status().await.unwrap();
+            (status.card_data_version == 2 && status.fingerprint_version == 2).then_some(())
+        }
+    })
+    .await;
+    let started = vault.start_rewrap().await.unwrap();
+    assert!(started.running);
+    // Deleted while the job runs: must stay deleted.
+    let deleted = &tokens[(RECORDS - 5) as usize..];
+    for token in deleted {
+        vault.delete(token).await.unwrap();
+    }
+    within(Duration::from_secs(20), "rewrap under way", || {
+        let mut vault = vault.clone();
+        async move { (vault.rewrap_status().await.unwrap().done >= 50).then_some(()) }
+    })
+    .await;
+    process.kill9().await;
+
+    // Restarted, the job resumes by itself and finishes.
+    let process = Process::start("vault-server", &config, &[]).await;
+    let mut vault = VaultClient::connect(&stack.dir.client_config(ADMIN, process.addr))
+        .await
+        .unwrap();
+    let finished = rewrap_to_the_end(&mut vault).await;
+    assert_eq!(
+        (finished.remaining, finished.failed),
+        (0, 0),
+        "{finished:?}"
+    );
+    assert!(finished.done >= RECORDS - 5 - 50, "{finished:?}");
+    for (i, token) in tokens.iter().enumerate() {
+        if deleted.contains(token) {
+            let err = vault.token_info(token).await.unwrap_err();
+            assert_eq!(err.code(), Some(Code::NotFound), "deleted token came back");
+            continue;
+        }
+        let info = vault.token_info(token).await.unwrap();
+        assert_eq!(info.key_version, 2, "token {i} not rewrapped");
+    }
+    // Rewrapped records still carry the right card, and reuse finds them under the new
+    // fingerprint version.
+    let number = {
+        let answer = vault
+            .forward(ForwardRequest {
+                processor: "sandbox".into(),
+                method: "POST".into(),
+                path: "/v1/charges".into(),
+                headers: vec![("content-type".into(), "application/json".into())],
+                body: r#"{"number":"{{card.number}}","exp_month":"{{card.exp_month}}","exp_year":"{{card.exp_year}}"}"#.into(),
+                token: tokens[7].clone(),
+                idempotency_key: None,
+            })
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 200);
+        let received = stack.sandbox.requests();
+        let body: serde_json::Value =
+            serde_json::from_slice(&received.last().unwrap().body).unwrap();
+        body["number"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(number, synthetic_pan("400000", 7, 16));
+    let again = vault.tokenize(card(7), true).await.unwrap();
+    assert_eq!(again.token, tokens[7]);
+
+    // The keyservice learns that no record uses version 1 any more.
+    within(Duration::from_secs(5), "usage reported", || {
+        let mut keys = keys.clone();
+        async move {
+            let listing = keys.list_versions().await.unwrap();
+            let v1 = listing
+                .versions
+                .iter()
+                .find(|v| v.purpose == "card-data" && v.version == 1)?;
+            let v2 = listing
+                .versions
+                .iter()
+                .find(|v| v.purpose == "card-data" && v.version == 2)?;
+            (v1.records == 0 && v2.records == RECORDS - 5).then_some(())
+        }
+    })
+    .await;
+    process.terminate().await;
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn destroy_needs_no_records_and_a_second_admin_and_leaves_old_copies_useless() {
+    let mut stack = Stack::start().await;
+    let mut vault = stack.client(ADMIN).await;
+    let old = vault.tokenize(card(11), false).await.unwrap();
+    let mut admin = key_admin(&stack, ADMIN).await;
+    let mut officer = key_admin(&stack, OFFICER).await;
+    admin.rotate("card-data").await.unwrap();
+
+    // Refused while a record uses the version.
+    let err = within(Duration::from_secs(5), "usage reported", || {
+        let mut admin = admin.clone();
+        async move {
+            let err = admin.propose_destroy("card-data", 1).await.unwrap_err();
+            err.to_string()
+                .contains("still used by 1 records")
+                .then_some(err)
+        }
+    })
+    .await;
+    assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
+    // The active version can never be destroyed.
+    let err = admin.propose_destroy("card-data", 2).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
+
+    // An old copy of the data, from before the rewrap.
+    vault.create_backup("before-rewrap").await.unwrap();
+    within(Duration::from_secs(5), "rotation picked up", || {
+        let mut vault = vault.clone();
+        async move { (vault.rewrap_status().await.unwrap().card_data_version == 2).then_some(()) }
+    })
+    .await;
+    vault.start_rewrap().await.unwrap();
+    let finished = rewrap_to_the_end(&mut vault).await;
+    assert_eq!((finished.done, finished.remaining), (1, 0));
+
+    // Dual control: the proposer cannot approve; another admin can, once.
+    let proposal = within(Duration::from_secs(5), "fresh usage report", || {
+        let mut admin = admin.clone();
+        async move { admin.propose_destroy("card-data", 1).await.ok() }
+    })
+    .await;
+    assert_eq!(proposal.state, "pending");
+    let err = admin.approve(&proposal.id).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::PermissionDenied), "{err}");
+    assert_eq!(
+        version_state(&mut admin, "card-data", 1).await,
+        "decrypt-only"
+    );
+    let approved = officer.approve(&proposal.id).await.unwrap();
+    assert_eq!(approved.state, "approved");
+    assert_eq!(
+        approved.approved_by.as_deref(),
+        Some(integration_tests::identity(OFFICER).as_str())
+    );
+    let err = officer.approve(&proposal.id).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::FailedPrecondition), "replay: {err}");
+    assert_eq!(version_state(&mut admin, "card-data", 1).await, "destroyed");
+    let err = officer.approve("p-000000000000").await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::NotFound), "{err}");
+
+    // The current data reads; the old copy, restored, does not decrypt any more.
+    assert_eq!(vault.token_info(&old.token).await.unwrap().key_version, 2);
+    stack.stop_vault().await;
+    let data = stack.dir.data_dir();
+    std::fs::rename(&data, stack.dir.path().join("vault-data.moved")).unwrap();
+    let settings = vault_server::Settings::load(&stack.write_vault_config()).unwrap();
+    vault_server::restore_backup(&settings, "before-rewrap").unwrap();
+    stack.restart_vault().await;
+    let mut vault = stack.client(ADMIN).await;
+    let err = vault.token_info(&old.token).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
+    assert!(
+        err.to_string().contains("key version 1 is not available"),
+        "{err}"
+    );
+
+    // Every step is in the keyservice history, with who did it.
+    let history = admin.history(0).await.unwrap();
+    let admin_id = integration_tests::identity(ADMIN);
+    let officer_id = integration_tests::identity(OFFICER);
+    let find = |action: &str, actor: &str, outcome: &str| {
+        history
+            .iter()
+            .any(|e| e.action == action && e.actor == actor && e.outcome.starts_with(outcome))
+    };
+    assert!(find("rotate", &admin_id, "ok"));
+    assert!(find(
+        "propose",
+        &admin_id,
+        "refused: card-data version 1 is still used"
+    ));
+    assert!(find("propose", &admin_id, "ok"));
+    assert!(find("approve", &admin_id, "refused: dual control"));
+    assert!(find("approve", &officer_id, "ok"));
+    assert!(find("approve", &officer_id, "refused: proposal"));
+    assert!(find(
+        "lease",
+        &integration_tests::identity(integration_tests::VAULT),
+        "ok"
+    ));
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retired_version_is_unusable_until_two_admins_bring_it_back() {
+    let stack = Stack::start().await;
+    let mut vault = stack.client(ADMIN).await;
+    let old = vault.tokenize(card(21), false).await.unwrap();
+    let mut admin = key_admin(&stack, ADMIN).await;
+    let mut officer = key_admin(&stack, OFFICER).await;
+    let err = admin.retire("card-data", 1).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::FailedPrecondition), "active: {err}");
+    admin.rotate("card-data").await.unwrap();
+    admin.retire("card-data", 1).await.unwrap();
+    let err = within(Duration::from_secs(5), "retirement picked up", || {
+        let mut vault = vault.clone();
+        let token = old.token.clone();
+        async move { vault.token_info(&token).await.err() }
+    })
+    .await;
+    assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
+
+    let proposal = officer.propose_unretire("card-data", 1).await.unwrap();
+    let err = officer.approve(&proposal.id).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::PermissionDenied), "{err}");
+    admin.approve(&proposal.id).await.unwrap();
+    assert_eq!(
+        version_state(&mut admin, "card-data", 1).await,
+        "decrypt-only"
+    );
+    within(Duration::from_secs(5), "un-retirement picked up", || {
+        let mut vault = vault.clone();
+        let token = old.token.clone();
+        async move { vault.token_info(&token).await.ok() }
+    })
+    .await;
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_encryption_budget_rotates_at_its_limit_and_is_never_handed_out_twice() {
+    let dir = StackDir::new();
+    dir.set_keyservice_lifecycle("max_encryptions_per_version = 100\nlease_size = 10");
+    let mut stack = Stack::start_in(dir).await;
+    let mut keys = key_admin(&stack, ADMIN).await;
+    let leased = |keys: &KeyServiceClient| {
+        let mut keys = keys.clone();
+        async move {
+            keys.list_versions()
+                .await
+                .unwrap()
+                .versions
+                .into_iter()
+                .filter(|v| v.purpose == "card-data")
+                .map(|v| (v.version, v.encryptions_leased, v.encryption_limit))
+                .collect::<Vec<_>>()
+        }
+    };
+
+    // 35 encryptions in a vault that is then killed: 4 leases of 10 handed out.
+    stack.stop_vault().await;
+    let config = stack.write_vault_config();
+    let process = Process::start("vault-server", &config, &[]).await;
+    let mut vault = VaultClient::connect(&stack.dir.client_config(ADMIN, process.addr))
+        .await
+        .unwrap();
+    for n in 0..35 {
+        assert_eq!(vault.tokenize(card(n), false).await.unwrap().key_version, 1);
+    }
+    assert_eq!(leased(&keys).await, vec![(1, 40, 100)]);
+    process.kill9().await;
+
+    // The 5 encryptions the dead vault had left are never handed out again: 60 more
+    // under version 1, and the next one is on a new version.
+    let process = Process::start("vault-server", &config, &[]).await;
+    let mut vault = VaultClient::connect(&stack.dir.client_config(ADMIN, process.addr))
+        .await
+        .unwrap();
+    for n in 0..60 {
+        let info = vault.tokenize(card(100 + n), false).await.unwrap();
+        assert_eq!(info.key_version, 1, "encryption {n} after the restart");
+    }
+    let next = vault.tokenize(card(200), false).await.unwrap();
+    assert_eq!(next.key_version, 2, "the 101st lease-counted encryption");
+    assert_eq!(leased(&keys).await, vec![(1, 100, 100), (2, 10, 100)]);
+    let history = keys.history(0).await.unwrap();
+    assert!(
+        history.iter().any(|e| e.action == "rotate"
+            && e.actor == "keyservice"
+            && e.detail.contains("budget"))
+    );
+    process.terminate().await;
+    stack.stop_keyservice().await;
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_vault_serves_through_a_keyservice_outage_and_catches_up_after() {
+    let mut stack = Stack::start().await;
+    let mut vault = stack.client(ADMIN).await;
+    vault.tokenize(card(31), false).await.unwrap();
+    async fn link(stack: &Stack) -> i32 {
+        let channel = integration_tests::raw_channel(&stack.dir, ADMIN, stack.vault_addr)
+            .await
+            .unwrap();
+        tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: vault_server::KEYSERVICE_LINK_HEALTH.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+    }
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    assert_eq!(link(&stack).await, serving);
+
+    stack.stop_keyservice().await;
+    // Degraded, but tokenizing and reading go on with the keys held.
+    within(Duration::from_secs(5), "degraded health", || async {
+        (link(&stack).await != serving).then_some(())
+    })
+    .await;
+    assert!(
+        vault.health().await.unwrap(),
+        "the vault itself still serves"
+    );
+    for n in 0..20 {
+        let info = vault.tokenize(card(40 + n), false).await.unwrap();
+        assert_eq!(vault.token_info(&info.token).await.unwrap().key_version, 1);
+    }
+
+    // Back, with a rotation made while the vault was cut off: picked up on reconnect.
+    stack.start_keyservice().await;
+    key_admin(&stack, ADMIN)
+        .await
+        .rotate("card-data")
+        .await
+        .unwrap();
+    within(Duration::from_secs(5), "rotation after reconnect", || {
+        let mut vault = vault.clone();
+        async move { (vault.tokenize(card(99), false).await.unwrap().key_version == 2).then_some(()) }
+    })
+    .await;
+    assert_eq!(link(&stack).await, serving);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_root_key_changes_under_dual_control_without_vault_downtime() {
+    let mut stack = Stack::start().await;
+    let mut vault = stack.client(ADMIN).await;
+    let before = vault.tokenize(card(51), false).await.unwrap();
+    let new_root = stack.dir.path().join("root-2.key");
+    keyservice::keyring::RootKey::generate_file(&new_root).unwrap();
+    let mut admin = key_admin(&stack, ADMIN).await;
+    let mut officer = key_admin(&stack, OFFICER).await;
+
+    // A missing file is refused before anyone is asked to approve.
+    let err = admin
+        .propose_root_key_change(&stack.dir.path().join("nope.key").display().to_string())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
+    let proposal = admin
+        .propose_root_key_change(&new_root.display().to_string())
+        .await
+        .unwrap();
+    officer.approve(&proposal.id).await.unwrap();
+    // The vault never noticed.
+    vault.token_info(&before.token).await.unwrap();
+    vault.tokenize(card(52), false).await.unwrap();
+
+    // The keyring now opens only under the new key, which took the old one's place.
+    let root_file = stack.dir.path().join("root.key");
+    assert_eq!(
+        std::fs::read(&root_file).unwrap(),
+        std::fs::read(&new_root).unwrap()
+    );
+    let keyring = std::fs::read(stack.dir.path().join("keyring.sealed")).unwrap();
+    let new_key = keyservice::keyring::RootKey::from_file(&root_file).unwrap();
+    keyservice::keyring::Keyring::open(&keyring, &new_key).unwrap();
+    stack.stop_keyservice().await;
+    stack.start_keyservice().await;
+    assert_eq!(
+        version_state(&mut key_admin(&stack, ADMIN).await, "card-data", 1).await,
+        "active"
+    );
+    stack.stop().await;
+}
