@@ -2,7 +2,7 @@
 
 use std::process::Stdio;
 
-use integration_tests::{ADMIN, Stack, binary};
+use integration_tests::{ADMIN, OFFICER, Stack, binary};
 use tokio::io::AsyncWriteExt;
 
 struct Output {
@@ -32,20 +32,26 @@ async fn vaultctl(config: &std::path::Path, args: &[&str], stdin: &str) -> Outpu
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tokenize_info_delete_keys_and_health_through_vaultctl() {
-    let stack = Stack::start().await;
-    let config = stack.dir.path().join("vaultctl.toml");
+/// A vaultctl config file acting as `name` against `stack`.
+fn config_for(stack: &Stack, name: &str) -> std::path::PathBuf {
+    let config = stack.dir.path().join(format!("vaultctl-{name}.toml"));
     std::fs::write(
         &config,
         format!(
             "vault_endpoint = \"https://localhost:{}\"\nkeyservice_endpoint = \"https://localhost:{}\"\n\
-             ca_file = \"ca.pem\"\ncert_file = \"{ADMIN}.pem\"\nkey_file = \"{ADMIN}.key\"\n",
+             ca_file = \"ca.pem\"\ncert_file = \"{name}.pem\"\nkey_file = \"{name}.key\"\n",
             stack.vault_addr.port(),
             stack.keyservice_addr.port()
         ),
     )
     .unwrap();
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokenize_info_delete_keys_and_health_through_vaultctl() {
+    let stack = Stack::start().await;
+    let config = config_for(&stack, ADMIN);
 
     let out = vaultctl(
         &config,
@@ -148,5 +154,129 @@ async fn tokenize_info_delete_keys_and_health_through_vaultctl() {
         "{}",
         out.stdout
     );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_rewrap_and_destroy_under_dual_control_through_vaultctl() {
+    let stack = Stack::start().await;
+    let admin = config_for(&stack, ADMIN);
+    let officer = config_for(&stack, OFFICER);
+    let mut tokens = Vec::new();
+    for pan in ["4242424242424242", "5555555555554444", "378282246310005"] {
+        let out = vaultctl(&admin, &["tokenize", "--exp", "12/2030"], pan).await;
+        assert!(out.ok, "{}", out.stderr);
+        tokens.push(out.stdout.trim().to_owned());
+    }
+
+    let out = vaultctl(&admin, &["keys", "rotate", "--purpose", "card-data"], "").await;
+    assert!(out.ok, "{}", out.stderr);
+    assert!(
+        out.stdout
+            .contains("rotated card-data: version 2 is active; version 1 is now decrypt-only"),
+        "{}",
+        out.stdout
+    );
+    // Wait until the vault uses version 2, then rewrap and wait for the end.
+    let started = std::time::Instant::now();
+    loop {
+        let out = vaultctl(&admin, &["keys", "rewrap", "--status"], "").await;
+        assert!(out.ok, "{}", out.stderr);
+        if out.stdout.contains("card-data v2") {
+            break;
+        }
+        assert!(started.elapsed().as_secs() < 5, "{}", out.stdout);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let out = vaultctl(&admin, &["keys", "rewrap"], "").await;
+    assert!(out.ok, "{}", out.stderr);
+    assert!(
+        out.stdout
+            .contains("rewrap finished: 3 records re-encrypted onto card-data v2"),
+        "{}",
+        out.stdout
+    );
+    for token in &tokens {
+        let out = vaultctl(&admin, &["info", token, "--json"], "").await;
+        let info: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        assert_eq!(info["key_version"], 2);
+    }
+
+    // keys list shows states, budget use and record counts (once reported).
+    let started = std::time::Instant::now();
+    let listing = loop {
+        let out = vaultctl(&admin, &["keys", "list", "--json"], "").await;
+        assert!(out.ok, "{}", out.stderr);
+        let listing: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        let v2 = listing["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["purpose"] == "card-data" && v["version"] == 2)
+            .cloned()
+            .unwrap();
+        if v2["records"] == 3 {
+            break listing;
+        }
+        assert!(started.elapsed().as_secs() < 5, "{listing}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let v1 = listing["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["purpose"] == "card-data" && v["version"] == 1)
+        .unwrap();
+    assert_eq!(
+        (v1["state"].as_str(), v1["records"].as_u64()),
+        (Some("decrypt-only"), Some(0))
+    );
+    assert!(v1["encryptions_leased"].as_u64().unwrap() >= 3);
+
+    // Propose as admin, refuse self-approval, approve as officer.
+    // Refused until the destroy grace period (1 s in tests) has passed since rotation.
+    let started = std::time::Instant::now();
+    let out = loop {
+        let out = vaultctl(&admin, &["keys", "propose", "destroy", "1"], "").await;
+        if out.ok {
+            break out;
+        }
+        assert!(out.stderr.contains("too recently"), "{}", out.stderr);
+        assert!(started.elapsed().as_secs() < 5, "{}", out.stderr);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let id = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("proposal id: "))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let out = vaultctl(&admin, &["keys", "approve", &id], "").await;
+    assert!(!out.ok);
+    assert!(out.stderr.contains("dual control"), "{}", out.stderr);
+    let out = vaultctl(&officer, &["keys", "approve", &id], "").await;
+    assert!(out.ok, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("destroyed card-data version 1"),
+        "{}",
+        out.stdout
+    );
+    let out = vaultctl(&officer, &["keys", "approve", &id], "").await;
+    assert!(
+        !out.ok && out.stderr.contains("already approved"),
+        "{}",
+        out.stderr
+    );
+
+    let out = vaultctl(&admin, &["keys", "history"], "").await;
+    assert!(out.ok, "{}", out.stderr);
+    for action in ["rotate", "propose", "approve"] {
+        assert!(out.stdout.contains(action), "{}", out.stdout);
+    }
+    for token in &tokens {
+        let out = vaultctl(&admin, &["info", token], "").await;
+        assert!(out.ok, "{}", out.stderr);
+    }
     stack.stop().await;
 }
