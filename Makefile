@@ -3,6 +3,7 @@
 #   make test   every test
 #   make crash-test   the long crash test (kill -9 under load, CRASH_CYCLES cycles)
 #   make fuzz         every fuzz target for FUZZ_SECS seconds
+#   make rewrap-bench the rewrap rate on REWRAP_RECORDS records (release build)
 # Both install missing system packages first and build RocksDB's C++ only once.
 
 SHELL := /bin/bash
@@ -13,7 +14,7 @@ ROCKSDB_VERSION := $(shell sed -n '/^name = "librocksdb-sys"$$/{n;s/^version = "
 export ROCKSDB_LIB_DIR ?= $(CACHE_DIR)/librocksdb-$(ROCKSDB_VERSION)
 export ROCKSDB_STATIC := 1
 
-.PHONY: run test crash-test fuzz build lint deps rocksdb
+.PHONY: run test crash-test rewrap-bench fuzz build lint deps rocksdb
 
 run: build
 	cargo run --locked --quiet -p devstack -- --dir .dev
@@ -25,6 +26,12 @@ test: build
 # CRASH_CYCLES times (default 50); every acknowledged token must survive.
 crash-test: build
 	cargo test --locked -p integration-tests --test e2e acknowledged_tokens_survive_kill_9_long -- --ignored --nocapture
+
+# Loads REWRAP_RECORDS (default 100000) records, rotates the card-data and fingerprint
+# keys, and times an unthrottled rewrap of all of them.
+REWRAP_RECORDS ?= 100000
+rewrap-bench: rocksdb
+	REWRAP_RECORDS=$(REWRAP_RECORDS) cargo test --release --locked -p integration-tests --test e2e rewrap_rate -- --ignored --nocapture
 
 # Each cargo-fuzz target for FUZZ_SECS seconds (default 60), corpus in fuzz/corpus.
 # Runs on the stable toolchain without a sanitizer (--sanitizer none); Rust's own checks

@@ -172,3 +172,37 @@ impl Settings {
         Ok(settings)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reference_config_parses_with_its_lifecycle_settings() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/keyservice.toml");
+        let settings = Settings::load(&path).unwrap();
+        assert_eq!(settings.lifecycle.max_encryptions_per_version, 1 << 32);
+        assert_eq!(settings.lifecycle.rotate_after_days, Some(365));
+        assert_eq!(settings.access.admin_identities.len(), 2);
+    }
+
+    #[test]
+    fn a_budget_above_the_gcm_limit_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyservice.toml");
+        let reference = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/keyservice.toml"),
+        )
+        .unwrap();
+        std::fs::write(
+            &path,
+            reference.replace(
+                "max_encryptions_per_version = 4294967296",
+                "max_encryptions_per_version = 4294967297",
+            ),
+        )
+        .unwrap();
+        let err = Settings::load(&path).unwrap_err().to_string();
+        assert!(err.contains("max_encryptions_per_version"), "{err}");
+    }
+}

@@ -547,3 +547,59 @@ async fn the_root_key_changes_under_dual_control_without_vault_downtime() {
     );
     stack.stop().await;
 }
+
+/// `make rewrap-bench`: the rewrap rate on REWRAP_RECORDS records (default 100,000),
+/// unthrottled, after rotating card-data and fingerprint keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "a benchmark: run with `make rewrap-bench`"]
+async fn rewrap_rate() {
+    let records: u64 = std::env::var("REWRAP_RECORDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(100_000);
+    let mut stack = Stack::start().await;
+    stack.add_vault_config("[rewrap]\nrate_per_sec = 1000000\nbatch_size = 1000\n");
+    stack.restart_vault().await;
+    let mut vault = stack.client(ADMIN).await;
+    let loading = Instant::now();
+    for chunk in 0..records.div_ceil(1000) {
+        let cards: Vec<Card> = (chunk * 1000..((chunk + 1) * 1000).min(records))
+            .map(card)
+            .collect();
+        vault.tokenize_batch(&cards, false).await.unwrap();
+    }
+    println!(
+        "loaded {records} records in {:.1} s",
+        loading.elapsed().as_secs_f64()
+    );
+    let mut keys = key_admin(&stack, ADMIN).await;
+    keys.rotate("card-data").await.unwrap();
+    keys.rotate("fingerprint").await.unwrap();
+    within(Duration::from_secs(5), "rotation picked up", || {
+        let mut vault = vault.clone();
+        async move {
+            let status = vault.rewrap_status().await.unwrap();
+            (status.card_data_version == 2 && status.fingerprint_version == 2).then_some(())
+        }
+    })
+    .await;
+    let started = Instant::now();
+    vault.start_rewrap().await.unwrap();
+    let finished = within(Duration::from_secs(3600), "rewrap finished", || {
+        let mut vault = vault.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let status = vault.rewrap_status().await.unwrap();
+            (!status.running).then_some(status)
+        }
+    })
+    .await;
+    let seconds = started.elapsed().as_secs_f64();
+    assert_eq!((finished.done, finished.remaining, finished.failed), (records, 0, 0));
+    println!(
+        "rewrap: {records} records in {seconds:.1} s = {:.0} records/s (card-data and fingerprint \
+         both rotated; one synced write per batch of 1000)",
+        records as f64 / seconds
+    );
+    stack.stop().await;
+}

@@ -268,3 +268,19 @@ impl Settings {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reference_config_parses_with_its_rewrap_settings() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/vault-server.toml");
+        let settings = Settings::load(&path).unwrap();
+        assert_eq!(settings.rewrap.rate_per_sec, 5000);
+        assert_eq!(
+            settings.keyservice.usage_report_interval(),
+            Duration::from_secs(5)
+        );
+    }
+}
