@@ -595,7 +595,10 @@ async fn rewrap_rate() {
     })
     .await;
     let seconds = started.elapsed().as_secs_f64();
-    assert_eq!((finished.done, finished.remaining, finished.failed), (records, 0, 0));
+    assert_eq!(
+        (finished.done, finished.remaining, finished.failed),
+        (records, 0, 0)
+    );
     println!(
         "rewrap: {records} records in {seconds:.1} s = {:.0} records/s (card-data and fingerprint \
          both rotated; one synced write per batch of 1000)",

@@ -531,9 +531,19 @@ impl VaultClient {
 
     /// gRPC health of the vault: `Ok(true)` when serving.
     pub async fn health(&mut self) -> Result<bool, Error> {
-        health(&self.health).await
+        health(&self.health, "").await
+    }
+
+    /// Whether the vault's link to the keyservice is up. When it is down the vault is
+    /// degraded: it serves with the keys it holds until its encryption budget runs out.
+    pub async fn keyservice_link(&mut self) -> Result<bool, Error> {
+        health(&self.health, KEYSERVICE_LINK_HEALTH).await
     }
 }
+
+/// The vault's health service name for its keyservice link (the server defines it as
+/// `vault_server::KEYSERVICE_LINK_HEALTH`; a client does not link the server).
+const KEYSERVICE_LINK_HEALTH: &str = "tokenvault.vault.v1.Vault/keyservice";
 
 /// Progress of the vault's rewrap job, which re-encrypts records onto the active
 /// card-data and fingerprint key versions.
@@ -578,6 +588,7 @@ impl RewrapStatus {
 
 async fn health(
     client: &tonic_health::pb::health_client::HealthClient<Channel>,
+    service: &str,
 ) -> Result<bool, Error> {
     use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
     let response = idempotent(|| {
@@ -585,7 +596,7 @@ async fn health(
         async move {
             client
                 .check(HealthCheckRequest {
-                    service: String::new(),
+                    service: service.to_owned(),
                 })
                 .await
         }
@@ -979,7 +990,7 @@ impl KeyServiceClient {
     }
 
     pub async fn health(&mut self) -> Result<bool, Error> {
-        health(&self.health).await
+        health(&self.health, "").await
     }
 }
 

@@ -186,7 +186,8 @@ impl<S: Store> Rewrapper<S> {
         pb::RewrapStatus {
             running: live.running,
             done: live.saved.done,
-            remaining,
+            // Failed records stay on their old version but are not left to do.
+            remaining: remaining.saturating_sub(live.saved.failed),
             failed: live.saved.failed,
             rate_per_sec,
             card_data_version: target.card_data,

@@ -177,6 +177,14 @@ impl Connection {
     }
 }
 
+/// What `vaultctl health` reports for one service.
+enum Health {
+    Serving,
+    /// Serving, but the vault has lost its keyservice link.
+    Degraded,
+    NotServing,
+}
+
 fn find_default_config() -> Option<PathBuf> {
     let cwd = std::env::current_dir().ok()?;
     for dir in cwd.ancestors() {
@@ -424,29 +432,43 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 (
                     "vault",
                     async {
-                        VaultClient::connect(&vault()?)
-                            .await?
-                            .health()
-                            .await
-                            .map_err(anyhow::Error::from)
+                        let mut client = VaultClient::connect(&vault()?).await?;
+                        let serving = client.health().await?;
+                        let linked = !serving || client.keyservice_link().await?;
+                        Ok::<_, anyhow::Error>(match (serving, linked) {
+                            (true, true) => Health::Serving,
+                            (true, false) => Health::Degraded,
+                            _ => Health::NotServing,
+                        })
                     }
                     .await,
                 ),
                 (
                     "keyservice",
                     async {
-                        KeyServiceClient::connect(&keyservice()?)
+                        let serving = KeyServiceClient::connect(&keyservice()?)
                             .await?
                             .health()
-                            .await
-                            .map_err(anyhow::Error::from)
+                            .await?;
+                        Ok(if serving {
+                            Health::Serving
+                        } else {
+                            Health::NotServing
+                        })
                     }
                     .await,
                 ),
             ] {
                 match result {
-                    Ok(true) => println!("{name}: serving"),
-                    Ok(false) => {
+                    Ok(Health::Serving) => println!("{name}: serving"),
+                    Ok(Health::Degraded) => {
+                        healthy = false;
+                        println!(
+                            "{name}: degraded (its keyservice link is down; it serves with the \
+                             keys it holds until its leased encryption budget runs out)"
+                        );
+                    }
+                    Ok(Health::NotServing) => {
                         healthy = false;
                         println!("{name}: not serving");
                     }
