@@ -1,6 +1,8 @@
-//! Crash test: concurrent tokenizations against the real vault-server binary, `kill -9`
-//! at random moments (the keyservice too, now and then), restart, and every token a
-//! client got an OK for must still answer with its metadata, and still forward.
+//! Crash test: concurrent tokenizations against the real vault-server binary, key
+//! rotations and rewraps running meanwhile, `kill -9` at random moments (the keyservice
+//! too, now and then), restart, and every token a client got an OK for must still
+//! answer with its metadata, on the latest key version once the rewrap is through, and
+//! still forward.
 //!
 //! `make test` runs a short version; `make crash-test` runs `CRASH_CYCLES` (default 50).
 
@@ -8,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use integration_tests::{ADMIN, Process, StackDir, synthetic_pan};
-use vault_client::{BatchItem, Card, ForwardRequest, TokenInfo, VaultClient};
+use vault_client::{BatchItem, Card, ForwardRequest, KeyServiceClient, TokenInfo, VaultClient};
 
 const CLIENTS: usize = 8;
 
@@ -55,6 +57,7 @@ async fn crash_cycles(cycles: usize) {
 
     let acknowledged = Arc::new(Mutex::new(Vec::new()));
     let mut keyservice_kills = 0;
+    let mut rotations = 0;
     for cycle in 0..cycles {
         let vault = Process::start("vault-server", &vault_config, &[]).await;
         let driving = tokio::spawn(drive(
@@ -62,6 +65,25 @@ async fn crash_cycles(cycles: usize) {
             cycle as u64 * 100_000_000,
             Arc::clone(&acknowledged),
         ));
+        if cycle % 3 == 1 {
+            // A rotation and a rewrap under load, killed wherever they are.
+            let purpose = if cycle % 2 == 0 {
+                "fingerprint"
+            } else {
+                "card-data"
+            };
+            let mut keys = KeyServiceClient::connect(&dir.client_config(ADMIN, keyservice.addr))
+                .await
+                .unwrap();
+            keys.rotate(purpose).await.unwrap();
+            rotations += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if let Ok(mut client) =
+                VaultClient::connect(&dir.client_config(ADMIN, vault.addr)).await
+            {
+                let _ = client.start_rewrap().await;
+            }
+        }
         tokio::time::sleep(Duration::from_millis(50 + rng.next(400))).await;
         vault.kill9().await;
         driving.await.unwrap();
@@ -78,11 +100,30 @@ async fn crash_cycles(cycles: usize) {
     let mut client = VaultClient::connect(&dir.client_config(ADMIN, vault.addr))
         .await
         .unwrap();
+    // Finish the rewrap: every record ends on the latest card-data version.
+    let mut status = client.start_rewrap().await.unwrap();
+    let rewrap_started = Instant::now();
+    while status.running {
+        assert!(
+            rewrap_started.elapsed() < Duration::from_secs(300),
+            "{status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        status = client.rewrap_status().await.unwrap();
+    }
+    assert_eq!((status.remaining, status.failed), (0, 0), "{status:?}");
     let acknowledged = acknowledged.lock().unwrap().clone();
     let mut lost = Vec::new();
     for info in &acknowledged {
         match client.token_info(&info.token).await {
-            Ok(found) if &found == info => {}
+            // The record as acknowledged, moved onto the latest versions by the rewrap.
+            Ok(found)
+                if found.key_version == status.card_data_version
+                    && TokenInfo {
+                        key_version: info.key_version,
+                        fingerprint: info.fingerprint.clone(),
+                        ..found.clone()
+                    } == *info => {}
             other => lost.push((info.token.clone(), format!("{other:?}"))),
         }
     }
@@ -115,7 +156,7 @@ async fn crash_cycles(cycles: usize) {
     keyservice.terminate().await;
     sandbox.stop().await;
     println!(
-        "crash test summary: {cycles} vault kill cycles, {keyservice_kills} keyservice kills, {} tokens acknowledged, {} lost, {:.1?}",
+        "crash test summary: {cycles} vault kill cycles, {keyservice_kills} keyservice kills, {rotations} rotations with rewrap, {} tokens acknowledged, {} lost, {:.1?}",
         acknowledged.len(),
         lost.len(),
         started.elapsed()
