@@ -158,6 +158,31 @@ impl Settings {
         if lifecycle.lease_size == 0 {
             return Err(invalid("lifecycle.lease_size must be at least 1".into()));
         }
+        const TEN_YEARS_SECS: u64 = 10 * 365 * 24 * 60 * 60;
+        if [
+            lifecycle.approval_window_secs,
+            lifecycle.usage_report_max_age_secs,
+            lifecycle.destroy_grace_secs,
+        ]
+        .iter()
+        .any(|secs| *secs > TEN_YEARS_SECS)
+            || lifecycle.rotate_after_days.is_some_and(|d| d > 3650)
+        {
+            return Err(invalid(
+                "lifecycle: durations must be at most ten years".into(),
+            ));
+        }
+        if let Some(both) = settings
+            .access
+            .vault_identities
+            .iter()
+            .find(|id| settings.access.admin_identities.contains(id))
+        {
+            return Err(invalid(format!(
+                "access: {both} is both a vault and an admin identity; a vault could then \
+                 vouch for its own usage reports and propose a destroy"
+            )));
+        }
         if lifecycle.rotate_after_days == Some(0) {
             return Err(invalid(
                 "lifecycle.rotate_after_days must be at least 1 (or unset)".into(),

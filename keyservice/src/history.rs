@@ -53,7 +53,14 @@ impl History {
         options.create(true).append(true).read(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let file = options.open(path)?;
+        let mut file = options.open(path)?;
+        // A crash in the middle of an append leaves a partial last line: end it, so that
+        // the next event starts on a line of its own (the partial one is skipped).
+        let contents = std::fs::read(path)?;
+        if contents.last().is_some_and(|b| *b != b'\n') {
+            file.write_all(b"\n")?;
+            file.sync_data()?;
+        }
         let last = std::io::BufReader::new(std::fs::File::open(path)?)
             .lines()
             .map_while(Result::ok)

@@ -35,8 +35,10 @@ pub(crate) struct Shared {
     lifecycle: Lifecycle,
     /// Bumped after every change of the served key set; WatchKeys streams follow it.
     changes: watch::Sender<u64>,
-    /// The latest usage report of each vault identity.
-    usage: Mutex<HashMap<String, UsageReport>>,
+    /// The latest usage report of each vault (identity, instance).
+    usage: Mutex<HashMap<(String, String), UsageReport>>,
+    /// Every configured vault identity must have reported before a destroy.
+    vault_identities: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -156,6 +158,7 @@ impl Shared {
             lifecycle: settings.lifecycle.clone(),
             changes: watch::channel(0).0,
             usage: Mutex::new(HashMap::new()),
+            vault_identities: settings.access.vault_identities.clone(),
         }
     }
 
@@ -166,13 +169,19 @@ impl Shared {
         change: impl FnOnce(&mut Keyring) -> Result<T, Status>,
     ) -> Result<T, Status> {
         let mut keyring = lock(&self.keyring);
+        let root = lock(&self.root);
+        // The state before the change, to restore if it cannot be made durable.
+        let before = keyring
+            .seal(&root)
+            .map_err(|_| Status::internal("the keyring could not be sealed"))?;
+        drop(root);
         let result = change(&mut keyring)?;
         keyring.prune_proposals(now_unix_ms(), KEEP_PROPOSALS_MS);
         let root = lock(&self.root);
         if let Err(error) = keyring.save(&self.keyring_file, &root) {
             tracing::error!(error = %error, "cannot save the keyring; change undone");
-            if let Ok(on_disk) = Keyring::load(&self.keyring_file, &root) {
-                *keyring = on_disk;
+            if let Ok(unchanged) = Keyring::open(&before, &root) {
+                *keyring = unchanged;
             }
             return Err(Status::unavailable(
                 "the keyring could not be saved; nothing was changed",
@@ -269,16 +278,20 @@ impl Shared {
         let deactivated = keyring.version(purpose, version)?.deactivated_at_unix_ms;
         let grace_ms = (self.lifecycle.destroy_grace_secs * 1000) as i64;
         let reports = lock(&self.usage);
-        if reports.is_empty() {
-            return Err(Refusal::UsageUnknown(
-                "no vault has reported key usage since the keyservice started; a destroy needs \
-                 a fresh report from every vault (running vaults report every few seconds)"
-                    .into(),
-            ));
+        if let Some(silent) = self
+            .vault_identities
+            .iter()
+            .find(|id| !reports.keys().any(|(reporter, _)| reporter == *id))
+        {
+            return Err(Refusal::UsageUnknown(format!(
+                "vault identity {silent} has not reported key usage since the keyservice \
+                 started; a destroy needs a fresh report from every vault (running vaults \
+                 report every few seconds)"
+            )));
         }
         let max_age_ms = (self.lifecycle.usage_report_max_age_secs * 1000) as i64;
         let mut records = 0;
-        for (identity, report) in reports.iter() {
+        for ((identity, _), report) in reports.iter() {
             let age_ms = now.saturating_sub(report.at_unix_ms);
             if age_ms > max_age_ms {
                 return Err(Refusal::UsageUnknown(format!(
@@ -303,7 +316,7 @@ impl Shared {
         }
         // A report counts committed records only: one sealed under the version just
         // before it stopped being active may still be on its way to the disk.
-        for (identity, report) in reports.iter() {
+        for ((identity, _), report) in reports.iter() {
             if report.active.get(&purpose) == Some(&version)
                 || report.at_unix_ms < deactivated.saturating_add(grace_ms)
             {
@@ -344,15 +357,20 @@ impl Shared {
             let _ = std::fs::remove_file(&staged);
             return Err(failed(e));
         }
-        std::fs::rename(&staged, &self.root_key_file)
-            .and_then(|()| crate::keyring::sync_parent(&self.root_key_file))
-            .map_err(|e| {
-                Status::internal(format!(
-                    "the keyring is sealed under the new root key but moving it into place \
-                     failed ({e}); the keyservice finishes this at its next start"
-                ))
-            })?;
+        // The keyring is durably sealed under the new key: from here on it is the root
+        // key, whether or not the staged file reaches its place now (the next start
+        // finishes the move from the staged copy).
         *lock(&self.root) = new_root;
+        if let Err(e) = std::fs::rename(&staged, &self.root_key_file)
+            .and_then(|()| crate::keyring::sync_parent(&self.root_key_file))
+        {
+            tracing::error!(
+                error = %e,
+                staged = %staged.display(),
+                "the change is durable but the new root key file is still staged; the next \
+                 start moves it into place"
+            );
+        }
         Ok(())
     }
 }
@@ -543,7 +561,7 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
             }
             tracing::debug!(versions = records.len(), "usage reported");
             lock(&self.shared.usage).insert(
-                caller,
+                (caller, request.instance),
                 UsageReport {
                     at_unix_ms: now_unix_ms(),
                     records,
@@ -570,9 +588,10 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
                 .collect();
             let reporters = lock(&self.shared.usage)
                 .iter()
-                .map(|(identity, report)| pb::UsageReporter {
+                .map(|((identity, instance), report)| pb::UsageReporter {
                     identity: identity.clone(),
                     reported_at_unix_ms: report.at_unix_ms,
+                    instance: instance.clone(),
                 })
                 .collect();
             Ok(Response::new(pb::ListKeyVersionsResponse {
@@ -763,9 +782,19 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
             let proposal = keyring
                 .check_approval(&id, &caller, now)
                 .map_err(|r| shared.refuse(event.clone(), &r))?;
+            // The state before, to restore if the change cannot be made durable.
+            let before = keyring
+                .seal(&lock(&shared.root))
+                .map_err(|_| Status::internal("the keyring could not be sealed"))?;
             event.purpose = proposal.purpose().map(Purpose::name);
             event.version = proposal.version;
             event.detail = format!("{} {id}", lifecycle::kind_name(proposal.kind));
+            // Irreversible operations are recorded before they are carried out; if the
+            // history cannot be written, nothing is done.
+            shared.record(NewEvent {
+                outcome: "started".into(),
+                ..event.clone()
+            })?;
             match (proposal.kind, proposal.purpose()) {
                 (OperationKind::Destroy, Some(purpose)) => {
                     shared
@@ -792,9 +821,8 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
                     }),
             };
             if let Err(status) = saved {
-                let root = lock(&shared.root);
-                if let Ok(on_disk) = Keyring::load(&shared.keyring_file, &root) {
-                    *keyring = on_disk;
+                if let Ok(unchanged) = Keyring::open(&before, &lock(&shared.root)) {
+                    *keyring = unchanged;
                 }
                 return Err(status);
             }

@@ -56,6 +56,14 @@ impl fmt::Debug for keys::v1::KeyMaterial {
     }
 }
 
+/// Key material is wiped when the message goes away: the keyservice builds these to
+/// send, and the vault decodes them; neither keeps a plain copy behind.
+impl Drop for keys::v1::KeyMaterial {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.material);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

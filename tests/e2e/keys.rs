@@ -601,7 +601,7 @@ async fn rewrap_rate() {
     );
     println!(
         "rewrap: {records} records in {seconds:.1} s = {:.0} records/s (card-data and fingerprint \
-         both rotated; one synced write per batch of 1000)",
+         both rotated; each batch of 1000 rewritten concurrently, so group commit syncs them together)",
         records as f64 / seconds
     );
     stack.stop().await;

@@ -126,6 +126,18 @@ impl CvcStore {
         }
     }
 
+    /// CVCs held (not expired) per cvc key version.
+    pub fn version_counts(&self) -> std::collections::BTreeMap<u32, u64> {
+        let now = Instant::now();
+        let mut counts = std::collections::BTreeMap::new();
+        for entry in self.entries().by_token.values() {
+            if entry.expires_at > now {
+                *counts.entry(entry.key_version).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+
     pub fn erase(&self, token: &Token) {
         self.entries().by_token.remove(token);
     }

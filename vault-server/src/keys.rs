@@ -268,6 +268,8 @@ pub struct Keys {
     watch_endpoint: Endpoint,
     connected: watch::Sender<bool>,
     settings: KeyserviceSettings,
+    /// This vault's instance id in usage reports (set by `spawn_watch`).
+    instance: std::sync::OnceLock<String>,
 }
 
 impl Keys {
@@ -294,6 +296,7 @@ impl Keys {
             watch_endpoint: endpoint,
             connected: watch::channel(true).0,
             settings: settings.clone(),
+            instance: std::sync::OnceLock::new(),
         }))
     }
 
@@ -394,6 +397,8 @@ impl Keys {
             return Ok(());
         }
         if key.version > versions(&current) {
+            // A rotation the watch has not announced yet: new data moves on at once.
+            self.budget(aead).keep_version(key.version);
             let mut set = KeySet::clone(&current);
             match aead {
                 Aead::CardData => set.card_data.learn(key.version, Arc::clone(&secret)),
@@ -471,7 +476,11 @@ impl Keys {
         .to_vec();
         self.client
             .clone()
-            .report_usage(pb::ReportUsageRequest { usage, active })
+            .report_usage(pb::ReportUsageRequest {
+                usage,
+                active,
+                instance: self.instance.get().cloned().unwrap_or_default(),
+            })
             .await
             .map(drop)
     }
@@ -480,9 +489,11 @@ impl Keys {
     /// and reports record usage on every (re)connection and then periodically.
     pub fn spawn_watch(
         self: &Arc<Self>,
+        instance: String,
         usage: impl Fn() -> Vec<pb::VersionUsage> + Send + Sync + 'static,
         shutdown: Shutdown,
     ) {
+        let _ = self.instance.set(instance);
         let usage = Arc::new(usage);
         let this = Arc::clone(self);
         let reporter_usage = Arc::clone(&usage);

@@ -215,17 +215,45 @@ async fn report_keyservice_link(
     }
 }
 
-/// Records per key version, as the keyservice wants them for destroy checks.
-fn usage_report<S: store::Store>(store: &S) -> Vec<vault_proto::keys::v1::VersionUsage> {
+/// This vault's instance id: random, kept in its store, so that vaults sharing a
+/// certificate identity report usage separately.
+async fn instance_id<S: store::Store>(store: &S) -> Result<String, error::VaultError> {
+    const KEY: &str = "instance-id";
+    if let Some(id) = store.get_meta(KEY).await? {
+        return Ok(String::from_utf8_lossy(&id).into_owned());
+    }
+    let mut bytes = [0u8; 8];
+    envelope::fill_random(&mut bytes)?;
+    let id = hex::encode(bytes);
+    store.put_meta(KEY, id.clone().into_bytes()).await?;
+    Ok(id)
+}
+
+/// Records (and in-memory CVCs) per key version, as the keyservice wants them for
+/// destroy checks.
+fn usage_report<S: store::Store>(
+    store: &S,
+    cvcs: &cvc::CvcStore,
+) -> Vec<vault_proto::keys::v1::VersionUsage> {
     use vault_proto::keys::v1::{KeyPurpose, VersionUsage};
-    store
+    let records = store
         .version_counts()
         .into_iter()
-        .map(|((key_use, version), records)| VersionUsage {
-            purpose: match key_use {
+        .map(|((key_use, version), records)| {
+            let purpose = match key_use {
                 store::KeyUse::CardData => KeyPurpose::CardData,
                 store::KeyUse::Fingerprint => KeyPurpose::Fingerprint,
-            } as i32,
+            };
+            (purpose, version, records)
+        });
+    let cvcs = cvcs
+        .version_counts()
+        .into_iter()
+        .map(|(version, held)| (KeyPurpose::Cvc, version, held));
+    records
+        .chain(cvcs)
+        .map(|(purpose, version, records)| VersionUsage {
+            purpose: purpose as i32,
             version,
             records,
         })
@@ -245,9 +273,20 @@ impl Bound {
         health_reporter
             .set_serving::<VaultServer<service::VaultService<RocksStore>>>()
             .await;
+        let instance = match instance_id(self.store.as_ref()).await {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read or store this vault's instance id");
+                String::new()
+            }
+        };
         let store = Arc::clone(&self.store);
-        self.keys
-            .spawn_watch(move || usage_report(store.as_ref()), shutdown.clone());
+        let cvcs = self.service.cvc_store();
+        self.keys.spawn_watch(
+            instance,
+            move || usage_report(store.as_ref(), &cvcs),
+            shutdown.clone(),
+        );
         tokio::spawn(report_keyservice_link(
             self.keys.connected(),
             health_reporter.clone(),

@@ -250,25 +250,38 @@ impl<S: Store> Rewrapper<S> {
             );
             return Ok(false);
         }
+        // The whole batch at once: the store's writer commits the rewrites together,
+        // one synced write for many records instead of one each.
+        let results = futures::future::join_all(
+            batch
+                .iter()
+                .map(|(_, token)| self.rewrap_one(token, target)),
+        )
+        .await;
         let mut done = 0;
-        let mut failed = 0;
-        let mut last = None;
-        for (position, token) in batch {
-            match self.rewrap_one(&token, target).await {
+        let mut failed = Vec::new();
+        let mut transient = None;
+        for ((_, token), result) in batch.iter().zip(results) {
+            match result {
                 Ok(RewriteOutcome::Rewritten) => done += 1,
                 Ok(RewriteOutcome::Changed) => {}
-                // Not this record's fault: stop here and retry the batch later.
+                // Not the record's fault: the batch is retried later (records already
+                // moved are then skipped as unchanged).
                 Err(e @ (VaultError::Keys(_) | VaultError::Store(_))) => {
-                    self.advance(target, last, done, failed).await?;
-                    return Err(e);
+                    transient.get_or_insert(e);
                 }
-                Err(e) => {
-                    failed += 1;
-                    tracing::error!(token = %token, error = %e, "record could not be rewrapped; left as it is");
-                }
+                Err(e) => failed.push((token, e)),
             }
-            last = Some(position);
         }
+        if let Some(e) = transient {
+            self.advance(target, None, done, 0).await?;
+            return Err(e);
+        }
+        for (token, e) in &failed {
+            tracing::error!(token = %token, error = %e, "record could not be rewrapped; left as it is");
+        }
+        let failed = failed.len() as u64;
+        let last = batch.last().map(|(position, _)| position.clone());
         self.advance(target, last, done, failed).await?;
         // Throttle: the run's average stays at or below rate_per_sec.
         let run_done = self.live().run_done;

@@ -20,7 +20,7 @@ use crate::keys::{Aead, KeySet, Keys};
 use crate::policy::{Caller, Denied, Permission, Policy};
 use crate::record::{self, Fingerprint, Metadata, StoredRecord};
 use crate::rewrap::Rewrapper;
-use crate::store::{InsertOutcome, NewRecord, Store};
+use crate::store::{Delete, DeleteOutcome, InsertOutcome, NewRecord, Store};
 use crate::token::Token;
 
 /// Response (and error) metadata key carrying the request id that the server logs.
@@ -48,7 +48,7 @@ pub struct VaultService<S> {
     policy: Arc<Policy>,
     max_batch_size: usize,
     processors: Processors,
-    cvcs: CvcStore,
+    cvcs: Arc<CvcStore>,
     idempotency_ttl: Duration,
     backup_dir: Option<std::path::PathBuf>,
     /// Idempotency store keys of forwards in progress: a concurrent retry is refused
@@ -87,11 +87,16 @@ impl<S: Store> VaultService<S> {
             policy,
             max_batch_size: settings.max_batch_size,
             processors: settings.processors,
-            cvcs: CvcStore::new(settings.cvc_ttl),
+            cvcs: Arc::new(CvcStore::new(settings.cvc_ttl)),
             idempotency_ttl: settings.idempotency_ttl,
             backup_dir: settings.backup_dir,
             in_flight: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// The in-memory CVC store (for usage reports).
+    pub fn cvc_store(&self) -> Arc<CvcStore> {
+        Arc::clone(&self.cvcs)
     }
 
     /// Runs one RPC: a span with method, request id and caller; authorization; the
@@ -210,12 +215,46 @@ impl<S: Store> VaultService<S> {
     /// Reads a record of the caller's tenant. Another tenant's token is NOT_FOUND,
     /// exactly like an unknown one.
     async fn load(&self, caller: &Caller, token: &Token) -> Result<StoredRecord, VaultError> {
+        Ok(self.load_bytes(caller, token).await?.1)
+    }
+
+    /// [`Self::load`], with the record bytes as stored.
+    async fn load_bytes(
+        &self,
+        caller: &Caller,
+        token: &Token,
+    ) -> Result<(Vec<u8>, StoredRecord), VaultError> {
         let bytes = self.store.get(token).await?.ok_or(VaultError::NotFound)?;
         let stored = record::decode(&bytes)?;
         if stored.metadata.tenant != caller.tenant {
             return Err(VaultError::NotFound);
         }
-        Ok(stored)
+        Ok((bytes, stored))
+    }
+
+    /// Deletes a record of the caller's tenant. The store deletes only the bytes read
+    /// here, so a rewrap in between (new versions, new index key) means reading again.
+    async fn delete_record(&self, caller: &Caller, token: &Token) -> Result<(), VaultError> {
+        for _ in 0..TOKEN_ATTEMPTS {
+            let (bytes, stored) = self.load_bytes(caller, token).await?;
+            let outcome = self
+                .store
+                .delete(Delete {
+                    token: token.clone(),
+                    expected: bytes,
+                    index_key: stored.metadata.index_key(),
+                    versions: stored.metadata.versions(),
+                })
+                .await?;
+            match outcome {
+                DeleteOutcome::Deleted => return Ok(()),
+                DeleteOutcome::NotFound => return Err(VaultError::NotFound),
+                DeleteOutcome::Changed => continue,
+            }
+        }
+        Err(VaultError::Store(crate::store::StoreError::Engine(
+            "the record kept changing during a delete".into(),
+        )))
     }
 
     /// Reads a record and authenticates it (decrypting, then dropping the card), so
@@ -759,18 +798,7 @@ impl<S: Store> pb::vault_server::Vault for VaultService<S> {
             request,
             |caller, request| async move {
                 let token = parse_token(&request.token)?;
-                let stored = self.load(&caller, &token).await?;
-                if !self
-                    .store
-                    .delete(
-                        token.clone(),
-                        stored.metadata.index_key(),
-                        stored.metadata.versions(),
-                    )
-                    .await?
-                {
-                    return Err(VaultError::NotFound);
-                }
+                self.delete_record(&caller, &token).await?;
                 self.cvcs.erase(&token);
                 tracing::info!(token = %token, "deleted");
                 Ok(pb::DeleteTokenResponse {})

@@ -3,7 +3,10 @@
 
 use std::sync::Arc;
 
-use super::{InsertOutcome, KeyUse, KeyVersions, NewRecord, Rewrite, RewriteOutcome, Store};
+use super::{
+    Delete, DeleteOutcome, InsertOutcome, KeyUse, KeyVersions, NewRecord, Rewrite, RewriteOutcome,
+    Store,
+};
 use crate::token::Token;
 
 const V1: KeyVersions = KeyVersions {
@@ -19,6 +22,15 @@ fn record(token: &Token, value: &[u8], index_key: &[u8], reuse_existing: bool) -
         reuse_existing,
         older_index_keys: Vec::new(),
         versions: V1,
+    }
+}
+
+fn delete(token: &Token, expected: &[u8], index_key: &[u8], versions: KeyVersions) -> Delete {
+    Delete {
+        token: token.clone(),
+        expected: expected.to_vec(),
+        index_key: index_key.to_vec(),
+        versions,
     }
 }
 
@@ -72,11 +84,12 @@ async fn records_are_counted_and_listed_by_key_version(store: impl Store) {
     expected.sort_by(|a, b| a.as_str().cmp(b.as_str()));
     assert_eq!(listed, expected);
 
-    assert!(
+    assert_eq!(
         store
-            .delete(tokens[0].clone(), b"i0".to_vec(), V1)
+            .delete(delete(&tokens[0], b"v", b"i0", V1))
             .await
-            .unwrap()
+            .unwrap(),
+        DeleteOutcome::Deleted
     );
     assert_eq!(
         store.version_counts().get(&(KeyUse::CardData, 1)),
@@ -123,11 +136,12 @@ async fn rewrite_replaces_only_an_unchanged_record(store: impl Store) {
         RewriteOutcome::Changed
     );
     // A record deleted after it was read is not resurrected.
-    assert!(
+    assert_eq!(
         store
-            .delete(b.clone(), b"fp1-b".to_vec(), V1)
+            .delete(delete(&b, b"old-b", b"fp1-b", V1))
             .await
-            .unwrap()
+            .unwrap(),
+        DeleteOutcome::Deleted
     );
     assert_eq!(
         store.rewrite(rewrite(&b, b"old-b", "b")).await.unwrap(),
@@ -152,12 +166,22 @@ async fn rewrite_replaces_only_an_unchanged_record(store: impl Store) {
         store.insert(vec![dup]).await.unwrap(),
         vec![InsertOutcome::Existing(a.clone())]
     );
-    // Deleting with the new versions and index key removes everything.
-    assert!(
+    // A delete that read the record before the rewrite must read it again...
+    assert_eq!(
         store
-            .delete(a.clone(), b"fp2-a".to_vec(), v2)
+            .delete(delete(&a, b"old-a", b"fp1-a", V1))
             .await
-            .unwrap()
+            .unwrap(),
+        DeleteOutcome::Changed
+    );
+    assert_eq!(store.get(&a).await.unwrap().as_deref(), Some(&b"new"[..]));
+    // ...and with the new bytes, versions and index key it removes everything.
+    assert_eq!(
+        store
+            .delete(delete(&a, b"new", b"fp2-a", v2))
+            .await
+            .unwrap(),
+        DeleteOutcome::Deleted
     );
     assert!(store.version_counts().is_empty());
 }
@@ -304,8 +328,14 @@ async fn delete_removes_record_and_index(store: impl Store) {
         .insert(vec![record(&a, b"A", b"card", true)])
         .await
         .unwrap();
-    assert!(store.delete(a.clone(), b"card".to_vec(), V1).await.unwrap());
-    assert!(!store.delete(a.clone(), b"card".to_vec(), V1).await.unwrap());
+    assert_eq!(
+        store.delete(delete(&a, b"A", b"card", V1)).await.unwrap(),
+        DeleteOutcome::Deleted
+    );
+    assert_eq!(
+        store.delete(delete(&a, b"A", b"card", V1)).await.unwrap(),
+        DeleteOutcome::NotFound
+    );
     assert_eq!(store.get(&a).await.unwrap(), None);
     // The card is no longer indexed: reuse stores a new record.
     let outcomes = store

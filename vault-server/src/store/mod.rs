@@ -80,6 +80,24 @@ pub struct Rewrite {
     pub new_index_key: Vec<u8>,
 }
 
+/// Deletion of one record, applied only if it still holds `expected` (so that its
+/// versions and index key, read from those bytes, are still right).
+#[derive(Debug)]
+pub struct Delete {
+    pub token: Token,
+    pub expected: Vec<u8>,
+    pub index_key: Vec<u8>,
+    pub versions: KeyVersions,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteOutcome {
+    Deleted,
+    NotFound,
+    /// The record changed since it was read (a rewrap); read it again and retry.
+    Changed,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RewriteOutcome {
     Rewritten,
@@ -129,13 +147,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<Vec<u8>>, StoreError>> + Send;
 
     /// Deletes a token's record durably, and its index entry if the entry names this
-    /// token. Returns false when the token did not exist.
+    /// token, if the record still holds the bytes the caller read.
     fn delete(
         &self,
-        token: Token,
-        index_key: Vec<u8>,
-        versions: KeyVersions,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+        delete: Delete,
+    ) -> impl Future<Output = Result<DeleteOutcome, StoreError>> + Send;
 
     /// Replaces a record with its re-encryption, atomically and durably, unless it
     /// changed since it was read.

@@ -20,7 +20,8 @@ use rocksdb::{ColumnFamilyDescriptor, DB, DBCompressionType, Options, WriteBatch
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    InsertOutcome, KeyUse, KeyVersions, NewRecord, Rewrite, RewriteOutcome, Store, StoreError,
+    Delete, DeleteOutcome, InsertOutcome, KeyUse, KeyVersions, NewRecord, Rewrite, RewriteOutcome,
+    Store, StoreError,
 };
 use crate::token::Token;
 
@@ -30,6 +31,8 @@ const IDEMPOTENCY: &str = "idempotency";
 const VERSIONS: &str = "versions";
 const META: &str = "meta";
 const FAMILIES: [&str; 5] = [RECORDS, FINGERPRINTS, IDEMPOTENCY, VERSIONS, META];
+/// `meta` key present once every record has its `versions` entries.
+const VERSIONS_INDEXED: &[u8] = b"versions-indexed";
 
 /// Reads the key versions from stored record bytes (to index records written before
 /// the `versions` column family existed).
@@ -61,10 +64,8 @@ enum Op {
         reply: oneshot::Sender<Result<Vec<InsertOutcome>, StoreError>>,
     },
     Delete {
-        token: Token,
-        index_key: Vec<u8>,
-        versions: KeyVersions,
-        reply: oneshot::Sender<Result<bool, StoreError>>,
+        delete: Delete,
+        reply: oneshot::Sender<Result<DeleteOutcome, StoreError>>,
     },
     Rewrite {
         rewrite: Rewrite,
@@ -125,12 +126,12 @@ impl RocksStore {
     /// database from before the `versions` column family is indexed once, with
     /// `versions_of` reading each record's key versions.
     pub fn open(dir: &Path, versions_of: VersionsOf) -> Result<Self, StoreError> {
-        let existing = DB::list_cf(&Options::default(), dir).unwrap_or_default();
-        let needs_index =
-            existing.iter().any(|f| f == RECORDS) && !existing.iter().any(|f| f == VERSIONS);
         let families = FAMILIES.map(|name| ColumnFamilyDescriptor::new(name, db_options()));
         let db = Arc::new(DB::open_cf_descriptors(&db_options(), dir, families).map_err(engine)?);
-        if needs_index {
+        // The marker is written with the index's last batch: an indexing run that was
+        // interrupted runs again (writing an entry twice is harmless).
+        let meta = db.cf_handle(META).ok_or(StoreError::Closed)?;
+        if db.get_cf(meta, VERSIONS_INDEXED).map_err(engine)?.is_none() {
             index_versions(&db, versions_of)?;
         }
         let counts = Arc::new(Mutex::new(count_versions(&db)?));
@@ -177,6 +178,7 @@ impl RocksStore {
 fn index_versions(db: &DB, versions_of: VersionsOf) -> Result<(), StoreError> {
     let records = db.cf_handle(RECORDS).ok_or(StoreError::Closed)?;
     let versions = db.cf_handle(VERSIONS).ok_or(StoreError::Closed)?;
+    let meta = db.cf_handle(META).ok_or(StoreError::Closed)?;
     let mut sync = WriteOptions::default();
     sync.set_sync(true);
     let mut batch = WriteBatch::default();
@@ -195,8 +197,10 @@ fn index_versions(db: &DB, versions_of: VersionsOf) -> Result<(), StoreError> {
                 .map_err(engine)?;
         }
     }
+    // Marks the index complete, in the same durable write as its last entries.
+    batch.put_cf(meta, VERSIONS_INDEXED, []);
     db.write_opt(batch, &sync).map_err(engine)?;
-    tracing::info!(
+    tracing::debug!(
         records = indexed,
         "indexed the key versions of existing records"
     );
@@ -260,19 +264,8 @@ impl Store for RocksStore {
         self.db.get_cf(cf, token.as_str()).map_err(engine)
     }
 
-    async fn delete(
-        &self,
-        token: Token,
-        index_key: Vec<u8>,
-        versions: KeyVersions,
-    ) -> Result<bool, StoreError> {
-        self.submit(|reply| Op::Delete {
-            token,
-            index_key,
-            versions,
-            reply,
-        })
-        .await
+    async fn delete(&self, delete: Delete) -> Result<DeleteOutcome, StoreError> {
+        self.submit(|reply| Op::Delete { delete, reply }).await
     }
 
     async fn rewrite(&self, rewrite: Rewrite) -> Result<RewriteOutcome, StoreError> {
@@ -454,19 +447,13 @@ impl Writer {
                     });
                     inserts.push((reply, outcomes));
                 }
-                Op::Delete {
-                    token,
-                    index_key,
-                    versions,
-                    reply,
-                } => {
-                    let existed =
-                        self.plan_delete(&token, &index_key, versions, &mut batch, &mut pending);
-                    let existed = existed.unwrap_or_else(|e| {
+                Op::Delete { delete, reply } => {
+                    let outcome = self.plan_delete(&delete, &mut batch, &mut pending);
+                    let outcome = outcome.unwrap_or_else(|e| {
                         failure.get_or_insert(e.to_string());
-                        false
+                        DeleteOutcome::Changed
                     });
-                    deletes.push((reply, existed));
+                    deletes.push((reply, outcome));
                 }
                 Op::Rewrite { rewrite, reply } => {
                     let outcome = self.plan_rewrite(&rewrite, &mut batch, &mut pending);
@@ -516,8 +503,8 @@ impl Writer {
         for (reply, outcomes) in inserts {
             let _ = reply.send(written.clone().map(|()| outcomes).map_err(classify));
         }
-        for (reply, existed) in deletes {
-            let _ = reply.send(written.clone().map(|()| existed).map_err(classify));
+        for (reply, outcome) in deletes {
+            let _ = reply.send(written.clone().map(|()| outcome).map_err(classify));
         }
         for (reply, outcome) in rewrites {
             let _ = reply.send(written.clone().map(|()| outcome).map_err(classify));
@@ -613,15 +600,31 @@ impl Writer {
 
     fn plan_delete(
         &self,
-        token: &Token,
-        index_key: &[u8],
-        versions: KeyVersions,
+        delete: &Delete,
         batch: &mut WriteBatch,
         pending: &mut Pending,
-    ) -> Result<bool, StoreError> {
-        let token = token.as_str().as_bytes();
-        if !self.record_exists(token, pending)? {
-            return Ok(false);
+    ) -> Result<DeleteOutcome, StoreError> {
+        let token = delete.token.as_str().as_bytes();
+        let (index_key, versions) = (&delete.index_key, delete.versions);
+        // Touched earlier in this group: the caller's copy may be stale.
+        if pending.rewritten.contains(token) {
+            return Ok(DeleteOutcome::Changed);
+        }
+        match pending.records.get(token) {
+            Some(false) => return Ok(DeleteOutcome::NotFound),
+            Some(true) => return Ok(DeleteOutcome::Changed),
+            None => {}
+        }
+        match self
+            .db
+            .get_pinned_cf(self.family(RECORDS)?, token)
+            .map_err(engine)?
+        {
+            None => return Ok(DeleteOutcome::NotFound),
+            Some(current) if current.as_ref() != delete.expected.as_slice() => {
+                return Ok(DeleteOutcome::Changed);
+            }
+            Some(_) => {}
         }
         batch.delete_cf(self.family(RECORDS)?, token);
         let versions_cf = self.family(VERSIONS)?;
@@ -638,7 +641,7 @@ impl Writer {
             batch.delete_cf(index_cf, index_key);
             pending.index.insert(index_key.to_vec(), None);
         }
-        Ok(true)
+        Ok(DeleteOutcome::Deleted)
     }
 
     fn plan_rewrite(
