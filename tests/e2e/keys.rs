@@ -606,3 +606,72 @@ async fn rewrap_rate() {
     );
     stack.stop().await;
 }
+
+/// Key material, raw, hex or base64, is in no file but the sealed keyring: not in the
+/// key history, the vault's data directory, or a backup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn key_material_is_in_no_file_but_the_sealed_keyring() {
+    use base64::Engine as _;
+    let mut stack = Stack::start().await;
+    let mut vault = stack.client(ADMIN).await;
+    for n in 0..20 {
+        vault
+            .tokenize(card(60 + n).with_cvc("123"), false)
+            .await
+            .unwrap();
+    }
+    let mut admin = key_admin(&stack, ADMIN).await;
+    for purpose in ["card-data", "fingerprint", "cvc"] {
+        admin.rotate(purpose).await.unwrap();
+    }
+    vault.create_backup("scan").await.unwrap();
+    let channel =
+        integration_tests::raw_channel(&stack.dir, integration_tests::VAULT, stack.keyservice_addr)
+            .await
+            .unwrap();
+    let keys = vault_proto::keys::v1::key_service_client::KeyServiceClient::new(channel)
+        .get_keys(vault_proto::keys::v1::GetKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(keys.keys.len(), 6);
+    stack.stop_vault().await;
+
+    let mut scanned = 0;
+    let mut pending = vec![stack.dir.path().to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+                continue;
+            }
+            if path.file_name().is_some_and(|n| n == "keyring.sealed") {
+                continue;
+            }
+            let bytes = std::fs::read(&path).unwrap();
+            scanned += 1;
+            for key in &keys.keys {
+                let forms = [
+                    key.material.clone(),
+                    hex::encode(&key.material).into_bytes(),
+                    base64::engine::general_purpose::STANDARD
+                        .encode(&key.material)
+                        .into_bytes(),
+                ];
+                for form in forms {
+                    assert!(
+                        !bytes.windows(form.len()).any(|w| w == form.as_slice()),
+                        "key material of {} v{} found in {}",
+                        key.purpose,
+                        key.version,
+                        path.display()
+                    );
+                }
+            }
+        }
+    }
+    assert!(scanned > 10, "scanned {scanned} files");
+    assert!(stack.dir.path().join("key-history.jsonl").exists());
+    stack.stop().await;
+}
