@@ -699,6 +699,8 @@ impl KeyVersion {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct UsageReporter {
     pub identity: String,
+    /// One vault among those sharing the identity (an id kept in its data directory).
+    pub instance: String,
     pub reported_at_unix_ms: i64,
 }
 
@@ -839,6 +841,7 @@ impl KeyServiceClient {
                 .into_iter()
                 .map(|r| UsageReporter {
                     identity: r.identity,
+                    instance: r.instance,
                     reported_at_unix_ms: r.reported_at_unix_ms,
                 })
                 .collect(),

@@ -373,8 +373,13 @@ fn listing_text(listing: &KeyListing, now_ms: i64) -> String {
         // Clamped: a keyservice clock ahead of ours is not "-3 s ago".
         let secs = now_ms.saturating_sub(r.reported_at_unix_ms).max(0) / 1000;
         out.push_str(&format!(
-            "records as reported by {} {secs} s ago\n",
-            r.identity
+            "records as reported by {} (instance {}) {secs} s ago\n",
+            r.identity,
+            if r.instance.is_empty() {
+                "-"
+            } else {
+                &r.instance
+            }
         ));
     }
     out
@@ -916,17 +921,19 @@ mod tests {
         listing.reporters = vec![
             UsageReporter {
                 identity: "vault-a".into(),
+                instance: "1f2e3d4c5b6a7988".into(),
                 reported_at_unix_ms: 1_700_000_058_500,
             },
             UsageReporter {
                 identity: "vault-b".into(),
+                instance: String::new(),
                 reported_at_unix_ms: 1_700_000_200_000,
             },
         ];
         let text = listing_text(&listing, 1_700_000_100_000);
         assert!(
             text.ends_with(
-                "\nrecords as reported by vault-a 41 s ago\nrecords as reported by vault-b 0 s ago\n"
+                "\nrecords as reported by vault-a (instance 1f2e3d4c5b6a7988) 41 s ago\nrecords as reported by vault-b (instance -) 0 s ago\n"
             ),
             "{text}"
         );
