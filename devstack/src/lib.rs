@@ -188,6 +188,10 @@ key_file = "keyservice.key"
 vault_identities = ["{p}vault-server"]
 # Two admins: dual control (destroy, un-retire, root key change) needs both.
 admin_identities = ["{p}admin", "{p}officer"]
+
+[lifecycle]
+# Short for trying things out; the reference (deploy/keyservice.toml) waits 120 s.
+destroy_grace_secs = 10
 "#,
         ks = ports.keyservice,
         p = IDENTITY_PREFIX

@@ -168,3 +168,62 @@ async fn scheduled_rotations(shared: Arc<service::Shared>) {
         let _ = tokio::task::spawn_blocking(move || shared.rotate_due()).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A keyservice directory with a root key, a keyring and a config.
+    fn setup(dir: &Path) -> Settings {
+        std::fs::write(
+            dir.join("keyservice.toml"),
+            r#"
+listen_addr = "127.0.0.1:0"
+keyring_file = "keyring.sealed"
+root_key_file = "root.key"
+[tls]
+ca_file = "ca.pem"
+cert_file = "ks.pem"
+key_file = "ks.key"
+[access]
+vault_identities = ["spiffe://test/vault"]
+"#,
+        )
+        .unwrap();
+        let settings = Settings::load(&dir.join("keyservice.toml")).unwrap();
+        RootKey::generate_file(&settings.root_key_file).unwrap();
+        init(&settings).unwrap();
+        settings
+    }
+
+    #[test]
+    fn a_root_key_change_interrupted_by_a_crash_is_finished_or_undone_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = setup(dir.path());
+        let staged = pending_root_key_file(&settings.root_key_file);
+
+        // Crashed before the keyring was resealed: the staged key is stale.
+        RootKey::generate_file(&staged).unwrap();
+        let (keyring, _) = open_keyring(&settings).unwrap();
+        assert!(!staged.exists());
+
+        // Crashed after resealing, before the new key file moved into place.
+        RootKey::generate_file(&staged).unwrap();
+        let new_root_text = std::fs::read(&staged).unwrap();
+        keyring
+            .save(
+                &settings.keyring_file,
+                &RootKey::from_file(&staged).unwrap(),
+            )
+            .unwrap();
+        let (reopened, root) = open_keyring(&settings).unwrap();
+        assert_eq!(reopened.versions().len(), 3);
+        assert!(!staged.exists());
+        assert_eq!(
+            std::fs::read(&settings.root_key_file).unwrap(),
+            new_root_text
+        );
+        let sealed = std::fs::read(&settings.keyring_file).unwrap();
+        Keyring::open(&sealed, &root).unwrap();
+    }
+}

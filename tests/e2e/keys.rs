@@ -675,3 +675,23 @@ async fn key_material_is_in_no_file_but_the_sealed_keyring() {
     assert!(stack.dir.path().join("key-history.jsonl").exists());
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_proposal_cannot_be_approved() {
+    let dir = StackDir::new();
+    dir.set_keyservice_lifecycle("approval_window_secs = 1\n");
+    let stack = Stack::start_in(dir).await;
+    let mut admin = key_admin(&stack, ADMIN).await;
+    let mut officer = key_admin(&stack, OFFICER).await;
+    admin.rotate("card-data").await.unwrap();
+    admin.retire("card-data", 1).await.unwrap();
+    let proposal = admin.propose_unretire("card-data", 1).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let err = officer.approve(&proposal.id).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
+    assert!(err.to_string().contains("expired"), "{err}");
+    let listed = admin.proposals().await.unwrap();
+    assert_eq!(listed[0].state, "expired");
+    assert_eq!(version_state(&mut admin, "card-data", 1).await, "retired");
+    stack.stop().await;
+}

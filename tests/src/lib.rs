@@ -108,7 +108,8 @@ permissions = ["tokenize", "read", "delete", "forward:sandbox"]
         // Tests destroy versions moments after rotating them.
         std::fs::write(
             path.join("keyservice.toml"),
-            devstack::keyservice_config(&ports) + "\n[lifecycle]\ndestroy_grace_secs = 1\n",
+            devstack::keyservice_config(&ports)
+                .replace("destroy_grace_secs = 10", "destroy_grace_secs = 1"),
         )
         .unwrap();
         keyservice::keyring::RootKey::generate_file(&path.join("root.key")).unwrap();

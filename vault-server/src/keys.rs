@@ -270,6 +270,17 @@ pub struct Keys {
     settings: KeyserviceSettings,
     /// This vault's instance id in usage reports (set by `spawn_watch`).
     instance: std::sync::OnceLock<String>,
+    /// What usage reports hold (set by `spawn_watch`).
+    usage: std::sync::OnceLock<UsageSource>,
+}
+
+#[derive(Clone)]
+struct UsageSource(Arc<dyn Fn() -> Vec<pb::VersionUsage> + Send + Sync>);
+
+impl std::fmt::Debug for UsageSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UsageSource")
+    }
 }
 
 impl Keys {
@@ -297,6 +308,7 @@ impl Keys {
             connected: watch::channel(true).0,
             settings: settings.clone(),
             instance: std::sync::OnceLock::new(),
+            usage: std::sync::OnceLock::new(),
         }))
     }
 
@@ -460,6 +472,20 @@ impl Keys {
         *current = Arc::new(set);
     }
 
+    /// Reports usage now, in the background (after a rewrap, so that `keys list` and
+    /// destroy checks see the result without waiting for the next periodic report).
+    pub fn report_now(self: &Arc<Self>) {
+        let Some(usage) = self.usage.get().cloned() else {
+            return;
+        };
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Err(status) = this.report_usage((usage.0)()).await {
+                tracing::debug!(code = ?status.code(), "usage report not delivered");
+            }
+        });
+    }
+
     /// Sends the keyservice how many records use each key version.
     pub async fn report_usage(&self, usage: Vec<pb::VersionUsage>) -> Result<(), tonic::Status> {
         let set = self.snapshot();
@@ -494,9 +520,10 @@ impl Keys {
         shutdown: Shutdown,
     ) {
         let _ = self.instance.set(instance);
-        let usage = Arc::new(usage);
+        let usage = UsageSource(Arc::new(usage));
+        let _ = self.usage.set(usage.clone());
         let this = Arc::clone(self);
-        let reporter_usage = Arc::clone(&usage);
+        let reporter_usage = usage.clone();
         let stop = shutdown.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(this.settings.usage_report_interval());
@@ -505,7 +532,7 @@ impl Keys {
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
-                        if let Err(status) = this.report_usage(reporter_usage()).await {
+                        if let Err(status) = this.report_usage((reporter_usage.0)()).await {
                             tracing::debug!(code = ?status.code(), "usage report not delivered");
                         }
                     }
@@ -521,7 +548,7 @@ impl Keys {
             loop {
                 let started = std::time::Instant::now();
                 let reason = tokio::select! {
-                    reason = this.follow(usage.as_ref()) => reason,
+                    reason = this.follow(usage.0.as_ref()) => reason,
                     _ = &mut stop => return,
                 };
                 let _ = this.connected.send_replace(false);

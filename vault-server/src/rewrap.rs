@@ -241,6 +241,7 @@ impl<S: Store> Rewrapper<S> {
                 live.saved.clone()
             };
             self.save(&saved).await?;
+            self.keys.report_now();
             tracing::info!(
                 done = saved.done,
                 failed = saved.failed,
