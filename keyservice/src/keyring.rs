@@ -29,16 +29,24 @@ pub enum Purpose {
     CardData,
     Fingerprint,
     Cvc,
+    /// HMAC key chaining the vault's audit log.
+    Audit,
 }
 
 impl Purpose {
-    pub const ALL: [Purpose; 3] = [Purpose::CardData, Purpose::Fingerprint, Purpose::Cvc];
+    pub const ALL: [Purpose; 4] = [
+        Purpose::CardData,
+        Purpose::Fingerprint,
+        Purpose::Cvc,
+        Purpose::Audit,
+    ];
 
     fn code(self) -> u8 {
         match self {
             Purpose::CardData => 1,
             Purpose::Fingerprint => 2,
             Purpose::Cvc => 3,
+            Purpose::Audit => 4,
         }
     }
 
@@ -57,6 +65,7 @@ impl Purpose {
             Purpose::CardData => "card-data",
             Purpose::Fingerprint => "fingerprint",
             Purpose::Cvc => "cvc",
+            Purpose::Audit => "audit",
         }
     }
 }
@@ -199,6 +208,28 @@ impl Keyring {
 
     pub fn versions(&self) -> &[KeyVersion] {
         &self.versions
+    }
+
+    /// Adds version 1 of every purpose the keyring lacks (a keyring made before the
+    /// purpose existed). Returns whether it added any; the caller saves the keyring.
+    pub fn add_missing_purposes(&mut self, now_unix_ms: i64) -> Result<bool, KeyringError> {
+        let mut added = false;
+        for purpose in Purpose::ALL {
+            if self.versions.iter().any(|v| v.purpose == purpose) {
+                continue;
+            }
+            self.versions.push(KeyVersion {
+                purpose,
+                version: 1,
+                state: State::Active,
+                created_at_unix_ms: now_unix_ms,
+                encryptions_leased: 0,
+                deactivated_at_unix_ms: 0,
+                material: Some(SecretKey::generate().map_err(|_| KeyringError::Random)?),
+            });
+            added = true;
+        }
+        Ok(added)
     }
 
     fn aad(format: u8) -> [u8; 5] {
@@ -380,7 +411,7 @@ mod tests {
             assert!(!on_disk.windows(KEY_LEN).any(|w| w == material));
         }
         let loaded = Keyring::load(&path, &root).unwrap();
-        assert_eq!(loaded.versions().len(), 3);
+        assert_eq!(loaded.versions().len(), 4);
         for (a, b) in keyring.versions().iter().zip(loaded.versions()) {
             assert_eq!(
                 (a.purpose, a.version, a.state),

@@ -133,7 +133,12 @@ impl Bound {
 
 /// Opens the keyring (the root key file must be mode 0600) and binds the listener.
 pub async fn bind(settings: &Settings) -> Result<Bound, Error> {
-    let (keyring, root) = open_keyring(settings)?;
+    let (mut keyring, root) = open_keyring(settings)?;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
+    if keyring.add_missing_purposes(now)? {
+        keyring.save(&settings.keyring_file, &root)?;
+        tracing::info!("added version 1 of key purposes this keyring lacked");
+    }
     let history_file = settings
         .lifecycle
         .history_file
@@ -217,7 +222,7 @@ vault_identities = ["spiffe://test/vault"]
             )
             .unwrap();
         let (reopened, root) = open_keyring(&settings).unwrap();
-        assert_eq!(reopened.versions().len(), 3);
+        assert_eq!(reopened.versions().len(), 4);
         assert!(!staged.exists());
         assert_eq!(
             std::fs::read(&settings.root_key_file).unwrap(),

@@ -501,7 +501,7 @@ mod tests {
         ring.rotate(Purpose::Cvc, 500).unwrap();
         assert_eq!(
             ring.due_for_rotation(1000, 1000),
-            vec![Purpose::CardData, Purpose::Fingerprint]
+            vec![Purpose::CardData, Purpose::Fingerprint, Purpose::Audit]
         );
         assert!(ring.due_for_rotation(999, 1000).is_empty());
     }

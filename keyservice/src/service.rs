@@ -88,6 +88,7 @@ fn purpose_to_wire(purpose: Purpose) -> pb::KeyPurpose {
         Purpose::CardData => pb::KeyPurpose::CardData,
         Purpose::Fingerprint => pb::KeyPurpose::Fingerprint,
         Purpose::Cvc => pb::KeyPurpose::Cvc,
+        Purpose::Audit => pb::KeyPurpose::Audit,
     }
 }
 
@@ -96,8 +97,9 @@ fn purpose_from_wire(purpose: i32) -> Result<Purpose, Status> {
         Ok(pb::KeyPurpose::CardData) => Ok(Purpose::CardData),
         Ok(pb::KeyPurpose::Fingerprint) => Ok(Purpose::Fingerprint),
         Ok(pb::KeyPurpose::Cvc) => Ok(Purpose::Cvc),
+        Ok(pb::KeyPurpose::Audit) => Ok(Purpose::Audit),
         _ => Err(Status::invalid_argument(
-            "invalid purpose: must be card-data, fingerprint or cvc",
+            "invalid purpose: must be card-data, fingerprint, cvc or audit",
         )),
     }
 }

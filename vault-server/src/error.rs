@@ -48,6 +48,12 @@ pub enum VaultError {
     BackupsDisabled,
     #[error(transparent)]
     Keys(crate::keys::KeysError),
+    #[error(transparent)]
+    Audit(crate::audit::AuditError),
+    #[error("the policy file is invalid, the previous policy stays in force: {0}")]
+    PolicyInvalid(String),
+    #[error("no such block: the identity or address is not blocked")]
+    NoSuchBlock,
 }
 
 impl VaultError {
@@ -147,6 +153,16 @@ impl VaultError {
                     "no encryption key is available right now (keyservice unreachable and the \
                      leased encryption budget is used up); nothing was stored",
                 )
+            }
+            VaultError::Audit(e) => {
+                tracing::error!(error = %e, "call refused: its audit event could not be written");
+                internal(
+                    Code::Unavailable,
+                    "the audit log could not be written, so the call was refused",
+                )
+            }
+            VaultError::PolicyInvalid(_) | VaultError::NoSuchBlock => {
+                Status::failed_precondition(self.to_string())
             }
             VaultError::Crypto(_) | VaultError::TokenSpace => {
                 tracing::error!(error = %self, "internal failure");

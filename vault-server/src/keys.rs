@@ -64,6 +64,8 @@ pub struct KeySet {
     pub fingerprint: Versions,
     /// Seals CVCs held in memory (`cvc.rs`).
     pub cvc: Versions,
+    /// Chains the audit log (`audit.rs`).
+    pub audit: Versions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +93,8 @@ impl KeySet {
         let mut card_active = None;
         let mut fingerprint_active = None;
         let mut cvc_active = None;
+        let mut audit = BTreeMap::new();
+        let mut audit_active = None;
         for mut key in response.keys {
             // Into a zeroizing buffer first, so that no path below drops it in the clear.
             let material = zeroize::Zeroizing::new(std::mem::take(&mut key.material));
@@ -99,6 +103,7 @@ impl KeySet {
                 Some(pb::KeyPurpose::CardData) => (&mut card_data, &mut card_active),
                 Some(pb::KeyPurpose::Fingerprint) => (&mut fingerprint, &mut fingerprint_active),
                 Some(pb::KeyPurpose::Cvc) => (&mut cvc, &mut cvc_active),
+                Some(pb::KeyPurpose::Audit) => (&mut audit, &mut audit_active),
                 // Purposes this build does not know are not used.
                 _ => continue,
             };
@@ -126,6 +131,10 @@ impl KeySet {
             cvc: Versions {
                 active: cvc_active.ok_or(KeysError::Unusable("no active cvc key"))?,
                 keys: cvc,
+            },
+            audit: Versions {
+                active: audit_active.ok_or(KeysError::Unusable("no active audit key"))?,
+                keys: audit,
             },
         })
     }
@@ -272,6 +281,8 @@ pub struct Keys {
     instance: std::sync::OnceLock<String>,
     /// What usage reports hold (set by `spawn_watch`).
     usage: std::sync::OnceLock<UsageSource>,
+    /// Bumped whenever the key set changes (for the audit log).
+    changes: watch::Sender<u64>,
 }
 
 #[derive(Clone)]
@@ -309,6 +320,7 @@ impl Keys {
             settings: settings.clone(),
             instance: std::sync::OnceLock::new(),
             usage: std::sync::OnceLock::new(),
+            changes: watch::channel(0).0,
         }))
     }
 
@@ -320,6 +332,11 @@ impl Keys {
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         )
+    }
+
+    /// Fires after every change of the key set.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Whether the watch stream to the keyservice is up.
@@ -459,7 +476,8 @@ impl Keys {
             || current.fingerprint.active != set.fingerprint.active
             || current.cvc.active != set.cvc.active
             || current.card_data.keys.len() != set.card_data.keys.len()
-            || current.fingerprint.keys.len() != set.fingerprint.keys.len();
+            || current.fingerprint.keys.len() != set.fingerprint.keys.len()
+            || current.audit.active != set.audit.active;
         if changed {
             tracing::info!(
                 card_data_version = set.card_data.active,
@@ -470,6 +488,10 @@ impl Keys {
             );
         }
         *current = Arc::new(set);
+        drop(current);
+        if changed {
+            self.changes.send_modify(|generation| *generation += 1);
+        }
     }
 
     /// Reports usage now, in the background (after a rewrap, so that `keys list` and

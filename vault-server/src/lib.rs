@@ -9,12 +9,14 @@
 //! Must never depend on the keyservice crate (keys arrive only over the wire) nor
 //! expose any API that returns card data.
 
+pub mod audit;
 pub mod card;
 pub mod config;
 pub mod cvc;
 pub mod error;
 pub mod forward;
 pub mod keys;
+pub mod lockout;
 pub mod policy;
 pub mod record;
 pub mod rewrap;
@@ -59,7 +61,7 @@ pub enum Error {
 #[derive(Debug)]
 pub struct Bound {
     listener: TcpListener,
-    service: service::VaultService<RocksStore>,
+    service: Arc<service::VaultService<RocksStore>>,
     store: Arc<RocksStore>,
     keys: Arc<keys::Keys>,
     rewrap: Arc<rewrap::Rewrapper<RocksStore>>,
@@ -89,6 +91,22 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
     )
     .await?;
     let store = Arc::new(open_store(settings)?);
+    let auditor = if settings.audit.enabled {
+        Some(
+            audit::Auditor::start(Arc::clone(&store), Arc::clone(&keys))
+                .await
+                .map_err(|e| Error::Storage {
+                    path: settings.data_dir.display().to_string(),
+                    detail: e.to_string(),
+                })?,
+        )
+    } else {
+        tracing::warn!(
+            "[audit] enabled = false: calls are NOT audited; this vault does not meet PCI DSS 10 \
+             (use only to measure what auditing costs)"
+        );
+        None
+    };
     let rewrap = Arc::new(rewrap::Rewrapper::new(
         Arc::clone(&store),
         Arc::clone(&keys),
@@ -105,11 +123,12 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
         store: Arc::clone(&store),
         keys: Arc::clone(&keys),
         rewrap: Arc::clone(&rewrap),
-        service: service::VaultService::new(
+        service: Arc::new(service::VaultService::new(
             store,
             keys,
             rewrap,
-            Arc::new(policy),
+            policy,
+            auditor,
             service::ServiceSettings {
                 max_batch_size: settings.max_batch_size,
                 processors,
@@ -118,8 +137,10 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
                     settings.forwarding.idempotency_ttl_secs,
                 ),
                 backup_dir: settings.backup_dir.clone(),
+                policy_file: settings.policy_file.clone(),
+                lockout: settings.lockout.clone(),
             },
-        ),
+        )),
         tls,
         limits: settings.limits.clone(),
     })
@@ -215,6 +236,57 @@ async fn report_keyservice_link(
     }
 }
 
+/// Audits every change of the key set the vault sees (rotations, retirements).
+async fn audit_key_changes(keys: Arc<keys::Keys>, service: Arc<service::VaultService<RocksStore>>) {
+    let mut changes = keys.changes();
+    while changes.changed().await.is_ok() {
+        let set = keys.snapshot();
+        let event = audit::AuditEvent {
+            at_unix_ms: (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64,
+            actor: "keyservice".into(),
+            peer: "-".into(),
+            action: "KeySetChanged".into(),
+            key_version: set.card_data.active().0,
+            outcome: "ok".into(),
+            detail: format!(
+                "active: card-data v{}, fingerprint v{}, cvc v{}, audit v{}",
+                set.card_data.active().0,
+                set.fingerprint.active().0,
+                set.cvc.active().0,
+                set.audit.active().0
+            ),
+            ..audit::AuditEvent::default()
+        };
+        if let Err(e) = service.audit(event).await {
+            tracing::error!(error = %e, "key set change not audited");
+        }
+    }
+}
+
+/// SIGHUP re-reads the policy file, like `vaultctl policy reload`.
+#[cfg(unix)]
+async fn reload_policy_on_sighup(
+    service: Arc<service::VaultService<RocksStore>>,
+    shutdown: Shutdown,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot listen for SIGHUP; use `vaultctl policy reload`");
+        return;
+    };
+    let stop = shutdown.wait();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = hangups.recv() => {
+                // The outcome is logged and audited by the reload itself.
+                let _ = service.reload_policy("SIGHUP").await;
+            }
+            _ = &mut stop => return,
+        }
+    }
+}
+
 /// This vault's instance id: random, kept in its store, so that vaults sharing a
 /// certificate identity report usage separately.
 async fn instance_id<S: store::Store>(store: &S) -> Result<String, error::VaultError> {
@@ -291,6 +363,15 @@ impl Bound {
             self.keys.connected(),
             health_reporter.clone(),
         ));
+        tokio::spawn(audit_key_changes(
+            Arc::clone(&self.keys),
+            Arc::clone(&self.service),
+        ));
+        #[cfg(unix)]
+        tokio::spawn(reload_policy_on_sighup(
+            Arc::clone(&self.service),
+            shutdown.clone(),
+        ));
         if let Err(e) = self.rewrap.resume(shutdown.clone()).await {
             tracing::error!(error = %e, "cannot read the rewrap job state; start it again with `vaultctl keys rewrap`");
         }
@@ -306,7 +387,8 @@ impl Bound {
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .add_service(health_service)
             .add_service(
-                VaultServer::new(self.service).max_decoding_message_size(limits.max_request_bytes),
+                VaultServer::from_arc(self.service)
+                    .max_decoding_message_size(limits.max_request_bytes),
             )
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(self.listener),

@@ -37,7 +37,9 @@ pub enum Permission {
     Delete,
     /// `forward:<processor>`.
     Forward(String),
-    /// Operations on the vault itself: backups.
+    /// Reading and verifying the audit log.
+    Audit,
+    /// Operations on the vault itself: backups, rewrap, policy reload, blocks.
     Admin,
 }
 
@@ -47,6 +49,7 @@ impl Permission {
             "tokenize" => Some(Self::Tokenize),
             "read" => Some(Self::Read),
             "delete" => Some(Self::Delete),
+            "audit" => Some(Self::Audit),
             "admin" => Some(Self::Admin),
             _ => name
                 .strip_prefix("forward:")
@@ -135,7 +138,7 @@ impl Policy {
                     Permission::parse(p).ok_or_else(|| {
                         format!(
                             "identity[{i}].permissions: unknown permission {p:?} \
-                             (known: tokenize, read, delete, forward:<processor>, admin)"
+                             (known: tokenize, read, delete, audit, admin, forward:<processor>)"
                         )
                     })
                 })
@@ -157,6 +160,15 @@ impl Policy {
             }
         }
         Ok(Self { grants })
+    }
+
+    /// Identities in the policy.
+    pub fn len(&self) -> usize {
+        self.grants.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.grants.is_empty()
     }
 
     pub fn authorize(

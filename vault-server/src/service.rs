@@ -3,20 +3,22 @@
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tonic::metadata::MetadataValue;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 use vault_proto::vault::v1 as pb;
 
+use crate::audit::{AuditEvent, Audited, Auditor};
 use crate::card::{CardData, Today, Violation};
 use crate::cvc::CvcStore;
 use crate::error::VaultError;
 use crate::forward::template::{Encoding, Field, Template};
 use crate::forward::{Outbound, Processors, idempotency};
 use crate::keys::{Aead, KeySet, Keys};
+use crate::lockout::Lockout;
 use crate::policy::{Caller, Denied, Permission, Policy};
 use crate::record::{self, Fingerprint, Metadata, StoredRecord};
 use crate::rewrap::Rewrapper;
@@ -38,6 +40,9 @@ pub struct ServiceSettings {
     pub idempotency_ttl: Duration,
     /// Where backups go; `None` refuses backups.
     pub backup_dir: Option<std::path::PathBuf>,
+    /// Re-read by `ReloadPolicy` and SIGHUP.
+    pub policy_file: std::path::PathBuf,
+    pub lockout: crate::lockout::LockoutSettings,
 }
 
 #[derive(Debug)]
@@ -45,7 +50,11 @@ pub struct VaultService<S> {
     store: Arc<S>,
     keys: Arc<Keys>,
     rewrap: Arc<Rewrapper<S>>,
-    policy: Arc<Policy>,
+    policy: RwLock<Arc<Policy>>,
+    policy_file: std::path::PathBuf,
+    /// `None` only when `[audit] enabled = false` (for measuring its cost).
+    auditor: Option<Auditor>,
+    lockout: Lockout,
     max_batch_size: usize,
     processors: Processors,
     cvcs: Arc<CvcStore>,
@@ -77,14 +86,18 @@ impl<S: Store> VaultService<S> {
         store: Arc<S>,
         keys: Arc<Keys>,
         rewrap: Arc<Rewrapper<S>>,
-        policy: Arc<Policy>,
+        policy: Policy,
+        auditor: Option<Auditor>,
         settings: ServiceSettings,
     ) -> Self {
         Self {
             store,
             keys,
             rewrap,
-            policy,
+            policy: RwLock::new(Arc::new(policy)),
+            policy_file: settings.policy_file,
+            auditor,
+            lockout: Lockout::new(settings.lockout),
             max_batch_size: settings.max_batch_size,
             processors: settings.processors,
             cvcs: Arc::new(CvcStore::new(settings.cvc_ttl)),
@@ -109,10 +122,15 @@ impl<S: Store> VaultService<S> {
         handler: impl FnOnce(Caller, Req) -> Fut,
     ) -> Result<Response<Resp>, Status>
     where
+        Req: Audited,
+        Resp: Audited,
         Fut: Future<Output = Result<Resp, VaultError>>,
     {
         let request_id = new_request_id();
         let identity = runtime::tls::peer_identity(&request);
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "-".to_owned(), |addr| addr.ip().to_string());
         let span = tracing::info_span!(
             "rpc",
             method,
@@ -121,11 +139,57 @@ impl<S: Store> VaultService<S> {
         );
         async move {
             let started = Instant::now();
+            let mut event = AuditEvent {
+                at_unix_ms: now_unix_ms(),
+                actor: identity.clone().unwrap_or_else(|| "-".into()),
+                peer: peer.clone(),
+                action: method.into(),
+                request_id: request_id.clone(),
+                ..AuditEvent::default()
+            };
+            // What the request names goes into the event only if the call succeeds.
+            let mut described = AuditEvent::default();
+            request.get_ref().describe(&mut described);
             let permission = permission(request.get_ref());
-            let result = match self.policy.authorize(identity.as_deref(), &permission) {
-                Ok(caller) => handler(caller, request.into_inner()).await,
-                Err(Denied::Unauthenticated) => Err(VaultError::Unauthenticated),
-                Err(Denied::PermissionDenied) => Err(VaultError::PermissionDenied),
+            let policy = self.current_policy();
+            let result = if self.lockout.is_blocked(identity.as_deref(), &peer, started) {
+                tracing::warn!("refused: caller blocked after repeated failures");
+                event.detail = "blocked".into();
+                Err(VaultError::PermissionDenied)
+            } else {
+                match policy.authorize(identity.as_deref(), &permission) {
+                    Ok(caller) => {
+                        event.tenant = caller.tenant.as_str().to_owned();
+                        handler(caller, request.into_inner()).await
+                    }
+                    Err(Denied::Unauthenticated) => Err(VaultError::Unauthenticated),
+                    Err(Denied::PermissionDenied) => Err(VaultError::PermissionDenied),
+                }
+            };
+            let result = result.map_err(|error| error.into_status(&request_id));
+            match &result {
+                Ok(body) => {
+                    event.outcome = "ok".into();
+                    described.merge_into(&mut event);
+                    body.describe(&mut event);
+                }
+                Err(status) => {
+                    event.outcome = code_name(status.code()).into();
+                    if event.detail.is_empty()
+                        && matches!(
+                            status.code(),
+                            Code::PermissionDenied | Code::Unauthenticated | Code::NotFound
+                        )
+                    {
+                        self.count_failure(identity.as_deref(), &peer, &request_id, started)
+                            .await;
+                    }
+                }
+            }
+            let result = match (self.audit(event).await, result) {
+                (Ok(()), result) => result,
+                // No unaudited access: the answer is withheld.
+                (Err(refused), _) => Err(refused.into_status(&request_id)),
             };
             let request_id_value = MetadataValue::try_from(request_id.as_str()).ok();
             match result {
@@ -137,8 +201,7 @@ impl<S: Store> VaultService<S> {
                     }
                     Ok(response)
                 }
-                Err(error) => {
-                    let mut status = error.into_status(&request_id);
+                Err(mut status) => {
                     if let Some(value) = request_id_value {
                         status.metadata_mut().insert(REQUEST_ID_HEADER, value);
                     }
@@ -148,6 +211,86 @@ impl<S: Store> VaultService<S> {
         }
         .instrument(span)
         .await
+    }
+
+    fn current_policy(&self) -> Arc<Policy> {
+        Arc::clone(
+            &self
+                .policy
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Writes an audit event durably (a no-op only when auditing is disabled).
+    pub async fn audit(&self, event: AuditEvent) -> Result<(), VaultError> {
+        match &self.auditor {
+            Some(auditor) => auditor
+                .record(event)
+                .await
+                .map(drop)
+                .map_err(VaultError::Audit),
+            None => Ok(()),
+        }
+    }
+
+    /// Counts a failed call against the caller; audits the blocks it causes.
+    async fn count_failure(
+        &self,
+        identity: Option<&str>,
+        peer: &str,
+        request_id: &str,
+        now: Instant,
+    ) {
+        for (kind, subject) in self.lockout.failure(identity, peer, now) {
+            tracing::warn!(kind = kind.name(), %subject, "blocked after repeated failures");
+            let event = AuditEvent {
+                at_unix_ms: now_unix_ms(),
+                actor: identity.unwrap_or("-").to_owned(),
+                peer: peer.to_owned(),
+                action: "Lockout".into(),
+                outcome: "ok".into(),
+                request_id: request_id.to_owned(),
+                detail: format!("{} {subject} blocked", kind.name()),
+                ..AuditEvent::default()
+            };
+            if let Err(e) = self.audit(event).await {
+                tracing::error!(error = %e, "lockout not audited");
+            }
+        }
+    }
+
+    /// Re-reads the policy file; an invalid file leaves the policy in force. Audited.
+    pub async fn reload_policy(&self, actor: &str) -> Result<usize, VaultError> {
+        let loaded = Policy::load(&self.policy_file);
+        let mut event = AuditEvent {
+            at_unix_ms: now_unix_ms(),
+            actor: actor.to_owned(),
+            peer: "-".into(),
+            action: "PolicyReload".into(),
+            ..AuditEvent::default()
+        };
+        let result = match loaded {
+            Ok(policy) => {
+                let identities = policy.len();
+                *self
+                    .policy
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(policy);
+                tracing::info!(identities, "policy reloaded");
+                event.outcome = "ok".into();
+                event.detail = format!("{identities} identities");
+                Ok(identities)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "policy reload refused; the previous policy stays in force");
+                event.outcome = "FAILED_PRECONDITION".into();
+                event.detail = e.to_string();
+                Err(VaultError::PolicyInvalid(e.to_string()))
+            }
+        };
+        self.audit(event).await?;
+        result
     }
 
     /// The fingerprint and clear metadata of a new record of `card` (the card-data
@@ -737,6 +880,29 @@ fn new_request_id() -> String {
     hex::encode(bytes)
 }
 
+/// The gRPC code's name as the audit log writes it.
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
 fn parse_token(token: &str) -> Result<Token, VaultError> {
     Token::parse(token).map_err(VaultError::Invalid)
 }
@@ -898,6 +1064,155 @@ impl<S: Store> pb::vault_server::Vault for VaultService<S> {
             |_| Permission::Admin,
             request,
             |_, _| async { Ok(self.rewrap.status()) },
+        )
+        .await
+    }
+
+    async fn reload_policy(
+        &self,
+        request: Request<pb::ReloadPolicyRequest>,
+    ) -> Result<Response<pb::ReloadPolicyResponse>, Status> {
+        self.call(
+            "ReloadPolicy",
+            |_| Permission::Admin,
+            request,
+            |caller, _| async move {
+                let identities = self.reload_policy(&caller.identity).await?;
+                Ok(pb::ReloadPolicyResponse {
+                    identities: identities as u32,
+                })
+            },
+        )
+        .await
+    }
+
+    async fn read_audit(
+        &self,
+        request: Request<pb::ReadAuditRequest>,
+    ) -> Result<Response<pb::ReadAuditResponse>, Status> {
+        self.call(
+            "ReadAudit",
+            |_| Permission::Audit,
+            request,
+            |_, request| async move {
+                let limit = match request.limit {
+                    0 => 1000,
+                    n => n.min(1000) as usize,
+                };
+                let in_window = |at: i64| {
+                    (request.since_unix_ms == 0 || at >= request.since_unix_ms)
+                        && (request.until_unix_ms == 0 || at <= request.until_unix_ms)
+                };
+                let mut events = Vec::new();
+                let mut after = request.after_sequence;
+                // Pages until `limit` events in the window are found or the log ends.
+                'pages: loop {
+                    let page = self.store.read_audit(after, 1000).await?;
+                    let Some(last) = page.last().map(|(sequence, _)| *sequence) else {
+                        break;
+                    };
+                    for (_, entry) in &page {
+                        let Some((version, event)) = crate::audit::decode(entry) else {
+                            continue;
+                        };
+                        if in_window(event.at_unix_ms) {
+                            events.push(event.to_wire(version));
+                            if events.len() >= limit {
+                                break 'pages;
+                            }
+                        }
+                    }
+                    after = last;
+                }
+                let last_sequence = self
+                    .store
+                    .last_audit()
+                    .await?
+                    .map_or(0, |(sequence, _)| sequence);
+                Ok(pb::ReadAuditResponse {
+                    events,
+                    last_sequence,
+                })
+            },
+        )
+        .await
+    }
+
+    async fn verify_audit(
+        &self,
+        request: Request<pb::VerifyAuditRequest>,
+    ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+        self.call(
+            "VerifyAudit",
+            |_| Permission::Audit,
+            request,
+            |_, _| async move {
+                let verification = crate::audit::verify(self.store.as_ref(), &self.keys).await?;
+                let (first_bad_sequence, problem) = verification
+                    .fault
+                    .map_or((0, String::new()), |(sequence, problem)| {
+                        (sequence, problem.to_owned())
+                    });
+                Ok(pb::VerifyAuditResponse {
+                    entries: verification.entries,
+                    intact: verification.fault.is_none(),
+                    first_bad_sequence,
+                    problem,
+                })
+            },
+        )
+        .await
+    }
+
+    async fn list_blocks(
+        &self,
+        request: Request<pb::ListBlocksRequest>,
+    ) -> Result<Response<pb::ListBlocksResponse>, Status> {
+        self.call(
+            "ListBlocks",
+            |_| Permission::Admin,
+            request,
+            |_, _| async move {
+                let now = now_unix_ms();
+                let blocks = self
+                    .lockout
+                    .list(Instant::now())
+                    .into_iter()
+                    .map(|b| pb::Block {
+                        kind: b.kind.name().into(),
+                        subject: b.subject,
+                        until_unix_ms: now + b.remaining.as_millis() as i64,
+                        failures: b.failures,
+                    })
+                    .collect();
+                Ok(pb::ListBlocksResponse { blocks })
+            },
+        )
+        .await
+    }
+
+    async fn lift_block(
+        &self,
+        request: Request<pb::LiftBlockRequest>,
+    ) -> Result<Response<pb::LiftBlockResponse>, Status> {
+        self.call(
+            "LiftBlock",
+            |_| Permission::Admin,
+            request,
+            |_, request| async move {
+                let kind = crate::lockout::Kind::parse(&request.kind).ok_or(
+                    VaultError::Invalid(Violation {
+                        field: "kind",
+                        rule: "enum",
+                        description: "must be identity or address",
+                    }),
+                )?;
+                if !self.lockout.lift(kind, &request.subject, Instant::now()) {
+                    return Err(VaultError::NoSuchBlock);
+                }
+                tracing::info!(kind = kind.name(), subject = %request.subject, "block lifted");
+                Ok(pb::LiftBlockResponse {})
+            },
         )
         .await
     }

@@ -46,6 +46,31 @@ pub async fn run_all<S: Store>(mut fresh: impl FnMut() -> S) {
     rewrite_replaces_only_an_unchanged_record(fresh()).await;
     reuse_finds_a_card_under_an_older_fingerprint_version(fresh()).await;
     meta_is_stored_and_replaced(fresh()).await;
+    audit_entries_are_appended_and_read_in_order(fresh()).await;
+}
+
+async fn audit_entries_are_appended_and_read_in_order(store: impl Store) {
+    assert_eq!(store.last_audit().await.unwrap(), None);
+    store
+        .append_audit(vec![(1, b"one".to_vec()), (2, b"two".to_vec())])
+        .await
+        .unwrap();
+    store
+        .append_audit((3..=300).map(|n| (n, n.to_string().into_bytes())).collect())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.last_audit().await.unwrap(),
+        Some((300, b"300".to_vec()))
+    );
+    let page = store.read_audit(0, 2).await.unwrap();
+    assert_eq!(page, vec![(1, b"one".to_vec()), (2, b"two".to_vec())]);
+    let page = store.read_audit(255, 1000).await.unwrap();
+    assert_eq!(page.len(), 45);
+    assert_eq!(
+        page[0].0, 256,
+        "big-endian keys keep numeric order past 255"
+    );
 }
 
 async fn records_are_counted_and_listed_by_key_version(store: impl Store) {

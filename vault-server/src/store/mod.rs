@@ -173,6 +173,23 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<(Vec<u8>, Token)>, StoreError>> + Send;
 
+    /// Appends audit entries (sequence number, bytes) in one durable write.
+    fn append_audit(
+        &self,
+        entries: Vec<(u64, Vec<u8>)>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Up to `limit` audit entries with a sequence number above `after`, in order.
+    fn read_audit(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<(u64, Vec<u8>)>, StoreError>> + Send;
+
+    /// The audit entry with the highest sequence number.
+    fn last_audit(&self)
+    -> impl Future<Output = Result<Option<(u64, Vec<u8>)>, StoreError>> + Send;
+
     /// Small durable state of background jobs (the rewrap cursor).
     fn get_meta(
         &self,

@@ -30,7 +30,8 @@ const FINGERPRINTS: &str = "fingerprints";
 const IDEMPOTENCY: &str = "idempotency";
 const VERSIONS: &str = "versions";
 const META: &str = "meta";
-const FAMILIES: [&str; 5] = [RECORDS, FINGERPRINTS, IDEMPOTENCY, VERSIONS, META];
+const AUDIT: &str = "audit";
+const FAMILIES: [&str; 6] = [RECORDS, FINGERPRINTS, IDEMPOTENCY, VERSIONS, META, AUDIT];
 /// `meta` key present once every record has its `versions` entries.
 const VERSIONS_INDEXED: &[u8] = b"versions-indexed";
 
@@ -71,11 +72,10 @@ enum Op {
         rewrite: Rewrite,
         reply: oneshot::Sender<Result<RewriteOutcome, StoreError>>,
     },
-    /// A plain put into `family` (idempotency outcomes, job state).
+    /// Plain puts into `family` (idempotency outcomes, job state, audit entries).
     Put {
         family: &'static str,
-        key: Vec<u8>,
-        value: Vec<u8>,
+        entries: Vec<(Vec<u8>, Vec<u8>)>,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
 }
@@ -329,11 +329,63 @@ impl Store for RocksStore {
         let key = key.as_bytes().to_vec();
         self.submit(|reply| Op::Put {
             family: META,
-            key,
-            value,
+            entries: vec![(key, value)],
             reply,
         })
         .await
+    }
+
+    async fn append_audit(&self, entries: Vec<(u64, Vec<u8>)>) -> Result<(), StoreError> {
+        let entries = entries
+            .into_iter()
+            .map(|(sequence, entry)| (sequence.to_be_bytes().to_vec(), entry))
+            .collect();
+        self.submit(|reply| Op::Put {
+            family: AUDIT,
+            entries,
+            reply,
+        })
+        .await
+    }
+
+    async fn read_audit(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let mut iter = self.db.raw_iterator_cf(self.family(AUDIT)?);
+        iter.seek(after.saturating_add(1).to_be_bytes());
+        let mut entries = Vec::new();
+        while entries.len() < limit {
+            let (Some(key), Some(value)) = (iter.key(), iter.value()) else {
+                break;
+            };
+            let sequence =
+                u64::from_be_bytes(key.try_into().map_err(|_| {
+                    StoreError::Engine("an audit key is not a sequence number".into())
+                })?);
+            if sequence > after {
+                entries.push((sequence, value.to_vec()));
+            }
+            iter.next();
+        }
+        iter.status().map_err(engine)?;
+        Ok(entries)
+    }
+
+    async fn last_audit(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let mut iter = self.db.raw_iterator_cf(self.family(AUDIT)?);
+        iter.seek_to_last();
+        iter.status().map_err(engine)?;
+        match (iter.key(), iter.value()) {
+            (Some(key), Some(value)) => {
+                let sequence = u64::from_be_bytes(key.try_into().map_err(|_| {
+                    StoreError::Engine("an audit key is not a sequence number".into())
+                })?);
+                Ok(Some((sequence, value.to_vec())))
+            }
+            _ => Ok(None),
+        }
     }
 
     async fn create_backup(&self, dir: &Path) -> Result<u64, StoreError> {
@@ -379,8 +431,7 @@ impl Store for RocksStore {
     async fn put_outcome(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreError> {
         self.submit(|reply| Op::Put {
             family: IDEMPOTENCY,
-            key,
-            value,
+            entries: vec![(key, value)],
             reply,
         })
         .await
@@ -465,12 +516,15 @@ impl Writer {
                 }
                 Op::Put {
                     family,
-                    key,
-                    value,
+                    entries,
                     reply,
                 } => {
                     match self.db.cf_handle(family) {
-                        Some(cf) => batch.put_cf(cf, key, value),
+                        Some(cf) => {
+                            for (key, value) in entries {
+                                batch.put_cf(cf, key, value);
+                            }
+                        }
                         None => {
                             failure.get_or_insert(StoreError::Closed.to_string());
                         }

@@ -1,0 +1,369 @@
+//! The audit log: one event per call (and per policy reload, key change seen, lockout),
+//! never card data, append-only in the store and hash-chained: each entry carries
+//! HMAC-SHA256(audit key, previous MAC | sequence | event), with the audit key from the
+//! keyservice. Someone with the disk alone can edit bytes but cannot recompute the
+//! chain; `verify` finds the first entry edited, removed, inserted or moved.
+//!
+//! Stored entry (the store's `audit` family, keyed by sequence number, big-endian):
+//!
+//! ```text
+//! audit_key_version: u32 | mac: 32 bytes | event as JSON
+//! ```
+//!
+//! One task assigns sequence numbers and MACs and writes everything queued as one
+//! durable batch; a caller is answered only once its event is on disk, and an event
+//! that cannot be written fails the call (DESIGN.md: no unaudited access).
+
+use std::sync::Arc;
+
+use envelope::SecretKey;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use vault_proto::vault::v1 as pb;
+
+use crate::keys::Keys;
+use crate::store::{Store, StoreError};
+
+const MAC_LABEL: &[u8] = b"tokenvault.audit.v1";
+const HEADER_LEN: usize = 4 + 32;
+/// Events written in one batch at most.
+const MAX_BATCH: usize = 1024;
+
+/// One audited event, as stored (JSON). Fields that do not apply stay empty.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    pub sequence: u64,
+    pub at_unix_ms: i64,
+    pub actor: String,
+    pub peer: String,
+    pub action: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tenant: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub token: String,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub count: u32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub processor: String,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub key_version: u32,
+    pub outcome: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub request_id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+impl AuditEvent {
+    /// Copies the fields `self` has into `event`.
+    pub fn merge_into(self, event: &mut AuditEvent) {
+        if !self.token.is_empty() {
+            event.token = self.token;
+        }
+        if !self.processor.is_empty() {
+            event.processor = self.processor;
+        }
+        if self.count != 0 {
+            event.count = self.count;
+        }
+        if !self.detail.is_empty() {
+            event.detail = self.detail;
+        }
+    }
+
+    pub fn to_wire(&self, audit_key_version: u32) -> pb::AuditEvent {
+        pb::AuditEvent {
+            sequence: self.sequence,
+            at_unix_ms: self.at_unix_ms,
+            actor: self.actor.clone(),
+            peer: self.peer.clone(),
+            action: self.action.clone(),
+            tenant: self.tenant.clone(),
+            token: self.token.clone(),
+            count: self.count,
+            processor: self.processor.clone(),
+            key_version: self.key_version,
+            outcome: self.outcome.clone(),
+            request_id: self.request_id.clone(),
+            detail: self.detail.clone(),
+            audit_key_version,
+        }
+    }
+}
+
+/// What a request or a response adds to its call's event. Called only for calls that
+/// succeeded, so that nothing a caller typed into a failed call (which could be
+/// anything, even a card number) reaches the log.
+pub trait Audited {
+    fn describe(&self, _event: &mut AuditEvent) {}
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("the audit log could not be written: {0}")]
+    Store(#[from] StoreError),
+    #[error("the audit log is stopped")]
+    Closed,
+}
+
+type Pending = (AuditEvent, oneshot::Sender<Result<u64, AuditError>>);
+
+/// Where calls send their events.
+#[derive(Debug)]
+pub struct Auditor {
+    queue: mpsc::Sender<Pending>,
+}
+
+fn mac(key: &SecretKey, previous: &[u8; 32], sequence: u64, event: &[u8]) -> [u8; 32] {
+    envelope::hmac_sha256(key, &[MAC_LABEL, previous, &sequence.to_be_bytes(), event])
+}
+
+/// Splits a stored entry into key version, MAC and event JSON.
+fn split(entry: &[u8]) -> Option<(u32, [u8; 32], &[u8])> {
+    let version = u32::from_be_bytes(entry.get(..4)?.try_into().ok()?);
+    let mac = entry.get(4..HEADER_LEN)?.try_into().ok()?;
+    Some((version, mac, entry.get(HEADER_LEN..)?))
+}
+
+impl Auditor {
+    /// Continues the chain after the last stored entry and starts the writing task,
+    /// which ends when every `Auditor` handle is dropped.
+    pub async fn start<S: Store>(store: Arc<S>, keys: Arc<Keys>) -> Result<Self, StoreError> {
+        let (next, previous) = match store.last_audit().await? {
+            Some((sequence, entry)) => {
+                let mac = split(&entry).map(|(_, mac, _)| mac).ok_or_else(|| {
+                    StoreError::Engine("the last audit entry is malformed".into())
+                })?;
+                (sequence + 1, mac)
+            }
+            None => (1, [0u8; 32]),
+        };
+        let (queue, receiver) = mpsc::channel(8192);
+        tokio::spawn(write_events(store, keys, receiver, next, previous));
+        Ok(Self { queue })
+    }
+
+    /// Writes `event` durably and returns its sequence number.
+    pub async fn record(&self, event: AuditEvent) -> Result<u64, AuditError> {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .send((event, reply))
+            .await
+            .map_err(|_| AuditError::Closed)?;
+        answer.await.map_err(|_| AuditError::Closed)?
+    }
+}
+
+async fn write_events<S: Store>(
+    store: Arc<S>,
+    keys: Arc<Keys>,
+    mut receiver: mpsc::Receiver<Pending>,
+    mut next: u64,
+    mut previous: [u8; 32],
+) {
+    while let Some(first) = receiver.recv().await {
+        let mut group = vec![first];
+        while group.len() < MAX_BATCH {
+            match receiver.try_recv() {
+                Ok(pending) => group.push(pending),
+                Err(_) => break,
+            }
+        }
+        let set = keys.snapshot();
+        let (version, key) = set.audit.active();
+        let (mut sequence, mut chain) = (next, previous);
+        let mut entries = Vec::with_capacity(group.len());
+        let mut replies = Vec::with_capacity(group.len());
+        for (mut event, reply) in group {
+            event.sequence = sequence;
+            let json = match serde_json::to_vec(&event) {
+                Ok(json) => json,
+                Err(e) => {
+                    let _ = reply.send(Err(AuditError::Store(StoreError::Engine(e.to_string()))));
+                    continue;
+                }
+            };
+            chain = mac(key, &chain, sequence, &json);
+            let mut entry = Vec::with_capacity(HEADER_LEN + json.len());
+            entry.extend_from_slice(&version.to_be_bytes());
+            entry.extend_from_slice(&chain);
+            entry.extend_from_slice(&json);
+            entries.push((sequence, entry));
+            replies.push((sequence, reply));
+            sequence += 1;
+        }
+        // The chain moves on only once the batch is durable: a failed write leaves no
+        // gap, the next batch reuses its sequence numbers.
+        match store.append_audit(entries).await {
+            Ok(()) => {
+                (next, previous) = (sequence, chain);
+                for (sequence, reply) in replies {
+                    let _ = reply.send(Ok(sequence));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "audit events could not be written; their calls are refused");
+                let message = e.to_string();
+                for (_, reply) in replies {
+                    let _ = reply.send(Err(AuditError::Store(StoreError::Engine(message.clone()))));
+                }
+            }
+        }
+    }
+}
+
+/// Decodes stored entries for reading (no verification; `verify` does that).
+pub fn decode(entry: &[u8]) -> Option<(u32, AuditEvent)> {
+    let (version, _, json) = split(entry)?;
+    Some((version, serde_json::from_slice(json).ok()?))
+}
+
+/// The result of checking the whole chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verification {
+    pub entries: u64,
+    /// The first entry at fault and what is wrong with it.
+    pub fault: Option<(u64, &'static str)>,
+}
+
+/// Checks every entry in order: sequence numbers without gaps, each event's own
+/// sequence matching its position, and each MAC over the previous one.
+pub async fn verify<S: Store>(store: &S, keys: &Keys) -> Result<Verification, StoreError> {
+    let set = keys.snapshot();
+    let mut expected = 1u64;
+    let mut previous = [0u8; 32];
+    let mut after = 0;
+    loop {
+        let page = store.read_audit(after, 10_000).await?;
+        let Some(last) = page.last().map(|(sequence, _)| *sequence) else {
+            break;
+        };
+        for (i, (position, entry)) in page.iter().enumerate() {
+            let fault = |problem| Verification {
+                entries: expected - 1,
+                fault: Some((expected, problem)),
+            };
+            if *position != expected {
+                return Ok(fault("removed"));
+            }
+            let Some((version, stored_mac, json)) = split(entry) else {
+                return Ok(fault("edited"));
+            };
+            let Ok(event) = serde_json::from_slice::<AuditEvent>(json) else {
+                return Ok(fault("edited"));
+            };
+            if event.sequence != expected {
+                return Ok(fault("reordered"));
+            }
+            let Some(key) = set.audit.get(version) else {
+                return Ok(fault("unverifiable"));
+            };
+            if mac(key, &previous, expected, json) != stored_mac {
+                // An entry slipped in pushes the original one down a place.
+                let next_is_displaced = page
+                    .get(i + 1)
+                    .and_then(|(_, next)| decode(next))
+                    .is_some_and(|(_, next)| next.sequence == expected);
+                return Ok(fault(if next_is_displaced {
+                    "inserted"
+                } else {
+                    "edited"
+                }));
+            }
+            previous = stored_mac;
+            expected += 1;
+        }
+        after = last;
+    }
+    Ok(Verification {
+        entries: expected - 1,
+        fault: None,
+    })
+}
+
+impl Audited for pb::TokenizeRequest {}
+impl Audited for pb::TokenizeResponse {
+    fn describe(&self, event: &mut AuditEvent) {
+        if let Some(info) = &self.info {
+            event.token = info.token.clone();
+            event.key_version = info.key_version;
+        }
+        if self.reused {
+            event.detail = "existing token returned".into();
+        }
+    }
+}
+impl Audited for pb::TokenizeBatchRequest {
+    fn describe(&self, event: &mut AuditEvent) {
+        event.count = self.cards.len() as u32;
+    }
+}
+impl Audited for pb::TokenizeBatchResponse {
+    fn describe(&self, event: &mut AuditEvent) {
+        let stored = self
+            .results
+            .iter()
+            .filter(|r| matches!(r.outcome, Some(pb::batch_item_result::Outcome::Stored(_))))
+            .count();
+        event.detail = format!("{stored} stored");
+    }
+}
+impl Audited for pb::GetTokenInfoRequest {
+    fn describe(&self, event: &mut AuditEvent) {
+        event.token = self.token.clone();
+    }
+}
+impl Audited for pb::GetTokenInfoResponse {
+    fn describe(&self, event: &mut AuditEvent) {
+        if let Some(info) = &self.info {
+            event.key_version = info.key_version;
+        }
+    }
+}
+impl Audited for pb::DeleteTokenRequest {
+    fn describe(&self, event: &mut AuditEvent) {
+        event.token = self.token.clone();
+    }
+}
+impl Audited for pb::DeleteTokenResponse {}
+impl Audited for pb::ForwardRequest {
+    fn describe(&self, event: &mut AuditEvent) {
+        event.token = self.token.clone();
+        event.processor = self.processor.clone();
+    }
+}
+impl Audited for pb::ForwardResponse {
+    fn describe(&self, event: &mut AuditEvent) {
+        event.detail = format!(
+            "processor answered {}{}",
+            self.status,
+            if self.replayed { " (replayed)" } else { "" }
+        );
+    }
+}
+// Backup names are left out: a caller chooses them freely.
+impl Audited for pb::CreateBackupRequest {}
+impl Audited for pb::CreateBackupResponse {}
+impl Audited for pb::VerifyBackupRequest {}
+impl Audited for pb::VerifyBackupResponse {}
+impl Audited for pb::StartRewrapRequest {}
+impl Audited for pb::GetRewrapStatusRequest {}
+impl Audited for pb::RewrapStatus {}
+impl Audited for pb::ReloadPolicyRequest {}
+impl Audited for pb::ReloadPolicyResponse {}
+impl Audited for pb::ReadAuditRequest {}
+impl Audited for pb::ReadAuditResponse {}
+impl Audited for pb::VerifyAuditRequest {}
+impl Audited for pb::VerifyAuditResponse {}
+impl Audited for pb::ListBlocksRequest {}
+impl Audited for pb::ListBlocksResponse {}
+impl Audited for pb::LiftBlockRequest {
+    fn describe(&self, event: &mut AuditEvent) {
+        event.detail = format!("lift {} {}", self.kind, self.subject);
+    }
+}
+impl Audited for pb::LiftBlockResponse {}
