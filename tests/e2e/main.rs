@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 mod access;
+mod audit;
 mod backup;
 mod bad_input;
 mod crash;

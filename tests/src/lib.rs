@@ -44,6 +44,8 @@ pub fn identity(name: &str) -> String {
 #[derive(Debug)]
 pub struct StackDir {
     pub dir: tempfile::TempDir,
+    /// The stack's CA, kept for certificates a test makes later.
+    ca: DevCa,
 }
 
 impl StackDir {
@@ -81,7 +83,7 @@ impl StackDir {
 [[identity]]
 id = "{admin}"
 tenant = "acme"
-permissions = ["tokenize", "read", "delete", "admin", "forward:sandbox", "forward:slow", "forward:down", "forward:tiny", "forward:pinned", "forward:foreign-ca", "forward:loopback-denied"]
+permissions = ["tokenize", "read", "delete", "admin", "audit", "forward:sandbox", "forward:slow", "forward:down", "forward:tiny", "forward:pinned", "forward:foreign-ca", "forward:loopback-denied"]
 
 [[identity]]
 id = "{reader}"
@@ -115,11 +117,19 @@ permissions = ["tokenize", "read", "delete", "forward:sandbox"]
         keyservice::keyring::RootKey::generate_file(&path.join("root.key")).unwrap();
         let settings = keyservice::Settings::load(&path.join("keyservice.toml")).unwrap();
         keyservice::init(&settings).unwrap();
-        Self { dir }
+        Self { dir, ca }
     }
 
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Writes `<name>.pem` and `<name>.key`: a client certificate from the stack's CA
+    /// with identity [`identity`]`(name)`, for callers a test adds to the policy.
+    pub fn add_client_identity(&self, name: &str) {
+        self.ca
+            .write_identity(self.path(), name, Usage::Client)
+            .unwrap();
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -394,6 +404,16 @@ impl Stack {
     pub fn add_vault_config(&mut self, extra: &str) {
         self.vault_extra.push('\n');
         self.vault_extra.push_str(extra);
+    }
+
+    /// Lets `identities` (full identities, see [`identity`]) forward to every processor
+    /// besides the default ones; it takes effect at the next restart. The policy must
+    /// still grant them `forward:<processor>`.
+    pub fn allow_forwarding(&mut self, identities: &[String]) {
+        let listed: String = identities.iter().map(|i| format!("\"{i}\", ")).collect();
+        let key = "allowed_identities = [";
+        assert!(self.vault_extra.contains(key));
+        self.vault_extra = self.vault_extra.replace(key, &format!("{key}{listed}"));
     }
 
     /// Writes the vault config this stack uses (with its processors and extras), for

@@ -237,9 +237,19 @@ async fn report_keyservice_link(
 }
 
 /// Audits every change of the key set the vault sees (rotations, retirements).
-async fn audit_key_changes(keys: Arc<keys::Keys>, service: Arc<service::VaultService<RocksStore>>) {
+async fn audit_key_changes(
+    keys: Arc<keys::Keys>,
+    service: Arc<service::VaultService<RocksStore>>,
+    shutdown: Shutdown,
+) {
     let mut changes = keys.changes();
-    while changes.changed().await.is_ok() {
+    let stop = shutdown.wait();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = &mut stop => return,
+        }
         let set = keys.snapshot();
         let event = audit::AuditEvent {
             at_unix_ms: (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64,
@@ -341,6 +351,24 @@ impl Bound {
 
     /// Serves until `shutdown` fires, then closes the database.
     pub async fn serve(self, shutdown: Shutdown) -> Result<(), Error> {
+        let store = Arc::clone(&self.store);
+        let served = self.serve_until(shutdown).await;
+        // Background tasks (key watch, reports, rewrap, audit writer) hold the store
+        // and stop on shutdown; the database closes (and its lock is released, for a
+        // restart in the same process) only once the last of them has let go.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while Arc::strong_count(&store) > 1 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if Arc::strong_count(&store) > 1 {
+            tracing::warn!("background tasks still hold the database after 10 s");
+        }
+        drop(store);
+        tracing::info!("vault-server stopped");
+        served
+    }
+
+    async fn serve_until(self, shutdown: Shutdown) -> Result<(), Error> {
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter
             .set_serving::<VaultServer<service::VaultService<RocksStore>>>()
@@ -366,6 +394,7 @@ impl Bound {
         tokio::spawn(audit_key_changes(
             Arc::clone(&self.keys),
             Arc::clone(&self.service),
+            shutdown.clone(),
         ));
         #[cfg(unix)]
         tokio::spawn(reload_policy_on_sighup(
@@ -395,7 +424,6 @@ impl Bound {
                 shutdown.wait(),
             )
             .await?;
-        tracing::info!("vault-server stopped");
         Ok(())
     }
 }

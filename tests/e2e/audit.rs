@@ -1,0 +1,320 @@
+//! The audit log: every call leaves an event with its fields and never card data, and
+//! `VerifyAudit` finds an edited, removed, inserted or reordered entry at its place.
+
+use integration_tests::{ADMIN, OTHER_TENANT, READER, Stack, identity, synthetic_pan};
+use tonic::Code;
+use vault_client::{Card, ForwardRequest};
+use vault_proto::vault::v1 as pb;
+
+async fn audit_client(stack: &Stack) -> pb::vault_client::VaultClient<tonic::transport::Channel> {
+    let channel = integration_tests::raw_channel(&stack.dir, ADMIN, stack.vault_addr)
+        .await
+        .unwrap();
+    pb::vault_client::VaultClient::new(channel)
+}
+
+async fn all_events(stack: &Stack) -> Vec<pb::AuditEvent> {
+    audit_client(stack)
+        .await
+        .read_audit(pb::ReadAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .events
+}
+
+async fn verify(stack: &Stack) -> pb::VerifyAuditResponse {
+    audit_client(stack)
+        .await
+        .verify_audit(pb::VerifyAuditRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_scripted_scenario_leaves_the_expected_events_and_no_card_data() {
+    let stack = Stack::start().await;
+    let mut admin = stack.client(ADMIN).await;
+    let pan = "4242424242424242";
+    let stored = admin
+        .tokenize(Card::new(pan, 12, 2030).with_cvc("737"), false)
+        .await
+        .unwrap();
+    let batch: Vec<Card> = (0..3)
+        .map(|n| Card::new(&synthetic_pan("5555", n, 16), 1, 2031))
+        .collect();
+    admin.tokenize_batch(&batch, false).await.unwrap();
+    admin.token_info(&stored.token).await.unwrap();
+    admin
+        .forward(ForwardRequest {
+            processor: "sandbox".into(),
+            method: "POST".into(),
+            path: "/v1/charges".into(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: r#"{"number":"{{card.number}}","exp_month":"{{card.exp_month}}","exp_year":"{{card.exp_year}}","cvc":"{{card.cvc}}"}"#.into(),
+            token: stored.token.clone(),
+            idempotency_key: None,
+        })
+        .await
+        .unwrap();
+    // A refused delete, and a lookup of someone else's token.
+    let mut reader = stack.client(READER).await;
+    assert_eq!(
+        reader.delete(&stored.token).await.unwrap_err().code(),
+        Some(Code::PermissionDenied)
+    );
+    let mut other = stack.client(OTHER_TENANT).await;
+    assert_eq!(
+        other.token_info(&stored.token).await.unwrap_err().code(),
+        Some(Code::NotFound)
+    );
+    // A card number where a token belongs never reaches the log.
+    assert!(admin.token_info(pan).await.is_err());
+    admin.delete(&stored.token).await.unwrap();
+
+    let events = all_events(&stack).await;
+    let calls: Vec<&pb::AuditEvent> = events
+        .iter()
+        .filter(|e| e.action != "KeySetChanged")
+        .collect();
+    let summary: Vec<(&str, &str, &str)> = calls
+        .iter()
+        .map(|e| (e.action.as_str(), e.actor.as_str(), e.outcome.as_str()))
+        .collect();
+    let (admin_id, reader_id, other_id) =
+        (identity(ADMIN), identity(READER), identity(OTHER_TENANT));
+    assert_eq!(
+        summary,
+        vec![
+            ("Tokenize", admin_id.as_str(), "ok"),
+            ("TokenizeBatch", admin_id.as_str(), "ok"),
+            ("GetTokenInfo", admin_id.as_str(), "ok"),
+            ("Forward", admin_id.as_str(), "ok"),
+            ("DeleteToken", reader_id.as_str(), "PERMISSION_DENIED"),
+            ("GetTokenInfo", other_id.as_str(), "NOT_FOUND"),
+            ("GetTokenInfo", admin_id.as_str(), "INVALID_ARGUMENT"),
+            ("DeleteToken", admin_id.as_str(), "ok"),
+        ]
+    );
+    // Every field that applies is there.
+    for (i, event) in events.iter().enumerate() {
+        assert_eq!(event.sequence, i as u64 + 1);
+        assert!(event.at_unix_ms > 1_700_000_000_000);
+        assert!(event.audit_key_version >= 1);
+    }
+    for event in &calls {
+        assert_eq!(event.peer, "127.0.0.1");
+        assert_eq!(event.request_id.len(), 16, "{event:?}");
+    }
+    let tokenize = calls[0];
+    assert_eq!(
+        (
+            tokenize.tenant.as_str(),
+            tokenize.token.as_str(),
+            tokenize.key_version
+        ),
+        ("acme", stored.token.as_str(), 1)
+    );
+    assert_eq!(calls[1].count, 3);
+    assert_eq!(
+        (calls[3].token.as_str(), calls[3].processor.as_str()),
+        (stored.token.as_str(), "sandbox")
+    );
+    assert!(calls[3].detail.contains("processor answered 200"));
+    assert_eq!(calls[4].token, "", "nothing a refused call named is logged");
+    assert_eq!(calls[5].tenant, "globex");
+    assert_eq!(calls[7].token, stored.token);
+
+    // No card data in any event: not the PAN, not the batch's, not the CVC.
+    let text = format!("{events:?}");
+    assert!(!text.contains(pan));
+    for n in 0..3 {
+        assert!(!text.contains(&synthetic_pan("5555", n, 16)));
+    }
+    assert!(!integration_tests::contains_digit_run(
+        text.as_bytes(),
+        b"737"
+    ));
+    let verification = verify(&stack).await;
+    assert!(verification.intact, "{verification:?}");
+    assert_eq!(
+        verification.entries,
+        events.len() as u64 + 1,
+        "+ the ReadAudit call"
+    );
+    stack.stop().await;
+}
+
+/// Opens the stopped vault's database, lets `tamper` change the audit family, and
+/// returns what `VerifyAudit` says after a restart.
+async fn tamper_and_verify(
+    stack: &mut Stack,
+    tamper: impl FnOnce(&rocksdb::DB, &rocksdb::ColumnFamily),
+) -> pb::VerifyAuditResponse {
+    stack.stop_vault().await;
+    {
+        let db = integration_tests::open_vault_db(&stack.dir.data_dir());
+        let audit = db.cf_handle("audit").unwrap();
+        tamper(&db, audit);
+    }
+    stack.restart_vault().await;
+    verify(stack).await
+}
+
+fn key(sequence: u64) -> [u8; 8] {
+    sequence.to_be_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn verify_finds_an_edited_removed_inserted_or_reordered_entry() {
+    let mut stack = Stack::start().await;
+    let mut admin = stack.client(ADMIN).await;
+    for n in 0..30 {
+        admin
+            .tokenize(Card::new(&synthetic_pan("4000", n, 16), 1, 2031), false)
+            .await
+            .unwrap();
+    }
+    let intact = verify(&stack).await;
+    assert!(intact.intact, "{intact:?}");
+    // The entries as written, to put back after each tampering.
+    stack.stop_vault().await;
+    let original: Vec<(Vec<u8>, Vec<u8>)> = {
+        let db = integration_tests::open_vault_db(&stack.dir.data_dir());
+        let audit = db.cf_handle("audit").unwrap();
+        db.iterator_cf(audit, rocksdb::IteratorMode::Start)
+            .map(|entry| {
+                let (k, v) = entry.unwrap();
+                (k.to_vec(), v.to_vec())
+            })
+            .collect()
+    };
+    stack.restart_vault().await;
+    let restore = |db: &rocksdb::DB, audit: &rocksdb::ColumnFamily| {
+        let mut iter = db.raw_iterator_cf(audit);
+        iter.seek_to_first();
+        let mut keys = Vec::new();
+        while let Some(k) = iter.key() {
+            keys.push(k.to_vec());
+            iter.next();
+        }
+        for k in keys {
+            db.delete_cf(audit, k).unwrap();
+        }
+        for (k, v) in &original {
+            db.put_cf(audit, k, v).unwrap();
+        }
+    };
+    let value = |sequence: u64| original[sequence as usize - 1].1.clone();
+
+    // One byte of entry 5 edited (inside its JSON).
+    let report = tamper_and_verify(&mut stack, |db, audit| {
+        restore(db, audit);
+        let mut edited = value(5);
+        let last = edited.len() - 3;
+        edited[last] ^= 0x01;
+        db.put_cf(audit, key(5), edited).unwrap();
+    })
+    .await;
+    assert_eq!(
+        (
+            report.intact,
+            report.first_bad_sequence,
+            report.problem.as_str()
+        ),
+        (false, 5, "edited")
+    );
+
+    // Entry 7 removed.
+    let report = tamper_and_verify(&mut stack, |db, audit| {
+        restore(db, audit);
+        db.delete_cf(audit, key(7)).unwrap();
+    })
+    .await;
+    assert_eq!(
+        (
+            report.intact,
+            report.first_bad_sequence,
+            report.problem.as_str()
+        ),
+        (false, 7, "removed")
+    );
+
+    // An entry slipped in before entry 9: the rest moved one place down.
+    let report = tamper_and_verify(&mut stack, |db, audit| {
+        restore(db, audit);
+        for sequence in (9..=original.len() as u64).rev() {
+            db.put_cf(audit, key(sequence + 1), value(sequence))
+                .unwrap();
+        }
+        let mut forged = value(9);
+        let text = String::from_utf8_lossy(&forged[36..]).replace("\"ok\"", "\"OK\"");
+        forged.truncate(36);
+        forged.extend_from_slice(text.as_bytes());
+        db.put_cf(audit, key(9), forged).unwrap();
+    })
+    .await;
+    assert_eq!(
+        (
+            report.intact,
+            report.first_bad_sequence,
+            report.problem.as_str()
+        ),
+        (false, 9, "inserted")
+    );
+
+    // Entries 11 and 12 swapped.
+    let report = tamper_and_verify(&mut stack, |db, audit| {
+        restore(db, audit);
+        db.put_cf(audit, key(11), value(12)).unwrap();
+        db.put_cf(audit, key(12), value(11)).unwrap();
+    })
+    .await;
+    assert_eq!(
+        (
+            report.intact,
+            report.first_bad_sequence,
+            report.problem.as_str()
+        ),
+        (false, 11, "reordered")
+    );
+
+    // Put back, the chain verifies again, new events included.
+    let report = tamper_and_verify(&mut stack, restore).await;
+    assert!(report.intact, "{report:?}");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn old_entries_stay_verifiable_after_the_audit_key_rotates() {
+    let stack = Stack::start().await;
+    let mut admin = stack.client(ADMIN).await;
+    admin
+        .tokenize(Card::new("4242424242424242", 12, 2030), false)
+        .await
+        .unwrap();
+    let mut keys = vault_client::KeyServiceClient::connect(&stack.keyservice_config(ADMIN))
+        .await
+        .unwrap();
+    keys.rotate("audit").await.unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        admin
+            .tokenize(Card::new("5555555555554444", 12, 2030), false)
+            .await
+            .unwrap();
+        let events = all_events(&stack).await;
+        if events.last().is_some_and(|e| e.audit_key_version == 2) {
+            assert_eq!(events[0].audit_key_version, 1);
+            break;
+        }
+        assert!(
+            started.elapsed().as_secs() < 5,
+            "audit key rotation not picked up"
+        );
+    }
+    let report = verify(&stack).await;
+    assert!(report.intact, "{report:?}");
+    stack.stop().await;
+}
