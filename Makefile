@@ -4,6 +4,7 @@
 #   make crash-test   the long crash test (kill -9 under load, CRASH_CYCLES cycles)
 #   make fuzz         every fuzz target for FUZZ_SECS seconds
 #   make rewrap-bench the rewrap rate on REWRAP_RECORDS records (release build)
+#   make audit-bench  tokenize throughput with and without the audit log (release build)
 # Both install missing system packages first and build RocksDB's C++ only once.
 
 SHELL := /bin/bash
@@ -14,7 +15,7 @@ ROCKSDB_VERSION := $(shell sed -n '/^name = "librocksdb-sys"$$/{n;s/^version = "
 export ROCKSDB_LIB_DIR ?= $(CACHE_DIR)/librocksdb-$(ROCKSDB_VERSION)
 export ROCKSDB_STATIC := 1
 
-.PHONY: run test crash-test rewrap-bench fuzz build lint deps rocksdb
+.PHONY: run test crash-test rewrap-bench audit-bench fuzz build lint deps rocksdb
 
 run: build
 	cargo run --locked --quiet -p devstack -- --dir .dev
@@ -32,6 +33,11 @@ crash-test: build
 REWRAP_RECORDS ?= 100000
 rewrap-bench: rocksdb
 	REWRAP_RECORDS=$(REWRAP_RECORDS) cargo test --release --locked -p integration-tests --test e2e rewrap_rate -- --ignored --nocapture
+
+# Tokenize throughput, 1 and 64 calls in flight, with and without the audit log.
+AUDIT_BENCH_TOKENS ?= 40000
+audit-bench: rocksdb
+	AUDIT_BENCH_TOKENS=$(AUDIT_BENCH_TOKENS) cargo test --release --locked -p integration-tests --test e2e audit_cost -- --ignored --nocapture
 
 # Each cargo-fuzz target for FUZZ_SECS seconds (default 60), corpus in fuzz/corpus.
 # Runs on the stable toolchain without a sanitizer (--sanitizer none); Rust's own checks

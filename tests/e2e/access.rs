@@ -159,6 +159,7 @@ async fn the_keyservice_serves_material_to_the_vault_identity_only() {
     assert_eq!(
         purposes,
         [
+            ("audit", 1, "active"),
             ("card-data", 1, "active"),
             ("cvc", 1, "active"),
             ("fingerprint", 1, "active")

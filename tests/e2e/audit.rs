@@ -318,3 +318,53 @@ async fn old_entries_stay_verifiable_after_the_audit_key_rotates() {
     assert!(report.intact, "{report:?}");
     stack.stop().await;
 }
+
+/// Tokenizations per second from `concurrency` clients, `total` in all.
+async fn tokenize_rate(stack: &Stack, concurrency: u64, total: u64) -> f64 {
+    let started = std::time::Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|client_no| {
+            let config = stack.vault_config(ADMIN);
+            tokio::spawn(async move {
+                let mut client = vault_client::VaultClient::connect(&config).await.unwrap();
+                for n in 0..total / concurrency {
+                    let pan = synthetic_pan("4100", client_no * 1_000_000 + n, 16);
+                    client
+                        .tokenize(Card::new(&pan, 1, 2031), false)
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    total as f64 / started.elapsed().as_secs_f64()
+}
+
+/// `make audit-bench`: tokenize throughput with and without the audit log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "a benchmark: run with `make audit-bench`"]
+async fn audit_cost() {
+    let total: u64 = std::env::var("AUDIT_BENCH_TOKENS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(40_000);
+    for concurrency in [1, 64] {
+        let mut stack = Stack::start().await;
+        let total = if concurrency == 1 { total / 10 } else { total };
+        tokenize_rate(&stack, concurrency, 500).await; // warm-up
+        let audited = tokenize_rate(&stack, concurrency, total).await;
+        stack.add_vault_config("[audit]\nenabled = false\n");
+        stack.restart_vault().await;
+        tokenize_rate(&stack, concurrency, 500).await;
+        let unaudited = tokenize_rate(&stack, concurrency, total).await;
+        println!(
+            "{concurrency:>3} in flight: {audited:>8.0} tokenizations/s audited, \
+             {unaudited:>8.0}/s without the audit log ({:.0}% of it)",
+            audited / unaudited * 100.0
+        );
+        stack.stop().await;
+    }
+}

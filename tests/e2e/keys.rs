@@ -621,7 +621,7 @@ async fn key_material_is_in_no_file_but_the_sealed_keyring() {
             .unwrap();
     }
     let mut admin = key_admin(&stack, ADMIN).await;
-    for purpose in ["card-data", "fingerprint", "cvc"] {
+    for purpose in vault_client::KEY_PURPOSES {
         admin.rotate(purpose).await.unwrap();
     }
     vault.create_backup("scan").await.unwrap();
@@ -634,7 +634,7 @@ async fn key_material_is_in_no_file_but_the_sealed_keyring() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(keys.keys.len(), 6);
+    assert_eq!(keys.keys.len(), 2 * vault_client::KEY_PURPOSES.len());
     stack.stop_vault().await;
 
     let mut scanned = 0;

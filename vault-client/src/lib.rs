@@ -6,8 +6,9 @@
 //! never a data key.
 //!
 //! - [`VaultClient`]: tokenize (one card or a batch), token info, delete, forward to a
-//!   processor, backups, and the rewrap job that re-encrypts records onto the active key
-//!   versions after a rotation.
+//!   processor, backups, the rewrap job that re-encrypts records onto the active key
+//!   versions after a rotation, the policy reload, the audit log (read and verify its
+//!   chain) and the blocks put on identities and addresses after repeated failures.
 //! - [`KeyServiceClient`], as an admin: key versions with their budget use and record
 //!   counts, rotation, retirement, dual-control proposals (destroy, unretire, root key
 //!   change) and their approval, and the key history. Never key material.
@@ -529,6 +530,96 @@ impl VaultClient {
         Ok(RewrapStatus::from_wire(response.into_inner()))
     }
 
+    /// Has the vault re-read its policy file (as SIGHUP does) and returns how many
+    /// identities the policy now in force has. An invalid file is refused with
+    /// `FailedPrecondition` and a message naming the problem; the previous policy stays
+    /// in force. Not retried: a reload is not a read.
+    pub async fn reload_policy(&mut self) -> Result<u32, Error> {
+        let response = self
+            .vault
+            .reload_policy(pb::ReloadPolicyRequest {})
+            .await?
+            .into_inner();
+        Ok(response.identities)
+    }
+
+    /// Audit events with a sequence number above `after_sequence` (0: from the start),
+    /// in sequence order, optionally within a time window (inclusive, Unix ms, both
+    /// after 1970). At most `limit` events come back, and never more than
+    /// [`AUDIT_PAGE_MAX`] (0: that many); page on with the last event's sequence.
+    pub async fn read_audit(
+        &mut self,
+        after_sequence: u64,
+        since_unix_ms: Option<i64>,
+        until_unix_ms: Option<i64>,
+        limit: u32,
+    ) -> Result<AuditPage, Error> {
+        let request = read_audit_request(after_sequence, since_unix_ms, until_unix_ms, limit)?;
+        let response = idempotent(|| {
+            let mut vault = self.vault.clone();
+            async move { vault.read_audit(request).await }
+        })
+        .await?
+        .into_inner();
+        Ok(AuditPage {
+            events: response
+                .events
+                .into_iter()
+                .map(AuditEvent::from_wire)
+                .collect(),
+            last_sequence: response.last_sequence,
+        })
+    }
+
+    /// Has the vault check its whole audit chain.
+    pub async fn verify_audit(&mut self) -> Result<AuditVerification, Error> {
+        let response = idempotent(|| {
+            let mut vault = self.vault.clone();
+            async move { vault.verify_audit(pb::VerifyAuditRequest {}).await }
+        })
+        .await?;
+        Ok(AuditVerification::from_wire(response.into_inner()))
+    }
+
+    /// Identities and addresses the vault blocks after repeated failures.
+    pub async fn list_blocks(&mut self) -> Result<Vec<Block>, Error> {
+        let response = idempotent(|| {
+            let mut vault = self.vault.clone();
+            async move { vault.list_blocks(pb::ListBlocksRequest {}).await }
+        })
+        .await?;
+        Ok(response
+            .into_inner()
+            .blocks
+            .into_iter()
+            .map(|b| Block {
+                kind: b.kind,
+                subject: b.subject,
+                until_unix_ms: b.until_unix_ms,
+                failures: b.failures,
+            })
+            .collect())
+    }
+
+    /// Lifts a block before it ends. `kind` is one of [`BLOCK_KINDS`]; `subject` is the
+    /// identity or address as [`Self::list_blocks`] shows it. Not retried.
+    pub async fn lift_block(&mut self, kind: &str, subject: &str) -> Result<(), Error> {
+        check_block_kind(kind)?;
+        if subject.trim().is_empty() {
+            return Err(Error::InvalidArgument {
+                field: "subject",
+                rule: "must not be empty",
+            });
+        }
+        self.vault
+            .lift_block(pb::LiftBlockRequest {
+                kind: kind.to_owned(),
+                subject: subject.to_owned(),
+            })
+            .await?;
+        Ok(())
+    }
+
     /// gRPC health of the vault: `Ok(true)` when serving.
     pub async fn health(&mut self) -> Result<bool, Error> {
         health(&self.health, "").await
@@ -586,6 +677,164 @@ impl RewrapStatus {
     }
 }
 
+/// The wire request of [`VaultClient::read_audit`], its time bounds checked.
+fn read_audit_request(
+    after_sequence: u64,
+    since_unix_ms: Option<i64>,
+    until_unix_ms: Option<i64>,
+    limit: u32,
+) -> Result<pb::ReadAuditRequest, Error> {
+    // 0 is "unbounded" on the wire: a bound at or before the epoch cannot be sent.
+    if since_unix_ms.is_some_and(|ms| ms <= 0) {
+        return Err(Error::InvalidArgument {
+            field: "since_unix_ms",
+            rule: "must be after 1970-01-01T00:00:00Z",
+        });
+    }
+    if until_unix_ms.is_some_and(|ms| ms <= 0) {
+        return Err(Error::InvalidArgument {
+            field: "until_unix_ms",
+            rule: "must be after 1970-01-01T00:00:00Z",
+        });
+    }
+    if let (Some(since), Some(until)) = (since_unix_ms, until_unix_ms)
+        && since > until
+    {
+        return Err(Error::InvalidArgument {
+            field: "until_unix_ms",
+            rule: "must not be before since_unix_ms",
+        });
+    }
+    Ok(pb::ReadAuditRequest {
+        after_sequence,
+        since_unix_ms: since_unix_ms.unwrap_or(0),
+        until_unix_ms: until_unix_ms.unwrap_or(0),
+        limit,
+    })
+}
+
+/// Most events one [`VaultClient::read_audit`] call returns.
+pub const AUDIT_PAGE_MAX: u32 = 1000;
+
+/// One event of the vault's audit log. Never card data.
+///
+/// The vault leaves a field empty (or 0) when it does not apply to the event: such
+/// fields are `None` here, so `Some` never holds an empty string or a zero.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AuditEvent {
+    /// Position in the chain, from 1.
+    pub sequence: u64,
+    pub at_unix_ms: i64,
+    /// Client identity; "-" when the caller had none.
+    pub actor: String,
+    /// The RPC ("Tokenize", "Forward", ...) or a vault event ("PolicyReload",
+    /// "KeyRotationSeen", "Lockout", "RewrapFinished").
+    pub action: String,
+    /// "ok", or the gRPC code name ("PERMISSION_DENIED", ...).
+    pub outcome: String,
+    pub tenant: Option<String>,
+    pub token: Option<String>,
+    /// Cards in a batch.
+    pub count: Option<u32>,
+    pub processor: Option<String>,
+    /// Card-data key version of the record acted on.
+    pub key_version: Option<u32>,
+    /// Peer address of the connection.
+    pub peer: Option<String>,
+    pub request_id: Option<String>,
+    /// Free detail without card data (e.g. the velocity rule that flagged a forward).
+    pub detail: Option<String>,
+    /// Version of the audit key that chains this entry.
+    pub audit_key_version: u32,
+}
+
+impl AuditEvent {
+    fn from_wire(e: pb::AuditEvent) -> Self {
+        let text = |s: String| (!s.is_empty()).then_some(s);
+        let number = |n: u32| (n != 0).then_some(n);
+        Self {
+            sequence: e.sequence,
+            at_unix_ms: e.at_unix_ms,
+            actor: e.actor,
+            action: e.action,
+            outcome: e.outcome,
+            tenant: text(e.tenant),
+            token: text(e.token),
+            count: number(e.count),
+            processor: text(e.processor),
+            key_version: number(e.key_version),
+            peer: text(e.peer),
+            request_id: text(e.request_id),
+            detail: text(e.detail),
+            audit_key_version: e.audit_key_version,
+        }
+    }
+}
+
+/// What [`VaultClient::read_audit`] returns.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AuditPage {
+    /// In sequence order.
+    pub events: Vec<AuditEvent>,
+    /// The highest sequence number the vault has written so far (0: none yet).
+    pub last_sequence: u64,
+}
+
+/// What [`VaultClient::verify_audit`] found.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AuditVerification {
+    /// Entries checked.
+    pub entries: u64,
+    /// True when the whole chain verifies.
+    pub intact: bool,
+    /// The first entry at fault; `None` when intact.
+    pub first_bad_sequence: Option<u64>,
+    /// "edited", "removed", "inserted", "reordered" or "unverifiable" (its audit key
+    /// version is not held); `None` when intact.
+    pub problem: Option<String>,
+}
+
+impl AuditVerification {
+    fn from_wire(v: pb::VerifyAuditResponse) -> Self {
+        // The fault fields mean nothing on an intact chain, whatever the server sent.
+        let intact = v.intact;
+        Self {
+            entries: v.entries,
+            intact,
+            first_bad_sequence: (!intact && v.first_bad_sequence != 0)
+                .then_some(v.first_bad_sequence),
+            problem: (!intact && !v.problem.is_empty()).then_some(v.problem),
+        }
+    }
+}
+
+/// The kinds of [`Block`], as [`VaultClient::lift_block`] takes them.
+pub const BLOCK_KINDS: [&str; 2] = ["identity", "address"];
+
+fn check_block_kind(kind: &str) -> Result<(), Error> {
+    // When adding a kind: add it to BLOCK_KINDS and to the rule below.
+    if BLOCK_KINDS.contains(&kind) {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument {
+            field: "kind",
+            rule: "must be identity or address",
+        })
+    }
+}
+
+/// An identity or address the vault refuses after repeated failures, until a time.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Block {
+    /// One of [`BLOCK_KINDS`].
+    pub kind: String,
+    /// The client identity or the peer address.
+    pub subject: String,
+    pub until_unix_ms: i64,
+    /// Failures that led to it.
+    pub failures: u32,
+}
+
 async fn health(
     client: &tonic_health::pb::health_client::HealthClient<Channel>,
     service: &str,
@@ -606,7 +855,7 @@ async fn health(
 }
 
 /// The key purposes by name, as [`KeyServiceClient`] takes and returns them.
-pub const KEY_PURPOSES: [&str; 3] = ["card-data", "fingerprint", "cvc"];
+pub const KEY_PURPOSES: [&str; 4] = ["card-data", "fingerprint", "cvc", "audit"];
 
 /// A purpose name (one of [`KEY_PURPOSES`]) as the wire enum.
 fn purpose_from_name(name: &str) -> Result<keys_pb::KeyPurpose, Error> {
@@ -615,9 +864,10 @@ fn purpose_from_name(name: &str) -> Result<keys_pb::KeyPurpose, Error> {
         "card-data" => Ok(keys_pb::KeyPurpose::CardData),
         "fingerprint" => Ok(keys_pb::KeyPurpose::Fingerprint),
         "cvc" => Ok(keys_pb::KeyPurpose::Cvc),
+        "audit" => Ok(keys_pb::KeyPurpose::Audit),
         _ => Err(Error::InvalidArgument {
             field: "purpose",
-            rule: "must be one of card-data, fingerprint, cvc",
+            rule: "must be one of card-data, fingerprint, cvc, audit",
         }),
     }
 }
@@ -1094,6 +1344,104 @@ mod tests {
     fn version_zero_is_refused() {
         assert!(check_version(0).is_err());
         assert!(check_version(1).is_ok());
+    }
+
+    #[test]
+    fn audit_event_empty_fields_are_none() {
+        let event = AuditEvent::from_wire(pb::AuditEvent {
+            sequence: 7,
+            at_unix_ms: 1_700_000_000_000,
+            actor: "spiffe://tokenvault.dev/checkout".into(),
+            action: "Tokenize".into(),
+            outcome: "ok".into(),
+            tenant: "acme".into(),
+            audit_key_version: 1,
+            ..Default::default()
+        });
+        assert_eq!(event.tenant.as_deref(), Some("acme"));
+        assert_eq!(
+            (
+                event.token,
+                event.count,
+                event.processor,
+                event.key_version,
+                event.peer,
+                event.request_id,
+                event.detail
+            ),
+            (None, None, None, None, None, None, None)
+        );
+        let event = AuditEvent::from_wire(pb::AuditEvent {
+            count: 3,
+            key_version: 2,
+            detail: "velocity".into(),
+            ..Default::default()
+        });
+        assert_eq!(
+            (event.count, event.key_version, event.detail.as_deref()),
+            (Some(3), Some(2), Some("velocity"))
+        );
+    }
+
+    #[test]
+    fn audit_verification_fault_only_when_not_intact() {
+        let intact = AuditVerification::from_wire(pb::VerifyAuditResponse {
+            entries: 10,
+            intact: true,
+            first_bad_sequence: 4,
+            problem: "edited".into(),
+        });
+        assert_eq!((intact.first_bad_sequence, intact.problem), (None, None));
+        let broken = AuditVerification::from_wire(pb::VerifyAuditResponse {
+            entries: 10,
+            intact: false,
+            first_bad_sequence: 4,
+            problem: "edited".into(),
+        });
+        assert_eq!(broken.first_bad_sequence, Some(4));
+        assert_eq!(broken.problem.as_deref(), Some("edited"));
+    }
+
+    #[test]
+    fn audit_time_bounds_are_checked() {
+        let request = read_audit_request(5, None, Some(2_000), 10).unwrap();
+        assert_eq!(
+            (
+                request.after_sequence,
+                request.since_unix_ms,
+                request.until_unix_ms,
+                request.limit
+            ),
+            (5, 0, 2_000, 10)
+        );
+        assert!(read_audit_request(0, Some(1_000), Some(1_000), 0).is_ok());
+        for (since, until, field) in [
+            (Some(0), None, "since_unix_ms"),
+            (None, Some(-5), "until_unix_ms"),
+            (Some(2_000), Some(1_000), "until_unix_ms"),
+        ] {
+            let err = read_audit_request(0, since, until, 0).unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidArgument { field: f, .. } if f == field),
+                "{since:?} {until:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn block_kinds() {
+        for kind in BLOCK_KINDS {
+            assert!(check_block_kind(kind).is_ok());
+        }
+        for kind in ["", "Identity", "ip", "tenant"] {
+            assert!(
+                matches!(
+                    check_block_kind(kind),
+                    Err(Error::InvalidArgument { field: "kind", .. })
+                ),
+                "{kind:?}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -4,12 +4,23 @@
 //! every user of the host). Connection settings come from flags, `VAULTCTL_*`
 //! environment variables, or a config file; run from a checkout with the dev stack up,
 //! it finds `.dev/vaultctl.toml` by itself.
+//!
+//! One module per command group under `vaultctl/`: `keys`, `policy`, `audit` and
+//! `blocks`; `output` holds what they print with.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)] // a CLI prints its results
 
 // Under vaultctl/: a file beside this one would be built as a binary of its own.
+#[path = "vaultctl/audit.rs"]
+mod audit;
+#[path = "vaultctl/blocks.rs"]
+mod blocks;
 #[path = "vaultctl/keys.rs"]
 mod keys;
+#[path = "vaultctl/output.rs"]
+mod output;
+#[path = "vaultctl/policy.rs"]
+mod policy;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -93,6 +104,16 @@ enum Command {
     /// Backups of the vault's store (ciphertext only), on the vault host.
     #[command(subcommand)]
     Backup(BackupCommand),
+    /// The vault's access policy: reload it, or check a policy file offline.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
+    /// The vault's tamper-evident audit log: tail or follow it, export a time window
+    /// as JSON lines, verify its chain.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
+    /// Identities and addresses the vault blocks after repeated failures.
+    #[command(subcommand)]
+    Blocks(blocks::BlocksCommand),
     /// Health of the vault and the keyservice.
     Health,
 }
@@ -137,6 +158,10 @@ enum BackupCommand {
     /// Authenticate every record of backup NAME; exits 1 if any fails.
     Verify { name: String },
 }
+
+/// Builds the connection settings of one service on demand: commands that talk to
+/// one service do not need the other configured.
+type ConfigFn<'a> = &'a dyn Fn() -> anyhow::Result<ClientConfig>;
 
 impl Connection {
     /// Flags and environment first, then the config file.
@@ -319,6 +344,11 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // Offline: needs no connection settings, so a broken config file does not stop it.
+    if let Command::Policy(policy::PolicyCommand::Check { file }) = &cli.command {
+        println!("{}", policy::check_file(file)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     let file = match cli.config.or_else(find_default_config) {
         Some(path) => load_config_file(&path)?,
         None => Connection::default(),
@@ -426,6 +456,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Keys(command) => return keys::run(command, &vault, &keyservice).await,
+        Command::Policy(command) => return policy::run(command, &vault).await,
+        Command::Audit(command) => return audit::run(command, &vault).await,
+        Command::Blocks(command) => return blocks::run(command, &vault).await,
         Command::Health => {
             let mut healthy = true;
             for (name, result) in [
@@ -528,6 +561,97 @@ mod tests {
             })
         ));
         assert!(parse(&["keys", "propose", "root-key", "/etc/ks/root-2.key"]).is_ok());
+    }
+
+    #[test]
+    fn policy_audit_and_blocks_commands_parse() {
+        use audit::AuditCommand;
+        use blocks::{BlockKind, BlocksCommand};
+        use policy::PolicyCommand;
+
+        let cli = parse(&["policy", "reload"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Policy(PolicyCommand::Reload)
+        ));
+        let cli = parse(&["policy", "check", "deploy/policy.toml"]).unwrap();
+        assert!(
+            matches!(cli.command, Command::Policy(PolicyCommand::Check { ref file }) if file == Path::new("deploy/policy.toml"))
+        );
+        let cli = parse(&["audit", "tail"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Audit(AuditCommand::Tail {
+                lines: 20,
+                follow: false,
+                json: false
+            })
+        ));
+        let cli = parse(&["audit", "tail", "-n", "5", "--follow", "--json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Audit(AuditCommand::Tail {
+                lines: 5,
+                follow: true,
+                json: true
+            })
+        ));
+        let cli = parse(&[
+            "audit",
+            "export",
+            "--since",
+            "2023-11-14T22:13:20Z",
+            "--until",
+            "1700000000999",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Audit(AuditCommand::Export {
+                since: Some(1_700_000_000_000),
+                until: Some(1_700_000_000_999)
+            })
+        ));
+        let cli = parse(&["audit", "export"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Audit(AuditCommand::Export {
+                since: None,
+                until: None
+            })
+        ));
+        assert!(matches!(
+            parse(&["audit", "verify"]).unwrap().command,
+            Command::Audit(AuditCommand::Verify)
+        ));
+        let cli = parse(&["blocks", "lift", "address", "10.0.0.7"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Blocks(BlocksCommand::Lift { kind: BlockKind::Address, ref subject }) if subject == "10.0.0.7"
+        ));
+        assert!(matches!(
+            parse(&["blocks", "list", "--json"]).unwrap().command,
+            Command::Blocks(BlocksCommand::List { json: true })
+        ));
+    }
+
+    #[test]
+    fn policy_audit_and_blocks_commands_refuse_bad_arguments() {
+        assert!(parse(&["policy", "check"]).is_err());
+        let err = parse(&["audit", "export", "--since", "yesterday"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("RFC 3339"), "{err}");
+        assert!(parse(&["audit", "export", "--until", "1700000000"]).is_err());
+        assert!(parse(&["audit", "tail", "-n", "-1"]).is_err());
+        let err = parse(&["blocks", "lift", "tenant", "acme"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            vault_client::BLOCK_KINDS.iter().all(|k| err.contains(k)),
+            "{err}"
+        );
+        assert!(parse(&["blocks", "lift", "identity"]).is_err());
     }
 
     #[test]

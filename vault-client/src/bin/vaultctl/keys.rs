@@ -7,13 +7,14 @@
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Subcommand, ValueEnum};
-use vault_client::{
-    ClientConfig, KeyEvent, KeyListing, KeyServiceClient, Proposal, RewrapStatus, VaultClient,
-};
+use vault_client::{KeyEvent, KeyListing, KeyServiceClient, Proposal, RewrapStatus, VaultClient};
+
+use crate::ConfigFn;
+use crate::output::{Align, now_unix_ms, or_dash, print_json, table, utc};
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
@@ -114,6 +115,7 @@ pub enum Purpose {
     CardData,
     Fingerprint,
     Cvc,
+    Audit,
 }
 
 impl Purpose {
@@ -122,11 +124,10 @@ impl Purpose {
             Purpose::CardData => "card-data",
             Purpose::Fingerprint => "fingerprint",
             Purpose::Cvc => "cvc",
+            Purpose::Audit => "audit",
         }
     }
 }
-
-type ConfigFn<'a> = &'a dyn Fn() -> anyhow::Result<ClientConfig>;
 
 pub async fn run(
     command: KeysCommand,
@@ -255,29 +256,6 @@ pub async fn run(
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
-    Ok(())
-}
-
-fn now_unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-/// A Unix time in ms as UTC RFC 3339, to the second: `2025-06-01T12:00:00Z`.
-fn utc(unix_ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix_ms.div_euclid(1000))
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| format!("{unix_ms} ms since 1970"))
-}
-
 /// "card-data v2", or "-" without a key version.
 fn key_cell(purpose: Option<&str>, version: Option<u32>) -> String {
     match (purpose, version) {
@@ -286,51 +264,6 @@ fn key_cell(purpose: Option<&str>, version: Option<u32>) -> String {
         (None, Some(v)) => format!("v{v}"),
         (None, None) => "-".into(),
     }
-}
-
-fn or_dash(text: &str) -> String {
-    if text.is_empty() {
-        "-".into()
-    } else {
-        text.to_owned()
-    }
-}
-
-/// A table: a header line, then the rows; columns padded to their widest cell and two
-/// spaces apart, numbers right-aligned, the last column not padded.
-fn table(columns: &[(&str, Align)], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = columns.iter().map(|(title, _)| title.len()).collect();
-    for row in rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    let header: Vec<String> = columns.iter().map(|(t, _)| (*t).to_owned()).collect();
-    let mut out = String::new();
-    for row in std::iter::once(&header).chain(rows) {
-        let mut line = String::new();
-        for (i, cell) in row.iter().enumerate() {
-            let width = widths.get(i).copied().unwrap_or(0);
-            let last = i + 1 == row.len();
-            if i > 0 {
-                line.push_str("  ");
-            }
-            match columns.get(i).map(|(_, align)| align) {
-                Some(Align::Right) => line.push_str(&format!("{cell:>width$}")),
-                _ if last => line.push_str(cell),
-                _ => line.push_str(&format!("{cell:<width$}")),
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Align {
-    Left,
-    Right,
 }
 
 /// The `keys list` text: the table, a blank line, then one line per reporting vault.
@@ -799,14 +732,6 @@ mod tests {
             })
             .collect();
         assert_eq!(names, vault_client::KEY_PURPOSES);
-    }
-
-    #[test]
-    fn times_are_utc_rfc3339_to_the_second() {
-        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
-        assert_eq!(utc(1_700_000_000_999), "2023-11-14T22:13:20Z");
-        assert_eq!(utc(-1), "1969-12-31T23:59:59Z");
-        assert_eq!(utc(i64::MAX), format!("{} ms since 1970", i64::MAX));
     }
 
     #[test]
