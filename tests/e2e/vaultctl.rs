@@ -280,3 +280,84 @@ async fn rotate_rewrap_and_destroy_under_dual_control_through_vaultctl() {
     }
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_and_audit_through_vaultctl() {
+    let stack = Stack::start().await;
+    let admin = config_for(&stack, ADMIN);
+    let out = vaultctl(
+        &admin,
+        &["tokenize", "--exp", "12/2030"],
+        "4242424242424242",
+    )
+    .await;
+    assert!(out.ok, "{}", out.stderr);
+    let token = out.stdout.trim().to_owned();
+
+    // Offline check, then reload: a bad file is refused and the old policy stays.
+    let policy = stack.dir.path().join("policy.toml");
+    let good = std::fs::read_to_string(&policy).unwrap();
+    let out = vaultctl(&admin, &["policy", "check", policy.to_str().unwrap()], "").await;
+    assert!(
+        out.ok && out.stdout.contains("valid"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+    std::fs::write(&policy, good.replace("\"read\"", "\"raed\"")).unwrap();
+    let out = vaultctl(&admin, &["policy", "check", policy.to_str().unwrap()], "").await;
+    assert!(!out.ok && out.stderr.contains("raed"), "{}", out.stderr);
+    let out = vaultctl(&admin, &["policy", "reload"], "").await;
+    assert!(!out.ok, "{}", out.stdout);
+    assert!(
+        out.stderr.contains("raed") && out.stderr.contains("previous policy stays"),
+        "{}",
+        out.stderr
+    );
+    std::fs::write(&policy, &good).unwrap();
+    let out = vaultctl(&admin, &["policy", "reload"], "").await;
+    assert!(
+        out.ok && out.stdout.contains("policy reloaded"),
+        "{}",
+        out.stderr
+    );
+
+    // The audit log tells what happened, verifies, and exports as JSON lines.
+    let out = vaultctl(&admin, &["audit", "tail", "-n", "10"], "").await;
+    assert!(out.ok, "{}", out.stderr);
+    assert!(out.stdout.contains("Tokenize ok"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains(&format!("token={token}")),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("PolicyReload FAILED_PRECONDITION"),
+        "{}",
+        out.stdout
+    );
+    assert!(!out.stdout.contains("4242424242424242"));
+    let out = vaultctl(&admin, &["audit", "verify"], "").await;
+    assert!(
+        out.ok && out.stdout.contains("audit log intact"),
+        "{}",
+        out.stdout
+    );
+    let out = vaultctl(&admin, &["audit", "export"], "").await;
+    assert!(out.ok, "{}", out.stderr);
+    let events: Vec<serde_json::Value> = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(events.len() >= 5, "{}", out.stdout);
+    assert!(
+        events
+            .windows(2)
+            .all(|w| w[0]["sequence"].as_u64() < w[1]["sequence"].as_u64())
+    );
+
+    let out = vaultctl(&admin, &["blocks", "list"], "").await;
+    assert!(out.ok && out.stdout.contains("no blocks"), "{}", out.stdout);
+    stack.stop().await;
+}
