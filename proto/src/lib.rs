@@ -78,10 +78,13 @@ mod tests {
             cvc: "737".into(),
         };
         let request = vault::v1::TokenizeRequest {
-            card: Some(card),
+            card: Some(card.clone()),
             reuse_existing: false,
+            ttl_secs: 0,
         };
-        let printed = format!("{request:?} {request:#?}");
+        let subject = vault::v1::SubjectRequest { card: Some(card) };
+        let request = format!("{request:?} {subject:?}");
+        let printed = format!("{request} {request:#?}");
         assert!(!printed.contains("4242"), "{printed}");
         assert!(!printed.contains("Ada"), "{printed}");
         assert!(!printed.contains("737"), "{printed}");

@@ -146,7 +146,13 @@ async fn a_scripted_scenario_leaves_the_expected_events_and_no_card_data() {
     stack.stop().await;
 }
 
-/// Opens the stopped vault's database, lets `tamper` change the audit family, and
+/// The stopped vault's audit log database (beside its data directory).
+fn open_audit_db(stack: &Stack) -> rocksdb::DB {
+    let path = stack.dir.path().join("vault-data-audit");
+    rocksdb::DB::open_cf(&rocksdb::Options::default(), path, ["default"]).unwrap()
+}
+
+/// Opens the stopped vault's audit database, lets `tamper` change its entries, and
 /// returns what `VerifyAudit` says after a restart.
 async fn tamper_and_verify(
     stack: &mut Stack,
@@ -154,8 +160,8 @@ async fn tamper_and_verify(
 ) -> pb::VerifyAuditResponse {
     stack.stop_vault().await;
     {
-        let db = integration_tests::open_vault_db(&stack.dir.data_dir());
-        let audit = db.cf_handle("audit").unwrap();
+        let db = open_audit_db(stack);
+        let audit = db.cf_handle("default").unwrap();
         tamper(&db, audit);
     }
     stack.restart_vault().await;
@@ -181,8 +187,8 @@ async fn verify_finds_an_edited_removed_inserted_or_reordered_entry() {
     // The entries as written, to put back after each tampering.
     stack.stop_vault().await;
     let original: Vec<(Vec<u8>, Vec<u8>)> = {
-        let db = integration_tests::open_vault_db(&stack.dir.data_dir());
-        let audit = db.cf_handle("audit").unwrap();
+        let db = open_audit_db(&stack);
+        let audit = db.cf_handle("default").unwrap();
         db.iterator_cf(audit, rocksdb::IteratorMode::Start)
             .map(|entry| {
                 let (k, v) = entry.unwrap();

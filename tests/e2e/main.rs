@@ -13,6 +13,8 @@ mod faults;
 mod forward;
 mod keys;
 mod leaks;
+mod matrix;
+mod retention;
 mod startup;
 mod tokenize;
 mod vaultctl;

@@ -258,6 +258,8 @@ pub struct TokenInfo {
     pub key_version: u32,
     /// True when `tokenize` with `reuse_existing` returned an existing token.
     pub reused: bool,
+    /// When the token stops answering and is erased; `None` for never.
+    pub expires_at_unix_ms: Option<i64>,
 }
 
 fn brand_name(brand: i32) -> String {
@@ -288,6 +290,7 @@ impl TokenInfo {
             created_at_unix_ms: info.created_at_unix_ms,
             key_version: info.key_version,
             reused,
+            expires_at_unix_ms: (info.expires_at_unix_ms > 0).then_some(info.expires_at_unix_ms),
         })
     }
 }
@@ -389,12 +392,40 @@ impl VaultClient {
 
     /// Tokenizes one card. Not retried: a retry could store the card twice.
     pub async fn tokenize(&mut self, card: Card, reuse_existing: bool) -> Result<TokenInfo, Error> {
+        self.tokenize_with_ttl(card, reuse_existing, None).await
+    }
+
+    /// Tokenizes one card whose token expires (answers NOT_FOUND, then is erased)
+    /// after `ttl`; `None` takes the tenant's default retention.
+    pub async fn tokenize_with_ttl(
+        &mut self,
+        card: Card,
+        reuse_existing: bool,
+        ttl: Option<Duration>,
+    ) -> Result<TokenInfo, Error> {
         let request = pb::TokenizeRequest {
             card: Some(card.to_wire()),
             reuse_existing,
+            ttl_secs: ttl.map_or(0, |ttl| ttl.as_secs().max(1)),
         };
         let response = self.vault.tokenize(request).await?.into_inner();
         TokenInfo::from_wire(response.info, response.reused)
+    }
+
+    /// Every token of the card `number` in our tenant (a data-subject request).
+    pub async fn find_subject(&mut self, number: &str) -> Result<Vec<String>, Error> {
+        let request = pb::SubjectRequest {
+            card: Some(Card::new(number, 1, 2000).to_wire()),
+        };
+        Ok(self.vault.find_subject(request).await?.into_inner().tokens)
+    }
+
+    /// Erases every token of the card `number` in our tenant; returns them.
+    pub async fn erase_subject(&mut self, number: &str) -> Result<Vec<String>, Error> {
+        let request = pb::SubjectRequest {
+            card: Some(Card::new(number, 1, 2000).to_wire()),
+        };
+        Ok(self.vault.erase_subject(request).await?.into_inner().tokens)
     }
 
     /// Tokenizes several cards in one durable write; one result per card, in order.
@@ -406,6 +437,7 @@ impl VaultClient {
         let request = pb::TokenizeBatchRequest {
             cards: cards.iter().map(Card::to_wire).collect(),
             reuse_existing,
+            ttl_secs: 0,
         };
         let response = self.vault.tokenize_batch(request).await?.into_inner();
         response

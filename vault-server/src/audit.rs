@@ -367,3 +367,10 @@ impl Audited for pb::LiftBlockRequest {
     }
 }
 impl Audited for pb::LiftBlockResponse {}
+// The card number is never described; the response's tokens are counted.
+impl Audited for pb::SubjectRequest {}
+impl Audited for pb::SubjectResponse {
+    fn describe(&self, event: &mut AuditEvent) {
+        event.count = self.tokens.len() as u32;
+    }
+}

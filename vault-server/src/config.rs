@@ -15,6 +15,11 @@ pub struct Settings {
     pub listen_addr: SocketAddr,
     /// RocksDB directory. Holds ciphertext and allowed metadata only.
     pub data_dir: PathBuf,
+    /// The audit log's own RocksDB directory (default: `data_dir` with `-audit`
+    /// appended). Kept apart so that erasing a token leaves nothing in `data_dir`,
+    /// while the audit log keeps its events.
+    #[serde(default)]
+    pub audit_dir: Option<PathBuf>,
     /// The access policy (identities → tenant and permissions).
     pub policy_file: PathBuf,
     /// Where `CreateBackup` writes backups (one directory each). Unset: no backups.
@@ -37,6 +42,8 @@ pub struct Settings {
     pub rewrap: RewrapSettings,
     #[serde(default)]
     pub audit: AuditSettings,
+    #[serde(default)]
+    pub retention: RetentionSettings,
     #[serde(default)]
     pub lockout: crate::lockout::LockoutSettings,
     /// The processor allowlist: `[[processor]]` entries.
@@ -65,6 +72,32 @@ pub struct KeyserviceSettings {
     /// needs a fresh report showing none).
     #[serde(default = "default_usage_report_interval_ms")]
     pub usage_report_interval_ms: u64,
+}
+
+/// `[retention]`: token lifetimes and the purge job.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// Lifetime of a tenant's tokens when `Tokenize` names none, e.g.
+    /// `tenant_ttl_secs = { "shop-eu" = 63072000 }`. Unlisted tenants: forever.
+    #[serde(default)]
+    pub tenant_ttl_secs: std::collections::HashMap<String, u64>,
+    /// How often expired tokens are purged and deleted records compacted away.
+    #[serde(default = "default_purge_interval_secs")]
+    pub purge_interval_secs: u64,
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        Self {
+            tenant_ttl_secs: Default::default(),
+            purge_interval_secs: default_purge_interval_secs(),
+        }
+    }
+}
+
+fn default_purge_interval_secs() -> u64 {
+    60
 }
 
 /// `[audit]`: the tamper-evident audit log.
@@ -233,6 +266,15 @@ impl Settings {
         Ok(settings)
     }
 
+    /// Where the audit log lives.
+    pub fn audit_dir(&self) -> PathBuf {
+        self.audit_dir.clone().unwrap_or_else(|| {
+            let mut name = self.data_dir.as_os_str().to_owned();
+            name.push("-audit");
+            PathBuf::from(name)
+        })
+    }
+
     fn resolve_relative_paths(&mut self, base: &Path) {
         let mut files = vec![
             &mut self.data_dir,
@@ -248,6 +290,9 @@ impl Settings {
             files.push(&mut processor.ca_file);
         }
         if let Some(dir) = &mut self.backup_dir {
+            files.push(dir);
+        }
+        if let Some(dir) = &mut self.audit_dir {
             files.push(dir);
         }
         for file in files {
@@ -277,6 +322,19 @@ impl Settings {
                 "limits: max_request_bytes must be at least 1024 and the others greater than 0"
                     .into(),
             );
+        }
+        if self.retention.purge_interval_secs == 0 {
+            return Err("retention.purge_interval_secs must be greater than 0".into());
+        }
+        if let Some((tenant, _)) = self
+            .retention
+            .tenant_ttl_secs
+            .iter()
+            .find(|(_, ttl)| **ttl == 0 || **ttl > 3_155_760_000)
+        {
+            return Err(format!(
+                "retention.tenant_ttl_secs.{tenant}: must be 1 to 3155760000 (100 years)"
+            ));
         }
         if self.lockout.max_failures == 0
             || self.lockout.window_secs == 0

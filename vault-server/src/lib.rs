@@ -65,6 +65,7 @@ pub struct Bound {
     store: Arc<RocksStore>,
     keys: Arc<keys::Keys>,
     rewrap: Arc<rewrap::Rewrapper<RocksStore>>,
+    purge_interval_secs: u64,
     tls: TlsMaterial,
     limits: config::LimitsSettings,
 }
@@ -123,6 +124,7 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
         store: Arc::clone(&store),
         keys: Arc::clone(&keys),
         rewrap: Arc::clone(&rewrap),
+        purge_interval_secs: settings.retention.purge_interval_secs,
         service: Arc::new(service::VaultService::new(
             store,
             keys,
@@ -138,6 +140,7 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
                 ),
                 backup_dir: settings.backup_dir.clone(),
                 policy_file: settings.policy_file.clone(),
+                tenant_ttl_secs: settings.retention.tenant_ttl_secs.clone(),
                 lockout: settings.lockout.clone(),
             },
         )),
@@ -209,7 +212,12 @@ fn open_store(settings: &Settings) -> Result<RocksStore, Error> {
     std::os::unix::fs::DirBuilderExt::mode(&mut dir, 0o700);
     dir.create(&settings.data_dir)
         .map_err(|e| storage_error(e.to_string()))?;
-    RocksStore::open(&settings.data_dir, record::versions_of)
+    let audit_dir = settings.audit_dir();
+    dir.create(&audit_dir).map_err(|e| Error::Storage {
+        path: audit_dir.display().to_string(),
+        detail: e.to_string(),
+    })?;
+    RocksStore::open(&settings.data_dir, &audit_dir, record::indexes_of)
         .map_err(|e| storage_error(e.to_string()))
 }
 
@@ -269,6 +277,28 @@ async fn audit_key_changes(
         };
         if let Err(e) = service.audit(event).await {
             tracing::error!(error = %e, "key set change not audited");
+        }
+    }
+}
+
+/// Purges expired tokens and compacts deletions away, every `interval`.
+async fn purge_periodically(
+    service: Arc<service::VaultService<RocksStore>>,
+    interval: Duration,
+    shutdown: Shutdown,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stop = shutdown.wait();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if let Err(e) = service.purge().await {
+                    tracing::error!(error = %e, "purge failed; retried at the next interval");
+                }
+            }
+            _ = &mut stop => return,
         }
     }
 }
@@ -394,6 +424,11 @@ impl Bound {
         tokio::spawn(audit_key_changes(
             Arc::clone(&self.keys),
             Arc::clone(&self.service),
+            shutdown.clone(),
+        ));
+        tokio::spawn(purge_periodically(
+            Arc::clone(&self.service),
+            Duration::from_secs(self.purge_interval_secs),
             shutdown.clone(),
         ));
         #[cfg(unix)]

@@ -21,14 +21,12 @@ pub struct LockoutSettings {
     /// How long a block lasts (an admin can lift it sooner).
     #[serde(default = "default_block_secs")]
     pub block_secs: u64,
-    /// Also count failures (and block) by peer address. Turn off when every caller
-    /// comes through one proxy address.
-    #[serde(default = "default_true")]
+    /// Also count failures (and block) by peer address. Off by default: callers prove
+    /// who they are with certificates, and behind a proxy or NAT one address is many
+    /// callers. Admins are never held by an address block (they must be able to lift
+    /// it).
+    #[serde(default)]
     pub by_address: bool,
-}
-
-fn default_true() -> bool {
-    true
 }
 
 impl Default for LockoutSettings {
@@ -37,7 +35,7 @@ impl Default for LockoutSettings {
             max_failures: default_max_failures(),
             window_secs: default_window_secs(),
             block_secs: default_block_secs(),
-            by_address: true,
+            by_address: false,
         }
     }
 }
@@ -126,15 +124,24 @@ impl Lockout {
         keys
     }
 
-    /// Whether the identity or the address is blocked now.
-    pub fn is_blocked(&self, identity: Option<&str>, address: &str, now: Instant) -> bool {
+    /// Whether the identity or (unless `admin`) the address is blocked now.
+    pub fn is_blocked(
+        &self,
+        identity: Option<&str>,
+        address: &str,
+        admin: bool,
+        now: Instant,
+    ) -> bool {
         let subjects = self.subjects();
-        self.keys(identity, address).iter().any(|key| {
-            subjects
-                .get(key)
-                .and_then(|s| s.blocked_until)
-                .is_some_and(|until| until > now)
-        })
+        let keys = self.keys(identity, address);
+        keys.iter()
+            .filter(|(kind, _)| !admin || *kind == Kind::Identity)
+            .any(|key| {
+                subjects
+                    .get(key)
+                    .and_then(|s| s.blocked_until)
+                    .is_some_and(|until| until > now)
+            })
     }
 
     /// Counts a failure; returns the subjects it newly blocked.
@@ -153,8 +160,14 @@ impl Lockout {
         for key in self.keys(identity, address) {
             let subject = subjects.entry(key.clone()).or_default();
             subject.last_seen = Some(now);
-            if subject.blocked_until.is_some_and(|until| until > now) {
-                continue;
+            match subject.blocked_until {
+                Some(until) if until > now => continue,
+                // A block that ended starts a clean slate.
+                Some(_) => {
+                    subject.blocked_until = None;
+                    subject.failures.clear();
+                }
+                None => {}
             }
             subject.failures.push_back(now);
             while subject
@@ -197,7 +210,9 @@ impl Lockout {
             .get(&(kind, subject.to_owned()))
             .and_then(|s| s.blocked_until)
             .is_some_and(|until| until > now);
-        subjects.remove(&(kind, subject.to_owned()));
+        if was_blocked {
+            subjects.remove(&(kind, subject.to_owned()));
+        }
         was_blocked
     }
 }
@@ -223,15 +238,33 @@ mod tests {
         assert!(lockout.failure(Some("mallory"), "10.0.0.9", t0).is_empty());
         let blocked = lockout.failure(Some("mallory"), "10.0.0.9", t0);
         assert_eq!(blocked.len(), 2);
-        assert!(lockout.is_blocked(Some("mallory"), "10.0.0.1", t0));
-        assert!(lockout.is_blocked(Some("alice"), "10.0.0.9", t0));
-        assert!(!lockout.is_blocked(Some("alice"), "10.0.0.1", t0));
-        // The block ends by itself.
-        assert!(!lockout.is_blocked(Some("mallory"), "10.0.0.9", t0 + Duration::from_secs(61)));
+        assert!(lockout.is_blocked(Some("mallory"), "10.0.0.1", false, t0));
+        assert!(lockout.is_blocked(Some("alice"), "10.0.0.9", false, t0));
+        assert!(!lockout.is_blocked(Some("alice"), "10.0.0.1", false, t0));
+        // An admin is not held by an address block.
+        assert!(!lockout.is_blocked(Some("root"), "10.0.0.9", true, t0));
         assert_eq!(lockout.list(t0).len(), 2);
         assert!(lockout.lift(Kind::Identity, "mallory", t0));
         assert!(!lockout.lift(Kind::Identity, "mallory", t0));
-        assert!(!lockout.is_blocked(Some("mallory"), "10.0.0.1", t0));
+        assert!(!lockout.is_blocked(Some("mallory"), "10.0.0.1", false, t0));
+    }
+
+    #[test]
+    fn a_block_ends_by_itself_and_one_more_failure_does_not_renew_it() {
+        let lockout = lockout();
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            lockout.failure(Some("mallory"), "10.0.0.9", t0);
+        }
+        assert!(lockout.is_blocked(Some("mallory"), "10.0.0.1", false, t0));
+        let later = t0 + Duration::from_secs(61);
+        assert!(!lockout.is_blocked(Some("mallory"), "10.0.0.1", false, later));
+        assert!(
+            lockout
+                .failure(Some("mallory"), "10.0.0.9", later)
+                .is_empty()
+        );
+        assert!(!lockout.is_blocked(Some("mallory"), "10.0.0.1", false, later));
     }
 
     #[test]
@@ -245,6 +278,6 @@ mod tests {
                 .failure(Some("bob"), "c", t0 + Duration::from_secs(12))
                 .is_empty()
         );
-        assert!(!lockout.is_blocked(Some("bob"), "d", t0 + Duration::from_secs(12)));
+        assert!(!lockout.is_blocked(Some("bob"), "d", false, t0 + Duration::from_secs(12)));
     }
 }

@@ -3,16 +3,20 @@
 //! key version and metadata, so a ciphertext moved to another record, or edited
 //! metadata, fails authentication instead of decrypting as another card.
 //!
-//! Format v1 (big-endian integers):
+//! Format v2 (big-endian integers):
 //!
 //! ```text
-//! format: u8 = 1 | key_version: u32 | nonce: 12 | brand: u8 | last_four: 4 ASCII digits |
+//! format: u8 = 2 | key_version: u32 | nonce: 12 | brand: u8 | last_four: 4 ASCII digits |
 //! exp_month: u8 | exp_year: u16 | created_at_unix_ms: i64 | fingerprint_version: u32 |
-//! fingerprint: 32 | tenant_len: u8 | tenant | ciphertext+tag (the rest)
+//! fingerprint: 32 | tenant_len: u8 | tenant | expires_at_unix_ms: i64 (0: never) |
+//! ciphertext+tag (the rest)
 //!
 //! aad       = "tokenvault.record" | token_len: u8 | token | every byte before the ciphertext
 //! plaintext = pan_len: u8 | pan digits | exp_month: u8 | exp_year: u16 | name_len: u16 | name
 //! ```
+//!
+//! Format v1 is v2 without `expires_at_unix_ms` (a record that never expires); it is
+//! still read, and rewritten as v2 only when rewrapped.
 //!
 //! When changing this: add a new format byte and a decoder for it, keep decoding every
 //! older format (stored records are never rewritten just to change format), and add the
@@ -26,6 +30,7 @@ use crate::policy::Tenant;
 use crate::token::Token;
 
 pub const FORMAT_V1: u8 = 1;
+pub const FORMAT_V2: u8 = 2;
 const AAD_LABEL: &[u8] = b"tokenvault.record";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -57,6 +62,8 @@ pub struct Metadata {
     pub created_at_unix_ms: i64,
     pub fingerprint: Fingerprint,
     pub tenant: Tenant,
+    /// When the token stops answering and is purged; 0 for never.
+    pub expires_at_unix_ms: i64,
 }
 
 /// The keyed fingerprint of a card number within a tenant.
@@ -71,14 +78,45 @@ pub fn fingerprint(key: &SecretKey, tenant: &Tenant, pan: &Pan) -> [u8; 32] {
     )
 }
 
-/// The key versions of stored record bytes, read from the clear header without
-/// authenticating it (for indexing only; reads always authenticate).
-pub fn versions_of(bytes: &[u8]) -> Option<crate::store::KeyVersions> {
+/// A card within a tenant: tenant, fingerprint version and keyed fingerprint.
+pub fn card_key(tenant: &Tenant, fingerprint: &Fingerprint) -> Vec<u8> {
+    let tenant = tenant.as_str().as_bytes();
+    let mut key = Vec::with_capacity(1 + tenant.len() + 4 + 32 + 3);
+    key.push(tenant.len() as u8); // Tenant guarantees at most 64 bytes
+    key.extend_from_slice(tenant);
+    key.extend_from_slice(&fingerprint.version.to_be_bytes());
+    key.extend_from_slice(&fingerprint.value);
+    key
+}
+
+/// The key versions and indexes of stored record bytes, read from the clear header
+/// without authenticating it (for indexing only; reads always authenticate).
+pub fn indexes_of(
+    bytes: &[u8],
+) -> Option<(crate::store::KeyVersions, crate::store::RecordIndexes)> {
     let metadata = decode(bytes).ok()?.metadata;
-    Some(metadata.versions())
+    Some((metadata.versions(), metadata.indexes()))
 }
 
 impl Metadata {
+    /// The record's card in the tenant: tenant and keyed fingerprint (with its
+    /// version), without the expiry. Every token of one card shares it.
+    pub fn card_key(&self) -> Vec<u8> {
+        card_key(&self.tenant, &self.fingerprint)
+    }
+
+    pub fn indexes(&self) -> crate::store::RecordIndexes {
+        crate::store::RecordIndexes {
+            expires_at_unix_ms: self.expires_at_unix_ms,
+            card_key: self.card_key(),
+        }
+    }
+
+    /// Whether the token has expired at `now_unix_ms`.
+    pub fn expired(&self, now_unix_ms: i64) -> bool {
+        self.expires_at_unix_ms != 0 && self.expires_at_unix_ms <= now_unix_ms
+    }
+
     pub fn versions(&self) -> crate::store::KeyVersions {
         crate::store::KeyVersions {
             card_data: self.key_version,
@@ -90,12 +128,7 @@ impl Metadata {
     /// expiry. A keyed hash and clear metadata only, never the PAN. Computable from the
     /// clear metadata, so deleting a record needs no decryption.
     pub fn index_key(&self) -> Vec<u8> {
-        let tenant = self.tenant.as_str().as_bytes();
-        let mut key = Vec::with_capacity(1 + tenant.len() + 4 + 32 + 3);
-        key.push(tenant.len() as u8);
-        key.extend_from_slice(tenant);
-        key.extend_from_slice(&self.fingerprint.version.to_be_bytes());
-        key.extend_from_slice(&self.fingerprint.value);
+        let mut key = self.card_key();
         key.extend_from_slice(&self.expiry.year.to_be_bytes());
         key.push(self.expiry.month);
         key
@@ -125,7 +158,7 @@ fn aad(token: &Token, header: &[u8]) -> Vec<u8> {
 fn encode_header(metadata: &Metadata, nonce: &[u8; NONCE_LEN]) -> Vec<u8> {
     let tenant = metadata.tenant.as_str().as_bytes();
     let mut out = Vec::with_capacity(80 + tenant.len());
-    out.push(FORMAT_V1);
+    out.push(FORMAT_V2);
     out.extend_from_slice(&metadata.key_version.to_be_bytes());
     out.extend_from_slice(nonce);
     out.push(metadata.brand.code());
@@ -137,6 +170,7 @@ fn encode_header(metadata: &Metadata, nonce: &[u8; NONCE_LEN]) -> Vec<u8> {
     out.extend_from_slice(&metadata.fingerprint.value);
     out.push(tenant.len() as u8); // Tenant guarantees at most 64 bytes
     out.extend_from_slice(tenant);
+    out.extend_from_slice(&metadata.expires_at_unix_ms.to_be_bytes());
     out
 }
 
@@ -191,9 +225,9 @@ impl<'a> Reader<'a> {
 /// Parses record bytes. Never panics on any input.
 pub fn decode(bytes: &[u8]) -> Result<StoredRecord, RecordError> {
     let mut r = Reader(bytes);
-    match r.u8()? {
-        FORMAT_V1 => {}
-        other => return Err(RecordError::UnknownFormat(other)),
+    let format = r.u8()?;
+    if format != FORMAT_V1 && format != FORMAT_V2 {
+        return Err(RecordError::UnknownFormat(format));
     }
     let key_version = u32::from_be_bytes(r.array()?);
     let nonce: [u8; NONCE_LEN] = r.array()?;
@@ -214,6 +248,11 @@ pub fn decode(bytes: &[u8]) -> Result<StoredRecord, RecordError> {
         .ok()
         .and_then(|t| Tenant::parse(t).ok())
         .ok_or(RecordError::Malformed)?;
+    let expires_at_unix_ms = if format == FORMAT_V2 {
+        i64::from_be_bytes(r.array()?)
+    } else {
+        0
+    };
     let header_len = bytes.len() - r.0.len();
     if r.0.len() < TAG_LEN {
         return Err(RecordError::Malformed);
@@ -227,6 +266,7 @@ pub fn decode(bytes: &[u8]) -> Result<StoredRecord, RecordError> {
             created_at_unix_ms,
             fingerprint,
             tenant,
+            expires_at_unix_ms,
         },
         nonce,
         header: bytes[..header_len].to_vec(),
@@ -306,7 +346,53 @@ mod tests {
                 value: [9; 32],
             },
             tenant: Tenant::parse(tenant).unwrap(),
+            expires_at_unix_ms: 1_900_000_000_000,
         }
+    }
+
+    /// A record as format 1 wrote it (no expiry): the v2 header without its last 8
+    /// bytes, format byte 1, sealed with that header as associated data.
+    fn seal_v1(token: &Token, metadata: &Metadata, card: &CardData, key: &SecretKey) -> Vec<u8> {
+        let nonce = [7u8; NONCE_LEN];
+        let mut header = encode_header(metadata, &nonce);
+        header.truncate(header.len() - 8);
+        header[0] = FORMAT_V1;
+        let ciphertext =
+            envelope::seal_with_nonce(key, &nonce, &aad(token, &header), &encode_plaintext(card))
+                .unwrap();
+        [header, ciphertext].concat()
+    }
+
+    #[test]
+    fn format_1_records_still_open_and_never_expire() {
+        let key = SecretKey::generate().unwrap();
+        let token = Token::generate().unwrap();
+        let bytes = seal_v1(&token, &metadata("acme"), &card(), &key);
+        assert_eq!(bytes[0], 1);
+        let record = decode(&bytes).unwrap();
+        assert_eq!(record.metadata.expires_at_unix_ms, 0);
+        assert_eq!(
+            record.open(&token, &key).unwrap().pan.expose_digits(),
+            "4242424242424242"
+        );
+    }
+
+    #[test]
+    fn the_expiry_is_authenticated() {
+        let key = SecretKey::generate().unwrap();
+        let token = Token::generate().unwrap();
+        let mut bytes = seal(&token, &metadata("acme"), &card(), &key).unwrap();
+        assert_eq!(
+            decode(&bytes).unwrap().metadata.expires_at_unix_ms,
+            1_900_000_000_000
+        );
+        // expires_at sits right before the ciphertext, after the 4-byte tenant "acme".
+        let at = 1 + 4 + 12 + 1 + 4 + 1 + 2 + 8 + 4 + 32 + 1 + 4;
+        bytes[at + 7] ^= 1;
+        assert_eq!(
+            decode(&bytes).unwrap().open(&token, &key).unwrap_err(),
+            RecordError::Integrity
+        );
     }
 
     #[test]

@@ -47,6 +47,12 @@ struct Live {
     /// Since this process started working on the job: for the rate.
     run_started: Option<Instant>,
     run_done: u64,
+    /// Records rewritten in the current pass. A pass that rewrote some is followed by
+    /// another from the start: a record sealed under an old version just before the
+    /// vault learnt of a rotation can land behind the cursor.
+    pass_rewritten: u64,
+    /// Records that could not be rewrapped in this run (counted once).
+    failed_tokens: std::collections::HashSet<String>,
 }
 
 #[derive(Debug)]
@@ -145,6 +151,8 @@ impl<S: Store> Rewrapper<S> {
             live.running = true;
             live.run_started = Some(Instant::now());
             live.run_done = 0;
+            live.pass_rewritten = 0;
+            live.failed_tokens.clear();
         }
         let this = Arc::clone(self);
         tokio::spawn(async move {
@@ -232,6 +240,20 @@ impl<S: Store> Rewrapper<S> {
             .records_off_versions(target, cursor.as_deref(), self.settings.batch_size as usize)
             .await?;
         if batch.is_empty() {
+            let another_pass = {
+                let mut live = self.live();
+                let another = cursor.is_some() && live.pass_rewritten > 0;
+                if another {
+                    live.pass_rewritten = 0;
+                    live.saved.cursor = None;
+                    live.saved.target = None;
+                }
+                another.then(|| live.saved.clone())
+            };
+            if let Some(saved) = another_pass {
+                self.save(&saved).await?;
+                return Ok(true);
+            }
             let saved = {
                 let mut live = self.live();
                 live.saved.requested = false;
@@ -271,7 +293,11 @@ impl<S: Store> Rewrapper<S> {
                 Err(e @ (VaultError::Keys(_) | VaultError::Store(_))) => {
                     transient.get_or_insert(e);
                 }
-                Err(e) => failed.push((token, e)),
+                Err(e) => {
+                    if self.live().failed_tokens.insert(token.as_str().to_owned()) {
+                        failed.push((token, e));
+                    }
+                }
             }
         }
         if let Some(e) = transient {
@@ -304,6 +330,7 @@ impl<S: Store> Rewrapper<S> {
         let saved = {
             let mut live = self.live();
             live.run_done += done + failed;
+            live.pass_rewritten += done;
             live.saved.done += done;
             live.saved.failed += failed;
             if let Some(last) = last {
@@ -354,6 +381,8 @@ impl<S: Store> Rewrapper<S> {
                 new_versions: metadata.versions(),
                 old_index_key: stored.metadata.index_key(),
                 new_index_key: metadata.index_key(),
+                old_indexes: stored.metadata.indexes(),
+                new_indexes: metadata.indexes(),
             })
             .await?)
     }

@@ -27,6 +27,8 @@ use crate::token::Token;
 
 /// Response (and error) metadata key carrying the request id that the server logs.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// The longest retention a token can be given: 100 years.
+const MAX_TTL_SECS: u64 = 3_155_760_000;
 /// Fresh tokens drawn before giving up; with 128 random bits a second draw is already
 /// astronomically unlikely.
 const TOKEN_ATTEMPTS: usize = 3;
@@ -42,6 +44,8 @@ pub struct ServiceSettings {
     pub backup_dir: Option<std::path::PathBuf>,
     /// Re-read by `ReloadPolicy` and SIGHUP.
     pub policy_file: std::path::PathBuf,
+    /// Token lifetime per tenant when `Tokenize` names none.
+    pub tenant_ttl_secs: std::collections::HashMap<String, u64>,
     pub lockout: crate::lockout::LockoutSettings,
 }
 
@@ -55,6 +59,9 @@ pub struct VaultService<S> {
     /// `None` only when `[audit] enabled = false` (for measuring its cost).
     auditor: Option<Auditor>,
     lockout: Lockout,
+    tenant_ttl_secs: std::collections::HashMap<String, u64>,
+    /// Deletes since the store was last compacted (the purge job compacts).
+    deleted_since_compaction: std::sync::atomic::AtomicU64,
     max_batch_size: usize,
     processors: Processors,
     cvcs: Arc<CvcStore>,
@@ -98,6 +105,8 @@ impl<S: Store> VaultService<S> {
             policy_file: settings.policy_file,
             auditor,
             lockout: Lockout::new(settings.lockout),
+            tenant_ttl_secs: settings.tenant_ttl_secs,
+            deleted_since_compaction: std::sync::atomic::AtomicU64::new(0),
             max_batch_size: settings.max_batch_size,
             processors: settings.processors,
             cvcs: Arc::new(CvcStore::new(settings.cvc_ttl)),
@@ -152,7 +161,13 @@ impl<S: Store> VaultService<S> {
             request.get_ref().describe(&mut described);
             let permission = permission(request.get_ref());
             let policy = self.current_policy();
-            let result = if self.lockout.is_blocked(identity.as_deref(), &peer, started) {
+            let admin = policy
+                .authorize(identity.as_deref(), &Permission::Admin)
+                .is_ok();
+            let result = if self
+                .lockout
+                .is_blocked(identity.as_deref(), &peer, admin, started)
+            {
                 tracing::warn!("refused: caller blocked after repeated failures");
                 event.detail = "blocked".into();
                 Err(VaultError::PermissionDenied)
@@ -316,6 +331,7 @@ impl<S: Store> VaultService<S> {
                 value: record::fingerprint(fingerprint_key, &caller.tenant, &card.pan),
             },
             tenant: caller.tenant.clone(),
+            expires_at_unix_ms: 0,
         };
         let mut older = Vec::new();
         if reuse_existing {
@@ -352,7 +368,31 @@ impl<S: Store> VaultService<S> {
             reuse_existing,
             older_index_keys: older_index_keys.to_vec(),
             versions: metadata.versions(),
+            indexes: metadata.indexes(),
         })
+    }
+
+    /// When a token made now with `ttl_secs` (0: the tenant's default) expires.
+    fn expires_at(&self, caller: &Caller, ttl_secs: u64, now: i64) -> Result<i64, VaultError> {
+        let ttl = match ttl_secs {
+            0 => self
+                .tenant_ttl_secs
+                .get(caller.tenant.as_str())
+                .copied()
+                .unwrap_or(0),
+            n => n,
+        };
+        if ttl == 0 {
+            return Ok(0);
+        }
+        if ttl > MAX_TTL_SECS {
+            return Err(VaultError::Invalid(Violation {
+                field: "ttl_secs",
+                rule: "range",
+                description: "must be at most 100 years (3155760000 seconds)",
+            }));
+        }
+        Ok(now + ttl as i64 * 1000)
     }
 
     /// Reads a record of the caller's tenant. Another tenant's token is NOT_FOUND,
@@ -369,7 +409,8 @@ impl<S: Store> VaultService<S> {
     ) -> Result<(Vec<u8>, StoredRecord), VaultError> {
         let bytes = self.store.get(token).await?.ok_or(VaultError::NotFound)?;
         let stored = record::decode(&bytes)?;
-        if stored.metadata.tenant != caller.tenant {
+        // An expired token answers like an unknown one at once, before the purge.
+        if stored.metadata.tenant != caller.tenant || stored.metadata.expired(now_unix_ms()) {
             return Err(VaultError::NotFound);
         }
         Ok((bytes, stored))
@@ -380,16 +421,7 @@ impl<S: Store> VaultService<S> {
     async fn delete_record(&self, caller: &Caller, token: &Token) -> Result<(), VaultError> {
         for _ in 0..TOKEN_ATTEMPTS {
             let (bytes, stored) = self.load_bytes(caller, token).await?;
-            let outcome = self
-                .store
-                .delete(Delete {
-                    token: token.clone(),
-                    expected: bytes,
-                    index_key: stored.metadata.index_key(),
-                    versions: stored.metadata.versions(),
-                })
-                .await?;
-            match outcome {
+            match self.delete_stored(token, bytes, &stored).await? {
                 DeleteOutcome::Deleted => return Ok(()),
                 DeleteOutcome::NotFound => return Err(VaultError::NotFound),
                 DeleteOutcome::Changed => continue,
@@ -398,6 +430,121 @@ impl<S: Store> VaultService<S> {
         Err(VaultError::Store(crate::store::StoreError::Engine(
             "the record kept changing during a delete".into(),
         )))
+    }
+
+    /// Deletes the record `bytes` of `token` (if unchanged) and its CVC.
+    async fn delete_stored(
+        &self,
+        token: &Token,
+        bytes: Vec<u8>,
+        stored: &StoredRecord,
+    ) -> Result<DeleteOutcome, VaultError> {
+        let outcome = self
+            .store
+            .delete(Delete {
+                token: token.clone(),
+                expected: bytes,
+                index_key: stored.metadata.index_key(),
+                versions: stored.metadata.versions(),
+                indexes: stored.metadata.indexes(),
+            })
+            .await?;
+        if outcome == DeleteOutcome::Deleted {
+            self.cvcs.erase(token);
+            self.deleted_since_compaction
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(outcome)
+    }
+
+    /// Deletes every expired record (audited as one event per pass), then, if anything
+    /// was deleted since the last time, compacts the store so that deleted records are
+    /// physically gone. Returns the number purged.
+    pub async fn purge(&self) -> Result<usize, VaultError> {
+        let mut purged = 0;
+        loop {
+            let expired = self.store.expired(now_unix_ms(), 1000).await?;
+            if expired.is_empty() {
+                break;
+            }
+            for token in &expired {
+                let Some(bytes) = self.store.get(token).await? else {
+                    continue;
+                };
+                let stored = record::decode(&bytes)?;
+                if self.delete_stored(token, bytes, &stored).await? == DeleteOutcome::Deleted {
+                    purged += 1;
+                }
+            }
+        }
+        if purged > 0 {
+            tracing::info!(purged, "expired tokens purged");
+            self.audit(AuditEvent {
+                at_unix_ms: now_unix_ms(),
+                actor: "vault".into(),
+                peer: "-".into(),
+                action: "Purge".into(),
+                count: purged as u32,
+                outcome: "ok".into(),
+                ..AuditEvent::default()
+            })
+            .await?;
+        }
+        let deleted = self
+            .deleted_since_compaction
+            .swap(0, std::sync::atomic::Ordering::Relaxed);
+        if deleted > 0 {
+            if let Err(e) = self.store.compact().await {
+                self.deleted_since_compaction
+                    .fetch_add(deleted, std::sync::atomic::Ordering::Relaxed);
+                return Err(e.into());
+            }
+            tracing::info!(
+                deleted,
+                "store compacted: deleted records are physically gone"
+            );
+        }
+        Ok(purged)
+    }
+
+    /// The card keys of `card` in the caller's tenant, under every fingerprint
+    /// version held (a card tokenized before a rotation is found too).
+    fn card_keys(&self, caller: &Caller, card: &pb::Card) -> Result<Vec<Vec<u8>>, VaultError> {
+        let pan = crate::card::Pan::parse(&card.number).map_err(VaultError::Invalid)?;
+        let keys = self.keys.snapshot();
+        let (active, active_key) = keys.fingerprint.active();
+        let all = std::iter::once((active, active_key)).chain(keys.fingerprint.older());
+        Ok(all
+            .map(|(version, key)| {
+                let fingerprint = Fingerprint {
+                    version,
+                    value: record::fingerprint(key, &caller.tenant, &pan),
+                };
+                record::card_key(&caller.tenant, &fingerprint)
+            })
+            .collect())
+    }
+
+    /// Every live token of `card` in the caller's tenant.
+    async fn subject_tokens(
+        &self,
+        caller: &Caller,
+        card: Option<pb::Card>,
+    ) -> Result<Vec<Token>, VaultError> {
+        let card = card.ok_or(VaultError::Invalid(Violation {
+            field: "card",
+            rule: "required",
+            description: "a card number is required",
+        }))?;
+        let mut tokens = Vec::new();
+        for card_key in self.card_keys(caller, &card)? {
+            for token in self.store.tokens_of_card(&card_key).await? {
+                if !tokens.contains(&token) {
+                    tokens.push(token);
+                }
+            }
+        }
+        Ok(tokens)
     }
 
     /// Reads a record and authenticates it (decrypting, then dropping the card), so
@@ -444,8 +591,10 @@ impl<S: Store> VaultService<S> {
         request: pb::TokenizeRequest,
     ) -> Result<pb::TokenizeResponse, VaultError> {
         let card = CardData::from_wire(request.card, Today::now()).map_err(VaultError::Invalid)?;
-        let (mut metadata, older) =
-            self.metadata(&caller, &card, now_unix_ms(), request.reuse_existing);
+        let now = now_unix_ms();
+        let expires_at = self.expires_at(&caller, request.ttl_secs, now)?;
+        let (mut metadata, older) = self.metadata(&caller, &card, now, request.reuse_existing);
+        metadata.expires_at_unix_ms = expires_at;
         for _ in 0..TOKEN_ATTEMPTS {
             let record = self
                 .seal(&mut metadata, &card, request.reuse_existing, &older)
@@ -493,6 +642,7 @@ impl<S: Store> VaultService<S> {
         }
         let today = Today::now();
         let now = now_unix_ms();
+        let expires_at = self.expires_at(&caller, request.ttl_secs, now)?;
         let mut results: Vec<Option<pb::BatchItemResult>> = Vec::new();
         results.resize_with(request.cards.len(), || None);
         // Valid cards, still waiting for a stored token: (index, card, metadata, the
@@ -501,8 +651,9 @@ impl<S: Store> VaultService<S> {
         for (index, card) in request.cards.into_iter().enumerate() {
             match CardData::from_wire(Some(card), today) {
                 Ok(card) => {
-                    let (metadata, older) =
+                    let (mut metadata, older) =
                         self.metadata(&caller, &card, now, request.reuse_existing);
+                    metadata.expires_at_unix_ms = expires_at;
                     waiting.push((index, card, metadata, older));
                 }
                 Err(violation) => results[index] = Some(invalid_item(index, violation)),
@@ -859,6 +1010,7 @@ fn token_info(token: &Token, metadata: &Metadata) -> pb::TokenInfo {
         fingerprint: hex::encode(metadata.fingerprint.value),
         created_at_unix_ms: metadata.created_at_unix_ms,
         key_version: metadata.key_version,
+        expires_at_unix_ms: metadata.expires_at_unix_ms,
     }
 }
 
@@ -1064,6 +1216,52 @@ impl<S: Store> pb::vault_server::Vault for VaultService<S> {
             |_| Permission::Admin,
             request,
             |_, _| async { Ok(self.rewrap.status()) },
+        )
+        .await
+    }
+
+    async fn find_subject(
+        &self,
+        request: Request<pb::SubjectRequest>,
+    ) -> Result<Response<pb::SubjectResponse>, Status> {
+        self.call(
+            "FindSubject",
+            |_| Permission::Read,
+            request,
+            |caller, request| async move {
+                let mut tokens = Vec::new();
+                for token in self.subject_tokens(&caller, request.card).await? {
+                    // Another tenant's or an expired token is not the caller's.
+                    if self.load(&caller, &token).await.is_ok() {
+                        tokens.push(token.as_str().to_owned());
+                    }
+                }
+                Ok(pb::SubjectResponse { tokens })
+            },
+        )
+        .await
+    }
+
+    async fn erase_subject(
+        &self,
+        request: Request<pb::SubjectRequest>,
+    ) -> Result<Response<pb::SubjectResponse>, Status> {
+        self.call(
+            "EraseSubject",
+            |_| Permission::Delete,
+            request,
+            |caller, request| async move {
+                let mut tokens = Vec::new();
+                for token in self.subject_tokens(&caller, request.card).await? {
+                    match self.delete_record(&caller, &token).await {
+                        Ok(()) => tokens.push(token.as_str().to_owned()),
+                        Err(VaultError::NotFound) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                tracing::info!(erased = tokens.len(), "data subject erased");
+                Ok(pb::SubjectResponse { tokens })
+            },
         )
         .await
     }

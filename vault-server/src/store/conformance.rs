@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use super::{
-    Delete, DeleteOutcome, InsertOutcome, KeyUse, KeyVersions, NewRecord, Rewrite, RewriteOutcome,
-    Store,
+    Delete, DeleteOutcome, InsertOutcome, KeyUse, KeyVersions, NewRecord, RecordIndexes, Rewrite,
+    RewriteOutcome, Store,
 };
 use crate::token::Token;
 
@@ -22,6 +22,7 @@ fn record(token: &Token, value: &[u8], index_key: &[u8], reuse_existing: bool) -
         reuse_existing,
         older_index_keys: Vec::new(),
         versions: V1,
+        indexes: RecordIndexes::default(),
     }
 }
 
@@ -31,6 +32,7 @@ fn delete(token: &Token, expected: &[u8], index_key: &[u8], versions: KeyVersion
         expected: expected.to_vec(),
         index_key: index_key.to_vec(),
         versions,
+        indexes: RecordIndexes::default(),
     }
 }
 
@@ -47,6 +49,57 @@ pub async fn run_all<S: Store>(mut fresh: impl FnMut() -> S) {
     reuse_finds_a_card_under_an_older_fingerprint_version(fresh()).await;
     meta_is_stored_and_replaced(fresh()).await;
     audit_entries_are_appended_and_read_in_order(fresh()).await;
+    expired_records_and_every_token_of_a_card_are_found(fresh()).await;
+}
+
+async fn expired_records_and_every_token_of_a_card_are_found(store: impl Store) {
+    let tokens: Vec<Token> = (0..4).map(|_| Token::generate().unwrap()).collect();
+    let indexes = |expires_at_unix_ms: i64, card: &[u8]| RecordIndexes {
+        expires_at_unix_ms,
+        card_key: card.to_vec(),
+    };
+    let mut records = Vec::new();
+    for (i, (expires, card)) in [
+        (100, "card-a"),
+        (200, "card-a"),
+        (0, "card-b"),
+        (300, "card-a"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut r = record(&tokens[i], b"v", format!("i{i}").as_bytes(), false);
+        r.indexes = indexes(expires, card.as_bytes());
+        records.push(r);
+    }
+    store.insert(records).await.unwrap();
+    assert_eq!(store.expired(99, 10).await.unwrap(), vec![]);
+    assert_eq!(
+        store.expired(200, 10).await.unwrap(),
+        vec![tokens[0].clone(), tokens[1].clone()],
+        "in expiry order; a record that never expires is never listed"
+    );
+    assert_eq!(store.expired(1_000, 1).await.unwrap().len(), 1);
+    let mut card_a = store.tokens_of_card(b"card-a").await.unwrap();
+    card_a.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    let mut expected = vec![tokens[0].clone(), tokens[1].clone(), tokens[3].clone()];
+    expected.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    assert_eq!(card_a, expected);
+    assert_eq!(store.tokens_of_card(b"card-").await.unwrap(), vec![]);
+    // A delete removes the record from both indexes.
+    let mut gone = delete(&tokens[0], b"v", b"i0", V1);
+    gone.indexes = indexes(100, b"card-a");
+    assert_eq!(store.delete(gone).await.unwrap(), DeleteOutcome::Deleted);
+    assert_eq!(
+        store.expired(200, 10).await.unwrap(),
+        vec![tokens[1].clone()]
+    );
+    assert_eq!(store.tokens_of_card(b"card-a").await.unwrap().len(), 2);
+    store.compact().await.unwrap();
+    assert_eq!(
+        store.get(&tokens[1]).await.unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
 }
 
 async fn audit_entries_are_appended_and_read_in_order(store: impl Store) {
@@ -149,6 +202,8 @@ async fn rewrite_replaces_only_an_unchanged_record(store: impl Store) {
         new_versions: v2,
         old_index_key: format!("fp1-{index}").into_bytes(),
         new_index_key: format!("fp2-{index}").into_bytes(),
+        old_indexes: RecordIndexes::default(),
+        new_indexes: RecordIndexes::default(),
     };
     assert_eq!(
         store.rewrite(rewrite(&a, b"old-a", "a")).await.unwrap(),

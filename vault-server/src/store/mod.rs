@@ -27,6 +27,19 @@ pub struct NewRecord {
     pub older_index_keys: Vec<Vec<u8>>,
     /// The key versions the record uses (the store counts and lists records by them).
     pub versions: KeyVersions,
+    /// The record's other indexes (expiry, card).
+    pub indexes: RecordIndexes,
+}
+
+/// What the store indexes a record by besides its token and fingerprint entry: when
+/// it expires (for the purge job) and its card (every token of one card, for
+/// data-subject requests). Clear metadata and keyed hashes only.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RecordIndexes {
+    /// 0: never.
+    pub expires_at_unix_ms: i64,
+    /// Tenant and keyed fingerprint (see `Metadata::card_key`).
+    pub card_key: Vec<u8>,
 }
 
 /// The key purposes a stored record uses.
@@ -78,6 +91,8 @@ pub struct Rewrite {
     pub new_versions: KeyVersions,
     pub old_index_key: Vec<u8>,
     pub new_index_key: Vec<u8>,
+    pub old_indexes: RecordIndexes,
+    pub new_indexes: RecordIndexes,
 }
 
 /// Deletion of one record, applied only if it still holds `expected` (so that its
@@ -88,6 +103,7 @@ pub struct Delete {
     pub expected: Vec<u8>,
     pub index_key: Vec<u8>,
     pub versions: KeyVersions,
+    pub indexes: RecordIndexes,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,6 +205,23 @@ pub trait Store: Send + Sync + 'static {
     /// The audit entry with the highest sequence number.
     fn last_audit(&self)
     -> impl Future<Output = Result<Option<(u64, Vec<u8>)>, StoreError>> + Send;
+
+    /// Up to `limit` tokens of records that expired at or before `now_unix_ms`.
+    fn expired(
+        &self,
+        now_unix_ms: i64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Token>, StoreError>> + Send;
+
+    /// Every token whose record has this card key.
+    fn tokens_of_card(
+        &self,
+        card_key: &[u8],
+    ) -> impl Future<Output = Result<Vec<Token>, StoreError>> + Send;
+
+    /// Makes deleted data physically gone: flushes and compacts, so that no file of
+    /// the store still holds a deleted record's bytes or token.
+    fn compact(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Small durable state of background jobs (the rewrap cursor).
     fn get_meta(

@@ -20,8 +20,8 @@ use rocksdb::{ColumnFamilyDescriptor, DB, DBCompressionType, Options, WriteBatch
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Delete, DeleteOutcome, InsertOutcome, KeyUse, KeyVersions, NewRecord, Rewrite, RewriteOutcome,
-    Store, StoreError,
+    Delete, DeleteOutcome, InsertOutcome, KeyUse, KeyVersions, NewRecord, RecordIndexes, Rewrite,
+    RewriteOutcome, Store, StoreError,
 };
 use crate::token::Token;
 
@@ -30,14 +30,37 @@ const FINGERPRINTS: &str = "fingerprints";
 const IDEMPOTENCY: &str = "idempotency";
 const VERSIONS: &str = "versions";
 const META: &str = "meta";
+/// Audit entries go to a database of their own, outside the data directory: erasure
+/// must leave no token in the data directory, while the audit log keeps its events
+/// (which name tokens, never card data) for their retention period.
 const AUDIT: &str = "audit";
-const FAMILIES: [&str; 6] = [RECORDS, FINGERPRINTS, IDEMPOTENCY, VERSIONS, META, AUDIT];
-/// `meta` key present once every record has its `versions` entries.
-const VERSIONS_INDEXED: &[u8] = b"versions-indexed";
+const EXPIRY: &str = "expiry";
+const CARDS: &str = "cards";
+const FAMILIES: [&str; 7] = [
+    RECORDS,
+    FINGERPRINTS,
+    IDEMPOTENCY,
+    VERSIONS,
+    META,
+    EXPIRY,
+    CARDS,
+];
+/// `meta` key present once every record has its `versions`, `expiry` and `cards`
+/// entries.
+const INDEXED: &[u8] = b"indexed-v2";
 
-/// Reads the key versions from stored record bytes (to index records written before
-/// the `versions` column family existed).
-pub type VersionsOf = fn(&[u8]) -> Option<KeyVersions>;
+/// Reads a record's key versions and indexes from its stored bytes (to index records
+/// written before those column families existed).
+pub type IndexesOf = fn(&[u8]) -> Option<(KeyVersions, RecordIndexes)>;
+
+fn expiry_key(expires_at_unix_ms: i64, token: &[u8]) -> Vec<u8> {
+    // Expiry times are positive: big-endian bytes sort in time order.
+    [&expires_at_unix_ms.to_be_bytes()[..], token].concat()
+}
+
+fn card_entry_key(card_key: &[u8], token: &[u8]) -> Vec<u8> {
+    [card_key, token].concat()
+}
 
 type Counts = Arc<Mutex<BTreeMap<(KeyUse, u32), u64>>>;
 
@@ -82,6 +105,7 @@ enum Op {
 
 pub struct RocksStore {
     db: Arc<DB>,
+    audit_db: Arc<DB>,
     counts: Counts,
     queue: Option<mpsc::Sender<Op>>,
     writer: Option<JoinHandle<()>>,
@@ -111,7 +135,13 @@ fn classify(message: String) -> StoreError {
 }
 
 fn db_options() -> Options {
-    let mut options = Options::default();
+    // The MANIFEST names the first and last key of every table file and would keep old
+    // entries (erased tokens among them) until it rolls over, by default at 1 GiB. With
+    // these two settings every change after the first starts a new MANIFEST holding
+    // only the live files (a few KiB), and the old one is deleted.
+    let mut options = Options::default()
+        .get_options_from_string("max_manifest_file_size=1;max_manifest_space_amp_pct=0")
+        .unwrap_or_default();
     options.create_if_missing(true);
     options.create_missing_column_families(true);
     // Records are ciphertext and so incompressible; no compression also keeps the
@@ -124,25 +154,29 @@ fn db_options() -> Options {
 impl RocksStore {
     /// Opens (or creates) the database in `dir` and starts the writer thread. A
     /// database from before the `versions` column family is indexed once, with
-    /// `versions_of` reading each record's key versions.
-    pub fn open(dir: &Path, versions_of: VersionsOf) -> Result<Self, StoreError> {
+    /// `indexes_of` reading each record's key versions and indexes. The audit log is
+    /// kept in `audit_dir`.
+    pub fn open(dir: &Path, audit_dir: &Path, indexes_of: IndexesOf) -> Result<Self, StoreError> {
         let families = FAMILIES.map(|name| ColumnFamilyDescriptor::new(name, db_options()));
         let db = Arc::new(DB::open_cf_descriptors(&db_options(), dir, families).map_err(engine)?);
+        let audit_db = Arc::new(DB::open(&db_options(), audit_dir).map_err(engine)?);
         // The marker is written with the index's last batch: an indexing run that was
         // interrupted runs again (writing an entry twice is harmless).
         let meta = db.cf_handle(META).ok_or(StoreError::Closed)?;
-        if db.get_cf(meta, VERSIONS_INDEXED).map_err(engine)?.is_none() {
-            index_versions(&db, versions_of)?;
+        if db.get_cf(meta, INDEXED).map_err(engine)?.is_none() {
+            index_records(&db, indexes_of)?;
         }
         let counts = Arc::new(Mutex::new(count_versions(&db)?));
         let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
         let writer_db = Arc::clone(&db);
+        let writer_audit_db = Arc::clone(&audit_db);
         let writer_counts = Arc::clone(&counts);
         let writer = std::thread::Builder::new()
             .name("rocksdb-writer".into())
             .spawn(move || {
                 Writer {
                     db: writer_db,
+                    audit_db: writer_audit_db,
                     counts: writer_counts,
                 }
                 .run(receiver)
@@ -150,6 +184,7 @@ impl RocksStore {
             .map_err(|e| StoreError::Engine(format!("cannot start writer thread: {e}")))?;
         Ok(Self {
             db,
+            audit_db,
             counts,
             queue: Some(queue),
             writer: Some(writer),
@@ -175,9 +210,11 @@ impl RocksStore {
 }
 
 /// Writes the `versions` entries of every record (one synced batch per 10,000).
-fn index_versions(db: &DB, versions_of: VersionsOf) -> Result<(), StoreError> {
+fn index_records(db: &DB, indexes_of: IndexesOf) -> Result<(), StoreError> {
     let records = db.cf_handle(RECORDS).ok_or(StoreError::Closed)?;
     let versions = db.cf_handle(VERSIONS).ok_or(StoreError::Closed)?;
+    let expiry = db.cf_handle(EXPIRY).ok_or(StoreError::Closed)?;
+    let cards = db.cf_handle(CARDS).ok_or(StoreError::Closed)?;
     let meta = db.cf_handle(META).ok_or(StoreError::Closed)?;
     let mut sync = WriteOptions::default();
     sync.set_sync(true);
@@ -185,12 +222,16 @@ fn index_versions(db: &DB, versions_of: VersionsOf) -> Result<(), StoreError> {
     let mut indexed = 0u64;
     for entry in db.iterator_cf(records, rocksdb::IteratorMode::Start) {
         let (token, value) = entry.map_err(engine)?;
-        let Some(v) = versions_of(&value) else {
+        let Some((v, indexes)) = indexes_of(&value) else {
             continue;
         };
         for key_use in KeyUse::ALL {
             batch.put_cf(versions, version_key(key_use, v.get(key_use), &token), []);
         }
+        if indexes.expires_at_unix_ms > 0 {
+            batch.put_cf(expiry, expiry_key(indexes.expires_at_unix_ms, &token), []);
+        }
+        batch.put_cf(cards, card_entry_key(&indexes.card_key, &token), []);
         indexed += 1;
         if batch.len() >= 20_000 {
             db.write_opt(std::mem::take(&mut batch), &sync)
@@ -198,7 +239,7 @@ fn index_versions(db: &DB, versions_of: VersionsOf) -> Result<(), StoreError> {
         }
     }
     // Marks the index complete, in the same durable write as its last entries.
-    batch.put_cf(meta, VERSIONS_INDEXED, []);
+    batch.put_cf(meta, INDEXED, []);
     db.write_opt(batch, &sync).map_err(engine)?;
     tracing::debug!(
         records = indexed,
@@ -321,6 +362,80 @@ impl Store for RocksStore {
         Ok(found)
     }
 
+    async fn expired(&self, now_unix_ms: i64, limit: usize) -> Result<Vec<Token>, StoreError> {
+        let mut iter = self.db.raw_iterator_cf(self.family(EXPIRY)?);
+        iter.seek_to_first();
+        let mut tokens = Vec::new();
+        while tokens.len() < limit {
+            let Some(key) = iter.key() else { break };
+            let (at, token) = key
+                .split_at_checked(8)
+                .ok_or_else(|| StoreError::Engine("an expiry key is malformed".into()))?;
+            let at = i64::from_be_bytes(
+                at.try_into()
+                    .map_err(|_| StoreError::Engine("an expiry key is malformed".into()))?,
+            );
+            if at > now_unix_ms {
+                break;
+            }
+            tokens.push(Token::from_stored(token).ok_or_else(|| {
+                StoreError::Engine("the expiry index holds a malformed token".into())
+            })?);
+            iter.next();
+        }
+        iter.status().map_err(engine)?;
+        Ok(tokens)
+    }
+
+    async fn tokens_of_card(&self, card_key: &[u8]) -> Result<Vec<Token>, StoreError> {
+        let mut iter = self.db.raw_iterator_cf(self.family(CARDS)?);
+        iter.seek(card_key);
+        let mut tokens = Vec::new();
+        while let Some(key) = iter.key() {
+            let Some(token) = key.strip_prefix(card_key) else {
+                break;
+            };
+            // A longer card key with this one as prefix is another card: tokens
+            // have a fixed length.
+            if let Some(token) = Token::from_stored(token) {
+                tokens.push(token);
+            }
+            iter.next();
+        }
+        iter.status().map_err(engine)?;
+        Ok(tokens)
+    }
+
+    async fn compact(&self) -> Result<(), StoreError> {
+        let db = Arc::clone(&self.db);
+        tokio::task::spawn_blocking(move || {
+            for name in FAMILIES {
+                let cf = db.cf_handle(name).ok_or(StoreError::Closed)?;
+                db.flush_cf(cf).map_err(engine)?;
+                let mut options = rocksdb::CompactOptions::default();
+                // Rewrite the bottom level too: that is where old copies live.
+                options.set_bottommost_level_compaction(
+                    rocksdb::BottommostLevelCompaction::ForceOptimized,
+                );
+                db.compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, &options);
+            }
+            // One more change starts a new MANIFEST holding only the files now live
+            // (see `db_options`); the previous one, which named the erased keys as
+            // file boundaries, is deleted.
+            let meta = db.cf_handle(META).ok_or(StoreError::Closed)?;
+            let now = time::OffsetDateTime::now_utc()
+                .unix_timestamp()
+                .to_be_bytes();
+            db.put_cf(meta, b"compacted-at", now).map_err(engine)?;
+            db.flush_cf(meta).map_err(engine)?;
+            // The WAL files that held the deleted writes are obsolete after the flushes;
+            // RocksDB deletes them (no WAL archive is configured).
+            db.flush_wal(true).map_err(engine)
+        })
+        .await
+        .map_err(|e| StoreError::Engine(e.to_string()))?
+    }
+
     async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.db.get_cf(self.family(META)?, key).map_err(engine)
     }
@@ -353,7 +468,7 @@ impl Store for RocksStore {
         after: u64,
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let mut iter = self.db.raw_iterator_cf(self.family(AUDIT)?);
+        let mut iter = self.audit_db.raw_iterator();
         iter.seek(after.saturating_add(1).to_be_bytes());
         let mut entries = Vec::new();
         while entries.len() < limit {
@@ -374,7 +489,7 @@ impl Store for RocksStore {
     }
 
     async fn last_audit(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        let mut iter = self.db.raw_iterator_cf(self.family(AUDIT)?);
+        let mut iter = self.audit_db.raw_iterator();
         iter.seek_to_last();
         iter.status().map_err(engine)?;
         match (iter.key(), iter.value()) {
@@ -440,6 +555,7 @@ impl Store for RocksStore {
 
 struct Writer {
     db: Arc<DB>,
+    audit_db: Arc<DB>,
     counts: Counts,
 }
 
@@ -485,6 +601,8 @@ impl Writer {
         let mut deletes = Vec::new();
         let mut rewrites = Vec::new();
         let mut put_replies = Vec::new();
+        let mut audit_batch = WriteBatch::default();
+        let mut audit_replies = Vec::new();
         // A failed read while planning fails the whole group: the batch may already
         // hold part of that operation, so nothing is written.
         let mut failure = None;
@@ -515,6 +633,16 @@ impl Writer {
                     rewrites.push((reply, outcome));
                 }
                 Op::Put {
+                    family: AUDIT,
+                    entries,
+                    reply,
+                } => {
+                    for (key, value) in entries {
+                        audit_batch.put(key, value);
+                    }
+                    audit_replies.push(reply);
+                }
+                Op::Put {
                     family,
                     entries,
                     reply,
@@ -533,14 +661,22 @@ impl Writer {
                 }
             }
         }
+        let mut sync = WriteOptions::default();
+        sync.set_sync(true);
         let written = match failure {
             Some(e) => Err(e),
-            None => {
-                let mut sync = WriteOptions::default();
-                sync.set_sync(true);
-                self.db.write_opt(batch, &sync).map_err(|e| e.into_string())
-            }
+            None if batch.is_empty() => Ok(()),
+            None => self.db.write_opt(batch, &sync).map_err(|e| e.into_string()),
         };
+        if !audit_replies.is_empty() {
+            let audited = self
+                .audit_db
+                .write_opt(audit_batch, &sync)
+                .map_err(|e| e.into_string());
+            for reply in audit_replies {
+                let _ = reply.send(audited.clone().map_err(classify));
+            }
+        }
         if written.is_ok() {
             let mut counts = self
                 .counts
@@ -645,6 +781,7 @@ impl Writer {
                 let version = record.versions.get(key_use);
                 batch.put_cf(versions_cf, version_key(key_use, version, token), []);
             }
+            self.put_indexes(batch, &record.indexes, token)?;
             pending.count(record.versions, 1);
             pending.records.insert(token.to_vec(), true);
             outcomes.push(InsertOutcome::Stored);
@@ -688,6 +825,7 @@ impl Writer {
                 version_key(key_use, versions.get(key_use), token),
             );
         }
+        self.delete_indexes(batch, &delete.indexes, token)?;
         pending.count(versions, -1);
         pending.records.insert(token.to_vec(), false);
         if self.index_entry(index_key, pending)?.as_deref() == Some(token) {
@@ -696,6 +834,41 @@ impl Writer {
             pending.index.insert(index_key.to_vec(), None);
         }
         Ok(DeleteOutcome::Deleted)
+    }
+
+    fn put_indexes(
+        &self,
+        batch: &mut WriteBatch,
+        indexes: &RecordIndexes,
+        token: &[u8],
+    ) -> Result<(), StoreError> {
+        if indexes.expires_at_unix_ms > 0 {
+            let key = expiry_key(indexes.expires_at_unix_ms, token);
+            batch.put_cf(self.family(EXPIRY)?, key, []);
+        }
+        batch.put_cf(
+            self.family(CARDS)?,
+            card_entry_key(&indexes.card_key, token),
+            [],
+        );
+        Ok(())
+    }
+
+    fn delete_indexes(
+        &self,
+        batch: &mut WriteBatch,
+        indexes: &RecordIndexes,
+        token: &[u8],
+    ) -> Result<(), StoreError> {
+        if indexes.expires_at_unix_ms > 0 {
+            let key = expiry_key(indexes.expires_at_unix_ms, token);
+            batch.delete_cf(self.family(EXPIRY)?, key);
+        }
+        batch.delete_cf(
+            self.family(CARDS)?,
+            card_entry_key(&indexes.card_key, token),
+        );
+        Ok(())
     }
 
     fn plan_rewrite(
@@ -727,6 +900,8 @@ impl Writer {
             let new = rewrite.new_versions.get(key_use);
             batch.put_cf(versions_cf, version_key(key_use, new, token), []);
         }
+        self.delete_indexes(batch, &rewrite.old_indexes, token)?;
+        self.put_indexes(batch, &rewrite.new_indexes, token)?;
         pending.count(rewrite.old_versions, -1);
         pending.count(rewrite.new_versions, 1);
         if rewrite.old_index_key != rewrite.new_index_key {
@@ -756,7 +931,7 @@ impl Writer {
 mod tests {
     use super::*;
 
-    fn no_versions(_: &[u8]) -> Option<KeyVersions> {
+    fn no_versions(_: &[u8]) -> Option<(KeyVersions, RecordIndexes)> {
         None
     }
 
@@ -766,7 +941,12 @@ mod tests {
         let mut n = 0;
         super::super::conformance::run_all(|| {
             n += 1;
-            RocksStore::open(&dir.path().join(n.to_string()), no_versions).unwrap()
+            RocksStore::open(
+                &dir.path().join(n.to_string()),
+                &dir.path().join(format!("{n}-audit")),
+                no_versions,
+            )
+            .unwrap()
         })
         .await;
     }
@@ -776,7 +956,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let token = Token::generate().unwrap();
         {
-            let store = RocksStore::open(dir.path(), no_versions).unwrap();
+            let store = RocksStore::open(
+                &dir.path().join("data"),
+                &dir.path().join("audit"),
+                no_versions,
+            )
+            .unwrap();
             let outcome = store
                 .insert(vec![NewRecord {
                     token: token.clone(),
@@ -788,15 +973,90 @@ mod tests {
                         card_data: 1,
                         fingerprint: 1,
                     },
+                    indexes: Default::default(),
                 }])
                 .await
                 .unwrap();
             assert_eq!(outcome, vec![InsertOutcome::Stored]);
         }
-        let store = RocksStore::open(dir.path(), no_versions).unwrap();
+        let store = RocksStore::open(
+            &dir.path().join("data"),
+            &dir.path().join("audit"),
+            no_versions,
+        )
+        .unwrap();
         assert_eq!(
             store.get(&token).await.unwrap().as_deref(),
             Some(&b"sealed"[..])
         );
+    }
+}
+
+#[cfg(test)]
+mod erasure_tests {
+    use super::*;
+    use crate::store::{Delete, DeleteOutcome};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deleted_record_leaves_no_file_after_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let store = RocksStore::open(&data, &dir.path().join("audit"), |_| None).unwrap();
+        let token = Token::generate().unwrap();
+        let keep = Token::generate().unwrap();
+        let versions = KeyVersions {
+            card_data: 1,
+            fingerprint: 1,
+        };
+        let record = |token: &Token, value: &[u8]| NewRecord {
+            token: token.clone(),
+            value: value.to_vec(),
+            index_key: [b"index-", token.as_str().as_bytes()].concat(),
+            reuse_existing: false,
+            older_index_keys: Vec::new(),
+            versions,
+            indexes: RecordIndexes {
+                expires_at_unix_ms: 0,
+                card_key: b"card".to_vec(),
+            },
+        };
+        store
+            .insert(vec![
+                record(&token, b"sealed-bytes-to-erase"),
+                record(&keep, b"sealed-bytes-to-keep"),
+            ])
+            .await
+            .unwrap();
+        // On disk in table files first, as a long-lived record would be.
+        store.compact().await.unwrap();
+        let outcome = store
+            .delete(Delete {
+                token: token.clone(),
+                expected: b"sealed-bytes-to-erase".to_vec(),
+                index_key: [b"index-", token.as_str().as_bytes()].concat(),
+                versions,
+                indexes: RecordIndexes {
+                    expires_at_unix_ms: 0,
+                    card_key: b"card".to_vec(),
+                },
+            })
+            .await
+            .unwrap();
+        assert_eq!(outcome, DeleteOutcome::Deleted);
+        store.compact().await.unwrap();
+        let mut kept = false;
+        for entry in std::fs::read_dir(&data).unwrap() {
+            let path = entry.unwrap().path();
+            let bytes = std::fs::read(&path).unwrap();
+            for needle in [&b"sealed-bytes-to-erase"[..], token.as_str().as_bytes()] {
+                assert!(
+                    !bytes.windows(needle.len()).any(|w| w == needle),
+                    "{} still holds erased data",
+                    path.display()
+                );
+            }
+            kept |= bytes.windows(20).any(|w| w == b"sealed-bytes-to-keep");
+        }
+        assert!(kept, "the other record is still stored");
     }
 }

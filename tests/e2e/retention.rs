@@ -1,0 +1,213 @@
+//! Retention and erasure: an expired token answers NOT_FOUND at once and is purged;
+//! deleted and purged records are physically gone from every file of the data
+//! directory after the purge job compacts; `EraseSubject` removes every token of one
+//! card in the caller's tenant and nothing else.
+
+use std::time::{Duration, Instant};
+
+use integration_tests::{ADMIN, OTHER_TENANT, Stack, synthetic_pan};
+use tonic::Code;
+use vault_client::Card;
+
+/// Every file under `dir`, as bytes.
+fn files(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                found.push((path.clone(), std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    found
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn expired_and_deleted_records_are_physically_gone_after_the_purge() {
+    let mut stack = Stack::start().await;
+    stack.add_vault_config("[retention]\npurge_interval_secs = 1\n");
+    stack.restart_vault().await;
+    let mut vault = stack.client(ADMIN).await;
+    let expiring = vault
+        .tokenize_with_ttl(
+            Card::new("4242424242424242", 12, 2030),
+            false,
+            Some(Duration::from_secs(2)),
+        )
+        .await
+        .unwrap();
+    let expires_at = expiring.expires_at_unix_ms.unwrap();
+    assert!(expires_at > expiring.created_at_unix_ms);
+    let deleted = vault
+        .tokenize(Card::new("5555555555554444", 12, 2030), false)
+        .await
+        .unwrap();
+    let kept = vault
+        .tokenize(Card::new("378282246310005", 12, 2030), false)
+        .await
+        .unwrap();
+    assert_eq!(kept.expires_at_unix_ms, None);
+    let err = vault
+        .tokenize_with_ttl(
+            Card::new("4242424242424242", 12, 2030),
+            false,
+            Some(Duration::from_secs(200 * 365 * 24 * 3600)),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::InvalidArgument));
+    assert!(err.to_string().contains("ttl_secs"), "{err}");
+
+    // The stored bytes of both records, read from the stopped vault's disk.
+    stack.stop_vault().await;
+    let stored: Vec<Vec<u8>> = {
+        let db = integration_tests::open_vault_db(&stack.dir.data_dir());
+        let records = db.cf_handle("records").unwrap();
+        [&expiring.token, &deleted.token]
+            .iter()
+            .map(|t| db.get_cf(records, t.as_bytes()).unwrap().unwrap())
+            .collect()
+    };
+    stack.restart_vault().await;
+    let mut vault = stack.client(ADMIN).await;
+    vault.delete(&deleted.token).await.unwrap();
+
+    // Expired: NOT_FOUND at once, then purged (the audit log says when).
+    let started = Instant::now();
+    while vault.token_info(&expiring.token).await.is_ok() {
+        assert!(started.elapsed() < Duration::from_secs(5), "never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let err = vault.token_info(&expiring.token).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::NotFound));
+    let started = Instant::now();
+    loop {
+        let page = vault.read_audit(0, None, None, 1000).await.unwrap();
+        if page.events.iter().any(|e| e.action == "Purge") {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "no purge");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // One more purge interval: the compaction after the purge has run.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stack.stop_vault().await;
+
+    // No file of the data directory holds either record's ciphertext or token.
+    let data = files(&stack.dir.data_dir());
+    assert!(data.len() > 3);
+    for (path, bytes) in &data {
+        for (record, token) in stored.iter().zip([&expiring.token, &deleted.token]) {
+            let ciphertext_tail = &record[record.len() - 32..];
+            assert!(
+                !contains(bytes, ciphertext_tail),
+                "ciphertext of {token} still in {}",
+                path.display()
+            );
+            assert!(
+                !contains(bytes, token.as_bytes()),
+                "token {token} still in {}",
+                path.display()
+            );
+        }
+    }
+    // The record that was kept is still there, and readable.
+    assert!(data.iter().any(|(_, b)| contains(b, kept.token.as_bytes())));
+    stack.restart_vault().await;
+    let mut vault = stack.client(ADMIN).await;
+    assert_eq!(
+        vault.token_info(&kept.token).await.unwrap().token,
+        kept.token
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn erasing_a_subject_removes_every_token_of_the_card_in_the_tenant_and_no_others() {
+    let stack = Stack::start().await;
+    let mut acme = stack.client(ADMIN).await;
+    let mut globex = stack.client(OTHER_TENANT).await;
+    let pan = synthetic_pan("411111", 42, 16);
+    let other_pan = synthetic_pan("411111", 43, 16);
+    let mut of_card = Vec::new();
+    for (month, year) in [(1, 2030), (1, 2030), (6, 2031)] {
+        of_card.push(
+            acme.tokenize(Card::new(&pan, month, year), false)
+                .await
+                .unwrap()
+                .token,
+        );
+    }
+    // A rotated fingerprint key must not hide older tokens of the card.
+    let mut keys = vault_client::KeyServiceClient::connect(&stack.keyservice_config(ADMIN))
+        .await
+        .unwrap();
+    keys.rotate("fingerprint").await.unwrap();
+    let started = Instant::now();
+    loop {
+        let token = acme
+            .tokenize(Card::new(&pan, 2, 2032), false)
+            .await
+            .unwrap();
+        let fingerprint_moved =
+            token.fingerprint != acme.token_info(&of_card[0]).await.unwrap().fingerprint;
+        of_card.push(token.token);
+        if fingerprint_moved {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "rotation not seen"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let other_card = acme
+        .tokenize(Card::new(&other_pan, 1, 2030), false)
+        .await
+        .unwrap()
+        .token;
+    let other_tenant = globex
+        .tokenize(Card::new(&pan, 1, 2030), false)
+        .await
+        .unwrap()
+        .token;
+
+    let mut found = acme.find_subject(&pan).await.unwrap();
+    found.sort();
+    let mut expected = of_card.clone();
+    expected.sort();
+    assert_eq!(found, expected);
+    let mut erased = acme.erase_subject(&pan).await.unwrap();
+    erased.sort();
+    assert_eq!(erased, expected);
+    for token in &of_card {
+        assert_eq!(
+            acme.token_info(token).await.unwrap_err().code(),
+            Some(Code::NotFound)
+        );
+    }
+    assert!(acme.find_subject(&pan).await.unwrap().is_empty());
+    acme.token_info(&other_card).await.unwrap();
+    globex.token_info(&other_tenant).await.unwrap();
+    assert_eq!(globex.find_subject(&pan).await.unwrap(), vec![other_tenant]);
+
+    // Audited with counts, never the card number.
+    let page = acme.read_audit(0, None, None, 1000).await.unwrap();
+    let erase = page
+        .events
+        .iter()
+        .find(|e| e.action == "EraseSubject")
+        .unwrap();
+    assert_eq!(erase.count, Some(of_card.len() as u32));
+    let text = format!("{:?}", page.events);
+    assert!(!text.contains(&pan));
+    stack.stop().await;
+}
