@@ -361,3 +361,54 @@ async fn policy_and_audit_through_vaultctl() {
     assert!(out.ok && out.stdout.contains("no blocks"), "{}", out.stdout);
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_and_subject_erasure_through_vaultctl() {
+    let stack = Stack::start().await;
+    let admin = config_for(&stack, ADMIN);
+    let mut tokens = Vec::new();
+    for exp in ["12/2030", "01/2031"] {
+        let out = vaultctl(&admin, &["tokenize", "--exp", exp], "4242424242424242").await;
+        assert!(out.ok, "{}", out.stderr);
+        tokens.push(out.stdout.trim().to_owned());
+    }
+    let out = vaultctl(
+        &admin,
+        &["tokenize", "--exp", "12/2030", "--ttl", "30d", "--json"],
+        "5555555555554444",
+    )
+    .await;
+    assert!(out.ok, "{}", out.stderr);
+    let info: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let ttl_ms =
+        info["expires_at_unix_ms"].as_i64().unwrap() - info["created_at_unix_ms"].as_i64().unwrap();
+    assert!(
+        (30 * 86_400_000 - 5_000..=30 * 86_400_000).contains(&ttl_ms),
+        "{ttl_ms}"
+    );
+    let out = vaultctl(
+        &admin,
+        &["tokenize", "--exp", "12/2030", "--ttl", "3w"],
+        "4242424242424242",
+    )
+    .await;
+    assert!(!out.ok && out.stderr.contains("unit"), "{}", out.stderr);
+
+    let out = vaultctl(&admin, &["subject", "find"], "4242 4242 4242 4242\n").await;
+    assert!(out.ok, "{}", out.stderr);
+    let mut found: Vec<&str> = out.stdout.lines().collect();
+    found.sort();
+    let mut expected: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    expected.sort();
+    assert_eq!(found, expected);
+    let out = vaultctl(&admin, &["subject", "erase"], "4242424242424242").await;
+    assert!(
+        out.ok && out.stderr.contains("erased 2 tokens"),
+        "{}",
+        out.stderr
+    );
+    let out = vaultctl(&admin, &["subject", "find"], "4242424242424242").await;
+    assert!(out.ok && out.stdout.trim().is_empty(), "{}", out.stdout);
+    assert!(!out.stderr.contains("4242424242424242"));
+    stack.stop().await;
+}

@@ -81,6 +81,10 @@ enum Command {
         /// Return the tenant's existing token for the same card and expiry, if any.
         #[arg(long)]
         reuse_existing: bool,
+        /// Retention: the token answers NOT_FOUND after this long and is then erased,
+        /// e.g. 90d, 12h, 30m, 45s. Default: the tenant's retention, else forever.
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: Option<Duration>,
         /// Print the token and its metadata as JSON.
         #[arg(long)]
         json: bool,
@@ -104,6 +108,10 @@ enum Command {
     /// Backups of the vault's store (ciphertext only), on the vault host.
     #[command(subcommand)]
     Backup(BackupCommand),
+    /// Data-subject requests: every token of one card in our tenant. The card number
+    /// is read from stdin (never an argument).
+    #[command(subcommand)]
+    Subject(SubjectCommand),
     /// The vault's access policy: reload it, or check a policy file offline.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
@@ -149,6 +157,38 @@ struct ForwardArgs {
     /// Print status, headers and body as JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum SubjectCommand {
+    /// List every token of the card (permission `read`).
+    Find,
+    /// Erase every token of the card (permission `delete`); the data is physically
+    /// gone once the vault's purge job has compacted its store.
+    Erase,
+}
+
+/// A duration such as `90d`, `12h`, `30m` or `45s`.
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| "expected a number and a unit, e.g. 90d, 12h, 30m or 45s".to_owned())?;
+    let seconds = match unit {
+        "s" | "" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("unknown unit {unit:?}: use s, m, h or d")),
+    };
+    match number.checked_mul(seconds) {
+        Some(0) | None => Err("must be at least one second".into()),
+        Some(secs) => Ok(Duration::from_secs(secs)),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -362,12 +402,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Tokenize {
             exp,
             reuse_existing,
+            ttl,
             json,
         } => {
             let card = read_card(exp.as_deref())?;
             let mut client = VaultClient::connect(&vault()?).await?;
             let info = client
-                .tokenize(card, reuse_existing)
+                .tokenize_with_ttl(card, reuse_existing, ttl)
                 .await
                 .context("tokenize")?;
             if json {
@@ -438,6 +479,31 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
                 println!("{}", String::from_utf8_lossy(&answer.body));
             }
+        }
+        Command::Subject(command) => {
+            let mut number = Zeroizing::new(String::new());
+            std::io::stdin()
+                .read_to_string(&mut number)
+                .context("read the card number from stdin")?;
+            let number = Zeroizing::new(number.trim().to_owned());
+            let mut client = VaultClient::connect(&vault()?).await?;
+            let (tokens, verb) = match command {
+                SubjectCommand::Find => (
+                    client.find_subject(&number).await.context("find subject")?,
+                    "found",
+                ),
+                SubjectCommand::Erase => (
+                    client
+                        .erase_subject(&number)
+                        .await
+                        .context("erase subject")?,
+                    "erased",
+                ),
+            };
+            for token in &tokens {
+                println!("{token}");
+            }
+            eprintln!("{verb} {} tokens of this card", tokens.len());
         }
         Command::Backup(BackupCommand::Create { name }) => {
             let mut client = VaultClient::connect(&vault()?).await?;
@@ -521,6 +587,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ttls_take_a_unit_and_refuse_nonsense() {
+        use std::time::Duration;
+        assert_eq!(
+            super::parse_ttl("90d"),
+            Ok(Duration::from_secs(90 * 86_400))
+        );
+        assert_eq!(super::parse_ttl("12h"), Ok(Duration::from_secs(12 * 3600)));
+        assert_eq!(super::parse_ttl("45"), Ok(Duration::from_secs(45)));
+        assert!(super::parse_ttl("0s").is_err());
+        assert!(super::parse_ttl("3w").unwrap_err().contains("unit"));
+        assert!(super::parse_ttl("d").is_err());
+        assert!(super::parse_ttl("99999999999999999999d").is_err());
+    }
+
     use super::*;
     use clap::CommandFactory;
     use keys::{KeysCommand, ProposeCommand, Purpose};
