@@ -18,3 +18,4 @@ mod retention;
 mod startup;
 mod tokenize;
 mod vaultctl;
+mod velocity;

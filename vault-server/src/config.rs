@@ -46,6 +46,8 @@ pub struct Settings {
     pub retention: RetentionSettings,
     #[serde(default)]
     pub lockout: crate::lockout::LockoutSettings,
+    #[serde(default)]
+    pub velocity: crate::velocity::VelocitySettings,
     /// The processor allowlist: `[[processor]]` entries.
     #[serde(default, rename = "processor")]
     pub processors: Vec<crate::forward::settings::ProcessorSettings>,
@@ -322,6 +324,9 @@ impl Settings {
                 "limits: max_request_bytes must be at least 1024 and the others greater than 0"
                     .into(),
             );
+        }
+        if self.velocity.window_secs == 0 {
+            return Err("velocity.window_secs must be greater than 0".into());
         }
         if self.retention.purge_interval_secs == 0 {
             return Err("retention.purge_interval_secs must be greater than 0".into());

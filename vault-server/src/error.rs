@@ -54,6 +54,8 @@ pub enum VaultError {
     PolicyInvalid(String),
     #[error("no such block: the identity or address is not blocked")]
     NoSuchBlock,
+    #[error("forward refused: too many forwards for this caller or card; retry later")]
+    VelocityExceeded,
 }
 
 impl VaultError {
@@ -161,6 +163,7 @@ impl VaultError {
                     "the audit log could not be written, so the call was refused",
                 )
             }
+            VaultError::VelocityExceeded => Status::resource_exhausted(self.to_string()),
             VaultError::PolicyInvalid(_) | VaultError::NoSuchBlock => {
                 Status::failed_precondition(self.to_string())
             }

@@ -23,6 +23,7 @@ pub mod rewrap;
 pub mod service;
 pub mod store;
 pub mod token;
+pub mod velocity;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -142,6 +143,7 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
                 policy_file: settings.policy_file.clone(),
                 tenant_ttl_secs: settings.retention.tenant_ttl_secs.clone(),
                 lockout: settings.lockout.clone(),
+                velocity: settings.velocity.clone(),
             },
         )),
         tls,

@@ -47,6 +47,7 @@ pub struct ServiceSettings {
     /// Token lifetime per tenant when `Tokenize` names none.
     pub tenant_ttl_secs: std::collections::HashMap<String, u64>,
     pub lockout: crate::lockout::LockoutSettings,
+    pub velocity: crate::velocity::VelocitySettings,
 }
 
 #[derive(Debug)]
@@ -59,6 +60,7 @@ pub struct VaultService<S> {
     /// `None` only when `[audit] enabled = false` (for measuring its cost).
     auditor: Option<Auditor>,
     lockout: Lockout,
+    velocity: crate::velocity::Velocity,
     tenant_ttl_secs: std::collections::HashMap<String, u64>,
     /// Deletes since the store was last compacted (the purge job compacts).
     deleted_since_compaction: std::sync::atomic::AtomicU64,
@@ -105,6 +107,7 @@ impl<S: Store> VaultService<S> {
             policy_file: settings.policy_file,
             auditor,
             lockout: Lockout::new(settings.lockout),
+            velocity: crate::velocity::Velocity::new(settings.velocity),
             tenant_ttl_secs: settings.tenant_ttl_secs,
             deleted_since_compaction: std::sync::atomic::AtomicU64::new(0),
             max_batch_size: settings.max_batch_size,
@@ -247,6 +250,44 @@ impl<S: Store> VaultService<S> {
                 .map_err(VaultError::Audit),
             None => Ok(()),
         }
+    }
+
+    /// Counts a forward for the velocity rules; a forward above a limit is flagged in
+    /// the audit log and, if so configured, refused.
+    async fn check_velocity(
+        &self,
+        caller: &Caller,
+        token: &Token,
+        processor: &str,
+        stored: &StoredRecord,
+    ) -> Result<(), VaultError> {
+        let broken = self.velocity.forward(
+            &caller.identity,
+            &stored.metadata.card_key(),
+            Instant::now(),
+        );
+        if broken.is_empty() {
+            return Ok(());
+        }
+        let refuse = self.velocity.refuses();
+        tracing::warn!(token = %token, rules = %broken.join("; "), refused = refuse, "forward flagged by velocity rules");
+        self.audit(AuditEvent {
+            at_unix_ms: now_unix_ms(),
+            actor: caller.identity.clone(),
+            peer: "-".into(),
+            action: "VelocityFlag".into(),
+            tenant: caller.tenant.as_str().to_owned(),
+            token: token.as_str().to_owned(),
+            processor: processor.to_owned(),
+            outcome: if refuse { "refused" } else { "flagged" }.into(),
+            detail: broken.join("; "),
+            ..AuditEvent::default()
+        })
+        .await?;
+        if refuse {
+            return Err(VaultError::VelocityExceeded);
+        }
+        Ok(())
     }
 
     /// Counts a failed call against the caller; audits the blocks it causes.
@@ -900,7 +941,9 @@ impl<S: Store> VaultService<S> {
             Some((store_key, digest, guard))
         };
 
-        let (_, card) = self.load_card(&caller, &token).await?;
+        let (stored, card) = self.load_card(&caller, &token).await?;
+        self.check_velocity(&caller, &token, processor.name(), &stored)
+            .await?;
         // A CVC is good for one use: taken out atomically, so two concurrent forwards
         // cannot both send it; put back only if nothing reached the processor.
         let cvc = if outbound.uses(Field::Cvc) {
