@@ -193,6 +193,13 @@ impl Keyring {
     /// material. Record usage is checked by the caller, which holds the reports.
     pub fn check_destroy(&self, purpose: Purpose, version: u32) -> Result<(), Refusal> {
         let v = self.version(purpose, version)?;
+        if purpose == Purpose::Audit {
+            return Err(wrong_state(
+                v,
+                "audit keys are never destroyed: the audit log entries chained under them \
+                 must stay verifiable",
+            ));
+        }
         match v.state {
             State::DecryptOnly | State::Retired => Ok(()),
             State::Active => Err(wrong_state(

@@ -90,10 +90,13 @@ async fn a_scripted_scenario_leaves_the_expected_events_and_no_card_data() {
             ("Tokenize", admin_id.as_str(), "ok"),
             ("TokenizeBatch", admin_id.as_str(), "ok"),
             ("GetTokenInfo", admin_id.as_str(), "ok"),
+            // Irreversible steps are on record before they happen.
+            ("ForwardStarted", admin_id.as_str(), "started"),
             ("Forward", admin_id.as_str(), "ok"),
             ("DeleteToken", reader_id.as_str(), "PERMISSION_DENIED"),
             ("GetTokenInfo", other_id.as_str(), "NOT_FOUND"),
             ("GetTokenInfo", admin_id.as_str(), "INVALID_ARGUMENT"),
+            ("DeleteStarted", admin_id.as_str(), "started"),
             ("DeleteToken", admin_id.as_str(), "ok"),
         ]
     );
@@ -104,9 +107,13 @@ async fn a_scripted_scenario_leaves_the_expected_events_and_no_card_data() {
         assert!(event.audit_key_version >= 1);
     }
     for event in &calls {
-        assert_eq!(event.peer, "127.0.0.1");
+        if !event.action.ends_with("Started") {
+            assert_eq!(event.peer, "127.0.0.1");
+        }
         assert_eq!(event.request_id.len(), 16, "{event:?}");
     }
+    assert_eq!(calls[3].request_id, calls[4].request_id);
+    assert_eq!(calls[8].request_id, calls[9].request_id);
     let tokenize = calls[0];
     assert_eq!(
         (
@@ -118,13 +125,13 @@ async fn a_scripted_scenario_leaves_the_expected_events_and_no_card_data() {
     );
     assert_eq!(calls[1].count, 3);
     assert_eq!(
-        (calls[3].token.as_str(), calls[3].processor.as_str()),
+        (calls[4].token.as_str(), calls[4].processor.as_str()),
         (stored.token.as_str(), "sandbox")
     );
-    assert!(calls[3].detail.contains("processor answered 200"));
-    assert_eq!(calls[4].token, "", "nothing a refused call named is logged");
-    assert_eq!(calls[5].tenant, "globex");
-    assert_eq!(calls[7].token, stored.token);
+    assert!(calls[4].detail.contains("processor answered 200"));
+    assert_eq!(calls[5].token, "", "nothing a refused call named is logged");
+    assert_eq!(calls[6].tenant, "globex");
+    assert_eq!(calls[9].token, stored.token);
 
     // No card data in any event: not the PAN, not the batch's, not the CVC.
     let text = format!("{events:?}");
@@ -373,4 +380,61 @@ async fn audit_cost() {
         );
         stack.stop().await;
     }
+}
+
+/// A caller that gives up mid-forward (its deadline passes while the processor is
+/// slow): the card left the vault, and the log says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forward_the_caller_abandons_is_still_audited() {
+    let stack = Stack::start().await;
+    let mut admin = stack.client(ADMIN).await;
+    let token = admin
+        .tokenize(Card::new("4242424242424242", 12, 2030), false)
+        .await
+        .unwrap()
+        .token;
+    let mut impatient = stack.vault_config(ADMIN);
+    impatient.timeout = std::time::Duration::from_millis(400);
+    let mut impatient = vault_client::VaultClient::connect(&impatient)
+        .await
+        .unwrap();
+    let err = impatient
+        .forward(ForwardRequest {
+            processor: "sandbox".into(),
+            method: "POST".into(),
+            path: "/v1/charges".into(),
+            headers: vec![
+                ("content-type".into(), "application/json".into()),
+                ("x-sandbox-delay-ms".into(), "1500".into()),
+            ],
+            body: r#"{"number":"{{card.number}}","exp_month":"{{card.exp_month}}","exp_year":"{{card.exp_year}}"}"#.into(),
+            token: token.clone(),
+            idempotency_key: None,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("DeadlineExceeded")
+            || err.to_string().contains("Cancelled")
+            || err.to_string().contains("deadline"),
+        "{err}"
+    );
+    let started = std::time::Instant::now();
+    loop {
+        let events = all_events(&stack).await;
+        let started_event = events
+            .iter()
+            .find(|e| e.action == "ForwardStarted" && e.token == token);
+        let ended = events
+            .iter()
+            .find(|e| e.action == "Forward" && e.outcome != "ok");
+        if let (Some(intent), Some(end)) = (started_event, ended) {
+            assert_eq!(intent.processor, "sandbox");
+            assert_eq!(intent.request_id, end.request_id);
+            break;
+        }
+        assert!(started.elapsed().as_secs() < 5, "{events:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    stack.stop().await;
 }

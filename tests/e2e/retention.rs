@@ -211,3 +211,37 @@ async fn erasing_a_subject_removes_every_token_of_the_card_in_the_tenant_and_no_
     assert!(!text.contains(&pan));
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_token_neither_locks_out_its_caller_nor_blocks_reuse() {
+    let mut stack = Stack::start().await;
+    // A long purge interval: the expired token stays on disk during the test.
+    stack
+        .add_vault_config("[retention]\npurge_interval_secs = 3600\n[lockout]\nmax_failures = 3\n");
+    stack.restart_vault().await;
+    let mut vault = stack.client(ADMIN).await;
+    let card = || Card::new("4242424242424242", 12, 2030);
+    let expiring = vault
+        .tokenize_with_ttl(card(), false, Some(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for _ in 0..5 {
+        let err = vault.token_info(&expiring.token).await.unwrap_err();
+        assert_eq!(err.code(), Some(Code::NotFound));
+    }
+    // Not blocked: looking up one's own expired token is not guessing.
+    vault
+        .tokenize(Card::new("5555555555554444", 1, 2031), false)
+        .await
+        .unwrap();
+    // reuse_existing finds the expired token, purges it and stores the card anew.
+    let fresh = vault.tokenize(card(), true).await.unwrap();
+    assert!(!fresh.reused);
+    assert_ne!(fresh.token, expiring.token);
+    assert_eq!(
+        vault.tokenize(card(), true).await.unwrap().token,
+        fresh.token
+    );
+    stack.stop().await;
+}

@@ -113,7 +113,7 @@ pub enum AuditError {
 type Pending = (AuditEvent, oneshot::Sender<Result<u64, AuditError>>);
 
 /// Where calls send their events.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Auditor {
     queue: mpsc::Sender<Pending>,
 }
@@ -165,6 +165,10 @@ async fn write_events<S: Store>(
     mut next: u64,
     mut previous: [u8; 32],
 ) {
+    // After a failed write the log's end on disk is uncertain (the WAL may hold what
+    // the failed sync did not confirm): stop, refusing every call, until a restart
+    // re-reads the last entry.
+    let mut broken = false;
     while let Some(first) = receiver.recv().await {
         let mut group = vec![first];
         while group.len() < MAX_BATCH {
@@ -172,6 +176,12 @@ async fn write_events<S: Store>(
                 Ok(pending) => group.push(pending),
                 Err(_) => break,
             }
+        }
+        if broken {
+            for (_, reply) in group {
+                let _ = reply.send(Err(AuditError::Closed));
+            }
+            continue;
         }
         let set = keys.snapshot();
         let (version, key) = set.audit.active();
@@ -206,7 +216,8 @@ async fn write_events<S: Store>(
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "audit events could not be written; their calls are refused");
+                broken = true;
+                tracing::error!(error = %e, "audit events could not be written; their calls and every call until a restart are refused");
                 let message = e.to_string();
                 for (_, reply) in replies {
                     let _ = reply.send(Err(AuditError::Store(StoreError::Engine(message.clone()))));

@@ -271,9 +271,13 @@ impl Settings {
     /// Where the audit log lives.
     pub fn audit_dir(&self) -> PathBuf {
         self.audit_dir.clone().unwrap_or_else(|| {
-            let mut name = self.data_dir.as_os_str().to_owned();
-            name.push("-audit");
-            PathBuf::from(name)
+            // By name, not by appending to the path: "data/" must give "data-audit",
+            // beside the data directory, never inside it.
+            let name = self
+                .data_dir
+                .file_name()
+                .map_or_else(|| "vault".into(), |n| n.to_string_lossy().into_owned());
+            self.data_dir.with_file_name(format!("{name}-audit"))
         })
     }
 
@@ -322,6 +326,13 @@ impl Settings {
         {
             return Err(
                 "limits: max_request_bytes must be at least 1024 and the others greater than 0"
+                    .into(),
+            );
+        }
+        if self.audit_dir().starts_with(&self.data_dir) {
+            return Err(
+                "audit_dir must not be inside data_dir: erasure clears data_dir while the \
+                 audit log keeps its events"
                     .into(),
             );
         }
@@ -375,5 +386,26 @@ mod tests {
             settings.keyservice.usage_report_interval(),
             Duration::from_secs(5)
         );
+    }
+}
+
+#[cfg(test)]
+mod audit_dir_tests {
+    use super::*;
+
+    #[test]
+    fn the_default_audit_dir_is_beside_the_data_dir_whatever_its_spelling() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/vault-server.toml");
+        let mut settings = Settings::load(&path).unwrap();
+        for data in ["/var/lib/vault/data", "/var/lib/vault/data/"] {
+            settings.data_dir = PathBuf::from(data);
+            assert_eq!(
+                settings.audit_dir(),
+                PathBuf::from("/var/lib/vault/data-audit")
+            );
+            assert!(settings.validate().is_ok());
+        }
+        settings.audit_dir = Some(PathBuf::from("/var/lib/vault/data/audit"));
+        assert!(settings.validate().unwrap_err().contains("audit_dir"));
     }
 }

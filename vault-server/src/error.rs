@@ -17,6 +17,10 @@ pub enum VaultError {
     BatchTooLarge { max: usize },
     #[error("token not found")]
     NotFound,
+    /// The token's retention ended: answered exactly like an unknown token, but not a
+    /// caller's mistake (it does not count towards lockout).
+    #[error("token not found")]
+    Expired,
     #[error("a client certificate is required")]
     Unauthenticated,
     #[error("permission denied")]
@@ -68,7 +72,7 @@ impl VaultError {
                 tracing::info!(error = %self, "invalid argument");
                 Status::invalid_argument(self.to_string())
             }
-            VaultError::NotFound => Status::not_found("token not found"),
+            VaultError::NotFound | VaultError::Expired => Status::not_found("token not found"),
             VaultError::Unauthenticated => {
                 tracing::warn!("refused: no client certificate identity");
                 Status::unauthenticated("a client certificate is required")

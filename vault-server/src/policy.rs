@@ -64,6 +64,8 @@ impl Permission {
 pub struct Caller {
     pub identity: String,
     pub tenant: Tenant,
+    /// The call's request id, for audit events written during the call.
+    pub request_id: String,
 }
 
 #[derive(Debug, Clone)]
@@ -184,6 +186,7 @@ impl Policy {
         Ok(Caller {
             identity: identity.to_owned(),
             tenant: grant.tenant.clone(),
+            request_id: String::new(),
         })
     }
 }

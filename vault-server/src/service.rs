@@ -61,6 +61,7 @@ pub struct VaultService<S> {
     auditor: Option<Auditor>,
     lockout: Lockout,
     velocity: crate::velocity::Velocity,
+    reload_lock: tokio::sync::Mutex<()>,
     tenant_ttl_secs: std::collections::HashMap<String, u64>,
     /// Deletes since the store was last compacted (the purge job compacts).
     deleted_since_compaction: std::sync::atomic::AtomicU64,
@@ -72,6 +73,25 @@ pub struct VaultService<S> {
     /// Idempotency store keys of forwards in progress: a concurrent retry is refused
     /// instead of charging twice.
     in_flight: Mutex<HashSet<Vec<u8>>>,
+}
+
+/// Records a call whose future was dropped (the caller cancelled or its deadline
+/// passed) before its audit event was written.
+struct CancelGuard {
+    auditor: Option<Auditor>,
+    event: Option<AuditEvent>,
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if let (Some(auditor), Some(event)) = (self.auditor.take(), self.event.take()) {
+            tokio::spawn(async move {
+                if let Err(e) = auditor.record(event).await {
+                    tracing::error!(error = %e, "a cancelled call could not be audited");
+                }
+            });
+        }
+    }
 }
 
 /// Removes an idempotency key from the in-flight set when the forward ends.
@@ -108,6 +128,7 @@ impl<S: Store> VaultService<S> {
             auditor,
             lockout: Lockout::new(settings.lockout),
             velocity: crate::velocity::Velocity::new(settings.velocity),
+            reload_lock: tokio::sync::Mutex::new(()),
             tenant_ttl_secs: settings.tenant_ttl_secs,
             deleted_since_compaction: std::sync::atomic::AtomicU64::new(0),
             max_batch_size: settings.max_batch_size,
@@ -167,6 +188,12 @@ impl<S: Store> VaultService<S> {
             let admin = policy
                 .authorize(identity.as_deref(), &Permission::Admin)
                 .is_ok();
+            // If the caller goes away mid-call (the future is dropped), the guard
+            // still records the call.
+            let mut guard = CancelGuard {
+                auditor: self.auditor.clone(),
+                event: None,
+            };
             let result = if self
                 .lockout
                 .is_blocked(identity.as_deref(), &peer, admin, started)
@@ -176,14 +203,25 @@ impl<S: Store> VaultService<S> {
                 Err(VaultError::PermissionDenied)
             } else {
                 match policy.authorize(identity.as_deref(), &permission) {
-                    Ok(caller) => {
+                    Ok(mut caller) => {
                         event.tenant = caller.tenant.as_str().to_owned();
+                        caller.request_id = request_id.clone();
+                        guard.event = Some(AuditEvent {
+                            outcome: "CANCELLED".into(),
+                            ..event.clone()
+                        });
                         handler(caller, request.into_inner()).await
                     }
                     Err(Denied::Unauthenticated) => Err(VaultError::Unauthenticated),
                     Err(Denied::PermissionDenied) => Err(VaultError::PermissionDenied),
                 }
             };
+            let counts_as_failure = matches!(
+                result,
+                Err(VaultError::PermissionDenied
+                    | VaultError::Unauthenticated
+                    | VaultError::NotFound)
+            );
             let result = result.map_err(|error| error.into_status(&request_id));
             match &result {
                 Ok(body) => {
@@ -193,18 +231,15 @@ impl<S: Store> VaultService<S> {
                 }
                 Err(status) => {
                     event.outcome = code_name(status.code()).into();
-                    if event.detail.is_empty()
-                        && matches!(
-                            status.code(),
-                            Code::PermissionDenied | Code::Unauthenticated | Code::NotFound
-                        )
-                    {
+                    if event.detail.is_empty() && counts_as_failure {
                         self.count_failure(identity.as_deref(), &peer, &request_id, started)
                             .await;
                     }
                 }
             }
-            let result = match (self.audit(event).await, result) {
+            let audited = self.audit(event).await;
+            guard.event = None;
+            let result = match (audited, result) {
                 (Ok(()), result) => result,
                 // No unaudited access: the answer is withheld.
                 (Err(refused), _) => Err(refused.into_status(&request_id)),
@@ -238,6 +273,31 @@ impl<S: Store> VaultService<S> {
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         )
+    }
+
+    /// Records, durably and before the fact, that `caller` is about to do something
+    /// that cannot be undone (send a card, delete a record): if the record cannot be
+    /// written, nothing is done.
+    async fn audit_intent(
+        &self,
+        caller: &Caller,
+        action: &str,
+        token: &Token,
+        processor: &str,
+    ) -> Result<(), VaultError> {
+        self.audit(AuditEvent {
+            at_unix_ms: now_unix_ms(),
+            actor: caller.identity.clone(),
+            peer: "-".into(),
+            action: action.into(),
+            tenant: caller.tenant.as_str().to_owned(),
+            token: token.as_str().to_owned(),
+            processor: processor.to_owned(),
+            outcome: "started".into(),
+            request_id: caller.request_id.clone(),
+            ..AuditEvent::default()
+        })
+        .await
     }
 
     /// Writes an audit event durably (a no-op only when auditing is disabled).
@@ -318,6 +378,8 @@ impl<S: Store> VaultService<S> {
 
     /// Re-reads the policy file; an invalid file leaves the policy in force. Audited.
     pub async fn reload_policy(&self, actor: &str) -> Result<usize, VaultError> {
+        // One reload at a time, so that the file read last is the policy in force.
+        let _one_at_a_time = self.reload_lock.lock().await;
         let loaded = Policy::load(&self.policy_file);
         let mut event = AuditEvent {
             at_unix_ms: now_unix_ms(),
@@ -326,27 +388,28 @@ impl<S: Store> VaultService<S> {
             action: "PolicyReload".into(),
             ..AuditEvent::default()
         };
-        let result = match loaded {
+        match loaded {
             Ok(policy) => {
                 let identities = policy.len();
+                event.outcome = "ok".into();
+                event.detail = format!("{identities} identities");
+                // Audited before it takes effect: no unrecorded policy is ever in force.
+                self.audit(event).await?;
                 *self
                     .policy
                     .write()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(policy);
                 tracing::info!(identities, "policy reloaded");
-                event.outcome = "ok".into();
-                event.detail = format!("{identities} identities");
                 Ok(identities)
             }
             Err(e) => {
                 tracing::error!(error = %e, "policy reload refused; the previous policy stays in force");
                 event.outcome = "FAILED_PRECONDITION".into();
                 event.detail = e.to_string();
+                self.audit(event).await?;
                 Err(VaultError::PolicyInvalid(e.to_string()))
             }
-        };
-        self.audit(event).await?;
-        result
+        }
     }
 
     /// The fingerprint and clear metadata of a new record of `card` (the card-data
@@ -450,9 +513,12 @@ impl<S: Store> VaultService<S> {
     ) -> Result<(Vec<u8>, StoredRecord), VaultError> {
         let bytes = self.store.get(token).await?.ok_or(VaultError::NotFound)?;
         let stored = record::decode(&bytes)?;
-        // An expired token answers like an unknown one at once, before the purge.
-        if stored.metadata.tenant != caller.tenant || stored.metadata.expired(now_unix_ms()) {
+        if stored.metadata.tenant != caller.tenant {
             return Err(VaultError::NotFound);
+        }
+        // An expired token answers like an unknown one at once, before the purge.
+        if stored.metadata.expired(now_unix_ms()) {
+            return Err(VaultError::Expired);
         }
         Ok((bytes, stored))
     }
@@ -460,8 +526,12 @@ impl<S: Store> VaultService<S> {
     /// Deletes a record of the caller's tenant. The store deletes only the bytes read
     /// here, so a rewrap in between (new versions, new index key) means reading again.
     async fn delete_record(&self, caller: &Caller, token: &Token) -> Result<(), VaultError> {
-        for _ in 0..TOKEN_ATTEMPTS {
+        for attempt in 0..TOKEN_ATTEMPTS {
             let (bytes, stored) = self.load_bytes(caller, token).await?;
+            if attempt == 0 {
+                self.audit_intent(caller, "DeleteStarted", token, "")
+                    .await?;
+            }
             match self.delete_stored(token, bytes, &stored).await? {
                 DeleteOutcome::Deleted => return Ok(()),
                 DeleteOutcome::NotFound => return Err(VaultError::NotFound),
@@ -502,35 +572,8 @@ impl<S: Store> VaultService<S> {
     /// was deleted since the last time, compacts the store so that deleted records are
     /// physically gone. Returns the number purged.
     pub async fn purge(&self) -> Result<usize, VaultError> {
-        let mut purged = 0;
-        loop {
-            let expired = self.store.expired(now_unix_ms(), 1000).await?;
-            if expired.is_empty() {
-                break;
-            }
-            for token in &expired {
-                let Some(bytes) = self.store.get(token).await? else {
-                    continue;
-                };
-                let stored = record::decode(&bytes)?;
-                if self.delete_stored(token, bytes, &stored).await? == DeleteOutcome::Deleted {
-                    purged += 1;
-                }
-            }
-        }
-        if purged > 0 {
-            tracing::info!(purged, "expired tokens purged");
-            self.audit(AuditEvent {
-                at_unix_ms: now_unix_ms(),
-                actor: "vault".into(),
-                peer: "-".into(),
-                action: "Purge".into(),
-                count: purged as u32,
-                outcome: "ok".into(),
-                ..AuditEvent::default()
-            })
-            .await?;
-        }
+        let purged = self.purge_expired().await;
+        // Deletions are compacted away whatever happened above.
         let deleted = self
             .deleted_since_compaction
             .swap(0, std::sync::atomic::Ordering::Relaxed);
@@ -545,7 +588,58 @@ impl<S: Store> VaultService<S> {
                 "store compacted: deleted records are physically gone"
             );
         }
+        purged
+    }
+
+    async fn purge_expired(&self) -> Result<usize, VaultError> {
+        let mut purged = 0;
+        loop {
+            let expired = self.store.expired(now_unix_ms(), 1000).await?;
+            let mut progress = false;
+            for token in &expired {
+                match self.purge_token(token).await {
+                    Ok(true) => {
+                        purged += 1;
+                        progress = true;
+                    }
+                    Ok(false) => {}
+                    // One bad record does not stop the purge of the others.
+                    Err(e) => {
+                        tracing::error!(token = %token, error = %e, "expired token not purged")
+                    }
+                }
+            }
+            // Entries the purge cannot remove are left for the next run.
+            if expired.is_empty() || !progress {
+                break;
+            }
+        }
         Ok(purged)
+    }
+
+    /// Deletes an expired token's record, audited before the fact. Returns whether it
+    /// was deleted.
+    async fn purge_token(&self, token: &Token) -> Result<bool, VaultError> {
+        let Some(bytes) = self.store.get(token).await? else {
+            return Ok(false);
+        };
+        let stored = record::decode(&bytes)?;
+        if !stored.metadata.expired(now_unix_ms()) {
+            return Ok(false);
+        }
+        self.audit(AuditEvent {
+            at_unix_ms: now_unix_ms(),
+            actor: "vault".into(),
+            peer: "-".into(),
+            action: "Purge".into(),
+            tenant: stored.metadata.tenant.as_str().to_owned(),
+            token: token.as_str().to_owned(),
+            outcome: "ok".into(),
+            detail: "retention ended".into(),
+            ..AuditEvent::default()
+        })
+        .await?;
+        Ok(self.delete_stored(token, bytes, &stored).await? == DeleteOutcome::Deleted)
     }
 
     /// The card keys of `card` in the caller's tenant, under every fingerprint
@@ -649,9 +743,14 @@ impl<S: Store> VaultService<S> {
                     return Ok(tokenize_response(&token, &metadata, false));
                 }
                 Some(InsertOutcome::Existing(existing)) => {
-                    // Deleted since the index named it: the next insert stores anew.
                     let stored = match self.load_verified(&caller, &existing).await {
+                        // Deleted since the index named it: the next insert stores anew.
                         Err(VaultError::NotFound) => continue,
+                        // Expired but not yet purged: purged now, then stored anew.
+                        Err(VaultError::Expired) => {
+                            self.purge_token(&existing).await?;
+                            continue;
+                        }
                         other => other?,
                     };
                     self.keep_cvc(&existing, &card).await?;
@@ -732,6 +831,11 @@ impl<S: Store> VaultService<S> {
                             // Deleted since the index named it: the next round stores
                             // this card anew instead of failing the whole batch.
                             Err(VaultError::NotFound) => {
+                                retry.push((index, card, metadata, older));
+                                continue;
+                            }
+                            Err(VaultError::Expired) => {
+                                self.purge_token(&existing).await?;
                                 retry.push((index, card, metadata, older));
                                 continue;
                             }
@@ -966,6 +1070,9 @@ impl<S: Store> VaultService<S> {
             );
             self.store.put_outcome(store_key.clone(), pending).await?;
         }
+        // The card leaves the vault only once that is on record.
+        self.audit_intent(&caller, "ForwardStarted", &token, processor.name())
+            .await?;
         let sent = processor
             .send(
                 &outbound,
@@ -1299,6 +1406,12 @@ impl<S: Store> pb::vault_server::Vault for VaultService<S> {
                     match self.delete_record(&caller, &token).await {
                         Ok(()) => tokens.push(token.as_str().to_owned()),
                         Err(VaultError::NotFound) => {}
+                        // Expired tokens of the card go too.
+                        Err(VaultError::Expired) => {
+                            if self.purge_token(&token).await? {
+                                tokens.push(token.as_str().to_owned());
+                            }
+                        }
                         Err(e) => return Err(e),
                     }
                 }
