@@ -165,11 +165,30 @@ async fn tamper_and_verify(
     stack: &mut Stack,
     tamper: impl FnOnce(&rocksdb::DB, &rocksdb::ColumnFamily),
 ) -> pb::VerifyAuditResponse {
+    tamper_and_verify_with(stack, true, tamper).await
+}
+
+/// Like [`tamper_and_verify`]; with `move_anchor`, the vault's record of the last
+/// entry it wrote (in the data directory) follows the tampered log's end, so that
+/// only the tampering inside the log is seen.
+async fn tamper_and_verify_with(
+    stack: &mut Stack,
+    move_anchor: bool,
+    tamper: impl FnOnce(&rocksdb::DB, &rocksdb::ColumnFamily),
+) -> pb::VerifyAuditResponse {
     stack.stop_vault().await;
-    {
+    let last = {
         let db = open_audit_db(stack);
         let audit = db.cf_handle("default").unwrap();
         tamper(&db, audit);
+        let mut iter = db.raw_iterator_cf(audit);
+        iter.seek_to_last();
+        u64::from_be_bytes(iter.key().unwrap().try_into().unwrap())
+    };
+    if move_anchor {
+        let db = integration_tests::open_vault_db(&stack.dir.data_dir());
+        let meta = db.cf_handle("meta").unwrap();
+        db.put_cf(meta, "audit-head", last.to_be_bytes()).unwrap();
     }
     stack.restart_vault().await;
     verify(stack).await
@@ -291,6 +310,23 @@ async fn verify_finds_an_edited_removed_inserted_or_reordered_entry() {
             report.problem.as_str()
         ),
         (false, 11, "reordered")
+    );
+
+    // Entries cut off the end: the vault's own record of its last entry shows it.
+    let report = tamper_and_verify_with(&mut stack, false, |db, audit| {
+        restore(db, audit);
+        for sequence in 28..=original.len() as u64 {
+            db.delete_cf(audit, key(sequence)).unwrap();
+        }
+    })
+    .await;
+    assert_eq!(
+        (
+            report.intact,
+            report.first_bad_sequence,
+            report.problem.as_str()
+        ),
+        (false, 28, "removed")
     );
 
     // Put back, the chain verifies again, new events included.

@@ -25,6 +25,10 @@ use crate::keys::Keys;
 use crate::store::{Store, StoreError};
 
 const MAC_LABEL: &[u8] = b"tokenvault.audit.v1";
+/// The data store's `meta` key holding the highest sequence number written: the
+/// anchor that shows a log cut short (entries removed from its end, or the whole
+/// audit directory replaced).
+const HEAD_KEY: &str = "audit-head";
 const HEADER_LEN: usize = 4 + 32;
 /// Events written in one batch at most.
 const MAX_BATCH: usize = 1024;
@@ -142,6 +146,16 @@ impl Auditor {
             }
             None => (1, [0u8; 32]),
         };
+        if let Some(head) = head(store.as_ref()).await?
+            && head >= next
+        {
+            tracing::error!(
+                head,
+                last = next - 1,
+                "the audit log ends before the last entry the vault wrote: it was cut short \
+                 or replaced; `vaultctl audit verify` reports it"
+            );
+        }
         let (queue, receiver) = mpsc::channel(8192);
         tokio::spawn(write_events(store, keys, receiver, next, previous));
         Ok(Self { queue })
@@ -214,6 +228,12 @@ async fn write_events<S: Store>(
                 for (sequence, reply) in replies {
                     let _ = reply.send(Ok(sequence));
                 }
+                // The anchor goes to the other database, shared with the data's own
+                // group commits; a failure is logged, the entries are durable already.
+                let head = (next - 1).to_be_bytes().to_vec();
+                if let Err(e) = store.put_meta(HEAD_KEY, head).await {
+                    tracing::warn!(error = %e, "the audit log anchor could not be updated");
+                }
             }
             Err(e) => {
                 broken = true;
@@ -243,7 +263,16 @@ pub struct Verification {
 
 /// Checks every entry in order: sequence numbers without gaps, each event's own
 /// sequence matching its position, and each MAC over the previous one.
+/// The highest sequence number the vault recorded writing.
+async fn head<S: Store>(store: &S) -> Result<Option<u64>, StoreError> {
+    Ok(store
+        .get_meta(HEAD_KEY)
+        .await?
+        .and_then(|bytes| Some(u64::from_be_bytes(bytes.as_slice().try_into().ok()?))))
+}
+
 pub async fn verify<S: Store>(store: &S, keys: &Keys) -> Result<Verification, StoreError> {
+    let head = head(store).await?;
     let set = keys.snapshot();
     let mut expected = 1u64;
     let mut previous = [0u8; 32];
@@ -289,6 +318,15 @@ pub async fn verify<S: Store>(store: &S, keys: &Keys) -> Result<Verification, St
             expected += 1;
         }
         after = last;
+    }
+    // Entries missing at the end are "removed" too: the anchor says they were written.
+    if let Some(head) = head
+        && head >= expected
+    {
+        return Ok(Verification {
+            entries: expected - 1,
+            fault: Some((expected, "removed")),
+        });
     }
     Ok(Verification {
         entries: expected - 1,
