@@ -573,6 +573,26 @@ impl<S: Store> VaultService<S> {
     /// physically gone. Returns the number purged.
     pub async fn purge(&self) -> Result<usize, VaultError> {
         let purged = self.purge_expired().await;
+        // Forward outcomes are kept for the idempotency window only: they hold what a
+        // processor answered about a card (masked, but still about the card).
+        let ttl_ms = self.idempotency_ttl.as_millis() as i64;
+        let now = now_unix_ms();
+        let stale = move |value: &[u8]| {
+            idempotency::decode(value)
+                .is_none_or(|outcome| now.saturating_sub(outcome.created_at_unix_ms) >= ttl_ms)
+        };
+        match self.store.prune_outcomes(&stale).await {
+            Ok(0) => {}
+            Ok(pruned) => {
+                self.deleted_since_compaction
+                    .fetch_add(pruned as u64, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(
+                    pruned,
+                    "forward outcomes past the idempotency window removed"
+                );
+            }
+            Err(e) => tracing::error!(error = %e, "forward outcomes not pruned"),
+        }
         // Deletions are compacted away whatever happened above.
         let deleted = self
             .deleted_since_compaction

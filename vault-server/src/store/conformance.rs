@@ -317,6 +317,15 @@ async fn outcomes_are_stored_and_replaced(store: impl Store) {
         store.get_outcome(b"acme/key-2").await.unwrap().as_deref(),
         Some(&b"other"[..])
     );
+    assert_eq!(
+        store
+            .prune_outcomes(&|value| value == b"other")
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(store.get_outcome(b"acme/key-2").await.unwrap(), None);
+    assert!(store.get_outcome(b"acme/key-1").await.unwrap().is_some());
 }
 
 async fn insert_then_get(store: impl Store) {

@@ -206,6 +206,13 @@ pub trait Store: Send + Sync + 'static {
     fn last_audit(&self)
     -> impl Future<Output = Result<Option<(u64, Vec<u8>)>, StoreError>> + Send;
 
+    /// Deletes every stored forward outcome for which `expired(value)` holds (the
+    /// purge job: outcomes are kept only for the idempotency window). Returns how many.
+    fn prune_outcomes(
+        &self,
+        expired: &(dyn Fn(&[u8]) -> bool + Sync),
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
+
     /// Up to `limit` tokens of records that expired at or before `now_unix_ms`.
     fn expired(
         &self,

@@ -95,6 +95,12 @@ enum Op {
         rewrite: Rewrite,
         reply: oneshot::Sender<Result<RewriteOutcome, StoreError>>,
     },
+    /// Plain deletes from `family` (expired idempotency outcomes).
+    Remove {
+        family: &'static str,
+        keys: Vec<Vec<u8>>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
     /// Plain puts into `family` (idempotency outcomes, job state, audit entries).
     Put {
         family: &'static str,
@@ -360,6 +366,35 @@ impl Store for RocksStore {
         }
         iter.status().map_err(engine)?;
         Ok(found)
+    }
+
+    async fn prune_outcomes(
+        &self,
+        expired: &(dyn Fn(&[u8]) -> bool + Sync),
+    ) -> Result<usize, StoreError> {
+        let mut keys = Vec::new();
+        {
+            let mut iter = self.db.raw_iterator_cf(self.family(IDEMPOTENCY)?);
+            iter.seek_to_first();
+            while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
+                if expired(value) {
+                    keys.push(key.to_vec());
+                }
+                iter.next();
+            }
+            iter.status().map_err(engine)?;
+        }
+        let pruned = keys.len();
+        for chunk in keys.chunks(1000) {
+            let entries = chunk.to_vec();
+            self.submit(|reply| Op::Remove {
+                family: IDEMPOTENCY,
+                keys: entries,
+                reply,
+            })
+            .await?;
+        }
+        Ok(pruned)
     }
 
     async fn expired(&self, now_unix_ms: i64, limit: usize) -> Result<Vec<Token>, StoreError> {
@@ -631,6 +666,23 @@ impl Writer {
                         RewriteOutcome::Changed
                     });
                     rewrites.push((reply, outcome));
+                }
+                Op::Remove {
+                    family,
+                    keys,
+                    reply,
+                } => {
+                    match self.db.cf_handle(family) {
+                        Some(cf) => {
+                            for key in keys {
+                                batch.delete_cf(cf, key);
+                            }
+                        }
+                        None => {
+                            failure.get_or_insert(StoreError::Closed.to_string());
+                        }
+                    }
+                    put_replies.push(reply);
                 }
                 Op::Put {
                     family: AUDIT,
