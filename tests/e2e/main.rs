@@ -14,6 +14,7 @@ mod forward;
 mod keys;
 mod leaks;
 mod matrix;
+mod metrics;
 mod retention;
 mod startup;
 mod tokenize;

@@ -172,6 +172,8 @@ max_retry_backoff_ms = 200
 usage_report_interval_ms = 200
 [limits]
 tls_handshake_timeout_ms = 1000
+[admin]
+listen_addr = "127.0.0.1:0"
 {extra}
 "#
             ),
@@ -252,6 +254,8 @@ pub struct Stack {
     pub dir: StackDir,
     pub keyservice_addr: SocketAddr,
     pub vault_addr: SocketAddr,
+    /// The vault's admin port (`/metrics`, `/healthz`, plain HTTP).
+    pub vault_admin_addr: SocketAddr,
     pub sandbox_addr: SocketAddr,
     /// Every request the sandbox processor received.
     pub sandbox: sandbox_processor::Journal,
@@ -329,7 +333,11 @@ async fn start_keyservice(dir: &StackDir, addr: Option<SocketAddr>) -> (SocketAd
     (addr, Running { trigger, task })
 }
 
-async fn start_vault(dir: &StackDir, keyservice_port: u16, extra: &str) -> (SocketAddr, Running) {
+async fn start_vault(
+    dir: &StackDir,
+    keyservice_port: u16,
+    extra: &str,
+) -> (SocketAddr, SocketAddr, Running) {
     let config = dir.write_vault_config_with(keyservice_port, extra);
     let settings = vault_server::Settings::load(&config).unwrap();
     let (trigger, shutdown) = shutdown::channel();
@@ -337,8 +345,9 @@ async fn start_vault(dir: &StackDir, keyservice_port: u16, extra: &str) -> (Sock
         .await
         .unwrap();
     let addr = bound.local_addr();
+    let admin_addr = bound.admin_addr();
     let task = tokio::spawn(async move { bound.serve(shutdown).await.unwrap() });
-    (addr, Running { trigger, task })
+    (addr, admin_addr, Running { trigger, task })
 }
 
 impl Stack {
@@ -364,11 +373,13 @@ impl Stack {
             .port();
         let vault_extra =
             processors_config(dir.path(), sandbox_addr.port(), closed_port, cvc_ttl_secs);
-        let (vault_addr, vault) = start_vault(&dir, keyservice_addr.port(), &vault_extra).await;
+        let (vault_addr, vault_admin_addr, vault) =
+            start_vault(&dir, keyservice_addr.port(), &vault_extra).await;
         Self {
             dir,
             keyservice_addr,
             vault_addr,
+            vault_admin_addr,
             sandbox_addr,
             sandbox: journal,
             vault_extra,
@@ -439,9 +450,10 @@ impl Stack {
     /// Stops the vault and starts it again on the same data directory.
     pub async fn restart_vault(&mut self) {
         self.stop_vault().await;
-        let (addr, vault) =
+        let (addr, admin_addr, vault) =
             start_vault(&self.dir, self.keyservice_addr.port(), &self.vault_extra).await;
         self.vault_addr = addr;
+        self.vault_admin_addr = admin_addr;
         self.vault = Some(vault);
     }
 

@@ -48,6 +48,8 @@ pub struct Settings {
     pub lockout: crate::lockout::LockoutSettings,
     #[serde(default)]
     pub velocity: crate::velocity::VelocitySettings,
+    #[serde(default)]
+    pub admin: AdminSettings,
     /// The processor allowlist: `[[processor]]` entries.
     #[serde(default, rename = "processor")]
     pub processors: Vec<crate::forward::settings::ProcessorSettings>,
@@ -74,6 +76,27 @@ pub struct KeyserviceSettings {
     /// needs a fresh report showing none).
     #[serde(default = "default_usage_report_interval_ms")]
     pub usage_report_interval_ms: u64,
+}
+
+/// `[admin]`: the plain-HTTP admin port (`/metrics`, `/healthz`). It serves no card
+/// data and no tokens; keep it on loopback or a monitoring network.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    #[serde(default = "default_admin_addr")]
+    pub listen_addr: SocketAddr,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        Self {
+            listen_addr: default_admin_addr(),
+        }
+    }
+}
+
+fn default_admin_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
 }
 
 /// `[retention]`: token lifetimes and the purge job.

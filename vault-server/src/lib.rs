@@ -17,6 +17,7 @@ pub mod error;
 pub mod forward;
 pub mod keys;
 pub mod lockout;
+pub mod metrics;
 pub mod policy;
 pub mod record;
 pub mod rewrap;
@@ -62,6 +63,7 @@ pub enum Error {
 #[derive(Debug)]
 pub struct Bound {
     listener: TcpListener,
+    admin_listener: TcpListener,
     service: Arc<service::VaultService<RocksStore>>,
     store: Arc<RocksStore>,
     keys: Arc<keys::Keys>,
@@ -120,8 +122,15 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
             addr: settings.listen_addr,
             source,
         })?;
+    let admin_listener = metrics::bind_admin(settings.admin.listen_addr)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: settings.admin.listen_addr,
+            source,
+        })?;
     Ok(Bound {
         listener,
+        admin_listener,
         store: Arc::clone(&store),
         keys: Arc::clone(&keys),
         rewrap: Arc::clone(&rewrap),
@@ -375,6 +384,13 @@ fn usage_report<S: store::Store>(
 }
 
 impl Bound {
+    /// The admin port (`/metrics`, `/healthz`).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.listener
             .local_addr()
@@ -428,6 +444,12 @@ impl Bound {
             Arc::clone(&self.service),
             shutdown.clone(),
         ));
+        tracing::info!(addr = %self.admin_addr(), "admin port serving /metrics and /healthz");
+        tokio::spawn(metrics::serve_admin(
+            self.admin_listener,
+            Arc::clone(&self.service) as Arc<dyn metrics::Observed>,
+            shutdown.clone(),
+        ));
         tokio::spawn(purge_periodically(
             Arc::clone(&self.service),
             Duration::from_secs(self.purge_interval_secs),
@@ -441,7 +463,7 @@ impl Bound {
         if let Err(e) = self.rewrap.resume(shutdown.clone()).await {
             tracing::error!(error = %e, "cannot read the rewrap job state; start it again with `vaultctl keys rewrap`");
         }
-        tracing::info!(addr = %self.local_addr(), "vault-server serving");
+        tracing::info!(addr = %self.listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()), "vault-server serving");
         let limits = &self.limits;
         tonic::transport::Server::builder()
             .tls_config(

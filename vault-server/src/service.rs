@@ -62,6 +62,7 @@ pub struct VaultService<S> {
     lockout: Lockout,
     velocity: crate::velocity::Velocity,
     reload_lock: tokio::sync::Mutex<()>,
+    metrics: crate::metrics::Metrics,
     tenant_ttl_secs: std::collections::HashMap<String, u64>,
     /// Deletes since the store was last compacted (the purge job compacts).
     deleted_since_compaction: std::sync::atomic::AtomicU64,
@@ -129,6 +130,7 @@ impl<S: Store> VaultService<S> {
             lockout: Lockout::new(settings.lockout),
             velocity: crate::velocity::Velocity::new(settings.velocity),
             reload_lock: tokio::sync::Mutex::new(()),
+            metrics: crate::metrics::Metrics::default(),
             tenant_ttl_secs: settings.tenant_ttl_secs,
             deleted_since_compaction: std::sync::atomic::AtomicU64::new(0),
             max_batch_size: settings.max_batch_size,
@@ -216,6 +218,12 @@ impl<S: Store> VaultService<S> {
                     Err(Denied::PermissionDenied) => Err(VaultError::PermissionDenied),
                 }
             };
+            self.metrics
+                .latency
+                .get_or_create(&crate::metrics::MethodLabels {
+                    method: method.into(),
+                })
+                .observe(started.elapsed().as_secs_f64());
             let counts_as_failure = matches!(
                 result,
                 Err(VaultError::PermissionDenied
@@ -237,6 +245,13 @@ impl<S: Store> VaultService<S> {
                     }
                 }
             }
+            self.metrics
+                .calls
+                .get_or_create(&crate::metrics::CallLabels {
+                    method: method.into(),
+                    code: event.outcome.clone(),
+                })
+                .inc();
             let audited = self.audit(event).await;
             guard.event = None;
             let result = match (audited, result) {
@@ -303,11 +318,11 @@ impl<S: Store> VaultService<S> {
     /// Writes an audit event durably (a no-op only when auditing is disabled).
     pub async fn audit(&self, event: AuditEvent) -> Result<(), VaultError> {
         match &self.auditor {
-            Some(auditor) => auditor
-                .record(event)
-                .await
-                .map(drop)
-                .map_err(VaultError::Audit),
+            Some(auditor) => {
+                auditor.record(event).await.map_err(VaultError::Audit)?;
+                self.metrics.event("audit");
+                Ok(())
+            }
             None => Ok(()),
         }
     }
@@ -330,6 +345,7 @@ impl<S: Store> VaultService<S> {
             return Ok(());
         }
         let refuse = self.velocity.refuses();
+        self.metrics.event("velocity_flag");
         tracing::warn!(token = %token, rules = %broken.join("; "), refused = refuse, "forward flagged by velocity rules");
         self.audit(AuditEvent {
             at_unix_ms: now_unix_ms(),
@@ -359,6 +375,7 @@ impl<S: Store> VaultService<S> {
         now: Instant,
     ) {
         for (kind, subject) in self.lockout.failure(identity, peer, now) {
+            self.metrics.event("lockout");
             tracing::warn!(kind = kind.name(), %subject, "blocked after repeated failures");
             let event = AuditEvent {
                 at_unix_ms: now_unix_ms(),
@@ -1101,9 +1118,26 @@ impl<S: Store> VaultService<S> {
             )
             .await;
         drop(card);
+        let forwarded = |outcome: &str| {
+            self.metrics
+                .forwards
+                .get_or_create(&crate::metrics::ForwardLabels {
+                    processor: processor.name().into(),
+                    outcome: outcome.into(),
+                })
+                .inc();
+        };
         let answer = match sent {
-            Ok(answer) => answer,
+            Ok(answer) => {
+                forwarded("answered");
+                answer
+            }
             Err(error) => {
+                forwarded(if error.nothing_sent() {
+                    "not_sent"
+                } else {
+                    "failed"
+                });
                 if error.nothing_sent() {
                     if let Some(taken) = cvc {
                         self.cvcs.restore(&token, taken);
@@ -1602,5 +1636,57 @@ impl<S: Store> pb::vault_server::Vault for VaultService<S> {
             |caller, request| self.forward_one(caller, request),
         )
         .await
+    }
+}
+
+impl<S: Store> crate::metrics::Observed for VaultService<S> {
+    fn metrics(&self) -> String {
+        let metrics = &self.metrics;
+        metrics.records.clear();
+        for ((key_use, version), records) in self.store.version_counts() {
+            let purpose = match key_use {
+                crate::store::KeyUse::CardData => "card-data",
+                crate::store::KeyUse::Fingerprint => "fingerprint",
+            };
+            metrics
+                .records
+                .get_or_create(&crate::metrics::VersionLabels {
+                    purpose: purpose.into(),
+                    version,
+                })
+                .set(records as i64);
+        }
+        let keys = self.keys.snapshot();
+        for (purpose, version) in [
+            ("card-data", keys.card_data.active().0),
+            ("fingerprint", keys.fingerprint.active().0),
+            ("cvc", keys.cvc.active().0),
+            ("audit", keys.audit.active().0),
+        ] {
+            metrics
+                .active_versions
+                .get_or_create(&crate::metrics::EventLabels {
+                    kind: purpose.into(),
+                })
+                .set(i64::from(version));
+        }
+        metrics
+            .keyservice_connected
+            .set(i64::from(*self.keys.connected().borrow()));
+        metrics
+            .rewrap_remaining
+            .set(self.rewrap.status().remaining as i64);
+        metrics.encode()
+    }
+
+    fn health(&self) -> (bool, String) {
+        if *self.keys.connected().borrow() {
+            (true, "serving".into())
+        } else {
+            (
+                true,
+                "degraded: the keyservice is unreachable; serving with the keys held".into(),
+            )
+        }
     }
 }

@@ -1,0 +1,225 @@
+//! Prometheus metrics and a plain health check, served over HTTP on the admin port
+//! (`[admin] listen_addr`, loopback by default): `GET /metrics` and `GET /healthz`.
+//!
+//! Labels have low cardinality on purpose: RPC method, status code, processor name and
+//! outcome, key purpose and version. Never a token, an identity or an address.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use runtime::shutdown::Shutdown;
+use tokio::net::TcpListener;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    pub method: String,
+    pub code: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    pub method: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ForwardLabels {
+    pub processor: String,
+    pub outcome: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub purpose: String,
+    pub version: u32,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    pub kind: String,
+}
+
+/// Every metric the vault exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub calls: Family<CallLabels, Counter>,
+    pub latency: Family<MethodLabels, Histogram>,
+    pub forwards: Family<ForwardLabels, Counter>,
+    /// Audit events written, lockouts and velocity flags.
+    pub events: Family<EventLabels, Counter>,
+    /// Set at each scrape from the store and the key set.
+    pub records: Family<VersionLabels, Gauge>,
+    pub active_versions: Family<EventLabels, Gauge>,
+    pub keyservice_connected: Gauge,
+    pub rewrap_remaining: Gauge,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs to about 13 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("tokenvault");
+        let calls = Family::<CallLabels, Counter>::default();
+        registry.register(
+            "rpc_calls",
+            "RPCs answered, by method and status code",
+            calls.clone(),
+        );
+        let latency = Family::<MethodLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "rpc_seconds",
+            "RPC latency in seconds, by method",
+            latency.clone(),
+        );
+        let forwards = Family::<ForwardLabels, Counter>::default();
+        registry.register(
+            "forwards",
+            "Forwards by processor and outcome",
+            forwards.clone(),
+        );
+        let events = Family::<EventLabels, Counter>::default();
+        registry.register(
+            "events",
+            "Audit events written, lockouts and velocity flags, by kind",
+            events.clone(),
+        );
+        let records = Family::<VersionLabels, Gauge>::default();
+        registry.register(
+            "records",
+            "Stored records by key purpose and version",
+            records.clone(),
+        );
+        let active_versions = Family::<EventLabels, Gauge>::default();
+        registry.register(
+            "active_key_version",
+            "The active key version of each purpose",
+            active_versions.clone(),
+        );
+        let keyservice_connected = Gauge::default();
+        registry.register(
+            "keyservice_connected",
+            "1 while the key watch stream to the keyservice is up",
+            keyservice_connected.clone(),
+        );
+        let rewrap_remaining = Gauge::default();
+        registry.register(
+            "rewrap_remaining",
+            "Records still to re-encrypt onto the active key versions",
+            rewrap_remaining.clone(),
+        );
+        Self {
+            registry,
+            calls,
+            latency,
+            forwards,
+            events,
+            records,
+            active_versions,
+            keyservice_connected,
+            rewrap_remaining,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn event(&self, kind: &str) {
+        self.events
+            .get_or_create(&EventLabels { kind: kind.into() })
+            .inc();
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// What the admin endpoint asks the vault at each request.
+pub trait Observed: Send + Sync + 'static {
+    /// Refreshes the gauges and returns the metrics.
+    fn metrics(&self) -> String;
+    /// `(serving, detail)`: not serving is 503; serving but degraded is 200 with detail.
+    fn health(&self) -> (bool, String);
+}
+
+/// Serves `/metrics` and `/healthz` on `listener` until `shutdown`.
+pub async fn serve_admin(listener: TcpListener, vault: Arc<dyn Observed>, shutdown: Shutdown) {
+    let stop = shutdown.wait();
+    tokio::pin!(stop);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin port accept failed");
+                    continue;
+                }
+            },
+            _ = &mut stop => return,
+        };
+        let vault = Arc::clone(&vault);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let vault = Arc::clone(&vault);
+                async move { Ok::<_, Infallible>(answer(&request, vault.as_ref())) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn answer(request: &Request<Incoming>, vault: &dyn Observed) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, content_type: &str, body: String| {
+        Response::builder()
+            .status(status)
+            .header("content-type", content_type)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap_or_default()
+    };
+    match (request.method().as_str(), request.uri().path()) {
+        ("GET", "/metrics") => reply(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            vault.metrics(),
+        ),
+        ("GET", "/healthz") => {
+            let (serving, detail) = vault.health();
+            let status = if serving {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            reply(status, "text/plain; charset=utf-8", format!("{detail}\n"))
+        }
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "not found\n".into(),
+        ),
+    }
+}
+
+/// Binds the admin listener.
+pub async fn bind_admin(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
