@@ -31,7 +31,8 @@ fn pin_port(config: &std::path::Path, port: u16) {
     let text = std::fs::read_to_string(config).unwrap();
     std::fs::write(
         config,
-        text.replace("127.0.0.1:0", &format!("127.0.0.1:{port}")),
+        // The listener only (the first address); the admin port stays on port 0.
+        text.replacen("127.0.0.1:0", &format!("127.0.0.1:{port}"), 1),
     )
     .unwrap();
 }
