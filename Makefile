@@ -15,7 +15,7 @@ ROCKSDB_VERSION := $(shell sed -n '/^name = "librocksdb-sys"$$/{n;s/^version = "
 export ROCKSDB_LIB_DIR ?= $(CACHE_DIR)/librocksdb-$(ROCKSDB_VERSION)
 export ROCKSDB_STATIC := 1
 
-.PHONY: run test crash-test rewrap-bench audit-bench fuzz build lint deps rocksdb
+.PHONY: run test crash-test rewrap-bench audit-bench fuzz build build-release lint deps rocksdb
 
 run: build
 	cargo run --locked --quiet -p devstack -- --dir .dev
@@ -53,6 +53,10 @@ fuzz: rocksdb
 
 build: rocksdb
 	cargo build --locked --bins
+
+# Release binaries of the three programs (the container image, deploy/Dockerfile).
+build-release: rocksdb
+	cargo build --release --locked --bin keyservice --bin vault-server --bin vaultctl
 
 lint: rocksdb
 	cargo fmt --all -- --check

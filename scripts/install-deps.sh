@@ -17,6 +17,14 @@ fi
 if ! command -v systemd-analyze >/dev/null 2>&1; then
   missing+=(systemd)
 fi
+# kubernetes-validate (PyPI) checks the manifests in deploy/k8s against the
+# Kubernetes schemas (make test).
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+  echo "==> Installing kubernetes-validate (PyPI)"
+  python3 -m pip install --quiet --user kubernetes-validate 2>/dev/null \
+    || python3 -m pip install --quiet kubernetes-validate \
+    || echo "warning: kubernetes-validate is missing (the manifest test needs it): python3 -m pip install kubernetes-validate" >&2
+fi
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
