@@ -273,11 +273,16 @@ async fn an_idempotent_retry_charges_once() {
 
     let other = ForwardRequest {
         body: CHARGE.replace("1000", "2000"),
-        ..request
+        ..request.clone()
     };
     let err = client.forward(other).await.unwrap_err();
     assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
     assert_eq!(stack.sandbox.requests().len(), 1);
+
+    // Once the token is deleted, a replay answers NOT_FOUND like any use of it.
+    client.delete(&token).await.unwrap();
+    let err = client.forward(request).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::NotFound), "{err}");
     stack.stop().await;
 }
 

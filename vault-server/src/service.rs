@@ -1071,6 +1071,8 @@ impl<S: Store> VaultService<S> {
                     if outcome.state == idempotency::State::Pending {
                         return Err(VaultError::IdempotencyUnknown);
                     }
+                    // A token deleted or expired since is gone for replays too.
+                    self.load(&caller, &token).await?;
                     tracing::info!(
                         processor = processor.name(),
                         status = outcome.answer.status,
