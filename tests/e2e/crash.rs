@@ -113,6 +113,10 @@ async fn crash_cycles(cycles: usize) {
         status = client.rewrap_status().await.unwrap();
     }
     assert_eq!((status.remaining, status.failed), (0, 0), "{status:?}");
+    // The audit log went through every kill with its chain whole.
+    let audit = client.verify_audit().await.unwrap();
+    assert!(audit.intact, "{audit:?}");
+    assert!(audit.entries as usize > cycles, "{audit:?}");
     let acknowledged = acknowledged.lock().unwrap().clone();
     let mut lost = Vec::new();
     for info in &acknowledged {
@@ -157,9 +161,10 @@ async fn crash_cycles(cycles: usize) {
     keyservice.terminate().await;
     sandbox.stop().await;
     println!(
-        "crash test summary: {cycles} vault kill cycles, {keyservice_kills} keyservice kills, {rotations} rotations with rewrap, {} tokens acknowledged, {} lost, {:.1?}",
+        "crash test summary: {cycles} vault kill cycles, {keyservice_kills} keyservice kills, {rotations} rotations with rewrap, {} tokens acknowledged, {} lost, audit log intact ({} entries), {:.1?}",
         acknowledged.len(),
         lost.len(),
+        audit.entries,
         started.elapsed()
     );
     assert!(
