@@ -5,6 +5,7 @@
 #   make fuzz         every fuzz target for FUZZ_SECS seconds
 #   make rewrap-bench the rewrap rate on REWRAP_RECORDS records (release build)
 #   make audit-bench  tokenize throughput with and without the audit log (release build)
+#   make bench        the standard load scenarios; writes docs/BENCHMARKS.md (release build)
 # Both install missing system packages first and build RocksDB's C++ only once.
 
 SHELL := /bin/bash
@@ -15,7 +16,7 @@ ROCKSDB_VERSION := $(shell sed -n '/^name = "librocksdb-sys"$$/{n;s/^version = "
 export ROCKSDB_LIB_DIR ?= $(CACHE_DIR)/librocksdb-$(ROCKSDB_VERSION)
 export ROCKSDB_STATIC := 1
 
-.PHONY: run test crash-test rewrap-bench audit-bench fuzz build build-release lint deps rocksdb
+.PHONY: run test crash-test bench rewrap-bench audit-bench fuzz build build-release lint deps rocksdb
 
 run: build
 	cargo run --locked --quiet -p devstack -- --dir .dev
@@ -33,6 +34,11 @@ crash-test: build
 REWRAP_RECORDS ?= 100000
 rewrap-bench: rocksdb
 	REWRAP_RECORDS=$(REWRAP_RECORDS) cargo test --release --locked -p integration-tests --test e2e rewrap_rate -- --ignored --nocapture
+
+# The standard scenarios against a release stack; writes docs/BENCHMARKS.md and
+# docs/benchmarks.svg. Stop `make run` first (same ports). BENCH_SECS per scenario.
+bench: rocksdb
+	scripts/bench.sh
 
 # Tokenize throughput, 1 and 64 calls in flight, with and without the audit log.
 AUDIT_BENCH_TOKENS ?= 40000
