@@ -183,7 +183,8 @@ async fn calls_whose_audit_event_cannot_be_written_are_refused() {
     let refusal = refusal.expect("the audit disk filled up");
     assert_eq!(refusal.code(), Some(Code::Unavailable), "{refusal}");
     assert!(refusal.to_string().contains("audit log"), "{refusal}");
-    // Writes are refused too, and store nothing a caller could not know about.
+    // Writes are refused too (a record may be stored, but its token is never handed
+    // out, so no caller can use it).
     let err = client
         .tokenize(Card::new("5555555555554444", 1, 2031), false)
         .await

@@ -212,26 +212,10 @@ async fn rewrap_finishes_across_a_kill_and_never_resurrects_a_delete() {
     }
     // Rewrapped records still carry the right card, and reuse finds them under the new
     // fingerprint version.
-    let number = {
-        let answer = vault
-            .forward(ForwardRequest {
-                processor: "sandbox".into(),
-                method: "POST".into(),
-                path: "/v1/charges".into(),
-                headers: vec![("content-type".into(), "application/json".into())],
-                body: r#"{"number":"{{card.number}}","exp_month":"{{card.exp_month}}","exp_year":"{{card.exp_year}}"}"#.into(),
-                token: tokens[7].clone(),
-                idempotency_key: None,
-            })
-            .await
-            .unwrap();
-        assert_eq!(answer.status, 200);
-        let received = stack.sandbox.requests();
-        let body: serde_json::Value =
-            serde_json::from_slice(&received.last().unwrap().body).unwrap();
-        body["number"].as_str().unwrap().to_owned()
-    };
-    assert_eq!(number, synthetic_pan("400000", 7, 16));
+    assert_eq!(
+        forward_number(&stack, &mut vault, &tokens[7]).await,
+        synthetic_pan("400000", 7, 16)
+    );
     let again = vault.tokenize(card(7), true).await.unwrap();
     assert_eq!(again.token, tokens[7]);
 

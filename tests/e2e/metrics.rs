@@ -49,7 +49,7 @@ async fn metrics_count_calls_and_records_without_tokens_or_identities() {
         r#"tokenvault_rpc_calls_total{method="Tokenize",code="ok"} 2"#,
         r#"tokenvault_rpc_calls_total{method="DeleteToken",code="PERMISSION_DENIED"} 1"#,
         r#"tokenvault_records{purpose="card-data",version="1"} 2"#,
-        r#"tokenvault_active_key_version{kind="card-data"} 1"#,
+        r#"tokenvault_active_key_version{purpose="card-data"} 1"#,
         "tokenvault_keyservice_connected 1",
         "tokenvault_rewrap_remaining 0",
     ] {

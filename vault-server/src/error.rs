@@ -51,7 +51,7 @@ pub enum VaultError {
     #[error("this vault has no backup_dir configured")]
     BackupsDisabled,
     #[error(transparent)]
-    Keys(crate::keys::KeysError),
+    Keys(#[from] crate::keys::KeysError),
     #[error(transparent)]
     Audit(crate::audit::AuditError),
     #[error("the policy file is invalid, the previous policy stays in force: {0}")]

@@ -122,7 +122,7 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
             addr: settings.listen_addr,
             source,
         })?;
-    let admin_listener = metrics::bind_admin(settings.admin.listen_addr)
+    let admin_listener = TcpListener::bind(settings.admin.listen_addr)
         .await
         .map_err(|source| Error::Bind {
             addr: settings.admin.listen_addr,

@@ -81,7 +81,6 @@ impl Kind {
 struct Subject {
     failures: VecDeque<Instant>,
     blocked_until: Option<Instant>,
-    last_seen: Option<Instant>,
 }
 
 /// A current block.
@@ -124,24 +123,27 @@ impl Lockout {
         keys
     }
 
-    /// Whether the identity or (unless `admin`) the address is blocked now.
+    /// Whether the identity, or the address unless the caller is an admin, is blocked
+    /// now. `admin` is asked only when the address is blocked.
     pub fn is_blocked(
         &self,
         identity: Option<&str>,
         address: &str,
-        admin: bool,
+        admin: impl FnOnce() -> bool,
         now: Instant,
     ) -> bool {
         let subjects = self.subjects();
+        let blocked = |key: &(Kind, String)| {
+            subjects
+                .get(key)
+                .and_then(|s| s.blocked_until)
+                .is_some_and(|until| until > now)
+        };
         let keys = self.keys(identity, address);
-        keys.iter()
-            .filter(|(kind, _)| !admin || *kind == Kind::Identity)
-            .any(|key| {
-                subjects
-                    .get(key)
-                    .and_then(|s| s.blocked_until)
-                    .is_some_and(|until| until > now)
-            })
+        if keys.iter().any(|k| k.0 == Kind::Identity && blocked(k)) {
+            return true;
+        }
+        keys.iter().any(|k| k.0 == Kind::Address && blocked(k)) && !admin()
     }
 
     /// Counts a failure; returns the subjects it newly blocked.
@@ -159,7 +161,6 @@ impl Lockout {
         let mut blocked = Vec::new();
         for key in self.keys(identity, address) {
             let subject = subjects.entry(key.clone()).or_default();
-            subject.last_seen = Some(now);
             match subject.blocked_until {
                 Some(until) if until > now => continue,
                 // A block that ended starts a clean slate.
@@ -238,15 +239,15 @@ mod tests {
         assert!(lockout.failure(Some("mallory"), "10.0.0.9", t0).is_empty());
         let blocked = lockout.failure(Some("mallory"), "10.0.0.9", t0);
         assert_eq!(blocked.len(), 2);
-        assert!(lockout.is_blocked(Some("mallory"), "10.0.0.1", false, t0));
-        assert!(lockout.is_blocked(Some("alice"), "10.0.0.9", false, t0));
-        assert!(!lockout.is_blocked(Some("alice"), "10.0.0.1", false, t0));
+        assert!(lockout.is_blocked(Some("mallory"), "10.0.0.1", || false, t0));
+        assert!(lockout.is_blocked(Some("alice"), "10.0.0.9", || false, t0));
+        assert!(!lockout.is_blocked(Some("alice"), "10.0.0.1", || false, t0));
         // An admin is not held by an address block.
-        assert!(!lockout.is_blocked(Some("root"), "10.0.0.9", true, t0));
+        assert!(!lockout.is_blocked(Some("root"), "10.0.0.9", || true, t0));
         assert_eq!(lockout.list(t0).len(), 2);
         assert!(lockout.lift(Kind::Identity, "mallory", t0));
         assert!(!lockout.lift(Kind::Identity, "mallory", t0));
-        assert!(!lockout.is_blocked(Some("mallory"), "10.0.0.1", false, t0));
+        assert!(!lockout.is_blocked(Some("mallory"), "10.0.0.1", || false, t0));
     }
 
     #[test]
@@ -256,15 +257,15 @@ mod tests {
         for _ in 0..3 {
             lockout.failure(Some("mallory"), "10.0.0.9", t0);
         }
-        assert!(lockout.is_blocked(Some("mallory"), "10.0.0.1", false, t0));
+        assert!(lockout.is_blocked(Some("mallory"), "10.0.0.1", || false, t0));
         let later = t0 + Duration::from_secs(61);
-        assert!(!lockout.is_blocked(Some("mallory"), "10.0.0.1", false, later));
+        assert!(!lockout.is_blocked(Some("mallory"), "10.0.0.1", || false, later));
         assert!(
             lockout
                 .failure(Some("mallory"), "10.0.0.9", later)
                 .is_empty()
         );
-        assert!(!lockout.is_blocked(Some("mallory"), "10.0.0.1", false, later));
+        assert!(!lockout.is_blocked(Some("mallory"), "10.0.0.1", || false, later));
     }
 
     #[test]
@@ -278,6 +279,6 @@ mod tests {
                 .failure(Some("bob"), "c", t0 + Duration::from_secs(12))
                 .is_empty()
         );
-        assert!(!lockout.is_blocked(Some("bob"), "d", false, t0 + Duration::from_secs(12)));
+        assert!(!lockout.is_blocked(Some("bob"), "d", || false, t0 + Duration::from_secs(12)));
     }
 }

@@ -5,7 +5,6 @@
 //! outcome, key purpose and version. Never a token, an identity or an address.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http_body_util::Full;
@@ -44,6 +43,11 @@ pub struct VersionLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PurposeLabels {
+    pub purpose: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EventLabels {
     pub kind: String,
 }
@@ -59,7 +63,7 @@ pub struct Metrics {
     pub events: Family<EventLabels, Counter>,
     /// Set at each scrape from the store and the key set.
     pub records: Family<VersionLabels, Gauge>,
-    pub active_versions: Family<EventLabels, Gauge>,
+    pub active_versions: Family<PurposeLabels, Gauge>,
     pub keyservice_connected: Gauge,
     pub rewrap_remaining: Gauge,
 }
@@ -104,7 +108,7 @@ impl Default for Metrics {
             "Stored records by key purpose and version",
             records.clone(),
         );
-        let active_versions = Family::<EventLabels, Gauge>::default();
+        let active_versions = Family::<PurposeLabels, Gauge>::default();
         registry.register(
             "active_key_version",
             "The active key version of each purpose",
@@ -217,9 +221,4 @@ fn answer(request: &Request<Incoming>, vault: &dyn Observed) -> Response<Full<By
             "not found\n".into(),
         ),
     }
-}
-
-/// Binds the admin listener.
-pub async fn bind_admin(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }

@@ -19,7 +19,7 @@ use vault_proto::vault::v1 as pb;
 
 use crate::config::RewrapSettings;
 use crate::error::VaultError;
-use crate::keys::{Aead, Keys, KeysError};
+use crate::keys::{Aead, Keys};
 use crate::record::{self, Fingerprint};
 use crate::store::{KeyUse, KeyVersions, Rewrite, RewriteOutcome, Store};
 use crate::token::Token;
@@ -385,11 +385,5 @@ impl<S: Store> Rewrapper<S> {
                 new_indexes: metadata.indexes(),
             })
             .await?)
-    }
-}
-
-impl From<KeysError> for VaultError {
-    fn from(e: KeysError) -> Self {
-        VaultError::Keys(e)
     }
 }

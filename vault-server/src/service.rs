@@ -187,19 +187,22 @@ impl<S: Store> VaultService<S> {
             request.get_ref().describe(&mut described);
             let permission = permission(request.get_ref());
             let policy = self.current_policy();
-            let admin = policy
-                .authorize(identity.as_deref(), &Permission::Admin)
-                .is_ok();
             // If the caller goes away mid-call (the future is dropped), the guard
             // still records the call.
             let mut guard = CancelGuard {
                 auditor: self.auditor.clone(),
                 event: None,
             };
-            let result = if self
-                .lockout
-                .is_blocked(identity.as_deref(), &peer, admin, started)
-            {
+            let result = if self.lockout.is_blocked(
+                identity.as_deref(),
+                &peer,
+                || {
+                    policy
+                        .authorize(identity.as_deref(), &Permission::Admin)
+                        .is_ok()
+                },
+                started,
+            ) {
                 tracing::warn!("refused: caller blocked after repeated failures");
                 event.detail = "blocked".into();
                 Err(VaultError::PermissionDenied)
@@ -719,8 +722,6 @@ impl<S: Store> VaultService<S> {
         Ok(tokens)
     }
 
-    /// Reads a record and authenticates it (decrypting, then dropping the card), so
-    /// that edited or moved records are reported, never served.
     /// Reads a record and decrypts its card.
     async fn load_card(
         &self,
@@ -1667,8 +1668,8 @@ impl<S: Store> crate::metrics::Observed for VaultService<S> {
         ] {
             metrics
                 .active_versions
-                .get_or_create(&crate::metrics::EventLabels {
-                    kind: purpose.into(),
+                .get_or_create(&crate::metrics::PurposeLabels {
+                    purpose: purpose.into(),
                 })
                 .set(i64::from(version));
         }
