@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use envelope::SecretKey;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use vault_proto::vault::v1 as pb;
 
 use crate::keys::Keys;
@@ -157,7 +157,9 @@ impl Auditor {
             );
         }
         let (queue, receiver) = mpsc::channel(8192);
-        tokio::spawn(write_events(store, keys, receiver, next, previous));
+        let (head, anchor) = watch::channel(next - 1);
+        tokio::spawn(write_anchor(Arc::clone(&store), anchor));
+        tokio::spawn(write_events(store, keys, receiver, next, previous, head));
         Ok(Self { queue })
     }
 
@@ -172,12 +174,26 @@ impl Auditor {
     }
 }
 
+/// Keeps the anchor (`HEAD_KEY`) up to date with the last durable sequence number. It
+/// runs beside the writer so that events never wait for it: each write takes the latest
+/// value, skipping those that came meanwhile, so the anchor trails the log by at most
+/// one data-store commit and never moves backwards.
+async fn write_anchor<S: Store>(store: Arc<S>, mut head: watch::Receiver<u64>) {
+    while head.changed().await.is_ok() {
+        let last = *head.borrow_and_update();
+        if let Err(e) = store.put_meta(HEAD_KEY, last.to_be_bytes().to_vec()).await {
+            tracing::warn!(error = %e, "the audit log anchor could not be updated");
+        }
+    }
+}
+
 async fn write_events<S: Store>(
     store: Arc<S>,
     keys: Arc<Keys>,
     mut receiver: mpsc::Receiver<Pending>,
     mut next: u64,
     mut previous: [u8; 32],
+    head: watch::Sender<u64>,
 ) {
     // After a failed write the log's end on disk is uncertain (the WAL may hold what
     // the failed sync did not confirm): stop, refusing every call, until a restart
@@ -228,12 +244,9 @@ async fn write_events<S: Store>(
                 for (sequence, reply) in replies {
                     let _ = reply.send(Ok(sequence));
                 }
-                // The anchor goes to the other database, shared with the data's own
-                // group commits; a failure is logged, the entries are durable already.
-                let head = (next - 1).to_be_bytes().to_vec();
-                if let Err(e) = store.put_meta(HEAD_KEY, head).await {
-                    tracing::warn!(error = %e, "the audit log anchor could not be updated");
-                }
+                // The anchor goes to the other database, in the data's own group
+                // commits (see `write_anchor`).
+                head.send_replace(next - 1);
             }
             Err(e) => {
                 broken = true;

@@ -50,6 +50,8 @@ pub struct Settings {
     pub velocity: crate::velocity::VelocitySettings,
     #[serde(default)]
     pub admin: AdminSettings,
+    #[serde(default)]
+    pub storage: StorageSettings,
     /// The processor allowlist: `[[processor]]` entries.
     #[serde(default, rename = "processor")]
     pub processors: Vec<crate::forward::settings::ProcessorSettings>,
@@ -97,6 +99,29 @@ impl Default for AdminSettings {
 
 fn default_admin_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9464))
+}
+
+/// `[storage]`: the storage engine's memory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSettings {
+    /// RocksDB's block cache, shared by every column family; index and filter blocks
+    /// are charged to it too, so it bounds the memory reads use whatever the number of
+    /// records.
+    #[serde(default = "default_block_cache_mb")]
+    pub block_cache_mb: usize,
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        Self {
+            block_cache_mb: default_block_cache_mb(),
+        }
+    }
+}
+
+fn default_block_cache_mb() -> usize {
+    128
 }
 
 /// `[retention]`: token lifetimes and the purge job.
@@ -337,6 +362,9 @@ impl Settings {
         }
         if !(1..=100_000).contains(&self.max_batch_size) {
             return Err("max_batch_size must be 1 to 100000".into());
+        }
+        if !(8..=1_048_576).contains(&self.storage.block_cache_mb) {
+            return Err("storage.block_cache_mb must be 8 to 1048576".into());
         }
         if self.keyservice.connect_timeout_ms == 0 || self.keyservice.max_retry_backoff_ms == 0 {
             return Err("keyservice timeouts must be greater than 0".into());

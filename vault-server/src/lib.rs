@@ -228,7 +228,10 @@ fn open_store(settings: &Settings) -> Result<RocksStore, Error> {
         path: audit_dir.display().to_string(),
         detail: e.to_string(),
     })?;
-    RocksStore::open(&settings.data_dir, &audit_dir, record::indexes_of)
+    let tuning = store::rocks::Tuning {
+        block_cache_bytes: settings.storage.block_cache_mb.saturating_mul(1024 * 1024),
+    };
+    RocksStore::open(&settings.data_dir, &audit_dir, record::indexes_of, &tuning)
         .map_err(|e| storage_error(e.to_string()))
 }
 

@@ -777,7 +777,10 @@ impl<S: Store> VaultService<S> {
             match outcome {
                 Some(InsertOutcome::Stored) => {
                     self.keep_cvc(&token, &card).await?;
-                    tracing::info!(token = %token, "tokenized");
+                    // Successful calls log at debug: the audit log already holds one
+                    // durable event per call, and a line per call at info costs the
+                    // hot path a write to stderr.
+                    tracing::debug!(token = %token, "tokenized");
                     return Ok(tokenize_response(&token, &metadata, false));
                 }
                 Some(InsertOutcome::Existing(existing)) => {
@@ -792,7 +795,7 @@ impl<S: Store> VaultService<S> {
                         other => other?,
                     };
                     self.keep_cvc(&existing, &card).await?;
-                    tracing::info!(token = %existing, "returned existing token");
+                    tracing::debug!(token = %existing, "returned existing token");
                     return Ok(tokenize_response(&existing, &stored.metadata, true));
                 }
                 Some(InsertOutcome::TokenTaken) | None => continue,
@@ -900,7 +903,7 @@ impl<S: Store> VaultService<S> {
             .iter()
             .filter(|r| matches!(r.outcome, Some(pb::batch_item_result::Outcome::Stored(_))))
             .count();
-        tracing::info!(items = results.len(), stored, "batch tokenized");
+        tracing::debug!(items = results.len(), stored, "batch tokenized");
         Ok(pb::TokenizeBatchResponse { results })
     }
 }
@@ -1158,7 +1161,7 @@ impl<S: Store> VaultService<S> {
                 return Err(VaultError::Forward(error));
             }
         };
-        tracing::info!(processor = processor.name(), token = %token, status = answer.status, "forwarded");
+        tracing::debug!(processor = processor.name(), token = %token, status = answer.status, "forwarded");
         if let Some((store_key, digest, _guard)) = idempotency {
             let value =
                 idempotency::encode(idempotency::State::Done, &digest, now_unix_ms(), &answer);
@@ -1325,7 +1328,7 @@ impl<S: Store> pb::vault_server::Vault for VaultService<S> {
                 let token = parse_token(&request.token)?;
                 self.delete_record(&caller, &token).await?;
                 self.cvcs.erase(&token);
-                tracing::info!(token = %token, "deleted");
+                tracing::debug!(token = %token, "deleted");
                 Ok(pb::DeleteTokenResponse {})
             },
         )

@@ -9,14 +9,18 @@
 //! it as one synced WriteBatch (group commit). Every waiter is answered only after the
 //! sync, so an acknowledged token survives `kill -9` and power loss, and one fsync is
 //! shared by every request that arrived meanwhile (DESIGN.md, Storage). Being the only
-//! writer also makes put-if-absent race-free.
+//! writer also makes put-if-absent race-free. The audit log, a database of its own, has
+//! its own writer thread the same way, so that its syncs overlap the data's.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use rocksdb::{ColumnFamilyDescriptor, DB, DBCompressionType, Options, WriteBatch, WriteOptions};
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, Options, WriteBatch,
+    WriteOptions,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
@@ -30,10 +34,6 @@ const FINGERPRINTS: &str = "fingerprints";
 const IDEMPOTENCY: &str = "idempotency";
 const VERSIONS: &str = "versions";
 const META: &str = "meta";
-/// Audit entries go to a database of their own, outside the data directory: erasure
-/// must leave no token in the data directory, while the audit log keeps its events
-/// (which name tokens, never card data) for their retention period.
-const AUDIT: &str = "audit";
 const EXPIRY: &str = "expiry";
 const CARDS: &str = "cards";
 const FAMILIES: [&str; 7] = [
@@ -101,7 +101,7 @@ enum Op {
         keys: Vec<Vec<u8>>,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
-    /// Plain puts into `family` (idempotency outcomes, job state, audit entries).
+    /// Plain puts into `family` (idempotency outcomes, job state).
     Put {
         family: &'static str,
         entries: Vec<(Vec<u8>, Vec<u8>)>,
@@ -109,12 +109,37 @@ enum Op {
     },
 }
 
+/// Audit entries to append (key, entry), and where to answer once they are durable.
+type AuditAppend = (
+    Vec<(Vec<u8>, Vec<u8>)>,
+    oneshot::Sender<Result<(), StoreError>>,
+);
+
+/// Memory settings (`[storage]` in the vault config).
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    pub block_cache_bytes: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            block_cache_bytes: 128 * 1024 * 1024,
+        }
+    }
+}
+
 pub struct RocksStore {
     db: Arc<DB>,
+    /// Audit entries go to a database of their own, outside the data directory: erasure
+    /// must leave no token in the data directory, while the audit log keeps its events
+    /// (which name tokens, never card data) for their retention period.
     audit_db: Arc<DB>,
     counts: Counts,
     queue: Option<mpsc::Sender<Op>>,
     writer: Option<JoinHandle<()>>,
+    audit_queue: Option<mpsc::Sender<AuditAppend>>,
+    audit_writer: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for RocksStore {
@@ -140,6 +165,34 @@ fn classify(message: String) -> StoreError {
     }
 }
 
+/// Options of one column family (or of the audit database, `None`). Families read by
+/// key get bloom filters, in their files and in the memtable, so that the lookups every
+/// tokenization makes for a key that does not exist yet (a fresh token, a new card's
+/// fingerprint) mostly touch no skiplist and no data block; families only ever scanned
+/// in order get none, which saves the filters' memory.
+fn family_options(family: Option<&str>, cache: &Cache) -> Options {
+    let mut options = db_options();
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(cache);
+    // Index and filter blocks are charged to the cache, so that memory stays bounded as
+    // the number of records grows; those of level 0 (the newest files) stay pinned.
+    table.set_cache_index_and_filter_blocks(true);
+    table.set_cache_index_and_filter_blocks_with_high_priority(true);
+    table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+    if matches!(family, Some(RECORDS | FINGERPRINTS | IDEMPOTENCY | META)) {
+        table.set_bloom_filter(10.0, false);
+        table.set_whole_key_filtering(true);
+        options.set_memtable_prefix_bloom_ratio(0.05);
+        options.set_memtable_whole_key_filtering(true);
+    }
+    options.set_block_based_table_factory(&table);
+    // Small memtables: inserting a random key into a skiplist costs a cache miss per
+    // step, and every tokenization inserts several such keys. At 8 MiB (instead of 64)
+    // a memtable mostly stays in the CPU caches; flushes stay cheap and infrequent.
+    options.set_write_buffer_size(8 * 1024 * 1024);
+    options
+}
+
 fn db_options() -> Options {
     // The MANIFEST names the first and last key of every table file and would keep old
     // entries (erased tokens among them) until it rolls over, by default at 1 GiB. With
@@ -162,10 +215,21 @@ impl RocksStore {
     /// database from before the `versions` column family is indexed once, with
     /// `indexes_of` reading each record's key versions and indexes. The audit log is
     /// kept in `audit_dir`.
-    pub fn open(dir: &Path, audit_dir: &Path, indexes_of: IndexesOf) -> Result<Self, StoreError> {
-        let families = FAMILIES.map(|name| ColumnFamilyDescriptor::new(name, db_options()));
-        let db = Arc::new(DB::open_cf_descriptors(&db_options(), dir, families).map_err(engine)?);
-        let audit_db = Arc::new(DB::open(&db_options(), audit_dir).map_err(engine)?);
+    pub fn open(
+        dir: &Path,
+        audit_dir: &Path,
+        indexes_of: IndexesOf,
+        tuning: &Tuning,
+    ) -> Result<Self, StoreError> {
+        let cache = Cache::new_lru_cache(tuning.block_cache_bytes);
+        let families = FAMILIES
+            .map(|name| ColumnFamilyDescriptor::new(name, family_options(Some(name), &cache)));
+        let db = Arc::new(
+            DB::open_cf_descriptors(&family_options(None, &cache), dir, families)
+                .map_err(engine)?,
+        );
+        let audit_db =
+            Arc::new(DB::open(&family_options(None, &cache), audit_dir).map_err(engine)?);
         // The marker is written with the index's last batch: an indexing run that was
         // interrupted runs again (writing an entry twice is harmless).
         let meta = db.cf_handle(META).ok_or(StoreError::Closed)?;
@@ -175,25 +239,31 @@ impl RocksStore {
         let counts = Arc::new(Mutex::new(count_versions(&db)?));
         let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
         let writer_db = Arc::clone(&db);
-        let writer_audit_db = Arc::clone(&audit_db);
         let writer_counts = Arc::clone(&counts);
         let writer = std::thread::Builder::new()
             .name("rocksdb-writer".into())
             .spawn(move || {
                 Writer {
                     db: writer_db,
-                    audit_db: writer_audit_db,
                     counts: writer_counts,
                 }
                 .run(receiver)
             })
             .map_err(|e| StoreError::Engine(format!("cannot start writer thread: {e}")))?;
+        let (audit_queue, audit_receiver) = mpsc::channel(QUEUE_DEPTH);
+        let writer_audit_db = Arc::clone(&audit_db);
+        let audit_writer = std::thread::Builder::new()
+            .name("rocksdb-audit".into())
+            .spawn(move || write_audit(&writer_audit_db, audit_receiver))
+            .map_err(|e| StoreError::Engine(format!("cannot start audit writer thread: {e}")))?;
         Ok(Self {
             db,
             audit_db,
             counts,
             queue: Some(queue),
             writer: Some(writer),
+            audit_queue: Some(audit_queue),
+            audit_writer: Some(audit_writer),
         })
     }
 
@@ -290,7 +360,11 @@ impl Drop for RocksStore {
         // Closing the queue ends the writer after it commits what is queued; joining it
         // releases the database lock before a restart in the same process reopens it.
         self.queue.take();
-        if let Some(writer) = self.writer.take() {
+        self.audit_queue.take();
+        for writer in [self.writer.take(), self.audit_writer.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = writer.join();
         }
     }
@@ -490,12 +564,13 @@ impl Store for RocksStore {
             .into_iter()
             .map(|(sequence, entry)| (sequence.to_be_bytes().to_vec(), entry))
             .collect();
-        self.submit(|reply| Op::Put {
-            family: AUDIT,
-            entries,
-            reply,
-        })
-        .await
+        let queue = self.audit_queue.as_ref().ok_or(StoreError::Closed)?;
+        let (reply, answer) = oneshot::channel();
+        queue
+            .send((entries, reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 
     async fn read_audit(
@@ -588,10 +663,84 @@ impl Store for RocksStore {
     }
 }
 
+/// The audit database's writer: everything queued is one synced batch.
+fn write_audit(db: &DB, mut receiver: mpsc::Receiver<AuditAppend>) {
+    let mut sync = WriteOptions::default();
+    sync.set_sync(true);
+    while let Some(first) = receiver.blocking_recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match receiver.try_recv() {
+                Ok(append) => group.push(append),
+                Err(_) => break,
+            }
+        }
+        let mut batch = WriteBatch::default();
+        let mut replies = Vec::with_capacity(group.len());
+        for (entries, reply) in group {
+            for (key, value) in entries {
+                batch.put(key, value);
+            }
+            replies.push(reply);
+        }
+        let written = db.write_opt(batch, &sync).map_err(|e| e.into_string());
+        for reply in replies {
+            let _ = reply.send(written.clone().map_err(classify));
+        }
+    }
+}
+
 struct Writer {
     db: Arc<DB>,
-    audit_db: Arc<DB>,
     counts: Counts,
+}
+
+/// A group's writes, handed to RocksDB sorted by column family and key. Inserting
+/// random keys into a memtable's skiplist costs a cache miss at each step down from
+/// the top; RocksDB keeps the previous insert's path (its splice), so keys that arrive
+/// in order each reuse most of it. The sort is stable: two writes of one key keep their
+/// order.
+#[derive(Default)]
+struct SortedBatch<'a> {
+    entries: Vec<BatchEntry<'a>>,
+}
+
+/// A put (with its value) or a delete (`None`) of one key.
+type BatchEntry<'a> = (&'a rocksdb::ColumnFamily, Vec<u8>, Option<Vec<u8>>);
+
+impl<'a> SortedBatch<'a> {
+    fn put_cf(
+        &mut self,
+        family: &'a rocksdb::ColumnFamily,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+    ) {
+        self.entries
+            .push((family, key.as_ref().to_vec(), Some(value.as_ref().to_vec())));
+    }
+
+    fn delete_cf(&mut self, family: &'a rocksdb::ColumnFamily, key: impl AsRef<[u8]>) {
+        self.entries.push((family, key.as_ref().to_vec(), None));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn into_write_batch(mut self) -> WriteBatch {
+        // Families are told apart by address: any fixed order groups them.
+        self.entries.sort_by(|(a, a_key, _), (b, b_key, _)| {
+            (std::ptr::from_ref(*a) as usize, a_key).cmp(&(std::ptr::from_ref(*b) as usize, b_key))
+        });
+        let mut batch = WriteBatch::default();
+        for (family, key, value) in self.entries {
+            match value {
+                Some(value) => batch.put_cf(family, key, value),
+                None => batch.delete_cf(family, key),
+            }
+        }
+        batch
+    }
 }
 
 /// What one group commit has written so far, so later operations in the same group
@@ -630,14 +779,12 @@ impl Writer {
     }
 
     fn commit(&self, group: Vec<Op>) {
-        let mut batch = WriteBatch::default();
+        let mut batch = SortedBatch::default();
         let mut pending = Pending::default();
         let mut inserts = Vec::new();
         let mut deletes = Vec::new();
         let mut rewrites = Vec::new();
         let mut put_replies = Vec::new();
-        let mut audit_batch = WriteBatch::default();
-        let mut audit_replies = Vec::new();
         // A failed read while planning fails the whole group: the batch may already
         // hold part of that operation, so nothing is written.
         let mut failure = None;
@@ -685,16 +832,6 @@ impl Writer {
                     put_replies.push(reply);
                 }
                 Op::Put {
-                    family: AUDIT,
-                    entries,
-                    reply,
-                } => {
-                    for (key, value) in entries {
-                        audit_batch.put(key, value);
-                    }
-                    audit_replies.push(reply);
-                }
-                Op::Put {
                     family,
                     entries,
                     reply,
@@ -718,17 +855,11 @@ impl Writer {
         let written = match failure {
             Some(e) => Err(e),
             None if batch.is_empty() => Ok(()),
-            None => self.db.write_opt(batch, &sync).map_err(|e| e.into_string()),
+            None => self
+                .db
+                .write_opt(batch.into_write_batch(), &sync)
+                .map_err(|e| e.into_string()),
         };
-        if !audit_replies.is_empty() {
-            let audited = self
-                .audit_db
-                .write_opt(audit_batch, &sync)
-                .map_err(|e| e.into_string());
-            for reply in audit_replies {
-                let _ = reply.send(audited.clone().map_err(classify));
-            }
-        }
         if written.is_ok() {
             let mut counts = self
                 .counts
@@ -784,10 +915,10 @@ impl Writer {
         self.db.cf_handle(name).ok_or(StoreError::Closed)
     }
 
-    fn plan_insert(
-        &self,
+    fn plan_insert<'a>(
+        &'a self,
         records: &[NewRecord],
-        batch: &mut WriteBatch,
+        batch: &mut SortedBatch<'a>,
         pending: &mut Pending,
     ) -> Result<Vec<InsertOutcome>, StoreError> {
         let records_cf = self.family(RECORDS)?;
@@ -841,10 +972,10 @@ impl Writer {
         Ok(outcomes)
     }
 
-    fn plan_delete(
-        &self,
+    fn plan_delete<'a>(
+        &'a self,
         delete: &Delete,
-        batch: &mut WriteBatch,
+        batch: &mut SortedBatch<'a>,
         pending: &mut Pending,
     ) -> Result<DeleteOutcome, StoreError> {
         let token = delete.token.as_str().as_bytes();
@@ -888,9 +1019,9 @@ impl Writer {
         Ok(DeleteOutcome::Deleted)
     }
 
-    fn put_indexes(
-        &self,
-        batch: &mut WriteBatch,
+    fn put_indexes<'a>(
+        &'a self,
+        batch: &mut SortedBatch<'a>,
         indexes: &RecordIndexes,
         token: &[u8],
     ) -> Result<(), StoreError> {
@@ -906,9 +1037,9 @@ impl Writer {
         Ok(())
     }
 
-    fn delete_indexes(
-        &self,
-        batch: &mut WriteBatch,
+    fn delete_indexes<'a>(
+        &'a self,
+        batch: &mut SortedBatch<'a>,
         indexes: &RecordIndexes,
         token: &[u8],
     ) -> Result<(), StoreError> {
@@ -923,10 +1054,10 @@ impl Writer {
         Ok(())
     }
 
-    fn plan_rewrite(
-        &self,
+    fn plan_rewrite<'a>(
+        &'a self,
         rewrite: &Rewrite,
-        batch: &mut WriteBatch,
+        batch: &mut SortedBatch<'a>,
         pending: &mut Pending,
     ) -> Result<RewriteOutcome, StoreError> {
         let token = rewrite.token.as_str().as_bytes();
@@ -997,6 +1128,7 @@ mod tests {
                 &dir.path().join(n.to_string()),
                 &dir.path().join(format!("{n}-audit")),
                 no_versions,
+                &Tuning::default(),
             )
             .unwrap()
         })
@@ -1012,6 +1144,7 @@ mod tests {
                 &dir.path().join("data"),
                 &dir.path().join("audit"),
                 no_versions,
+                &Tuning::default(),
             )
             .unwrap();
             let outcome = store
@@ -1035,6 +1168,7 @@ mod tests {
             &dir.path().join("data"),
             &dir.path().join("audit"),
             no_versions,
+            &Tuning::default(),
         )
         .unwrap();
         assert_eq!(
@@ -1053,7 +1187,13 @@ mod erasure_tests {
     async fn a_deleted_record_leaves_no_file_after_compaction() {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
-        let store = RocksStore::open(&data, &dir.path().join("audit"), |_| None).unwrap();
+        let store = RocksStore::open(
+            &data,
+            &dir.path().join("audit"),
+            |_| None,
+            &Tuning::default(),
+        )
+        .unwrap();
         let token = Token::generate().unwrap();
         let keep = Token::generate().unwrap();
         let versions = KeyVersions {
