@@ -50,6 +50,9 @@ pub struct Settings {
     pub velocity: crate::velocity::VelocitySettings,
     #[serde(default)]
     pub admin: AdminSettings,
+    /// `[memory]`: whether all memory must be locked against swapping.
+    #[serde(default)]
+    pub memory: runtime::harden::MemorySettings,
     /// The processor allowlist: `[[processor]]` entries.
     #[serde(default, rename = "processor")]
     pub processors: Vec<crate::forward::settings::ProcessorSettings>,
@@ -409,6 +412,8 @@ mod tests {
             settings.keyservice.usage_report_interval(),
             Duration::from_secs(5)
         );
+        assert_eq!(settings.admin.listen_addr.port(), 9464);
+        assert!(!settings.memory.require_lock);
     }
 }
 
