@@ -70,6 +70,9 @@ pub struct Metrics {
     pub encryption_limit: Gauge,
     pub proposals_pending: Gauge,
     pub usage_reporters: Family<FreshnessLabels, Gauge>,
+    /// One scrape at a time: a refresh clears families that another scrape could be
+    /// encoding.
+    scraping: std::sync::Mutex<()>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -157,6 +160,7 @@ impl Default for Metrics {
             encryption_limit,
             proposals_pending,
             usage_reporters,
+            scraping: std::sync::Mutex::new(()),
         }
     }
 }
@@ -180,8 +184,14 @@ impl Metrics {
             .inc();
     }
 
-    /// The text exposition format.
-    pub fn encode(&self) -> String {
+    /// Sets the gauges with `refresh`, then encodes everything (text exposition
+    /// format).
+    pub fn scrape(&self, refresh: impl FnOnce(&Self)) -> String {
+        let _one_at_a_time = self
+            .scraping
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        refresh(self);
         let mut text = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);

@@ -1,7 +1,8 @@
 //! Deployment files and process hardening: the systemd units pass
-//! `systemd-analyze verify` and score a low exposure in `systemd-analyze security`, and
-//! the running servers cannot dump core; the Kubernetes manifests validate and keep the
-//! keyservice in its own network segment.
+//! `systemd-analyze verify` and score a low exposure in `systemd-analyze security`; the
+//! running servers cannot dump core and keep their memory locked (out of swap); the
+//! Kubernetes manifests validate, probe each server's admin port over HTTP, and keep
+//! the keyservice in its own network segment.
 
 use integration_tests::{ADMIN, Process, StackDir, binary};
 
