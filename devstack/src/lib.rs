@@ -145,7 +145,11 @@ pub fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), DevE
 #[derive(Debug, Clone, Copy)]
 pub struct Ports {
     pub keyservice: SocketAddr,
+    /// The keyservice's admin port (`/metrics`, `/healthz`, plain HTTP).
+    pub keyservice_admin: SocketAddr,
     pub vault: SocketAddr,
+    /// The vault's admin port (`/metrics`, `/healthz`, plain HTTP).
+    pub vault_admin: SocketAddr,
     pub sandbox: SocketAddr,
 }
 
@@ -153,7 +157,9 @@ impl Default for Ports {
     fn default() -> Self {
         Self {
             keyservice: SocketAddr::from(([127, 0, 0, 1], 7443)),
+            keyservice_admin: SocketAddr::from(([127, 0, 0, 1], 9465)),
             vault: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            vault_admin: SocketAddr::from(([127, 0, 0, 1], 9464)),
             sandbox: SocketAddr::from(([127, 0, 0, 1], 9443)),
         }
     }
@@ -189,11 +195,16 @@ vault_identities = ["{p}vault-server"]
 # Two admins: dual control (destroy, un-retire, root key change) needs both.
 admin_identities = ["{p}admin", "{p}officer"]
 
+[admin]
+# GET /metrics and /healthz, plain HTTP on loopback.
+listen_addr = "{ks_admin}"
+
 [lifecycle]
 # Short for trying things out; the reference (deploy/keyservice.toml) waits 120 s.
 destroy_grace_secs = 10
 "#,
         ks = ports.keyservice,
+        ks_admin = ports.keyservice_admin,
         p = IDENTITY_PREFIX
     )
 }
@@ -213,6 +224,10 @@ key_file = "vault-server.key"
 [keyservice]
 endpoint = "https://localhost:{ks_port}"
 
+[admin]
+# GET /metrics and /healthz, plain HTTP on loopback.
+listen_addr = "{vault_admin}"
+
 # The sandbox processor that `make run` starts (deploy/sandbox-processor).
 [[processor]]
 name = "sandbox"
@@ -226,6 +241,7 @@ inject = {{ number = ["body"], exp_month = ["body"], exp_year = ["body"], name =
 timeout_ms = 10000
 "#,
         vault = ports.vault,
+        vault_admin = ports.vault_admin,
         ks_port = ports.keyservice.port(),
         sandbox_port = ports.sandbox.port(),
         p = IDENTITY_PREFIX

@@ -158,6 +158,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn({
         let vaultctl = vaultctl.to_owned();
         let data = dir.join("vault-data").display().to_string();
+        let (vault_admin, ks_admin) = (ports.vault_admin, ports.keyservice_admin);
         async move {
             let (Ok(ks), Ok(vault), Ok(sandbox)) = (
                 keyservice_ready.await,
@@ -168,6 +169,7 @@ async fn main() -> anyhow::Result<()> {
             };
             println!(
                 "\n  Dev stack is up: keyservice on {ks}, vault-server on {vault}, sandbox processor on {sandbox}.\n  \
+                 Metrics and health: http://{vault_admin}/metrics and http://{ks_admin}/metrics (/healthz).\n  \
                  In another terminal, from this checkout:\n\n    \
                  TOKEN=$(echo '{{\"number\":\"4242424242424242\",\"exp_month\":12,\"exp_year\":2030,\"cvc\":\"123\"}}' | {vaultctl} tokenize)\n    \
                  {vaultctl} info $TOKEN\n    \

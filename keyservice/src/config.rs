@@ -21,6 +21,34 @@ pub struct Settings {
     pub access: Access,
     #[serde(default)]
     pub lifecycle: Lifecycle,
+    #[serde(default)]
+    pub admin: AdminSettings,
+    /// `[memory]`: whether all memory must be locked against swapping.
+    #[serde(default)]
+    pub memory: runtime::harden::MemorySettings,
+}
+
+/// `[admin]`: the plain-HTTP admin port (`/metrics`, `/healthz`). It serves no key
+/// material and no identities; keep it on loopback (the default) or a monitoring
+/// network, never where the keyservice's clients are.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    #[serde(default = "default_admin_addr")]
+    pub listen_addr: SocketAddr,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        Self {
+            listen_addr: default_admin_addr(),
+        }
+    }
+}
+
+/// Beside the vault's 9464, so both fit on one development host.
+fn default_admin_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9465))
 }
 
 /// `[lifecycle]`: budgets, schedules and dual control.
@@ -188,6 +216,11 @@ impl Settings {
                 "lifecycle.rotate_after_days must be at least 1 (or unset)".into(),
             ));
         }
+        if settings.admin.listen_addr == settings.listen_addr && settings.listen_addr.port() != 0 {
+            return Err(invalid(
+                "admin.listen_addr must differ from listen_addr (the gRPC port)".into(),
+            ));
+        }
         if settings.access.vault_identities.is_empty() {
             return Err(ConfigError::Invalid {
                 path: path.to_owned(),
@@ -209,6 +242,55 @@ mod tests {
         assert_eq!(settings.lifecycle.max_encryptions_per_version, 1 << 32);
         assert_eq!(settings.lifecycle.rotate_after_days, Some(365));
         assert_eq!(settings.access.admin_identities.len(), 2);
+        assert_eq!(
+            settings.admin.listen_addr,
+            SocketAddr::from(([127, 0, 0, 1], 9465))
+        );
+        assert!(settings.memory.require_lock);
+    }
+
+    #[test]
+    fn admin_and_memory_sections_parse_and_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyservice.toml");
+        let minimal = r#"
+listen_addr = "127.0.0.1:7443"
+keyring_file = "keyring.sealed"
+root_key_file = "root.key"
+[tls]
+ca_file = "ca.pem"
+cert_file = "ks.pem"
+key_file = "ks.key"
+[access]
+vault_identities = ["spiffe://test/vault"]
+"#;
+        std::fs::write(&path, minimal).unwrap();
+        let settings = Settings::load(&path).unwrap();
+        assert_eq!(settings.admin.listen_addr.port(), 9465);
+        assert!(settings.admin.listen_addr.ip().is_loopback());
+        assert!(!settings.memory.require_lock);
+
+        std::fs::write(
+            &path,
+            format!(
+                "{minimal}[admin]\nlisten_addr = \"0.0.0.0:9999\"\n[memory]\nrequire_lock = true\n"
+            ),
+        )
+        .unwrap();
+        let settings = Settings::load(&path).unwrap();
+        assert_eq!(settings.admin.listen_addr.port(), 9999);
+        assert!(settings.memory.require_lock);
+
+        std::fs::write(
+            &path,
+            format!("{minimal}[admin]\nlisten_addr = \"127.0.0.1:7443\"\n"),
+        )
+        .unwrap();
+        let err = Settings::load(&path).unwrap_err().to_string();
+        assert!(err.contains("admin.listen_addr"), "{err}");
+
+        std::fs::write(&path, format!("{minimal}[memory]\nlock = true\n")).unwrap();
+        assert!(Settings::load(&path).is_err(), "unknown keys are errors");
     }
 
     #[test]

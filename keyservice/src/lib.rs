@@ -8,6 +8,7 @@ pub mod config;
 pub mod history;
 pub mod keyring;
 pub mod lifecycle;
+pub mod metrics;
 mod service;
 
 use std::net::SocketAddr;
@@ -92,6 +93,8 @@ pub fn init(settings: &Settings) -> Result<(), Error> {
 #[derive(Debug)]
 pub struct Bound {
     listener: TcpListener,
+    /// Plain HTTP: `/metrics` and `/healthz`.
+    admin_listener: TcpListener,
     shared: Arc<service::Shared>,
     access: config::Access,
     tls: runtime::tls::TlsMaterial,
@@ -101,6 +104,13 @@ impl Bound {
     pub fn local_addr(&self) -> SocketAddr {
         // A bound listener always has an address; fall back to unspecified for form.
         self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// The admin port (`/metrics`, `/healthz`).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_listener
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
@@ -115,6 +125,12 @@ impl Bound {
         let service =
             service::KeyServiceImpl::new(Arc::clone(&self.shared), &self.access, shutdown.clone());
         let rotations = tokio::spawn(scheduled_rotations(Arc::clone(&self.shared)));
+        tracing::info!(addr = %self.admin_addr(), "admin port serving /metrics and /healthz");
+        tokio::spawn(runtime::admin::serve_admin(
+            self.admin_listener,
+            Arc::clone(&self.shared) as Arc<dyn runtime::admin::Observed>,
+            shutdown.clone(),
+        ));
         tonic::transport::Server::builder()
             .tls_config(self.tls.server_config(std::time::Duration::from_secs(10)))?
             .timeout(std::time::Duration::from_secs(30))
@@ -155,8 +171,15 @@ pub async fn bind(settings: &Settings) -> Result<Bound, Error> {
             addr: settings.listen_addr,
             source,
         })?;
+    let admin_listener = TcpListener::bind(settings.admin.listen_addr)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: settings.admin.listen_addr,
+            source,
+        })?;
     Ok(Bound {
         listener,
+        admin_listener,
         shared: Arc::new(service::Shared::new(keyring, root, settings, history)),
         access: settings.access.clone(),
         tls,

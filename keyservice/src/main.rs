@@ -44,27 +44,32 @@ async fn main() -> anyhow::Result<()> {
     let load = || keyservice::Settings::load(&cli.config).context("load configuration");
     match cli.command.unwrap_or(Command::Run) {
         Command::GenRootKey { file } => {
+            runtime::harden::lock_memory(&Default::default()).context("lock memory")?;
             keyservice::keyring::RootKey::generate_file(&file)
                 .with_context(|| format!("create root key file {}", file.display()))?;
             tracing::info!(file = %file.display(), "root key written (mode 0600)");
         }
         Command::Init => {
             let settings = load()?;
+            runtime::harden::lock_memory(&settings.memory).context("lock memory")?;
             keyservice::init(&settings).context("initialize keyring")?;
             tracing::info!(keyring = %settings.keyring_file.display(), "keyring created");
         }
         Command::Run => {
-            let bound = keyservice::bind(&load()?)
+            let settings = load()?;
+            // Before the keyring is opened: no key material is in memory yet.
+            runtime::harden::lock_memory(&settings.memory).context("lock memory")?;
+            // Signal handlers first, so that a SIGTERM right after the start-up line is
+            // a clean stop, not the default kill.
+            let shutdown = runtime::shutdown::Shutdown::on_signals();
+            let bound = keyservice::bind(&settings)
                 .await
                 .context("start keyservice")?;
             #[allow(clippy::print_stdout)] // the one machine-readable start-up line
             {
                 println!("keyservice listening on {}", bound.local_addr());
             }
-            bound
-                .serve(runtime::shutdown::Shutdown::on_signals())
-                .await
-                .context("serve")?;
+            bound.serve(shutdown).await.context("serve")?;
         }
     }
     Ok(())

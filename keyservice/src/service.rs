@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::{Stream, StreamExt};
@@ -20,6 +21,7 @@ use crate::config::Lifecycle;
 use crate::history::{History, NewEvent};
 use crate::keyring::{Keyring, Purpose, RootKey, State};
 use crate::lifecycle::{self, OperationKind, Proposal, ProposalState, Refusal};
+use crate::metrics::Metrics;
 
 /// Ended proposals stay listed (and refuse replays by name) this long.
 const KEEP_PROPOSALS_MS: i64 = 7 * 24 * 60 * 60 * 1000;
@@ -39,6 +41,9 @@ pub(crate) struct Shared {
     usage: Mutex<HashMap<(String, String), UsageReport>>,
     /// Every configured vault identity must have reported before a destroy.
     vault_identities: Vec<String>,
+    pub(crate) metrics: Metrics,
+    /// The last keyring save failed (health says degraded until one succeeds).
+    save_failing: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -161,6 +166,89 @@ impl Shared {
             changes: watch::channel(0).0,
             usage: Mutex::new(HashMap::new()),
             vault_identities: settings.access.vault_identities.clone(),
+            metrics: Metrics::default(),
+            save_failing: AtomicBool::new(false),
+        }
+    }
+
+    /// Saves the keyring under `root`, keeping the save-failure metric and health.
+    fn save(&self, keyring: &Keyring, root: &RootKey) -> Result<(), crate::keyring::KeyringError> {
+        let saved = keyring.save(&self.keyring_file, root);
+        if saved.is_err() {
+            self.metrics.keyring_save_failures.inc();
+        }
+        self.save_failing.store(saved.is_err(), Ordering::Relaxed);
+        saved
+    }
+
+    /// Sets the gauges from the keyring, the proposals and the usage reports.
+    fn refresh_gauges(&self, metrics: &Metrics) {
+        let now = now_unix_ms();
+        {
+            let keyring = lock(&self.keyring);
+            metrics.encryptions_leased.clear();
+            for purpose in Purpose::ALL {
+                let name = purpose.name();
+                for state in [
+                    State::Active,
+                    State::DecryptOnly,
+                    State::Retired,
+                    State::Destroyed,
+                ] {
+                    let count = keyring
+                        .versions()
+                        .iter()
+                        .filter(|v| v.purpose == purpose && v.state == state)
+                        .count();
+                    metrics
+                        .key_versions
+                        .get_or_create(&crate::metrics::StateLabels {
+                            purpose: name,
+                            state: lifecycle::state_name(state),
+                        })
+                        .set(count as i64);
+                }
+                metrics
+                    .active_versions
+                    .get_or_create(&crate::metrics::PurposeLabels { purpose: name })
+                    .set(keyring.active(purpose).map_or(0, |v| i64::from(v.version)));
+            }
+            for v in keyring.versions() {
+                if v.purpose.is_aead() && v.state != State::Destroyed {
+                    metrics
+                        .encryptions_leased
+                        .get_or_create(&crate::metrics::LeasedLabels {
+                            purpose: v.purpose.name(),
+                            version: v.version,
+                            state: lifecycle::state_name(v.state),
+                        })
+                        .set(i64::try_from(v.encryptions_leased).unwrap_or(i64::MAX));
+                }
+            }
+            let pending = keyring
+                .proposals
+                .iter()
+                .filter(|p| p.state == ProposalState::Pending && !p.expired(now))
+                .count();
+            metrics.proposals_pending.set(pending as i64);
+        }
+        metrics
+            .encryption_limit
+            .set(i64::try_from(self.lifecycle.max_encryptions_per_version).unwrap_or(i64::MAX));
+        let max_age_ms = (self.lifecycle.usage_report_max_age_secs * 1000) as i64;
+        let (mut fresh, mut stale) = (0, 0);
+        for report in lock(&self.usage).values() {
+            if now.saturating_sub(report.at_unix_ms) <= max_age_ms {
+                fresh += 1;
+            } else {
+                stale += 1;
+            }
+        }
+        for (freshness, count) in [("fresh", fresh), ("stale", stale)] {
+            metrics
+                .usage_reporters
+                .get_or_create(&crate::metrics::FreshnessLabels { freshness })
+                .set(count);
         }
     }
 
@@ -180,7 +268,7 @@ impl Shared {
         let result = change(&mut keyring)?;
         keyring.prune_proposals(now_unix_ms(), KEEP_PROPOSALS_MS);
         let root = lock(&self.root);
-        if let Err(error) = keyring.save(&self.keyring_file, &root) {
+        if let Err(error) = self.save(&keyring, &root) {
             tracing::error!(error = %error, "cannot save the keyring; change undone");
             if let Ok(unchanged) = Keyring::open(&before, &root) {
                 *keyring = unchanged;
@@ -232,14 +320,22 @@ impl Shared {
         pb::GetKeysResponse { keys }
     }
 
-    /// Rotates `purpose` (saved, recorded, announced).
-    fn rotate(&self, purpose: Purpose, actor: &str, detail: String) -> Result<u32, Status> {
+    /// Rotates `purpose` (saved, recorded, announced). `reason` labels the metric:
+    /// `manual` or `scheduled`.
+    fn rotate(
+        &self,
+        purpose: Purpose,
+        actor: &str,
+        reason: &'static str,
+        detail: String,
+    ) -> Result<u32, Status> {
         let version = self.mutate(|keyring| {
             keyring
                 .rotate(purpose, now_unix_ms())
                 .map_err(|_| Status::internal("the system random number generator failed"))
         })?;
         tracing::info!(purpose = purpose.name(), version, %detail, "rotated");
+        self.metrics.rotated(purpose.name(), reason);
         self.announce();
         self.record(NewEvent {
             actor,
@@ -261,7 +357,7 @@ impl Shared {
         let due = lock(&self.keyring).due_for_rotation(now_unix_ms(), max_age_ms);
         for purpose in due {
             let detail = format!("scheduled: rotate_after_days = {days}");
-            if let Err(status) = self.rotate(purpose, "keyservice", detail) {
+            if let Err(status) = self.rotate(purpose, "keyservice", "scheduled", detail) {
                 tracing::error!(purpose = purpose.name(), error = %status.message(), "scheduled rotation failed");
             }
         }
@@ -355,7 +451,7 @@ impl Shared {
             Status::unavailable(format!("root key change failed, nothing changed: {e}"))
         };
         new_root.write_file(&staged).map_err(failed)?;
-        if let Err(e) = keyring.save(&self.keyring_file, &new_root) {
+        if let Err(e) = self.save(keyring, &new_root) {
             let _ = std::fs::remove_file(&staged);
             return Err(failed(e));
         }
@@ -433,6 +529,26 @@ impl KeyServiceImpl {
             records: self.shared.records_using(purpose, version),
         }
     }
+
+    /// Runs one call in its span and counts it (method, status code, latency).
+    async fn observe<T>(
+        &self,
+        method: &'static str,
+        call: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let started = std::time::Instant::now();
+        let result = call.instrument(span(method)).await;
+        self.shared
+            .metrics
+            .call(method, code_of(&result), started.elapsed());
+        result
+    }
+}
+
+fn code_of<T>(result: &Result<T, Status>) -> tonic::Code {
+    result
+        .as_ref()
+        .map_or_else(Status::code, |_| tonic::Code::Ok)
 }
 
 fn span(method: &'static str) -> tracing::Span {
@@ -447,13 +563,12 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
         &self,
         request: Request<pb::GetKeysRequest>,
     ) -> Result<Response<pb::GetKeysResponse>, Status> {
-        async {
+        self.observe("GetKeys", async {
             self.authorize(&request, Role::Vault)?;
             let keys = self.shared.snapshot();
             tracing::info!(versions = keys.keys.len(), "served key versions");
             Ok(Response::new(keys))
-        }
-        .instrument(span("GetKeys"))
+        })
         .await
     }
 
@@ -465,7 +580,13 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
     ) -> Result<Response<KeyStream>, Status> {
         let span = span("WatchKeys");
         let _entered = span.enter();
-        self.authorize(&request, Role::Vault)?;
+        // Counted when the stream opens (or is refused); it then lasts for hours.
+        let started = std::time::Instant::now();
+        let authorized = self.authorize(&request, Role::Vault);
+        self.shared
+            .metrics
+            .call("WatchKeys", code_of(&authorized), started.elapsed());
+        authorized?;
         tracing::info!("a vault is watching the key set");
         let shared = Arc::clone(&self.shared);
         // The current set at once, then one after every change. Ends at shutdown so
@@ -480,7 +601,7 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
         &self,
         request: Request<pb::LeaseBudgetRequest>,
     ) -> Result<Response<pb::LeaseBudgetResponse>, Status> {
-        async {
+        self.observe("LeaseBudget", async {
             let caller = self.authorize(&request, Role::Vault)?;
             let purpose = purpose_from_wire(request.get_ref().purpose)?;
             let lifecycle = &self.shared.lifecycle;
@@ -506,6 +627,7 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
                     version,
                     "encryption budget spent: rotated"
                 );
+                self.shared.metrics.rotated(purpose.name(), "budget");
                 self.shared.announce();
                 self.shared.record(NewEvent {
                     actor: "keyservice",
@@ -540,8 +662,7 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
                 encryptions: lease.granted,
                 version_remaining: lease.remaining,
             }))
-        }
-        .instrument(span("LeaseBudget"))
+        })
         .await
     }
 
@@ -549,7 +670,7 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
         &self,
         request: Request<pb::ReportUsageRequest>,
     ) -> Result<Response<pb::ReportUsageResponse>, Status> {
-        async {
+        self.observe("ReportUsage", async {
             let caller = self.authorize(&request, Role::Vault)?;
             let request = request.into_inner();
             let mut records = BTreeMap::new();
@@ -571,8 +692,7 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
                 },
             );
             Ok(Response::new(pb::ReportUsageResponse {}))
-        }
-        .instrument(span("ReportUsage"))
+        })
         .await
     }
 
@@ -580,7 +700,7 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
         &self,
         request: Request<pb::ListKeyVersionsRequest>,
     ) -> Result<Response<pb::ListKeyVersionsResponse>, Status> {
-        async {
+        self.observe("ListKeyVersions", async {
             self.authorize(&request, Role::Admin)?;
             let keyring = lock(&self.shared.keyring);
             let versions = keyring
@@ -600,8 +720,7 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
                 versions,
                 reporters,
             }))
-        }
-        .instrument(span("ListKeyVersions"))
+        })
         .await
     }
 
@@ -609,16 +728,17 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
         &self,
         request: Request<pb::RotateKeyRequest>,
     ) -> Result<Response<pb::RotateKeyResponse>, Status> {
-        async {
+        self.observe("RotateKey", async {
             let caller = self.authorize(&request, Role::Admin)?;
             let purpose = purpose_from_wire(request.get_ref().purpose)?;
-            let version = self.shared.rotate(purpose, &caller, "manual".into())?;
+            let version = self
+                .shared
+                .rotate(purpose, &caller, "manual", "manual".into())?;
             let keyring = lock(&self.shared.keyring);
             Ok(Response::new(pb::RotateKeyResponse {
                 created: Some(self.version_info(&keyring, purpose, version)),
             }))
-        }
-        .instrument(span("RotateKey"))
+        })
         .await
     }
 
@@ -626,7 +746,7 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
         &self,
         request: Request<pb::RetireKeyRequest>,
     ) -> Result<Response<pb::RetireKeyResponse>, Status> {
-        async {
+        self.observe("RetireKey", async {
             let caller = self.authorize(&request, Role::Admin)?;
             let purpose = purpose_from_wire(request.get_ref().purpose)?;
             let version = request.get_ref().version;
@@ -657,8 +777,7 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
             })?;
             tracing::info!(purpose = purpose.name(), version, "retired");
             Ok(Response::new(pb::RetireKeyResponse {}))
-        }
-        .instrument(span("RetireKey"))
+        })
         .await
     }
 
@@ -666,7 +785,7 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
         &self,
         request: Request<pb::ProposeOperationRequest>,
     ) -> Result<Response<pb::Proposal>, Status> {
-        async {
+        self.observe("ProposeOperation", async {
             let caller = self.authorize(&request, Role::Admin)?;
             let request = request.into_inner();
             let now = now_unix_ms();
@@ -758,8 +877,7 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
             })?;
             tracing::info!(id = %stored.id, kind = lifecycle::kind_name(kind), "proposed");
             Ok(Response::new(stored))
-        }
-        .instrument(span("ProposeOperation"))
+        })
         .await
     }
 
@@ -767,7 +885,7 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
         &self,
         request: Request<pb::ApproveOperationRequest>,
     ) -> Result<Response<pb::Proposal>, Status> {
-        async {
+        self.observe("ApproveOperation", async {
             let caller = self.authorize(&request, Role::Admin)?;
             let id = request.into_inner().id;
             let now = now_unix_ms();
@@ -815,8 +933,8 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
             keyring.mark_approved(&id, &caller, now);
             let saved = match (proposal.kind, &proposal.new_root_key_file) {
                 (OperationKind::RootKeyChange, Some(file)) => shared.change_root_key(&keyring, file),
-                _ => keyring
-                    .save(&shared.keyring_file, &lock(&shared.root))
+                _ => shared
+                    .save(&keyring, &lock(&shared.root))
                     .map_err(|e| {
                         tracing::error!(error = %e, "cannot save the keyring");
                         Status::unavailable("the keyring could not be saved; nothing was changed")
@@ -842,8 +960,7 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
             })?;
             tracing::info!(%id, kind = lifecycle::kind_name(proposal.kind), "approved and carried out");
             Ok(Response::new(approved))
-        }
-        .instrument(span("ApproveOperation"))
+        })
         .await
     }
 
@@ -851,7 +968,7 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
         &self,
         request: Request<pb::ListProposalsRequest>,
     ) -> Result<Response<pb::ListProposalsResponse>, Status> {
-        async {
+        self.observe("ListProposals", async {
             self.authorize(&request, Role::Admin)?;
             let now = now_unix_ms();
             let proposals = lock(&self.shared.keyring)
@@ -860,8 +977,7 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
                 .map(|p| proposal_to_wire(p, now))
                 .collect();
             Ok(Response::new(pb::ListProposalsResponse { proposals }))
-        }
-        .instrument(span("ListProposals"))
+        })
         .await
     }
 
@@ -869,7 +985,7 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
         &self,
         request: Request<pb::KeyHistoryRequest>,
     ) -> Result<Response<pb::KeyHistoryResponse>, Status> {
-        async {
+        self.observe("KeyHistory", async {
             self.authorize(&request, Role::Admin)?;
             let events = self
                 .shared
@@ -893,8 +1009,26 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
                 })
                 .collect();
             Ok(Response::new(pb::KeyHistoryResponse { events }))
-        }
-        .instrument(span("KeyHistory"))
+        })
         .await
+    }
+}
+
+impl runtime::admin::Observed for Shared {
+    fn metrics(&self) -> String {
+        self.metrics.scrape(|metrics| self.refresh_gauges(metrics))
+    }
+
+    fn health(&self) -> (bool, String) {
+        if self.save_failing.load(Ordering::Relaxed) {
+            (
+                true,
+                "degraded: the last keyring save failed; rotations, leases and approvals \
+                 are refused until the keyring can be saved"
+                    .into(),
+            )
+        } else {
+            (true, "serving".into())
+        }
     }
 }

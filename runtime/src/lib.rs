@@ -1,8 +1,11 @@
 //! What both servers need around their own logic: mutual TLS configuration and the
-//! caller's identity, telemetry set-up, shutdown signals, and reading secret files.
+//! caller's identity, telemetry set-up, shutdown signals, reading secret files, the
+//! plain-HTTP admin port (`/metrics`, `/healthz`) and process hardening (no core
+//! dumps, memory locked against swapping).
 //!
 //! Must never depend on storage, key handling or card-data code.
 
+pub mod admin;
 pub mod harden;
 pub mod secret_file;
 pub mod shutdown;

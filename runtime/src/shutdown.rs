@@ -27,11 +27,14 @@ impl Shutdown {
         let _ = self.0.wait_for(|stop| *stop).await;
     }
 
-    /// A shutdown that fires on Ctrl-C or SIGTERM.
+    /// A shutdown that fires on Ctrl-C (SIGINT) or SIGTERM. The handlers are installed
+    /// before this returns, so a signal that arrives right after start-up is a clean
+    /// stop rather than the default kill. Must be called within a tokio runtime.
     pub fn on_signals() -> Self {
         let (trigger, shutdown) = channel();
+        let signalled = signal_received();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            signalled.await;
             tracing::info!("shutdown signal received, stopping");
             trigger.trigger();
         });
@@ -39,24 +42,25 @@ impl Shutdown {
     }
 }
 
-async fn wait_for_signal() {
+/// Installs the signal handlers now and returns a future that resolves on the first
+/// signal.
+fn signal_received() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
+        if let (Ok(mut term), Ok(mut interrupt)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            return Box::pin(async move {
                 tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
                     _ = term.recv() => {}
+                    _ = interrupt.recv() => {}
                 }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+            });
         }
     }
-    #[cfg(not(unix))]
-    {
+    Box::pin(async {
         let _ = tokio::signal::ctrl_c().await;
-    }
+    })
 }

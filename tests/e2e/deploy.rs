@@ -1,16 +1,19 @@
 //! Deployment files and process hardening: the systemd units pass
-//! `systemd-analyze verify` and score a low exposure in `systemd-analyze security`, and
-//! the running servers cannot dump core; the Kubernetes manifests validate and keep the
-//! keyservice in its own network segment.
+//! `systemd-analyze verify` and score a low exposure in `systemd-analyze security`; the
+//! running servers cannot dump core and keep their memory locked (out of swap); the
+//! Kubernetes manifests validate, probe each server's admin port over HTTP, and keep
+//! the keyservice in its own network segment.
 
-use integration_tests::{Process, StackDir, binary};
+use integration_tests::{ADMIN, Process, StackDir, binary};
 
-const HARDENING: [&str; 8] = [
+const HARDENING: [&str; 9] = [
     "NoNewPrivileges=yes",
     "ProtectSystem=strict",
     "PrivateTmp=yes",
     "MemoryDenyWriteExecute=yes",
     "LimitCORE=0",
+    // mlockall needs it: the servers keep keys and card data out of swap.
+    "LimitMEMLOCK=infinity",
     "CapabilityBoundingSet=\n",
     "DynamicUser=yes",
     "ReadWritePaths=/var/lib/",
@@ -85,12 +88,52 @@ fn core_limit(pid: u32) -> String {
         .join(" ")
 }
 
+/// A field of `/proc/<pid>/<file>` in kB, e.g. `VmLck` of `status` or `Locked` of
+/// `smaps_rollup`.
+fn proc_kb(pid: u32, file: &str, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/{file}:\n{text}"))
+}
+
+/// Whether a child of this process may lock all its memory: RLIMIT_MEMLOCK unlimited
+/// or CAP_IPC_LOCK (bit 14) effective. True as root, which is how CI runs.
+fn may_lock_memory() -> bool {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let unlimited = limits
+        .lines()
+        .any(|l| l.starts_with("Max locked memory") && l.contains("unlimited"));
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let ipc_lock = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << 14) != 0);
+    unlimited || ipc_lock
+}
+
+/// Both servers disable core dumps, and lock their memory (mlockall) so that keys and
+/// card data never reach swap: `VmLck` in /proc/<pid>/status counts the locked
+/// mappings (all of their address space: pages lock as they are first touched), and
+/// `Locked` in smaps_rollup shows that the resident pages are locked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_servers_cannot_dump_core() {
+async fn the_servers_cannot_dump_core_and_lock_their_memory() {
     let dir = StackDir::new();
     let keyservice = Process::start("keyservice", &dir.path().join("keyservice.toml"), &[]).await;
     let vault_config = dir.write_vault_config(keyservice.addr.port());
     let vault = Process::start("vault-server", &vault_config, &[]).await;
+    // Some work first, so that locked pages include ones that held keys and a card.
+    let mut client = vault_client::VaultClient::connect(&dir.client_config(ADMIN, vault.addr))
+        .await
+        .unwrap();
+    client
+        .tokenize(vault_client::Card::new("4242424242424242", 12, 2030), false)
+        .await
+        .unwrap();
+    let locking = may_lock_memory();
     for process in [&keyservice, &vault] {
         let pid = process.child.id().unwrap();
         assert_eq!(
@@ -98,9 +141,86 @@ async fn the_servers_cannot_dump_core() {
             "0 0",
             "soft and hard core limits of pid {pid}"
         );
+        let locked_mappings = proc_kb(pid, "status", "VmLck");
+        // `Locked` counts shared pages (libc) in proportion, like `Pss`.
+        let pss = proc_kb(pid, "smaps_rollup", "Pss");
+        let locked = proc_kb(pid, "smaps_rollup", "Locked");
+        println!("pid {pid}: VmLck {locked_mappings} kB, Pss {pss} kB, Locked {locked} kB");
+        if locking {
+            assert!(locked_mappings > 0, "pid {pid}: VmLck is 0");
+            // Every resident page but the kernel's special mappings (vdso, vvar).
+            assert!(
+                locked * 100 >= pss * 98,
+                "pid {pid}: only {locked} of {pss} kB resident are locked"
+            );
+        } else {
+            assert_eq!(locked_mappings, 0, "pid {pid}");
+        }
     }
-    vault.terminate().await;
-    keyservice.terminate().await;
+    drop(client);
+    for output in [vault.terminate().await, keyservice.terminate().await] {
+        let expected = if locking {
+            "memory locked"
+        } else {
+            "memory NOT locked"
+        };
+        assert!(output.contains(expected), "{output}");
+        if locking {
+            assert!(!output.contains("memory NOT locked"), "{output}");
+        }
+    }
+}
+
+/// A keyservice that may not lock its memory (finite RLIMIT_MEMLOCK, no CAP_IPC_LOCK)
+/// warns and runs unlocked, or with `[memory] require_lock = true` refuses to start
+/// and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_cannot_lock_memory_warns_or_refuses_as_configured() {
+    let dir = StackDir::new();
+    let config = dir.path().join("keyservice.toml");
+    // An 8 MiB limit, and (as root) CAP_IPC_LOCK out of the bounding set, so that the
+    // exec'd keyservice cannot have it.
+    let unprivileged = |config: &std::path::Path| {
+        let mut command = tokio::process::Command::new("sh");
+        command
+            .arg("-c")
+            .arg(
+                r#"ulimit -l 8192 || exit 99
+                   if [ "$(id -u)" = 0 ]; then exec setpriv --bounding-set=-ipc_lock "$@"; fi
+                   exec "$@""#,
+            )
+            .arg("sh")
+            .arg(binary("keyservice"))
+            .arg("--config")
+            .arg(config);
+        command
+    };
+
+    let keyservice = Process::start_command(unprivileged(&config), "keyservice").await;
+    let pid = keyservice.child.id().unwrap();
+    assert_eq!(proc_kb(pid, "status", "VmLck"), 0);
+    let output = keyservice.terminate().await;
+    assert!(
+        output.contains("memory NOT locked") && output.contains("RLIMIT_MEMLOCK"),
+        "{output}"
+    );
+
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("\n[memory]\nrequire_lock = true\n");
+    let strict = dir.path().join("keyservice-strict.toml");
+    std::fs::write(&strict, text).unwrap();
+    let refused = unprivileged(&strict).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert_ne!(refused.status.code(), Some(99), "ulimit failed: {stderr}");
+    assert!(
+        stderr.contains("require_lock") && stderr.contains("RLIMIT_MEMLOCK"),
+        "{stderr}"
+    );
+    assert!(
+        String::from_utf8_lossy(&refused.stdout).is_empty(),
+        "it must not listen"
+    );
 }
 
 /// The Kubernetes manifests: valid against the Kubernetes schemas (kubernetes-validate,
@@ -235,10 +355,62 @@ fn kubernetes_manifests_validate_and_isolate_the_keyservice() {
     let settings =
         keyservice::Settings::load(&config(keys, "keyservice-config", "keyservice.toml")).unwrap();
     assert_eq!(settings.listen_addr.port(), 7443);
+    let keyservice_admin = settings.admin.listen_addr.port();
     let settings =
         vault_server::Settings::load(&config(vault, "vault-server-config", "vault-server.toml"))
             .unwrap();
     assert!(settings.keyservice.endpoint.contains("tokenvault-keys"));
+    let vault_admin = settings.admin.listen_addr.port();
+
+    // Probes are HTTP GETs of /healthz on each server's admin port (the gRPC ports speak
+    // mutual TLS only, which kubelet cannot).
+    for (namespace, name, admin_port) in [
+        (keys, "keyservice", keyservice_admin),
+        (vault, "vault-server", vault_admin),
+    ] {
+        let container =
+            &find("StatefulSet", namespace, name)["spec"]["template"]["spec"]["containers"][0];
+        let admin = container["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["containerPort"] == admin_port)
+            .unwrap_or_else(|| panic!("{name}: no container port {admin_port}"));
+        for probe in ["readinessProbe", "livenessProbe"] {
+            let probe = &container[probe];
+            assert!(probe.get("tcpSocket").is_none(), "{name}: {probe}");
+            let get = &probe["httpGet"];
+            assert_eq!(get["path"], "/healthz", "{name}: {probe}");
+            assert!(
+                get["port"] == admin["name"] || get["port"] == admin_port,
+                "{name}: probe on {} rather than the admin port",
+                get["port"]
+            );
+        }
+    }
+    // The keyservice's admin port stays inside its pod: its Service does not expose it
+    // and no NetworkPolicy lets anyone (another namespace or pod) in on it.
+    for port in find("Service", keys, "keyservice")["spec"]["ports"]
+        .as_array()
+        .unwrap()
+    {
+        assert_ne!(port["port"], keyservice_admin, "{port}");
+        assert_ne!(port["targetPort"], keyservice_admin, "{port}");
+        assert_ne!(port["targetPort"], "admin", "{port}");
+    }
+    for policy in docs.iter().filter(|d| d["kind"] == "NetworkPolicy") {
+        for rule in policy["spec"]["ingress"].as_array().into_iter().flatten() {
+            for port in rule["ports"].as_array().into_iter().flatten() {
+                let opens_keyservice_admin = policy["metadata"]["namespace"] == keys
+                    && (port["port"] == keyservice_admin || port["port"] == "admin");
+                assert!(!opens_keyservice_admin, "{policy}");
+            }
+            // No port list would open every port, the admin port included.
+            if policy["metadata"]["namespace"] == keys {
+                assert!(rule.get("ports").is_some(), "{policy}");
+            }
+        }
+    }
     let policy =
         std::fs::read_to_string(config(vault, "vault-server-policy", "policy.toml")).unwrap();
     vault_server::policy::Policy::parse(&policy).unwrap();

@@ -105,6 +105,7 @@ permissions = ["tokenize", "read", "delete", "forward:sandbox"]
         // free port.
         let ports = devstack::Ports {
             keyservice: SocketAddr::from(([127, 0, 0, 1], 0)),
+            keyservice_admin: SocketAddr::from(([127, 0, 0, 1], 0)),
             ..devstack::Ports::default()
         };
         // Tests destroy versions moments after rotating them.
@@ -253,6 +254,8 @@ impl SandboxServer {
 pub struct Stack {
     pub dir: StackDir,
     pub keyservice_addr: SocketAddr,
+    /// The keyservice's admin port (`/metrics`, `/healthz`, plain HTTP).
+    pub keyservice_admin_addr: SocketAddr,
     pub vault_addr: SocketAddr,
     /// The vault's admin port (`/metrics`, `/healthz`, plain HTTP).
     pub vault_admin_addr: SocketAddr,
@@ -320,17 +323,22 @@ inject = {{ number = ["body"], exp_month = ["body"], exp_year = ["body"], name =
     .concat()
 }
 
-/// Starts the keyservice, on `addr` when given (a restart keeps its port).
-async fn start_keyservice(dir: &StackDir, addr: Option<SocketAddr>) -> (SocketAddr, Running) {
+/// Starts the keyservice, on `addr` when given (a restart keeps its port). Returns its
+/// gRPC and admin addresses.
+async fn start_keyservice(
+    dir: &StackDir,
+    addr: Option<SocketAddr>,
+) -> (SocketAddr, SocketAddr, Running) {
     let mut settings = keyservice::Settings::load(&dir.path().join("keyservice.toml")).unwrap();
     if let Some(addr) = addr {
         settings.listen_addr = addr;
     }
     let bound = keyservice::bind(&settings).await.unwrap();
     let addr = bound.local_addr();
+    let admin_addr = bound.admin_addr();
     let (trigger, shutdown) = shutdown::channel();
     let task = tokio::spawn(async move { bound.serve(shutdown).await.unwrap() });
-    (addr, Running { trigger, task })
+    (addr, admin_addr, Running { trigger, task })
 }
 
 async fn start_vault(
@@ -361,7 +369,8 @@ impl Stack {
 
     /// A stack whose vault keeps CVCs for `cvc_ttl_secs`.
     pub async fn start_with_cvc_ttl(dir: StackDir, cvc_ttl_secs: u64) -> Self {
-        let (keyservice_addr, keyservice) = start_keyservice(&dir, None).await;
+        let (keyservice_addr, keyservice_admin_addr, keyservice) =
+            start_keyservice(&dir, None).await;
         let sandbox = SandboxServer::start(&dir).await;
         let sandbox_addr = sandbox.addr;
         let journal = sandbox.journal.clone();
@@ -378,6 +387,7 @@ impl Stack {
         Self {
             dir,
             keyservice_addr,
+            keyservice_admin_addr,
             vault_addr,
             vault_admin_addr,
             sandbox_addr,
@@ -442,8 +452,10 @@ impl Stack {
 
     /// Starts the keyservice again on its port and keyring (after `stop_keyservice`).
     pub async fn start_keyservice(&mut self) {
-        let (addr, keyservice) = start_keyservice(&self.dir, Some(self.keyservice_addr)).await;
+        let (addr, admin_addr, keyservice) =
+            start_keyservice(&self.dir, Some(self.keyservice_addr)).await;
         self.keyservice_addr = addr;
+        self.keyservice_admin_addr = admin_addr;
         self.keyservice = Some(keyservice);
     }
 
@@ -520,15 +532,20 @@ impl Process {
     /// "listening on ADDR" line.
     pub async fn start(binary_name: &str, config: &Path, env: &[(&str, &str)]) -> Self {
         let mut command = tokio::process::Command::new(binary(binary_name));
-        command
-            .arg("--config")
-            .arg(config)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+        command.arg("--config").arg(config);
         for (key, value) in env {
             command.env(key, value);
         }
+        Self::start_command(command, binary_name).await
+    }
+
+    /// Starts a prepared command (e.g. a server under a wrapper that changes its
+    /// limits) and waits for its "listening on ADDR" line.
+    pub async fn start_command(mut command: tokio::process::Command, binary_name: &str) -> Self {
+        command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
         let mut child = command.spawn().unwrap();
         let output = Arc::new(Mutex::new(String::new()));
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();

@@ -52,6 +52,9 @@ pub struct Settings {
     pub admin: AdminSettings,
     #[serde(default)]
     pub storage: StorageSettings,
+    /// `[memory]`: whether all memory must be locked against swapping.
+    #[serde(default)]
+    pub memory: runtime::harden::MemorySettings,
     /// The processor allowlist: `[[processor]]` entries.
     #[serde(default, rename = "processor")]
     pub processors: Vec<crate::forward::settings::ProcessorSettings>,
@@ -437,6 +440,8 @@ mod tests {
             settings.keyservice.usage_report_interval(),
             Duration::from_secs(5)
         );
+        assert_eq!(settings.admin.listen_addr.port(), 9464);
+        assert!(!settings.memory.require_lock);
     }
 }
 

@@ -42,6 +42,8 @@ async fn main() -> anyhow::Result<()> {
     runtime::telemetry::init(cli.log_format, &cli.log);
     runtime::harden::harden_process();
     let settings = vault_server::Settings::load(&cli.config).context("load configuration")?;
+    // Before any key or card reaches memory.
+    runtime::harden::lock_memory(&settings.memory).context("lock memory")?;
     if let Some(Command::RestoreBackup { name }) = &cli.command {
         let files = vault_server::restore_backup(&settings, name).context("restore backup")?;
         tracing::info!(backup = %name, files, data_dir = %settings.data_dir.display(), "backup restored");

@@ -4,20 +4,12 @@
 //! Labels have low cardinality on purpose: RPC method, status code, processor name and
 //! outcome, key purpose and version. Never a token, an identity or an address.
 
-use std::convert::Infallible;
-use std::sync::Arc;
-
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::{Request, Response, StatusCode};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use runtime::shutdown::Shutdown;
-use tokio::net::TcpListener;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CallLabels {
@@ -156,69 +148,6 @@ impl Metrics {
     }
 }
 
-/// What the admin endpoint asks the vault at each request.
-pub trait Observed: Send + Sync + 'static {
-    /// Refreshes the gauges and returns the metrics.
-    fn metrics(&self) -> String;
-    /// `(serving, detail)`: not serving is 503; serving but degraded is 200 with detail.
-    fn health(&self) -> (bool, String);
-}
-
-/// Serves `/metrics` and `/healthz` on `listener` until `shutdown`.
-pub async fn serve_admin(listener: TcpListener, vault: Arc<dyn Observed>, shutdown: Shutdown) {
-    let stop = shutdown.wait();
-    tokio::pin!(stop);
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin port accept failed");
-                    continue;
-                }
-            },
-            _ = &mut stop => return,
-        };
-        let vault = Arc::clone(&vault);
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                let vault = Arc::clone(&vault);
-                async move { Ok::<_, Infallible>(answer(&request, vault.as_ref())) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
-        });
-    }
-}
-
-fn answer(request: &Request<Incoming>, vault: &dyn Observed) -> Response<Full<Bytes>> {
-    let reply = |status: StatusCode, content_type: &str, body: String| {
-        Response::builder()
-            .status(status)
-            .header("content-type", content_type)
-            .body(Full::new(Bytes::from(body)))
-            .unwrap_or_default()
-    };
-    match (request.method().as_str(), request.uri().path()) {
-        ("GET", "/metrics") => reply(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            vault.metrics(),
-        ),
-        ("GET", "/healthz") => {
-            let (serving, detail) = vault.health();
-            let status = if serving {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
-            reply(status, "text/plain; charset=utf-8", format!("{detail}\n"))
-        }
-        _ => reply(
-            StatusCode::NOT_FOUND,
-            "text/plain; charset=utf-8",
-            "not found\n".into(),
-        ),
-    }
-}
+/// The admin port itself (HTTP, `/metrics` and `/healthz`) is shared with the
+/// keyservice and lives in `runtime::admin`.
+pub use runtime::admin::{Observed, serve_admin};

@@ -1,0 +1,108 @@
+//! The plain-HTTP admin port both servers run beside their gRPC listener:
+//! `GET /metrics` (Prometheus text, from prometheus-client) and `GET /healthz`.
+//!
+//! It serves what the server's [`Observed`] implementation returns and nothing else:
+//! no request reaches the server's own logic, so the port holds no card data and no
+//! key material. Keep it on loopback or a monitoring network all the same.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+use tokio::net::TcpListener;
+use tonic::Code;
+
+use crate::shutdown::Shutdown;
+
+/// What the admin endpoint asks the server at each request.
+pub trait Observed: Send + Sync + 'static {
+    /// Refreshes the gauges and returns the metrics (text exposition format).
+    fn metrics(&self) -> String;
+    /// `(serving, detail)`: not serving is 503; serving but degraded is 200 with detail.
+    fn health(&self) -> (bool, String);
+}
+
+/// Serves `/metrics` and `/healthz` on `listener` until `shutdown`.
+pub async fn serve_admin(listener: TcpListener, server: Arc<dyn Observed>, shutdown: Shutdown) {
+    let stop = shutdown.wait();
+    tokio::pin!(stop);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin port accept failed");
+                    continue;
+                }
+            },
+            _ = &mut stop => return,
+        };
+        let server = Arc::clone(&server);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let server = Arc::clone(&server);
+                async move { Ok::<_, Infallible>(answer(&request, server.as_ref())) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn answer(request: &Request<Incoming>, server: &dyn Observed) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, content_type: &str, body: String| {
+        Response::builder()
+            .status(status)
+            .header("content-type", content_type)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap_or_default()
+    };
+    match (request.method().as_str(), request.uri().path()) {
+        ("GET", "/metrics") => reply(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            server.metrics(),
+        ),
+        ("GET", "/healthz") => {
+            let (serving, detail) = server.health();
+            let status = if serving {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            reply(status, "text/plain; charset=utf-8", format!("{detail}\n"))
+        }
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "not found\n".into(),
+        ),
+    }
+}
+
+/// The canonical name of a gRPC status code (`PERMISSION_DENIED`), for metric labels
+/// and audit outcomes.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
