@@ -48,6 +48,10 @@ const FAMILIES: [&str; 7] = [
 /// `meta` key present once every record has its `versions`, `expiry` and `cards`
 /// entries.
 const INDEXED: &[u8] = b"indexed-v2";
+/// `meta` key holding the number of records per key use and version, written in the
+/// same batch as every change to `versions`, so that start-up reads it instead of
+/// counting every record.
+const COUNTS: &[u8] = b"version-counts";
 
 /// Reads a record's key versions and indexes from its stored bytes (to index records
 /// written before those column families existed).
@@ -63,6 +67,33 @@ fn card_entry_key(card_key: &[u8], token: &[u8]) -> Vec<u8> {
 }
 
 type Counts = Arc<Mutex<BTreeMap<(KeyUse, u32), u64>>>;
+
+/// `COUNTS` as stored: per key use and version, `use: u8 | version: u32 | count: u64`,
+/// big-endian.
+fn encode_counts(counts: &BTreeMap<(KeyUse, u32), u64>) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(counts.len() * 13);
+    for (&(key_use, version), count) in counts {
+        bytes.push(key_use.code());
+        bytes.extend_from_slice(&version.to_be_bytes());
+        bytes.extend_from_slice(&count.to_be_bytes());
+    }
+    bytes
+}
+
+fn decode_counts(bytes: &[u8]) -> Option<BTreeMap<(KeyUse, u32), u64>> {
+    if bytes.len() % 13 != 0 {
+        return None;
+    }
+    bytes
+        .chunks_exact(13)
+        .map(|entry| {
+            let key_use = KeyUse::from_code(entry[0])?;
+            let version = u32::from_be_bytes(entry[1..5].try_into().ok()?);
+            let count = u64::from_be_bytes(entry[5..].try_into().ok()?);
+            Some(((key_use, version), count))
+        })
+        .collect()
+}
 
 fn version_key(key_use: KeyUse, version: u32, token: &[u8]) -> Vec<u8> {
     let mut key = Vec::with_capacity(5 + token.len());
@@ -236,7 +267,7 @@ impl RocksStore {
         if db.get_cf(meta, INDEXED).map_err(engine)?.is_none() {
             index_records(&db, indexes_of)?;
         }
-        let counts = Arc::new(Mutex::new(count_versions(&db)?));
+        let counts = Arc::new(Mutex::new(load_counts(&db)?));
         let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
         let writer_db = Arc::clone(&db);
         let writer_counts = Arc::clone(&counts);
@@ -314,14 +345,32 @@ fn index_records(db: &DB, indexes_of: IndexesOf) -> Result<(), StoreError> {
                 .map_err(engine)?;
         }
     }
-    // Marks the index complete, in the same durable write as its last entries.
+    // Marks the index complete, in the same durable write as its last entries; the
+    // stored counts (if any) are out of date now and are counted anew.
     batch.put_cf(meta, INDEXED, []);
+    batch.delete_cf(meta, COUNTS);
     db.write_opt(batch, &sync).map_err(engine)?;
     tracing::debug!(
         records = indexed,
         "indexed the key versions of existing records"
     );
     Ok(())
+}
+
+/// The stored counts, or (for a data directory from before they were stored) a count
+/// of every `versions` entry, then stored.
+fn load_counts(db: &DB) -> Result<BTreeMap<(KeyUse, u32), u64>, StoreError> {
+    let meta = db.cf_handle(META).ok_or(StoreError::Closed)?;
+    if let Some(stored) = db.get_pinned_cf(meta, COUNTS).map_err(engine)? {
+        return decode_counts(&stored)
+            .ok_or_else(|| StoreError::Engine("the stored record counts are malformed".into()));
+    }
+    let counts = count_versions(db)?;
+    let mut sync = WriteOptions::default();
+    sync.set_sync(true);
+    db.put_cf_opt(meta, COUNTS, encode_counts(&counts), &sync)
+        .map_err(engine)?;
+    Ok(counts)
 }
 
 fn count_versions(db: &DB) -> Result<BTreeMap<(KeyUse, u32), u64>, StoreError> {
@@ -850,6 +899,26 @@ impl Writer {
                 }
             }
         }
+        // The counts after this group go into its batch, so that the stored counts
+        // always match the `versions` entries on disk.
+        let counted = (failure.is_none() && !pending.counts.is_empty()).then(|| {
+            let mut counts = self
+                .counts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            for (key, delta) in pending.counts {
+                let count = counts.entry(key).or_insert(0);
+                *count = count.saturating_add_signed(delta);
+                if *count == 0 {
+                    counts.remove(&key);
+                }
+            }
+            counts
+        });
+        if let (Some(counts), Some(meta)) = (&counted, self.db.cf_handle(META)) {
+            batch.put_cf(meta, COUNTS, encode_counts(counts));
+        }
         let mut sync = WriteOptions::default();
         sync.set_sync(true);
         let written = match failure {
@@ -860,18 +929,11 @@ impl Writer {
                 .write_opt(batch.into_write_batch(), &sync)
                 .map_err(|e| e.into_string()),
         };
-        if written.is_ok() {
-            let mut counts = self
+        if let (Ok(()), Some(counted)) = (&written, counted) {
+            *self
                 .counts
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            for (key, delta) in pending.counts {
-                let count = counts.entry(key).or_insert(0);
-                *count = count.saturating_add_signed(delta);
-                if *count == 0 {
-                    counts.remove(&key);
-                }
-            }
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = counted;
         }
         for (reply, outcomes) in inserts {
             let _ = reply.send(written.clone().map(|()| outcomes).map_err(classify));
@@ -1113,6 +1175,7 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{Delete, DeleteOutcome};
 
     fn no_versions(_: &[u8]) -> Option<(KeyVersions, RecordIndexes)> {
         None
@@ -1175,6 +1238,59 @@ mod tests {
             store.get(&token).await.unwrap().as_deref(),
             Some(&b"sealed"[..])
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn record_counts_are_stored_with_the_records_and_read_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, audit) = (dir.path().join("data"), dir.path().join("audit"));
+        let open = || RocksStore::open(&data, &audit, no_versions, &Tuning::default()).unwrap();
+        let record = |card_data| NewRecord {
+            token: Token::generate().unwrap(),
+            value: b"sealed".to_vec(),
+            index_key: Token::generate().unwrap().as_str().as_bytes().to_vec(),
+            reuse_existing: false,
+            older_index_keys: Vec::new(),
+            versions: KeyVersions {
+                card_data,
+                fingerprint: 1,
+            },
+            indexes: Default::default(),
+        };
+        let expected = BTreeMap::from([
+            ((KeyUse::CardData, 1), 2),
+            ((KeyUse::CardData, 2), 1),
+            ((KeyUse::Fingerprint, 1), 3),
+        ]);
+        {
+            let store = open();
+            let records = vec![record(1), record(1), record(2), record(2)];
+            let gone = &records[3];
+            let delete = Delete {
+                token: gone.token.clone(),
+                expected: gone.value.clone(),
+                index_key: gone.index_key.clone(),
+                versions: gone.versions,
+                indexes: gone.indexes.clone(),
+            };
+            store.insert(records).await.unwrap();
+            let outcome = store.delete(delete).await.unwrap();
+            assert_eq!(outcome, DeleteOutcome::Deleted);
+            assert_eq!(store.version_counts(), expected);
+        }
+        // Read back from the stored counts (the scan would give the same; the stored
+        // value is checked directly too).
+        {
+            let store = open();
+            assert_eq!(store.version_counts(), expected);
+            let meta = store.db.cf_handle(META).unwrap();
+            let stored = store.db.get_cf(meta, COUNTS).unwrap().unwrap();
+            assert_eq!(decode_counts(&stored), Some(expected.clone()));
+            // A data directory from before the counts were stored is counted once.
+            store.db.delete_cf(meta, COUNTS).unwrap();
+        }
+        let store = open();
+        assert_eq!(store.version_counts(), expected);
     }
 }
 
