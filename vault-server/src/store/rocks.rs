@@ -81,7 +81,7 @@ fn encode_counts(counts: &BTreeMap<(KeyUse, u32), u64>) -> Vec<u8> {
 }
 
 fn decode_counts(bytes: &[u8]) -> Option<BTreeMap<(KeyUse, u32), u64>> {
-    if bytes.len() % 13 != 0 {
+    if !bytes.len().is_multiple_of(13) {
         return None;
     }
     bytes
