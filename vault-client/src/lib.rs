@@ -134,6 +134,15 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// " (request id …)", unless the server's message names it already (it does for
+/// internal failures).
+fn request_id_suffix(message: &str, request_id: Option<&str>) -> String {
+    match request_id {
+        Some(id) if !message.contains(id) => format!(" (request id {id})"),
+        _ => String::new(),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -142,7 +151,7 @@ pub enum Error {
     #[error("cannot connect to {0}")]
     Connect(String),
     /// The server answered with an error status.
-    #[error("{code:?}: {message}{}", request_id.as_ref().map(|id| format!(" (request id {id})")).unwrap_or_default())]
+    #[error("{code:?}: {message}{}", request_id_suffix(message, request_id.as_deref()))]
     Rejected {
         code: tonic::Code,
         message: String,

@@ -104,6 +104,9 @@ impl VaultError {
             VaultError::Store(StoreError::Closed) => {
                 Status::unavailable("the vault is shutting down")
             }
+            VaultError::Store(StoreError::Reopening) => {
+                Status::unavailable("the vault's storage is being reopened; retry")
+            }
             VaultError::Store(e @ StoreError::NotWritable(_)) => {
                 tracing::error!(error = %e, "storage not writable");
                 internal(

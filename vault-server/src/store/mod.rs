@@ -145,6 +145,9 @@ pub enum StoreError {
     /// The store is shutting down.
     #[error("storage is shutting down")]
     Closed,
+    /// The store is being reopened after its disk was full or read-only; retry.
+    #[error("storage is being reopened")]
+    Reopening,
 }
 
 pub trait Store: Send + Sync + 'static {

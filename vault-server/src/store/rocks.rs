@@ -11,11 +11,17 @@
 //! shared by every request that arrived meanwhile (DESIGN.md, Storage). Being the only
 //! writer also makes put-if-absent race-free. The audit log, a database of its own, has
 //! its own writer thread the same way, so that its syncs overlap the data's.
+//!
+//! After a write fails because the disk is full or read-only, RocksDB refuses every
+//! later write until the database is reopened. The writer does that by itself, at the
+//! next write once the filesystem is writable with `RECOVERY_FREE_BYTES` free; reads go
+//! on meanwhile, and pause only for the reopen itself.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, Options, WriteBatch,
@@ -160,8 +166,28 @@ impl Default for Tuning {
     }
 }
 
+/// Free space a filesystem must have before a store refused by a full disk reopens.
+const RECOVERY_FREE_BYTES: u64 = 32 * 1024 * 1024;
+/// How often a refused store looks at the filesystem again (at a write).
+const RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The open data database, shared by readers and the writer. Empty only while the
+/// writer reopens it (`Writer::recover`).
+type Slot = Arc<RwLock<Option<Arc<DB>>>>;
+
+fn family<'a>(db: &'a DB, name: &str) -> Result<&'a rocksdb::ColumnFamily, StoreError> {
+    db.cf_handle(name).ok_or(StoreError::Closed)
+}
+
+fn open_data(dir: &Path, cache: &Cache) -> Result<DB, StoreError> {
+    let families =
+        FAMILIES.map(|name| ColumnFamilyDescriptor::new(name, family_options(Some(name), cache)));
+    DB::open_cf_descriptors(&family_options(None, cache), dir, families).map_err(engine)
+}
+
 pub struct RocksStore {
-    db: Arc<DB>,
+    dir: PathBuf,
+    data: Slot,
     /// Audit entries go to a database of their own, outside the data directory: erasure
     /// must leave no token in the data directory, while the audit log keeps its events
     /// (which name tokens, never card data) for their retention period.
@@ -176,7 +202,7 @@ pub struct RocksStore {
 impl std::fmt::Debug for RocksStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RocksStore")
-            .field("path", &self.db.path())
+            .field("path", &self.dir)
             .finish_non_exhaustive()
     }
 }
@@ -253,12 +279,7 @@ impl RocksStore {
         tuning: &Tuning,
     ) -> Result<Self, StoreError> {
         let cache = Cache::new_lru_cache(tuning.block_cache_bytes);
-        let families = FAMILIES
-            .map(|name| ColumnFamilyDescriptor::new(name, family_options(Some(name), &cache)));
-        let db = Arc::new(
-            DB::open_cf_descriptors(&family_options(None, &cache), dir, families)
-                .map_err(engine)?,
-        );
+        let db = Arc::new(open_data(dir, &cache)?);
         let audit_db =
             Arc::new(DB::open(&family_options(None, &cache), audit_dir).map_err(engine)?);
         // The marker is written with the index's last batch: an indexing run that was
@@ -269,17 +290,19 @@ impl RocksStore {
         }
         let counts = Arc::new(Mutex::new(load_counts(&db)?));
         let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
-        let writer_db = Arc::clone(&db);
-        let writer_counts = Arc::clone(&counts);
+        let data: Slot = Arc::new(RwLock::new(Some(Arc::clone(&db))));
+        let writer = Writer {
+            db,
+            counts: Arc::clone(&counts),
+            slot: Arc::clone(&data),
+            dir: dir.to_owned(),
+            cache,
+            refused_since: None,
+            last_recovery: None,
+        };
         let writer = std::thread::Builder::new()
             .name("rocksdb-writer".into())
-            .spawn(move || {
-                Writer {
-                    db: writer_db,
-                    counts: writer_counts,
-                }
-                .run(receiver)
-            })
+            .spawn(move || writer.run(receiver))
             .map_err(|e| StoreError::Engine(format!("cannot start writer thread: {e}")))?;
         let (audit_queue, audit_receiver) = mpsc::channel(QUEUE_DEPTH);
         let writer_audit_db = Arc::clone(&audit_db);
@@ -288,7 +311,8 @@ impl RocksStore {
             .spawn(move || write_audit(&writer_audit_db, audit_receiver))
             .map_err(|e| StoreError::Engine(format!("cannot start audit writer thread: {e}")))?;
         Ok(Self {
-            db,
+            dir: dir.to_owned(),
+            data,
             audit_db,
             counts,
             queue: Some(queue),
@@ -298,8 +322,13 @@ impl RocksStore {
         })
     }
 
-    fn family(&self, name: &str) -> Result<&rocksdb::ColumnFamily, StoreError> {
-        self.db.cf_handle(name).ok_or(StoreError::Closed)
+    /// The data database, unless the writer is reopening it this moment.
+    fn db(&self) -> Result<Arc<DB>, StoreError> {
+        self.data
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .ok_or(StoreError::Reopening)
     }
 
     async fn submit<T>(
@@ -430,8 +459,9 @@ impl Store for RocksStore {
     async fn get(&self, token: &Token) -> Result<Option<Vec<u8>>, StoreError> {
         // Point reads are served from the memtable or block cache in microseconds;
         // they run inline rather than paying for a thread hop.
-        let cf = self.db.cf_handle(RECORDS).ok_or(StoreError::Closed)?;
-        self.db.get_cf(cf, token.as_str()).map_err(engine)
+        let db = self.db()?;
+        db.get_cf(family(&db, RECORDS)?, token.as_str())
+            .map_err(engine)
     }
 
     async fn delete(&self, delete: Delete) -> Result<DeleteOutcome, StoreError> {
@@ -455,9 +485,9 @@ impl Store for RocksStore {
         cursor: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Token)>, StoreError> {
-        let cf = self.family(VERSIONS)?;
+        let db = self.db()?;
         let mut found = Vec::new();
-        let mut iter = self.db.raw_iterator_cf(cf);
+        let mut iter = db.raw_iterator_cf(family(&db, VERSIONS)?);
         match cursor {
             Some(cursor) => {
                 iter.seek(cursor);
@@ -497,7 +527,8 @@ impl Store for RocksStore {
     ) -> Result<usize, StoreError> {
         let mut keys = Vec::new();
         {
-            let mut iter = self.db.raw_iterator_cf(self.family(IDEMPOTENCY)?);
+            let db = self.db()?;
+            let mut iter = db.raw_iterator_cf(family(&db, IDEMPOTENCY)?);
             iter.seek_to_first();
             while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
                 if expired(value) {
@@ -521,7 +552,8 @@ impl Store for RocksStore {
     }
 
     async fn expired(&self, now_unix_ms: i64, limit: usize) -> Result<Vec<Token>, StoreError> {
-        let mut iter = self.db.raw_iterator_cf(self.family(EXPIRY)?);
+        let db = self.db()?;
+        let mut iter = db.raw_iterator_cf(family(&db, EXPIRY)?);
         iter.seek_to_first();
         let mut tokens = Vec::new();
         while tokens.len() < limit {
@@ -546,7 +578,8 @@ impl Store for RocksStore {
     }
 
     async fn tokens_of_card(&self, card_key: &[u8]) -> Result<Vec<Token>, StoreError> {
-        let mut iter = self.db.raw_iterator_cf(self.family(CARDS)?);
+        let db = self.db()?;
+        let mut iter = db.raw_iterator_cf(family(&db, CARDS)?);
         iter.seek(card_key);
         let mut tokens = Vec::new();
         while let Some(key) = iter.key() {
@@ -565,7 +598,7 @@ impl Store for RocksStore {
     }
 
     async fn compact(&self) -> Result<(), StoreError> {
-        let db = Arc::clone(&self.db);
+        let db = self.db()?;
         tokio::task::spawn_blocking(move || {
             for name in FAMILIES {
                 let cf = db.cf_handle(name).ok_or(StoreError::Closed)?;
@@ -595,7 +628,8 @@ impl Store for RocksStore {
     }
 
     async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.db.get_cf(self.family(META)?, key).map_err(engine)
+        let db = self.db()?;
+        db.get_cf(family(&db, META)?, key).map_err(engine)
     }
 
     async fn put_meta(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
@@ -663,7 +697,7 @@ impl Store for RocksStore {
     }
 
     async fn create_backup(&self, dir: &Path) -> Result<u64, StoreError> {
-        let db = Arc::clone(&self.db);
+        let db = self.db()?;
         let dir = dir.to_owned();
         // A checkpoint hard-links the immutable SST files and copies the rest after a
         // flush: consistent, online, and cheap on the same filesystem.
@@ -698,8 +732,8 @@ impl Store for RocksStore {
     }
 
     async fn get_outcome(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let cf = self.db.cf_handle(IDEMPOTENCY).ok_or(StoreError::Closed)?;
-        self.db.get_cf(cf, key).map_err(engine)
+        let db = self.db()?;
+        db.get_cf(family(&db, IDEMPOTENCY)?, key).map_err(engine)
     }
 
     async fn put_outcome(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreError> {
@@ -742,6 +776,14 @@ fn write_audit(db: &DB, mut receiver: mpsc::Receiver<AuditAppend>) {
 struct Writer {
     db: Arc<DB>,
     counts: Counts,
+    /// Where readers find `db`, emptied while it is reopened.
+    slot: Slot,
+    dir: PathBuf,
+    cache: Cache,
+    /// Set when a write was refused for a full or read-only filesystem: RocksDB
+    /// refuses every write after that until it is reopened.
+    refused_since: Option<Instant>,
+    last_recovery: Option<Instant>,
 }
 
 /// A group's writes, handed to RocksDB sorted by column family and key. Inserting
@@ -814,7 +856,7 @@ impl Pending {
 }
 
 impl Writer {
-    fn run(self, mut receiver: mpsc::Receiver<Op>) {
+    fn run(mut self, mut receiver: mpsc::Receiver<Op>) {
         while let Some(first) = receiver.blocking_recv() {
             let mut group = vec![first];
             while group.len() < MAX_GROUP {
@@ -823,11 +865,111 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.commit(group);
+            if self.refused_since.is_some() {
+                self = self.recover();
+            }
+            let refused = self.commit(group);
+            if refused && self.refused_since.is_none() {
+                self.refused_since = Some(Instant::now());
+            }
         }
     }
 
-    fn commit(&self, group: Vec<Op>) {
+    /// Reopens the database once its filesystem is writable with room to spare (looked
+    /// at most once per `RECOVERY_INTERVAL`). Readers wait out the reopen: the database
+    /// is closed only once no reader holds it, and a reader that comes meanwhile is told
+    /// to retry (UNAVAILABLE).
+    fn recover(mut self) -> Self {
+        if self
+            .last_recovery
+            .is_some_and(|at| at.elapsed() < RECOVERY_INTERVAL)
+        {
+            return self;
+        }
+        self.last_recovery = Some(Instant::now());
+        match nix::sys::statvfs::statvfs(&self.dir) {
+            Ok(fs) if fs.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY) => return self,
+            Ok(fs) => {
+                let free = fs.blocks_available().saturating_mul(fs.fragment_size());
+                if free < RECOVERY_FREE_BYTES {
+                    return self;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the data directory's free space");
+                return self;
+            }
+        }
+        let taken = self
+            .slot
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        drop(taken);
+        // Readers finish with their copies within a read; a long scan (a backup, a
+        // compaction) is waited for a while, then the reopen is tried later.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Arc::strong_count(&self.db) > 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if Arc::strong_count(&self.db) > 1 {
+            self.put_back();
+            return self;
+        }
+        let Writer {
+            db,
+            counts,
+            slot,
+            dir,
+            cache,
+            refused_since,
+            last_recovery,
+        } = self;
+        // The old handle closes here, releasing the directory's lock. The filesystem
+        // was writable a moment ago, so opening again fails only if it broke anew: the
+        // writer keeps trying (writes wait, reads are told to retry) and says why.
+        drop(db);
+        let db = loop {
+            match open_data(&dir, &cache).and_then(|db| Ok((load_counts(&db)?, db))) {
+                Ok((stored, db)) => {
+                    *counts
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = stored;
+                    break db;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot reopen the database; trying again");
+                    std::thread::sleep(RECOVERY_INTERVAL);
+                }
+            }
+        };
+        tracing::warn!(
+            refused_for_secs = refused_since.map_or(0, |at| at.elapsed().as_secs()),
+            "storage writable again: the database was reopened and writes go on"
+        );
+        let writer = Writer {
+            db: Arc::new(db),
+            counts,
+            slot,
+            dir,
+            cache,
+            refused_since: None,
+            last_recovery,
+        };
+        writer.put_back();
+        writer
+    }
+
+    fn put_back(&self) {
+        *self
+            .slot
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::clone(&self.db));
+    }
+
+    /// Commits `group`; true if the write was refused for a full or read-only
+    /// filesystem.
+    fn commit(&self, group: Vec<Op>) -> bool {
         let mut batch = SortedBatch::default();
         let mut pending = Pending::default();
         let mut inserts = Vec::new();
@@ -947,6 +1089,12 @@ impl Writer {
         for reply in put_replies {
             let _ = reply.send(written.clone().map_err(classify));
         }
+        written.is_err_and(|e| {
+            matches!(
+                classify(e),
+                StoreError::NoSpace(_) | StoreError::NotWritable(_)
+            )
+        })
     }
 
     fn record_exists(&self, token: &[u8], pending: &Pending) -> Result<bool, StoreError> {
@@ -1283,11 +1431,12 @@ mod tests {
         {
             let store = open();
             assert_eq!(store.version_counts(), expected);
-            let meta = store.db.cf_handle(META).unwrap();
-            let stored = store.db.get_cf(meta, COUNTS).unwrap().unwrap();
+            let db = store.db().unwrap();
+            let meta = db.cf_handle(META).unwrap();
+            let stored = db.get_cf(meta, COUNTS).unwrap().unwrap();
             assert_eq!(decode_counts(&stored), Some(expected.clone()));
             // A data directory from before the counts were stored is counted once.
-            store.db.delete_cf(meta, COUNTS).unwrap();
+            db.delete_cf(meta, COUNTS).unwrap();
         }
         let store = open();
         assert_eq!(store.version_counts(), expected);
