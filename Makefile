@@ -46,9 +46,12 @@ bench: rocksdb
 # stack (`make run`), beside vault-bench's figures, and every Tokenize's gRPC status
 # checked through the vault's metrics. h2load cannot present a client certificate, so
 # it goes through a local socat relay that does the mutual TLS: see the script's header.
+# H2LOAD_CONFIG and H2LOAD_ADMIN point it at another stack.
 H2LOAD_SECS ?= 10
+H2LOAD_CONFIG ?= .dev/vaultctl.toml
+H2LOAD_ADMIN ?= 127.0.0.1:9464
 h2load-check: rocksdb
-	scripts/h2load-check.sh --config .dev/vaultctl.toml --admin 127.0.0.1:9464 --secs $(H2LOAD_SECS)
+	scripts/h2load-check.sh --config $(H2LOAD_CONFIG) --admin $(H2LOAD_ADMIN) --secs $(H2LOAD_SECS)
 
 # Tokenize throughput, 1 and 64 calls in flight, with and without the audit log.
 AUDIT_BENCH_TOKENS ?= 40000
