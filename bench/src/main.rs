@@ -462,6 +462,9 @@ async fn open_loop(
         }
         if due > Instant::now() {
             tokio::time::sleep_until(due.into()).await;
+        } else if i.is_multiple_of(64) {
+            // Catching up on calls already due: let the answers be processed too.
+            tokio::task::yield_now().await;
         }
         let measured = due >= schedule.measure_from;
         if measured {
