@@ -6,6 +6,7 @@
 #   make rewrap-bench the rewrap rate on REWRAP_RECORDS records (release build)
 #   make audit-bench  tokenize throughput with and without the audit log (release build)
 #   make bench        the standard load scenarios; writes docs/BENCHMARKS.md (release build)
+#   make h2load-check h2load against the running stack (`make run`), compared with vault-bench
 # Both install missing system packages first and build RocksDB's C++ only once.
 
 SHELL := /bin/bash
@@ -16,7 +17,7 @@ ROCKSDB_VERSION := $(shell sed -n '/^name = "librocksdb-sys"$$/{n;s/^version = "
 export ROCKSDB_LIB_DIR ?= $(CACHE_DIR)/librocksdb-$(ROCKSDB_VERSION)
 export ROCKSDB_STATIC := 1
 
-.PHONY: run test crash-test bench rewrap-bench audit-bench fuzz build build-release lint deps rocksdb
+.PHONY: run test crash-test bench h2load-check rewrap-bench audit-bench fuzz build build-release lint deps rocksdb
 
 run: build
 	cargo run --locked --quiet -p devstack -- --dir .dev
@@ -39,6 +40,18 @@ rewrap-bench: rocksdb
 # docs/benchmarks.svg. Stop `make run` first (same ports). BENCH_SECS per scenario.
 bench: rocksdb
 	scripts/bench.sh
+
+# An independent check with h2load (installs nghttp2-client and socat when missing):
+# Tokenize and the health check at 4 connections x 16 streams against the running dev
+# stack (`make run`), beside vault-bench's figures, and every Tokenize's gRPC status
+# checked through the vault's metrics. h2load cannot present a client certificate, so
+# it goes through a local socat relay that does the mutual TLS: see the script's header.
+# H2LOAD_CONFIG and H2LOAD_ADMIN point it at another stack.
+H2LOAD_SECS ?= 10
+H2LOAD_CONFIG ?= .dev/vaultctl.toml
+H2LOAD_ADMIN ?= 127.0.0.1:9464
+h2load-check: rocksdb
+	scripts/h2load-check.sh --config $(H2LOAD_CONFIG) --admin $(H2LOAD_ADMIN) --secs $(H2LOAD_SECS)
 
 # Tokenize throughput, 1 and 64 calls in flight, with and without the audit log.
 AUDIT_BENCH_TOKENS ?= 40000

@@ -6,6 +6,7 @@ mod access;
 mod audit;
 mod backup;
 mod bad_input;
+mod bench;
 mod crash;
 mod deploy;
 mod durability;
