@@ -195,3 +195,226 @@ async fn garbage_and_silent_connections_do_not_hurt_other_callers() {
     }
     stack.stop().await;
 }
+
+// Helpers shared by the bad-input modules (`bad_input_matrix`, `bad_input_memory`): raw
+// protobuf bytes, a codec that sends them as they are, and raw HTTP/2 request bodies.
+
+/// A protobuf message written field by field, so a test can send what prost never
+/// would: repeated scalars, wrong wire types, 64-bit values in 32-bit fields, bytes
+/// that are not UTF-8 in string fields.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Wire(pub(crate) Vec<u8>);
+
+fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+impl Wire {
+    pub(crate) fn new() -> Self {
+        Self::default()
+    }
+
+    fn key(mut self, field: u32, wire_type: u8) -> Self {
+        put_varint(&mut self.0, u64::from(field << 3 | u32::from(wire_type)));
+        self
+    }
+
+    /// Wire type 0. A negative int32 goes as its 10-byte sign-extended form.
+    pub(crate) fn varint(self, field: u32, value: u64) -> Self {
+        let mut wire = self.key(field, 0);
+        put_varint(&mut wire.0, value);
+        wire
+    }
+
+    /// Wire type 2: a string, bytes or an embedded message.
+    pub(crate) fn bytes(self, field: u32, value: impl AsRef<[u8]>) -> Self {
+        let value = value.as_ref();
+        let mut wire = self.key(field, 2);
+        put_varint(&mut wire.0, value.len() as u64);
+        wire.0.extend_from_slice(value);
+        wire
+    }
+
+    pub(crate) fn message(self, field: u32, message: Wire) -> Self {
+        self.bytes(field, message.0)
+    }
+
+    /// Wire type 5.
+    pub(crate) fn fixed32(self, field: u32, value: u32) -> Self {
+        let mut wire = self.key(field, 5);
+        wire.0.extend_from_slice(&value.to_le_bytes());
+        wire
+    }
+
+    pub(crate) fn raw(mut self, bytes: &[u8]) -> Self {
+        self.0.extend_from_slice(bytes);
+        self
+    }
+
+    pub(crate) fn build(self) -> Vec<u8> {
+        self.0
+    }
+}
+
+/// `unit` repeated to `len` bytes.
+pub(crate) fn fill(unit: &str, len: usize) -> Vec<u8> {
+    unit.bytes().cycle().take(len).collect()
+}
+
+/// The message `build(n)` (a message with an `n`-byte filler) for the `n` that makes
+/// it exactly `total` bytes long.
+pub(crate) fn sized(total: usize, build: impl Fn(usize) -> Vec<u8>) -> Vec<u8> {
+    let guess = total.saturating_sub(build(0).len());
+    (guess.saturating_sub(12)..=guess)
+        .rev()
+        .map(&build)
+        .find(|m| m.len() == total)
+        .expect("no filler length gives the wanted size")
+}
+
+/// Sends the bytes as they are and returns the response bytes as they came.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        prost::bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use prost::bytes::Buf;
+        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+    }
+}
+
+/// Calls `/tokenvault.vault.v1.Vault/<method>` with `body` as the request message.
+pub(crate) async fn raw_call(
+    channel: &tonic::transport::Channel,
+    method: &str,
+    body: Vec<u8>,
+) -> Result<Vec<u8>, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let path: tonic::codegen::http::uri::PathAndQuery =
+        format!("/tokenvault.vault.v1.Vault/{method}")
+            .parse()
+            .unwrap();
+    grpc.unary(tonic::Request::new(body), path, RawCodec)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// An HTTP/2 request body fed piece by piece: the sender decides when each piece goes,
+/// and holding the sender without sending is a client that stalls mid-request.
+#[derive(Debug)]
+pub(crate) struct FedBody(pub(crate) tokio::sync::mpsc::Receiver<tonic::codegen::Bytes>);
+
+impl http_body::Body for FedBody {
+    type Data = tonic::codegen::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|piece| piece.map(|bytes| Ok(http_body::Frame::data(bytes))))
+    }
+}
+
+/// The 5-byte gRPC message header: not compressed (unless `flag` says so), `len` bytes.
+pub(crate) fn frame_header(flag: u8, len: u32) -> tonic::codegen::Bytes {
+    let mut header = vec![flag];
+    header.extend_from_slice(&len.to_be_bytes());
+    header.into()
+}
+
+/// A gRPC call made of raw HTTP/2: `headers` added to the usual ones, the body fed from
+/// `body`. Returns the call's status (from a trailers-only answer or the trailers).
+pub(crate) async fn raw_http_call(
+    channel: &tonic::transport::Channel,
+    method: &str,
+    headers: &[(&'static str, &'static str)],
+    body: tokio::sync::mpsc::Receiver<tonic::codegen::Bytes>,
+) -> tonic::Status {
+    use tonic::codegen::Service;
+    use tonic::codegen::http;
+    let mut request = http::Request::builder()
+        .method("POST")
+        .uri(format!(
+            "https://localhost/tokenvault.vault.v1.Vault/{method}"
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(tonic::body::Body::new(FedBody(body))).unwrap();
+    let mut channel = channel.clone();
+    std::future::poll_fn(|cx| channel.poll_ready(cx))
+        .await
+        .unwrap();
+    let response = match channel.call(request).await {
+        Ok(response) => response,
+        Err(e) => return tonic::Status::unavailable(e.to_string()),
+    };
+    if let Some(status) = tonic::Status::from_header_map(response.headers()) {
+        return status;
+    }
+    let mut body = response.into_body();
+    loop {
+        let frame = std::future::poll_fn(|cx| {
+            http_body::Body::poll_frame(std::pin::Pin::new(&mut body), cx)
+        })
+        .await;
+        match frame {
+            Some(Ok(frame)) => {
+                if let Ok(trailers) = frame.into_trailers()
+                    && let Some(status) = tonic::Status::from_header_map(&trailers)
+                {
+                    return status;
+                }
+            }
+            Some(Err(status)) => return status,
+            None => return tonic::Status::unknown("the answer ended without a status"),
+        }
+    }
+}

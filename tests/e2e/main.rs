@@ -6,6 +6,8 @@ mod access;
 mod audit;
 mod backup;
 mod bad_input;
+mod bad_input_matrix;
+mod bad_input_memory;
 mod bench;
 mod crash;
 mod deploy;

@@ -363,8 +363,12 @@ impl Settings {
         if !self.keyservice.endpoint.starts_with("https://") {
             return Err("keyservice.endpoint must start with https://".into());
         }
-        if !(1..=100_000).contains(&self.max_batch_size) {
-            return Err("max_batch_size must be 1 to 100000".into());
+        // The codec refuses larger batches on the wire, before decoding them.
+        if !(1..=vault_proto::codec::MAX_BATCH_CARDS).contains(&self.max_batch_size) {
+            return Err(format!(
+                "max_batch_size must be 1 to {}",
+                vault_proto::codec::MAX_BATCH_CARDS
+            ));
         }
         if !(8..=1_048_576).contains(&self.storage.block_cache_mb) {
             return Err("storage.block_cache_mb must be 8 to 1048576".into());

@@ -50,6 +50,8 @@ pub enum VaultError {
     IdempotencyUnknown,
     #[error("this vault has no backup_dir configured")]
     BackupsDisabled,
+    #[error("backup not found")]
+    BackupNotFound,
     #[error(transparent)]
     Keys(#[from] crate::keys::KeysError),
     #[error(transparent)]
@@ -73,6 +75,7 @@ impl VaultError {
                 Status::invalid_argument(self.to_string())
             }
             VaultError::NotFound | VaultError::Expired => Status::not_found("token not found"),
+            VaultError::BackupNotFound => Status::not_found("backup not found"),
             VaultError::Unauthenticated => {
                 tracing::warn!("refused: no client certificate identity");
                 Status::unauthenticated("a client certificate is required")

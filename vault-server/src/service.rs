@@ -1353,7 +1353,7 @@ impl<S: Store> pb::vault_server::Vault for VaultService<S> {
             |_, request| async move {
                 let path = self.backup_path(&request.name)?;
                 if !path.is_dir() {
-                    return Err(VaultError::NotFound);
+                    return Err(VaultError::BackupNotFound);
                 }
                 let keys = self.keys.snapshot();
                 let counts = tokio::task::spawn_blocking(move || {
