@@ -160,6 +160,31 @@ async fn crash_cycles(cycles: usize) {
     vault.terminate().await;
     keyservice.terminate().await;
     sandbox.stop().await;
+    // The record counts per key version, stored with every write and read back at
+    // start (they decide whether a key version may be destroyed), match the records
+    // actually on disk after all the kills.
+    let mut on_disk = std::collections::BTreeMap::new();
+    vault_server::store::rocks::scan_records(&dir.data_dir(), &mut |_, value| {
+        if let Some((versions, _)) = vault_server::record::indexes_of(value) {
+            *on_disk.entry(versions.card_data).or_insert(0u64) += 1;
+        }
+    })
+    .unwrap();
+    let store = vault_server::store::rocks::RocksStore::open(
+        &dir.data_dir(),
+        &dir.data_dir().with_file_name("crash-audit-check"),
+        vault_server::record::indexes_of,
+        &vault_server::store::rocks::Tuning::default(),
+    )
+    .unwrap();
+    let stored: std::collections::BTreeMap<u32, u64> =
+        vault_server::store::Store::version_counts(&store)
+            .into_iter()
+            .filter(|((key_use, _), _)| *key_use == vault_server::store::KeyUse::CardData)
+            .map(|((_, version), count)| (version, count))
+            .collect();
+    drop(store);
+    assert_eq!(stored, on_disk, "stored record counts against a scan");
     println!(
         "crash test summary: {cycles} vault kill cycles, {keyservice_kills} keyservice kills, {rotations} rotations with rewrap, {} tokens acknowledged, {} lost, audit log intact ({} entries), {:.1?}",
         acknowledged.len(),
