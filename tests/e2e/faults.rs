@@ -83,6 +83,18 @@ async fn a_full_disk_is_resource_exhausted_loses_nothing_and_recovers_without_re
     assert_eq!(refusal.code(), Some(Code::ResourceExhausted), "{refusal}");
     assert!(refusal.to_string().contains("full"), "{refusal}");
     println!("disk full after {} tokens", stored.len());
+    // Health says why: degraded, the data disk nearly full (within the 5 s it looks).
+    let started = std::time::Instant::now();
+    while client.storage_room().await.unwrap() {
+        assert!(started.elapsed() < std::time::Duration::from_secs(8));
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let (status, health) = integration_tests::http_get(stack.vault_admin_addr, "/healthz").await;
+    assert_eq!(status, 200, "degraded still serves");
+    assert!(
+        health.starts_with("degraded") && health.contains("data disk is nearly full"),
+        "{health}"
+    );
     // Reads go on (the audit log is on another filesystem here).
     for info in stored.iter().step_by(50) {
         assert_eq!(&client.token_info(&info.token).await.unwrap(), info);
@@ -113,6 +125,11 @@ async fn a_full_disk_is_resource_exhausted_loses_nothing_and_recovers_without_re
         }
     };
     println!("writes back {:?} after space returned", started.elapsed());
+    let started = std::time::Instant::now();
+    while !client.storage_room().await.unwrap() {
+        assert!(started.elapsed() < std::time::Duration::from_secs(8));
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
     for info in &stored {
         assert_eq!(&client.token_info(&info.token).await.unwrap(), info);
     }

@@ -2,32 +2,13 @@
 //! low-cardinality labels (never a token, an identity or key material) and a plain
 //! health check that shows a degraded vault.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use integration_tests::{ADMIN, OFFICER, READER, Stack, StackDir, VAULT, identity, raw_channel};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use integration_tests::{
+    ADMIN, OFFICER, READER, Stack, StackDir, VAULT, http_get, identity, raw_channel,
+};
 use vault_client::{Card, KeyServiceClient};
 use vault_proto::keys::v1 as keys_pb;
-
-/// `GET path` on an admin port: (status code, body).
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = response[9..12].parse().unwrap();
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_count_calls_and_records_without_tokens_or_identities() {
@@ -46,7 +27,7 @@ async fn metrics_count_calls_and_records_without_tokens_or_identities() {
     let mut reader = stack.client(READER).await;
     assert!(reader.delete(&tokens[0]).await.is_err());
 
-    let (status, metrics) = get(stack.vault_admin_addr, "/metrics").await;
+    let (status, metrics) = http_get(stack.vault_admin_addr, "/metrics").await;
     assert_eq!(status, 200);
     for line in [
         r#"tokenvault_rpc_calls_total{method="Tokenize",code="ok"} 2"#,
@@ -66,18 +47,44 @@ async fn metrics_count_calls_and_records_without_tokens_or_identities() {
         "{metrics}"
     );
     assert!(metrics.contains(r#"tokenvault_events_total{kind="audit"}"#));
+    // The storage engine's figures: free space on both filesystems, the block cache
+    // holding what the reads touched, and the memtables holding the two records.
+    for series in [
+        r#"tokenvault_storage_free_bytes{filesystem="data"}"#,
+        r#"tokenvault_storage_free_bytes{filesystem="audit"}"#,
+        "tokenvault_storage_memtable_bytes",
+    ] {
+        assert!(
+            value(&metrics, series).unwrap_or(0.0) > 0.0,
+            "{series}:\n{metrics}"
+        );
+    }
+    for series in [
+        "tokenvault_storage_table_bytes",
+        "tokenvault_storage_pending_compaction_bytes",
+        "tokenvault_storage_running_compactions",
+        "tokenvault_storage_write_stopped",
+        "tokenvault_storage_delayed_write_rate_bytes",
+        "tokenvault_storage_block_cache_bytes",
+    ] {
+        assert!(value(&metrics, series).is_some(), "{series}:\n{metrics}");
+    }
+    assert_eq!(
+        value(&metrics, "tokenvault_storage_write_stopped"),
+        Some(0.0)
+    );
     for token in &tokens {
         assert!(!metrics.contains(token.as_str()));
     }
     assert!(!metrics.contains(&identity(ADMIN)) && !metrics.contains("127.0.0.1"));
     assert!(!metrics.contains("4242424242424242"));
 
-    let (status, health) = get(stack.vault_admin_addr, "/healthz").await;
+    let (status, health) = http_get(stack.vault_admin_addr, "/healthz").await;
     assert_eq!((status, health.trim()), (200, "serving"));
     stack.stop_keyservice().await;
     let started = std::time::Instant::now();
     loop {
-        let (status, health) = get(stack.vault_admin_addr, "/healthz").await;
+        let (status, health) = http_get(stack.vault_admin_addr, "/healthz").await;
         if health.starts_with("degraded") {
             assert_eq!(status, 200, "degraded still serves");
             break;
@@ -85,13 +92,13 @@ async fn metrics_count_calls_and_records_without_tokens_or_identities() {
         assert!(started.elapsed().as_secs() < 5, "{health}");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    let (_, metrics) = get(stack.vault_admin_addr, "/metrics").await;
+    let (_, metrics) = http_get(stack.vault_admin_addr, "/metrics").await;
     assert!(
         metrics
             .lines()
             .any(|l| l == "tokenvault_keyservice_connected 0")
     );
-    assert_eq!(get(stack.vault_admin_addr, "/nope").await.0, 404);
+    assert_eq!(http_get(stack.vault_admin_addr, "/nope").await.0, 404);
     stack.start_keyservice().await;
     stack.stop().await;
 }
@@ -109,7 +116,7 @@ fn value(metrics: &str, series: &str) -> Option<f64> {
 async fn keyservice_until(stack: &Stack, series: &str, expected: f64) -> String {
     let started = Instant::now();
     loop {
-        let (status, metrics) = get(stack.keyservice_admin_addr, "/metrics").await;
+        let (status, metrics) = http_get(stack.keyservice_admin_addr, "/metrics").await;
         assert_eq!(status, 200);
         if value(&metrics, series) == Some(expected) {
             return metrics;
@@ -140,9 +147,9 @@ async fn keyservice_metrics_follow_leases_rotations_and_proposals_without_secret
     let stack = Stack::start_in(dir).await;
     let ks = |m| format!("tokenvault_keyservice_{m}");
 
-    let (status, health) = get(stack.keyservice_admin_addr, "/healthz").await;
+    let (status, health) = http_get(stack.keyservice_admin_addr, "/healthz").await;
     assert_eq!((status, health.trim()), (200, "serving"));
-    assert_eq!(get(stack.keyservice_admin_addr, "/nope").await.0, 404);
+    assert_eq!(http_get(stack.keyservice_admin_addr, "/nope").await.0, 404);
 
     // Before any card: version 1 of everything, nothing leased, the vault reporting.
     let metrics = keyservice_until(&stack, &ks(r#"usage_reporters{freshness="fresh"}"#), 1.0).await;
@@ -197,7 +204,7 @@ async fn keyservice_metrics_follow_leases_rotations_and_proposals_without_secret
         .await
         .unwrap();
     assert_eq!(admin.rotate("card-data").await.unwrap().version, 2);
-    let (_, metrics) = get(stack.keyservice_admin_addr, "/metrics").await;
+    let (_, metrics) = http_get(stack.keyservice_admin_addr, "/metrics").await;
     assert_series(
         &metrics,
         &[
@@ -245,7 +252,7 @@ async fn keyservice_metrics_follow_leases_rotations_and_proposals_without_secret
         granted.push((lease.key.unwrap().version, lease.encryptions));
     }
     assert_eq!(granted, [(1, 1000), (1, 1000), (1, 500), (2, 1000)]);
-    let (_, metrics) = get(stack.keyservice_admin_addr, "/metrics").await;
+    let (_, metrics) = http_get(stack.keyservice_admin_addr, "/metrics").await;
     assert_series(
         &metrics,
         &[
@@ -274,7 +281,7 @@ async fn keyservice_metrics_follow_leases_rotations_and_proposals_without_secret
     // Dual control: a pending proposal is counted until a second admin approves it.
     admin.retire("cvc", 1).await.unwrap();
     let proposal = admin.propose_unretire("cvc", 1).await.unwrap();
-    let (_, metrics) = get(stack.keyservice_admin_addr, "/metrics").await;
+    let (_, metrics) = http_get(stack.keyservice_admin_addr, "/metrics").await;
     assert_series(
         &metrics,
         &[
@@ -293,7 +300,7 @@ async fn keyservice_metrics_follow_leases_rotations_and_proposals_without_secret
         .unwrap();
     assert!(reader.list_versions().await.is_err());
 
-    let (_, metrics) = get(stack.keyservice_admin_addr, "/metrics").await;
+    let (_, metrics) = http_get(stack.keyservice_admin_addr, "/metrics").await;
     assert_series(
         &metrics,
         &[
@@ -378,10 +385,10 @@ async fn keyservice_health_is_degraded_while_the_keyring_cannot_be_saved() {
 
     let err = admin.rotate("card-data").await.unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::Unavailable), "{err:?}");
-    let (status, health) = get(stack.keyservice_admin_addr, "/healthz").await;
+    let (status, health) = http_get(stack.keyservice_admin_addr, "/healthz").await;
     assert_eq!(status, 200, "degraded still serves");
     assert!(health.starts_with("degraded: "), "{health}");
-    let (_, metrics) = get(stack.keyservice_admin_addr, "/metrics").await;
+    let (_, metrics) = http_get(stack.keyservice_admin_addr, "/metrics").await;
     assert_series(
         &metrics,
         &[
@@ -400,7 +407,7 @@ async fn keyservice_health_is_degraded_while_the_keyring_cannot_be_saved() {
     std::fs::remove_dir_all(&keyring).unwrap();
     std::fs::write(&keyring, saved).unwrap();
     assert_eq!(admin.rotate("card-data").await.unwrap().version, 2);
-    let (status, health) = get(stack.keyservice_admin_addr, "/healthz").await;
+    let (status, health) = http_get(stack.keyservice_admin_addr, "/healthz").await;
     assert_eq!((status, health.trim()), (200, "serving"));
     stack.stop().await;
 }

@@ -175,6 +175,10 @@ usage_report_interval_ms = 200
 tls_handshake_timeout_ms = 1000
 [admin]
 listen_addr = "127.0.0.1:0"
+[storage]
+# Degraded below 1 MiB free only: tests must not depend on the machine's free space
+# (the full-disk test fills a small tmpfs to reach it).
+low_disk_mb = 1
 {extra}
 "#
             ),
@@ -659,6 +663,26 @@ pub async fn raw_channel(
         .unwrap()
         .connect()
         .await
+}
+
+/// A plain HTTP GET on an admin port: the status code and the body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }
 
 #[cfg(test)]

@@ -671,11 +671,26 @@ impl VaultClient {
     pub async fn keyservice_link(&mut self) -> Result<bool, Error> {
         health(&self.health, KEYSERVICE_LINK_HEALTH).await
     }
+
+    /// Whether the vault's data and audit log filesystems have room (above its
+    /// `[storage] low_disk_mb`). When not, the vault is degraded but serves. A vault
+    /// from before this check counts as having room.
+    pub async fn storage_room(&mut self) -> Result<bool, Error> {
+        match health(&self.health, STORAGE_HEALTH).await {
+            Err(Error::Rejected {
+                code: tonic::Code::NotFound,
+                ..
+            }) => Ok(true),
+            other => other,
+        }
+    }
 }
 
-/// The vault's health service name for its keyservice link (the server defines it as
-/// `vault_server::KEYSERVICE_LINK_HEALTH`; a client does not link the server).
+/// The vault's health service names for its keyservice link and its disk space (the
+/// server defines them as `vault_server::KEYSERVICE_LINK_HEALTH` and `STORAGE_HEALTH`; a
+/// client does not link the server).
 const KEYSERVICE_LINK_HEALTH: &str = "tokenvault.vault.v1.Vault/keyservice";
+const STORAGE_HEALTH: &str = "tokenvault.vault.v1.Vault/storage";
 
 /// Progress of the vault's rewrap job, which re-encrypts records onto the active
 /// card-data and fingerprint key versions.

@@ -113,18 +113,28 @@ pub struct StorageSettings {
     /// records.
     #[serde(default = "default_block_cache_mb")]
     pub block_cache_mb: usize,
+    /// Below this much free space on the data or the audit log filesystem the vault is
+    /// degraded: it still serves, and says so in its health (gRPC service
+    /// `tokenvault.vault.v1.Vault/storage`, `/healthz`, `vaultctl health`).
+    #[serde(default = "default_low_disk_mb")]
+    pub low_disk_mb: u64,
 }
 
 impl Default for StorageSettings {
     fn default() -> Self {
         Self {
             block_cache_mb: default_block_cache_mb(),
+            low_disk_mb: default_low_disk_mb(),
         }
     }
 }
 
 fn default_block_cache_mb() -> usize {
     128
+}
+
+fn default_low_disk_mb() -> u64 {
+    256
 }
 
 /// `[retention]`: token lifetimes and the purge job.

@@ -153,6 +153,7 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
                 tenant_ttl_secs: settings.retention.tenant_ttl_secs.clone(),
                 lockout: settings.lockout.clone(),
                 velocity: settings.velocity.clone(),
+                low_disk_bytes: settings.storage.low_disk_mb.saturating_mul(1024 * 1024),
             },
         )),
         tls,
@@ -238,6 +239,40 @@ fn open_store(settings: &Settings) -> Result<RocksStore, Error> {
 /// Health service name whose status says whether the keyservice link is up. While it
 /// is NOT_SERVING the vault still serves with the keys it holds (degraded).
 pub const KEYSERVICE_LINK_HEALTH: &str = "tokenvault.vault.v1.Vault/keyservice";
+
+/// Health service name that is NOT_SERVING while the data or audit log filesystem has
+/// less than `[storage] low_disk_mb` free. The vault still serves (degraded).
+pub const STORAGE_HEALTH: &str = "tokenvault.vault.v1.Vault/storage";
+
+/// Looks at free space every few seconds and reports it as `STORAGE_HEALTH`.
+async fn report_storage(
+    service: Arc<service::VaultService<RocksStore>>,
+    reporter: tonic_health::server::HealthReporter,
+    shutdown: Shutdown,
+) {
+    let mut low = None;
+    loop {
+        let now = service.low_disk();
+        if now.is_some() != low.is_some() {
+            match &now {
+                Some(reason) => tracing::warn!(reason = %reason, "degraded"),
+                None if low.is_some() => tracing::info!("disk space is back above the low mark"),
+                None => {}
+            }
+        }
+        let status = if now.is_some() {
+            tonic_health::ServingStatus::NotServing
+        } else {
+            tonic_health::ServingStatus::Serving
+        };
+        reporter.set_service_status(STORAGE_HEALTH, status).await;
+        low = now;
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            () = shutdown.clone().wait() => return,
+        }
+    }
+}
 
 async fn report_keyservice_link(
     mut connected: tokio::sync::watch::Receiver<bool>,
@@ -441,6 +476,11 @@ impl Bound {
         tokio::spawn(report_keyservice_link(
             self.keys.connected(),
             health_reporter.clone(),
+        ));
+        tokio::spawn(report_storage(
+            Arc::clone(&self.service),
+            health_reporter.clone(),
+            shutdown.clone(),
         ));
         tokio::spawn(audit_key_changes(
             Arc::clone(&self.keys),

@@ -58,6 +58,94 @@ pub struct Metrics {
     pub active_versions: Family<PurposeLabels, Gauge>,
     pub keyservice_connected: Gauge,
     pub rewrap_remaining: Gauge,
+    pub storage: StorageGauges,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FilesystemLabels {
+    pub filesystem: String,
+}
+
+/// The storage engine's figures (`Store::stats`), set at each scrape.
+#[derive(Debug, Default)]
+pub struct StorageGauges {
+    free_bytes: Family<FilesystemLabels, Gauge>,
+    table_bytes: Gauge,
+    memtable_bytes: Gauge,
+    pending_compaction_bytes: Gauge,
+    running_compactions: Gauge,
+    write_stopped: Gauge,
+    delayed_write_rate: Gauge,
+    block_cache_bytes: Gauge,
+}
+
+impl StorageGauges {
+    fn register(&self, registry: &mut Registry) {
+        let storage = registry.sub_registry_with_prefix("storage");
+        storage.register(
+            "free_bytes",
+            "Free space on the data and audit log filesystems",
+            self.free_bytes.clone(),
+        );
+        storage.register(
+            "table_bytes",
+            "Table files on disk",
+            self.table_bytes.clone(),
+        );
+        storage.register(
+            "memtable_bytes",
+            "Memtables in memory",
+            self.memtable_bytes.clone(),
+        );
+        storage.register(
+            "pending_compaction_bytes",
+            "Bytes compaction has still to rewrite",
+            self.pending_compaction_bytes.clone(),
+        );
+        storage.register(
+            "running_compactions",
+            "Compactions running now",
+            self.running_compactions.clone(),
+        );
+        storage.register(
+            "write_stopped",
+            "1 while writes are stopped because compaction is behind",
+            self.write_stopped.clone(),
+        );
+        storage.register(
+            "delayed_write_rate_bytes",
+            "Bytes per second writes are slowed to because compaction is behind; 0 if not",
+            self.delayed_write_rate.clone(),
+        );
+        storage.register(
+            "block_cache_bytes",
+            "Block cache in use ([storage] block_cache_mb bounds it)",
+            self.block_cache_bytes.clone(),
+        );
+    }
+
+    pub fn set(&self, stats: &crate::store::StoreStats) {
+        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        for (filesystem, free) in [
+            ("data", stats.data_free_bytes),
+            ("audit", stats.audit_free_bytes),
+        ] {
+            self.free_bytes
+                .get_or_create(&FilesystemLabels {
+                    filesystem: filesystem.into(),
+                })
+                .set(gauge(free));
+        }
+        self.table_bytes.set(gauge(stats.table_bytes));
+        self.memtable_bytes.set(gauge(stats.memtable_bytes));
+        self.pending_compaction_bytes
+            .set(gauge(stats.pending_compaction_bytes));
+        self.running_compactions
+            .set(gauge(stats.running_compactions));
+        self.write_stopped.set(i64::from(stats.write_stopped));
+        self.delayed_write_rate.set(gauge(stats.delayed_write_rate));
+        self.block_cache_bytes.set(gauge(stats.block_cache_bytes));
+    }
 }
 
 fn latency_histogram() -> Histogram {
@@ -118,8 +206,11 @@ impl Default for Metrics {
             "Records still to re-encrypt onto the active key versions",
             rewrap_remaining.clone(),
         );
+        let storage = StorageGauges::default();
+        storage.register(&mut registry);
         Self {
             registry,
+            storage,
             calls,
             latency,
             forwards,

@@ -49,10 +49,13 @@ pub struct ServiceSettings {
     pub tenant_ttl_secs: std::collections::HashMap<String, u64>,
     pub lockout: crate::lockout::LockoutSettings,
     pub velocity: crate::velocity::VelocitySettings,
+    /// Free space under which the vault reports itself degraded.
+    pub low_disk_bytes: u64,
 }
 
 #[derive(Debug)]
 pub struct VaultService<S> {
+    low_disk_bytes: u64,
     store: Arc<S>,
     keys: Arc<Keys>,
     rewrap: Arc<Rewrapper<S>>,
@@ -140,7 +143,38 @@ impl<S: Store> VaultService<S> {
             idempotency_ttl: settings.idempotency_ttl,
             backup_dir: settings.backup_dir,
             in_flight: Mutex::new(HashSet::new()),
+            low_disk_bytes: settings.low_disk_bytes,
         }
+    }
+
+    /// Why the vault is degraded, if it is: the keyservice link is down, or a data or
+    /// audit filesystem is nearly full. It serves either way.
+    pub fn degraded(&self) -> Vec<String> {
+        let mut reasons = Vec::new();
+        if !*self.keys.connected().borrow() {
+            reasons.push("the keyservice is unreachable; serving with the keys held".into());
+        }
+        if let Some(reason) = self.low_disk() {
+            reasons.push(reason);
+        }
+        reasons
+    }
+
+    /// "the data disk is nearly full (… MiB free)", when it is (or the audit disk).
+    pub fn low_disk(&self) -> Option<String> {
+        let stats = self.store.stats();
+        [
+            ("data", stats.data_free_bytes),
+            ("audit log", stats.audit_free_bytes),
+        ]
+        .into_iter()
+        .find(|(_, free)| *free < self.low_disk_bytes)
+        .map(|(which, free)| {
+            format!(
+                "the {which} disk is nearly full ({} MiB free)",
+                free / (1024 * 1024)
+            )
+        })
     }
 
     /// The in-memory CVC store (for usage reports).
@@ -1661,17 +1695,16 @@ impl<S: Store> crate::metrics::Observed for VaultService<S> {
         metrics
             .rewrap_remaining
             .set(self.rewrap.status().remaining as i64);
+        metrics.storage.set(&self.store.stats());
         metrics.encode()
     }
 
     fn health(&self) -> (bool, String) {
-        if *self.keys.connected().borrow() {
+        let reasons = self.degraded();
+        if reasons.is_empty() {
             (true, "serving".into())
         } else {
-            (
-                true,
-                "degraded: the keyservice is unreachable; serving with the keys held".into(),
-            )
+            (true, format!("degraded: {}", reasons.join("; ")))
         }
     }
 }

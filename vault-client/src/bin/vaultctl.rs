@@ -245,8 +245,8 @@ impl Connection {
 /// What `vaultctl health` reports for one service.
 enum Health {
     Serving,
-    /// Serving, but the vault has lost its keyservice link.
-    Degraded,
+    /// Serving, but degraded: why.
+    Degraded(&'static str),
     NotServing,
 }
 
@@ -534,10 +534,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         let mut client = VaultClient::connect(&vault()?).await?;
                         let serving = client.health().await?;
                         let linked = !serving || client.keyservice_link().await?;
-                        Ok::<_, anyhow::Error>(match (serving, linked) {
-                            (true, true) => Health::Serving,
-                            (true, false) => Health::Degraded,
-                            _ => Health::NotServing,
+                        let room = !serving || client.storage_room().await?;
+                        Ok::<_, anyhow::Error>(match (serving, linked, room) {
+                            (false, _, _) => Health::NotServing,
+                            (true, false, _) => Health::Degraded(
+                                "its keyservice link is down; it serves with the keys it \
+                                 holds until its leased encryption budget runs out",
+                            ),
+                            (true, true, false) => Health::Degraded(
+                                "its data or audit log disk is nearly full; it serves, and \
+                                 refuses writes once the disk is full (its admin port's \
+                                 /healthz says which disk)",
+                            ),
+                            (true, true, true) => Health::Serving,
                         })
                     }
                     .await,
@@ -560,12 +569,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ] {
                 match result {
                     Ok(Health::Serving) => println!("{name}: serving"),
-                    Ok(Health::Degraded) => {
+                    Ok(Health::Degraded(why)) => {
                         healthy = false;
-                        println!(
-                            "{name}: degraded (its keyservice link is down; it serves with the \
-                             keys it holds until its leased encryption budget runs out)"
-                        );
+                        println!("{name}: degraded ({why})");
                     }
                     Ok(Health::NotServing) => {
                         healthy = false;

@@ -150,6 +150,26 @@ pub enum StoreError {
     Reopening,
 }
 
+/// What an engine reports about itself (`Store::stats`). Sizes are bytes; a figure the
+/// engine cannot read is 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Free space on the data and the audit log filesystems.
+    pub data_free_bytes: u64,
+    pub audit_free_bytes: u64,
+    /// Table files on disk, and memtables in memory, over all data column families.
+    pub table_bytes: u64,
+    pub memtable_bytes: u64,
+    /// Bytes compaction still has to rewrite, and compactions running now.
+    pub pending_compaction_bytes: u64,
+    pub running_compactions: u64,
+    /// Writes stopped, or slowed to `delayed_write_rate` bytes/s (0: not slowed), because
+    /// compaction is behind.
+    pub write_stopped: bool,
+    pub delayed_write_rate: u64,
+    pub block_cache_bytes: u64,
+}
+
 pub trait Store: Send + Sync + 'static {
     /// Inserts records atomically and durably (one synced write), each only if its
     /// token is free. Returns one outcome per record, in order, after the write is
@@ -181,6 +201,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records per key use and version.
     fn version_counts(&self) -> BTreeMap<(KeyUse, u32), u64>;
+
+    /// The engine's figures for metrics and health, read now.
+    fn stats(&self) -> StoreStats;
 
     /// Up to `limit` tokens of records whose card-data or fingerprint version differs
     /// from `active`, in a stable order, starting after `cursor` (an opaque position

@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Delete, DeleteOutcome, InsertOutcome, KeyUse, KeyVersions, NewRecord, RecordIndexes, Rewrite,
-    RewriteOutcome, Store, StoreError,
+    RewriteOutcome, Store, StoreError, StoreStats,
 };
 use crate::token::Token;
 
@@ -175,6 +175,14 @@ const RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
 /// writer reopens it (`Writer::recover`).
 type Slot = Arc<RwLock<Option<Arc<DB>>>>;
 
+/// Free space (for an unprivileged writer) on the filesystem holding `dir`; 0 if it
+/// cannot be read.
+fn free_bytes(dir: &Path) -> u64 {
+    nix::sys::statvfs::statvfs(dir).map_or(0, |fs| {
+        fs.blocks_available().saturating_mul(fs.fragment_size())
+    })
+}
+
 fn family<'a>(db: &'a DB, name: &str) -> Result<&'a rocksdb::ColumnFamily, StoreError> {
     db.cf_handle(name).ok_or(StoreError::Closed)
 }
@@ -187,6 +195,8 @@ fn open_data(dir: &Path, cache: &Cache) -> Result<DB, StoreError> {
 
 pub struct RocksStore {
     dir: PathBuf,
+    audit_dir: PathBuf,
+    cache: Cache,
     data: Slot,
     /// Audit entries go to a database of their own, outside the data directory: erasure
     /// must leave no token in the data directory, while the audit log keeps its events
@@ -305,7 +315,7 @@ impl RocksStore {
             counts: Arc::clone(&counts),
             slot: Arc::clone(&data),
             dir: dir.to_owned(),
-            cache,
+            cache: cache.clone(),
             refused_since: None,
             last_recovery: None,
         };
@@ -321,6 +331,8 @@ impl RocksStore {
             .map_err(|e| StoreError::Engine(format!("cannot start audit writer thread: {e}")))?;
         Ok(Self {
             dir: dir.to_owned(),
+            audit_dir: audit_dir.to_owned(),
+            cache,
             data,
             audit_db,
             counts,
@@ -486,6 +498,37 @@ impl Store for RocksStore {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    fn stats(&self) -> StoreStats {
+        let mut stats = StoreStats {
+            data_free_bytes: free_bytes(&self.dir),
+            audit_free_bytes: free_bytes(&self.audit_dir),
+            block_cache_bytes: self.cache.get_usage() as u64,
+            ..StoreStats::default()
+        };
+        let Ok(db) = self.db() else {
+            return stats;
+        };
+        let int = |name: &str| db.property_int_value(name).ok().flatten().unwrap_or(0);
+        stats.running_compactions = int("rocksdb.num-running-compactions");
+        stats.write_stopped = int("rocksdb.is-write-stopped") != 0;
+        stats.delayed_write_rate = int("rocksdb.actual-delayed-write-rate");
+        for name in FAMILIES {
+            let Some(cf) = db.cf_handle(name) else {
+                continue;
+            };
+            let int = |property: &str| {
+                db.property_int_value_cf(cf, property)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0)
+            };
+            stats.table_bytes += int("rocksdb.total-sst-files-size");
+            stats.memtable_bytes += int("rocksdb.cur-size-all-mem-tables");
+            stats.pending_compaction_bytes += int("rocksdb.estimate-pending-compaction-bytes");
+        }
+        stats
     }
 
     async fn records_off_versions(
@@ -896,18 +939,11 @@ impl Writer {
             return self;
         }
         self.last_recovery = Some(Instant::now());
-        match nix::sys::statvfs::statvfs(&self.dir) {
-            Ok(fs) if fs.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY) => return self,
-            Ok(fs) => {
-                let free = fs.blocks_available().saturating_mul(fs.fragment_size());
-                if free < RECOVERY_FREE_BYTES {
-                    return self;
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the data directory's free space");
-                return self;
-            }
+        let read_only = nix::sys::statvfs::statvfs(&self.dir).map_or(true, |fs| {
+            fs.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY)
+        });
+        if read_only || free_bytes(&self.dir) < RECOVERY_FREE_BYTES {
+            return self;
         }
         let taken = self
             .slot
