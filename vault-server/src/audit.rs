@@ -181,8 +181,14 @@ impl Auditor {
 async fn write_anchor<S: Store>(store: Arc<S>, mut head: watch::Receiver<u64>) {
     while head.changed().await.is_ok() {
         let last = *head.borrow_and_update();
-        if let Err(e) = store.put_meta(HEAD_KEY, last.to_be_bytes().to_vec()).await {
+        // A failed write is tried again (the data store may be refusing writes for a
+        // while), unless a newer value comes first, which replaces it.
+        while let Err(e) = store.put_meta(HEAD_KEY, last.to_be_bytes().to_vec()).await {
             tracing::warn!(error = %e, "the audit log anchor could not be updated");
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            if head.has_changed().unwrap_or(true) {
+                break;
+            }
         }
     }
 }

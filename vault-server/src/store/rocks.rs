@@ -225,7 +225,11 @@ fn engine(e: rocksdb::Error) -> StoreError {
 fn classify(message: String) -> StoreError {
     if message.contains("No space left on device") {
         StoreError::NoSpace(message)
-    } else if message.contains("Read-only file system") || message.contains("Permission denied") {
+    } else if message.contains("Read-only file system")
+        || message.contains("Permission denied")
+        // The store was reopened read-only after a refused write (see `recover`).
+        || message.contains("read only mode")
+    {
         StoreError::NotWritable(message)
     } else {
         StoreError::Engine(message)
@@ -412,8 +416,16 @@ fn index_records(db: &DB, indexes_of: IndexesOf) -> Result<(), StoreError> {
 fn load_counts(db: &DB) -> Result<BTreeMap<(KeyUse, u32), u64>, StoreError> {
     let meta = db.cf_handle(META).ok_or(StoreError::Closed)?;
     if let Some(stored) = db.get_pinned_cf(meta, COUNTS).map_err(engine)? {
-        return decode_counts(&stored)
-            .ok_or_else(|| StoreError::Engine("the stored record counts are malformed".into()));
+        let stored = decode_counts(&stored)
+            .ok_or_else(|| StoreError::Engine("the stored record counts are malformed".into()))?;
+        // Destroy checks trust these counts. A version with records but no count (an
+        // older vault-server, which did not keep them, ran on this directory) means
+        // they are stale: count again.
+        let on_disk = versions_on_disk(db)?;
+        if on_disk.iter().all(|version| stored.contains_key(version)) {
+            return Ok(stored);
+        }
+        tracing::warn!("the stored record counts miss a key version in use; counting every record");
     }
     let counts = count_versions(db)?;
     let mut sync = WriteOptions::default();
@@ -421,6 +433,28 @@ fn load_counts(db: &DB) -> Result<BTreeMap<(KeyUse, u32), u64>, StoreError> {
     db.put_cf_opt(meta, COUNTS, encode_counts(&counts), &sync)
         .map_err(engine)?;
     Ok(counts)
+}
+
+/// The key versions that have records, found with one seek per version.
+fn versions_on_disk(db: &DB) -> Result<Vec<(KeyUse, u32)>, StoreError> {
+    let versions = db.cf_handle(VERSIONS).ok_or(StoreError::Closed)?;
+    let mut found = Vec::new();
+    let mut iter = db.raw_iterator_cf(versions);
+    for key_use in KeyUse::ALL {
+        let mut next = Some(0u32);
+        while let Some(version) = next {
+            iter.seek(version_key(key_use, version, &[]));
+            match iter.key().and_then(parse_version_key) {
+                Some((found_use, found_version, _)) if found_use == key_use => {
+                    found.push((key_use, found_version));
+                    next = found_version.checked_add(1);
+                }
+                _ => next = None,
+            }
+        }
+    }
+    iter.status().map_err(engine)?;
+    Ok(found)
 }
 
 fn count_versions(db: &DB) -> Result<BTreeMap<(KeyUse, u32), u64>, StoreError> {
@@ -920,10 +954,11 @@ impl Writer {
             if self.refused_since.is_some() {
                 self = self.recover();
             }
-            let refused = self.commit(group);
-            if refused && self.refused_since.is_none() {
-                self.refused_since = Some(Instant::now());
-            }
+            // A write that goes through (RocksDB may recover by itself) ends the refusal.
+            self.refused_since = match self.commit(group) {
+                true => self.refused_since.or_else(|| Some(Instant::now())),
+                false => None,
+            };
         }
     }
 
@@ -974,31 +1009,48 @@ impl Writer {
         // was writable a moment ago, so opening again fails only if it broke anew: the
         // writer keeps trying (writes wait, reads are told to retry) and says why.
         drop(db);
-        let db = loop {
+        // If it cannot be opened for writing (opening may need room to flush what the
+        // log holds), it is opened read-only so that reads go on; writes keep being
+        // refused and the next write tries again.
+        let (db, refused_since) = loop {
             match open_data(&dir, &cache).and_then(|db| Ok((load_counts(&db)?, db))) {
                 Ok((stored, db)) => {
                     *counts
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner) = stored;
-                    break db;
+                    tracing::warn!(
+                        refused_for_secs = refused_since.map_or(0, |at| at.elapsed().as_secs()),
+                        "storage writable again: the database was reopened and writes go on"
+                    );
+                    break (db, None);
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot reopen the database; trying again");
-                    std::thread::sleep(RECOVERY_INTERVAL);
+                    tracing::error!(error = %e, "cannot reopen the database for writing; reads go on read-only");
+                    let families = FAMILIES.map(|name| {
+                        ColumnFamilyDescriptor::new(name, family_options(Some(name), &cache))
+                    });
+                    match DB::open_cf_descriptors_read_only(
+                        &family_options(None, &cache),
+                        &dir,
+                        families,
+                        false,
+                    ) {
+                        Ok(db) => break (db, refused_since),
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot reopen the database at all; trying again");
+                            std::thread::sleep(RECOVERY_INTERVAL);
+                        }
+                    }
                 }
             }
         };
-        tracing::warn!(
-            refused_for_secs = refused_since.map_or(0, |at| at.elapsed().as_secs()),
-            "storage writable again: the database was reopened and writes go on"
-        );
         let writer = Writer {
             db: Arc::new(db),
             counts,
             slot,
             dir,
             cache,
-            refused_since: None,
+            refused_since,
             last_recovery,
         };
         writer.put_back();
@@ -1480,8 +1532,18 @@ mod tests {
             let meta = db.cf_handle(META).unwrap();
             let stored = db.get_cf(meta, COUNTS).unwrap().unwrap();
             assert_eq!(decode_counts(&stored), Some(expected.clone()));
+            // Counts that miss a version in use (as an older vault-server would leave
+            // them) are counted again.
+            let mut stale = expected.clone();
+            stale.remove(&(KeyUse::CardData, 2));
+            db.put_cf(meta, COUNTS, encode_counts(&stale)).unwrap();
+        }
+        assert_eq!(open().version_counts(), expected);
+        {
             // A data directory from before the counts were stored is counted once.
-            db.delete_cf(meta, COUNTS).unwrap();
+            let store = open();
+            let db = store.db().unwrap();
+            db.delete_cf(db.cf_handle(META).unwrap(), COUNTS).unwrap();
         }
         let store = open();
         assert_eq!(store.version_counts(), expected);
