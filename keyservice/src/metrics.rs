@@ -9,19 +9,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CallLabels {
-    pub method: &'static str,
-    pub code: &'static str,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct MethodLabels {
-    pub method: &'static str,
-}
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PurposeLabels {
@@ -60,8 +48,7 @@ pub struct FreshnessLabels {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    pub calls: Family<CallLabels, Counter>,
-    pub latency: Family<MethodLabels, Histogram>,
+    rpc: runtime::admin::RpcMetrics,
     pub rotations: Family<RotationLabels, Counter>,
     pub keyring_save_failures: Counter,
     pub key_versions: Family<StateLabels, Gauge>,
@@ -75,28 +62,10 @@ pub struct Metrics {
     scraping: std::sync::Mutex<()>,
 }
 
-fn latency_histogram() -> Histogram {
-    // 100 µs to about 13 s: a keyring save (fsync) is the slow part.
-    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
-}
-
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("tokenvault_keyservice");
-        let calls = Family::<CallLabels, Counter>::default();
-        registry.register(
-            "rpc_calls",
-            "RPCs answered, by method and status code",
-            calls.clone(),
-        );
-        let latency = Family::<MethodLabels, Histogram>::new_with_constructor(
-            latency_histogram as fn() -> Histogram,
-        );
-        registry.register(
-            "rpc_seconds",
-            "RPC latency in seconds, by method",
-            latency.clone(),
-        );
+        let rpc = runtime::admin::RpcMetrics::register(&mut registry);
         let rotations = Family::<RotationLabels, Counter>::default();
         registry.register(
             "rotations",
@@ -150,8 +119,7 @@ impl Default for Metrics {
         );
         Self {
             registry,
-            calls,
-            latency,
+            rpc,
             rotations,
             keyring_save_failures,
             key_versions,
@@ -168,14 +136,7 @@ impl Default for Metrics {
 impl Metrics {
     /// Counts one answered call and its latency.
     pub fn call(&self, method: &'static str, code: tonic::Code, elapsed: std::time::Duration) {
-        self.latency
-            .get_or_create(&MethodLabels { method })
-            .observe(elapsed.as_secs_f64());
-        let code = match code {
-            tonic::Code::Ok => "ok",
-            code => runtime::admin::code_name(code),
-        };
-        self.calls.get_or_create(&CallLabels { method, code }).inc();
+        self.rpc.call(method, code, elapsed);
     }
 
     pub fn rotated(&self, purpose: &'static str, reason: &'static str) {

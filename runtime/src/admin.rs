@@ -24,6 +24,72 @@ pub trait Observed: Send + Sync + 'static {
     fn health(&self) -> (bool, String);
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct CallLabels {
+    method: &'static str,
+    code: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct MethodLabels {
+    method: &'static str,
+}
+
+/// The RPC series both servers export: `<prefix>_rpc_calls_total{method,code}` and
+/// `<prefix>_rpc_seconds{method}`.
+#[derive(Debug)]
+pub struct RpcMetrics {
+    calls: prometheus_client::metrics::family::Family<
+        CallLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    latency: prometheus_client::metrics::family::Family<
+        MethodLabels,
+        prometheus_client::metrics::histogram::Histogram,
+    >,
+}
+
+fn latency_histogram() -> prometheus_client::metrics::histogram::Histogram {
+    // 100 µs to about 13 s.
+    prometheus_client::metrics::histogram::Histogram::new(
+        prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18),
+    )
+}
+
+impl RpcMetrics {
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let metrics = Self {
+            calls: Default::default(),
+            latency: prometheus_client::metrics::family::Family::new_with_constructor(
+                latency_histogram as fn() -> prometheus_client::metrics::histogram::Histogram,
+            ),
+        };
+        registry.register(
+            "rpc_calls",
+            "RPCs answered, by method and status code",
+            metrics.calls.clone(),
+        );
+        registry.register(
+            "rpc_seconds",
+            "RPC latency in seconds, by method",
+            metrics.latency.clone(),
+        );
+        metrics
+    }
+
+    /// Counts one answered call (code "ok" or the gRPC code's name) and its latency.
+    pub fn call(&self, method: &'static str, code: Code, elapsed: std::time::Duration) {
+        self.latency
+            .get_or_create(&MethodLabels { method })
+            .observe(elapsed.as_secs_f64());
+        let code = match code {
+            Code::Ok => "ok",
+            code => code_name(code),
+        };
+        self.calls.get_or_create(&CallLabels { method, code }).inc();
+    }
+}
+
 /// Serves `/metrics` and `/healthz` on `listener` until `shutdown`.
 pub async fn serve_admin(listener: TcpListener, server: Arc<dyn Observed>, shutdown: Shutdown) {
     let stop = shutdown.wait();

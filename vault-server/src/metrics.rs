@@ -8,19 +8,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CallLabels {
-    pub method: String,
-    pub code: String,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct MethodLabels {
-    pub method: String,
-}
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ForwardLabels {
@@ -48,8 +36,7 @@ pub struct EventLabels {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    pub calls: Family<CallLabels, Counter>,
-    pub latency: Family<MethodLabels, Histogram>,
+    pub rpc: runtime::admin::RpcMetrics,
     pub forwards: Family<ForwardLabels, Counter>,
     /// Audit events written, lockouts and velocity flags.
     pub events: Family<EventLabels, Counter>,
@@ -148,28 +135,10 @@ impl StorageGauges {
     }
 }
 
-fn latency_histogram() -> Histogram {
-    // 100 µs to about 13 s.
-    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
-}
-
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("tokenvault");
-        let calls = Family::<CallLabels, Counter>::default();
-        registry.register(
-            "rpc_calls",
-            "RPCs answered, by method and status code",
-            calls.clone(),
-        );
-        let latency = Family::<MethodLabels, Histogram>::new_with_constructor(
-            latency_histogram as fn() -> Histogram,
-        );
-        registry.register(
-            "rpc_seconds",
-            "RPC latency in seconds, by method",
-            latency.clone(),
-        );
+        let rpc = runtime::admin::RpcMetrics::register(&mut registry);
         let forwards = Family::<ForwardLabels, Counter>::default();
         registry.register(
             "forwards",
@@ -211,8 +180,7 @@ impl Default for Metrics {
         Self {
             registry,
             storage,
-            calls,
-            latency,
+            rpc,
             forwards,
             events,
             records,

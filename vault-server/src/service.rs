@@ -256,12 +256,7 @@ impl<S: Store> VaultService<S> {
                     Err(Denied::PermissionDenied) => Err(VaultError::PermissionDenied),
                 }
             };
-            self.metrics
-                .latency
-                .get_or_create(&crate::metrics::MethodLabels {
-                    method: method.into(),
-                })
-                .observe(started.elapsed().as_secs_f64());
+            let elapsed = started.elapsed();
             let counts_as_failure = matches!(
                 result,
                 Err(VaultError::PermissionDenied
@@ -283,13 +278,10 @@ impl<S: Store> VaultService<S> {
                     }
                 }
             }
-            self.metrics
-                .calls
-                .get_or_create(&crate::metrics::CallLabels {
-                    method: method.into(),
-                    code: event.outcome.clone(),
-                })
-                .inc();
+            let code = result
+                .as_ref()
+                .map_or_else(|status| status.code(), |_| tonic::Code::Ok);
+            self.metrics.rpc.call(method, code, elapsed);
             let audited = self.audit(event).await;
             guard.event = None;
             let result = match (audited, result) {
