@@ -137,29 +137,29 @@ impl Auditor {
     /// Continues the chain after the last stored entry and starts the writing task,
     /// which ends when every `Auditor` handle is dropped.
     pub async fn start<S: Store>(store: Arc<S>, keys: Arc<Keys>) -> Result<Self, StoreError> {
-        let (next, previous) = match store.last_audit().await? {
+        let last = match store.last_audit().await? {
             Some((sequence, entry)) => {
-                let mac = split(&entry).map(|(_, mac, _)| mac).ok_or_else(|| {
+                split(&entry).ok_or_else(|| {
                     StoreError::Engine("the last audit entry is malformed".into())
                 })?;
-                (sequence + 1, mac)
+                sequence
             }
-            None => (1, [0u8; 32]),
+            None => 0,
         };
         if let Some(head) = head(store.as_ref()).await?
-            && head >= next
+            && head > last
         {
             tracing::error!(
                 head,
-                last = next - 1,
+                last,
                 "the audit log ends before the last entry the vault wrote: it was cut short \
                  or replaced; `vaultctl audit verify` reports it"
             );
         }
         let (queue, receiver) = mpsc::channel(8192);
-        let (head, anchor) = watch::channel(next - 1);
+        let (head, anchor) = watch::channel(last);
         tokio::spawn(write_anchor(Arc::clone(&store), anchor));
-        tokio::spawn(write_events(store, keys, receiver, next, previous, head));
+        tokio::spawn(write_events(store, keys, receiver, head));
         Ok(Self { queue })
     }
 
@@ -197,8 +197,6 @@ async fn write_events<S: Store>(
     store: Arc<S>,
     keys: Arc<Keys>,
     mut receiver: mpsc::Receiver<Pending>,
-    mut next: u64,
-    mut previous: [u8; 32],
     head: watch::Sender<u64>,
 ) {
     // After a failed write the log's end on disk is uncertain (the WAL may hold what
@@ -219,47 +217,61 @@ async fn write_events<S: Store>(
             }
             continue;
         }
+        let (events, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
+        // The store calls `chain` with the log's last entry, under its lock where several
+        // vaults share one log, so the chain never forks.
         let set = keys.snapshot();
-        let (version, key) = set.audit.active();
-        let (mut sequence, mut chain) = (next, previous);
-        let mut entries = Vec::with_capacity(group.len());
-        let mut replies = Vec::with_capacity(group.len());
-        for (mut event, reply) in group {
-            event.sequence = sequence;
-            let json = match serde_json::to_vec(&event) {
-                Ok(json) => json,
-                Err(e) => {
-                    let _ = reply.send(Err(AuditError::Store(StoreError::Engine(e.to_string()))));
-                    continue;
-                }
+        let chain = move |last: Option<(u64, Vec<u8>)>| {
+            let (version, key) = set.audit.active();
+            let (mut sequence, mut previous) = match last {
+                Some((sequence, entry)) => (
+                    sequence + 1,
+                    // Checked at start; a malformed end is reported by `verify`.
+                    split(&entry).map_or([0u8; 32], |(_, mac, _)| mac),
+                ),
+                None => (1, [0u8; 32]),
             };
-            chain = mac(key, &chain, sequence, &json);
-            let mut entry = Vec::with_capacity(HEADER_LEN + json.len());
-            entry.extend_from_slice(&version.to_be_bytes());
-            entry.extend_from_slice(&chain);
-            entry.extend_from_slice(&json);
-            entries.push((sequence, entry));
-            replies.push((sequence, reply));
-            sequence += 1;
-        }
-        // The chain moves on only once the batch is durable: a failed write leaves no
-        // gap, the next batch reuses its sequence numbers.
-        match store.append_audit(entries).await {
-            Ok(()) => {
-                (next, previous) = (sequence, chain);
-                for (sequence, reply) in replies {
+            let mut entries = Vec::with_capacity(events.len());
+            for mut event in events {
+                event.sequence = sequence;
+                // Serializing strings and numbers cannot fail; were it to, the empty
+                // event would fail `verify`, not vanish.
+                let json = serde_json::to_vec(&event).unwrap_or_default();
+                previous = mac(key, &previous, sequence, &json);
+                let mut entry = Vec::with_capacity(HEADER_LEN + json.len());
+                entry.extend_from_slice(&version.to_be_bytes());
+                entry.extend_from_slice(&previous);
+                entry.extend_from_slice(&json);
+                entries.push((sequence, entry));
+                sequence += 1;
+            }
+            entries
+        };
+        match store.append_audit(Box::new(chain)).await {
+            Ok(sequences) => {
+                let last = sequences.last().copied();
+                for (sequence, reply) in sequences.into_iter().zip(replies) {
                     let _ = reply.send(Ok(sequence));
                 }
                 // The anchor goes to the other database, in the data's own group
                 // commits (see `write_anchor`).
-                head.send_replace(next - 1);
+                if let Some(last) = last {
+                    head.send_replace(last);
+                }
+            }
+            // A database that cannot be reached left nothing uncertain: the next batch
+            // reads the log's end again, on a new connection.
+            Err(e @ StoreError::Unavailable(_)) => {
+                tracing::error!(error = %e, "audit events could not be written; their calls are refused");
+                for reply in replies {
+                    let _ = reply.send(Err(AuditError::Store(e.clone())));
+                }
             }
             Err(e) => {
                 broken = true;
                 tracing::error!(error = %e, "audit events could not be written; their calls and every call until a restart are refused");
-                let message = e.to_string();
-                for (_, reply) in replies {
-                    let _ = reply.send(Err(AuditError::Store(StoreError::Engine(message.clone()))));
+                for reply in replies {
+                    let _ = reply.send(Err(AuditError::Store(e.clone())));
                 }
             }
         }

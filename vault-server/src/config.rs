@@ -13,7 +13,9 @@ use serde::Deserialize;
 pub struct Settings {
     /// Address of the gRPC (mutual TLS) listener.
     pub listen_addr: SocketAddr,
-    /// RocksDB directory. Holds ciphertext and allowed metadata only.
+    /// RocksDB directory. Holds ciphertext and allowed metadata only. Required with
+    /// the RocksDB engine; unused with PostgreSQL.
+    #[serde(default)]
     pub data_dir: PathBuf,
     /// The audit log's own RocksDB directory (default: `data_dir` with `-audit`
     /// appended). Kept apart so that erasing a token leaves nothing in `data_dir`,
@@ -108,6 +110,13 @@ fn default_admin_addr() -> SocketAddr {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageSettings {
+    /// `rocksdb` (the embedded engine, in `data_dir`) or `postgres` (a database shared
+    /// by several vault-servers, `[storage.postgres]`).
+    #[serde(default, rename = "type")]
+    pub engine: EngineKind,
+    /// The PostgreSQL connection (required with `type = "postgres"`).
+    #[serde(default)]
+    pub postgres: Option<crate::store::postgres::PostgresSettings>,
     /// RocksDB's block cache, shared by every column family; index and filter blocks
     /// are charged to it too, so it bounds the memory reads use whatever the number of
     /// records.
@@ -120,9 +129,19 @@ pub struct StorageSettings {
     pub low_disk_mb: u64,
 }
 
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    #[default]
+    Rocksdb,
+    Postgres,
+}
+
 impl Default for StorageSettings {
     fn default() -> Self {
         Self {
+            engine: EngineKind::default(),
+            postgres: None,
             block_cache_mb: default_block_cache_mb(),
             low_disk_mb: default_low_disk_mb(),
         }
@@ -344,7 +363,6 @@ impl Settings {
 
     fn resolve_relative_paths(&mut self, base: &Path) {
         let mut files = vec![
-            &mut self.data_dir,
             &mut self.policy_file,
             &mut self.tls.ca_file,
             &mut self.tls.cert_file,
@@ -361,6 +379,13 @@ impl Settings {
         }
         if let Some(dir) = &mut self.audit_dir {
             files.push(dir);
+        }
+        if !self.data_dir.as_os_str().is_empty() {
+            files.push(&mut self.data_dir);
+        }
+        if let Some(postgres) = &mut self.storage.postgres {
+            files.push(&mut postgres.password_file);
+            files.push(&mut postgres.ca_file);
         }
         for file in files {
             if file.is_relative() {
@@ -397,7 +422,28 @@ impl Settings {
                     .into(),
             );
         }
-        if self.audit_dir().starts_with(&self.data_dir) {
+        match (self.storage.engine, &self.storage.postgres) {
+            (EngineKind::Postgres, None) => {
+                return Err(
+                    "storage.type = \"postgres\" needs a [storage.postgres] section".into(),
+                );
+            }
+            (EngineKind::Postgres, Some(postgres)) => postgres.validate()?,
+            (EngineKind::Rocksdb, Some(_)) => {
+                return Err(
+                    "[storage.postgres] is set but storage.type is \"rocksdb\": set \
+                            storage.type = \"postgres\" to use it"
+                        .into(),
+                );
+            }
+            (EngineKind::Rocksdb, None) if self.data_dir.as_os_str().is_empty() => {
+                return Err("data_dir is required with storage.type = \"rocksdb\"".into());
+            }
+            (EngineKind::Rocksdb, None) => {}
+        }
+        if self.storage.engine == EngineKind::Rocksdb
+            && self.audit_dir().starts_with(&self.data_dir)
+        {
             return Err(
                 "audit_dir must not be inside data_dir: erasure clears data_dir while the \
                  audit log keeps its events"

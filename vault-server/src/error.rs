@@ -110,6 +110,16 @@ impl VaultError {
             VaultError::Store(StoreError::Reopening) => {
                 Status::unavailable("the vault's storage is being reopened; retry")
             }
+            VaultError::Store(e @ StoreError::Unavailable(_)) => {
+                tracing::error!(error = %e, "storage unavailable");
+                internal(
+                    Code::Unavailable,
+                    "the vault's database is unavailable; nothing was stored, retry",
+                )
+            }
+            VaultError::Store(StoreError::Unsupported(why)) => {
+                Status::failed_precondition(why.to_string())
+            }
             VaultError::Store(e @ StoreError::NotWritable(_)) => {
                 tracing::error!(error = %e, "storage not writable");
                 internal(

@@ -36,7 +36,7 @@ use tokio::net::TcpListener;
 use vault_proto::vault::v1::vault_server::VaultServer;
 
 pub use config::Settings;
-use store::rocks::RocksStore;
+use store::Engine;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -64,10 +64,12 @@ pub enum Error {
 pub struct Bound {
     listener: TcpListener,
     admin_listener: TcpListener,
-    service: Arc<service::VaultService<RocksStore>>,
-    store: Arc<RocksStore>,
+    service: Arc<service::VaultService<Engine>>,
+    store: Arc<Engine>,
     keys: Arc<keys::Keys>,
-    rewrap: Arc<rewrap::Rewrapper<RocksStore>>,
+    rewrap: Arc<rewrap::Rewrapper<Engine>>,
+    /// This vault's name among those sharing a database (PostgreSQL only).
+    node: Option<String>,
     purge_interval_secs: u64,
     tls: TlsMaterial,
     limits: config::LimitsSettings,
@@ -94,7 +96,7 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
         shutdown,
     )
     .await?;
-    let store = Arc::new(open_store(settings)?);
+    let store = Arc::new(open_store(settings).await?);
     let auditor = if settings.audit.enabled {
         Some(
             audit::Auditor::start(Arc::clone(&store), Arc::clone(&keys))
@@ -134,6 +136,8 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
         store: Arc::clone(&store),
         keys: Arc::clone(&keys),
         rewrap: Arc::clone(&rewrap),
+        node: (settings.storage.engine == config::EngineKind::Postgres)
+            .then(|| node_name(settings)),
         purge_interval_secs: settings.retention.purge_interval_secs,
         service: Arc::new(service::VaultService::new(
             store,
@@ -213,7 +217,18 @@ pub fn restore_backup(settings: &Settings, name: &str) -> Result<usize, Error> {
     Ok(copied)
 }
 
-fn open_store(settings: &Settings) -> Result<RocksStore, Error> {
+async fn open_store(settings: &Settings) -> Result<Engine, Error> {
+    if let (config::EngineKind::Postgres, Some(postgres)) =
+        (settings.storage.engine, &settings.storage.postgres)
+    {
+        let store = store::postgres::PgStore::open(postgres, &node_name(settings))
+            .await
+            .map_err(|e| Error::Storage {
+                path: "PostgreSQL (storage.postgres.url)".into(),
+                detail: e.to_string(),
+            })?;
+        return Ok(Engine::Postgres(store));
+    }
     let storage_error = |detail: String| Error::Storage {
         path: settings.data_dir.display().to_string(),
         detail,
@@ -232,8 +247,43 @@ fn open_store(settings: &Settings) -> Result<RocksStore, Error> {
     let tuning = store::rocks::Tuning {
         block_cache_bytes: settings.storage.block_cache_mb.saturating_mul(1024 * 1024),
     };
-    RocksStore::open(&settings.data_dir, &audit_dir, record::indexes_of, &tuning)
+    store::rocks::RocksStore::open(&settings.data_dir, &audit_dir, record::indexes_of, &tuning)
+        .map(Engine::Rocks)
         .map_err(|e| storage_error(e.to_string()))
+}
+
+/// This vault's name among the vaults sharing a PostgreSQL database:
+/// `storage.postgres.node_name`, or the host name and the gRPC port.
+fn node_name(settings: &Settings) -> String {
+    if let Some(name) = settings
+        .storage
+        .postgres
+        .as_ref()
+        .and_then(|p| p.node_name.clone())
+    {
+        return name;
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "vault".into());
+    format!("{host}:{}", settings.listen_addr.port())
+}
+
+/// `vault-server migrate`: applies the PostgreSQL schema migrations the database
+/// lacks and returns their versions.
+pub async fn migrate(settings: &Settings) -> Result<Vec<i32>, Error> {
+    let storage_error = |detail: String| Error::Storage {
+        path: "PostgreSQL (storage.postgres.url)".into(),
+        detail,
+    };
+    match (settings.storage.engine, &settings.storage.postgres) {
+        (config::EngineKind::Postgres, Some(postgres)) => store::postgres::migrate_only(postgres)
+            .await
+            .map_err(|e| storage_error(e.to_string())),
+        _ => Err(storage_error(
+            "storage.type is not \"postgres\": RocksDB needs no migration".into(),
+        )),
+    }
 }
 
 /// Health service name whose status says whether the keyservice link is up. While it
@@ -246,7 +296,7 @@ pub const STORAGE_HEALTH: &str = "tokenvault.vault.v1.Vault/storage";
 
 /// Looks at free space every few seconds and reports it as `STORAGE_HEALTH`.
 async fn report_storage(
-    service: Arc<service::VaultService<RocksStore>>,
+    service: Arc<service::VaultService<Engine>>,
     reporter: tonic_health::server::HealthReporter,
     shutdown: Shutdown,
 ) {
@@ -296,7 +346,7 @@ async fn report_keyservice_link(
 /// Audits every change of the key set the vault sees (rotations, retirements).
 async fn audit_key_changes(
     keys: Arc<keys::Keys>,
-    service: Arc<service::VaultService<RocksStore>>,
+    service: Arc<service::VaultService<Engine>>,
     shutdown: Shutdown,
 ) {
     let mut changes = keys.changes();
@@ -332,7 +382,7 @@ async fn audit_key_changes(
 
 /// Purges expired tokens and compacts deletions away, every `interval`.
 async fn purge_periodically(
-    service: Arc<service::VaultService<RocksStore>>,
+    service: Arc<service::VaultService<Engine>>,
     interval: Duration,
     shutdown: Shutdown,
 ) {
@@ -354,10 +404,7 @@ async fn purge_periodically(
 
 /// SIGHUP re-reads the policy file, like `vaultctl policy reload`.
 #[cfg(unix)]
-async fn reload_policy_on_sighup(
-    service: Arc<service::VaultService<RocksStore>>,
-    shutdown: Shutdown,
-) {
+async fn reload_policy_on_sighup(service: Arc<service::VaultService<Engine>>, shutdown: Shutdown) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hangups) = signal(SignalKind::hangup()) else {
         tracing::error!("cannot listen for SIGHUP; use `vaultctl policy reload`");
@@ -376,17 +423,24 @@ async fn reload_policy_on_sighup(
     }
 }
 
-/// This vault's instance id: random, kept in its store, so that vaults sharing a
-/// certificate identity report usage separately.
-async fn instance_id<S: store::Store>(store: &S) -> Result<String, error::VaultError> {
-    const KEY: &str = "instance-id";
-    if let Some(id) = store.get_meta(KEY).await? {
+/// This vault's instance id: random, kept in its store (under its node name where
+/// vaults share a database), so that vaults sharing a certificate identity report
+/// usage separately, and a restarted vault reports as the same instance.
+async fn instance_id<S: store::Store>(
+    store: &S,
+    node: Option<&str>,
+) -> Result<String, error::VaultError> {
+    let key = match node {
+        Some(node) => format!("instance-id/{node}"),
+        None => "instance-id".to_owned(),
+    };
+    if let Some(id) = store.get_meta(&key).await? {
         return Ok(String::from_utf8_lossy(&id).into_owned());
     }
     let mut bytes = [0u8; 8];
     envelope::fill_random(&mut bytes)?;
     let id = hex::encode(bytes);
-    store.put_meta(KEY, id.clone().into_bytes()).await?;
+    store.put_meta(&key, id.clone().into_bytes()).await?;
     Ok(id)
 }
 
@@ -457,9 +511,9 @@ impl Bound {
     async fn serve_until(self, shutdown: Shutdown) -> Result<(), Error> {
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter
-            .set_serving::<VaultServer<service::VaultService<RocksStore>>>()
+            .set_serving::<VaultServer<service::VaultService<Engine>>>()
             .await;
-        let instance = match instance_id(self.store.as_ref()).await {
+        let instance = match instance_id(self.store.as_ref(), self.node.as_deref()).await {
             Ok(id) => id,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read or store this vault's instance id");

@@ -34,6 +34,10 @@ enum Command {
     Run,
     /// Copy backup NAME from backup_dir into the empty data directory (vault stopped).
     RestoreBackup { name: String },
+    /// Apply the PostgreSQL schema migrations the database lacks (storage.type =
+    /// "postgres"), then exit. The vault also applies them at start-up unless
+    /// storage.postgres.migrate = false.
+    Migrate,
 }
 
 #[tokio::main]
@@ -47,6 +51,19 @@ async fn main() -> anyhow::Result<()> {
     if let Some(Command::RestoreBackup { name }) = &cli.command {
         let files = vault_server::restore_backup(&settings, name).context("restore backup")?;
         tracing::info!(backup = %name, files, data_dir = %settings.data_dir.display(), "backup restored");
+        return Ok(());
+    }
+    if let Some(Command::Migrate) = &cli.command {
+        let applied = vault_server::migrate(&settings)
+            .await
+            .context("migrate the database")?;
+        #[allow(clippy::print_stdout)] // the command's answer
+        {
+            match applied.as_slice() {
+                [] => println!("the database schema is up to date"),
+                versions => println!("applied migrations {versions:?}"),
+            }
+        }
         return Ok(());
     }
     let shutdown = Shutdown::on_signals();

@@ -45,6 +45,7 @@ pub struct Metrics {
     pub active_versions: Family<PurposeLabels, Gauge>,
     pub keyservice_connected: Gauge,
     pub rewrap_remaining: Gauge,
+    pub rewrap_rewritten: Counter,
     pub storage: StorageGauges,
 }
 
@@ -175,6 +176,13 @@ impl Default for Metrics {
             "Records still to re-encrypt onto the active key versions",
             rewrap_remaining.clone(),
         );
+        let rewrap_rewritten = Counter::default();
+        registry.register(
+            "rewrap_records_rewritten",
+            "Records this vault-server re-encrypted since it started (where vaults share a \
+             database, the one running the rewrap job)",
+            rewrap_rewritten.clone(),
+        );
         let storage = StorageGauges::default();
         storage.register(&mut registry);
         Self {
@@ -187,6 +195,7 @@ impl Default for Metrics {
             active_versions,
             keyservice_connected,
             rewrap_remaining,
+            rewrap_rewritten,
         }
     }
 }

@@ -21,10 +21,12 @@ use crate::config::RewrapSettings;
 use crate::error::VaultError;
 use crate::keys::{Aead, Keys};
 use crate::record::{self, Fingerprint};
-use crate::store::{KeyUse, KeyVersions, Rewrite, RewriteOutcome, Store};
+use crate::store::{JobLock, KeyUse, KeyVersions, Rewrite, RewriteOutcome, Store};
 use crate::token::Token;
 
 const STATE_KEY: &str = "rewrap";
+/// How often a vault waiting for the job (held by another vault) looks again.
+const JOB_POLL: Duration = Duration::from_secs(2);
 
 /// The job's durable state (JSON in the store's `meta`; no card data).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -62,6 +64,8 @@ pub struct Rewrapper<S> {
     settings: RewrapSettings,
     live: Mutex<Live>,
     shutdown: Mutex<Option<Shutdown>>,
+    /// Records this process rewrote (for metrics: which vault runs the job).
+    rewritten_here: std::sync::atomic::AtomicU64,
 }
 
 fn now_unix_ms() -> i64 {
@@ -84,6 +88,7 @@ impl<S: Store> Rewrapper<S> {
             settings,
             live: Mutex::new(Live::default()),
             shutdown: Mutex::new(None),
+            rewritten_here: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -108,19 +113,64 @@ impl<S: Store> Rewrapper<S> {
         self.live().saved = saved;
         if requested {
             tracing::info!("resuming the interrupted rewrap job");
-            self.spawn();
+            self.spawn(None);
         }
         Ok(())
     }
 
+    /// Reads the job's state as the store has it (another vault may have moved it).
+    async fn reload(&self) -> Result<(), VaultError> {
+        if let Some(bytes) = self.store.get_meta(STATE_KEY).await? {
+            self.live().saved = serde_json::from_slice(&bytes).unwrap_or_default();
+        }
+        Ok(())
+    }
+
+    /// Waits until this vault holds the job (vaults sharing a database run it one at a
+    /// time, and a vault that dies lets another take it on). `None` once the job is no
+    /// longer requested.
+    async fn take_job(&self) -> Option<JobLock> {
+        let mut waiting = false;
+        loop {
+            match self.store.lock_job(STATE_KEY).await {
+                Ok(Some(lock)) => {
+                    if waiting && let Err(e) = self.reload().await {
+                        tracing::warn!(error = %e, "rewrap state not read again");
+                    }
+                    return Some(lock);
+                }
+                Ok(None) if !waiting => {
+                    tracing::info!(
+                        "the rewrap job runs on another vault; this one takes over if it stops"
+                    );
+                    waiting = true;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot take the rewrap job; trying again"),
+            }
+            tokio::time::sleep(JOB_POLL).await;
+            match self.reload().await {
+                Ok(()) if !self.live().saved.requested => return None,
+                Ok(()) => {}
+                Err(e) => tracing::warn!(error = %e, "rewrap state not read"),
+            }
+        }
+    }
+
     /// Starts the job (or joins the running one) and returns its status.
     pub async fn start(self: &Arc<Self>) -> Result<pb::RewrapStatus, VaultError> {
+        if self.live().running {
+            return Ok(self.status());
+        }
+        let Some(lock) = self.store.lock_job(STATE_KEY).await? else {
+            // Another vault on this database runs it: follow (and take over if it
+            // stops), without restarting its pass.
+            self.reload().await?;
+            self.spawn(None);
+            return Ok(self.status());
+        };
         let saved = {
             let mut live = self.live();
-            if live.running {
-                drop(live);
-                return Ok(self.status());
-            }
             live.saved = Saved {
                 requested: true,
                 started_at_unix_ms: now_unix_ms(),
@@ -130,11 +180,12 @@ impl<S: Store> Rewrapper<S> {
         };
         self.save(&saved).await?;
         tracing::info!("rewrap started");
-        self.spawn();
+        self.spawn(Some(lock));
         Ok(self.status())
     }
 
-    fn spawn(self: &Arc<Self>) {
+    /// Runs the job in the background, with `lock` if this vault already holds it.
+    fn spawn(self: &Arc<Self>, lock: Option<JobLock>) {
         let shutdown = self
             .shutdown
             .lock()
@@ -156,8 +207,17 @@ impl<S: Store> Rewrapper<S> {
         }
         let this = Arc::clone(self);
         tokio::spawn(async move {
+            let work = async {
+                let lock = match lock {
+                    Some(lock) => Some(lock),
+                    None => this.take_job().await,
+                };
+                if let Some(_lock) = lock {
+                    this.run().await;
+                }
+            };
             tokio::select! {
-                () = this.run() => {}
+                () = work => {}
                 () = shutdown.wait() => {}
             }
             this.live().running = false;
@@ -168,6 +228,12 @@ impl<S: Store> Rewrapper<S> {
         let bytes = serde_json::to_vec(saved)
             .map_err(|e| VaultError::Store(crate::store::StoreError::Engine(e.to_string())))?;
         Ok(self.store.put_meta(STATE_KEY, bytes).await?)
+    }
+
+    /// Records this process has rewritten since it started.
+    pub fn rewritten_here(&self) -> u64 {
+        self.rewritten_here
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn status(&self) -> pb::RewrapStatus {
@@ -286,7 +352,11 @@ impl<S: Store> Rewrapper<S> {
         let mut transient = None;
         for ((_, token), result) in batch.iter().zip(results) {
             match result {
-                Ok(RewriteOutcome::Rewritten) => done += 1,
+                Ok(RewriteOutcome::Rewritten) => {
+                    done += 1;
+                    self.rewritten_here
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 Ok(RewriteOutcome::Changed) => {}
                 // Not the record's fault: the batch is retried later (records already
                 // moved are then skipped as unchanged).

@@ -1687,6 +1687,10 @@ impl<S: Store> crate::metrics::Observed for VaultService<S> {
         metrics
             .rewrap_remaining
             .set(self.rewrap.status().remaining as i64);
+        let rewritten = self.rewrap.rewritten_here();
+        metrics
+            .rewrap_rewritten
+            .inc_by(rewritten.saturating_sub(metrics.rewrap_rewritten.get()));
         metrics.storage.set(&self.store.stats());
         metrics.encode()
     }

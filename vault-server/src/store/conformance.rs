@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use super::{
-    Delete, DeleteOutcome, InsertOutcome, KeyUse, KeyVersions, NewRecord, RecordIndexes, Rewrite,
-    RewriteOutcome, Store,
+    AuditSeal, Delete, DeleteOutcome, InsertOutcome, KeyUse, KeyVersions, NewRecord, RecordIndexes,
+    Rewrite, RewriteOutcome, Store,
 };
 use crate::token::Token;
 
@@ -36,20 +36,31 @@ fn delete(token: &Token, expected: &[u8], index_key: &[u8], versions: KeyVersion
     }
 }
 
-pub async fn run_all<S: Store>(mut fresh: impl FnMut() -> S) {
-    insert_then_get(fresh()).await;
-    never_overwrites(fresh()).await;
-    index_reuse(fresh()).await;
-    index_reuse_within_one_call(fresh()).await;
-    delete_removes_record_and_index(fresh()).await;
-    concurrent_inserts_all_land(Arc::new(fresh())).await;
-    outcomes_are_stored_and_replaced(fresh()).await;
-    records_are_counted_and_listed_by_key_version(fresh()).await;
-    rewrite_replaces_only_an_unchanged_record(fresh()).await;
-    reuse_finds_a_card_under_an_older_fingerprint_version(fresh()).await;
-    meta_is_stored_and_replaced(fresh()).await;
-    audit_entries_are_appended_and_read_in_order(fresh()).await;
-    expired_records_and_every_token_of_a_card_are_found(fresh()).await;
+pub async fn run_all<S: Store, F: std::future::Future<Output = S>>(mut fresh: impl FnMut() -> F) {
+    insert_then_get(fresh().await).await;
+    never_overwrites(fresh().await).await;
+    index_reuse(fresh().await).await;
+    index_reuse_within_one_call(fresh().await).await;
+    delete_removes_record_and_index(fresh().await).await;
+    concurrent_inserts_all_land(Arc::new(fresh().await)).await;
+    outcomes_are_stored_and_replaced(fresh().await).await;
+    records_are_counted_and_listed_by_key_version(fresh().await).await;
+    rewrite_replaces_only_an_unchanged_record(fresh().await).await;
+    reuse_finds_a_card_under_an_older_fingerprint_version(fresh().await).await;
+    meta_is_stored_and_replaced(fresh().await).await;
+    audit_entries_are_appended_and_read_in_order(fresh().await).await;
+    expired_records_and_every_token_of_a_card_are_found(fresh().await).await;
+}
+
+/// Audit entries `first..=last`, each holding its number, chained after whatever the
+/// store says is last (which must be `first - 1`).
+pub fn numbered(first: u64, last: u64) -> AuditSeal {
+    Box::new(move |end: Option<(u64, Vec<u8>)>| {
+        assert_eq!(end.map_or(0, |(sequence, _)| sequence), first - 1);
+        (first..=last)
+            .map(|n| (n, n.to_string().into_bytes()))
+            .collect()
+    })
 }
 
 async fn expired_records_and_every_token_of_a_card_are_found(store: impl Store) {
@@ -104,20 +115,20 @@ async fn expired_records_and_every_token_of_a_card_are_found(store: impl Store) 
 
 async fn audit_entries_are_appended_and_read_in_order(store: impl Store) {
     assert_eq!(store.last_audit().await.unwrap(), None);
-    store
-        .append_audit(vec![(1, b"one".to_vec()), (2, b"two".to_vec())])
-        .await
-        .unwrap();
-    store
-        .append_audit((3..=300).map(|n| (n, n.to_string().into_bytes())).collect())
-        .await
-        .unwrap();
+    assert_eq!(
+        store.append_audit(numbered(1, 2)).await.unwrap(),
+        vec![1, 2]
+    );
+    assert_eq!(
+        store.append_audit(numbered(3, 300)).await.unwrap(),
+        (3..=300).collect::<Vec<_>>()
+    );
     assert_eq!(
         store.last_audit().await.unwrap(),
         Some((300, b"300".to_vec()))
     );
     let page = store.read_audit(0, 2).await.unwrap();
-    assert_eq!(page, vec![(1, b"one".to_vec()), (2, b"two".to_vec())]);
+    assert_eq!(page, vec![(1, b"1".to_vec()), (2, b"2".to_vec())]);
     let page = store.read_audit(255, 1000).await.unwrap();
     assert_eq!(page.len(), 45);
     assert_eq!(

@@ -1,6 +1,7 @@
 //! Storage behind a small trait. The store sees only tokens, keyed hashes and sealed
 //! record bytes; it never sees card data. Every engine passes the conformance suite in
-//! `conformance.rs`. Only `rocks.rs` names RocksDB.
+//! `conformance.rs`. Only `rocks.rs` names RocksDB and only `postgres.rs` PostgreSQL;
+//! `Engine` is the one the config selects.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -10,7 +11,11 @@ use crate::token::Token;
 
 #[cfg(test)]
 mod conformance;
+mod engine;
+pub mod postgres;
 pub mod rocks;
+
+pub use engine::Engine;
 
 /// A record to insert, if its token is free.
 #[derive(Debug)]
@@ -131,7 +136,7 @@ pub enum InsertOutcome {
     Existing(Token),
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The engine refused or failed a read or write; the detail is for the server log.
     #[error("storage engine error: {0}")]
@@ -148,6 +153,37 @@ pub enum StoreError {
     /// The store is being reopened after its disk was full or read-only; retry.
     #[error("storage is being reopened")]
     Reopening,
+    /// The database cannot be reached (connection lost, failover under way); nothing
+    /// of the failed write was acknowledged. Retry.
+    #[error("storage is unavailable: {0}")]
+    Unavailable(String),
+    /// This engine does not do that (the reason says what to do instead).
+    #[error("{0}")]
+    Unsupported(&'static str),
+}
+
+/// Chains audit events onto the log: given the last stored entry (sequence number,
+/// bytes), returns the entries to append after it.
+pub type AuditSeal = Box<dyn FnOnce(Option<(u64, Vec<u8>)>) -> Vec<(u64, Vec<u8>)> + Send>;
+
+/// Held while this vault runs a background job that must run on one vault at a time
+/// (see [`Store::lock_job`]); dropping it lets another vault take the job.
+#[derive(Debug)]
+pub struct JobLock {
+    _held: Option<Box<dyn std::fmt::Debug + Send + Sync>>,
+}
+
+impl JobLock {
+    /// A store only this process opens: nobody else can run the job.
+    pub fn sole() -> Self {
+        Self { _held: None }
+    }
+
+    pub fn held(guard: impl std::fmt::Debug + Send + Sync + 'static) -> Self {
+        Self {
+            _held: Some(Box::new(guard)),
+        }
+    }
 }
 
 /// What an engine reports about itself (`Store::stats`). Sizes are bytes; a figure the
@@ -215,11 +251,13 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<(Vec<u8>, Token)>, StoreError>> + Send;
 
-    /// Appends audit entries (sequence number, bytes) in one durable write.
+    /// Appends the entries `seal` makes after the last stored one, in one durable
+    /// write, atomically with respect to every other writer of the log (other vaults on
+    /// a shared database included). Returns their sequence numbers.
     fn append_audit(
         &self,
-        entries: Vec<(u64, Vec<u8>)>,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+        seal: AuditSeal,
+    ) -> impl Future<Output = Result<Vec<u64>, StoreError>> + Send;
 
     /// Up to `limit` audit entries with a sequence number above `after`, in order.
     fn read_audit(
@@ -288,4 +326,12 @@ pub trait Store: Send + Sync + 'static {
         key: Vec<u8>,
         value: Vec<u8>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Takes background job `job` (the rewrap) for this vault, where several vaults
+    /// share the store: `None` while another vault holds it. The job is this vault's
+    /// until the lock is dropped or the vault dies.
+    fn lock_job(
+        &self,
+        job: &str,
+    ) -> impl Future<Output = Result<Option<JobLock>, StoreError>> + Send;
 }

@@ -30,8 +30,8 @@ use rocksdb::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Delete, DeleteOutcome, InsertOutcome, KeyUse, KeyVersions, NewRecord, RecordIndexes, Rewrite,
-    RewriteOutcome, Store, StoreError, StoreStats,
+    AuditSeal, Delete, DeleteOutcome, InsertOutcome, JobLock, KeyUse, KeyVersions, NewRecord,
+    RecordIndexes, Rewrite, RewriteOutcome, Store, StoreError, StoreStats,
 };
 use crate::token::Token;
 
@@ -728,7 +728,11 @@ impl Store for RocksStore {
         .await
     }
 
-    async fn append_audit(&self, entries: Vec<(u64, Vec<u8>)>) -> Result<(), StoreError> {
+    async fn append_audit(&self, seal: AuditSeal) -> Result<Vec<u64>, StoreError> {
+        // One process owns this log, and its auditor appends one batch at a time: the
+        // last entry read here is still the last when the batch lands.
+        let entries = seal(self.last_audit().await?);
+        let sequences = entries.iter().map(|(sequence, _)| *sequence).collect();
         let entries = entries
             .into_iter()
             .map(|(sequence, entry)| (sequence.to_be_bytes().to_vec(), entry))
@@ -739,7 +743,8 @@ impl Store for RocksStore {
             .send((entries, reply))
             .await
             .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        answer.await.map_err(|_| StoreError::Closed)??;
+        Ok(sequences)
     }
 
     async fn read_audit(
@@ -829,6 +834,11 @@ impl Store for RocksStore {
             reply,
         })
         .await
+    }
+
+    async fn lock_job(&self, _job: &str) -> Result<Option<JobLock>, StoreError> {
+        // RocksDB's own lock keeps every other process out of this store.
+        Ok(Some(JobLock::sole()))
     }
 }
 
@@ -1432,13 +1442,14 @@ mod tests {
         let mut n = 0;
         super::super::conformance::run_all(|| {
             n += 1;
-            RocksStore::open(
+            let store = RocksStore::open(
                 &dir.path().join(n.to_string()),
                 &dir.path().join(format!("{n}-audit")),
                 no_versions,
                 &Tuning::default(),
             )
-            .unwrap()
+            .unwrap();
+            async { store }
         })
         .await;
     }

@@ -1,0 +1,1498 @@
+//! The PostgreSQL engine: several vault-servers over one database (PostgreSQL with
+//! synchronous standbys, or an engine that speaks its protocol). Only this file names
+//! PostgreSQL.
+//!
+//! - Writes go through `writers` tasks per vault, each committing everything queued
+//!   as one transaction (group commit, as in the RocksDB engine). A caller is answered
+//!   after COMMIT returns, that is after the commit is durable on the primary and, with
+//!   `synchronous_standby_names` set, on the synchronous standbys.
+//! - Vaults (and writers) serialise on what they share with transaction-scoped
+//!   advisory locks on the fingerprint index keys a transaction reads or writes, taken
+//!   in one sorted step, then row locks on the records it changes, also sorted: the
+//!   fingerprint index cannot get two tokens for one card, and no two transactions
+//!   wait on each other in a cycle. A deadlock or a token taken meanwhile by another
+//!   vault rolls the group back and it is planned again.
+//! - The audit log is one chain for all vaults: an append locks the chain's end,
+//!   reads the last entry, and chains onto it in the same transaction.
+//! - A lost connection fails the calls in flight with `StoreError::Unavailable`; the
+//!   pool opens new connections (to whichever host `target_session_attrs=read-write`
+//!   finds) on the next call.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::config::SslMode;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+
+use super::{
+    AuditSeal, Delete, DeleteOutcome, InsertOutcome, JobLock, KeyUse, KeyVersions, NewRecord,
+    Rewrite, RewriteOutcome, Store, StoreError, StoreStats,
+};
+use crate::token::Token;
+
+/// `[storage.postgres]` in the vault config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSettings {
+    /// libpq-style connection string, without a password: `host=db1,db2 port=5432
+    /// user=vault dbname=tokenvault target_session_attrs=read-write`, or a
+    /// `postgresql://` URL. Several hosts: the first that accepts writes is used.
+    pub url: String,
+    /// File holding the role's password (only its first line is read).
+    pub password_file: PathBuf,
+    /// CA certificate(s), PEM, that sign the database servers' certificates. TLS is
+    /// always on and the server's name is verified.
+    pub ca_file: PathBuf,
+    /// Connections this vault opens at most.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// Writer tasks, each committing its own group of writes at a time.
+    #[serde(default = "default_writers")]
+    pub writers: usize,
+    /// Longest wait to open a connection, or for a free one.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Apply schema migrations at start-up. Off: the vault refuses to start on a
+    /// schema older than it needs (run `vault-server migrate`).
+    #[serde(default = "default_true")]
+    pub migrate: bool,
+    /// This vault's name among the vaults sharing the database (its counter slots and
+    /// its instance in key usage reports). Default: host name and gRPC port. Must
+    /// differ between vaults and stay the same across restarts of one.
+    #[serde(default)]
+    pub node_name: Option<String>,
+}
+
+fn default_pool_size() -> usize {
+    16
+}
+
+fn default_writers() -> usize {
+    2
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    5_000
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl PostgresSettings {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=1024).contains(&self.pool_size) {
+            return Err("storage.postgres.pool_size must be 1 to 1024".into());
+        }
+        if self.writers == 0 || self.writers >= self.pool_size {
+            return Err("storage.postgres.writers must be at least 1 and below pool_size".into());
+        }
+        if self.connect_timeout_ms == 0 {
+            return Err("storage.postgres.connect_timeout_ms must be greater than 0".into());
+        }
+        let config: tokio_postgres::Config = self
+            .url
+            .parse()
+            .map_err(|e| format!("storage.postgres.url is not a connection string: {e}"))?;
+        if config.get_password().is_some() {
+            return Err("storage.postgres.url must not hold a password: put it in \
+                        storage.postgres.password_file"
+                .into());
+        }
+        Ok(())
+    }
+}
+
+/// The schema, in order. Each runs once, in its own transaction, recorded in
+/// `schema_migrations`. Never edit a released one: add the next.
+const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "records, fingerprint index, outcomes, meta, audit chain, version counts",
+    include_str!("postgres/0001_initial.sql"),
+)];
+
+/// Advisory lock keys (64-bit, the vault's own range).
+const MIGRATION_LOCK: i64 = 0x746f_6b76_0000_0001;
+const AUDIT_LOCK: i64 = 0x746f_6b76_0000_0002;
+const JOB_LOCK_BASE: i64 = 0x746f_6b76_0001_0000;
+
+const MAX_GROUP: usize = 1024;
+const QUEUE_DEPTH: usize = 4096;
+/// Tries of one group when it loses a race with another transaction (deadlock,
+/// token taken meanwhile, serialization failure).
+const GROUP_TRIES: usize = 5;
+/// How often the counts other vaults write are read.
+const COUNTS_REFRESH: Duration = Duration::from_secs(2);
+
+enum Op {
+    Insert {
+        records: Vec<NewRecord>,
+        reply: oneshot::Sender<Result<Vec<InsertOutcome>, StoreError>>,
+    },
+    Delete {
+        delete: Delete,
+        reply: oneshot::Sender<Result<DeleteOutcome, StoreError>>,
+    },
+    Rewrite {
+        rewrite: Rewrite,
+        reply: oneshot::Sender<Result<RewriteOutcome, StoreError>>,
+    },
+    PutMeta {
+        key: String,
+        value: Vec<u8>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    PutOutcome {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    RemoveOutcomes {
+        keys: Vec<Vec<u8>>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+/// What one op did, kept until the group commits.
+enum Done {
+    Insert(Vec<InsertOutcome>),
+    Delete(DeleteOutcome),
+    Rewrite(RewriteOutcome),
+    Unit,
+}
+
+impl Op {
+    fn answer(self, result: Result<Done, StoreError>) {
+        fn send<T>(reply: oneshot::Sender<Result<T, StoreError>>, result: Result<T, StoreError>) {
+            let _ = reply.send(result);
+        }
+        match (self, result) {
+            (Op::Insert { reply, .. }, Ok(Done::Insert(outcomes))) => send(reply, Ok(outcomes)),
+            (Op::Delete { reply, .. }, Ok(Done::Delete(outcome))) => send(reply, Ok(outcome)),
+            (Op::Rewrite { reply, .. }, Ok(Done::Rewrite(outcome))) => send(reply, Ok(outcome)),
+            (
+                Op::PutMeta { reply, .. }
+                | Op::PutOutcome { reply, .. }
+                | Op::RemoveOutcomes { reply, .. },
+                Ok(Done::Unit),
+            ) => send(reply, Ok(())),
+            (op, result) => {
+                let error = match result {
+                    Err(e) => e,
+                    Ok(_) => StoreError::Engine("mismatched write result".into()),
+                };
+                match op {
+                    Op::Insert { reply, .. } => send(reply, Err(error)),
+                    Op::Delete { reply, .. } => send(reply, Err(error)),
+                    Op::Rewrite { reply, .. } => send(reply, Err(error)),
+                    Op::PutMeta { reply, .. }
+                    | Op::PutOutcome { reply, .. }
+                    | Op::RemoveOutcomes { reply, .. } => send(reply, Err(error)),
+                }
+            }
+        }
+    }
+}
+
+type CountMap = BTreeMap<(KeyUse, u32), i64>;
+
+/// Records per key version: this vault's own slots, exact (changed after each commit),
+/// and the other vaults', read every `COUNTS_REFRESH`.
+#[derive(Debug, Default)]
+struct Counts {
+    own: Mutex<CountMap>,
+    others: Mutex<CountMap>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Counts {
+    fn add(&self, deltas: &CountMap) {
+        let mut own = lock(&self.own);
+        for (key, delta) in deltas {
+            *own.entry(*key).or_insert(0) += delta;
+        }
+    }
+
+    fn total(&self) -> BTreeMap<(KeyUse, u32), u64> {
+        let mut total = lock(&self.own).clone();
+        for (key, n) in lock(&self.others).iter() {
+            *total.entry(*key).or_insert(0) += n;
+        }
+        total
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(key, n)| (key, n as u64))
+            .collect()
+    }
+}
+
+/// The PostgreSQL store. Cheap to share; writer tasks end when it is dropped.
+#[derive(Debug)]
+pub struct PgStore {
+    pool: Pool,
+    connect: Connect,
+    queue: mpsc::Sender<Op>,
+    counts: Arc<Counts>,
+}
+
+/// What opening a dedicated connection (for a job lock) needs.
+#[derive(Clone)]
+struct Connect {
+    config: tokio_postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
+}
+
+impl Connect {
+    fn from_settings(settings: &PostgresSettings) -> Result<Self, StoreError> {
+        let mut config: tokio_postgres::Config = settings
+            .url
+            .parse()
+            .map_err(|e| StoreError::Engine(format!("storage.postgres.url: {e}")))?;
+        config.password(read_password(&settings.password_file)?);
+        config.ssl_mode(SslMode::Require);
+        config.connect_timeout(Duration::from_millis(settings.connect_timeout_ms));
+        // A primary that vanishes without closing its connections (power loss, a cut
+        // network) is noticed in seconds, not after the kernel's default of minutes.
+        config.keepalives_idle(Duration::from_secs(5));
+        config.tcp_user_timeout(Duration::from_secs(10));
+        config.application_name("vault-server");
+        let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(&settings.ca_file)?);
+        Ok(Self { config, tls })
+    }
+}
+
+impl std::fmt::Debug for Connect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connect").finish_non_exhaustive()
+    }
+}
+
+fn tls_config(ca_file: &Path) -> Result<rustls::ClientConfig, StoreError> {
+    let pem = std::fs::read(ca_file).map_err(|e| {
+        StoreError::Engine(format!(
+            "cannot read the database CA file {}: {e}",
+            ca_file.display()
+        ))
+    })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        let cert = cert.map_err(|e| {
+            StoreError::Engine(format!("bad certificate in {}: {e}", ca_file.display()))
+        })?;
+        roots
+            .add(cert)
+            .map_err(|e| StoreError::Engine(format!("bad CA certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(StoreError::Engine(format!(
+            "no certificate in the database CA file {}",
+            ca_file.display()
+        )));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::Engine(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+fn read_password(file: &Path) -> Result<Vec<u8>, StoreError> {
+    let text = std::fs::read(file).map_err(|e| {
+        StoreError::Engine(format!(
+            "cannot read the database password file {}: {e}",
+            file.display()
+        ))
+    })?;
+    let line = text.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.is_empty() {
+        return Err(StoreError::Engine(format!(
+            "the database password file {} is empty",
+            file.display()
+        )));
+    }
+    Ok(line.to_vec())
+}
+
+/// A PostgreSQL error as the store reports it: the SQLSTATE and message only (a
+/// message's DETAIL can quote the values of a row).
+fn pg(e: tokio_postgres::Error) -> StoreError {
+    let Some(db) = e.as_db_error() else {
+        // No server answer: the connection broke or could not be opened.
+        return StoreError::Unavailable(format!("database connection: {e}"));
+    };
+    let code = db.code();
+    let message = format!("database error {}: {}", code.code(), db.message());
+    if *code == SqlState::DISK_FULL || *code == SqlState::OUT_OF_MEMORY {
+        StoreError::NoSpace(message)
+    } else if code.code().starts_with("08")
+        || code.code().starts_with("57P")
+        || *code == SqlState::READ_ONLY_SQL_TRANSACTION
+        || *code == SqlState::CANNOT_CONNECT_NOW
+        || *code == SqlState::TOO_MANY_CONNECTIONS
+    {
+        // Connection trouble, shutdown, failover in progress, or a host that is now
+        // a standby: another try (on a new connection) may succeed.
+        StoreError::Unavailable(message)
+    } else {
+        StoreError::Engine(message)
+    }
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => pg(e),
+        deadpool_postgres::PoolError::Closed => StoreError::Closed,
+        other => StoreError::Unavailable(format!("database connection: {other}")),
+    }
+}
+
+/// Whether a group that failed with `e` should be planned and tried again.
+fn lost_a_race(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|code| {
+        *code == SqlState::T_R_DEADLOCK_DETECTED
+            || *code == SqlState::T_R_SERIALIZATION_FAILURE
+            || *code == SqlState::UNIQUE_VIOLATION
+    })
+}
+
+/// The advisory lock key of a fingerprint index key: the first 8 bytes of its
+/// SHA-256 (index keys start with the tenant, so their own bytes are not spread).
+fn index_lock(index_key: &[u8]) -> i64 {
+    let digest = ring::digest::digest(&ring::digest::SHA256, index_key);
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest.as_ref()[..8]);
+    i64::from_be_bytes(first)
+}
+
+impl PgStore {
+    /// Connects, applies (or, with `migrate` off, checks) the schema, loads the record
+    /// counts and starts the writers. `node` names this vault among those sharing the
+    /// database.
+    pub async fn open(settings: &PostgresSettings, node: &str) -> Result<Self, StoreError> {
+        let Connect { config, tls } = Connect::from_settings(settings)?;
+        let manager = Manager::from_config(
+            config.clone(),
+            tls.clone(),
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let timeout = Some(Duration::from_millis(settings.connect_timeout_ms));
+        let pool = Pool::builder(manager)
+            .max_size(settings.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(timeout)
+            .create_timeout(timeout)
+            .recycle_timeout(timeout)
+            .build()
+            .map_err(|e| StoreError::Engine(format!("database pool: {e}")))?;
+        {
+            let mut client = pool.get().await.map_err(pool_error)?;
+            if settings.migrate {
+                migrate(&mut client).await?;
+            } else {
+                check_schema(&client).await?;
+            }
+        }
+        let slots: Vec<String> = (0..settings.writers)
+            .map(|i| format!("{node}#{i}"))
+            .collect();
+        let counts = Arc::new(Counts::default());
+        load_counts(&pool, &slots, &counts).await?;
+        let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
+        let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
+        for slot in &slots {
+            tokio::spawn(write(
+                pool.clone(),
+                Arc::clone(&receiver),
+                Arc::clone(&counts),
+                slot.clone(),
+            ));
+        }
+        tokio::spawn(refresh_counts(pool.clone(), slots, Arc::downgrade(&counts)));
+        Ok(Self {
+            pool,
+            connect: Connect { config, tls },
+            queue,
+            counts,
+        })
+    }
+
+    async fn client(&self) -> Result<Object, StoreError> {
+        self.pool.get().await.map_err(pool_error)
+    }
+
+    async fn submit<T>(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .send(op(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+/// Applies the migrations this database lacks, one transaction each, under a lock so
+/// that vaults starting together do not race. Refuses a schema newer than this
+/// vault-server knows.
+pub async fn migrate(client: &mut Object) -> Result<Vec<i32>, StoreError> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version integer PRIMARY KEY,
+                 description text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now()
+             )",
+        )
+        .await
+        .map_err(pg)?;
+    let mut applied = Vec::new();
+    let transaction = client.transaction().await.map_err(pg)?;
+    transaction
+        .execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(pg)?;
+    let have: BTreeSet<i32> = transaction
+        .query("SELECT version FROM schema_migrations", &[])
+        .await
+        .map_err(pg)?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    refuse_newer(&have)?;
+    for (version, description, sql) in MIGRATIONS {
+        if have.contains(version) {
+            continue;
+        }
+        transaction.batch_execute(sql).await.map_err(pg)?;
+        transaction
+            .execute(
+                "INSERT INTO schema_migrations (version, description) VALUES ($1, $2)",
+                &[version, description],
+            )
+            .await
+            .map_err(pg)?;
+        tracing::info!(version, description, "database schema migrated");
+        applied.push(*version);
+    }
+    transaction.commit().await.map_err(pg)?;
+    Ok(applied)
+}
+
+fn refuse_newer(have: &BTreeSet<i32>) -> Result<(), StoreError> {
+    let known = MIGRATIONS.iter().map(|(v, _, _)| *v).max().unwrap_or(0);
+    match have.iter().max() {
+        Some(newest) if *newest > known => Err(StoreError::Engine(format!(
+            "the database schema is at version {newest}, newer than this vault-server knows \
+             ({known}): upgrade the vault-server"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+async fn check_schema(client: &Object) -> Result<(), StoreError> {
+    let rows = client
+        .query("SELECT version FROM schema_migrations", &[])
+        .await
+        .map_err(|e| {
+            StoreError::Engine(format!(
+                "the database has no vault schema ({}); run `vault-server migrate` or set \
+                 storage.postgres.migrate = true",
+                pg(e)
+            ))
+        })?;
+    let have: BTreeSet<i32> = rows.iter().map(|row| row.get(0)).collect();
+    refuse_newer(&have)?;
+    if let Some((missing, _, _)) = MIGRATIONS.iter().find(|(v, _, _)| !have.contains(v)) {
+        return Err(StoreError::Engine(format!(
+            "the database schema lacks migration {missing}; run `vault-server migrate` or set \
+             storage.postgres.migrate = true"
+        )));
+    }
+    Ok(())
+}
+
+fn key_use_of(code: i16) -> Result<KeyUse, StoreError> {
+    u8::try_from(code)
+        .ok()
+        .and_then(KeyUse::from_code)
+        .ok_or_else(|| StoreError::Engine(format!("unknown key use {code} in version_counts")))
+}
+
+async fn load_counts(pool: &Pool, own_slots: &[String], counts: &Counts) -> Result<(), StoreError> {
+    let client = pool.get().await.map_err(pool_error)?;
+    let rows = client
+        .query(
+            "SELECT slot = ANY($1), key_use, version, sum(records)::bigint
+             FROM version_counts GROUP BY 1, 2, 3",
+            &[&own_slots],
+        )
+        .await
+        .map_err(pg)?;
+    let (mut own, mut others) = (CountMap::new(), CountMap::new());
+    for row in rows {
+        let key = (key_use_of(row.get(1))?, row.get::<_, i32>(2) as u32);
+        let n: i64 = row.get(3);
+        if row.get(0) {
+            own.insert(key, n);
+        } else {
+            others.insert(key, n);
+        }
+    }
+    *lock(&counts.own) = own;
+    *lock(&counts.others) = others;
+    Ok(())
+}
+
+async fn refresh_counts(pool: Pool, own_slots: Vec<String>, counts: std::sync::Weak<Counts>) {
+    loop {
+        tokio::time::sleep(COUNTS_REFRESH).await;
+        let Some(counts) = counts.upgrade() else {
+            return;
+        };
+        let read = async {
+            let client = pool.get().await.map_err(pool_error)?;
+            let rows = client
+                .query(
+                    "SELECT key_use, version, sum(records)::bigint FROM version_counts
+                     WHERE NOT slot = ANY($1) GROUP BY 1, 2",
+                    &[&own_slots],
+                )
+                .await
+                .map_err(pg)?;
+            let mut others = CountMap::new();
+            for row in rows {
+                others.insert(
+                    (key_use_of(row.get(0))?, row.get::<_, i32>(1) as u32),
+                    row.get(2),
+                );
+            }
+            Ok::<_, StoreError>(others)
+        };
+        match read.await {
+            Ok(others) => *lock(&counts.others) = others,
+            Err(e) => tracing::debug!(error = %e, "other vaults' record counts not refreshed"),
+        }
+    }
+}
+
+/// One writer: takes everything queued (up to `MAX_GROUP`) and commits it as one
+/// transaction, while the other writers gather or commit theirs.
+async fn write(
+    pool: Pool,
+    receiver: Arc<tokio::sync::Mutex<mpsc::Receiver<Op>>>,
+    counts: Arc<Counts>,
+    slot: String,
+) {
+    loop {
+        let group = {
+            let mut receiver = receiver.lock().await;
+            let Some(first) = receiver.recv().await else {
+                return;
+            };
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP {
+                match receiver.try_recv() {
+                    Ok(op) => group.push(op),
+                    Err(_) => break,
+                }
+            }
+            group
+        };
+        let result = commit_group(&pool, &group, &slot).await;
+        match result {
+            Ok((done, deltas)) => {
+                counts.add(&deltas);
+                for (op, done) in group.into_iter().zip(done) {
+                    op.answer(Ok(done));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, writes = group.len(), "database write failed; nothing of it was acknowledged");
+                for op in group {
+                    op.answer(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+async fn commit_group(
+    pool: &Pool,
+    group: &[Op],
+    slot: &str,
+) -> Result<(Vec<Done>, CountMap), StoreError> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let mut client = pool.get().await.map_err(pool_error)?;
+        match try_group(&mut client, group, slot).await {
+            Ok(done) => return Ok(done),
+            Err(e) => {
+                // Leave no connection inside a failed transaction in the pool.
+                if client.is_closed() || client.batch_execute("ROLLBACK").await.is_err() {
+                    drop(Object::take(client));
+                }
+                if lost_a_race(&e) && tries < GROUP_TRIES {
+                    tracing::debug!(error = %pg(e), "write group lost a race; planned again");
+                    continue;
+                }
+                return Err(pg(e));
+            }
+        }
+    }
+}
+
+/// Index keys a group reads or writes, as sorted advisory lock keys; and the tokens
+/// of records it changes, sorted.
+fn locks_of(group: &[Op]) -> (Vec<i64>, Vec<&str>) {
+    let mut keys = BTreeSet::new();
+    let mut tokens = BTreeSet::new();
+    for op in group {
+        match op {
+            Op::Insert { records, .. } => {
+                for record in records {
+                    keys.insert(index_lock(&record.index_key));
+                    if record.reuse_existing {
+                        keys.extend(record.older_index_keys.iter().map(|k| index_lock(k)));
+                    }
+                }
+            }
+            Op::Delete { delete, .. } => {
+                keys.insert(index_lock(&delete.index_key));
+                tokens.insert(delete.token.as_str());
+            }
+            Op::Rewrite { rewrite, .. } => {
+                keys.insert(index_lock(&rewrite.old_index_key));
+                keys.insert(index_lock(&rewrite.new_index_key));
+                tokens.insert(rewrite.token.as_str());
+            }
+            Op::PutMeta { .. } | Op::PutOutcome { .. } | Op::RemoveOutcomes { .. } => {}
+        }
+    }
+    (keys.into_iter().collect(), tokens.into_iter().collect())
+}
+
+fn count(deltas: &mut CountMap, versions: KeyVersions, delta: i64) {
+    for key_use in KeyUse::ALL {
+        *deltas.entry((key_use, versions.get(key_use))).or_insert(0) += delta;
+    }
+}
+
+async fn try_group(
+    client: &mut Object,
+    group: &[Op],
+    slot: &str,
+) -> Result<(Vec<Done>, CountMap), tokio_postgres::Error> {
+    let (keys, tokens) = locks_of(group);
+    let lock_keys = client
+        .prepare_cached(
+            "SELECT pg_advisory_xact_lock(k) FROM (SELECT unnest($1::int8[]) AS k ORDER BY 1) s",
+        )
+        .await?;
+    let lock_rows = client
+        .prepare_cached("SELECT token FROM records WHERE token = ANY($1) ORDER BY token FOR UPDATE")
+        .await?;
+    client.batch_execute("BEGIN").await?;
+    if !keys.is_empty() {
+        client.query(&lock_keys, &[&keys]).await?;
+    }
+    if !tokens.is_empty() {
+        client.query(&lock_rows, &[&tokens]).await?;
+    }
+    let mut deltas = CountMap::new();
+    let mut done = Vec::with_capacity(group.len());
+    for op in group {
+        done.push(match op {
+            Op::Insert { records, .. } => Done::Insert(insert(client, records, &mut deltas).await?),
+            Op::Delete { delete, .. } => {
+                Done::Delete(delete_one(client, delete, &mut deltas).await?)
+            }
+            Op::Rewrite { rewrite, .. } => {
+                Done::Rewrite(rewrite_one(client, rewrite, &mut deltas).await?)
+            }
+            Op::PutMeta { key, value, .. } => {
+                let statement = client
+                    .prepare_cached(
+                        "INSERT INTO meta (key, value) VALUES ($1, $2)
+                         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    )
+                    .await?;
+                client.execute(&statement, &[key, value]).await?;
+                Done::Unit
+            }
+            Op::PutOutcome { key, value, .. } => {
+                let statement = client
+                    .prepare_cached(
+                        "INSERT INTO outcomes (key, value) VALUES ($1, $2)
+                         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    )
+                    .await?;
+                client.execute(&statement, &[key, value]).await?;
+                Done::Unit
+            }
+            Op::RemoveOutcomes { keys, .. } => {
+                let statement = client
+                    .prepare_cached("DELETE FROM outcomes WHERE key = ANY($1)")
+                    .await?;
+                client.execute(&statement, &[keys]).await?;
+                Done::Unit
+            }
+        });
+    }
+    deltas.retain(|_, delta| *delta != 0);
+    if !deltas.is_empty() {
+        let statement = client
+            .prepare_cached(
+                "INSERT INTO version_counts (slot, key_use, version, records)
+                 SELECT $1, u, v, n FROM unnest($2::int2[], $3::int4[], $4::int8[]) AS t(u, v, n)
+                 ON CONFLICT (slot, key_use, version)
+                 DO UPDATE SET records = version_counts.records + excluded.records",
+            )
+            .await?;
+        let uses: Vec<i16> = deltas.keys().map(|(u, _)| i16::from(u.code())).collect();
+        let versions: Vec<i32> = deltas.keys().map(|(_, v)| *v as i32).collect();
+        let ns: Vec<i64> = deltas.values().copied().collect();
+        client
+            .execute(&statement, &[&slot, &uses, &versions, &ns])
+            .await?;
+    }
+    client.batch_execute("COMMIT").await?;
+    Ok((done, deltas))
+}
+
+/// Inserts records that are free, as `RocksStore` does: a token already stored is
+/// taken; with `reuse_existing`, a live token the fingerprint index names (under the
+/// current or an older fingerprint version) is returned instead; the index entry is
+/// written when it is missing or names a record that is gone. The index keys are
+/// locked (see `locks_of`).
+async fn insert(
+    client: &Object,
+    records: &[NewRecord],
+    deltas: &mut CountMap,
+) -> Result<Vec<InsertOutcome>, tokio_postgres::Error> {
+    let tokens: Vec<&str> = records.iter().map(|r| r.token.as_str()).collect();
+    let mut index_keys: Vec<&[u8]> = Vec::new();
+    for record in records {
+        index_keys.push(&record.index_key);
+        if record.reuse_existing {
+            index_keys.extend(record.older_index_keys.iter().map(Vec::as_slice));
+        }
+    }
+    let taken_statement = client
+        .prepare_cached("SELECT token FROM records WHERE token = ANY($1)")
+        .await?;
+    let live_statement = client
+        .prepare_cached(
+            "SELECT f.index_key, f.token FROM fingerprints f JOIN records r ON r.token = f.token
+             WHERE f.index_key = ANY($1)",
+        )
+        .await?;
+    let (taken_params, live_params): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 1]) =
+        ([&tokens], [&index_keys]);
+    let (taken, live) = tokio::try_join!(
+        client.query(&taken_statement, &taken_params),
+        client.query(&live_statement, &live_params),
+    )?;
+    let mut taken: HashSet<String> = taken.iter().map(|row| row.get(0)).collect();
+    let mut live: HashMap<Vec<u8>, String> =
+        live.iter().map(|row| (row.get(0), row.get(1))).collect();
+
+    let mut outcomes = Vec::with_capacity(records.len());
+    let mut rows: Vec<&NewRecord> = Vec::new();
+    let mut entries: Vec<(&[u8], &str)> = Vec::new();
+    for record in records {
+        let token = record.token.as_str();
+        if taken.contains(token) {
+            outcomes.push(InsertOutcome::TokenTaken);
+            continue;
+        }
+        let indexed = live.get(&record.index_key).cloned();
+        let mut reusable = indexed.clone();
+        if record.reuse_existing && reusable.is_none() {
+            reusable = record
+                .older_index_keys
+                .iter()
+                .find_map(|older| live.get(older).cloned());
+        }
+        if let (true, Some(existing)) = (record.reuse_existing, reusable) {
+            match Token::from_stored(existing.as_bytes()) {
+                Some(existing) => outcomes.push(InsertOutcome::Existing(existing)),
+                None => {
+                    tracing::error!("the fingerprint index holds a malformed token");
+                    outcomes.push(InsertOutcome::TokenTaken);
+                }
+            }
+            continue;
+        }
+        if indexed.is_none() {
+            entries.push((&record.index_key, token));
+            live.insert(record.index_key.clone(), token.to_owned());
+        }
+        taken.insert(token.to_owned());
+        rows.push(record);
+        count(deltas, record.versions, 1);
+        outcomes.push(InsertOutcome::Stored);
+    }
+    if rows.is_empty() {
+        return Ok(outcomes);
+    }
+    let insert_records = client
+        .prepare_cached(
+            "INSERT INTO records
+                 (token, value, card_data_version, fingerprint_version, expires_at_unix_ms, card_key)
+             SELECT * FROM unnest($1::text[], $2::bytea[], $3::int4[], $4::int4[], $5::int8[], $6::bytea[])",
+        )
+        .await?;
+    let put_entries = client
+        .prepare_cached(
+            "INSERT INTO fingerprints (index_key, token)
+             SELECT * FROM unnest($1::bytea[], $2::text[])
+             ON CONFLICT (index_key) DO UPDATE SET token = excluded.token",
+        )
+        .await?;
+    let tokens: Vec<&str> = rows.iter().map(|r| r.token.as_str()).collect();
+    let values: Vec<&[u8]> = rows.iter().map(|r| r.value.as_slice()).collect();
+    let card_versions: Vec<i32> = rows.iter().map(|r| r.versions.card_data as i32).collect();
+    let fingerprint_versions: Vec<i32> =
+        rows.iter().map(|r| r.versions.fingerprint as i32).collect();
+    let expiries: Vec<i64> = rows.iter().map(|r| r.indexes.expires_at_unix_ms).collect();
+    let card_keys: Vec<&[u8]> = rows.iter().map(|r| r.indexes.card_key.as_slice()).collect();
+    let entry_keys: Vec<&[u8]> = entries.iter().map(|(k, _)| *k).collect();
+    let entry_tokens: Vec<&str> = entries.iter().map(|(_, t)| *t).collect();
+    let record_params: [&(dyn ToSql + Sync); 6] = [
+        &tokens,
+        &values,
+        &card_versions,
+        &fingerprint_versions,
+        &expiries,
+        &card_keys,
+    ];
+    if entries.is_empty() {
+        client.execute(&insert_records, &record_params).await?;
+    } else {
+        let entry_params: [&(dyn ToSql + Sync); 2] = [&entry_keys, &entry_tokens];
+        tokio::try_join!(
+            client.execute(&insert_records, &record_params),
+            client.execute(&put_entries, &entry_params),
+        )?;
+    }
+    Ok(outcomes)
+}
+
+/// The record's current bytes (its row is locked by `try_group`).
+async fn current(client: &Object, token: &str) -> Result<Option<Vec<u8>>, tokio_postgres::Error> {
+    let statement = client
+        .prepare_cached("SELECT value FROM records WHERE token = $1")
+        .await?;
+    Ok(client
+        .query_opt(&statement, &[&token])
+        .await?
+        .map(|row| row.get(0)))
+}
+
+async fn delete_one(
+    client: &Object,
+    delete: &Delete,
+    deltas: &mut CountMap,
+) -> Result<DeleteOutcome, tokio_postgres::Error> {
+    let token = delete.token.as_str();
+    match current(client, token).await? {
+        None => return Ok(DeleteOutcome::NotFound),
+        Some(value) if value != delete.expected => return Ok(DeleteOutcome::Changed),
+        Some(_) => {}
+    }
+    let remove_record = client
+        .prepare_cached("DELETE FROM records WHERE token = $1")
+        .await?;
+    let remove_entry = client
+        .prepare_cached("DELETE FROM fingerprints WHERE index_key = $1 AND token = $2")
+        .await?;
+    let record_params: [&(dyn ToSql + Sync); 1] = [&token];
+    let entry_params: [&(dyn ToSql + Sync); 2] = [&delete.index_key, &token];
+    tokio::try_join!(
+        client.execute(&remove_record, &record_params),
+        client.execute(&remove_entry, &entry_params),
+    )?;
+    count(deltas, delete.versions, -1);
+    Ok(DeleteOutcome::Deleted)
+}
+
+async fn rewrite_one(
+    client: &Object,
+    rewrite: &Rewrite,
+    deltas: &mut CountMap,
+) -> Result<RewriteOutcome, tokio_postgres::Error> {
+    let token = rewrite.token.as_str();
+    if current(client, token).await?.as_deref() != Some(rewrite.expected.as_slice()) {
+        return Ok(RewriteOutcome::Changed);
+    }
+    let update = client
+        .prepare_cached(
+            "UPDATE records SET value = $2, card_data_version = $3, fingerprint_version = $4,
+                 expires_at_unix_ms = $5, card_key = $6
+             WHERE token = $1",
+        )
+        .await?;
+    let new = rewrite.new_versions;
+    client
+        .execute(
+            &update,
+            &[
+                &token,
+                &rewrite.value,
+                &(new.card_data as i32),
+                &(new.fingerprint as i32),
+                &rewrite.new_indexes.expires_at_unix_ms,
+                &rewrite.new_indexes.card_key,
+            ],
+        )
+        .await?;
+    if rewrite.old_index_key != rewrite.new_index_key {
+        let remove_old = client
+            .prepare_cached("DELETE FROM fingerprints WHERE index_key = $1 AND token = $2")
+            .await?;
+        // Another live token of the same card may own the new entry already; a stale
+        // one (its record gone) is replaced.
+        let put_new = client
+            .prepare_cached(
+                "INSERT INTO fingerprints (index_key, token) VALUES ($1, $2)
+                 ON CONFLICT (index_key) DO UPDATE SET token = excluded.token
+                 WHERE NOT EXISTS (SELECT 1 FROM records r WHERE r.token = fingerprints.token)",
+            )
+            .await?;
+        let old_params: [&(dyn ToSql + Sync); 2] = [&rewrite.old_index_key, &token];
+        let new_params: [&(dyn ToSql + Sync); 2] = [&rewrite.new_index_key, &token];
+        tokio::try_join!(
+            client.execute(&remove_old, &old_params),
+            client.execute(&put_new, &new_params),
+        )?;
+    }
+    count(deltas, rewrite.old_versions, -1);
+    count(deltas, rewrite.new_versions, 1);
+    Ok(RewriteOutcome::Rewritten)
+}
+
+fn tokens_of(rows: &[tokio_postgres::Row]) -> Result<Vec<Token>, StoreError> {
+    rows.iter()
+        .map(|row| {
+            let token: &str = row.get(0);
+            Token::from_stored(token.as_bytes()).ok_or_else(|| {
+                StoreError::Engine("the records table holds a malformed token".into())
+            })
+        })
+        .collect()
+}
+
+/// A session-level advisory lock held on its own connection: closing the connection
+/// (dropping the guard, or the vault dying) releases it.
+struct HeldLock {
+    _client: tokio_postgres::Client,
+}
+
+impl Store for PgStore {
+    async fn insert(&self, records: Vec<NewRecord>) -> Result<Vec<InsertOutcome>, StoreError> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.submit(|reply| Op::Insert { records, reply }).await
+    }
+
+    async fn get(&self, token: &Token) -> Result<Option<Vec<u8>>, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached("SELECT value FROM records WHERE token = $1")
+            .await
+            .map_err(pg)?;
+        Ok(client
+            .query_opt(&statement, &[&token.as_str()])
+            .await
+            .map_err(pg)?
+            .map(|row| row.get(0)))
+    }
+
+    async fn delete(&self, delete: Delete) -> Result<DeleteOutcome, StoreError> {
+        self.submit(|reply| Op::Delete { delete, reply }).await
+    }
+
+    async fn rewrite(&self, rewrite: Rewrite) -> Result<RewriteOutcome, StoreError> {
+        self.submit(|reply| Op::Rewrite { rewrite, reply }).await
+    }
+
+    fn version_counts(&self) -> BTreeMap<(KeyUse, u32), u64> {
+        self.counts.total()
+    }
+
+    fn stats(&self) -> StoreStats {
+        // The database's disks are the database's to watch; nothing local fills up.
+        StoreStats {
+            data_free_bytes: u64::MAX,
+            audit_free_bytes: u64::MAX,
+            ..StoreStats::default()
+        }
+    }
+
+    async fn records_off_versions(
+        &self,
+        active: KeyVersions,
+        cursor: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Token)>, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT token FROM records
+                 WHERE token > $1 AND (card_data_version <> $2 OR fingerprint_version <> $3)
+                 ORDER BY token LIMIT $4",
+            )
+            .await
+            .map_err(pg)?;
+        let after = cursor.map(String::from_utf8_lossy).unwrap_or_default();
+        let rows = client
+            .query(
+                &statement,
+                &[
+                    &after.as_ref(),
+                    &(active.card_data as i32),
+                    &(active.fingerprint as i32),
+                    &(limit as i64),
+                ],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(tokens_of(&rows)?
+            .into_iter()
+            .map(|token| (token.as_str().as_bytes().to_vec(), token))
+            .collect())
+    }
+
+    async fn append_audit(&self, seal: AuditSeal) -> Result<Vec<u64>, StoreError> {
+        let mut client = self.client().await?;
+        let transaction = client.transaction().await.map_err(pg)?;
+        transaction
+            .execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_LOCK])
+            .await
+            .map_err(pg)?;
+        let last = transaction
+            .query_opt(
+                "SELECT sequence, entry FROM audit ORDER BY sequence DESC LIMIT 1",
+                &[],
+            )
+            .await
+            .map_err(pg)?
+            .map(|row| (row.get::<_, i64>(0) as u64, row.get::<_, Vec<u8>>(1)));
+        let entries = seal(last);
+        let sequences: Vec<i64> = entries.iter().map(|(s, _)| *s as i64).collect();
+        let bytes: Vec<&[u8]> = entries.iter().map(|(_, e)| e.as_slice()).collect();
+        transaction
+            .execute(
+                "INSERT INTO audit (sequence, entry) SELECT * FROM unnest($1::int8[], $2::bytea[])",
+                &[&sequences, &bytes],
+            )
+            .await
+            .map_err(pg)?;
+        transaction.commit().await.map_err(pg)?;
+        Ok(entries.into_iter().map(|(s, _)| s).collect())
+    }
+
+    async fn read_audit(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT sequence, entry FROM audit WHERE sequence > $1 ORDER BY sequence LIMIT $2",
+                &[&(after.min(i64::MAX as u64) as i64), &(limit as i64)],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows
+            .iter()
+            .map(|row| (row.get::<_, i64>(0) as u64, row.get(1)))
+            .collect())
+    }
+
+    async fn last_audit(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let client = self.client().await?;
+        Ok(client
+            .query_opt(
+                "SELECT sequence, entry FROM audit ORDER BY sequence DESC LIMIT 1",
+                &[],
+            )
+            .await
+            .map_err(pg)?
+            .map(|row| (row.get::<_, i64>(0) as u64, row.get(1))))
+    }
+
+    async fn prune_outcomes(
+        &self,
+        expired: &(dyn Fn(&[u8]) -> bool + Sync),
+    ) -> Result<usize, StoreError> {
+        let keys: Vec<Vec<u8>> = {
+            let client = self.client().await?;
+            client
+                .query("SELECT key, value FROM outcomes", &[])
+                .await
+                .map_err(pg)?
+                .iter()
+                .filter(|row| expired(row.get::<_, &[u8]>(1)))
+                .map(|row| row.get(0))
+                .collect()
+        };
+        let pruned = keys.len();
+        for chunk in keys.chunks(1000) {
+            let keys = chunk.to_vec();
+            self.submit(|reply| Op::RemoveOutcomes { keys, reply })
+                .await?;
+        }
+        Ok(pruned)
+    }
+
+    async fn expired(&self, now_unix_ms: i64, limit: usize) -> Result<Vec<Token>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT token FROM records
+                 WHERE expires_at_unix_ms > 0 AND expires_at_unix_ms <= $1
+                 ORDER BY expires_at_unix_ms LIMIT $2",
+                &[&now_unix_ms, &(limit as i64)],
+            )
+            .await
+            .map_err(pg)?;
+        tokens_of(&rows)
+    }
+
+    async fn tokens_of_card(&self, card_key: &[u8]) -> Result<Vec<Token>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT token FROM records WHERE card_key = $1 ORDER BY token",
+                &[&card_key],
+            )
+            .await
+            .map_err(pg)?;
+        tokens_of(&rows)
+    }
+
+    async fn compact(&self) -> Result<(), StoreError> {
+        // Deleted rows are gone from queries at once; VACUUM removes their tuples and
+        // index entries from the pages. (Freed page space, WAL and the standbys' copies
+        // are overwritten by PostgreSQL over time: see docs/operations.md.)
+        let client = self.client().await?;
+        client
+            .batch_execute("VACUUM records, fingerprints, outcomes")
+            .await
+            .map_err(pg)
+    }
+
+    async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let client = self.client().await?;
+        Ok(client
+            .query_opt("SELECT value FROM meta WHERE key = $1", &[&key])
+            .await
+            .map_err(pg)?
+            .map(|row| row.get(0)))
+    }
+
+    async fn put_meta(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        let key = key.to_owned();
+        self.submit(|reply| Op::PutMeta { key, value, reply }).await
+    }
+
+    async fn get_outcome(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached("SELECT value FROM outcomes WHERE key = $1")
+            .await
+            .map_err(pg)?;
+        Ok(client
+            .query_opt(&statement, &[&key])
+            .await
+            .map_err(pg)?
+            .map(|row| row.get(0)))
+    }
+
+    async fn create_backup(&self, _dir: &Path) -> Result<u64, StoreError> {
+        Err(StoreError::Unsupported(
+            "this vault stores in PostgreSQL: back it up with PostgreSQL's tools \
+             (pg_basebackup and WAL archiving, see docs/operations.md)",
+        ))
+    }
+
+    fn scan_backup(_dir: &Path, _visit: &mut dyn FnMut(&[u8], &[u8])) -> Result<(), StoreError> {
+        Err(StoreError::Unsupported(
+            "PostgreSQL stores have no vault backups to scan",
+        ))
+    }
+
+    async fn put_outcome(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreError> {
+        self.submit(|reply| Op::PutOutcome { key, value, reply })
+            .await
+    }
+
+    async fn lock_job(&self, job: &str) -> Result<Option<JobLock>, StoreError> {
+        let key = JOB_LOCK_BASE + i64::from(index_lock(job.as_bytes()) as u16);
+        let (client, connection) = self
+            .connect
+            .config
+            .connect(self.connect.tls.clone())
+            .await
+            .map_err(pg)?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let held: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+            .await
+            .map_err(pg)?
+            .get(0);
+        Ok(held.then(|| JobLock::held(HeldLock { _client: client })))
+    }
+}
+
+impl std::fmt::Debug for HeldLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HeldLock")
+    }
+}
+
+/// `vault-server migrate`: applies the migrations and says which.
+pub async fn migrate_only(settings: &PostgresSettings) -> Result<Vec<i32>, StoreError> {
+    let Connect { config, tls } = Connect::from_settings(settings)?;
+    let manager = Manager::from_config(config, tls, ManagerConfig::default());
+    let pool = Pool::builder(manager)
+        .max_size(1)
+        .runtime(Runtime::Tokio1)
+        .build()
+        .map_err(|e| StoreError::Engine(format!("database pool: {e}")))?;
+    let mut client = pool.get().await.map_err(pool_error)?;
+    migrate(&mut client).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use pgcluster::Cluster;
+
+    use super::*;
+    use crate::store::{KeyVersions, RecordIndexes};
+
+    fn settings(cluster: &Cluster, dbname: &str) -> PostgresSettings {
+        PostgresSettings {
+            url: cluster.conninfo_for(dbname),
+            password_file: cluster.password_file().to_owned(),
+            ca_file: cluster.ca_file().to_owned(),
+            pool_size: default_pool_size(),
+            writers: default_writers(),
+            connect_timeout_ms: 2_000,
+            migrate: true,
+            node_name: None,
+        }
+    }
+
+    async fn start() -> Cluster {
+        tokio::task::spawn_blocking(Cluster::start)
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    /// A store on a fresh database of `cluster`.
+    async fn fresh(cluster: &Cluster, dbname: &str, node: &str) -> PgStore {
+        cluster.create_database(dbname).unwrap();
+        PgStore::open(&settings(cluster, dbname), node).await.unwrap()
+    }
+
+    fn record(token: &Token, index_key: &[u8]) -> NewRecord {
+        NewRecord {
+            token: token.clone(),
+            value: b"sealed".to_vec(),
+            index_key: index_key.to_vec(),
+            reuse_existing: true,
+            older_index_keys: Vec::new(),
+            versions: KeyVersions {
+                card_data: 1,
+                fingerprint: 1,
+            },
+            indexes: RecordIndexes::default(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn conformance() {
+        let cluster = start().await;
+        let cluster = &cluster;
+        let mut n = 0;
+        crate::store::conformance::run_all(|| {
+            n += 1;
+            let name = format!("conformance{n}");
+            async move { fresh(cluster, &name, "node").await }
+        })
+        .await;
+    }
+
+    /// Two vaults on one database tokenizing the same card at once (duplicate
+    /// detection on): every call gets the one token the card has, and both chain their
+    /// audit entries onto one log without a fork.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_vaults_share_the_index_counts_audit_log_and_jobs() {
+        let cluster = start().await;
+        let a = Arc::new(fresh(&cluster, "shared", "a").await);
+        let b = Arc::new(PgStore::open(&settings(&cluster, "shared"), "b").await.unwrap());
+
+        let mut calls = Vec::new();
+        for i in 0..40 {
+            let store = if i % 2 == 0 { Arc::clone(&a) } else { Arc::clone(&b) };
+            calls.push(tokio::spawn(async move {
+                let token = Token::generate().unwrap();
+                let outcome = store.insert(vec![record(&token, b"one card")]).await.unwrap();
+                match outcome.as_slice() {
+                    [InsertOutcome::Stored] => token,
+                    [InsertOutcome::Existing(existing)] => existing.clone(),
+                    other => panic!("unexpected outcome {other:?}"),
+                }
+            }));
+        }
+        let mut tokens = BTreeSet::new();
+        for call in calls {
+            tokens.insert(call.await.unwrap().as_str().to_owned());
+        }
+        assert_eq!(tokens.len(), 1, "one card got several tokens: {tokens:?}");
+
+        // Each vault counts its own writes at once and the other's within a refresh.
+        let one = Some(&1u64);
+        assert_eq!(a.version_counts().get(&(KeyUse::CardData, 1)).or(b.version_counts().get(&(KeyUse::CardData, 1))), one);
+        tokio::time::sleep(COUNTS_REFRESH * 2).await;
+        assert_eq!(a.version_counts().get(&(KeyUse::CardData, 1)), one);
+        assert_eq!(b.version_counts().get(&(KeyUse::CardData, 1)), one);
+
+        // Audit appends from both, at once: one chain, each seal sees the true end.
+        let mut appends = Vec::new();
+        for i in 0..20u64 {
+            let store = if i % 2 == 0 { Arc::clone(&a) } else { Arc::clone(&b) };
+            appends.push(tokio::spawn(async move {
+                store
+                    .append_audit(Box::new(|end: Option<(u64, Vec<u8>)>| {
+                        let (last, previous) = end.unwrap_or((0, b"0".to_vec()));
+                        // Each entry names its predecessor's sequence: a fork would
+                        // show as two entries naming one.
+                        let previous = String::from_utf8(previous).unwrap();
+                        let previous: u64 = previous.split(':').next().unwrap().parse().unwrap();
+                        assert_eq!(previous, last);
+                        vec![(last + 1, format!("{}:{last}", last + 1).into_bytes())]
+                    }))
+                    .await
+                    .unwrap()
+            }));
+        }
+        let mut sequences: Vec<u64> = Vec::new();
+        for append in appends {
+            sequences.extend(append.await.unwrap());
+        }
+        sequences.sort_unstable();
+        assert_eq!(sequences, (1..=20).collect::<Vec<_>>());
+        let log = a.read_audit(0, 100).await.unwrap();
+        for (sequence, entry) in &log {
+            assert_eq!(entry, format!("{sequence}:{}", sequence - 1).as_bytes());
+        }
+
+        // A job runs on one vault at a time; the other gets it once the first lets go.
+        let held = a.lock_job("rewrap").await.unwrap();
+        assert!(held.is_some());
+        assert!(b.lock_job("rewrap").await.unwrap().is_none());
+        drop(held);
+        let mut taken = None;
+        for _ in 0..50 {
+            taken = b.lock_job("rewrap").await.unwrap();
+            if taken.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(taken.is_some(), "the job lock was not released");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn migrations_are_versioned_idempotent_and_checked() {
+        let cluster = start().await;
+        cluster.create_database("empty").unwrap();
+        let mut unmigrated = settings(&cluster, "empty");
+        unmigrated.migrate = false;
+        let refused = PgStore::open(&unmigrated, "n").await.unwrap_err().to_string();
+        assert!(refused.contains("vault-server migrate"), "{refused}");
+
+        assert_eq!(migrate_only(&unmigrated).await.unwrap(), vec![1]);
+        assert_eq!(migrate_only(&unmigrated).await.unwrap(), Vec::<i32>::new());
+        PgStore::open(&unmigrated, "n").await.unwrap();
+        assert_eq!(
+            cluster
+                .psql("empty", "SELECT count(*) FROM schema_migrations")
+                .unwrap(),
+            "1"
+        );
+        // A schema from a newer vault-server is refused, not used.
+        cluster
+            .psql(
+                "empty",
+                "INSERT INTO schema_migrations (version, description) VALUES (999, 'future')",
+            )
+            .unwrap();
+        let refused = PgStore::open(&settings(&cluster, "empty"), "n")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("upgrade the vault-server"), "{refused}");
+    }
+
+    /// The database goes away under the store and comes back: calls meanwhile fail as
+    /// unavailable, and the store reconnects by itself.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lost_database_is_unavailable_then_reconnected() {
+        let mut cluster = start().await;
+        let store = fresh(&cluster, "tokenvault2", "n").await;
+        let kept = Token::generate().unwrap();
+        store.insert(vec![record(&kept, b"kept")]).await.unwrap();
+
+        cluster.stop_immediate().unwrap();
+        let token = Token::generate().unwrap();
+        let error = store
+            .insert(vec![record(&token, b"lost")])
+            .await
+            .unwrap_err();
+        assert!(matches!(error, StoreError::Unavailable(_)), "{error:?}");
+        let error = store.get(&kept).await.unwrap_err();
+        assert!(matches!(error, StoreError::Unavailable(_)), "{error:?}");
+
+        let mut cluster = tokio::task::spawn_blocking(move || {
+            cluster.restart().unwrap();
+            cluster
+        })
+        .await
+        .unwrap();
+        assert_eq!(store.get(&kept).await.unwrap().as_deref(), Some(&b"sealed"[..]));
+        assert_eq!(
+            store.insert(vec![record(&token, b"after")]).await.unwrap(),
+            vec![InsertOutcome::Stored]
+        );
+        cluster.stop_immediate().unwrap();
+    }
+}
