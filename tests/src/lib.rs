@@ -46,6 +46,8 @@ pub struct StackDir {
     pub dir: tempfile::TempDir,
     /// The stack's CA, kept for certificates a test makes later.
     ca: DevCa,
+    /// Lines for the vault config's `[storage]` section (see [`StackDir::set_storage`]).
+    storage: Mutex<String>,
 }
 
 impl StackDir {
@@ -118,7 +120,18 @@ permissions = ["tokenize", "read", "delete", "forward:sandbox"]
         keyservice::keyring::RootKey::generate_file(&path.join("root.key")).unwrap();
         let settings = keyservice::Settings::load(&path.join("keyservice.toml")).unwrap();
         keyservice::init(&settings).unwrap();
-        Self { dir, ca }
+        Self {
+            dir,
+            ca,
+            storage: Mutex::new(String::new()),
+        }
+    }
+
+    /// TOML for the vault config's `[storage]` section, e.g. `type = "postgres"` and a
+    /// `[storage.postgres]` table (see [`postgres_storage`]); used by every vault
+    /// started from here on.
+    pub fn set_storage(&self, toml: &str) {
+        *self.storage.lock().unwrap() = toml.to_owned();
     }
 
     pub fn path(&self) -> &Path {
@@ -154,6 +167,7 @@ permissions = ["tokenize", "read", "delete", "forward:sandbox"]
     /// The vault config with extra TOML (processors, forwarding settings) appended.
     pub fn write_vault_config_with(&self, keyservice_port: u16, extra: &str) -> PathBuf {
         let path = self.path().join("vault-server.toml");
+        let storage = self.storage.lock().unwrap().clone();
         std::fs::write(
             &path,
             format!(
@@ -179,6 +193,7 @@ listen_addr = "127.0.0.1:0"
 # Degraded below 1 MiB free only: tests must not depend on the machine's free space
 # (the full-disk test fills a small tmpfs to reach it).
 low_disk_mb = 1
+{storage}
 {extra}
 "#
             ),
@@ -248,6 +263,42 @@ impl SandboxServer {
         }
     }
 
+    pub async fn stop(self) {
+        self.running.stop().await;
+    }
+}
+
+/// The `[storage]` lines of a vault on PostgreSQL: the app role of a throwaway
+/// cluster (or of several hosts, the one accepting writes), named `node`.
+pub fn postgres_storage(
+    conninfo: &str,
+    password_file: &Path,
+    ca_file: &Path,
+    node: &str,
+) -> String {
+    format!(
+        r#"type = "postgres"
+[storage.postgres]
+url = "{conninfo}"
+password_file = "{}"
+ca_file = "{}"
+connect_timeout_ms = 2000
+node_name = "{node}"
+"#,
+        password_file.display(),
+        ca_file.display()
+    )
+}
+
+/// A vault-server started beside a [`Stack`]'s own (see [`Stack::start_another_vault`]).
+#[derive(Debug)]
+pub struct OtherVault {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    running: Running,
+}
+
+impl OtherVault {
     pub async fn stop(self) {
         self.running.stop().await;
     }
@@ -415,6 +466,24 @@ impl Stack {
 
     pub fn keyservice_config(&self, name: &str) -> ClientConfig {
         self.dir.client_config(name, self.keyservice_addr)
+    }
+
+    /// Starts one more vault-server on the stack's keyservice, config and storage (set
+    /// [`StackDir::set_storage`] first, for example to another node name on a shared
+    /// database).
+    pub async fn start_another_vault(&self) -> OtherVault {
+        let (addr, admin_addr, running) =
+            start_vault(&self.dir, self.keyservice_addr.port(), &self.vault_extra).await;
+        OtherVault {
+            addr,
+            admin_addr,
+            running,
+        }
+    }
+
+    /// Client settings for `name` against another vault of this stack.
+    pub fn other_vault_config(&self, name: &str, vault: &OtherVault) -> ClientConfig {
+        self.dir.client_config(name, vault.addr)
     }
 
     /// Stops the vault (closing its database) and leaves the keyservice running.

@@ -700,27 +700,35 @@ async fn try_group(
     group: &[Op],
     slot: &str,
 ) -> Result<(Vec<Done>, CountMap), tokio_postgres::Error> {
+    let statements = Statements::prepare(client).await?;
+    if group.iter().all(|op| matches!(op, Op::Insert { .. })) {
+        return insert_group(client, &statements, group, slot).await;
+    }
     let (keys, tokens) = locks_of(group);
-    let lock_keys = client
-        .prepare_cached(
-            "SELECT pg_advisory_xact_lock(k) FROM (SELECT unnest($1::int8[]) AS k ORDER BY 1) s",
-        )
-        .await?;
-    let lock_rows = client
-        .prepare_cached("SELECT token FROM records WHERE token = ANY($1) ORDER BY token FOR UPDATE")
-        .await?;
     client.batch_execute("BEGIN").await?;
     if !keys.is_empty() {
-        client.query(&lock_keys, &[&keys]).await?;
+        client.query(&statements.lock_keys, &[&keys]).await?;
     }
     if !tokens.is_empty() {
-        client.query(&lock_rows, &[&tokens]).await?;
+        client.query(&statements.lock_rows, &[&tokens]).await?;
     }
     let mut deltas = CountMap::new();
     let mut done = Vec::with_capacity(group.len());
     for op in group {
         done.push(match op {
-            Op::Insert { records, .. } => Done::Insert(insert(client, records, &mut deltas).await?),
+            Op::Insert { records, .. } => {
+                let (tokens, index_keys) = lookup_params(records.iter());
+                let (tokens, index_keys): (Param, Param) = ([&tokens], [&index_keys]);
+                let (taken, live) = tokio::try_join!(
+                    client.query(&statements.taken, &tokens),
+                    client.query(&statements.live, &index_keys),
+                )?;
+                let mut found = Lookups::from_rows(&taken, &live);
+                let mut planned = Planned::default();
+                let outcomes = plan(records, &mut found, &mut planned, &mut deltas);
+                planned.write(client, &statements).await?;
+                Done::Insert(outcomes)
+            }
             Op::Delete { delete, .. } => {
                 Done::Delete(delete_one(client, delete, &mut deltas).await?)
             }
@@ -728,108 +736,247 @@ async fn try_group(
                 Done::Rewrite(rewrite_one(client, rewrite, &mut deltas).await?)
             }
             Op::PutMeta { key, value, .. } => {
-                let statement = client
-                    .prepare_cached(
-                        "INSERT INTO meta (key, value) VALUES ($1, $2)
-                         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    )
-                    .await?;
-                client.execute(&statement, &[key, value]).await?;
+                client.execute(&statements.put_meta, &[key, value]).await?;
                 Done::Unit
             }
             Op::PutOutcome { key, value, .. } => {
-                let statement = client
-                    .prepare_cached(
-                        "INSERT INTO outcomes (key, value) VALUES ($1, $2)
-                         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    )
+                client
+                    .execute(&statements.put_outcome, &[key, value])
                     .await?;
-                client.execute(&statement, &[key, value]).await?;
                 Done::Unit
             }
             Op::RemoveOutcomes { keys, .. } => {
-                let statement = client
-                    .prepare_cached("DELETE FROM outcomes WHERE key = ANY($1)")
-                    .await?;
-                client.execute(&statement, &[keys]).await?;
+                client.execute(&statements.remove_outcomes, &[keys]).await?;
                 Done::Unit
             }
         });
     }
     deltas.retain(|_, delta| *delta != 0);
-    if !deltas.is_empty() {
-        let statement = client
-            .prepare_cached(
-                "INSERT INTO version_counts (slot, key_use, version, records)
-                 SELECT $1, u, v, n FROM unnest($2::int2[], $3::int4[], $4::int8[]) AS t(u, v, n)
-                 ON CONFLICT (slot, key_use, version)
-                 DO UPDATE SET records = version_counts.records + excluded.records",
-            )
-            .await?;
-        let uses: Vec<i16> = deltas.keys().map(|(u, _)| i16::from(u.code())).collect();
-        let versions: Vec<i32> = deltas.keys().map(|(_, v)| *v as i32).collect();
-        let ns: Vec<i64> = deltas.values().copied().collect();
-        client
-            .execute(&statement, &[&slot, &uses, &versions, &ns])
-            .await?;
-    }
-    client.batch_execute("COMMIT").await?;
+    tokio::try_join!(
+        add_counts(client, &statements, slot, &deltas),
+        client.batch_execute("COMMIT"),
+    )?;
     Ok((done, deltas))
 }
 
-/// Inserts records that are free, as `RocksStore` does: a token already stored is
-/// taken; with `reuse_existing`, a live token the fingerprint index names (under the
-/// current or an older fingerprint version) is returned instead; the index entry is
-/// written when it is missing or names a record that is gone. The index keys are
-/// locked (see `locks_of`).
-async fn insert(
+/// The common group, only tokenizations, in two round trips: BEGIN, the locks and
+/// the look-ups in one; the writes, the counts and COMMIT in the other. (PostgreSQL
+/// runs pipelined statements in order, and a failed one aborts the transaction, so
+/// COMMIT then rolls back and the error comes back from the statement that failed.)
+async fn insert_group(
     client: &Object,
-    records: &[NewRecord],
-    deltas: &mut CountMap,
-) -> Result<Vec<InsertOutcome>, tokio_postgres::Error> {
-    let tokens: Vec<&str> = records.iter().map(|r| r.token.as_str()).collect();
-    let mut index_keys: Vec<&[u8]> = Vec::new();
+    statements: &Statements,
+    group: &[Op],
+    slot: &str,
+) -> Result<(Vec<Done>, CountMap), tokio_postgres::Error> {
+    let records = || {
+        group.iter().flat_map(|op| match op {
+            Op::Insert { records, .. } => records.as_slice(),
+            _ => &[],
+        })
+    };
+    let (keys, _) = locks_of(group);
+    let (tokens, index_keys) = lookup_params(records());
+    let (keys, tokens, index_keys): (Param, Param, Param) = ([&keys], [&tokens], [&index_keys]);
+    let (_, _, taken, live) = tokio::try_join!(
+        client.batch_execute("BEGIN"),
+        client.query(&statements.lock_keys, &keys),
+        client.query(&statements.taken, &tokens),
+        client.query(&statements.live, &index_keys),
+    )?;
+    let mut found = Lookups::from_rows(&taken, &live);
+    let mut planned = Planned::default();
+    let mut deltas = CountMap::new();
+    let done = group
+        .iter()
+        .map(|op| match op {
+            Op::Insert { records, .. } => {
+                Done::Insert(plan(records, &mut found, &mut planned, &mut deltas))
+            }
+            _ => Done::Unit,
+        })
+        .collect();
+    tokio::try_join!(
+        planned.write(client, statements),
+        add_counts(client, statements, slot, &deltas),
+        client.batch_execute("COMMIT"),
+    )?;
+    Ok((done, deltas))
+}
+
+/// One statement parameter, bound before statements are pipelined.
+type Param<'a> = [&'a (dyn ToSql + Sync); 1];
+
+/// Every statement a write group uses, prepared once per connection (the pool keeps
+/// them), so that pipelined calls are sent in the order they are made.
+struct Statements {
+    lock_keys: tokio_postgres::Statement,
+    lock_rows: tokio_postgres::Statement,
+    taken: tokio_postgres::Statement,
+    live: tokio_postgres::Statement,
+    insert_records: tokio_postgres::Statement,
+    put_entries: tokio_postgres::Statement,
+    add_counts: tokio_postgres::Statement,
+    put_meta: tokio_postgres::Statement,
+    put_outcome: tokio_postgres::Statement,
+    remove_outcomes: tokio_postgres::Statement,
+}
+
+impl Statements {
+    async fn prepare(client: &Object) -> Result<Self, tokio_postgres::Error> {
+        Ok(Self {
+            lock_keys: client
+                .prepare_cached(
+                    "SELECT pg_advisory_xact_lock(k)
+                     FROM (SELECT unnest($1::int8[]) AS k ORDER BY 1) s",
+                )
+                .await?,
+            lock_rows: client
+                .prepare_cached(
+                    "SELECT token FROM records WHERE token = ANY($1) ORDER BY token FOR UPDATE",
+                )
+                .await?,
+            taken: client
+                .prepare_cached("SELECT token FROM records WHERE token = ANY($1)")
+                .await?,
+            live: client
+                .prepare_cached(
+                    "SELECT f.index_key, f.token FROM fingerprints f
+                     JOIN records r ON r.token = f.token
+                     WHERE f.index_key = ANY($1)",
+                )
+                .await?,
+            insert_records: client
+                .prepare_cached(
+                    "INSERT INTO records (token, value, card_data_version, fingerprint_version,
+                         expires_at_unix_ms, card_key)
+                     SELECT * FROM unnest($1::text[], $2::bytea[], $3::int4[], $4::int4[],
+                         $5::int8[], $6::bytea[])",
+                )
+                .await?,
+            // Written only where the look-up found no live entry, under the key's lock.
+            put_entries: client
+                .prepare_cached(
+                    "INSERT INTO fingerprints (index_key, token)
+                     SELECT * FROM unnest($1::bytea[], $2::text[])
+                     ON CONFLICT (index_key) DO UPDATE SET token = excluded.token",
+                )
+                .await?,
+            add_counts: client
+                .prepare_cached(
+                    "INSERT INTO version_counts (slot, key_use, version, records)
+                     SELECT $1, u, v, n FROM unnest($2::int2[], $3::int4[], $4::int8[]) AS t(u, v, n)
+                     ON CONFLICT (slot, key_use, version)
+                     DO UPDATE SET records = version_counts.records + excluded.records",
+                )
+                .await?,
+            put_meta: client
+                .prepare_cached(
+                    "INSERT INTO meta (key, value) VALUES ($1, $2)
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                )
+                .await?,
+            put_outcome: client
+                .prepare_cached(
+                    "INSERT INTO outcomes (key, value) VALUES ($1, $2)
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                )
+                .await?,
+            remove_outcomes: client
+                .prepare_cached("DELETE FROM outcomes WHERE key = ANY($1)")
+                .await?,
+        })
+    }
+}
+
+async fn add_counts(
+    client: &Object,
+    statements: &Statements,
+    slot: &str,
+    deltas: &CountMap,
+) -> Result<(), tokio_postgres::Error> {
+    let changed: Vec<_> = deltas.iter().filter(|(_, n)| **n != 0).collect();
+    if changed.is_empty() {
+        return Ok(());
+    }
+    let uses: Vec<i16> = changed
+        .iter()
+        .map(|((u, _), _)| i16::from(u.code()))
+        .collect();
+    let versions: Vec<i32> = changed.iter().map(|((_, v), _)| *v as i32).collect();
+    let ns: Vec<i64> = changed.iter().map(|(_, n)| **n).collect();
+    client
+        .execute(&statements.add_counts, &[&slot, &uses, &versions, &ns])
+        .await
+        .map(drop)
+}
+
+/// The tokens and the fingerprint index keys (with older versions' where reuse may
+/// look there) that inserting `records` looks up.
+fn lookup_params<'a>(
+    records: impl Iterator<Item = &'a NewRecord>,
+) -> (Vec<&'a str>, Vec<&'a [u8]>) {
+    let mut tokens = Vec::new();
+    let mut index_keys = Vec::new();
     for record in records {
-        index_keys.push(&record.index_key);
+        tokens.push(record.token.as_str());
+        index_keys.push(record.index_key.as_slice());
         if record.reuse_existing {
             index_keys.extend(record.older_index_keys.iter().map(Vec::as_slice));
         }
     }
-    let taken_statement = client
-        .prepare_cached("SELECT token FROM records WHERE token = ANY($1)")
-        .await?;
-    let live_statement = client
-        .prepare_cached(
-            "SELECT f.index_key, f.token FROM fingerprints f JOIN records r ON r.token = f.token
-             WHERE f.index_key = ANY($1)",
-        )
-        .await?;
-    let (taken_params, live_params): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 1]) =
-        ([&tokens], [&index_keys]);
-    let (taken, live) = tokio::try_join!(
-        client.query(&taken_statement, &taken_params),
-        client.query(&live_statement, &live_params),
-    )?;
-    let mut taken: HashSet<String> = taken.iter().map(|row| row.get(0)).collect();
-    let mut live: HashMap<Vec<u8>, String> =
-        live.iter().map(|row| (row.get(0), row.get(1))).collect();
+    (tokens, index_keys)
+}
 
+/// What the look-ups found, updated as records are planned (a later record of the
+/// same group sees the earlier ones).
+struct Lookups {
+    taken: HashSet<String>,
+    /// Index key to the live token it names.
+    live: HashMap<Vec<u8>, String>,
+}
+
+impl Lookups {
+    fn from_rows(taken: &[tokio_postgres::Row], live: &[tokio_postgres::Row]) -> Self {
+        Self {
+            taken: taken.iter().map(|row| row.get(0)).collect(),
+            live: live.iter().map(|row| (row.get(0), row.get(1))).collect(),
+        }
+    }
+}
+
+/// The rows an insert step writes.
+#[derive(Default)]
+struct Planned<'a> {
+    rows: Vec<&'a NewRecord>,
+    entries: Vec<(&'a [u8], &'a str)>,
+}
+
+/// Decides each record's outcome as `RocksStore` does: a token already stored is
+/// taken; with `reuse_existing`, a live token the fingerprint index names (under the
+/// current or an older fingerprint version) is returned instead; the index entry is
+/// written when it is missing or names a record that is gone. The index keys are
+/// locked (see `locks_of`), so what the look-ups found holds until COMMIT.
+fn plan<'a>(
+    records: &'a [NewRecord],
+    found: &mut Lookups,
+    planned: &mut Planned<'a>,
+    deltas: &mut CountMap,
+) -> Vec<InsertOutcome> {
     let mut outcomes = Vec::with_capacity(records.len());
-    let mut rows: Vec<&NewRecord> = Vec::new();
-    let mut entries: Vec<(&[u8], &str)> = Vec::new();
     for record in records {
         let token = record.token.as_str();
-        if taken.contains(token) {
+        if found.taken.contains(token) {
             outcomes.push(InsertOutcome::TokenTaken);
             continue;
         }
-        let indexed = live.get(&record.index_key).cloned();
+        let indexed = found.live.get(&record.index_key).cloned();
         let mut reusable = indexed.clone();
         if record.reuse_existing && reusable.is_none() {
             reusable = record
                 .older_index_keys
                 .iter()
-                .find_map(|older| live.get(older).cloned());
+                .find_map(|older| found.live.get(older).cloned());
         }
         if let (true, Some(existing)) = (record.reuse_existing, reusable) {
             match Token::from_stored(existing.as_bytes()) {
@@ -842,58 +989,59 @@ async fn insert(
             continue;
         }
         if indexed.is_none() {
-            entries.push((&record.index_key, token));
-            live.insert(record.index_key.clone(), token.to_owned());
+            planned.entries.push((&record.index_key, token));
+            found
+                .live
+                .insert(record.index_key.clone(), token.to_owned());
         }
-        taken.insert(token.to_owned());
-        rows.push(record);
+        found.taken.insert(token.to_owned());
+        planned.rows.push(record);
         count(deltas, record.versions, 1);
         outcomes.push(InsertOutcome::Stored);
     }
-    if rows.is_empty() {
-        return Ok(outcomes);
-    }
-    let insert_records = client
-        .prepare_cached(
-            "INSERT INTO records
-                 (token, value, card_data_version, fingerprint_version, expires_at_unix_ms, card_key)
-             SELECT * FROM unnest($1::text[], $2::bytea[], $3::int4[], $4::int4[], $5::int8[], $6::bytea[])",
-        )
-        .await?;
-    let put_entries = client
-        .prepare_cached(
-            "INSERT INTO fingerprints (index_key, token)
-             SELECT * FROM unnest($1::bytea[], $2::text[])
-             ON CONFLICT (index_key) DO UPDATE SET token = excluded.token",
-        )
-        .await?;
-    let tokens: Vec<&str> = rows.iter().map(|r| r.token.as_str()).collect();
-    let values: Vec<&[u8]> = rows.iter().map(|r| r.value.as_slice()).collect();
-    let card_versions: Vec<i32> = rows.iter().map(|r| r.versions.card_data as i32).collect();
-    let fingerprint_versions: Vec<i32> =
-        rows.iter().map(|r| r.versions.fingerprint as i32).collect();
-    let expiries: Vec<i64> = rows.iter().map(|r| r.indexes.expires_at_unix_ms).collect();
-    let card_keys: Vec<&[u8]> = rows.iter().map(|r| r.indexes.card_key.as_slice()).collect();
-    let entry_keys: Vec<&[u8]> = entries.iter().map(|(k, _)| *k).collect();
-    let entry_tokens: Vec<&str> = entries.iter().map(|(_, t)| *t).collect();
-    let record_params: [&(dyn ToSql + Sync); 6] = [
-        &tokens,
-        &values,
-        &card_versions,
-        &fingerprint_versions,
-        &expiries,
-        &card_keys,
-    ];
-    if entries.is_empty() {
-        client.execute(&insert_records, &record_params).await?;
-    } else {
+    outcomes
+}
+
+impl Planned<'_> {
+    async fn write(
+        &self,
+        client: &Object,
+        statements: &Statements,
+    ) -> Result<(), tokio_postgres::Error> {
+        if self.rows.is_empty() {
+            return Ok(());
+        }
+        let rows = &self.rows;
+        let tokens: Vec<&str> = rows.iter().map(|r| r.token.as_str()).collect();
+        let values: Vec<&[u8]> = rows.iter().map(|r| r.value.as_slice()).collect();
+        let card_versions: Vec<i32> = rows.iter().map(|r| r.versions.card_data as i32).collect();
+        let fingerprint_versions: Vec<i32> =
+            rows.iter().map(|r| r.versions.fingerprint as i32).collect();
+        let expiries: Vec<i64> = rows.iter().map(|r| r.indexes.expires_at_unix_ms).collect();
+        let card_keys: Vec<&[u8]> = rows.iter().map(|r| r.indexes.card_key.as_slice()).collect();
+        let entry_keys: Vec<&[u8]> = self.entries.iter().map(|(k, _)| *k).collect();
+        let entry_tokens: Vec<&str> = self.entries.iter().map(|(_, t)| *t).collect();
+        let record_params: [&(dyn ToSql + Sync); 6] = [
+            &tokens,
+            &values,
+            &card_versions,
+            &fingerprint_versions,
+            &expiries,
+            &card_keys,
+        ];
         let entry_params: [&(dyn ToSql + Sync); 2] = [&entry_keys, &entry_tokens];
-        tokio::try_join!(
-            client.execute(&insert_records, &record_params),
-            client.execute(&put_entries, &entry_params),
-        )?;
+        if self.entries.is_empty() {
+            client
+                .execute(&statements.insert_records, &record_params)
+                .await?;
+        } else {
+            tokio::try_join!(
+                client.execute(&statements.insert_records, &record_params),
+                client.execute(&statements.put_entries, &entry_params),
+            )?;
+        }
+        Ok(())
     }
-    Ok(outcomes)
 }
 
 /// The record's current bytes (its row is locked by `try_group`).
@@ -1319,7 +1467,9 @@ mod tests {
     /// A store on a fresh database of `cluster`.
     async fn fresh(cluster: &Cluster, dbname: &str, node: &str) -> PgStore {
         cluster.create_database(dbname).unwrap();
-        PgStore::open(&settings(cluster, dbname), node).await.unwrap()
+        PgStore::open(&settings(cluster, dbname), node)
+            .await
+            .unwrap()
     }
 
     fn record(token: &Token, index_key: &[u8]) -> NewRecord {
@@ -1357,14 +1507,25 @@ mod tests {
     async fn two_vaults_share_the_index_counts_audit_log_and_jobs() {
         let cluster = start().await;
         let a = Arc::new(fresh(&cluster, "shared", "a").await);
-        let b = Arc::new(PgStore::open(&settings(&cluster, "shared"), "b").await.unwrap());
+        let b = Arc::new(
+            PgStore::open(&settings(&cluster, "shared"), "b")
+                .await
+                .unwrap(),
+        );
 
         let mut calls = Vec::new();
         for i in 0..40 {
-            let store = if i % 2 == 0 { Arc::clone(&a) } else { Arc::clone(&b) };
+            let store = if i % 2 == 0 {
+                Arc::clone(&a)
+            } else {
+                Arc::clone(&b)
+            };
             calls.push(tokio::spawn(async move {
                 let token = Token::generate().unwrap();
-                let outcome = store.insert(vec![record(&token, b"one card")]).await.unwrap();
+                let outcome = store
+                    .insert(vec![record(&token, b"one card")])
+                    .await
+                    .unwrap();
                 match outcome.as_slice() {
                     [InsertOutcome::Stored] => token,
                     [InsertOutcome::Existing(existing)] => existing.clone(),
@@ -1380,7 +1541,12 @@ mod tests {
 
         // Each vault counts its own writes at once and the other's within a refresh.
         let one = Some(&1u64);
-        assert_eq!(a.version_counts().get(&(KeyUse::CardData, 1)).or(b.version_counts().get(&(KeyUse::CardData, 1))), one);
+        assert_eq!(
+            a.version_counts()
+                .get(&(KeyUse::CardData, 1))
+                .or(b.version_counts().get(&(KeyUse::CardData, 1))),
+            one
+        );
         tokio::time::sleep(COUNTS_REFRESH * 2).await;
         assert_eq!(a.version_counts().get(&(KeyUse::CardData, 1)), one);
         assert_eq!(b.version_counts().get(&(KeyUse::CardData, 1)), one);
@@ -1388,7 +1554,11 @@ mod tests {
         // Audit appends from both, at once: one chain, each seal sees the true end.
         let mut appends = Vec::new();
         for i in 0..20u64 {
-            let store = if i % 2 == 0 { Arc::clone(&a) } else { Arc::clone(&b) };
+            let store = if i % 2 == 0 {
+                Arc::clone(&a)
+            } else {
+                Arc::clone(&b)
+            };
             appends.push(tokio::spawn(async move {
                 store
                     .append_audit(Box::new(|end: Option<(u64, Vec<u8>)>| {
@@ -1437,7 +1607,10 @@ mod tests {
         cluster.create_database("empty").unwrap();
         let mut unmigrated = settings(&cluster, "empty");
         unmigrated.migrate = false;
-        let refused = PgStore::open(&unmigrated, "n").await.unwrap_err().to_string();
+        let refused = PgStore::open(&unmigrated, "n")
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(refused.contains("vault-server migrate"), "{refused}");
 
         assert_eq!(migrate_only(&unmigrated).await.unwrap(), vec![1]);
@@ -1488,7 +1661,10 @@ mod tests {
         })
         .await
         .unwrap();
-        assert_eq!(store.get(&kept).await.unwrap().as_deref(), Some(&b"sealed"[..]));
+        assert_eq!(
+            store.get(&kept).await.unwrap().as_deref(),
+            Some(&b"sealed"[..])
+        );
         assert_eq!(
             store.insert(vec![record(&token, b"after")]).await.unwrap(),
             vec![InsertOutcome::Stored]
