@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages the build needs when they are missing: libclang (for
-# RocksDB's Rust bindings), a C++ compiler (for RocksDB itself) and systemd-analyze
-# (for the unit checks). Installs with
+# RocksDB's Rust bindings), a C++ compiler (for RocksDB itself), systemd-analyze
+# (for the unit checks) and the PostgreSQL server programs (for the PostgreSQL engine's
+# tests). Installs with
 # apt-get when running as root or with passwordless sudo; otherwise says exactly what
 # to install.
 set -euo pipefail
@@ -16,6 +17,12 @@ fi
 # systemd-analyze checks the hardened units in deploy/systemd (make test).
 if ! command -v systemd-analyze >/dev/null 2>&1; then
   missing+=(systemd)
+fi
+# The PostgreSQL storage engine's tests start throwaway clusters with the server
+# programs (initdb, pg_ctl, pg_basebackup: tests/pgcluster); they do not use the
+# system service the package sets up.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  missing+=(postgresql)
 fi
 # kubernetes-validate (PyPI) checks the manifests in deploy/k8s against the
 # Kubernetes schemas (make test).
