@@ -502,6 +502,70 @@ mod tests {
         );
         assert_eq!(settings.admin.listen_addr.port(), 9464);
         assert!(!settings.memory.require_lock);
+        assert_eq!(settings.storage.engine, EngineKind::Rocksdb);
+    }
+
+    /// The reference config switched to PostgreSQL the way the operations guide says.
+    fn on_postgres(storage: &str) -> Result<Settings, ConfigError> {
+        let reference = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/vault-server.toml"),
+        )
+        .unwrap();
+        let text = reference
+            .replace("type = \"rocksdb\"", "")
+            .replace("data_dir = ", "# data_dir = ")
+            .replace("\n[memory]\n", &format!("\n{storage}\n[memory]\n"));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vault-server.toml");
+        std::fs::write(&path, text).unwrap();
+        Settings::load(&path)
+    }
+
+    const POSTGRES: &str = r#"type = "postgres"
+[storage.postgres]
+url = "host=db1,db2 user=vault dbname=tokenvault target_session_attrs=read-write"
+password_file = "db-password"
+ca_file = "db-ca.pem"
+"#;
+
+    #[test]
+    fn a_postgres_config_needs_no_data_dir_and_resolves_its_files() {
+        let settings = on_postgres(POSTGRES).unwrap();
+        assert_eq!(settings.storage.engine, EngineKind::Postgres);
+        let postgres = settings.storage.postgres.unwrap();
+        assert!(postgres.password_file.is_absolute());
+        assert!(postgres.ca_file.ends_with("db-ca.pem"));
+        assert_eq!((postgres.pool_size, postgres.writers), (16, 2));
+        assert!(postgres.migrate);
+    }
+
+    #[test]
+    fn bad_postgres_settings_are_refused_with_the_setting_named() {
+        let cases = [
+            (
+                POSTGRES.replace("user=vault", "user=vault password=hunter2"),
+                "password_file",
+            ),
+            (
+                "type = \"postgres\"".to_owned(),
+                "needs a [storage.postgres] section",
+            ),
+            (
+                POSTGRES.replace("type = \"postgres\"", "type = \"rocksdb\""),
+                "storage.type is \"rocksdb\"",
+            ),
+            (POSTGRES.replace("ca_file", "pool_size = 2\nwriters = 2\nca_file"), "writers"),
+            (POSTGRES.replace("host=db1,db2", "host=db1 port=notaport"), "storage.postgres.url"),
+            (POSTGRES.replace("type = \"postgres\"", "type = \"mysql\""), "unknown variant"),
+        ];
+        for (storage, expected) in cases {
+            let error = on_postgres(&storage).unwrap_err().to_string();
+            assert!(error.contains(expected), "{storage}: {error}");
+            // The password in a refused URL is not repeated back.
+            assert!(!error.contains("hunter2"), "{error}");
+        }
+        let error = on_postgres("").unwrap_err().to_string();
+        assert!(error.contains("data_dir is required"), "{error}");
     }
 }
 
