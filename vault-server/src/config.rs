@@ -554,9 +554,18 @@ ca_file = "db-ca.pem"
                 POSTGRES.replace("type = \"postgres\"", "type = \"rocksdb\""),
                 "storage.type is \"rocksdb\"",
             ),
-            (POSTGRES.replace("ca_file", "pool_size = 2\nwriters = 2\nca_file"), "writers"),
-            (POSTGRES.replace("host=db1,db2", "host=db1 port=notaport"), "storage.postgres.url"),
-            (POSTGRES.replace("type = \"postgres\"", "type = \"mysql\""), "unknown variant"),
+            (
+                POSTGRES.replace("ca_file", "pool_size = 2\nwriters = 2\nca_file"),
+                "writers",
+            ),
+            (
+                POSTGRES.replace("host=db1,db2", "host=db1 port=notaport"),
+                "storage.postgres.url",
+            ),
+            (
+                POSTGRES.replace("type = \"postgres\"", "type = \"mysql\""),
+                "unknown variant",
+            ),
         ];
         for (storage, expected) in cases {
             let error = on_postgres(&storage).unwrap_err().to_string();

@@ -65,6 +65,7 @@ pub struct StorageGauges {
     write_stopped: Gauge,
     delayed_write_rate: Gauge,
     block_cache_bytes: Gauge,
+    unreachable: Gauge,
 }
 
 impl StorageGauges {
@@ -110,6 +111,11 @@ impl StorageGauges {
             "Block cache in use ([storage] block_cache_mb bounds it)",
             self.block_cache_bytes.clone(),
         );
+        storage.register(
+            "unreachable",
+            "1 while the database (PostgreSQL) cannot be reached; 0 otherwise",
+            self.unreachable.clone(),
+        );
     }
 
     pub fn set(&self, stats: &crate::store::StoreStats) {
@@ -118,6 +124,10 @@ impl StorageGauges {
             ("data", stats.data_free_bytes),
             ("audit", stats.audit_free_bytes),
         ] {
+            // An engine with no local disk (PostgreSQL) reports none.
+            if free == u64::MAX {
+                continue;
+            }
             self.free_bytes
                 .get_or_create(&FilesystemLabels {
                     filesystem: filesystem.into(),
@@ -133,6 +143,7 @@ impl StorageGauges {
         self.write_stopped.set(i64::from(stats.write_stopped));
         self.delayed_write_rate.set(gauge(stats.delayed_write_rate));
         self.block_cache_bytes.set(gauge(stats.block_cache_bytes));
+        self.unreachable.set(i64::from(stats.unreachable));
     }
 }
 

@@ -163,6 +163,9 @@ impl<S: Store> VaultService<S> {
     /// "the data disk is nearly full (… MiB free)", when it is (or the audit disk).
     pub fn low_disk(&self) -> Option<String> {
         let stats = self.store.stats();
+        if stats.unreachable {
+            return Some("the database cannot be reached".into());
+        }
         [
             ("data", stats.data_free_bytes),
             ("audit log", stats.audit_free_bytes),

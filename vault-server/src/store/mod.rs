@@ -204,6 +204,8 @@ pub struct StoreStats {
     pub write_stopped: bool,
     pub delayed_write_rate: u64,
     pub block_cache_bytes: u64,
+    /// The database cannot be reached now (an engine over the network: PostgreSQL).
+    pub unreachable: bool,
 }
 
 pub trait Store: Send + Sync + 'static {

@@ -20,6 +20,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -244,6 +245,9 @@ pub struct PgStore {
     connect: Connect,
     queue: mpsc::Sender<Op>,
     counts: Arc<Counts>,
+    /// Set by the last database round trip (a call's, or the counts refresh every
+    /// `COUNTS_REFRESH`): whether the database could not be reached.
+    unreachable: Arc<AtomicBool>,
 }
 
 /// What opening a dedicated connection (for a job lock) needs.
@@ -414,25 +418,35 @@ impl PgStore {
         load_counts(&pool, &slots, &counts).await?;
         let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
         let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
+        let unreachable = Arc::new(AtomicBool::new(false));
         for slot in &slots {
             tokio::spawn(write(
                 pool.clone(),
                 Arc::clone(&receiver),
                 Arc::clone(&counts),
                 slot.clone(),
+                Arc::clone(&unreachable),
             ));
         }
-        tokio::spawn(refresh_counts(pool.clone(), slots, Arc::downgrade(&counts)));
+        tokio::spawn(refresh_counts(
+            pool.clone(),
+            slots,
+            Arc::downgrade(&counts),
+            Arc::clone(&unreachable),
+        ));
         Ok(Self {
             pool,
             connect: Connect { config, tls },
             queue,
             counts,
+            unreachable,
         })
     }
 
     async fn client(&self) -> Result<Object, StoreError> {
-        self.pool.get().await.map_err(pool_error)
+        let client = self.pool.get().await.map_err(pool_error);
+        note_reachability(&self.unreachable, client.as_ref().err());
+        client
     }
 
     async fn submit<T>(
@@ -528,6 +542,18 @@ async fn check_schema(client: &Object) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Records whether the last round trip reached the database.
+fn note_reachability(unreachable: &AtomicBool, error: Option<&StoreError>) {
+    let now = matches!(error, Some(StoreError::Unavailable(_)));
+    if unreachable.swap(now, Ordering::Relaxed) != now {
+        if now {
+            tracing::warn!("the database cannot be reached");
+        } else {
+            tracing::info!("the database is reachable again");
+        }
+    }
+}
+
 fn key_use_of(code: i16) -> Result<KeyUse, StoreError> {
     u8::try_from(code)
         .ok()
@@ -560,7 +586,12 @@ async fn load_counts(pool: &Pool, own_slots: &[String], counts: &Counts) -> Resu
     Ok(())
 }
 
-async fn refresh_counts(pool: Pool, own_slots: Vec<String>, counts: std::sync::Weak<Counts>) {
+async fn refresh_counts(
+    pool: Pool,
+    own_slots: Vec<String>,
+    counts: std::sync::Weak<Counts>,
+    unreachable: Arc<AtomicBool>,
+) {
     loop {
         tokio::time::sleep(COUNTS_REFRESH).await;
         let Some(counts) = counts.upgrade() else {
@@ -585,7 +616,9 @@ async fn refresh_counts(pool: Pool, own_slots: Vec<String>, counts: std::sync::W
             }
             Ok::<_, StoreError>(others)
         };
-        match read.await {
+        let read = read.await;
+        note_reachability(&unreachable, read.as_ref().err());
+        match read {
             Ok(others) => *lock(&counts.others) = others,
             Err(e) => tracing::debug!(error = %e, "other vaults' record counts not refreshed"),
         }
@@ -599,6 +632,7 @@ async fn write(
     receiver: Arc<tokio::sync::Mutex<mpsc::Receiver<Op>>>,
     counts: Arc<Counts>,
     slot: String,
+    unreachable: Arc<AtomicBool>,
 ) {
     loop {
         let group = {
@@ -616,6 +650,7 @@ async fn write(
             group
         };
         let result = commit_group(&pool, &group, &slot).await;
+        note_reachability(&unreachable, result.as_ref().err());
         match result {
             Ok((done, deltas)) => {
                 counts.add(&deltas);
@@ -1192,6 +1227,7 @@ impl Store for PgStore {
         StoreStats {
             data_free_bytes: u64::MAX,
             audit_free_bytes: u64::MAX,
+            unreachable: self.unreachable.load(Ordering::Relaxed),
             ..StoreStats::default()
         }
     }
@@ -1654,6 +1690,7 @@ mod tests {
         assert!(matches!(error, StoreError::Unavailable(_)), "{error:?}");
         let error = store.get(&kept).await.unwrap_err();
         assert!(matches!(error, StoreError::Unavailable(_)), "{error:?}");
+        assert!(store.stats().unreachable, "health must say the database is gone");
 
         let mut cluster = tokio::task::spawn_blocking(move || {
             cluster.restart().unwrap();
@@ -1669,6 +1706,7 @@ mod tests {
             store.insert(vec![record(&token, b"after")]).await.unwrap(),
             vec![InsertOutcome::Stored]
         );
+        assert!(!store.stats().unreachable);
         cluster.stop_immediate().unwrap();
     }
 }
