@@ -1651,7 +1651,12 @@ mod tests {
 
         assert_eq!(migrate_only(&unmigrated).await.unwrap(), vec![1]);
         assert_eq!(migrate_only(&unmigrated).await.unwrap(), Vec::<i32>::new());
-        PgStore::open(&unmigrated, "n").await.unwrap();
+        let store = PgStore::open(&unmigrated, "n").await.unwrap();
+        // The password is in the store's connection settings, never in its Debug.
+        let password = std::fs::read_to_string(cluster.password_file()).unwrap();
+        let debug = format!("{store:?} {:?}", settings(&cluster, "empty"));
+        assert!(debug.contains("Pool"), "{debug}");
+        assert!(!debug.contains(password.trim()), "the password shows in Debug");
         assert_eq!(
             cluster
                 .psql("empty", "SELECT count(*) FROM schema_migrations")
