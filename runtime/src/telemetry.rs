@@ -11,11 +11,26 @@ pub enum LogFormat {
     Json,
 }
 
+/// Targets held at INFO or above (see `init`).
+const QUIET_LIBRARIES: [&str; 3] = [
+    "tokio_postgres=info",
+    "postgres_protocol=info",
+    "deadpool=info",
+];
+
 /// Installs the global subscriber. `filter` uses `RUST_LOG` syntax, e.g. `info` or
 /// `vault_server=debug,info`. Does nothing if a subscriber is already installed
 /// (tests start several servers in one process).
 pub fn init(format: LogFormat, filter: &str) {
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    // Libraries that log what passes through them at DEBUG: the PostgreSQL client logs
+    // every statement's parameters (sealed records, tokens, keyed hashes). Never below
+    // INFO, whatever the filter asks.
+    for quiet in QUIET_LIBRARIES {
+        if let Ok(directive) = quiet.parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -28,7 +28,7 @@ const MAC_LABEL: &[u8] = b"tokenvault.audit.v1";
 /// The data store's `meta` key holding the highest sequence number written: the
 /// anchor that shows a log cut short (entries removed from its end, or the whole
 /// audit directory replaced).
-const HEAD_KEY: &str = "audit-head";
+pub const HEAD_KEY: &str = "audit-head";
 const HEADER_LEN: usize = 4 + 32;
 /// Events written in one batch at most.
 const MAX_BATCH: usize = 1024;
@@ -158,7 +158,9 @@ impl Auditor {
         }
         let (queue, receiver) = mpsc::channel(8192);
         let (head, anchor) = watch::channel(last);
-        tokio::spawn(write_anchor(Arc::clone(&store), anchor));
+        if !store.anchors_audit_log() {
+            tokio::spawn(write_anchor(Arc::clone(&store), anchor));
+        }
         tokio::spawn(write_events(store, keys, receiver, head));
         Ok(Self { queue })
     }

@@ -136,8 +136,10 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
         store: Arc::clone(&store),
         keys: Arc::clone(&keys),
         rewrap: Arc::clone(&rewrap),
-        node: (settings.storage.engine == config::EngineKind::Postgres)
-            .then(|| node_name(settings)),
+        node: match settings.storage.engine {
+            config::EngineKind::Postgres => Some(node_name(settings)?),
+            config::EngineKind::Rocksdb => None,
+        },
         purge_interval_secs: settings.retention.purge_interval_secs,
         service: Arc::new(service::VaultService::new(
             store,
@@ -221,13 +223,13 @@ async fn open_store(settings: &Settings) -> Result<Engine, Error> {
     if let (config::EngineKind::Postgres, Some(postgres)) =
         (settings.storage.engine, &settings.storage.postgres)
     {
-        let store = store::postgres::PgStore::open(postgres, &node_name(settings))
+        let store = store::postgres::PgStore::open(postgres, &node_name(settings)?)
             .await
             .map_err(|e| Error::Storage {
                 path: "PostgreSQL (storage.postgres.url)".into(),
                 detail: e.to_string(),
             })?;
-        return Ok(Engine::Postgres(store));
+        return Ok(Engine::Postgres(Box::new(store)));
     }
     let storage_error = |detail: String| Error::Storage {
         path: settings.data_dir.display().to_string(),
@@ -254,19 +256,27 @@ async fn open_store(settings: &Settings) -> Result<Engine, Error> {
 
 /// This vault's name among the vaults sharing a PostgreSQL database:
 /// `storage.postgres.node_name`, or the host name and the gRPC port.
-fn node_name(settings: &Settings) -> String {
+fn node_name(settings: &Settings) -> Result<String, Error> {
     if let Some(name) = settings
         .storage
         .postgres
         .as_ref()
         .and_then(|p| p.node_name.clone())
     {
-        return name;
+        return Ok(name);
     }
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
         .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "vault".into());
-    format!("{host}:{}", settings.listen_addr.port())
+        .filter(|h| !h.is_empty());
+    match host {
+        Some(host) => Ok(format!("{host}:{}", settings.listen_addr.port())),
+        None => Err(Error::Storage {
+            path: "storage.postgres.node_name".into(),
+            detail: "the host name cannot be read: set storage.postgres.node_name".into(),
+        }),
+    }
 }
 
 /// `vault-server migrate`: applies the PostgreSQL schema migrations the database

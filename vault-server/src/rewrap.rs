@@ -208,12 +208,21 @@ impl<S: Store> Rewrapper<S> {
         let this = Arc::clone(self);
         tokio::spawn(async move {
             let work = async {
-                let lock = match lock {
-                    Some(lock) => Some(lock),
-                    None => this.take_job().await,
-                };
-                if let Some(_lock) = lock {
-                    this.run().await;
+                let mut lock = lock;
+                loop {
+                    let mut held = match lock.take() {
+                        Some(held) => held,
+                        None => match this.take_job().await {
+                            Some(held) => held,
+                            None => return,
+                        },
+                    };
+                    tokio::select! {
+                        () = this.run() => return,
+                        // Its connection broke: another vault may take the job now, so
+                        // this one stops and queues for it again.
+                        () = held.lost() => tracing::warn!("the rewrap job's lock was lost with its database connection; waiting to take the job again"),
+                    }
                 }
             };
             tokio::select! {

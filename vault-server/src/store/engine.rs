@@ -15,7 +15,7 @@ use crate::token::Token;
 #[derive(Debug)]
 pub enum Engine {
     Rocks(RocksStore),
-    Postgres(PgStore),
+    Postgres(Box<PgStore>),
 }
 
 /// Calls the same method on whichever engine `$engine` holds.
@@ -64,6 +64,10 @@ impl Store for Engine {
 
     async fn append_audit(&self, seal: AuditSeal) -> Result<Vec<u64>, StoreError> {
         each!(self, s => s.append_audit(seal).await)
+    }
+
+    fn anchors_audit_log(&self) -> bool {
+        each!(self, s => s.anchors_audit_log())
     }
 
     async fn read_audit(

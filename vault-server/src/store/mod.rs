@@ -171,17 +171,37 @@ pub type AuditSeal = Box<dyn FnOnce(Option<(u64, Vec<u8>)>) -> Vec<(u64, Vec<u8>
 #[derive(Debug)]
 pub struct JobLock {
     _held: Option<Box<dyn std::fmt::Debug + Send + Sync>>,
+    /// Fires if the lock is lost while held (its database connection broke).
+    lost: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 impl JobLock {
     /// A store only this process opens: nobody else can run the job.
     pub fn sole() -> Self {
-        Self { _held: None }
+        Self {
+            _held: None,
+            lost: None,
+        }
     }
 
-    pub fn held(guard: impl std::fmt::Debug + Send + Sync + 'static) -> Self {
+    pub fn held(
+        guard: impl std::fmt::Debug + Send + Sync + 'static,
+        lost: tokio::sync::oneshot::Receiver<()>,
+    ) -> Self {
         Self {
             _held: Some(Box::new(guard)),
+            lost: Some(lost),
+        }
+    }
+
+    /// Resolves if the lock is lost while held (never for a sole store): another vault
+    /// may take the job from then on.
+    pub async fn lost(&mut self) {
+        match &mut self.lost {
+            Some(lost) => {
+                let _ = lost.await;
+            }
+            None => std::future::pending().await,
         }
     }
 }
@@ -260,6 +280,11 @@ pub trait Store: Send + Sync + 'static {
         &self,
         seal: AuditSeal,
     ) -> impl Future<Output = Result<Vec<u64>, StoreError>> + Send;
+
+    /// Whether `append_audit` also records the last sequence number as the log's
+    /// anchor (the `audit::HEAD_KEY` meta entry) in the same write. Otherwise the
+    /// auditor writes the anchor itself, to the data store.
+    fn anchors_audit_log(&self) -> bool;
 
     /// Up to `limit` audit entries with a sequence number above `after`, in order.
     fn read_audit(

@@ -121,9 +121,28 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[(
 /// Advisory lock keys (64-bit, the vault's own range).
 const MIGRATION_LOCK: i64 = 0x746f_6b76_0000_0001;
 const AUDIT_LOCK: i64 = 0x746f_6b76_0000_0002;
-const JOB_LOCK_BASE: i64 = 0x746f_6b76_0001_0000;
+const INDEX_LOCK: i64 = 0x746f_6b76_0000_0003;
 
 const MAX_GROUP: usize = 1024;
+/// Records in one write group at most (a group holds a lock per fingerprint key it
+/// touches: see `MAX_KEY_LOCKS`).
+const MAX_GROUP_RECORDS: usize = 4096;
+/// A group touching more fingerprint keys than this takes one exclusive lock on the
+/// whole index instead of a lock per key (others take it shared), so that no
+/// transaction fills PostgreSQL's lock table (max_locks_per_transaction x
+/// connections, shared by the whole server).
+const MAX_KEY_LOCKS: usize = 128;
+/// Longest a write group may take, COMMIT included (a synchronous standby that
+/// stopped answering makes COMMIT wait forever): then its calls get UNAVAILABLE and
+/// its connection is dropped.
+const GROUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// TLS and authentication of a new connection, beyond the TCP connect.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Session settings of every connection: commits wait for the synchronous standbys
+/// whatever the role's defaults say; a transaction left open by a vault that vanished
+/// releases its locks; a lock wait ends in an error, not a hang.
+const SESSION_OPTIONS: &str =
+    "-c synchronous_commit=on -c idle_in_transaction_session_timeout=30000 -c lock_timeout=20000";
 const QUEUE_DEPTH: usize = 4096;
 /// Tries of one group when it loses a race with another transaction (deadlock,
 /// token taken meanwhile, serialization failure).
@@ -169,6 +188,15 @@ enum Done {
 }
 
 impl Op {
+    /// Records the op writes (for the group's size).
+    fn records(&self) -> usize {
+        match self {
+            Op::Insert { records, .. } => records.len(),
+            Op::RemoveOutcomes { keys, .. } => keys.len(),
+            _ => 1,
+        }
+    }
+
     fn answer(self, result: Result<Done, StoreError>) {
         fn send<T>(reply: oneshot::Sender<Result<T, StoreError>>, result: Result<T, StoreError>) {
             let _ = reply.send(result);
@@ -209,6 +237,12 @@ type CountMap = BTreeMap<(KeyUse, u32), i64>;
 struct Counts {
     own: Mutex<CountMap>,
     others: Mutex<CountMap>,
+    /// Writers hold it shared from before a commit until its deltas are in `own`; a
+    /// recount of `own` holds it exclusively, so that it sees no commit half-counted.
+    gate: tokio::sync::RwLock<()>,
+    /// A commit's outcome was unknown (its answer lost with the connection): `own` is
+    /// recounted from the database at the next refresh.
+    own_unsure: AtomicBool,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -243,6 +277,8 @@ impl Counts {
 pub struct PgStore {
     pool: Pool,
     connect: Connect,
+    /// Held for the store's life: no other vault runs under this node name.
+    _node_lock: HeldLock,
     queue: mpsc::Sender<Op>,
     counts: Arc<Counts>,
     /// Set by the last database round trip (a call's, or the counts refresh every
@@ -271,8 +307,38 @@ impl Connect {
         config.keepalives_idle(Duration::from_secs(5));
         config.tcp_user_timeout(Duration::from_secs(10));
         config.application_name("vault-server");
+        // Only a host that accepts writes: after a failover, the new primary.
+        config.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
+        let options = match config.get_options() {
+            Some(theirs) => format!("{theirs} {SESSION_OPTIONS}"),
+            None => SESSION_OPTIONS.to_owned(),
+        };
+        config.options(&options);
         let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(&settings.ca_file)?);
         Ok(Self { config, tls })
+    }
+}
+
+impl Connect {
+    /// Takes session advisory lock `key` on a connection of its own, if free. The lock
+    /// lasts as long as that connection: the returned guard holds it, and the receiver
+    /// fires when the connection ends.
+    async fn session_lock(
+        &self,
+        key: i64,
+    ) -> Result<Option<(HeldLock, oneshot::Receiver<()>)>, StoreError> {
+        let (client, connection) = self.config.connect(self.tls.clone()).await.map_err(pg)?;
+        let (ended, lost) = oneshot::channel();
+        tokio::spawn(async move {
+            let _ = connection.await;
+            let _ = ended.send(());
+        });
+        let held: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+            .await
+            .map_err(pg)?
+            .get(0);
+        Ok(held.then_some((HeldLock { _client: client }, lost)))
     }
 }
 
@@ -339,16 +405,22 @@ fn pg(e: tokio_postgres::Error) -> StoreError {
     };
     let code = db.code();
     let message = format!("database error {}: {}", code.code(), db.message());
-    if *code == SqlState::DISK_FULL || *code == SqlState::OUT_OF_MEMORY {
+    if *code == SqlState::DISK_FULL {
         StoreError::NoSpace(message)
     } else if code.code().starts_with("08")
         || code.code().starts_with("57P")
+        || code.code().starts_with("28")
+        || code.code().starts_with("53")
         || *code == SqlState::READ_ONLY_SQL_TRANSACTION
-        || *code == SqlState::CANNOT_CONNECT_NOW
-        || *code == SqlState::TOO_MANY_CONNECTIONS
+        || *code == SqlState::QUERY_CANCELED
+        || *code == SqlState::LOCK_NOT_AVAILABLE
+        || *code == SqlState::INVALID_CATALOG_NAME
+        || *code == SqlState::INSUFFICIENT_PRIVILEGE
     {
-        // Connection trouble, shutdown, failover in progress, or a host that is now
-        // a standby: another try (on a new connection) may succeed.
+        // Connection trouble, shutdown, failover in progress, a host that is now a
+        // standby, the server out of resources (connections, memory, lock table), a
+        // lock wait or commit that timed out, or the role refused: nothing was done;
+        // another try may succeed once the operator or the database has acted.
         StoreError::Unavailable(message)
     } else {
         StoreError::Engine(message)
@@ -381,6 +453,31 @@ fn index_lock(index_key: &[u8]) -> i64 {
     i64::from_be_bytes(first)
 }
 
+/// Takes the node name for this process, so that two vaults configured with one name
+/// (which would share count slots and a usage-report instance, and could let a key
+/// version be destroyed under the other's records) cannot both run. A vault restarted
+/// in place may find its predecessor's session still closing: it waits a little.
+async fn hold_node_name(
+    connect: &Connect,
+    node: &str,
+    wait: Duration,
+) -> Result<HeldLock, StoreError> {
+    let key = index_lock(format!("node/{node}").as_bytes());
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        if let Some((held, _)) = connect.session_lock(key).await? {
+            return Ok(held);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(StoreError::Engine(format!(
+                "another vault-server runs as node {node:?} on this database: give each vault \
+                 its own storage.postgres.node_name"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 impl PgStore {
     /// Connects, applies (or, with `migrate` off, checks) the schema, loads the record
     /// counts and starts the writers. `node` names this vault among those sharing the
@@ -394,15 +491,20 @@ impl PgStore {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
-        let timeout = Some(Duration::from_millis(settings.connect_timeout_ms));
+        let timeout = Duration::from_millis(settings.connect_timeout_ms);
+        // A new connection may try every host in turn, each up to the connect timeout
+        // (a primary that died without a word only times out), then do TLS and SCRAM.
+        let hosts = config.get_hosts().len().max(1) as u32;
         let pool = Pool::builder(manager)
             .max_size(settings.pool_size)
             .runtime(Runtime::Tokio1)
-            .wait_timeout(timeout)
-            .create_timeout(timeout)
-            .recycle_timeout(timeout)
+            .wait_timeout(Some(timeout * (hosts + 1)))
+            .create_timeout(Some(timeout * hosts + HANDSHAKE_TIMEOUT))
+            .recycle_timeout(Some(timeout))
             .build()
             .map_err(|e| StoreError::Engine(format!("database pool: {e}")))?;
+        let connect = Connect { config, tls };
+        let node_lock = hold_node_name(&connect, node, timeout).await?;
         {
             let mut client = pool.get().await.map_err(pool_error)?;
             if settings.migrate {
@@ -436,7 +538,8 @@ impl PgStore {
         ));
         Ok(Self {
             pool,
-            connect: Connect { config, tls },
+            connect,
+            _node_lock: node_lock,
             queue,
             counts,
             unreachable,
@@ -447,6 +550,57 @@ impl PgStore {
         let client = self.pool.get().await.map_err(pool_error);
         note_reachability(&self.unreachable, client.as_ref().err());
         client
+    }
+
+    /// One audit append: under the chain's lock, reads the last entry, chains the new
+    /// ones onto it, and moves the anchor (`audit::HEAD_KEY`) with them, so that it
+    /// never goes backwards whichever vault appends.
+    async fn append_audit_once(&self, seal: AuditSeal) -> Result<Vec<u64>, StoreError> {
+        let mut client = self.client().await?;
+        let transaction = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+            .start()
+            .await
+            .map_err(pg)?;
+        transaction
+            .execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_LOCK])
+            .await
+            .map_err(pg)?;
+
+        let last = transaction
+            .query_opt(
+                "SELECT sequence, entry FROM audit ORDER BY sequence DESC LIMIT 1",
+                &[],
+            )
+            .await
+            .map_err(pg)?
+            .map(|row| (row.get::<_, i64>(0) as u64, row.get::<_, Vec<u8>>(1)));
+        let entries = seal(last);
+        let sequences: Vec<i64> = entries.iter().map(|(s, _)| *s as i64).collect();
+        let bytes: Vec<&[u8]> = entries.iter().map(|(_, e)| e.as_slice()).collect();
+        transaction
+            .execute(
+                "INSERT INTO audit (sequence, entry) SELECT * FROM unnest($1::int8[], $2::bytea[])",
+                &[&sequences, &bytes],
+            )
+            .await
+            .map_err(pg)?;
+        if let Some(last) = sequences.last() {
+            transaction
+                .execute(
+                    "INSERT INTO meta (key, value) VALUES ($1, $2)
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    &[
+                        &crate::audit::HEAD_KEY,
+                        &(*last as u64).to_be_bytes().as_slice(),
+                    ],
+                )
+                .await
+                .map_err(pg)?;
+        }
+        transaction.commit().await.map_err(pg)?;
+        Ok(entries.into_iter().map(|(s, _)| s).collect())
     }
 
     async fn submit<T>(
@@ -466,7 +620,13 @@ impl PgStore {
 /// that vaults starting together do not race. Refuses a schema newer than this
 /// vault-server knows.
 pub async fn migrate(client: &mut Object) -> Result<Vec<i32>, StoreError> {
-    client
+    let mut applied = Vec::new();
+    let transaction = client.transaction().await.map_err(pg)?;
+    transaction
+        .execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(pg)?;
+    transaction
         .batch_execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations (
                  version integer PRIMARY KEY,
@@ -474,12 +634,6 @@ pub async fn migrate(client: &mut Object) -> Result<Vec<i32>, StoreError> {
                  applied_at timestamptz NOT NULL DEFAULT now()
              )",
         )
-        .await
-        .map_err(pg)?;
-    let mut applied = Vec::new();
-    let transaction = client.transaction().await.map_err(pg)?;
-    transaction
-        .execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await
         .map_err(pg)?;
     let have: BTreeSet<i32> = transaction
@@ -586,6 +740,26 @@ async fn load_counts(pool: &Pool, own_slots: &[String], counts: &Counts) -> Resu
     Ok(())
 }
 
+async fn recount_own(pool: &Pool, own_slots: &[String]) -> Result<CountMap, StoreError> {
+    let client = pool.get().await.map_err(pool_error)?;
+    let rows = client
+        .query(
+            "SELECT key_use, version, sum(records)::bigint FROM version_counts
+             WHERE slot = ANY($1) GROUP BY 1, 2",
+            &[&own_slots],
+        )
+        .await
+        .map_err(pg)?;
+    let mut own = CountMap::new();
+    for row in rows {
+        own.insert(
+            (key_use_of(row.get(0))?, row.get::<_, i32>(1) as u32),
+            row.get(2),
+        );
+    }
+    Ok(own)
+}
+
 async fn refresh_counts(
     pool: Pool,
     own_slots: Vec<String>,
@@ -622,6 +796,19 @@ async fn refresh_counts(
             Ok(others) => *lock(&counts.others) = others,
             Err(e) => tracing::debug!(error = %e, "other vaults' record counts not refreshed"),
         }
+        if counts.own_unsure.load(Ordering::Relaxed) {
+            let _no_commit_in_flight = counts.gate.write().await;
+            match recount_own(&pool, &own_slots).await {
+                Ok(own) => {
+                    *lock(&counts.own) = own;
+                    counts.own_unsure.store(false, Ordering::Relaxed);
+                    tracing::info!(
+                        "this vault's record counts were read again after a commit with an unknown outcome"
+                    );
+                }
+                Err(e) => tracing::debug!(error = %e, "record counts not recounted yet"),
+            }
+        }
     }
 }
 
@@ -640,20 +827,30 @@ async fn write(
             let Some(first) = receiver.recv().await else {
                 return;
             };
+            let mut records = first.records();
             let mut group = vec![first];
-            while group.len() < MAX_GROUP {
+            while group.len() < MAX_GROUP && records < MAX_GROUP_RECORDS {
                 match receiver.try_recv() {
-                    Ok(op) => group.push(op),
+                    Ok(op) => {
+                        records += op.records();
+                        group.push(op);
+                    }
                     Err(_) => break,
                 }
             }
             group
         };
+        let gate = counts.gate.read().await;
         let result = commit_group(&pool, &group, &slot).await;
         note_reachability(&unreachable, result.as_ref().err());
+        if let Ok((_, deltas)) = &result {
+            counts.add(deltas);
+        } else {
+            counts.own_unsure.store(true, Ordering::Relaxed);
+        }
+        drop(gate);
         match result {
-            Ok((done, deltas)) => {
-                counts.add(&deltas);
+            Ok((done, _)) => {
                 for (op, done) in group.into_iter().zip(done) {
                     op.answer(Ok(done));
                 }
@@ -677,7 +874,18 @@ async fn commit_group(
     loop {
         tries += 1;
         let mut client = pool.get().await.map_err(pool_error)?;
-        match try_group(&mut client, group, slot).await {
+        let Ok(tried) =
+            tokio::time::timeout(GROUP_TIMEOUT, try_group(&mut client, group, slot)).await
+        else {
+            // Whether it committed is unknown; it was not acknowledged.
+            drop(Object::take(client));
+            return Err(StoreError::Unavailable(format!(
+                "the database did not confirm a commit within {} s (is the synchronous \
+                 standby answering?)",
+                GROUP_TIMEOUT.as_secs()
+            )));
+        };
+        match tried {
             Ok(done) => return Ok(done),
             Err(e) => {
                 // Leave no connection inside a failed transaction in the pool.
@@ -686,6 +894,7 @@ async fn commit_group(
                 }
                 if lost_a_race(&e) && tries < GROUP_TRIES {
                     tracing::debug!(error = %pg(e), "write group lost a race; planned again");
+                    tokio::time::sleep(Duration::from_millis(5 * tries as u64)).await;
                     continue;
                 }
                 return Err(pg(e));
@@ -694,9 +903,26 @@ async fn commit_group(
     }
 }
 
-/// Index keys a group reads or writes, as sorted advisory lock keys; and the tokens
-/// of records it changes, sorted.
-fn locks_of(group: &[Op]) -> (Vec<i64>, Vec<&str>) {
+/// How a group locks the fingerprint index: the index shared and each key it reads or
+/// writes (sorted), or, past `MAX_KEY_LOCKS` keys, the whole index.
+enum IndexLocks {
+    Keys(Vec<i64>),
+    Whole,
+}
+
+impl IndexLocks {
+    /// The statements' parameters: the index lock to take (shared with `Keys`), and
+    /// the keys.
+    fn keys(&self) -> Vec<i64> {
+        match self {
+            IndexLocks::Keys(keys) => keys.clone(),
+            IndexLocks::Whole => Vec::new(),
+        }
+    }
+}
+
+/// The index locks of a group, and the tokens of the records it changes, sorted.
+fn locks_of(group: &[Op]) -> (IndexLocks, Vec<&str>) {
     let mut keys = BTreeSet::new();
     let mut tokens = BTreeSet::new();
     for op in group {
@@ -721,7 +947,12 @@ fn locks_of(group: &[Op]) -> (Vec<i64>, Vec<&str>) {
             Op::PutMeta { .. } | Op::PutOutcome { .. } | Op::RemoveOutcomes { .. } => {}
         }
     }
-    (keys.into_iter().collect(), tokens.into_iter().collect())
+    let keys = if keys.len() > MAX_KEY_LOCKS {
+        IndexLocks::Whole
+    } else {
+        IndexLocks::Keys(keys.into_iter().collect())
+    };
+    (keys, tokens.into_iter().collect())
 }
 
 fn count(deltas: &mut CountMap, versions: KeyVersions, delta: i64) {
@@ -739,11 +970,14 @@ async fn try_group(
     if group.iter().all(|op| matches!(op, Op::Insert { .. })) {
         return insert_group(client, &statements, group, slot).await;
     }
-    let (keys, tokens) = locks_of(group);
-    client.batch_execute("BEGIN").await?;
-    if !keys.is_empty() {
-        client.query(&statements.lock_keys, &[&keys]).await?;
-    }
+    let (locks, tokens) = locks_of(group);
+    let keys = locks.keys();
+    let (index, keys_param): (Param, Param) = ([&INDEX_LOCK], [&keys]);
+    tokio::try_join!(
+        client.batch_execute(BEGIN),
+        client.query(statements.index_lock(&locks), &index),
+        client.query(&statements.lock_keys, &keys_param),
+    )?;
     if !tokens.is_empty() {
         client.query(&statements.lock_rows, &[&tokens]).await?;
     }
@@ -810,11 +1044,14 @@ async fn insert_group(
             _ => &[],
         })
     };
-    let (keys, _) = locks_of(group);
+    let (locks, _) = locks_of(group);
     let (tokens, index_keys) = lookup_params(records());
-    let (keys, tokens, index_keys): (Param, Param, Param) = ([&keys], [&tokens], [&index_keys]);
-    let (_, _, taken, live) = tokio::try_join!(
-        client.batch_execute("BEGIN"),
+    let keys = locks.keys();
+    let (index, keys, tokens, index_keys): (Param, Param, Param, Param) =
+        ([&INDEX_LOCK], [&keys], [&tokens], [&index_keys]);
+    let (_, _, _, taken, live) = tokio::try_join!(
+        client.batch_execute(BEGIN),
+        client.query(statements.index_lock(&locks), &index),
         client.query(&statements.lock_keys, &keys),
         client.query(&statements.taken, &tokens),
         client.query(&statements.live, &index_keys),
@@ -839,12 +1076,19 @@ async fn insert_group(
     Ok((done, deltas))
 }
 
+/// Every write transaction: the locking (advisory locks, then look-ups under them)
+/// relies on each statement seeing what committed before it, whatever the database's
+/// default isolation level.
+const BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
+
 /// One statement parameter, bound before statements are pipelined.
 type Param<'a> = [&'a (dyn ToSql + Sync); 1];
 
 /// Every statement a write group uses, prepared once per connection (the pool keeps
 /// them), so that pipelined calls are sent in the order they are made.
 struct Statements {
+    lock_index_shared: tokio_postgres::Statement,
+    lock_index: tokio_postgres::Statement,
     lock_keys: tokio_postgres::Statement,
     lock_rows: tokio_postgres::Statement,
     taken: tokio_postgres::Statement,
@@ -858,8 +1102,22 @@ struct Statements {
 }
 
 impl Statements {
+    /// The statement taking the index lock the way `locks` needs it.
+    fn index_lock(&self, locks: &IndexLocks) -> &tokio_postgres::Statement {
+        match locks {
+            IndexLocks::Keys(_) => &self.lock_index_shared,
+            IndexLocks::Whole => &self.lock_index,
+        }
+    }
+
     async fn prepare(client: &Object) -> Result<Self, tokio_postgres::Error> {
         Ok(Self {
+            lock_index_shared: client
+                .prepare_cached("SELECT pg_advisory_xact_lock_shared($1)")
+                .await?,
+            lock_index: client
+                .prepare_cached("SELECT pg_advisory_xact_lock($1)")
+                .await?,
             lock_keys: client
                 .prepare_cached(
                     "SELECT pg_advisory_xact_lock(k)
@@ -1267,32 +1525,16 @@ impl Store for PgStore {
     }
 
     async fn append_audit(&self, seal: AuditSeal) -> Result<Vec<u64>, StoreError> {
-        let mut client = self.client().await?;
-        let transaction = client.transaction().await.map_err(pg)?;
-        transaction
-            .execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_LOCK])
-            .await
-            .map_err(pg)?;
-        let last = transaction
-            .query_opt(
-                "SELECT sequence, entry FROM audit ORDER BY sequence DESC LIMIT 1",
-                &[],
-            )
-            .await
-            .map_err(pg)?
-            .map(|row| (row.get::<_, i64>(0) as u64, row.get::<_, Vec<u8>>(1)));
-        let entries = seal(last);
-        let sequences: Vec<i64> = entries.iter().map(|(s, _)| *s as i64).collect();
-        let bytes: Vec<&[u8]> = entries.iter().map(|(_, e)| e.as_slice()).collect();
-        transaction
-            .execute(
-                "INSERT INTO audit (sequence, entry) SELECT * FROM unnest($1::int8[], $2::bytea[])",
-                &[&sequences, &bytes],
-            )
-            .await
-            .map_err(pg)?;
-        transaction.commit().await.map_err(pg)?;
-        Ok(entries.into_iter().map(|(s, _)| s).collect())
+        // The log's end is read again by every append, in the transaction that appends:
+        // a failed append leaves nothing uncertain, so any failure is one to retry.
+        self.append_audit_once(seal).await.map_err(|e| match e {
+            StoreError::Unavailable(_) => e,
+            other => StoreError::Unavailable(other.to_string()),
+        })
+    }
+
+    fn anchors_audit_log(&self) -> bool {
+        true
     }
 
     async fn read_audit(
@@ -1433,22 +1675,12 @@ impl Store for PgStore {
     }
 
     async fn lock_job(&self, job: &str) -> Result<Option<JobLock>, StoreError> {
-        let key = JOB_LOCK_BASE + i64::from(index_lock(job.as_bytes()) as u16);
-        let (client, connection) = self
+        let key = index_lock(format!("job/{job}").as_bytes());
+        Ok(self
             .connect
-            .config
-            .connect(self.connect.tls.clone())
-            .await
-            .map_err(pg)?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        let held: bool = client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
-            .await
-            .map_err(pg)?
-            .get(0);
-        Ok(held.then(|| JobLock::held(HeldLock { _client: client })))
+            .session_lock(key)
+            .await?
+            .map(|(held, lost)| JobLock::held(held, lost)))
     }
 }
 
@@ -1575,13 +1807,35 @@ mod tests {
         }
         assert_eq!(tokens.len(), 1, "one card got several tokens: {tokens:?}");
 
+        // Batches past MAX_KEY_LOCKS keys lock the whole index instead of each key: the
+        // same 200 cards from both vaults at once still get one token each.
+        let batch = |store: Arc<PgStore>| {
+            tokio::spawn(async move {
+                let records: Vec<NewRecord> = (0..200)
+                    .map(|i| record(&Token::generate().unwrap(), format!("card {i}").as_bytes()))
+                    .collect();
+                let tokens: Vec<Token> = records.iter().map(|r| r.token.clone()).collect();
+                let outcomes = store.insert(records).await.unwrap();
+                tokens
+                    .into_iter()
+                    .zip(outcomes)
+                    .map(|(token, outcome)| match outcome {
+                        InsertOutcome::Stored => token,
+                        InsertOutcome::Existing(existing) => existing,
+                        InsertOutcome::TokenTaken => panic!("a fresh token was taken"),
+                    })
+                    .collect::<Vec<_>>()
+            })
+        };
+        let (from_a, from_b) = tokio::join!(batch(Arc::clone(&a)), batch(Arc::clone(&b)));
+        assert_eq!(from_a.unwrap(), from_b.unwrap(), "a card got two tokens");
+
         // Each vault counts its own writes at once and the other's within a refresh.
-        let one = Some(&1u64);
-        assert_eq!(
-            a.version_counts()
-                .get(&(KeyUse::CardData, 1))
-                .or(b.version_counts().get(&(KeyUse::CardData, 1))),
-            one
+        let one = Some(&201u64);
+        let own = |store: &PgStore| store.version_counts().get(&(KeyUse::CardData, 1)).copied();
+        assert!(
+            own(&a).is_some() || own(&b).is_some(),
+            "a vault does not count its own writes at once"
         );
         tokio::time::sleep(COUNTS_REFRESH * 2).await;
         assert_eq!(a.version_counts().get(&(KeyUse::CardData, 1)), one);
@@ -1656,7 +1910,10 @@ mod tests {
         let password = std::fs::read_to_string(cluster.password_file()).unwrap();
         let debug = format!("{store:?} {:?}", settings(&cluster, "empty"));
         assert!(debug.contains("Pool"), "{debug}");
-        assert!(!debug.contains(password.trim()), "the password shows in Debug");
+        assert!(
+            !debug.contains(password.trim()),
+            "the password shows in Debug"
+        );
         assert_eq!(
             cluster
                 .psql("empty", "SELECT count(*) FROM schema_migrations")
@@ -1670,11 +1927,24 @@ mod tests {
                 "INSERT INTO schema_migrations (version, description) VALUES (999, 'future')",
             )
             .unwrap();
-        let refused = PgStore::open(&settings(&cluster, "empty"), "n")
+        let refused = PgStore::open(&settings(&cluster, "empty"), "m")
             .await
             .unwrap_err()
             .to_string();
         assert!(refused.contains("upgrade the vault-server"), "{refused}");
+
+        // Two vaults under one node name would share count slots and a usage-report
+        // instance: the second is refused while the first runs, and welcome after.
+        let twin = PgStore::open(&unmigrated, "n")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(twin.contains("another vault-server runs as node"), "{twin}");
+        drop(store);
+        cluster
+            .psql("empty", "DELETE FROM schema_migrations WHERE version = 999")
+            .unwrap();
+        PgStore::open(&unmigrated, "n").await.unwrap();
     }
 
     /// The database goes away under the store and comes back: calls meanwhile fail as
@@ -1695,7 +1965,10 @@ mod tests {
         assert!(matches!(error, StoreError::Unavailable(_)), "{error:?}");
         let error = store.get(&kept).await.unwrap_err();
         assert!(matches!(error, StoreError::Unavailable(_)), "{error:?}");
-        assert!(store.stats().unreachable, "health must say the database is gone");
+        assert!(
+            store.stats().unreachable,
+            "health must say the database is gone"
+        );
 
         let mut cluster = tokio::task::spawn_blocking(move || {
             cluster.restart().unwrap();

@@ -206,6 +206,8 @@ pub struct RocksStore {
     queue: Option<mpsc::Sender<Op>>,
     writer: Option<JoinHandle<()>>,
     audit_queue: Option<mpsc::Sender<AuditAppend>>,
+    /// One append at a time: each reads the log's end and chains onto it.
+    audit_append: tokio::sync::Mutex<()>,
     audit_writer: Option<JoinHandle<()>>,
 }
 
@@ -343,6 +345,7 @@ impl RocksStore {
             queue: Some(queue),
             writer: Some(writer),
             audit_queue: Some(audit_queue),
+            audit_append: tokio::sync::Mutex::new(()),
             audit_writer: Some(audit_writer),
         })
     }
@@ -729,8 +732,9 @@ impl Store for RocksStore {
     }
 
     async fn append_audit(&self, seal: AuditSeal) -> Result<Vec<u64>, StoreError> {
-        // One process owns this log, and its auditor appends one batch at a time: the
-        // last entry read here is still the last when the batch lands.
+        // One process owns this log (RocksDB's lock), and appends here one at a time:
+        // the last entry read is still the last when the batch lands.
+        let _one_at_a_time = self.audit_append.lock().await;
         let entries = seal(self.last_audit().await?);
         let sequences = entries.iter().map(|(sequence, _)| *sequence).collect();
         let entries = entries
@@ -745,6 +749,11 @@ impl Store for RocksStore {
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)??;
         Ok(sequences)
+    }
+
+    fn anchors_audit_log(&self) -> bool {
+        // The log is a database of its own: its anchor goes to the data database.
+        false
     }
 
     async fn read_audit(

@@ -2,8 +2,10 @@
 -- the clear metadata PCI allows, see record.rs), audit entries and job state.
 
 -- One row per token: the sealed record and what the store indexes it by.
+-- Tokens compare bytewise (COLLATE "C"): no dependence on the C library's locale
+-- rules, which can change under an index with an operating system upgrade.
 CREATE TABLE records (
-    token text PRIMARY KEY,
+    token text COLLATE "C" PRIMARY KEY,
     value bytea NOT NULL,
     card_data_version integer NOT NULL,
     fingerprint_version integer NOT NULL,
@@ -18,7 +20,7 @@ CREATE INDEX records_by_card ON records (card_key);
 -- Fingerprint index: (tenant, keyed fingerprint, expiry) to the card's first token.
 CREATE TABLE fingerprints (
     index_key bytea PRIMARY KEY,
-    token text NOT NULL
+    token text COLLATE "C" NOT NULL
 );
 
 -- Forward outcomes under idempotency keys, for the idempotency window.
