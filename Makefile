@@ -38,6 +38,8 @@ rewrap-bench: rocksdb
 
 # The standard scenarios against a release stack; writes docs/BENCHMARKS.md and
 # docs/benchmarks.svg. Stop `make run` first (same ports). BENCH_SECS per scenario.
+# Then the same scenarios with the vault on a throwaway PostgreSQL primary (pgcluster
+# binary), beside RocksDB's in the report; BENCH_POSTGRES=0 skips them.
 bench: rocksdb
 	scripts/bench.sh
 

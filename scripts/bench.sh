@@ -7,7 +7,15 @@
 # BENCH_SECS (default 10) sets each scenario's measured duration. echo-64 is the
 # transport baseline (gRPC health check, same channel and concurrency as
 # tokenize-64). BENCH_H2LOAD=0 skips the independent h2load check
-# (scripts/h2load-check.sh), which otherwise runs last against the same stack.
+# (scripts/h2load-check.sh), which otherwise runs after the RocksDB scenarios against
+# the same stack.
+#
+# Then, unless BENCH_POSTGRES=0, the vault on PostgreSQL: the pgcluster binary starts a
+# throwaway primary (TLS on loopback, fsync and synchronous_commit on, no standby), the
+# first stack is stopped, and a second one starts with fresh directories on the same
+# ports with its vault on that database (devstack --postgres-*). The same scenarios
+# (not echo: no storage in it) go to pg-<name>.json; BENCHMARKS.md puts them beside
+# RocksDB's.
 set -euo pipefail
 
 secs="${BENCH_SECS:-10}"
@@ -16,53 +24,146 @@ bin="$target/release"
 work="$(mktemp -d)"
 results="$work/results"
 mkdir -p "$results"
+stack_pid=""
+pg_pid=""
+
+stop_stack() {
+  # devstack stops its services on Ctrl-C (SIGINT) and waits for them.
+  if [ -n "$stack_pid" ]; then
+    kill -INT "$stack_pid" 2>/dev/null || true
+    wait "$stack_pid" 2>/dev/null || true
+    stack_pid=""
+  fi
+}
+
+stop_pgcluster() {
+  # pgcluster stops the cluster and removes its directory when its stdin (fd 7) closes.
+  if [ -n "$pg_pid" ]; then
+    exec 7>&-
+    wait "$pg_pid" 2>/dev/null || true
+    pg_pid=""
+  fi
+}
+
 cleanup() {
-  # devstack stops its services on Ctrl-C (SIGINT); anything left is stopped by path.
-  if [ -n "${stack_pid:-}" ]; then kill -INT "$stack_pid" 2>/dev/null || true; wait "$stack_pid" 2>/dev/null || true; fi
+  stop_stack
+  # Anything left is stopped by path ($work/stack and $work/stack-pg).
   pkill -f "$work/stack" 2>/dev/null || true
+  stop_pgcluster
   rm -rf "$work"
 }
 trap cleanup EXIT
 
-echo "==> building release binaries"
-cargo build --release --locked --bin devstack --bin keyservice --bin vault-server --bin vaultctl --bin sandbox-processor --bin vault-bench
+start_stack() { # dir [devstack options]
+  stack_dir="$1"
+  shift
+  echo "==> starting the stack in $stack_dir"
+  # 7>&-: pgcluster's stdin stays open in this script only, so that it ends with it.
+  "$bin/devstack" --dir "$stack_dir" "$@" > "$stack_dir.log" 2>&1 7>&- &
+  stack_pid=$!
+  for _ in $(seq 1 120); do
+    if "$bin/vaultctl" --config "$stack_dir/vaultctl.toml" health >/dev/null 2>&1; then break; fi
+    if ! kill -0 "$stack_pid" 2>/dev/null; then
+      tail -n 40 "$stack_dir.log" >&2
+      echo "error: the stack in $stack_dir stopped while starting (above: the end of its log)" >&2
+      exit 1
+    fi
+    sleep 0.5
+  done
+  "$bin/vaultctl" --config "$stack_dir/vaultctl.toml" health
+  local vault_pid
+  vault_pid="$(pgrep -f "vault-server --config $stack_dir/vault-server.toml" | head -1 || true)"
+  pid_args=()
+  if [ -n "$vault_pid" ]; then pid_args=(--server-pid "$vault_pid"); fi
+}
 
-echo "==> starting the stack in $work/stack"
-"$bin/devstack" --dir "$work/stack" > "$work/stack.log" 2>&1 &
-stack_pid=$!
-for _ in $(seq 1 120); do
-  if "$bin/vaultctl" --config "$work/stack/vaultctl.toml" health >/dev/null 2>&1; then break; fi
-  sleep 0.5
-done
-"$bin/vaultctl" --config "$work/stack/vaultctl.toml" health
-vault_pid="$(pgrep -f "vault-server --config $work/stack/vault-server.toml" | head -1 || true)"
-pid_args=()
-if [ -n "$vault_pid" ]; then pid_args=(--server-pid "$vault_pid"); fi
+# The second stack reuses the first one's ports: wait until nothing listens on them.
+wait_ports_free() {
+  local port
+  for port in 7443 8443 9443 9464 9465; do
+    for _ in $(seq 1 40); do
+      if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then continue 2; fi
+      sleep 0.25
+    done
+    echo "error: port $port is still in use after the first stack stopped" >&2
+    exit 1
+  done
+}
 
 run() { # name scenario connections in_flight
   echo "==> $1"
-  "$bin/vault-bench" --config "$work/stack/vaultctl.toml" --scenario "$2" \
+  "$bin/vault-bench" --config "$stack_dir/vaultctl.toml" --scenario "$2" \
     --connections "$3" --in-flight "$4" --duration "$secs" --warmup 2 \
     "${pid_args[@]}" --json "$results/$1.json"
 }
 
-run preload tokenize-batch 2 4
-for inflight in 1 8 32 64 128; do
-  connections=$(( inflight < 4 ? 1 : 4 ))
-  run "tokenize-$inflight" tokenize "$connections" $(( inflight / connections ))
-done
-# The transport baseline at tokenize-64's concurrency (4 connections x 16).
-run echo-64 echo 4 16
-run info-64 info 4 16
-run batch-8 tokenize-batch 4 2
-run forward-16 forward 4 4
-run mix-64 mix 4 16
+scenarios() { # result name prefix: "" (RocksDB) or "pg-"
+  local p="$1" inflight connections
+  run "${p}preload" tokenize-batch 2 4
+  for inflight in 1 8 32 64 128; do
+    connections=$(( inflight < 4 ? 1 : 4 ))
+    run "${p}tokenize-$inflight" tokenize "$connections" $(( inflight / connections ))
+  done
+  # The transport baseline at tokenize-64's concurrency (4 connections x 16); it does
+  # not touch storage, so once is enough.
+  if [ -z "$p" ]; then run echo-64 echo 4 16; fi
+  run "${p}info-64" info 4 16
+  run "${p}batch-8" tokenize-batch 4 2
+  run "${p}forward-16" forward 4 4
+  run "${p}mix-64" mix 4 16
+}
+
+echo "==> building release binaries"
+cargo build --release --locked --bin devstack --bin keyservice --bin vault-server --bin vaultctl --bin sandbox-processor --bin vault-bench
+if [ "${BENCH_POSTGRES:-1}" != 0 ]; then
+  # On its own: built together, its dependencies' features (nix's "user") would be
+  # unified into the servers' and change the binaries under test.
+  cargo build --release --locked -p pgcluster --bin pgcluster
+fi
+
+start_stack "$work/stack"
+scenarios ""
 
 if [ "${BENCH_H2LOAD:-1}" != 0 ]; then
   echo "==> h2load check"
   VAULT_BENCH="$bin/vault-bench" scripts/h2load-check.sh --config "$work/stack/vaultctl.toml" \
     --admin 127.0.0.1:9464 --secs "$secs" --json "$results/h2load.json" \
     || echo "warning: the h2load check failed (see above); docs/BENCHMARKS.md says so" >&2
+fi
+
+if [ "${BENCH_POSTGRES:-1}" != 0 ]; then
+  echo "==> stopping the RocksDB stack"
+  stop_stack
+  wait_ports_free
+
+  echo "==> starting a throwaway PostgreSQL primary (pgcluster)"
+  # Its one JSON line (connection, files, server version and settings) is kept beside
+  # the results for the report. Its stdin is a FIFO this script holds open as fd 7.
+  mkfifo "$work/pgcluster.stdin"
+  "$bin/pgcluster" < "$work/pgcluster.stdin" > "$results/postgres.json" 2> "$work/pgcluster.log" &
+  pg_pid=$!
+  exec 7> "$work/pgcluster.stdin"
+  pg_field() {
+    python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' \
+      "$results/postgres.json" "$1"
+  }
+  until pg_field port >/dev/null 2>&1; do
+    if ! kill -0 "$pg_pid" 2>/dev/null; then
+      cat "$work/pgcluster.log" >&2
+      echo "error: pgcluster could not start PostgreSQL (above); BENCH_POSTGRES=0 skips it" >&2
+      exit 1
+    fi
+    sleep 0.5
+  done
+  echo "PostgreSQL $(pg_field server_version) on port $(pg_field port)"
+
+  start_stack "$work/stack-pg" \
+    --postgres-conninfo "$(pg_field conninfo)" \
+    --postgres-password-file "$(pg_field password_file)" \
+    --postgres-ca-file "$(pg_field ca_file)"
+  scenarios pg-
+  stop_stack
+  stop_pgcluster
 fi
 
 echo "==> writing docs/BENCHMARKS.md and docs/benchmarks.svg"

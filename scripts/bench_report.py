@@ -1,4 +1,9 @@
-"""Writes docs/BENCHMARKS.md and the SVG chart from vault-bench's JSON reports."""
+"""Writes docs/BENCHMARKS.md and the SVG chart from vault-bench's JSON reports.
+
+`<name>.json` is a run against the vault on RocksDB, `pg-<name>.json` the same scenario
+against the vault on PostgreSQL, `postgres.json` the pgcluster binary's line (server
+version and settings) and `h2load.json` scripts/h2load-check.sh's result.
+"""
 
 import json
 import os
@@ -10,6 +15,10 @@ results, markdown, chart, secs = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.
 reports = {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))}
 # scripts/h2load-check.sh's result, when it ran; every other file is a vault-bench report.
 h2load = reports.pop("h2load", None)
+# The PostgreSQL server the pg- runs used (pgcluster's JSON line), when they ran.
+postgres = reports.pop("postgres", None)
+pg_reports = {name[len("pg-"):]: r for name, r in reports.items() if name.startswith("pg-")}
+reports = {name: r for name, r in reports.items() if not name.startswith("pg-")}
 
 
 def cpu_model():
@@ -17,6 +26,25 @@ def cpu_model():
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown"
+
+
+def filesystem(path):
+    """(type, device) of the filesystem holding path, from /proc/mounts; None if unknown."""
+    path = os.path.realpath(path)
+    best = None
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        device, mount, fstype = fields[0], fields[1].replace("\\040", " "), fields[2]
+        inside = path == mount or path.startswith(mount.rstrip("/") + "/")
+        if inside and (best is None or len(mount) > len(best[0])):
+            best = (mount, fstype, device)
+    return None if best is None else best[1:]
 
 
 def in_flight(r):
@@ -47,6 +75,8 @@ lines = [
     "fresh data directory, every acknowledged token durable (synced write-ahead log) and",
     f"audited. Each scenario runs {secs} s after a 2 s warm-up; client and servers share",
     "the machine. Compare ratios rather than absolute figures: these machines are noisy.",
+    "The table is the vault on RocksDB, its default engine; [PostgreSQL](#postgresql-against-rocksdb)",
+    "follows the chart.",
     "Closed loop: each of the connections x in-flight workers sends its next call when",
     "the last one is answered. `echo` is the transport baseline: the standard gRPC health",
     "check (`grpc.health.v1.Health/Check`) on the vault's port, same mutual-TLS channel,",
@@ -66,6 +96,87 @@ for name, r in sorted(reports.items(), key=order):
     if name != "preload":
         lines.append(row(name, r))
 
+
+def ratio(a, b):
+    return "-" if b <= 0 else f"{a / b:.2f}"
+
+
+def pg_section():
+    """The PostgreSQL section: each pg- scenario beside its RocksDB run."""
+    head = ["", "## PostgreSQL against RocksDB", ""]
+    compared = {name: r for name, r in pg_reports.items() if name != "preload"}
+    if not compared:
+        return head + [
+            "PostgreSQL was not measured with these figures (`BENCH_POSTGRES=0`, or its run",
+            "failed). `make bench` runs the same scenarios with the vault on a throwaway",
+            "PostgreSQL primary after the RocksDB ones and puts them here, side by side.",
+        ]
+    pg = postgres or {}
+    settings = pg.get("settings", {})
+    version = pg.get("server_version", "(version not recorded)")
+    fs_pg = filesystem(Path(pg["data_dir"]).parent) if pg.get("data_dir") else None
+    fs_rocks = filesystem(results)
+    if fs_pg and fs_pg == fs_rocks:
+        where = f"its data directory on the same filesystem as RocksDB's ({fs_pg[0]} on {fs_pg[1]})"
+    elif fs_pg:
+        where = f"its data directory on {fs_pg[0]} ({fs_pg[1]})"
+    else:
+        where = "its data directory in the system's temporary directory"
+
+    def setting(name):
+        return f"`{name}` {settings.get(name, 'not recorded')}"
+
+    durable = settings.get("fsync") == "on" and settings.get("synchronous_commit") == "on"
+    after = "the RocksDB ones and the h2load check" if h2load else "the RocksDB ones"
+    lines = head + [
+        "The same scenarios with the vault on PostgreSQL (`[storage] type = \"postgres\"`),",
+        f"run right after {after}, on the same machine with the same release build:",
+        "a second dev stack with fresh directories on the same ports, its vault on a",
+        f"throwaway PostgreSQL {version} primary started by the `pgcluster`",
+        "binary (tests/pgcluster). Local loopback (127.0.0.1, TCP with TLS and a scram-sha-256",
+        f"password), a single primary without standby, {where}.",
+        f"The server reported {setting('fsync')}, {setting('synchronous_commit')} and "
+        f"{setting('full_page_writes')}"
+        + (": every acknowledged token is durable (its commit's WAL flushed to disk) before"
+           " the answer, as with RocksDB's synced write-ahead log."
+           if durable else
+           ": **not every acknowledged token was durable in this run**."),
+        f"{setting('shared_buffers')}, PostgreSQL's defaults otherwise; the vault's PostgreSQL",
+        "defaults (a pool of 16 connections, 2 group-commit writers). PostgreSQL shares the",
+        "CPUs with the vault, the keyservice and the client; the server CPU figures count",
+        "the vault process only, not PostgreSQL's. Each engine starts empty and runs the",
+        "scenarios in the same order, so its later scenarios find the records its earlier",
+        "ones made (fewer where it was slower).",
+        "",
+        "| scenario | in flight | RocksDB calls/s | PostgreSQL calls/s | PostgreSQL / RocksDB | "
+        "RocksDB p99 ms | PostgreSQL p99 ms | PostgreSQL errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for name, p in sorted(compared.items(), key=order):
+        r = reports.get(name)
+        inflight = in_flight(p)
+        errors = ", ".join(f"{k}: {v}" for k, v in p["errors"].items()) or "none"
+        if r is None:
+            rocks_rate = rocks_p99 = share = "-"
+        else:
+            rocks_rate = f"{r['calls_per_sec']:,.0f}"
+            rocks_p99 = f"{r['latency_ms']['p99']:.2f}"
+            share = ratio(p["calls_per_sec"], r["calls_per_sec"])
+        lines.append(
+            f"| {name} | {'-' if inflight is None else inflight} | {rocks_rate} | "
+            f"{p['calls_per_sec']:,.0f} | {share} | {rocks_p99} | {p['latency_ms']['p99']:.2f} | "
+            f"{errors} |"
+        )
+    lines += [
+        "",
+        "Every figure of the PostgreSQL runs:",
+        "",
+        "| scenario | in flight | calls/s | cards/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | server CPU µs/call | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    lines += [row(f"pg-{name}", p) for name, p in sorted(compared.items(), key=order)]
+    return lines
+
 tokenize64, echo64 = reports.get("tokenize-64"), reports.get("echo-64")
 if tokenize64 and echo64 and echo64["calls_per_sec"] > 0:
     share = tokenize64["calls_per_sec"] / echo64["calls_per_sec"]
@@ -82,6 +193,9 @@ if tokenize64 and echo64 and echo64["calls_per_sec"] > 0:
 lines += [
     "",
     "![tokenize throughput and p99 against calls in flight](benchmarks.svg)",
+]
+lines += pg_section()
+lines += [
     "",
     "## Independent check: h2load",
     "",
@@ -98,7 +212,8 @@ if h2load:
     c, m = h2load["connections"], h2load["streams_per_connection"]
     lines += [
         f"`make h2load-check` (scripts/h2load-check.sh), {h2load['h2load_version']}, at the same",
-        f"concurrency ({c} connections x {m} streams), right after vault-bench on the same stack.",
+        f"concurrency ({c} connections x {m} streams), right after vault-bench on the same stack",
+        "(the vault on RocksDB).",
         "h2load cannot present a client certificate and the vault accepts mutual TLS only, so",
         "h2load speaks cleartext HTTP/2 to a socat relay on 127.0.0.1 that opens one mutual-TLS",
         "connection to the vault per h2load connection: **h2load's figures are vault + relay**",
@@ -143,7 +258,8 @@ else:
 
 lines += [
     "",
-    "Reproduce: `make bench` (BENCH_SECS sets the duration; BENCH_H2LOAD=0 skips h2load).",
+    "Reproduce: `make bench` (BENCH_SECS sets the duration; BENCH_H2LOAD=0 skips h2load,",
+    "BENCH_POSTGRES=0 the PostgreSQL runs).",
     "One scenario by hand, against `make run`: `vault-bench --config .dev/vaultctl.toml",
     "--scenario tokenize --connections 4 --in-flight 16 --duration 10`; open loop (a fixed",
     "rate, latency from each call's scheduled start): `--rate 5000` instead of `--in-flight`.",
@@ -154,15 +270,23 @@ lines += [
 ]
 markdown.write_text("\n".join(lines))
 
-# Chart: tokenize calls/s (left axis) and p99 ms (right axis) against calls in flight.
-points = sorted(
-    (in_flight(r), r["calls_per_sec"], r["latency_ms"]["p99"])
-    for name, r in reports.items() if name.startswith("tokenize-") and in_flight(r) is not None
-)
+# Chart: tokenize calls/s (left axis, solid) and p99 ms (right axis, dashed) against
+# calls in flight, for RocksDB and, when measured, PostgreSQL.
+def tokenize_points(runs):
+    return sorted(
+        (in_flight(r), r["calls_per_sec"], r["latency_ms"]["p99"])
+        for name, r in runs.items() if name.startswith("tokenize-") and in_flight(r) is not None
+    )
+
+
+series = [("RocksDB", tokenize_points(reports), "steelblue", "darkred")]
+if tokenize_points(pg_reports):
+    series.append(("PostgreSQL", tokenize_points(pg_reports), "seagreen", "darkorange"))
+every = [p for _, points, _, _ in series for p in points]
 w, h, m = 640, 360, 60
-max_x = max(p[0] for p in points)
-max_rate = max(p[1] for p in points) * 1.1
-max_p99 = max(p[2] for p in points) * 1.1
+max_x = max(p[0] for p in every)
+max_rate = max(p[1] for p in every) * 1.1
+max_p99 = max(p[2] for p in every) * 1.1
 
 
 def x(v):
@@ -173,8 +297,6 @@ def y(v, top):
     return h - m - (h - 2 * m) * (v / top)
 
 
-rate = " ".join(f"{x(p[0]):.1f},{y(p[1], max_rate):.1f}" for p in points)
-p99 = " ".join(f"{x(p[0]):.1f},{y(p[2], max_p99):.1f}" for p in points)
 svg = [
     f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
     f'<rect width="{w}" height="{h}" fill="white"/>',
@@ -182,15 +304,28 @@ svg = [
     f'<line x1="{m}" y1="{m}" x2="{m}" y2="{h-m}" stroke="black"/>',
     f'<line x1="{w-m}" y1="{m}" x2="{w-m}" y2="{h-m}" stroke="black"/>',
     f'<text x="{w/2}" y="{h-20}" text-anchor="middle">calls in flight</text>',
-    f'<text x="15" y="{m-20}" fill="steelblue">tokenize calls/s (max {max_rate/1.1:,.0f})</text>',
-    f'<text x="{w-15}" y="{m-20}" text-anchor="end" fill="darkred">p99 ms (max {max_p99/1.1:.1f})</text>',
-    f'<polyline points="{rate}" fill="none" stroke="steelblue" stroke-width="2"/>',
-    f'<polyline points="{p99}" fill="none" stroke="darkred" stroke-width="2" stroke-dasharray="6 4"/>',
+    f'<text x="15" y="{m-10}">tokenize calls/s, solid (max {max_rate/1.1:,.0f})</text>',
+    f'<text x="{w-15}" y="{m-10}" text-anchor="end">p99 ms, dashed (max {max_p99/1.1:.1f})</text>',
 ]
-for p in points:
-    svg.append(f'<text x="{x(p[0]):.1f}" y="{h-m+16}" text-anchor="middle">{p[0]}</text>')
-    svg.append(f'<circle cx="{x(p[0]):.1f}" cy="{y(p[1], max_rate):.1f}" r="3" fill="steelblue"/>')
-    svg.append(f'<circle cx="{x(p[0]):.1f}" cy="{y(p[2], max_p99):.1f}" r="3" fill="darkred"/>')
+for i, (engine, _, rate_color, p99_color) in enumerate(series):
+    lx = 15 + i * 200
+    svg += [
+        f'<line x1="{lx}" y1="20" x2="{lx+20}" y2="20" stroke="{rate_color}" stroke-width="2"/>',
+        f'<line x1="{lx+24}" y1="20" x2="{lx+44}" y2="20" stroke="{p99_color}" stroke-width="2" stroke-dasharray="6 4"/>',
+        f'<text x="{lx+50}" y="24">{engine}</text>',
+    ]
+for p in sorted({p[0] for p in every}):
+    svg.append(f'<text x="{x(p):.1f}" y="{h-m+16}" text-anchor="middle">{p}</text>')
+for _, points, rate_color, p99_color in series:
+    rate = " ".join(f"{x(p[0]):.1f},{y(p[1], max_rate):.1f}" for p in points)
+    p99 = " ".join(f"{x(p[0]):.1f},{y(p[2], max_p99):.1f}" for p in points)
+    svg += [
+        f'<polyline points="{rate}" fill="none" stroke="{rate_color}" stroke-width="2"/>',
+        f'<polyline points="{p99}" fill="none" stroke="{p99_color}" stroke-width="2" stroke-dasharray="6 4"/>',
+    ]
+    for p in points:
+        svg.append(f'<circle cx="{x(p[0]):.1f}" cy="{y(p[1], max_rate):.1f}" r="3" fill="{rate_color}"/>')
+        svg.append(f'<circle cx="{x(p[0]):.1f}" cy="{y(p[2], max_p99):.1f}" r="3" fill="{p99_color}"/>')
 svg.append("</svg>")
 chart.write_text("\n".join(svg) + "\n")
 print(markdown.read_text())

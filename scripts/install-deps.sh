@@ -2,7 +2,7 @@
 # Installs the system packages the build needs when they are missing: libclang (for
 # RocksDB's Rust bindings), a C++ compiler (for RocksDB itself), systemd-analyze
 # (for the unit checks) and the PostgreSQL server programs (for the PostgreSQL engine's
-# tests). Installs with
+# tests and make bench). Installs with
 # apt-get when running as root or with passwordless sudo; otherwise says exactly what
 # to install.
 set -euo pipefail
@@ -18,9 +18,9 @@ fi
 if ! command -v systemd-analyze >/dev/null 2>&1; then
   missing+=(systemd)
 fi
-# The PostgreSQL storage engine's tests start throwaway clusters with the server
-# programs (initdb, pg_ctl, pg_basebackup: tests/pgcluster); they do not use the
-# system service the package sets up.
+# The PostgreSQL storage engine's tests and `make bench` start throwaway clusters with
+# the server programs (initdb, pg_ctl, pg_basebackup: tests/pgcluster); they do not use
+# the system service the package sets up.
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   missing+=(postgresql)
 fi

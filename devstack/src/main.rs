@@ -2,6 +2,10 @@
 //! CA, certificates, root key, keyring and configs in a directory (once), then runs
 //! the sandbox processor, keyservice and vault-server in the foreground with prefixed
 //! logs. Ctrl-C stops them all.
+//!
+//! The vault keeps its records in RocksDB under the directory, or, with
+//! `--postgres-conninfo`, `--postgres-password-file` and `--postgres-ca-file`, in a
+//! PostgreSQL database (`make bench` uses a throwaway one from the `pgcluster` binary).
 
 #![allow(clippy::print_stdout)] // the instructions for the newcomer
 
@@ -23,6 +27,43 @@ struct Cli {
     /// Only create the directory's contents; do not start the services.
     #[arg(long)]
     init_only: bool,
+    /// Put the vault on PostgreSQL: libpq connection string without a password, e.g.
+    /// `host=127.0.0.1 port=5432 user=vault dbname=tokenvault` (written into the
+    /// generated vault-server.toml, so only for a new --dir, or the same database again).
+    #[arg(
+        long,
+        value_name = "CONNINFO",
+        requires_all = ["postgres_password_file", "postgres_ca_file"]
+    )]
+    postgres_conninfo: Option<String>,
+    /// With --postgres-conninfo: the file holding the role's password.
+    #[arg(long, value_name = "FILE", requires = "postgres_conninfo")]
+    postgres_password_file: Option<PathBuf>,
+    /// With --postgres-conninfo: PEM CA of the database server's certificate.
+    #[arg(long, value_name = "FILE", requires = "postgres_conninfo")]
+    postgres_ca_file: Option<PathBuf>,
+}
+
+impl Cli {
+    /// The vault's storage; the files as absolute paths (the vault resolves relative
+    /// ones against its config's directory, not ours).
+    fn storage(&self) -> anyhow::Result<devstack::Storage> {
+        let (Some(conninfo), Some(password_file), Some(ca_file)) = (
+            &self.postgres_conninfo,
+            &self.postgres_password_file,
+            &self.postgres_ca_file,
+        ) else {
+            return Ok(devstack::Storage::Rocksdb);
+        };
+        let absolute = |path: &Path| {
+            std::path::absolute(path).with_context(|| format!("resolve {}", path.display()))
+        };
+        Ok(devstack::Storage::Postgres(devstack::PostgresStorage {
+            conninfo: conninfo.clone(),
+            password_file: absolute(password_file)?,
+            ca_file: absolute(ca_file)?,
+        }))
+    }
 }
 
 fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
@@ -103,7 +144,8 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let dir = &cli.dir;
     let ports = devstack::Ports::default();
-    if devstack::init_dir(dir, &ports).context("create development CA and configs")? {
+    let storage = cli.storage()?;
+    if devstack::init_dir(dir, &ports, &storage).context("create development CA and configs")? {
         println!(
             "devstack: created development CA, certificates and configs in {}",
             dir.display()
@@ -157,7 +199,15 @@ async fn main() -> anyhow::Result<()> {
     let vaultctl = vaultctl.as_deref().unwrap_or("vaultctl");
     tokio::spawn({
         let vaultctl = vaultctl.to_owned();
-        let data = dir.join("vault-data").display().to_string();
+        // What the config says, which is what the vault does (the flags choose the
+        // storage only when the directory is made).
+        let on_postgres = std::fs::read_to_string(dir.join("vault-server.toml"))
+            .is_ok_and(|config| config.contains("\ntype = \"postgres\"\n"));
+        let data = if on_postgres {
+            "the PostgreSQL database".to_owned()
+        } else {
+            dir.join("vault-data").display().to_string()
+        };
         let (vault_admin, ks_admin) = (ports.vault_admin, ports.keyservice_admin);
         async move {
             let (Ok(ks), Ok(vault), Ok(sandbox)) = (

@@ -18,6 +18,9 @@
 //!
 //! The server binaries are taken from `$PG_BINDIR`, else the newest
 //! `/usr/lib/postgresql/*/bin`, else `pg_config --bindir` (`apt-get install postgresql`).
+//!
+//! The `pgcluster` binary (src/main.rs) keeps one primary for as long as its stdin is
+//! open, for `make bench` and manual trials.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -543,6 +546,11 @@ impl Cluster {
     /// The server log.
     pub fn log_file(&self) -> &Path {
         &self.log
+    }
+
+    /// The data directory (`PGDATA`), inside the cluster directory that is removed on drop.
+    pub fn data_dir(&self) -> &Path {
+        &self.data
     }
 
     /// Runs SQL as the superuser over the unix socket (`psql -X -A -t -q -v
