@@ -556,51 +556,14 @@ impl PgStore {
     /// ones onto it, and moves the anchor (`audit::HEAD_KEY`) with them, so that it
     /// never goes backwards whichever vault appends.
     async fn append_audit_once(&self, seal: AuditSeal) -> Result<Vec<u64>, StoreError> {
-        let mut client = self.client().await?;
-        let transaction = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
-            .start()
-            .await
-            .map_err(pg)?;
-        transaction
-            .execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_LOCK])
-            .await
-            .map_err(pg)?;
-
-        let last = transaction
-            .query_opt(
-                "SELECT sequence, entry FROM audit ORDER BY sequence DESC LIMIT 1",
-                &[],
-            )
-            .await
-            .map_err(pg)?
-            .map(|row| (row.get::<_, i64>(0) as u64, row.get::<_, Vec<u8>>(1)));
-        let entries = seal(last);
-        let sequences: Vec<i64> = entries.iter().map(|(s, _)| *s as i64).collect();
-        let bytes: Vec<&[u8]> = entries.iter().map(|(_, e)| e.as_slice()).collect();
-        transaction
-            .execute(
-                "INSERT INTO audit (sequence, entry) SELECT * FROM unnest($1::int8[], $2::bytea[])",
-                &[&sequences, &bytes],
-            )
-            .await
-            .map_err(pg)?;
-        if let Some(last) = sequences.last() {
-            transaction
-                .execute(
-                    "INSERT INTO meta (key, value) VALUES ($1, $2)
-                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    &[
-                        &crate::audit::HEAD_KEY,
-                        &(*last as u64).to_be_bytes().as_slice(),
-                    ],
-                )
-                .await
-                .map_err(pg)?;
+        let client = self.client().await?;
+        let appended = append_audit(&client, seal).await;
+        if appended.is_err()
+            && (client.is_closed() || client.batch_execute("ROLLBACK").await.is_err())
+        {
+            drop(Object::take(client));
         }
-        transaction.commit().await.map_err(pg)?;
-        Ok(entries.into_iter().map(|(s, _)| s).collect())
+        appended.map_err(pg)
     }
 
     async fn submit<T>(
@@ -706,6 +669,50 @@ fn note_reachability(unreachable: &AtomicBool, error: Option<&StoreError>) {
             tracing::info!("the database is reachable again");
         }
     }
+}
+
+/// One audit append in two round trips (the chain's lock is held across them, so
+/// they are kept few): BEGIN, the lock and the last entry; then the new entries, the
+/// anchor and COMMIT.
+async fn append_audit(client: &Object, seal: AuditSeal) -> Result<Vec<u64>, tokio_postgres::Error> {
+    let lock = client
+        .prepare_cached("SELECT pg_advisory_xact_lock($1)")
+        .await?;
+    let last = client
+        .prepare_cached("SELECT sequence, entry FROM audit ORDER BY sequence DESC LIMIT 1")
+        .await?;
+    let insert = client
+        .prepare_cached(
+            "INSERT INTO audit (sequence, entry) SELECT * FROM unnest($1::int8[], $2::bytea[])",
+        )
+        .await?;
+    let anchor = client
+        .prepare_cached(
+            "INSERT INTO meta (key, value) VALUES ($1, $2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .await?;
+    let lock_params: Param = [&AUDIT_LOCK];
+    let (_, _, last) = tokio::try_join!(
+        client.batch_execute(BEGIN),
+        client.query(&lock, &lock_params),
+        client.query_opt(&last, &[]),
+    )?;
+    let entries = seal(last.map(|row| (row.get::<_, i64>(0) as u64, row.get::<_, Vec<u8>>(1))));
+    let sequences: Vec<i64> = entries.iter().map(|(s, _)| *s as i64).collect();
+    let bytes: Vec<&[u8]> = entries.iter().map(|(_, e)| e.as_slice()).collect();
+    let Some(head) = sequences.last().map(|last| (*last as u64).to_be_bytes()) else {
+        client.batch_execute("COMMIT").await?;
+        return Ok(Vec::new());
+    };
+    let insert_params: [&(dyn ToSql + Sync); 2] = [&sequences, &bytes];
+    let anchor_params: [&(dyn ToSql + Sync); 2] = [&crate::audit::HEAD_KEY, &head.as_slice()];
+    tokio::try_join!(
+        client.execute(&insert, &insert_params),
+        client.execute(&anchor, &anchor_params),
+        client.batch_execute("COMMIT"),
+    )?;
+    Ok(entries.into_iter().map(|(s, _)| s).collect())
 }
 
 fn key_use_of(code: i16) -> Result<KeyUse, StoreError> {
