@@ -18,6 +18,7 @@ mod keys;
 mod leaks;
 mod matrix;
 mod metrics;
+mod postgres;
 mod retention;
 mod startup;
 mod tokenize;

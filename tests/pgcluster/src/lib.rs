@@ -543,6 +543,12 @@ impl Cluster {
         &self.ca_file
     }
 
+    /// The data directory (`PGDATA`): every file the server writes, its WAL
+    /// (`pg_wal/`) included.
+    pub fn data_dir(&self) -> &Path {
+        &self.data
+    }
+
     /// The server log.
     pub fn log_file(&self) -> &Path {
         &self.log

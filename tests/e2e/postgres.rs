@@ -1,0 +1,667 @@
+//! Vaults on PostgreSQL, end to end: two vaults sharing one database, a failover to a
+//! synchronous standby under load, no card number in the database's files, and a vault
+//! restarted on its database. Each test runs its own throwaway cluster (`pgcluster`).
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use integration_tests::{ADMIN, Stack, StackDir, http_get, postgres_storage, synthetic_pan};
+use pgcluster::{APP_DATABASE, APP_USER, Cluster};
+use tonic::Code;
+use vault_client::{
+    AuditEvent, BatchItem, Card, ForwardRequest, KeyServiceClient, TokenInfo, VaultClient,
+};
+
+async fn start_cluster() -> Cluster {
+    tokio::task::spawn_blocking(Cluster::start)
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// The `[storage]` lines of a vault named `node` on `cluster`'s app database.
+fn storage(cluster: &Cluster, node: &str) -> String {
+    postgres_storage(
+        &cluster.conninfo(),
+        cluster.password_file(),
+        cluster.ca_file(),
+        node,
+    )
+}
+
+/// A count (or any one value) from `sql` on the app database, as the superuser.
+fn count(cluster: &Cluster, sql: &str) -> u64 {
+    let out = cluster.psql(APP_DATABASE, sql).unwrap();
+    out.parse()
+        .unwrap_or_else(|_| panic!("{sql}: not a count: {out}"))
+}
+
+/// How many of `tokens` the `records` table holds.
+fn stored_tokens(cluster: &Cluster, tokens: &[String]) -> u64 {
+    // Tokens are `tok_` and base62: nothing to quote in an array literal.
+    assert!(
+        tokens
+            .iter()
+            .all(|t| t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+    );
+    count(
+        cluster,
+        &format!(
+            "SELECT count(*) FROM records WHERE token = ANY('{{{}}}'::text[])",
+            tokens.join(",")
+        ),
+    )
+}
+
+fn pan(prefix: &str, n: u64) -> String {
+    synthetic_pan(prefix, n, 16)
+}
+
+fn card(prefix: &str, n: u64) -> Card {
+    Card::new(&pan(prefix, n), 12, 2031)
+}
+
+/// Polls `check` every 100 ms until it returns Some, for at most `limit`.
+async fn within<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+const CHARGE: &str = r#"{"number":"{{card.number}}","exp_month":"{{card.exp_month}}","exp_year":"{{card.exp_year}}"}"#;
+const CHARGE_WITH_CVC: &str = r#"{"number":"{{card.number}}","exp_month":"{{card.exp_month}}","exp_year":"{{card.exp_year}}","cvc":"{{card.cvc}}"}"#;
+
+/// Forwards `token`'s card to the sandbox through `vault`; returns what the sandbox
+/// received.
+async fn forward(
+    stack: &Stack,
+    vault: &mut VaultClient,
+    token: &str,
+    body: &str,
+) -> serde_json::Value {
+    let before = stack.sandbox.requests().len();
+    let answer = vault
+        .forward(ForwardRequest {
+            processor: "sandbox".into(),
+            method: "POST".into(),
+            path: "/v1/charges".into(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: body.into(),
+            token: token.into(),
+            idempotency_key: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 200);
+    let received = stack.sandbox.requests();
+    assert_eq!(received.len(), before + 1);
+    serde_json::from_slice(&received[before].body).unwrap()
+}
+
+/// The card number the sandbox receives when `token` is forwarded through `vault`.
+async fn forward_number(stack: &Stack, vault: &mut VaultClient, token: &str) -> String {
+    let sent = forward(stack, vault, token, CHARGE).await;
+    sent["number"].as_str().unwrap().to_owned()
+}
+
+fn stored(items: Vec<BatchItem>) -> Vec<TokenInfo> {
+    items
+        .into_iter()
+        .map(|item| match item {
+            BatchItem::Stored(info) => info,
+            other => panic!("not stored: {other:?}"),
+        })
+        .collect()
+}
+
+/// `tokenvault_rewrap_records_rewritten_total` on a vault's admin port.
+async fn rewritten_here(admin: std::net::SocketAddr) -> u64 {
+    let (status, body) = http_get(admin, "/metrics").await;
+    assert_eq!(status, 200);
+    let value = body
+        .lines()
+        .find_map(|line| line.strip_prefix("tokenvault_rewrap_records_rewritten_total "))
+        .unwrap_or_else(|| panic!("no rewrap counter in /metrics:\n{body}"));
+    value.trim().parse::<f64>().unwrap() as u64
+}
+
+/// Every audit event written before the call, read through `vault`. (Each read is
+/// audited itself: paging "until nothing new" would never end.)
+async fn whole_audit_log(vault: &mut VaultClient) -> Vec<AuditEvent> {
+    let mut events = Vec::new();
+    let mut end = None;
+    let mut after = 0;
+    loop {
+        let page = vault.read_audit(after, None, None, 0).await.unwrap();
+        let end = *end.get_or_insert(page.last_sequence);
+        events.extend(page.events.into_iter().take_while(|e| e.sequence <= end));
+        match events.last() {
+            Some(last) if last.sequence < end => after = last.sequence,
+            _ => return events,
+        }
+    }
+}
+
+/// Whether the log holds an `action` event with outcome ok on `token`.
+fn has_event(log: &[AuditEvent], action: &str, token: &str) -> bool {
+    log.iter()
+        .any(|e| e.action == action && e.outcome == "ok" && e.token.as_deref() == Some(token))
+}
+
+/// Tokens made on `maker` read, forward and delete through `other`; a delete there is
+/// a delete everywhere. Returns the tokens made (the deleted one last).
+async fn served_by_the_other(
+    stack: &Stack,
+    maker: &mut VaultClient,
+    other: &mut VaultClient,
+    prefix: &str,
+) -> Vec<String> {
+    let mut tokens = Vec::new();
+    for n in 0..3 {
+        let info = maker.tokenize(card(prefix, n), false).await.unwrap();
+        assert_eq!(other.token_info(&info.token).await.unwrap(), info);
+        assert_eq!(
+            forward_number(stack, other, &info.token).await,
+            pan(prefix, n)
+        );
+        tokens.push(info.token);
+    }
+    let deleted = tokens.last().unwrap();
+    other.delete(deleted).await.unwrap();
+    for vault in [&mut *maker, &mut *other] {
+        let err = vault.token_info(deleted).await.unwrap_err();
+        assert_eq!(err.code(), Some(Code::NotFound), "{err}");
+    }
+    // The others are untouched, on both.
+    for token in &tokens[..2] {
+        maker.token_info(token).await.unwrap();
+        other.token_info(token).await.unwrap();
+    }
+    tokens
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_vaults_on_one_database_serve_every_token() {
+    const BULK: u64 = 150;
+    let cluster = start_cluster().await;
+    let dir = StackDir::new();
+    dir.set_storage(&storage(&cluster, "a"));
+    let mut stack = Stack::start_in(dir).await;
+    // A rewrap slow enough (about 2 s here) that both vaults are asked while it runs.
+    stack.add_vault_config("[rewrap]\nrate_per_sec = 200\nbatch_size = 20\n");
+    stack.restart_vault().await;
+    stack.dir.set_storage(&storage(&cluster, "b"));
+    let other = stack.start_another_vault().await;
+    let mut a = stack.client(ADMIN).await;
+    let mut b = VaultClient::connect(&stack.other_vault_config(ADMIN, &other))
+        .await
+        .unwrap();
+
+    let made_on_a = served_by_the_other(&stack, &mut a, &mut b, "424000").await;
+    let made_on_b = served_by_the_other(&stack, &mut b, &mut a, "510000").await;
+
+    // One card, one token, whichever vault is asked (both ways round).
+    for (mut first, mut second, n) in [(a.clone(), b.clone(), 100), (b.clone(), a.clone(), 101)] {
+        let original = first.tokenize(card("420000", n), true).await.unwrap();
+        assert!(!original.reused);
+        let again = second.tokenize(card("420000", n), true).await.unwrap();
+        assert_eq!(again.token, original.token);
+        assert!(again.reused);
+    }
+
+    // Records on version 1 from both vaults, then a card-data rotation.
+    let mut on_v1 = stored(
+        a.tokenize_batch(
+            &(0..BULK).map(|n| card("430000", n)).collect::<Vec<_>>(),
+            false,
+        )
+        .await
+        .unwrap(),
+    );
+    on_v1.extend(stored(
+        b.tokenize_batch(
+            &(0..BULK).map(|n| card("440000", n)).collect::<Vec<_>>(),
+            false,
+        )
+        .await
+        .unwrap(),
+    ));
+    assert!(on_v1.iter().all(|info| info.key_version == 1));
+    let mut keys = KeyServiceClient::connect(&stack.keyservice_config(ADMIN))
+        .await
+        .unwrap();
+    assert_eq!(keys.rotate("card-data").await.unwrap().version, 2);
+    // Tokens sealed before a vault learns of the rotation are on version 1 too.
+    let mut sealed_early = 0;
+    for (name, vault) in [("a", &mut a), ("b", &mut b)] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while vault
+            .tokenize(card("450000", sealed_early), false)
+            .await
+            .unwrap()
+            .key_version
+            != 2
+        {
+            sealed_early += 1;
+            assert!(
+                Instant::now() < deadline,
+                "vault {name} does not seal with version 2"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // Every live record made before: 2 + 2 cross-checked, 2 deduplicated, the bulk.
+    let old = count(
+        &cluster,
+        "SELECT count(*) FROM records WHERE card_data_version = 1",
+    );
+    assert_eq!(old, 2 + 2 + 2 + 2 * BULK + sealed_early);
+
+    // Both asked at once; the job must run on one of them only.
+    let (started_a, started_b) = tokio::join!(a.start_rewrap(), b.start_rewrap());
+    let (started_a, started_b) = (started_a.unwrap(), started_b.unwrap());
+    assert_eq!(
+        (started_a.card_data_version, started_b.card_data_version),
+        (2, 2)
+    );
+    for (name, vault) in [("a", &a), ("b", &b)] {
+        let status = within(
+            Duration::from_secs(20),
+            &format!("rewrap finished as vault {name} sees it"),
+            || {
+                let mut vault = vault.clone();
+                async move {
+                    let status = vault.rewrap_status().await.unwrap();
+                    (!status.running && status.remaining == 0).then_some(status)
+                }
+            },
+        )
+        .await;
+        assert_eq!(status.failed, 0, "{status:?}");
+    }
+    assert_eq!(
+        count(
+            &cluster,
+            "SELECT count(*) FROM records WHERE card_data_version <> 2"
+        ),
+        0
+    );
+    let done_by_a = rewritten_here(stack.vault_admin_addr).await;
+    let done_by_b = rewritten_here(other.admin_addr).await;
+    println!(
+        "rewrap: {old} records on version 1; vault a rewrote {done_by_a}, vault b {done_by_b}"
+    );
+    assert_eq!(done_by_a + done_by_b, old, "every record rewrapped once");
+    assert!(
+        done_by_a == 0 || done_by_b == 0,
+        "the rewrap ran on both vaults at once: a {done_by_a}, b {done_by_b}"
+    );
+    // Rewrapped records read on either vault, on version 2, and still carry their card.
+    for (i, info) in on_v1.iter().enumerate() {
+        let vault = if i % 2 == 0 { &mut a } else { &mut b };
+        let now = vault.token_info(&info.token).await.unwrap();
+        assert_eq!((now.key_version, &now.last_four), (2, &info.last_four));
+    }
+    assert_eq!(
+        forward_number(&stack, &mut a, &on_v1[BULK as usize + 7].token).await,
+        pan("440000", 7)
+    );
+
+    // One chain for both vaults: intact through either, with both vaults' events.
+    let last = a.read_audit(0, None, None, 1).await.unwrap().last_sequence;
+    for vault in [&mut a, &mut b] {
+        let verification = vault.verify_audit().await.unwrap();
+        assert!(verification.intact, "{verification:?}");
+        assert!(verification.entries >= last, "{verification:?} < {last}");
+    }
+    let log = whole_audit_log(&mut b).await;
+    for token in made_on_a.iter().chain(&made_on_b) {
+        assert!(has_event(&log, "Tokenize", token), "no Tokenize of {token}");
+    }
+    for token in [made_on_a.last().unwrap(), made_on_b.last().unwrap()] {
+        assert!(
+            has_event(&log, "DeleteToken", token),
+            "no delete of {token}"
+        );
+    }
+
+    other.stop().await;
+    stack.stop().await;
+}
+
+/// What one load task saw.
+#[derive(Debug, Default)]
+struct Seen {
+    /// (phase when answered, card number, what the vault answered)
+    acked: Vec<(u8, String, TokenInfo)>,
+    /// (phase when answered, code, message)
+    errors: Vec<(u8, Option<Code>, String)>,
+}
+
+const BEFORE: u8 = 0;
+const FAILING_OVER: u8 = 1;
+const PROMOTED: u8 = 2;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failover_to_a_synchronous_standby_loses_no_acknowledged_token() {
+    const TASKS: u64 = 4;
+    let (primary, standby) = tokio::task::spawn_blocking(|| {
+        let primary = Cluster::start().unwrap();
+        let standby = primary.start_standby(true).unwrap();
+        (primary, standby)
+    })
+    .await
+    .unwrap();
+    // Both hosts; the vault uses whichever accepts writes.
+    let url = format!(
+        "host=127.0.0.1,127.0.0.1 port={},{} user={APP_USER} dbname={APP_DATABASE} \
+         target_session_attrs=read-write",
+        primary.port(),
+        standby.port()
+    );
+    let dir = StackDir::new();
+    dir.set_storage(&postgres_storage(
+        &url,
+        primary.password_file(),
+        primary.ca_file(),
+        "a",
+    ));
+    let stack = Stack::start_in(dir).await;
+    let client = stack.client(ADMIN).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let phase = Arc::new(AtomicU8::new(BEFORE));
+    let acked_after = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for task in 0..TASKS {
+        let (mut client, stop, phase, acked_after) = (
+            client.clone(),
+            Arc::clone(&stop),
+            Arc::clone(&phase),
+            Arc::clone(&acked_after),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Seen::default();
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let number = pan("460000", task * 1_000_000 + n);
+                n += 1;
+                let result = client.tokenize(Card::new(&number, 12, 2031), false).await;
+                let now = phase.load(Ordering::Relaxed);
+                match result {
+                    Ok(info) => {
+                        if now == PROMOTED {
+                            acked_after.fetch_add(1, Ordering::Relaxed);
+                        }
+                        seen.acked.push((now, number, info));
+                    }
+                    Err(e) => {
+                        seen.errors.push((now, e.code(), e.to_string()));
+                        // No hot loop while the database is away.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+            seen
+        }));
+    }
+
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    phase.store(FAILING_OVER, Ordering::Relaxed);
+    let failover = Instant::now();
+    let (primary, standby) = tokio::task::spawn_blocking(move || {
+        let mut primary = primary;
+        primary.stop_immediate().unwrap();
+        standby.promote().unwrap();
+        (primary, standby)
+    })
+    .await
+    .unwrap();
+    phase.store(PROMOTED, Ordering::Relaxed);
+    let promoted_after = failover.elapsed();
+    // The same vault serves again, on the new primary, by itself.
+    within(
+        Duration::from_secs(20),
+        "tokenizations acknowledged after the promotion",
+        || {
+            let acked = acked_after.load(Ordering::Relaxed);
+            async move { (acked >= 50).then_some(()) }
+        },
+    )
+    .await;
+    let serving_after = failover.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = Vec::new();
+    let mut errors = Vec::new();
+    for task in tasks {
+        let seen = task.await.unwrap();
+        acked.extend(seen.acked);
+        errors.extend(seen.errors);
+    }
+
+    let in_phase = |p: u8| acked.iter().filter(|(at, _, _)| *at == p).count();
+    println!(
+        "failover: acknowledged {} before, {} while failing over, {} after the promotion; \
+         {} errors; promoted after {promoted_after:?}, serving again after {serving_after:?}",
+        in_phase(BEFORE),
+        in_phase(FAILING_OVER),
+        in_phase(PROMOTED),
+        errors.len()
+    );
+    assert!(in_phase(BEFORE) > 0, "no load before the failover");
+    let wrong: Vec<_> = errors
+        .iter()
+        .filter(|(_, code, _)| *code != Some(Code::Unavailable))
+        .collect();
+    assert!(wrong.is_empty(), "errors other than UNAVAILABLE: {wrong:?}");
+    if let Some((_, _, message)) = errors.first() {
+        println!("failover: the first error: {message}");
+    }
+    assert!(
+        errors.iter().all(|(at, _, _)| *at != BEFORE),
+        "errors before the failover: {errors:?}"
+    );
+
+    // No wrong answer: one token per call, each naming its own card.
+    let tokens: Vec<String> = acked
+        .iter()
+        .map(|(_, _, info)| info.token.clone())
+        .collect();
+    assert_eq!(
+        tokens.iter().collect::<HashSet<_>>().len(),
+        tokens.len(),
+        "a token was handed out twice"
+    );
+    // Every acknowledged token is on the new primary and reads through the vault.
+    assert_eq!(stored_tokens(&standby, &tokens), tokens.len() as u64);
+    // A call refused after its record committed (its audit event failed, or the
+    // answer was lost) leaves a record no caller holds a token for.
+    println!(
+        "failover: {} records on the new primary for {} acknowledged tokens",
+        count(&standby, "SELECT count(*) FROM records"),
+        tokens.len()
+    );
+    let mut client = client;
+    for (_, number, info) in &acked {
+        assert_eq!(info.last_four, number[12..]);
+        assert_eq!(&client.token_info(&info.token).await.unwrap(), info);
+    }
+    stack.stop().await;
+    drop((primary, standby));
+}
+
+/// Everything under `dir`, recursively (files that vanish while we look are skipped).
+fn files_under(dir: &Path, files: &mut Vec<std::path::PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        match entry.file_type() {
+            Ok(kind) if kind.is_dir() => files_under(&path, files),
+            Ok(kind) if kind.is_file() => files.push(path),
+            _ => {}
+        }
+    }
+}
+
+/// The maximal runs of ASCII digits in `bytes` at least `min` long.
+fn digit_runs(bytes: &[u8], min: usize) -> Vec<&[u8]> {
+    bytes
+        .split(|b| !b.is_ascii_digit())
+        .filter(|run| run.len() >= min)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_card_number_reaches_the_database_files() {
+    let cluster = start_cluster().await;
+    let dir = StackDir::new();
+    dir.set_storage(&storage(&cluster, "a"));
+    let stack = Stack::start_in(dir).await;
+    let mut vault = stack.client(ADMIN).await;
+
+    let mut pans: Vec<String> = (0..5).map(|n| pan("470000", n * 7919)).collect();
+    pans.push("378282246310005".to_owned());
+    let mut tokens = Vec::new();
+    for number in &pans[..5] {
+        tokens.push(
+            vault
+                .tokenize(Card::new(number, 9, 2030), false)
+                .await
+                .unwrap()
+                .token,
+        );
+    }
+    let amex = Card::new(&pans[5], 9, 2030)
+        .with_cardholder_name("Pat Example")
+        .with_cvc("7315");
+    let with_cvc = vault.tokenize(amex, false).await.unwrap().token;
+    let sent = forward(&stack, &mut vault, &with_cvc, CHARGE_WITH_CVC).await;
+    assert_eq!(
+        (sent["number"].as_str(), sent["cvc"].as_str()),
+        (Some(&*pans[5]), Some("7315"))
+    );
+    tokens.push(with_cvc);
+    // Reuse looks a card up: its fingerprint, not its number, goes to the database.
+    let again = vault
+        .tokenize(Card::new(&pans[0], 9, 2030), true)
+        .await
+        .unwrap();
+    assert_eq!(again.token, tokens[0]);
+    stack.stop().await;
+
+    // A number the vault never saw, put in the clear straight into a table: the scan
+    // must find it (it reads every file, and its digit search works).
+    let canary = pan("479999", 4242);
+    cluster
+        .psql(
+            APP_DATABASE,
+            &format!("CREATE TABLE canary (number text); INSERT INTO canary VALUES ('{canary}')"),
+        )
+        .unwrap();
+    // Everything in the heap and index files too, not only in the WAL.
+    cluster.psql("postgres", "CHECKPOINT").unwrap();
+    let mut files = Vec::new();
+    files_under(cluster.data_dir(), &mut files);
+    files.push(cluster.log_file().to_owned());
+    let mut scanned_bytes = 0;
+    let mut token_in = Vec::new();
+    let mut canary_in = Vec::new();
+    for file in &files {
+        let Ok(bytes) = std::fs::read(file) else {
+            continue;
+        };
+        scanned_bytes += bytes.len();
+        let relative = file.strip_prefix(cluster.data_dir()).unwrap_or(file);
+        // A card number stands in a run of digits: look in those only (the cluster is
+        // tens of MB, scanned at -O0). Inside a longer run counts too (stricter than
+        // `contains_digit_run`).
+        let runs = digit_runs(&bytes, 15);
+        let holds = |number: &str| {
+            runs.iter()
+                .any(|run| run.windows(number.len()).any(|w| w == number.as_bytes()))
+        };
+        for number in &pans {
+            assert!(!holds(number), "a card number in {}", file.display());
+        }
+        if holds(&canary) {
+            canary_in.push(relative.to_owned());
+        }
+        let token = tokens[1].as_bytes();
+        if bytes.windows(token.len()).any(|w| w == token) {
+            token_in.push(relative.to_owned());
+        }
+    }
+    println!(
+        "scanned {} files, {} MB; a token found in {token_in:?}, the canary in {canary_in:?}",
+        files.len(),
+        scanned_bytes / 1_000_000
+    );
+    // The scan reads the files: the token (stored in the clear) is found, in the
+    // table files and in the WAL.
+    assert!(
+        token_in.iter().any(|f| f.starts_with("base")),
+        "{token_in:?}"
+    );
+    assert!(
+        token_in.iter().any(|f| f.starts_with("pg_wal")),
+        "{token_in:?}"
+    );
+    assert!(
+        canary_in.iter().any(|f| f.starts_with("base"))
+            && canary_in.iter().any(|f| f.starts_with("pg_wal")),
+        "the planted number was not found: {canary_in:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_vault_restarted_on_postgres_keeps_its_tokens() {
+    let cluster = start_cluster().await;
+    let dir = StackDir::new();
+    dir.set_storage(&storage(&cluster, "a"));
+    let mut stack = Stack::start_in(dir).await;
+    let mut vault = stack.client(ADMIN).await;
+    let mut before = Vec::new();
+    for n in 0..20 {
+        before.push(vault.tokenize(card("480000", n), false).await.unwrap());
+    }
+    let tokens: Vec<String> = before.iter().map(|i| i.token.clone()).collect();
+    assert_eq!(stored_tokens(&cluster, &tokens), 20, "in the database");
+    assert!(
+        !stack.dir.data_dir().exists(),
+        "a vault on PostgreSQL writes no local data directory"
+    );
+    let chain_before = vault.verify_audit().await.unwrap();
+    assert!(chain_before.intact, "{chain_before:?}");
+
+    stack.restart_vault().await;
+    let mut vault = stack.client(ADMIN).await;
+    for info in &before {
+        assert_eq!(&vault.token_info(&info.token).await.unwrap(), info);
+    }
+    let again = vault.tokenize(card("480000", 3), true).await.unwrap();
+    assert_eq!(again.token, before[3].token);
+    let fresh = vault.tokenize(card("480000", 99), false).await.unwrap();
+
+    // One chain across the restart: it verifies, and holds what came before and after.
+    let chain = vault.verify_audit().await.unwrap();
+    assert!(chain.intact, "{chain:?}");
+    assert!(chain.entries > chain_before.entries, "{chain:?}");
+    let log = whole_audit_log(&mut vault).await;
+    assert!(has_event(&log, "Tokenize", &before[0].token));
+    assert!(has_event(&log, "Tokenize", &fresh.token));
+    stack.stop().await;
+}
