@@ -554,11 +554,6 @@ impl Cluster {
         &self.log
     }
 
-    /// The data directory (`PGDATA`), inside the cluster directory that is removed on drop.
-    pub fn data_dir(&self) -> &Path {
-        &self.data
-    }
-
     /// Runs SQL as the superuser over the unix socket (`psql -X -A -t -q -v
     /// ON_ERROR_STOP=1`, the SQL on stdin, so statements run one by one, each in its own
     /// transaction unless the SQL says otherwise); returns the output, trimmed.
