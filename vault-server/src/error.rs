@@ -114,7 +114,7 @@ impl VaultError {
                 tracing::error!(error = %e, "storage unavailable");
                 internal(
                     Code::Unavailable,
-                    "the vault's database is unavailable; nothing was stored, retry",
+                    "the vault's database is unavailable; retry (no token was issued)",
                 )
             }
             VaultError::Store(StoreError::Unsupported(why)) => {
