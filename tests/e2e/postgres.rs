@@ -665,3 +665,77 @@ async fn a_vault_restarted_on_postgres_keeps_its_tokens() {
     assert!(has_event(&log, "Tokenize", &fresh.token));
     stack.stop().await;
 }
+
+/// The real binaries on PostgreSQL: with `migrate = false` the vault refuses an empty
+/// database and says what to run; `vault-server migrate` applies the schema once; the
+/// vault then serves, and its TRACE log holds no card number and none of the
+/// PostgreSQL client's statement parameters (it logs them at DEBUG).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_binaries_migrate_on_request_and_log_no_statement_parameters() {
+    let cluster = start_cluster().await;
+    let dir = StackDir::new();
+    dir.set_storage(&format!("{}migrate = false\n", storage(&cluster, "a")));
+    let trace = [("KEYSERVICE_LOG", "trace"), ("VAULT_LOG", "trace")];
+    let keyservice = integration_tests::Process::start(
+        "keyservice",
+        &dir.path().join("keyservice.toml"),
+        &trace,
+    )
+    .await;
+    let config = dir.write_vault_config(keyservice.addr.port());
+    let vault_server = |args: &[&str]| {
+        let output = std::process::Command::new(integration_tests::binary("vault-server"))
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .env("VAULT_LOG", "trace")
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned()
+                + &String::from_utf8_lossy(&output.stderr),
+        )
+    };
+
+    let (started, output) = vault_server(&[]);
+    assert!(!started, "a vault started on a database without its schema");
+    assert!(output.contains("vault-server migrate"), "{output}");
+    let (ok, output) = vault_server(&["migrate"]);
+    assert!(ok && output.contains("applied migrations [1]"), "{output}");
+    let (ok, output) = vault_server(&["migrate"]);
+    assert!(ok && output.contains("up to date"), "{output}");
+    assert_eq!(count(&cluster, "SELECT count(*) FROM schema_migrations"), 1);
+
+    let vault = integration_tests::Process::start("vault-server", &config, &trace).await;
+    let mut client = VaultClient::connect(&dir.client_config(ADMIN, vault.addr))
+        .await
+        .unwrap();
+    let pans: Vec<String> = (0..20).map(|n| pan("455555", n * 31)).collect();
+    let mut tokens = Vec::new();
+    for pan in &pans {
+        let info = client
+            .tokenize(Card::new(pan, 11, 2031), true)
+            .await
+            .unwrap();
+        client.token_info(&info.token).await.unwrap();
+        tokens.push(info.token);
+    }
+    drop(client);
+    assert_eq!(stored_tokens(&cluster, &tokens), 20);
+    let log = vault.terminate().await;
+    keyservice.terminate().await;
+    assert!(log.contains("TRACE"), "the vault logged at TRACE");
+    for pan in &pans {
+        assert!(
+            !log.contains(pan.as_str()),
+            "a card number in the vault's log"
+        );
+    }
+    for marker in ["executing statement", "with parameters"] {
+        assert!(
+            !log.contains(marker),
+            "the PostgreSQL client logged statement parameters: {marker:?}"
+        );
+    }
+}
