@@ -26,7 +26,7 @@ pub enum DevError {
         source: std::io::Error,
     },
     #[error(
-        "{dir} was set up with other storage settings (its vault-server.toml differs from the one for the storage asked for): use a fresh --dir"
+        "{dir} was set up with other storage settings (its vault-server.toml is not on the database asked for): use a fresh --dir"
     )]
     StorageMismatch { dir: PathBuf },
 }
@@ -352,13 +352,16 @@ key_file = "{identity}.key"
 /// Creates the dev CA, every identity's certificate and the config files in `dir`,
 /// unless `dir/ca.pem` already exists (then nothing is touched, so data survives).
 /// Returns true when it created them. An existing `dir` asked to run on PostgreSQL
-/// must have been made for the same database (its vault-server.toml is what this
-/// would write), or this refuses it rather than switch its storage underneath it.
+/// must have been made for the same database (its vault-server.toml has that url),
+/// or this refuses it rather than switch its storage underneath it.
 pub fn init_dir(dir: &Path, ports: &Ports, storage: &Storage) -> Result<bool, DevError> {
     if dir.join("ca.pem").exists() {
-        if let Storage::Postgres(_) = storage {
+        if let Storage::Postgres(postgres) = storage {
+            // The same database: its url is in the config (settings tuned by hand, such
+            // as the pool size, stay).
+            let url = format!("url = {}", toml_string(&postgres.conninfo));
             let existing = std::fs::read_to_string(dir.join("vault-server.toml"));
-            if existing.ok().as_deref() != Some(vault_config(ports, storage).as_str()) {
+            if !existing.is_ok_and(|config| config.contains(&url)) {
                 return Err(DevError::StorageMismatch {
                     dir: dir.to_owned(),
                 });
