@@ -59,6 +59,11 @@ pub struct PostgresSettings {
     /// Longest wait to open a connection, or for a free one.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// Longest a commit may take to be confirmed (a synchronous standby that stopped
+    /// answering makes it wait forever): then the calls get UNAVAILABLE, nothing is
+    /// acknowledged, and the connection is dropped.
+    #[serde(default = "default_commit_timeout_ms")]
+    pub commit_timeout_ms: u64,
     /// Apply schema migrations at start-up. Off: the vault refuses to start on a
     /// schema older than it needs (run `vault-server migrate`).
     #[serde(default = "default_true")]
@@ -82,6 +87,10 @@ fn default_connect_timeout_ms() -> u64 {
     5_000
 }
 
+fn default_commit_timeout_ms() -> u64 {
+    30_000
+}
+
 fn default_true() -> bool {
     true
 }
@@ -94,8 +103,11 @@ impl PostgresSettings {
         if self.writers == 0 || self.writers >= self.pool_size {
             return Err("storage.postgres.writers must be at least 1 and below pool_size".into());
         }
-        if self.connect_timeout_ms == 0 {
-            return Err("storage.postgres.connect_timeout_ms must be greater than 0".into());
+        if self.connect_timeout_ms == 0 || self.commit_timeout_ms == 0 {
+            return Err(
+                "storage.postgres.connect_timeout_ms and commit_timeout_ms must be greater than 0"
+                    .into(),
+            );
         }
         let config: tokio_postgres::Config = self
             .url
@@ -132,10 +144,6 @@ const MAX_GROUP_RECORDS: usize = 4096;
 /// transaction fills PostgreSQL's lock table (max_locks_per_transaction x
 /// connections, shared by the whole server).
 const MAX_KEY_LOCKS: usize = 128;
-/// Longest a write group may take, COMMIT included (a synchronous standby that
-/// stopped answering makes COMMIT wait forever): then its calls get UNAVAILABLE and
-/// its connection is dropped.
-const GROUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// TLS and authentication of a new connection, beyond the TCP connect.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Session settings of every connection: commits wait for the synchronous standbys
@@ -277,6 +285,8 @@ impl Counts {
 pub struct PgStore {
     pool: Pool,
     connect: Connect,
+    /// See `PostgresSettings::commit_timeout_ms`.
+    commit_timeout: Duration,
     /// Held for the store's life: no other vault runs under this node name.
     _node_lock: HeldLock,
     queue: mpsc::Sender<Op>,
@@ -521,6 +531,7 @@ impl PgStore {
         let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
         let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
         let unreachable = Arc::new(AtomicBool::new(false));
+        let commit_timeout = Duration::from_millis(settings.commit_timeout_ms);
         for slot in &slots {
             tokio::spawn(write(
                 pool.clone(),
@@ -528,6 +539,7 @@ impl PgStore {
                 Arc::clone(&counts),
                 slot.clone(),
                 Arc::clone(&unreachable),
+                commit_timeout,
             ));
         }
         tokio::spawn(refresh_counts(
@@ -539,6 +551,7 @@ impl PgStore {
         Ok(Self {
             pool,
             connect,
+            commit_timeout,
             _node_lock: node_lock,
             queue,
             counts,
@@ -557,7 +570,15 @@ impl PgStore {
     /// never goes backwards whichever vault appends.
     async fn append_audit_once(&self, seal: AuditSeal) -> Result<Vec<u64>, StoreError> {
         let client = self.client().await?;
-        let appended = append_audit(&client, seal).await;
+        let Ok(appended) =
+            tokio::time::timeout(self.commit_timeout, append_audit(&client, seal)).await
+        else {
+            drop(Object::take(client));
+            return Err(StoreError::Unavailable(format!(
+                "the database did not confirm an audit commit within {} s",
+                self.commit_timeout.as_secs_f64()
+            )));
+        };
         if appended.is_err()
             && (client.is_closed() || client.batch_execute("ROLLBACK").await.is_err())
         {
@@ -827,6 +848,7 @@ async fn write(
     counts: Arc<Counts>,
     slot: String,
     unreachable: Arc<AtomicBool>,
+    commit_timeout: Duration,
 ) {
     loop {
         let group = {
@@ -848,7 +870,7 @@ async fn write(
             group
         };
         let gate = counts.gate.read().await;
-        let result = commit_group(&pool, &group, &slot).await;
+        let result = commit_group(&pool, &group, &slot, commit_timeout).await;
         note_reachability(&unreachable, result.as_ref().err());
         if let Ok((_, deltas)) = &result {
             counts.add(deltas);
@@ -876,20 +898,21 @@ async fn commit_group(
     pool: &Pool,
     group: &[Op],
     slot: &str,
+    commit_timeout: Duration,
 ) -> Result<(Vec<Done>, CountMap), StoreError> {
     let mut tries = 0;
     loop {
         tries += 1;
         let mut client = pool.get().await.map_err(pool_error)?;
         let Ok(tried) =
-            tokio::time::timeout(GROUP_TIMEOUT, try_group(&mut client, group, slot)).await
+            tokio::time::timeout(commit_timeout, try_group(&mut client, group, slot)).await
         else {
             // Whether it committed is unknown; it was not acknowledged.
             drop(Object::take(client));
             return Err(StoreError::Unavailable(format!(
                 "the database did not confirm a commit within {} s (is the synchronous \
                  standby answering?)",
-                GROUP_TIMEOUT.as_secs()
+                commit_timeout.as_secs_f64()
             )));
         };
         match tried {
@@ -1717,6 +1740,7 @@ mod tests {
     use pgcluster::Cluster;
 
     use super::*;
+    use crate::store::conformance::numbered;
     use crate::store::{KeyVersions, RecordIndexes};
 
     fn settings(cluster: &Cluster, dbname: &str) -> PostgresSettings {
@@ -1727,6 +1751,7 @@ mod tests {
             pool_size: default_pool_size(),
             writers: default_writers(),
             connect_timeout_ms: 2_000,
+            commit_timeout_ms: default_commit_timeout_ms(),
             migrate: true,
             node_name: None,
         }
@@ -1952,6 +1977,111 @@ mod tests {
             .psql("empty", "DELETE FROM schema_migrations WHERE version = 999")
             .unwrap();
         PgStore::open(&unmigrated, "n").await.unwrap();
+    }
+
+    /// With a synchronous standby, a commit counts only once the standby has it: while
+    /// the standby is down nothing is acknowledged (the calls fail as unavailable after
+    /// the commit timeout, audit appends too), and once it is back writes go on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nothing_is_acknowledged_while_the_synchronous_standby_is_down() {
+        let primary = start().await;
+        let primary = tokio::task::spawn_blocking(move || {
+            let standby = primary.start_standby(true).unwrap();
+            (primary, standby)
+        })
+        .await
+        .unwrap();
+        let (primary, mut standby) = primary;
+        primary.create_database("sync").unwrap();
+        let mut settings = settings(&primary, "sync");
+        settings.commit_timeout_ms = 1_500;
+        let store = PgStore::open(&settings, "n").await.unwrap();
+        let before = Token::generate().unwrap();
+        assert_eq!(
+            store
+                .insert(vec![record(&before, b"before")])
+                .await
+                .unwrap(),
+            vec![InsertOutcome::Stored]
+        );
+
+        standby.stop_immediate().unwrap();
+        let started = std::time::Instant::now();
+        let unconfirmed = Token::generate().unwrap();
+        let error = store
+            .insert(vec![record(&unconfirmed, b"unconfirmed")])
+            .await
+            .unwrap_err();
+        assert!(matches!(error, StoreError::Unavailable(_)), "{error:?}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(1_400),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            store.stats().unreachable,
+            "health must say writes are not confirmed"
+        );
+        let error = store.append_audit(numbered(1, 1)).await.unwrap_err();
+        assert!(matches!(error, StoreError::Unavailable(_)), "{error:?}");
+
+        let mut standby = tokio::task::spawn_blocking(move || {
+            standby.restart().unwrap();
+            standby
+        })
+        .await
+        .unwrap();
+        let after = Token::generate().unwrap();
+        let mut stored = None;
+        for _ in 0..40 {
+            match store.insert(vec![record(&after, b"after")]).await {
+                Ok(outcome) => {
+                    stored = Some(outcome);
+                    break;
+                }
+                Err(StoreError::Unavailable(_)) => {
+                    tokio::time::sleep(Duration::from_millis(250)).await
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        assert_eq!(
+            stored,
+            Some(vec![InsertOutcome::Stored]),
+            "writes did not resume"
+        );
+        assert!(!store.stats().unreachable);
+        // The audit log goes on from what is stored: the end the failed append may
+        // have left behind, or nothing.
+        let last = store.last_audit().await.unwrap().map_or(0, |(s, _)| s);
+        store
+            .append_audit(numbered(last + 1, last + 1))
+            .await
+            .unwrap();
+        standby.stop_immediate().unwrap();
+    }
+
+    /// A first host that cannot be reached (TEST-NET-1, never routed) is skipped: a
+    /// new connection goes on to the next host, within one connect timeout per host.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unreachable_first_host_is_skipped() {
+        let cluster = start().await;
+        cluster.create_database("hosts").unwrap();
+        let mut settings = settings(&cluster, "hosts");
+        settings.url = format!(
+            "host=192.0.2.1,127.0.0.1 port=5432,{} user=vault dbname=hosts",
+            cluster.port()
+        );
+        settings.connect_timeout_ms = 500;
+        settings.pool_size = 2;
+        settings.writers = 1;
+        let store = PgStore::open(&settings, "n").await.unwrap();
+        let token = Token::generate().unwrap();
+        assert_eq!(
+            store.insert(vec![record(&token, b"k")]).await.unwrap(),
+            vec![InsertOutcome::Stored]
+        );
+        assert!(store.get(&token).await.unwrap().is_some());
     }
 
     /// The database goes away under the store and comes back: calls meanwhile fail as
