@@ -10,6 +10,9 @@ use vault_client::Card;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_under_load_verifies_and_restores() {
+    if integration_tests::rocksdb_only("vault backups are RocksDB checkpoints") {
+        return;
+    }
     let mut stack = Stack::start().await;
     let mut client = stack.client(ADMIN).await;
     let mut before = Vec::new();

@@ -44,6 +44,9 @@ impl Drop for Unmount {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_is_resource_exhausted_loses_nothing_and_recovers_without_restart() {
+    if integration_tests::rocksdb_only("it fills the RocksDB data disk") {
+        return;
+    }
     let dir = StackDir::new();
     let data = dir.data_dir();
     let is_root = std::process::Command::new("id")
@@ -151,6 +154,9 @@ async fn a_full_disk_is_resource_exhausted_loses_nothing_and_recovers_without_re
 /// normal start once it is writable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_data_directory_is_a_clear_startup_error() {
+    if integration_tests::rocksdb_only("it is about the RocksDB data directory") {
+        return;
+    }
     let dir = StackDir::new();
     let data = dir.data_dir();
     std::fs::create_dir_all(&data).unwrap();
@@ -201,6 +207,9 @@ async fn a_read_only_data_directory_is_a_clear_startup_error() {
 /// is lost, and after space returns (and a restart) everything answers again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_whose_audit_event_cannot_be_written_are_refused() {
+    if integration_tests::rocksdb_only("it breaks the RocksDB audit directory") {
+        return;
+    }
     let dir = StackDir::new();
     let audit = dir.path().join("vault-data-audit");
     assert!(

@@ -242,6 +242,9 @@ async fn rewrap_finishes_across_a_kill_and_never_resurrects_a_delete() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn destroy_needs_no_records_and_a_second_admin_and_leaves_old_copies_useless() {
+    if integration_tests::rocksdb_only("it restores a RocksDB backup") {
+        return;
+    }
     let mut stack = Stack::start().await;
     let mut vault = stack.client(ADMIN).await;
     let old = vault.tokenize(card(11), false).await.unwrap();
@@ -595,6 +598,9 @@ async fn rewrap_rate() {
 /// key history, the vault's data directory, or a backup.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn key_material_is_in_no_file_but_the_sealed_keyring() {
+    if integration_tests::rocksdb_only("it scans the RocksDB data directory") {
+        return;
+    }
     use base64::Engine as _;
     let mut stack = Stack::start().await;
     let mut vault = stack.client(ADMIN).await;

@@ -46,6 +46,11 @@ fn scan_dir(dir: &Path, pans: &HashSet<Vec<u8>>, scanned: &mut Vec<String>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_card_data_in_files_or_trace_logs() {
+    if integration_tests::rocksdb_only(
+        "it scans the RocksDB data directory (tests/e2e/postgres.rs scans the database files)",
+    ) {
+        return;
+    }
     let dir = StackDir::new();
     let trace = [("KEYSERVICE_LOG", "trace"), ("VAULT_LOG", "trace")];
     let keyservice =

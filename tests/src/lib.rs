@@ -48,6 +48,9 @@ pub struct StackDir {
     ca: DevCa,
     /// Lines for the vault config's `[storage]` section (see [`StackDir::set_storage`]).
     storage: Mutex<String>,
+    /// With `TOKENVAULT_TEST_STORAGE=postgres`: the throwaway database every vault of
+    /// this stack uses (see [`StackDir::new`]).
+    pub postgres: Option<pgcluster::Cluster>,
 }
 
 impl StackDir {
@@ -120,10 +123,22 @@ permissions = ["tokenize", "read", "delete", "forward:sandbox"]
         keyservice::keyring::RootKey::generate_file(&path.join("root.key")).unwrap();
         let settings = keyservice::Settings::load(&path.join("keyservice.toml")).unwrap();
         keyservice::init(&settings).unwrap();
+        // The whole suite can run against PostgreSQL instead of RocksDB (a cluster per
+        // stack): `TOKENVAULT_TEST_STORAGE=postgres cargo test -p integration-tests`.
+        let postgres = on_postgres().then(|| pgcluster::Cluster::start().unwrap());
+        let storage = postgres.as_ref().map_or_else(String::new, |cluster| {
+            postgres_storage(
+                &cluster.conninfo(),
+                cluster.password_file(),
+                cluster.ca_file(),
+                "test",
+            )
+        });
         Self {
             dir,
             ca,
-            storage: Mutex::new(String::new()),
+            storage: Mutex::new(storage),
+            postgres,
         }
     }
 
@@ -266,6 +281,20 @@ impl SandboxServer {
     pub async fn stop(self) {
         self.running.stop().await;
     }
+}
+
+/// Whether the suite runs with the vault on PostgreSQL (`TOKENVAULT_TEST_STORAGE`).
+pub fn on_postgres() -> bool {
+    std::env::var("TOKENVAULT_TEST_STORAGE").as_deref() == Ok("postgres")
+}
+
+/// For a test about RocksDB itself (its files, backups, disk): true, and says so, when
+/// the suite runs on PostgreSQL, where it does not apply.
+pub fn rocksdb_only(why: &str) -> bool {
+    if on_postgres() {
+        println!("skipped on PostgreSQL: {why}");
+    }
+    on_postgres()
 }
 
 /// The `[storage]` lines of a vault on PostgreSQL: the app role of a throwaway
