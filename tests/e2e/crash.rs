@@ -163,27 +163,10 @@ async fn crash_cycles(cycles: usize) {
     // The record counts per key version, stored with every write and read back at
     // start (they decide whether a key version may be destroyed), match the records
     // actually on disk after all the kills.
-    let mut on_disk = std::collections::BTreeMap::new();
-    vault_server::store::rocks::scan_records(&dir.data_dir(), &mut |_, value| {
-        if let Some((versions, _)) = vault_server::record::indexes_of(value) {
-            *on_disk.entry(versions.card_data).or_insert(0u64) += 1;
-        }
-    })
-    .unwrap();
-    let store = vault_server::store::rocks::RocksStore::open(
-        &dir.data_dir(),
-        &dir.data_dir().with_file_name("crash-audit-check"),
-        vault_server::record::indexes_of,
-        &vault_server::store::rocks::Tuning::default(),
-    )
-    .unwrap();
-    let stored: std::collections::BTreeMap<u32, u64> =
-        vault_server::store::Store::version_counts(&store)
-            .into_iter()
-            .filter(|((key_use, _), _)| *key_use == vault_server::store::KeyUse::CardData)
-            .map(|((_, version), count)| (version, count))
-            .collect();
-    drop(store);
+    let (stored, on_disk) = match &dir.postgres {
+        Some(cluster) => counts_in_postgres(cluster),
+        None => counts_in_rocksdb(&dir),
+    };
     assert_eq!(stored, on_disk, "stored record counts against a scan");
     println!(
         "crash test summary: {cycles} vault kill cycles, {keyservice_kills} keyservice kills, {rotations} rotations with rewrap, {} tokens acknowledged, {} lost, audit log intact ({} entries), {:.1?}",
@@ -262,4 +245,63 @@ async fn acknowledged_tokens_survive_kill_9_long() {
         .and_then(|c| c.parse().ok())
         .unwrap_or(50);
     crash_cycles(cycles).await;
+}
+
+/// Records per card-data key version: as counted with the writes, and as scanned.
+fn counts_in_rocksdb(
+    dir: &integration_tests::StackDir,
+) -> (
+    std::collections::BTreeMap<u32, u64>,
+    std::collections::BTreeMap<u32, u64>,
+) {
+    let mut on_disk = std::collections::BTreeMap::new();
+    vault_server::store::rocks::scan_records(&dir.data_dir(), &mut |_, value| {
+        if let Some((versions, _)) = vault_server::record::indexes_of(value) {
+            *on_disk.entry(versions.card_data).or_insert(0u64) += 1;
+        }
+    })
+    .unwrap();
+    let store = vault_server::store::rocks::RocksStore::open(
+        &dir.data_dir(),
+        &dir.data_dir().with_file_name("crash-audit-check"),
+        vault_server::record::indexes_of,
+        &vault_server::store::rocks::Tuning::default(),
+    )
+    .unwrap();
+    let stored: std::collections::BTreeMap<u32, u64> =
+        vault_server::store::Store::version_counts(&store)
+            .into_iter()
+            .filter(|((key_use, _), _)| *key_use == vault_server::store::KeyUse::CardData)
+            .map(|((_, version), count)| (version, count))
+            .collect();
+    drop(store);
+    (stored, on_disk)
+}
+
+/// The same on PostgreSQL: the count slots summed against a count of the rows.
+fn counts_in_postgres(
+    cluster: &pgcluster::Cluster,
+) -> (
+    std::collections::BTreeMap<u32, u64>,
+    std::collections::BTreeMap<u32, u64>,
+) {
+    let query = |sql: &str| -> std::collections::BTreeMap<u32, u64> {
+        cluster
+            .psql(pgcluster::APP_DATABASE, sql)
+            .unwrap()
+            .lines()
+            .filter(|line| !line.is_empty())
+            .map(|line| {
+                let (version, count) = line.split_once('|').unwrap();
+                (version.parse().unwrap(), count.parse().unwrap())
+            })
+            .filter(|(_, count)| *count > 0)
+            .collect()
+    };
+    (
+        query(
+            "SELECT version, sum(records) FROM version_counts WHERE key_use = 1 GROUP BY 1 ORDER BY 1",
+        ),
+        query("SELECT card_data_version, count(*) FROM records GROUP BY 1 ORDER BY 1"),
+    )
 }
