@@ -1,7 +1,7 @@
 # The two commands of the README:
 #   make run    the dev stack (keyservice + vault-server, development CA) in the foreground
-#   make test   every test
-#   make test-postgres  every end-to-end test with the vault on PostgreSQL
+#   make test   every test (the end-to-end ones on RocksDB, then again on PostgreSQL)
+#   make test-postgres  only the end-to-end tests, with the vault on PostgreSQL
 #   make crash-test   the long crash test (kill -9 under load, CRASH_CYCLES cycles)
 #   make fuzz         every fuzz target for FUZZ_SECS seconds
 #   make rewrap-bench the rewrap rate on REWRAP_RECORDS records (release build)
@@ -25,11 +25,11 @@ run: build
 
 test: build
 	cargo test --locked --workspace
+	$(MAKE) --no-print-directory test-postgres
 
 # Every end-to-end test again with the vault on PostgreSQL (a throwaway cluster per
 # stack) instead of RocksDB; tests about RocksDB's own files, backups and disk say
-# they are skipped. About 8 minutes on 2 cores. `make test` runs the PostgreSQL
-# engine's own tests (conformance, shared vaults, failover) either way.
+# they are skipped. About 90 s on 2 cores; part of `make test`.
 test-postgres: build
 	TOKENVAULT_TEST_STORAGE=postgres cargo test --locked -p integration-tests --test e2e
 
