@@ -146,17 +146,26 @@ const MAX_GROUP_RECORDS: usize = 4096;
 const MAX_KEY_LOCKS: usize = 128;
 /// TLS and authentication of a new connection, beyond the TCP connect.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Session settings of every connection: commits wait for the synchronous standbys
-/// whatever the role's defaults say; a transaction left open by a vault that vanished
-/// releases its locks; a lock wait ends in an error, not a hang.
-const SESSION_OPTIONS: &str =
-    "-c synchronous_commit=on -c idle_in_transaction_session_timeout=30000 -c lock_timeout=20000";
+/// Session settings of every connection (`session_options`): commits wait for the
+/// synchronous standbys whatever the role's defaults say; a transaction left open by a
+/// vault that vanished releases its locks; a lock wait ends in an error, not a hang.
+fn session_options(commit_timeout_ms: u64) -> String {
+    // A lock wait ends well within the commit timeout, so that contention shows as a
+    // lock timeout, not as an unconfirmed commit.
+    let lock_timeout_ms = (commit_timeout_ms / 2).clamp(100, 20_000);
+    format!(
+        "-c synchronous_commit=on -c idle_in_transaction_session_timeout=30000 \
+         -c lock_timeout={lock_timeout_ms}"
+    )
+}
 const QUEUE_DEPTH: usize = 4096;
 /// Tries of one group when it loses a race with another transaction (deadlock,
 /// token taken meanwhile, serialization failure).
 const GROUP_TRIES: usize = 5;
 /// How often the counts other vaults write are read.
 const COUNTS_REFRESH: Duration = Duration::from_secs(2);
+/// Longest a recount of this vault's counts waits for its write groups in flight.
+const RECOUNT_TIMEOUT: Duration = Duration::from_secs(5);
 
 enum Op {
     Insert {
@@ -287,13 +296,44 @@ pub struct PgStore {
     connect: Connect,
     /// See `PostgresSettings::commit_timeout_ms`.
     commit_timeout: Duration,
-    /// Held for the store's life: no other vault runs under this node name.
-    _node_lock: HeldLock,
+    /// Dropped with the store: ends the task holding this vault's node name.
+    _node_name: oneshot::Sender<()>,
     queue: mpsc::Sender<Op>,
     counts: Arc<Counts>,
-    /// Set by the last database round trip (a call's, or the counts refresh every
-    /// `COUNTS_REFRESH`): whether the database could not be reached.
-    unreachable: Arc<AtomicBool>,
+    health: Arc<Health>,
+}
+
+/// What the store's health (`Store::stats().unreachable`) is made of.
+#[derive(Debug, Default)]
+struct Health {
+    /// The counts refresh every `COUNTS_REFRESH` (or a call) could not reach the
+    /// database.
+    unreachable: AtomicBool,
+    /// The last write group was not confirmed (connection lost, or its commit not
+    /// confirmed in time, e.g. a synchronous standby down); cleared by the next
+    /// confirmed one.
+    unconfirmed: AtomicBool,
+    /// This vault lost its node name's lock and has not taken it back.
+    node_lost: AtomicBool,
+}
+
+impl Health {
+    fn troubled(&self) -> bool {
+        self.unreachable.load(Ordering::Relaxed)
+            || self.unconfirmed.load(Ordering::Relaxed)
+            || self.node_lost.load(Ordering::Relaxed)
+    }
+}
+
+/// One writer task's own settings.
+#[derive(Debug, Clone)]
+struct Writer {
+    /// Its slot in `version_counts`.
+    slot: String,
+    /// This vault's counts lock: every write group takes it shared, a recount of the
+    /// vault's own counts exclusively (see `recount_own`).
+    counts_lock: i64,
+    commit_timeout: Duration,
 }
 
 /// What opening a dedicated connection (for a job lock) needs.
@@ -301,6 +341,9 @@ pub struct PgStore {
 struct Connect {
     config: tokio_postgres::Config,
     tls: tokio_postgres_rustls::MakeRustlsConnect,
+    /// Longest a new connection may take: every host's connect timeout, then TLS and
+    /// authentication (for which the client library has no timeout of its own).
+    connect_budget: Duration,
 }
 
 impl Connect {
@@ -315,17 +358,27 @@ impl Connect {
         // A primary that vanishes without closing its connections (power loss, a cut
         // network) is noticed in seconds, not after the kernel's default of minutes.
         config.keepalives_idle(Duration::from_secs(5));
+        config.keepalives_interval(Duration::from_secs(2));
+        config.keepalives_retries(3);
         config.tcp_user_timeout(Duration::from_secs(10));
         config.application_name("vault-server");
         // Only a host that accepts writes: after a failover, the new primary.
         config.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
+        let ours = session_options(settings.commit_timeout_ms);
         let options = match config.get_options() {
-            Some(theirs) => format!("{theirs} {SESSION_OPTIONS}"),
-            None => SESSION_OPTIONS.to_owned(),
+            Some(theirs) => format!("{theirs} {ours}"),
+            None => ours,
         };
         config.options(&options);
         let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(&settings.ca_file)?);
-        Ok(Self { config, tls })
+        let hosts = config.get_hosts().len().max(1) as u32;
+        let connect_budget =
+            Duration::from_millis(settings.connect_timeout_ms) * hosts + HANDSHAKE_TIMEOUT;
+        Ok(Self {
+            config,
+            tls,
+            connect_budget,
+        })
     }
 }
 
@@ -337,18 +390,25 @@ impl Connect {
         &self,
         key: i64,
     ) -> Result<Option<(HeldLock, oneshot::Receiver<()>)>, StoreError> {
-        let (client, connection) = self.config.connect(self.tls.clone()).await.map_err(pg)?;
-        let (ended, lost) = oneshot::channel();
-        tokio::spawn(async move {
-            let _ = connection.await;
-            let _ = ended.send(());
-        });
-        let held: bool = client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
-            .await
-            .map_err(pg)?
-            .get(0);
-        Ok(held.then_some((HeldLock { _client: client }, lost)))
+        let take = async {
+            let (client, connection) = self.config.connect(self.tls.clone()).await?;
+            let (ended, lost) = oneshot::channel();
+            tokio::spawn(async move {
+                let _ = connection.await;
+                let _ = ended.send(());
+            });
+            let held: bool = client
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+                .await?
+                .get(0);
+            Ok(held.then_some((HeldLock { _client: client }, lost)))
+        };
+        match tokio::time::timeout(self.connect_budget, take).await {
+            Ok(taken) => taken.map_err(pg),
+            Err(_) => Err(StoreError::Unavailable(
+                "the database did not answer a new connection in time".into(),
+            )),
+        }
     }
 }
 
@@ -422,6 +482,7 @@ fn pg(e: tokio_postgres::Error) -> StoreError {
         || code.code().starts_with("28")
         || code.code().starts_with("53")
         || *code == SqlState::READ_ONLY_SQL_TRANSACTION
+        || *code == SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT
         || *code == SqlState::QUERY_CANCELED
         || *code == SqlState::LOCK_NOT_AVAILABLE
         || *code == SqlState::INVALID_CATALOG_NAME
@@ -471,12 +532,13 @@ async fn hold_node_name(
     connect: &Connect,
     node: &str,
     wait: Duration,
-) -> Result<HeldLock, StoreError> {
+    health: Arc<Health>,
+) -> Result<oneshot::Sender<()>, StoreError> {
     let key = index_lock(format!("node/{node}").as_bytes());
     let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        if let Some((held, _)) = connect.session_lock(key).await? {
-            return Ok(held);
+    let (held, lost) = loop {
+        if let Some(held) = connect.session_lock(key).await? {
+            break held;
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(StoreError::Engine(format!(
@@ -485,6 +547,56 @@ async fn hold_node_name(
             )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (closed, on_close) = oneshot::channel();
+    tokio::spawn(keep_node_name(
+        connect.clone(),
+        node.to_owned(),
+        key,
+        (held, lost),
+        on_close,
+        health,
+    ));
+    Ok(closed)
+}
+
+/// Holds the node name until the store is dropped (`on_close`), taking it back when
+/// its connection breaks (a database restart, a failover). While it is not held the
+/// store's health says so: another vault could start under the name.
+async fn keep_node_name(
+    connect: Connect,
+    node: String,
+    key: i64,
+    held: (HeldLock, oneshot::Receiver<()>),
+    mut on_close: oneshot::Receiver<()>,
+    health: Arc<Health>,
+) {
+    let (mut _lock, mut lost) = held;
+    loop {
+        tokio::select! {
+            _ = &mut on_close => return,
+            _ = &mut lost => {}
+        }
+        health.node_lost.store(true, Ordering::Relaxed);
+        tracing::warn!(node = %node, "this vault's hold on its node name was lost with its connection; taking it back");
+        loop {
+            tokio::select! {
+                _ = &mut on_close => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            match connect.session_lock(key).await {
+                Ok(Some((again, now_lost))) => {
+                    (_lock, lost) = (again, now_lost);
+                    health.node_lost.store(false, Ordering::Relaxed);
+                    tracing::info!(node = %node, "this vault holds its node name again");
+                    break;
+                }
+                Ok(None) => {
+                    tracing::error!(node = %node, "another vault-server took this vault's node name: give each vault its own storage.postgres.node_name")
+                }
+                Err(e) => tracing::debug!(error = %e, "node name not taken back yet"),
+            }
+        }
     }
 }
 
@@ -493,10 +605,10 @@ impl PgStore {
     /// counts and starts the writers. `node` names this vault among those sharing the
     /// database.
     pub async fn open(settings: &PostgresSettings, node: &str) -> Result<Self, StoreError> {
-        let Connect { config, tls } = Connect::from_settings(settings)?;
+        let connect = Connect::from_settings(settings)?;
         let manager = Manager::from_config(
-            config.clone(),
-            tls.clone(),
+            connect.config.clone(),
+            connect.tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -504,17 +616,16 @@ impl PgStore {
         let timeout = Duration::from_millis(settings.connect_timeout_ms);
         // A new connection may try every host in turn, each up to the connect timeout
         // (a primary that died without a word only times out), then do TLS and SCRAM.
-        let hosts = config.get_hosts().len().max(1) as u32;
         let pool = Pool::builder(manager)
             .max_size(settings.pool_size)
             .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(timeout * (hosts + 1)))
-            .create_timeout(Some(timeout * hosts + HANDSHAKE_TIMEOUT))
+            .wait_timeout(Some(connect.connect_budget + timeout))
+            .create_timeout(Some(connect.connect_budget))
             .recycle_timeout(Some(timeout))
             .build()
             .map_err(|e| StoreError::Engine(format!("database pool: {e}")))?;
-        let connect = Connect { config, tls };
-        let node_lock = hold_node_name(&connect, node, timeout).await?;
+        let health = Arc::new(Health::default());
+        let node_name = hold_node_name(&connect, node, timeout, Arc::clone(&health)).await?;
         {
             let mut client = pool.get().await.map_err(pool_error)?;
             if settings.migrate {
@@ -527,41 +638,53 @@ impl PgStore {
             .map(|i| format!("{node}#{i}"))
             .collect();
         let counts = Arc::new(Counts::default());
-        load_counts(&pool, &slots, &counts).await?;
+        let counts_lock = index_lock(format!("counts/{node}").as_bytes());
+        load_counts(&pool, &slots, counts_lock, &counts).await?;
         let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
         let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
-        let unreachable = Arc::new(AtomicBool::new(false));
         let commit_timeout = Duration::from_millis(settings.commit_timeout_ms);
         for slot in &slots {
+            let writer = Writer {
+                slot: slot.clone(),
+                counts_lock,
+                commit_timeout,
+            };
             tokio::spawn(write(
                 pool.clone(),
                 Arc::clone(&receiver),
                 Arc::clone(&counts),
-                slot.clone(),
-                Arc::clone(&unreachable),
-                commit_timeout,
+                writer,
+                Arc::clone(&health),
             ));
         }
         tokio::spawn(refresh_counts(
             pool.clone(),
             slots,
+            counts_lock,
             Arc::downgrade(&counts),
-            Arc::clone(&unreachable),
+            Arc::clone(&health),
         ));
         Ok(Self {
             pool,
             connect,
             commit_timeout,
-            _node_lock: node_lock,
+            _node_name: node_name,
             queue,
             counts,
-            unreachable,
+            health,
         })
     }
 
     async fn client(&self) -> Result<Object, StoreError> {
         let client = self.pool.get().await.map_err(pool_error);
-        note_reachability(&self.unreachable, client.as_ref().err());
+        if let Err(e) = &client {
+            // Only bad news here: a connection from the pool proves nothing yet.
+            note(
+                &self.health.unreachable,
+                Some(e),
+                "the database cannot be reached",
+            );
+        }
         client
     }
 
@@ -680,14 +803,15 @@ async fn check_schema(client: &Object) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Records whether the last round trip reached the database.
-fn note_reachability(unreachable: &AtomicBool, error: Option<&StoreError>) {
+/// Sets `flag` to whether `error` says the database was unavailable, and logs the
+/// change.
+fn note(flag: &AtomicBool, error: Option<&StoreError>, what: &str) {
     let now = matches!(error, Some(StoreError::Unavailable(_)));
-    if unreachable.swap(now, Ordering::Relaxed) != now {
+    if flag.swap(now, Ordering::Relaxed) != now {
         if now {
-            tracing::warn!("the database cannot be reached");
+            tracing::warn!("{what}");
         } else {
-            tracing::info!("the database is reachable again");
+            tracing::info!("no longer: {what}");
         }
     }
 }
@@ -719,7 +843,14 @@ async fn append_audit(client: &Object, seal: AuditSeal) -> Result<Vec<u64>, toki
         client.query(&lock, &lock_params),
         client.query_opt(&last, &[]),
     )?;
-    let entries = seal(last.map(|row| (row.get::<_, i64>(0) as u64, row.get::<_, Vec<u8>>(1))));
+    let last = last.map(|row| (row.get::<_, i64>(0) as u64, row.get::<_, Vec<u8>>(1)));
+    // Inside the transaction, holding the chain's lock: a panic here must not hand the
+    // connection back to the pool mid-transaction. Nothing is appended instead.
+    let entries = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| seal(last)))
+        .unwrap_or_else(|_| {
+            tracing::error!("audit entries could not be made; nothing was appended");
+            Vec::new()
+        });
     let sequences: Vec<i64> = entries.iter().map(|(s, _)| *s as i64).collect();
     let bytes: Vec<&[u8]> = entries.iter().map(|(_, e)| e.as_slice()).collect();
     let Some(head) = sequences.last().map(|last| (*last as u64).to_be_bytes()) else {
@@ -743,16 +874,37 @@ fn key_use_of(code: i16) -> Result<KeyUse, StoreError> {
         .ok_or_else(|| StoreError::Engine(format!("unknown key use {code} in version_counts")))
 }
 
-async fn load_counts(pool: &Pool, own_slots: &[String], counts: &Counts) -> Result<(), StoreError> {
+async fn load_counts(
+    pool: &Pool,
+    own_slots: &[String],
+    counts_lock: i64,
+    counts: &Counts,
+) -> Result<(), StoreError> {
     let client = pool.get().await.map_err(pool_error)?;
-    let rows = client
-        .query(
-            "SELECT slot = ANY($1), key_use, version, sum(records)::bigint
-             FROM version_counts GROUP BY 1, 2, 3",
-            &[&own_slots],
-        )
-        .await
-        .map_err(pg)?;
+    // After every write group of this vault's last run has ended: one whose commit
+    // was left waiting (for a synchronous standby) counts once it is visible.
+    let read = async {
+        client.batch_execute(BEGIN).await?;
+        client
+            .execute("SELECT pg_advisory_xact_lock($1)", &[&counts_lock])
+            .await?;
+        let rows = client
+            .query(
+                "SELECT slot = ANY($1), key_use, version, sum(records)::bigint
+                 FROM version_counts GROUP BY 1, 2, 3",
+                &[&own_slots],
+            )
+            .await?;
+        client.batch_execute("COMMIT").await?;
+        Ok(rows)
+    };
+    let rows = match read.await {
+        Ok(rows) => rows,
+        Err(e) => {
+            release_after_failure(client).await;
+            return Err(pg(e));
+        }
+    };
     let (mut own, mut others) = (CountMap::new(), CountMap::new());
     for row in rows {
         let key = (key_use_of(row.get(1))?, row.get::<_, i32>(2) as u32);
@@ -768,16 +920,63 @@ async fn load_counts(pool: &Pool, own_slots: &[String], counts: &Counts) -> Resu
     Ok(())
 }
 
-async fn recount_own(pool: &Pool, own_slots: &[String]) -> Result<CountMap, StoreError> {
-    let client = pool.get().await.map_err(pool_error)?;
+/// This vault's own counts as the database has them, once no write group of this
+/// vault is in flight anywhere: the exclusive counts lock waits for every transaction
+/// holding it shared, including one whose answer was lost and whose commit is still
+/// waiting (for a synchronous standby); PostgreSQL releases a transaction's locks only
+/// after its commit is visible.
+async fn recount_own(
+    client: &Object,
+    own_slots: &[String],
+    counts_lock: i64,
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    client.batch_execute(BEGIN).await?;
+    client
+        .execute("SELECT pg_advisory_xact_lock($1)", &[&counts_lock])
+        .await?;
     let rows = client
         .query(
             "SELECT key_use, version, sum(records)::bigint FROM version_counts
              WHERE slot = ANY($1) GROUP BY 1, 2",
             &[&own_slots],
         )
-        .await
-        .map_err(pg)?;
+        .await?;
+    client.batch_execute("COMMIT").await?;
+    Ok(rows)
+}
+
+/// A connection whose transaction failed halfway goes back to the pool only once it
+/// is rolled back; if it cannot be, it is closed.
+async fn release_after_failure(client: Object) {
+    if client.is_closed() || client.batch_execute("ROLLBACK").await.is_err() {
+        drop(Object::take(client));
+    }
+}
+
+async fn recount_own_counts(
+    pool: &Pool,
+    own_slots: &[String],
+    counts_lock: i64,
+) -> Result<CountMap, StoreError> {
+    let client = pool.get().await.map_err(pool_error)?;
+    let rows = match tokio::time::timeout(
+        RECOUNT_TIMEOUT,
+        recount_own(&client, own_slots, counts_lock),
+    )
+    .await
+    {
+        Ok(Ok(rows)) => rows,
+        Ok(Err(e)) => {
+            release_after_failure(client).await;
+            return Err(pg(e));
+        }
+        Err(_) => {
+            drop(Object::take(client));
+            return Err(StoreError::Unavailable(
+                "a write group of this vault is still waiting for its commit".into(),
+            ));
+        }
+    };
     let mut own = CountMap::new();
     for row in rows {
         own.insert(
@@ -791,8 +990,9 @@ async fn recount_own(pool: &Pool, own_slots: &[String]) -> Result<CountMap, Stor
 async fn refresh_counts(
     pool: Pool,
     own_slots: Vec<String>,
+    counts_lock: i64,
     counts: std::sync::Weak<Counts>,
-    unreachable: Arc<AtomicBool>,
+    health: Arc<Health>,
 ) {
     loop {
         tokio::time::sleep(COUNTS_REFRESH).await;
@@ -819,14 +1019,18 @@ async fn refresh_counts(
             Ok::<_, StoreError>(others)
         };
         let read = read.await;
-        note_reachability(&unreachable, read.as_ref().err());
+        note(
+            &health.unreachable,
+            read.as_ref().err(),
+            "the database cannot be reached",
+        );
         match read {
             Ok(others) => *lock(&counts.others) = others,
             Err(e) => tracing::debug!(error = %e, "other vaults' record counts not refreshed"),
         }
         if counts.own_unsure.load(Ordering::Relaxed) {
             let _no_commit_in_flight = counts.gate.write().await;
-            match recount_own(&pool, &own_slots).await {
+            match recount_own_counts(&pool, &own_slots, counts_lock).await {
                 Ok(own) => {
                     *lock(&counts.own) = own;
                     counts.own_unsure.store(false, Ordering::Relaxed);
@@ -846,9 +1050,8 @@ async fn write(
     pool: Pool,
     receiver: Arc<tokio::sync::Mutex<mpsc::Receiver<Op>>>,
     counts: Arc<Counts>,
-    slot: String,
-    unreachable: Arc<AtomicBool>,
-    commit_timeout: Duration,
+    writer: Writer,
+    health: Arc<Health>,
 ) {
     loop {
         let group = {
@@ -870,12 +1073,18 @@ async fn write(
             group
         };
         let gate = counts.gate.read().await;
-        let result = commit_group(&pool, &group, &slot, commit_timeout).await;
-        note_reachability(&unreachable, result.as_ref().err());
-        if let Ok((_, deltas)) = &result {
-            counts.add(deltas);
-        } else {
-            counts.own_unsure.store(true, Ordering::Relaxed);
+        let result = commit_group(&pool, &group, &writer).await;
+        note(
+            &health.unconfirmed,
+            result.as_ref().err(),
+            "writes are not confirmed by the database",
+        );
+        match &result {
+            Ok((_, deltas)) => counts.add(deltas),
+            // The outcome is unknown (the answer was lost, or the commit not
+            // confirmed in time): count again from the database.
+            Err(StoreError::Unavailable(_)) => counts.own_unsure.store(true, Ordering::Relaxed),
+            Err(_) => {}
         }
         drop(gate);
         match result {
@@ -897,15 +1106,15 @@ async fn write(
 async fn commit_group(
     pool: &Pool,
     group: &[Op],
-    slot: &str,
-    commit_timeout: Duration,
+    writer: &Writer,
 ) -> Result<(Vec<Done>, CountMap), StoreError> {
+    let commit_timeout = writer.commit_timeout;
     let mut tries = 0;
     loop {
         tries += 1;
         let mut client = pool.get().await.map_err(pool_error)?;
         let Ok(tried) =
-            tokio::time::timeout(commit_timeout, try_group(&mut client, group, slot)).await
+            tokio::time::timeout(commit_timeout, try_group(&mut client, group, writer)).await
         else {
             // Whether it committed is unknown; it was not acknowledged.
             drop(Object::take(client));
@@ -994,17 +1203,20 @@ fn count(deltas: &mut CountMap, versions: KeyVersions, delta: i64) {
 async fn try_group(
     client: &mut Object,
     group: &[Op],
-    slot: &str,
+    writer: &Writer,
 ) -> Result<(Vec<Done>, CountMap), tokio_postgres::Error> {
     let statements = Statements::prepare(client).await?;
     if group.iter().all(|op| matches!(op, Op::Insert { .. })) {
-        return insert_group(client, &statements, group, slot).await;
+        return insert_group(client, &statements, group, writer).await;
     }
+    let slot = writer.slot.as_str();
     let (locks, tokens) = locks_of(group);
     let keys = locks.keys();
-    let (index, keys_param): (Param, Param) = ([&INDEX_LOCK], [&keys]);
+    let (counts, index, keys_param): (Param, Param, Param) =
+        ([&writer.counts_lock], [&INDEX_LOCK], [&keys]);
     tokio::try_join!(
         client.batch_execute(BEGIN),
+        client.query(&statements.lock_index_shared, &counts),
         client.query(statements.index_lock(&locks), &index),
         client.query(&statements.lock_keys, &keys_param),
     )?;
@@ -1066,8 +1278,9 @@ async fn insert_group(
     client: &Object,
     statements: &Statements,
     group: &[Op],
-    slot: &str,
+    writer: &Writer,
 ) -> Result<(Vec<Done>, CountMap), tokio_postgres::Error> {
+    let slot = writer.slot.as_str();
     let records = || {
         group.iter().flat_map(|op| match op {
             Op::Insert { records, .. } => records.as_slice(),
@@ -1077,10 +1290,16 @@ async fn insert_group(
     let (locks, _) = locks_of(group);
     let (tokens, index_keys) = lookup_params(records());
     let keys = locks.keys();
-    let (index, keys, tokens, index_keys): (Param, Param, Param, Param) =
-        ([&INDEX_LOCK], [&keys], [&tokens], [&index_keys]);
-    let (_, _, _, taken, live) = tokio::try_join!(
+    let (counts, index, keys, tokens, index_keys): (Param, Param, Param, Param, Param) = (
+        [&writer.counts_lock],
+        [&INDEX_LOCK],
+        [&keys],
+        [&tokens],
+        [&index_keys],
+    );
+    let (_, _, _, _, taken, live) = tokio::try_join!(
         client.batch_execute(BEGIN),
+        client.query(&statements.lock_index_shared, &counts),
         client.query(statements.index_lock(&locks), &index),
         client.query(&statements.lock_keys, &keys),
         client.query(&statements.taken, &tokens),
@@ -1515,7 +1734,7 @@ impl Store for PgStore {
         StoreStats {
             data_free_bytes: u64::MAX,
             audit_free_bytes: u64::MAX,
-            unreachable: self.unreachable.load(Ordering::Relaxed),
+            unreachable: self.health.troubled(),
             ..StoreStats::default()
         }
     }
@@ -1722,11 +1941,17 @@ impl std::fmt::Debug for HeldLock {
 
 /// `vault-server migrate`: applies the migrations and says which.
 pub async fn migrate_only(settings: &PostgresSettings) -> Result<Vec<i32>, StoreError> {
-    let Connect { config, tls } = Connect::from_settings(settings)?;
+    let Connect {
+        config,
+        tls,
+        connect_budget,
+    } = Connect::from_settings(settings)?;
     let manager = Manager::from_config(config, tls, ManagerConfig::default());
     let pool = Pool::builder(manager)
         .max_size(1)
         .runtime(Runtime::Tokio1)
+        .create_timeout(Some(connect_budget))
+        .wait_timeout(Some(connect_budget))
         .build()
         .map_err(|e| StoreError::Engine(format!("database pool: {e}")))?;
     let mut client = pool.get().await.map_err(pool_error)?;
@@ -1869,7 +2094,13 @@ mod tests {
             own(&a).is_some() || own(&b).is_some(),
             "a vault does not count its own writes at once"
         );
-        tokio::time::sleep(COUNTS_REFRESH * 2).await;
+        let deadline = std::time::Instant::now() + COUNTS_REFRESH * 10;
+        while (a.version_counts().get(&(KeyUse::CardData, 1)) != one
+            || b.version_counts().get(&(KeyUse::CardData, 1)) != one)
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         assert_eq!(a.version_counts().get(&(KeyUse::CardData, 1)), one);
         assert_eq!(b.version_counts().get(&(KeyUse::CardData, 1)), one);
 
@@ -2051,13 +2282,44 @@ mod tests {
             "writes did not resume"
         );
         assert!(!store.stats().unreachable);
+        // The unconfirmed insert landed once the standby had it: this vault's own
+        // counts (they feed key destroy checks) catch up with the rows, not stay short.
+        let rows = || -> u64 {
+            primary
+                .psql("sync", "SELECT count(*) FROM records")
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let counted = store
+                .version_counts()
+                .get(&(KeyUse::CardData, 1))
+                .copied()
+                .unwrap_or(0);
+            if counted == rows() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "counted {counted} records, the table has {}",
+                rows()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(rows(), 3, "the unconfirmed record is there now");
+
         // The audit log goes on from what is stored: the end the failed append may
-        // have left behind, or nothing.
-        let last = store.last_audit().await.unwrap().map_or(0, |(s, _)| s);
-        store
-            .append_audit(numbered(last + 1, last + 1))
+        // have left behind (it may land any moment now), or nothing.
+        let appended = store
+            .append_audit(Box::new(|end: Option<(u64, Vec<u8>)>| {
+                let next = end.map_or(1, |(sequence, _)| sequence + 1);
+                vec![(next, b"after".to_vec())]
+            }))
             .await
             .unwrap();
+        assert_eq!(appended.len(), 1);
         standby.stop_immediate().unwrap();
     }
 
@@ -2121,7 +2383,14 @@ mod tests {
             store.insert(vec![record(&token, b"after")]).await.unwrap(),
             vec![InsertOutcome::Stored]
         );
-        assert!(!store.stats().unreachable);
+        // Health clears by itself: the counts refresh reaches the database again and
+        // the node name's lock, lost with its connection, is taken back.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while store.stats().unreachable && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(!store.stats().unreachable, "health stayed degraded");
+        assert!(!store.health.node_lost.load(Ordering::Relaxed));
         cluster.stop_immediate().unwrap();
     }
 }
