@@ -8,6 +8,25 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
+/// The trust anchors in a PEM file of CA certificates, for a rustls client that talks
+/// to something other than our own services (a processor, a database). The error says
+/// what is wrong with the file; callers add which setting named it.
+pub fn root_store(ca_file: &Path) -> Result<rustls::RootCertStore, String> {
+    let file = ca_file.display();
+    let pem = std::fs::read(ca_file).map_err(|e| format!("cannot read {file}: {e}"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        let cert = cert.map_err(|e| format!("{file} is not PEM: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("{file} holds an unusable certificate: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{file} holds no certificate"));
+    }
+    Ok(roots)
+}
+
 /// PEM files for one TLS endpoint: the CA that signs the peers we accept, our own
 /// certificate chain and our private key.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]

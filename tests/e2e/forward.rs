@@ -2,24 +2,12 @@
 
 use std::time::{Duration, Instant};
 
-use integration_tests::{ADMIN, OTHER_TENANT, READER, Stack, StackDir};
+use integration_tests::{ADMIN, OTHER_TENANT, READER, Stack, StackDir, charge};
 use tonic::Code;
 use vault_client::{Card, ForwardRequest, VaultClient};
 
 const CHARGE: &str = r#"{"amount": 1000, "number": "{{card.number}}", "exp_month": "{{card.exp_month}}", "exp_year": "{{card.exp_year}}", "name": "{{card.name}}"}"#;
 const CHARGE_WITH_CVC: &str = r#"{"amount": 1000, "number": "{{card.number}}", "exp_month": "{{card.exp_month}}", "exp_year": "{{card.exp_year}}", "cvc": "{{card.cvc}}"}"#;
-
-fn charge(processor: &str, token: &str, body: &str) -> ForwardRequest {
-    ForwardRequest {
-        processor: processor.into(),
-        method: "POST".into(),
-        path: "/v1/charges".into(),
-        headers: vec![("content-type".into(), "application/json".into())],
-        body: body.into(),
-        token: token.into(),
-        idempotency_key: None,
-    }
-}
 
 async fn tokenize(client: &mut VaultClient, card: Card) -> String {
     client.tokenize(card, false).await.unwrap().token

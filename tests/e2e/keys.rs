@@ -4,9 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use integration_tests::{ADMIN, OFFICER, Process, Stack, StackDir, synthetic_pan};
+use integration_tests::{ADMIN, OFFICER, Process, Stack, StackDir, synthetic_pan, within};
 use tonic::Code;
-use vault_client::{Card, ForwardRequest, KeyServiceClient, TokenInfo, VaultClient};
+use vault_client::{Card, KeyServiceClient, TokenInfo, VaultClient};
 
 async fn key_admin(stack: &Stack, name: &str) -> KeyServiceClient {
     KeyServiceClient::connect(&stack.keyservice_config(name))
@@ -16,44 +16,6 @@ async fn key_admin(stack: &Stack, name: &str) -> KeyServiceClient {
 
 fn card(n: u64) -> Card {
     Card::new(&synthetic_pan("400000", n, 16), 12, 2031)
-}
-
-/// Forwards `token`'s card to the sandbox and returns the card number it received.
-async fn forward_number(stack: &Stack, vault: &mut VaultClient, token: &str) -> String {
-    let before = stack.sandbox.requests().len();
-    let answer = vault
-        .forward(ForwardRequest {
-            processor: "sandbox".into(),
-            method: "POST".into(),
-            path: "/v1/charges".into(),
-            headers: vec![("content-type".into(), "application/json".into())],
-            body: r#"{"number":"{{card.number}}","exp_month":"{{card.exp_month}}","exp_year":"{{card.exp_year}}"}"#.into(),
-            token: token.into(),
-            idempotency_key: None,
-        })
-        .await
-        .unwrap();
-    assert_eq!(answer.status, 200);
-    let received = stack.sandbox.requests();
-    assert_eq!(received.len(), before + 1);
-    let body: serde_json::Value = serde_json::from_slice(&received[before].body).unwrap();
-    body["number"].as_str().unwrap().to_owned()
-}
-
-/// Polls `check` every 50 ms until it returns Some, for at most `limit`.
-async fn within<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let started = Instant::now();
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn version_state(keys: &mut KeyServiceClient, purpose: &str, version: u32) -> String {
@@ -105,11 +67,11 @@ async fn a_rotation_reaches_the_running_vault_and_old_tokens_still_forward() {
     // Old and new records both read and forward with the right card.
     assert_eq!(vault.token_info(&old.token).await.unwrap().key_version, 1);
     assert_eq!(
-        forward_number(&stack, &mut vault, &old.token).await,
+        stack.forward_number(&mut vault, &old.token).await,
         synthetic_pan("400000", 1, 16)
     );
     assert_eq!(
-        forward_number(&stack, &mut vault, &fresh.token).await,
+        stack.forward_number(&mut vault, &fresh.token).await,
         synthetic_pan("400000", 2, 16)
     );
 
@@ -213,7 +175,7 @@ async fn rewrap_finishes_across_a_kill_and_never_resurrects_a_delete() {
     // Rewrapped records still carry the right card, and reuse finds them under the new
     // fingerprint version.
     assert_eq!(
-        forward_number(&stack, &mut vault, &tokens[7]).await,
+        stack.forward_number(&mut vault, &tokens[7]).await,
         synthetic_pan("400000", 7, 16)
     );
     let again = vault.tokenize(card(7), true).await.unwrap();

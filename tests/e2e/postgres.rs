@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use integration_tests::{ADMIN, Stack, StackDir, http_get, postgres_storage, synthetic_pan};
+use integration_tests::{
+    ADMIN, Stack, StackDir, http_get, postgres_storage, synthetic_pan, within,
+};
 use pgcluster::{APP_DATABASE, APP_USER, Cluster};
 use tonic::Code;
-use vault_client::{
-    AuditEvent, BatchItem, Card, ForwardRequest, KeyServiceClient, TokenInfo, VaultClient,
-};
+use vault_client::{AuditEvent, BatchItem, Card, KeyServiceClient, TokenInfo, VaultClient};
 
 async fn start_cluster() -> Cluster {
     tokio::task::spawn_blocking(Cluster::start)
@@ -64,57 +64,7 @@ fn card(prefix: &str, n: u64) -> Card {
     Card::new(&pan(prefix, n), 12, 2031)
 }
 
-/// Polls `check` every 100 ms until it returns Some, for at most `limit`.
-async fn within<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let started = Instant::now();
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-const CHARGE: &str = r#"{"number":"{{card.number}}","exp_month":"{{card.exp_month}}","exp_year":"{{card.exp_year}}"}"#;
 const CHARGE_WITH_CVC: &str = r#"{"number":"{{card.number}}","exp_month":"{{card.exp_month}}","exp_year":"{{card.exp_year}}","cvc":"{{card.cvc}}"}"#;
-
-/// Forwards `token`'s card to the sandbox through `vault`; returns what the sandbox
-/// received.
-async fn forward(
-    stack: &Stack,
-    vault: &mut VaultClient,
-    token: &str,
-    body: &str,
-) -> serde_json::Value {
-    let before = stack.sandbox.requests().len();
-    let answer = vault
-        .forward(ForwardRequest {
-            processor: "sandbox".into(),
-            method: "POST".into(),
-            path: "/v1/charges".into(),
-            headers: vec![("content-type".into(), "application/json".into())],
-            body: body.into(),
-            token: token.into(),
-            idempotency_key: None,
-        })
-        .await
-        .unwrap();
-    assert_eq!(answer.status, 200);
-    let received = stack.sandbox.requests();
-    assert_eq!(received.len(), before + 1);
-    serde_json::from_slice(&received[before].body).unwrap()
-}
-
-/// The card number the sandbox receives when `token` is forwarded through `vault`.
-async fn forward_number(stack: &Stack, vault: &mut VaultClient, token: &str) -> String {
-    let sent = forward(stack, vault, token, CHARGE).await;
-    sent["number"].as_str().unwrap().to_owned()
-}
 
 fn stored(items: Vec<BatchItem>) -> Vec<TokenInfo> {
     items
@@ -173,7 +123,7 @@ async fn served_by_the_other(
         let info = maker.tokenize(card(prefix, n), false).await.unwrap();
         assert_eq!(other.token_info(&info.token).await.unwrap(), info);
         assert_eq!(
-            forward_number(stack, other, &info.token).await,
+            stack.forward_number(other, &info.token).await,
             pan(prefix, n)
         );
         tokens.push(info.token);
@@ -315,7 +265,9 @@ async fn two_vaults_on_one_database_serve_every_token() {
         assert_eq!((now.key_version, &now.last_four), (2, &info.last_four));
     }
     assert_eq!(
-        forward_number(&stack, &mut a, &on_v1[BULK as usize + 7].token).await,
+        stack
+            .forward_number(&mut a, &on_v1[BULK as usize + 7].token)
+            .await,
         pan("440000", 7)
     );
 
@@ -549,7 +501,9 @@ async fn no_card_number_reaches_the_database_files() {
         .with_cardholder_name("Pat Example")
         .with_cvc("7315");
     let with_cvc = vault.tokenize(amex, false).await.unwrap().token;
-    let sent = forward(&stack, &mut vault, &with_cvc, CHARGE_WITH_CVC).await;
+    let sent = stack
+        .forward_to_sandbox(&mut vault, &with_cvc, CHARGE_WITH_CVC)
+        .await;
     assert_eq!(
         (sent["number"].as_str(), sent["cvc"].as_str()),
         (Some(&*pans[5]), Some("7315"))

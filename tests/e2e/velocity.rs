@@ -6,15 +6,7 @@ use tonic::Code;
 use vault_client::{Card, ForwardRequest, VaultClient};
 
 fn charge(token: &str) -> ForwardRequest {
-    ForwardRequest {
-        processor: "sandbox".into(),
-        method: "POST".into(),
-        path: "/v1/charges".into(),
-        headers: vec![("content-type".into(), "application/json".into())],
-        body: r#"{"number":"{{card.number}}","exp_month":"{{card.exp_month}}","exp_year":"{{card.exp_year}}"}"#.into(),
-        token: token.into(),
-        idempotency_key: None,
-    }
+    integration_tests::charge("sandbox", token, integration_tests::CHARGE)
 }
 
 async fn flags(vault: &mut VaultClient) -> Vec<(String, String)> {

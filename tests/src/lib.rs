@@ -283,6 +283,38 @@ impl SandboxServer {
     }
 }
 
+/// A sandbox charge body with the card's number and expiry.
+pub const CHARGE: &str = r#"{"number":"{{card.number}}","exp_month":"{{card.exp_month}}","exp_year":"{{card.exp_year}}"}"#;
+
+/// A POST /v1/charges forward of `token` to `processor` with `body` (a template).
+pub fn charge(processor: &str, token: &str, body: &str) -> vault_client::ForwardRequest {
+    vault_client::ForwardRequest {
+        processor: processor.into(),
+        method: "POST".into(),
+        path: "/v1/charges".into(),
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: body.into(),
+        token: token.into(),
+        idempotency_key: None,
+    }
+}
+
+/// Polls `check` every 50 ms until it returns Some, for at most `limit`.
+pub async fn within<T, F, Fut>(limit: std::time::Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// Whether the suite runs with the vault on PostgreSQL (`TOKENVAULT_TEST_STORAGE`).
 pub fn on_postgres() -> bool {
     std::env::var("TOKENVAULT_TEST_STORAGE").as_deref() == Ok("postgres")
@@ -508,6 +540,28 @@ impl Stack {
             admin_addr,
             running,
         }
+    }
+
+    /// Forwards `token`'s card to the sandbox through `vault` with `body`; returns the
+    /// JSON the sandbox received.
+    pub async fn forward_to_sandbox(
+        &self,
+        vault: &mut VaultClient,
+        token: &str,
+        body: &str,
+    ) -> serde_json::Value {
+        let before = self.sandbox.requests().len();
+        let answer = vault.forward(charge("sandbox", token, body)).await.unwrap();
+        assert_eq!(answer.status, 200);
+        let received = self.sandbox.requests();
+        assert_eq!(received.len(), before + 1);
+        serde_json::from_slice(&received[before].body).unwrap()
+    }
+
+    /// The card number the sandbox receives when `token` is forwarded through `vault`.
+    pub async fn forward_number(&self, vault: &mut VaultClient, token: &str) -> String {
+        let sent = self.forward_to_sandbox(vault, token, CHARGE).await;
+        sent["number"].as_str().unwrap().to_owned()
     }
 
     /// Client settings for `name` against another vault of this stack.

@@ -96,7 +96,12 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
         shutdown,
     )
     .await?;
-    let store = Arc::new(open_store(settings).await?);
+    // This vault's name among the vaults sharing a database (PostgreSQL only).
+    let node = match settings.storage.engine {
+        config::EngineKind::Postgres => Some(node_name(settings)?),
+        config::EngineKind::Rocksdb => None,
+    };
+    let store = Arc::new(open_store(settings, node.as_deref()).await?);
     let auditor = if settings.audit.enabled {
         Some(
             audit::Auditor::start(Arc::clone(&store), Arc::clone(&keys))
@@ -136,10 +141,7 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
         store: Arc::clone(&store),
         keys: Arc::clone(&keys),
         rewrap: Arc::clone(&rewrap),
-        node: match settings.storage.engine {
-            config::EngineKind::Postgres => Some(node_name(settings)?),
-            config::EngineKind::Rocksdb => None,
-        },
+        node,
         purge_interval_secs: settings.retention.purge_interval_secs,
         service: Arc::new(service::VaultService::new(
             store,
@@ -219,11 +221,11 @@ pub fn restore_backup(settings: &Settings, name: &str) -> Result<usize, Error> {
     Ok(copied)
 }
 
-async fn open_store(settings: &Settings) -> Result<Engine, Error> {
-    if let (config::EngineKind::Postgres, Some(postgres)) =
-        (settings.storage.engine, &settings.storage.postgres)
-    {
-        let store = store::postgres::PgStore::open(postgres, &node_name(settings)?)
+/// The configured engine: PostgreSQL when the vault has a node name for it, else
+/// RocksDB in `data_dir`.
+async fn open_store(settings: &Settings, node: Option<&str>) -> Result<Engine, Error> {
+    if let (Some(node), Some(postgres)) = (node, &settings.storage.postgres) {
+        let store = store::postgres::PgStore::open(postgres, node)
             .await
             .map_err(|e| Error::Storage {
                 path: "PostgreSQL (storage.postgres.url)".into(),
@@ -312,7 +314,7 @@ async fn report_storage(
 ) {
     let mut low = None;
     loop {
-        let now = service.low_disk();
+        let now = service.storage_trouble();
         if now.is_some() != low.is_some() {
             match &now {
                 Some(reason) => tracing::warn!(reason = %reason, "degraded"),

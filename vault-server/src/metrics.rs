@@ -113,7 +113,7 @@ impl StorageGauges {
         );
         storage.register(
             "unreachable",
-            "1 while the database (PostgreSQL) cannot be reached; 0 otherwise",
+            "1 while the database (PostgreSQL) cannot be reached or does not confirm writes; 0 otherwise",
             self.unreachable.clone(),
         );
     }
@@ -124,10 +124,7 @@ impl StorageGauges {
             ("data", stats.data_free_bytes),
             ("audit", stats.audit_free_bytes),
         ] {
-            // An engine with no local disk (PostgreSQL) reports none.
-            if free == u64::MAX {
-                continue;
-            }
+            let Some(free) = free else { continue };
             self.free_bytes
                 .get_or_create(&FilesystemLabels {
                     filesystem: filesystem.into(),

@@ -147,31 +147,38 @@ impl<S: Store> VaultService<S> {
         }
     }
 
-    /// Why the vault is degraded, if it is: the keyservice link is down, or a data or
-    /// audit filesystem is nearly full. It serves either way.
+    /// Why the vault is degraded, if it is: the keyservice link is down, a data or
+    /// audit filesystem is nearly full, or the database cannot be reached or does not
+    /// confirm writes. It serves (or tries to) either way.
     pub fn degraded(&self) -> Vec<String> {
         let mut reasons = Vec::new();
         if !*self.keys.connected().borrow() {
             reasons.push("the keyservice is unreachable; serving with the keys held".into());
         }
-        if let Some(reason) = self.low_disk() {
+        if let Some(reason) = self.storage_trouble() {
             reasons.push(reason);
         }
         reasons
     }
 
-    /// "the data disk is nearly full (… MiB free)", when it is (or the audit disk).
-    pub fn low_disk(&self) -> Option<String> {
+    /// What is wrong with the storage, if anything: the database cannot be reached or
+    /// does not confirm writes,
+    /// or "the data disk is nearly full (… MiB free)" (or the audit disk).
+    pub fn storage_trouble(&self) -> Option<String> {
         let stats = self.store.stats();
         if stats.unreachable {
-            return Some("the database cannot be reached".into());
+            return Some(
+                "the database cannot be reached, or does not confirm writes in time".into(),
+            );
         }
         [
             ("data", stats.data_free_bytes),
             ("audit log", stats.audit_free_bytes),
         ]
         .into_iter()
-        .find(|(_, free)| *free < self.low_disk_bytes)
+        .find_map(|(which, free)| {
+            Some((which, free?)).filter(|(_, free)| *free < self.low_disk_bytes)
+        })
         .map(|(which, free)| {
             format!(
                 "the {which} disk is nearly full ({} MiB free)",

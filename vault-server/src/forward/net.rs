@@ -156,22 +156,8 @@ impl ServerCertVerifier for PinnedVerifier {
 /// private-network rule, no redirects, https only, its timeouts.
 pub fn client(settings: &ProcessorSettings) -> Result<reqwest::Client, String> {
     let name = &settings.name;
-    let pem = std::fs::read(&settings.ca_file).map_err(|e| {
-        format!(
-            "processor {name:?}: cannot read ca_file {}: {e}",
-            settings.ca_file.display()
-        )
-    })?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        let cert = cert.map_err(|e| format!("processor {name:?}: ca_file is not PEM: {e}"))?;
-        roots.add(cert).map_err(|e| {
-            format!("processor {name:?}: ca_file holds an unusable certificate: {e}")
-        })?;
-    }
-    if roots.is_empty() {
-        return Err(format!("processor {name:?}: ca_file holds no certificate"));
-    }
+    let roots = runtime::tls::root_store(&settings.ca_file)
+        .map_err(|e| format!("processor {name:?}: ca_file: {e}"))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
         Arc::new(roots),

@@ -210,9 +210,10 @@ impl JobLock {
 /// engine cannot read is 0.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StoreStats {
-    /// Free space on the data and the audit log filesystems.
-    pub data_free_bytes: u64,
-    pub audit_free_bytes: u64,
+    /// Free space on the data and the audit log filesystems; none for an engine
+    /// without a local disk (PostgreSQL: the database's disks are its own to watch).
+    pub data_free_bytes: Option<u64>,
+    pub audit_free_bytes: Option<u64>,
     /// Table files on disk, and memtables in memory, over all data column families.
     pub table_bytes: u64,
     pub memtable_bytes: u64,
@@ -224,7 +225,9 @@ pub struct StoreStats {
     pub write_stopped: bool,
     pub delayed_write_rate: u64,
     pub block_cache_bytes: u64,
-    /// The database cannot be reached now (an engine over the network: PostgreSQL).
+    /// The database cannot be reached now, does not confirm writes (a synchronous
+    /// standby down), or this vault lost its node name (an engine over the network:
+    /// PostgreSQL).
     pub unreachable: bool,
 }
 

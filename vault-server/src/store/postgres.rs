@@ -214,33 +214,33 @@ impl Op {
         }
     }
 
+    /// Sends the op's result (what `try_group` did for it, or the group's error). A
+    /// caller that gave up is not waiting for it.
     fn answer(self, result: Result<Done, StoreError>) {
-        fn send<T>(reply: oneshot::Sender<Result<T, StoreError>>, result: Result<T, StoreError>) {
-            let _ = reply.send(result);
-        }
-        match (self, result) {
-            (Op::Insert { reply, .. }, Ok(Done::Insert(outcomes))) => send(reply, Ok(outcomes)),
-            (Op::Delete { reply, .. }, Ok(Done::Delete(outcome))) => send(reply, Ok(outcome)),
-            (Op::Rewrite { reply, .. }, Ok(Done::Rewrite(outcome))) => send(reply, Ok(outcome)),
-            (
-                Op::PutMeta { reply, .. }
-                | Op::PutOutcome { reply, .. }
-                | Op::RemoveOutcomes { reply, .. },
-                Ok(Done::Unit),
-            ) => send(reply, Ok(())),
-            (op, result) => {
-                let error = match result {
-                    Err(e) => e,
-                    Ok(_) => StoreError::Engine("mismatched write result".into()),
-                };
-                match op {
-                    Op::Insert { reply, .. } => send(reply, Err(error)),
-                    Op::Delete { reply, .. } => send(reply, Err(error)),
-                    Op::Rewrite { reply, .. } => send(reply, Err(error)),
-                    Op::PutMeta { reply, .. }
-                    | Op::PutOutcome { reply, .. }
-                    | Op::RemoveOutcomes { reply, .. } => send(reply, Err(error)),
-                }
+        let mismatch = || StoreError::Engine("mismatched write result".into());
+        match self {
+            Op::Insert { reply, .. } => {
+                let _ = reply.send(result.and_then(|done| match done {
+                    Done::Insert(outcomes) => Ok(outcomes),
+                    _ => Err(mismatch()),
+                }));
+            }
+            Op::Delete { reply, .. } => {
+                let _ = reply.send(result.and_then(|done| match done {
+                    Done::Delete(outcome) => Ok(outcome),
+                    _ => Err(mismatch()),
+                }));
+            }
+            Op::Rewrite { reply, .. } => {
+                let _ = reply.send(result.and_then(|done| match done {
+                    Done::Rewrite(outcome) => Ok(outcome),
+                    _ => Err(mismatch()),
+                }));
+            }
+            Op::PutMeta { reply, .. }
+            | Op::PutOutcome { reply, .. }
+            | Op::RemoveOutcomes { reply, .. } => {
+                let _ = reply.send(result.map(drop));
             }
         }
     }
@@ -352,7 +352,7 @@ impl Connect {
             .url
             .parse()
             .map_err(|e| StoreError::Engine(format!("storage.postgres.url: {e}")))?;
-        config.password(read_password(&settings.password_file)?);
+        config.password(read_password(&settings.password_file)?.as_slice());
         config.ssl_mode(SslMode::Require);
         config.connect_timeout(Duration::from_millis(settings.connect_timeout_ms));
         // A primary that vanishes without closing its connections (power loss, a cut
@@ -419,27 +419,8 @@ impl std::fmt::Debug for Connect {
 }
 
 fn tls_config(ca_file: &Path) -> Result<rustls::ClientConfig, StoreError> {
-    let pem = std::fs::read(ca_file).map_err(|e| {
-        StoreError::Engine(format!(
-            "cannot read the database CA file {}: {e}",
-            ca_file.display()
-        ))
-    })?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        let cert = cert.map_err(|e| {
-            StoreError::Engine(format!("bad certificate in {}: {e}", ca_file.display()))
-        })?;
-        roots
-            .add(cert)
-            .map_err(|e| StoreError::Engine(format!("bad CA certificate: {e}")))?;
-    }
-    if roots.is_empty() {
-        return Err(StoreError::Engine(format!(
-            "no certificate in the database CA file {}",
-            ca_file.display()
-        )));
-    }
+    let roots = runtime::tls::root_store(ca_file)
+        .map_err(|e| StoreError::Engine(format!("storage.postgres.ca_file: {e}")))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -448,22 +429,19 @@ fn tls_config(ca_file: &Path) -> Result<rustls::ClientConfig, StoreError> {
         .with_no_client_auth())
 }
 
-fn read_password(file: &Path) -> Result<Vec<u8>, StoreError> {
-    let text = std::fs::read(file).map_err(|e| {
-        StoreError::Engine(format!(
-            "cannot read the database password file {}: {e}",
-            file.display()
-        ))
-    })?;
+/// The role's password: the first line of a file only its owner may read.
+fn read_password(file: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>, StoreError> {
+    let text = runtime::secret_file::read_owner_only(file)
+        .map_err(|e| StoreError::Engine(format!("storage.postgres.password_file: {e}")))?;
     let line = text.split(|b| *b == b'\n').next().unwrap_or_default();
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     if line.is_empty() {
         return Err(StoreError::Engine(format!(
-            "the database password file {} is empty",
+            "storage.postgres.password_file: {} is empty",
             file.display()
         )));
     }
-    Ok(line.to_vec())
+    Ok(zeroize::Zeroizing::new(line.to_vec()))
 }
 
 /// A PostgreSQL error as the store reports it: the SQLSTATE and message only (a
@@ -1150,12 +1128,11 @@ enum IndexLocks {
 }
 
 impl IndexLocks {
-    /// The statements' parameters: the index lock to take (shared with `Keys`), and
-    /// the keys.
-    fn keys(&self) -> Vec<i64> {
+    /// The keys to lock one by one (none when the whole index is locked).
+    fn keys(&self) -> &[i64] {
         match self {
-            IndexLocks::Keys(keys) => keys.clone(),
-            IndexLocks::Whole => Vec::new(),
+            IndexLocks::Keys(keys) => keys,
+            IndexLocks::Whole => &[],
         }
     }
 }
@@ -1241,10 +1218,10 @@ async fn try_group(
                 Done::Insert(outcomes)
             }
             Op::Delete { delete, .. } => {
-                Done::Delete(delete_one(client, delete, &mut deltas).await?)
+                Done::Delete(delete_one(client, &statements, delete, &mut deltas).await?)
             }
             Op::Rewrite { rewrite, .. } => {
-                Done::Rewrite(rewrite_one(client, rewrite, &mut deltas).await?)
+                Done::Rewrite(rewrite_one(client, &statements, rewrite, &mut deltas).await?)
             }
             Op::PutMeta { key, value, .. } => {
                 client.execute(&statements.put_meta, &[key, value]).await?;
@@ -1345,6 +1322,11 @@ struct Statements {
     insert_records: tokio_postgres::Statement,
     put_entries: tokio_postgres::Statement,
     add_counts: tokio_postgres::Statement,
+    current: tokio_postgres::Statement,
+    remove_record: tokio_postgres::Statement,
+    remove_entry: tokio_postgres::Statement,
+    rewrite_record: tokio_postgres::Statement,
+    put_entry_if_stale: tokio_postgres::Statement,
     put_meta: tokio_postgres::Statement,
     put_outcome: tokio_postgres::Statement,
     remove_outcomes: tokio_postgres::Statement,
@@ -1410,6 +1392,32 @@ impl Statements {
                      SELECT $1, u, v, n FROM unnest($2::int2[], $3::int4[], $4::int8[]) AS t(u, v, n)
                      ON CONFLICT (slot, key_use, version)
                      DO UPDATE SET records = version_counts.records + excluded.records",
+                )
+                .await?,
+            current: client
+                .prepare_cached("SELECT value FROM records WHERE token = $1")
+                .await?,
+            remove_record: client
+                .prepare_cached("DELETE FROM records WHERE token = $1")
+                .await?,
+            // Only if it names this token: another live token may own it.
+            remove_entry: client
+                .prepare_cached("DELETE FROM fingerprints WHERE index_key = $1 AND token = $2")
+                .await?,
+            rewrite_record: client
+                .prepare_cached(
+                    "UPDATE records SET value = $2, card_data_version = $3,
+                         fingerprint_version = $4, expires_at_unix_ms = $5, card_key = $6
+                     WHERE token = $1",
+                )
+                .await?,
+            // Another live token of the same card may own the entry already; a stale
+            // one (its record gone) is replaced.
+            put_entry_if_stale: client
+                .prepare_cached(
+                    "INSERT INTO fingerprints (index_key, token) VALUES ($1, $2)
+                     ON CONFLICT (index_key) DO UPDATE SET token = excluded.token
+                     WHERE NOT EXISTS (SELECT 1 FROM records r WHERE r.token = fingerprints.token)",
                 )
                 .await?,
             put_meta: client
@@ -1587,38 +1595,34 @@ impl Planned<'_> {
 }
 
 /// The record's current bytes (its row is locked by `try_group`).
-async fn current(client: &Object, token: &str) -> Result<Option<Vec<u8>>, tokio_postgres::Error> {
-    let statement = client
-        .prepare_cached("SELECT value FROM records WHERE token = $1")
-        .await?;
+async fn current(
+    client: &Object,
+    statements: &Statements,
+    token: &str,
+) -> Result<Option<Vec<u8>>, tokio_postgres::Error> {
     Ok(client
-        .query_opt(&statement, &[&token])
+        .query_opt(&statements.current, &[&token])
         .await?
         .map(|row| row.get(0)))
 }
 
 async fn delete_one(
     client: &Object,
+    statements: &Statements,
     delete: &Delete,
     deltas: &mut CountMap,
 ) -> Result<DeleteOutcome, tokio_postgres::Error> {
     let token = delete.token.as_str();
-    match current(client, token).await? {
+    match current(client, statements, token).await? {
         None => return Ok(DeleteOutcome::NotFound),
         Some(value) if value != delete.expected => return Ok(DeleteOutcome::Changed),
         Some(_) => {}
     }
-    let remove_record = client
-        .prepare_cached("DELETE FROM records WHERE token = $1")
-        .await?;
-    let remove_entry = client
-        .prepare_cached("DELETE FROM fingerprints WHERE index_key = $1 AND token = $2")
-        .await?;
     let record_params: [&(dyn ToSql + Sync); 1] = [&token];
     let entry_params: [&(dyn ToSql + Sync); 2] = [&delete.index_key, &token];
     tokio::try_join!(
-        client.execute(&remove_record, &record_params),
-        client.execute(&remove_entry, &entry_params),
+        client.execute(&statements.remove_record, &record_params),
+        client.execute(&statements.remove_entry, &entry_params),
     )?;
     count(deltas, delete.versions, -1);
     Ok(DeleteOutcome::Deleted)
@@ -1626,24 +1630,18 @@ async fn delete_one(
 
 async fn rewrite_one(
     client: &Object,
+    statements: &Statements,
     rewrite: &Rewrite,
     deltas: &mut CountMap,
 ) -> Result<RewriteOutcome, tokio_postgres::Error> {
     let token = rewrite.token.as_str();
-    if current(client, token).await?.as_deref() != Some(rewrite.expected.as_slice()) {
+    if current(client, statements, token).await?.as_deref() != Some(rewrite.expected.as_slice()) {
         return Ok(RewriteOutcome::Changed);
     }
-    let update = client
-        .prepare_cached(
-            "UPDATE records SET value = $2, card_data_version = $3, fingerprint_version = $4,
-                 expires_at_unix_ms = $5, card_key = $6
-             WHERE token = $1",
-        )
-        .await?;
     let new = rewrite.new_versions;
     client
         .execute(
-            &update,
+            &statements.rewrite_record,
             &[
                 &token,
                 &rewrite.value,
@@ -1655,23 +1653,11 @@ async fn rewrite_one(
         )
         .await?;
     if rewrite.old_index_key != rewrite.new_index_key {
-        let remove_old = client
-            .prepare_cached("DELETE FROM fingerprints WHERE index_key = $1 AND token = $2")
-            .await?;
-        // Another live token of the same card may own the new entry already; a stale
-        // one (its record gone) is replaced.
-        let put_new = client
-            .prepare_cached(
-                "INSERT INTO fingerprints (index_key, token) VALUES ($1, $2)
-                 ON CONFLICT (index_key) DO UPDATE SET token = excluded.token
-                 WHERE NOT EXISTS (SELECT 1 FROM records r WHERE r.token = fingerprints.token)",
-            )
-            .await?;
         let old_params: [&(dyn ToSql + Sync); 2] = [&rewrite.old_index_key, &token];
         let new_params: [&(dyn ToSql + Sync); 2] = [&rewrite.new_index_key, &token];
         tokio::try_join!(
-            client.execute(&remove_old, &old_params),
-            client.execute(&put_new, &new_params),
+            client.execute(&statements.remove_entry, &old_params),
+            client.execute(&statements.put_entry_if_stale, &new_params),
         )?;
     }
     count(deltas, rewrite.old_versions, -1);
@@ -1730,10 +1716,7 @@ impl Store for PgStore {
     }
 
     fn stats(&self) -> StoreStats {
-        // The database's disks are the database's to watch; nothing local fills up.
         StoreStats {
-            data_free_bytes: u64::MAX,
-            audit_free_bytes: u64::MAX,
             unreachable: self.health.troubled(),
             ..StoreStats::default()
         }

@@ -539,8 +539,8 @@ impl Store for RocksStore {
 
     fn stats(&self) -> StoreStats {
         let mut stats = StoreStats {
-            data_free_bytes: free_bytes(&self.dir),
-            audit_free_bytes: free_bytes(&self.audit_dir),
+            data_free_bytes: Some(free_bytes(&self.dir)),
+            audit_free_bytes: Some(free_bytes(&self.audit_dir)),
             block_cache_bytes: self.cache.get_usage() as u64,
             ..StoreStats::default()
         };
