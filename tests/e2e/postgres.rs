@@ -542,7 +542,7 @@ async fn no_card_number_reaches_the_database_files() {
         let relative = file.strip_prefix(cluster.data_dir()).unwrap_or(file);
         // A card number stands in a run of digits: look in those only (the cluster is
         // tens of MB, scanned at -O0). Inside a longer run counts too (stricter than
-        // `contains_digit_run`).
+        // `contains_word`).
         let runs = digit_runs(&bytes, 15);
         let holds = |number: &str| {
             runs.iter()

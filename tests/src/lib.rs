@@ -777,14 +777,33 @@ pub fn synthetic_pan(prefix: &str, n: u64, len: usize) -> String {
     body
 }
 
-/// Whether `run` stands in `bytes` as a digit run of its own (not inside a longer run
-/// of digits): how tests look for a short value such as a CVC.
-pub fn contains_digit_run(bytes: &[u8], run: &[u8]) -> bool {
-    bytes.windows(run.len()).enumerate().any(|(i, w)| {
-        w == run
-            && (i == 0 || !bytes[i - 1].is_ascii_digit())
-            && bytes.get(i + run.len()).is_none_or(|b| !b.is_ascii_digit())
-    })
+/// Whether `word` stands in `bytes` as a word of its own, between characters that are
+/// not ASCII letters or digits: how tests look for a short value such as a CVC. (A
+/// CVC of four digits turns up inside random hexadecimal, such as request ids and TLS
+/// dumps in a TRACE log, often enough to fail a run now and then.)
+pub fn contains_word(bytes: &[u8], word: &[u8]) -> bool {
+    word_line(bytes, word).is_some()
+}
+
+/// The line of `bytes` where `word` first stands as a word of its own, for a failing
+/// test to show (tests only ever hold synthetic card data).
+pub fn word_line(bytes: &[u8], word: &[u8]) -> Option<String> {
+    let at = bytes.windows(word.len()).enumerate().position(|(i, w)| {
+        w == word
+            && (i == 0 || !bytes[i - 1].is_ascii_alphanumeric())
+            && bytes
+                .get(i + word.len())
+                .is_none_or(|b| !b.is_ascii_alphanumeric())
+    })?;
+    let start = bytes[..at]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |n| n + 1);
+    let end = bytes[at..]
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(bytes.len(), |n| at + n);
+    Some(String::from_utf8_lossy(&bytes[start..end]).into_owned())
 }
 
 /// Opens a stopped vault's RocksDB directly, every column family, as an attacker or
