@@ -60,8 +60,9 @@ pub struct PostgresSettings {
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
     /// Longest a commit may take to be confirmed (a synchronous standby that stopped
-    /// answering makes it wait forever): then the calls get UNAVAILABLE, nothing is
-    /// acknowledged, and the connection is dropped.
+    /// answering makes it wait forever): then the calls get UNAVAILABLE and nothing is
+    /// acknowledged. Its connection is kept until the database answers for it, and its
+    /// writer starts no other commit meanwhile (see `CommitLane`).
     #[serde(default = "default_commit_timeout_ms")]
     pub commit_timeout_ms: u64,
     /// Apply schema migrations at start-up. Off: the vault refuses to start on a
@@ -294,8 +295,8 @@ impl Counts {
 pub struct PgStore {
     pool: Pool,
     connect: Connect,
-    /// See `PostgresSettings::commit_timeout_ms`.
-    commit_timeout: Duration,
+    /// The audit log's commits.
+    audit_lane: CommitLane,
     /// Dropped with the store: ends the task holding this vault's node name.
     _node_name: oneshot::Sender<()>,
     queue: mpsc::Sender<Op>,
@@ -333,7 +334,74 @@ struct Writer {
     /// This vault's counts lock: every write group takes it shared, a recount of the
     /// vault's own counts exclusively (see `recount_own`).
     counts_lock: i64,
-    commit_timeout: Duration,
+    lane: CommitLane,
+}
+
+/// A commit path (one per writer, one for the audit log) with at most one commit the
+/// database has not answered for.
+///
+/// A commit not confirmed in time may still be waiting for the synchronous standby,
+/// its server process with it, and cancelling or ending that process would make the
+/// commit visible before the standby has it. So its connection is kept until the
+/// database answers for it, and meanwhile the lane starts no other commit: a long
+/// standby outage holds one server process per lane, not one more for every call that
+/// timed out (which would end in `max_connections` refusing everyone).
+#[derive(Debug, Clone)]
+struct CommitLane {
+    free: Arc<tokio::sync::Mutex<()>>,
+    /// See `PostgresSettings::commit_timeout_ms`.
+    timeout: Duration,
+}
+
+/// The lane taken, for one commit: freed when dropped.
+struct InFlight {
+    _taken: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl CommitLane {
+    fn new(timeout: Duration) -> Self {
+        Self {
+            free: Arc::default(),
+            timeout,
+        }
+    }
+
+    /// Waits, within the commit timeout, for the lane's unanswered commit (if any).
+    async fn enter(&self) -> Result<InFlight, StoreError> {
+        match tokio::time::timeout(self.timeout, Arc::clone(&self.free).lock_owned()).await {
+            Ok(taken) => Ok(InFlight { _taken: taken }),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "the database has not answered for an earlier commit in {} s (is the \
+                 synchronous standby answering?)",
+                self.timeout.as_secs_f64()
+            ))),
+        }
+    }
+
+    /// The error for a commit not confirmed in time, `what` naming it.
+    fn timed_out(&self, what: &str) -> StoreError {
+        StoreError::Unavailable(format!(
+            "the database did not confirm {what} within {} s (is the synchronous standby \
+             answering?)",
+            self.timeout.as_secs_f64()
+        ))
+    }
+}
+
+impl InFlight {
+    /// Keeps `client`, whose commit timed out, until the database answers for it, then
+    /// closes it and frees the lane. The rollback queues behind whatever the
+    /// connection was doing: it answers once that has, and ends a transaction whose
+    /// COMMIT was never sent.
+    fn keep_until_answered(self, client: Object) {
+        let client = Object::take(client);
+        tokio::spawn(async move {
+            let _ = client.batch_execute("ROLLBACK").await;
+            drop(client);
+            tracing::info!("the database answered for a commit that had timed out");
+            drop(self);
+        });
+    }
 }
 
 /// What opening a dedicated connection (for a job lock) needs.
@@ -625,7 +693,7 @@ impl PgStore {
             let writer = Writer {
                 slot: slot.clone(),
                 counts_lock,
-                commit_timeout,
+                lane: CommitLane::new(commit_timeout),
             };
             tokio::spawn(write(
                 pool.clone(),
@@ -645,7 +713,7 @@ impl PgStore {
         Ok(Self {
             pool,
             connect,
-            commit_timeout,
+            audit_lane: CommitLane::new(commit_timeout),
             _node_name: node_name,
             queue,
             counts,
@@ -670,20 +738,16 @@ impl PgStore {
     /// ones onto it, and moves the anchor (`audit::HEAD_KEY`) with them, so that it
     /// never goes backwards whichever vault appends.
     async fn append_audit_once(&self, seal: AuditSeal) -> Result<Vec<u64>, StoreError> {
+        let in_flight = self.audit_lane.enter().await?;
         let client = self.client().await?;
         let Ok(appended) =
-            tokio::time::timeout(self.commit_timeout, append_audit(&client, seal)).await
+            tokio::time::timeout(self.audit_lane.timeout, append_audit(&client, seal)).await
         else {
-            drop(Object::take(client));
-            return Err(StoreError::Unavailable(format!(
-                "the database did not confirm an audit commit within {} s",
-                self.commit_timeout.as_secs_f64()
-            )));
+            in_flight.keep_until_answered(client);
+            return Err(self.audit_lane.timed_out("an audit commit"));
         };
-        if appended.is_err()
-            && (client.is_closed() || client.batch_execute("ROLLBACK").await.is_err())
-        {
-            drop(Object::take(client));
+        if appended.is_err() {
+            release_after_failure(client).await;
         }
         appended.map_err(pg)
     }
@@ -1086,29 +1150,23 @@ async fn commit_group(
     group: &[Op],
     writer: &Writer,
 ) -> Result<(Vec<Done>, CountMap), StoreError> {
-    let commit_timeout = writer.commit_timeout;
     let mut tries = 0;
     loop {
         tries += 1;
+        let in_flight = writer.lane.enter().await?;
         let mut client = pool.get().await.map_err(pool_error)?;
         let Ok(tried) =
-            tokio::time::timeout(commit_timeout, try_group(&mut client, group, writer)).await
+            tokio::time::timeout(writer.lane.timeout, try_group(&mut client, group, writer)).await
         else {
             // Whether it committed is unknown; it was not acknowledged.
-            drop(Object::take(client));
-            return Err(StoreError::Unavailable(format!(
-                "the database did not confirm a commit within {} s (is the synchronous \
-                 standby answering?)",
-                commit_timeout.as_secs_f64()
-            )));
+            in_flight.keep_until_answered(client);
+            return Err(writer.lane.timed_out("a commit"));
         };
         match tried {
             Ok(done) => return Ok(done),
             Err(e) => {
                 // Leave no connection inside a failed transaction in the pool.
-                if client.is_closed() || client.batch_execute("ROLLBACK").await.is_err() {
-                    drop(Object::take(client));
-                }
+                release_after_failure(client).await;
                 if lost_a_race(&e) && tries < GROUP_TRIES {
                     tracing::debug!(error = %pg(e), "write group lost a race; planned again");
                     tokio::time::sleep(Duration::from_millis(5 * tries as u64)).await;
@@ -2220,24 +2278,50 @@ mod tests {
         );
 
         standby.stop_immediate().unwrap();
-        let started = std::time::Instant::now();
-        let unconfirmed = Token::generate().unwrap();
-        let error = store
-            .insert(vec![record(&unconfirmed, b"unconfirmed")])
-            .await
-            .unwrap_err();
-        assert!(matches!(error, StoreError::Unavailable(_)), "{error:?}");
-        assert!(
-            started.elapsed() >= Duration::from_millis(1_400),
-            "{:?}",
-            started.elapsed()
-        );
+        // More timed-out calls than the store has commit lanes (two writers and the
+        // audit log): each fails after the timeout, but no more server processes than
+        // lanes are left waiting for the standby.
+        let mut unconfirmed = Vec::new();
+        for n in 0..4 {
+            let started = std::time::Instant::now();
+            let token = Token::generate().unwrap();
+            let error = store
+                .insert(vec![record(&token, format!("unconfirmed {n}").as_bytes())])
+                .await
+                .unwrap_err();
+            assert!(matches!(error, StoreError::Unavailable(_)), "{error:?}");
+            assert!(
+                started.elapsed() >= Duration::from_millis(1_400),
+                "{:?}",
+                started.elapsed()
+            );
+            unconfirmed.push(token);
+        }
         assert!(
             store.stats().unreachable,
             "health must say writes are not confirmed"
         );
-        let error = store.append_audit(numbered(1, 1)).await.unwrap_err();
-        assert!(matches!(error, StoreError::Unavailable(_)), "{error:?}");
+        for _ in 0..2 {
+            let error = store.append_audit(numbered(1, 1)).await.unwrap_err();
+            assert!(matches!(error, StoreError::Unavailable(_)), "{error:?}");
+        }
+        let waiting = |primary: &Cluster| -> u64 {
+            primary
+                .psql(
+                    "sync",
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep' \
+                     AND application_name = 'vault-server'",
+                )
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let stuck = waiting(&primary);
+        assert!(
+            (2..=3).contains(&stuck),
+            "{stuck} server processes wait for the standby (a writer's and the audit \
+             log's at least, one per lane at most)"
+        );
 
         let mut standby = tokio::task::spawn_blocking(move || {
             standby.restart().unwrap();
@@ -2265,8 +2349,9 @@ mod tests {
             "writes did not resume"
         );
         assert!(!store.stats().unreachable);
-        // The unconfirmed insert landed once the standby had it: this vault's own
-        // counts (they feed key destroy checks) catch up with the rows, not stay short.
+        // The unconfirmed inserts that reached the database landed once the standby
+        // had them: this vault's own counts (they feed key destroy checks) catch up
+        // with the rows, not stay short.
         let rows = || -> u64 {
             primary
                 .psql("sync", "SELECT count(*) FROM records")
@@ -2291,7 +2376,26 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        assert_eq!(rows(), 3, "the unconfirmed record is there now");
+        let landed = |token: &Token| {
+            primary
+                .psql(
+                    "sync",
+                    &format!("SELECT count(*) FROM records WHERE token = '{token}'"),
+                )
+                .unwrap()
+                == "1"
+        };
+        assert!(landed(&before) && landed(&after));
+        assert!(
+            landed(&unconfirmed[0]),
+            "the first unconfirmed record is there now"
+        );
+        // The connections kept for the unanswered commits are closed.
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while waiting(&primary) > 0 {
+            assert!(std::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
 
         // The audit log goes on from what is stored: the end the failed append may
         // have left behind (it may land any moment now), or nothing.
