@@ -20,11 +20,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use deadpool::Runtime;
+use deadpool_postgres::ClientWrapper;
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::config::SslMode;
@@ -56,7 +57,8 @@ pub struct PostgresSettings {
     /// Writer tasks, each committing its own group of writes at a time.
     #[serde(default = "default_writers")]
     pub writers: usize,
-    /// Longest wait to open a connection, or for a free one.
+    /// Longest one host may take to give a new connection (TCP, TLS, authentication),
+    /// and the longest wait for a free one.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
     /// Longest a commit may take to be confirmed (a synchronous standby that stopped
@@ -145,8 +147,6 @@ const MAX_GROUP_RECORDS: usize = 4096;
 /// transaction fills PostgreSQL's lock table (max_locks_per_transaction x
 /// connections, shared by the whole server).
 const MAX_KEY_LOCKS: usize = 128;
-/// TLS and authentication of a new connection, beyond the TCP connect.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Session settings of every connection (`session_options`): commits wait for the
 /// synchronous standbys whatever the role's defaults say; a transaction left open by a
 /// vault that vanished releases its locks; a lock wait ends in an error, not a hang.
@@ -294,7 +294,7 @@ impl Counts {
 #[derive(Debug)]
 pub struct PgStore {
     pool: Pool,
-    connect: Connect,
+    connect: Connector,
     /// The audit log's commits.
     audit_lane: CommitLane,
     /// Dropped with the store: ends the task holding this vault's node name.
@@ -404,17 +404,41 @@ impl InFlight {
     }
 }
 
-/// What opening a dedicated connection (for a job lock) needs.
+/// Opens connections to the database host that accepts writes.
+///
+/// The hosts of `url` are tried in turn, the one that answered last first, and each
+/// attempt (TCP, TLS, authentication, the read-write check) has `connect_timeout_ms`
+/// in all. The client library's own timeout covers only TCP, so a host that accepts
+/// connections but never answers (a hung server, a stuck proxy) would hold every new
+/// connection; here it is passed over like a host that refuses. Serves the pool and
+/// the connections of their own that session locks need.
 #[derive(Clone)]
-struct Connect {
-    config: tokio_postgres::Config,
+struct Connector {
+    /// One configuration per host, in the order of `url`.
+    hosts: Arc<[tokio_postgres::Config]>,
     tls: tokio_postgres_rustls::MakeRustlsConnect,
-    /// Longest a new connection may take: every host's connect timeout, then TLS and
-    /// authentication (for which the client library has no timeout of its own).
-    connect_budget: Duration,
+    /// Longest one host's attempt may take.
+    attempt_timeout: Duration,
+    /// The host that answered last.
+    preferred: Arc<AtomicUsize>,
 }
 
-impl Connect {
+/// Why no host gave a connection: what each one did.
+#[derive(Debug)]
+struct ConnectError(String);
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConnectError {}
+
+type Pool = deadpool::managed::Pool<Connector>;
+type Object = deadpool::managed::Object<Connector>;
+
+impl Connector {
     fn from_settings(settings: &PostgresSettings) -> Result<Self, StoreError> {
         let mut config: tokio_postgres::Config = settings
             .url
@@ -439,18 +463,50 @@ impl Connect {
         };
         config.options(&options);
         let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(&settings.ca_file)?);
-        let hosts = config.get_hosts().len().max(1) as u32;
-        let connect_budget =
-            Duration::from_millis(settings.connect_timeout_ms) * hosts + HANDSHAKE_TIMEOUT;
         Ok(Self {
-            config,
+            hosts: one_per_host(&config)?.into(),
             tls,
-            connect_budget,
+            attempt_timeout: Duration::from_millis(settings.connect_timeout_ms),
+            preferred: Arc::default(),
         })
     }
-}
 
-impl Connect {
+    /// Longest a new connection may take: every host's attempt.
+    fn budget(&self) -> Duration {
+        self.attempt_timeout * self.hosts.len() as u32
+    }
+
+    /// A connection to the first host (the one that answered last, then the others in
+    /// order) that accepts it within the attempt timeout and takes writes; its
+    /// connection task runs on its own.
+    async fn connect(
+        &self,
+    ) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), ConnectError> {
+        let first = self.preferred.load(Ordering::Relaxed);
+        let mut failures = Vec::with_capacity(self.hosts.len());
+        for n in 0..self.hosts.len() {
+            let host = (first + n) % self.hosts.len();
+            let config = &self.hosts[host];
+            let attempt = config.connect(self.tls.clone());
+            let failure = match tokio::time::timeout(self.attempt_timeout, attempt).await {
+                Ok(Ok((client, connection))) => {
+                    self.preferred.store(host, Ordering::Relaxed);
+                    let task = tokio::spawn(async move {
+                        let _ = connection.await;
+                    });
+                    return Ok((client, task));
+                }
+                Ok(Err(e)) => describe(&e),
+                Err(_) => format!("no answer within {} s", self.attempt_timeout.as_secs_f64()),
+            };
+            failures.push(format!("{}: {failure}", host_name(config)));
+        }
+        Err(ConnectError(format!(
+            "no database host took the connection ({})",
+            failures.join("; ")
+        )))
+    }
+
     /// Takes session advisory lock `key` on a connection of its own, if free. The lock
     /// lasts as long as that connection: the returned guard holds it, and the receiver
     /// fires when the connection ends.
@@ -458,31 +514,147 @@ impl Connect {
         &self,
         key: i64,
     ) -> Result<Option<(HeldLock, oneshot::Receiver<()>)>, StoreError> {
-        let take = async {
-            let (client, connection) = self.config.connect(self.tls.clone()).await?;
-            let (ended, lost) = oneshot::channel();
-            tokio::spawn(async move {
-                let _ = connection.await;
-                let _ = ended.send(());
-            });
-            let held: bool = client
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
-                .await?
-                .get(0);
-            Ok(held.then_some((HeldLock { _client: client }, lost)))
-        };
-        match tokio::time::timeout(self.connect_budget, take).await {
-            Ok(taken) => taken.map_err(pg),
-            Err(_) => Err(StoreError::Unavailable(
-                "the database did not answer a new connection in time".into(),
-            )),
-        }
+        let (client, task) = self
+            .connect()
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let (ended, lost) = oneshot::channel();
+        tokio::spawn(async move {
+            let _ = task.await;
+            let _ = ended.send(());
+        });
+        let held: bool = tokio::time::timeout(
+            self.attempt_timeout,
+            client.query_one("SELECT pg_try_advisory_lock($1)", &[&key]),
+        )
+        .await
+        .map_err(|_| StoreError::Unavailable("the database did not answer in time".into()))?
+        .map_err(pg)?
+        .get(0);
+        Ok(held.then_some((HeldLock { _client: client }, lost)))
     }
 }
 
-impl std::fmt::Debug for Connect {
+impl deadpool::managed::Manager for Connector {
+    type Type = ClientWrapper;
+    type Error = ConnectError;
+
+    async fn create(&self) -> Result<ClientWrapper, ConnectError> {
+        let (client, task) = self.connect().await?;
+        Ok(ClientWrapper::new(client, task))
+    }
+
+    async fn recycle(
+        &self,
+        client: &mut ClientWrapper,
+        _: &deadpool::managed::Metrics,
+    ) -> deadpool::managed::RecycleResult<ConnectError> {
+        // A broken connection is found by its next statement, which fails as
+        // unavailable; a closed one is not handed out again.
+        if client.is_closed() {
+            return Err(deadpool::managed::RecycleError::message(
+                "the connection is closed",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `config` once per host it names (with that host's address and port), everything
+/// else the same; `config` itself when it names no host (the client library then says
+/// what is missing).
+fn one_per_host(
+    config: &tokio_postgres::Config,
+) -> Result<Vec<tokio_postgres::Config>, StoreError> {
+    let hosts = config.get_hosts();
+    let addrs = config.get_hostaddrs();
+    let ports = config.get_ports();
+    let count = hosts.len().max(addrs.len());
+    if count == 0 {
+        return Ok(vec![config.clone()]);
+    }
+    let port_of = |n: usize| match ports {
+        [] => Ok(None),
+        [port] => Ok(Some(*port)),
+        ports if ports.len() == count => Ok(Some(ports[n])),
+        _ => Err(StoreError::Engine(
+            "storage.postgres.url: give one port, or one per host".into(),
+        )),
+    };
+    (0..count)
+        .map(|n| {
+            let mut one = tokio_postgres::Config::new();
+            if let Some(user) = config.get_user() {
+                one.user(user);
+            }
+            if let Some(password) = config.get_password() {
+                one.password(password);
+            }
+            if let Some(dbname) = config.get_dbname() {
+                one.dbname(dbname);
+            }
+            if let Some(options) = config.get_options() {
+                one.options(options);
+            }
+            if let Some(name) = config.get_application_name() {
+                one.application_name(name);
+            }
+            one.ssl_mode(config.get_ssl_mode())
+                .ssl_negotiation(config.get_ssl_negotiation());
+            match hosts.get(n) {
+                Some(tokio_postgres::config::Host::Tcp(host)) => {
+                    one.host(host);
+                }
+                Some(tokio_postgres::config::Host::Unix(path)) => {
+                    one.host_path(path);
+                }
+                None => {}
+            }
+            if let Some(addr) = addrs.get(n) {
+                one.hostaddr(*addr);
+            }
+            if let Some(port) = port_of(n)? {
+                one.port(port);
+            }
+            if let Some(timeout) = config.get_connect_timeout() {
+                one.connect_timeout(*timeout);
+            }
+            if let Some(timeout) = config.get_tcp_user_timeout() {
+                one.tcp_user_timeout(*timeout);
+            }
+            one.keepalives(config.get_keepalives())
+                .keepalives_idle(config.get_keepalives_idle());
+            if let Some(interval) = config.get_keepalives_interval() {
+                one.keepalives_interval(interval);
+            }
+            if let Some(retries) = config.get_keepalives_retries() {
+                one.keepalives_retries(retries);
+            }
+            one.target_session_attrs(config.get_target_session_attrs())
+                .channel_binding(config.get_channel_binding())
+                .load_balance_hosts(config.get_load_balance_hosts());
+            Ok(one)
+        })
+        .collect()
+}
+
+/// How an error names the host of a one-host configuration.
+fn host_name(config: &tokio_postgres::Config) -> String {
+    let host = match (config.get_hosts().first(), config.get_hostaddrs().first()) {
+        (Some(tokio_postgres::config::Host::Tcp(host)), _) => host.clone(),
+        (Some(tokio_postgres::config::Host::Unix(path)), _) => path.display().to_string(),
+        (None, Some(addr)) => addr.to_string(),
+        (None, None) => "(no host)".into(),
+    };
+    match config.get_ports().first() {
+        Some(port) => format!("{host}:{port}"),
+        None => host,
+    }
+}
+
+impl std::fmt::Debug for Connector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Connect").finish_non_exhaustive()
+        f.debug_struct("Connector").finish_non_exhaustive()
     }
 }
 
@@ -514,13 +686,20 @@ fn read_password(file: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>, StoreError>
 
 /// A PostgreSQL error as the store reports it: the SQLSTATE and message only (a
 /// message's DETAIL can quote the values of a row).
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("database error {}: {}", db.code().code(), db.message()),
+        None => format!("database connection: {e}"),
+    }
+}
+
 fn pg(e: tokio_postgres::Error) -> StoreError {
+    let message = describe(&e);
     let Some(db) = e.as_db_error() else {
         // No server answer: the connection broke or could not be opened.
-        return StoreError::Unavailable(format!("database connection: {e}"));
+        return StoreError::Unavailable(message);
     };
     let code = db.code();
-    let message = format!("database error {}: {}", code.code(), db.message());
     if *code == SqlState::DISK_FULL {
         StoreError::NoSpace(message)
     } else if code.code().starts_with("08")
@@ -544,10 +723,10 @@ fn pg(e: tokio_postgres::Error) -> StoreError {
     }
 }
 
-fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
+fn pool_error(e: deadpool::managed::PoolError<ConnectError>) -> StoreError {
     match e {
-        deadpool_postgres::PoolError::Backend(e) => pg(e),
-        deadpool_postgres::PoolError::Closed => StoreError::Closed,
+        deadpool::managed::PoolError::Closed => StoreError::Closed,
+        deadpool::managed::PoolError::Backend(e) => StoreError::Unavailable(e.to_string()),
         other => StoreError::Unavailable(format!("database connection: {other}")),
     }
 }
@@ -575,7 +754,7 @@ fn index_lock(index_key: &[u8]) -> i64 {
 /// version be destroyed under the other's records) cannot both run. A vault restarted
 /// in place may find its predecessor's session still closing: it waits a little.
 async fn hold_node_name(
-    connect: &Connect,
+    connect: &Connector,
     node: &str,
     wait: Duration,
     health: Arc<Health>,
@@ -610,7 +789,7 @@ async fn hold_node_name(
 /// its connection breaks (a database restart, a failover). While it is not held the
 /// store's health says so: another vault could start under the name.
 async fn keep_node_name(
-    connect: Connect,
+    connect: Connector,
     node: String,
     key: i64,
     held: (HeldLock, oneshot::Receiver<()>),
@@ -651,22 +830,14 @@ impl PgStore {
     /// counts and starts the writers. `node` names this vault among those sharing the
     /// database.
     pub async fn open(settings: &PostgresSettings, node: &str) -> Result<Self, StoreError> {
-        let connect = Connect::from_settings(settings)?;
-        let manager = Manager::from_config(
-            connect.config.clone(),
-            connect.tls.clone(),
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let connect = Connector::from_settings(settings)?;
         let timeout = Duration::from_millis(settings.connect_timeout_ms);
-        // A new connection may try every host in turn, each up to the connect timeout
-        // (a primary that died without a word only times out), then do TLS and SCRAM.
-        let pool = Pool::builder(manager)
+        // A new connection may try every host in turn, each within the connect timeout.
+        let pool = Pool::builder(connect.clone())
             .max_size(settings.pool_size)
             .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(connect.connect_budget + timeout))
-            .create_timeout(Some(connect.connect_budget))
+            .wait_timeout(Some(connect.budget() + timeout))
+            .create_timeout(Some(connect.budget() + timeout))
             .recycle_timeout(Some(timeout))
             .build()
             .map_err(|e| StoreError::Engine(format!("database pool: {e}")))?;
@@ -768,7 +939,7 @@ impl PgStore {
 /// Applies the migrations this database lacks, one transaction each, under a lock so
 /// that vaults starting together do not race. Refuses a schema newer than this
 /// vault-server knows.
-pub async fn migrate(client: &mut Object) -> Result<Vec<i32>, StoreError> {
+async fn migrate(client: &mut Object) -> Result<Vec<i32>, StoreError> {
     let mut applied = Vec::new();
     let transaction = client.transaction().await.map_err(pg)?;
     transaction
@@ -1982,17 +2153,13 @@ impl std::fmt::Debug for HeldLock {
 
 /// `vault-server migrate`: applies the migrations and says which.
 pub async fn migrate_only(settings: &PostgresSettings) -> Result<Vec<i32>, StoreError> {
-    let Connect {
-        config,
-        tls,
-        connect_budget,
-    } = Connect::from_settings(settings)?;
-    let manager = Manager::from_config(config, tls, ManagerConfig::default());
-    let pool = Pool::builder(manager)
+    let connect = Connector::from_settings(settings)?;
+    let budget = connect.budget() + connect.attempt_timeout;
+    let pool = Pool::builder(connect)
         .max_size(1)
         .runtime(Runtime::Tokio1)
-        .create_timeout(Some(connect_budget))
-        .wait_timeout(Some(connect_budget))
+        .create_timeout(Some(budget))
+        .wait_timeout(Some(budget))
         .build()
         .map_err(|e| StoreError::Engine(format!("database pool: {e}")))?;
     let mut client = pool.get().await.map_err(pool_error)?;
@@ -2408,6 +2575,97 @@ mod tests {
             .unwrap();
         assert_eq!(appended.len(), 1);
         standby.stop_immediate().unwrap();
+    }
+
+    /// Each host's configuration is the whole configuration but for the other hosts:
+    /// nothing set in `url` is lost on the way (the client library's `Config` compares
+    /// every field, those added in later versions too).
+    #[test]
+    fn one_config_per_host_keeps_every_other_setting() {
+        let rest = "user=vault password=synthetic dbname=tokenvault options='-c a=b' \
+                    application_name=v sslmode=require sslnegotiation=direct \
+                    connect_timeout=3 tcp_user_timeout=4 keepalives=1 keepalives_idle=5 \
+                    keepalives_interval=6 keepalives_retries=7 \
+                    target_session_attrs=read-write channel_binding=require \
+                    load_balance_hosts=disable";
+        let both: tokio_postgres::Config =
+            format!("host=db1,db2 hostaddr=192.0.2.1,192.0.2.2 port=5432,5433 {rest}")
+                .parse()
+                .unwrap();
+        let each = one_per_host(&both).unwrap();
+        let expected: Vec<tokio_postgres::Config> = [
+            "host=db1 hostaddr=192.0.2.1 port=5432",
+            "host=db2 hostaddr=192.0.2.2 port=5433",
+        ]
+        .iter()
+        .map(|host| format!("{host} {rest}").parse().unwrap())
+        .collect();
+        assert_eq!(each, expected);
+        assert_eq!(host_name(&each[1]), "db2:5433");
+
+        // One port for every host; no port at all (the library's default).
+        let one_port: tokio_postgres::Config = "host=a,b port=6000".parse().unwrap();
+        let ports: Vec<Vec<u16>> = one_per_host(&one_port)
+            .unwrap()
+            .iter()
+            .map(|c| c.get_ports().to_vec())
+            .collect();
+        assert_eq!(ports, [vec![6000], vec![6000]]);
+        let no_port: tokio_postgres::Config = "host=a,b".parse().unwrap();
+        assert!(
+            one_per_host(&no_port)
+                .unwrap()
+                .iter()
+                .all(|c| c.get_ports().is_empty())
+        );
+        let no_host: tokio_postgres::Config = "user=vault".parse().unwrap();
+        assert_eq!(one_per_host(&no_host).unwrap(), [no_host]);
+    }
+
+    /// A first host that takes TCP connections but never answers (a hung server, a
+    /// stuck proxy) is passed over within the connect timeout, and afterwards the host
+    /// that answered is tried first: only the first connection pays for the hung one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hung_first_host_is_passed_over() {
+        let cluster = start().await;
+        cluster.create_database("hung").unwrap();
+        let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hung_port = hung.local_addr().unwrap().port();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
+        // Accepts every connection and holds it without a byte in answer.
+        let hung_server = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = hung.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                held.push(socket);
+            }
+        });
+        let mut settings = settings(&cluster, "hung");
+        settings.url = format!(
+            "host=127.0.0.1,127.0.0.1 port={hung_port},{} user=vault dbname=hung",
+            cluster.port()
+        );
+        settings.connect_timeout_ms = 1_000;
+        settings.pool_size = 4;
+        settings.writers = 2;
+        let store = PgStore::open(&settings, "n").await.unwrap();
+        let mut writes = Vec::new();
+        for n in 0..8 {
+            let token = Token::generate().unwrap();
+            let key = format!("hung {n}");
+            writes.push((store.insert(vec![record(&token, key.as_bytes())]), token));
+        }
+        for (write, token) in writes {
+            assert_eq!(write.await.unwrap(), vec![InsertOutcome::Stored]);
+            assert!(store.get(&token).await.unwrap().is_some());
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "only the first connection tried the hung host"
+        );
+        hung_server.abort();
     }
 
     /// A first host that cannot be reached (TEST-NET-1, never routed) is skipped: a
