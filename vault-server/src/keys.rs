@@ -241,10 +241,13 @@ impl Budget {
         let lease = leases.front_mut()?;
         lease.remaining -= 1;
         let taken = (lease.version, Arc::clone(&lease.key));
-        let low_water = (lease.size / 4).max(1);
-        let prefetch = !lease.last && leases.len() < 2;
-        let left: u64 = leases.iter().map(|l| l.remaining).sum();
-        Some((taken, prefetch && left < low_water))
+        Some((taken, running_low(&leases)))
+    }
+
+    /// Whether it is still time to lease the next block (a refill asked for by an
+    /// earlier take may have landed meanwhile).
+    fn running_low(&self) -> bool {
+        running_low(&lock(&self.leases))
     }
 
     /// Drops leases of versions that are no longer active.
@@ -258,6 +261,17 @@ impl Budget {
             .max_by_key(|l| l.version)
             .map(|l| (l.version, Arc::clone(&l.key)))
     }
+}
+
+/// A quarter of a lease left, no next lease held yet, and the version's budget not
+/// ending with this lease.
+fn running_low(leases: &VecDeque<Lease>) -> bool {
+    let Some(lease) = leases.front() else {
+        return false;
+    };
+    let low_water = (lease.size / 4).max(1);
+    let left: u64 = leases.iter().map(|l| l.remaining).sum();
+    !lease.last && leases.len() < 2 && left < low_water
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -378,7 +392,9 @@ impl Keys {
             let this = Arc::clone(self);
             tokio::spawn(async move {
                 let budget = this.budget(aead);
+                // Two takes in a row can each ask; the second finds the lease here.
                 if let Ok(_refill) = budget.refill.try_lock()
+                    && budget.running_low()
                     && let Err(e) = this.lease(aead).await
                 {
                     tracing::warn!(error = %e, "could not lease the next encryption budget in advance");
@@ -622,5 +638,46 @@ impl Keys {
                 Err(status) => return format!("stream failed: {:?}", status.code()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(version: u32, size: u64, last: bool) -> Lease {
+        Lease {
+            version,
+            key: Arc::new(SecretKey::from_slice(&[7; 32]).unwrap()),
+            remaining: size,
+            size,
+            last,
+        }
+    }
+
+    /// The next block is asked for once a quarter of a lease is left, and no longer
+    /// once it has arrived: a second refill asked for before the first landed leases
+    /// nothing more (the keyservice's budget is finite; a block leased twice is lost).
+    #[test]
+    fn a_refill_is_asked_for_at_low_water_and_not_once_it_has_landed() {
+        let budget = Budget::default();
+        lock(&budget.leases).push_back(lease(1, 8, false));
+        let low: Vec<bool> = (0..8).map(|_| budget.try_take().unwrap().1).collect();
+        assert_eq!(low, [false, false, false, false, false, false, true, true]);
+        assert!(budget.running_low());
+        lock(&budget.leases).push_back(lease(1, 8, false));
+        assert!(!budget.running_low(), "the refill has landed");
+        let (taken, low) = budget.try_take().unwrap();
+        assert_eq!((taken.0, low), (1, false));
+    }
+
+    /// The last lease of a version is not refilled in advance: the next lease rotates.
+    #[test]
+    fn the_last_lease_of_a_version_is_not_refilled_in_advance() {
+        let budget = Budget::default();
+        lock(&budget.leases).push_back(lease(1, 4, true));
+        assert!((0..4).all(|_| !budget.try_take().unwrap().1));
+        assert!(budget.try_take().is_none());
+        assert!(!budget.running_low());
     }
 }
