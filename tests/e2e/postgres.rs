@@ -145,7 +145,7 @@ async fn served_by_the_other(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_vaults_on_one_database_serve_every_token() {
     const BULK: u64 = 150;
-    let cluster = start_cluster().await;
+    let cluster = Arc::new(start_cluster().await);
     let dir = StackDir::new();
     dir.set_storage(&storage(&cluster, "a"));
     let mut stack = Stack::start_in(dir).await;
@@ -269,6 +269,70 @@ async fn two_vaults_on_one_database_serve_every_token() {
             .forward_number(&mut a, &on_v1[BULK as usize + 7].token)
             .await,
         pan("440000", 7)
+    );
+
+    // A start that comes just as the job ends on the vault holding it (the state saved
+    // as done, the lock not let go yet) is not lost: it waits for the lock and starts
+    // a new pass. The test holds the finished job's lock for two seconds.
+    assert_eq!(keys.rotate("card-data").await.unwrap().version, 3);
+    for (name, vault) in [("a", &a), ("b", &b)] {
+        within(
+            Duration::from_secs(20),
+            &format!("vault {name} seals with version 3"),
+            || {
+                let mut vault = vault.clone();
+                async move {
+                    let info = vault.tokenize(card("460000", 0), false).await.unwrap();
+                    (info.key_version == 3).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+    // `index_lock("job/rewrap")`: the first 8 bytes of its SHA-256, as a bigint.
+    const JOB_LOCK: &str =
+        "('x' || left(encode(sha256('job/rewrap'), 'hex'), 16))::bit(64)::bigint";
+    let holder = tokio::task::spawn_blocking({
+        let cluster = Arc::clone(&cluster);
+        move || {
+            cluster.psql(
+                APP_DATABASE,
+                &format!("SELECT pg_advisory_lock({JOB_LOCK});\nSELECT pg_sleep(2);"),
+            )
+        }
+    });
+    within(
+        Duration::from_secs(10),
+        "the test holds the job's lock",
+        || {
+            let held = count(
+                &cluster,
+                &format!("SELECT CASE WHEN pg_try_advisory_lock({JOB_LOCK}) THEN 0 ELSE 1 END"),
+            );
+            async move { (held == 1).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(b.start_rewrap().await.unwrap().card_data_version, 3);
+    holder.await.unwrap().unwrap();
+    within(
+        Duration::from_secs(20),
+        "the late start's pass finished",
+        || {
+            let mut b = b.clone();
+            async move {
+                let status = b.rewrap_status().await.unwrap();
+                (!status.running && status.remaining == 0).then_some(())
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        count(
+            &cluster,
+            "SELECT count(*) FROM records WHERE card_data_version <> 3"
+        ),
+        0
     );
 
     // One chain for both vaults: intact through either, with both vaults' events.

@@ -21,12 +21,16 @@ use crate::config::RewrapSettings;
 use crate::error::VaultError;
 use crate::keys::{Aead, Keys};
 use crate::record::{self, Fingerprint};
-use crate::store::{JobLock, KeyUse, KeyVersions, Rewrite, RewriteOutcome, Store};
+use crate::store::{JobLock, KeyUse, KeyVersions, Rewrite, RewriteOutcome, Store, StoreError};
 use crate::token::Token;
 
 const STATE_KEY: &str = "rewrap";
 /// How often a vault waiting for the job (held by another vault) looks again.
 const JOB_POLL: Duration = Duration::from_secs(2);
+/// How often, and how many times, a start looks again at a job another vault holds
+/// but has not saved as running (it is finishing, or starting).
+const JOB_SETTLE: Duration = Duration::from_millis(100);
+const JOB_SETTLE_LOOKS: u32 = 50;
 
 /// The job's durable state (JSON in the store's `meta`; no card data).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -162,12 +166,31 @@ impl<S: Store> Rewrapper<S> {
         if self.live().running {
             return Ok(self.status());
         }
-        let Some(lock) = self.store.lock_job(STATE_KEY).await? else {
-            // Another vault on this database runs it: follow (and take over if it
-            // stops), without restarting its pass.
+        let mut looks = 0;
+        let lock = loop {
+            if let Some(lock) = self.store.lock_job(STATE_KEY).await? {
+                break lock;
+            }
+            // Another vault on this database holds the job. Running: follow it (and
+            // take over if it stops), without restarting its pass. Just finished (or
+            // just taken, not yet saved as requested): its lock is let go or its state
+            // saved within moments, so look again rather than follow a job that is
+            // over and lose this request.
             self.reload().await?;
-            self.spawn(None);
-            return Ok(self.status());
+            if self.live().saved.requested {
+                self.spawn(None);
+                return Ok(self.status());
+            }
+            looks += 1;
+            if looks == JOB_SETTLE_LOOKS {
+                return Err(StoreError::Unavailable(
+                    "another vault holds the rewrap job but has not saved it as running; \
+                     try again"
+                        .into(),
+                )
+                .into());
+            }
+            tokio::time::sleep(JOB_SETTLE).await;
         };
         let saved = {
             let mut live = self.live();
@@ -235,7 +258,7 @@ impl<S: Store> Rewrapper<S> {
 
     async fn save(&self, saved: &Saved) -> Result<(), VaultError> {
         let bytes = serde_json::to_vec(saved)
-            .map_err(|e| VaultError::Store(crate::store::StoreError::Engine(e.to_string())))?;
+            .map_err(|e| VaultError::Store(StoreError::Engine(e.to_string())))?;
         Ok(self.store.put_meta(STATE_KEY, bytes).await?)
     }
 
