@@ -16,7 +16,9 @@ use super::bad_input::{Wire, fill, frame_header, raw_call, raw_http_call, sized}
 const MIB: u64 = 1024 * 1024;
 /// `[limits]` of this test's vault.
 const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
-const REQUEST_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Long enough that ten durable round trips fit in it on a loaded 2-core machine (the
+/// served client must finish before any stalled call is cut).
+const REQUEST_TIMEOUT: Duration = Duration::from_millis(5000);
 const MAX_CONCURRENT_STREAMS: usize = 32;
 /// Requests at the size limit in flight at once.
 const AT_LIMIT_IN_FLIGHT: u64 = 32;
@@ -228,8 +230,10 @@ async fn bad_input_memory_stays_bounded_and_stalled_clients_are_cut() {
     );
     assert!(peak < bound, "peak {peak} over the bound {bound}");
     assert!(settled <= peak, "RSS grew after the barrages: {settled}");
+    // Memory not reused would add the round's 256 MiB of buffers; a few segments more
+    // (16 MiB and a page, once on PostgreSQL) is the allocator's noise.
     assert!(
-        peak_again <= peak + 16 * MIB,
+        peak_again <= peak + 64 * MIB,
         "another round raised the peak from {peak} to {peak_again}: memory not reused"
     );
     drop(client);

@@ -90,13 +90,16 @@ fn core_limit(pid: u32) -> String {
 
 /// A field of `/proc/<pid>/<file>` in kB, e.g. `VmLck` of `status` or `Locked` of
 /// `smaps_rollup`.
-fn proc_kb(pid: u32, file: &str, field: &str) -> u64 {
+/// Fields of one read of `/proc/<pid>/<file>`, in kB (one read, so that they agree).
+fn proc_kb<const N: usize>(pid: u32, file: &str, fields: [&str; N]) -> [u64; N] {
     let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|kb| kb.parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/{file}:\n{text}"))
+    fields.map(|field| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|kb| kb.parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/{file}:\n{text}"))
+    })
 }
 
 /// Whether a child of this process may lock all its memory: RLIMIT_MEMLOCK unlimited
@@ -141,10 +144,10 @@ async fn the_servers_cannot_dump_core_and_lock_their_memory() {
             "0 0",
             "soft and hard core limits of pid {pid}"
         );
-        let locked_mappings = proc_kb(pid, "status", "VmLck");
-        // `Locked` counts shared pages (libc) in proportion, like `Pss`.
-        let pss = proc_kb(pid, "smaps_rollup", "Pss");
-        let locked = proc_kb(pid, "smaps_rollup", "Locked");
+        let [locked_mappings] = proc_kb(pid, "status", ["VmLck"]);
+        // `Locked` counts shared pages (libc) in proportion, like `Pss`; both from one
+        // read, as another process mapping the same pages changes both.
+        let [pss, locked] = proc_kb(pid, "smaps_rollup", ["Pss", "Locked"]);
         println!("pid {pid}: VmLck {locked_mappings} kB, Pss {pss} kB, Locked {locked} kB");
         if locking {
             assert!(locked_mappings > 0, "pid {pid}: VmLck is 0");
@@ -198,7 +201,7 @@ async fn a_server_that_cannot_lock_memory_warns_or_refuses_as_configured() {
 
     let keyservice = Process::start_command(unprivileged(&config), "keyservice").await;
     let pid = keyservice.child.id().unwrap();
-    assert_eq!(proc_kb(pid, "status", "VmLck"), 0);
+    assert_eq!(proc_kb(pid, "status", ["VmLck"]), [0]);
     let output = keyservice.terminate().await;
     assert!(
         output.contains("memory NOT locked") && output.contains("RLIMIT_MEMLOCK"),

@@ -219,7 +219,7 @@ async fn timeouts_unreachable_and_oversize_answers_fail_precisely() {
     assert_eq!(err.code(), Some(Code::DeadlineExceeded), "{err}");
     assert!(
         started.elapsed() < Duration::from_millis(2500),
-        "took {:?} for a 500 ms timeout",
+        "took {:?} for a 1 s timeout",
         started.elapsed()
     );
 
@@ -479,7 +479,7 @@ async fn an_unknown_outcome_is_not_retried_under_the_same_key() {
         ..charge("slow", &token, CHARGE)
     };
     slow.headers
-        .push(("x-sandbox-delay-ms".into(), "1500".into()));
+        .push(("x-sandbox-delay-ms".into(), "3000".into()));
     assert_eq!(
         client.forward(slow.clone()).await.unwrap_err().code(),
         Some(Code::DeadlineExceeded)

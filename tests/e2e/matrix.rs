@@ -575,7 +575,7 @@ async fn repeated_failures_block_an_identity_until_lifted_or_expired() {
         .concat(),
     );
     stack.add_vault_config(
-        "[lockout]\nmax_failures = 3\nwindow_secs = 60\nblock_secs = 2\nby_address = false\n",
+        "[lockout]\nmax_failures = 3\nwindow_secs = 60\nblock_secs = 5\nby_address = false\n",
     );
     stack.restart_vault().await;
     let mut admin = connect(&stack, ADMIN).await;
@@ -608,7 +608,7 @@ async fn repeated_failures_block_an_identity_until_lifted_or_expired() {
         .unwrap()
         .as_millis() as i64;
     assert!(
-        (now_ms..=now_ms + 2_000).contains(&blocks[0].until_unix_ms),
+        (now_ms..=now_ms + 5_000).contains(&blocks[0].until_unix_ms),
         "blocked until {} (now {now_ms})",
         blocks[0].until_unix_ms
     );
@@ -632,7 +632,7 @@ async fn repeated_failures_block_an_identity_until_lifted_or_expired() {
     let blocked_at = Instant::now();
     let status = token_info(&mut reader, &token).await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
-    tokio::time::sleep(Duration::from_millis(2_200).saturating_sub(blocked_at.elapsed())).await;
+    tokio::time::sleep(Duration::from_millis(5_200).saturating_sub(blocked_at.elapsed())).await;
     token_info(&mut reader, &token).await.unwrap();
     assert_eq!(list_blocks(&mut admin).await, []);
 
@@ -762,7 +762,7 @@ async fn policy_reload_keeps_the_old_policy_when_the_file_is_invalid() {
     while let Err(status) = token_info(&mut reader, &token).await {
         assert_eq!(status.code(), Code::PermissionDenied);
         assert!(
-            started.elapsed() < Duration::from_secs(5),
+            started.elapsed() < Duration::from_secs(20),
             "SIGHUP did not reload the policy: {}",
             process.output.lock().unwrap()
         );
@@ -781,7 +781,7 @@ async fn policy_reload_keeps_the_old_policy_when_the_file_is_invalid() {
             break;
         }
         assert!(
-            started.elapsed() < Duration::from_secs(5),
+            started.elapsed() < Duration::from_secs(20),
             "the refused reload was not audited: {}",
             process.output.lock().unwrap()
         );

@@ -416,7 +416,7 @@ inject = {{ number = ["body"], exp_month = ["body"], exp_year = ["body"], name =
     [
         format!("[forwarding]\ncvc_ttl_secs = {cvc_ttl_secs}\n"),
         entry("sandbox", &sandbox, &ca, "timeout_ms = 5000"),
-        entry("slow", &sandbox, &ca, "timeout_ms = 500"),
+        entry("slow", &sandbox, &ca, "timeout_ms = 1000"),
         entry(
             "down",
             &format!("https://localhost:{closed_port}"),
