@@ -29,8 +29,8 @@ const STATE_KEY: &str = "rewrap";
 const JOB_POLL: Duration = Duration::from_secs(2);
 /// How often, and how many times, a start looks again at a job another vault holds
 /// but has not saved as running (it is finishing, or starting).
-const JOB_SETTLE: Duration = Duration::from_millis(100);
-const JOB_SETTLE_LOOKS: u32 = 50;
+const JOB_SETTLE: Duration = Duration::from_millis(250);
+const JOB_SETTLE_LOOKS: u32 = 20;
 
 /// The job's durable state (JSON in the store's `meta`; no card data).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -117,7 +117,7 @@ impl<S: Store> Rewrapper<S> {
         self.live().saved = saved;
         if requested {
             tracing::info!("resuming the interrupted rewrap job");
-            self.spawn(None);
+            self.spawn(None, false);
         }
         Ok(())
     }
@@ -132,16 +132,27 @@ impl<S: Store> Rewrapper<S> {
 
     /// Waits until this vault holds the job (vaults sharing a database run it one at a
     /// time, and a vault that dies lets another take it on). `None` once the job is no
-    /// longer requested.
-    async fn take_job(&self) -> Option<JobLock> {
+    /// longer requested, unless this vault was `asked` to start it while another ran
+    /// it: then the job it followed has ended, and it starts the pass it was asked for.
+    async fn take_job(&self, asked: bool) -> Option<JobLock> {
         let mut waiting = false;
         loop {
             match self.store.lock_job(STATE_KEY).await {
                 Ok(Some(lock)) => {
-                    if waiting && let Err(e) = self.reload().await {
-                        tracing::warn!(error = %e, "rewrap state not read again");
+                    // The state as the last holder left it: running it on, or done.
+                    let taken = match self.reload().await {
+                        Ok(()) if self.live().saved.requested => Ok(true),
+                        Ok(()) if asked => self.begin_pass().await.map(|()| true),
+                        Ok(()) => Ok(false),
+                        Err(e) => Err(e),
+                    };
+                    match taken {
+                        Ok(true) => return Some(lock),
+                        Ok(false) => return None,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "rewrap state not read or saved; trying again")
+                        }
                     }
-                    return Some(lock);
                 }
                 Ok(None) if !waiting => {
                     tracing::info!(
@@ -154,7 +165,7 @@ impl<S: Store> Rewrapper<S> {
             }
             tokio::time::sleep(JOB_POLL).await;
             match self.reload().await {
-                Ok(()) if !self.live().saved.requested => return None,
+                Ok(()) if !asked && !self.live().saved.requested => return None,
                 Ok(()) => {}
                 Err(e) => tracing::warn!(error = %e, "rewrap state not read"),
             }
@@ -178,7 +189,7 @@ impl<S: Store> Rewrapper<S> {
             // over and lose this request.
             self.reload().await?;
             if self.live().saved.requested {
-                self.spawn(None);
+                self.spawn(None, true);
                 return Ok(self.status());
             }
             looks += 1;
@@ -192,6 +203,13 @@ impl<S: Store> Rewrapper<S> {
             }
             tokio::time::sleep(JOB_SETTLE).await;
         };
+        self.begin_pass().await?;
+        self.spawn(Some(lock), false);
+        Ok(self.status())
+    }
+
+    /// Saves a new pass from the first record as requested; this vault holds the job.
+    async fn begin_pass(&self) -> Result<(), VaultError> {
         let saved = {
             let mut live = self.live();
             live.saved = Saved {
@@ -203,12 +221,12 @@ impl<S: Store> Rewrapper<S> {
         };
         self.save(&saved).await?;
         tracing::info!("rewrap started");
-        self.spawn(Some(lock));
-        Ok(self.status())
+        Ok(())
     }
 
-    /// Runs the job in the background, with `lock` if this vault already holds it.
-    fn spawn(self: &Arc<Self>, lock: Option<JobLock>) {
+    /// Runs the job in the background, with `lock` if this vault already holds it;
+    /// `asked`: this vault was asked to start it (see `take_job`).
+    fn spawn(self: &Arc<Self>, lock: Option<JobLock>, asked: bool) {
         let shutdown = self
             .shutdown
             .lock()
@@ -231,11 +249,11 @@ impl<S: Store> Rewrapper<S> {
         let this = Arc::clone(self);
         tokio::spawn(async move {
             let work = async {
-                let mut lock = lock;
+                let (mut lock, mut asked) = (lock, asked);
                 loop {
                     let mut held = match lock.take() {
                         Some(held) => held,
-                        None => match this.take_job().await {
+                        None => match this.take_job(std::mem::take(&mut asked)).await {
                             Some(held) => held,
                             None => return,
                         },

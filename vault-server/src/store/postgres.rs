@@ -150,6 +150,8 @@ const MAX_KEY_LOCKS: usize = 128;
 /// Session settings of every connection (`session_options`): commits wait for the
 /// synchronous standbys whatever the role's defaults say; a transaction left open by a
 /// vault that vanished releases its locks; a lock wait ends in an error, not a hang.
+/// (A role's `statement_timeout` is left alone: PostgreSQL stops it before a commit,
+/// so it cannot cut a commit's wait for the standby; a test checks that.)
 fn session_options(commit_timeout_ms: u64) -> String {
     // A lock wait ends well within the commit timeout, so that contention shows as a
     // lock timeout, not as an unconfirmed commit.
@@ -396,9 +398,13 @@ impl InFlight {
     fn keep_until_answered(self, client: Object) {
         let client = Object::take(client);
         tokio::spawn(async move {
-            let _ = client.batch_execute("ROLLBACK").await;
+            match client.batch_execute("ROLLBACK").await {
+                Ok(()) => tracing::info!("the database answered for a commit that had timed out"),
+                Err(e) => {
+                    tracing::warn!(error = %describe(&e), "the connection of a commit that had timed out ended")
+                }
+            }
             drop(client);
-            tracing::info!("the database answered for a commit that had timed out");
             drop(self);
         });
     }
@@ -477,34 +483,80 @@ impl Connector {
     }
 
     /// A connection to the first host (the one that answered last, then the others in
-    /// order) that accepts it within the attempt timeout and takes writes; its
-    /// connection task runs on its own.
+    /// order; a random one first with `load_balance_hosts=random`) that accepts it
+    /// within the attempt timeout and takes writes. Each address a host name resolves
+    /// to is an attempt of its own, so one that swallows packets does not use up the
+    /// others' time. The connection task runs on its own.
     async fn connect(
         &self,
     ) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), ConnectError> {
-        let first = self.preferred.load(Ordering::Relaxed);
-        let mut failures = Vec::with_capacity(self.hosts.len());
-        for n in 0..self.hosts.len() {
-            let host = (first + n) % self.hosts.len();
-            let config = &self.hosts[host];
-            let attempt = config.connect(self.tls.clone());
-            let failure = match tokio::time::timeout(self.attempt_timeout, attempt).await {
-                Ok(Ok((client, connection))) => {
-                    self.preferred.store(host, Ordering::Relaxed);
-                    let task = tokio::spawn(async move {
-                        let _ = connection.await;
-                    });
-                    return Ok((client, task));
+        let count = self.hosts.len();
+        let first = match self.hosts[0].get_load_balance_hosts() {
+            tokio_postgres::config::LoadBalanceHosts::Random => random_below(count),
+            _ => self.preferred.load(Ordering::Relaxed),
+        };
+        let mut failures = Vec::with_capacity(count);
+        for n in 0..count {
+            let host = (first + n) % count;
+            let targets = match self.addresses(&self.hosts[host]).await {
+                Ok(targets) => targets,
+                Err(failure) => {
+                    failures.push(format!("{}: {failure}", host_name(&self.hosts[host])));
+                    continue;
                 }
-                Ok(Err(e)) => describe(&e),
-                Err(_) => format!("no answer within {} s", self.attempt_timeout.as_secs_f64()),
             };
-            failures.push(format!("{}: {failure}", host_name(config)));
+            for target in targets {
+                let attempt = target.connect(self.tls.clone());
+                let failure = match tokio::time::timeout(self.attempt_timeout, attempt).await {
+                    Ok(Ok((client, connection))) => {
+                        self.preferred.store(host, Ordering::Relaxed);
+                        let task = tokio::spawn(async move {
+                            if let Err(e) = connection.await {
+                                tracing::warn!(error = %describe(&e), "database connection ended");
+                            }
+                        });
+                        return Ok((client, task));
+                    }
+                    Ok(Err(e)) => describe(&e),
+                    Err(_) => format!("no answer within {} s", self.attempt_timeout.as_secs_f64()),
+                };
+                failures.push(format!("{}: {failure}", host_name(&target)));
+            }
         }
         Err(ConnectError(format!(
             "no database host took the connection ({})",
             failures.join("; ")
         )))
+    }
+
+    /// What to try for one host: each address its name resolves to (the name kept for
+    /// TLS), or the configuration as it is when it gives the address or a socket path.
+    async fn addresses(
+        &self,
+        config: &tokio_postgres::Config,
+    ) -> Result<Vec<tokio_postgres::Config>, String> {
+        let (Some(tokio_postgres::config::Host::Tcp(name)), []) =
+            (config.get_hosts().first(), config.get_hostaddrs())
+        else {
+            return Ok(vec![config.clone()]);
+        };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let resolved = tokio::time::timeout(
+            self.attempt_timeout,
+            tokio::net::lookup_host((name.as_str(), port)),
+        )
+        .await
+        .map_err(|_| "the name was not resolved in time".to_owned())?
+        .map_err(|e| format!("the name was not resolved: {e}"))?;
+        let mut seen = HashSet::new();
+        Ok(resolved
+            .filter(|addr| seen.insert(addr.ip()))
+            .map(|addr| {
+                let mut one = config.clone();
+                one.hostaddr(addr.ip());
+                one
+            })
+            .collect())
     }
 
     /// Takes session advisory lock `key` on a connection of its own, if free. The lock
@@ -573,6 +625,11 @@ fn one_per_host(
     if count == 0 {
         return Ok(vec![config.clone()]);
     }
+    if !hosts.is_empty() && !addrs.is_empty() && hosts.len() != addrs.len() {
+        return Err(StoreError::Engine(
+            "storage.postgres.url: give one hostaddr per host, or none".into(),
+        ));
+    }
     let port_of = |n: usize| match ports {
         [] => Ok(None),
         [port] => Ok(Some(*port)),
@@ -638,18 +695,31 @@ fn one_per_host(
         .collect()
 }
 
-/// How an error names the host of a one-host configuration.
+/// How an error names the host (and address) of a one-host configuration.
 fn host_name(config: &tokio_postgres::Config) -> String {
-    let host = match (config.get_hosts().first(), config.get_hostaddrs().first()) {
+    let addr = config.get_hostaddrs().first();
+    let host = match (config.get_hosts().first(), addr) {
         (Some(tokio_postgres::config::Host::Tcp(host)), _) => host.clone(),
         (Some(tokio_postgres::config::Host::Unix(path)), _) => path.display().to_string(),
         (None, Some(addr)) => addr.to_string(),
         (None, None) => "(no host)".into(),
     };
-    match config.get_ports().first() {
+    let host = match config.get_ports().first() {
         Some(port) => format!("{host}:{port}"),
         None => host,
+    };
+    match (config.get_hosts().first(), addr) {
+        (Some(_), Some(addr)) => format!("{host} ({addr})"),
+        _ => host,
     }
+}
+
+/// A number below `n` (not 0), for a random first host; the first host if the
+/// system's randomness fails.
+fn random_below(n: usize) -> usize {
+    let rng = ring::rand::SystemRandom::new();
+    ring::rand::generate::<[u8; 4]>(&rng)
+        .map_or(0, |bytes| u32::from_be_bytes(bytes.expose()) as usize % n)
 }
 
 impl std::fmt::Debug for Connector {
@@ -1143,7 +1213,14 @@ async fn recount_own(
     own_slots: &[String],
     counts_lock: i64,
 ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
-    client.batch_execute(BEGIN).await?;
+    // The server gives up the lock wait before the client's timeout would drop the
+    // connection (a dropped connection's server process would wait on regardless).
+    let lock_timeout_ms = RECOUNT_TIMEOUT.as_millis().saturating_sub(1_000);
+    client
+        .batch_execute(&format!(
+            "{BEGIN}; SET LOCAL lock_timeout = {lock_timeout_ms}"
+        ))
+        .await?;
     client
         .execute("SELECT pg_advisory_xact_lock($1)", &[&counts_lock])
         .await?;
@@ -2432,6 +2509,17 @@ mod tests {
         .unwrap();
         let (primary, mut standby) = primary;
         primary.create_database("sync").unwrap();
+        // A role statement timeout shorter than the wait: were it to cancel the commit
+        // waiting for the standby, PostgreSQL would report that commit as done.
+        primary
+            .psql(
+                "postgres",
+                &format!(
+                    "ALTER ROLE {} SET statement_timeout = '300ms'",
+                    pgcluster::APP_USER
+                ),
+            )
+            .unwrap();
         let mut settings = settings(&primary, "sync");
         settings.commit_timeout_ms = 1_500;
         let store = PgStore::open(&settings, "n").await.unwrap();
@@ -2601,7 +2689,9 @@ mod tests {
         .map(|host| format!("{host} {rest}").parse().unwrap())
         .collect();
         assert_eq!(each, expected);
-        assert_eq!(host_name(&each[1]), "db2:5433");
+        assert_eq!(host_name(&each[1]), "db2:5433 (192.0.2.2)");
+        let mismatched: tokio_postgres::Config = "host=a,b hostaddr=192.0.2.1".parse().unwrap();
+        assert!(one_per_host(&mismatched).is_err());
 
         // One port for every host; no port at all (the library's default).
         let one_port: tokio_postgres::Config = "host=a,b port=6000".parse().unwrap();
