@@ -295,6 +295,8 @@ pub struct Keys {
     instance: std::sync::OnceLock<String>,
     /// What usage reports hold (set by `spawn_watch`).
     usage: std::sync::OnceLock<UsageSource>,
+    /// Taken while a usage report is counted and sent (see `report_usage`).
+    reporting: tokio::sync::Mutex<()>,
     /// Bumped whenever the key set changes (for the audit log).
     changes: watch::Sender<u64>,
 }
@@ -334,6 +336,7 @@ impl Keys {
             settings: settings.clone(),
             instance: std::sync::OnceLock::new(),
             usage: std::sync::OnceLock::new(),
+            reporting: tokio::sync::Mutex::new(()),
             changes: watch::channel(0).0,
         }))
     }
@@ -518,14 +521,22 @@ impl Keys {
         };
         let this = Arc::clone(self);
         tokio::spawn(async move {
-            if let Err(status) = this.report_usage((usage.0)()).await {
+            if let Err(status) = this.report_usage(usage.0.as_ref()).await {
                 tracing::debug!(code = ?status.code(), "usage report not delivered");
             }
         });
     }
 
-    /// Sends the keyservice how many records use each key version.
-    pub async fn report_usage(&self, usage: Vec<pb::VersionUsage>) -> Result<(), tonic::Status> {
+    /// Sends the keyservice how many records use each key version, counted now. One
+    /// report at a time, counted in its turn: the keyservice keeps each vault's last
+    /// report, so an older count (taken before a rewrap, say) must never arrive after a
+    /// newer one, or a destroy would be refused until the next report.
+    async fn report_usage(
+        &self,
+        usage: &(dyn Fn() -> Vec<pb::VersionUsage> + Send + Sync),
+    ) -> Result<(), tonic::Status> {
+        let _turn = self.reporting.lock().await;
+        let usage = usage();
         let set = self.snapshot();
         let active = [
             (pb::KeyPurpose::CardData, set.card_data.active),
@@ -570,7 +581,7 @@ impl Keys {
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
-                        if let Err(status) = this.report_usage((reporter_usage.0)()).await {
+                        if let Err(status) = this.report_usage(reporter_usage.0.as_ref()).await {
                             tracing::debug!(code = ?status.code(), "usage report not delivered");
                         }
                     }
@@ -627,7 +638,7 @@ impl Keys {
                         self.apply(set);
                         if !self.connected.send_replace(true) {
                             tracing::info!("keyservice watch (re)established");
-                            if let Err(status) = self.report_usage(usage()).await {
+                            if let Err(status) = self.report_usage(usage).await {
                                 tracing::debug!(code = ?status.code(), "usage report not delivered");
                             }
                         }
