@@ -2712,6 +2712,39 @@ mod tests {
         assert_eq!(one_per_host(&no_host).unwrap(), [no_host]);
     }
 
+    /// A host name is resolved and tried at its addresses (each an attempt of its
+    /// own), and TLS verifies the name, not the address.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_host_name_is_tried_at_each_of_its_addresses() {
+        let cluster = start().await;
+        cluster.create_database("named").unwrap();
+        let mut settings = settings(&cluster, "named");
+        settings.url = format!(
+            "host=localhost port={} user=vault dbname=named",
+            cluster.port()
+        );
+        let store = PgStore::open(&settings, "n").await.unwrap();
+        let token = Token::generate().unwrap();
+        assert_eq!(
+            store.insert(vec![record(&token, b"k")]).await.unwrap(),
+            vec![InsertOutcome::Stored]
+        );
+        // The certificate names localhost and 127.0.0.1 only: a name it does not hold
+        // is refused, even at the right address.
+        let connector = Connector::from_settings(&PostgresSettings {
+            url: format!(
+                "host=not-the-server hostaddr=127.0.0.1 port={} user=vault dbname=named",
+                cluster.port()
+            ),
+            ..settings
+        })
+        .unwrap();
+        let Err(refused) = connector.connect().await else {
+            panic!("connected under a name the certificate does not hold");
+        };
+        assert!(refused.to_string().contains("not-the-server"), "{refused}");
+    }
+
     /// A first host that takes TCP connections but never answers (a hung server, a
     /// stuck proxy) is passed over within the connect timeout, and afterwards the host
     /// that answered is tried first: only the first connection pays for the hung one.
