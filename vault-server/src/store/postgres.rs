@@ -441,6 +441,12 @@ impl std::fmt::Display for ConnectError {
 
 impl std::error::Error for ConnectError {}
 
+impl From<ConnectError> for StoreError {
+    fn from(e: ConnectError) -> Self {
+        StoreError::Unavailable(e.0)
+    }
+}
+
 type Pool = deadpool::managed::Pool<Connector>;
 type Object = deadpool::managed::Object<Connector>;
 
@@ -477,7 +483,8 @@ impl Connector {
         })
     }
 
-    /// Longest a new connection may take: every host's attempt.
+    /// Longest a new connection takes when each host has one address: every host's
+    /// attempt.
     fn budget(&self) -> Duration {
         self.attempt_timeout * self.hosts.len() as u32
     }
@@ -566,10 +573,7 @@ impl Connector {
         &self,
         key: i64,
     ) -> Result<Option<(HeldLock, oneshot::Receiver<()>)>, StoreError> {
-        let (client, task) = self
-            .connect()
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let (client, task) = self.connect().await?;
         let (ended, lost) = oneshot::channel();
         tokio::spawn(async move {
             let _ = task.await;
@@ -796,7 +800,7 @@ fn pg(e: tokio_postgres::Error) -> StoreError {
 fn pool_error(e: deadpool::managed::PoolError<ConnectError>) -> StoreError {
     match e {
         deadpool::managed::PoolError::Closed => StoreError::Closed,
-        deadpool::managed::PoolError::Backend(e) => StoreError::Unavailable(e.to_string()),
+        deadpool::managed::PoolError::Backend(e) => e.into(),
         other => StoreError::Unavailable(format!("database connection: {other}")),
     }
 }
@@ -902,12 +906,13 @@ impl PgStore {
     pub async fn open(settings: &PostgresSettings, node: &str) -> Result<Self, StoreError> {
         let connect = Connector::from_settings(settings)?;
         let timeout = Duration::from_millis(settings.connect_timeout_ms);
-        // A new connection may try every host in turn, each within the connect timeout.
+        // A new connection bounds itself (`Connector::connect`: each address within the
+        // connect timeout); a call waiting for a free one may wait while another tries
+        // every host in turn.
         let pool = Pool::builder(connect.clone())
             .max_size(settings.pool_size)
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(connect.budget() + timeout))
-            .create_timeout(Some(connect.budget() + timeout))
             .recycle_timeout(Some(timeout))
             .build()
             .map_err(|e| StoreError::Engine(format!("database pool: {e}")))?;
@@ -2230,13 +2235,9 @@ impl std::fmt::Debug for HeldLock {
 
 /// `vault-server migrate`: applies the migrations and says which.
 pub async fn migrate_only(settings: &PostgresSettings) -> Result<Vec<i32>, StoreError> {
-    let connect = Connector::from_settings(settings)?;
-    let budget = connect.budget() + connect.attempt_timeout;
-    let pool = Pool::builder(connect)
+    // One connection, which bounds itself (see `Connector::connect`).
+    let pool = Pool::builder(Connector::from_settings(settings)?)
         .max_size(1)
-        .runtime(Runtime::Tokio1)
-        .create_timeout(Some(budget))
-        .wait_timeout(Some(budget))
         .build()
         .map_err(|e| StoreError::Engine(format!("database pool: {e}")))?;
     let mut client = pool.get().await.map_err(pool_error)?;
@@ -2280,6 +2281,16 @@ mod tests {
         PgStore::open(&settings(cluster, dbname), node)
             .await
             .unwrap()
+    }
+
+    /// Stores one new record under `index_key`, checking it was stored; its token.
+    async fn store_one(store: &PgStore, index_key: &[u8]) -> Token {
+        let token = Token::generate().unwrap();
+        assert_eq!(
+            store.insert(vec![record(&token, index_key)]).await.unwrap(),
+            vec![InsertOutcome::Stored]
+        );
+        token
     }
 
     fn record(token: &Token, index_key: &[u8]) -> NewRecord {
@@ -2523,14 +2534,7 @@ mod tests {
         let mut settings = settings(&primary, "sync");
         settings.commit_timeout_ms = 1_500;
         let store = PgStore::open(&settings, "n").await.unwrap();
-        let before = Token::generate().unwrap();
-        assert_eq!(
-            store
-                .insert(vec![record(&before, b"before")])
-                .await
-                .unwrap(),
-            vec![InsertOutcome::Stored]
-        );
+        let before = store_one(&store, b"before").await;
 
         standby.stop_immediate().unwrap();
         // More timed-out calls than the store has commit lanes (two writers and the
@@ -2715,7 +2719,7 @@ mod tests {
     /// A host name is resolved and tried at its addresses (each an attempt of its
     /// own), and TLS verifies the name, not the address.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_host_name_is_tried_at_each_of_its_addresses() {
+    async fn a_host_name_is_resolved_and_tls_verifies_the_name() {
         let cluster = start().await;
         cluster.create_database("named").unwrap();
         let mut settings = settings(&cluster, "named");
@@ -2724,11 +2728,8 @@ mod tests {
             cluster.port()
         );
         let store = PgStore::open(&settings, "n").await.unwrap();
-        let token = Token::generate().unwrap();
-        assert_eq!(
-            store.insert(vec![record(&token, b"k")]).await.unwrap(),
-            vec![InsertOutcome::Stored]
-        );
+        let token = store_one(&store, b"k").await;
+        assert!(store.get(&token).await.unwrap().is_some());
         // The certificate names localhost and 127.0.0.1 only: a name it does not hold
         // is refused, even at the right address.
         let connector = Connector::from_settings(&PostgresSettings {
@@ -2773,14 +2774,8 @@ mod tests {
         settings.pool_size = 4;
         settings.writers = 2;
         let store = PgStore::open(&settings, "n").await.unwrap();
-        let mut writes = Vec::new();
         for n in 0..8 {
-            let token = Token::generate().unwrap();
-            let key = format!("hung {n}");
-            writes.push((store.insert(vec![record(&token, key.as_bytes())]), token));
-        }
-        for (write, token) in writes {
-            assert_eq!(write.await.unwrap(), vec![InsertOutcome::Stored]);
+            let token = store_one(&store, format!("hung {n}").as_bytes()).await;
             assert!(store.get(&token).await.unwrap().is_some());
         }
         assert_eq!(
@@ -2806,11 +2801,7 @@ mod tests {
         settings.pool_size = 2;
         settings.writers = 1;
         let store = PgStore::open(&settings, "n").await.unwrap();
-        let token = Token::generate().unwrap();
-        assert_eq!(
-            store.insert(vec![record(&token, b"k")]).await.unwrap(),
-            vec![InsertOutcome::Stored]
-        );
+        let token = store_one(&store, b"k").await;
         assert!(store.get(&token).await.unwrap().is_some());
     }
 
