@@ -15,8 +15,13 @@ CACHE_DIR ?= $(HOME)/.cache/tokenvault
 ROCKSDB_VERSION := $(shell sed -n '/^name = "librocksdb-sys"$$/{n;s/^version = "\(.*\)"$$/\1/p;}' Cargo.lock)
 # RocksDB is linked from a static library built once per version (see
 # scripts/build-rocksdb.sh), never recompiled by a change in the Rust dependency graph.
-export ROCKSDB_LIB_DIR ?= $(CACHE_DIR)/librocksdb-$(ROCKSDB_VERSION)
+# ROCKSDB_CACHE_DIR lets CI keep the library while it runs with an empty HOME (.ci/run).
+ROCKSDB_CACHE_DIR ?= $(CACHE_DIR)
+export ROCKSDB_LIB_DIR ?= $(ROCKSDB_CACHE_DIR)/librocksdb-$(ROCKSDB_VERSION)
 export ROCKSDB_STATIC := 1
+# The Python tools the tests call by absolute path (scripts/python-requirements.txt),
+# in a virtualenv made by scripts/install-deps.sh; never ~/.local or a pyenv shim.
+export TOKENVAULT_VENV ?= $(CACHE_DIR)/venv
 
 .PHONY: run test test-postgres crash-test bench h2load-check rewrap-bench audit-bench fuzz build build-release lint deps rocksdb
 

@@ -1,54 +1,140 @@
 #!/usr/bin/env bash
-# Installs the system packages the build needs when they are missing: libclang (for
-# RocksDB's Rust bindings), a C++ compiler (for RocksDB itself), systemd-analyze
-# (for the unit checks) and the PostgreSQL server programs (for the PostgreSQL engine's
-# tests and make bench). Installs with
-# apt-get when running as root or with passwordless sudo; otherwise says exactly what
-# to install.
+# Installs what the build and the tests need when it is missing, checking for the thing
+# itself rather than for a package name:
+#   - libclang, under a file name clang-sys (RocksDB's bindings) loads: libclang.so,
+#     libclang.so.*, libclang-N.so or libclang-N.so.*. Debian images ship
+#     libclang-cpp.so.14, which is a different library and does not count;
+#   - a C++ compiler (RocksDB itself);
+#   - systemd-analyze (the unit checks), PostgreSQL's initdb (throwaway clusters for the
+#     PostgreSQL engine's tests and make bench);
+#   - Debian's python3 with venv, and in a virtualenv of our own under the cache
+#     directory the Python tools the tests call by absolute path (kubernetes-validate,
+#     grpcio and its tools and reflection client: scripts/python-requirements.txt).
+#     Never `pip install --user` (~/.local/bin is not on PATH, and Debian's python3
+#     refuses it) and never a pyenv shim.
+# System packages are installed with apt-get as root or with passwordless sudo; otherwise
+# the script says exactly what to install.
+#
+# Usage: scripts/install-deps.sh              install what is missing
+#        scripts/install-deps.sh --check      report what is missing, install nothing
+#                                             (exit 1 if anything is)
+# Environment: TOKENVAULT_VENV      the virtualenv (default ~/.cache/tokenvault/venv)
+#              LIBCLANG_SEARCH_DIRS colon-separated directories to look for libclang
+#                                   in, instead of the usual ones (for the check's test)
 set -euo pipefail
 
+here=$(cd "$(dirname "$0")" && pwd)
+venv=${TOKENVAULT_VENV:-$HOME/.cache/tokenvault/venv}
+requirements="$here/python-requirements.txt"
+check_only=false
+if [ "${1:-}" = "--check" ]; then
+  check_only=true
+fi
+
+# The directories clang-sys searches on Linux, in its order: LIBCLANG_PATH, what
+# llvm-config reports, then the system library directories and every /usr/lib/llvm-*.
+libclang_dirs() {
+  if [ -n "${LIBCLANG_SEARCH_DIRS:-}" ]; then
+    tr ':' '\n' <<<"$LIBCLANG_SEARCH_DIRS"
+    return
+  fi
+  if [ -n "${LIBCLANG_PATH:-}" ]; then
+    echo "$LIBCLANG_PATH"
+  fi
+  if command -v llvm-config >/dev/null 2>&1; then
+    llvm-config --libdir 2>/dev/null || true
+  fi
+  echo "/usr/lib/$(uname -m)-linux-gnu"
+  echo /usr/lib64
+  echo /usr/lib
+  echo /usr/local/lib
+  ls -d /usr/lib/llvm-*/lib 2>/dev/null || true
+}
+
+has_libclang() {
+  local dir file
+  while IFS= read -r dir; do
+    [ -n "$dir" ] || continue
+    # libclang-[0-9]* keeps libclang-cpp.so.* out: it is not the C API bindgen needs.
+    for file in "$dir"/libclang.so "$dir"/libclang.so.* "$dir"/libclang-[0-9]*.so \
+      "$dir"/libclang-[0-9]*.so.*; do
+      if [ -e "$file" ]; then
+        return 0
+      fi
+    done
+  done < <(libclang_dirs)
+  return 1
+}
+
+# The virtualenv is current when it was made from this very requirements file.
+venv_current() {
+  [ -x "$venv/bin/python" ] && cmp -s "$requirements" "$venv/requirements.txt"
+}
+
 missing=()
-if ! ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then
+if ! has_libclang; then
+  echo "libclang: missing (no libclang.so, libclang.so.*, libclang-N.so or libclang-N.so.* in $(libclang_dirs | paste -sd' '))"
   missing+=(clang libclang-dev)
 fi
 if ! command -v c++ >/dev/null 2>&1; then
+  echo "c++: missing"
   missing+=(g++)
 fi
-# systemd-analyze checks the hardened units in deploy/systemd (make test).
 if ! command -v systemd-analyze >/dev/null 2>&1; then
+  echo "systemd-analyze: missing"
   missing+=(systemd)
 fi
-# The PostgreSQL storage engine's tests and `make bench` start throwaway clusters with
-# the server programs (initdb, pg_ctl, pg_basebackup: tests/pgcluster); they do not use
-# the system service the package sets up.
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  echo "initdb (PostgreSQL server programs): missing"
   missing+=(postgresql)
 fi
-# kubernetes-validate (PyPI) checks the manifests in deploy/k8s against the
-# Kubernetes schemas (make test).
-if ! command -v kubernetes-validate >/dev/null 2>&1; then
-  echo "==> Installing kubernetes-validate (PyPI)"
-  python3 -m pip install --quiet --user kubernetes-validate 2>/dev/null \
-    || python3 -m pip install --quiet kubernetes-validate \
-    || echo "warning: kubernetes-validate is missing (the manifest test needs it): python3 -m pip install kubernetes-validate" >&2
-fi
-if [ ${#missing[@]} -eq 0 ]; then
-  exit 0
+# Debian's own interpreter, by absolute path: a pyenv or other python3 earlier on PATH
+# may not exist on the next machine.
+if ! /usr/bin/python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+  echo "python3 with venv (/usr/bin/python3): missing"
+  missing+=(python3-venv)
 fi
 
-echo "==> Installing missing system packages: ${missing[*]}"
-if [ "$(id -u)" -eq 0 ]; then
-  sudo=()
-elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-  sudo=(sudo -n)
-else
-  echo "error: missing system packages: ${missing[*]}" >&2
-  echo "install them with:  sudo apt-get update && sudo apt-get install -y ${missing[*]}" >&2
-  exit 1
+if $check_only; then
+  status=0
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "missing system packages: ${missing[*]}"
+    status=1
+  fi
+  if ! venv_current; then
+    echo "python virtualenv $venv: missing or older than $requirements"
+    status=1
+  fi
+  exit $status
 fi
-if ! command -v apt-get >/dev/null 2>&1; then
-  echo "error: no apt-get here; install the equivalents of: ${missing[*]}" >&2
-  exit 1
+
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "==> Installing missing system packages: ${missing[*]}"
+  if [ "$(id -u)" -eq 0 ]; then
+    sudo=()
+  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+    sudo=(sudo -n)
+  else
+    echo "error: missing system packages: ${missing[*]}" >&2
+    echo "install them with:  sudo apt-get update && sudo apt-get install -y ${missing[*]}" >&2
+    exit 1
+  fi
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "error: no apt-get here; install the equivalents of: ${missing[*]}" >&2
+    exit 1
+  fi
+  "${sudo[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${missing[@]}"
+  if ! has_libclang; then
+    echo "error: libclang still not found after installing ${missing[*]}" >&2
+    exit 1
+  fi
 fi
-"${sudo[@]}" apt-get update -qq
-DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${missing[@]}"
+
+if ! venv_current; then
+  echo "==> Creating the Python virtualenv for the tests' tools in $venv"
+  rm -rf "$venv"
+  /usr/bin/python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
+  cp "$requirements" "$venv/requirements.txt"
+fi

@@ -4,7 +4,7 @@
 //! Kubernetes manifests validate, probe each server's admin port over HTTP, and keep
 //! the keyservice in its own network segment.
 
-use integration_tests::{ADMIN, Process, StackDir, binary};
+use integration_tests::{ADMIN, Process, StackDir, binary, python_tool};
 
 const HARDENING: [&str; 9] = [
     "NoNewPrivileges=yes",
@@ -227,7 +227,7 @@ async fn a_server_that_cannot_lock_memory_warns_or_refuses_as_configured() {
 }
 
 /// The Kubernetes manifests: valid against the Kubernetes schemas (kubernetes-validate,
-/// from PyPI; `make deps` installs it), the keyservice in a namespace of its own that
+/// from PyPI, in the tests' virtualenv that `make deps` makes), the keyservice in a namespace of its own that
 /// only the vault (and key admins) can reach, deny-by-default network policies, hardened
 /// non-root containers, secrets as files, and configs that our own loaders accept.
 #[test]
@@ -240,11 +240,11 @@ fn kubernetes_manifests_validate_and_isolate_the_keyservice() {
         .collect();
     files.sort();
     assert_eq!(files.len(), 4, "{files:?}");
-    let validated = std::process::Command::new("kubernetes-validate")
+    let validated = std::process::Command::new(python_tool("kubernetes-validate"))
         .arg("--strict")
         .args(&files)
         .output()
-        .expect("kubernetes-validate is missing: run `make deps` (python3 -m pip install kubernetes-validate)");
+        .unwrap();
     assert!(
         validated.status.success(),
         "{}{}",
@@ -252,7 +252,7 @@ fn kubernetes_manifests_validate_and_isolate_the_keyservice() {
         String::from_utf8_lossy(&validated.stderr)
     );
     // YAML to JSON with the PyYAML that kubernetes-validate brings.
-    let converted = std::process::Command::new("python3")
+    let converted = std::process::Command::new(python_tool("python"))
         .args([
             "-c",
             "import json, sys, yaml; print(json.dumps([d for f in sys.argv[1:] for d in yaml.safe_load_all(open(f)) if d]))",
@@ -417,4 +417,29 @@ fn kubernetes_manifests_validate_and_isolate_the_keyservice() {
     let policy =
         std::fs::read_to_string(config(vault, "vault-server-policy", "policy.toml")).unwrap();
     vault_server::policy::Policy::parse(&policy).unwrap();
+}
+
+/// `make deps` looks for libclang under the names clang-sys loads. Debian images ship
+/// `libclang-cpp.so.14`, a different library: an older check took it for libclang,
+/// installed nothing, and bindgen failed on a fresh machine.
+#[test]
+fn install_check_does_not_take_libclang_cpp_for_libclang() {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/install-deps.sh");
+    let libs = tempfile::tempdir().unwrap();
+    let check = || {
+        let out = std::process::Command::new(&script)
+            .arg("--check")
+            .env("LIBCLANG_SEARCH_DIRS", libs.path())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    std::fs::write(libs.path().join("libclang-cpp.so.14"), b"").unwrap();
+    let report = check();
+    assert!(report.contains("libclang: missing"), "{report}");
+    assert!(report.contains("libclang-dev"), "{report}");
+
+    std::fs::write(libs.path().join("libclang-14.so.1"), b"").unwrap();
+    let report = check();
+    assert!(!report.contains("libclang"), "{report}");
 }

@@ -651,6 +651,26 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// Path of a program in the tests' Python virtualenv (`scripts/install-deps.sh` makes it
+/// from `scripts/python-requirements.txt`; the Makefile passes its place in
+/// `TOKENVAULT_VENV`). Called by absolute path: never a `python3` or a tool that merely
+/// happens to be on this machine's PATH.
+pub fn python_tool(name: &str) -> PathBuf {
+    let venv = std::env::var_os("TOKENVAULT_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").expect("HOME is not set");
+            PathBuf::from(home).join(".cache/tokenvault/venv")
+        });
+    let path = venv.join("bin").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `make deps` (scripts/install-deps.sh makes the virtualenv)",
+        path.display()
+    );
+    path
+}
+
 /// A server running as its real binary, with everything it prints captured.
 #[derive(Debug)]
 pub struct Process {
