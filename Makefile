@@ -8,6 +8,7 @@
 #   make audit-bench  tokenize throughput with and without the audit log (release build)
 #   make bench        the standard load scenarios; writes docs/BENCHMARKS.md (release build)
 #   make h2load-check h2load against the running stack (`make run`), compared with vault-bench
+#   make fresh-check  by hand, as root: both commands in a new Debian 12 chroot (about an hour)
 # Both install missing system packages first and build RocksDB's C++ only once.
 
 SHELL := /bin/bash
@@ -23,7 +24,7 @@ export ROCKSDB_STATIC := 1
 # in a virtualenv made by scripts/install-deps.sh; never ~/.local or a pyenv shim.
 export TOKENVAULT_VENV ?= $(CACHE_DIR)/venv
 
-.PHONY: run test test-postgres crash-test bench h2load-check rewrap-bench audit-bench fuzz build build-release lint deps rocksdb
+.PHONY: run test test-postgres crash-test bench h2load-check rewrap-bench audit-bench fuzz fresh-check build build-release lint deps rocksdb
 
 run: build
 	cargo run --locked --quiet -p devstack -- --dir .dev
@@ -85,6 +86,14 @@ fuzz: rocksdb
 	  cargo fuzz run --sanitizer none $$target -- -max_total_time=$(FUZZ_SECS) -print_final_stats=1 || exit 1; \
 	done
 
+# The README's two commands on a new machine: a debootstrapped Debian 12 chroot (the CI
+# image's packages, no libclang, clang, g++, PostgreSQL, python3-venv), a clone of HEAD,
+# `make test` cold, then `make run` and vaultctl against it; the host's Rust toolchain
+# bound in read-only, HOME empty. By hand (root, about an hour), not in CI. Transcript in
+# FRESH_CHECK_DIR (default /var/tmp/tokenvault-fresh-check); see the script's header.
+fresh-check:
+	scripts/fresh-check.sh
+
 build: rocksdb
 	cargo build --locked --bins
 
@@ -92,9 +101,15 @@ build: rocksdb
 build-release: rocksdb
 	cargo build --release --locked --bin keyservice --bin vault-server --bin vaultctl
 
+# cargo deny (deny.toml): licenses, banned and duplicate crates, sources. Advisories
+# need the RustSec database, which these machines cannot fetch: see deny.toml.
+CARGO_DENY_VERSION := 0.20.2
 lint: rocksdb
 	cargo fmt --all -- --check
 	cargo clippy --locked --workspace --all-targets -- -D warnings
+	@cargo deny --version 2>/dev/null | grep -qx 'cargo-deny $(CARGO_DENY_VERSION)' \
+	  || cargo install --locked cargo-deny --version $(CARGO_DENY_VERSION)
+	cargo deny --locked check licenses bans sources
 	# The fuzz targets are a workspace of their own; keep them compiling. When a
 	# dependency of the main workspace changes, refresh fuzz/Cargo.lock with
 	# `cargo check --manifest-path fuzz/Cargo.toml`.

@@ -42,6 +42,11 @@ struct Cli {
     /// With --postgres-conninfo: PEM CA of the database server's certificate.
     #[arg(long, value_name = "FILE", requires = "postgres_conninfo")]
     postgres_ca_file: Option<PathBuf>,
+    /// Pick free loopback ports instead of the fixed ones (7443, 8443, 9443, admin
+    /// 9464 and 9465), to run beside another stack; only for a new --dir (the ports
+    /// are written into its configs).
+    #[arg(long)]
+    free_ports: bool,
 }
 
 impl Cli {
@@ -143,7 +148,17 @@ fn terminate(child: &Child) {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let dir = &cli.dir;
-    let ports = devstack::Ports::default();
+    let ports = if cli.free_ports {
+        if dir.exists() {
+            bail!(
+                "--free-ports needs a new --dir: {} exists, and its configs name other ports",
+                dir.display()
+            );
+        }
+        devstack::Ports::free().context("find free loopback ports")?
+    } else {
+        devstack::Ports::default()
+    };
     let storage = cli.storage()?;
     if devstack::init_dir(dir, &ports, &storage).context("create development CA and configs")? {
         println!(
@@ -208,6 +223,16 @@ async fn main() -> anyhow::Result<()> {
         } else {
             dir.join("vault-data").display().to_string()
         };
+        let auditor = dir.join("vaultctl-auditor.toml");
+        let auditor = if auditor.exists() {
+            format!("{vaultctl} --config {} audit verify", auditor.display())
+        } else {
+            // Made before the auditor identity existed; the CA's key is long gone.
+            format!(
+                "(no auditor identity in {}: delete it for a fresh stack that has one)",
+                dir.display()
+            )
+        };
         let (vault_admin, ks_admin) = (ports.vault_admin, ports.keyservice_admin);
         async move {
             let (Ok(ks), Ok(vault), Ok(sandbox)) = (
@@ -226,7 +251,7 @@ async fn main() -> anyhow::Result<()> {
                  {vaultctl} forward --processor sandbox --path /v1/charges --token $TOKEN \\\n        \
                  --header 'content-type: application/json' \\\n        \
                  --body '{{\"amount\":1000,\"number\":\"{{{{card.number}}}}\",\"exp_month\":\"{{{{card.exp_month}}}}\",\"exp_year\":\"{{{{card.exp_year}}}}\",\"cvc\":\"{{{{card.cvc}}}}\"}}'\n    \
-                 {vaultctl} keys list\n    {vaultctl} health\n\n  \
+                 {vaultctl} keys list\n    {vaultctl} health\n    {auditor}\n\n  \
                  Ctrl-C stops everything; the tokens in {data} survive.\n"
             );
         }

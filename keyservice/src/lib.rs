@@ -35,6 +35,8 @@ pub enum Error {
     },
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Reflection(#[from] runtime::grpc::ReflectionError),
     #[error("cannot open the key history {path}: {source}")]
     History {
         path: String,
@@ -98,6 +100,7 @@ pub struct Bound {
     shared: Arc<service::Shared>,
     access: config::Access,
     tls: runtime::tls::TlsMaterial,
+    grpc_reflection: bool,
 }
 
 impl Bound {
@@ -131,15 +134,25 @@ impl Bound {
             Arc::clone(&self.shared) as Arc<dyn runtime::admin::Observed>,
             shutdown.clone(),
         ));
-        tonic::transport::Server::builder()
+        let mut router = tonic::transport::Server::builder()
             .tls_config(self.tls.server_config(std::time::Duration::from_secs(10)))?
             .timeout(std::time::Duration::from_secs(30))
             .add_service(health_service)
-            .add_service(KeyServiceServer::new(service))
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(self.listener),
-                shutdown.wait(),
-            )
+            .add_service(KeyServiceServer::new(service));
+        if self.grpc_reflection {
+            tracing::warn!(
+                "grpc_reflection = true: any mutual-TLS peer can read the services' schema"
+            );
+            router = runtime::grpc::add_reflection(
+                router,
+                &[
+                    vault_proto::keys::v1::FILE_DESCRIPTOR_SET,
+                    tonic_health::pb::FILE_DESCRIPTOR_SET,
+                ],
+            )?;
+        }
+        router
+            .serve_with_incoming_shutdown(runtime::grpc::incoming(self.listener), shutdown.wait())
             .await?;
         rotations.abort();
         tracing::info!("keyservice stopped");
@@ -183,6 +196,7 @@ pub async fn bind(settings: &Settings) -> Result<Bound, Error> {
         shared: Arc::new(service::Shared::new(keyring, root, settings, history)),
         access: settings.access.clone(),
         tls,
+        grpc_reflection: settings.grpc_reflection,
     })
 }
 

@@ -13,12 +13,20 @@ pub mod codec;
 pub mod vault {
     pub mod v1 {
         tonic::include_proto!("tokenvault.vault.v1");
+
+        /// The encoded `FileDescriptorSet` of vault.proto, for server reflection.
+        pub const FILE_DESCRIPTOR_SET: &[u8] =
+            include_bytes!(concat!(env!("OUT_DIR"), "/vault_descriptor.bin"));
     }
 }
 
 pub mod keys {
     pub mod v1 {
         tonic::include_proto!("tokenvault.keys.v1");
+
+        /// The encoded `FileDescriptorSet` of keys.proto, for server reflection.
+        pub const FILE_DESCRIPTOR_SET: &[u8] =
+            include_bytes!(concat!(env!("OUT_DIR"), "/keys_descriptor.bin"));
     }
 }
 

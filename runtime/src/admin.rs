@@ -105,6 +105,8 @@ pub async fn serve_admin(listener: TcpListener, server: Arc<dyn Observed>, shutd
             },
             _ = &mut stop => return,
         };
+        // Small answers, written whole: nothing to gain from Nagle's delay.
+        let _ = stream.set_nodelay(true);
         let server = Arc::clone(&server);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {

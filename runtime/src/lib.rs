@@ -1,11 +1,13 @@
 //! What both servers need around their own logic: mutual TLS configuration and the
 //! caller's identity, telemetry set-up, shutdown signals, reading secret files, the
-//! plain-HTTP admin port (`/metrics`, `/healthz`) and process hardening (no core
-//! dumps, memory locked against swapping).
+//! plain-HTTP admin port (`/metrics`, `/healthz`), the gRPC listener (TCP_NODELAY,
+//! optional reflection) and process hardening (no core dumps, memory locked against
+//! swapping).
 //!
 //! Must never depend on storage, key handling or card-data code.
 
 pub mod admin;
+pub mod grpc;
 pub mod harden;
 pub mod secret_file;
 pub mod shutdown;

@@ -424,7 +424,8 @@ fn kubernetes_manifests_validate_and_isolate_the_keyservice() {
 /// installed nothing, and bindgen failed on a fresh machine.
 #[test]
 fn install_check_does_not_take_libclang_cpp_for_libclang() {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/install-deps.sh");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/install-deps.sh");
     let libs = tempfile::tempdir().unwrap();
     let check = || {
         let out = std::process::Command::new(&script)

@@ -11,6 +11,7 @@ mod bad_input_memory;
 mod bench;
 mod crash;
 mod deploy;
+mod devstack;
 mod durability;
 mod faults;
 mod forward;

@@ -13,6 +13,13 @@ use serde::Deserialize;
 pub struct Settings {
     /// Address of the gRPC (mutual TLS) listener.
     pub listen_addr: SocketAddr,
+    /// Answer gRPC server reflection (`grpc.reflection.v1` and `v1alpha`) on the gRPC
+    /// port, so that grpcurl, grpcui or Postman can list and call the services without
+    /// the .proto files. It serves the schema only, never data, but any peer that passes
+    /// mutual TLS can call it, whatever the policy says. Off by default; the dev stack
+    /// turns it on.
+    #[serde(default)]
+    pub grpc_reflection: bool,
     /// RocksDB directory. Holds ciphertext and allowed metadata only. Required with
     /// the RocksDB engine; unused with PostgreSQL.
     #[serde(default)]

@@ -57,6 +57,8 @@ pub enum Error {
     },
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Reflection(#[from] runtime::grpc::ReflectionError),
 }
 
 /// A vault that holds its keys, has opened its database and bound its port.
@@ -73,6 +75,7 @@ pub struct Bound {
     purge_interval_secs: u64,
     tls: TlsMaterial,
     limits: config::LimitsSettings,
+    grpc_reflection: bool,
 }
 
 /// Start-up: policy, TLS material, keys from the keyservice (retrying until they come
@@ -143,6 +146,7 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
         rewrap: Arc::clone(&rewrap),
         node,
         purge_interval_secs: settings.retention.purge_interval_secs,
+        grpc_reflection: settings.grpc_reflection,
         service: Arc::new(service::VaultService::new(
             store,
             keys,
@@ -574,7 +578,7 @@ impl Bound {
         }
         tracing::info!(addr = %self.listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()), "vault-server serving");
         let limits = &self.limits;
-        tonic::transport::Server::builder()
+        let mut router = tonic::transport::Server::builder()
             .tls_config(
                 self.tls
                     .server_config(Duration::from_millis(limits.tls_handshake_timeout_ms)),
@@ -586,11 +590,21 @@ impl Bound {
             .add_service(
                 VaultServer::from_arc(self.service)
                     .max_decoding_message_size(limits.max_request_bytes),
-            )
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(self.listener),
-                shutdown.wait(),
-            )
+            );
+        if self.grpc_reflection {
+            tracing::warn!(
+                "grpc_reflection = true: any mutual-TLS peer can read the services' schema"
+            );
+            router = runtime::grpc::add_reflection(
+                router,
+                &[
+                    vault_proto::vault::v1::FILE_DESCRIPTOR_SET,
+                    tonic_health::pb::FILE_DESCRIPTOR_SET,
+                ],
+            )?;
+        }
+        router
+            .serve_with_incoming_shutdown(runtime::grpc::incoming(self.listener), shutdown.wait())
             .await?;
         Ok(())
     }
