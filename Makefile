@@ -109,7 +109,7 @@ lint: rocksdb
 	cargo clippy --locked --workspace --all-targets -- -D warnings
 	@cargo deny --version 2>/dev/null | grep -qx 'cargo-deny $(CARGO_DENY_VERSION)' \
 	  || cargo install --locked cargo-deny --version $(CARGO_DENY_VERSION)
-	cargo deny --locked check licenses bans sources
+	cargo deny --locked check --hide-inclusion-graph licenses bans sources
 	# The fuzz targets are a workspace of their own; keep them compiling. When a
 	# dependency of the main workspace changes, refresh fuzz/Cargo.lock with
 	# `cargo check --manifest-path fuzz/Cargo.toml`.
