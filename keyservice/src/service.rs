@@ -19,8 +19,8 @@ use vault_proto::keys::v1 as pb;
 
 use crate::config::Lifecycle;
 use crate::history::{History, NewEvent};
-use crate::keyring::{Keyring, Purpose, RootKey, State};
-use crate::lifecycle::{self, OperationKind, Proposal, ProposalState, Refusal};
+use crate::keyring::{Keyring, OperationKind, Proposal, ProposalState, Purpose, RootKey, State};
+use crate::lifecycle::{self, Refusal};
 use crate::metrics::Metrics;
 
 /// Ended proposals stay listed (and refuse replays by name) this long.
