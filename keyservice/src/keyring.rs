@@ -18,6 +18,7 @@
 use std::path::Path;
 
 use envelope::{KEY_LEN, NONCE_LEN, SecretKey};
+use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 const MAGIC: &[u8; 4] = b"TVKR";
@@ -116,6 +117,53 @@ pub struct KeyVersion {
     pub material: Option<SecretKey>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OperationKind {
+    Destroy,
+    Unretire,
+    RootKeyChange,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProposalState {
+    Pending,
+    Approved,
+}
+
+/// A dual-control proposal. Sealed inside the keyring with everything else, so its
+/// type lives here with the file format; the rules that create and approve proposals
+/// are in `lifecycle`, which depends on this module and never the reverse.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    pub id: String,
+    pub kind: OperationKind,
+    /// Destroy and un-retire: the version (purpose name and number).
+    pub purpose: Option<String>,
+    pub version: u32,
+    /// Root key change: the new root key file on this host.
+    pub new_root_key_file: Option<String>,
+    pub proposed_by: String,
+    pub proposed_at_unix_ms: i64,
+    pub expires_at_unix_ms: i64,
+    pub state: ProposalState,
+    pub approved_by: Option<String>,
+    pub approved_at_unix_ms: i64,
+}
+
+impl Proposal {
+    pub fn purpose(&self) -> Option<Purpose> {
+        Purpose::ALL
+            .into_iter()
+            .find(|p| Some(p.name()) == self.purpose.as_deref())
+    }
+
+    pub fn expired(&self, now_unix_ms: i64) -> bool {
+        self.state == ProposalState::Pending && now_unix_ms >= self.expires_at_unix_ms
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum KeyringError {
     #[error("keyring file {path} already exists; refusing to overwrite it")]
@@ -180,7 +228,7 @@ impl RootKey {
 pub struct Keyring {
     pub(crate) versions: Vec<KeyVersion>,
     /// Dual-control proposals, open and recent.
-    pub(crate) proposals: Vec<crate::lifecycle::Proposal>,
+    pub(crate) proposals: Vec<Proposal>,
 }
 
 impl Keyring {

@@ -5,6 +5,7 @@
 //! cards.
 
 pub mod config;
+mod error;
 pub mod history;
 pub mod keyring;
 pub mod lifecycle;

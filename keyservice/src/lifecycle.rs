@@ -2,58 +2,11 @@
 //! encryption budget leases, and dual-control proposals. No I/O here; the service
 //! persists the keyring after every change and before it answers.
 
-use serde::{Deserialize, Serialize};
-
-use crate::keyring::{KeyVersion, Keyring, Purpose, State};
+use crate::keyring::{KeyVersion, Keyring, OperationKind, Proposal, ProposalState, Purpose, State};
 
 /// NIST SP 800-38D (8.3): at most 2^32 invocations of AES-GCM with random nonces per
 /// key.
 pub const GCM_LIMIT: u64 = 1 << 32;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum OperationKind {
-    Destroy,
-    Unretire,
-    RootKeyChange,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ProposalState {
-    Pending,
-    Approved,
-}
-
-/// A dual-control proposal. Sealed inside the keyring with everything else.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Proposal {
-    pub id: String,
-    pub kind: OperationKind,
-    /// Destroy and un-retire: the version (purpose name and number).
-    pub purpose: Option<String>,
-    pub version: u32,
-    /// Root key change: the new root key file on this host.
-    pub new_root_key_file: Option<String>,
-    pub proposed_by: String,
-    pub proposed_at_unix_ms: i64,
-    pub expires_at_unix_ms: i64,
-    pub state: ProposalState,
-    pub approved_by: Option<String>,
-    pub approved_at_unix_ms: i64,
-}
-
-impl Proposal {
-    pub fn purpose(&self) -> Option<Purpose> {
-        Purpose::ALL
-            .into_iter()
-            .find(|p| Some(p.name()) == self.purpose.as_deref())
-    }
-
-    pub fn expired(&self, now_unix_ms: i64) -> bool {
-        self.state == ProposalState::Pending && now_unix_ms >= self.expires_at_unix_ms
-    }
-}
 
 /// Why an operation was refused. Messages name the rule and never hold key material.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

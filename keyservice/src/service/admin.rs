@@ -1,0 +1,164 @@
+//! Admin operations a single admin may do: list the versions, rotate (also on a
+//! schedule), retire, and read the history.
+
+use vault_proto::keys::v1 as pb;
+
+use super::wire::{purpose_from_wire, purpose_to_wire, state_to_wire};
+use super::{Shared, lock, now_unix_ms};
+use crate::error::ServiceError;
+use crate::history::NewEvent;
+use crate::keyring::{Keyring, Purpose};
+
+impl Shared {
+    pub(super) fn version_info(
+        &self,
+        keyring: &Keyring,
+        purpose: Purpose,
+        version: u32,
+    ) -> pb::KeyVersionInfo {
+        let limit = if purpose.is_aead() {
+            self.lifecycle.max_encryptions_per_version
+        } else {
+            0
+        };
+        let v = keyring.version(purpose, version).ok();
+        pb::KeyVersionInfo {
+            purpose: purpose_to_wire(purpose) as i32,
+            version,
+            state: v.map_or(pb::KeyState::Unspecified, |v| state_to_wire(v.state)) as i32,
+            created_at_unix_ms: v.map_or(0, |v| v.created_at_unix_ms),
+            encryptions_leased: v.map_or(0, |v| v.encryptions_leased),
+            encryption_limit: limit,
+            records: self.records_using(purpose, version),
+        }
+    }
+
+    /// Rotates `purpose` (saved, recorded, announced). `reason` labels the metric:
+    /// `manual` or `scheduled`.
+    fn rotate(
+        &self,
+        purpose: Purpose,
+        actor: &str,
+        reason: &'static str,
+        detail: String,
+    ) -> Result<u32, ServiceError> {
+        let version = self.mutate(|keyring| {
+            keyring
+                .rotate(purpose, now_unix_ms())
+                .map_err(|_| ServiceError::Random)
+        })?;
+        tracing::info!(purpose = purpose.name(), version, %detail, "rotated");
+        self.metrics.rotated(purpose.name(), reason);
+        self.announce();
+        self.record(NewEvent {
+            actor,
+            action: "rotate",
+            purpose: Some(purpose.name()),
+            version,
+            outcome: "ok".into(),
+            detail,
+        })?;
+        Ok(version)
+    }
+
+    /// Rotates every purpose whose active version is older than `rotate_after_days`.
+    pub(crate) fn rotate_due(&self) {
+        let Some(days) = self.lifecycle.rotate_after_days else {
+            return;
+        };
+        let max_age_ms = i64::from(days) * 24 * 60 * 60 * 1000;
+        let due = lock(&self.keyring).due_for_rotation(now_unix_ms(), max_age_ms);
+        for purpose in due {
+            let detail = format!("scheduled: rotate_after_days = {days}");
+            if let Err(error) = self.rotate(purpose, "keyservice", "scheduled", detail) {
+                tracing::error!(purpose = purpose.name(), error = %error, "scheduled rotation failed");
+            }
+        }
+    }
+}
+
+pub(super) fn list_key_versions(shared: &Shared) -> pb::ListKeyVersionsResponse {
+    let keyring = lock(&shared.keyring);
+    let versions = keyring
+        .versions()
+        .iter()
+        .map(|v| shared.version_info(&keyring, v.purpose, v.version))
+        .collect();
+    let reporters = lock(&shared.usage)
+        .iter()
+        .map(|((identity, instance), report)| pb::UsageReporter {
+            identity: identity.clone(),
+            reported_at_unix_ms: report.at_unix_ms,
+            instance: instance.clone(),
+        })
+        .collect();
+    pb::ListKeyVersionsResponse {
+        versions,
+        reporters,
+    }
+}
+
+pub(super) fn rotate_key(
+    shared: &Shared,
+    caller: &str,
+    request: &pb::RotateKeyRequest,
+) -> Result<pb::RotateKeyResponse, ServiceError> {
+    let purpose = purpose_from_wire(request.purpose)?;
+    let version = shared.rotate(purpose, caller, "manual", "manual".into())?;
+    let keyring = lock(&shared.keyring);
+    Ok(pb::RotateKeyResponse {
+        created: Some(shared.version_info(&keyring, purpose, version)),
+    })
+}
+
+pub(super) fn retire_key(
+    shared: &Shared,
+    caller: &str,
+    request: &pb::RetireKeyRequest,
+) -> Result<pb::RetireKeyResponse, ServiceError> {
+    let purpose = purpose_from_wire(request.purpose)?;
+    let version = request.version;
+    let event = NewEvent {
+        actor: caller,
+        action: "retire",
+        purpose: Some(purpose.name()),
+        version,
+        ..Default::default()
+    };
+    shared
+        .mutate(|keyring| Ok(keyring.retire(purpose, version)?))
+        .map_err(|e| shared.refuse(event.clone(), e))?;
+    shared.announce();
+    shared.record(NewEvent {
+        outcome: "ok".into(),
+        ..event
+    })?;
+    tracing::info!(purpose = purpose.name(), version, "retired");
+    Ok(pb::RetireKeyResponse {})
+}
+
+pub(super) fn key_history(
+    shared: &Shared,
+    request: &pb::KeyHistoryRequest,
+) -> Result<pb::KeyHistoryResponse, ServiceError> {
+    let events = shared
+        .history
+        .read(request.limit as usize)
+        .map_err(ServiceError::HistoryRead)?
+        .into_iter()
+        .map(|e| pb::KeyEvent {
+            sequence: e.sequence,
+            at_unix_ms: e.at_unix_ms,
+            purpose: Purpose::ALL
+                .into_iter()
+                .find(|p| Some(p.name()) == e.purpose.as_deref())
+                .map_or(pb::KeyPurpose::Unspecified, purpose_to_wire) as i32,
+            actor: e.actor,
+            action: e.action,
+            version: e.version,
+            outcome: e.outcome,
+            detail: e.detail,
+        })
+        .collect();
+    Ok(pb::KeyHistoryResponse { events })
+}

@@ -1,0 +1,266 @@
+//! Dual control: one admin proposes a destroy, an un-retire or a root key change, a
+//! second approves it within the window, and only then is it carried out.
+
+use std::path::Path;
+
+use vault_proto::keys::v1 as pb;
+
+use super::wire::{kind_from_wire, proposal_to_wire, purpose_from_wire};
+use super::{Shared, lock, now_unix_ms};
+use crate::error::ServiceError;
+use crate::history::NewEvent;
+use crate::keyring::{Keyring, OperationKind, Proposal, ProposalState, Purpose, RootKey};
+use crate::lifecycle::{self, Refusal};
+
+impl Shared {
+    /// A destroy is allowed only when every vault that reports usage has reported
+    /// recently and none holds a record on the version.
+    fn check_unused(
+        &self,
+        keyring: &Keyring,
+        purpose: Purpose,
+        version: u32,
+        now: i64,
+    ) -> Result<(), Refusal> {
+        keyring.check_destroy(purpose, version)?;
+        let deactivated = keyring.version(purpose, version)?.deactivated_at_unix_ms;
+        let grace_ms = (self.lifecycle.destroy_grace_secs * 1000) as i64;
+        let reports = lock(&self.usage);
+        if let Some(silent) = self
+            .vault_identities
+            .iter()
+            .find(|id| !reports.keys().any(|(reporter, _)| reporter == *id))
+        {
+            return Err(Refusal::UsageUnknown(format!(
+                "vault identity {silent} has not reported key usage since the keyservice \
+                 started; a destroy needs a fresh report from every vault (running vaults \
+                 report every few seconds)"
+            )));
+        }
+        let max_age_ms = (self.lifecycle.usage_report_max_age_secs * 1000) as i64;
+        let mut records = 0;
+        for ((identity, _), report) in reports.iter() {
+            let age_ms = now.saturating_sub(report.at_unix_ms);
+            if age_ms > max_age_ms {
+                return Err(Refusal::UsageUnknown(format!(
+                    "vault {identity} last reported key usage {} s ago (limit {} s); a destroy \
+                     needs fresh reports from every vault. Is it running?",
+                    age_ms / 1000,
+                    self.lifecycle.usage_report_max_age_secs
+                )));
+            }
+            records += report
+                .records
+                .get(&(purpose, version))
+                .copied()
+                .unwrap_or(0);
+        }
+        if records > 0 {
+            return Err(Refusal::InUse {
+                purpose: purpose.name(),
+                version,
+                records,
+            });
+        }
+        // A report counts committed records only: one sealed under the version just
+        // before it stopped being active may still be on its way to the disk.
+        for ((identity, _), report) in reports.iter() {
+            if report.active.get(&purpose) == Some(&version)
+                || report.at_unix_ms < deactivated.saturating_add(grace_ms)
+            {
+                let wait_s = (deactivated + grace_ms - now).max(1000) / 1000;
+                return Err(Refusal::UsageUnknown(format!(
+                    "{} version {version} stopped being active too recently: records sealed \
+                     under it may still be in flight at vault {identity}; try again in about \
+                     {wait_s} s (lifecycle.destroy_grace_secs = {})",
+                    purpose.name(),
+                    self.lifecycle.destroy_grace_secs
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Carries out an approved root key change: stage the new key beside the old one,
+    /// save the keyring under it, then move it into place. `bind` finishes a change
+    /// that a crash interrupted.
+    fn change_root_key(&self, keyring: &Keyring, new_root_file: &str) -> Result<(), ServiceError> {
+        let new_root =
+            RootKey::from_file(Path::new(new_root_file)).map_err(ServiceError::NewRootKey)?;
+        let staged = crate::pending_root_key_file(&self.root_key_file);
+        new_root
+            .write_file(&staged)
+            .map_err(ServiceError::RootKeyChange)?;
+        if let Err(e) = self.save(keyring, &new_root) {
+            let _ = std::fs::remove_file(&staged);
+            return Err(ServiceError::RootKeyChange(e));
+        }
+        // The keyring is durably sealed under the new key: from here on it is the root
+        // key, whether or not the staged file reaches its place now (the next start
+        // finishes the move from the staged copy).
+        *lock(&self.root) = new_root;
+        if let Err(e) = std::fs::rename(&staged, &self.root_key_file)
+            .and_then(|()| crate::keyring::sync_parent(&self.root_key_file))
+        {
+            tracing::error!(
+                error = %e,
+                staged = %staged.display(),
+                "the change is durable but the new root key file is still staged; the next \
+                 start moves it into place"
+            );
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn propose(
+    shared: &Shared,
+    caller: &str,
+    request: pb::ProposeOperationRequest,
+) -> Result<pb::Proposal, ServiceError> {
+    let now = now_unix_ms();
+    let kind = kind_from_wire(request.kind)?;
+    let (purpose, new_root_key_file) = match kind {
+        OperationKind::RootKeyChange => {
+            if request.new_root_key_file.is_empty() {
+                return Err(ServiceError::InvalidArgument {
+                    field: "new_root_key_file",
+                    rule: "required for a root key change",
+                });
+            }
+            // Checked now so that a typo fails before a second admin is asked.
+            RootKey::from_file(Path::new(&request.new_root_key_file))
+                .map_err(ServiceError::NewRootKey)?;
+            (None, Some(request.new_root_key_file))
+        }
+        _ => (Some(purpose_from_wire(request.purpose)?), None),
+    };
+    let mut id_bytes = [0u8; 6];
+    envelope::fill_random(&mut id_bytes).map_err(|_| ServiceError::Random)?;
+    let proposal = Proposal {
+        id: format!("p-{}", hex::encode(id_bytes)),
+        kind,
+        purpose: purpose.map(|p| p.name().to_owned()),
+        version: if purpose.is_some() {
+            request.version
+        } else {
+            0
+        },
+        new_root_key_file,
+        proposed_by: caller.to_owned(),
+        proposed_at_unix_ms: now,
+        expires_at_unix_ms: now + (shared.lifecycle.approval_window_secs * 1000) as i64,
+        state: ProposalState::Pending,
+        approved_by: None,
+        approved_at_unix_ms: 0,
+    };
+    let event = NewEvent {
+        actor: caller,
+        action: "propose",
+        purpose: purpose.map(Purpose::name),
+        version: proposal.version,
+        detail: format!("{} {}", lifecycle::kind_name(kind), proposal.id),
+        ..Default::default()
+    };
+    if let (OperationKind::Destroy, Some(purpose)) = (kind, purpose) {
+        // Fail fast; checked again, authoritatively, at approval.
+        let keyring = lock(&shared.keyring);
+        shared
+            .check_unused(&keyring, purpose, proposal.version, now)
+            .map_err(|r| shared.refused(event.clone(), r))?;
+    }
+    let stored = shared
+        .mutate(|keyring| Ok(proposal_to_wire(&keyring.propose(proposal)?, now)))
+        .map_err(|e| shared.refuse(event.clone(), e))?;
+    shared.record(NewEvent {
+        outcome: "ok".into(),
+        ..event
+    })?;
+    tracing::info!(id = %stored.id, kind = lifecycle::kind_name(kind), "proposed");
+    Ok(stored)
+}
+
+pub(super) fn approve(
+    shared: &Shared,
+    caller: &str,
+    id: &str,
+) -> Result<pb::Proposal, ServiceError> {
+    let now = now_unix_ms();
+    let mut event = NewEvent {
+        actor: caller,
+        action: "approve",
+        detail: id.to_owned(),
+        ..Default::default()
+    };
+    // Checked and carried out under the keyring lock: two approvals of the same
+    // proposal cannot both pass.
+    let mut keyring = lock(&shared.keyring);
+    let proposal = keyring
+        .check_approval(id, caller, now)
+        .map_err(|r| shared.refused(event.clone(), r))?;
+    // The state before, to restore if the change cannot be made durable.
+    let before = shared.seal(&keyring)?;
+    event.purpose = proposal.purpose().map(Purpose::name);
+    event.version = proposal.version;
+    event.detail = format!("{} {id}", lifecycle::kind_name(proposal.kind));
+    // Irreversible operations are recorded before they are carried out; if the
+    // history cannot be written, nothing is done.
+    shared.record_intent(NewEvent {
+        outcome: "started".into(),
+        ..event.clone()
+    })?;
+    match (proposal.kind, proposal.purpose()) {
+        (OperationKind::Destroy, Some(purpose)) => {
+            shared
+                .check_unused(&keyring, purpose, proposal.version, now)
+                .and_then(|()| keyring.destroy(purpose, proposal.version))
+                .map_err(|r| shared.refused(event.clone(), r))?;
+        }
+        (OperationKind::Unretire, Some(purpose)) => {
+            keyring
+                .unretire(purpose, proposal.version)
+                .map_err(|r| shared.refused(event.clone(), r))?;
+        }
+        (OperationKind::RootKeyChange, _) => {}
+        _ => {
+            return Err(ServiceError::Inconsistent(
+                "stored proposal names no key purpose",
+            ));
+        }
+    }
+    keyring.mark_approved(id, caller, now);
+    let saved = match (proposal.kind, &proposal.new_root_key_file) {
+        (OperationKind::RootKeyChange, Some(file)) => shared.change_root_key(&keyring, file),
+        _ => shared
+            .save(&keyring, &lock(&shared.root))
+            .map_err(ServiceError::Save),
+    };
+    if let Err(error) = saved {
+        shared.restore(&mut keyring, &before);
+        return Err(error);
+    }
+    let approved = keyring
+        .proposals
+        .iter()
+        .find(|p| p.id == id)
+        .map(|p| proposal_to_wire(p, now))
+        .ok_or(ServiceError::Inconsistent("approved proposal vanished"))?;
+    drop(keyring);
+    shared.announce();
+    shared.record(NewEvent {
+        outcome: "ok".into(),
+        ..event
+    })?;
+    tracing::info!(%id, kind = lifecycle::kind_name(proposal.kind), "approved and carried out");
+    Ok(approved)
+}
+
+pub(super) fn list(shared: &Shared) -> pb::ListProposalsResponse {
+    let now = now_unix_ms();
+    let proposals = lock(&shared.keyring)
+        .proposals
+        .iter()
+        .map(|p| proposal_to_wire(p, now))
+        .collect();
+    pb::ListProposalsResponse { proposals }
+}

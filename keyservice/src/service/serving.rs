@@ -1,0 +1,151 @@
+//! Serving vaults: the key set (once, and as a stream of changes), encryption budget
+//! leases, and the usage reports that a destroy depends on.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use runtime::shutdown::Shutdown;
+use vault_proto::keys::v1 as pb;
+
+use super::wire::{purpose_from_wire, purpose_to_wire, state_to_wire};
+use super::{Shared, UsageReport, lock, now_unix_ms};
+use crate::error::ServiceError;
+use crate::history::NewEvent;
+use crate::keyring::{Purpose, State};
+
+pub(super) type KeyStream =
+    Pin<Box<dyn Stream<Item = Result<pb::GetKeysResponse, tonic::Status>> + Send>>;
+
+impl Shared {
+    /// The versions vaults may use: active and decrypt-only, with their material.
+    fn snapshot(&self) -> pb::GetKeysResponse {
+        let keyring = lock(&self.keyring);
+        let keys = keyring
+            .versions()
+            .iter()
+            .filter(|v| matches!(v.state, State::Active | State::DecryptOnly))
+            .filter_map(|v| {
+                Some(pb::KeyMaterial {
+                    purpose: purpose_to_wire(v.purpose) as i32,
+                    version: v.version,
+                    state: state_to_wire(v.state) as i32,
+                    material: v.material.as_ref()?.expose_secret().to_vec(),
+                })
+            })
+            .collect();
+        pb::GetKeysResponse { keys }
+    }
+
+    /// Records on `version` of `purpose`, summed over the vaults' latest reports.
+    pub(super) fn records_using(&self, purpose: Purpose, version: u32) -> u64 {
+        lock(&self.usage)
+            .values()
+            .map(|r| r.records.get(&(purpose, version)).copied().unwrap_or(0))
+            .sum()
+    }
+}
+
+pub(super) fn get_keys(shared: &Shared) -> pb::GetKeysResponse {
+    let keys = shared.snapshot();
+    tracing::info!(versions = keys.keys.len(), "served key versions");
+    keys
+}
+
+/// The current set at once, then one after every change. Ends at shutdown so that
+/// graceful shutdown is not held up by open streams.
+pub(super) fn watch_keys(shared: &Arc<Shared>, shutdown: Shutdown) -> KeyStream {
+    tracing::info!("a vault is watching the key set");
+    let changes = shared.changes.subscribe();
+    let shared = Arc::clone(shared);
+    Box::pin(
+        tokio_stream::wrappers::WatchStream::new(changes)
+            .map(move |_| Ok(shared.snapshot()))
+            .take_until(shutdown.wait()),
+    )
+}
+
+pub(super) fn lease_budget(
+    shared: &Shared,
+    caller: &str,
+    request: &pb::LeaseBudgetRequest,
+) -> Result<pb::LeaseBudgetResponse, ServiceError> {
+    let purpose = purpose_from_wire(request.purpose)?;
+    let lifecycle = &shared.lifecycle;
+    let lease = shared.mutate(|keyring| {
+        Ok(keyring.lease(
+            purpose,
+            lifecycle.max_encryptions_per_version,
+            lifecycle.lease_size,
+            now_unix_ms(),
+        )?)
+    })?;
+    let version = lease.version;
+    if lease.rotated {
+        tracing::info!(
+            purpose = purpose.name(),
+            version,
+            "encryption budget spent: rotated"
+        );
+        shared.metrics.rotated(purpose.name(), "budget");
+        shared.announce();
+        shared.record(NewEvent {
+            actor: "keyservice",
+            action: "rotate",
+            purpose: Some(purpose.name()),
+            version,
+            outcome: "ok".into(),
+            detail: "the previous version's encryption budget is spent".into(),
+        })?;
+    }
+    shared.record(NewEvent {
+        actor: caller,
+        action: "lease",
+        purpose: Some(purpose.name()),
+        version,
+        outcome: "ok".into(),
+        detail: format!("{} encryptions", lease.granted),
+    })?;
+    let keyring = lock(&shared.keyring);
+    let v = keyring.version(purpose, version)?;
+    let material = v.material.as_ref().ok_or(ServiceError::Inconsistent(
+        "the active version has no material",
+    ))?;
+    Ok(pb::LeaseBudgetResponse {
+        key: Some(pb::KeyMaterial {
+            purpose: purpose_to_wire(purpose) as i32,
+            version,
+            state: state_to_wire(v.state) as i32,
+            material: material.expose_secret().to_vec(),
+        }),
+        encryptions: lease.granted,
+        version_remaining: lease.remaining,
+    })
+}
+
+pub(super) fn report_usage(
+    shared: &Shared,
+    caller: String,
+    request: pb::ReportUsageRequest,
+) -> Result<pb::ReportUsageResponse, ServiceError> {
+    let mut records = BTreeMap::new();
+    for usage in request.usage {
+        let purpose = purpose_from_wire(usage.purpose)?;
+        *records.entry((purpose, usage.version)).or_insert(0) += usage.records;
+    }
+    let mut active = BTreeMap::new();
+    for version in request.active {
+        active.insert(purpose_from_wire(version.purpose)?, version.version);
+    }
+    tracing::debug!(versions = records.len(), "usage reported");
+    lock(&shared.usage).insert(
+        (caller, request.instance),
+        UsageReport {
+            at_unix_ms: now_unix_ms(),
+            records,
+            active,
+        },
+    );
+    Ok(pb::ReportUsageResponse {})
+}

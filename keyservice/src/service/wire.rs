@@ -1,0 +1,81 @@
+//! Domain types to protobuf and back. Wire values are checked here, at the edge;
+//! nothing below a handler sees a raw enum number.
+
+use vault_proto::keys::v1 as pb;
+
+use crate::error::ServiceError;
+use crate::keyring::{OperationKind, Proposal, ProposalState, Purpose, State};
+
+pub(super) fn purpose_to_wire(purpose: Purpose) -> pb::KeyPurpose {
+    match purpose {
+        Purpose::CardData => pb::KeyPurpose::CardData,
+        Purpose::Fingerprint => pb::KeyPurpose::Fingerprint,
+        Purpose::Cvc => pb::KeyPurpose::Cvc,
+        Purpose::Audit => pb::KeyPurpose::Audit,
+    }
+}
+
+pub(super) fn purpose_from_wire(purpose: i32) -> Result<Purpose, ServiceError> {
+    match pb::KeyPurpose::try_from(purpose) {
+        Ok(pb::KeyPurpose::CardData) => Ok(Purpose::CardData),
+        Ok(pb::KeyPurpose::Fingerprint) => Ok(Purpose::Fingerprint),
+        Ok(pb::KeyPurpose::Cvc) => Ok(Purpose::Cvc),
+        Ok(pb::KeyPurpose::Audit) => Ok(Purpose::Audit),
+        _ => Err(ServiceError::InvalidArgument {
+            field: "purpose",
+            rule: "must be card-data, fingerprint, cvc or audit",
+        }),
+    }
+}
+
+pub(super) fn kind_from_wire(kind: i32) -> Result<OperationKind, ServiceError> {
+    match pb::OperationKind::try_from(kind) {
+        Ok(pb::OperationKind::Destroy) => Ok(OperationKind::Destroy),
+        Ok(pb::OperationKind::Unretire) => Ok(OperationKind::Unretire),
+        Ok(pb::OperationKind::RootKeyChange) => Ok(OperationKind::RootKeyChange),
+        _ => Err(ServiceError::InvalidArgument {
+            field: "kind",
+            rule: "must be destroy, unretire or root-key-change",
+        }),
+    }
+}
+
+pub(super) fn state_to_wire(state: State) -> pb::KeyState {
+    match state {
+        State::Active => pb::KeyState::Active,
+        State::DecryptOnly => pb::KeyState::DecryptOnly,
+        State::Retired => pb::KeyState::Retired,
+        State::Destroyed => pb::KeyState::Destroyed,
+    }
+}
+
+fn kind_to_wire(kind: OperationKind) -> pb::OperationKind {
+    match kind {
+        OperationKind::Destroy => pb::OperationKind::Destroy,
+        OperationKind::Unretire => pb::OperationKind::Unretire,
+        OperationKind::RootKeyChange => pb::OperationKind::RootKeyChange,
+    }
+}
+
+pub(super) fn proposal_to_wire(p: &Proposal, now: i64) -> pb::Proposal {
+    let state = match p.state {
+        ProposalState::Approved => pb::ProposalState::Approved,
+        ProposalState::Pending if p.expired(now) => pb::ProposalState::Expired,
+        ProposalState::Pending => pb::ProposalState::Pending,
+    };
+    pb::Proposal {
+        id: p.id.clone(),
+        kind: kind_to_wire(p.kind) as i32,
+        purpose: p
+            .purpose()
+            .map_or(pb::KeyPurpose::Unspecified, purpose_to_wire) as i32,
+        version: p.version,
+        new_root_key_file: p.new_root_key_file.clone().unwrap_or_default(),
+        proposed_by: p.proposed_by.clone(),
+        proposed_at_unix_ms: p.proposed_at_unix_ms,
+        expires_at_unix_ms: p.expires_at_unix_ms,
+        state: state as i32,
+        approved_by: p.approved_by.clone().unwrap_or_default(),
+        approved_at_unix_ms: p.approved_at_unix_ms,
+    }
+}
