@@ -130,7 +130,7 @@ impl PostgresSettings {
 const MIGRATIONS: &[(i32, &str, &str)] = &[(
     1,
     "records, fingerprint index, outcomes, meta, audit chain, version counts",
-    include_str!("postgres/0001_initial.sql"),
+    include_str!("0001_initial.sql"),
 )];
 
 /// Advisory lock keys (64-bit, the vault's own range).
