@@ -1,6 +1,6 @@
 //! Storage behind a small trait. The store sees only tokens, keyed hashes and sealed
 //! record bytes; it never sees card data. Every engine passes the conformance suite in
-//! `conformance.rs`. Only `rocks.rs` names RocksDB and only `postgres.rs` PostgreSQL;
+//! `conformance.rs`. Only `rocks/` names RocksDB and only `postgres/` PostgreSQL;
 //! `Engine` is the one the config selects.
 
 use std::collections::BTreeMap;
