@@ -7,11 +7,11 @@ use super::connect::{Object, release_after_failure};
 use super::errors::pg;
 use super::locks::AUDIT_LOCK;
 use super::statements::{BEGIN, Param};
-use crate::store::{AuditSeal, StoreError};
+use crate::store::{AUDIT_HEAD_KEY, AuditSeal, StoreError};
 
 impl PgStore {
     /// One audit append: under the chain's lock, reads the last entry, chains the new
-    /// ones onto it, and moves the anchor (`audit::HEAD_KEY`) with them, so that it
+    /// ones onto it, and moves the anchor (`AUDIT_HEAD_KEY`) with them, so that it
     /// never goes backwards whichever vault appends.
     pub(super) async fn append_audit_once(&self, seal: AuditSeal) -> Result<Vec<u64>, StoreError> {
         let in_flight = self.audit_lane.enter().await?;
@@ -71,7 +71,7 @@ async fn append_audit(client: &Object, seal: AuditSeal) -> Result<Vec<u64>, toki
         return Ok(Vec::new());
     };
     let insert_params: [&(dyn ToSql + Sync); 2] = [&sequences, &bytes];
-    let anchor_params: [&(dyn ToSql + Sync); 2] = [&crate::audit::HEAD_KEY, &head.as_slice()];
+    let anchor_params: [&(dyn ToSql + Sync); 2] = [&AUDIT_HEAD_KEY, &head.as_slice()];
     tokio::try_join!(
         client.execute(&insert, &insert_params),
         client.execute(&anchor, &anchor_params),
