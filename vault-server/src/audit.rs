@@ -22,13 +22,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use vault_proto::vault::v1 as pb;
 
 use crate::keys::Keys;
-use crate::store::{Store, StoreError};
+use crate::store::{AUDIT_HEAD_KEY, Store, StoreError};
 
 const MAC_LABEL: &[u8] = b"tokenvault.audit.v1";
-/// The data store's `meta` key holding the highest sequence number written: the
-/// anchor that shows a log cut short (entries removed from its end, or the whole
-/// audit directory replaced).
-pub const HEAD_KEY: &str = "audit-head";
 const HEADER_LEN: usize = 4 + 32;
 /// Events written in one batch at most.
 const MAX_BATCH: usize = 1024;
@@ -176,16 +172,19 @@ impl Auditor {
     }
 }
 
-/// Keeps the anchor (`HEAD_KEY`) up to date with the last durable sequence number. It
-/// runs beside the writer so that events never wait for it: each write takes the latest
-/// value, skipping those that came meanwhile, so the anchor trails the log by at most
-/// one data-store commit and never moves backwards.
+/// Keeps the anchor (`AUDIT_HEAD_KEY`) up to date with the last durable sequence
+/// number. It runs beside the writer so that events never wait for it: each write takes
+/// the latest value, skipping those that came meanwhile, so the anchor trails the log
+/// by at most one data-store commit and never moves backwards.
 async fn write_anchor<S: Store>(store: Arc<S>, mut head: watch::Receiver<u64>) {
     while head.changed().await.is_ok() {
         let last = *head.borrow_and_update();
         // A failed write is tried again (the data store may be refusing writes for a
         // while), unless a newer value comes first, which replaces it.
-        while let Err(e) = store.put_meta(HEAD_KEY, last.to_be_bytes().to_vec()).await {
+        while let Err(e) = store
+            .put_meta(AUDIT_HEAD_KEY, last.to_be_bytes().to_vec())
+            .await
+        {
             tracing::warn!(error = %e, "the audit log anchor could not be updated");
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             if head.has_changed().unwrap_or(true) {
@@ -299,7 +298,7 @@ pub struct Verification {
 /// The highest sequence number the vault recorded writing.
 async fn head<S: Store>(store: &S) -> Result<Option<u64>, StoreError> {
     Ok(store
-        .get_meta(HEAD_KEY)
+        .get_meta(AUDIT_HEAD_KEY)
         .await?
         .and_then(|bytes| Some(u64::from_be_bytes(bytes.as_slice().try_into().ok()?))))
 }

@@ -3,6 +3,7 @@
 //! the vault renders the card into the placeholders the processor accepts, sends it over
 //! verified TLS, and returns the answer with card-number-like runs masked.
 
+mod address;
 pub mod idempotency;
 pub mod mask;
 pub mod net;

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use super::address::{is_private, literal_ip};
+
 /// One `[[processor]]` entry of the vault config.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -119,8 +121,8 @@ impl ProcessorSettings {
                 "must be https://host[:port][/prefix] without query, fragment or credentials",
             );
         }
-        if let Some(ip) = super::net::literal_ip(&url)
-            && super::net::is_private(ip)
+        if let Some(ip) = literal_ip(&url)
+            && is_private(ip)
             && !self.allow_private_network
         {
             return err(

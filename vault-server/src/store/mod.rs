@@ -1,6 +1,6 @@
 //! Storage behind a small trait. The store sees only tokens, keyed hashes and sealed
 //! record bytes; it never sees card data. Every engine passes the conformance suite in
-//! `conformance.rs`. Only `rocks.rs` names RocksDB and only `postgres.rs` PostgreSQL;
+//! `conformance.rs`. Only `rocks/` names RocksDB and only `postgres/` PostgreSQL;
 //! `Engine` is the one the config selects.
 
 use std::collections::BTreeMap;
@@ -166,6 +166,13 @@ pub enum StoreError {
 /// bytes), returns the entries to append after it.
 pub type AuditSeal = Box<dyn FnOnce(Option<(u64, Vec<u8>)>) -> Vec<(u64, Vec<u8>)> + Send>;
 
+/// The data store's `meta` key holding the highest audit sequence number written: the
+/// anchor that shows a log cut short (entries removed from its end, or the whole
+/// audit directory replaced). Kept here, not in `audit`, because an engine that
+/// anchors the log (`Store::anchors_audit_log`) writes it: the store never depends
+/// on the audit module.
+pub const AUDIT_HEAD_KEY: &str = "audit-head";
+
 /// Held while this vault runs a background job that must run on one vault at a time
 /// (see [`Store::lock_job`]); dropping it lets another vault take the job.
 #[derive(Debug)]
@@ -285,7 +292,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<u64>, StoreError>> + Send;
 
     /// Whether `append_audit` also records the last sequence number as the log's
-    /// anchor (the `audit::HEAD_KEY` meta entry) in the same write. Otherwise the
+    /// anchor (the [`AUDIT_HEAD_KEY`] meta entry) in the same write. Otherwise the
     /// auditor writes the anchor itself, to the data store.
     fn anchors_audit_log(&self) -> bool;
 

@@ -1,0 +1,525 @@
+//! RocksDB engine. Column families: `records` (token → sealed record), `fingerprints`
+//! (index key → token), `idempotency` (tenant and idempotency key → forward outcome,
+//! which holds no card data), `versions` (key use | key version | token → empty: which
+//! records use which key version, for counting and rewrap) and `meta` (small state of
+//! background jobs).
+//!
+//! Writes go through one dedicated writer thread that takes everything queued, checks
+//! put-if-absent against the database plus the writes already in the batch, and commits
+//! it as one synced WriteBatch (group commit). Every waiter is answered only after the
+//! sync, so an acknowledged token survives `kill -9` and power loss, and one fsync is
+//! shared by every request that arrived meanwhile (DESIGN.md, Storage). Being the only
+//! writer also makes put-if-absent race-free. The audit log, a database of its own, has
+//! its own writer thread the same way, so that its syncs overlap the data's.
+//!
+//! After a write fails because the disk is full or read-only, RocksDB refuses every
+//! later write until the database is reopened. The writer does that by itself, at the
+//! next write once the filesystem is writable with `RECOVERY_FREE_BYTES` free; reads go
+//! on meanwhile, and pause only for the reopen itself.
+
+mod audit;
+mod backup;
+mod counts;
+#[cfg(test)]
+mod erasure_tests;
+mod indexes;
+mod options;
+mod planning;
+mod recovery;
+#[cfg(test)]
+mod tests;
+mod writer;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+
+use rocksdb::{Cache, DB};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    AuditSeal, Delete, DeleteOutcome, InsertOutcome, JobLock, KeyUse, KeyVersions, NewRecord,
+    RecordIndexes, Rewrite, RewriteOutcome, Store, StoreError, StoreStats,
+};
+use crate::token::Token;
+
+use audit::{AuditAppend, write_audit};
+pub use backup::scan_records;
+use counts::{Counts, load_counts};
+use indexes::{index_records, parse_version_key, version_key};
+use options::{family_options, open_data};
+use writer::{Op, QUEUE_DEPTH, Writer};
+
+const RECORDS: &str = "records";
+const FINGERPRINTS: &str = "fingerprints";
+const IDEMPOTENCY: &str = "idempotency";
+const VERSIONS: &str = "versions";
+const META: &str = "meta";
+const EXPIRY: &str = "expiry";
+const CARDS: &str = "cards";
+const FAMILIES: [&str; 7] = [
+    RECORDS,
+    FINGERPRINTS,
+    IDEMPOTENCY,
+    VERSIONS,
+    META,
+    EXPIRY,
+    CARDS,
+];
+/// `meta` key present once every record has its `versions`, `expiry` and `cards`
+/// entries.
+const INDEXED: &[u8] = b"indexed-v2";
+/// `meta` key holding the number of records per key use and version, written in the
+/// same batch as every change to `versions`, so that start-up reads it instead of
+/// counting every record.
+const COUNTS: &[u8] = b"version-counts";
+
+/// Reads a record's key versions and indexes from its stored bytes (to index records
+/// written before those column families existed).
+pub type IndexesOf = fn(&[u8]) -> Option<(KeyVersions, RecordIndexes)>;
+
+/// Memory settings (`[storage]` in the vault config).
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    pub block_cache_bytes: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            block_cache_bytes: 128 * 1024 * 1024,
+        }
+    }
+}
+
+/// The open data database, shared by readers and the writer. Empty only while the
+/// writer reopens it (`Writer::recover`).
+type Slot = Arc<RwLock<Option<Arc<DB>>>>;
+
+/// Free space (for an unprivileged writer) on the filesystem holding `dir`; 0 if it
+/// cannot be read.
+fn free_bytes(dir: &Path) -> u64 {
+    nix::sys::statvfs::statvfs(dir).map_or(0, |fs| {
+        fs.blocks_available().saturating_mul(fs.fragment_size())
+    })
+}
+
+fn family<'a>(db: &'a DB, name: &str) -> Result<&'a rocksdb::ColumnFamily, StoreError> {
+    db.cf_handle(name).ok_or(StoreError::Closed)
+}
+
+pub struct RocksStore {
+    dir: PathBuf,
+    audit_dir: PathBuf,
+    cache: Cache,
+    data: Slot,
+    /// Audit entries go to a database of their own, outside the data directory: erasure
+    /// must leave no token in the data directory, while the audit log keeps its events
+    /// (which name tokens, never card data) for their retention period.
+    audit_db: Arc<DB>,
+    counts: Counts,
+    queue: Option<mpsc::Sender<Op>>,
+    writer: Option<JoinHandle<()>>,
+    audit_queue: Option<mpsc::Sender<AuditAppend>>,
+    /// One append at a time: each reads the log's end and chains onto it.
+    audit_append: tokio::sync::Mutex<()>,
+    audit_writer: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for RocksStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RocksStore")
+            .field("path", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn engine(e: rocksdb::Error) -> StoreError {
+    classify(e.into_string())
+}
+
+/// RocksDB reports the cause of an I/O error only in its message (the OS error text).
+fn classify(message: String) -> StoreError {
+    if message.contains("No space left on device") {
+        StoreError::NoSpace(message)
+    } else if message.contains("Read-only file system")
+        || message.contains("Permission denied")
+        // The store was reopened read-only after a refused write (see `recover`).
+        || message.contains("read only mode")
+    {
+        StoreError::NotWritable(message)
+    } else {
+        StoreError::Engine(message)
+    }
+}
+
+impl RocksStore {
+    /// Opens (or creates) the database in `dir` and starts the writer thread. A
+    /// database from before the `versions` column family is indexed once, with
+    /// `indexes_of` reading each record's key versions and indexes. The audit log is
+    /// kept in `audit_dir`.
+    pub fn open(
+        dir: &Path,
+        audit_dir: &Path,
+        indexes_of: IndexesOf,
+        tuning: &Tuning,
+    ) -> Result<Self, StoreError> {
+        let cache = Cache::new_lru_cache(tuning.block_cache_bytes);
+        let db = Arc::new(open_data(dir, &cache)?);
+        let audit_db =
+            Arc::new(DB::open(&family_options(None, &cache), audit_dir).map_err(engine)?);
+        // The marker is written with the index's last batch: an indexing run that was
+        // interrupted runs again (writing an entry twice is harmless).
+        let meta = db.cf_handle(META).ok_or(StoreError::Closed)?;
+        if db.get_cf(meta, INDEXED).map_err(engine)?.is_none() {
+            index_records(&db, indexes_of)?;
+        }
+        let counts = Arc::new(Mutex::new(load_counts(&db)?));
+        let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
+        let data: Slot = Arc::new(RwLock::new(Some(Arc::clone(&db))));
+        let writer = Writer {
+            db,
+            counts: Arc::clone(&counts),
+            slot: Arc::clone(&data),
+            dir: dir.to_owned(),
+            cache: cache.clone(),
+            refused_since: None,
+            last_recovery: None,
+        };
+        let writer = std::thread::Builder::new()
+            .name("rocksdb-writer".into())
+            .spawn(move || writer.run(receiver))
+            .map_err(|e| StoreError::Engine(format!("cannot start writer thread: {e}")))?;
+        let (audit_queue, audit_receiver) = mpsc::channel(QUEUE_DEPTH);
+        let writer_audit_db = Arc::clone(&audit_db);
+        let audit_writer = std::thread::Builder::new()
+            .name("rocksdb-audit".into())
+            .spawn(move || write_audit(&writer_audit_db, audit_receiver))
+            .map_err(|e| StoreError::Engine(format!("cannot start audit writer thread: {e}")))?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            audit_dir: audit_dir.to_owned(),
+            cache,
+            data,
+            audit_db,
+            counts,
+            queue: Some(queue),
+            writer: Some(writer),
+            audit_queue: Some(audit_queue),
+            audit_append: tokio::sync::Mutex::new(()),
+            audit_writer: Some(audit_writer),
+        })
+    }
+
+    /// The data database, unless the writer is reopening it this moment.
+    fn db(&self) -> Result<Arc<DB>, StoreError> {
+        self.data
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .ok_or(StoreError::Reopening)
+    }
+
+    async fn submit<T>(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
+    ) -> Result<T, StoreError> {
+        let queue = self.queue.as_ref().ok_or(StoreError::Closed)?;
+        let (reply, answer) = oneshot::channel();
+        queue
+            .send(op(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+impl Drop for RocksStore {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer after it commits what is queued; joining it
+        // releases the database lock before a restart in the same process reopens it.
+        self.queue.take();
+        self.audit_queue.take();
+        for writer in [self.writer.take(), self.audit_writer.take()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = writer.join();
+        }
+    }
+}
+
+impl Store for RocksStore {
+    async fn insert(&self, records: Vec<NewRecord>) -> Result<Vec<InsertOutcome>, StoreError> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.submit(|reply| Op::Insert { records, reply }).await
+    }
+
+    async fn get(&self, token: &Token) -> Result<Option<Vec<u8>>, StoreError> {
+        // Point reads are served from the memtable or block cache in microseconds;
+        // they run inline rather than paying for a thread hop.
+        let db = self.db()?;
+        db.get_cf(family(&db, RECORDS)?, token.as_str())
+            .map_err(engine)
+    }
+
+    async fn delete(&self, delete: Delete) -> Result<DeleteOutcome, StoreError> {
+        self.submit(|reply| Op::Delete { delete, reply }).await
+    }
+
+    async fn rewrite(&self, rewrite: Rewrite) -> Result<RewriteOutcome, StoreError> {
+        self.submit(|reply| Op::Rewrite { rewrite, reply }).await
+    }
+
+    fn version_counts(&self) -> BTreeMap<(KeyUse, u32), u64> {
+        self.counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn stats(&self) -> StoreStats {
+        let mut stats = StoreStats {
+            data_free_bytes: Some(free_bytes(&self.dir)),
+            audit_free_bytes: Some(free_bytes(&self.audit_dir)),
+            block_cache_bytes: self.cache.get_usage() as u64,
+            ..StoreStats::default()
+        };
+        let Ok(db) = self.db() else {
+            return stats;
+        };
+        let int = |name: &str| db.property_int_value(name).ok().flatten().unwrap_or(0);
+        stats.running_compactions = int("rocksdb.num-running-compactions");
+        stats.write_stopped = int("rocksdb.is-write-stopped") != 0;
+        stats.delayed_write_rate = int("rocksdb.actual-delayed-write-rate");
+        for name in FAMILIES {
+            let Some(cf) = db.cf_handle(name) else {
+                continue;
+            };
+            let int = |property: &str| {
+                db.property_int_value_cf(cf, property)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0)
+            };
+            stats.table_bytes += int("rocksdb.total-sst-files-size");
+            stats.memtable_bytes += int("rocksdb.cur-size-all-mem-tables");
+            stats.pending_compaction_bytes += int("rocksdb.estimate-pending-compaction-bytes");
+        }
+        stats
+    }
+
+    async fn records_off_versions(
+        &self,
+        active: KeyVersions,
+        cursor: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Token)>, StoreError> {
+        let db = self.db()?;
+        let mut found = Vec::new();
+        let mut iter = db.raw_iterator_cf(family(&db, VERSIONS)?);
+        match cursor {
+            Some(cursor) => {
+                iter.seek(cursor);
+                if iter.key() == Some(cursor) {
+                    iter.next();
+                }
+            }
+            None => iter.seek_to_first(),
+        }
+        while found.len() < limit {
+            let Some(key) = iter.key() else { break };
+            let Some((key_use, version, token)) = parse_version_key(key) else {
+                iter.next();
+                continue;
+            };
+            if version == active.get(key_use) {
+                // Skip every record already on the active version in one seek.
+                match version.checked_add(1) {
+                    Some(next) => iter.seek(version_key(key_use, next, &[])),
+                    None => iter.seek([key_use.code() + 1]),
+                }
+                continue;
+            }
+            let token = Token::from_stored(token).ok_or_else(|| {
+                StoreError::Engine("versions index holds a malformed token".into())
+            })?;
+            found.push((key.to_vec(), token));
+            iter.next();
+        }
+        iter.status().map_err(engine)?;
+        Ok(found)
+    }
+
+    async fn prune_outcomes(
+        &self,
+        expired: &(dyn Fn(&[u8]) -> bool + Sync),
+    ) -> Result<usize, StoreError> {
+        let mut keys = Vec::new();
+        {
+            let db = self.db()?;
+            let mut iter = db.raw_iterator_cf(family(&db, IDEMPOTENCY)?);
+            iter.seek_to_first();
+            while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
+                if expired(value) {
+                    keys.push(key.to_vec());
+                }
+                iter.next();
+            }
+            iter.status().map_err(engine)?;
+        }
+        let pruned = keys.len();
+        for chunk in keys.chunks(1000) {
+            let entries = chunk.to_vec();
+            self.submit(|reply| Op::Remove {
+                family: IDEMPOTENCY,
+                keys: entries,
+                reply,
+            })
+            .await?;
+        }
+        Ok(pruned)
+    }
+
+    async fn expired(&self, now_unix_ms: i64, limit: usize) -> Result<Vec<Token>, StoreError> {
+        let db = self.db()?;
+        let mut iter = db.raw_iterator_cf(family(&db, EXPIRY)?);
+        iter.seek_to_first();
+        let mut tokens = Vec::new();
+        while tokens.len() < limit {
+            let Some(key) = iter.key() else { break };
+            let (at, token) = key
+                .split_at_checked(8)
+                .ok_or_else(|| StoreError::Engine("an expiry key is malformed".into()))?;
+            let at = i64::from_be_bytes(
+                at.try_into()
+                    .map_err(|_| StoreError::Engine("an expiry key is malformed".into()))?,
+            );
+            if at > now_unix_ms {
+                break;
+            }
+            tokens.push(Token::from_stored(token).ok_or_else(|| {
+                StoreError::Engine("the expiry index holds a malformed token".into())
+            })?);
+            iter.next();
+        }
+        iter.status().map_err(engine)?;
+        Ok(tokens)
+    }
+
+    async fn tokens_of_card(&self, card_key: &[u8]) -> Result<Vec<Token>, StoreError> {
+        let db = self.db()?;
+        let mut iter = db.raw_iterator_cf(family(&db, CARDS)?);
+        iter.seek(card_key);
+        let mut tokens = Vec::new();
+        while let Some(key) = iter.key() {
+            let Some(token) = key.strip_prefix(card_key) else {
+                break;
+            };
+            // A longer card key with this one as prefix is another card: tokens
+            // have a fixed length.
+            if let Some(token) = Token::from_stored(token) {
+                tokens.push(token);
+            }
+            iter.next();
+        }
+        iter.status().map_err(engine)?;
+        Ok(tokens)
+    }
+
+    async fn compact(&self) -> Result<(), StoreError> {
+        let db = self.db()?;
+        tokio::task::spawn_blocking(move || {
+            for name in FAMILIES {
+                let cf = db.cf_handle(name).ok_or(StoreError::Closed)?;
+                db.flush_cf(cf).map_err(engine)?;
+                let mut options = rocksdb::CompactOptions::default();
+                // Rewrite the bottom level too: that is where old copies live.
+                options.set_bottommost_level_compaction(
+                    rocksdb::BottommostLevelCompaction::ForceOptimized,
+                );
+                db.compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, &options);
+            }
+            // One more change starts a new MANIFEST holding only the files now live
+            // (see `db_options`); the previous one, which named the erased keys as
+            // file boundaries, is deleted.
+            let meta = db.cf_handle(META).ok_or(StoreError::Closed)?;
+            let now = time::OffsetDateTime::now_utc()
+                .unix_timestamp()
+                .to_be_bytes();
+            db.put_cf(meta, b"compacted-at", now).map_err(engine)?;
+            db.flush_cf(meta).map_err(engine)?;
+            // The WAL files that held the deleted writes are obsolete after the flushes;
+            // RocksDB deletes them (no WAL archive is configured).
+            db.flush_wal(true).map_err(engine)
+        })
+        .await
+        .map_err(|e| StoreError::Engine(e.to_string()))?
+    }
+
+    async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let db = self.db()?;
+        db.get_cf(family(&db, META)?, key).map_err(engine)
+    }
+
+    async fn put_meta(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        let key = key.as_bytes().to_vec();
+        self.submit(|reply| Op::Put {
+            family: META,
+            entries: vec![(key, value)],
+            reply,
+        })
+        .await
+    }
+
+    async fn append_audit(&self, seal: AuditSeal) -> Result<Vec<u64>, StoreError> {
+        self.append_to_audit_log(seal).await
+    }
+
+    fn anchors_audit_log(&self) -> bool {
+        // The log is a database of its own: its anchor goes to the data database.
+        false
+    }
+
+    async fn read_audit(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.read_audit_log(after, limit)
+    }
+
+    async fn last_audit(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        self.last_in_audit_log()
+    }
+
+    async fn create_backup(&self, dir: &Path) -> Result<u64, StoreError> {
+        self.checkpoint(dir).await
+    }
+
+    fn scan_backup(dir: &Path, visit: &mut dyn FnMut(&[u8], &[u8])) -> Result<(), StoreError> {
+        scan_records(dir, visit)
+    }
+
+    async fn get_outcome(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let db = self.db()?;
+        db.get_cf(family(&db, IDEMPOTENCY)?, key).map_err(engine)
+    }
+
+    async fn put_outcome(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreError> {
+        self.submit(|reply| Op::Put {
+            family: IDEMPOTENCY,
+            entries: vec![(key, value)],
+            reply,
+        })
+        .await
+    }
+
+    async fn lock_job(&self, _job: &str) -> Result<Option<JobLock>, StoreError> {
+        // RocksDB's own lock keeps every other process out of this store.
+        Ok(Some(JobLock::sole()))
+    }
+}

@@ -1,0 +1,261 @@
+//! The data writer: one thread that takes everything queued, plans it against the
+//! database and the batch so far, and commits it as one synced write (group commit).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rocksdb::{Cache, DB, WriteBatch, WriteOptions};
+use tokio::sync::{mpsc, oneshot};
+
+use super::counts::{Counts, encode_counts};
+use super::planning::Pending;
+use super::{COUNTS, META, Slot, classify};
+use crate::store::{
+    Delete, DeleteOutcome, InsertOutcome, NewRecord, Rewrite, RewriteOutcome, StoreError,
+};
+
+/// Most operations committed in one batch; bounds batch size and latency.
+pub(super) const MAX_GROUP: usize = 2048;
+/// Queue depth in front of the writer; callers wait (backpressure) beyond it.
+pub(super) const QUEUE_DEPTH: usize = 4096;
+
+pub(super) enum Op {
+    Insert {
+        records: Vec<NewRecord>,
+        reply: oneshot::Sender<Result<Vec<InsertOutcome>, StoreError>>,
+    },
+    Delete {
+        delete: Delete,
+        reply: oneshot::Sender<Result<DeleteOutcome, StoreError>>,
+    },
+    Rewrite {
+        rewrite: Rewrite,
+        reply: oneshot::Sender<Result<RewriteOutcome, StoreError>>,
+    },
+    /// Plain deletes from `family` (expired idempotency outcomes).
+    Remove {
+        family: &'static str,
+        keys: Vec<Vec<u8>>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    /// Plain puts into `family` (idempotency outcomes, job state).
+    Put {
+        family: &'static str,
+        entries: Vec<(Vec<u8>, Vec<u8>)>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+pub(super) struct Writer {
+    pub(super) db: Arc<DB>,
+    pub(super) counts: Counts,
+    /// Where readers find `db`, emptied while it is reopened.
+    pub(super) slot: Slot,
+    pub(super) dir: PathBuf,
+    pub(super) cache: Cache,
+    /// Set when a write was refused for a full or read-only filesystem: RocksDB
+    /// refuses every write after that until it is reopened.
+    pub(super) refused_since: Option<Instant>,
+    pub(super) last_recovery: Option<Instant>,
+}
+
+/// A group's writes, handed to RocksDB sorted by column family and key. Inserting
+/// random keys into a memtable's skiplist costs a cache miss at each step down from
+/// the top; RocksDB keeps the previous insert's path (its splice), so keys that arrive
+/// in order each reuse most of it. The sort is stable: two writes of one key keep their
+/// order.
+#[derive(Default)]
+pub(super) struct SortedBatch<'a> {
+    entries: Vec<BatchEntry<'a>>,
+}
+
+/// A put (with its value) or a delete (`None`) of one key.
+type BatchEntry<'a> = (&'a rocksdb::ColumnFamily, Vec<u8>, Option<Vec<u8>>);
+
+impl<'a> SortedBatch<'a> {
+    pub(super) fn put_cf(
+        &mut self,
+        family: &'a rocksdb::ColumnFamily,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+    ) {
+        self.entries
+            .push((family, key.as_ref().to_vec(), Some(value.as_ref().to_vec())));
+    }
+
+    pub(super) fn delete_cf(&mut self, family: &'a rocksdb::ColumnFamily, key: impl AsRef<[u8]>) {
+        self.entries.push((family, key.as_ref().to_vec(), None));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn into_write_batch(mut self) -> WriteBatch {
+        // Families are told apart by address: any fixed order groups them.
+        self.entries.sort_by(|(a, a_key, _), (b, b_key, _)| {
+            (std::ptr::from_ref(*a) as usize, a_key).cmp(&(std::ptr::from_ref(*b) as usize, b_key))
+        });
+        let mut batch = WriteBatch::default();
+        for (family, key, value) in self.entries {
+            match value {
+                Some(value) => batch.put_cf(family, key, value),
+                None => batch.delete_cf(family, key),
+            }
+        }
+        batch
+    }
+}
+
+impl Writer {
+    pub(super) fn run(mut self, mut receiver: mpsc::Receiver<Op>) {
+        while let Some(first) = receiver.blocking_recv() {
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP {
+                match receiver.try_recv() {
+                    Ok(op) => group.push(op),
+                    Err(_) => break,
+                }
+            }
+            if self.refused_since.is_some() {
+                self = self.recover();
+            }
+            // A write that goes through (RocksDB may recover by itself) ends the refusal.
+            self.refused_since = match self.commit(group) {
+                true => self.refused_since.or_else(|| Some(Instant::now())),
+                false => None,
+            };
+        }
+    }
+
+    /// Commits `group`; true if the write was refused for a full or read-only
+    /// filesystem.
+    fn commit(&self, group: Vec<Op>) -> bool {
+        let mut batch = SortedBatch::default();
+        let mut pending = Pending::default();
+        let mut inserts = Vec::new();
+        let mut deletes = Vec::new();
+        let mut rewrites = Vec::new();
+        let mut put_replies = Vec::new();
+        // A failed read while planning fails the whole group: the batch may already
+        // hold part of that operation, so nothing is written.
+        let mut failure = None;
+        for op in group {
+            match op {
+                Op::Insert { records, reply } => {
+                    let outcomes = self.plan_insert(&records, &mut batch, &mut pending);
+                    let outcomes = outcomes.unwrap_or_else(|e| {
+                        failure.get_or_insert(e.to_string());
+                        Vec::new()
+                    });
+                    inserts.push((reply, outcomes));
+                }
+                Op::Delete { delete, reply } => {
+                    let outcome = self.plan_delete(&delete, &mut batch, &mut pending);
+                    let outcome = outcome.unwrap_or_else(|e| {
+                        failure.get_or_insert(e.to_string());
+                        DeleteOutcome::Changed
+                    });
+                    deletes.push((reply, outcome));
+                }
+                Op::Rewrite { rewrite, reply } => {
+                    let outcome = self.plan_rewrite(&rewrite, &mut batch, &mut pending);
+                    let outcome = outcome.unwrap_or_else(|e| {
+                        failure.get_or_insert(e.to_string());
+                        RewriteOutcome::Changed
+                    });
+                    rewrites.push((reply, outcome));
+                }
+                Op::Remove {
+                    family,
+                    keys,
+                    reply,
+                } => {
+                    match self.db.cf_handle(family) {
+                        Some(cf) => {
+                            for key in keys {
+                                batch.delete_cf(cf, key);
+                            }
+                        }
+                        None => {
+                            failure.get_or_insert(StoreError::Closed.to_string());
+                        }
+                    }
+                    put_replies.push(reply);
+                }
+                Op::Put {
+                    family,
+                    entries,
+                    reply,
+                } => {
+                    match self.db.cf_handle(family) {
+                        Some(cf) => {
+                            for (key, value) in entries {
+                                batch.put_cf(cf, key, value);
+                            }
+                        }
+                        None => {
+                            failure.get_or_insert(StoreError::Closed.to_string());
+                        }
+                    }
+                    put_replies.push(reply);
+                }
+            }
+        }
+        // The counts after this group go into its batch, so that the stored counts
+        // always match the `versions` entries on disk.
+        let counted = (failure.is_none() && !pending.counts.is_empty()).then(|| {
+            let mut counts = self
+                .counts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            for (key, delta) in pending.counts {
+                let count = counts.entry(key).or_insert(0);
+                *count = count.saturating_add_signed(delta);
+                if *count == 0 {
+                    counts.remove(&key);
+                }
+            }
+            counts
+        });
+        if let (Some(counts), Some(meta)) = (&counted, self.db.cf_handle(META)) {
+            batch.put_cf(meta, COUNTS, encode_counts(counts));
+        }
+        let mut sync = WriteOptions::default();
+        sync.set_sync(true);
+        let written = match failure {
+            Some(e) => Err(e),
+            None if batch.is_empty() => Ok(()),
+            None => self
+                .db
+                .write_opt(batch.into_write_batch(), &sync)
+                .map_err(|e| e.into_string()),
+        };
+        if let (Ok(()), Some(counted)) = (&written, counted) {
+            *self
+                .counts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = counted;
+        }
+        for (reply, outcomes) in inserts {
+            let _ = reply.send(written.clone().map(|()| outcomes).map_err(classify));
+        }
+        for (reply, outcome) in deletes {
+            let _ = reply.send(written.clone().map(|()| outcome).map_err(classify));
+        }
+        for (reply, outcome) in rewrites {
+            let _ = reply.send(written.clone().map(|()| outcome).map_err(classify));
+        }
+        for reply in put_replies {
+            let _ = reply.send(written.clone().map_err(classify));
+        }
+        written.is_err_and(|e| {
+            matches!(
+                classify(e),
+                StoreError::NoSpace(_) | StoreError::NotWritable(_)
+            )
+        })
+    }
+}
