@@ -104,12 +104,16 @@ build-release: rocksdb
 # cargo deny (deny.toml): licenses, banned and duplicate crates, sources. Advisories
 # need the RustSec database, which these machines cannot fetch: see deny.toml.
 CARGO_DENY_VERSION := 0.20.2
+CRATES := proto envelope runtime keyservice vault-server vault-client devstack bench \
+  deploy/sandbox-processor tests tests/pgcluster
 lint: rocksdb
 	cargo fmt --all -- --check
 	cargo clippy --locked --workspace --all-targets -- -D warnings
 	@cargo deny --version 2>/dev/null | grep -qx 'cargo-deny $(CARGO_DENY_VERSION)' \
 	  || cargo install --locked cargo-deny --version $(CARGO_DENY_VERSION)
 	cargo deny --locked check --hide-inclusion-graph licenses bans sources
+	# No two modules of a crate depend on each other (scripts/module-cycles.py).
+	/usr/bin/python3 scripts/module-cycles.py $(CRATES)
 	# The fuzz targets are a workspace of their own; keep them compiling. When a
 	# dependency of the main workspace changes, refresh fuzz/Cargo.lock with
 	# `cargo check --manifest-path fuzz/Cargo.toml`.

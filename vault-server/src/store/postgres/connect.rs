@@ -12,7 +12,7 @@ use deadpool_postgres::ClientWrapper;
 use tokio::sync::oneshot;
 use tokio_postgres::config::SslMode;
 
-use super::errors::{describe, pg};
+use super::errors::{ConnectError, describe, pg};
 use super::settings::PostgresSettings;
 use crate::store::StoreError;
 
@@ -48,24 +48,6 @@ pub(super) struct Connector {
     attempt_timeout: Duration,
     /// The host that answered last.
     preferred: Arc<AtomicUsize>,
-}
-
-/// Why no host gave a connection: what each one did.
-#[derive(Debug)]
-pub(super) struct ConnectError(String);
-
-impl std::fmt::Display for ConnectError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for ConnectError {}
-
-impl From<ConnectError> for StoreError {
-    fn from(e: ConnectError) -> Self {
-        StoreError::Unavailable(e.0)
-    }
 }
 
 pub(super) type Pool = deadpool::managed::Pool<Connector>;

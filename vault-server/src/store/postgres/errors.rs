@@ -2,8 +2,25 @@
 
 use tokio_postgres::error::SqlState;
 
-use super::connect::ConnectError;
 use crate::store::StoreError;
+
+/// Why no host gave a connection: what each one did.
+#[derive(Debug)]
+pub(super) struct ConnectError(pub(super) String);
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConnectError {}
+
+impl From<ConnectError> for StoreError {
+    fn from(e: ConnectError) -> Self {
+        StoreError::Unavailable(e.0)
+    }
+}
 
 /// A PostgreSQL error as the store reports it: the SQLSTATE and message only (a
 /// message's DETAIL can quote the values of a row).

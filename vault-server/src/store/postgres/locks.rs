@@ -2,10 +2,6 @@
 //! fingerprint index locks of a write group (see the module documentation of
 //! `postgres`).
 
-use std::collections::BTreeSet;
-
-use super::writer::Op;
-
 /// Advisory lock keys (64-bit, the vault's own range).
 pub(super) const MIGRATION_LOCK: i64 = 0x746f_6b76_0000_0001;
 pub(super) const AUDIT_LOCK: i64 = 0x746f_6b76_0000_0002;
@@ -15,7 +11,7 @@ pub(super) const INDEX_LOCK: i64 = 0x746f_6b76_0000_0003;
 /// whole index instead of a lock per key (others take it shared), so that no
 /// transaction fills PostgreSQL's lock table (max_locks_per_transaction x
 /// connections, shared by the whole server).
-const MAX_KEY_LOCKS: usize = 128;
+pub(super) const MAX_KEY_LOCKS: usize = 128;
 
 /// The advisory lock key of a fingerprint index key: the first 8 bytes of its
 /// SHA-256 (index keys start with the tenant, so their own bytes are not spread).
@@ -41,38 +37,4 @@ impl IndexLocks {
             IndexLocks::Whole => &[],
         }
     }
-}
-
-/// The index locks of a group, and the tokens of the records it changes, sorted.
-pub(super) fn locks_of(group: &[Op]) -> (IndexLocks, Vec<&str>) {
-    let mut keys = BTreeSet::new();
-    let mut tokens = BTreeSet::new();
-    for op in group {
-        match op {
-            Op::Insert { records, .. } => {
-                for record in records {
-                    keys.insert(index_lock(&record.index_key));
-                    if record.reuse_existing {
-                        keys.extend(record.older_index_keys.iter().map(|k| index_lock(k)));
-                    }
-                }
-            }
-            Op::Delete { delete, .. } => {
-                keys.insert(index_lock(&delete.index_key));
-                tokens.insert(delete.token.as_str());
-            }
-            Op::Rewrite { rewrite, .. } => {
-                keys.insert(index_lock(&rewrite.old_index_key));
-                keys.insert(index_lock(&rewrite.new_index_key));
-                tokens.insert(rewrite.token.as_str());
-            }
-            Op::PutMeta { .. } | Op::PutOutcome { .. } | Op::RemoveOutcomes { .. } => {}
-        }
-    }
-    let keys = if keys.len() > MAX_KEY_LOCKS {
-        IndexLocks::Whole
-    } else {
-        IndexLocks::Keys(keys.into_iter().collect())
-    };
-    (keys, tokens.into_iter().collect())
 }

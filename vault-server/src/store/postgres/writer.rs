@@ -1,6 +1,7 @@
 //! The writers: each takes everything queued and commits it as one transaction
 //! (group commit), planned again when it loses a race with another vault.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -12,7 +13,7 @@ use super::connect::{Object, Pool, release_after_failure};
 use super::counts::{CountMap, Counts};
 use super::errors::{pg, pool_error};
 use super::lane::CommitLane;
-use super::locks::{INDEX_LOCK, locks_of};
+use super::locks::{INDEX_LOCK, IndexLocks, MAX_KEY_LOCKS, index_lock};
 use super::planning::{Lookups, Planned, add_counts, delete_one, lookup_params, plan, rewrite_one};
 use super::statements::{BEGIN, Param, Statements};
 use super::{Health, note};
@@ -343,4 +344,38 @@ async fn insert_group(
         client.batch_execute("COMMIT"),
     )?;
     Ok((done, deltas))
+}
+
+/// The index locks of a group, and the tokens of the records it changes, sorted.
+pub(super) fn locks_of(group: &[Op]) -> (IndexLocks, Vec<&str>) {
+    let mut keys = BTreeSet::new();
+    let mut tokens = BTreeSet::new();
+    for op in group {
+        match op {
+            Op::Insert { records, .. } => {
+                for record in records {
+                    keys.insert(index_lock(&record.index_key));
+                    if record.reuse_existing {
+                        keys.extend(record.older_index_keys.iter().map(|k| index_lock(k)));
+                    }
+                }
+            }
+            Op::Delete { delete, .. } => {
+                keys.insert(index_lock(&delete.index_key));
+                tokens.insert(delete.token.as_str());
+            }
+            Op::Rewrite { rewrite, .. } => {
+                keys.insert(index_lock(&rewrite.old_index_key));
+                keys.insert(index_lock(&rewrite.new_index_key));
+                tokens.insert(rewrite.token.as_str());
+            }
+            Op::PutMeta { .. } | Op::PutOutcome { .. } | Op::RemoveOutcomes { .. } => {}
+        }
+    }
+    let keys = if keys.len() > MAX_KEY_LOCKS {
+        IndexLocks::Whole
+    } else {
+        IndexLocks::Keys(keys.into_iter().collect())
+    };
+    (keys, tokens.into_iter().collect())
 }

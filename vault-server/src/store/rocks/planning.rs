@@ -2,37 +2,14 @@
 //! live token, compare-and-delete and compare-and-rewrite, against the database and
 //! what the group has written so far.
 
-use std::collections::{HashMap, HashSet};
-
 use super::indexes::{card_entry_key, expiry_key, version_key};
-use super::writer::{SortedBatch, Writer};
+use super::writer::{Pending, SortedBatch, Writer};
 use super::{CARDS, EXPIRY, FINGERPRINTS, RECORDS, VERSIONS, engine};
 use crate::store::{
-    Delete, DeleteOutcome, InsertOutcome, KeyUse, KeyVersions, NewRecord, RecordIndexes, Rewrite,
+    Delete, DeleteOutcome, InsertOutcome, KeyUse, NewRecord, RecordIndexes, Rewrite,
     RewriteOutcome, StoreError,
 };
 use crate::token::Token;
-
-/// What one group commit has written so far, so later operations in the same group
-/// see earlier ones: whether a record exists, and what an index key names (`None`
-/// once deleted).
-#[derive(Default)]
-pub(super) struct Pending {
-    records: HashMap<Vec<u8>, bool>,
-    index: HashMap<Vec<u8>, Option<Vec<u8>>>,
-    /// Records rewritten in this group (a second rewrite of one must re-read).
-    rewritten: HashSet<Vec<u8>>,
-    /// Changes to the per-version record counts, applied once the batch is durable.
-    pub(super) counts: Vec<((KeyUse, u32), i64)>,
-}
-
-impl Pending {
-    fn count(&mut self, versions: KeyVersions, delta: i64) {
-        for key_use in KeyUse::ALL {
-            self.counts.push(((key_use, versions.get(key_use)), delta));
-        }
-    }
-}
 
 impl Writer {
     fn record_exists(&self, token: &[u8], pending: &Pending) -> Result<bool, StoreError> {

@@ -1,6 +1,7 @@
 //! The data writer: one thread that takes everything queued, plans it against the
 //! database and the batch so far, and commits it as one synced write (group commit).
 
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -9,10 +10,10 @@ use rocksdb::{Cache, DB, WriteBatch, WriteOptions};
 use tokio::sync::{mpsc, oneshot};
 
 use super::counts::{Counts, encode_counts};
-use super::planning::Pending;
 use super::{COUNTS, META, Slot, classify};
 use crate::store::{
-    Delete, DeleteOutcome, InsertOutcome, NewRecord, Rewrite, RewriteOutcome, StoreError,
+    Delete, DeleteOutcome, InsertOutcome, KeyUse, KeyVersions, NewRecord, Rewrite, RewriteOutcome,
+    StoreError,
 };
 
 /// Most operations committed in one batch; bounds batch size and latency.
@@ -257,5 +258,26 @@ impl Writer {
                 StoreError::NoSpace(_) | StoreError::NotWritable(_)
             )
         })
+    }
+}
+
+/// What one group commit has written so far, so later operations in the same group
+/// see earlier ones: whether a record exists, and what an index key names (`None`
+/// once deleted).
+#[derive(Default)]
+pub(super) struct Pending {
+    pub(super) records: HashMap<Vec<u8>, bool>,
+    pub(super) index: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Records rewritten in this group (a second rewrite of one must re-read).
+    pub(super) rewritten: HashSet<Vec<u8>>,
+    /// Changes to the per-version record counts, applied once the batch is durable.
+    pub(super) counts: Vec<((KeyUse, u32), i64)>,
+}
+
+impl Pending {
+    pub(super) fn count(&mut self, versions: KeyVersions, delta: i64) {
+        for key_use in KeyUse::ALL {
+            self.counts.push(((key_use, versions.get(key_use)), delta));
+        }
     }
 }
