@@ -87,7 +87,7 @@ fn open_keyring(settings: &Settings) -> Result<(Keyring, RootKey), Error> {
 /// under the root key. Refuses to replace an existing keyring.
 pub fn init(settings: &Settings) -> Result<(), Error> {
     let root = RootKey::from_file(&settings.root_key_file)?;
-    let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
+    let now = runtime::now_unix_ms();
     Keyring::generate(now)?.create_file(&settings.keyring_file, &root)?;
     Ok(())
 }
@@ -164,7 +164,7 @@ impl Bound {
 /// Opens the keyring (the root key file must be mode 0600) and binds the listener.
 pub async fn bind(settings: &Settings) -> Result<Bound, Error> {
     let (mut keyring, root) = open_keyring(settings)?;
-    let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
+    let now = runtime::now_unix_ms();
     if keyring.add_missing_purposes(now)? {
         keyring.save(&settings.keyring_file, &root)?;
         tracing::info!("added version 1 of key purposes this keyring lacked");

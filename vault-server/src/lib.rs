@@ -375,7 +375,7 @@ async fn audit_key_changes(
         }
         let set = keys.snapshot();
         let event = audit::AuditEvent {
-            at_unix_ms: (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64,
+            at_unix_ms: runtime::now_unix_ms(),
             actor: "keyservice".into(),
             peer: "-".into(),
             action: "KeySetChanged".into(),

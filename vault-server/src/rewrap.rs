@@ -13,6 +13,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use runtime::now_unix_ms;
 use runtime::shutdown::Shutdown;
 use serde::{Deserialize, Serialize};
 use vault_proto::vault::v1 as pb;
@@ -70,10 +71,6 @@ pub struct Rewrapper<S> {
     shutdown: Mutex<Option<Shutdown>>,
     /// Records this process rewrote (for metrics: which vault runs the job).
     rewritten_here: std::sync::atomic::AtomicU64,
-}
-
-fn now_unix_ms() -> i64 {
-    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
 fn target_of(keys: &Keys) -> KeyVersions {

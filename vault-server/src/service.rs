@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use runtime::admin::code_name;
+use runtime::now_unix_ms;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -1266,10 +1267,6 @@ fn tokenize_response(token: &Token, metadata: &Metadata, reused: bool) -> pb::To
         info: Some(token_info(token, metadata)),
         reused,
     }
-}
-
-fn now_unix_ms() -> i64 {
-    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
 fn new_request_id() -> String {

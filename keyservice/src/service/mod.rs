@@ -24,6 +24,7 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use runtime::now_unix_ms;
 use runtime::shutdown::Shutdown;
 use tokio::sync::watch;
 
@@ -84,10 +85,6 @@ impl KeyServiceImpl {
             shutdown,
         }
     }
-}
-
-fn now_unix_ms() -> i64 {
-    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
