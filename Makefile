@@ -26,8 +26,11 @@ export TOKENVAULT_VENV ?= $(CACHE_DIR)/venv
 
 .PHONY: run test test-postgres crash-test bench h2load-check rewrap-bench audit-bench fuzz fresh-check build build-release lint deps rocksdb
 
+# The devstack binary that `build` made, beside the servers it starts: `cargo run -p
+# devstack` would resolve features for devstack alone and rebuild about 20 crates first
+# (minutes, silently, on a new machine).
 run: build
-	cargo run --locked --quiet -p devstack -- --dir .dev
+	"$(or $(CARGO_TARGET_DIR),target)/debug/devstack" --dir .dev
 
 test: build
 	cargo test --locked --workspace
