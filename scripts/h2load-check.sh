@@ -60,22 +60,7 @@ command -v socat >/dev/null 2>&1 || missing+=(socat)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 if [ ${#missing[@]} -gt 0 ]; then
   mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
-  echo "==> Installing missing system packages: ${missing[*]}"
-  if [ "$(id -u)" -eq 0 ]; then
-    sudo=()
-  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-    sudo=(sudo -n)
-  else
-    echo "error: missing system packages: ${missing[*]}" >&2
-    echo "install them with:  sudo apt-get update && sudo apt-get install -y ${missing[*]}" >&2
-    exit 1
-  fi
-  if ! command -v apt-get >/dev/null 2>&1; then
-    echo "error: no apt-get here; install the equivalents of: ${missing[*]}" >&2
-    exit 1
-  fi
-  "${sudo[@]}" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${missing[@]}"
+  "$(dirname "$0")/apt-install.sh" "${missing[@]}"
 fi
 
 if [ -n "${VAULT_BENCH:-}" ]; then

@@ -12,8 +12,8 @@
 #     grpcio and its tools and reflection client: scripts/python-requirements.txt).
 #     Never `pip install --user` (~/.local/bin is not on PATH, and Debian's python3
 #     refuses it) and never a pyenv shim.
-# System packages are installed with apt-get as root or with passwordless sudo; otherwise
-# the script says exactly what to install.
+# System packages are installed by scripts/apt-install.sh (apt-get as root or with
+# passwordless sudo; otherwise it says exactly what to install).
 #
 # Usage: scripts/install-deps.sh              install what is missing
 #        scripts/install-deps.sh --check      report what is missing, install nothing
@@ -109,22 +109,7 @@ if $check_only; then
 fi
 
 if [ ${#missing[@]} -gt 0 ]; then
-  echo "==> Installing missing system packages: ${missing[*]}"
-  if [ "$(id -u)" -eq 0 ]; then
-    sudo=()
-  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-    sudo=(sudo -n)
-  else
-    echo "error: missing system packages: ${missing[*]}" >&2
-    echo "install them with:  sudo apt-get update && sudo apt-get install -y ${missing[*]}" >&2
-    exit 1
-  fi
-  if ! command -v apt-get >/dev/null 2>&1; then
-    echo "error: no apt-get here; install the equivalents of: ${missing[*]}" >&2
-    exit 1
-  fi
-  "${sudo[@]}" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${missing[@]}"
+  "$here/apt-install.sh" "${missing[@]}"
   if ! has_libclang; then
     echo "error: libclang still not found after installing ${missing[*]}" >&2
     exit 1

@@ -134,6 +134,17 @@ fn run(command: &mut std::process::Command, stdin: &str) -> (bool, String, Strin
     )
 }
 
+/// `vaultctl --config CONFIG ARGS` with `stdin`, returning (success, stdout, stderr).
+fn vaultctl(config: &Path, args: &[&str], stdin: &str) -> (bool, String, String) {
+    run(
+        std::process::Command::new(binary("vaultctl"))
+            .arg("--config")
+            .arg(config)
+            .args(args),
+        stdin,
+    )
+}
+
 /// The dev stack runs on RocksDB whatever the suite's storage: once is enough.
 fn skip_on_postgres() -> bool {
     if on_postgres() {
@@ -148,17 +159,14 @@ async fn readme_audit_commands_work_for_the_dev_auditor_and_nothing_else() {
         return;
     }
     let stack = DevStack::start().await;
-    let vaultctl = binary("vaultctl");
     let admin = stack.dir().join("vaultctl.toml");
     let auditor = stack.dir().join("vaultctl-auditor.toml");
     assert!(auditor.exists(), "devstack wrote no vaultctl-auditor.toml");
 
     // Something to audit.
-    let (ok, token, err) = run(
-        std::process::Command::new(&vaultctl)
-            .arg("--config")
-            .arg(&admin)
-            .args(["tokenize", "--exp", "12/2030"]),
+    let (ok, token, err) = vaultctl(
+        &admin,
+        &["tokenize", "--exp", "12/2030"],
         "4242424242424242\n",
     );
     assert!(ok && token.trim().starts_with("tok_"), "{token}{err}");
@@ -175,43 +183,21 @@ async fn readme_audit_commands_work_for_the_dev_auditor_and_nothing_else() {
     );
     // The README's commands, with the auditor's config.
     for args in [
-        vec!["audit", "tail", "-n", "5"],
-        vec!["audit", "export", "--since", "2026-01-01T00:00:00Z"],
+        &["audit", "tail", "-n", "5"][..],
+        &["audit", "export", "--since", "2026-01-01T00:00:00Z"],
     ] {
-        let (ok, out, err) = run(
-            std::process::Command::new(&vaultctl)
-                .arg("--config")
-                .arg(&auditor)
-                .args(&args),
-            "",
-        );
+        let (ok, out, err) = vaultctl(&auditor, args, "");
         assert!(ok && out.contains("Tokenize"), "{args:?}: {out}{err}");
     }
     // The auditor reviews; it cannot tokenize, read tokens or administer keys.
-    let (ok, _, err) = run(
-        std::process::Command::new(&vaultctl)
-            .arg("--config")
-            .arg(&auditor)
-            .args(["tokenize", "--exp", "12/2030"]),
-        "5555555555554444\n",
-    );
-    assert!(!ok && err.contains("PermissionDenied"), "{err}");
-    let (ok, _, err) = run(
-        std::process::Command::new(&vaultctl)
-            .arg("--config")
-            .arg(&auditor)
-            .args(["info", token.trim()]),
-        "",
-    );
-    assert!(!ok && err.contains("PermissionDenied"), "{err}");
-    let (ok, _, err) = run(
-        std::process::Command::new(&vaultctl)
-            .arg("--config")
-            .arg(&auditor)
-            .args(["keys", "list"]),
-        "",
-    );
-    assert!(!ok && err.contains("PermissionDenied"), "{err}");
+    for (args, stdin) in [
+        (&["tokenize", "--exp", "12/2030"][..], "5555555555554444\n"),
+        (&["info", token.trim()], ""),
+        (&["keys", "list"], ""),
+    ] {
+        let (ok, _, err) = vaultctl(&auditor, args, stdin);
+        assert!(!ok && err.contains("PermissionDenied"), "{args:?}: {err}");
+    }
     stack.stop().await;
 }
 
@@ -266,11 +252,9 @@ async fn python_example_client_tokenizes_forwards_and_shows_a_refused_card() {
     );
 
     // The charge really happened through the vault: the token's forward is in the log.
-    let (ok, log, err) = run(
-        std::process::Command::new(binary("vaultctl"))
-            .arg("--config")
-            .arg(stack.dir().join("vaultctl-auditor.toml"))
-            .args(["audit", "tail", "-n", "20"]),
+    let (ok, log, err) = vaultctl(
+        &stack.dir().join("vaultctl-auditor.toml"),
+        &["audit", "tail", "-n", "20"],
         "",
     );
     assert!(ok, "{err}");
@@ -368,13 +352,7 @@ async fn reflection_lists_and_calls_both_servers_services_for_a_client_we_did_no
     let token = seen["token"].as_str().unwrap();
     assert!(token.starts_with("tok_"), "{seen}");
     // A real token: vaultctl reads it back.
-    let (ok, info, err) = run(
-        std::process::Command::new(binary("vaultctl"))
-            .arg("--config")
-            .arg(dir.join("vaultctl.toml"))
-            .args(["info", token]),
-        "",
-    );
+    let (ok, info, err) = vaultctl(&dir.join("vaultctl.toml"), &["info", token], "");
     assert!(ok && info.contains("4242"), "{info}{err}");
     assert_eq!(
         list_services_v1(channel(&dir, &vault, "admin").await).await,
