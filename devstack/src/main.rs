@@ -268,5 +268,10 @@ async fn main() -> anyhow::Result<()> {
         terminate(child);
         let _ = child.wait().await;
     }
+    // Only Ctrl-C is a clean stop: a service that exited by itself (a port in use, a
+    // bad config) makes `make run` fail, not end as if all went well.
+    if outcome != "interrupted" {
+        bail!("{outcome}");
+    }
     Ok(())
 }

@@ -27,7 +27,20 @@ struct DevStack {
 }
 
 impl DevStack {
+    /// `--free-ports` releases the ports it found before the services bind them, so
+    /// another test can take one in between: such a start is tried again.
     async fn start() -> Self {
+        for _ in 0..3 {
+            match Self::try_start().await {
+                Ok(stack) => return stack,
+                Err(output) if output.contains("Address already in use") => continue,
+                Err(output) => panic!("devstack exited: {output}"),
+            }
+        }
+        panic!("devstack found no free ports in three tries");
+    }
+
+    async fn try_start() -> Result<Self, String> {
         let dir = tempfile::tempdir().unwrap();
         let mut child = tokio::process::Command::new(binary("devstack"))
             .arg("--dir")
@@ -45,10 +58,11 @@ impl DevStack {
             Box::new(child.stdout.take().unwrap()),
             Box::new(child.stderr.take().unwrap()),
         ];
+        let mut readers = Vec::new();
         for pipe in pipes {
             let output = Arc::clone(&output);
             let mut up = up_tx.take();
-            tokio::spawn(async move {
+            readers.push(tokio::spawn(async move {
                 let mut lines = BufReader::new(pipe).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     if line.contains("Dev stack is up")
@@ -60,13 +74,20 @@ impl DevStack {
                     out.push_str(&line);
                     out.push('\n');
                 }
-            });
+            }));
         }
-        tokio::time::timeout(Duration::from_secs(60), up_rx)
+        let up = tokio::time::timeout(Duration::from_secs(60), up_rx)
             .await
-            .unwrap_or_else(|_| panic!("dev stack not up: {}", output.lock().unwrap()))
-            .unwrap_or_else(|_| panic!("devstack exited: {}", output.lock().unwrap()));
-        Self { child, dir, output }
+            .unwrap_or_else(|_| panic!("dev stack not up: {}", output.lock().unwrap()));
+        if up.is_err() {
+            // Exited: everything it printed, once its pipes are drained.
+            let _ = child.wait().await;
+            for reader in readers {
+                reader.await.unwrap();
+            }
+            return Err(output.lock().unwrap().clone());
+        }
+        Ok(Self { child, dir, output })
     }
 
     fn dir(&self) -> PathBuf {
