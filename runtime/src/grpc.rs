@@ -1,8 +1,11 @@
-//! The gRPC listener's plumbing that both servers share: accepted sockets with
-//! `TCP_NODELAY`, and the optional server reflection service.
+//! The gRPC plumbing that both servers share: accepted sockets with `TCP_NODELAY`,
+//! the optional server reflection service, and the request id header.
 
 use tokio::net::TcpListener;
 use tonic::transport::server::{Router, TcpIncoming};
+
+/// Response (and error) metadata key carrying the request id that the server logs.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// The accepted connections of `listener`, each with `TCP_NODELAY` set.
 ///

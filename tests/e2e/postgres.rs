@@ -1,6 +1,7 @@
 //! Vaults on PostgreSQL, end to end: two vaults sharing one database, a failover to a
-//! synchronous standby under load, no card number in the database's files, and a vault
-//! restarted on its database. Each test runs its own throwaway cluster (`pgcluster`).
+//! synchronous standby under load, no card number in the database's files, a vault
+//! restarted on its database, and a Forward that meets an audit log outage. Each test
+//! runs its own throwaway cluster (`pgcluster`).
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -9,11 +10,13 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use integration_tests::{
-    ADMIN, Stack, StackDir, http_get, postgres_storage, synthetic_pan, within,
+    ADMIN, Stack, StackDir, charge, http_get, postgres_storage, synthetic_pan, within,
 };
 use pgcluster::{APP_DATABASE, APP_USER, Cluster};
 use tonic::Code;
-use vault_client::{AuditEvent, BatchItem, Card, KeyServiceClient, TokenInfo, VaultClient};
+use vault_client::{
+    AuditEvent, BatchItem, Card, ForwardRequest, KeyServiceClient, TokenInfo, VaultClient,
+};
 
 async fn start_cluster() -> Cluster {
     tokio::task::spawn_blocking(Cluster::start)
@@ -681,6 +684,110 @@ async fn a_vault_restarted_on_postgres_keeps_its_tokens() {
     let log = whole_audit_log(&mut vault).await;
     assert!(has_event(&log, "Tokenize", &before[0].token));
     assert!(has_event(&log, "Tokenize", &fresh.token));
+    stack.stop().await;
+}
+
+/// The `application_name` of the session that holds the audit table locked.
+const AUDIT_LOCKER: &str = "test-audit-outage";
+
+/// A Forward that cannot write its audit event sends nothing and uses nothing up: the
+/// CVC stays in the vault and the idempotency key stays free, so the caller's retry
+/// after the outage charges once, with the CVC. The outage: another session holds
+/// the audit table locked (ACCESS EXCLUSIVE) longer than the vault waits for a lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_audit_outage_during_forward_keeps_the_cvc_and_the_idempotency_key() {
+    let cluster = Arc::new(start_cluster().await);
+    let dir = StackDir::new();
+    // A lock wait ends after half the commit timeout: one second here.
+    dir.set_storage(&format!(
+        "{}commit_timeout_ms = 2000\n",
+        storage(&cluster, "a")
+    ));
+    let stack = Stack::start_in(dir).await;
+    let mut vault = stack.client(ADMIN).await;
+    let token = vault
+        .tokenize(
+            Card::new("4242424242424242", 12, 2030).with_cvc("737"),
+            false,
+        )
+        .await
+        .unwrap()
+        .token;
+    let request = ForwardRequest {
+        idempotency_key: Some("order-audit-outage".into()),
+        ..charge("sandbox", &token, CHARGE_WITH_CVC)
+    };
+
+    // The lock is held until the test ends that session (at most 60 s).
+    let holder = tokio::task::spawn_blocking({
+        let cluster = Arc::clone(&cluster);
+        move || {
+            cluster.psql(
+                APP_DATABASE,
+                &format!(
+                    "SET application_name = '{AUDIT_LOCKER}';\nBEGIN;\n\
+                     LOCK TABLE audit IN ACCESS EXCLUSIVE MODE;\nSELECT pg_sleep(60);"
+                ),
+            )
+        }
+    });
+    within(
+        Duration::from_secs(20),
+        "the test holds the audit table's lock",
+        || {
+            let held = count(
+                &cluster,
+                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+                 WHERE c.relname = 'audit' AND l.mode = 'AccessExclusiveLock' AND l.granted",
+            );
+            async move { (held == 1).then_some(()) }
+        },
+    )
+    .await;
+
+    let err = vault.forward(request.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::Unavailable), "{err}");
+    assert!(err.to_string().contains("audit log"), "{err}");
+    assert!(
+        stack.sandbox.requests().is_empty(),
+        "nothing may be sent without its audit event"
+    );
+
+    // The outage ends; the vault writes its audit log again.
+    let ended = count(
+        &cluster,
+        &format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = '{AUDIT_LOCKER}'"
+        ),
+    );
+    assert_eq!(ended, 1, "the session holding the lock");
+    assert!(
+        holder.await.unwrap().is_err(),
+        "the locking session was ended"
+    );
+    within(
+        Duration::from_secs(20),
+        "the vault writes its audit log again",
+        || {
+            let mut vault = vault.clone();
+            let token = token.clone();
+            async move { vault.token_info(&token).await.ok() }
+        },
+    )
+    .await;
+
+    // The same request under the same key: sent now, once, with the CVC.
+    let answer = vault.forward(request.clone()).await.unwrap();
+    assert_eq!(answer.status, 200);
+    assert!(!answer.replayed, "nothing was sent before: not a replay");
+    let received = stack.sandbox.requests();
+    assert_eq!(received.len(), 1, "the processor got the charge once");
+    let sent: serde_json::Value = serde_json::from_slice(&received[0].body).unwrap();
+    assert!(sent["cvc"] == "737", "the processor did not get the CVC");
+    // And from now on the key replays that outcome.
+    assert!(vault.forward(request).await.unwrap().replayed);
+    assert_eq!(stack.sandbox.requests().len(), 1);
     stack.stop().await;
 }
 

@@ -19,7 +19,6 @@ use std::sync::Arc;
 use envelope::SecretKey;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
-use vault_proto::vault::v1 as pb;
 
 use crate::keys::Keys;
 use crate::store::{AUDIT_HEAD_KEY, Store, StoreError};
@@ -74,32 +73,6 @@ impl AuditEvent {
             event.detail = self.detail;
         }
     }
-
-    pub fn to_wire(&self, audit_key_version: u32) -> pb::AuditEvent {
-        pb::AuditEvent {
-            sequence: self.sequence,
-            at_unix_ms: self.at_unix_ms,
-            actor: self.actor.clone(),
-            peer: self.peer.clone(),
-            action: self.action.clone(),
-            tenant: self.tenant.clone(),
-            token: self.token.clone(),
-            count: self.count,
-            processor: self.processor.clone(),
-            key_version: self.key_version,
-            outcome: self.outcome.clone(),
-            request_id: self.request_id.clone(),
-            detail: self.detail.clone(),
-            audit_key_version,
-        }
-    }
-}
-
-/// What a request or a response adds to its call's event. Called only for calls that
-/// succeeded, so that nothing a caller typed into a failed call (which could be
-/// anything, even a card number) reaches the log.
-pub trait Audited {
-    fn describe(&self, _event: &mut AuditEvent) {}
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -364,94 +337,4 @@ pub async fn verify<S: Store>(store: &S, keys: &Keys) -> Result<Verification, St
         entries: expected - 1,
         fault: None,
     })
-}
-
-impl Audited for pb::TokenizeRequest {}
-impl Audited for pb::TokenizeResponse {
-    fn describe(&self, event: &mut AuditEvent) {
-        if let Some(info) = &self.info {
-            event.token = info.token.clone();
-            event.key_version = info.key_version;
-        }
-        if self.reused {
-            event.detail = "existing token returned".into();
-        }
-    }
-}
-impl Audited for pb::TokenizeBatchRequest {
-    fn describe(&self, event: &mut AuditEvent) {
-        event.count = self.cards.len() as u32;
-    }
-}
-impl Audited for pb::TokenizeBatchResponse {
-    fn describe(&self, event: &mut AuditEvent) {
-        let stored = self
-            .results
-            .iter()
-            .filter(|r| matches!(r.outcome, Some(pb::batch_item_result::Outcome::Stored(_))))
-            .count();
-        event.detail = format!("{stored} stored");
-    }
-}
-impl Audited for pb::GetTokenInfoRequest {
-    fn describe(&self, event: &mut AuditEvent) {
-        event.token = self.token.clone();
-    }
-}
-impl Audited for pb::GetTokenInfoResponse {
-    fn describe(&self, event: &mut AuditEvent) {
-        if let Some(info) = &self.info {
-            event.key_version = info.key_version;
-        }
-    }
-}
-impl Audited for pb::DeleteTokenRequest {
-    fn describe(&self, event: &mut AuditEvent) {
-        event.token = self.token.clone();
-    }
-}
-impl Audited for pb::DeleteTokenResponse {}
-impl Audited for pb::ForwardRequest {
-    fn describe(&self, event: &mut AuditEvent) {
-        event.token = self.token.clone();
-        event.processor = self.processor.clone();
-    }
-}
-impl Audited for pb::ForwardResponse {
-    fn describe(&self, event: &mut AuditEvent) {
-        event.detail = format!(
-            "processor answered {}{}",
-            self.status,
-            if self.replayed { " (replayed)" } else { "" }
-        );
-    }
-}
-// Backup names are left out: a caller chooses them freely.
-impl Audited for pb::CreateBackupRequest {}
-impl Audited for pb::CreateBackupResponse {}
-impl Audited for pb::VerifyBackupRequest {}
-impl Audited for pb::VerifyBackupResponse {}
-impl Audited for pb::StartRewrapRequest {}
-impl Audited for pb::GetRewrapStatusRequest {}
-impl Audited for pb::RewrapStatus {}
-impl Audited for pb::ReloadPolicyRequest {}
-impl Audited for pb::ReloadPolicyResponse {}
-impl Audited for pb::ReadAuditRequest {}
-impl Audited for pb::ReadAuditResponse {}
-impl Audited for pb::VerifyAuditRequest {}
-impl Audited for pb::VerifyAuditResponse {}
-impl Audited for pb::ListBlocksRequest {}
-impl Audited for pb::ListBlocksResponse {}
-impl Audited for pb::LiftBlockRequest {
-    fn describe(&self, event: &mut AuditEvent) {
-        event.detail = format!("lift {} {}", self.kind, self.subject);
-    }
-}
-impl Audited for pb::LiftBlockResponse {}
-// The card number is never described; the response's tokens are counted.
-impl Audited for pb::SubjectRequest {}
-impl Audited for pb::SubjectResponse {
-    fn describe(&self, event: &mut AuditEvent) {
-        event.count = self.tokens.len() as u32;
-    }
 }

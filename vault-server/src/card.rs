@@ -3,8 +3,7 @@
 
 use std::fmt;
 
-use vault_proto::vault::v1 as pb;
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 /// The longest cardholder name accepted, in characters.
 pub const MAX_NAME_CHARS: usize = 128;
@@ -20,7 +19,7 @@ pub struct Violation {
     pub description: &'static str,
 }
 
-const fn violation(
+pub const fn violation(
     field: &'static str,
     rule: &'static str,
     description: &'static str,
@@ -172,20 +171,6 @@ impl Brand {
     pub fn from_code(code: u8) -> Option<Self> {
         Self::ALL.into_iter().find(|b| b.code() == code)
     }
-
-    pub fn to_wire(self) -> pb::Brand {
-        match self {
-            Brand::Unknown => pb::Brand::Unknown,
-            Brand::Visa => pb::Brand::Visa,
-            Brand::Mastercard => pb::Brand::Mastercard,
-            Brand::Amex => pb::Brand::Amex,
-            Brand::Discover => pb::Brand::Discover,
-            Brand::Jcb => pb::Brand::Jcb,
-            Brand::Diners => pb::Brand::Diners,
-            Brand::UnionPay => pb::Brand::Unionpay,
-            Brand::Maestro => pb::Brand::Maestro,
-        }
-    }
 }
 
 /// A card's expiry: month 1..=12 and a four-digit year.
@@ -320,28 +305,6 @@ impl CardholderName {
 impl fmt::Debug for CardholderName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("CardholderName([REDACTED])")
-    }
-}
-
-impl CardData {
-    /// Converts a wire card into validated card data, erasing the wire copy of the
-    /// number and name whatever the outcome.
-    pub fn from_wire(card: Option<pb::Card>, today: Today) -> Result<Self, Violation> {
-        let Some(mut card) = card else {
-            return Err(violation("card", "required", "is required"));
-        };
-        let result = (|| {
-            Ok(Self {
-                pan: Pan::parse(&card.number)?,
-                expiry: Expiry::parse(card.exp_month, card.exp_year, today)?,
-                name: CardholderName::parse(&card.cardholder_name)?,
-                cvc: Cvc::parse(&card.cvc)?,
-            })
-        })();
-        card.number.zeroize();
-        card.cardholder_name.zeroize();
-        card.cvc.zeroize();
-        result
     }
 }
 

@@ -16,15 +16,25 @@ use crate::token::Token;
 
 const AAD_LABEL: &[u8] = b"tokenvault.cvc";
 
-/// A CVC taken out for one forward.
-pub struct Taken {
-    pub cvc: Zeroizing<String>,
+/// A CVC claimed for one forward, still sealed: it is opened only once the forward is
+/// on record, just before it is sent.
+pub struct Claimed {
     entry: Entry,
 }
 
-impl std::fmt::Debug for Taken {
+impl std::fmt::Debug for Claimed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Taken([REDACTED])")
+        f.write_str("Claimed([REDACTED])")
+    }
+}
+
+impl Claimed {
+    /// The CVC in clear, or `None` if its key is no longer held.
+    pub fn open(&self, keys: &KeySet, token: &Token) -> Option<Zeroizing<String>> {
+        let key = keys.cvc.get(self.entry.key_version)?;
+        let plain =
+            envelope::open(key, &self.entry.nonce, &aad(token), &self.entry.ciphertext).ok()?;
+        Some(Zeroizing::new(String::from_utf8(plain.to_vec()).ok()?))
     }
 }
 
@@ -106,23 +116,18 @@ impl CvcStore {
         Ok(())
     }
 
-    /// Removes the CVC of `token` and returns it, if it is still held and not expired.
-    /// [`CvcStore::restore`] puts it back when the forward failed before sending.
-    pub fn take(&self, keys: &KeySet, token: &Token) -> Option<Taken> {
+    /// Removes the CVC of `token`, still sealed, if it is held and not expired: two
+    /// concurrent forwards cannot both claim it. [`CvcStore::restore`] puts it back
+    /// when the forward ends before anything could reach the processor.
+    pub fn claim(&self, token: &Token) -> Option<Claimed> {
         let entry = self.entries().by_token.remove(token)?;
-        if entry.expires_at <= Instant::now() {
-            return None;
-        }
-        let key = keys.cvc.get(entry.key_version)?;
-        let plain = envelope::open(key, &entry.nonce, &aad(token), &entry.ciphertext).ok()?;
-        let cvc = Zeroizing::new(String::from_utf8(plain.to_vec()).ok()?);
-        Some(Taken { cvc, entry })
+        (entry.expires_at > Instant::now()).then_some(Claimed { entry })
     }
 
     /// Puts back a CVC that never reached a processor, with its original expiry.
-    pub fn restore(&self, token: &Token, taken: Taken) {
-        if taken.entry.expires_at > Instant::now() {
-            self.entries().by_token.insert(token.clone(), taken.entry);
+    pub fn restore(&self, token: &Token, claimed: Claimed) {
+        if claimed.entry.expires_at > Instant::now() {
+            self.entries().by_token.insert(token.clone(), claimed.entry);
         }
     }
 

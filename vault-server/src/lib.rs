@@ -1,14 +1,18 @@
 //! The vault: tokenizes card data over mutual-TLS gRPC, keeps it only as AES-256-GCM
 //! ciphertext in RocksDB, with keys fetched from the keyservice and held in memory only.
 //!
-//! Layout: `card` and `token` are the domain types, `record` the on-disk format,
-//! `store` the storage trait and its engines, `keys` the key set and encryption
-//! budgets, `rewrap` the background re-encryption, `policy` who may do what, `service`
-//! the gRPC handlers, `error` the one mapping to gRPC statuses.
+//! Layout (docs/architecture.md has the picture): `api` is the gRPC adapter, the only
+//! module that names the wire types; `ops` the use cases, one file per RPC family;
+//! below them the domain: `card` and `token` the card data and tokens, `record` the
+//! on-disk format, `store` the storage trait and its engines, `keys` the key set and
+//! encryption budgets, `cvc` the in-memory CVCs, `forward` the processors, `rewrap` the
+//! background re-encryption, `policy` who may do what, `error` the one mapping to gRPC
+//! statuses. This file is the composition root: it builds each part from its settings.
 //!
 //! Must never depend on the keyservice crate (keys arrive only over the wire) nor
 //! expose any API that returns card data.
 
+mod api;
 pub mod audit;
 pub mod card;
 pub mod config;
@@ -18,10 +22,10 @@ pub mod forward;
 pub mod keys;
 pub mod lockout;
 pub mod metrics;
+mod ops;
 pub mod policy;
 pub mod record;
 pub mod rewrap;
-pub mod service;
 pub mod store;
 pub mod token;
 pub mod velocity;
@@ -33,7 +37,6 @@ use std::time::Duration;
 use runtime::shutdown::Shutdown;
 use runtime::tls::{TlsFiles, TlsMaterial};
 use tokio::net::TcpListener;
-use vault_proto::vault::v1::vault_server::VaultServer;
 
 pub use config::Settings;
 use store::Engine;
@@ -66,7 +69,9 @@ pub enum Error {
 pub struct Bound {
     listener: TcpListener,
     admin_listener: TcpListener,
-    service: Arc<service::VaultService<Engine>>,
+    vault: Arc<ops::Vault<Engine>>,
+    /// Who may call, and what is recorded of each call.
+    guards: api::Guards,
     store: Arc<Engine>,
     keys: Arc<keys::Keys>,
     rewrap: Arc<rewrap::Rewrapper<Engine>>,
@@ -138,36 +143,63 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
             addr: settings.admin.listen_addr,
             source,
         })?;
+    let journal = Arc::new(ops::Journal::new(
+        auditor,
+        Arc::new(metrics::Metrics::default()),
+    ));
+    let policy = Arc::new(policy::SharedPolicy::new(policy));
+    let lockout = Arc::new(lockout::Lockout::new(settings.lockout.clone()));
+    let records = Arc::new(ops::Records::new(
+        Arc::clone(&store),
+        Arc::clone(&keys),
+        Arc::clone(&journal),
+        Arc::new(cvc::CvcStore::new(Duration::from_secs(
+            settings.forwarding.cvc_ttl_secs,
+        ))),
+        ops::RecordSettings {
+            tenant_ttl_secs: settings.retention.tenant_ttl_secs.clone(),
+            outcome_ttl: Duration::from_secs(settings.forwarding.idempotency_ttl_secs),
+            max_batch_size: settings.max_batch_size,
+        },
+    ));
+    let vault = ops::Vault {
+        forwarder: ops::Forwarder::new(
+            Arc::clone(&records),
+            ops::ForwardSettings {
+                processors,
+                velocity: settings.velocity.clone(),
+                idempotency_ttl: Duration::from_secs(settings.forwarding.idempotency_ttl_secs),
+            },
+        ),
+        admin: ops::Admin::new(
+            Arc::clone(&records),
+            Arc::clone(&rewrap),
+            Arc::clone(&policy),
+            Arc::clone(&lockout),
+            ops::AdminSettings {
+                backup_dir: settings.backup_dir.clone(),
+                policy_file: settings.policy_file.clone(),
+            },
+        ),
+        audit_log: ops::AuditLog::new(Arc::clone(&store), Arc::clone(&keys)),
+        records,
+        low_disk_bytes: settings.storage.low_disk_mb.saturating_mul(1024 * 1024),
+    };
     Ok(Bound {
         listener,
         admin_listener,
-        store: Arc::clone(&store),
-        keys: Arc::clone(&keys),
-        rewrap: Arc::clone(&rewrap),
+        store,
+        keys,
+        rewrap,
         node,
         purge_interval_secs: settings.retention.purge_interval_secs,
         grpc_reflection: settings.grpc_reflection,
-        service: Arc::new(service::VaultService::new(
-            store,
-            keys,
-            rewrap,
+        vault: Arc::new(vault),
+        guards: api::Guards {
             policy,
-            auditor,
-            service::ServiceSettings {
-                max_batch_size: settings.max_batch_size,
-                processors,
-                cvc_ttl: std::time::Duration::from_secs(settings.forwarding.cvc_ttl_secs),
-                idempotency_ttl: std::time::Duration::from_secs(
-                    settings.forwarding.idempotency_ttl_secs,
-                ),
-                backup_dir: settings.backup_dir.clone(),
-                policy_file: settings.policy_file.clone(),
-                tenant_ttl_secs: settings.retention.tenant_ttl_secs.clone(),
-                lockout: settings.lockout.clone(),
-                velocity: settings.velocity.clone(),
-                low_disk_bytes: settings.storage.low_disk_mb.saturating_mul(1024 * 1024),
-            },
-        )),
+            lockout,
+            journal,
+        },
         tls,
         limits: settings.limits.clone(),
     })
@@ -312,13 +344,13 @@ pub const STORAGE_HEALTH: &str = "tokenvault.vault.v1.Vault/storage";
 
 /// Looks at free space every few seconds and reports it as `STORAGE_HEALTH`.
 async fn report_storage(
-    service: Arc<service::VaultService<Engine>>,
+    vault: Arc<ops::Vault<Engine>>,
     reporter: tonic_health::server::HealthReporter,
     shutdown: Shutdown,
 ) {
     let mut low = None;
     loop {
-        let now = service.storage_trouble();
+        let now = vault.storage_trouble();
         if now.is_some() != low.is_some() {
             match &now {
                 Some(reason) => tracing::warn!(reason = %reason, "degraded"),
@@ -362,7 +394,7 @@ async fn report_keyservice_link(
 /// Audits every change of the key set the vault sees (rotations, retirements).
 async fn audit_key_changes(
     keys: Arc<keys::Keys>,
-    service: Arc<service::VaultService<Engine>>,
+    vault: Arc<ops::Vault<Engine>>,
     shutdown: Shutdown,
 ) {
     let mut changes = keys.changes();
@@ -390,7 +422,7 @@ async fn audit_key_changes(
             ),
             ..audit::AuditEvent::default()
         };
-        if let Err(e) = service.audit(event).await {
+        if let Err(e) = vault.records.journal().audit(event).await {
             tracing::error!(error = %e, "key set change not audited");
         }
     }
@@ -398,7 +430,7 @@ async fn audit_key_changes(
 
 /// Purges expired tokens and compacts deletions away, every `interval`.
 async fn purge_periodically(
-    service: Arc<service::VaultService<Engine>>,
+    vault: Arc<ops::Vault<Engine>>,
     interval: Duration,
     shutdown: Shutdown,
 ) {
@@ -409,7 +441,7 @@ async fn purge_periodically(
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                if let Err(e) = service.purge().await {
+                if let Err(e) = vault.records.purge().await {
                     tracing::error!(error = %e, "purge failed; retried at the next interval");
                 }
             }
@@ -420,7 +452,7 @@ async fn purge_periodically(
 
 /// SIGHUP re-reads the policy file, like `vaultctl policy reload`.
 #[cfg(unix)]
-async fn reload_policy_on_sighup(service: Arc<service::VaultService<Engine>>, shutdown: Shutdown) {
+async fn reload_policy_on_sighup(vault: Arc<ops::Vault<Engine>>, shutdown: Shutdown) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hangups) = signal(SignalKind::hangup()) else {
         tracing::error!("cannot listen for SIGHUP; use `vaultctl policy reload`");
@@ -432,7 +464,7 @@ async fn reload_policy_on_sighup(service: Arc<service::VaultService<Engine>>, sh
         tokio::select! {
             _ = hangups.recv() => {
                 // The outcome is logged and audited by the reload itself.
-                let _ = service.reload_policy("SIGHUP").await;
+                let _ = vault.admin.reload_policy("SIGHUP").await;
             }
             _ = &mut stop => return,
         }
@@ -527,7 +559,7 @@ impl Bound {
     async fn serve_until(self, shutdown: Shutdown) -> Result<(), Error> {
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter
-            .set_serving::<VaultServer<service::VaultService<Engine>>>()
+            .set_service_status(api::SERVICE_NAME, tonic_health::ServingStatus::Serving)
             .await;
         let instance = match instance_id(self.store.as_ref(), self.node.as_deref()).await {
             Ok(id) => id,
@@ -536,8 +568,10 @@ impl Bound {
                 String::new()
             }
         };
+        // Only the store and the CVCs: `Keys` keeps this closure, and anything holding
+        // the audit log's writer here would keep the writer (and the database) open.
         let store = Arc::clone(&self.store);
-        let cvcs = self.service.cvc_store();
+        let cvcs = Arc::clone(self.vault.records.cvcs());
         self.keys.spawn_watch(
             instance,
             move || usage_report(store.as_ref(), &cvcs),
@@ -548,29 +582,29 @@ impl Bound {
             health_reporter.clone(),
         ));
         tokio::spawn(report_storage(
-            Arc::clone(&self.service),
+            Arc::clone(&self.vault),
             health_reporter.clone(),
             shutdown.clone(),
         ));
         tokio::spawn(audit_key_changes(
             Arc::clone(&self.keys),
-            Arc::clone(&self.service),
+            Arc::clone(&self.vault),
             shutdown.clone(),
         ));
         tracing::info!(addr = %self.admin_addr(), "admin port serving /metrics and /healthz");
         tokio::spawn(metrics::serve_admin(
             self.admin_listener,
-            Arc::clone(&self.service) as Arc<dyn metrics::Observed>,
+            Arc::clone(&self.vault) as Arc<dyn metrics::Observed>,
             shutdown.clone(),
         ));
         tokio::spawn(purge_periodically(
-            Arc::clone(&self.service),
+            Arc::clone(&self.vault),
             Duration::from_secs(self.purge_interval_secs),
             shutdown.clone(),
         ));
         #[cfg(unix)]
         tokio::spawn(reload_policy_on_sighup(
-            Arc::clone(&self.service),
+            Arc::clone(&self.vault),
             shutdown.clone(),
         ));
         if let Err(e) = self.rewrap.resume(shutdown.clone()).await {
@@ -587,10 +621,11 @@ impl Bound {
             .max_concurrent_streams(limits.max_concurrent_streams)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .add_service(health_service)
-            .add_service(
-                VaultServer::from_arc(self.service)
-                    .max_decoding_message_size(limits.max_request_bytes),
-            );
+            .add_service(api::service(
+                self.vault,
+                self.guards,
+                limits.max_request_bytes,
+            ));
         if self.grpc_reflection {
             tracing::warn!(
                 "grpc_reflection = true: any mutual-TLS peer can read the services' schema"
@@ -598,7 +633,7 @@ impl Bound {
             router = runtime::grpc::add_reflection(
                 router,
                 &[
-                    vault_proto::vault::v1::FILE_DESCRIPTOR_SET,
+                    api::FILE_DESCRIPTOR_SET,
                     tonic_health::pb::FILE_DESCRIPTOR_SET,
                 ],
             )?;

@@ -38,7 +38,8 @@ pub struct Metrics {
     registry: Registry,
     pub rpc: runtime::admin::RpcMetrics,
     pub forwards: Family<ForwardLabels, Counter>,
-    /// Audit events written, lockouts and velocity flags.
+    /// Audit events written, lockouts, velocity flags and card decryptions
+    /// (`card_opened`).
     pub events: Family<EventLabels, Counter>,
     /// Set at each scrape from the store and the key set.
     pub records: Family<VersionLabels, Gauge>,
@@ -157,7 +158,7 @@ impl Default for Metrics {
         let events = Family::<EventLabels, Counter>::default();
         registry.register(
             "events",
-            "Audit events written, lockouts and velocity flags, by kind",
+            "Audit events written, lockouts, velocity flags and card decryptions, by kind",
             events.clone(),
         );
         let records = Family::<VersionLabels, Gauge>::default();

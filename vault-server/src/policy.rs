@@ -106,6 +106,32 @@ pub enum PolicyError {
     Invalid { path: PathBuf, message: String },
 }
 
+/// The policy in force, read by every call and replaced whole by a reload.
+#[derive(Debug)]
+pub struct SharedPolicy(std::sync::RwLock<std::sync::Arc<Policy>>);
+
+impl SharedPolicy {
+    pub fn new(policy: Policy) -> Self {
+        Self(std::sync::RwLock::new(std::sync::Arc::new(policy)))
+    }
+
+    pub fn current(&self) -> std::sync::Arc<Policy> {
+        std::sync::Arc::clone(
+            &self
+                .0
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    pub fn replace(&self, policy: Policy) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = std::sync::Arc::new(policy);
+    }
+}
+
 /// Why a call was refused. Deliberately coarse for the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Denied {

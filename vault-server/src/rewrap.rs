@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use runtime::now_unix_ms;
 use runtime::shutdown::Shutdown;
 use serde::{Deserialize, Serialize};
-use vault_proto::vault::v1 as pb;
 
 use crate::config::RewrapSettings;
 use crate::error::VaultError;
@@ -45,6 +44,21 @@ struct Saved {
     target: Option<(u32, u32)>,
     /// Hex of the last index position handled in that pass.
     cursor: Option<String>,
+}
+
+/// Where the job stands, as `vaultctl keys rewrap` shows it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Status {
+    pub running: bool,
+    pub done: u64,
+    /// Records still under an older version, less those that failed.
+    pub remaining: u64,
+    pub failed: u64,
+    pub rate_per_sec: f64,
+    pub card_data_version: u32,
+    pub fingerprint_version: u32,
+    pub started_at_unix_ms: i64,
+    pub finished_at_unix_ms: i64,
 }
 
 #[derive(Debug, Default)]
@@ -170,7 +184,7 @@ impl<S: Store> Rewrapper<S> {
     }
 
     /// Starts the job (or joins the running one) and returns its status.
-    pub async fn start(self: &Arc<Self>) -> Result<pb::RewrapStatus, VaultError> {
+    pub async fn start(self: &Arc<Self>) -> Result<Status, VaultError> {
         if self.live().running {
             return Ok(self.status());
         }
@@ -283,7 +297,7 @@ impl<S: Store> Rewrapper<S> {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    pub fn status(&self) -> pb::RewrapStatus {
+    pub fn status(&self) -> Status {
         let target = target_of(&self.keys);
         let counts = self.store.version_counts();
         let remaining = KeyUse::ALL
@@ -304,7 +318,7 @@ impl<S: Store> Rewrapper<S> {
             }
             _ => 0.0,
         };
-        pb::RewrapStatus {
+        Status {
             running: live.running,
             done: live.saved.done,
             // Failed records stay on their old version but are not left to do.

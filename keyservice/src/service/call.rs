@@ -4,15 +4,12 @@
 
 use std::time::Instant;
 
+use runtime::grpc::REQUEST_ID_HEADER;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
 use super::KeyServiceImpl;
 use crate::error::ServiceError;
-
-/// Response (and error) metadata key carrying the request id that the server logs;
-/// the same key as vault-server's.
-const REQUEST_ID_HEADER: &str = "x-request-id";
 
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Role {

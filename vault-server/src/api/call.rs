@@ -1,0 +1,213 @@
+//! The envelope of every call: a request id and a span; the lockout check and the
+//! authorization; the handler; the call's audit event (written before the answer, and
+//! by a guard if the caller goes away mid-call); RPC metrics; the request id in the
+//! response or error metadata.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use runtime::admin::code_name;
+use runtime::grpc::REQUEST_ID_HEADER;
+use runtime::now_unix_ms;
+use tonic::metadata::MetadataValue;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use super::audited::Audited;
+use crate::audit::{AuditEvent, Auditor};
+use crate::error::VaultError;
+use crate::lockout::Lockout;
+use crate::ops::Journal;
+use crate::policy::{Caller, Denied, Permission, SharedPolicy};
+
+/// Who may call, and what is recorded of each call.
+#[derive(Debug)]
+pub struct Guards {
+    pub policy: Arc<SharedPolicy>,
+    pub lockout: Arc<Lockout>,
+    pub journal: Arc<Journal>,
+}
+
+/// Records a call whose future was dropped (the caller cancelled or its deadline
+/// passed) before its audit event was written.
+struct CancelGuard {
+    auditor: Option<Auditor>,
+    event: Option<AuditEvent>,
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if let (Some(auditor), Some(event)) = (self.auditor.take(), self.event.take()) {
+            tokio::spawn(async move {
+                if let Err(e) = auditor.record(event).await {
+                    tracing::error!(error = %e, "a cancelled call could not be audited");
+                }
+            });
+        }
+    }
+}
+
+impl Guards {
+    /// Runs one RPC: `handler` gets the authorized caller and the request.
+    pub async fn call<Req, Resp, Fut>(
+        &self,
+        method: &'static str,
+        permission: impl FnOnce(&Req) -> Permission,
+        request: Request<Req>,
+        handler: impl FnOnce(Caller, Req) -> Fut,
+    ) -> Result<Response<Resp>, Status>
+    where
+        Req: Audited,
+        Resp: Audited,
+        Fut: Future<Output = Result<Resp, VaultError>>,
+    {
+        let request_id = new_request_id();
+        let identity = runtime::tls::peer_identity(&request);
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "-".to_owned(), |addr| addr.ip().to_string());
+        let span = tracing::info_span!(
+            "rpc",
+            method,
+            request_id = %request_id,
+            caller = identity.as_deref().unwrap_or("-"),
+        );
+        async move {
+            let started = Instant::now();
+            let mut event = AuditEvent {
+                at_unix_ms: now_unix_ms(),
+                actor: identity.clone().unwrap_or_else(|| "-".into()),
+                peer: peer.clone(),
+                action: method.into(),
+                request_id: request_id.clone(),
+                ..AuditEvent::default()
+            };
+            // What the request names goes into the event only if the call succeeds.
+            let mut described = AuditEvent::default();
+            request.get_ref().describe(&mut described);
+            let permission = permission(request.get_ref());
+            let policy = self.policy.current();
+            // If the caller goes away mid-call (the future is dropped), the guard
+            // still records the call.
+            let mut guard = CancelGuard {
+                auditor: self.journal.auditor(),
+                event: None,
+            };
+            let result = if self.lockout.is_blocked(
+                identity.as_deref(),
+                &peer,
+                || {
+                    policy
+                        .authorize(identity.as_deref(), &Permission::Admin)
+                        .is_ok()
+                },
+                started,
+            ) {
+                tracing::warn!("refused: caller blocked after repeated failures");
+                event.detail = "blocked".into();
+                Err(VaultError::PermissionDenied)
+            } else {
+                match policy.authorize(identity.as_deref(), &permission) {
+                    Ok(mut caller) => {
+                        event.tenant = caller.tenant.as_str().to_owned();
+                        caller.request_id = request_id.clone();
+                        guard.event = Some(AuditEvent {
+                            outcome: "CANCELLED".into(),
+                            ..event.clone()
+                        });
+                        handler(caller, request.into_inner()).await
+                    }
+                    Err(Denied::Unauthenticated) => Err(VaultError::Unauthenticated),
+                    Err(Denied::PermissionDenied) => Err(VaultError::PermissionDenied),
+                }
+            };
+            let elapsed = started.elapsed();
+            let counts_as_failure = matches!(
+                result,
+                Err(VaultError::PermissionDenied
+                    | VaultError::Unauthenticated
+                    | VaultError::NotFound)
+            );
+            let result = result.map_err(|error| error.into_status(&request_id));
+            match &result {
+                Ok(body) => {
+                    event.outcome = "ok".into();
+                    described.merge_into(&mut event);
+                    body.describe(&mut event);
+                }
+                Err(status) => {
+                    event.outcome = code_name(status.code()).into();
+                    if event.detail.is_empty() && counts_as_failure {
+                        self.count_failure(identity.as_deref(), &peer, &request_id, started)
+                            .await;
+                    }
+                }
+            }
+            let code = result
+                .as_ref()
+                .map_or_else(|status| status.code(), |_| tonic::Code::Ok);
+            self.journal.metrics().rpc.call(method, code, elapsed);
+            let audited = self.journal.audit(event).await;
+            guard.event = None;
+            let result = match (audited, result) {
+                (Ok(()), result) => result,
+                // No unaudited access: the answer is withheld.
+                (Err(refused), _) => Err(refused.into_status(&request_id)),
+            };
+            let request_id_value = MetadataValue::try_from(request_id.as_str()).ok();
+            match result {
+                Ok(body) => {
+                    tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "ok");
+                    let mut response = Response::new(body);
+                    if let Some(value) = request_id_value {
+                        response.metadata_mut().insert(REQUEST_ID_HEADER, value);
+                    }
+                    Ok(response)
+                }
+                Err(mut status) => {
+                    if let Some(value) = request_id_value {
+                        status.metadata_mut().insert(REQUEST_ID_HEADER, value);
+                    }
+                    Err(status)
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Counts a failed call against the caller; audits the blocks it causes.
+    async fn count_failure(
+        &self,
+        identity: Option<&str>,
+        peer: &str,
+        request_id: &str,
+        now: Instant,
+    ) {
+        for (kind, subject) in self.lockout.failure(identity, peer, now) {
+            self.journal.metrics().event("lockout");
+            tracing::warn!(kind = kind.name(), %subject, "blocked after repeated failures");
+            let event = AuditEvent {
+                at_unix_ms: now_unix_ms(),
+                actor: identity.unwrap_or("-").to_owned(),
+                peer: peer.to_owned(),
+                action: "Lockout".into(),
+                outcome: "ok".into(),
+                request_id: request_id.to_owned(),
+                detail: format!("{} {subject} blocked", kind.name()),
+                ..AuditEvent::default()
+            };
+            if let Err(e) = self.journal.audit(event).await {
+                tracing::error!(error = %e, "lockout not audited");
+            }
+        }
+    }
+}
+
+fn new_request_id() -> String {
+    let mut bytes = [0u8; 8];
+    // A request id is for correlation only; an all-zero id on RNG failure is harmless.
+    let _ = envelope::fill_random(&mut bytes);
+    hex::encode(bytes)
+}

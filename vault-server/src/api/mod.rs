@@ -1,0 +1,265 @@
+//! The Vault gRPC API: the only module that names the types generated from
+//! `vault.proto` (`make lint` checks it). Each RPC is one delegation: the envelope
+//! (`call`) authorizes and audits, `wire` converts the request into a validated
+//! domain command, a use case in `ops` runs it, and `wire` converts the result back.
+
+mod audited;
+mod call;
+mod wire;
+
+use std::sync::Arc;
+
+use tonic::server::NamedService;
+use tonic::{Request, Response, Status};
+use vault_proto::vault::v1 as pb;
+use vault_proto::vault::v1::vault_server::VaultServer;
+
+pub use call::Guards;
+
+use crate::ops::Vault;
+use crate::policy::Permission;
+use crate::store::Store;
+
+/// The gRPC service name, for health reports.
+pub const SERVICE_NAME: &str = <VaultServer<VaultApi<crate::store::Engine>> as NamedService>::NAME;
+
+/// The schema of the Vault service, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = vault_proto::vault::v1::FILE_DESCRIPTOR_SET;
+
+#[derive(Debug)]
+pub struct VaultApi<S> {
+    guards: Guards,
+    vault: Arc<Vault<S>>,
+}
+
+/// The Vault service over `vault`'s use cases, ready for a tonic router.
+pub fn service<S: Store>(
+    vault: Arc<Vault<S>>,
+    guards: Guards,
+    max_request_bytes: usize,
+) -> VaultServer<VaultApi<S>> {
+    VaultServer::new(VaultApi { guards, vault }).max_decoding_message_size(max_request_bytes)
+}
+
+#[tonic::async_trait]
+impl<S: Store> pb::vault_server::Vault for VaultApi<S> {
+    async fn tokenize(
+        &self,
+        request: Request<pb::TokenizeRequest>,
+    ) -> Result<Response<pb::TokenizeResponse>, Status> {
+        let records = &self.vault.records;
+        let call = |caller, request| async move {
+            let done = records.tokenize(&caller, wire::tokenize(request)?).await?;
+            Ok(wire::tokenized(&done))
+        };
+        self.guards
+            .call("Tokenize", |_| Permission::Tokenize, request, call)
+            .await
+    }
+
+    async fn tokenize_batch(
+        &self,
+        request: Request<pb::TokenizeBatchRequest>,
+    ) -> Result<Response<pb::TokenizeBatchResponse>, Status> {
+        let records = &self.vault.records;
+        let call = |caller, request| async move {
+            let batch = wire::tokenize_batch(request);
+            Ok(wire::batch_results(
+                records.tokenize_batch(&caller, batch).await?,
+            ))
+        };
+        self.guards
+            .call("TokenizeBatch", |_| Permission::Tokenize, request, call)
+            .await
+    }
+
+    async fn get_token_info(
+        &self,
+        request: Request<pb::GetTokenInfoRequest>,
+    ) -> Result<Response<pb::GetTokenInfoResponse>, Status> {
+        let records = &self.vault.records;
+        let call = |caller, request: pb::GetTokenInfoRequest| async move {
+            let token = wire::token(&request.token)?;
+            let stored = records.load_verified(&caller, &token).await?;
+            Ok(pb::GetTokenInfoResponse {
+                info: Some(wire::token_info(&token, &stored.metadata)),
+            })
+        };
+        self.guards
+            .call("GetTokenInfo", |_| Permission::Read, request, call)
+            .await
+    }
+
+    async fn delete_token(
+        &self,
+        request: Request<pb::DeleteTokenRequest>,
+    ) -> Result<Response<pb::DeleteTokenResponse>, Status> {
+        let records = &self.vault.records;
+        let call = |caller, request: pb::DeleteTokenRequest| async move {
+            let token = wire::token(&request.token)?;
+            records.delete(&caller, &token).await?;
+            tracing::debug!(token = %token, "deleted");
+            Ok(pb::DeleteTokenResponse {})
+        };
+        self.guards
+            .call("DeleteToken", |_| Permission::Delete, request, call)
+            .await
+    }
+
+    async fn forward(
+        &self,
+        request: Request<pb::ForwardRequest>,
+    ) -> Result<Response<pb::ForwardResponse>, Status> {
+        let forwarder = &self.vault.forwarder;
+        let permission = |r: &pb::ForwardRequest| Permission::Forward(r.processor.clone());
+        let call = |caller, request| async move {
+            let done = forwarder.forward(&caller, wire::forward(request)).await?;
+            Ok(wire::forwarded(done))
+        };
+        self.guards.call("Forward", permission, request, call).await
+    }
+
+    async fn find_subject(
+        &self,
+        request: Request<pb::SubjectRequest>,
+    ) -> Result<Response<pb::SubjectResponse>, Status> {
+        let records = &self.vault.records;
+        let call = |caller, request: pb::SubjectRequest| async move {
+            let pan = wire::subject(request.card)?;
+            Ok(wire::tokens(records.find_subject(&caller, &pan).await?))
+        };
+        self.guards
+            .call("FindSubject", |_| Permission::Read, request, call)
+            .await
+    }
+
+    async fn erase_subject(
+        &self,
+        request: Request<pb::SubjectRequest>,
+    ) -> Result<Response<pb::SubjectResponse>, Status> {
+        let records = &self.vault.records;
+        let call = |caller, request: pb::SubjectRequest| async move {
+            let pan = wire::subject(request.card)?;
+            Ok(wire::tokens(records.erase_subject(&caller, &pan).await?))
+        };
+        self.guards
+            .call("EraseSubject", |_| Permission::Delete, request, call)
+            .await
+    }
+
+    async fn create_backup(
+        &self,
+        request: Request<pb::CreateBackupRequest>,
+    ) -> Result<Response<pb::CreateBackupResponse>, Status> {
+        let admin = &self.vault.admin;
+        let call = |_, request: pb::CreateBackupRequest| async move {
+            Ok(wire::backup(admin.create_backup(&request.name).await?))
+        };
+        self.guards
+            .call("CreateBackup", |_| Permission::Admin, request, call)
+            .await
+    }
+
+    async fn verify_backup(
+        &self,
+        request: Request<pb::VerifyBackupRequest>,
+    ) -> Result<Response<pb::VerifyBackupResponse>, Status> {
+        let admin = &self.vault.admin;
+        let call = |_, request: pb::VerifyBackupRequest| async move {
+            Ok(wire::backup_check(
+                admin.verify_backup(&request.name).await?,
+            ))
+        };
+        self.guards
+            .call("VerifyBackup", |_| Permission::Admin, request, call)
+            .await
+    }
+
+    async fn start_rewrap(
+        &self,
+        request: Request<pb::StartRewrapRequest>,
+    ) -> Result<Response<pb::RewrapStatus>, Status> {
+        let admin = &self.vault.admin;
+        let call = |_, _| async move { Ok(wire::rewrap_status(admin.start_rewrap().await?)) };
+        self.guards
+            .call("StartRewrap", |_| Permission::Admin, request, call)
+            .await
+    }
+
+    async fn get_rewrap_status(
+        &self,
+        request: Request<pb::GetRewrapStatusRequest>,
+    ) -> Result<Response<pb::RewrapStatus>, Status> {
+        let admin = &self.vault.admin;
+        let call = |_, _| async move { Ok(wire::rewrap_status(admin.rewrap().status())) };
+        self.guards
+            .call("GetRewrapStatus", |_| Permission::Admin, request, call)
+            .await
+    }
+
+    async fn reload_policy(
+        &self,
+        request: Request<pb::ReloadPolicyRequest>,
+    ) -> Result<Response<pb::ReloadPolicyResponse>, Status> {
+        let admin = &self.vault.admin;
+        let call = |caller: crate::policy::Caller, _| async move {
+            let identities = admin.reload_policy(&caller.identity).await?;
+            Ok(pb::ReloadPolicyResponse {
+                identities: identities as u32,
+            })
+        };
+        self.guards
+            .call("ReloadPolicy", |_| Permission::Admin, request, call)
+            .await
+    }
+
+    async fn list_blocks(
+        &self,
+        request: Request<pb::ListBlocksRequest>,
+    ) -> Result<Response<pb::ListBlocksResponse>, Status> {
+        let admin = &self.vault.admin;
+        let call = |_, _| async move { Ok(wire::blocks(admin.blocks())) };
+        self.guards
+            .call("ListBlocks", |_| Permission::Admin, request, call)
+            .await
+    }
+
+    async fn lift_block(
+        &self,
+        request: Request<pb::LiftBlockRequest>,
+    ) -> Result<Response<pb::LiftBlockResponse>, Status> {
+        let admin = &self.vault.admin;
+        let call = |_, request: pb::LiftBlockRequest| async move {
+            admin.lift_block(wire::block_kind(&request.kind)?, &request.subject)?;
+            Ok(pb::LiftBlockResponse {})
+        };
+        self.guards
+            .call("LiftBlock", |_| Permission::Admin, request, call)
+            .await
+    }
+
+    async fn read_audit(
+        &self,
+        request: Request<pb::ReadAuditRequest>,
+    ) -> Result<Response<pb::ReadAuditResponse>, Status> {
+        let audit_log = &self.vault.audit_log;
+        let call = |_, request: pb::ReadAuditRequest| async move {
+            let page = audit_log.read(wire::audit_query(&request)).await?;
+            Ok(wire::audit_page(page))
+        };
+        self.guards
+            .call("ReadAudit", |_| Permission::Audit, request, call)
+            .await
+    }
+
+    async fn verify_audit(
+        &self,
+        request: Request<pb::VerifyAuditRequest>,
+    ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+        let audit_log = &self.vault.audit_log;
+        let call = |_, _| async move { Ok(wire::audit_verification(audit_log.verify().await?)) };
+        self.guards
+            .call("VerifyAudit", |_| Permission::Audit, request, call)
+            .await
+    }
+}

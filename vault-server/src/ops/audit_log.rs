@@ -1,0 +1,86 @@
+//! Reading the audit log (for auditors) and checking its hash chain.
+
+use std::sync::Arc;
+
+use crate::audit::{self, AuditEvent, Verification};
+use crate::error::VaultError;
+use crate::keys::Keys;
+use crate::store::Store;
+
+/// Events per page read from the store, and per answer at most.
+const PAGE: usize = 1000;
+
+#[derive(Debug)]
+pub struct AuditLog<S> {
+    store: Arc<S>,
+    keys: Arc<Keys>,
+}
+
+/// Which events to read: after a sequence number, within a time window (0: open).
+#[derive(Debug, Default)]
+pub struct AuditQuery {
+    pub after_sequence: u64,
+    /// 0: the most a page holds.
+    pub limit: u32,
+    pub since_unix_ms: i64,
+    pub until_unix_ms: i64,
+}
+
+/// Events read, each with the version of the audit key that chained it, and the last
+/// sequence number written.
+#[derive(Debug)]
+pub struct AuditPage {
+    pub events: Vec<(u32, AuditEvent)>,
+    pub last_sequence: u64,
+}
+
+impl<S: Store> AuditLog<S> {
+    pub fn new(store: Arc<S>, keys: Arc<Keys>) -> Self {
+        Self { store, keys }
+    }
+
+    pub async fn read(&self, query: AuditQuery) -> Result<AuditPage, VaultError> {
+        let limit = match query.limit {
+            0 => PAGE,
+            n => (n as usize).min(PAGE),
+        };
+        let in_window = |at: i64| {
+            (query.since_unix_ms == 0 || at >= query.since_unix_ms)
+                && (query.until_unix_ms == 0 || at <= query.until_unix_ms)
+        };
+        let mut events = Vec::new();
+        let mut after = query.after_sequence;
+        // Pages until `limit` events in the window are found or the log ends.
+        'pages: loop {
+            let page = self.store.read_audit(after, PAGE).await?;
+            let Some(last) = page.last().map(|(sequence, _)| *sequence) else {
+                break;
+            };
+            for (_, entry) in &page {
+                let Some((version, event)) = audit::decode(entry) else {
+                    continue;
+                };
+                if in_window(event.at_unix_ms) {
+                    events.push((version, event));
+                    if events.len() >= limit {
+                        break 'pages;
+                    }
+                }
+            }
+            after = last;
+        }
+        let last_sequence = self
+            .store
+            .last_audit()
+            .await?
+            .map_or(0, |(sequence, _)| sequence);
+        Ok(AuditPage {
+            events,
+            last_sequence,
+        })
+    }
+
+    pub async fn verify(&self) -> Result<Verification, VaultError> {
+        Ok(audit::verify(self.store.as_ref(), &self.keys).await?)
+    }
+}

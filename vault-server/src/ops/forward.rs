@@ -1,0 +1,550 @@
+//! Forward: a token in, the card sent to an allowlisted processor, the processor's
+//! (masked) answer out. A linear pipeline whose plaintext scope is one block:
+//!
+//! 1. check the request (processor, templates, headers, token, idempotency key);
+//! 2. replay a stored outcome of the same idempotency key, if there is one;
+//! 3. read the record's metadata only, and count the forward for the velocity rules;
+//! 4. claim the CVC, still sealed, and write the idempotency key `Pending`;
+//! 5. audit the intent durably ("ForwardStarted");
+//! 6. only then open the card and the CVC, send, and drop them;
+//! 7. store the outcome for replays.
+//!
+//! Until the request could have reached the processor, every exit (an error, a
+//! cancelled call) puts the CVC back and releases the idempotency key (`Unsent`).
+//! After that the CVC is spent and the key stays claimed ("sent, outcome unknown"), or
+//! a retry could charge twice.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use runtime::now_unix_ms;
+use zeroize::Zeroizing;
+
+use super::records::Records;
+use crate::audit::AuditEvent;
+use crate::card::{CardData, Violation};
+use crate::cvc::Claimed;
+use crate::error::VaultError;
+use crate::forward::template::{Encoding, Field, Template, TemplateError};
+use crate::forward::{Answer, ForwardError, Outbound, Processor, Processors, idempotency};
+use crate::policy::Caller;
+use crate::record::StoredRecord;
+use crate::store::Store;
+use crate::token::Token;
+use crate::velocity::{Velocity, VelocitySettings};
+
+/// A Forward as the caller wrote it; checked by [`Forwarder::forward`].
+#[derive(Debug, Default)]
+pub struct ForwardRequest {
+    pub processor: String,
+    pub method: String,
+    pub path: String,
+    /// Name and value template of each header.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+    pub token: String,
+    /// Empty: none.
+    pub idempotency_key: String,
+}
+
+/// What the processor answered (masked), or the stored answer replayed.
+#[derive(Debug)]
+pub struct Forwarded {
+    pub answer: Answer,
+    pub replayed: bool,
+}
+
+#[derive(Debug)]
+pub struct ForwardSettings {
+    pub processors: Processors,
+    pub velocity: VelocitySettings,
+    pub idempotency_ttl: Duration,
+}
+
+#[derive(Debug)]
+pub struct Forwarder<S> {
+    records: Arc<Records<S>>,
+    processors: Processors,
+    velocity: Velocity,
+    idempotency_ttl: Duration,
+    /// Idempotency store keys of forwards in progress: a concurrent retry is refused
+    /// instead of charging twice.
+    in_flight: Mutex<HashSet<Vec<u8>>>,
+}
+
+/// A request that passed every check that needs no stored data.
+struct Checked<'a> {
+    processor: &'a Processor,
+    outbound: Outbound,
+    token: Token,
+    idempotency: Option<IdempotencyKey>,
+}
+
+#[derive(Clone)]
+struct IdempotencyKey {
+    store_key: Vec<u8>,
+    digest: [u8; 32],
+}
+
+fn invalid(field: &'static str, rule: &'static str, description: &'static str) -> VaultError {
+    VaultError::Invalid(Violation {
+        field,
+        rule,
+        description,
+    })
+}
+
+impl<S: Store> Forwarder<S> {
+    pub fn new(records: Arc<Records<S>>, settings: ForwardSettings) -> Self {
+        Self {
+            records,
+            processors: settings.processors,
+            velocity: Velocity::new(settings.velocity),
+            idempotency_ttl: settings.idempotency_ttl,
+            in_flight: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub async fn forward(
+        &self,
+        caller: &Caller,
+        request: ForwardRequest,
+    ) -> Result<Forwarded, VaultError> {
+        let Checked {
+            processor,
+            outbound,
+            token,
+            idempotency,
+        } = self.check(caller, &request)?;
+        let _in_flight = match &idempotency {
+            Some(key) => Some(self.claim_in_flight(&key.store_key)?),
+            None => None,
+        };
+        if let Some(key) = &idempotency
+            && let Some(answer) = self.replay(caller, &token, key).await?
+        {
+            tracing::info!(
+                processor = processor.name(),
+                status = answer.status,
+                "replayed stored forward outcome"
+            );
+            return Ok(Forwarded {
+                answer,
+                replayed: true,
+            });
+        }
+
+        let stored = self.records.load(caller, &token).await?;
+        self.check_velocity(caller, &token, processor.name(), &stored)
+            .await?;
+        let mut unsent = Unsent {
+            records: &self.records,
+            token: &token,
+            cvc: None,
+            pending: None,
+            armed: true,
+        };
+        let opened = match self
+            .prepare(
+                caller,
+                processor,
+                &outbound,
+                &stored,
+                idempotency.as_ref(),
+                &mut unsent,
+            )
+            .await
+        {
+            Ok(opened) => opened,
+            Err(e) => {
+                unsent.release().await;
+                return Err(e);
+            }
+        };
+        // The card's plaintext scope: opened by `prepare` just now, dropped as soon as
+        // the request is sent. From here on the request may reach the processor.
+        unsent.armed = false;
+        let sent = {
+            let (card, cvc) = opened;
+            processor
+                .send(&outbound, &card, cvc.as_ref().map(|cvc| cvc.as_str()))
+                .await
+        };
+        let forwarded = |outcome: &str| {
+            self.records
+                .journal()
+                .metrics()
+                .forwards
+                .get_or_create(&crate::metrics::ForwardLabels {
+                    processor: processor.name().into(),
+                    outcome: outcome.into(),
+                })
+                .inc();
+        };
+        let answer = match sent {
+            Ok(answer) => {
+                forwarded("answered");
+                answer
+            }
+            Err(error) if error.nothing_sent() => {
+                forwarded("not_sent");
+                unsent.release().await;
+                return Err(VaultError::Forward(error));
+            }
+            Err(error) => {
+                forwarded("failed");
+                return Err(VaultError::Forward(error));
+            }
+        };
+        tracing::debug!(processor = processor.name(), token = %token, status = answer.status, "forwarded");
+        if let Some(key) = idempotency {
+            let value = idempotency::encode(
+                idempotency::State::Done,
+                &key.digest,
+                now_unix_ms(),
+                &answer,
+            );
+            self.records
+                .store()
+                .put_outcome(key.store_key, value)
+                .await?;
+        }
+        Ok(Forwarded {
+            answer,
+            replayed: false,
+        })
+    }
+
+    /// Steps 4 to 6: claims the CVC, writes the key `Pending`, audits the intent, and
+    /// only then opens the card and the CVC.
+    async fn prepare(
+        &self,
+        caller: &Caller,
+        processor: &Processor,
+        outbound: &Outbound,
+        stored: &StoredRecord,
+        idempotency: Option<&IdempotencyKey>,
+        unsent: &mut Unsent<'_, S>,
+    ) -> Result<(CardData, Option<Zeroizing<String>>), VaultError> {
+        let token = unsent.token;
+        // A CVC is good for one use: claimed atomically, so two concurrent forwards
+        // cannot both send it.
+        if outbound.uses(Field::Cvc) {
+            unsent.cvc = Some(
+                self.records
+                    .cvcs()
+                    .claim(token)
+                    .ok_or(VaultError::CvcUnavailable)?,
+            );
+        }
+        if let Some(key) = idempotency {
+            // Written before sending: a crash from here on leaves a pending outcome,
+            // and a retry gets ABORTED instead of a second charge. Marked for release
+            // before the write, whose outcome may be unknown when it fails.
+            unsent.pending = Some(key.clone());
+            let pending = idempotency::encode(
+                idempotency::State::Pending,
+                &key.digest,
+                now_unix_ms(),
+                &Default::default(),
+            );
+            self.records
+                .store()
+                .put_outcome(key.store_key.clone(), pending)
+                .await?;
+        }
+        // The card leaves the vault only once that is on record.
+        self.records
+            .journal()
+            .intent(caller, "ForwardStarted", token, processor.name())
+            .await?;
+        let card = self.records.open(token, stored)?;
+        let cvc = match &unsent.cvc {
+            Some(claimed) => Some(
+                claimed
+                    .open(&self.records.keys().snapshot(), token)
+                    .ok_or(VaultError::CvcUnavailable)?,
+            ),
+            None => None,
+        };
+        Ok((card, cvc))
+    }
+
+    /// Step 1: every check that needs no stored data, in the order callers see them.
+    fn check<'a>(
+        &'a self,
+        caller: &Caller,
+        request: &ForwardRequest,
+    ) -> Result<Checked<'a>, VaultError> {
+        // An unknown processor is refused exactly like one the caller may not use.
+        let processor = self
+            .processors
+            .get(&request.processor)
+            .ok_or(VaultError::Forward(ForwardError::Denied(
+                "unknown processor",
+            )))?;
+        let body = Template::parse(&request.body).map_err(|e| match e {
+            TemplateError::Unknown => {
+                invalid("body", "placeholder", "holds an unknown placeholder")
+            }
+            TemplateError::Unclosed => {
+                invalid("body", "placeholder", "holds an unclosed placeholder")
+            }
+        })?;
+        let mut headers = Vec::with_capacity(request.headers.len());
+        for (name, value) in &request.headers {
+            if !crate::forward::valid_header_name(name) {
+                return Err(invalid(
+                    "headers.name",
+                    "header_name",
+                    "must be a valid header name that the vault does not reserve",
+                ));
+            }
+            // Placeholders are ASCII, so a template that is a valid header value stays
+            // one except for what the card data brings (checked after rendering).
+            if tonic::codegen::http::HeaderValue::from_str(value).is_err() {
+                return Err(invalid(
+                    "headers.value",
+                    "characters",
+                    "must be a valid header value",
+                ));
+            }
+            let template = Template::parse(value).map_err(|_| {
+                invalid(
+                    "headers.value",
+                    "placeholder",
+                    "holds an unknown or unclosed placeholder",
+                )
+            })?;
+            headers.push((name.clone(), template));
+        }
+        let content_types = || {
+            request
+                .headers
+                .iter()
+                .filter(|(name, _)| name.eq_ignore_ascii_case("content-type"))
+        };
+        if content_types().count() > 1 {
+            return Err(invalid(
+                "headers",
+                "duplicate",
+                "content-type may appear once",
+            ));
+        }
+        let outbound = Outbound {
+            method: request.method.clone(),
+            path: request.path.clone(),
+            headers,
+            body,
+        };
+        processor
+            .check(&caller.identity, &outbound)
+            .map_err(VaultError::Forward)?;
+        // Free text goes only where it can be escaped.
+        let content_type = content_types().next().map(|(_, value)| value.as_str());
+        if outbound.body.fields().any(|f| f == Field::Name)
+            && Encoding::for_content_type(content_type) == Encoding::Raw
+        {
+            return Err(invalid(
+                "body",
+                "content_type",
+                "{{card.name}} in a body needs a JSON or form-encoded content-type header",
+            ));
+        }
+        let token = Token::parse(&request.token).map_err(VaultError::Invalid)?;
+        let idempotency = match request.idempotency_key.as_str() {
+            "" => None,
+            key if key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) => {
+                return Err(invalid(
+                    "idempotency_key",
+                    "format",
+                    "must be 1 to 255 visible ASCII characters",
+                ));
+            }
+            key => {
+                let mut parts: Vec<&[u8]> = vec![
+                    request.processor.as_bytes(),
+                    request.method.as_bytes(),
+                    request.path.as_bytes(),
+                    request.body.as_bytes(),
+                    request.token.as_bytes(),
+                ];
+                for (name, value) in &request.headers {
+                    parts.push(name.as_bytes());
+                    parts.push(value.as_bytes());
+                }
+                Some(IdempotencyKey {
+                    store_key: idempotency::store_key(&caller.tenant, key),
+                    digest: idempotency::request_digest(&parts),
+                })
+            }
+        };
+        Ok(Checked {
+            processor,
+            outbound,
+            token,
+            idempotency,
+        })
+    }
+
+    /// Marks the key as in progress here; a concurrent retry is refused.
+    fn claim_in_flight(&self, store_key: &[u8]) -> Result<InFlight<'_>, VaultError> {
+        let mut set = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !set.insert(store_key.to_vec()) {
+            return Err(VaultError::IdempotencyInFlight);
+        }
+        Ok(InFlight {
+            set: &self.in_flight,
+            key: store_key.to_vec(),
+        })
+    }
+
+    /// Step 2: the stored answer to the same request under this key, or a refusal
+    /// when the key was used for another request or its outcome is unknown.
+    async fn replay(
+        &self,
+        caller: &Caller,
+        token: &Token,
+        key: &IdempotencyKey,
+    ) -> Result<Option<Answer>, VaultError> {
+        let Some(bytes) = self.records.store().get_outcome(&key.store_key).await? else {
+            return Ok(None);
+        };
+        let outcome = idempotency::decode(&bytes)
+            .ok_or(VaultError::Record(crate::record::RecordError::Malformed))?;
+        let age_ms = now_unix_ms().saturating_sub(outcome.created_at_unix_ms);
+        let live = age_ms < self.idempotency_ttl.as_millis() as i64;
+        if !live || outcome.state == idempotency::State::NotSent {
+            return Ok(None);
+        }
+        if outcome.request_digest != key.digest {
+            return Err(VaultError::IdempotencyConflict);
+        }
+        if outcome.state == idempotency::State::Pending {
+            return Err(VaultError::IdempotencyUnknown);
+        }
+        // A token deleted or expired since is gone for replays too.
+        self.records.load(caller, token).await?;
+        Ok(Some(outcome.answer))
+    }
+
+    /// Step 3: counts a forward for the velocity rules; a forward above a limit is
+    /// flagged in the audit log and, if so configured, refused.
+    async fn check_velocity(
+        &self,
+        caller: &Caller,
+        token: &Token,
+        processor: &str,
+        stored: &StoredRecord,
+    ) -> Result<(), VaultError> {
+        let broken = self.velocity.forward(
+            &caller.identity,
+            &stored.metadata.card_key(),
+            Instant::now(),
+        );
+        if broken.is_empty() {
+            return Ok(());
+        }
+        let refuse = self.velocity.refuses();
+        let journal = self.records.journal();
+        journal.metrics().event("velocity_flag");
+        tracing::warn!(token = %token, rules = %broken.join("; "), refused = refuse, "forward flagged by velocity rules");
+        journal
+            .audit(AuditEvent {
+                at_unix_ms: now_unix_ms(),
+                actor: caller.identity.clone(),
+                peer: "-".into(),
+                action: "VelocityFlag".into(),
+                tenant: caller.tenant.as_str().to_owned(),
+                token: token.as_str().to_owned(),
+                processor: processor.to_owned(),
+                outcome: if refuse { "refused" } else { "flagged" }.into(),
+                detail: broken.join("; "),
+                ..AuditEvent::default()
+            })
+            .await?;
+        if refuse {
+            return Err(VaultError::VelocityExceeded);
+        }
+        Ok(())
+    }
+}
+
+/// Removes an idempotency key from the in-flight set when the forward ends.
+struct InFlight<'a> {
+    set: &'a Mutex<HashSet<Vec<u8>>>,
+    key: Vec<u8>,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.key);
+    }
+}
+
+/// What a forward holds until its request could have reached the processor: the
+/// claimed CVC and the idempotency key written `Pending`. [`Unsent::release`] gives
+/// them back (the key as `NotSent`, reusable); while `armed`, dropping does the same
+/// for a cancelled call, the key's write in the background.
+struct Unsent<'a, S: Store> {
+    records: &'a Records<S>,
+    token: &'a Token,
+    cvc: Option<Claimed>,
+    pending: Option<IdempotencyKey>,
+    armed: bool,
+}
+
+impl<S: Store> Unsent<'_, S> {
+    fn restore_cvc(&mut self) {
+        if let Some(claimed) = self.cvc.take() {
+            self.records.cvcs().restore(self.token, claimed);
+        }
+    }
+
+    async fn release(mut self) {
+        self.armed = false;
+        self.restore_cvc();
+        if let Some(key) = self.pending.take() {
+            let store = Arc::clone(self.records.store());
+            if let Err(e) = write_not_sent(store, key).await {
+                // The key stays `Pending`: a retry is refused as "outcome unknown"
+                // until the window ends, which never charges twice.
+                tracing::error!(error = %e, "idempotency key not released");
+            }
+        }
+    }
+}
+
+impl<S: Store> Drop for Unsent<'_, S> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        self.restore_cvc();
+        if let Some(key) = self.pending.take() {
+            let store = Arc::clone(self.records.store());
+            tokio::spawn(async move {
+                if let Err(e) = write_not_sent(store, key).await {
+                    tracing::error!(error = %e, "idempotency key of a cancelled forward not released");
+                }
+            });
+        }
+    }
+}
+
+async fn write_not_sent<S: Store>(store: Arc<S>, key: IdempotencyKey) -> Result<(), VaultError> {
+    let value = idempotency::encode(
+        idempotency::State::NotSent,
+        &key.digest,
+        now_unix_ms(),
+        &Default::default(),
+    );
+    Ok(store.put_outcome(key.store_key, value).await?)
+}

@@ -1,0 +1,39 @@
+//! The vault's use cases, one file per RPC family, in domain types only: nothing here
+//! names a gRPC message (the `api` module converts). Each part owns its state and is
+//! built from its own settings by the composition root (`lib.rs`).
+//!
+//! - `records`: reading, opening, deleting and purging a tenant's records;
+//! - `tokenize`: Tokenize and TokenizeBatch (on `Records`);
+//! - `forward`: Forward, the one path on which a card leaves the vault;
+//! - `admin`: backups, policy reload, rewrap, lockout blocks;
+//! - `audit_log`: reading and verifying the audit log;
+//! - `health`: degraded reasons and `/metrics`;
+//! - `journal`: where all of them record what they did.
+
+mod admin;
+mod audit_log;
+mod forward;
+mod health;
+mod journal;
+mod records;
+mod tokenize;
+
+use std::sync::Arc;
+
+pub use admin::{Admin, AdminSettings, Backup, BackupCheck};
+pub use audit_log::{AuditLog, AuditPage, AuditQuery};
+pub use forward::{ForwardRequest, ForwardSettings, Forwarded, Forwarder};
+pub use journal::Journal;
+pub use records::{RecordSettings, Records};
+pub use tokenize::{BatchItem, Tokenize, TokenizeBatch, Tokenized};
+
+/// Every use case of one vault.
+#[derive(Debug)]
+pub struct Vault<S> {
+    pub records: Arc<Records<S>>,
+    pub forwarder: Forwarder<S>,
+    pub admin: Admin<S>,
+    pub audit_log: AuditLog<S>,
+    /// Free space under which the vault reports itself degraded.
+    pub low_disk_bytes: u64,
+}

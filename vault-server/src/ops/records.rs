@@ -1,0 +1,342 @@
+//! A tenant's records: reading one (metadata only, or with its card opened), deleting,
+//! finding and erasing a data subject's tokens, and purging what has expired.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use runtime::now_unix_ms;
+
+use super::journal::Journal;
+use crate::audit::AuditEvent;
+use crate::card::{CardData, Pan};
+use crate::cvc::CvcStore;
+use crate::error::VaultError;
+use crate::forward::idempotency;
+use crate::keys::Keys;
+use crate::policy::Caller;
+use crate::record::{self, Fingerprint, StoredRecord};
+use crate::store::{Delete, DeleteOutcome, Store, StoreError};
+use crate::token::Token;
+
+/// Reads of a record that changed underneath (a rewrap) before giving up, and fresh
+/// tokens drawn before giving up (with 128 random bits a second draw is already
+/// astronomically unlikely).
+pub(super) const ATTEMPTS: usize = 3;
+
+/// What the records need besides the store, keys and journal.
+#[derive(Debug)]
+pub struct RecordSettings {
+    /// Token lifetime per tenant when `Tokenize` names none.
+    pub tenant_ttl_secs: HashMap<String, u64>,
+    /// How long a forward's outcome is kept for replays (the idempotency window).
+    pub outcome_ttl: Duration,
+    pub max_batch_size: usize,
+}
+
+#[derive(Debug)]
+pub struct Records<S> {
+    store: Arc<S>,
+    keys: Arc<Keys>,
+    journal: Arc<Journal>,
+    /// Shared with the keyservice usage reports, which count them.
+    cvcs: Arc<CvcStore>,
+    settings: RecordSettings,
+    /// Deletes since the store was last compacted (the purge job compacts).
+    deleted_since_compaction: AtomicU64,
+}
+
+impl<S: Store> Records<S> {
+    pub fn new(
+        store: Arc<S>,
+        keys: Arc<Keys>,
+        journal: Arc<Journal>,
+        cvcs: Arc<CvcStore>,
+        settings: RecordSettings,
+    ) -> Self {
+        Self {
+            store,
+            keys,
+            journal,
+            cvcs,
+            settings,
+            deleted_since_compaction: AtomicU64::new(0),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<S> {
+        &self.store
+    }
+
+    pub fn keys(&self) -> &Arc<Keys> {
+        &self.keys
+    }
+
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    /// The in-memory CVCs.
+    pub fn cvcs(&self) -> &Arc<CvcStore> {
+        &self.cvcs
+    }
+
+    pub(super) fn settings(&self) -> &RecordSettings {
+        &self.settings
+    }
+
+    /// Reads a record of the caller's tenant, without opening its card. Another
+    /// tenant's token is NOT_FOUND, exactly like an unknown one.
+    pub async fn load(&self, caller: &Caller, token: &Token) -> Result<StoredRecord, VaultError> {
+        Ok(self.load_bytes(caller, token).await?.1)
+    }
+
+    /// [`Self::load`], with the record bytes as stored.
+    async fn load_bytes(
+        &self,
+        caller: &Caller,
+        token: &Token,
+    ) -> Result<(Vec<u8>, StoredRecord), VaultError> {
+        let bytes = self.store.get(token).await?.ok_or(VaultError::NotFound)?;
+        let stored = record::decode(&bytes)?;
+        if stored.metadata.tenant != caller.tenant {
+            return Err(VaultError::NotFound);
+        }
+        // An expired token answers like an unknown one at once, before the purge.
+        if stored.metadata.expired(now_unix_ms()) {
+            return Err(VaultError::Expired);
+        }
+        Ok((bytes, stored))
+    }
+
+    /// Decrypts a record's card. Each opening is counted (`card_opened`), so that a
+    /// test can see which paths never open one.
+    pub fn open(&self, token: &Token, stored: &StoredRecord) -> Result<CardData, VaultError> {
+        let version = stored.metadata.key_version;
+        let keys = self.keys.snapshot();
+        let key = keys
+            .card_data
+            .get(version)
+            .ok_or(VaultError::KeyUnavailable(version))?;
+        let card = stored.open(token, key)?;
+        self.journal.metrics().event("card_opened");
+        Ok(card)
+    }
+
+    /// Reads a record and authenticates it (decrypting, then dropping the card), so
+    /// that edited or moved records are reported, never served.
+    pub async fn load_verified(
+        &self,
+        caller: &Caller,
+        token: &Token,
+    ) -> Result<StoredRecord, VaultError> {
+        let stored = self.load(caller, token).await?;
+        drop(self.open(token, &stored)?);
+        Ok(stored)
+    }
+
+    /// Deletes a record of the caller's tenant, audited before the fact. The store
+    /// deletes only the bytes read here, so a rewrap in between (new versions, new
+    /// index key) means reading again.
+    pub async fn delete(&self, caller: &Caller, token: &Token) -> Result<(), VaultError> {
+        for attempt in 0..ATTEMPTS {
+            let (bytes, stored) = self.load_bytes(caller, token).await?;
+            if attempt == 0 {
+                self.journal
+                    .intent(caller, "DeleteStarted", token, "")
+                    .await?;
+            }
+            match self.delete_stored(token, bytes, &stored).await? {
+                DeleteOutcome::Deleted => return Ok(()),
+                DeleteOutcome::NotFound => return Err(VaultError::NotFound),
+                DeleteOutcome::Changed => continue,
+            }
+        }
+        Err(VaultError::Store(StoreError::Engine(
+            "the record kept changing during a delete".into(),
+        )))
+    }
+
+    /// Deletes the record `bytes` of `token` (if unchanged) and its CVC.
+    async fn delete_stored(
+        &self,
+        token: &Token,
+        bytes: Vec<u8>,
+        stored: &StoredRecord,
+    ) -> Result<DeleteOutcome, VaultError> {
+        let outcome = self
+            .store
+            .delete(Delete {
+                token: token.clone(),
+                expected: bytes,
+                index_key: stored.metadata.index_key(),
+                versions: stored.metadata.versions(),
+                indexes: stored.metadata.indexes(),
+            })
+            .await?;
+        if outcome == DeleteOutcome::Deleted {
+            self.cvcs.erase(token);
+            self.deleted_since_compaction
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(outcome)
+    }
+
+    /// Every live token of the card `pan` in the caller's tenant, under every
+    /// fingerprint version held (a card tokenized before a rotation is found too).
+    async fn subject_tokens(&self, caller: &Caller, pan: &Pan) -> Result<Vec<Token>, VaultError> {
+        let card_keys: Vec<Vec<u8>> = {
+            let keys = self.keys.snapshot();
+            let (active, active_key) = keys.fingerprint.active();
+            std::iter::once((active, active_key))
+                .chain(keys.fingerprint.older())
+                .map(|(version, key)| {
+                    let fingerprint = Fingerprint {
+                        version,
+                        value: record::fingerprint(key, &caller.tenant, pan),
+                    };
+                    record::card_key(&caller.tenant, &fingerprint)
+                })
+                .collect()
+        };
+        let mut tokens = Vec::new();
+        for card_key in card_keys {
+            for token in self.store.tokens_of_card(&card_key).await? {
+                if !tokens.contains(&token) {
+                    tokens.push(token);
+                }
+            }
+        }
+        Ok(tokens)
+    }
+
+    /// The caller's live tokens of the card `pan`.
+    pub async fn find_subject(&self, caller: &Caller, pan: &Pan) -> Result<Vec<Token>, VaultError> {
+        let mut tokens = Vec::new();
+        for token in self.subject_tokens(caller, pan).await? {
+            // Another tenant's or an expired token is not the caller's.
+            if self.load(caller, &token).await.is_ok() {
+                tokens.push(token);
+            }
+        }
+        Ok(tokens)
+    }
+
+    /// Deletes every token of the card `pan` in the caller's tenant, expired ones
+    /// too; returns those deleted.
+    pub async fn erase_subject(
+        &self,
+        caller: &Caller,
+        pan: &Pan,
+    ) -> Result<Vec<Token>, VaultError> {
+        let mut erased = Vec::new();
+        for token in self.subject_tokens(caller, pan).await? {
+            match self.delete(caller, &token).await {
+                Ok(()) => erased.push(token),
+                Err(VaultError::NotFound) => {}
+                Err(VaultError::Expired) => {
+                    if self.purge_token(&token).await? {
+                        erased.push(token);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        tracing::info!(erased = erased.len(), "data subject erased");
+        Ok(erased)
+    }
+
+    /// Deletes every expired record (audited as one event per pass), then, if anything
+    /// was deleted since the last time, compacts the store so that deleted records are
+    /// physically gone. Returns the number purged.
+    pub async fn purge(&self) -> Result<usize, VaultError> {
+        let purged = self.purge_expired().await;
+        // Forward outcomes are kept for the idempotency window only: they hold what a
+        // processor answered about a card (masked, but still about the card).
+        let ttl_ms = self.settings.outcome_ttl.as_millis() as i64;
+        let now = now_unix_ms();
+        let stale = move |value: &[u8]| {
+            idempotency::decode(value)
+                .is_none_or(|outcome| now.saturating_sub(outcome.created_at_unix_ms) >= ttl_ms)
+        };
+        match self.store.prune_outcomes(&stale).await {
+            Ok(0) => {}
+            Ok(pruned) => {
+                self.deleted_since_compaction
+                    .fetch_add(pruned as u64, Ordering::Relaxed);
+                tracing::info!(
+                    pruned,
+                    "forward outcomes past the idempotency window removed"
+                );
+            }
+            Err(e) => tracing::error!(error = %e, "forward outcomes not pruned"),
+        }
+        // Deletions are compacted away whatever happened above.
+        let deleted = self.deleted_since_compaction.swap(0, Ordering::Relaxed);
+        if deleted > 0 {
+            if let Err(e) = self.store.compact().await {
+                self.deleted_since_compaction
+                    .fetch_add(deleted, Ordering::Relaxed);
+                return Err(e.into());
+            }
+            tracing::info!(
+                deleted,
+                "store compacted: deleted records are physically gone"
+            );
+        }
+        purged
+    }
+
+    async fn purge_expired(&self) -> Result<usize, VaultError> {
+        let mut purged = 0;
+        loop {
+            let expired = self.store.expired(now_unix_ms(), 1000).await?;
+            let mut progress = false;
+            for token in &expired {
+                match self.purge_token(token).await {
+                    Ok(true) => {
+                        purged += 1;
+                        progress = true;
+                    }
+                    Ok(false) => {}
+                    // One bad record does not stop the purge of the others.
+                    Err(e) => {
+                        tracing::error!(token = %token, error = %e, "expired token not purged")
+                    }
+                }
+            }
+            // Entries the purge cannot remove are left for the next run.
+            if expired.is_empty() || !progress {
+                break;
+            }
+        }
+        Ok(purged)
+    }
+
+    /// Deletes an expired token's record, audited before the fact. Returns whether it
+    /// was deleted.
+    pub(super) async fn purge_token(&self, token: &Token) -> Result<bool, VaultError> {
+        let Some(bytes) = self.store.get(token).await? else {
+            return Ok(false);
+        };
+        let stored = record::decode(&bytes)?;
+        if !stored.metadata.expired(now_unix_ms()) {
+            return Ok(false);
+        }
+        self.journal
+            .audit(AuditEvent {
+                at_unix_ms: now_unix_ms(),
+                actor: "vault".into(),
+                peer: "-".into(),
+                action: "Purge".into(),
+                tenant: stored.metadata.tenant.as_str().to_owned(),
+                token: token.as_str().to_owned(),
+                outcome: "ok".into(),
+                detail: "retention ended".into(),
+                ..AuditEvent::default()
+            })
+            .await?;
+        Ok(self.delete_stored(token, bytes, &stored).await? == DeleteOutcome::Deleted)
+    }
+}

@@ -1,0 +1,310 @@
+//! Tokenize and TokenizeBatch: a validated card in, a token out. The card's plaintext
+//! lives for the length of the call: fingerprinted, sealed under a new token, its CVC
+//! (if any) sealed into memory, then dropped.
+
+use runtime::now_unix_ms;
+
+use super::records::{ATTEMPTS, Records};
+use crate::card::{CardData, Violation};
+use crate::error::VaultError;
+use crate::keys::Aead;
+use crate::policy::Caller;
+use crate::record::{self, Fingerprint, Metadata};
+use crate::store::{InsertOutcome, NewRecord, Store};
+use crate::token::Token;
+
+/// The longest retention a token can be given: 100 years.
+const MAX_TTL_SECS: u64 = 3_155_760_000;
+
+/// One card to tokenize.
+#[derive(Debug)]
+pub struct Tokenize {
+    pub card: CardData,
+    /// 0: the tenant's default.
+    pub ttl_secs: u64,
+    /// Return the card's existing token in this tenant rather than a new one.
+    pub reuse_existing: bool,
+}
+
+/// Cards to tokenize in one durable write; each was validated on its own.
+#[derive(Debug)]
+pub struct TokenizeBatch {
+    pub cards: Vec<Result<CardData, Violation>>,
+    pub ttl_secs: u64,
+    pub reuse_existing: bool,
+}
+
+/// A token and its record's clear metadata.
+#[derive(Debug)]
+pub struct Tokenized {
+    pub token: Token,
+    pub metadata: Metadata,
+    /// The card's existing token was returned.
+    pub reused: bool,
+}
+
+/// One card of a batch, in the batch's order.
+#[derive(Debug)]
+pub enum BatchItem {
+    Stored(Tokenized),
+    Invalid(Violation),
+}
+
+/// A valid card of a batch still waiting for a stored token: its index, the card, its
+/// metadata, and its index keys under older fingerprint versions.
+type Waiting = (usize, CardData, Metadata, Vec<Vec<u8>>);
+
+impl<S: Store> Records<S> {
+    pub async fn tokenize(
+        &self,
+        caller: &Caller,
+        request: Tokenize,
+    ) -> Result<Tokenized, VaultError> {
+        let Tokenize {
+            card,
+            ttl_secs,
+            reuse_existing,
+        } = request;
+        let now = now_unix_ms();
+        let expires_at = self.expires_at(caller, ttl_secs, now)?;
+        let (mut metadata, older) = self.metadata(caller, &card, now, reuse_existing);
+        metadata.expires_at_unix_ms = expires_at;
+        for _ in 0..ATTEMPTS {
+            let record = self
+                .seal(&mut metadata, &card, reuse_existing, &older)
+                .await?;
+            let token = record.token.clone();
+            match self.store().insert(vec![record]).await?.pop() {
+                Some(InsertOutcome::Stored) => {
+                    self.keep_cvc(&token, &card).await?;
+                    // Successful calls log at debug: the audit log already holds one
+                    // durable event per call, and a line per call at info costs the
+                    // hot path a write to stderr.
+                    tracing::debug!(token = %token, "tokenized");
+                    return Ok(Tokenized {
+                        token,
+                        metadata,
+                        reused: false,
+                    });
+                }
+                Some(InsertOutcome::Existing(existing)) => {
+                    match self.existing(caller, existing, &card).await? {
+                        Some(tokenized) => return Ok(tokenized),
+                        None => continue,
+                    }
+                }
+                Some(InsertOutcome::TokenTaken) | None => continue,
+            }
+        }
+        Err(VaultError::TokenSpace)
+    }
+
+    pub async fn tokenize_batch(
+        &self,
+        caller: &Caller,
+        request: TokenizeBatch,
+    ) -> Result<Vec<BatchItem>, VaultError> {
+        if request.cards.is_empty() {
+            return Err(VaultError::Invalid(Violation {
+                field: "cards",
+                rule: "required",
+                description: "at least one card is required",
+            }));
+        }
+        let max = self.settings().max_batch_size;
+        if request.cards.len() > max {
+            return Err(VaultError::BatchTooLarge { max });
+        }
+        let now = now_unix_ms();
+        let expires_at = self.expires_at(caller, request.ttl_secs, now)?;
+        let mut results: Vec<Option<BatchItem>> = Vec::new();
+        results.resize_with(request.cards.len(), || None);
+        let mut waiting: Vec<Waiting> = Vec::new();
+        for (index, card) in request.cards.into_iter().enumerate() {
+            match card {
+                Ok(card) => {
+                    let (mut metadata, older) =
+                        self.metadata(caller, &card, now, request.reuse_existing);
+                    metadata.expires_at_unix_ms = expires_at;
+                    waiting.push((index, card, metadata, older));
+                }
+                Err(violation) => results[index] = Some(BatchItem::Invalid(violation)),
+            }
+        }
+        for _ in 0..ATTEMPTS {
+            if waiting.is_empty() {
+                break;
+            }
+            let mut records = Vec::with_capacity(waiting.len());
+            for (_, card, metadata, older) in &mut waiting {
+                records.push(
+                    self.seal(metadata, card, request.reuse_existing, older)
+                        .await?,
+                );
+            }
+            let tokens: Vec<Token> = records.iter().map(|r| r.token.clone()).collect();
+            // One durable write for every valid card of the batch.
+            let outcomes = self.store().insert(records).await?;
+            let mut retry = Vec::new();
+            for ((waiting, token), outcome) in waiting.into_iter().zip(tokens).zip(outcomes) {
+                let (index, card, metadata, _) = &waiting;
+                let tokenized = match outcome {
+                    InsertOutcome::Stored => {
+                        self.keep_cvc(&token, card).await?;
+                        Tokenized {
+                            token,
+                            metadata: metadata.clone(),
+                            reused: false,
+                        }
+                    }
+                    // Deleted or expired since the index named it: the next round
+                    // stores this card anew instead of failing the whole batch.
+                    InsertOutcome::Existing(existing) => {
+                        match self.existing(caller, existing, card).await? {
+                            Some(tokenized) => tokenized,
+                            None => {
+                                retry.push(waiting);
+                                continue;
+                            }
+                        }
+                    }
+                    InsertOutcome::TokenTaken => {
+                        retry.push(waiting);
+                        continue;
+                    }
+                };
+                results[*index] = Some(BatchItem::Stored(tokenized));
+            }
+            waiting = retry;
+        }
+        if !waiting.is_empty() {
+            return Err(VaultError::TokenSpace);
+        }
+        let results: Vec<BatchItem> = results.into_iter().flatten().collect();
+        tracing::debug!(items = results.len(), "batch tokenized");
+        Ok(results)
+    }
+
+    /// The card's existing token, verified, with the CVC kept for it; `None` when it
+    /// was deleted or has expired since the index named it (it is purged now), so the
+    /// card is stored anew.
+    async fn existing(
+        &self,
+        caller: &Caller,
+        existing: Token,
+        card: &CardData,
+    ) -> Result<Option<Tokenized>, VaultError> {
+        let stored = match self.load_verified(caller, &existing).await {
+            Err(VaultError::NotFound) => return Ok(None),
+            Err(VaultError::Expired) => {
+                self.purge_token(&existing).await?;
+                return Ok(None);
+            }
+            other => other?,
+        };
+        self.keep_cvc(&existing, card).await?;
+        tracing::debug!(token = %existing, "returned existing token");
+        Ok(Some(Tokenized {
+            token: existing,
+            metadata: stored.metadata,
+            reused: true,
+        }))
+    }
+
+    /// When a token made now with `ttl_secs` (0: the tenant's default) expires.
+    fn expires_at(&self, caller: &Caller, ttl_secs: u64, now: i64) -> Result<i64, VaultError> {
+        let ttl = match ttl_secs {
+            0 => self
+                .settings()
+                .tenant_ttl_secs
+                .get(caller.tenant.as_str())
+                .copied()
+                .unwrap_or(0),
+            n => n,
+        };
+        if ttl == 0 {
+            return Ok(0);
+        }
+        if ttl > MAX_TTL_SECS {
+            return Err(VaultError::Invalid(Violation {
+                field: "ttl_secs",
+                rule: "range",
+                description: "must be at most 100 years (3155760000 seconds)",
+            }));
+        }
+        Ok(now + ttl as i64 * 1000)
+    }
+
+    /// The fingerprint and clear metadata of a new record of `card` (the card-data
+    /// version is set when it is sealed), and, for `reuse_existing`, the card's index
+    /// keys under the older fingerprint versions still held.
+    fn metadata(
+        &self,
+        caller: &Caller,
+        card: &CardData,
+        now_unix_ms: i64,
+        reuse_existing: bool,
+    ) -> (Metadata, Vec<Vec<u8>>) {
+        let keys = self.keys().snapshot();
+        let (fingerprint_version, fingerprint_key) = keys.fingerprint.active();
+        let mut metadata = Metadata {
+            key_version: keys.card_data.active().0,
+            brand: card.pan.brand(),
+            last_four: card.pan.last_four(),
+            expiry: card.expiry,
+            created_at_unix_ms: now_unix_ms,
+            fingerprint: Fingerprint {
+                version: fingerprint_version,
+                value: record::fingerprint(fingerprint_key, &caller.tenant, &card.pan),
+            },
+            tenant: caller.tenant.clone(),
+            expires_at_unix_ms: 0,
+        };
+        let mut older = Vec::new();
+        if reuse_existing {
+            let current = metadata.fingerprint;
+            for (version, key) in keys.fingerprint.older() {
+                metadata.fingerprint = Fingerprint {
+                    version,
+                    value: record::fingerprint(key, &caller.tenant, &card.pan),
+                };
+                older.push(metadata.index_key());
+            }
+            metadata.fingerprint = current;
+        }
+        (metadata, older)
+    }
+
+    /// Seals `card` under a new token with an encryption drawn from the card-data
+    /// budget, and sets `metadata.key_version` to the version used.
+    async fn seal(
+        &self,
+        metadata: &mut Metadata,
+        card: &CardData,
+        reuse_existing: bool,
+        older_index_keys: &[Vec<u8>],
+    ) -> Result<NewRecord, VaultError> {
+        let token = Token::generate()?;
+        let (version, key) = self.keys().encryption_key(Aead::CardData).await?;
+        metadata.key_version = version;
+        let value = record::seal(&token, metadata, card, &key)?;
+        Ok(NewRecord {
+            token,
+            value,
+            index_key: metadata.index_key(),
+            reuse_existing,
+            older_index_keys: older_index_keys.to_vec(),
+            versions: metadata.versions(),
+            indexes: metadata.indexes(),
+        })
+    }
+
+    /// Keeps the card's CVC (memory only) for the token it was stored under.
+    async fn keep_cvc(&self, token: &Token, card: &CardData) -> Result<(), VaultError> {
+        if let Some(cvc) = &card.cvc {
+            let (version, key) = self.keys().encryption_key(Aead::Cvc).await?;
+            self.cvcs().put(version, &key, token, cvc)?;
+        }
+        Ok(())
+    }
+}
