@@ -117,6 +117,8 @@ lint: rocksdb
 	cargo deny --locked check --hide-inclusion-graph licenses bans sources
 	# No two modules of a crate depend on each other (scripts/module-cycles.py).
 	/usr/bin/python3 scripts/module-cycles.py $(CRATES)
+	# Only vault-server's api/ names the types generated from vault.proto.
+	/usr/bin/python3 scripts/wire-types.py vault-server
 	# The fuzz targets are a workspace of their own; keep them compiling. When a
 	# dependency of the main workspace changes, refresh fuzz/Cargo.lock with
 	# `cargo check --manifest-path fuzz/Cargo.toml`.
