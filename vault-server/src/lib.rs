@@ -29,6 +29,7 @@ pub mod rewrap;
 pub mod store;
 pub mod token;
 pub mod velocity;
+mod window;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -170,15 +170,8 @@ impl Lockout {
                 }
                 None => {}
             }
-            subject.failures.push_back(now);
-            while subject
-                .failures
-                .front()
-                .is_some_and(|t| now.duration_since(*t) > window)
-            {
-                subject.failures.pop_front();
-            }
-            if subject.failures.len() >= self.settings.max_failures as usize {
+            let failures = crate::window::record(&mut subject.failures, now, window);
+            if failures >= self.settings.max_failures as usize {
                 subject.blocked_until = Some(now + Duration::from_secs(self.settings.block_secs));
                 blocked.push(key);
             }

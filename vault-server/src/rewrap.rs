@@ -486,22 +486,25 @@ impl<S: Store> Rewrapper<S> {
         if old == target {
             return Ok(RewriteOutcome::Changed);
         }
+        // The new key first: drawing it can wait for a keyservice round trip, and the
+        // card is opened only when nothing stands between opening and sealing again.
+        let (version, new_key) = self.keys.encryption_key(Aead::CardData).await?;
         let set = self.keys.snapshot();
-        let key = set
+        let old_key = set
             .card_data
             .get(old.card_data)
             .ok_or(VaultError::KeyUnavailable(old.card_data))?;
-        let card = stored.open(token, key)?;
         let (fingerprint_version, fingerprint_key) = set.fingerprint.active();
-        let (version, key) = self.keys.encryption_key(Aead::CardData).await?;
         let mut metadata = stored.metadata.clone();
         metadata.key_version = version;
-        metadata.fingerprint = Fingerprint {
-            version: fingerprint_version,
-            value: record::fingerprint(fingerprint_key, &metadata.tenant, &card.pan),
+        let value = {
+            let card = stored.open(token, old_key)?;
+            metadata.fingerprint = Fingerprint {
+                version: fingerprint_version,
+                value: record::fingerprint(fingerprint_key, &metadata.tenant, &card.pan),
+            };
+            record::seal(token, &metadata, &card, &new_key)?
         };
-        let value = record::seal(token, &metadata, &card, &key)?;
-        drop(card);
         Ok(self
             .store
             .rewrite(Rewrite {

@@ -61,21 +61,9 @@ fn count<K: std::hash::Hash + Eq>(
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     if map.len() >= MAX_TRACKED {
-        map.retain(|_, times| {
-            times
-                .back()
-                .is_some_and(|t| now.duration_since(*t) < window)
-        });
+        map.retain(|_, times| crate::window::live(times, now, window));
     }
-    let times = map.entry(key).or_default();
-    times.push_back(now);
-    while times
-        .front()
-        .is_some_and(|t| now.duration_since(*t) >= window)
-    {
-        times.pop_front();
-    }
-    times.len()
+    crate::window::record(map.entry(key).or_default(), now, window)
 }
 
 impl Velocity {

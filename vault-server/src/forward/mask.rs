@@ -32,14 +32,8 @@ pub fn scrub(bytes: &mut [u8], injected: &Injected<'_>) {
         mask_digit_run(bytes, cvc.as_bytes());
     }
     if let Some(name) = injected.name.filter(|n| n.len() >= 2) {
-        let mut json = String::new();
-        for c in name.chars() {
-            match c {
-                '"' => json.push_str("\\\""),
-                '\\' => json.push_str("\\\\"),
-                c => json.push(c),
-            }
-        }
+        let mut json = zeroize::Zeroizing::new(String::new());
+        super::template::escape_json(&mut json, name);
         let form: String = form_urlencoded::byte_serialize(name.as_bytes()).collect();
         for form in [
             name,

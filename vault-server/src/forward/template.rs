@@ -155,15 +155,19 @@ fn escape_into(out: &mut String, value: &str, encoding: Encoding) {
     match encoding {
         Encoding::Raw => out.push_str(value),
         Encoding::Form => out.extend(form_urlencoded::byte_serialize(value.as_bytes())),
-        Encoding::Json => {
-            for c in value.chars() {
-                match c {
-                    '"' => out.push_str("\\\""),
-                    '\\' => out.push_str("\\\\"),
-                    c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-                    c => out.push(c),
-                }
-            }
+        Encoding::Json => escape_json(out, value),
+    }
+}
+
+/// `value` as the inside of a JSON string: the one escaper for a rendered body and for
+/// the forms of a name looked for in the processor's answer.
+pub fn escape_json(out: &mut String, value: &str) {
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
         }
     }
 }
