@@ -20,6 +20,9 @@ const AAD_LABEL: &[u8] = b"tokenvault.cvc";
 /// on record, just before it is sent.
 pub struct Claimed {
     entry: Entry,
+    /// Which claim this is: an erase or a newer CVC since the claim ends it, so that
+    /// [`CvcStore::restore`] never brings back a CVC deleted or replaced meanwhile.
+    id: u64,
 }
 
 impl std::fmt::Debug for Claimed {
@@ -48,6 +51,9 @@ struct Entry {
 #[derive(Default)]
 struct Entries {
     by_token: HashMap<Token, Entry>,
+    /// The open claim of each token claimed and neither restored nor settled.
+    claims: HashMap<Token, u64>,
+    next_claim: u64,
     last_sweep: Option<Instant>,
 }
 
@@ -104,6 +110,7 @@ impl CvcStore {
             entries.by_token.retain(|_, e| e.expires_at > now);
             entries.last_sweep = Some(now);
         }
+        entries.claims.remove(token);
         entries.by_token.insert(
             token.clone(),
             Entry {
@@ -119,15 +126,40 @@ impl CvcStore {
     /// Removes the CVC of `token`, still sealed, if it is held and not expired: two
     /// concurrent forwards cannot both claim it. [`CvcStore::restore`] puts it back
     /// when the forward ends before anything could reach the processor.
+    /// Every claim ends in [`CvcStore::restore`] or [`CvcStore::settle`].
     pub fn claim(&self, token: &Token) -> Option<Claimed> {
-        let entry = self.entries().by_token.remove(token)?;
-        (entry.expires_at > Instant::now()).then_some(Claimed { entry })
+        let mut entries = self.entries();
+        let entry = entries.by_token.remove(token)?;
+        if entry.expires_at <= Instant::now() {
+            return None;
+        }
+        entries.next_claim += 1;
+        let id = entries.next_claim;
+        entries.claims.insert(token.clone(), id);
+        Some(Claimed { entry, id })
     }
 
-    /// Puts back a CVC that never reached a processor, with its original expiry.
+    /// Puts back a CVC that never reached a processor, with its original expiry,
+    /// unless the token was deleted or given a newer CVC since it was claimed.
     pub fn restore(&self, token: &Token, claimed: Claimed) {
+        let mut entries = self.entries();
+        if entries.claims.get(token) != Some(&claimed.id) {
+            return;
+        }
+        entries.claims.remove(token);
         if claimed.entry.expires_at > Instant::now() {
-            self.entries().by_token.insert(token.clone(), claimed.entry);
+            entries
+                .by_token
+                .entry(token.clone())
+                .or_insert(claimed.entry);
+        }
+    }
+
+    /// Ends a claim whose CVC was spent (it may have reached the processor).
+    pub fn settle(&self, token: &Token, claimed: Claimed) {
+        let mut entries = self.entries();
+        if entries.claims.get(token) == Some(&claimed.id) {
+            entries.claims.remove(token);
         }
     }
 
@@ -143,7 +175,67 @@ impl CvcStore {
         counts
     }
 
+    /// Forgets the CVC of `token`, and any claim on it: a forward under way that
+    /// fails cannot put it back.
     pub fn erase(&self, token: &Token) {
-        self.entries().by_token.remove(token);
+        let mut entries = self.entries();
+        entries.by_token.remove(token);
+        entries.claims.remove(token);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(cvcs: &CvcStore, token: &Token) -> bool {
+        cvcs.version_counts().values().sum::<u64>() > 0
+            && cvcs.entries().by_token.contains_key(token)
+    }
+
+    fn store_with_cvc(code: &str) -> (CvcStore, Token) {
+        let cvcs = CvcStore::new(Duration::from_secs(60));
+        let token = Token::generate().unwrap();
+        let key = envelope::SecretKey::generate().unwrap();
+        let cvc = Cvc::parse(code).unwrap().unwrap();
+        cvcs.put(1, &key, &token, &cvc).unwrap();
+        (cvcs, token)
+    }
+
+    #[test]
+    fn a_claimed_cvc_is_gone_until_restored_and_a_settled_one_for_good() {
+        let (cvcs, token) = store_with_cvc("123");
+        let claimed = cvcs.claim(&token).unwrap();
+        assert!(
+            cvcs.claim(&token).is_none(),
+            "two forwards cannot claim one CVC"
+        );
+        cvcs.restore(&token, claimed);
+        assert!(held(&cvcs, &token));
+        let claimed = cvcs.claim(&token).unwrap();
+        cvcs.settle(&token, claimed);
+        assert!(!held(&cvcs, &token));
+        assert!(cvcs.entries().claims.is_empty());
+    }
+
+    #[test]
+    fn a_cvc_erased_or_replaced_while_claimed_is_not_brought_back() {
+        let (cvcs, token) = store_with_cvc("123");
+        let claimed = cvcs.claim(&token).unwrap();
+        cvcs.erase(&token);
+        cvcs.restore(&token, claimed);
+        assert!(!held(&cvcs, &token), "a deleted token's CVC came back");
+
+        let (cvcs, token) = store_with_cvc("123");
+        let claimed = cvcs.claim(&token).unwrap();
+        let key = envelope::SecretKey::generate().unwrap();
+        cvcs.put(2, &key, &token, &Cvc::parse("456").unwrap().unwrap())
+            .unwrap();
+        cvcs.restore(&token, claimed);
+        assert_eq!(
+            cvcs.version_counts().into_iter().collect::<Vec<_>>(),
+            vec![(2, 1)],
+            "the newer CVC was replaced by the claimed one"
+        );
     }
 }

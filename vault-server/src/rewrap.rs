@@ -486,6 +486,9 @@ impl<S: Store> Rewrapper<S> {
         if old == target {
             return Ok(RewriteOutcome::Changed);
         }
+        if self.keys.snapshot().card_data.get(old.card_data).is_none() {
+            return Err(VaultError::KeyUnavailable(old.card_data));
+        }
         // The new key first: drawing it can wait for a keyservice round trip, and the
         // card is opened only when nothing stands between opening and sealing again.
         let (version, new_key) = self.keys.encryption_key(Aead::CardData).await?;

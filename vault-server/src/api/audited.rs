@@ -8,9 +8,23 @@ use crate::audit::AuditEvent;
 
 pub trait Audited {
     fn describe(&self, _event: &mut AuditEvent) {}
+
+    /// Erases the card data a request carries; for a request refused before its
+    /// handler, which would otherwise erase it (`wire::card`).
+    fn erase_card_data(self)
+    where
+        Self: Sized,
+    {
+    }
 }
 
-impl Audited for pb::TokenizeRequest {}
+impl Audited for pb::TokenizeRequest {
+    fn erase_card_data(self) {
+        if let Some(card) = self.card {
+            super::wire::erase(card);
+        }
+    }
+}
 impl Audited for pb::TokenizeResponse {
     fn describe(&self, event: &mut AuditEvent) {
         if let Some(info) = &self.info {
@@ -25,6 +39,10 @@ impl Audited for pb::TokenizeResponse {
 impl Audited for pb::TokenizeBatchRequest {
     fn describe(&self, event: &mut AuditEvent) {
         event.count = self.cards.len() as u32;
+    }
+
+    fn erase_card_data(self) {
+        self.cards.into_iter().for_each(super::wire::erase);
     }
 }
 impl Audited for pb::TokenizeBatchResponse {
@@ -93,7 +111,13 @@ impl Audited for pb::LiftBlockRequest {
 }
 impl Audited for pb::LiftBlockResponse {}
 // The card number is never described; the response's tokens are counted.
-impl Audited for pb::SubjectRequest {}
+impl Audited for pb::SubjectRequest {
+    fn erase_card_data(self) {
+        if let Some(card) = self.card {
+            super::wire::erase(card);
+        }
+    }
+}
 impl Audited for pb::SubjectResponse {
     fn describe(&self, event: &mut AuditEvent) {
         event.count = self.tokens.len() as u32;

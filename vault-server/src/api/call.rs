@@ -38,12 +38,17 @@ struct CancelGuard {
 
 impl Drop for CancelGuard {
     fn drop(&mut self) {
-        if let (Some(auditor), Some(event)) = (self.auditor.take(), self.event.take()) {
-            tokio::spawn(async move {
-                if let Err(e) = auditor.record(event).await {
-                    tracing::error!(error = %e, "a cancelled call could not be audited");
-                }
-            });
+        let (Some(auditor), Some(event)) = (self.auditor.take(), self.event.take()) else {
+            return;
+        };
+        let record = async move {
+            if let Err(e) = auditor.record(event).await {
+                tracing::error!(error = %e, "a cancelled call could not be audited");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(record)),
+            Err(_) => tracing::error!("a call cancelled at shutdown could not be audited"),
         }
     }
 }
@@ -94,7 +99,7 @@ impl Guards {
                 auditor: self.journal.auditor(),
                 event: None,
             };
-            let result = if self.lockout.is_blocked(
+            let authorized = if self.lockout.is_blocked(
                 identity.as_deref(),
                 &peer,
                 || {
@@ -108,18 +113,27 @@ impl Guards {
                 event.detail = "blocked".into();
                 Err(VaultError::PermissionDenied)
             } else {
-                match policy.authorize(identity.as_deref(), &permission) {
-                    Ok(mut caller) => {
-                        event.tenant = caller.tenant.as_str().to_owned();
-                        caller.request_id = request_id.clone();
-                        guard.event = Some(AuditEvent {
-                            outcome: "CANCELLED".into(),
-                            ..event.clone()
-                        });
-                        handler(caller, request.into_inner()).await
-                    }
-                    Err(Denied::Unauthenticated) => Err(VaultError::Unauthenticated),
-                    Err(Denied::PermissionDenied) => Err(VaultError::PermissionDenied),
+                policy
+                    .authorize(identity.as_deref(), &permission)
+                    .map_err(|denied| match denied {
+                        Denied::Unauthenticated => VaultError::Unauthenticated,
+                        Denied::PermissionDenied => VaultError::PermissionDenied,
+                    })
+            };
+            let result = match authorized {
+                Ok(mut caller) => {
+                    event.tenant = caller.tenant.as_str().to_owned();
+                    caller.request_id = request_id.clone();
+                    guard.event = Some(AuditEvent {
+                        outcome: "CANCELLED".into(),
+                        ..event.clone()
+                    });
+                    handler(caller, request.into_inner()).await
+                }
+                Err(refused) => {
+                    // A refused caller's card goes no further, and is not left in memory.
+                    request.into_inner().erase_card_data();
+                    Err(refused)
                 }
             };
             let elapsed = started.elapsed();

@@ -20,7 +20,7 @@ use crate::token::Token;
 /// Validates a wire card, erasing the wire copy of the number, name and CVC whatever
 /// the outcome.
 pub fn card(card: Option<pb::Card>, today: Today) -> Result<CardData, Violation> {
-    let Some(mut card) = card else {
+    let Some(card) = card else {
         return Err(violation("card", "required", "is required"));
     };
     let result = (|| {
@@ -31,24 +31,25 @@ pub fn card(card: Option<pb::Card>, today: Today) -> Result<CardData, Violation>
             cvc: Cvc::parse(&card.cvc)?,
         })
     })();
-    erase(&mut card);
+    erase(card);
     result
 }
 
 /// The card number of a data subject request (only the number is needed), the wire
 /// card erased whatever the outcome.
 pub fn subject(card: Option<pb::Card>) -> Result<Pan, VaultError> {
-    let mut card = card.ok_or(VaultError::Invalid(Violation {
+    let card = card.ok_or(VaultError::Invalid(Violation {
         field: "card",
         rule: "required",
         description: "a card number is required",
     }))?;
     let pan = Pan::parse(&card.number).map_err(VaultError::Invalid);
-    erase(&mut card);
+    erase(card);
     pan
 }
 
-fn erase(card: &mut pb::Card) {
+/// Zeroizes a wire card's number, name and CVC, then drops it.
+pub fn erase(mut card: pb::Card) {
     card.number.zeroize();
     card.cardholder_name.zeroize();
     card.cvc.zeroize();

@@ -32,7 +32,8 @@ pub fn scrub(bytes: &mut [u8], injected: &Injected<'_>) {
         mask_digit_run(bytes, cvc.as_bytes());
     }
     if let Some(name) = injected.name.filter(|n| n.len() >= 2) {
-        let mut json = zeroize::Zeroizing::new(String::new());
+        // Sized for the worst case, so that no reallocation leaves a copy behind.
+        let mut json = zeroize::Zeroizing::new(String::with_capacity(6 * name.len()));
         super::template::escape_json(&mut json, name);
         let form: String = form_urlencoded::byte_serialize(name.as_bytes()).collect();
         for form in [

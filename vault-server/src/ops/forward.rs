@@ -3,7 +3,8 @@
 //!
 //! 1. check the request (processor, templates, headers, token, idempotency key);
 //! 2. replay a stored outcome of the same idempotency key, if there is one;
-//! 3. read the record's metadata only, and count the forward for the velocity rules;
+//! 3. read the record's metadata only (and check that its key is held), and count the
+//!    forward for the velocity rules;
 //! 4. claim the CVC, still sealed, and write the idempotency key `Pending`;
 //! 5. audit the intent durably ("ForwardStarted");
 //! 6. only then open the card and the CVC, send, and drop them;
@@ -70,7 +71,7 @@ pub struct Forwarder<S> {
     idempotency_ttl: Duration,
     /// Idempotency store keys of forwards in progress: a concurrent retry is refused
     /// instead of charging twice.
-    in_flight: Mutex<HashSet<Vec<u8>>>,
+    in_flight: Arc<Mutex<HashSet<Vec<u8>>>>,
 }
 
 /// A request that passed every check that needs no stored data.
@@ -102,7 +103,7 @@ impl<S: Store> Forwarder<S> {
             processors: settings.processors,
             velocity: Velocity::new(settings.velocity),
             idempotency_ttl: settings.idempotency_ttl,
-            in_flight: Mutex::new(HashSet::new()),
+            in_flight: Arc::new(Mutex::new(HashSet::new())),
         }
     }
 
@@ -117,7 +118,7 @@ impl<S: Store> Forwarder<S> {
             token,
             idempotency,
         } = self.check(caller, &request)?;
-        let _in_flight = match &idempotency {
+        let in_flight = match &idempotency {
             Some(key) => Some(self.claim_in_flight(&key.store_key)?),
             None => None,
         };
@@ -136,6 +137,7 @@ impl<S: Store> Forwarder<S> {
         }
 
         let stored = self.records.load(caller, &token).await?;
+        self.records.openable(&stored)?;
         self.check_velocity(caller, &token, processor.name(), &stored)
             .await?;
         let mut unsent = Unsent {
@@ -143,6 +145,7 @@ impl<S: Store> Forwarder<S> {
             token: &token,
             cvc: None,
             pending: None,
+            in_flight,
             armed: true,
         };
         let opened = match self
@@ -389,7 +392,7 @@ impl<S: Store> Forwarder<S> {
     }
 
     /// Marks the key as in progress here; a concurrent retry is refused.
-    fn claim_in_flight(&self, store_key: &[u8]) -> Result<InFlight<'_>, VaultError> {
+    fn claim_in_flight(&self, store_key: &[u8]) -> Result<InFlight, VaultError> {
         let mut set = self
             .in_flight
             .lock()
@@ -398,7 +401,7 @@ impl<S: Store> Forwarder<S> {
             return Err(VaultError::IdempotencyInFlight);
         }
         Ok(InFlight {
-            set: &self.in_flight,
+            set: Arc::clone(&self.in_flight),
             key: store_key.to_vec(),
         })
     }
@@ -474,13 +477,14 @@ impl<S: Store> Forwarder<S> {
     }
 }
 
-/// Removes an idempotency key from the in-flight set when the forward ends.
-struct InFlight<'a> {
-    set: &'a Mutex<HashSet<Vec<u8>>>,
+/// Removes an idempotency key from the in-flight set when the forward ends (for a
+/// cancelled one, once its key is released).
+struct InFlight {
+    set: Arc<Mutex<HashSet<Vec<u8>>>>,
     key: Vec<u8>,
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         self.set
             .lock()
@@ -492,25 +496,24 @@ impl Drop for InFlight<'_> {
 /// What a forward holds until its request could have reached the processor: the
 /// claimed CVC and the idempotency key written `Pending`. [`Unsent::release`] gives
 /// them back (the key as `NotSent`, reusable); while `armed`, dropping does the same
-/// for a cancelled call, the key's write in the background.
+/// for a cancelled call, the key's write in the background. The key stays in flight
+/// here until it is released, so that no retry can write it in between. Disarmed, a
+/// drop settles the CVC as spent.
 struct Unsent<'a, S: Store> {
     records: &'a Records<S>,
     token: &'a Token,
     cvc: Option<Claimed>,
     pending: Option<IdempotencyKey>,
+    in_flight: Option<InFlight>,
     armed: bool,
 }
 
 impl<S: Store> Unsent<'_, S> {
-    fn restore_cvc(&mut self) {
+    async fn release(mut self) {
+        self.armed = false;
         if let Some(claimed) = self.cvc.take() {
             self.records.cvcs().restore(self.token, claimed);
         }
-    }
-
-    async fn release(mut self) {
-        self.armed = false;
-        self.restore_cvc();
         if let Some(key) = self.pending.take() {
             let store = Arc::clone(self.records.store());
             if let Err(e) = write_not_sent(store, key).await {
@@ -524,17 +527,28 @@ impl<S: Store> Unsent<'_, S> {
 
 impl<S: Store> Drop for Unsent<'_, S> {
     fn drop(&mut self) {
-        if !self.armed {
-            return;
+        if let Some(claimed) = self.cvc.take() {
+            if self.armed {
+                self.records.cvcs().restore(self.token, claimed);
+            } else {
+                self.records.cvcs().settle(self.token, claimed);
+            }
         }
-        self.restore_cvc();
-        if let Some(key) = self.pending.take() {
-            let store = Arc::clone(self.records.store());
-            tokio::spawn(async move {
-                if let Err(e) = write_not_sent(store, key).await {
-                    tracing::error!(error = %e, "idempotency key of a cancelled forward not released");
-                }
-            });
+        let Some(key) = self.pending.take().filter(|_| self.armed) else {
+            return;
+        };
+        let in_flight = self.in_flight.take();
+        let store = Arc::clone(self.records.store());
+        let release = async move {
+            if let Err(e) = write_not_sent(store, key).await {
+                tracing::error!(error = %e, "idempotency key of a cancelled forward not released");
+            }
+            drop(in_flight);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(release)),
+            // Shutting down: the key stays `Pending`, which never charges twice.
+            Err(_) => tracing::warn!("idempotency key of a cancelled forward left pending"),
         }
     }
 }

@@ -110,6 +110,16 @@ impl<S: Store> Records<S> {
         Ok((bytes, stored))
     }
 
+    /// Whether the key that opens a record is held (nothing is decrypted): a record
+    /// that could never be sent is refused before anything is counted or claimed.
+    pub fn openable(&self, stored: &StoredRecord) -> Result<(), VaultError> {
+        let version = stored.metadata.key_version;
+        match self.keys.snapshot().card_data.get(version) {
+            Some(_) => Ok(()),
+            None => Err(VaultError::KeyUnavailable(version)),
+        }
+    }
+
     /// Decrypts a record's card. Each opening is counted (`card_opened`), so that a
     /// test can see which paths never open one.
     pub fn open(&self, token: &Token, stored: &StoredRecord) -> Result<CardData, VaultError> {
