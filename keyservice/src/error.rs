@@ -44,6 +44,8 @@ pub(crate) enum ServiceError {
     HistoryBefore(std::io::Error),
     #[error("the key history could not be read: {0}")]
     HistoryRead(std::io::Error),
+    #[error("the audit checkpoint could not be saved: {0}")]
+    Checkpoint(std::io::Error),
     #[error("the system random number generator failed")]
     Random,
     /// State that the code's invariants rule out.
@@ -75,6 +77,9 @@ impl ServiceError {
             ServiceError::PermissionDenied => Status::permission_denied(self.to_string()),
             ServiceError::Refused(refusal) => refused(refusal),
             ServiceError::NewRootKey(error) => new_root_key(error, request_id),
+            ServiceError::Checkpoint(_) => {
+                internal(Code::Unavailable, "the audit checkpoint could not be saved")
+            }
             ServiceError::Seal(_) => internal(Code::Internal, "the keyring could not be sealed"),
             ServiceError::Save(_) => internal(
                 Code::Unavailable,

@@ -4,6 +4,7 @@
 //! Must never depend on the vault's storage or card-data code: it knows keys, not
 //! cards.
 
+pub mod checkpoints;
 pub mod config;
 mod error;
 pub mod history;
@@ -178,6 +179,12 @@ pub async fn bind(settings: &Settings) -> Result<Bound, Error> {
         path: history_file.display().to_string(),
         source,
     })?;
+    let checkpoints_file = history_file.with_file_name("audit-checkpoints.json");
+    let checkpoints =
+        checkpoints::Checkpoints::open(&checkpoints_file).map_err(|source| Error::History {
+            path: checkpoints_file.display().to_string(),
+            source,
+        })?;
     let tls = runtime::tls::TlsMaterial::load(&settings.tls)?;
     let listener = TcpListener::bind(settings.listen_addr)
         .await
@@ -194,7 +201,13 @@ pub async fn bind(settings: &Settings) -> Result<Bound, Error> {
     Ok(Bound {
         listener,
         admin_listener,
-        shared: Arc::new(service::Shared::new(keyring, root, settings, history)),
+        shared: Arc::new(service::Shared::new(
+            keyring,
+            root,
+            settings,
+            history,
+            checkpoints,
+        )),
         access: settings.access.clone(),
         tls,
         grpc_reflection: settings.grpc_reflection,

@@ -60,6 +60,8 @@ pub enum VaultError {
     PolicyInvalid(String),
     #[error("no such block: the identity or address is not blocked")]
     NoSuchBlock,
+    #[error("the audit checkpoint could not be read from the keyservice: {0}")]
+    CheckpointUnavailable(String),
     #[error("forward refused: too many forwards for this caller or card; retry later")]
     VelocityExceeded,
 }
@@ -183,6 +185,10 @@ impl VaultError {
                     "the audit log could not be written, so the call was refused",
                 )
             }
+            VaultError::CheckpointUnavailable(_) => internal(
+                Code::Unavailable,
+                "the audit log's checkpoint could not be read from the keyservice; try again",
+            ),
             VaultError::VelocityExceeded => Status::resource_exhausted(self.to_string()),
             VaultError::PolicyInvalid(_) | VaultError::NoSuchBlock => {
                 Status::failed_precondition(self.to_string())

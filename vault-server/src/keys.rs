@@ -20,7 +20,7 @@ use vault_proto::keys::v1 as pb;
 
 use crate::config::KeyserviceSettings;
 
-type Client = pb::key_service_client::KeyServiceClient<Channel>;
+pub type Client = pb::key_service_client::KeyServiceClient<Channel>;
 
 /// The versions of one key purpose that the vault may use, and which one is active.
 #[derive(Debug, Clone)]
@@ -405,6 +405,12 @@ impl Keys {
             });
         }
         Some(taken)
+    }
+
+    /// A client of the keyservice for calls besides keys, budgets and usage (the audit
+    /// checkpoints).
+    pub fn keyservice(&self) -> Client {
+        self.client.clone()
     }
 
     /// Leases a block of encryptions and adds it to the budget.

@@ -73,6 +73,10 @@ pub struct Bound {
     vault: Arc<ops::Vault<Engine>>,
     /// Who may call, and what is recorded of each call.
     guards: api::Guards,
+    /// The name of this vault's audit checkpoint at the keyservice, and the durable
+    /// heads to send there (`None` when auditing is disabled).
+    audit_node: String,
+    audit_heads: Option<tokio::sync::watch::Receiver<Option<audit::Head>>>,
     store: Arc<Engine>,
     keys: Arc<keys::Keys>,
     rewrap: Arc<rewrap::Rewrapper<Engine>>,
@@ -111,9 +115,26 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
         config::EngineKind::Rocksdb => None,
     };
     let store = Arc::new(open_store(settings, node.as_deref()).await?);
+    // The name the keyservice keeps this vault's audit checkpoint under: configured (or
+    // the host's), never read from the data directory, which may be an older copy.
+    let audit_node = match &node {
+        Some(node) => node.clone(),
+        None => {
+            node_name(settings).unwrap_or_else(|_| format!("vault:{}", settings.listen_addr.port()))
+        }
+    };
     let auditor = if settings.audit.enabled {
+        let checkpoint = audit::checkpoint(&keys, &audit_node)
+            .await
+            .unwrap_or_else(|status| {
+                tracing::warn!(
+                    code = ?status.code(),
+                    "this vault's audit checkpoint could not be read from the keyservice;                      the log continues after its own end"
+                );
+                None
+            });
         Some(
-            audit::Auditor::start(Arc::clone(&store), Arc::clone(&keys))
+            audit::Auditor::start(Arc::clone(&store), Arc::clone(&keys), checkpoint)
                 .await
                 .map_err(|e| Error::Storage {
                     path: settings.data_dir.display().to_string(),
@@ -144,6 +165,7 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
             addr: settings.admin.listen_addr,
             source,
         })?;
+    let audit_heads = auditor.as_ref().map(audit::Auditor::heads);
     let journal = Arc::new(ops::Journal::new(
         auditor,
         Arc::new(metrics::Metrics::default()),
@@ -182,7 +204,7 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
                 policy_file: settings.policy_file.clone(),
             },
         ),
-        audit_log: ops::AuditLog::new(Arc::clone(&store), Arc::clone(&keys)),
+        audit_log: ops::AuditLog::new(Arc::clone(&store), Arc::clone(&keys), audit_node.clone()),
         records,
         low_disk_bytes: settings.storage.low_disk_mb.saturating_mul(1024 * 1024),
     };
@@ -196,6 +218,8 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
         purge_interval_secs: settings.retention.purge_interval_secs,
         grpc_reflection: settings.grpc_reflection,
         vault: Arc::new(vault),
+        audit_node,
+        audit_heads,
         guards: api::Guards {
             policy,
             lockout,
@@ -578,6 +602,14 @@ impl Bound {
             move || usage_report(store.as_ref(), &cvcs),
             shutdown.clone(),
         );
+        if let Some(heads) = self.audit_heads.clone() {
+            tokio::spawn(audit::report_checkpoints(
+                Arc::clone(&self.keys),
+                self.audit_node.clone(),
+                heads,
+                shutdown.clone(),
+            ));
+        }
         tokio::spawn(report_keyservice_link(
             self.keys.connected(),
             health_reporter.clone(),

@@ -52,6 +52,8 @@ pub(crate) struct Shared {
     /// Every configured vault identity must have reported before a destroy.
     vault_identities: Vec<String>,
     pub(crate) metrics: Metrics,
+    /// The vaults' audit checkpoints.
+    checkpoints: crate::checkpoints::Checkpoints,
     /// The last keyring save failed (health says degraded until one succeeds).
     save_failing: AtomicBool,
 }

@@ -47,6 +47,36 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
         })
     }
 
+    async fn report_audit_head(
+        &self,
+        request: Request<pb::AuditCheckpoint>,
+    ) -> Result<Response<pb::ReportAuditHeadResponse>, Status> {
+        self.call(
+            "ReportAuditHead",
+            Role::Vault,
+            request,
+            |caller, request| serving::report_audit_head(&self.shared, caller, request),
+        )
+    }
+
+    async fn get_audit_checkpoint(
+        &self,
+        request: Request<pb::GetAuditCheckpointRequest>,
+    ) -> Result<Response<pb::AuditCheckpoint>, Status> {
+        self.call(
+            "GetAuditCheckpoint",
+            Role::Vault,
+            request,
+            |caller, request| {
+                Ok(serving::audit_checkpoint(
+                    &self.shared,
+                    &caller,
+                    &request.node,
+                ))
+            },
+        )
+    }
+
     async fn list_key_versions(
         &self,
         request: Request<pb::ListKeyVersionsRequest>,

@@ -11,6 +11,7 @@ use vault_proto::keys::v1 as pb;
 
 use super::wire::{purpose_from_wire, purpose_to_wire, state_to_wire};
 use super::{Shared, UsageReport, lock, now_unix_ms};
+use crate::checkpoints::{Checkpoint, Reported};
 use crate::error::ServiceError;
 use crate::history::NewEvent;
 use crate::keyring::{Purpose, State};
@@ -148,4 +149,66 @@ pub(super) fn report_usage(
         },
     );
     Ok(pb::ReportUsageResponse {})
+}
+
+/// Keeps a vault's audit head as its checkpoint, if it is above the one kept.
+pub(super) fn report_audit_head(
+    shared: &Shared,
+    caller: String,
+    request: pb::AuditCheckpoint,
+) -> Result<pb::ReportAuditHeadResponse, ServiceError> {
+    if request.node.is_empty() || request.node.len() > 255 {
+        return Err(ServiceError::InvalidArgument {
+            field: "node",
+            rule: "1 to 255 bytes",
+        });
+    }
+    if request.sequence == 0 || request.chain.len() != 32 {
+        return Err(ServiceError::InvalidArgument {
+            field: "chain",
+            rule: "a sequence number above 0 and a 32-byte chain value",
+        });
+    }
+    let checkpoint = Checkpoint {
+        identity: caller,
+        node: request.node,
+        sequence: request.sequence,
+        chain: hex::encode(&request.chain),
+        at_unix_ms: now_unix_ms(),
+    };
+    let (identity, node, sequence) = (
+        checkpoint.identity.clone(),
+        checkpoint.node.clone(),
+        checkpoint.sequence,
+    );
+    match shared
+        .checkpoints
+        .report(checkpoint)
+        .map_err(ServiceError::Checkpoint)?
+    {
+        Reported::Moved | Reported::Same => {}
+        Reported::Behind => tracing::warn!(
+            %identity,
+            %node,
+            sequence,
+            "a vault reported an audit head behind its checkpoint; its `audit verify` reports the gap"
+        ),
+    }
+    Ok(pb::ReportAuditHeadResponse {})
+}
+
+/// The checkpoint kept for the caller and `node` (sequence 0 when none).
+pub(super) fn audit_checkpoint(shared: &Shared, caller: &str, node: &str) -> pb::AuditCheckpoint {
+    match shared.checkpoints.get(caller, node) {
+        Some(kept) => pb::AuditCheckpoint {
+            node: kept.node,
+            sequence: kept.sequence,
+            chain: hex::decode(&kept.chain).unwrap_or_default(),
+            at_unix_ms: kept.at_unix_ms,
+        },
+        None => pb::AuditCheckpoint {
+            node: node.to_owned(),
+            ..pb::AuditCheckpoint::default()
+        },
+    }
 }

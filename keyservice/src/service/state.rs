@@ -20,6 +20,7 @@ impl Shared {
         root: RootKey,
         settings: &crate::Settings,
         history: History,
+        checkpoints: crate::checkpoints::Checkpoints,
     ) -> Self {
         Self {
             keyring: Mutex::new(keyring),
@@ -32,6 +33,7 @@ impl Shared {
             usage: Mutex::new(HashMap::new()),
             vault_identities: settings.access.vault_identities.clone(),
             metrics: Metrics::default(),
+            checkpoints,
             save_failing: AtomicBool::new(false),
         }
     }

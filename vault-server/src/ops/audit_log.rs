@@ -14,6 +14,8 @@ const PAGE: usize = 1000;
 pub struct AuditLog<S> {
     store: Arc<S>,
     keys: Arc<Keys>,
+    /// This vault's node name, under which the keyservice keeps its checkpoint.
+    node: String,
 }
 
 /// Which events to read: after a sequence number, within a time window (0: open).
@@ -35,8 +37,8 @@ pub struct AuditPage {
 }
 
 impl<S: Store> AuditLog<S> {
-    pub fn new(store: Arc<S>, keys: Arc<Keys>) -> Self {
-        Self { store, keys }
+    pub fn new(store: Arc<S>, keys: Arc<Keys>, node: String) -> Self {
+        Self { store, keys, node }
     }
 
     pub async fn read(&self, query: AuditQuery) -> Result<AuditPage, VaultError> {
@@ -80,7 +82,12 @@ impl<S: Store> AuditLog<S> {
         })
     }
 
+    /// Checks the chain, the store's anchor, and this vault's checkpoint at the
+    /// keyservice (without which nothing would show a log deleted or restored whole).
     pub async fn verify(&self) -> Result<Verification, VaultError> {
-        Ok(audit::verify(self.store.as_ref(), &self.keys).await?)
+        let checkpoint = audit::checkpoint(&self.keys, &self.node)
+            .await
+            .map_err(|status| VaultError::CheckpointUnavailable(status.message().to_owned()))?;
+        Ok(audit::verify(self.store.as_ref(), &self.keys, checkpoint).await?)
     }
 }

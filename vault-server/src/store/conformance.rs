@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::{
     AuditSeal, Delete, DeleteOutcome, InsertOutcome, KeyUse, KeyVersions, NewRecord, RecordIndexes,
-    Rewrite, RewriteOutcome, Store,
+    Rewrite, RewriteOutcome, Sealed, Store,
 };
 use crate::token::Token;
 
@@ -57,9 +57,12 @@ pub async fn run_all<S: Store, F: std::future::Future<Output = S>>(mut fresh: im
 pub fn numbered(first: u64, last: u64) -> AuditSeal {
     Box::new(move |end: Option<(u64, Vec<u8>)>| {
         assert_eq!(end.map_or(0, |(sequence, _)| sequence), first - 1);
-        (first..=last)
-            .map(|n| (n, n.to_string().into_bytes()))
-            .collect()
+        Sealed {
+            entries: (first..=last)
+                .map(|n| (n, n.to_string().into_bytes()))
+                .collect(),
+            anchor: last.to_be_bytes().to_vec(),
+        }
     })
 }
 

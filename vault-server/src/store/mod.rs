@@ -164,13 +164,21 @@ pub enum StoreError {
 
 /// Chains audit events onto the log: given the last stored entry (sequence number,
 /// bytes), returns the entries to append after it.
-pub type AuditSeal = Box<dyn FnOnce(Option<(u64, Vec<u8>)>) -> Vec<(u64, Vec<u8>)> + Send>;
+pub type AuditSeal = Box<dyn FnOnce(Option<(u64, Vec<u8>)>) -> Sealed + Send>;
 
-/// The data store's `meta` key holding the highest audit sequence number written: the
-/// anchor that shows a log cut short (entries removed from its end, or the whole
-/// audit directory replaced). Kept here, not in `audit`, because an engine that
-/// anchors the log (`Store::anchors_audit_log`) writes it: the store never depends
-/// on the audit module.
+/// Audit entries to append, and the anchor to record with them.
+#[derive(Debug, Default)]
+pub struct Sealed {
+    pub entries: Vec<(u64, Vec<u8>)>,
+    /// The [`AUDIT_HEAD_KEY`] value an engine that anchors the log writes with them.
+    pub anchor: Vec<u8>,
+}
+
+/// The data store's `meta` key holding the log's head (the audit module's MACed
+/// sequence number and chain value): the anchor that shows a log cut short (entries
+/// removed from its end, or the whole audit directory replaced). Kept here, not in
+/// `audit`, because an engine that anchors the log (`Store::anchors_audit_log`)
+/// writes it: the store never depends on the audit module.
 pub const AUDIT_HEAD_KEY: &str = "audit-head";
 
 /// Held while this vault runs a background job that must run on one vault at a time

@@ -7,7 +7,7 @@ use super::connect::{Object, release_after_failure};
 use super::errors::pg;
 use super::locks::AUDIT_LOCK;
 use super::statements::{BEGIN, Param};
-use crate::store::{AUDIT_HEAD_KEY, AuditSeal, StoreError};
+use crate::store::{AUDIT_HEAD_KEY, AuditSeal, Sealed, StoreError};
 
 impl PgStore {
     /// One audit append: under the chain's lock, reads the last entry, chains the new
@@ -59,17 +59,21 @@ async fn append_audit(client: &Object, seal: AuditSeal) -> Result<Vec<u64>, toki
     let last = last.map(|row| (row.get::<_, i64>(0) as u64, row.get::<_, Vec<u8>>(1)));
     // Inside the transaction, holding the chain's lock: a panic here must not hand the
     // connection back to the pool mid-transaction. Nothing is appended instead.
-    let entries = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| seal(last)))
-        .unwrap_or_else(|_| {
+    let Sealed {
+        entries,
+        anchor: head,
+    } = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| seal(last))).unwrap_or_else(
+        |_| {
             tracing::error!("audit entries could not be made; nothing was appended");
-            Vec::new()
-        });
+            Sealed::default()
+        },
+    );
     let sequences: Vec<i64> = entries.iter().map(|(s, _)| *s as i64).collect();
     let bytes: Vec<&[u8]> = entries.iter().map(|(_, e)| e.as_slice()).collect();
-    let Some(head) = sequences.last().map(|last| (*last as u64).to_be_bytes()) else {
+    if entries.is_empty() {
         client.batch_execute("COMMIT").await?;
         return Ok(Vec::new());
-    };
+    }
     let insert_params: [&(dyn ToSql + Sync); 2] = [&sequences, &bytes];
     let anchor_params: [&(dyn ToSql + Sync); 2] = [&AUDIT_HEAD_KEY, &head.as_slice()];
     tokio::try_join!(

@@ -8,7 +8,7 @@ use super::counts::COUNTS_REFRESH;
 use super::settings::{default_commit_timeout_ms, default_pool_size, default_writers};
 use super::*;
 use crate::store::conformance::numbered;
-use crate::store::{KeyVersions, RecordIndexes};
+use crate::store::{KeyVersions, RecordIndexes, Sealed};
 
 fn settings(cluster: &Cluster, dbname: &str) -> PostgresSettings {
     PostgresSettings {
@@ -173,7 +173,10 @@ async fn two_vaults_share_the_index_counts_audit_log_and_jobs() {
                     let previous = String::from_utf8(previous).unwrap();
                     let previous: u64 = previous.split(':').next().unwrap().parse().unwrap();
                     assert_eq!(previous, last);
-                    vec![(last + 1, format!("{}:{last}", last + 1).into_bytes())]
+                    Sealed {
+                        entries: vec![(last + 1, format!("{}:{last}", last + 1).into_bytes())],
+                        anchor: (last + 1).to_be_bytes().to_vec(),
+                    }
                 }))
                 .await
                 .unwrap()
@@ -415,7 +418,10 @@ async fn nothing_is_acknowledged_while_the_synchronous_standby_is_down() {
     let appended = store
         .append_audit(Box::new(|end: Option<(u64, Vec<u8>)>| {
             let next = end.map_or(1, |(sequence, _)| sequence + 1);
-            vec![(next, b"after".to_vec())]
+            Sealed {
+                entries: vec![(next, b"after".to_vec())],
+                anchor: next.to_be_bytes().to_vec(),
+            }
         }))
         .await
         .unwrap();

@@ -23,7 +23,7 @@ impl RocksStore {
         // One process owns this log (RocksDB's lock), and appends here one at a time:
         // the last entry read is still the last when the batch lands.
         let _one_at_a_time = self.audit_append.lock().await;
-        let entries = seal(self.last_in_audit_log()?);
+        let entries = seal(self.last_in_audit_log()?).entries;
         let sequences = entries.iter().map(|(sequence, _)| *sequence).collect();
         let entries = entries
             .into_iter()

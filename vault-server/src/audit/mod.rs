@@ -21,7 +21,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::keys::Keys;
-use crate::store::{AUDIT_HEAD_KEY, Store, StoreError};
+use crate::store::{AUDIT_HEAD_KEY, Sealed, Store, StoreError};
+
+mod head;
+
+pub use head::{Anchor, Head, checkpoint, report_checkpoints};
 
 const MAC_LABEL: &[u8] = b"tokenvault.audit.v1";
 const HEADER_LEN: usize = 4 + 32;
@@ -89,6 +93,7 @@ type Pending = (AuditEvent, oneshot::Sender<Result<u64, AuditError>>);
 #[derive(Debug, Clone)]
 pub struct Auditor {
     queue: mpsc::Sender<Pending>,
+    heads: watch::Receiver<Option<Head>>,
 }
 
 fn mac(key: &SecretKey, previous: &[u8; 32], sequence: u64, event: &[u8]) -> [u8; 32] {
@@ -103,35 +108,59 @@ fn split(entry: &[u8]) -> Option<(u32, [u8; 32], &[u8])> {
 }
 
 impl Auditor {
-    /// Continues the chain after the last stored entry and starts the writing task,
-    /// which ends when every `Auditor` handle is dropped.
-    pub async fn start<S: Store>(store: Arc<S>, keys: Arc<Keys>) -> Result<Self, StoreError> {
+    /// Continues the chain after the highest head known (the last stored entry, the
+    /// store's anchor, this vault's `checkpoint` at the keyservice) and starts the
+    /// writing task, which ends when every `Auditor` handle is dropped.
+    pub async fn start<S: Store>(
+        store: Arc<S>,
+        keys: Arc<Keys>,
+        checkpoint: Option<Head>,
+    ) -> Result<Self, StoreError> {
         let last = match store.last_audit().await? {
             Some((sequence, entry)) => {
-                split(&entry).ok_or_else(|| {
+                let (_, chain, _) = split(&entry).ok_or_else(|| {
                     StoreError::Engine("the last audit entry is malformed".into())
                 })?;
-                sequence
+                Some(Head { sequence, chain })
             }
-            None => 0,
+            None => None,
         };
-        if let Some(head) = head(store.as_ref()).await?
-            && head > last
-        {
+        let anchor = store
+            .get_meta(AUDIT_HEAD_KEY)
+            .await?
+            .map(|bytes| Anchor::decode(&bytes, &keys.snapshot()));
+        let anchored = match anchor {
+            Some(Anchor::Head(head)) => Some(head),
+            Some(Anchor::Altered(_)) => {
+                tracing::error!(
+                    "the audit log's anchor does not verify: it was altered;                      `vaultctl audit verify` reports it"
+                );
+                None
+            }
+            Some(Anchor::Legacy(_)) | None => None,
+        };
+        let highest = Head::highest(Head::highest(last, anchored), checkpoint);
+        let last_sequence = last.map_or(0, |head| head.sequence);
+        let claimed = anchor.and_then(|anchor| anchor.sequence()).unwrap_or(0);
+        let ahead = highest.map_or(0, |head| head.sequence).max(claimed);
+        if ahead > last_sequence {
             tracing::error!(
-                head,
-                last,
-                "the audit log ends before the last entry the vault wrote: it was cut short \
-                 or replaced; `vaultctl audit verify` reports it"
+                head = ahead,
+                last = last_sequence,
+                "the audit log ends before the last entry written: it was cut short or                  replaced. New entries follow the head, leaving the gap, which                  `vaultctl audit verify` reports"
             );
         }
         let (queue, receiver) = mpsc::channel(8192);
-        let (head, anchor) = watch::channel(last);
+        let (heads, anchors) = watch::channel(highest);
         if !store.anchors_audit_log() {
-            tokio::spawn(write_anchor(Arc::clone(&store), anchor));
+            tokio::spawn(write_anchor(Arc::clone(&store), Arc::clone(&keys), anchors));
         }
-        tokio::spawn(write_events(store, keys, receiver, head));
-        Ok(Self { queue })
+        let watching = heads.subscribe();
+        tokio::spawn(write_events(store, keys, receiver, heads));
+        Ok(Self {
+            queue,
+            heads: watching,
+        })
     }
 
     /// Writes `event` durably and returns its sequence number.
@@ -143,24 +172,35 @@ impl Auditor {
             .map_err(|_| AuditError::Closed)?;
         answer.await.map_err(|_| AuditError::Closed)?
     }
+
+    /// The durable head, after each append (for the checkpoints).
+    pub fn heads(&self) -> watch::Receiver<Option<Head>> {
+        self.heads.clone()
+    }
 }
 
-/// Keeps the anchor (`AUDIT_HEAD_KEY`) up to date with the last durable sequence
-/// number. It runs beside the writer so that events never wait for it: each write takes
-/// the latest value, skipping those that came meanwhile, so the anchor trails the log
-/// by at most one data-store commit and never moves backwards.
-async fn write_anchor<S: Store>(store: Arc<S>, mut head: watch::Receiver<u64>) {
-    while head.changed().await.is_ok() {
-        let last = *head.borrow_and_update();
+/// Keeps the anchor (`AUDIT_HEAD_KEY`) up to date with the durable head. It runs beside
+/// the writer so that events never wait for it: each write takes the latest value,
+/// skipping those that came meanwhile, so the anchor trails the log by at most one
+/// data-store commit and never moves backwards.
+async fn write_anchor<S: Store>(
+    store: Arc<S>,
+    keys: Arc<Keys>,
+    mut heads: watch::Receiver<Option<Head>>,
+) {
+    while heads.changed().await.is_ok() {
+        let Some(head) = *heads.borrow_and_update() else {
+            continue;
+        };
         // A failed write is tried again (the data store may be refusing writes for a
         // while), unless a newer value comes first, which replaces it.
         while let Err(e) = store
-            .put_meta(AUDIT_HEAD_KEY, last.to_be_bytes().to_vec())
+            .put_meta(AUDIT_HEAD_KEY, head.anchor(&keys.snapshot()))
             .await
         {
             tracing::warn!(error = %e, "the audit log anchor could not be updated");
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            if head.has_changed().unwrap_or(true) {
+            if heads.has_changed().unwrap_or(true) {
                 break;
             }
         }
@@ -171,7 +211,7 @@ async fn write_events<S: Store>(
     store: Arc<S>,
     keys: Arc<Keys>,
     mut receiver: mpsc::Receiver<Pending>,
-    head: watch::Sender<u64>,
+    heads: watch::Sender<Option<Head>>,
 ) {
     // After a failed write the log's end on disk is uncertain (the WAL may hold what
     // the failed sync did not confirm): stop, refusing every call, until a restart
@@ -193,18 +233,23 @@ async fn write_events<S: Store>(
         }
         let (events, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
         // The store calls `chain` with the log's last entry, under its lock where several
-        // vaults share one log, so the chain never forks.
+        // vaults share one log, so the chain never forks. It continues after that entry
+        // or after the highest head this vault knows, whichever is further: a log cut
+        // short is never written over.
         let set = keys.snapshot();
+        let known = *heads.borrow();
+        let appended = Arc::new(std::sync::Mutex::new(None));
+        let head_out = Arc::clone(&appended);
         let chain = move |last: Option<(u64, Vec<u8>)>| {
+            let stored = last.map(|(sequence, entry)| Head {
+                sequence,
+                // Checked at start; a malformed end is reported by `verify`.
+                chain: split(&entry).map_or([0u8; 32], |(_, mac, _)| mac),
+            });
+            let after = Head::highest(stored, known);
             let (version, key) = set.audit.active();
-            let (mut sequence, mut previous) = match last {
-                Some((sequence, entry)) => (
-                    sequence + 1,
-                    // Checked at start; a malformed end is reported by `verify`.
-                    split(&entry).map_or([0u8; 32], |(_, mac, _)| mac),
-                ),
-                None => (1, [0u8; 32]),
-            };
+            let (mut sequence, mut previous) =
+                after.map_or((1, [0u8; 32]), |head| (head.sequence + 1, head.chain));
             let mut entries = Vec::with_capacity(events.len());
             for mut event in events {
                 event.sequence = sequence;
@@ -219,18 +264,30 @@ async fn write_events<S: Store>(
                 entries.push((sequence, entry));
                 sequence += 1;
             }
-            entries
+            let head = Head {
+                sequence: sequence - 1,
+                chain: previous,
+            };
+            *head_out
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(head);
+            Sealed {
+                entries,
+                anchor: head.anchor(&set),
+            }
         };
         match store.append_audit(Box::new(chain)).await {
             Ok(sequences) => {
-                let last = sequences.last().copied();
                 for (sequence, reply) in sequences.into_iter().zip(replies) {
                     let _ = reply.send(Ok(sequence));
                 }
                 // The anchor goes to the other database, in the data's own group
-                // commits (see `write_anchor`).
-                if let Some(last) = last {
-                    head.send_replace(last);
+                // commits (see `write_anchor`), and the checkpoint to the keyservice.
+                let head = *appended
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if head.is_some() {
+                    heads.send_replace(head);
                 }
             }
             // A database that cannot be reached left nothing uncertain: the next batch
@@ -266,46 +323,58 @@ pub struct Verification {
     pub fault: Option<(u64, &'static str)>,
 }
 
-/// Checks every entry in order: sequence numbers without gaps, each event's own
-/// sequence matching its position, and each MAC over the previous one.
-/// The highest sequence number the vault recorded writing.
-async fn head<S: Store>(store: &S) -> Result<Option<u64>, StoreError> {
-    Ok(store
+/// Checks every entry in order (sequence numbers without gaps, each event's own
+/// sequence matching its position, each MAC over the previous one), then the heads
+/// kept elsewhere: the store's anchor and this vault's `checkpoint` at the keyservice
+/// must each name an entry of the log with the same chain value. Reports the fault with
+/// the lowest sequence number.
+pub async fn verify<S: Store>(
+    store: &S,
+    keys: &Keys,
+    checkpoint: Option<Head>,
+) -> Result<Verification, StoreError> {
+    let set = keys.snapshot();
+    let anchor = store
         .get_meta(AUDIT_HEAD_KEY)
         .await?
-        .and_then(|bytes| Some(u64::from_be_bytes(bytes.as_slice().try_into().ok()?))))
-}
-
-pub async fn verify<S: Store>(store: &S, keys: &Keys) -> Result<Verification, StoreError> {
-    let head = head(store).await?;
-    let set = keys.snapshot();
+        .map(|bytes| Anchor::decode(&bytes, &set));
+    // The heads to check, by sequence number: (sequence, chain value, what a mismatch
+    // means).
+    let mut heads: Vec<Head> = Vec::new();
+    if let Some(Anchor::Head(head)) = anchor {
+        heads.push(head);
+    }
+    heads.extend(checkpoint);
+    let mut seen: Vec<(u64, [u8; 32])> = Vec::new();
     let mut expected = 1u64;
     let mut previous = [0u8; 32];
     let mut after = 0;
-    loop {
+    let mut chain_fault = None;
+    'pages: loop {
         let page = store.read_audit(after, 10_000).await?;
         let Some(last) = page.last().map(|(sequence, _)| *sequence) else {
             break;
         };
         for (i, (position, entry)) in page.iter().enumerate() {
-            let fault = |problem| Verification {
-                entries: expected - 1,
-                fault: Some((expected, problem)),
-            };
             if *position != expected {
-                return Ok(fault("removed"));
+                chain_fault = Some("removed");
+                break 'pages;
             }
             let Some((version, stored_mac, json)) = split(entry) else {
-                return Ok(fault("edited"));
+                chain_fault = Some("edited");
+                break 'pages;
             };
             let Ok(event) = serde_json::from_slice::<AuditEvent>(json) else {
-                return Ok(fault("edited"));
+                chain_fault = Some("edited");
+                break 'pages;
             };
             if event.sequence != expected {
-                return Ok(fault("reordered"));
+                chain_fault = Some("reordered");
+                break 'pages;
             }
             let Some(key) = set.audit.get(version) else {
-                return Ok(fault("unverifiable"));
+                chain_fault = Some("unverifiable");
+                break 'pages;
             };
             if mac(key, &previous, expected, json) != stored_mac {
                 // An entry slipped in pushes the original one down a place.
@@ -313,28 +382,42 @@ pub async fn verify<S: Store>(store: &S, keys: &Keys) -> Result<Verification, St
                     .get(i + 1)
                     .and_then(|(_, next)| decode(next))
                     .is_some_and(|(_, next)| next.sequence == expected);
-                return Ok(fault(if next_is_displaced {
+                chain_fault = Some(if next_is_displaced {
                     "inserted"
                 } else {
                     "edited"
-                }));
+                });
+                break 'pages;
+            }
+            if heads.iter().any(|head| head.sequence == expected) {
+                seen.push((expected, stored_mac));
             }
             previous = stored_mac;
             expected += 1;
         }
         after = last;
     }
-    // Entries missing at the end are "removed" too: the anchor says they were written.
-    if let Some(head) = head
-        && head >= expected
-    {
-        return Ok(Verification {
-            entries: expected - 1,
-            fault: Some((expected, "removed")),
-        });
+    let entries = expected - 1;
+    let mut faults: Vec<(u64, &'static str)> = Vec::new();
+    faults.extend(chain_fault.map(|problem| (expected, problem)));
+    // Entries missing at the end are "removed" too: a head kept elsewhere says they
+    // were written.
+    let claimed = anchor.and_then(|anchor| anchor.sequence());
+    if claimed.is_some_and(|claimed| claimed >= expected) {
+        faults.push((expected, "removed"));
+    }
+    if let Some(Anchor::Altered(claimed)) = anchor {
+        faults.push((claimed.unwrap_or(expected), "head altered"));
+    }
+    for head in &heads {
+        if head.sequence >= expected {
+            faults.push((expected, "removed"));
+        } else if !seen.contains(&(head.sequence, head.chain)) {
+            faults.push((head.sequence, "replaced"));
+        }
     }
     Ok(Verification {
-        entries: expected - 1,
-        fault: None,
+        entries,
+        fault: faults.into_iter().min_by_key(|(sequence, _)| *sequence),
     })
 }

@@ -1,0 +1,170 @@
+//! The vaults' audit checkpoints, kept off the vaults' hosts: for each vault (its
+//! certificate identity and configured node name), the highest audit-log head it has
+//! reported, as a sequence number and the chain value of that entry. A vault's `audit
+//! verify` checks its log against its checkpoint, so a log deleted, cut short or
+//! restored from an older copy on the vault's host is reported even though the host
+//! holds nothing that says so.
+//!
+//! One JSON file, replaced whole (written, synced, renamed) at each change: vaults
+//! report at most once a second, which would flood the key history. A checkpoint never
+//! moves back.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub identity: String,
+    pub node: String,
+    pub sequence: u64,
+    /// Hex of the chain value (the entry's MAC).
+    pub chain: String,
+    pub at_unix_ms: i64,
+}
+
+#[derive(Debug)]
+pub struct Checkpoints {
+    path: PathBuf,
+    kept: Mutex<BTreeMap<(String, String), Checkpoint>>,
+}
+
+/// What a report did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reported {
+    /// The checkpoint moved forward (or was the first).
+    Moved,
+    /// Equal to the one kept.
+    Same,
+    /// Lower than the one kept, or a different chain value at the same sequence: kept
+    /// as it was.
+    Behind,
+}
+
+impl Checkpoints {
+    /// Reads the file if it exists (mode 0600 when written).
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        let list: Vec<Checkpoint> = match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(std::io::Error::other)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        let kept = list
+            .into_iter()
+            .map(|c| ((c.identity.clone(), c.node.clone()), c))
+            .collect();
+        Ok(Self {
+            path: path.to_owned(),
+            kept: Mutex::new(kept),
+        })
+    }
+
+    fn kept(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), Checkpoint>> {
+        self.kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn get(&self, identity: &str, node: &str) -> Option<Checkpoint> {
+        self.kept()
+            .get(&(identity.to_owned(), node.to_owned()))
+            .cloned()
+    }
+
+    /// Keeps `checkpoint` if it is above the one kept; durable before it returns.
+    pub fn report(&self, checkpoint: Checkpoint) -> std::io::Result<Reported> {
+        let mut kept = self.kept();
+        let key = (checkpoint.identity.clone(), checkpoint.node.clone());
+        match kept.get(&key) {
+            Some(old) if old.sequence > checkpoint.sequence => return Ok(Reported::Behind),
+            Some(old) if old.sequence == checkpoint.sequence => {
+                return Ok(if old.chain == checkpoint.chain {
+                    Reported::Same
+                } else {
+                    Reported::Behind
+                });
+            }
+            _ => {}
+        }
+        let previous = kept.insert(key.clone(), checkpoint);
+        if let Err(e) = self.save(&kept) {
+            // Not kept: the next report tries again.
+            match previous {
+                Some(previous) => kept.insert(key, previous),
+                None => kept.remove(&key),
+            };
+            return Err(e);
+        }
+        Ok(Reported::Moved)
+    }
+
+    fn save(&self, kept: &BTreeMap<(String, String), Checkpoint>) -> std::io::Result<()> {
+        let list: Vec<&Checkpoint> = kept.values().collect();
+        let bytes = serde_json::to_vec_pretty(&list).map_err(std::io::Error::other)?;
+        let temporary = self.path.with_extension("tmp");
+        let mut options = std::fs::OpenOptions::new();
+        options.create(true).write(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(&temporary)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checkpoint(node: &str, sequence: u64, chain: &str) -> Checkpoint {
+        Checkpoint {
+            identity: "vault".into(),
+            node: node.into(),
+            sequence,
+            chain: chain.into(),
+            at_unix_ms: 1,
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_moves_forward_only_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit-checkpoints.json");
+        let kept = Checkpoints::open(&path).unwrap();
+        assert_eq!(
+            kept.report(checkpoint("a:1", 5, "aa")).unwrap(),
+            Reported::Moved
+        );
+        assert_eq!(
+            kept.report(checkpoint("a:1", 5, "aa")).unwrap(),
+            Reported::Same
+        );
+        assert_eq!(
+            kept.report(checkpoint("a:1", 4, "bb")).unwrap(),
+            Reported::Behind
+        );
+        assert_eq!(
+            kept.report(checkpoint("a:1", 5, "cc")).unwrap(),
+            Reported::Behind
+        );
+        assert_eq!(
+            kept.report(checkpoint("b:1", 2, "dd")).unwrap(),
+            Reported::Moved
+        );
+        let reopened = Checkpoints::open(&path).unwrap();
+        assert_eq!(
+            reopened.get("vault", "a:1"),
+            Some(checkpoint("a:1", 5, "aa"))
+        );
+        assert_eq!(reopened.get("vault", "b:1").map(|c| c.sequence), Some(2));
+        assert_eq!(reopened.get("other", "a:1"), None);
+    }
+}

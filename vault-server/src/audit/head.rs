@@ -1,0 +1,233 @@
+//! The log's head, and where it is kept so that nothing on the vault's host can move it
+//! back: the sequence number of the last entry and that entry's chain value (its MAC).
+//!
+//! - In the store, as the anchor (`AUDIT_HEAD_KEY`), MACed under the audit key, so it
+//!   cannot be forged without the key (an older one can be put back; see below).
+//! - In the writer's memory: the highest head written or read. Appends continue after
+//!   it, never after a lower end: entries removed from the log's end leave a gap that
+//!   `verify` reports on every run after, instead of being written over.
+//! - Off the host, at the keyservice: a checkpoint per vault (certificate identity and
+//!   node name), sent at most once a second. A starting vault continues after it, and
+//!   `verify` checks the log against it, so a deleted or restored data directory is
+//!   reported too.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use envelope::SecretKey;
+use runtime::shutdown::Shutdown;
+use tokio::sync::watch;
+use vault_proto::keys::v1 as pb;
+
+use crate::keys::{KeySet, Keys};
+
+const HEAD_LABEL: &[u8] = b"tokenvault.audit.head.v1";
+/// version | sequence | chain | mac
+const ANCHOR_LEN: usize = 4 + 8 + 32 + 32;
+/// Checkpoints go to the keyservice at most this often.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    pub sequence: u64,
+    pub chain: [u8; 32],
+}
+
+/// What the store's anchor says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Anchor {
+    /// A head whose MAC verifies.
+    Head(Head),
+    /// An anchor written by an older vault: a sequence number without MAC or chain.
+    Legacy(u64),
+    /// An anchor that does not verify (altered, or MACed under a key no longer held),
+    /// with the sequence number it claims, if it has one.
+    Altered(Option<u64>),
+}
+
+fn head_mac(key: &SecretKey, head: &Head) -> [u8; 32] {
+    envelope::hmac_sha256(
+        key,
+        &[HEAD_LABEL, &head.sequence.to_be_bytes(), &head.chain],
+    )
+}
+
+impl Head {
+    /// The anchor bytes of this head, MACed under the active audit key.
+    pub fn anchor(&self, keys: &KeySet) -> Vec<u8> {
+        let (version, key) = keys.audit.active();
+        let mut bytes = Vec::with_capacity(ANCHOR_LEN);
+        bytes.extend_from_slice(&version.to_be_bytes());
+        bytes.extend_from_slice(&self.sequence.to_be_bytes());
+        bytes.extend_from_slice(&self.chain);
+        bytes.extend_from_slice(&head_mac(key, self));
+        bytes
+    }
+
+    /// Whichever of two heads is further along (the first on a tie).
+    pub fn highest(a: Option<Head>, b: Option<Head>) -> Option<Head> {
+        match (a, b) {
+            (Some(a), Some(b)) if b.sequence > a.sequence => Some(b),
+            (Some(a), _) => Some(a),
+            (None, b) => b,
+        }
+    }
+}
+
+impl Anchor {
+    pub fn decode(bytes: &[u8], keys: &KeySet) -> Anchor {
+        if let Ok(legacy) = <[u8; 8]>::try_from(bytes) {
+            return Anchor::Legacy(u64::from_be_bytes(legacy));
+        }
+        let (Some(version), Some(sequence), Some(chain), Some(mac)) = (
+            bytes.get(..4),
+            bytes.get(4..12),
+            bytes.get(12..44),
+            bytes.get(44..),
+        ) else {
+            return Anchor::Altered(None);
+        };
+        let head = Head {
+            sequence: u64::from_be_bytes(sequence.try_into().unwrap_or_default()),
+            chain: chain.try_into().unwrap_or_default(),
+        };
+        let version = u32::from_be_bytes(version.try_into().unwrap_or_default());
+        match keys.audit.get(version) {
+            Some(key) if bytes.len() == ANCHOR_LEN && head_mac(key, &head).as_slice() == mac => {
+                Anchor::Head(head)
+            }
+            _ => Anchor::Altered(Some(head.sequence)),
+        }
+    }
+
+    /// The sequence number the anchor says was written.
+    pub fn sequence(&self) -> Option<u64> {
+        match self {
+            Anchor::Head(head) => Some(head.sequence),
+            Anchor::Legacy(sequence) => Some(*sequence),
+            Anchor::Altered(sequence) => *sequence,
+        }
+    }
+}
+
+/// This vault's checkpoint at the keyservice, if it has one.
+pub async fn checkpoint(keys: &Keys, node: &str) -> Result<Option<Head>, tonic::Status> {
+    let kept = keys
+        .keyservice()
+        .get_audit_checkpoint(pb::GetAuditCheckpointRequest {
+            node: node.to_owned(),
+        })
+        .await?
+        .into_inner();
+    Ok(
+        match (kept.sequence, <[u8; 32]>::try_from(kept.chain.as_slice())) {
+            (0, _) | (_, Err(_)) => None,
+            (sequence, Ok(chain)) => Some(Head { sequence, chain }),
+        },
+    )
+}
+
+/// Sends each new durable head to the keyservice as this vault's checkpoint, at most
+/// once a second (so within a second of any call), until `shutdown`. A head that
+/// cannot be sent is sent with the next.
+pub async fn report_checkpoints(
+    keys: Arc<Keys>,
+    node: String,
+    mut heads: watch::Receiver<Option<Head>>,
+    shutdown: Shutdown,
+) {
+    let stop = shutdown.wait();
+    tokio::pin!(stop);
+    let mut sent: Option<Head> = None;
+    loop {
+        let head = *heads.borrow_and_update();
+        if let Some(head) = head.filter(|head| Some(*head) != sent) {
+            let report = pb::AuditCheckpoint {
+                node: node.clone(),
+                sequence: head.sequence,
+                chain: head.chain.to_vec(),
+                at_unix_ms: 0,
+            };
+            match keys.keyservice().report_audit_head(report).await {
+                Ok(_) => sent = Some(head),
+                Err(status) => {
+                    tracing::debug!(code = ?status.code(), "audit checkpoint not delivered")
+                }
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(CHECKPOINT_EVERY) => {}
+            _ = &mut stop => return,
+        }
+        // Waits for a new head (or a retry of an unsent one).
+        if sent == *heads.borrow() {
+            tokio::select! {
+                changed = heads.changed() => if changed.is_err() { return },
+                _ = &mut stop => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A key set with every purpose at version 1, the audit key from `seed`.
+    fn keys(seed: u8) -> KeySet {
+        let key = |purpose: pb::KeyPurpose, byte: u8| pb::KeyMaterial {
+            purpose: purpose as i32,
+            version: 1,
+            state: pb::KeyState::Active as i32,
+            material: vec![byte; 32],
+        };
+        KeySet::from_wire(pb::GetKeysResponse {
+            keys: vec![
+                key(pb::KeyPurpose::CardData, 1),
+                key(pb::KeyPurpose::Fingerprint, 2),
+                key(pb::KeyPurpose::Cvc, 3),
+                key(pb::KeyPurpose::Audit, seed),
+            ],
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn an_anchor_verifies_under_its_key_only() {
+        let head = Head {
+            sequence: 21,
+            chain: [7; 32],
+        };
+        let anchor = head.anchor(&keys(4));
+        assert_eq!(Anchor::decode(&anchor, &keys(4)), Anchor::Head(head));
+        // Another audit key (a forger's) does not make it.
+        assert_eq!(Anchor::decode(&anchor, &keys(5)), Anchor::Altered(Some(21)));
+        // A sequence number raised or lowered by hand breaks the MAC.
+        let mut lowered = anchor.clone();
+        lowered[11] = 3;
+        assert_eq!(Anchor::decode(&lowered, &keys(4)), Anchor::Altered(Some(3)));
+        assert_eq!(
+            Anchor::decode(&anchor[..40], &keys(4)),
+            Anchor::Altered(None)
+        );
+        // What older vaults wrote: the sequence number alone.
+        assert_eq!(
+            Anchor::decode(&9u64.to_be_bytes(), &keys(4)),
+            Anchor::Legacy(9)
+        );
+    }
+
+    #[test]
+    fn the_highest_head_wins() {
+        let at = |sequence| {
+            Some(Head {
+                sequence,
+                chain: [sequence as u8; 32],
+            })
+        };
+        assert_eq!(Head::highest(at(3), at(5)), at(5));
+        assert_eq!(Head::highest(at(5), at(3)), at(5));
+        assert_eq!(Head::highest(None, at(3)), at(3));
+        assert_eq!(Head::highest(at(3), None), at(3));
+    }
+}
