@@ -485,3 +485,138 @@ async fn a_forward_the_caller_abandons_is_still_audited() {
     }
     stack.stop().await;
 }
+
+/// The last sequence number the vault's audit log holds.
+async fn last_sequence(stack: &Stack) -> u64 {
+    audit_client(stack)
+        .await
+        .read_audit(pb::ReadAuditRequest {
+            limit: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .last_sequence
+}
+
+async fn tokenize_some(stack: &Stack, prefix: &str, count: u64) {
+    let mut admin = stack.client(ADMIN).await;
+    for n in 0..count {
+        admin
+            .tokenize(Card::new(&synthetic_pan(prefix, n, 16), 1, 2031), false)
+            .await
+            .unwrap();
+    }
+}
+
+fn fault(report: &pb::VerifyAuditResponse) -> (bool, u64, &str) {
+    (
+        report.intact,
+        report.first_bad_sequence,
+        report.problem.as_str(),
+    )
+}
+
+/// The attack: stop the vault, delete its audit log, start it. Before, the vault began
+/// a new chain at 1 and `audit verify` said "intact". Now the anchor in the data
+/// directory and the checkpoint at the keyservice both say entries were written: every
+/// verify after reports them removed, and new events never fill the gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_audit_log_deleted_whole_is_reported_on_every_verify_after() {
+    if integration_tests::rocksdb_only("it deletes the RocksDB audit log") {
+        return;
+    }
+    let mut stack = Stack::start().await;
+    tokenize_some(&stack, "4000", 10).await;
+    assert!(verify(&stack).await.intact);
+    let written = last_sequence(&stack).await;
+    integration_tests::wait_for_audit_checkpoint(&stack.dir, written).await;
+
+    stack.stop_vault().await;
+    std::fs::remove_dir_all(stack.dir.path().join("vault-data-audit")).unwrap();
+    stack.restart_vault().await;
+    assert_eq!(fault(&verify(&stack).await), (false, 1, "removed"));
+    tokenize_some(&stack, "4001", 5).await;
+    let again = verify(&stack).await;
+    assert_eq!(fault(&again), (false, 1, "removed"), "{again:?}");
+    assert!(
+        last_sequence(&stack).await > written,
+        "new entries follow the old head, leaving the gap"
+    );
+    stack.stop().await;
+}
+
+/// The attack: copy the vault's data directory (data and audit log) aside, make more
+/// calls, stop the vault, put the older copy back, start it. Everything on the host is
+/// consistent; only the checkpoint at the keyservice shows what was cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_data_directory_restored_from_an_older_copy_is_reported() {
+    if integration_tests::rocksdb_only("it copies the RocksDB directories") {
+        return;
+    }
+    let mut stack = Stack::start().await;
+    tokenize_some(&stack, "4000", 5).await;
+    stack.stop_vault().await;
+    let copy = tempfile::tempdir().unwrap();
+    let dirs = ["vault-data", "vault-data-audit"];
+    for dir in dirs {
+        copy_dir(&stack.dir.path().join(dir), &copy.path().join(dir));
+    }
+    stack.restart_vault().await;
+    let copied = last_sequence(&stack).await;
+    tokenize_some(&stack, "4001", 20).await;
+    let written = last_sequence(&stack).await;
+    integration_tests::wait_for_audit_checkpoint(&stack.dir, written).await;
+
+    stack.stop_vault().await;
+    for dir in dirs {
+        let live = stack.dir.path().join(dir);
+        std::fs::remove_dir_all(&live).unwrap();
+        copy_dir(&copy.path().join(dir), &live);
+    }
+    stack.restart_vault().await;
+    for _ in 0..2 {
+        let report = verify(&stack).await;
+        assert_eq!(fault(&report), (false, copied + 1, "removed"), "{report:?}");
+        tokenize_some(&stack, "4002", 3).await;
+    }
+    stack.stop().await;
+}
+
+/// The head in the data directory rewritten by hand: a forged anchor is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rewritten_head_is_reported() {
+    if integration_tests::rocksdb_only("it edits the RocksDB data directory") {
+        return;
+    }
+    let mut stack = Stack::start().await;
+    tokenize_some(&stack, "4000", 5).await;
+    stack.stop_vault().await;
+    {
+        let db = integration_tests::open_vault_db(&stack.dir.data_dir());
+        let meta = db.cf_handle("meta").unwrap();
+        let mut anchor = db.get_cf(meta, "audit-head").unwrap().unwrap();
+        assert_eq!(anchor.len(), 76, "a MACed head");
+        // Its sequence number lowered to 2, as if the log ended there.
+        anchor[4..12].copy_from_slice(&2u64.to_be_bytes());
+        db.put_cf(meta, "audit-head", anchor).unwrap();
+    }
+    stack.restart_vault().await;
+    let report = verify(&stack).await;
+    assert_eq!(fault(&report), (false, 2, "head altered"), "{report:?}");
+    stack.stop().await;
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}

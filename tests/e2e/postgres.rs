@@ -867,3 +867,71 @@ async fn the_binaries_migrate_on_request_and_log_no_statement_parameters() {
         );
     }
 }
+
+/// The attack on a shared database, online: with the database password, delete the
+/// audit log's last entries and put back an older head row, so that the log and its
+/// anchor agree. The running vault remembers the head it wrote, and its checkpoint at
+/// the keyservice does too: every verify after reports the entries removed, before and
+/// after a restart, and new entries never fill the gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn audit_entries_deleted_online_with_an_older_head_put_back_are_reported() {
+    let cluster = start_cluster().await;
+    let dir = StackDir::new();
+    dir.set_storage(&storage(&cluster, "a"));
+    let mut stack = Stack::start_in(dir).await;
+    let mut vault = stack.client(ADMIN).await;
+    for n in 0..5 {
+        vault.tokenize(card("481000", n), false).await.unwrap();
+    }
+    let kept = vault
+        .read_audit(0, None, None, 1)
+        .await
+        .unwrap()
+        .last_sequence;
+    let older_head = cluster
+        .psql(
+            APP_DATABASE,
+            "SELECT encode(value, 'hex') FROM meta WHERE key = 'audit-head'",
+        )
+        .unwrap();
+    for n in 5..15 {
+        vault.tokenize(card("481000", n), false).await.unwrap();
+    }
+    let written = vault
+        .read_audit(0, None, None, 1)
+        .await
+        .unwrap()
+        .last_sequence;
+    assert!(written > kept + 5);
+    integration_tests::wait_for_audit_checkpoint(&stack.dir, written).await;
+
+    cluster
+        .psql(
+            APP_DATABASE,
+            &format!(
+                "BEGIN; DELETE FROM audit WHERE sequence > {kept}; \
+                 UPDATE meta SET value = decode('{older_head}', 'hex') WHERE key = 'audit-head'; \
+                 COMMIT"
+            ),
+        )
+        .unwrap();
+    let removed_at = |report: &vault_client::AuditVerification| {
+        (
+            report.intact,
+            report.first_bad_sequence,
+            report.problem.clone(),
+        )
+    };
+    let expected = (false, Some(kept + 1), Some("removed".to_owned()));
+    let report = vault.verify_audit().await.unwrap();
+    assert_eq!(removed_at(&report), expected, "{report:?}");
+    vault.tokenize(card("481000", 99), false).await.unwrap();
+    let report = vault.verify_audit().await.unwrap();
+    assert_eq!(removed_at(&report), expected, "{report:?}");
+
+    stack.restart_vault().await;
+    let mut vault = stack.client(ADMIN).await;
+    let report = vault.verify_audit().await.unwrap();
+    assert_eq!(removed_at(&report), expected, "{report:?}");
+    stack.stop().await;
+}

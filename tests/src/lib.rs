@@ -876,6 +876,32 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// Waits until the keyservice of `dir`'s stack keeps an audit checkpoint at `sequence`
+/// or beyond (a vault sends its head at most once a second).
+pub async fn wait_for_audit_checkpoint(dir: &StackDir, sequence: u64) {
+    use std::time::Duration;
+    let file = dir.path().join("audit-checkpoints.json");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let kept = std::fs::read(&file)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<Vec<serde_json::Value>>(&bytes).ok())
+            .into_iter()
+            .flatten()
+            .filter_map(|checkpoint| checkpoint["sequence"].as_u64())
+            .max()
+            .unwrap_or(0);
+        if kept >= sequence {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no audit checkpoint at {sequence} after 20 s (kept: {kept})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -845,8 +845,10 @@ pub struct AuditVerification {
     pub intact: bool,
     /// The first entry at fault; `None` when intact.
     pub first_bad_sequence: Option<u64>,
-    /// "edited", "removed", "inserted", "reordered" or "unverifiable" (its audit key
-    /// version is not held); `None` when intact.
+    /// "edited", "removed", "inserted", "reordered", "unverifiable" (its audit key
+    /// version is not held), "replaced" (the entry a head kept elsewhere names has
+    /// another chain value) or "head altered" (the vault's anchor does not verify);
+    /// `None` when intact.
     pub problem: Option<String>,
 }
 
