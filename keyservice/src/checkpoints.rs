@@ -5,6 +5,9 @@
 //! restored from an older copy on the vault's host is reported even though the host
 //! holds nothing that says so.
 //!
+//! It also keeps the gaps in a vault's log that two admins acknowledged (an approved
+//! `audit-gap` proposal): `audit verify` lists them instead of failing on them.
+//!
 //! One JSON file, replaced whole (written, synced, renamed) at each change: vaults
 //! report at most once a second, which would flood the key history. A checkpoint never
 //! moves back.
@@ -26,10 +29,35 @@ pub struct Checkpoint {
     pub at_unix_ms: i64,
 }
 
+/// A gap in a vault's audit log, acknowledged under dual control.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Acknowledgement {
+    pub identity: String,
+    pub node: String,
+    pub first: u64,
+    pub last: u64,
+    pub proposed_by: String,
+    pub approved_by: String,
+    pub approved_at_unix_ms: i64,
+}
+
 #[derive(Debug)]
 pub struct Checkpoints {
     path: PathBuf,
-    kept: Mutex<BTreeMap<(String, String), Checkpoint>>,
+    kept: Mutex<Kept>,
+}
+
+/// The file's contents.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct File {
+    checkpoints: Vec<Checkpoint>,
+    acknowledged_gaps: Vec<Acknowledgement>,
+}
+
+#[derive(Debug, Default)]
+struct Kept {
+    checkpoints: BTreeMap<(String, String), Checkpoint>,
+    acknowledged: Vec<Acknowledgement>,
 }
 
 /// What a report did.
@@ -47,22 +75,26 @@ pub enum Reported {
 impl Checkpoints {
     /// Reads the file if it exists (mode 0600 when written).
     pub fn open(path: &Path) -> std::io::Result<Self> {
-        let list: Vec<Checkpoint> = match std::fs::read(path) {
+        let file: File = match std::fs::read(path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(std::io::Error::other)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => File::default(),
             Err(e) => return Err(e),
         };
-        let kept = list
+        let checkpoints = file
+            .checkpoints
             .into_iter()
             .map(|c| ((c.identity.clone(), c.node.clone()), c))
             .collect();
         Ok(Self {
             path: path.to_owned(),
-            kept: Mutex::new(kept),
+            kept: Mutex::new(Kept {
+                checkpoints,
+                acknowledged: file.acknowledged_gaps,
+            }),
         })
     }
 
-    fn kept(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), Checkpoint>> {
+    fn kept(&self) -> std::sync::MutexGuard<'_, Kept> {
         self.kept
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -70,15 +102,26 @@ impl Checkpoints {
 
     pub fn get(&self, identity: &str, node: &str) -> Option<Checkpoint> {
         self.kept()
+            .checkpoints
             .get(&(identity.to_owned(), node.to_owned()))
             .cloned()
+    }
+
+    /// The gaps acknowledged in the log of `identity` at `node`.
+    pub fn acknowledged(&self, identity: &str, node: &str) -> Vec<Acknowledgement> {
+        self.kept()
+            .acknowledged
+            .iter()
+            .filter(|a| a.identity == identity && a.node == node)
+            .cloned()
+            .collect()
     }
 
     /// Keeps `checkpoint` if it is above the one kept; durable before it returns.
     pub fn report(&self, checkpoint: Checkpoint) -> std::io::Result<Reported> {
         let mut kept = self.kept();
         let key = (checkpoint.identity.clone(), checkpoint.node.clone());
-        match kept.get(&key) {
+        match kept.checkpoints.get(&key) {
             Some(old) if old.sequence > checkpoint.sequence => return Ok(Reported::Behind),
             Some(old) if old.sequence == checkpoint.sequence => {
                 return Ok(if old.chain == checkpoint.chain {
@@ -89,29 +132,43 @@ impl Checkpoints {
             }
             _ => {}
         }
-        let previous = kept.insert(key.clone(), checkpoint);
+        let previous = kept.checkpoints.insert(key.clone(), checkpoint);
         if let Err(e) = self.save(&kept) {
             // Not kept: the next report tries again.
             match previous {
-                Some(previous) => kept.insert(key, previous),
-                None => kept.remove(&key),
+                Some(previous) => kept.checkpoints.insert(key, previous),
+                None => kept.checkpoints.remove(&key),
             };
             return Err(e);
         }
         Ok(Reported::Moved)
     }
 
-    fn save(&self, kept: &BTreeMap<(String, String), Checkpoint>) -> std::io::Result<()> {
-        let list: Vec<&Checkpoint> = kept.values().collect();
-        let bytes = serde_json::to_vec_pretty(&list).map_err(std::io::Error::other)?;
+    /// Records an acknowledged gap; durable before it returns.
+    pub fn acknowledge(&self, acknowledgement: Acknowledgement) -> std::io::Result<()> {
+        let mut kept = self.kept();
+        kept.acknowledged.push(acknowledgement);
+        if let Err(e) = self.save(&kept) {
+            kept.acknowledged.pop();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn save(&self, kept: &Kept) -> std::io::Result<()> {
+        let file = File {
+            checkpoints: kept.checkpoints.values().cloned().collect(),
+            acknowledged_gaps: kept.acknowledged.clone(),
+        };
+        let bytes = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
         let temporary = self.path.with_extension("tmp");
         let mut options = std::fs::OpenOptions::new();
         options.create(true).write(true).truncate(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options.open(&temporary)?;
-        file.write_all(&bytes)?;
-        file.sync_all()?;
+        let mut written = options.open(&temporary)?;
+        written.write_all(&bytes)?;
+        written.sync_all()?;
         std::fs::rename(&temporary, &self.path)?;
         if let Some(dir) = self.path.parent() {
             std::fs::File::open(dir)?.sync_all()?;
@@ -166,5 +223,20 @@ mod tests {
         );
         assert_eq!(reopened.get("vault", "b:1").map(|c| c.sequence), Some(2));
         assert_eq!(reopened.get("other", "a:1"), None);
+
+        let gap = Acknowledgement {
+            identity: "vault".into(),
+            node: "a:1".into(),
+            first: 3,
+            last: 4,
+            proposed_by: "admin-a".into(),
+            approved_by: "admin-b".into(),
+            approved_at_unix_ms: 2,
+        };
+        reopened.acknowledge(gap.clone()).unwrap();
+        let again = Checkpoints::open(&path).unwrap();
+        assert_eq!(again.acknowledged("vault", "a:1"), vec![gap]);
+        assert!(again.acknowledged("vault", "b:1").is_empty());
+        assert_eq!(again.get("vault", "a:1").map(|c| c.sequence), Some(5));
     }
 }

@@ -123,6 +123,17 @@ pub enum OperationKind {
     Destroy,
     Unretire,
     RootKeyChange,
+    AuditGap,
+}
+
+/// The gap an audit-gap proposal acknowledges: entries `first..=last` missing from the
+/// audit log of the vault `identity` at `node`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditGapTarget {
+    pub identity: String,
+    pub node: String,
+    pub first: u64,
+    pub last: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,6 +161,9 @@ pub struct Proposal {
     pub state: ProposalState,
     pub approved_by: Option<String>,
     pub approved_at_unix_ms: i64,
+    /// Audit gap: the vault and the gap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_gap: Option<AuditGapTarget>,
 }
 
 impl Proposal {

@@ -56,6 +56,7 @@ pub fn kind_name(kind: OperationKind) -> &'static str {
         OperationKind::Destroy => "destroy",
         OperationKind::Unretire => "unretire",
         OperationKind::RootKeyChange => "root-key-change",
+        OperationKind::AuditGap => "audit-gap",
     }
 }
 
@@ -225,7 +226,7 @@ impl Keyring {
             match proposal.kind {
                 OperationKind::Destroy => self.check_destroy(purpose, proposal.version)?,
                 OperationKind::Unretire => self.check_unretire(purpose, proposal.version)?,
-                OperationKind::RootKeyChange => {}
+                OperationKind::RootKeyChange | OperationKind::AuditGap => {}
             }
         }
         if let Some(open) = self.proposals.iter().find(|p| {
@@ -335,6 +336,7 @@ mod tests {
             state: ProposalState::Pending,
             approved_by: None,
             approved_at_unix_ms: 0,
+            audit_gap: None,
         }
     }
 

@@ -1,7 +1,7 @@
 //! The audit log: every call leaves an event with its fields and never card data, and
 //! `VerifyAudit` finds an edited, removed, inserted or reordered entry at its place.
 
-use integration_tests::{ADMIN, OTHER_TENANT, READER, Stack, identity, synthetic_pan};
+use integration_tests::{ADMIN, OFFICER, OTHER_TENANT, READER, Stack, identity, synthetic_pan};
 use tonic::Code;
 use vault_client::{Card, ForwardRequest};
 use vault_proto::vault::v1 as pb;
@@ -337,12 +337,13 @@ async fn verify_finds_an_edited_removed_inserted_or_reordered_entry() {
     assert_eq!(
         (
             report.intact,
-            report.entries,
             report.first_bad_sequence,
             report.problem.as_str()
         ),
-        (false, written, written + 1, "removed")
+        (false, written + 1, "removed"),
+        "{report:?}"
     );
+    assert_eq!(report.gaps[0].first_sequence, written + 1, "{report:?}");
     stack.stop().await;
 }
 
@@ -531,7 +532,8 @@ async fn an_audit_log_deleted_whole_is_reported_on_every_verify_after() {
     tokenize_some(&stack, "4000", 10).await;
     assert!(verify(&stack).await.intact);
     let written = last_sequence(&stack).await;
-    integration_tests::wait_for_audit_checkpoint(&stack.dir, written).await;
+    // The read's own event is the last entry written before the stop.
+    integration_tests::wait_for_audit_checkpoint(&stack.dir, written + 1).await;
 
     stack.stop_vault().await;
     std::fs::remove_dir_all(stack.dir.path().join("vault-data-audit")).unwrap();
@@ -543,6 +545,35 @@ async fn an_audit_log_deleted_whole_is_reported_on_every_verify_after() {
     assert!(
         last_sequence(&stack).await > written,
         "new entries follow the old head, leaving the gap"
+    );
+
+    // Two admins acknowledge the gap: verify lists it and passes.
+    let gaps = again.gaps.clone();
+    assert_eq!(gaps.len(), 1, "{again:?}");
+    assert_eq!((gaps[0].first_sequence, gaps[0].acknowledged), (1, false));
+    let mut admin = vault_client::KeyServiceClient::connect(&stack.keyservice_config(ADMIN))
+        .await
+        .unwrap();
+    let mut officer = vault_client::KeyServiceClient::connect(&stack.keyservice_config(OFFICER))
+        .await
+        .unwrap();
+    let vault_identity = identity(integration_tests::VAULT);
+    let proposal = admin
+        .propose_audit_gap(&vault_identity, &again.node, 1, gaps[0].last_sequence)
+        .await
+        .unwrap();
+    assert!(
+        !verify(&stack).await.gaps[0].acknowledged,
+        "not before approval"
+    );
+    let err = admin.approve(&proposal.id).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::PermissionDenied), "{err}");
+    officer.approve(&proposal.id).await.unwrap();
+    let acknowledged = verify(&stack).await;
+    assert!(acknowledged.intact, "{acknowledged:?}");
+    assert_eq!(
+        acknowledged.gaps[0].acknowledged_by,
+        format!("{}, {}", identity(ADMIN), identity(OFFICER))
     );
     stack.stop().await;
 }
@@ -567,7 +598,8 @@ async fn a_data_directory_restored_from_an_older_copy_is_reported() {
     let copied = last_sequence(&stack).await;
     tokenize_some(&stack, "4001", 20).await;
     let written = last_sequence(&stack).await;
-    integration_tests::wait_for_audit_checkpoint(&stack.dir, written).await;
+    // The read's own event is the last entry written before the stop.
+    integration_tests::wait_for_audit_checkpoint(&stack.dir, written + 1).await;
 
     stack.stop_vault().await;
     for dir in dirs {

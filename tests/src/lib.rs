@@ -885,7 +885,8 @@ pub async fn wait_for_audit_checkpoint(dir: &StackDir, sequence: u64) {
     loop {
         let kept = std::fs::read(&file)
             .ok()
-            .and_then(|bytes| serde_json::from_slice::<Vec<serde_json::Value>>(&bytes).ok())
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+            .and_then(|kept| kept["checkpoints"].as_array().cloned())
             .into_iter()
             .flatten()
             .filter_map(|checkpoint| checkpoint["sequence"].as_u64())

@@ -837,7 +837,7 @@ pub struct AuditPage {
 }
 
 /// What [`VaultClient::verify_audit`] found.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct AuditVerification {
     /// Entries checked.
     pub entries: u64,
@@ -850,6 +850,20 @@ pub struct AuditVerification {
     /// another chain value) or "head altered" (the vault's anchor does not verify);
     /// `None` when intact.
     pub problem: Option<String>,
+    /// Entries missing from the log, each acknowledged under dual control or not (an
+    /// unacknowledged gap makes the log not intact).
+    pub gaps: Vec<AuditGap>,
+    /// The vault's node name, which `propose_audit_gap` takes.
+    pub node: String,
+}
+
+/// Entries `first_sequence..=last_sequence` missing from a vault's audit log.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AuditGap {
+    pub first_sequence: u64,
+    pub last_sequence: u64,
+    /// "proposer, approver" once two admins acknowledged it.
+    pub acknowledged_by: Option<String>,
 }
 
 impl AuditVerification {
@@ -862,6 +876,17 @@ impl AuditVerification {
             first_bad_sequence: (!intact && v.first_bad_sequence != 0)
                 .then_some(v.first_bad_sequence),
             problem: (!intact && !v.problem.is_empty()).then_some(v.problem),
+            gaps: v
+                .gaps
+                .into_iter()
+                .map(|gap| AuditGap {
+                    first_sequence: gap.first_sequence,
+                    last_sequence: gap.last_sequence,
+                    acknowledged_by: (gap.acknowledged && !gap.acknowledged_by.is_empty())
+                        .then_some(gap.acknowledged_by),
+                })
+                .collect(),
+            node: v.node,
         }
     }
 }
@@ -1041,6 +1066,8 @@ pub struct Proposal {
     pub state: String,
     pub approved_by: Option<String>,
     pub approved_at_unix_ms: Option<i64>,
+    /// Audit gap: the vault identity, its node name, and the gap.
+    pub audit_gap: Option<(String, String, u64, u64)>,
 }
 
 impl Proposal {
@@ -1069,6 +1096,14 @@ impl Proposal {
             .unwrap_or_else(|| "unknown".into()),
             approved_by: text(p.approved_by),
             approved_at_unix_ms: (p.approved_at_unix_ms != 0).then_some(p.approved_at_unix_ms),
+            audit_gap: p.audit_gap.map(|gap| {
+                (
+                    gap.vault_identity,
+                    gap.node,
+                    gap.first_sequence,
+                    gap.last_sequence,
+                )
+            }),
         })
     }
 }
@@ -1223,6 +1258,41 @@ impl KeyServiceClient {
         self.propose(keys_pb::ProposeOperationRequest {
             kind: keys_pb::OperationKind::RootKeyChange.into(),
             new_root_key_file: new_root_key_file.to_owned(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Proposes acknowledging a gap in a vault's audit log (entries `first..=last`
+    /// missing, as its `verify_audit` reports them): once a second admin approves, the
+    /// vault's verify lists the gap instead of failing on it.
+    pub async fn propose_audit_gap(
+        &mut self,
+        vault_identity: &str,
+        node: &str,
+        first: u64,
+        last: u64,
+    ) -> Result<Proposal, Error> {
+        if vault_identity.trim().is_empty() || node.trim().is_empty() {
+            return Err(Error::InvalidArgument {
+                field: "audit_gap.vault_identity",
+                rule: "the vault's identity and node name must not be empty",
+            });
+        }
+        if first == 0 || last < first {
+            return Err(Error::InvalidArgument {
+                field: "audit_gap.first_sequence",
+                rule: "1 <= first <= last",
+            });
+        }
+        self.propose(keys_pb::ProposeOperationRequest {
+            kind: keys_pb::OperationKind::AuditGap.into(),
+            audit_gap: Some(keys_pb::AuditGap {
+                vault_identity: vault_identity.to_owned(),
+                node: node.to_owned(),
+                first_sequence: first,
+                last_sequence: last,
+            }),
             ..Default::default()
         })
         .await
@@ -1448,6 +1518,7 @@ mod tests {
             intact: true,
             first_bad_sequence: 4,
             problem: "edited".into(),
+            ..Default::default()
         });
         assert_eq!((intact.first_bad_sequence, intact.problem), (None, None));
         let broken = AuditVerification::from_wire(pb::VerifyAuditResponse {
@@ -1455,6 +1526,7 @@ mod tests {
             intact: false,
             first_bad_sequence: 4,
             problem: "edited".into(),
+            ..Default::default()
         });
         assert_eq!(broken.first_bad_sequence, Some(4));
         assert_eq!(broken.problem.as_deref(), Some("edited"));

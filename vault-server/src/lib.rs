@@ -126,6 +126,7 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
     let auditor = if settings.audit.enabled {
         let checkpoint = audit::checkpoint(&keys, &audit_node)
             .await
+            .map(|kept| kept.head)
             .unwrap_or_else(|status| {
                 tracing::warn!(
                     code = ?status.code(),

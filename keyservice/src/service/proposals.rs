@@ -7,9 +7,12 @@ use vault_proto::keys::v1 as pb;
 
 use super::wire::{kind_from_wire, proposal_to_wire, purpose_from_wire};
 use super::{Shared, lock, now_unix_ms};
+use crate::checkpoints::Acknowledgement;
 use crate::error::ServiceError;
 use crate::history::NewEvent;
-use crate::keyring::{Keyring, OperationKind, Proposal, ProposalState, Purpose, RootKey};
+use crate::keyring::{
+    AuditGapTarget, Keyring, OperationKind, Proposal, ProposalState, Purpose, RootKey,
+};
 use crate::lifecycle::{self, Refusal};
 
 impl Shared {
@@ -120,7 +123,12 @@ pub(super) fn propose(
 ) -> Result<pb::Proposal, ServiceError> {
     let now = now_unix_ms();
     let kind = kind_from_wire(request.kind)?;
+    let audit_gap = match kind {
+        OperationKind::AuditGap => Some(audit_gap_target(request.audit_gap.as_ref())?),
+        _ => None,
+    };
     let (purpose, new_root_key_file) = match kind {
+        OperationKind::AuditGap => (None, None),
         OperationKind::RootKeyChange => {
             if request.new_root_key_file.is_empty() {
                 return Err(ServiceError::InvalidArgument {
@@ -153,6 +161,7 @@ pub(super) fn propose(
         state: ProposalState::Pending,
         approved_by: None,
         approved_at_unix_ms: 0,
+        audit_gap,
     };
     let event = NewEvent {
         actor: caller,
@@ -222,6 +231,29 @@ pub(super) fn approve(
                 .map_err(|r| shared.refused(event.clone(), r))?;
         }
         (OperationKind::RootKeyChange, _) => {}
+        (OperationKind::AuditGap, _) => {
+            let gap = proposal
+                .audit_gap
+                .as_ref()
+                .ok_or(ServiceError::Inconsistent(
+                    "audit-gap proposal names no gap",
+                ))?;
+            // Recorded before the proposal is marked approved: should the keyring save
+            // fail after it, the gap stays acknowledged and the proposal open, which a
+            // second approval only repeats.
+            shared
+                .checkpoints
+                .acknowledge(Acknowledgement {
+                    identity: gap.identity.clone(),
+                    node: gap.node.clone(),
+                    first: gap.first,
+                    last: gap.last,
+                    proposed_by: proposal.proposed_by.clone(),
+                    approved_by: caller.to_owned(),
+                    approved_at_unix_ms: now,
+                })
+                .map_err(ServiceError::Checkpoint)?;
+        }
         _ => {
             return Err(ServiceError::Inconsistent(
                 "stored proposal names no key purpose",
@@ -263,4 +295,30 @@ pub(super) fn list(shared: &Shared) -> pb::ListProposalsResponse {
         .map(|p| proposal_to_wire(p, now))
         .collect();
     pb::ListProposalsResponse { proposals }
+}
+
+/// The gap an audit-gap proposal names, checked.
+fn audit_gap_target(gap: Option<&pb::AuditGap>) -> Result<AuditGapTarget, ServiceError> {
+    let gap = gap.ok_or(ServiceError::InvalidArgument {
+        field: "audit_gap",
+        rule: "required for an audit-gap proposal",
+    })?;
+    if gap.vault_identity.is_empty() || gap.node.is_empty() {
+        return Err(ServiceError::InvalidArgument {
+            field: "audit_gap.vault_identity",
+            rule: "the vault's identity and node name are required",
+        });
+    }
+    if gap.first_sequence == 0 || gap.last_sequence < gap.first_sequence {
+        return Err(ServiceError::InvalidArgument {
+            field: "audit_gap.first_sequence",
+            rule: "first and last sequence numbers, 1 <= first <= last",
+        });
+    }
+    Ok(AuditGapTarget {
+        identity: gap.vault_identity.clone(),
+        node: gap.node.clone(),
+        first: gap.first_sequence,
+        last: gap.last_sequence,
+    })
 }

@@ -199,16 +199,33 @@ pub(super) fn report_audit_head(
 
 /// The checkpoint kept for the caller and `node` (sequence 0 when none).
 pub(super) fn audit_checkpoint(shared: &Shared, caller: &str, node: &str) -> pb::AuditCheckpoint {
-    match shared.checkpoints.get(caller, node) {
+    let acknowledged_gaps = shared
+        .checkpoints
+        .acknowledged(caller, node)
+        .into_iter()
+        .map(|gap| pb::AcknowledgedGap {
+            first_sequence: gap.first,
+            last_sequence: gap.last,
+            proposed_by: gap.proposed_by,
+            approved_by: gap.approved_by,
+            approved_at_unix_ms: gap.approved_at_unix_ms,
+        })
+        .collect();
+    let checkpoint = match shared.checkpoints.get(caller, node) {
         Some(kept) => pb::AuditCheckpoint {
             node: kept.node,
             sequence: kept.sequence,
             chain: hex::decode(&kept.chain).unwrap_or_default(),
             at_unix_ms: kept.at_unix_ms,
+            acknowledged_gaps: Vec::new(),
         },
         None => pb::AuditCheckpoint {
             node: node.to_owned(),
             ..pb::AuditCheckpoint::default()
         },
+    };
+    pb::AuditCheckpoint {
+        acknowledged_gaps,
+        ..checkpoint
     }
 }

@@ -33,9 +33,10 @@ pub(super) fn kind_from_wire(kind: i32) -> Result<OperationKind, ServiceError> {
         Ok(pb::OperationKind::Destroy) => Ok(OperationKind::Destroy),
         Ok(pb::OperationKind::Unretire) => Ok(OperationKind::Unretire),
         Ok(pb::OperationKind::RootKeyChange) => Ok(OperationKind::RootKeyChange),
+        Ok(pb::OperationKind::AuditGap) => Ok(OperationKind::AuditGap),
         _ => Err(ServiceError::InvalidArgument {
             field: "kind",
-            rule: "must be destroy, unretire or root-key-change",
+            rule: "must be destroy, unretire, root-key-change or audit-gap",
         }),
     }
 }
@@ -54,6 +55,7 @@ fn kind_to_wire(kind: OperationKind) -> pb::OperationKind {
         OperationKind::Destroy => pb::OperationKind::Destroy,
         OperationKind::Unretire => pb::OperationKind::Unretire,
         OperationKind::RootKeyChange => pb::OperationKind::RootKeyChange,
+        OperationKind::AuditGap => pb::OperationKind::AuditGap,
     }
 }
 
@@ -77,5 +79,11 @@ pub(super) fn proposal_to_wire(p: &Proposal, now: i64) -> pb::Proposal {
         state: state as i32,
         approved_by: p.approved_by.clone().unwrap_or_default(),
         approved_at_unix_ms: p.approved_at_unix_ms,
+        audit_gap: p.audit_gap.as_ref().map(|gap| pb::AuditGap {
+            vault_identity: gap.identity.clone(),
+            node: gap.node.clone(),
+            first_sequence: gap.first,
+            last_sequence: gap.last,
+        }),
     }
 }

@@ -5,13 +5,13 @@
 use vault_proto::vault::v1 as pb;
 use zeroize::Zeroize;
 
-use crate::audit::{AuditEvent, Verification};
+use crate::audit::AuditEvent;
 use crate::card::{Brand, CardData, CardholderName, Cvc, Expiry, Pan, Today, Violation, violation};
 use crate::error::VaultError;
 use crate::lockout::{Block, Kind};
 use crate::ops::{
-    AuditPage, AuditQuery, Backup, BackupCheck, BatchItem, ForwardRequest, Forwarded, Tokenize,
-    TokenizeBatch, Tokenized,
+    AuditPage, AuditQuery, AuditReport, Backup, BackupCheck, BatchItem, ForwardRequest, Forwarded,
+    Tokenize, TokenizeBatch, Tokenized,
 };
 use crate::record::Metadata;
 use crate::rewrap;
@@ -239,17 +239,28 @@ fn audit_event(event: AuditEvent, audit_key_version: u32) -> pb::AuditEvent {
     }
 }
 
-pub fn audit_verification(verification: Verification) -> pb::VerifyAuditResponse {
-    let (first_bad_sequence, problem) = verification
+pub fn audit_verification(report: AuditReport) -> pb::VerifyAuditResponse {
+    let (first_bad_sequence, problem) = report
         .fault
         .map_or((0, String::new()), |(sequence, problem)| {
             (sequence, problem.to_owned())
         });
     pb::VerifyAuditResponse {
-        entries: verification.entries,
-        intact: verification.fault.is_none(),
+        entries: report.entries,
+        intact: report.fault.is_none(),
         first_bad_sequence,
         problem,
+        gaps: report
+            .gaps
+            .into_iter()
+            .map(|gap| pb::AuditLogGap {
+                first_sequence: gap.first,
+                last_sequence: gap.last,
+                acknowledged: gap.acknowledged_by.is_some(),
+                acknowledged_by: gap.acknowledged_by.unwrap_or_default(),
+            })
+            .collect(),
+        node: report.node,
     }
 }
 

@@ -110,8 +110,25 @@ impl Anchor {
     }
 }
 
-/// This vault's checkpoint at the keyservice, if it has one.
-pub async fn checkpoint(keys: &Keys, node: &str) -> Result<Option<Head>, tonic::Status> {
+/// What the keyservice keeps for this vault: its checkpoint, and the gaps in its log
+/// that two admins acknowledged.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Kept {
+    pub head: Option<Head>,
+    pub acknowledged: Vec<Acknowledged>,
+}
+
+/// Entries `first..=last` missing from the log, acknowledged under dual control.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acknowledged {
+    pub first: u64,
+    pub last: u64,
+    /// "proposer, approver".
+    pub by: String,
+}
+
+/// This vault's checkpoint at the keyservice, and its acknowledged gaps.
+pub async fn checkpoint(keys: &Keys, node: &str) -> Result<Kept, tonic::Status> {
     let kept = keys
         .keyservice()
         .get_audit_checkpoint(pb::GetAuditCheckpointRequest {
@@ -119,12 +136,20 @@ pub async fn checkpoint(keys: &Keys, node: &str) -> Result<Option<Head>, tonic::
         })
         .await?
         .into_inner();
-    Ok(
-        match (kept.sequence, <[u8; 32]>::try_from(kept.chain.as_slice())) {
-            (0, _) | (_, Err(_)) => None,
-            (sequence, Ok(chain)) => Some(Head { sequence, chain }),
-        },
-    )
+    let head = match (kept.sequence, <[u8; 32]>::try_from(kept.chain.as_slice())) {
+        (0, _) | (_, Err(_)) => None,
+        (sequence, Ok(chain)) => Some(Head { sequence, chain }),
+    };
+    let acknowledged = kept
+        .acknowledged_gaps
+        .into_iter()
+        .map(|gap| Acknowledged {
+            first: gap.first_sequence,
+            last: gap.last_sequence,
+            by: format!("{}, {}", gap.proposed_by, gap.approved_by),
+        })
+        .collect();
+    Ok(Kept { head, acknowledged })
 }
 
 /// Sends each new durable head to the keyservice as this vault's checkpoint, at most
@@ -146,13 +171,18 @@ pub async fn report_checkpoints(
                 node: node.clone(),
                 sequence: head.sequence,
                 chain: head.chain.to_vec(),
-                at_unix_ms: 0,
+                ..pb::AuditCheckpoint::default()
             };
-            match keys.keyservice().report_audit_head(report).await {
-                Ok(_) => sent = Some(head),
-                Err(status) => {
-                    tracing::debug!(code = ?status.code(), "audit checkpoint not delivered")
-                }
+            // Not after shutdown: a restarted vault reads its checkpoint as it starts.
+            let mut client = keys.keyservice();
+            tokio::select! {
+                reported = client.report_audit_head(report) => match reported {
+                    Ok(_) => sent = Some(head),
+                    Err(status) => {
+                        tracing::debug!(code = ?status.code(), "audit checkpoint not delivered")
+                    }
+                },
+                _ = &mut stop => return,
             }
         }
         tokio::select! {

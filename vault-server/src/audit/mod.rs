@@ -25,7 +25,7 @@ use crate::store::{AUDIT_HEAD_KEY, Sealed, Store, StoreError};
 
 mod head;
 
-pub use head::{Anchor, Head, checkpoint, report_checkpoints};
+pub use head::{Acknowledged, Anchor, Head, Kept, checkpoint, report_checkpoints};
 
 const MAC_LABEL: &[u8] = b"tokenvault.audit.v1";
 const HEADER_LEN: usize = 4 + 32;
@@ -55,6 +55,11 @@ pub struct AuditEvent {
     pub request_id: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub detail: String,
+    /// Set on the first entry after a gap (entries missing below it): the hex chain
+    /// value of the head it follows, which its MAC is computed over in place of the
+    /// missing entry's. `verify` checks it, reports the gap, and goes on after it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub chained_on: String,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -157,10 +162,29 @@ impl Auditor {
         }
         let watching = heads.subscribe();
         tokio::spawn(write_events(store, keys, receiver, heads));
-        Ok(Self {
+        let auditor = Self {
             queue,
             heads: watching,
-        })
+        };
+        if ahead > last_sequence {
+            // Said in the log itself, as the first entry after the gap.
+            let gap = AuditEvent {
+                at_unix_ms: runtime::now_unix_ms(),
+                actor: "vault".into(),
+                peer: "-".into(),
+                action: "AuditGap".into(),
+                outcome: "found".into(),
+                detail: format!(
+                    "entries {}..={ahead} are missing: the log ends before its head",
+                    last_sequence + 1
+                ),
+                ..AuditEvent::default()
+            };
+            if let Err(e) = auditor.record(gap).await {
+                tracing::error!(error = %e, "the audit gap could not be recorded");
+            }
+        }
+        Ok(auditor)
     }
 
     /// Writes `event` durably and returns its sequence number.
@@ -250,9 +274,16 @@ async fn write_events<S: Store>(
             let (version, key) = set.audit.active();
             let (mut sequence, mut previous) =
                 after.map_or((1, [0u8; 32]), |head| (head.sequence + 1, head.chain));
+            // Entries are missing between the log's end and the head it continues.
+            let gap = after.filter(|head| Some(*head) != stored);
             let mut entries = Vec::with_capacity(events.len());
-            for mut event in events {
+            for (i, mut event) in events.into_iter().enumerate() {
                 event.sequence = sequence;
+                if i == 0
+                    && let Some(head) = gap
+                {
+                    event.chained_on = hex::encode(head.chain);
+                }
                 // Serializing strings and numbers cannot fail; were it to, the empty
                 // event would fail `verify`, not vanish.
                 let json = serde_json::to_vec(&event).unwrap_or_default();
@@ -318,9 +349,29 @@ pub fn decode(entry: &[u8]) -> Option<(u32, AuditEvent)> {
 /// The result of checking the whole chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verification {
+    /// Entries checked (gaps not counted).
     pub entries: u64,
-    /// The first entry at fault and what is wrong with it.
+    /// The first entry at fault and what is wrong with it (gaps are not faults here:
+    /// whether one is acknowledged is the caller's to say).
     pub fault: Option<(u64, &'static str)>,
+    /// Entries missing where the writer continued after a head (first, last).
+    pub gaps: Vec<(u64, u64)>,
+}
+
+/// Whether `event`, stored at `position` after missing entries, is the writer's first
+/// entry after a gap: it names the head it chains on, and its MAC is over that.
+fn gap_entry(
+    set: &crate::keys::KeySet,
+    position: u64,
+    event: &AuditEvent,
+    version: u32,
+    stored_mac: [u8; 32],
+    json: &[u8],
+) -> Option<()> {
+    let chained_on: [u8; 32] = hex::decode(&event.chained_on).ok()?.try_into().ok()?;
+    let key = set.audit.get(version)?;
+    (event.sequence == position && mac(key, &chained_on, position, json) == stored_mac)
+        .then_some(())
 }
 
 /// Checks every entry in order (sequence numbers without gaps, each event's own
@@ -350,24 +401,48 @@ pub async fn verify<S: Store>(
     let mut previous = [0u8; 32];
     let mut after = 0;
     let mut chain_fault = None;
+    let mut gaps: Vec<(u64, u64)> = Vec::new();
     'pages: loop {
         let page = store.read_audit(after, 10_000).await?;
         let Some(last) = page.last().map(|(sequence, _)| *sequence) else {
             break;
         };
         for (i, (position, entry)) in page.iter().enumerate() {
-            if *position != expected {
-                chain_fault = Some("removed");
-                break 'pages;
-            }
             let Some((version, stored_mac, json)) = split(entry) else {
-                chain_fault = Some("edited");
+                chain_fault = Some(if *position == expected {
+                    "edited"
+                } else {
+                    "removed"
+                });
                 break 'pages;
             };
             let Ok(event) = serde_json::from_slice::<AuditEvent>(json) else {
-                chain_fault = Some("edited");
+                chain_fault = Some(if *position == expected {
+                    "edited"
+                } else {
+                    "removed"
+                });
                 break 'pages;
             };
+            if *position != expected {
+                // A gap the writer left on purpose: the entry after it names the head
+                // it chains on, and its MAC proves that. Anything else is a cut.
+                match gap_entry(&set, *position, &event, version, stored_mac, json) {
+                    Some(()) if *position > expected => {
+                        gaps.push((expected, position - 1));
+                        if heads.iter().any(|head| head.sequence == *position) {
+                            seen.push((*position, stored_mac));
+                        }
+                        previous = stored_mac;
+                        expected = position + 1;
+                        continue;
+                    }
+                    _ => {
+                        chain_fault = Some("removed");
+                        break 'pages;
+                    }
+                }
+            }
             if event.sequence != expected {
                 chain_fault = Some("reordered");
                 break 'pages;
@@ -409,15 +484,20 @@ pub async fn verify<S: Store>(
     if let Some(Anchor::Altered(claimed)) = anchor {
         faults.push((claimed.unwrap_or(expected), "head altered"));
     }
+    let in_gap = |sequence: u64| {
+        gaps.iter()
+            .any(|(first, last)| (*first..=*last).contains(&sequence))
+    };
     for head in &heads {
         if head.sequence >= expected {
             faults.push((expected, "removed"));
-        } else if !seen.contains(&(head.sequence, head.chain)) {
+        } else if !in_gap(head.sequence) && !seen.contains(&(head.sequence, head.chain)) {
             faults.push((head.sequence, "replaced"));
         }
     }
     Ok(Verification {
         entries,
         fault: faults.into_iter().min_by_key(|(sequence, _)| *sequence),
+        gaps,
     })
 }

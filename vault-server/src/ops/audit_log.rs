@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::audit::{self, AuditEvent, Verification};
+use crate::audit::{self, Acknowledged, AuditEvent, Verification};
 use crate::error::VaultError;
 use crate::keys::Keys;
 use crate::store::Store;
@@ -84,10 +84,68 @@ impl<S: Store> AuditLog<S> {
 
     /// Checks the chain, the store's anchor, and this vault's checkpoint at the
     /// keyservice (without which nothing would show a log deleted or restored whole).
-    pub async fn verify(&self) -> Result<Verification, VaultError> {
-        let checkpoint = audit::checkpoint(&self.keys, &self.node)
+    /// A gap is a fault ("removed") until two admins acknowledge it.
+    pub async fn verify(&self) -> Result<AuditReport, VaultError> {
+        let kept = audit::checkpoint(&self.keys, &self.node)
             .await
             .map_err(|status| VaultError::CheckpointUnavailable(status.message().to_owned()))?;
-        Ok(audit::verify(self.store.as_ref(), &self.keys, checkpoint).await?)
+        let verification = audit::verify(self.store.as_ref(), &self.keys, kept.head).await?;
+        Ok(AuditReport::new(
+            verification,
+            &kept.acknowledged,
+            self.node.clone(),
+        ))
+    }
+}
+
+/// What `audit verify` answers.
+#[derive(Debug)]
+pub struct AuditReport {
+    /// Entries checked.
+    pub entries: u64,
+    /// The first entry at fault, an unacknowledged gap included.
+    pub fault: Option<(u64, &'static str)>,
+    pub gaps: Vec<Gap>,
+    /// This vault's node name, which an acknowledgement names.
+    pub node: String,
+}
+
+/// Entries `first..=last` missing from the log; `acknowledged_by` "proposer, approver".
+#[derive(Debug)]
+pub struct Gap {
+    pub first: u64,
+    pub last: u64,
+    pub acknowledged_by: Option<String>,
+}
+
+impl AuditReport {
+    fn new(verification: Verification, acknowledged: &[Acknowledged], node: String) -> Self {
+        let gaps: Vec<Gap> = verification
+            .gaps
+            .iter()
+            .map(|&(first, last)| Gap {
+                first,
+                last,
+                acknowledged_by: acknowledged
+                    .iter()
+                    .find(|a| a.first <= first && last <= a.last)
+                    .map(|a| a.by.clone()),
+            })
+            .collect();
+        let unacknowledged = gaps
+            .iter()
+            .filter(|gap| gap.acknowledged_by.is_none())
+            .map(|gap| (gap.first, "removed"));
+        let fault = verification
+            .fault
+            .into_iter()
+            .chain(unacknowledged)
+            .min_by_key(|(sequence, _)| *sequence);
+        Self {
+            entries: verification.entries,
+            fault,
+            gaps,
+            node,
+        }
     }
 }

@@ -21,7 +21,7 @@ mod tokenize;
 use std::sync::Arc;
 
 pub use admin::{Admin, AdminSettings, Backup, BackupCheck};
-pub use audit_log::{AuditLog, AuditPage, AuditQuery};
+pub use audit_log::{AuditLog, AuditPage, AuditQuery, AuditReport};
 pub use forward::{ForwardRequest, ForwardSettings, Forwarded, Forwarder};
 pub use journal::Journal;
 pub use records::{RecordSettings, Records};

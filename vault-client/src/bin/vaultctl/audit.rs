@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
-use vault_client::{AUDIT_PAGE_MAX, AuditEvent, AuditVerification, VaultClient};
+use vault_client::{AUDIT_PAGE_MAX, AuditEvent, AuditGap, AuditVerification, VaultClient};
 
 use crate::ConfigFn;
 use crate::output::{Lines, printable, utc_ms};
@@ -76,6 +76,9 @@ pub async fn run(command: AuditCommand, vault: ConfigFn<'_>) -> anyhow::Result<E
         AuditCommand::Verify => {
             let verification = client.verify_audit().await.context("verify audit log")?;
             println!("{}", verification_line(&verification));
+            for gap in &verification.gaps {
+                println!("{}", gap_line(gap, &verification.node));
+            }
             Ok(if verification.intact {
                 ExitCode::SUCCESS
             } else {
@@ -280,6 +283,19 @@ pub fn verification_line(v: &AuditVerification) -> String {
     )
 }
 
+/// One gap: acknowledged (by whom), or what two admins run to acknowledge it.
+pub fn gap_line(gap: &AuditGap, node: &str) -> String {
+    let (first, last) = (gap.first_sequence, gap.last_sequence);
+    match &gap.acknowledged_by {
+        Some(by) => format!("gap: entries {first}..={last} missing, acknowledged by {by}"),
+        None => format!(
+            "gap: entries {first}..={last} missing, NOT acknowledged; to acknowledge: vaultctl \
+             keys propose audit-gap {first} {last} --node {node} --vault-identity <the vault's \
+             certificate identity>, approved by a second admin"
+        ),
+    }
+}
+
 fn entries(n: u64) -> String {
     if n == 1 {
         "1 entry".into()
@@ -406,6 +422,8 @@ mod tests {
             intact: true,
             first_bad_sequence: None,
             problem: None,
+            gaps: Vec::new(),
+            node: String::new(),
         };
         assert_eq!(verification_line(&v), "audit log intact: 1234 entries");
         v.entries = 1;
@@ -415,6 +433,8 @@ mod tests {
             intact: false,
             first_bad_sequence: Some(17),
             problem: Some("edited".into()),
+            gaps: Vec::new(),
+            node: String::new(),
         };
         assert_eq!(
             verification_line(&v),

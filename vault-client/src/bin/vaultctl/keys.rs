@@ -107,6 +107,21 @@ pub enum ProposeCommand {
         /// `keyservice gen-root-key`); it is not read from this machine.
         file: String,
     },
+    /// Acknowledge a gap in a vault's audit log, as `vaultctl audit verify` reports it
+    /// (a restored backup, a lost disk): the vault serves card data again, and verify
+    /// lists the gap instead of failing on it.
+    AuditGap {
+        /// The first missing entry.
+        first: u64,
+        /// The last missing entry.
+        last: u64,
+        /// The vault's certificate identity (e.g. spiffe://tokenvault.dev/vault).
+        #[arg(long)]
+        vault_identity: String,
+        /// The vault's node name, as `vaultctl audit verify` prints it.
+        #[arg(long)]
+        node: String,
+    },
 }
 
 /// A key purpose; the names are those of `vault_client::KEY_PURPOSES`.
@@ -188,6 +203,16 @@ pub async fn run(
                     client.propose_unretire(purpose.name(), version).await
                 }
                 ProposeCommand::RootKey { file } => client.propose_root_key_change(&file).await,
+                ProposeCommand::AuditGap {
+                    first,
+                    last,
+                    vault_identity,
+                    node,
+                } => {
+                    client
+                        .propose_audit_gap(&vault_identity, &node, first, last)
+                        .await
+                }
             }
             .context("propose operation")?;
             print!("{}", proposed_text(&proposal));
@@ -330,6 +355,9 @@ fn rotated_line(purpose: &str, version: u32, state: &str, previous: Option<u32>)
 /// What a proposal would do: "destroy card-data version 2",
 /// "root-key-change to /etc/keyservice/root-2.key".
 fn describe(p: &Proposal) -> String {
+    if let Some((identity, node, first, last)) = &p.audit_gap {
+        return format!("{} {first}..={last} of {identity} at {node}", p.kind);
+    }
     match (&p.new_root_key_file, &p.purpose, p.version) {
         (Some(file), _, _) => format!("{} to {file}", p.kind),
         (None, Some(purpose), Some(version)) => format!("{} {purpose} version {version}", p.kind),
@@ -358,6 +386,7 @@ fn approved_line(p: &Proposal) -> String {
         ("root-key-change", Some(file)) => {
             format!("keyring re-sealed under the root key in {file}")
         }
+        ("audit-gap", _) => format!("acknowledged {}", describe(p)),
         _ => format!("carried out {}", describe(p)),
     };
     format!(
@@ -877,6 +906,7 @@ mod tests {
             state: "pending".into(),
             approved_by: None,
             approved_at_unix_ms: None,
+            audit_gap: None,
         }
     }
 
