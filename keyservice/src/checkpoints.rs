@@ -47,17 +47,29 @@ pub struct Checkpoints {
     kept: Mutex<Kept>,
 }
 
+/// A gap a vault found in its own log: entries `first..=last` missing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FoundGap {
+    pub identity: String,
+    pub node: String,
+    pub first: u64,
+    pub last: u64,
+}
+
 /// The file's contents.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct File {
     checkpoints: Vec<Checkpoint>,
     acknowledged_gaps: Vec<Acknowledgement>,
+    #[serde(default)]
+    found_gaps: Vec<FoundGap>,
 }
 
 #[derive(Debug, Default)]
 struct Kept {
     checkpoints: BTreeMap<(String, String), Checkpoint>,
     acknowledged: Vec<Acknowledgement>,
+    found: Vec<FoundGap>,
 }
 
 /// What a report did.
@@ -90,6 +102,7 @@ impl Checkpoints {
             kept: Mutex::new(Kept {
                 checkpoints,
                 acknowledged: file.acknowledged_gaps,
+                found: file.found_gaps,
             }),
         })
     }
@@ -115,6 +128,36 @@ impl Checkpoints {
             .filter(|a| a.identity == identity && a.node == node)
             .cloned()
             .collect()
+    }
+
+    /// The gaps `identity` at `node` reported finding in its log.
+    pub fn found(&self, identity: &str, node: &str) -> Vec<FoundGap> {
+        self.kept()
+            .found
+            .iter()
+            .filter(|g| g.identity == identity && g.node == node)
+            .cloned()
+            .collect()
+    }
+
+    /// Keeps the gaps a vault reports finding (those not kept yet); durable before it
+    /// returns. A found gap is never forgotten: an acknowledgement covers it.
+    pub fn report_gaps(&self, gaps: Vec<FoundGap>) -> std::io::Result<()> {
+        let mut kept = self.kept();
+        let before = kept.found.len();
+        for gap in gaps {
+            if !kept.found.contains(&gap) {
+                kept.found.push(gap);
+            }
+        }
+        if kept.found.len() == before {
+            return Ok(());
+        }
+        if let Err(e) = self.save(&kept) {
+            kept.found.truncate(before);
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Keeps `checkpoint` if it is above the one kept; durable before it returns.
@@ -159,6 +202,7 @@ impl Checkpoints {
         let file = File {
             checkpoints: kept.checkpoints.values().cloned().collect(),
             acknowledged_gaps: kept.acknowledged.clone(),
+            found_gaps: kept.found.clone(),
         };
         let bytes = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
         let temporary = self.path.with_extension("tmp");
@@ -238,5 +282,20 @@ mod tests {
         assert_eq!(again.acknowledged("vault", "a:1"), vec![gap]);
         assert!(again.acknowledged("vault", "b:1").is_empty());
         assert_eq!(again.get("vault", "a:1").map(|c| c.sequence), Some(5));
+
+        let found = FoundGap {
+            identity: "vault".into(),
+            node: "a:1".into(),
+            first: 3,
+            last: 4,
+        };
+        again
+            .report_gaps(vec![found.clone(), found.clone()])
+            .unwrap();
+        again.report_gaps(vec![found.clone()]).unwrap();
+        assert_eq!(
+            Checkpoints::open(&path).unwrap().found("vault", "a:1"),
+            vec![found]
+        );
     }
 }

@@ -926,7 +926,9 @@ async fn audit_entries_deleted_online_with_an_older_head_put_back_are_reported()
     let expected = (false, Some(kept + 1), Some("removed".to_owned()));
     let report = vault.verify_audit().await.unwrap();
     assert_eq!(removed_at(&report), expected, "{report:?}");
-    vault.tokenize(card("481000", 99), false).await.unwrap();
+    // The gap was found on that verify's own append: no card data until acknowledged.
+    let refused = vault.tokenize(card("481000", 99), false).await.unwrap_err();
+    assert_eq!(refused.code(), Some(Code::FailedPrecondition), "{refused}");
     let report = vault.verify_audit().await.unwrap();
     assert_eq!(removed_at(&report), expected, "{report:?}");
 
@@ -934,5 +936,7 @@ async fn audit_entries_deleted_online_with_an_older_head_put_back_are_reported()
     let mut vault = stack.client(ADMIN).await;
     let report = vault.verify_audit().await.unwrap();
     assert_eq!(removed_at(&report), expected, "{report:?}");
+    let refused = vault.tokenize(card("481000", 98), false).await.unwrap_err();
+    assert_eq!(refused.code(), Some(Code::FailedPrecondition), "{refused}");
     stack.stop().await;
 }

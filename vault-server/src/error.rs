@@ -62,6 +62,11 @@ pub enum VaultError {
     NoSuchBlock,
     #[error("the audit checkpoint could not be read from the keyservice: {0}")]
     CheckpointUnavailable(String),
+    #[error(
+        "the audit log is missing entries {first}..={last}: card data is refused until two \
+         admins acknowledge the gap (`vaultctl audit verify` says how)"
+    )]
+    AuditGap { first: u64, last: u64 },
     #[error("forward refused: too many forwards for this caller or card; retry later")]
     VelocityExceeded,
 }
@@ -185,6 +190,7 @@ impl VaultError {
                     "the audit log could not be written, so the call was refused",
                 )
             }
+            VaultError::AuditGap { .. } => Status::failed_precondition(self.to_string()),
             VaultError::CheckpointUnavailable(_) => internal(
                 Code::Unavailable,
                 "the audit log's checkpoint could not be read from the keyservice; try again",

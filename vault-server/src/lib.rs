@@ -123,24 +123,35 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
             node_name(settings).unwrap_or_else(|_| format!("vault:{}", settings.listen_addr.port()))
         }
     };
+    // Gaps in this vault's audit log: while one is not acknowledged, no card data.
+    let gaps = Arc::new(audit::Gaps::default());
     let auditor = if settings.audit.enabled {
         let checkpoint = audit::checkpoint(&keys, &audit_node)
             .await
-            .map(|kept| kept.head)
+            .map(|kept| {
+                audit::learn(&gaps, &kept);
+                kept.head
+            })
             .unwrap_or_else(|status| {
                 tracing::warn!(
                     code = ?status.code(),
-                    "this vault's audit checkpoint could not be read from the keyservice;                      the log continues after its own end"
+                    "this vault's audit checkpoint could not be read from the keyservice; \
+                     the log continues after its own end"
                 );
                 None
             });
         Some(
-            audit::Auditor::start(Arc::clone(&store), Arc::clone(&keys), checkpoint)
-                .await
-                .map_err(|e| Error::Storage {
-                    path: settings.data_dir.display().to_string(),
-                    detail: e.to_string(),
-                })?,
+            audit::Auditor::start(
+                Arc::clone(&store),
+                Arc::clone(&keys),
+                checkpoint,
+                Arc::clone(&gaps),
+            )
+            .await
+            .map_err(|e| Error::Storage {
+                path: settings.data_dir.display().to_string(),
+                detail: e.to_string(),
+            })?,
         )
     } else {
         tracing::warn!(
@@ -225,6 +236,7 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
             policy,
             lockout,
             journal,
+            gaps,
         },
         tls,
         limits: settings.limits.clone(),
@@ -608,6 +620,7 @@ impl Bound {
                 Arc::clone(&self.keys),
                 self.audit_node.clone(),
                 heads,
+                Arc::clone(&self.guards.gaps),
                 shutdown.clone(),
             ));
         }

@@ -11,7 +11,7 @@ use vault_proto::keys::v1 as pb;
 
 use super::wire::{purpose_from_wire, purpose_to_wire, state_to_wire};
 use super::{Shared, UsageReport, lock, now_unix_ms};
-use crate::checkpoints::{Checkpoint, Reported};
+use crate::checkpoints::{Checkpoint, FoundGap, Reported};
 use crate::error::ServiceError;
 use crate::history::NewEvent;
 use crate::keyring::{Purpose, State};
@@ -169,6 +169,23 @@ pub(super) fn report_audit_head(
             rule: "a sequence number above 0 and a 32-byte chain value",
         });
     }
+    let found: Vec<FoundGap> = request
+        .found_gaps
+        .iter()
+        .filter(|gap| gap.first_sequence >= 1 && gap.first_sequence <= gap.last_sequence)
+        .map(|gap| FoundGap {
+            identity: caller.clone(),
+            node: request.node.clone(),
+            first: gap.first_sequence,
+            last: gap.last_sequence,
+        })
+        .collect();
+    if !found.is_empty() {
+        shared
+            .checkpoints
+            .report_gaps(found)
+            .map_err(ServiceError::Checkpoint)?;
+    }
     let checkpoint = Checkpoint {
         identity: caller,
         node: request.node,
@@ -217,15 +234,25 @@ pub(super) fn audit_checkpoint(shared: &Shared, caller: &str, node: &str) -> pb:
             sequence: kept.sequence,
             chain: hex::decode(&kept.chain).unwrap_or_default(),
             at_unix_ms: kept.at_unix_ms,
-            acknowledged_gaps: Vec::new(),
+            ..pb::AuditCheckpoint::default()
         },
         None => pb::AuditCheckpoint {
             node: node.to_owned(),
             ..pb::AuditCheckpoint::default()
         },
     };
+    let found_gaps = shared
+        .checkpoints
+        .found(caller, node)
+        .into_iter()
+        .map(|gap| pb::GapRange {
+            first_sequence: gap.first,
+            last_sequence: gap.last,
+        })
+        .collect();
     pb::AuditCheckpoint {
         acknowledged_gaps,
+        found_gaps,
         ..checkpoint
     }
 }

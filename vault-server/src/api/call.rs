@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use super::audited::Audited;
-use crate::audit::{AuditEvent, Auditor};
+use crate::audit::{AuditEvent, Auditor, Gaps};
 use crate::error::VaultError;
 use crate::lockout::Lockout;
 use crate::ops::Journal;
@@ -27,6 +27,14 @@ pub struct Guards {
     pub policy: Arc<SharedPolicy>,
     pub lockout: Arc<Lockout>,
     pub journal: Arc<Journal>,
+    /// While the audit log has a gap nobody acknowledged, card data is refused.
+    pub gaps: Arc<Gaps>,
+}
+
+/// Whether a call with `permission` touches card data (the rest: reading and verifying
+/// the audit log, operating the vault).
+fn touches_card_data(permission: &Permission) -> bool {
+    !matches!(permission, Permission::Audit | Permission::Admin)
 }
 
 /// Records a call whose future was dropped (the caller cancelled or its deadline
@@ -119,6 +127,14 @@ impl Guards {
                         Denied::Unauthenticated => VaultError::Unauthenticated,
                         Denied::PermissionDenied => VaultError::PermissionDenied,
                     })
+            };
+            let gap = self
+                .gaps
+                .unacknowledged()
+                .filter(|_| touches_card_data(&permission));
+            let authorized = match (authorized, gap) {
+                (Ok(_), Some((first, last))) => Err(VaultError::AuditGap { first, last }),
+                (authorized, _) => authorized,
             };
             let result = match authorized {
                 Ok(mut caller) => {

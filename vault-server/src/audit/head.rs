@@ -19,6 +19,7 @@ use runtime::shutdown::Shutdown;
 use tokio::sync::watch;
 use vault_proto::keys::v1 as pb;
 
+use super::Gaps;
 use crate::keys::{KeySet, Keys};
 
 const HEAD_LABEL: &[u8] = b"tokenvault.audit.head.v1";
@@ -116,6 +117,8 @@ impl Anchor {
 pub struct Kept {
     pub head: Option<Head>,
     pub acknowledged: Vec<Acknowledged>,
+    /// Gaps this vault reported finding.
+    pub found: Vec<(u64, u64)>,
 }
 
 /// Entries `first..=last` missing from the log, acknowledged under dual control.
@@ -149,35 +152,58 @@ pub async fn checkpoint(keys: &Keys, node: &str) -> Result<Kept, tonic::Status> 
             by: format!("{}, {}", gap.proposed_by, gap.approved_by),
         })
         .collect();
-    Ok(Kept { head, acknowledged })
+    let found = kept
+        .found_gaps
+        .into_iter()
+        .map(|gap| (gap.first_sequence, gap.last_sequence))
+        .collect();
+    Ok(Kept {
+        head,
+        acknowledged,
+        found,
+    })
 }
 
-/// Sends each new durable head to the keyservice as this vault's checkpoint, at most
-/// once a second (so within a second of any call), until `shutdown`. A head that
-/// cannot be sent is sent with the next.
+/// Sends each new durable head to the keyservice as this vault's checkpoint, with the
+/// gaps found, at most once a second (so within a second of any call), until
+/// `shutdown`. A head that cannot be sent is sent with the next. While a gap is not
+/// acknowledged, asks every second whether it is.
 pub async fn report_checkpoints(
     keys: Arc<Keys>,
     node: String,
     mut heads: watch::Receiver<Option<Head>>,
+    gaps: Arc<Gaps>,
     shutdown: Shutdown,
 ) {
     let stop = shutdown.wait();
     tokio::pin!(stop);
     let mut sent: Option<Head> = None;
+    let mut gaps_sent = 0;
     loop {
         let head = *heads.borrow_and_update();
-        if let Some(head) = head.filter(|head| Some(*head) != sent) {
+        let found = gaps.all_found();
+        if let Some(head) = head.filter(|head| Some(*head) != sent || found.len() != gaps_sent) {
             let report = pb::AuditCheckpoint {
                 node: node.clone(),
                 sequence: head.sequence,
                 chain: head.chain.to_vec(),
+                found_gaps: found
+                    .iter()
+                    .map(|&(first, last)| pb::GapRange {
+                        first_sequence: first,
+                        last_sequence: last,
+                    })
+                    .collect(),
                 ..pb::AuditCheckpoint::default()
             };
             // Not after shutdown: a restarted vault reads its checkpoint as it starts.
             let mut client = keys.keyservice();
             tokio::select! {
                 reported = client.report_audit_head(report) => match reported {
-                    Ok(_) => sent = Some(head),
+                    Ok(_) => {
+                        sent = Some(head);
+                        gaps_sent = found.len();
+                    }
                     Err(status) => {
                         tracing::debug!(code = ?status.code(), "audit checkpoint not delivered")
                     }
@@ -185,18 +211,40 @@ pub async fn report_checkpoints(
                 _ = &mut stop => return,
             }
         }
+        if gaps.unacknowledged().is_some() {
+            tokio::select! {
+                kept = checkpoint(&keys, &node) => match kept {
+                    Ok(kept) => learn(&gaps, &kept),
+                    Err(status) => tracing::debug!(code = ?status.code(), "audit gap acknowledgements not read"),
+                },
+                _ = &mut stop => return,
+            }
+        }
+        // At most once a second, except that a gap found is reported at once.
         tokio::select! {
             () = tokio::time::sleep(CHECKPOINT_EVERY) => {}
+            () = gaps.newly_found() => continue,
             _ = &mut stop => return,
         }
-        // Waits for a new head (or a retry of an unsent one).
-        if sent == *heads.borrow() {
+        // Waits for a new head (or a retry of an unsent one, or an acknowledgement).
+        if sent == *heads.borrow() && gaps.unacknowledged().is_none() {
             tokio::select! {
                 changed = heads.changed() => if changed.is_err() { return },
+                () = gaps.newly_found() => {}
                 _ = &mut stop => return,
             }
         }
     }
+}
+
+/// Takes in what the keyservice keeps of this vault's gaps.
+pub fn learn(gaps: &Gaps, kept: &Kept) {
+    let acknowledged: Vec<(u64, u64)> = kept
+        .acknowledged
+        .iter()
+        .map(|gap| (gap.first, gap.last))
+        .collect();
+    gaps.learn(&kept.found, &acknowledged);
 }
 
 #[cfg(test)]

@@ -23,9 +23,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::keys::Keys;
 use crate::store::{AUDIT_HEAD_KEY, Sealed, Store, StoreError};
 
+mod gaps;
 mod head;
 
-pub use head::{Acknowledged, Anchor, Head, Kept, checkpoint, report_checkpoints};
+pub use gaps::Gaps;
+pub use head::{Acknowledged, Anchor, Head, Kept, checkpoint, learn, report_checkpoints};
 
 const MAC_LABEL: &[u8] = b"tokenvault.audit.v1";
 const HEADER_LEN: usize = 4 + 32;
@@ -120,6 +122,7 @@ impl Auditor {
         store: Arc<S>,
         keys: Arc<Keys>,
         checkpoint: Option<Head>,
+        gaps: Arc<Gaps>,
     ) -> Result<Self, StoreError> {
         let last = match store.last_audit().await? {
             Some((sequence, entry)) => {
@@ -138,7 +141,8 @@ impl Auditor {
             Some(Anchor::Head(head)) => Some(head),
             Some(Anchor::Altered(_)) => {
                 tracing::error!(
-                    "the audit log's anchor does not verify: it was altered;                      `vaultctl audit verify` reports it"
+                    "the audit log's anchor does not verify: it was altered; \
+                     `vaultctl audit verify` reports it"
                 );
                 None
             }
@@ -152,7 +156,9 @@ impl Auditor {
             tracing::error!(
                 head = ahead,
                 last = last_sequence,
-                "the audit log ends before the last entry written: it was cut short or                  replaced. New entries follow the head, leaving the gap, which                  `vaultctl audit verify` reports"
+                "the audit log ends before the last entry written: it was cut short or \
+                 replaced. New entries follow the head, leaving the gap, which \
+                 `vaultctl audit verify` reports"
             );
         }
         let (queue, receiver) = mpsc::channel(8192);
@@ -160,8 +166,14 @@ impl Auditor {
         if !store.anchors_audit_log() {
             tokio::spawn(write_anchor(Arc::clone(&store), Arc::clone(&keys), anchors));
         }
+        // Only a head that verifies makes a gap that stops card data; an older
+        // vault's bare anchor is only reported by `verify`.
+        let known = highest.map_or(0, |head| head.sequence);
+        if known > last_sequence {
+            gaps.found((last_sequence + 1, known));
+        }
         let watching = heads.subscribe();
-        tokio::spawn(write_events(store, keys, receiver, heads));
+        tokio::spawn(write_events(store, keys, receiver, heads, gaps));
         let auditor = Self {
             queue,
             heads: watching,
@@ -236,6 +248,7 @@ async fn write_events<S: Store>(
     keys: Arc<Keys>,
     mut receiver: mpsc::Receiver<Pending>,
     heads: watch::Sender<Option<Head>>,
+    gaps: Arc<Gaps>,
 ) {
     // After a failed write the log's end on disk is uncertain (the WAL may hold what
     // the failed sync did not confirm): stop, refusing every call, until a restart
@@ -264,6 +277,7 @@ async fn write_events<S: Store>(
         let known = *heads.borrow();
         let appended = Arc::new(std::sync::Mutex::new(None));
         let head_out = Arc::clone(&appended);
+        let found = Arc::clone(&gaps);
         let chain = move |last: Option<(u64, Vec<u8>)>| {
             let stored = last.map(|(sequence, entry)| Head {
                 sequence,
@@ -276,6 +290,10 @@ async fn write_events<S: Store>(
                 after.map_or((1, [0u8; 32]), |head| (head.sequence + 1, head.chain));
             // Entries are missing between the log's end and the head it continues.
             let gap = after.filter(|head| Some(*head) != stored);
+            if let Some(head) = gap {
+                let first = stored.map_or(1, |stored| stored.sequence + 1);
+                found.found((first, head.sequence));
+            }
             let mut entries = Vec::with_capacity(events.len());
             for (i, mut event) in events.into_iter().enumerate() {
                 event.sequence = sequence;
