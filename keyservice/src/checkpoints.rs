@@ -72,6 +72,11 @@ struct Kept {
     found: Vec<FoundGap>,
 }
 
+/// Most node names kept per vault identity, and most gaps kept per node: a vault's
+/// certificate must not be able to grow this file (and every save) without bound.
+pub const MAX_NODES_PER_IDENTITY: usize = 64;
+pub const MAX_GAPS_PER_NODE: usize = 64;
+
 /// What a report did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reported {
@@ -82,6 +87,8 @@ pub enum Reported {
     /// Lower than the one kept, or a different chain value at the same sequence: kept
     /// as it was.
     Behind,
+    /// A new node name for an identity that has the most already: not kept.
+    TooMany,
 }
 
 impl Checkpoints {
@@ -146,7 +153,12 @@ impl Checkpoints {
         let mut kept = self.kept();
         let before = kept.found.len();
         for gap in gaps {
-            if !kept.found.contains(&gap) {
+            let of_node = kept
+                .found
+                .iter()
+                .filter(|g| g.identity == gap.identity && g.node == gap.node)
+                .count();
+            if of_node < MAX_GAPS_PER_NODE && !kept.found.contains(&gap) {
                 kept.found.push(gap);
             }
         }
@@ -175,6 +187,16 @@ impl Checkpoints {
             }
             _ => {}
         }
+        if !kept.checkpoints.contains_key(&key)
+            && kept
+                .checkpoints
+                .keys()
+                .filter(|(identity, _)| *identity == key.0)
+                .count()
+                >= MAX_NODES_PER_IDENTITY
+        {
+            return Ok(Reported::TooMany);
+        }
         let previous = kept.checkpoints.insert(key.clone(), checkpoint);
         if let Err(e) = self.save(&kept) {
             // Not kept: the next report tries again.
@@ -187,15 +209,29 @@ impl Checkpoints {
         Ok(Reported::Moved)
     }
 
-    /// Records an acknowledged gap; durable before it returns.
-    pub fn acknowledge(&self, acknowledgement: Acknowledgement) -> std::io::Result<()> {
+    /// Records an acknowledged gap; durable before it returns. Only a gap the vault
+    /// reported finding, exactly, can be acknowledged (`Ok(false)` otherwise): an
+    /// acknowledgement wider than the gap would cover later cuts too.
+    pub fn acknowledge(&self, acknowledgement: Acknowledgement) -> std::io::Result<bool> {
         let mut kept = self.kept();
+        let reported = kept.found.iter().any(|gap| {
+            (&gap.identity, &gap.node, gap.first, gap.last)
+                == (
+                    &acknowledgement.identity,
+                    &acknowledgement.node,
+                    acknowledgement.first,
+                    acknowledgement.last,
+                )
+        });
+        if !reported {
+            return Ok(false);
+        }
         kept.acknowledged.push(acknowledgement);
         if let Err(e) = self.save(&kept) {
             kept.acknowledged.pop();
             return Err(e);
         }
-        Ok(())
+        Ok(true)
     }
 
     fn save(&self, kept: &Kept) -> std::io::Result<()> {
@@ -277,25 +313,29 @@ mod tests {
             approved_by: "admin-b".into(),
             approved_at_unix_ms: 2,
         };
-        reopened.acknowledge(gap.clone()).unwrap();
-        let again = Checkpoints::open(&path).unwrap();
-        assert_eq!(again.acknowledged("vault", "a:1"), vec![gap]);
-        assert!(again.acknowledged("vault", "b:1").is_empty());
-        assert_eq!(again.get("vault", "a:1").map(|c| c.sequence), Some(5));
-
+        // Only a gap the vault reported, exactly.
+        assert!(!reopened.acknowledge(gap.clone()).unwrap());
         let found = FoundGap {
             identity: "vault".into(),
             node: "a:1".into(),
             first: 3,
             last: 4,
         };
-        again
+        reopened
             .report_gaps(vec![found.clone(), found.clone()])
             .unwrap();
-        again.report_gaps(vec![found.clone()]).unwrap();
-        assert_eq!(
-            Checkpoints::open(&path).unwrap().found("vault", "a:1"),
-            vec![found]
-        );
+        reopened.report_gaps(vec![found.clone()]).unwrap();
+        let wider = Acknowledgement {
+            first: 1,
+            last: 100,
+            ..gap.clone()
+        };
+        assert!(!reopened.acknowledge(wider).unwrap());
+        assert!(reopened.acknowledge(gap.clone()).unwrap());
+        let again = Checkpoints::open(&path).unwrap();
+        assert_eq!(again.found("vault", "a:1"), vec![found]);
+        assert_eq!(again.acknowledged("vault", "a:1"), vec![gap]);
+        assert!(again.acknowledged("vault", "b:1").is_empty());
+        assert_eq!(again.get("vault", "a:1").map(|c| c.sequence), Some(5));
     }
 }

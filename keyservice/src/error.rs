@@ -111,7 +111,9 @@ impl ServiceError {
 fn refused(refusal: &Refusal) -> Status {
     let message = refusal.to_string();
     match refusal {
-        Refusal::NoSuchVersion { .. } | Refusal::NoSuchProposal(_) => Status::not_found(message),
+        Refusal::NoSuchVersion { .. } | Refusal::NoSuchProposal(_) | Refusal::NoSuchGap(_) => {
+            Status::not_found(message)
+        }
         Refusal::SelfApproval => Status::permission_denied(message),
         Refusal::NotAead(_) => Status::invalid_argument(message),
         Refusal::WrongState { .. }

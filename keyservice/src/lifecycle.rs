@@ -24,6 +24,8 @@ pub enum Refusal {
     NotAead(&'static str),
     #[error("no proposal {0}")]
     NoSuchProposal(String),
+    #[error("{0}")]
+    NoSuchGap(String),
     #[error("proposal {0} was already approved; an approval cannot be replayed")]
     AlreadyApproved(String),
     #[error("proposal {0} expired before it was approved; propose it again")]
@@ -236,6 +238,7 @@ impl Keyring {
                 && p.purpose == proposal.purpose
                 && p.version == proposal.version
                 && p.new_root_key_file == proposal.new_root_key_file
+                && p.audit_gap == proposal.audit_gap
         }) {
             return Err(Refusal::Duplicate {
                 kind: kind_name(proposal.kind),

@@ -106,7 +106,7 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
     let keys = keys::Keys::connect(
         &settings.keyservice,
         keyservice_tls.client_config(settings.keyservice.server_name()),
-        shutdown,
+        shutdown.clone(),
     )
     .await?;
     // This vault's name among the vaults sharing a database (PostgreSQL only).
@@ -126,20 +126,9 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
     // Gaps in this vault's audit log: while one is not acknowledged, no card data.
     let gaps = Arc::new(audit::Gaps::default());
     let auditor = if settings.audit.enabled {
-        let checkpoint = audit::checkpoint(&keys, &audit_node)
-            .await
-            .map(|kept| {
-                audit::learn(&gaps, &kept);
-                kept.head
-            })
-            .unwrap_or_else(|status| {
-                tracing::warn!(
-                    code = ?status.code(),
-                    "this vault's audit checkpoint could not be read from the keyservice; \
-                     the log continues after its own end"
-                );
-                None
-            });
+        let kept = read_checkpoint(&keys, &audit_node, &shutdown).await?;
+        audit::learn(&gaps, &kept);
+        let checkpoint = kept.head;
         Some(
             audit::Auditor::start(
                 Arc::clone(&store),
@@ -241,6 +230,45 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
         tls,
         limits: settings.limits.clone(),
     })
+}
+
+/// This vault's checkpoint at the keyservice, read again until it comes (or `shutdown`
+/// fires): a vault that started without it could continue a log restored from an older
+/// copy as if nothing were missing. The keyservice answered for the keys a moment ago.
+async fn read_checkpoint(
+    keys: &keys::Keys,
+    node: &str,
+    shutdown: &Shutdown,
+) -> Result<audit::Kept, Error> {
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match audit::checkpoint(keys, node).await {
+            Ok(kept) => return Ok(kept),
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
+                return Err(Error::Storage {
+                    path: "the keyservice's audit checkpoint".into(),
+                    detail: "the keyservice does not keep audit checkpoints: upgrade it \
+                             before the vaults"
+                        .into(),
+                });
+            }
+            Err(status) => tracing::warn!(
+                code = ?status.code(),
+                "this vault's audit checkpoint could not be read from the keyservice; \
+                 trying again"
+            ),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = shutdown.clone().wait() => {
+                return Err(Error::Storage {
+                    path: "the keyservice's audit checkpoint".into(),
+                    detail: "stopped before it could be read".into(),
+                });
+            }
+        }
+        wait = (wait * 2).min(Duration::from_secs(5));
+    }
 }
 
 /// Offline restore: copies the backup `name` from `backup_dir` into the (absent or

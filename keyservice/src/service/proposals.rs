@@ -168,7 +168,18 @@ pub(super) fn propose(
         action: "propose",
         purpose: purpose.map(Purpose::name),
         version: proposal.version,
-        detail: format!("{} {}", lifecycle::kind_name(kind), proposal.id),
+        detail: match &proposal.audit_gap {
+            Some(gap) => format!(
+                "{} {} ({}..={} of {} at {})",
+                lifecycle::kind_name(kind),
+                proposal.id,
+                gap.first,
+                gap.last,
+                gap.identity,
+                gap.node
+            ),
+            None => format!("{} {}", lifecycle::kind_name(kind), proposal.id),
+        },
         ..Default::default()
     };
     if let (OperationKind::Destroy, Some(purpose)) = (kind, purpose) {
@@ -241,7 +252,7 @@ pub(super) fn approve(
             // Recorded before the proposal is marked approved: should the keyring save
             // fail after it, the gap stays acknowledged and the proposal open, which a
             // second approval only repeats.
-            shared
+            let reported = shared
                 .checkpoints
                 .acknowledge(Acknowledgement {
                     identity: gap.identity.clone(),
@@ -253,6 +264,16 @@ pub(super) fn approve(
                     approved_at_unix_ms: now,
                 })
                 .map_err(ServiceError::Checkpoint)?;
+            if !reported {
+                return Err(shared.refused(
+                    event.clone(),
+                    Refusal::NoSuchGap(format!(
+                        "{} at {} reported no gap {}..={}: `vaultctl audit verify` on that \
+                         vault lists its gaps, and the range must match one exactly",
+                        gap.identity, gap.node, gap.first, gap.last
+                    )),
+                ));
+            }
         }
         _ => {
             return Err(ServiceError::Inconsistent(

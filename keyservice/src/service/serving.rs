@@ -163,7 +163,14 @@ pub(super) fn report_audit_head(
             rule: "1 to 255 bytes",
         });
     }
-    if request.sequence == 0 || request.chain.len() != 32 {
+    if request.found_gaps.len() > crate::checkpoints::MAX_GAPS_PER_NODE {
+        return Err(ServiceError::InvalidArgument {
+            field: "found_gaps",
+            rule: "at most 64 gaps",
+        });
+    }
+    // Sequence numbers are stored as PostgreSQL int8 by the vaults.
+    if request.sequence == 0 || request.sequence > i64::MAX as u64 || request.chain.len() != 32 {
         return Err(ServiceError::InvalidArgument {
             field: "chain",
             rule: "a sequence number above 0 and a 32-byte chain value",
@@ -172,7 +179,11 @@ pub(super) fn report_audit_head(
     let found: Vec<FoundGap> = request
         .found_gaps
         .iter()
-        .filter(|gap| gap.first_sequence >= 1 && gap.first_sequence <= gap.last_sequence)
+        .filter(|gap| {
+            gap.first_sequence >= 1
+                && gap.first_sequence <= gap.last_sequence
+                && gap.last_sequence <= request.sequence
+        })
         .map(|gap| FoundGap {
             identity: caller.clone(),
             node: request.node.clone(),
@@ -204,6 +215,11 @@ pub(super) fn report_audit_head(
         .map_err(ServiceError::Checkpoint)?
     {
         Reported::Moved | Reported::Same => {}
+        Reported::TooMany => tracing::warn!(
+            %identity,
+            %node,
+            "a vault identity reported more node names than are kept; this one is not"
+        ),
         Reported::Behind => tracing::warn!(
             %identity,
             %node,

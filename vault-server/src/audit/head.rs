@@ -140,7 +140,9 @@ pub async fn checkpoint(keys: &Keys, node: &str) -> Result<Kept, tonic::Status> 
         .await?
         .into_inner();
     let head = match (kept.sequence, <[u8; 32]>::try_from(kept.chain.as_slice())) {
+        // Sequence numbers are int8 in PostgreSQL; the keyservice refuses larger ones.
         (0, _) | (_, Err(_)) => None,
+        (sequence, _) if sequence > i64::MAX as u64 => None,
         (sequence, Ok(chain)) => Some(Head { sequence, chain }),
     };
     let acknowledged = kept

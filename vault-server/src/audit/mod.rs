@@ -286,8 +286,9 @@ async fn write_events<S: Store>(
             });
             let after = Head::highest(stored, known);
             let (version, key) = set.audit.active();
-            let (mut sequence, mut previous) =
-                after.map_or((1, [0u8; 32]), |head| (head.sequence + 1, head.chain));
+            let (mut sequence, mut previous) = after.map_or((1, [0u8; 32]), |head| {
+                (head.sequence.saturating_add(1), head.chain)
+            });
             // Entries are missing between the log's end and the head it continues.
             let gap = after.filter(|head| Some(*head) != stored);
             if let Some(head) = gap {

@@ -128,7 +128,7 @@ impl AuditReport {
                 last,
                 acknowledged_by: acknowledged
                     .iter()
-                    .find(|a| a.first <= first && last <= a.last)
+                    .find(|a| (a.first, a.last) == (first, last))
                     .map(|a| a.by.clone()),
             })
             .collect();
