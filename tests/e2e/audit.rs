@@ -692,3 +692,23 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+/// A vault that stops sends its last head as it goes, so the entries of its last second
+/// cannot be cut unseen while it is down (its periodic reports come once a second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopping_vault_leaves_its_last_head_at_the_keyservice() {
+    let mut stack = Stack::start().await;
+    for round in 0..3 {
+        tokenize_some(&stack, "4005", 3).await;
+        // The read's own event is the last entry: stopped at once, with no time for a
+        // periodic report.
+        let last = last_sequence(&stack).await + 1;
+        stack.stop_vault().await;
+        let kept = std::fs::read(stack.dir.path().join("audit-checkpoints.json")).unwrap();
+        let kept: serde_json::Value = serde_json::from_slice(&kept).unwrap();
+        let sequence = kept["checkpoints"][0]["sequence"].as_u64().unwrap();
+        assert_eq!(sequence, last, "round {round}: {kept}");
+        stack.restart_vault().await;
+    }
+    stack.stop().await;
+}

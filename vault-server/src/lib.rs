@@ -606,6 +606,15 @@ impl Bound {
     /// Serves until `shutdown` fires, then closes the database.
     pub async fn serve(self, shutdown: Shutdown) -> Result<(), Error> {
         let store = Arc::clone(&self.store);
+        // A client only (not the key set, whose usage reports hold the store).
+        let last_head = self.audit_heads.clone().map(|heads| {
+            (
+                self.keys.keyservice(),
+                self.audit_node.clone(),
+                heads,
+                Arc::clone(&self.guards.gaps),
+            )
+        });
         let served = self.serve_until(shutdown).await;
         // Background tasks (key watch, reports, rewrap, audit writer) hold the store
         // and stop on shutdown; the database closes (and its lock is released, for a
@@ -618,6 +627,10 @@ impl Bound {
             tracing::warn!("background tasks still hold the database after 10 s");
         }
         drop(store);
+        // The audit writer has stopped with the store: its last head is final.
+        if let Some((client, node, heads, gaps)) = last_head {
+            audit::report_last(client, &node, &heads, &gaps).await;
+        }
         tracing::info!("vault-server stopped");
         served
     }

@@ -185,23 +185,10 @@ pub async fn report_checkpoints(
         let head = *heads.borrow_and_update();
         let found = gaps.all_found();
         if let Some(head) = head.filter(|head| Some(*head) != sent || found.len() != gaps_sent) {
-            let report = pb::AuditCheckpoint {
-                node: node.clone(),
-                sequence: head.sequence,
-                chain: head.chain.to_vec(),
-                found_gaps: found
-                    .iter()
-                    .map(|&(first, last)| pb::GapRange {
-                        first_sequence: first,
-                        last_sequence: last,
-                    })
-                    .collect(),
-                ..pb::AuditCheckpoint::default()
-            };
-            // Not after shutdown: a restarted vault reads its checkpoint as it starts.
+            // Not after shutdown, which sends the last head itself (`report_last`).
             let mut client = keys.keyservice();
             tokio::select! {
-                reported = client.report_audit_head(report) => match reported {
+                reported = report(&mut client, &node, head, &found) => match reported {
                     Ok(_) => {
                         sent = Some(head);
                         gaps_sent = found.len();
@@ -236,6 +223,55 @@ pub async fn report_checkpoints(
                 _ = &mut stop => return,
             }
         }
+    }
+}
+
+async fn report(
+    client: &mut crate::keys::Client,
+    node: &str,
+    head: Head,
+    found: &[(u64, u64)],
+) -> Result<(), tonic::Status> {
+    let report = pb::AuditCheckpoint {
+        node: node.to_owned(),
+        sequence: head.sequence,
+        chain: head.chain.to_vec(),
+        found_gaps: found
+            .iter()
+            .map(|&(first, last)| pb::GapRange {
+                first_sequence: first,
+                last_sequence: last,
+            })
+            .collect(),
+        ..pb::AuditCheckpoint::default()
+    };
+    client.report_audit_head(report).await.map(drop)
+}
+
+/// Sends the last durable head, once the vault has stopped writing (at shutdown), so
+/// that entries of its last second cannot be cut unseen while it is down. Gives up
+/// after two seconds: the keyservice may be what is down.
+pub async fn report_last(
+    mut client: crate::keys::Client,
+    node: &str,
+    heads: &watch::Receiver<Option<Head>>,
+    gaps: &Gaps,
+) {
+    let Some(head) = *heads.borrow() else {
+        return;
+    };
+    let found = gaps.all_found();
+    match tokio::time::timeout(
+        Duration::from_secs(2),
+        report(&mut client, node, head, &found),
+    )
+    .await
+    {
+        Ok(Ok(())) => tracing::debug!(sequence = head.sequence, "last audit head sent"),
+        Ok(Err(status)) => {
+            tracing::warn!(code = ?status.code(), "the last audit head could not be sent")
+        }
+        Err(_) => tracing::warn!("the last audit head could not be sent within 2 s"),
     }
 }
 

@@ -27,7 +27,9 @@ mod gaps;
 mod head;
 
 pub use gaps::Gaps;
-pub use head::{Acknowledged, Anchor, Head, Kept, checkpoint, learn, report_checkpoints};
+pub use head::{
+    Acknowledged, Anchor, Head, Kept, checkpoint, learn, report_checkpoints, report_last,
+};
 
 const MAC_LABEL: &[u8] = b"tokenvault.audit.v1";
 const HEADER_LEN: usize = 4 + 32;
