@@ -120,6 +120,16 @@ impl Checkpoints {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The checkpoints of `identity`'s nodes other than `node`.
+    pub fn others(&self, identity: &str, node: &str) -> Vec<Checkpoint> {
+        self.kept()
+            .checkpoints
+            .values()
+            .filter(|c| c.identity == identity && c.node != node)
+            .cloned()
+            .collect()
+    }
+
     pub fn get(&self, identity: &str, node: &str) -> Option<Checkpoint> {
         self.kept()
             .checkpoints

@@ -940,3 +940,47 @@ async fn audit_entries_deleted_online_with_an_older_head_put_back_are_reported()
     assert_eq!(refused.code(), Some(Code::FailedPrecondition), "{refused}");
     stack.stop().await;
 }
+
+/// Two vaults on one chain. Vault b writes the last entries; they are deleted online;
+/// then vault a, which never saw them, appends again from the shorter end, so the
+/// chain itself reads whole. Vault a's verify still reports it: it checks the
+/// checkpoints of every node of its identity, and b's says more was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_refilled_by_another_vault_is_reported_by_either() {
+    let cluster = start_cluster().await;
+    let dir = StackDir::new();
+    dir.set_storage(&storage(&cluster, "a"));
+    let stack = Stack::start_in(dir).await;
+    stack.dir.set_storage(&storage(&cluster, "b"));
+    let other = stack.start_another_vault().await;
+    let mut a = stack.client(ADMIN).await;
+    let mut b = VaultClient::connect(&stack.other_vault_config(ADMIN, &other))
+        .await
+        .unwrap();
+    a.tokenize(card("482000", 0), false).await.unwrap();
+    let kept = a.read_audit(0, None, None, 1).await.unwrap().last_sequence + 1;
+    for n in 1..6 {
+        b.tokenize(card("482000", n), false).await.unwrap();
+    }
+    let written = b.read_audit(0, None, None, 1).await.unwrap().last_sequence;
+    integration_tests::wait_for_audit_checkpoint(&stack.dir, written + 1).await;
+
+    cluster
+        .psql(
+            APP_DATABASE,
+            &format!("DELETE FROM audit WHERE sequence > {kept}"),
+        )
+        .unwrap();
+    for n in 6..9 {
+        a.tokenize(card("482000", n), false).await.unwrap();
+    }
+    let report = a.verify_audit().await.unwrap();
+    assert!(!report.intact, "{report:?}");
+    assert!(
+        report
+            .first_bad_sequence
+            .is_some_and(|bad| bad > kept && bad <= written + 1),
+        "{report:?}"
+    );
+    stack.stop().await;
+}

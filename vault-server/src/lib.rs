@@ -205,7 +205,12 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
                 policy_file: settings.policy_file.clone(),
             },
         ),
-        audit_log: ops::AuditLog::new(Arc::clone(&store), Arc::clone(&keys), audit_node.clone()),
+        audit_log: ops::AuditLog::new(
+            Arc::clone(&store),
+            Arc::clone(&keys),
+            audit_node.clone(),
+            node.is_some(),
+        ),
         records,
         low_disk_bytes: settings.storage.low_disk_mb.saturating_mul(1024 * 1024),
     };

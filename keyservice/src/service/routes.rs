@@ -72,6 +72,7 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
                     &self.shared,
                     &caller,
                     &request.node,
+                    request.other_nodes,
                 ))
             },
         )

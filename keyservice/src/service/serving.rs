@@ -231,7 +231,12 @@ pub(super) fn report_audit_head(
 }
 
 /// The checkpoint kept for the caller and `node` (sequence 0 when none).
-pub(super) fn audit_checkpoint(shared: &Shared, caller: &str, node: &str) -> pb::AuditCheckpoint {
+pub(super) fn audit_checkpoint(
+    shared: &Shared,
+    caller: &str,
+    node: &str,
+    other_nodes: bool,
+) -> pb::AuditCheckpoint {
     let acknowledged_gaps = shared
         .checkpoints
         .acknowledged(caller, node)
@@ -244,14 +249,25 @@ pub(super) fn audit_checkpoint(shared: &Shared, caller: &str, node: &str) -> pb:
             approved_at_unix_ms: gap.approved_at_unix_ms,
         })
         .collect();
+    let wire = |kept: Checkpoint| pb::AuditCheckpoint {
+        node: kept.node,
+        sequence: kept.sequence,
+        chain: hex::decode(&kept.chain).unwrap_or_default(),
+        at_unix_ms: kept.at_unix_ms,
+        ..pb::AuditCheckpoint::default()
+    };
+    let others = if other_nodes {
+        shared
+            .checkpoints
+            .others(caller, node)
+            .into_iter()
+            .map(wire)
+            .collect()
+    } else {
+        Vec::new()
+    };
     let checkpoint = match shared.checkpoints.get(caller, node) {
-        Some(kept) => pb::AuditCheckpoint {
-            node: kept.node,
-            sequence: kept.sequence,
-            chain: hex::decode(&kept.chain).unwrap_or_default(),
-            at_unix_ms: kept.at_unix_ms,
-            ..pb::AuditCheckpoint::default()
-        },
+        Some(kept) => wire(kept),
         None => pb::AuditCheckpoint {
             node: node.to_owned(),
             ..pb::AuditCheckpoint::default()
@@ -269,6 +285,7 @@ pub(super) fn audit_checkpoint(shared: &Shared, caller: &str, node: &str) -> pb:
     pb::AuditCheckpoint {
         acknowledged_gaps,
         found_gaps,
+        other_nodes: others,
         ..checkpoint
     }
 }

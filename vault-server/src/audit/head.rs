@@ -119,6 +119,8 @@ pub struct Kept {
     pub acknowledged: Vec<Acknowledged>,
     /// Gaps this vault reported finding.
     pub found: Vec<(u64, u64)>,
+    /// The heads of the identity's other nodes, when asked for.
+    pub others: Vec<Head>,
 }
 
 /// Entries `first..=last` missing from the log, acknowledged under dual control.
@@ -132,19 +134,26 @@ pub struct Acknowledged {
 
 /// This vault's checkpoint at the keyservice, and its acknowledged gaps.
 pub async fn checkpoint(keys: &Keys, node: &str) -> Result<Kept, tonic::Status> {
+    checkpoints(keys, node, false).await
+}
+
+/// [`checkpoint`], with `other_nodes` also the heads of the identity's other nodes (for
+/// vaults sharing one chain).
+pub async fn checkpoints(
+    keys: &Keys,
+    node: &str,
+    other_nodes: bool,
+) -> Result<Kept, tonic::Status> {
     let kept = keys
         .keyservice()
         .get_audit_checkpoint(pb::GetAuditCheckpointRequest {
             node: node.to_owned(),
+            other_nodes,
         })
         .await?
         .into_inner();
-    let head = match (kept.sequence, <[u8; 32]>::try_from(kept.chain.as_slice())) {
-        // Sequence numbers are int8 in PostgreSQL; the keyservice refuses larger ones.
-        (0, _) | (_, Err(_)) => None,
-        (sequence, _) if sequence > i64::MAX as u64 => None,
-        (sequence, Ok(chain)) => Some(Head { sequence, chain }),
-    };
+    let head = head_of(&kept);
+    let others = kept.other_nodes.iter().filter_map(head_of).collect();
     let acknowledged = kept
         .acknowledged_gaps
         .into_iter()
@@ -163,7 +172,17 @@ pub async fn checkpoint(keys: &Keys, node: &str) -> Result<Kept, tonic::Status> 
         head,
         acknowledged,
         found,
+        others,
     })
+}
+
+fn head_of(kept: &pb::AuditCheckpoint) -> Option<Head> {
+    match (kept.sequence, <[u8; 32]>::try_from(kept.chain.as_slice())) {
+        // Sequence numbers are int8 in PostgreSQL; the keyservice refuses larger ones.
+        (0, _) | (_, Err(_)) => None,
+        (sequence, _) if sequence > i64::MAX as u64 => None,
+        (sequence, Ok(chain)) => Some(Head { sequence, chain }),
+    }
 }
 
 /// Sends each new durable head to the keyservice as this vault's checkpoint, with the

@@ -28,7 +28,8 @@ mod head;
 
 pub use gaps::Gaps;
 pub use head::{
-    Acknowledged, Anchor, Head, Kept, checkpoint, learn, report_checkpoints, report_last,
+    Acknowledged, Anchor, Head, Kept, checkpoint, checkpoints, learn, report_checkpoints,
+    report_last,
 };
 
 const MAC_LABEL: &[u8] = b"tokenvault.audit.v1";
@@ -403,7 +404,7 @@ fn gap_entry(
 pub async fn verify<S: Store>(
     store: &S,
     keys: &Keys,
-    checkpoint: Option<Head>,
+    checkpoints: &[Head],
 ) -> Result<Verification, StoreError> {
     let set = keys.snapshot();
     let anchor = store
@@ -416,7 +417,7 @@ pub async fn verify<S: Store>(
     if let Some(Anchor::Head(head)) = anchor {
         heads.push(head);
     }
-    heads.extend(checkpoint);
+    heads.extend_from_slice(checkpoints);
     let mut seen: Vec<(u64, [u8; 32])> = Vec::new();
     let mut expected = 1u64;
     let mut previous = [0u8; 32];

@@ -16,6 +16,9 @@ pub struct AuditLog<S> {
     keys: Arc<Keys>,
     /// This vault's node name, under which the keyservice keeps its checkpoint.
     node: String,
+    /// Whether other vaults append to the same chain (PostgreSQL): their checkpoints
+    /// are checked too.
+    shared_chain: bool,
 }
 
 /// Which events to read: after a sequence number, within a time window (0: open).
@@ -37,8 +40,13 @@ pub struct AuditPage {
 }
 
 impl<S: Store> AuditLog<S> {
-    pub fn new(store: Arc<S>, keys: Arc<Keys>, node: String) -> Self {
-        Self { store, keys, node }
+    pub fn new(store: Arc<S>, keys: Arc<Keys>, node: String, shared_chain: bool) -> Self {
+        Self {
+            store,
+            keys,
+            node,
+            shared_chain,
+        }
     }
 
     pub async fn read(&self, query: AuditQuery) -> Result<AuditPage, VaultError> {
@@ -86,10 +94,11 @@ impl<S: Store> AuditLog<S> {
     /// keyservice (without which nothing would show a log deleted or restored whole).
     /// A gap is a fault ("removed") until two admins acknowledge it.
     pub async fn verify(&self) -> Result<AuditReport, VaultError> {
-        let kept = audit::checkpoint(&self.keys, &self.node)
+        let kept = audit::checkpoints(&self.keys, &self.node, self.shared_chain)
             .await
             .map_err(|status| VaultError::CheckpointUnavailable(status.message().to_owned()))?;
-        let verification = audit::verify(self.store.as_ref(), &self.keys, kept.head).await?;
+        let heads: Vec<_> = kept.head.into_iter().chain(kept.others.clone()).collect();
+        let verification = audit::verify(self.store.as_ref(), &self.keys, &heads).await?;
         Ok(AuditReport::new(
             verification,
             &kept.acknowledged,
