@@ -709,6 +709,16 @@ async fn a_stopping_vault_leaves_its_last_head_at_the_keyservice() {
         let sequence = kept["checkpoints"][0]["sequence"].as_u64().unwrap();
         assert_eq!(sequence, last, "round {round}: {kept}");
         stack.restart_vault().await;
+        // The log hands out each entry's chain value: the checkpoint's entry has it.
+        let entry = all_events(&stack)
+            .await
+            .into_iter()
+            .find(|event| event.sequence == sequence)
+            .unwrap();
+        assert_eq!(
+            hex::encode(&entry.chain),
+            kept["checkpoints"][0]["chain"].as_str().unwrap()
+        );
     }
     stack.stop().await;
 }

@@ -802,6 +802,11 @@ pub struct AuditEvent {
     pub detail: Option<String>,
     /// Version of the audit key that chains this entry.
     pub audit_key_version: u32,
+    /// Hex of the entry's chain value (the MAC the next entry chains on, and what the
+    /// keyservice's checkpoints record).
+    pub chain: String,
+    /// Hex of the head this entry chains on, on the first entry after a gap.
+    pub chained_on: Option<String>,
 }
 
 impl AuditEvent {
@@ -823,6 +828,8 @@ impl AuditEvent {
             request_id: text(e.request_id),
             detail: text(e.detail),
             audit_key_version: e.audit_key_version,
+            chain: hex::encode(&e.chain),
+            chained_on: (!e.chained_on.is_empty()).then(|| hex::encode(&e.chained_on)),
         }
     }
 }

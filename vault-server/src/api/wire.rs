@@ -214,13 +214,13 @@ pub fn audit_page(page: AuditPage) -> pb::ReadAuditResponse {
         events: page
             .events
             .into_iter()
-            .map(|(version, event)| audit_event(event, version))
+            .map(|(version, chain, event)| audit_event(event, version, chain))
             .collect(),
         last_sequence: page.last_sequence,
     }
 }
 
-fn audit_event(event: AuditEvent, audit_key_version: u32) -> pb::AuditEvent {
+fn audit_event(event: AuditEvent, audit_key_version: u32, chain: [u8; 32]) -> pb::AuditEvent {
     pb::AuditEvent {
         sequence: event.sequence,
         at_unix_ms: event.at_unix_ms,
@@ -236,6 +236,8 @@ fn audit_event(event: AuditEvent, audit_key_version: u32) -> pb::AuditEvent {
         request_id: event.request_id,
         detail: event.detail,
         audit_key_version,
+        chain: chain.to_vec(),
+        chained_on: hex::decode(&event.chained_on).unwrap_or_default(),
     }
 }
 

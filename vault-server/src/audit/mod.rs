@@ -364,8 +364,13 @@ async fn write_events<S: Store>(
 
 /// Decodes stored entries for reading (no verification; `verify` does that).
 pub fn decode(entry: &[u8]) -> Option<(u32, AuditEvent)> {
-    let (version, _, json) = split(entry)?;
-    Some((version, serde_json::from_slice(json).ok()?))
+    decode_chained(entry).map(|(version, _, event)| (version, event))
+}
+
+/// [`decode`], with the entry's chain value.
+pub fn decode_chained(entry: &[u8]) -> Option<(u32, [u8; 32], AuditEvent)> {
+    let (version, chain, json) = split(entry)?;
+    Some((version, chain, serde_json::from_slice(json).ok()?))
 }
 
 /// The result of checking the whole chain.

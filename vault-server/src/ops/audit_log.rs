@@ -31,11 +31,11 @@ pub struct AuditQuery {
     pub until_unix_ms: i64,
 }
 
-/// Events read, each with the version of the audit key that chained it, and the last
-/// sequence number written.
+/// Events read, each with the version of the audit key that chained it and its chain
+/// value, and the last sequence number written.
 #[derive(Debug)]
 pub struct AuditPage {
-    pub events: Vec<(u32, AuditEvent)>,
+    pub events: Vec<(u32, [u8; 32], AuditEvent)>,
     pub last_sequence: u64,
 }
 
@@ -67,11 +67,11 @@ impl<S: Store> AuditLog<S> {
                 break;
             };
             for (_, entry) in &page {
-                let Some((version, event)) = audit::decode(entry) else {
+                let Some(entry) = audit::decode_chained(entry) else {
                     continue;
                 };
-                if in_window(event.at_unix_ms) {
-                    events.push((version, event));
+                if in_window(entry.2.at_unix_ms) {
+                    events.push(entry);
                     if events.len() >= limit {
                         break 'pages;
                     }

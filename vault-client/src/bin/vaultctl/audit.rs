@@ -355,6 +355,8 @@ mod tests {
             request_id: Some("r-1".into()),
             detail: Some("velocity: 6 forwards in 60 s".into()),
             audit_key_version: 1,
+            chain: "ab".repeat(32),
+            chained_on: None,
         }
     }
 
