@@ -414,7 +414,9 @@ mod tests {
         assert_eq!(value["at_unix_ms"], 1_700_000_000_042_i64);
         assert_eq!(value["key_version"], 2);
         assert!(value["count"].is_null());
-        assert_eq!(value.as_object().unwrap().len(), 14);
+        assert_eq!(value["chain"], "ab".repeat(32));
+        assert!(value["chained_on"].is_null());
+        assert_eq!(value.as_object().unwrap().len(), 16);
     }
 
     #[test]
