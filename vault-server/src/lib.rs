@@ -7,7 +7,8 @@
 //! on-disk format, `store` the storage trait and its engines, `keys` the key set and
 //! encryption budgets, `cvc` the in-memory CVCs, `forward` the processors, `rewrap` the
 //! background re-encryption, `policy` who may do what, `error` the one mapping to gRPC
-//! statuses. This file is the composition root: it builds each part from its settings.
+//! statuses. This file is the composition root: it builds each part from its settings;
+//! `tasks` holds the background jobs it starts.
 //!
 //! Must never depend on the keyservice crate (keys arrive only over the wire) nor
 //! expose any API that returns card data.
@@ -27,6 +28,7 @@ pub mod policy;
 pub mod record;
 pub mod rewrap;
 pub mod store;
+mod tasks;
 pub mod token;
 pub mod velocity;
 mod window;
@@ -413,187 +415,6 @@ pub const KEYSERVICE_LINK_HEALTH: &str = "tokenvault.vault.v1.Vault/keyservice";
 /// less than `[storage] low_disk_mb` free. The vault still serves (degraded).
 pub const STORAGE_HEALTH: &str = "tokenvault.vault.v1.Vault/storage";
 
-/// Looks at free space every few seconds and reports it as `STORAGE_HEALTH`.
-async fn report_storage(
-    vault: Arc<ops::Vault<Engine>>,
-    reporter: tonic_health::server::HealthReporter,
-    shutdown: Shutdown,
-) {
-    let mut low = None;
-    loop {
-        let now = vault.storage_trouble();
-        if now.is_some() != low.is_some() {
-            match &now {
-                Some(reason) => tracing::warn!(reason = %reason, "degraded"),
-                None if low.is_some() => tracing::info!("disk space is back above the low mark"),
-                None => {}
-            }
-        }
-        let status = if now.is_some() {
-            tonic_health::ServingStatus::NotServing
-        } else {
-            tonic_health::ServingStatus::Serving
-        };
-        reporter.set_service_status(STORAGE_HEALTH, status).await;
-        low = now;
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(5)) => {}
-            () = shutdown.clone().wait() => return,
-        }
-    }
-}
-
-async fn report_keyservice_link(
-    mut connected: tokio::sync::watch::Receiver<bool>,
-    reporter: tonic_health::server::HealthReporter,
-) {
-    loop {
-        let status = if *connected.borrow_and_update() {
-            tonic_health::ServingStatus::Serving
-        } else {
-            tonic_health::ServingStatus::NotServing
-        };
-        reporter
-            .set_service_status(KEYSERVICE_LINK_HEALTH, status)
-            .await;
-        if connected.changed().await.is_err() {
-            return;
-        }
-    }
-}
-
-/// Audits every change of the key set the vault sees (rotations, retirements).
-async fn audit_key_changes(
-    keys: Arc<keys::Keys>,
-    vault: Arc<ops::Vault<Engine>>,
-    shutdown: Shutdown,
-) {
-    let mut changes = keys.changes();
-    let stop = shutdown.wait();
-    tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            changed = changes.changed() => if changed.is_err() { return },
-            _ = &mut stop => return,
-        }
-        let set = keys.snapshot();
-        let event = audit::AuditEvent {
-            at_unix_ms: runtime::now_unix_ms(),
-            actor: "keyservice".into(),
-            peer: "-".into(),
-            action: "KeySetChanged".into(),
-            key_version: set.card_data.active().0,
-            outcome: "ok".into(),
-            detail: format!(
-                "active: card-data v{}, fingerprint v{}, cvc v{}, audit v{}",
-                set.card_data.active().0,
-                set.fingerprint.active().0,
-                set.cvc.active().0,
-                set.audit.active().0
-            ),
-            ..audit::AuditEvent::default()
-        };
-        if let Err(e) = vault.records.journal().audit(event).await {
-            tracing::error!(error = %e, "key set change not audited");
-        }
-    }
-}
-
-/// Purges expired tokens and compacts deletions away, every `interval`.
-async fn purge_periodically(
-    vault: Arc<ops::Vault<Engine>>,
-    interval: Duration,
-    shutdown: Shutdown,
-) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let stop = shutdown.wait();
-    tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                if let Err(e) = vault.records.purge().await {
-                    tracing::error!(error = %e, "purge failed; retried at the next interval");
-                }
-            }
-            _ = &mut stop => return,
-        }
-    }
-}
-
-/// SIGHUP re-reads the policy file, like `vaultctl policy reload`.
-#[cfg(unix)]
-async fn reload_policy_on_sighup(vault: Arc<ops::Vault<Engine>>, shutdown: Shutdown) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-        tracing::error!("cannot listen for SIGHUP; use `vaultctl policy reload`");
-        return;
-    };
-    let stop = shutdown.wait();
-    tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            _ = hangups.recv() => {
-                // The outcome is logged and audited by the reload itself.
-                let _ = vault.admin.reload_policy("SIGHUP").await;
-            }
-            _ = &mut stop => return,
-        }
-    }
-}
-
-/// This vault's instance id: random, kept in its store (under its node name where
-/// vaults share a database), so that vaults sharing a certificate identity report
-/// usage separately, and a restarted vault reports as the same instance.
-async fn instance_id<S: store::Store>(
-    store: &S,
-    node: Option<&str>,
-) -> Result<String, error::VaultError> {
-    let key = match node {
-        Some(node) => format!("instance-id/{node}"),
-        None => "instance-id".to_owned(),
-    };
-    if let Some(id) = store.get_meta(&key).await? {
-        return Ok(String::from_utf8_lossy(&id).into_owned());
-    }
-    let mut bytes = [0u8; 8];
-    envelope::fill_random(&mut bytes)?;
-    let id = hex::encode(bytes);
-    store.put_meta(&key, id.clone().into_bytes()).await?;
-    Ok(id)
-}
-
-/// Records (and in-memory CVCs) per key version, as the keyservice wants them for
-/// destroy checks.
-fn usage_report<S: store::Store>(
-    store: &S,
-    cvcs: &cvc::CvcStore,
-) -> Vec<vault_proto::keys::v1::VersionUsage> {
-    use vault_proto::keys::v1::{KeyPurpose, VersionUsage};
-    let records = store
-        .version_counts()
-        .into_iter()
-        .map(|((key_use, version), records)| {
-            let purpose = match key_use {
-                store::KeyUse::CardData => KeyPurpose::CardData,
-                store::KeyUse::Fingerprint => KeyPurpose::Fingerprint,
-            };
-            (purpose, version, records)
-        });
-    let cvcs = cvcs
-        .version_counts()
-        .into_iter()
-        .map(|(version, held)| (KeyPurpose::Cvc, version, held));
-    records
-        .chain(cvcs)
-        .map(|(purpose, version, records)| VersionUsage {
-            purpose: purpose as i32,
-            version,
-            records,
-        })
-        .collect()
-}
-
 impl Bound {
     /// The admin port (`/metrics`, `/healthz`).
     pub fn admin_addr(&self) -> SocketAddr {
@@ -645,7 +466,7 @@ impl Bound {
         health_reporter
             .set_service_status(api::SERVICE_NAME, tonic_health::ServingStatus::Serving)
             .await;
-        let instance = match instance_id(self.store.as_ref(), self.node.as_deref()).await {
+        let instance = match tasks::instance_id(self.store.as_ref(), self.node.as_deref()).await {
             Ok(id) => id,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read or store this vault's instance id");
@@ -658,7 +479,7 @@ impl Bound {
         let cvcs = Arc::clone(self.vault.records.cvcs());
         self.keys.spawn_watch(
             instance,
-            move || usage_report(store.as_ref(), &cvcs),
+            move || tasks::usage_report(store.as_ref(), &cvcs),
             shutdown.clone(),
         );
         if let Some(heads) = self.audit_heads.clone() {
@@ -670,16 +491,16 @@ impl Bound {
                 shutdown.clone(),
             ));
         }
-        tokio::spawn(report_keyservice_link(
+        tokio::spawn(tasks::report_keyservice_link(
             self.keys.connected(),
             health_reporter.clone(),
         ));
-        tokio::spawn(report_storage(
+        tokio::spawn(tasks::report_storage(
             Arc::clone(&self.vault),
             health_reporter.clone(),
             shutdown.clone(),
         ));
-        tokio::spawn(audit_key_changes(
+        tokio::spawn(tasks::audit_key_changes(
             Arc::clone(&self.keys),
             Arc::clone(&self.vault),
             shutdown.clone(),
@@ -690,13 +511,13 @@ impl Bound {
             Arc::clone(&self.vault) as Arc<dyn metrics::Observed>,
             shutdown.clone(),
         ));
-        tokio::spawn(purge_periodically(
+        tokio::spawn(tasks::purge_periodically(
             Arc::clone(&self.vault),
             Duration::from_secs(self.purge_interval_secs),
             shutdown.clone(),
         ));
         #[cfg(unix)]
-        tokio::spawn(reload_policy_on_sighup(
+        tokio::spawn(tasks::reload_policy_on_sighup(
             Arc::clone(&self.vault),
             shutdown.clone(),
         ));
