@@ -98,6 +98,14 @@ impl TlsMaterial {
             .timeout(handshake_timeout)
     }
 
+    /// This side's own identity (URI SAN, else CN), as its peers see it.
+    pub fn identity(&self) -> Option<String> {
+        let der = rustls_pemfile::certs(&mut self.cert.as_slice())
+            .next()?
+            .ok()?;
+        identity_of_certificate(der.as_ref())
+    }
+
     /// Client side: verify the server against the CA and name `server_name`, present
     /// our certificate.
     pub fn client_config(&self, server_name: &str) -> ClientTlsConfig {

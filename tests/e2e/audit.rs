@@ -586,7 +586,9 @@ async fn an_audit_log_deleted_whole_is_reported_on_every_verify_after() {
     let mut officer = vault_client::KeyServiceClient::connect(&stack.keyservice_config(OFFICER))
         .await
         .unwrap();
-    let vault_identity = identity(integration_tests::VAULT);
+    // Verify names the vault as an acknowledgement must: its node and identity.
+    let vault_identity = again.vault_identity.clone();
+    assert_eq!(vault_identity, identity(integration_tests::VAULT));
     let proposal = admin
         .propose_audit_gap(&vault_identity, &again.node, 1, gaps[0].last_sequence)
         .await

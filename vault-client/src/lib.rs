@@ -860,8 +860,10 @@ pub struct AuditVerification {
     /// Entries missing from the log, each acknowledged under dual control or not (an
     /// unacknowledged gap makes the log not intact).
     pub gaps: Vec<AuditGap>,
-    /// The vault's node name, which `propose_audit_gap` takes.
+    /// The vault's node name and certificate identity, which `propose_audit_gap`
+    /// takes.
     pub node: String,
+    pub vault_identity: String,
 }
 
 /// Entries `first_sequence..=last_sequence` missing from a vault's audit log.
@@ -894,6 +896,7 @@ impl AuditVerification {
                 })
                 .collect(),
             node: v.node,
+            vault_identity: v.vault_identity,
         }
     }
 }

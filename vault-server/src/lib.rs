@@ -210,7 +210,7 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
         audit_log: ops::AuditLog::new(
             Arc::clone(&store),
             Arc::clone(&keys),
-            audit_node.clone(),
+            (audit_node.clone(), tls.identity().unwrap_or_default()),
             node.is_some(),
         ),
         records,

@@ -263,6 +263,7 @@ pub fn audit_verification(report: AuditReport) -> pb::VerifyAuditResponse {
             })
             .collect(),
         node: report.node,
+        vault_identity: report.identity,
     }
 }
 

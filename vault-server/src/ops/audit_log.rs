@@ -16,6 +16,8 @@ pub struct AuditLog<S> {
     keys: Arc<Keys>,
     /// This vault's node name, under which the keyservice keeps its checkpoint.
     node: String,
+    /// This vault's certificate identity, which an acknowledgement names.
+    identity: String,
     /// Whether other vaults append to the same chain (PostgreSQL): their checkpoints
     /// are checked too.
     shared_chain: bool,
@@ -40,11 +42,17 @@ pub struct AuditPage {
 }
 
 impl<S: Store> AuditLog<S> {
-    pub fn new(store: Arc<S>, keys: Arc<Keys>, node: String, shared_chain: bool) -> Self {
+    pub fn new(
+        store: Arc<S>,
+        keys: Arc<Keys>,
+        (node, identity): (String, String),
+        shared_chain: bool,
+    ) -> Self {
         Self {
             store,
             keys,
             node,
+            identity,
             shared_chain,
         }
     }
@@ -103,6 +111,7 @@ impl<S: Store> AuditLog<S> {
             verification,
             &kept.acknowledged,
             self.node.clone(),
+            self.identity.clone(),
         ))
     }
 }
@@ -115,8 +124,10 @@ pub struct AuditReport {
     /// The first entry at fault, an unacknowledged gap included.
     pub fault: Option<(u64, &'static str)>,
     pub gaps: Vec<Gap>,
-    /// This vault's node name, which an acknowledgement names.
+    /// This vault's node name and certificate identity, which an acknowledgement
+    /// names.
     pub node: String,
+    pub identity: String,
 }
 
 /// Entries `first..=last` missing from the log; `acknowledged_by` "proposer, approver".
@@ -128,7 +139,12 @@ pub struct Gap {
 }
 
 impl AuditReport {
-    fn new(verification: Verification, acknowledged: &[Acknowledged], node: String) -> Self {
+    fn new(
+        verification: Verification,
+        acknowledged: &[Acknowledged],
+        node: String,
+        identity: String,
+    ) -> Self {
         let gaps: Vec<Gap> = verification
             .gaps
             .iter()
@@ -155,6 +171,7 @@ impl AuditReport {
             fault,
             gaps,
             node,
+            identity,
         }
     }
 }

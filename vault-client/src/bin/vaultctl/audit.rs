@@ -77,7 +77,10 @@ pub async fn run(command: AuditCommand, vault: ConfigFn<'_>) -> anyhow::Result<E
             let verification = client.verify_audit().await.context("verify audit log")?;
             println!("{}", verification_line(&verification));
             for gap in &verification.gaps {
-                println!("{}", gap_line(gap, &verification.node));
+                println!(
+                    "{}",
+                    gap_line(gap, &verification.node, &verification.vault_identity)
+                );
             }
             Ok(if verification.intact {
                 ExitCode::SUCCESS
@@ -284,14 +287,14 @@ pub fn verification_line(v: &AuditVerification) -> String {
 }
 
 /// One gap: acknowledged (by whom), or what two admins run to acknowledge it.
-pub fn gap_line(gap: &AuditGap, node: &str) -> String {
+pub fn gap_line(gap: &AuditGap, node: &str, identity: &str) -> String {
     let (first, last) = (gap.first_sequence, gap.last_sequence);
     match &gap.acknowledged_by {
         Some(by) => format!("gap: entries {first}..={last} missing, acknowledged by {by}"),
         None => format!(
             "gap: entries {first}..={last} missing, NOT acknowledged; to acknowledge: vaultctl \
-             keys propose audit-gap {first} {last} --node {node} --vault-identity <the vault's \
-             certificate identity>, approved by a second admin"
+             keys propose audit-gap {first} {last} --node {node} --vault-identity {identity}, \
+             then a second admin approves"
         ),
     }
 }
@@ -420,14 +423,33 @@ mod tests {
     }
 
     #[test]
+    fn gap_lines_say_who_acknowledged_or_how_to() {
+        let mut gap = AuditGap {
+            first_sequence: 5,
+            last_sequence: 38,
+            acknowledged_by: None,
+        };
+        assert_eq!(
+            gap_line(&gap, "vault-1:8443", "spiffe://example.com/vault"),
+            "gap: entries 5..=38 missing, NOT acknowledged; to acknowledge: vaultctl keys \
+             propose audit-gap 5 38 --node vault-1:8443 --vault-identity \
+             spiffe://example.com/vault, then a second admin approves"
+        );
+        gap.acknowledged_by = Some("admin-a, admin-b".into());
+        assert_eq!(
+            gap_line(&gap, "vault-1:8443", "spiffe://example.com/vault"),
+            "gap: entries 5..=38 missing, acknowledged by admin-a, admin-b"
+        );
+    }
+
+    #[test]
     fn verification_lines() {
         let mut v = AuditVerification {
             entries: 1234,
             intact: true,
             first_bad_sequence: None,
             problem: None,
-            gaps: Vec::new(),
-            node: String::new(),
+            ..Default::default()
         };
         assert_eq!(verification_line(&v), "audit log intact: 1234 entries");
         v.entries = 1;
@@ -437,8 +459,7 @@ mod tests {
             intact: false,
             first_bad_sequence: Some(17),
             problem: Some("edited".into()),
-            gaps: Vec::new(),
-            node: String::new(),
+            ..Default::default()
         };
         assert_eq!(
             verification_line(&v),
