@@ -20,7 +20,7 @@ use envelope::SecretKey;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::keys::Keys;
+use crate::keys::{KeySet, Keys};
 use crate::store::{AUDIT_HEAD_KEY, Sealed, Store, StoreError};
 
 mod gaps;
@@ -388,7 +388,7 @@ pub struct Verification {
 /// Whether `event`, stored at `position` after missing entries, is the writer's first
 /// entry after a gap: it names the head it chains on, and its MAC is over that.
 fn gap_entry(
-    set: &crate::keys::KeySet,
+    set: &KeySet,
     position: u64,
     event: &AuditEvent,
     version: u32,
@@ -408,14 +408,13 @@ fn gap_entry(
 /// the lowest sequence number.
 pub async fn verify<S: Store>(
     store: &S,
-    keys: &Keys,
+    set: &KeySet,
     checkpoints: &[Head],
 ) -> Result<Verification, StoreError> {
-    let set = keys.snapshot();
     let anchor = store
         .get_meta(AUDIT_HEAD_KEY)
         .await?
-        .map(|bytes| Anchor::decode(&bytes, &set));
+        .map(|bytes| Anchor::decode(&bytes, set));
     // The heads to check, by sequence number: (sequence, chain value, what a mismatch
     // means).
     let mut heads: Vec<Head> = Vec::new();
@@ -454,7 +453,7 @@ pub async fn verify<S: Store>(
             if *position != expected {
                 // A gap the writer left on purpose: the entry after it names the head
                 // it chains on, and its MAC proves that. Anything else is a cut.
-                match gap_entry(&set, *position, &event, version, stored_mac, json) {
+                match gap_entry(set, *position, &event, version, stored_mac, json) {
                     Some(()) if *position > expected => {
                         gaps.push((expected, position - 1));
                         if heads.iter().any(|head| head.sequence == *position) {
@@ -527,4 +526,130 @@ pub async fn verify<S: Store>(
         fault: faults.into_iter().min_by_key(|(sequence, _)| *sequence),
         gaps,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::rocks::{RocksStore, Tuning};
+    use vault_proto::keys::v1 as pb;
+
+    fn keys() -> KeySet {
+        let key = |purpose: pb::KeyPurpose, byte: u8| pb::KeyMaterial {
+            purpose: purpose as i32,
+            version: 1,
+            state: pb::KeyState::Active as i32,
+            material: vec![byte; 32],
+        };
+        KeySet::from_wire(pb::GetKeysResponse {
+            keys: vec![
+                key(pb::KeyPurpose::CardData, 1),
+                key(pb::KeyPurpose::Fingerprint, 2),
+                key(pb::KeyPurpose::Cvc, 3),
+                key(pb::KeyPurpose::Audit, 4),
+            ],
+        })
+        .unwrap()
+    }
+
+    /// The stored entry `sequence` of `event`, chained on `previous`.
+    fn entry(set: &KeySet, previous: &[u8; 32], sequence: u64, event: &AuditEvent) -> Vec<u8> {
+        let (version, key) = set.audit.active();
+        let json = serde_json::to_vec(&AuditEvent {
+            sequence,
+            ..event.clone()
+        })
+        .unwrap();
+        let chain = mac(key, previous, sequence, &json);
+        [version.to_be_bytes().as_slice(), &chain, &json].concat()
+    }
+
+    fn chain_of(entry: &[u8]) -> [u8; 32] {
+        split(entry).unwrap().1
+    }
+
+    /// A store holding `entries` (sequence, bytes) as its audit log.
+    async fn store_with(dir: &std::path::Path, entries: Vec<(u64, Vec<u8>)>) -> RocksStore {
+        let store = RocksStore::open(
+            &dir.join("data"),
+            &dir.join("audit"),
+            |_| None,
+            &Tuning::default(),
+        )
+        .unwrap();
+        store
+            .append_audit(Box::new(move |_| Sealed {
+                entries,
+                anchor: Vec::new(),
+            }))
+            .await
+            .unwrap();
+        store
+    }
+
+    #[tokio::test]
+    async fn a_gap_the_writer_marked_is_listed_and_the_chain_checked_past_it() {
+        let set = keys();
+        let event = AuditEvent {
+            action: "Tokenize".into(),
+            outcome: "ok".into(),
+            ..AuditEvent::default()
+        };
+        let first = entry(&set, &[0; 32], 1, &event);
+        let second = entry(&set, &chain_of(&first), 2, &event);
+        // Entries 3..=9 missing; 10 names the head of 9 it chains on.
+        let head_of_nine = [9u8; 32];
+        let marked = AuditEvent {
+            chained_on: hex::encode(head_of_nine),
+            ..event.clone()
+        };
+        let tenth = entry(&set, &head_of_nine, 10, &marked);
+        let eleventh = entry(&set, &chain_of(&tenth), 11, &event);
+        let log = vec![
+            (1, first.clone()),
+            (2, second.clone()),
+            (10, tenth.clone()),
+            (11, eleventh.clone()),
+        ];
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with(dir.path(), log.clone()).await;
+        let checkpoint = Head {
+            sequence: 11,
+            chain: chain_of(&eleventh),
+        };
+        let found = verify(&store, &set, &[checkpoint]).await.unwrap();
+        assert_eq!((found.gaps, found.fault), (vec![(3, 9)], None));
+
+        // The same jump without the mark is a cut.
+        let unmarked = entry(&set, &head_of_nine, 10, &event);
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with(dir.path(), vec![(1, first.clone()), (10, unmarked)]).await;
+        let found = verify(&store, &set, &[]).await.unwrap();
+        assert_eq!(found.fault, Some((2, "removed")));
+
+        // A mark that names another head than the one its MAC was made over.
+        let forged = AuditEvent {
+            chained_on: hex::encode([8u8; 32]),
+            ..event.clone()
+        };
+        let forged = entry(&set, &head_of_nine, 10, &forged);
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with(dir.path(), vec![(1, first.clone()), (10, forged)]).await;
+        let found = verify(&store, &set, &[]).await.unwrap();
+        assert_eq!(found.fault, Some((2, "removed")));
+
+        // An edit after the gap is still found.
+        let mut edited = eleventh.clone();
+        let at = edited.len() - 3;
+        edited[at] ^= 1;
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with(
+            dir.path(),
+            vec![(1, first), (2, second), (10, tenth), (11, edited)],
+        )
+        .await;
+        let found = verify(&store, &set, &[]).await.unwrap();
+        assert_eq!(found.fault, Some((11, "edited")));
+    }
 }

@@ -106,7 +106,8 @@ impl<S: Store> AuditLog<S> {
             .await
             .map_err(|status| VaultError::CheckpointUnavailable(status.message().to_owned()))?;
         let heads: Vec<_> = kept.head.into_iter().chain(kept.others.clone()).collect();
-        let verification = audit::verify(self.store.as_ref(), &self.keys, &heads).await?;
+        let verification =
+            audit::verify(self.store.as_ref(), &self.keys.snapshot(), &heads).await?;
         Ok(AuditReport::new(
             verification,
             &kept.acknowledged,
