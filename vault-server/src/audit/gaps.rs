@@ -4,6 +4,7 @@
 //! vault restarted on a data directory that no longer shows a gap still knows it.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Entries `first..=last`.
 pub type Range = (u64, u64);
@@ -11,6 +12,8 @@ pub type Range = (u64, u64);
 #[derive(Debug, Default)]
 pub struct Gaps {
     inner: Mutex<Inner>,
+    /// Whether a gap is open, read by every call without taking the lock.
+    open: AtomicBool,
     /// Wakes the checkpoint reporter at once when a gap is found: the keyservice must
     /// hear of it before a restart could forget it.
     found_one: tokio::sync::Notify,
@@ -45,6 +48,7 @@ impl Gaps {
                  acknowledge the gap (`vaultctl audit verify` says how)"
             );
             inner.found.push(gap);
+            self.open.store(true, Ordering::Release);
             self.found_one.notify_one();
         }
     }
@@ -65,6 +69,8 @@ impl Gaps {
                 inner.acknowledged.push(*gap);
             }
         }
+        let open = first_open(&inner).is_some();
+        self.open.store(open, Ordering::Release);
     }
 
     /// Every gap found, for the keyservice.
@@ -72,16 +78,23 @@ impl Gaps {
         self.inner().found.clone()
     }
 
-    /// The first gap not acknowledged, if any.
+    /// The first gap not acknowledged, if any. Cheap when there is none (every call
+    /// asks).
     pub fn unacknowledged(&self) -> Option<Range> {
-        let inner = self.inner();
-        inner
-            .found
-            .iter()
-            .filter(|gap| !inner.acknowledged.iter().any(|a| covers(a, gap)))
-            .min()
-            .copied()
+        if !self.open.load(Ordering::Acquire) {
+            return None;
+        }
+        first_open(&self.inner())
     }
+}
+
+fn first_open(inner: &Inner) -> Option<Range> {
+    inner
+        .found
+        .iter()
+        .filter(|gap| !inner.acknowledged.iter().any(|a| covers(a, gap)))
+        .min()
+        .copied()
 }
 
 #[cfg(test)]
