@@ -150,10 +150,9 @@ async fn a_scripted_scenario_leaves_the_expected_events_and_no_card_data() {
     stack.stop().await;
 }
 
-/// The stopped vault's audit log database (beside its data directory).
+/// The stopped vault's database, which holds the audit log (its `audit` column family).
 fn open_audit_db(stack: &Stack) -> rocksdb::DB {
-    let path = stack.dir.path().join("vault-data-audit");
-    rocksdb::DB::open_cf(&rocksdb::Options::default(), path, ["default"]).unwrap()
+    integration_tests::open_vault_db(&stack.dir.data_dir())
 }
 
 /// Opens the stopped vault's audit database, lets `tamper` change its entries, and
@@ -174,18 +173,17 @@ async fn tamper_and_verify_with(
     tamper: impl FnOnce(&rocksdb::DB, &rocksdb::ColumnFamily),
 ) -> pb::VerifyAuditResponse {
     stack.stop_vault().await;
-    let last = {
+    {
         let db = open_audit_db(stack);
-        let audit = db.cf_handle("default").unwrap();
+        let audit = db.cf_handle("audit").unwrap();
         tamper(&db, audit);
         let mut iter = db.raw_iterator_cf(audit);
         iter.seek_to_last();
-        u64::from_be_bytes(iter.key().unwrap().try_into().unwrap())
-    };
-    if move_anchor {
-        let db = integration_tests::open_vault_db(&stack.dir.data_dir());
-        let meta = db.cf_handle("meta").unwrap();
-        db.put_cf(meta, "audit-head", last.to_be_bytes()).unwrap();
+        let last = u64::from_be_bytes(iter.key().unwrap().try_into().unwrap());
+        if move_anchor {
+            let meta = db.cf_handle("meta").unwrap();
+            db.put_cf(meta, "audit-head", last.to_be_bytes()).unwrap();
+        }
     }
     stack.restart_vault().await;
     verify(stack).await
@@ -214,7 +212,7 @@ async fn verify_finds_an_edited_removed_inserted_or_reordered_entry() {
     stack.stop_vault().await;
     let original: Vec<(Vec<u8>, Vec<u8>)> = {
         let db = open_audit_db(&stack);
-        let audit = db.cf_handle("default").unwrap();
+        let audit = db.cf_handle("audit").unwrap();
         db.iterator_cf(audit, rocksdb::IteratorMode::Start)
             .map(|entry| {
                 let (k, v) = entry.unwrap();
@@ -547,10 +545,11 @@ fn fault(report: &pb::VerifyAuditResponse) -> (bool, u64, &str) {
     )
 }
 
-/// The attack: stop the vault, delete its audit log, start it. Before, the vault began
-/// a new chain at 1 and `audit verify` said "intact". Now the anchor in the data
-/// directory and the checkpoint at the keyservice both say entries were written: every
-/// verify after reports them removed, and new events never fill the gap.
+/// The attack: stop the vault, delete its audit log whole (the column family dropped,
+/// the anchor deleted), start it. Before, the vault began a new chain at 1 and `audit
+/// verify` said "intact". Now the checkpoint at the keyservice says entries were
+/// written: every verify after reports them removed, and new events never fill the
+/// gap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_audit_log_deleted_whole_is_reported_on_every_verify_after() {
     if integration_tests::rocksdb_only("it deletes the RocksDB audit log") {
@@ -564,7 +563,12 @@ async fn an_audit_log_deleted_whole_is_reported_on_every_verify_after() {
     integration_tests::wait_for_audit_checkpoint(&stack.dir, written + 1).await;
 
     stack.stop_vault().await;
-    std::fs::remove_dir_all(stack.dir.path().join("vault-data-audit")).unwrap();
+    {
+        let mut db = open_audit_db(&stack);
+        db.drop_cf("audit").unwrap();
+        db.delete_cf(db.cf_handle("meta").unwrap(), "audit-head")
+            .unwrap();
+    }
     stack.restart_vault().await;
     assert_eq!(fault(&verify(&stack).await), (false, 1, "removed"));
     // No card data until the gap is acknowledged; the audit log stays readable.
@@ -616,7 +620,7 @@ async fn an_audit_log_deleted_whole_is_reported_on_every_verify_after() {
     stack.stop().await;
 }
 
-/// The attack: copy the vault's data directory (data and audit log) aside, make more
+/// The attack: copy the vault's data directory (data and audit log in one database) aside, make more
 /// calls, stop the vault, put the older copy back, start it. Everything on the host is
 /// consistent; only the checkpoint at the keyservice shows what was cut.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -628,7 +632,7 @@ async fn a_data_directory_restored_from_an_older_copy_is_reported() {
     tokenize_some(&stack, "4000", 5).await;
     stack.stop_vault().await;
     let copy = tempfile::tempdir().unwrap();
-    let dirs = ["vault-data", "vault-data-audit"];
+    let dirs = ["vault-data"];
     for dir in dirs {
         copy_dir(&stack.dir.path().join(dir), &copy.path().join(dir));
     }

@@ -91,6 +91,14 @@ async fn backup_under_load_verifies_and_restores() {
     // Restore never overwrites.
     assert!(vault_server::restore_backup(&settings, "drill-1").is_err());
     stack.restart_vault().await;
+    // The backup's audit log ends where the backup was made: what was recorded after
+    // it is a gap, and card data is refused until two admins acknowledge it.
+    let mut client = stack.client(ADMIN).await;
+    let err = client.token_info(&before[0].token).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
+    assert!(err.to_string().contains("acknowledge the gap"), "{err}");
+    let gaps = integration_tests::acknowledge_audit_gaps(&stack).await;
+    assert_eq!(gaps.len(), 1, "{gaps:?}");
     let mut client = stack.client(ADMIN).await;
     for info in &before {
         assert_eq!(&client.token_info(&info.token).await.unwrap(), info);

@@ -71,15 +71,26 @@ async fn expired_and_deleted_records_are_physically_gone_after_the_purge() {
     assert_eq!(err.code(), Some(Code::InvalidArgument));
     assert!(err.to_string().contains("ttl_secs"), "{err}");
 
-    // The stored bytes of both records, read from the stopped vault's disk.
+    // The stored bytes of both records and their fingerprint index keys, read from the
+    // stopped vault's disk.
     stack.stop_vault().await;
-    let stored: Vec<Vec<u8>> = {
+    let (stored, fingerprints): (Vec<Vec<u8>>, Vec<Vec<u8>>) = {
         let db = integration_tests::open_vault_db(&stack.dir.data_dir());
         let records = db.cf_handle("records").unwrap();
+        let index = db.cf_handle("fingerprints").unwrap();
         [&expiring.token, &deleted.token]
             .iter()
-            .map(|t| db.get_cf(records, t.as_bytes()).unwrap().unwrap())
-            .collect()
+            .map(|t| {
+                let record = db.get_cf(records, t.as_bytes()).unwrap().unwrap();
+                let key = db
+                    .iterator_cf(index, rocksdb::IteratorMode::Start)
+                    .map(Result::unwrap)
+                    .find(|(_, value)| &value[..] == t.as_bytes())
+                    .map(|(key, _)| key.to_vec())
+                    .unwrap();
+                (record, key)
+            })
+            .unzip()
     };
     stack.restart_vault().await;
     let mut vault = stack.client(ADMIN).await;
@@ -106,22 +117,49 @@ async fn expired_and_deleted_records_are_physically_gone_after_the_purge() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stack.stop_vault().await;
 
-    // No file of the data directory holds either record's ciphertext or token.
+    // No file of the data directory holds either record's bytes (ciphertext and clear
+    // metadata) or its keyed fingerprint.
     let data = files(&stack.dir.data_dir());
     assert!(data.len() > 3);
     for (path, bytes) in &data {
-        for (record, token) in stored.iter().zip([&expiring.token, &deleted.token]) {
-            let ciphertext_tail = &record[record.len() - 32..];
-            assert!(
-                !contains(bytes, ciphertext_tail),
-                "ciphertext of {token} still in {}",
-                path.display()
-            );
-            assert!(
-                !contains(bytes, token.as_bytes()),
-                "token {token} still in {}",
-                path.display()
-            );
+        for ((record, fingerprint), token) in stored
+            .iter()
+            .zip(&fingerprints)
+            .zip([&expiring.token, &deleted.token])
+        {
+            for (what, part) in [
+                ("ciphertext", &record[record.len() - 32..]),
+                ("record header and metadata", &record[..32]),
+                ("fingerprint", &fingerprint[..]),
+            ] {
+                assert!(
+                    !contains(bytes, part),
+                    "{what} of {token} still in {}",
+                    path.display()
+                );
+            }
+        }
+    }
+    // The tokens remain only in the audit log, whose events name them on purpose.
+    {
+        let db = integration_tests::open_vault_db(&stack.dir.data_dir());
+        for family in rocksdb::DB::list_cf(&rocksdb::Options::default(), stack.dir.data_dir())
+            .unwrap()
+            .into_iter()
+            .filter(|family| family != "audit")
+        {
+            let cf = db.cf_handle(&family).unwrap();
+            for (key, value) in db
+                .iterator_cf(cf, rocksdb::IteratorMode::Start)
+                .map(Result::unwrap)
+            {
+                for token in [&expiring.token, &deleted.token] {
+                    assert!(
+                        !contains(&key, token.as_bytes()) && !contains(&value, token.as_bytes()),
+                        "token {token} still in column family {family}"
+                    );
+                }
+            }
         }
     }
     // The record that was kept is still there, and readable.

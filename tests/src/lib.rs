@@ -876,6 +876,55 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// Acknowledges every audit gap the vault reports, as the restore runbook does: one
+/// admin proposes each, the officer approves it. Then waits until the vault serves card
+/// data again (it asks the keyservice every second). Returns the gaps acknowledged.
+pub async fn acknowledge_audit_gaps(stack: &Stack) -> Vec<(u64, u64)> {
+    use vault_proto::vault::v1 as pb;
+    let channel = raw_channel(&stack.dir, ADMIN, stack.vault_addr)
+        .await
+        .unwrap();
+    let mut vault = pb::vault_client::VaultClient::new(channel);
+    let report = vault
+        .verify_audit(pb::VerifyAuditRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let mut admin = vault_client::KeyServiceClient::connect(&stack.keyservice_config(ADMIN))
+        .await
+        .unwrap();
+    let mut officer = vault_client::KeyServiceClient::connect(&stack.keyservice_config(OFFICER))
+        .await
+        .unwrap();
+    let mut acknowledged = Vec::new();
+    for gap in report.gaps.iter().filter(|gap| !gap.acknowledged) {
+        let proposal = admin
+            .propose_audit_gap(
+                &report.vault_identity,
+                &report.node,
+                gap.first_sequence,
+                gap.last_sequence,
+            )
+            .await
+            .unwrap();
+        officer.approve(&proposal.id).await.unwrap();
+        acknowledged.push((gap.first_sequence, gap.last_sequence));
+    }
+    within(
+        std::time::Duration::from_secs(20),
+        "card data served after the acknowledgement",
+        || async {
+            let mut client = stack.client(ADMIN).await;
+            client
+                .tokenize(vault_client::Card::new("4242424242424242", 1, 2031), false)
+                .await
+                .ok()
+        },
+    )
+    .await;
+    acknowledged
+}
+
 /// Waits until the keyservice of `dir`'s stack keeps an audit checkpoint at `sequence`
 /// or beyond (a vault sends its head at most once a second).
 pub async fn wait_for_audit_checkpoint(dir: &StackDir, sequence: u64) {

@@ -24,9 +24,9 @@ pub struct Settings {
     /// the RocksDB engine; unused with PostgreSQL.
     #[serde(default)]
     pub data_dir: PathBuf,
-    /// The audit log's own RocksDB directory (default: `data_dir` with `-audit`
-    /// appended). Kept apart so that erasing a token leaves nothing in `data_dir`,
-    /// while the audit log keeps its events.
+    /// Where a vault before the audit log moved into `data_dir` kept it, as a RocksDB
+    /// database of its own (default: `data_dir` with `-audit` appended). Read once, at
+    /// the first start of this version, to move the log in; unused after that.
     #[serde(default)]
     pub audit_dir: Option<PathBuf>,
     /// The access policy (identities → tenant and permissions).
@@ -355,8 +355,8 @@ impl Settings {
         Ok(settings)
     }
 
-    /// Where the audit log lives.
-    pub fn audit_dir(&self) -> PathBuf {
+    /// Where an older vault kept its audit log (see `audit_dir`).
+    pub fn old_audit_dir(&self) -> PathBuf {
         self.audit_dir.clone().unwrap_or_else(|| {
             // By name, not by appending to the path: "data/" must give "data-audit",
             // beside the data directory, never inside it.
@@ -447,15 +447,6 @@ impl Settings {
                 return Err("data_dir is required with storage.type = \"rocksdb\"".into());
             }
             (EngineKind::Rocksdb, None) => {}
-        }
-        if self.storage.engine == EngineKind::Rocksdb
-            && self.audit_dir().starts_with(&self.data_dir)
-        {
-            return Err(
-                "audit_dir must not be inside data_dir: erasure clears data_dir while the \
-                 audit log keeps its events"
-                    .into(),
-            );
         }
         if self.velocity.window_secs == 0 {
             return Err("velocity.window_secs must be greater than 0".into());
@@ -590,18 +581,16 @@ mod audit_dir_tests {
     use super::*;
 
     #[test]
-    fn the_default_audit_dir_is_beside_the_data_dir_whatever_its_spelling() {
+    fn the_old_audit_dir_is_beside_the_data_dir_whatever_its_spelling() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/vault-server.toml");
         let mut settings = Settings::load(&path).unwrap();
         for data in ["/var/lib/vault/data", "/var/lib/vault/data/"] {
             settings.data_dir = PathBuf::from(data);
             assert_eq!(
-                settings.audit_dir(),
+                settings.old_audit_dir(),
                 PathBuf::from("/var/lib/vault/data-audit")
             );
             assert!(settings.validate().is_ok());
         }
-        settings.audit_dir = Some(PathBuf::from("/var/lib/vault/data/audit"));
-        assert!(settings.validate().unwrap_err().contains("audit_dir"));
     }
 }

@@ -185,6 +185,16 @@ impl VaultError {
             }
             VaultError::Audit(e) => {
                 tracing::error!(error = %e, "call refused: its audit event could not be written");
+                if matches!(
+                    e,
+                    crate::audit::AuditError::Store(crate::store::StoreError::NoSpace(_))
+                ) {
+                    return internal(
+                        Code::ResourceExhausted,
+                        "storage is full: the call's audit event could not be written, so the \
+                         call was refused",
+                    );
+                }
                 internal(
                     Code::Unavailable,
                     "the audit log could not be written, so the call was refused",

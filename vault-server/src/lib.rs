@@ -352,17 +352,18 @@ async fn open_store(settings: &Settings, node: Option<&str>) -> Result<Engine, E
     std::os::unix::fs::DirBuilderExt::mode(&mut dir, 0o700);
     dir.create(&settings.data_dir)
         .map_err(|e| storage_error(e.to_string()))?;
-    let audit_dir = settings.audit_dir();
-    dir.create(&audit_dir).map_err(|e| Error::Storage {
-        path: audit_dir.display().to_string(),
-        detail: e.to_string(),
-    })?;
     let tuning = store::rocks::Tuning {
         block_cache_bytes: settings.storage.block_cache_mb.saturating_mul(1024 * 1024),
     };
-    store::rocks::RocksStore::open(&settings.data_dir, &audit_dir, record::indexes_of, &tuning)
-        .map(Engine::Rocks)
-        .map_err(|e| storage_error(e.to_string()))
+    let old_audit_dir = settings.old_audit_dir();
+    store::rocks::RocksStore::open(
+        &settings.data_dir,
+        &old_audit_dir,
+        record::indexes_of,
+        &tuning,
+    )
+    .map(Engine::Rocks)
+    .map_err(|e| storage_error(e.to_string()))
 }
 
 /// This vault's name among the vaults sharing a PostgreSQL database:

@@ -165,17 +165,13 @@ impl Auditor {
             );
         }
         let (queue, receiver) = mpsc::channel(8192);
-        let (heads, anchors) = watch::channel(highest);
-        if !store.anchors_audit_log() {
-            tokio::spawn(write_anchor(Arc::clone(&store), Arc::clone(&keys), anchors));
-        }
+        let (heads, watching) = watch::channel(highest);
         // Only a head that verifies makes a gap that stops card data; an older
         // vault's bare anchor is only reported by `verify`.
         let known = highest.map_or(0, |head| head.sequence);
         if known > last_sequence {
             gaps.found((last_sequence + 1, known));
         }
-        let watching = heads.subscribe();
         tokio::spawn(write_events(store, keys, receiver, heads, gaps));
         let auditor = Self {
             queue,
@@ -218,34 +214,6 @@ impl Auditor {
     }
 }
 
-/// Keeps the anchor (`AUDIT_HEAD_KEY`) up to date with the durable head. It runs beside
-/// the writer so that events never wait for it: each write takes the latest value,
-/// skipping those that came meanwhile, so the anchor trails the log by at most one
-/// data-store commit and never moves backwards.
-async fn write_anchor<S: Store>(
-    store: Arc<S>,
-    keys: Arc<Keys>,
-    mut heads: watch::Receiver<Option<Head>>,
-) {
-    while heads.changed().await.is_ok() {
-        let Some(head) = *heads.borrow_and_update() else {
-            continue;
-        };
-        // A failed write is tried again (the data store may be refusing writes for a
-        // while), unless a newer value comes first, which replaces it.
-        while let Err(e) = store
-            .put_meta(AUDIT_HEAD_KEY, head.anchor(&keys.snapshot()))
-            .await
-        {
-            tracing::warn!(error = %e, "the audit log anchor could not be updated");
-            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            if heads.has_changed().unwrap_or(true) {
-                break;
-            }
-        }
-    }
-}
-
 async fn write_events<S: Store>(
     store: Arc<S>,
     keys: Arc<Keys>,
@@ -253,9 +221,8 @@ async fn write_events<S: Store>(
     heads: watch::Sender<Option<Head>>,
     gaps: Arc<Gaps>,
 ) {
-    // After a failed write the log's end on disk is uncertain (the WAL may hold what
-    // the failed sync did not confirm): stop, refusing every call, until a restart
-    // re-reads the last entry.
+    // After a write failed for an unexpected engine error the log's end on disk is
+    // uncertain: stop, refusing every call, until a restart re-reads the last entry.
     let mut broken = false;
     while let Some(first) = receiver.recv().await {
         let mut group = vec![first];
@@ -334,8 +301,8 @@ async fn write_events<S: Store>(
                 for (sequence, reply) in sequences.into_iter().zip(replies) {
                     let _ = reply.send(Ok(sequence));
                 }
-                // The anchor goes to the other database, in the data's own group
-                // commits (see `write_anchor`), and the checkpoint to the keyservice.
+                // The anchor went with the entries; the checkpoint goes to the
+                // keyservice.
                 let head = *appended
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -343,9 +310,15 @@ async fn write_events<S: Store>(
                     heads.send_replace(head);
                 }
             }
-            // A database that cannot be reached left nothing uncertain: the next batch
-            // reads the log's end again, on a new connection.
-            Err(e @ StoreError::Unavailable(_)) => {
+            // The store reads the log's end again at the next append (on a new
+            // connection, or from the reopened database once its disk has room), so a
+            // write that failed for these reasons leaves the chain nothing uncertain.
+            Err(
+                e @ (StoreError::Unavailable(_)
+                | StoreError::NoSpace(_)
+                | StoreError::NotWritable(_)
+                | StoreError::Reopening),
+            ) => {
                 tracing::error!(error = %e, "audit events could not be written; their calls are refused");
                 for reply in replies {
                     let _ = reply.send(Err(AuditError::Store(e.clone())));

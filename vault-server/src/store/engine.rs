@@ -66,10 +66,6 @@ impl Store for Engine {
         each!(self, s => s.append_audit(seal).await)
     }
 
-    fn anchors_audit_log(&self) -> bool {
-        each!(self, s => s.anchors_audit_log())
-    }
-
     async fn read_audit(
         &self,
         after: u64,

@@ -170,15 +170,14 @@ pub type AuditSeal = Box<dyn FnOnce(Option<(u64, Vec<u8>)>) -> Sealed + Send>;
 #[derive(Debug, Default)]
 pub struct Sealed {
     pub entries: Vec<(u64, Vec<u8>)>,
-    /// The [`AUDIT_HEAD_KEY`] value an engine that anchors the log writes with them.
+    /// The [`AUDIT_HEAD_KEY`] value the engine writes with them.
     pub anchor: Vec<u8>,
 }
 
 /// The data store's `meta` key holding the log's head (the audit module's MACed
 /// sequence number and chain value): the anchor that shows a log cut short (entries
-/// removed from its end, or the whole audit directory replaced). Kept here, not in
-/// `audit`, because an engine that anchors the log (`Store::anchors_audit_log`)
-/// writes it: the store never depends on the audit module.
+/// removed from its end, or the log replaced). Kept here, not in `audit`, because the
+/// engines write it with the entries: the store never depends on the audit module.
 pub const AUDIT_HEAD_KEY: &str = "audit-head";
 
 /// Held while this vault runs a background job that must run on one vault at a time
@@ -291,18 +290,14 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<(Vec<u8>, Token)>, StoreError>> + Send;
 
-    /// Appends the entries `seal` makes after the last stored one, in one durable
-    /// write, atomically with respect to every other writer of the log (other vaults on
-    /// a shared database included). Returns their sequence numbers.
+    /// Appends the entries `seal` makes after the last stored one, and moves the anchor
+    /// (the [`AUDIT_HEAD_KEY`] meta entry) to the new end, in one durable write,
+    /// atomically with respect to every other writer of the log (other vaults on a
+    /// shared database included). Returns their sequence numbers.
     fn append_audit(
         &self,
         seal: AuditSeal,
     ) -> impl Future<Output = Result<Vec<u64>, StoreError>> + Send;
-
-    /// Whether `append_audit` also records the last sequence number as the log's
-    /// anchor (the [`AUDIT_HEAD_KEY`] meta entry) in the same write. Otherwise the
-    /// auditor writes the anchor itself, to the data store.
-    fn anchors_audit_log(&self) -> bool;
 
     /// Up to `limit` audit entries with a sequence number above `after`, in order.
     fn read_audit(

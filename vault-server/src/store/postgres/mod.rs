@@ -296,10 +296,6 @@ impl Store for PgStore {
         })
     }
 
-    fn anchors_audit_log(&self) -> bool {
-        true
-    }
-
     async fn read_audit(
         &self,
         after: u64,

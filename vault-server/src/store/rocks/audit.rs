@@ -1,18 +1,20 @@
-//! The audit log: a database of its own, with its own writer thread (so that its
-//! syncs overlap the data's); appends take turns, each chaining onto the last entry.
+//! The audit log: a column family of the data database (`audit`, keyed by sequence
+//! number, big-endian), written by the data writer in the same synced batch as the
+//! data of the calls it records (see `writer.rs`). Also: moving the log of a vault from
+//! before that, a database of its own, into the column family once.
 
-use rocksdb::{DB, WriteBatch, WriteOptions};
-use tokio::sync::{mpsc, oneshot};
+use std::path::Path;
 
-use super::writer::MAX_GROUP;
-use super::{RocksStore, classify, engine};
-use crate::store::{AuditSeal, StoreError};
+use rocksdb::{DB, Options, WriteBatch, WriteOptions};
 
-/// Audit entries to append (key, entry), and where to answer once they are durable.
-pub(super) type AuditAppend = (
-    Vec<(Vec<u8>, Vec<u8>)>,
-    oneshot::Sender<Result<(), StoreError>>,
-);
+use super::{AUDIT, META, RocksStore, engine, family};
+use crate::store::{AuditSeal, Sealed, StoreError};
+
+/// `meta` key present once the audit log lives in the `audit` column family (written
+/// when a store is created, or with the last entries moved from the old database).
+const LOG_HERE: &[u8] = b"audit-log-in-data";
+/// Entries moved from an old audit database per synced write.
+const MOVE_BATCH: usize = 10_000;
 
 impl RocksStore {
     /// See `Store::append_audit`.
@@ -20,23 +22,8 @@ impl RocksStore {
         &self,
         seal: AuditSeal,
     ) -> Result<Vec<u64>, StoreError> {
-        // One process owns this log (RocksDB's lock), and appends here one at a time:
-        // the last entry read is still the last when the batch lands.
-        let _one_at_a_time = self.audit_append.lock().await;
-        let entries = seal(self.last_in_audit_log()?).entries;
-        let sequences = entries.iter().map(|(sequence, _)| *sequence).collect();
-        let entries = entries
-            .into_iter()
-            .map(|(sequence, entry)| (sequence.to_be_bytes().to_vec(), entry))
-            .collect();
-        let queue = self.audit_queue.as_ref().ok_or(StoreError::Closed)?;
-        let (reply, answer) = oneshot::channel();
-        queue
-            .send((entries, reply))
+        self.submit(|reply| super::writer::Op::Audit { seal, reply })
             .await
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)??;
-        Ok(sequences)
     }
 
     /// See `Store::read_audit`.
@@ -45,17 +32,15 @@ impl RocksStore {
         after: u64,
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let mut iter = self.audit_db.raw_iterator();
+        let db = self.db()?;
+        let mut iter = db.raw_iterator_cf(family(&db, AUDIT)?);
         iter.seek(after.saturating_add(1).to_be_bytes());
         let mut entries = Vec::new();
         while entries.len() < limit {
             let (Some(key), Some(value)) = (iter.key(), iter.value()) else {
                 break;
             };
-            let sequence =
-                u64::from_be_bytes(key.try_into().map_err(|_| {
-                    StoreError::Engine("an audit key is not a sequence number".into())
-                })?);
+            let sequence = sequence_of(key)?;
             if sequence > after {
                 entries.push((sequence, value.to_vec()));
             }
@@ -67,44 +52,96 @@ impl RocksStore {
 
     /// See `Store::last_audit`.
     pub(super) fn last_in_audit_log(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        let mut iter = self.audit_db.raw_iterator();
-        iter.seek_to_last();
-        iter.status().map_err(engine)?;
-        match (iter.key(), iter.value()) {
-            (Some(key), Some(value)) => {
-                let sequence = u64::from_be_bytes(key.try_into().map_err(|_| {
-                    StoreError::Engine("an audit key is not a sequence number".into())
-                })?);
-                Ok(Some((sequence, value.to_vec())))
-            }
-            _ => Ok(None),
-        }
+        last_entry(&*self.db()?)
     }
 }
 
-/// The audit database's writer: everything queued is one synced batch.
-pub(super) fn write_audit(db: &DB, mut receiver: mpsc::Receiver<AuditAppend>) {
+fn sequence_of(key: &[u8]) -> Result<u64, StoreError> {
+    Ok(u64::from_be_bytes(key.try_into().map_err(|_| {
+        StoreError::Engine("an audit key is not a sequence number".into())
+    })?))
+}
+
+/// The log's last entry.
+pub(super) fn last_entry(db: &DB) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+    let mut iter = db.raw_iterator_cf(family(db, AUDIT)?);
+    iter.seek_to_last();
+    iter.status().map_err(engine)?;
+    match (iter.key(), iter.value()) {
+        (Some(key), Some(value)) => Ok(Some((sequence_of(key)?, value.to_vec()))),
+        _ => Ok(None),
+    }
+}
+
+/// Runs `seal` on the log's end. It runs on the writer thread, inside a group: a panic
+/// must not end the thread (every later write would fail), so nothing is appended
+/// instead and the caller's event fails.
+pub(super) fn seal_entries(seal: AuditSeal, last: Option<(u64, Vec<u8>)>) -> Sealed {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| seal(last))).unwrap_or_else(|_| {
+        tracing::error!("audit entries could not be made; nothing was appended");
+        Sealed::default()
+    })
+}
+
+/// Moves the audit log of a vault from before the `audit` column family (a database of
+/// its own in `old_dir`) into the column family, once: the entries are copied in
+/// synced batches (copying one twice is harmless), the marker goes with the last, and
+/// the old directory is renamed `<old_dir>.moved`. Once the marker is there, a database
+/// found at `old_dir` is never copied again (it could only be an older copy put back,
+/// whose entries would overwrite newer ones): it is reported and left alone.
+pub(super) fn move_old_audit_log(db: &DB, old_dir: &Path) -> Result<(), StoreError> {
+    let meta = family(db, META)?;
+    let present = old_dir.join("CURRENT").exists();
+    if db.get_cf(meta, LOG_HERE).map_err(engine)?.is_some() {
+        if present {
+            tracing::warn!(
+                path = %old_dir.display(),
+                "an old audit log database is there but the log moved into the data \
+                 directory already; it is ignored"
+            );
+        }
+        return Ok(());
+    }
     let mut sync = WriteOptions::default();
     sync.set_sync(true);
-    while let Some(first) = receiver.blocking_recv() {
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP {
-            match receiver.try_recv() {
-                Ok(append) => group.push(append),
-                Err(_) => break,
-            }
-        }
-        let mut batch = WriteBatch::default();
-        let mut replies = Vec::with_capacity(group.len());
-        for (entries, reply) in group {
-            for (key, value) in entries {
-                batch.put(key, value);
-            }
-            replies.push(reply);
-        }
-        let written = db.write_opt(batch, &sync).map_err(|e| e.into_string());
-        for reply in replies {
-            let _ = reply.send(written.clone().map_err(classify));
+    if !present {
+        return db.put_cf_opt(meta, LOG_HERE, b"", &sync).map_err(engine);
+    }
+    let old = DB::open_for_read_only(&Options::default(), old_dir, false).map_err(engine)?;
+    let log = family(db, AUDIT)?;
+    let mut batch = WriteBatch::default();
+    let mut moved = 0u64;
+    for entry in old.iterator(rocksdb::IteratorMode::Start) {
+        let (key, value) = entry.map_err(engine)?;
+        sequence_of(&key)?;
+        batch.put_cf(log, key, value);
+        moved += 1;
+        if batch.len() >= MOVE_BATCH {
+            db.write_opt(std::mem::take(&mut batch), &sync)
+                .map_err(engine)?;
+            tracing::info!(moved, "moving the audit log into the data directory");
         }
     }
+    batch.put_cf(meta, LOG_HERE, b"");
+    db.write_opt(batch, &sync).map_err(engine)?;
+    drop(old);
+    let mut aside = old_dir.as_os_str().to_owned();
+    aside.push(".moved");
+    match std::fs::rename(old_dir, &aside) {
+        Ok(()) => tracing::warn!(
+            moved,
+            from = %old_dir.display(),
+            kept_at = %Path::new(&aside).display(),
+            "the audit log moved into the data directory; the old database is kept \
+             aside for you to delete once `vaultctl audit verify` is clean"
+        ),
+        Err(e) => tracing::warn!(
+            moved,
+            from = %old_dir.display(),
+            error = %e,
+            "the audit log moved into the data directory; the old database could not \
+             be renamed and is ignored from now on"
+        ),
+    }
+    Ok(())
 }

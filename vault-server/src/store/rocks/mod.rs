@@ -1,16 +1,19 @@
 //! RocksDB engine. Column families: `records` (token → sealed record), `fingerprints`
 //! (index key → token), `idempotency` (tenant and idempotency key → forward outcome,
 //! which holds no card data), `versions` (key use | key version | token → empty: which
-//! records use which key version, for counting and rewrap) and `meta` (small state of
-//! background jobs).
+//! records use which key version, for counting and rewrap), `expiry` and `cards` (the
+//! purge's and data-subject requests' indexes), `meta` (small state of background jobs,
+//! the audit log's anchor) and `audit` (the audit log: sequence number → entry).
 //!
 //! Writes go through one dedicated writer thread that takes everything queued, checks
-//! put-if-absent against the database plus the writes already in the batch, and commits
-//! it as one synced WriteBatch (group commit). Every waiter is answered only after the
-//! sync, so an acknowledged token survives `kill -9` and power loss, and one fsync is
-//! shared by every request that arrived meanwhile (DESIGN.md, Storage). Being the only
-//! writer also makes put-if-absent race-free. The audit log, a database of its own, has
-//! its own writer thread the same way, so that its syncs overlap the data's.
+//! put-if-absent against the database plus the writes already in the batch, chains the
+//! queued audit events onto the log, and commits it all as one synced WriteBatch (group
+//! commit). Every waiter is answered only after the sync, so an acknowledged token
+//! survives `kill -9` and power loss, and one fsync is shared by every request that
+//! arrived meanwhile (DESIGN.md, Storage). Being the only writer also makes
+//! put-if-absent race-free and keeps the audit chain from forking. One database means
+//! one WAL: data and audit events are durable in the same sync, and a batch holding
+//! both is atomic.
 //!
 //! After a write fails because the disk is full or read-only, RocksDB refuses every
 //! later write until the database is reopened. The writer does that by itself, at the
@@ -44,11 +47,11 @@ use super::{
 };
 use crate::token::Token;
 
-use audit::{AuditAppend, write_audit};
+use audit::move_old_audit_log;
 pub use backup::scan_records;
 use counts::{Counts, load_counts};
 use indexes::{index_records, parse_version_key, version_key};
-use options::{family_options, open_data};
+use options::open_data;
 use writer::{Op, QUEUE_DEPTH, Writer};
 
 const RECORDS: &str = "records";
@@ -58,7 +61,8 @@ const VERSIONS: &str = "versions";
 const META: &str = "meta";
 const EXPIRY: &str = "expiry";
 const CARDS: &str = "cards";
-const FAMILIES: [&str; 7] = [
+const AUDIT: &str = "audit";
+const FAMILIES: [&str; 8] = [
     RECORDS,
     FINGERPRINTS,
     IDEMPOTENCY,
@@ -66,6 +70,7 @@ const FAMILIES: [&str; 7] = [
     META,
     EXPIRY,
     CARDS,
+    AUDIT,
 ];
 /// `meta` key present once every record has its `versions`, `expiry` and `cards`
 /// entries.
@@ -111,20 +116,11 @@ fn family<'a>(db: &'a DB, name: &str) -> Result<&'a rocksdb::ColumnFamily, Store
 
 pub struct RocksStore {
     dir: PathBuf,
-    audit_dir: PathBuf,
     cache: Cache,
     data: Slot,
-    /// Audit entries go to a database of their own, outside the data directory: erasure
-    /// must leave no token in the data directory, while the audit log keeps its events
-    /// (which name tokens, never card data) for their retention period.
-    audit_db: Arc<DB>,
     counts: Counts,
     queue: Option<mpsc::Sender<Op>>,
     writer: Option<JoinHandle<()>>,
-    audit_queue: Option<mpsc::Sender<AuditAppend>>,
-    /// One append at a time: each reads the log's end and chains onto it.
-    audit_append: tokio::sync::Mutex<()>,
-    audit_writer: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for RocksStore {
@@ -157,18 +153,18 @@ fn classify(message: String) -> StoreError {
 impl RocksStore {
     /// Opens (or creates) the database in `dir` and starts the writer thread. A
     /// database from before the `versions` column family is indexed once, with
-    /// `indexes_of` reading each record's key versions and indexes. The audit log is
-    /// kept in `audit_dir`.
+    /// `indexes_of` reading each record's key versions and indexes. An audit log kept
+    /// in a database of its own at `old_audit_dir` (before the `audit` column family)
+    /// is moved in once.
     pub fn open(
         dir: &Path,
-        audit_dir: &Path,
+        old_audit_dir: &Path,
         indexes_of: IndexesOf,
         tuning: &Tuning,
     ) -> Result<Self, StoreError> {
         let cache = Cache::new_lru_cache(tuning.block_cache_bytes);
         let db = Arc::new(open_data(dir, &cache)?);
-        let audit_db =
-            Arc::new(DB::open(&family_options(None, &cache), audit_dir).map_err(engine)?);
+        move_old_audit_log(&db, old_audit_dir)?;
         // The marker is written with the index's last batch: an indexing run that was
         // interrupted runs again (writing an entry twice is harmless).
         let meta = db.cf_handle(META).ok_or(StoreError::Closed)?;
@@ -191,24 +187,13 @@ impl RocksStore {
             .name("rocksdb-writer".into())
             .spawn(move || writer.run(receiver))
             .map_err(|e| StoreError::Engine(format!("cannot start writer thread: {e}")))?;
-        let (audit_queue, audit_receiver) = mpsc::channel(QUEUE_DEPTH);
-        let writer_audit_db = Arc::clone(&audit_db);
-        let audit_writer = std::thread::Builder::new()
-            .name("rocksdb-audit".into())
-            .spawn(move || write_audit(&writer_audit_db, audit_receiver))
-            .map_err(|e| StoreError::Engine(format!("cannot start audit writer thread: {e}")))?;
         Ok(Self {
             dir: dir.to_owned(),
-            audit_dir: audit_dir.to_owned(),
             cache,
             data,
-            audit_db,
             counts,
             queue: Some(queue),
             writer: Some(writer),
-            audit_queue: Some(audit_queue),
-            audit_append: tokio::sync::Mutex::new(()),
-            audit_writer: Some(audit_writer),
         })
     }
 
@@ -240,11 +225,7 @@ impl Drop for RocksStore {
         // Closing the queue ends the writer after it commits what is queued; joining it
         // releases the database lock before a restart in the same process reopens it.
         self.queue.take();
-        self.audit_queue.take();
-        for writer in [self.writer.take(), self.audit_writer.take()]
-            .into_iter()
-            .flatten()
-        {
+        if let Some(writer) = self.writer.take() {
             let _ = writer.join();
         }
     }
@@ -284,7 +265,8 @@ impl Store for RocksStore {
     fn stats(&self) -> StoreStats {
         let mut stats = StoreStats {
             data_free_bytes: Some(free_bytes(&self.dir)),
-            audit_free_bytes: Some(free_bytes(&self.audit_dir)),
+            // The log is a column family of the data database, on the same disk.
+            audit_free_bytes: None,
             block_cache_bytes: self.cache.get_usage() as u64,
             ..StoreStats::default()
         };
@@ -435,7 +417,12 @@ impl Store for RocksStore {
         tokio::task::spawn_blocking(move || {
             for name in FAMILIES {
                 let cf = db.cf_handle(name).ok_or(StoreError::Closed)?;
+                // Every family is flushed, so that no WAL file still holds an erased
+                // write; the audit log holds tokens on purpose and is not rewritten.
                 db.flush_cf(cf).map_err(engine)?;
+                if name == AUDIT {
+                    continue;
+                }
                 let mut options = rocksdb::CompactOptions::default();
                 // Rewrite the bottom level too: that is where old copies live.
                 options.set_bottommost_level_compaction(
@@ -477,11 +464,6 @@ impl Store for RocksStore {
 
     async fn append_audit(&self, seal: AuditSeal) -> Result<Vec<u64>, StoreError> {
         self.append_to_audit_log(seal).await
-    }
-
-    fn anchors_audit_log(&self) -> bool {
-        // The log is a database of its own: its anchor goes to the data database.
-        false
     }
 
     async fn read_audit(

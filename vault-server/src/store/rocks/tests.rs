@@ -129,3 +129,78 @@ async fn record_counts_are_stored_with_the_records_and_read_at_start() {
     let store = open();
     assert_eq!(store.version_counts(), expected);
 }
+
+/// Appends `count` entries after the log's end (bytes: "entry-<sequence>").
+fn entries(count: u64) -> AuditSeal {
+    Box::new(move |last| {
+        let first = last.map_or(1, |(sequence, _)| sequence + 1);
+        crate::store::Sealed {
+            entries: (first..first + count)
+                .map(|s| (s, format!("entry-{s}").into_bytes()))
+                .collect(),
+            anchor: format!("head-{}", first + count - 1).into_bytes(),
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_audit_database_is_moved_in_once_and_never_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, old) = (dir.path().join("data"), dir.path().join("data-audit"));
+    // The log as a vault before the `audit` column family kept it.
+    let write_old = |count: u64| {
+        let db = DB::open_default(&old).unwrap();
+        for s in 1..=count {
+            db.put(s.to_be_bytes(), format!("old-{s}")).unwrap();
+        }
+    };
+    write_old(3);
+    {
+        let store = RocksStore::open(&data, &old, no_versions, &Tuning::default()).unwrap();
+        let moved = store.read_audit(0, 100).await.unwrap();
+        assert_eq!(
+            moved,
+            (1..=3u64)
+                .map(|s| (s, format!("old-{s}").into_bytes()))
+                .collect::<Vec<_>>()
+        );
+        assert!(!old.exists(), "the old database is put aside");
+        assert!(dir.path().join("data-audit.moved").join("CURRENT").exists());
+        assert_eq!(store.append_audit(entries(2)).await.unwrap(), vec![4, 5]);
+    }
+    // An older copy put back where the old database was is not copied over the log.
+    write_old(1);
+    let store = RocksStore::open(&data, &old, no_versions, &Tuning::default()).unwrap();
+    let log = store.read_audit(0, 100).await.unwrap();
+    assert_eq!(log.len(), 5);
+    assert_eq!(log[0].1, b"old-1");
+    assert_eq!(log[4].1, b"entry-5");
+    assert!(old.join("CURRENT").exists(), "left alone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_entries_and_their_anchor_are_in_the_data_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let old = dir.path().join("none");
+    {
+        let store = RocksStore::open(&data, &old, no_versions, &Tuning::default()).unwrap();
+        // Concurrent appends in one group chain one after the other.
+        let appends = (0..8).map(|_| store.append_audit(entries(3)));
+        let mut sequences: Vec<u64> = futures::future::try_join_all(appends)
+            .await
+            .unwrap()
+            .into_iter()
+            .flatten()
+            .collect();
+        sequences.sort_unstable();
+        assert_eq!(sequences, (1..=24).collect::<Vec<_>>());
+    }
+    assert!(!old.exists(), "no second database is made");
+    let store = RocksStore::open(&data, &old, no_versions, &Tuning::default()).unwrap();
+    assert_eq!(store.last_audit().await.unwrap().unwrap().0, 24);
+    assert_eq!(
+        store.get_meta(crate::store::AUDIT_HEAD_KEY).await.unwrap(),
+        Some(b"head-24".to_vec())
+    );
+}

@@ -1,5 +1,7 @@
-//! The data writer: one thread that takes everything queued, plans it against the
-//! database and the batch so far, and commits it as one synced write (group commit).
+//! The writer: one thread that takes everything queued, plans it against the database
+//! and the batch so far, chains the group's audit events onto the log, and commits it
+//! all as one synced write (group commit): the data of a group and the events of its
+//! calls become durable together, with one fsync.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -9,11 +11,12 @@ use std::time::Instant;
 use rocksdb::{Cache, DB, WriteBatch, WriteOptions};
 use tokio::sync::{mpsc, oneshot};
 
+use super::audit::{last_entry, seal_entries};
 use super::counts::{Counts, encode_counts};
-use super::{COUNTS, META, Slot, classify};
+use super::{AUDIT, COUNTS, META, Slot, classify};
 use crate::store::{
-    Delete, DeleteOutcome, InsertOutcome, KeyUse, KeyVersions, NewRecord, Rewrite, RewriteOutcome,
-    StoreError,
+    AUDIT_HEAD_KEY, AuditSeal, Delete, DeleteOutcome, InsertOutcome, KeyUse, KeyVersions,
+    NewRecord, Rewrite, RewriteOutcome, StoreError,
 };
 
 /// Most operations committed in one batch; bounds batch size and latency.
@@ -45,6 +48,11 @@ pub(super) enum Op {
         family: &'static str,
         entries: Vec<(Vec<u8>, Vec<u8>)>,
         reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    /// Audit events to chain onto the log's end; answered with their sequence numbers.
+    Audit {
+        seal: AuditSeal,
+        reply: oneshot::Sender<Result<Vec<u64>, StoreError>>,
     },
 }
 
@@ -139,6 +147,7 @@ impl Writer {
         let mut deletes = Vec::new();
         let mut rewrites = Vec::new();
         let mut put_replies = Vec::new();
+        let mut seals = Vec::new();
         // A failed read while planning fails the whole group: the batch may already
         // hold part of that operation, so nothing is written.
         let mut failure = None;
@@ -202,7 +211,22 @@ impl Writer {
                     }
                     put_replies.push(reply);
                 }
+                Op::Audit { seal, reply } => seals.push((seal, reply)),
             }
+        }
+        // The events are chained last, once the group's data is planned, in the order
+        // they came: each seal continues after the entries of the one before.
+        let mut appended = Vec::with_capacity(seals.len());
+        if failure.is_none() && !seals.is_empty() {
+            match self.chain_events(seals, &mut batch) {
+                Ok(chained) => appended = chained,
+                Err((e, replies)) => {
+                    failure.get_or_insert(e.to_string());
+                    appended = replies.into_iter().map(|r| (r, Vec::new())).collect();
+                }
+            }
+        } else {
+            appended.extend(seals.into_iter().map(|(_, reply)| (reply, Vec::new())));
         }
         // The counts after this group go into its batch, so that the stored counts
         // always match the `versions` entries on disk.
@@ -252,12 +276,65 @@ impl Writer {
         for reply in put_replies {
             let _ = reply.send(written.clone().map_err(classify));
         }
+        for (reply, sequences) in appended {
+            let _ = reply.send(written.clone().map(|()| sequences).map_err(classify));
+        }
         written.is_err_and(|e| {
             matches!(
                 classify(e),
                 StoreError::NoSpace(_) | StoreError::NotWritable(_)
             )
         })
+    }
+}
+
+/// Audit appends of one group, with where to answer each.
+type Seals = Vec<(AuditSeal, oneshot::Sender<Result<Vec<u64>, StoreError>>)>;
+/// Each append's sequence numbers, or every reply back if the log's end was unreadable.
+type Chained = Result<
+    Vec<(oneshot::Sender<Result<Vec<u64>, StoreError>>, Vec<u64>)>,
+    (
+        StoreError,
+        Vec<oneshot::Sender<Result<Vec<u64>, StoreError>>>,
+    ),
+>;
+
+impl Writer {
+    /// Chains each append onto the log's end (read once, then the entries before it
+    /// in this group) and puts the entries and the last anchor into `batch`. This
+    /// thread is the log's only writer, so the end read is still the end at the write.
+    fn chain_events<'a>(&'a self, seals: Seals, batch: &mut SortedBatch<'a>) -> Chained {
+        let (Some(log), Some(meta)) = (self.db.cf_handle(AUDIT), self.db.cf_handle(META)) else {
+            return Err((
+                StoreError::Closed,
+                seals.into_iter().map(|(_, r)| r).collect(),
+            ));
+        };
+        let mut last = match last_entry(&self.db) {
+            Ok(last) => last,
+            Err(e) => return Err((e, seals.into_iter().map(|(_, r)| r).collect())),
+        };
+        let mut anchor = None;
+        let mut chained = Vec::with_capacity(seals.len());
+        for (seal, reply) in seals {
+            let sealed = seal_entries(seal, last.clone());
+            let mut sequences = Vec::with_capacity(sealed.entries.len());
+            for (sequence, entry) in &sealed.entries {
+                batch.put_cf(log, sequence.to_be_bytes(), entry);
+                sequences.push(*sequence);
+            }
+            if let Some(end) = sealed.entries.into_iter().next_back() {
+                last = Some(end);
+            }
+            if !sealed.anchor.is_empty() {
+                anchor = Some(sealed.anchor);
+            }
+            chained.push((reply, sequences));
+        }
+        if let Some(anchor) = anchor {
+            batch.put_cf(meta, AUDIT_HEAD_KEY, anchor);
+        }
+        Ok(chained)
     }
 }
 
