@@ -256,7 +256,7 @@ fn counts_in_rocksdb(
 ) {
     let mut on_disk = std::collections::BTreeMap::new();
     vault_server::store::rocks::scan_records(&dir.data_dir(), &mut |_, value| {
-        if let Some((versions, _)) = vault_server::record::indexes_of(value) {
+        if let Some((versions, _, _)) = vault_server::record::indexes_of(value) {
             *on_disk.entry(versions.card_data).or_insert(0u64) += 1;
         }
     })

@@ -77,7 +77,9 @@ async fn expired_and_deleted_records_are_physically_gone_after_the_purge() {
     let (stored, fingerprints): (Vec<Vec<u8>>, Vec<Vec<u8>>) = {
         let db = integration_tests::open_vault_db(&stack.dir.data_dir());
         let records = db.cf_handle("records").unwrap();
-        let index = db.cf_handle("fingerprints").unwrap();
+        // A card index entry is its index key (tenant, keyed fingerprint, expiry) and
+        // token, after a length byte.
+        let index = db.cf_handle("card-index").unwrap();
         [&expiring.token, &deleted.token]
             .iter()
             .map(|t| {
@@ -85,8 +87,8 @@ async fn expired_and_deleted_records_are_physically_gone_after_the_purge() {
                 let key = db
                     .iterator_cf(index, rocksdb::IteratorMode::Start)
                     .map(Result::unwrap)
-                    .find(|(_, value)| &value[..] == t.as_bytes())
-                    .map(|(key, _)| key.to_vec())
+                    .find(|(key, _)| key.ends_with(t.as_bytes()))
+                    .map(|(key, _)| key[1..key.len() - t.len()].to_vec())
                     .unwrap();
                 (record, key)
             })

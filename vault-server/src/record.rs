@@ -89,13 +89,21 @@ pub fn card_key(tenant: &Tenant, fingerprint: &Fingerprint) -> Vec<u8> {
     key
 }
 
-/// The key versions and indexes of stored record bytes, read from the clear header
-/// without authenticating it (for indexing only; reads always authenticate).
+/// The key versions, indexes and index key of stored record bytes, read from the clear
+/// header without authenticating it (for indexing only; reads always authenticate).
 pub fn indexes_of(
     bytes: &[u8],
-) -> Option<(crate::store::KeyVersions, crate::store::RecordIndexes)> {
+) -> Option<(
+    crate::store::KeyVersions,
+    crate::store::RecordIndexes,
+    Vec<u8>,
+)> {
     let metadata = decode(bytes).ok()?.metadata;
-    Some((metadata.versions(), metadata.indexes()))
+    Some((
+        metadata.versions(),
+        metadata.indexes(),
+        metadata.index_key(),
+    ))
 }
 
 impl Metadata {

@@ -9,6 +9,8 @@ pub const PREFIX: &str = "tok_";
 const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 /// 62^22 > 2^128 > 62^21, so every 128-bit value fits in 22 base62 digits.
 const DIGITS: usize = 22;
+/// Bytes in every token.
+pub const LEN: usize = PREFIX.len() + DIGITS;
 
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Token(String);

@@ -23,11 +23,13 @@ pub struct NewRecord {
     pub token: Token,
     /// Sealed record bytes (see `record.rs`).
     pub value: Vec<u8>,
-    /// The fingerprint index key of the card (tenant, keyed fingerprint, expiry).
+    /// The fingerprint index key of the card (tenant, keyed fingerprint, expiry). It
+    /// starts with `indexes.card_key` (an engine may index by both in one key).
     pub index_key: Vec<u8>,
     /// When the index already names a live token, return it instead of storing.
     pub reuse_existing: bool,
-    /// Index keys of the same card under older fingerprint key versions: with
+    /// Index keys of the same card under older fingerprint key versions (each starting
+    /// with that version's card key, as long as `indexes.card_key`): with
     /// `reuse_existing`, a live token named there is returned too.
     pub older_index_keys: Vec<Vec<u8>>,
     /// The key versions the record uses (the store counts and lists records by them).

@@ -21,7 +21,7 @@ async fn a_deleted_record_leaves_no_file_after_compaction() {
     let record = |token: &Token, value: &[u8]| NewRecord {
         token: token.clone(),
         value: value.to_vec(),
-        index_key: [b"index-", token.as_str().as_bytes()].concat(),
+        index_key: [b"card", token.as_str().as_bytes()].concat(),
         reuse_existing: false,
         older_index_keys: Vec::new(),
         versions,
@@ -43,7 +43,7 @@ async fn a_deleted_record_leaves_no_file_after_compaction() {
         .delete(Delete {
             token: token.clone(),
             expected: b"sealed-bytes-to-erase".to_vec(),
-            index_key: [b"index-", token.as_str().as_bytes()].concat(),
+            index_key: [b"card", token.as_str().as_bytes()].concat(),
             versions,
             indexes: RecordIndexes {
                 expires_at_unix_ms: 0,

@@ -1,71 +1,145 @@
-//! The keys of the index column families (`versions`, `expiry`, `cards`), and the
-//! one-time indexing of records written before those families existed.
+//! The card index and the expiry index, and the one-time move of a database from the
+//! earlier layout (a fingerprint index, a `versions` and a `cards` family) to them.
+//!
+//! A card index entry, one per record:
+//!
+//! ```text
+//! key   = card_key_len: u8 | index_key (which starts with the card key) | token
+//! value = card_data_version: u32 | fingerprint_version: u32
+//! ```
+//!
+//! It serves `reuse_existing` (the live tokens of one index key: tenant, fingerprint
+//! and expiry), data-subject requests (every token of one card key, whatever the
+//! expiry: the length byte makes the card key exact), and rewrap and counting (the
+//! versions in the value). An expiry entry (`expires_at: i64 | token`) exists only for
+//! a record with a TTL.
 
 use rocksdb::{DB, WriteBatch, WriteOptions};
 
-use super::{CARDS, COUNTS, EXPIRY, INDEXED, IndexesOf, META, RECORDS, VERSIONS, engine};
-use crate::store::{KeyUse, StoreError};
+use super::{
+    CARD_INDEX, COUNTS, EXPIRY, INDEXED, IndexesOf, META, OLD_FAMILIES, RECORDS, engine, family,
+};
+use crate::store::{KeyVersions, StoreError};
+use crate::token;
 
 pub(super) fn expiry_key(expires_at_unix_ms: i64, token: &[u8]) -> Vec<u8> {
     // Expiry times are positive: big-endian bytes sort in time order.
     [&expires_at_unix_ms.to_be_bytes()[..], token].concat()
 }
 
-pub(super) fn card_entry_key(card_key: &[u8], token: &[u8]) -> Vec<u8> {
-    [card_key, token].concat()
+fn card_key_len(card_key: &[u8]) -> Result<u8, StoreError> {
+    u8::try_from(card_key.len())
+        .map_err(|_| StoreError::Engine("a card key is longer than 255 bytes".into()))
 }
 
-pub(super) fn version_key(key_use: KeyUse, version: u32, token: &[u8]) -> Vec<u8> {
-    let mut key = Vec::with_capacity(5 + token.len());
-    key.push(key_use.code());
-    key.extend_from_slice(&version.to_be_bytes());
+/// Where the entries of one card key start (`card_key_len | card_key`).
+pub(super) fn card_prefix(card_key: &[u8]) -> Result<Vec<u8>, StoreError> {
+    Ok([&[card_key_len(card_key)?][..], card_key].concat())
+}
+
+/// Where the entries of one index key start: `card_key_len | index_key`. The index key
+/// must start with the card key (the store's contract, see `NewRecord`).
+pub(super) fn index_prefix(card_key: &[u8], index_key: &[u8]) -> Result<Vec<u8>, StoreError> {
+    if !index_key.starts_with(card_key) {
+        return Err(StoreError::Engine(
+            "an index key does not start with its card key".into(),
+        ));
+    }
+    Ok([&[card_key_len(card_key)?][..], index_key].concat())
+}
+
+/// Where the entries of an index key of the same card under an older fingerprint
+/// version start: its card key differs from `card_key` but has its length.
+pub(super) fn older_index_prefix(card_key: &[u8], older: &[u8]) -> Result<Vec<u8>, StoreError> {
+    if older.len() < card_key.len() {
+        return Err(StoreError::Engine(
+            "an older index key is shorter than its card key".into(),
+        ));
+    }
+    Ok([&[card_key_len(card_key)?][..], older].concat())
+}
+
+pub(super) fn card_entry(
+    card_key: &[u8],
+    index_key: &[u8],
+    token: &[u8],
+) -> Result<Vec<u8>, StoreError> {
+    let mut key = index_prefix(card_key, index_key)?;
     key.extend_from_slice(token);
-    key
+    Ok(key)
 }
 
-pub(super) fn parse_version_key(key: &[u8]) -> Option<(KeyUse, u32, &[u8])> {
-    let key_use = KeyUse::from_code(*key.first()?)?;
-    let version = u32::from_be_bytes(key.get(1..5)?.try_into().ok()?);
-    Some((key_use, version, key.get(5..)?))
+/// The token of an entry under `prefix`, if the entry is exactly `prefix | token`.
+pub(super) fn token_under<'k>(key: &'k [u8], prefix: &[u8]) -> Option<&'k [u8]> {
+    key.strip_prefix(prefix).filter(|t| t.len() == token::LEN)
 }
 
-/// Writes the `versions` entries of every record (one synced batch per 10,000).
-pub(super) fn index_records(db: &DB, indexes_of: IndexesOf) -> Result<(), StoreError> {
-    let records = db.cf_handle(RECORDS).ok_or(StoreError::Closed)?;
-    let versions = db.cf_handle(VERSIONS).ok_or(StoreError::Closed)?;
-    let expiry = db.cf_handle(EXPIRY).ok_or(StoreError::Closed)?;
-    let cards = db.cf_handle(CARDS).ok_or(StoreError::Closed)?;
-    let meta = db.cf_handle(META).ok_or(StoreError::Closed)?;
-    let mut sync = WriteOptions::default();
-    sync.set_sync(true);
-    let mut batch = WriteBatch::default();
+/// The token of any entry (its last bytes).
+pub(super) fn entry_token(key: &[u8]) -> Option<&[u8]> {
+    key.len().checked_sub(token::LEN).map(|start| &key[start..])
+}
+
+pub(super) fn encode_versions(versions: KeyVersions) -> [u8; 8] {
+    let mut value = [0u8; 8];
+    value[..4].copy_from_slice(&versions.card_data.to_be_bytes());
+    value[4..].copy_from_slice(&versions.fingerprint.to_be_bytes());
+    value
+}
+
+pub(super) fn decode_versions(value: &[u8]) -> Option<KeyVersions> {
+    Some(KeyVersions {
+        card_data: u32::from_be_bytes(value.get(..4)?.try_into().ok()?),
+        fingerprint: u32::from_be_bytes(value.get(4..8)?.try_into().ok()?),
+    })
+}
+
+/// Builds the card index (and the expiry index) from the records, in synced batches,
+/// with the marker in the last; then drops the families of the earlier layout. Run at
+/// start when the marker is missing (an interrupted run runs again: each entry is the
+/// same the second time).
+pub(super) fn index_records(db: &mut DB, indexes_of: IndexesOf) -> Result<(), StoreError> {
     let mut indexed = 0u64;
-    for entry in db.iterator_cf(records, rocksdb::IteratorMode::Start) {
-        let (token, value) = entry.map_err(engine)?;
-        let Some((v, indexes)) = indexes_of(&value) else {
-            continue;
-        };
-        for key_use in KeyUse::ALL {
-            batch.put_cf(versions, version_key(key_use, v.get(key_use), &token), []);
+    {
+        let records = family(db, RECORDS)?;
+        let cards = family(db, CARD_INDEX)?;
+        let expiry = family(db, EXPIRY)?;
+        let meta = family(db, META)?;
+        let mut sync = WriteOptions::default();
+        sync.set_sync(true);
+        let mut batch = WriteBatch::default();
+        for entry in db.iterator_cf(records, rocksdb::IteratorMode::Start) {
+            let (token, value) = entry.map_err(engine)?;
+            let Some((versions, indexes, index_key)) = indexes_of(&value) else {
+                tracing::warn!("a record's header is unreadable; it is left out of the index");
+                continue;
+            };
+            batch.put_cf(
+                cards,
+                card_entry(&indexes.card_key, &index_key, &token)?,
+                encode_versions(versions),
+            );
+            if indexes.expires_at_unix_ms > 0 {
+                batch.put_cf(expiry, expiry_key(indexes.expires_at_unix_ms, &token), []);
+            }
+            indexed += 1;
+            if batch.len() >= 20_000 {
+                db.write_opt(std::mem::take(&mut batch), &sync)
+                    .map_err(engine)?;
+                tracing::info!(records = indexed, "indexing the records");
+            }
         }
-        if indexes.expires_at_unix_ms > 0 {
-            batch.put_cf(expiry, expiry_key(indexes.expires_at_unix_ms, &token), []);
-        }
-        batch.put_cf(cards, card_entry_key(&indexes.card_key, &token), []);
-        indexed += 1;
-        if batch.len() >= 20_000 {
-            db.write_opt(std::mem::take(&mut batch), &sync)
-                .map_err(engine)?;
+        // The stored counts are counted anew from the index.
+        batch.put_cf(meta, INDEXED, []);
+        batch.delete_cf(meta, COUNTS);
+        db.write_opt(batch, &sync).map_err(engine)?;
+    }
+    for old in OLD_FAMILIES {
+        if db.cf_handle(old).is_some() {
+            db.drop_cf(old).map_err(engine)?;
         }
     }
-    // Marks the index complete, in the same durable write as its last entries; the
-    // stored counts (if any) are out of date now and are counted anew.
-    batch.put_cf(meta, INDEXED, []);
-    batch.delete_cf(meta, COUNTS);
-    db.write_opt(batch, &sync).map_err(engine)?;
-    tracing::debug!(
-        records = indexed,
-        "indexed the key versions of existing records"
-    );
+    if indexed > 0 {
+        tracing::info!(records = indexed, "indexed the records in the card index");
+    }
     Ok(())
 }

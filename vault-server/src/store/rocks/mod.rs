@@ -1,9 +1,10 @@
-//! RocksDB engine. Column families: `records` (token → sealed record), `fingerprints`
-//! (index key → token), `idempotency` (tenant and idempotency key → forward outcome,
-//! which holds no card data), `versions` (key use | key version | token → empty: which
-//! records use which key version, for counting and rewrap), `expiry` and `cards` (the
-//! purge's and data-subject requests' indexes), `meta` (small state of background jobs,
-//! the audit log's anchor) and `audit` (the audit log: sequence number → entry).
+//! RocksDB engine. Column families: `records` (token → sealed record), `card-index`
+//! (one entry per record: its card, expiry and token → its key versions; see
+//! `indexes.rs`), `expiry` (records with a TTL only), `idempotency` (tenant and
+//! idempotency key → forward outcome, which holds no card data), `meta` (small state of
+//! background jobs, the record counts, the audit log's anchor) and `audit` (the audit
+//! log: sequence number → entry). A tokenization writes two data keys (three with a
+//! TTL) and, in the same batch, its call's audit entry.
 //!
 //! Writes go through one dedicated writer thread that takes everything queued, checks
 //! put-if-absent against the database plus the writes already in the batch, chains the
@@ -50,39 +51,30 @@ use crate::token::Token;
 use audit::move_old_audit_log;
 pub use backup::scan_records;
 use counts::{Counts, load_counts};
-use indexes::{index_records, parse_version_key, version_key};
+use indexes::{card_prefix, decode_versions, entry_token, index_records};
 use options::open_data;
 use writer::{Op, QUEUE_DEPTH, Writer};
 
 const RECORDS: &str = "records";
-const FINGERPRINTS: &str = "fingerprints";
+const CARD_INDEX: &str = "card-index";
 const IDEMPOTENCY: &str = "idempotency";
-const VERSIONS: &str = "versions";
 const META: &str = "meta";
 const EXPIRY: &str = "expiry";
-const CARDS: &str = "cards";
 const AUDIT: &str = "audit";
-const FAMILIES: [&str; 8] = [
-    RECORDS,
-    FINGERPRINTS,
-    IDEMPOTENCY,
-    VERSIONS,
-    META,
-    EXPIRY,
-    CARDS,
-    AUDIT,
-];
-/// `meta` key present once every record has its `versions`, `expiry` and `cards`
-/// entries.
-const INDEXED: &[u8] = b"indexed-v2";
+const FAMILIES: [&str; 6] = [RECORDS, CARD_INDEX, IDEMPOTENCY, META, EXPIRY, AUDIT];
+/// The index families of the earlier layout (fingerprint → token; key use, version and
+/// token; card key and token), dropped once the card index is built.
+const OLD_FAMILIES: [&str; 3] = ["fingerprints", "versions", "cards"];
+/// `meta` key present once every record has its card index (and expiry) entry.
+const INDEXED: &[u8] = b"indexed-v3";
 /// `meta` key holding the number of records per key use and version, written in the
 /// same batch as every change to `versions`, so that start-up reads it instead of
 /// counting every record.
 const COUNTS: &[u8] = b"version-counts";
 
-/// Reads a record's key versions and indexes from its stored bytes (to index records
-/// written before those column families existed).
-pub type IndexesOf = fn(&[u8]) -> Option<(KeyVersions, RecordIndexes)>;
+/// Reads a record's key versions, indexes and index key from its stored bytes (to index
+/// records written before the card index existed).
+pub type IndexesOf = fn(&[u8]) -> Option<(KeyVersions, RecordIndexes, Vec<u8>)>;
 
 /// Memory settings (`[storage]` in the vault config).
 #[derive(Debug, Clone)]
@@ -163,14 +155,18 @@ impl RocksStore {
         tuning: &Tuning,
     ) -> Result<Self, StoreError> {
         let cache = Cache::new_lru_cache(tuning.block_cache_bytes);
-        let db = Arc::new(open_data(dir, &cache)?);
+        let mut db = open_data(dir, &cache)?;
         move_old_audit_log(&db, old_audit_dir)?;
         // The marker is written with the index's last batch: an indexing run that was
         // interrupted runs again (writing an entry twice is harmless).
-        let meta = db.cf_handle(META).ok_or(StoreError::Closed)?;
-        if db.get_cf(meta, INDEXED).map_err(engine)?.is_none() {
-            index_records(&db, indexes_of)?;
+        if db
+            .get_cf(family(&db, META)?, INDEXED)
+            .map_err(engine)?
+            .is_none()
+        {
+            index_records(&mut db, indexes_of)?;
         }
+        let db = Arc::new(db);
         let counts = Arc::new(Mutex::new(load_counts(&db)?));
         let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
         let data: Slot = Arc::new(RwLock::new(Some(Arc::clone(&db))));
@@ -300,40 +296,42 @@ impl Store for RocksStore {
         cursor: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Token)>, StoreError> {
+        // The card index holds every record's versions: one pass over it, page by page,
+        // off the async threads (a page may scan many records already on `active`).
         let db = self.db()?;
-        let mut found = Vec::new();
-        let mut iter = db.raw_iterator_cf(family(&db, VERSIONS)?);
-        match cursor {
-            Some(cursor) => {
-                iter.seek(cursor);
-                if iter.key() == Some(cursor) {
-                    iter.next();
+        let cursor = cursor.map(<[u8]>::to_vec);
+        tokio::task::spawn_blocking(move || {
+            let cursor = cursor.as_deref();
+            let mut found = Vec::new();
+            let mut iter = db.raw_iterator_cf(family(&db, CARD_INDEX)?);
+            match cursor {
+                Some(cursor) => {
+                    iter.seek(cursor);
+                    if iter.key() == Some(cursor) {
+                        iter.next();
+                    }
                 }
+                None => iter.seek_to_first(),
             }
-            None => iter.seek_to_first(),
-        }
-        while found.len() < limit {
-            let Some(key) = iter.key() else { break };
-            let Some((key_use, version, token)) = parse_version_key(key) else {
+            while found.len() < limit {
+                let (Some(key), Some(value)) = (iter.key(), iter.value()) else {
+                    break;
+                };
+                if decode_versions(value) != Some(active) {
+                    let token = entry_token(key)
+                        .and_then(Token::from_stored)
+                        .ok_or_else(|| {
+                            StoreError::Engine("the card index holds a malformed token".into())
+                        })?;
+                    found.push((key.to_vec(), token));
+                }
                 iter.next();
-                continue;
-            };
-            if version == active.get(key_use) {
-                // Skip every record already on the active version in one seek.
-                match version.checked_add(1) {
-                    Some(next) => iter.seek(version_key(key_use, next, &[])),
-                    None => iter.seek([key_use.code() + 1]),
-                }
-                continue;
             }
-            let token = Token::from_stored(token).ok_or_else(|| {
-                StoreError::Engine("versions index holds a malformed token".into())
-            })?;
-            found.push((key.to_vec(), token));
-            iter.next();
-        }
-        iter.status().map_err(engine)?;
-        Ok(found)
+            iter.status().map_err(engine)?;
+            Ok(found)
+        })
+        .await
+        .map_err(|e| StoreError::Engine(e.to_string()))?
     }
 
     async fn prune_outcomes(
@@ -394,16 +392,16 @@ impl Store for RocksStore {
 
     async fn tokens_of_card(&self, card_key: &[u8]) -> Result<Vec<Token>, StoreError> {
         let db = self.db()?;
-        let mut iter = db.raw_iterator_cf(family(&db, CARDS)?);
-        iter.seek(card_key);
+        let prefix = card_prefix(card_key)?;
+        let mut iter = db.raw_iterator_cf(family(&db, CARD_INDEX)?);
+        iter.seek(&prefix);
         let mut tokens = Vec::new();
         while let Some(key) = iter.key() {
-            let Some(token) = key.strip_prefix(card_key) else {
+            if !key.starts_with(&prefix) {
                 break;
-            };
-            // A longer card key with this one as prefix is another card: tokens
-            // have a fixed length.
-            if let Some(token) = Token::from_stored(token) {
+            }
+            // Any expiry: the token is the entry's last bytes.
+            if let Some(token) = entry_token(key).and_then(Token::from_stored) {
                 tokens.push(token);
             }
             iter.next();

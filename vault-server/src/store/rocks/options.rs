@@ -5,12 +5,25 @@ use std::path::Path;
 
 use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, Options};
 
-use super::{FAMILIES, FINGERPRINTS, IDEMPOTENCY, META, RECORDS, engine};
+use super::{FAMILIES, IDEMPOTENCY, META, RECORDS, engine};
 use crate::store::StoreError;
 
+/// Opens the data database with every family it has (RocksDB refuses to open one
+/// without them all): ours, created if missing, and those of an earlier layout until
+/// `index_records` drops them.
 pub(super) fn open_data(dir: &Path, cache: &Cache) -> Result<DB, StoreError> {
-    let families =
-        FAMILIES.map(|name| ColumnFamilyDescriptor::new(name, family_options(Some(name), cache)));
+    let existing = DB::list_cf(&Options::default(), dir).unwrap_or_default();
+    let older = existing
+        .into_iter()
+        .filter(|name| name != "default" && !FAMILIES.contains(&name.as_str()));
+    let families = FAMILIES
+        .map(str::to_owned)
+        .into_iter()
+        .chain(older)
+        .map(|name| {
+            let options = family_options(Some(&name), cache);
+            ColumnFamilyDescriptor::new(name, options)
+        });
     DB::open_cf_descriptors(&family_options(None, cache), dir, families).map_err(engine)
 }
 
@@ -37,7 +50,7 @@ pub(super) fn family_options(family: Option<&str>, cache: &Cache) -> Options {
     table.set_partition_filters(true);
     table.set_metadata_block_size(4096);
     table.set_pin_top_level_index_and_filter(true);
-    if matches!(family, Some(RECORDS | FINGERPRINTS | IDEMPOTENCY | META)) {
+    if matches!(family, Some(RECORDS | IDEMPOTENCY | META)) {
         table.set_bloom_filter(10.0, false);
         table.set_whole_key_filtering(true);
         options.set_memtable_prefix_bloom_ratio(0.05);

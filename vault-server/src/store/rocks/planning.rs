@@ -2,11 +2,13 @@
 //! live token, compare-and-delete and compare-and-rewrite, against the database and
 //! what the group has written so far.
 
-use super::indexes::{card_entry_key, expiry_key, version_key};
+use super::indexes::{
+    card_entry, encode_versions, expiry_key, index_prefix, older_index_prefix, token_under,
+};
 use super::writer::{Pending, SortedBatch, Writer};
-use super::{CARDS, EXPIRY, FINGERPRINTS, RECORDS, VERSIONS, engine};
+use super::{CARD_INDEX, EXPIRY, RECORDS, engine};
 use crate::store::{
-    Delete, DeleteOutcome, InsertOutcome, KeyUse, NewRecord, RecordIndexes, Rewrite,
+    Delete, DeleteOutcome, InsertOutcome, KeyVersions, NewRecord, RecordIndexes, Rewrite,
     RewriteOutcome, StoreError,
 };
 use crate::token::Token;
@@ -16,24 +18,33 @@ impl Writer {
         if let Some(state) = pending.records.get(token) {
             return Ok(*state);
         }
-        let cf = self.db.cf_handle(RECORDS).ok_or(StoreError::Closed)?;
+        let cf = self.family(RECORDS)?;
         Ok(self.db.get_pinned_cf(cf, token).map_err(engine)?.is_some())
     }
 
-    fn index_entry(&self, key: &[u8], pending: &Pending) -> Result<Option<Vec<u8>>, StoreError> {
-        if let Some(state) = pending.index.get(key) {
-            return Ok(state.clone());
+    /// A live token indexed under `prefix` (one index key): one added earlier in this
+    /// group, else the first on disk whose record still exists.
+    fn live_token(&self, prefix: &[u8], pending: &Pending) -> Result<Option<Vec<u8>>, StoreError> {
+        for token in pending.cards.get(prefix).into_iter().flatten() {
+            if self.record_exists(token, pending)? {
+                return Ok(Some(token.clone()));
+            }
         }
-        let cf = self.db.cf_handle(FINGERPRINTS).ok_or(StoreError::Closed)?;
-        self.db.get_cf(cf, key).map_err(engine)
-    }
-
-    /// The live token an index key names, if any; a stale entry (record gone) is none.
-    fn live_entry(&self, key: &[u8], pending: &Pending) -> Result<Option<Vec<u8>>, StoreError> {
-        match self.index_entry(key, pending)? {
-            Some(token) if self.record_exists(&token, pending)? => Ok(Some(token)),
-            _ => Ok(None),
+        let mut iter = self.db.raw_iterator_cf(self.family(CARD_INDEX)?);
+        iter.seek(prefix);
+        while let Some(key) = iter.key() {
+            if !key.starts_with(prefix) {
+                break;
+            }
+            if let Some(token) = token_under(key, prefix)
+                && self.record_exists(token, pending)?
+            {
+                return Ok(Some(token.to_vec()));
+            }
+            iter.next();
         }
+        iter.status().map_err(engine)?;
+        Ok(None)
     }
 
     fn family(&self, name: &str) -> Result<&rocksdb::ColumnFamily, StoreError> {
@@ -47,8 +58,6 @@ impl Writer {
         pending: &mut Pending,
     ) -> Result<Vec<InsertOutcome>, StoreError> {
         let records_cf = self.family(RECORDS)?;
-        let index_cf = self.family(FINGERPRINTS)?;
-        let versions_cf = self.family(VERSIONS)?;
         let mut outcomes = Vec::with_capacity(records.len());
         for record in records {
             let token = record.token.as_str().as_bytes();
@@ -56,42 +65,40 @@ impl Writer {
                 outcomes.push(InsertOutcome::TokenTaken);
                 continue;
             }
-            // An index entry whose record is gone is stale: replaced below.
-            let indexed = self.live_entry(&record.index_key, pending)?;
-            let mut reusable = indexed.clone();
-            if record.reuse_existing && reusable.is_none() {
+            let card_key = &record.indexes.card_key;
+            let prefix = index_prefix(card_key, &record.index_key)?;
+            if record.reuse_existing {
                 // The card may be indexed under an older fingerprint version still.
+                let mut reusable = self.live_token(&prefix, pending)?;
                 for older in &record.older_index_keys {
-                    if let Some(token) = self.live_entry(older, pending)? {
-                        reusable = Some(token);
+                    if reusable.is_some() {
                         break;
                     }
+                    reusable = self.live_token(&older_index_prefix(card_key, older)?, pending)?;
                 }
-            }
-            if let (true, Some(existing)) = (record.reuse_existing, reusable) {
-                let existing = Token::from_stored(&existing).ok_or_else(|| {
-                    StoreError::Engine("fingerprint index holds a malformed token".into())
-                })?;
-                outcomes.push(InsertOutcome::Existing(existing));
-                continue;
-            }
-            match indexed {
-                Some(_) => {}
-                None => {
-                    batch.put_cf(index_cf, &record.index_key, token);
-                    pending
-                        .index
-                        .insert(record.index_key.clone(), Some(token.to_vec()));
+                if let Some(existing) = reusable {
+                    let existing = Token::from_stored(&existing).ok_or_else(|| {
+                        StoreError::Engine("the card index holds a malformed token".into())
+                    })?;
+                    outcomes.push(InsertOutcome::Existing(existing));
+                    continue;
                 }
             }
             batch.put_cf(records_cf, token, &record.value);
-            for key_use in KeyUse::ALL {
-                let version = record.versions.get(key_use);
-                batch.put_cf(versions_cf, version_key(key_use, version, token), []);
-            }
-            self.put_indexes(batch, &record.indexes, token)?;
+            self.put_indexes(
+                batch,
+                &record.indexes,
+                &record.index_key,
+                record.versions,
+                token,
+            )?;
             pending.count(record.versions, 1);
             pending.records.insert(token.to_vec(), true);
+            pending
+                .cards
+                .entry(prefix)
+                .or_default()
+                .push(token.to_vec());
             outcomes.push(InsertOutcome::Stored);
         }
         Ok(outcomes)
@@ -104,7 +111,6 @@ impl Writer {
         pending: &mut Pending,
     ) -> Result<DeleteOutcome, StoreError> {
         let token = delete.token.as_str().as_bytes();
-        let (index_key, versions) = (&delete.index_key, delete.versions);
         // Touched earlier in this group: the caller's copy may be stale.
         if pending.rewritten.contains(token) {
             return Ok(DeleteOutcome::Changed);
@@ -126,28 +132,20 @@ impl Writer {
             Some(_) => {}
         }
         batch.delete_cf(self.family(RECORDS)?, token);
-        let versions_cf = self.family(VERSIONS)?;
-        for key_use in KeyUse::ALL {
-            batch.delete_cf(
-                versions_cf,
-                version_key(key_use, versions.get(key_use), token),
-            );
-        }
-        self.delete_indexes(batch, &delete.indexes, token)?;
-        pending.count(versions, -1);
+        self.delete_indexes(batch, &delete.indexes, &delete.index_key, token)?;
+        pending.count(delete.versions, -1);
         pending.records.insert(token.to_vec(), false);
-        if self.index_entry(index_key, pending)?.as_deref() == Some(token) {
-            let index_cf = self.db.cf_handle(FINGERPRINTS).ok_or(StoreError::Closed)?;
-            batch.delete_cf(index_cf, index_key);
-            pending.index.insert(index_key.to_vec(), None);
-        }
         Ok(DeleteOutcome::Deleted)
     }
 
+    /// A record's card index entry (with its versions) and, with a TTL, its expiry
+    /// entry.
     fn put_indexes<'a>(
         &'a self,
         batch: &mut SortedBatch<'a>,
         indexes: &RecordIndexes,
+        index_key: &[u8],
+        versions: KeyVersions,
         token: &[u8],
     ) -> Result<(), StoreError> {
         if indexes.expires_at_unix_ms > 0 {
@@ -155,9 +153,9 @@ impl Writer {
             batch.put_cf(self.family(EXPIRY)?, key, []);
         }
         batch.put_cf(
-            self.family(CARDS)?,
-            card_entry_key(&indexes.card_key, token),
-            [],
+            self.family(CARD_INDEX)?,
+            card_entry(&indexes.card_key, index_key, token)?,
+            encode_versions(versions),
         );
         Ok(())
     }
@@ -166,6 +164,7 @@ impl Writer {
         &'a self,
         batch: &mut SortedBatch<'a>,
         indexes: &RecordIndexes,
+        index_key: &[u8],
         token: &[u8],
     ) -> Result<(), StoreError> {
         if indexes.expires_at_unix_ms > 0 {
@@ -173,8 +172,8 @@ impl Writer {
             batch.delete_cf(self.family(EXPIRY)?, key);
         }
         batch.delete_cf(
-            self.family(CARDS)?,
-            card_entry_key(&indexes.card_key, token),
+            self.family(CARD_INDEX)?,
+            card_entry(&indexes.card_key, index_key, token)?,
         );
         Ok(())
     }
@@ -199,37 +198,24 @@ impl Writer {
             return Ok(RewriteOutcome::Changed);
         }
         batch.put_cf(self.family(RECORDS)?, token, &rewrite.value);
-        let versions_cf = self.family(VERSIONS)?;
-        for key_use in KeyUse::ALL {
-            let old = rewrite.old_versions.get(key_use);
-            batch.delete_cf(versions_cf, version_key(key_use, old, token));
-        }
-        for key_use in KeyUse::ALL {
-            let new = rewrite.new_versions.get(key_use);
-            batch.put_cf(versions_cf, version_key(key_use, new, token), []);
-        }
-        self.delete_indexes(batch, &rewrite.old_indexes, token)?;
-        self.put_indexes(batch, &rewrite.new_indexes, token)?;
+        // The new entries after the old ones' deletes: where the keys are the same (a
+        // card-data version changed, not the fingerprint), the put wins.
+        self.delete_indexes(batch, &rewrite.old_indexes, &rewrite.old_index_key, token)?;
+        self.put_indexes(
+            batch,
+            &rewrite.new_indexes,
+            &rewrite.new_index_key,
+            rewrite.new_versions,
+            token,
+        )?;
         pending.count(rewrite.old_versions, -1);
         pending.count(rewrite.new_versions, 1);
-        if rewrite.old_index_key != rewrite.new_index_key {
-            let index_cf = self.family(FINGERPRINTS)?;
-            if self
-                .index_entry(&rewrite.old_index_key, pending)?
-                .as_deref()
-                == Some(token)
-            {
-                batch.delete_cf(index_cf, &rewrite.old_index_key);
-                pending.index.insert(rewrite.old_index_key.clone(), None);
-            }
-            // Another live token of the same card may own the new entry already.
-            if self.live_entry(&rewrite.new_index_key, pending)?.is_none() {
-                batch.put_cf(index_cf, &rewrite.new_index_key, token);
-                pending
-                    .index
-                    .insert(rewrite.new_index_key.clone(), Some(token.to_vec()));
-            }
-        }
+        let prefix = index_prefix(&rewrite.new_indexes.card_key, &rewrite.new_index_key)?;
+        pending
+            .cards
+            .entry(prefix)
+            .or_default()
+            .push(token.to_vec());
         pending.rewritten.insert(token.to_vec());
         Ok(RewriteOutcome::Rewritten)
     }

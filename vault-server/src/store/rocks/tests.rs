@@ -1,8 +1,8 @@
-use super::counts::{decode_counts, encode_counts};
+use super::counts::decode_counts;
 use super::*;
 use crate::store::{Delete, DeleteOutcome};
 
-fn no_versions(_: &[u8]) -> Option<(KeyVersions, RecordIndexes)> {
+fn no_versions(_: &[u8]) -> Option<(KeyVersions, RecordIndexes, Vec<u8>)> {
     None
 }
 
@@ -113,13 +113,7 @@ async fn record_counts_are_stored_with_the_records_and_read_at_start() {
         let meta = db.cf_handle(META).unwrap();
         let stored = db.get_cf(meta, COUNTS).unwrap().unwrap();
         assert_eq!(decode_counts(&stored), Some(expected.clone()));
-        // Counts that miss a version in use (as an older vault-server would leave
-        // them) are counted again.
-        let mut stale = expected.clone();
-        stale.remove(&(KeyUse::CardData, 2));
-        db.put_cf(meta, COUNTS, encode_counts(&stale)).unwrap();
     }
-    assert_eq!(open().version_counts(), expected);
     {
         // A data directory from before the counts were stored is counted once.
         let store = open();
@@ -203,4 +197,167 @@ async fn audit_entries_and_their_anchor_are_in_the_data_database() {
         store.get_meta(crate::store::AUDIT_HEAD_KEY).await.unwrap(),
         Some(b"head-24".to_vec())
     );
+}
+
+/// Record values of the layout test: `card_data_version|fingerprint_version|card_key|
+/// index_key_suffix|expires_at`.
+fn test_indexes(value: &[u8]) -> Option<(KeyVersions, RecordIndexes, Vec<u8>)> {
+    let text = std::str::from_utf8(value).ok()?;
+    let parts: Vec<&str> = text.split('|').collect();
+    let [card_data, fingerprint, card_key, suffix, expires] = parts[..] else {
+        return None;
+    };
+    Some((
+        KeyVersions {
+            card_data: card_data.parse().ok()?,
+            fingerprint: fingerprint.parse().ok()?,
+        },
+        RecordIndexes {
+            expires_at_unix_ms: expires.parse().ok()?,
+            card_key: card_key.as_bytes().to_vec(),
+        },
+        format!("{card_key}{suffix}").into_bytes(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_of_the_earlier_layout_is_indexed_once_and_its_old_families_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let tokens: Vec<Token> = (0..3).map(|_| Token::generate().unwrap()).collect();
+    {
+        // The earlier layout: a fingerprint index, `versions` and `cards`, and its marker.
+        let mut options = rocksdb::Options::default();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        let families = [
+            "records",
+            "fingerprints",
+            "versions",
+            "cards",
+            "meta",
+            "expiry",
+        ];
+        let db = DB::open_cf(&options, &data, families).unwrap();
+        let records = db.cf_handle("records").unwrap();
+        for (token, value) in tokens.iter().zip([
+            "1|1|cardA|-2031|0",
+            "2|1|cardA|-2032|5000",
+            "1|1|cardB|-2031|0",
+        ]) {
+            db.put_cf(records, token.as_str(), value).unwrap();
+        }
+        let fingerprints = db.cf_handle("fingerprints").unwrap();
+        db.put_cf(fingerprints, "cardA-2031", tokens[0].as_str())
+            .unwrap();
+        db.put_cf(db.cf_handle("meta").unwrap(), "indexed-v2", [])
+            .unwrap();
+    }
+    let store = RocksStore::open(
+        &data,
+        &dir.path().join("none"),
+        test_indexes,
+        &Tuning::default(),
+    )
+    .unwrap();
+    let families = DB::list_cf(&rocksdb::Options::default(), &data).unwrap();
+    for old in OLD_FAMILIES {
+        assert!(
+            !families.iter().any(|f| f == old),
+            "{old} dropped: {families:?}"
+        );
+    }
+    // Reuse finds the card's live token by its index key.
+    let again = || NewRecord {
+        token: Token::generate().unwrap(),
+        value: b"1|1|cardA|-2031|0".to_vec(),
+        index_key: b"cardA-2031".to_vec(),
+        reuse_existing: true,
+        older_index_keys: Vec::new(),
+        versions: KeyVersions {
+            card_data: 1,
+            fingerprint: 1,
+        },
+        indexes: RecordIndexes {
+            expires_at_unix_ms: 0,
+            card_key: b"cardA".to_vec(),
+        },
+    };
+    assert_eq!(
+        store.insert(vec![again()]).await.unwrap(),
+        vec![InsertOutcome::Existing(tokens[0].clone())]
+    );
+    // Every token of a card, whatever its expiry; none of another card.
+    let mut card_a = store.tokens_of_card(b"cardA").await.unwrap();
+    card_a.sort();
+    let mut expected = tokens[..2].to_vec();
+    expected.sort();
+    assert_eq!(card_a, expected);
+    assert_eq!(store.tokens_of_card(b"card").await.unwrap(), vec![]);
+    // The expiry index, the counts and the versions for rewrap come from the records.
+    assert_eq!(
+        store.expired(6000, 10).await.unwrap(),
+        vec![tokens[1].clone()]
+    );
+    assert_eq!(
+        store.version_counts(),
+        BTreeMap::from([
+            ((KeyUse::CardData, 1), 2),
+            ((KeyUse::CardData, 2), 1),
+            ((KeyUse::Fingerprint, 1), 3),
+        ])
+    );
+    let active = KeyVersions {
+        card_data: 2,
+        fingerprint: 1,
+    };
+    let mut off: Vec<Token> = store
+        .records_off_versions(active, None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, token)| token)
+        .collect();
+    off.sort();
+    let mut expected = vec![tokens[0].clone(), tokens[2].clone()];
+    expected.sort();
+    assert_eq!(off, expected);
+    // A delete removes the record's one index entry.
+    let record = store.get(&tokens[0]).await.unwrap().unwrap();
+    let outcome = store
+        .delete(Delete {
+            token: tokens[0].clone(),
+            expected: record,
+            index_key: b"cardA-2031".to_vec(),
+            versions: KeyVersions {
+                card_data: 1,
+                fingerprint: 1,
+            },
+            indexes: RecordIndexes {
+                expires_at_unix_ms: 0,
+                card_key: b"cardA".to_vec(),
+            },
+        })
+        .await
+        .unwrap();
+    assert_eq!(outcome, DeleteOutcome::Deleted);
+    let new = again();
+    let token = new.token.clone();
+    assert_eq!(
+        store.insert(vec![new]).await.unwrap(),
+        vec![InsertOutcome::Stored],
+        "the card's only live token for that expiry is gone"
+    );
+    assert_eq!(store.tokens_of_card(b"cardA").await.unwrap().len(), 2);
+    drop(store);
+    // Opened again: nothing is indexed twice.
+    let store = RocksStore::open(
+        &data,
+        &dir.path().join("none"),
+        test_indexes,
+        &Tuning::default(),
+    )
+    .unwrap();
+    assert!(store.get(&token).await.unwrap().is_some());
+    assert_eq!(store.version_counts().values().sum::<u64>(), 6);
 }

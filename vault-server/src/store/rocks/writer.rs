@@ -339,12 +339,12 @@ impl Writer {
 }
 
 /// What one group commit has written so far, so later operations in the same group
-/// see earlier ones: whether a record exists, and what an index key names (`None`
-/// once deleted).
+/// see earlier ones: whether a record exists, and the tokens added under an index
+/// prefix (see `indexes::index_prefix`).
 #[derive(Default)]
 pub(super) struct Pending {
     pub(super) records: HashMap<Vec<u8>, bool>,
-    pub(super) index: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    pub(super) cards: HashMap<Vec<u8>, Vec<Vec<u8>>>,
     /// Records rewritten in this group (a second rewrite of one must re-read).
     pub(super) rewritten: HashSet<Vec<u8>>,
     /// Changes to the per-version record counts, applied once the batch is durable.
