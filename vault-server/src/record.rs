@@ -116,6 +116,7 @@ impl Metadata {
     pub fn indexes(&self) -> crate::store::RecordIndexes {
         crate::store::RecordIndexes {
             expires_at_unix_ms: self.expires_at_unix_ms,
+            created_at_unix_ms: self.created_at_unix_ms,
             card_key: self.card_key(),
         }
     }

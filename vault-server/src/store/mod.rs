@@ -45,6 +45,9 @@ pub struct NewRecord {
 pub struct RecordIndexes {
     /// 0: never.
     pub expires_at_unix_ms: i64,
+    /// When the record was made (an engine may order a card's tokens by it: reuse
+    /// returns the oldest live one).
+    pub created_at_unix_ms: i64,
     /// Tenant and keyed fingerprint (see `Metadata::card_key`).
     pub card_key: Vec<u8>,
 }

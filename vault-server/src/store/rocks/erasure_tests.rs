@@ -27,6 +27,7 @@ async fn a_deleted_record_leaves_no_file_after_compaction() {
         versions,
         indexes: RecordIndexes {
             expires_at_unix_ms: 0,
+            created_at_unix_ms: 0,
             card_key: b"card".to_vec(),
         },
     };
@@ -47,6 +48,7 @@ async fn a_deleted_record_leaves_no_file_after_compaction() {
             versions,
             indexes: RecordIndexes {
                 expires_at_unix_ms: 0,
+                created_at_unix_ms: 0,
                 card_key: b"card".to_vec(),
             },
         })

@@ -4,12 +4,13 @@
 //! A card index entry, one per record:
 //!
 //! ```text
-//! key   = card_key_len: u8 | index_key (which starts with the card key) | token
+//! key   = card_key_len: u8 | index_key (which starts with the card key) |
+//!         created_at_unix_ms: i64 | token
 //! value = card_data_version: u32 | fingerprint_version: u32
 //! ```
 //!
 //! It serves `reuse_existing` (the live tokens of one index key: tenant, fingerprint
-//! and expiry), data-subject requests (every token of one card key, whatever the
+//! and expiry, oldest first), data-subject requests (every token of one card key, whatever the
 //! expiry: the length byte makes the card key exact), and rewrap and counting (the
 //! versions in the value). An expiry entry (`expires_at: i64 | token`) exists only for
 //! a record with a TTL.
@@ -19,7 +20,7 @@ use rocksdb::{DB, WriteBatch, WriteOptions};
 use super::{
     CARD_INDEX, COUNTS, EXPIRY, INDEXED, IndexesOf, META, OLD_FAMILIES, RECORDS, engine, family,
 };
-use crate::store::{KeyVersions, StoreError};
+use crate::store::{KeyVersions, RecordIndexes, StoreError};
 use crate::token;
 
 pub(super) fn expiry_key(expires_at_unix_ms: i64, token: &[u8]) -> Vec<u8> {
@@ -60,18 +61,23 @@ pub(super) fn older_index_prefix(card_key: &[u8], older: &[u8]) -> Result<Vec<u8
 }
 
 pub(super) fn card_entry(
-    card_key: &[u8],
+    indexes: &RecordIndexes,
     index_key: &[u8],
     token: &[u8],
 ) -> Result<Vec<u8>, StoreError> {
-    let mut key = index_prefix(card_key, index_key)?;
+    let mut key = index_prefix(&indexes.card_key, index_key)?;
+    // Times are positive: big-endian bytes sort oldest first.
+    key.extend_from_slice(&indexes.created_at_unix_ms.to_be_bytes());
     key.extend_from_slice(token);
     Ok(key)
 }
 
-/// The token of an entry under `prefix`, if the entry is exactly `prefix | token`.
+/// The token of an entry under `prefix`, if the entry is exactly `prefix | created_at
+/// | token`.
 pub(super) fn token_under<'k>(key: &'k [u8], prefix: &[u8]) -> Option<&'k [u8]> {
-    key.strip_prefix(prefix).filter(|t| t.len() == token::LEN)
+    key.strip_prefix(prefix)
+        .filter(|rest| rest.len() == 8 + token::LEN)
+        .map(|rest| &rest[8..])
 }
 
 /// The token of any entry (its last bytes).
@@ -115,7 +121,7 @@ pub(super) fn index_records(db: &mut DB, indexes_of: IndexesOf) -> Result<(), St
             };
             batch.put_cf(
                 cards,
-                card_entry(&indexes.card_key, &index_key, &token)?,
+                card_entry(&indexes, &index_key, &token)?,
                 encode_versions(versions),
             );
             if indexes.expires_at_unix_ms > 0 {

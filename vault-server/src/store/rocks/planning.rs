@@ -154,7 +154,7 @@ impl Writer {
         }
         batch.put_cf(
             self.family(CARD_INDEX)?,
-            card_entry(&indexes.card_key, index_key, token)?,
+            card_entry(indexes, index_key, token)?,
             encode_versions(versions),
         );
         Ok(())
@@ -173,7 +173,7 @@ impl Writer {
         }
         batch.delete_cf(
             self.family(CARD_INDEX)?,
-            card_entry(&indexes.card_key, index_key, token)?,
+            card_entry(indexes, index_key, token)?,
         );
         Ok(())
     }

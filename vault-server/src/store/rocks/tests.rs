@@ -214,6 +214,7 @@ fn test_indexes(value: &[u8]) -> Option<(KeyVersions, RecordIndexes, Vec<u8>)> {
         },
         RecordIndexes {
             expires_at_unix_ms: expires.parse().ok()?,
+            created_at_unix_ms: 0,
             card_key: card_key.as_bytes().to_vec(),
         },
         format!("{card_key}{suffix}").into_bytes(),
@@ -280,6 +281,7 @@ async fn a_database_of_the_earlier_layout_is_indexed_once_and_its_old_families_d
         },
         indexes: RecordIndexes {
             expires_at_unix_ms: 0,
+            created_at_unix_ms: 0,
             card_key: b"cardA".to_vec(),
         },
     };
@@ -335,6 +337,7 @@ async fn a_database_of_the_earlier_layout_is_indexed_once_and_its_old_families_d
             },
             indexes: RecordIndexes {
                 expires_at_unix_ms: 0,
+                created_at_unix_ms: 0,
                 card_key: b"cardA".to_vec(),
             },
         })
