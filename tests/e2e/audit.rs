@@ -728,3 +728,35 @@ async fn a_stopping_vault_leaves_its_last_head_at_the_keyservice() {
     }
     stack.stop().await;
 }
+
+/// The attack: wipe the data directory and start the vault under another node name
+/// (another port or host, or `[audit] node_name`), so that no checkpoint names its
+/// node. Its identity still has one: the empty log goes on after it, and card data is
+/// refused until two admins acknowledge the gap (as for a new vault added under an
+/// identity that already has one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wiped_vault_under_a_new_node_name_is_refused_until_acknowledged() {
+    if integration_tests::rocksdb_only("it wipes the RocksDB data directory") {
+        return;
+    }
+    let mut stack = Stack::start().await;
+    tokenize_some(&stack, "4006", 5).await;
+    let written = last_sequence(&stack).await;
+    integration_tests::wait_for_audit_checkpoint(&stack.dir, written + 1).await;
+
+    stack.stop_vault().await;
+    std::fs::remove_dir_all(stack.dir.data_dir()).unwrap();
+    stack.add_vault_config("[audit]\nnode_name = \"renamed\"\n");
+    stack.restart_vault().await;
+    assert_refused_for_the_gap(&stack).await;
+    let report = verify(&stack).await;
+    assert_eq!(report.node, "renamed");
+    assert_eq!(fault(&report), (false, 1, "removed"), "{report:?}");
+    assert_eq!(report.gaps.len(), 1, "{report:?}");
+    assert_eq!(report.gaps[0].first_sequence, 1);
+    assert!(report.gaps[0].last_sequence > written, "{report:?}");
+    let acknowledged = integration_tests::acknowledge_audit_gaps(&stack).await;
+    assert_eq!(acknowledged.len(), 1);
+    assert!(verify(&stack).await.intact);
+    stack.stop().await;
+}

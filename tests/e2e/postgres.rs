@@ -941,10 +941,10 @@ async fn audit_entries_deleted_online_with_an_older_head_put_back_are_reported()
     stack.stop().await;
 }
 
-/// Two vaults on one chain. Vault b writes the last entries; they are deleted online;
-/// then vault a, which never saw them, appends again from the shorter end, so the
-/// chain itself reads whole. Vault a's verify still reports it: it checks the
-/// checkpoints of every node of its identity, and b's says more was written.
+/// Two vaults on one chain. Vault b writes the last entries; they are deleted online,
+/// the head row left as it was. Vault a never saw them, but it reads the head row with
+/// the log's end at its next append: its event goes after the head, leaving the gap,
+/// and from then on it refuses card data. Its verify reports the entries removed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cut_refilled_by_another_vault_is_reported_by_either() {
     let cluster = start_cluster().await;
@@ -971,9 +971,14 @@ async fn a_cut_refilled_by_another_vault_is_reported_by_either() {
             &format!("DELETE FROM audit WHERE sequence > {kept}"),
         )
         .unwrap();
-    for n in 6..9 {
-        a.tokenize(card("482000", n), false).await.unwrap();
-    }
+    // The call whose event finds the gap was done before it; the next is refused.
+    a.tokenize(card("482000", 6), false).await.unwrap();
+    let refused = a.tokenize(card("482000", 7), false).await.unwrap_err();
+    assert_eq!(refused.code(), Some(Code::FailedPrecondition), "{refused}");
+    assert!(
+        refused.to_string().contains("acknowledge the gap"),
+        "{refused}"
+    );
     let report = a.verify_audit().await.unwrap();
     assert!(!report.intact, "{report:?}");
     assert!(

@@ -197,11 +197,19 @@ pub struct AuditSettings {
     /// meet PCI DSS 10 and says so in its log at start.
     #[serde(default = "default_true")]
     pub enabled: bool,
+    /// The name the keyservice keeps this vault's audit checkpoint under, beside its
+    /// certificate identity (default: `storage.postgres.node_name`, else the host name
+    /// and the gRPC port). Keep it stable across restarts and unique per vault.
+    #[serde(default)]
+    pub node_name: Option<String>,
 }
 
 impl Default for AuditSettings {
     fn default() -> Self {
-        Self { enabled: true }
+        Self {
+            enabled: true,
+            node_name: None,
+        }
     }
 }
 

@@ -119,9 +119,10 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
     let store = Arc::new(open_store(settings, node.as_deref()).await?);
     // The name the keyservice keeps this vault's audit checkpoint under: configured (or
     // the host's), never read from the data directory, which may be an older copy.
-    let audit_node = match &node {
-        Some(node) => node.clone(),
-        None => {
+    let audit_node = match (&settings.audit.node_name, &node) {
+        (Some(name), _) => name.clone(),
+        (None, Some(node)) => node.clone(),
+        (None, None) => {
             node_name(settings).unwrap_or_else(|_| format!("vault:{}", settings.listen_addr.port()))
         }
     };
@@ -130,12 +131,12 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
     let auditor = if settings.audit.enabled {
         let kept = read_checkpoint(&keys, &audit_node, &shutdown).await?;
         audit::learn(&gaps, &kept);
-        let checkpoint = kept.head;
         Some(
             audit::Auditor::start(
                 Arc::clone(&store),
                 Arc::clone(&keys),
-                checkpoint,
+                &kept,
+                node.is_some(),
                 Arc::clone(&gaps),
             )
             .await
@@ -239,7 +240,8 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
     })
 }
 
-/// This vault's checkpoint at the keyservice, read again until it comes (or `shutdown`
+/// This vault's checkpoint at the keyservice (and its identity's other nodes'), read
+/// again until it comes (or `shutdown`
 /// fires): a vault that started without it could continue a log restored from an older
 /// copy as if nothing were missing. The keyservice answered for the keys a moment ago.
 async fn read_checkpoint(
@@ -249,7 +251,7 @@ async fn read_checkpoint(
 ) -> Result<audit::Kept, Error> {
     let mut wait = Duration::from_millis(100);
     loop {
-        match audit::checkpoint(keys, node).await {
+        match audit::checkpoints(keys, node, true).await {
             Ok(kept) => return Ok(kept),
             Err(status) if status.code() == tonic::Code::Unimplemented => {
                 return Err(Error::Storage {

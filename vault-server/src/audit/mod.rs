@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::keys::{KeySet, Keys};
-use crate::store::{AUDIT_HEAD_KEY, Sealed, Store, StoreError};
+use crate::store::{AUDIT_HEAD_KEY, LogEnd, Sealed, Store, StoreError};
 
 mod gaps;
 mod head;
@@ -119,12 +119,20 @@ fn split(entry: &[u8]) -> Option<(u32, [u8; 32], &[u8])> {
 
 impl Auditor {
     /// Continues the chain after the highest head known (the last stored entry, the
-    /// store's anchor, this vault's `checkpoint` at the keyservice) and starts the
+    /// store's anchor, this vault's checkpoint at the keyservice) and starts the
     /// writing task, which ends when every `Auditor` handle is dropped.
+    ///
+    /// The other nodes' checkpoints (`kept.others`) count where the log is theirs too
+    /// (`shared_chain`: vaults on one database), and where this vault's log is empty
+    /// while its identity has logs elsewhere: a data directory wiped and the vault
+    /// started under another node name (another port or host) continues after them,
+    /// leaving a gap that two admins acknowledge, as does a new vault added under an
+    /// identity that already has one.
     pub async fn start<S: Store>(
         store: Arc<S>,
         keys: Arc<Keys>,
-        checkpoint: Option<Head>,
+        kept: &Kept,
+        shared_chain: bool,
         gaps: Arc<Gaps>,
     ) -> Result<Self, StoreError> {
         let last = match store.last_audit().await? {
@@ -150,6 +158,23 @@ impl Auditor {
                 None
             }
             Some(Anchor::Legacy(_)) | None => None,
+        };
+        let others = kept.others.iter().copied().max_by_key(|head| head.sequence);
+        let empty = last.is_none() && anchor.is_none();
+        let checkpoint = match (shared_chain || empty, others) {
+            (true, Some(other)) if Head::highest(kept.head, Some(other)) != kept.head => {
+                if !shared_chain {
+                    tracing::error!(
+                        other_head = other.sequence,
+                        "this vault's audit log is empty, but its identity has logs on other \
+                         nodes: it goes on after them, and card data is refused until two \
+                         admins acknowledge the gap (a new vault under an existing identity \
+                         is acknowledged the same way)"
+                    );
+                }
+                Head::highest(kept.head, Some(other))
+            }
+            _ => kept.head,
         };
         let highest = Head::highest(Head::highest(last, anchored), checkpoint);
         let last_sequence = last.map_or(0, |head| head.sequence);
@@ -239,22 +264,28 @@ async fn write_events<S: Store>(
             continue;
         }
         let (events, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
-        // The store calls `chain` with the log's last entry, under its lock where several
-        // vaults share one log, so the chain never forks. It continues after that entry
-        // or after the highest head this vault knows, whichever is further: a log cut
-        // short is never written over.
+        // The store calls `chain` with the log's end (last entry and anchor), under its
+        // lock where several vaults share one log, so the chain never forks. It
+        // continues after that entry, the anchor, or the highest head this vault knows,
+        // whichever is furthest: a log cut short is never written over, also by a vault
+        // sharing it that never saw the entries cut (the anchor still names them).
         let set = keys.snapshot();
         let known = *heads.borrow();
         let appended = Arc::new(std::sync::Mutex::new(None));
         let head_out = Arc::clone(&appended);
         let found = Arc::clone(&gaps);
-        let chain = move |last: Option<(u64, Vec<u8>)>| {
-            let stored = last.map(|(sequence, entry)| Head {
+        let chain = move |end: LogEnd| {
+            let stored = end.last.map(|(sequence, entry)| Head {
                 sequence,
                 // Checked at start; a malformed end is reported by `verify`.
                 chain: split(&entry).map_or([0u8; 32], |(_, mac, _)| mac),
             });
-            let after = Head::highest(stored, known);
+            // An anchor that does not verify is `verify`'s to report.
+            let anchored = match end.anchor.map(|bytes| Anchor::decode(&bytes, &set)) {
+                Some(Anchor::Head(head)) => Some(head),
+                _ => None,
+            };
+            let after = Head::highest(Head::highest(stored, known), anchored);
             let (version, key) = set.audit.active();
             let (mut sequence, mut previous) = after.map_or((1, [0u8; 32]), |head| {
                 (head.sequence.saturating_add(1), head.chain)

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use super::{
-    AuditSeal, Delete, DeleteOutcome, InsertOutcome, KeyUse, KeyVersions, NewRecord, RecordIndexes,
-    Rewrite, RewriteOutcome, Sealed, Store,
+    AuditSeal, Delete, DeleteOutcome, InsertOutcome, KeyUse, KeyVersions, LogEnd, NewRecord,
+    RecordIndexes, Rewrite, RewriteOutcome, Sealed, Store,
 };
 use crate::token::Token;
 
@@ -55,8 +55,13 @@ pub async fn run_all<S: Store, F: std::future::Future<Output = S>>(mut fresh: im
 /// Audit entries `first..=last`, each holding its number, chained after whatever the
 /// store says is last (which must be `first - 1`).
 pub fn numbered(first: u64, last: u64) -> AuditSeal {
-    Box::new(move |end: Option<(u64, Vec<u8>)>| {
-        assert_eq!(end.map_or(0, |(sequence, _)| sequence), first - 1);
+    Box::new(move |end: LogEnd| {
+        assert_eq!(end.last.map_or(0, |(sequence, _)| sequence), first - 1);
+        let anchor = (first > 1).then(|| (first - 1).to_be_bytes().to_vec());
+        assert_eq!(
+            end.anchor, anchor,
+            "the anchor written with the last append"
+        );
         Sealed {
             entries: (first..=last)
                 .map(|n| (n, n.to_string().into_bytes()))

@@ -167,9 +167,17 @@ pub enum StoreError {
     Unsupported(&'static str),
 }
 
-/// Chains audit events onto the log: given the last stored entry (sequence number,
-/// bytes), returns the entries to append after it.
-pub type AuditSeal = Box<dyn FnOnce(Option<(u64, Vec<u8>)>) -> Sealed + Send>;
+/// The audit log's end as stored, read under the append's lock: the last entry
+/// (sequence number, bytes) and the anchor (the [`AUDIT_HEAD_KEY`] value written with
+/// the last append, which a cut that removed entries from the end may have left).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogEnd {
+    pub last: Option<(u64, Vec<u8>)>,
+    pub anchor: Option<Vec<u8>>,
+}
+
+/// Chains audit events onto the log: given its end, returns the entries to append.
+pub type AuditSeal = Box<dyn FnOnce(LogEnd) -> Sealed + Send>;
 
 /// Audit entries to append, and the anchor to record with them.
 #[derive(Debug, Default)]

@@ -7,7 +7,7 @@ use super::connect::{Object, release_after_failure};
 use super::errors::pg;
 use super::locks::AUDIT_LOCK;
 use super::statements::{BEGIN, Param};
-use crate::store::{AUDIT_HEAD_KEY, AuditSeal, Sealed, StoreError};
+use crate::store::{AUDIT_HEAD_KEY, AuditSeal, LogEnd, Sealed, StoreError};
 
 impl PgStore {
     /// One audit append: under the chain's lock, reads the last entry, chains the new
@@ -30,8 +30,8 @@ impl PgStore {
 }
 
 /// One audit append in two round trips (the chain's lock is held across them, so
-/// they are kept few): BEGIN, the lock and the last entry; then the new entries, the
-/// anchor and COMMIT.
+/// they are kept few): BEGIN, the lock, the last entry and the anchor; then the new
+/// entries, the anchor and COMMIT.
 async fn append_audit(client: &Object, seal: AuditSeal) -> Result<Vec<u64>, tokio_postgres::Error> {
     let lock = client
         .prepare_cached("SELECT pg_advisory_xact_lock($1)")
@@ -44,6 +44,9 @@ async fn append_audit(client: &Object, seal: AuditSeal) -> Result<Vec<u64>, toki
             "INSERT INTO audit (sequence, entry) SELECT * FROM unnest($1::int8[], $2::bytea[])",
         )
         .await?;
+    let read_anchor = client
+        .prepare_cached("SELECT value FROM meta WHERE key = $1")
+        .await?;
     let anchor = client
         .prepare_cached(
             "INSERT INTO meta (key, value) VALUES ($1, $2)
@@ -51,23 +54,26 @@ async fn append_audit(client: &Object, seal: AuditSeal) -> Result<Vec<u64>, toki
         )
         .await?;
     let lock_params: Param = [&AUDIT_LOCK];
-    let (_, _, last) = tokio::try_join!(
+    let anchor_key: Param = [&AUDIT_HEAD_KEY];
+    let (_, _, last, stored_anchor) = tokio::try_join!(
         client.batch_execute(BEGIN),
         client.query(&lock, &lock_params),
         client.query_opt(&last, &[]),
+        client.query_opt(&read_anchor, &anchor_key),
     )?;
-    let last = last.map(|row| (row.get::<_, i64>(0) as u64, row.get::<_, Vec<u8>>(1)));
+    let end = LogEnd {
+        last: last.map(|row| (row.get::<_, i64>(0) as u64, row.get::<_, Vec<u8>>(1))),
+        anchor: stored_anchor.map(|row| row.get::<_, Vec<u8>>(0)),
+    };
     // Inside the transaction, holding the chain's lock: a panic here must not hand the
     // connection back to the pool mid-transaction. Nothing is appended instead.
     let Sealed {
         entries,
         anchor: head,
-    } = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| seal(last))).unwrap_or_else(
-        |_| {
-            tracing::error!("audit entries could not be made; nothing was appended");
-            Sealed::default()
-        },
-    );
+    } = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| seal(end))).unwrap_or_else(|_| {
+        tracing::error!("audit entries could not be made; nothing was appended");
+        Sealed::default()
+    });
     let sequences: Vec<i64> = entries.iter().map(|(s, _)| *s as i64).collect();
     let bytes: Vec<&[u8]> = entries.iter().map(|(_, e)| e.as_slice()).collect();
     if entries.is_empty() {

@@ -8,7 +8,7 @@ use super::counts::COUNTS_REFRESH;
 use super::settings::{default_commit_timeout_ms, default_pool_size, default_writers};
 use super::*;
 use crate::store::conformance::numbered;
-use crate::store::{KeyVersions, RecordIndexes, Sealed};
+use crate::store::{KeyVersions, LogEnd, RecordIndexes, Sealed};
 
 fn settings(cluster: &Cluster, dbname: &str) -> PostgresSettings {
     PostgresSettings {
@@ -166,8 +166,8 @@ async fn two_vaults_share_the_index_counts_audit_log_and_jobs() {
         };
         appends.push(tokio::spawn(async move {
             store
-                .append_audit(Box::new(|end: Option<(u64, Vec<u8>)>| {
-                    let (last, previous) = end.unwrap_or((0, b"0".to_vec()));
+                .append_audit(Box::new(|end: LogEnd| {
+                    let (last, previous) = end.last.unwrap_or((0, b"0".to_vec()));
                     // Each entry names its predecessor's sequence: a fork would
                     // show as two entries naming one.
                     let previous = String::from_utf8(previous).unwrap();
@@ -416,8 +416,8 @@ async fn nothing_is_acknowledged_while_the_synchronous_standby_is_down() {
     // The audit log goes on from what is stored: the end the failed append may
     // have left behind (it may land any moment now), or nothing.
     let appended = store
-        .append_audit(Box::new(|end: Option<(u64, Vec<u8>)>| {
-            let next = end.map_or(1, |(sequence, _)| sequence + 1);
+        .append_audit(Box::new(|end: LogEnd| {
+            let next = end.last.map_or(1, |(sequence, _)| sequence + 1);
             Sealed {
                 entries: vec![(next, b"after".to_vec())],
                 anchor: next.to_be_bytes().to_vec(),

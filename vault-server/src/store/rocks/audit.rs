@@ -8,7 +8,7 @@ use std::path::Path;
 use rocksdb::{DB, Options, WriteBatch, WriteOptions};
 
 use super::{AUDIT, META, RocksStore, engine, family};
-use crate::store::{AuditSeal, Sealed, StoreError};
+use crate::store::{AUDIT_HEAD_KEY, AuditSeal, LogEnd, Sealed, StoreError};
 
 /// `meta` key present once the audit log lives in the `audit` column family (written
 /// when a store is created, or with the last entries moved from the old database).
@@ -62,8 +62,18 @@ fn sequence_of(key: &[u8]) -> Result<u64, StoreError> {
     })?))
 }
 
+/// The log's last entry and its anchor.
+pub(super) fn log_end(db: &DB) -> Result<LogEnd, StoreError> {
+    Ok(LogEnd {
+        last: last_entry(db)?,
+        anchor: db
+            .get_cf(family(db, META)?, AUDIT_HEAD_KEY)
+            .map_err(engine)?,
+    })
+}
+
 /// The log's last entry.
-pub(super) fn last_entry(db: &DB) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+fn last_entry(db: &DB) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
     let mut iter = db.raw_iterator_cf(family(db, AUDIT)?);
     iter.seek_to_last();
     iter.status().map_err(engine)?;
@@ -76,8 +86,8 @@ pub(super) fn last_entry(db: &DB) -> Result<Option<(u64, Vec<u8>)>, StoreError> 
 /// Runs `seal` on the log's end. It runs on the writer thread, inside a group: a panic
 /// must not end the thread (every later write would fail), so nothing is appended
 /// instead and the caller's event fails.
-pub(super) fn seal_entries(seal: AuditSeal, last: Option<(u64, Vec<u8>)>) -> Sealed {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| seal(last))).unwrap_or_else(|_| {
+pub(super) fn seal_entries(seal: AuditSeal, end: LogEnd) -> Sealed {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| seal(end))).unwrap_or_else(|_| {
         tracing::error!("audit entries could not be made; nothing was appended");
         Sealed::default()
     })

@@ -126,8 +126,8 @@ async fn record_counts_are_stored_with_the_records_and_read_at_start() {
 
 /// Appends `count` entries after the log's end (bytes: "entry-<sequence>").
 fn entries(count: u64) -> AuditSeal {
-    Box::new(move |last| {
-        let first = last.map_or(1, |(sequence, _)| sequence + 1);
+    Box::new(move |end: crate::store::LogEnd| {
+        let first = end.last.map_or(1, |(sequence, _)| sequence + 1);
         crate::store::Sealed {
             entries: (first..first + count)
                 .map(|s| (s, format!("entry-{s}").into_bytes()))

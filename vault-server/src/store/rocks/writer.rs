@@ -11,7 +11,7 @@ use std::time::Instant;
 use rocksdb::{Cache, DB, WriteBatch, WriteOptions};
 use tokio::sync::{mpsc, oneshot};
 
-use super::audit::{last_entry, seal_entries};
+use super::audit::{log_end, seal_entries};
 use super::counts::{Counts, encode_counts};
 use super::{AUDIT, COUNTS, META, Slot, classify};
 use crate::store::{
@@ -310,28 +310,30 @@ impl Writer {
                 seals.into_iter().map(|(_, r)| r).collect(),
             ));
         };
-        let mut last = match last_entry(&self.db) {
-            Ok(last) => last,
+        let mut end = match log_end(&self.db) {
+            Ok(end) => end,
             Err(e) => return Err((e, seals.into_iter().map(|(_, r)| r).collect())),
         };
-        let mut anchor = None;
+        let stored_anchor = end.anchor.clone();
         let mut chained = Vec::with_capacity(seals.len());
         for (seal, reply) in seals {
-            let sealed = seal_entries(seal, last.clone());
+            let sealed = seal_entries(seal, end.clone());
             let mut sequences = Vec::with_capacity(sealed.entries.len());
             for (sequence, entry) in &sealed.entries {
                 batch.put_cf(log, sequence.to_be_bytes(), entry);
                 sequences.push(*sequence);
             }
-            if let Some(end) = sealed.entries.into_iter().next_back() {
-                last = Some(end);
+            if let Some(last) = sealed.entries.into_iter().next_back() {
+                end.last = Some(last);
             }
             if !sealed.anchor.is_empty() {
-                anchor = Some(sealed.anchor);
+                end.anchor = Some(sealed.anchor);
             }
             chained.push((reply, sequences));
         }
-        if let Some(anchor) = anchor {
+        if end.anchor != stored_anchor
+            && let Some(anchor) = end.anchor
+        {
             batch.put_cf(meta, AUDIT_HEAD_KEY, anchor);
         }
         Ok(chained)
