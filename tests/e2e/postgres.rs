@@ -989,3 +989,71 @@ async fn a_cut_refilled_by_another_vault_is_reported_by_either() {
     );
     stack.stop().await;
 }
+
+/// The same cut with the head row put back to match the shorter log, against a vault
+/// that never saw the last entries (another vault wrote them). It learns the other
+/// vaults' heads from the keyservice every second, so it does not write over the cut:
+/// its next event goes after b's head and card data is refused from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_with_its_head_row_put_back_is_not_refilled_by_a_vault_that_never_saw_it() {
+    let cluster = start_cluster().await;
+    let dir = StackDir::new();
+    dir.set_storage(&storage(&cluster, "a"));
+    let stack = Stack::start_in(dir).await;
+    stack.dir.set_storage(&storage(&cluster, "b"));
+    let other = stack.start_another_vault().await;
+    let mut a = stack.client(ADMIN).await;
+    let mut b = VaultClient::connect(&stack.other_vault_config(ADMIN, &other))
+        .await
+        .unwrap();
+    a.tokenize(card("483000", 0), false).await.unwrap();
+    let kept = a.read_audit(0, None, None, 1).await.unwrap().last_sequence + 1;
+    let head_at = |sequence: u64| {
+        cluster
+            .psql(
+                APP_DATABASE,
+                &format!("SELECT count(*) FROM audit WHERE sequence = {sequence}"),
+            )
+            .unwrap()
+    };
+    let older_head = cluster
+        .psql(
+            APP_DATABASE,
+            "SELECT encode(value, 'hex') FROM meta WHERE key = 'audit-head'",
+        )
+        .unwrap();
+    assert_eq!(
+        head_at(kept).trim(),
+        "1",
+        "the read's event is the last entry"
+    );
+    for n in 1..6 {
+        b.tokenize(card("483000", n), false).await.unwrap();
+    }
+    let written = b.read_audit(0, None, None, 1).await.unwrap().last_sequence;
+    integration_tests::wait_for_audit_checkpoint(&stack.dir, written + 1).await;
+    // Vault a asks the keyservice every second.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    cluster
+        .psql(
+            APP_DATABASE,
+            &format!(
+                "BEGIN; DELETE FROM audit WHERE sequence > {kept}; \
+                 UPDATE meta SET value = decode('{older_head}', 'hex') WHERE key = 'audit-head'; \
+                 COMMIT"
+            ),
+        )
+        .unwrap();
+    a.tokenize(card("483000", 6), false).await.unwrap();
+    let refused = a.tokenize(card("483000", 7), false).await.unwrap_err();
+    assert_eq!(refused.code(), Some(Code::FailedPrecondition), "{refused}");
+    assert!(
+        refused.to_string().contains("acknowledge the gap"),
+        "{refused}"
+    );
+    let report = a.verify_audit().await.unwrap();
+    assert!(!report.intact, "{report:?}");
+    assert_eq!(report.first_bad_sequence, Some(kept + 1), "{report:?}");
+    stack.stop().await;
+}

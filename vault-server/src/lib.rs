@@ -79,6 +79,8 @@ pub struct Bound {
     /// heads to send there (`None` when auditing is disabled).
     audit_node: String,
     audit_heads: Option<tokio::sync::watch::Receiver<Option<audit::Head>>>,
+    /// Where the heads of the vaults sharing this log go (PostgreSQL only).
+    audit_floor: Option<Arc<audit::Floor>>,
     store: Arc<Engine>,
     keys: Arc<keys::Keys>,
     rewrap: Arc<rewrap::Rewrapper<Engine>>,
@@ -170,6 +172,10 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
             source,
         })?;
     let audit_heads = auditor.as_ref().map(audit::Auditor::heads);
+    let audit_floor = auditor
+        .as_ref()
+        .filter(|_| node.is_some())
+        .map(audit::Auditor::floor);
     let journal = Arc::new(ops::Journal::new(
         auditor,
         Arc::new(metrics::Metrics::default()),
@@ -229,6 +235,7 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
         vault: Arc::new(vault),
         audit_node,
         audit_heads,
+        audit_floor,
         guards: api::Guards {
             policy,
             lockout,
@@ -485,6 +492,14 @@ impl Bound {
             move || tasks::usage_report(store.as_ref(), &cvcs),
             shutdown.clone(),
         );
+        if let Some(floor) = self.audit_floor.clone() {
+            tokio::spawn(audit::learn_shared_heads(
+                Arc::clone(&self.keys),
+                self.audit_node.clone(),
+                floor,
+                shutdown.clone(),
+            ));
+        }
         if let Some(heads) = self.audit_heads.clone() {
             tokio::spawn(audit::report_checkpoints(
                 Arc::clone(&self.keys),

@@ -245,6 +245,35 @@ pub async fn report_checkpoints(
     }
 }
 
+/// For a vault sharing its log with others (one database): reads their checkpoints
+/// every second and raises `floor` to the highest, until `shutdown`.
+pub async fn learn_shared_heads(
+    keys: Arc<Keys>,
+    node: String,
+    floor: Arc<super::Floor>,
+    shutdown: Shutdown,
+) {
+    let stop = shutdown.wait();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            kept = checkpoints(&keys, &node, true) => match kept {
+                Ok(kept) => {
+                    if let Some(highest) = kept.others.into_iter().max_by_key(|head| head.sequence) {
+                        floor.raise(highest);
+                    }
+                }
+                Err(status) => tracing::debug!(code = ?status.code(), "the other vaults' audit heads were not read"),
+            },
+            _ = &mut stop => return,
+        }
+        tokio::select! {
+            () = tokio::time::sleep(CHECKPOINT_EVERY) => {}
+            _ = &mut stop => return,
+        }
+    }
+}
+
 async fn report(
     client: &mut crate::keys::Client,
     node: &str,

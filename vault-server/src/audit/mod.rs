@@ -28,8 +28,8 @@ mod head;
 
 pub use gaps::Gaps;
 pub use head::{
-    Acknowledged, Anchor, Head, Kept, checkpoint, checkpoints, learn, report_checkpoints,
-    report_last,
+    Acknowledged, Anchor, Head, Kept, checkpoint, checkpoints, learn, learn_shared_heads,
+    report_checkpoints, report_last,
 };
 
 const MAC_LABEL: &[u8] = b"tokenvault.audit.v1";
@@ -104,6 +104,30 @@ type Pending = (AuditEvent, oneshot::Sender<Result<u64, AuditError>>);
 pub struct Auditor {
     queue: mpsc::Sender<Pending>,
     heads: watch::Receiver<Option<Head>>,
+    floor: Arc<Floor>,
+}
+
+/// The highest head the other vaults sharing this log (on one database) have reported
+/// to the keyservice: they wrote that far, durably, so new entries go after it even if
+/// the log's end and its head row were put back to an earlier point meanwhile.
+#[derive(Debug, Default)]
+pub struct Floor(std::sync::Mutex<Option<Head>>);
+
+impl Floor {
+    pub fn raise(&self, head: Head) {
+        let mut floor = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *floor = Head::highest(*floor, Some(head));
+    }
+
+    fn get(&self) -> Option<Head> {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 fn mac(key: &SecretKey, previous: &[u8; 32], sequence: u64, event: &[u8]) -> [u8; 32] {
@@ -197,10 +221,19 @@ impl Auditor {
         if known > last_sequence {
             gaps.found((last_sequence + 1, known));
         }
-        tokio::spawn(write_events(store, keys, receiver, heads, gaps));
+        let floor = Arc::new(Floor::default());
+        tokio::spawn(write_events(
+            store,
+            keys,
+            receiver,
+            heads,
+            gaps,
+            Arc::clone(&floor),
+        ));
         let auditor = Self {
             queue,
             heads: watching,
+            floor,
         };
         if ahead > last_sequence {
             // Said in the log itself, as the first entry after the gap.
@@ -237,6 +270,11 @@ impl Auditor {
     pub fn heads(&self) -> watch::Receiver<Option<Head>> {
         self.heads.clone()
     }
+
+    /// Where the other vaults' heads go (see [`Floor`]).
+    pub fn floor(&self) -> Arc<Floor> {
+        Arc::clone(&self.floor)
+    }
 }
 
 async fn write_events<S: Store>(
@@ -245,6 +283,7 @@ async fn write_events<S: Store>(
     mut receiver: mpsc::Receiver<Pending>,
     heads: watch::Sender<Option<Head>>,
     gaps: Arc<Gaps>,
+    floor: Arc<Floor>,
 ) {
     // After a write failed for an unexpected engine error the log's end on disk is
     // uncertain: stop, refusing every call, until a restart re-reads the last entry.
@@ -270,7 +309,7 @@ async fn write_events<S: Store>(
         // whichever is furthest: a log cut short is never written over, also by a vault
         // sharing it that never saw the entries cut (the anchor still names them).
         let set = keys.snapshot();
-        let known = *heads.borrow();
+        let known = Head::highest(*heads.borrow(), floor.get());
         let appended = Arc::new(std::sync::Mutex::new(None));
         let head_out = Arc::clone(&appended);
         let found = Arc::clone(&gaps);

@@ -17,15 +17,6 @@ const LOG_HERE: &[u8] = b"audit-log-in-data";
 const MOVE_BATCH: usize = 10_000;
 
 impl RocksStore {
-    /// See `Store::append_audit`.
-    pub(super) async fn append_to_audit_log(
-        &self,
-        seal: AuditSeal,
-    ) -> Result<Vec<u64>, StoreError> {
-        self.submit(|reply| super::writer::Op::Audit { seal, reply })
-            .await
-    }
-
     /// See `Store::read_audit`.
     pub(super) fn read_audit_log(
         &self,

@@ -461,7 +461,8 @@ impl Store for RocksStore {
     }
 
     async fn append_audit(&self, seal: AuditSeal) -> Result<Vec<u64>, StoreError> {
-        self.append_to_audit_log(seal).await
+        // Chained and committed by the writer, with whatever data its group holds.
+        self.submit(|reply| Op::Audit { seal, reply }).await
     }
 
     async fn read_audit(
