@@ -456,6 +456,15 @@ impl Settings {
             }
             (EngineKind::Rocksdb, None) => {}
         }
+        if self.storage.engine == EngineKind::Rocksdb
+            && self.old_audit_dir().starts_with(&self.data_dir)
+        {
+            return Err(
+                "audit_dir (where an older vault kept its audit log) must not be data_dir \
+                 or inside it"
+                    .into(),
+            );
+        }
         if self.velocity.window_secs == 0 {
             return Err("velocity.window_secs must be greater than 0".into());
         }
@@ -600,5 +609,7 @@ mod audit_dir_tests {
             );
             assert!(settings.validate().is_ok());
         }
+        settings.audit_dir = Some(PathBuf::from("/var/lib/vault/data/audit"));
+        assert!(settings.validate().unwrap_err().contains("audit_dir"));
     }
 }

@@ -15,6 +15,9 @@ use crate::store::{AUDIT_HEAD_KEY, AuditSeal, LogEnd, Sealed, StoreError};
 const LOG_HERE: &[u8] = b"audit-log-in-data";
 /// Entries moved from an old audit database per synced write.
 const MOVE_BATCH: usize = 10_000;
+/// A file in the data directory by which an operator says the old audit log is lost
+/// for good (see `move_old_audit_log`).
+const LOG_LOST_FILE: &str = "AUDIT-LOG-LOST";
 
 impl RocksStore {
     /// See `Store::read_audit`.
@@ -106,6 +109,20 @@ pub(super) fn move_old_audit_log(db: &DB, old_dir: &Path) -> Result<(), StoreErr
     let mut sync = WriteOptions::default();
     sync.set_sync(true);
     if !present {
+        // An anchor here means an older vault wrote a log, kept elsewhere: starting
+        // without it would make it a gap for good (its volume may just not be mounted).
+        let anchored = db.get_cf(meta, AUDIT_HEAD_KEY).map_err(engine)?.is_some();
+        let lost = db.path().join(LOG_LOST_FILE);
+        if anchored && !lost.exists() {
+            return Err(StoreError::Engine(format!(
+                "this data directory's audit log is not at {}: mount it there or set \
+                 audit_dir to where it is. If it is lost for good, create the file {} to \
+                 start without it; its entries then show as a gap that two admins \
+                 acknowledge",
+                old_dir.display(),
+                lost.display()
+            )));
+        }
         return db.put_cf_opt(meta, LOG_HERE, b"", &sync).map_err(engine);
     }
     let old = DB::open_for_read_only(&Options::default(), old_dir, false).map_err(engine)?;

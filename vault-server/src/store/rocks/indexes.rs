@@ -6,11 +6,11 @@
 //! ```text
 //! key   = card_key_len: u8 | index_key (which starts with the card key) |
 //!         created_at_unix_ms: i64 | token
-//! value = card_data_version: u32 | fingerprint_version: u32
+//! value = card_data_version: u32 | fingerprint_version: u32 | expires_at_unix_ms: i64
 //! ```
 //!
 //! It serves `reuse_existing` (the live tokens of one index key: tenant, fingerprint
-//! and expiry, oldest first), data-subject requests (every token of one card key, whatever the
+//! and expiry, oldest first, skipping expired ones), data-subject requests (every token of one card key, whatever the
 //! expiry: the length byte makes the card key exact), and rewrap and counting (the
 //! versions in the value). An expiry entry (`expires_at: i64 | token`) exists only for
 //! a record with a TTL.
@@ -18,7 +18,7 @@
 use rocksdb::{DB, WriteBatch, WriteOptions};
 
 use super::{
-    CARD_INDEX, COUNTS, EXPIRY, INDEXED, IndexesOf, META, OLD_FAMILIES, RECORDS, engine, family,
+    CARD_INDEX, COUNTS, EXPIRY, FAMILIES, INDEXED, IndexesOf, META, RECORDS, engine, family,
 };
 use crate::store::{KeyVersions, RecordIndexes, StoreError};
 use crate::token;
@@ -85,11 +85,21 @@ pub(super) fn entry_token(key: &[u8]) -> Option<&[u8]> {
     key.len().checked_sub(token::LEN).map(|start| &key[start..])
 }
 
-pub(super) fn encode_versions(versions: KeyVersions) -> [u8; 8] {
-    let mut value = [0u8; 8];
+pub(super) fn encode_entry(versions: KeyVersions, expires_at_unix_ms: i64) -> [u8; 16] {
+    let mut value = [0u8; 16];
     value[..4].copy_from_slice(&versions.card_data.to_be_bytes());
-    value[4..].copy_from_slice(&versions.fingerprint.to_be_bytes());
+    value[4..8].copy_from_slice(&versions.fingerprint.to_be_bytes());
+    value[8..].copy_from_slice(&expires_at_unix_ms.to_be_bytes());
     value
+}
+
+/// Whether an entry's record has expired at `now_unix_ms` (0: it never does).
+pub(super) fn entry_expired(value: &[u8], now_unix_ms: i64) -> bool {
+    value
+        .get(8..16)
+        .and_then(|bytes| bytes.try_into().ok())
+        .map(i64::from_be_bytes)
+        .is_some_and(|at| at != 0 && at <= now_unix_ms)
 }
 
 pub(super) fn decode_versions(value: &[u8]) -> Option<KeyVersions> {
@@ -99,11 +109,25 @@ pub(super) fn decode_versions(value: &[u8]) -> Option<KeyVersions> {
     })
 }
 
+/// Drops every family that is not one of ours (the earlier layout's indexes), at each
+/// start: a crash between `index_records`' marker and the drop must not leave them
+/// (with erased cards' fingerprints and tokens) for good.
+pub(super) fn drop_old_families(db: &mut DB) -> Result<(), StoreError> {
+    let existing = DB::list_cf(&rocksdb::Options::default(), db.path()).map_err(engine)?;
+    for name in existing {
+        if name != "default" && !FAMILIES.contains(&name.as_str()) {
+            db.drop_cf(&name).map_err(engine)?;
+            tracing::info!(family = %name, "dropped an index family of the earlier layout");
+        }
+    }
+    Ok(())
+}
+
 /// Builds the card index (and the expiry index) from the records, in synced batches,
-/// with the marker in the last; then drops the families of the earlier layout. Run at
-/// start when the marker is missing (an interrupted run runs again: each entry is the
-/// same the second time).
-pub(super) fn index_records(db: &mut DB, indexes_of: IndexesOf) -> Result<(), StoreError> {
+/// with the marker in the last. Run at start when the marker is missing (an interrupted
+/// run runs again: each entry is the same the second time); `drop_old_families` then
+/// removes the earlier layout's families.
+pub(super) fn index_records(db: &DB, indexes_of: IndexesOf) -> Result<(), StoreError> {
     let mut indexed = 0u64;
     {
         let records = family(db, RECORDS)?;
@@ -122,7 +146,7 @@ pub(super) fn index_records(db: &mut DB, indexes_of: IndexesOf) -> Result<(), St
             batch.put_cf(
                 cards,
                 card_entry(&indexes, &index_key, &token)?,
-                encode_versions(versions),
+                encode_entry(versions, indexes.expires_at_unix_ms),
             );
             if indexes.expires_at_unix_ms > 0 {
                 batch.put_cf(expiry, expiry_key(indexes.expires_at_unix_ms, &token), []);
@@ -138,11 +162,6 @@ pub(super) fn index_records(db: &mut DB, indexes_of: IndexesOf) -> Result<(), St
         batch.put_cf(meta, INDEXED, []);
         batch.delete_cf(meta, COUNTS);
         db.write_opt(batch, &sync).map_err(engine)?;
-    }
-    for old in OLD_FAMILIES {
-        if db.cf_handle(old).is_some() {
-            db.drop_cf(old).map_err(engine)?;
-        }
     }
     if indexed > 0 {
         tracing::info!(records = indexed, "indexed the records in the card index");

@@ -4,7 +4,7 @@
 //! idempotency key → forward outcome, which holds no card data), `meta` (small state of
 //! background jobs, the record counts, the audit log's anchor) and `audit` (the audit
 //! log: sequence number → entry). A tokenization writes two data keys (three with a
-//! TTL) and, in the same batch, its call's audit entry.
+//! TTL); its call's audit entry follows in a later group commit of the same WAL.
 //!
 //! Writes go through one dedicated writer thread that takes everything queued, checks
 //! put-if-absent against the database plus the writes already in the batch, chains the
@@ -51,7 +51,7 @@ use crate::token::Token;
 use audit::move_old_audit_log;
 pub use backup::scan_records;
 use counts::{Counts, load_counts};
-use indexes::{card_prefix, decode_versions, entry_token, index_records};
+use indexes::{card_prefix, decode_versions, drop_old_families, entry_token, index_records};
 use options::open_data;
 use writer::{Op, QUEUE_DEPTH, Writer};
 
@@ -62,9 +62,6 @@ const META: &str = "meta";
 const EXPIRY: &str = "expiry";
 const AUDIT: &str = "audit";
 const FAMILIES: [&str; 6] = [RECORDS, CARD_INDEX, IDEMPOTENCY, META, EXPIRY, AUDIT];
-/// The index families of the earlier layout (fingerprint → token; key use, version and
-/// token; card key and token), dropped once the card index is built.
-const OLD_FAMILIES: [&str; 3] = ["fingerprints", "versions", "cards"];
 /// `meta` key present once every record has its card index (and expiry) entry.
 const INDEXED: &[u8] = b"indexed-v3";
 /// `meta` key holding the number of records per key use and version, written in the
@@ -164,8 +161,9 @@ impl RocksStore {
             .map_err(engine)?
             .is_none()
         {
-            index_records(&mut db, indexes_of)?;
+            index_records(&db, indexes_of)?;
         }
+        drop_old_families(&mut db)?;
         let db = Arc::new(db);
         let counts = Arc::new(Mutex::new(load_counts(&db)?));
         let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);

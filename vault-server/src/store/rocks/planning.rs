@@ -3,7 +3,8 @@
 //! what the group has written so far.
 
 use super::indexes::{
-    card_entry, encode_versions, expiry_key, index_prefix, older_index_prefix, token_under,
+    card_entry, encode_entry, entry_expired, expiry_key, index_prefix, older_index_prefix,
+    token_under,
 };
 use super::writer::{Pending, SortedBatch, Writer};
 use super::{CARD_INDEX, EXPIRY, RECORDS, engine};
@@ -23,8 +24,14 @@ impl Writer {
     }
 
     /// A live token indexed under `prefix` (one index key): one added earlier in this
-    /// group, else the first on disk whose record still exists.
-    fn live_token(&self, prefix: &[u8], pending: &Pending) -> Result<Option<Vec<u8>>, StoreError> {
+    /// group, else the oldest on disk whose record still exists and has not expired (an
+    /// expired one waits for the purge and is never handed out again).
+    fn live_token(
+        &self,
+        prefix: &[u8],
+        pending: &Pending,
+        now_unix_ms: i64,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
         for token in pending.cards.get(prefix).into_iter().flatten() {
             if self.record_exists(token, pending)? {
                 return Ok(Some(token.clone()));
@@ -32,11 +39,12 @@ impl Writer {
         }
         let mut iter = self.db.raw_iterator_cf(self.family(CARD_INDEX)?);
         iter.seek(prefix);
-        while let Some(key) = iter.key() {
+        while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
             if !key.starts_with(prefix) {
                 break;
             }
             if let Some(token) = token_under(key, prefix)
+                && !entry_expired(value, now_unix_ms)
                 && self.record_exists(token, pending)?
             {
                 return Ok(Some(token.to_vec()));
@@ -58,6 +66,7 @@ impl Writer {
         pending: &mut Pending,
     ) -> Result<Vec<InsertOutcome>, StoreError> {
         let records_cf = self.family(RECORDS)?;
+        let now = runtime::now_unix_ms();
         let mut outcomes = Vec::with_capacity(records.len());
         for record in records {
             let token = record.token.as_str().as_bytes();
@@ -69,12 +78,13 @@ impl Writer {
             let prefix = index_prefix(card_key, &record.index_key)?;
             if record.reuse_existing {
                 // The card may be indexed under an older fingerprint version still.
-                let mut reusable = self.live_token(&prefix, pending)?;
+                let mut reusable = self.live_token(&prefix, pending, now)?;
                 for older in &record.older_index_keys {
                     if reusable.is_some() {
                         break;
                     }
-                    reusable = self.live_token(&older_index_prefix(card_key, older)?, pending)?;
+                    reusable =
+                        self.live_token(&older_index_prefix(card_key, older)?, pending, now)?;
                 }
                 if let Some(existing) = reusable {
                     let existing = Token::from_stored(&existing).ok_or_else(|| {
@@ -155,7 +165,7 @@ impl Writer {
         batch.put_cf(
             self.family(CARD_INDEX)?,
             card_entry(indexes, index_key, token)?,
-            encode_versions(versions),
+            encode_entry(versions, indexes.expires_at_unix_ms),
         );
         Ok(())
     }

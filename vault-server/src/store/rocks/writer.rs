@@ -217,7 +217,12 @@ impl Writer {
         // The events are chained last, once the group's data is planned, in the order
         // they came: each seal continues after the entries of the one before.
         let mut appended = Vec::with_capacity(seals.len());
-        if failure.is_none() && !seals.is_empty() {
+        if failure.is_some() && !seals.is_empty() {
+            // A failed read while planning fails the group's data operations, not the
+            // audit events queued with them (a failed event stops the audit log until
+            // a restart): they are committed alone.
+            self.commit_events_alone(seals);
+        } else if !seals.is_empty() {
             match self.chain_events(seals, &mut batch) {
                 Ok(chained) => appended = chained,
                 Err((e, replies)) => {
@@ -225,8 +230,6 @@ impl Writer {
                     appended = replies.into_iter().map(|r| (r, Vec::new())).collect();
                 }
             }
-        } else {
-            appended.extend(seals.into_iter().map(|(_, reply)| (reply, Vec::new())));
         }
         // The counts after this group go into its batch, so that the stored counts
         // always match the `versions` entries on disk.
@@ -300,6 +303,29 @@ type Chained = Result<
 >;
 
 impl Writer {
+    /// Commits audit appends in a batch of their own (see `commit`).
+    fn commit_events_alone(&self, seals: Seals) {
+        let mut batch = SortedBatch::default();
+        let (written, chained) = match self.chain_events(seals, &mut batch) {
+            Ok(chained) => {
+                let mut sync = WriteOptions::default();
+                sync.set_sync(true);
+                let written = self
+                    .db
+                    .write_opt(batch.into_write_batch(), &sync)
+                    .map_err(|e| e.into_string());
+                (written, chained)
+            }
+            Err((e, replies)) => (
+                Err(e.to_string()),
+                replies.into_iter().map(|r| (r, Vec::new())).collect(),
+            ),
+        };
+        for (reply, sequences) in chained {
+            let _ = reply.send(written.clone().map(|()| sequences).map_err(classify));
+        }
+    }
+
     /// Chains each append onto the log's end (read once, then the entries before it
     /// in this group) and puts the entries and the last anchor into `batch`. This
     /// thread is the log's only writer, so the end read is still the end at the write.
