@@ -1057,3 +1057,39 @@ async fn a_cut_with_its_head_row_put_back_is_not_refilled_by_a_vault_that_never_
     assert_eq!(report.first_bad_sequence, Some(kept + 1), "{report:?}");
     stack.stop().await;
 }
+
+/// A vault of the same identity on another database (another region, say) reports a
+/// longer log. It is not a writer of this database's log: its head raises no floor
+/// here, so the vaults on this database keep serving and their log verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_longer_log_of_the_same_identity_elsewhere_refuses_nothing_here() {
+    use vault_proto::keys::v1 as keys;
+    let cluster = start_cluster().await;
+    let dir = StackDir::new();
+    dir.set_storage(&storage(&cluster, "a"));
+    let stack = Stack::start_in(dir).await;
+    let mut a = stack.client(ADMIN).await;
+    a.tokenize(card("484000", 0), false).await.unwrap();
+    // The other database's vault, as the keyservice sees it: this identity, another node.
+    let channel =
+        integration_tests::raw_channel(&stack.dir, integration_tests::VAULT, stack.keyservice_addr)
+            .await
+            .unwrap();
+    keys::key_service_client::KeyServiceClient::new(channel)
+        .report_audit_head(keys::AuditCheckpoint {
+            node: "other-region".into(),
+            sequence: 1_000_000,
+            chain: vec![7; 32],
+            ..keys::AuditCheckpoint::default()
+        })
+        .await
+        .unwrap();
+    // Vault a asks the keyservice every second.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for n in 1..4 {
+        a.tokenize(card("484000", n), false).await.unwrap();
+    }
+    let report = a.verify_audit().await.unwrap();
+    assert!(report.intact, "{report:?}");
+    stack.stop().await;
+}

@@ -133,6 +133,14 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
     let auditor = if settings.audit.enabled {
         let kept = read_checkpoint(&keys, &audit_node, &shutdown).await?;
         audit::learn(&gaps, &kept);
+        if node.is_some() {
+            audit::register_writer(store.as_ref(), &audit_node)
+                .await
+                .map_err(|e| Error::Storage {
+                    path: "the database's audit writers".into(),
+                    detail: e.to_string(),
+                })?;
+        }
         Some(
             audit::Auditor::start(
                 Arc::clone(&store),
@@ -494,6 +502,7 @@ impl Bound {
         );
         if let Some(floor) = self.audit_floor.clone() {
             tokio::spawn(audit::learn_shared_heads(
+                Arc::clone(&self.store),
                 Arc::clone(&self.keys),
                 self.audit_node.clone(),
                 floor,

@@ -21,6 +21,7 @@ use vault_proto::keys::v1 as pb;
 
 use super::Gaps;
 use crate::keys::{KeySet, Keys};
+use crate::store::{Store, StoreError};
 
 const HEAD_LABEL: &[u8] = b"tokenvault.audit.head.v1";
 /// version | sequence | chain | mac
@@ -119,8 +120,39 @@ pub struct Kept {
     pub acknowledged: Vec<Acknowledged>,
     /// Gaps this vault reported finding.
     pub found: Vec<(u64, u64)>,
-    /// The heads of the identity's other nodes, when asked for.
-    pub others: Vec<Head>,
+    /// The heads of the identity's other nodes (node name, head), when asked for.
+    pub others: Vec<(String, Head)>,
+}
+
+impl Kept {
+    /// The other nodes' heads: all of them, or only those of `writers` (the vaults
+    /// that write this log, where several share it).
+    pub fn other_heads<'a>(
+        &'a self,
+        writers: Option<&'a [String]>,
+    ) -> impl Iterator<Item = Head> + 'a {
+        self.others
+            .iter()
+            .filter(move |(node, _)| writers.is_none_or(|writers| writers.contains(node)))
+            .map(|(_, head)| *head)
+    }
+}
+
+/// The `meta` keys under which the vaults sharing a log (PostgreSQL) name themselves,
+/// by the node name their checkpoints are kept under: only their checkpoints count as
+/// heads of this log. Vaults of one identity on another database are left out.
+pub const LOG_WRITERS: &str = "audit-writer/";
+
+/// Names this vault among the writers of its shared log (see [`LOG_WRITERS`]).
+pub async fn register_writer<S: Store>(store: &S, node: &str) -> Result<(), StoreError> {
+    store
+        .put_meta(&format!("{LOG_WRITERS}{node}"), Vec::new())
+        .await
+}
+
+/// The vaults writing this log, where several share it.
+pub async fn log_writers<S: Store>(store: &S) -> Result<Vec<String>, StoreError> {
+    store.list_meta(LOG_WRITERS).await
 }
 
 /// Entries `first..=last` missing from the log, acknowledged under dual control.
@@ -153,7 +185,11 @@ pub async fn checkpoints(
         .await?
         .into_inner();
     let head = head_of(&kept);
-    let others = kept.other_nodes.iter().filter_map(head_of).collect();
+    let others = kept
+        .other_nodes
+        .iter()
+        .filter_map(|other| head_of(other).map(|head| (other.node.clone(), head)))
+        .collect();
     let acknowledged = kept
         .acknowledged_gaps
         .into_iter()
@@ -247,7 +283,8 @@ pub async fn report_checkpoints(
 
 /// For a vault sharing its log with others (one database): reads their checkpoints
 /// every second and raises `floor` to the highest, until `shutdown`.
-pub async fn learn_shared_heads(
+pub async fn learn_shared_heads<S: Store>(
+    store: Arc<S>,
     keys: Arc<Keys>,
     node: String,
     floor: Arc<super::Floor>,
@@ -256,14 +293,23 @@ pub async fn learn_shared_heads(
     let stop = shutdown.wait();
     tokio::pin!(stop);
     loop {
+        let learnt = async {
+            let writers = log_writers(store.as_ref())
+                .await
+                .map_err(|e| e.to_string())?;
+            let kept = checkpoints(&keys, &node, true)
+                .await
+                .map_err(|status| status.message().to_owned())?;
+            Ok::<_, String>(
+                kept.other_heads(Some(&writers))
+                    .max_by_key(|head| head.sequence),
+            )
+        };
         tokio::select! {
-            kept = checkpoints(&keys, &node, true) => match kept {
-                Ok(kept) => {
-                    if let Some(highest) = kept.others.into_iter().max_by_key(|head| head.sequence) {
-                        floor.raise(highest);
-                    }
-                }
-                Err(status) => tracing::debug!(code = ?status.code(), "the other vaults' audit heads were not read"),
+            learnt = learnt => match learnt {
+                Ok(Some(highest)) => floor.raise(highest),
+                Ok(None) => {}
+                Err(e) => tracing::debug!(error = %e, "the other vaults' audit heads were not read"),
             },
             _ = &mut stop => return,
         }

@@ -29,7 +29,7 @@ mod head;
 pub use gaps::Gaps;
 pub use head::{
     Acknowledged, Anchor, Head, Kept, checkpoint, checkpoints, learn, learn_shared_heads,
-    report_checkpoints, report_last,
+    log_writers, register_writer, report_checkpoints, report_last,
 };
 
 const MAC_LABEL: &[u8] = b"tokenvault.audit.v1";
@@ -147,7 +147,8 @@ impl Auditor {
     /// writing task, which ends when every `Auditor` handle is dropped.
     ///
     /// The other nodes' checkpoints (`kept.others`) count where the log is theirs too
-    /// (`shared_chain`: vaults on one database), and where this vault's log is empty
+    /// (`shared_chain`: vaults on one database, those named as its writers), and where
+    /// this vault's log is empty
     /// while its identity has logs elsewhere: a data directory wiped and the vault
     /// started under another node name (another port or host) continues after them,
     /// leaving a gap that two admins acknowledge, as does a new vault added under an
@@ -183,7 +184,13 @@ impl Auditor {
             }
             Some(Anchor::Legacy(_)) | None => None,
         };
-        let others = kept.others.iter().copied().max_by_key(|head| head.sequence);
+        let writers = match shared_chain {
+            true => Some(log_writers(store.as_ref()).await?),
+            false => None,
+        };
+        let others = kept
+            .other_heads(writers.as_deref())
+            .max_by_key(|head| head.sequence);
         let empty = last.is_none() && anchor.is_none();
         let checkpoint = match (shared_chain || empty, others) {
             (true, Some(other)) if Head::highest(kept.head, Some(other)) != kept.head => {

@@ -105,7 +105,17 @@ impl<S: Store> AuditLog<S> {
         let kept = audit::checkpoints(&self.keys, &self.node, self.shared_chain)
             .await
             .map_err(|status| VaultError::CheckpointUnavailable(status.message().to_owned()))?;
-        let heads: Vec<_> = kept.head.into_iter().chain(kept.others.clone()).collect();
+        // Where vaults share the log, the heads of those that write it (not of vaults of
+        // the same identity on another database).
+        let writers = match self.shared_chain {
+            true => Some(audit::log_writers(self.store.as_ref()).await?),
+            false => None,
+        };
+        let heads: Vec<_> = kept
+            .head
+            .into_iter()
+            .chain(kept.other_heads(writers.as_deref()))
+            .collect();
         let verification =
             audit::verify(self.store.as_ref(), &self.keys.snapshot(), &heads).await?;
         Ok(AuditReport::new(

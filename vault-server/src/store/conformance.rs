@@ -309,6 +309,11 @@ async fn meta_is_stored_and_replaced(store: impl Store) {
         store.get_meta("job").await.unwrap().as_deref(),
         Some(&b"two"[..])
     );
+    for key in ["writer/b", "writer/a", "writers", "writer"] {
+        store.put_meta(key, Vec::new()).await.unwrap();
+    }
+    assert_eq!(store.list_meta("writer/").await.unwrap(), ["a", "b"]);
+    assert!(store.list_meta("none/").await.unwrap().is_empty());
 }
 
 async fn outcomes_are_stored_and_replaced(store: impl Store) {

@@ -105,6 +105,10 @@ impl Store for Engine {
         each!(self, s => s.put_meta(key, value).await)
     }
 
+    async fn list_meta(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        each!(self, s => s.list_meta(prefix).await)
+    }
+
     async fn get_outcome(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         each!(self, s => s.get_outcome(key).await)
     }

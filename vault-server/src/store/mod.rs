@@ -359,6 +359,12 @@ pub trait Store: Send + Sync + 'static {
         value: Vec<u8>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// The `meta` keys that start with `prefix`, without it.
+    fn list_meta(
+        &self,
+        prefix: &str,
+    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+
     /// The stored outcome of a forward under an idempotency key.
     fn get_outcome(
         &self,

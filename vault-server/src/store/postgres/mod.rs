@@ -402,6 +402,25 @@ impl Store for PgStore {
         self.submit(|reply| Op::PutMeta { key, value, reply }).await
     }
 
+    async fn list_meta(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT key FROM meta WHERE starts_with(key, $1) ORDER BY key",
+                &[&prefix],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| {
+                row.get::<_, String>(0)
+                    .strip_prefix(prefix)
+                    .map(str::to_owned)
+            })
+            .collect())
+    }
+
     async fn get_outcome(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let client = self.client().await?;
         let statement = client

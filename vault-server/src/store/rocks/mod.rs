@@ -483,6 +483,22 @@ impl Store for RocksStore {
         scan_records(dir, visit)
     }
 
+    async fn list_meta(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let db = self.db()?;
+        let mut iter = db.raw_iterator_cf(family(&db, META)?);
+        iter.seek(prefix);
+        let mut keys = Vec::new();
+        while let Some(key) = iter.key() {
+            let Some(rest) = key.strip_prefix(prefix.as_bytes()) else {
+                break;
+            };
+            keys.push(String::from_utf8_lossy(rest).into_owned());
+            iter.next();
+        }
+        iter.status().map_err(engine)?;
+        Ok(keys)
+    }
+
     async fn get_outcome(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let db = self.db()?;
         db.get_cf(family(&db, IDEMPOTENCY)?, key).map_err(engine)
