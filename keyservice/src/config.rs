@@ -207,6 +207,16 @@ impl Settings {
                 "lifecycle: durations must be at most ten years".into(),
             ));
         }
+        // Typed: a certificate's CN never passes for a URI (runtime::tls).
+        for (list, ids) in [
+            ("vault_identities", &mut settings.access.vault_identities),
+            ("admin_identities", &mut settings.access.admin_identities),
+        ] {
+            for (i, id) in ids.iter_mut().enumerate() {
+                *id = runtime::tls::configured_identity(id)
+                    .map_err(|e| invalid(format!("access.{list}[{i}]: {e}")))?;
+            }
+        }
         if let Some(both) = settings
             .access
             .vault_identities

@@ -116,29 +116,126 @@ impl TlsMaterial {
     }
 }
 
-/// The caller's identity from its verified client certificate: the first URI SAN
-/// (e.g. `spiffe://tokenvault.dev/checkout`), or else the subject CN. `None` when the
-/// connection carries no certificate or it cannot be parsed (deny).
+/// The caller's identity from its verified client certificate (see
+/// [`identity_of_certificate`]). `None` when the connection carries no certificate or
+/// it has no identity (deny).
 pub fn peer_identity<T>(request: &tonic::Request<T>) -> Option<String> {
     let certs = request.peer_certs()?;
     let leaf = certs.first()?;
     identity_of_certificate(leaf.as_ref())
 }
 
-/// The identity (URI SAN, else CN) of a DER certificate.
+/// The identity of a DER certificate, typed by where it came from:
+/// - its URI SAN, as is (`spiffe://tokenvault.dev/checkout`): exactly one, and of the
+///   form `scheme://...`, as SPIFFE ids are;
+/// - else, with no URI SAN at all, `cn:` and its subject CN (`cn:checkout`).
+///
+/// A certificate whose SAN extension does not parse, with several URI SANs, or with a
+/// URI SAN of another form has none: it is refused. A CN is therefore never taken for a
+/// URI: a certificate whose CN merely reads `spiffe://...` is `cn:spiffe://...`, which
+/// no `uri:` entry of a policy names.
 pub fn identity_of_certificate(der: &[u8]) -> Option<String> {
     use x509_parser::prelude::*;
     let (_, cert) = X509Certificate::from_der(der).ok()?;
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        for name in &san.value.general_names {
-            if let GeneralName::URI(uri) = name {
-                return Some((*uri).to_owned());
-            }
+    let san = cert.subject_alternative_name().ok()?;
+    let uris: Vec<&str> = san
+        .iter()
+        .flat_map(|san| san.value.general_names.iter())
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) => Some(*uri),
+            _ => None,
+        })
+        .collect();
+    match uris[..] {
+        [uri] if is_hierarchical_uri(uri) => Some(uri.to_owned()),
+        [] => {
+            let mut names = cert.subject().iter_common_name();
+            let cn = names.next()?.as_str().ok()?;
+            // Two CNs: which one a policy meant is ambiguous.
+            names.next().is_none().then(|| format!("{CN_PREFIX}{cn}"))
+        }
+        _ => None,
+    }
+}
+
+/// How an identity from a certificate's CN is written (see [`identity_of_certificate`]).
+pub const CN_PREFIX: &str = "cn:";
+const URI_PREFIX: &str = "uri:";
+
+fn is_hierarchical_uri(uri: &str) -> bool {
+    uri.split_once("://").is_some_and(|(scheme, rest)| {
+        !scheme.is_empty()
+            && scheme
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+            && !rest.is_empty()
+    })
+}
+
+/// An identity as a configuration names it (a policy entry, an allow list), typed:
+/// `uri:<uri>` (a certificate's URI SAN) or `cn:<name>` (a certificate with no URI SAN
+/// and that CN). An untyped entry of the form `scheme://...` is read as `uri:` (with a
+/// warning: write the kind); anything else untyped is refused, since it would be
+/// unclear whether a CN may match it. Returns the identity as
+/// [`identity_of_certificate`] writes it.
+pub fn configured_identity(entry: &str) -> Result<String, String> {
+    if let Some(uri) = entry.strip_prefix(URI_PREFIX) {
+        return match is_hierarchical_uri(uri) {
+            true => Ok(uri.to_owned()),
+            false => Err(format!(
+                "{entry:?}: a uri: identity is of the form scheme://..."
+            )),
+        };
+    }
+    if let Some(cn) = entry.strip_prefix(CN_PREFIX) {
+        return match cn.is_empty() {
+            true => Err(format!("{entry:?}: a cn: identity names a CN")),
+            false => Ok(entry.to_owned()),
+        };
+    }
+    if is_hierarchical_uri(entry) {
+        tracing::warn!(
+            identity = entry,
+            "an untyped identity is read as uri:{entry}; write the kind (uri: or cn:)"
+        );
+        return Ok(entry.to_owned());
+    }
+    Err(format!(
+        "{entry:?}: name the kind of identity: uri:<the certificate's URI SAN> or \
+         cn:<the certificate's CN, for one with no URI SAN>"
+    ))
+}
+
+#[cfg(test)]
+mod identity_tests {
+    use super::*;
+
+    #[test]
+    fn configured_identities_are_typed_and_a_cn_never_reads_as_a_uri() {
+        let uri = "spiffe://payments.example/checkout";
+        assert_eq!(configured_identity(&format!("uri:{uri}")).unwrap(), uri);
+        // Untyped but plainly a URI: read as one (with a warning).
+        assert_eq!(configured_identity(uri).unwrap(), uri);
+        assert_eq!(
+            configured_identity("cn:legacy-pos").unwrap(),
+            "cn:legacy-pos"
+        );
+        // A CN entry that reads like a URI stays a CN: it can only match a certificate
+        // with no URI SAN and that CN.
+        assert_eq!(
+            configured_identity(&format!("cn:{uri}")).unwrap(),
+            format!("cn:{uri}")
+        );
+        for refused in [
+            "legacy-pos",
+            "uri:legacy-pos",
+            "uri:",
+            "cn:",
+            "://x",
+            "spiffe://",
+        ] {
+            let err = configured_identity(refused).unwrap_err();
+            assert!(err.contains(refused), "{err}");
         }
     }
-    cert.subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .map(str::to_owned)
 }

@@ -179,3 +179,81 @@ async fn the_keyservice_serves_material_to_the_vault_identity_only() {
     assert!(keys.keys.iter().all(|k| k.material.len() == 32));
     stack.stop().await;
 }
+
+/// The attack: a certificate with no URI SAN whose CN reads like the vault's (or an
+/// admin's) SPIFFE id, signed by the trusted CA (standing in for an internal CA that lets
+/// a requester pick the CN). Its identity is `cn:spiffe://...`, which no list names: no
+/// key material, no admin rights, no card data. A CN-typed policy entry does name it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cn_that_reads_like_a_spiffe_id_gets_nothing() {
+    let mut stack = Stack::start().await;
+    let vault = integration_tests::identity(integration_tests::VAULT);
+    let admin = integration_tests::identity(ADMIN);
+    stack.dir.write_cn_only_identity("impostor-vault", &vault);
+    stack.dir.write_cn_only_identity("impostor-admin", &admin);
+
+    let keyservice = |name: &'static str| {
+        let stack = &stack;
+        async move {
+            let channel = raw_channel(&stack.dir, name, stack.keyservice_addr)
+                .await
+                .unwrap();
+            keys_pb::key_service_client::KeyServiceClient::new(channel)
+        }
+    };
+    let status = keyservice("impostor-vault")
+        .await
+        .get_keys(keys_pb::GetKeysRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    let status = keyservice("impostor-admin")
+        .await
+        .list_proposals(keys_pb::ListProposalsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+
+    let status = tokenize_as(&stack, "impostor-admin").await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+
+    // Named by its kind, a CN identity is served as the policy says.
+    stack
+        .dir
+        .write_cn_only_identity("legacy-client", "legacy-pos");
+    let policy = std::fs::read_to_string(stack.dir.path().join("policy.toml")).unwrap();
+    std::fs::write(
+        stack.dir.path().join("policy.toml"),
+        format!(
+            "{policy}\n[[identity]]\nid = \"cn:legacy-pos\"\ntenant = \"acme\"\npermissions = [\"tokenize\"]\n"
+        ),
+    )
+    .unwrap();
+    stack.restart_vault().await;
+    tokenize_as(&stack, "legacy-client").await.unwrap();
+    let status = tokenize_as(&stack, "impostor-admin").await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    stack.stop().await;
+}
+
+/// A Tokenize call over a raw channel as the certificate `name` of the stack's
+/// directory.
+async fn tokenize_as(
+    stack: &Stack,
+    name: &str,
+) -> Result<tonic::Response<vault_proto::vault::v1::TokenizeResponse>, tonic::Status> {
+    let channel = raw_channel(&stack.dir, name, stack.vault_addr)
+        .await
+        .unwrap();
+    vault_proto::vault::v1::vault_client::VaultClient::new(channel)
+        .tokenize(vault_proto::vault::v1::TokenizeRequest {
+            card: Some(vault_proto::vault::v1::Card {
+                number: "4242424242424242".into(),
+                exp_month: 12,
+                exp_year: 2030,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+}

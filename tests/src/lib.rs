@@ -145,6 +145,25 @@ permissions = ["tokenize", "read", "delete", "forward:sandbox"]
     /// TOML for the vault config's `[storage]` section, e.g. `type = "postgres"` and a
     /// `[storage.postgres]` table (see [`postgres_storage`]); used by every vault
     /// started from here on.
+    /// Writes `<file>.pem` and `<file>.key`: a certificate from this stack's CA with
+    /// subject CN `cn` and no SAN (for [`raw_channel`] as `file`).
+    pub fn write_cn_only_identity(&self, file: &str, cn: &str) {
+        let issued = self.ca.issue_cn_only(cn).unwrap();
+        let path = self.dir.path();
+        devstack::write_file(
+            &path.join(format!("{file}.pem")),
+            issued.cert_pem.as_bytes(),
+            false,
+        )
+        .unwrap();
+        devstack::write_file(
+            &path.join(format!("{file}.key")),
+            issued.key_pem.as_bytes(),
+            true,
+        )
+        .unwrap();
+    }
+
     pub fn set_storage(&self, toml: &str) {
         *self.storage.lock().unwrap() = toml.to_owned();
     }

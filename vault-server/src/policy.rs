@@ -174,9 +174,11 @@ impl Policy {
             if entry.id.is_empty() {
                 return Err(format!("identity[{i}].id is empty"));
             }
+            let id = runtime::tls::configured_identity(&entry.id)
+                .map_err(|e| format!("identity[{i}].id: {e}"))?;
             if grants
                 .insert(
-                    entry.id.clone(),
+                    id,
                     Grant {
                         tenant,
                         permissions,

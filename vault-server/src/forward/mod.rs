@@ -123,7 +123,14 @@ impl Processors {
                     .map(|r| (r.method.clone(), segments(&r.path)))
                     .collect(),
                 inject: settings.inject.clone(),
-                allowed_identities: settings.allowed_identities.clone(),
+                allowed_identities: settings
+                    .allowed_identities
+                    .iter()
+                    .map(|entry| runtime::tls::configured_identity(entry))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| {
+                        format!("processor {:?}: allowed_identities: {e}", settings.name)
+                    })?,
                 max_response_bytes: settings.max_response_bytes,
                 client: net::client(settings)?,
             };
