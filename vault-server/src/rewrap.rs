@@ -254,7 +254,11 @@ impl<S: Store> Rewrapper<S> {
             live.running = true;
             live.run_started = Some(Instant::now());
             live.run_done = 0;
-            live.pass_rewritten = 0;
+            // A pass resumed mid-way (saved by an earlier run or process) may have
+            // rewritten records before the cursor, and a record sealed under an old
+            // version may have landed behind it meanwhile: it is followed by another
+            // pass from the start, as a pass that rewrote some is.
+            live.pass_rewritten = u64::from(live.saved.cursor.is_some());
             live.failed_tokens.clear();
         }
         let this = Arc::clone(self);
