@@ -144,10 +144,12 @@ pub fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), DevE
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
+    // Never group- or other-writable, whatever the umask: vaultctl refuses a config
+    // that someone else could have written.
     #[cfg(unix)]
-    if secret {
+    {
         use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
+        options.mode(if secret { 0o600 } else { 0o644 });
     }
     let write = || -> std::io::Result<()> {
         let mut file = options.open(path)?;
@@ -419,7 +421,11 @@ pub fn init_dir(dir: &Path, ports: &Ports, storage: &Storage) -> Result<bool, De
         return Ok(false);
     }
     let mkdir = |path: &Path| {
-        std::fs::create_dir_all(path).map_err(|source| DevError::Write {
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder.create(path).map_err(|source| DevError::Write {
             path: path.to_owned(),
             source,
         })

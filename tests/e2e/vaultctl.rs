@@ -48,7 +48,56 @@ fn config_for(stack: &Stack, name: &str) -> std::path::PathBuf {
         ),
     )
     .unwrap();
+    // Whatever the umask: vaultctl refuses a config others could write.
+    std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     config
+}
+
+/// The attack: a `.dev/vaultctl.toml` planted in a shared parent directory (`/tmp`),
+/// pointing at the attacker's server, for an operator working in a directory below it.
+/// vaultctl never reads it; nor a config in this directory that others may write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vaultctl_reads_no_planted_or_writable_config() {
+    use std::os::unix::fs::PermissionsExt;
+    let shared = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let planted = shared.path().join(".dev");
+    std::fs::create_dir(&planted).unwrap();
+    std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = planted.join("vaultctl.toml");
+    std::fs::write(&config, "vault_endpoint = \"https://attacker.invalid:1\"\n").unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let below = shared.path().join("anything");
+    std::fs::create_dir(&below).unwrap();
+    // What `vaultctl health` says (it prints each service's state, errors included).
+    let run = |dir: &std::path::Path| {
+        let output = std::process::Command::new(binary("vaultctl"))
+            .arg("health")
+            .current_dir(dir)
+            .env("HOME", home.path())
+            .env_remove("VAULTCTL_CONFIG")
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        String::from_utf8_lossy(&[output.stdout, output.stderr].concat()).into_owned()
+    };
+    // From below: the planted file is not read at all.
+    let said = run(&below);
+    assert!(said.contains("no vault-endpoint configured"), "{said}");
+    assert!(!said.contains("attacker"), "{said}");
+    // In its own directory it is read, unless others may write it or its directory.
+    for (file_mode, dir_mode) in [(0o666, 0o755), (0o644, 0o777)] {
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(file_mode)).unwrap();
+        std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(dir_mode)).unwrap();
+        let said = run(shared.path());
+        assert!(said.contains("may be written by group or others"), "{said}");
+    }
+    std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let said = run(shared.path());
+    // Read once it is safe: the endpoint came from it (the TLS files it lacks did not).
+    assert!(said.contains("no ca-file configured"), "{said}");
+    assert!(!said.contains("no vault-endpoint configured"), "{said}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,8 +36,10 @@ use zeroize::{Zeroize, Zeroizing};
 #[derive(Debug, Parser)]
 #[command(version, about = "Operate the card tokenization vault")]
 struct Cli {
-    /// Config file (TOML). Default: `.dev/vaultctl.toml` in this directory or a parent,
-    /// then `~/.config/vaultctl/config.toml`.
+    /// Config file (TOML). Default: `.dev/vaultctl.toml` in this directory (in a debug
+    /// build also at the root of the enclosing git work tree), then
+    /// `~/.config/vaultctl/config.toml`. A file another user could have written is
+    /// refused.
     #[arg(long, env = "VAULTCTL_CONFIG", global = true)]
     config: Option<PathBuf>,
     #[command(flatten)]
@@ -250,9 +252,19 @@ enum Health {
     NotServing,
 }
 
+/// The config vaultctl reads when none is named. Never from just any parent directory:
+/// a `.dev/vaultctl.toml` planted in `/tmp/.dev/` would receive the card numbers an
+/// operator types in `/tmp/anything`, and could point `audit verify` at a fake vault.
 fn find_default_config() -> Option<PathBuf> {
     let cwd = std::env::current_dir().ok()?;
-    for dir in cwd.ancestors() {
+    let mut places = vec![cwd.clone()];
+    // A development build, run from inside the checkout that `make run` serves.
+    if cfg!(debug_assertions)
+        && let Some(root) = cwd.ancestors().find(|dir| dir.join(".git").exists())
+    {
+        places.push(root.to_owned());
+    }
+    for dir in places {
         let candidate = dir.join(".dev/vaultctl.toml");
         if candidate.is_file() {
             return Some(candidate);
@@ -263,7 +275,38 @@ fn find_default_config() -> Option<PathBuf> {
     candidate.is_file().then_some(candidate)
 }
 
+/// Refuses `path` unless it is this user's (or root's) and neither group nor others
+/// may write it: a config names where card numbers go and which CA to trust.
+fn check_owned(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let metadata = std::fs::metadata(path).with_context(|| format!("read {}", path.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if metadata.uid() != me && metadata.uid() != 0 {
+        anyhow::bail!(
+            "{} belongs to another user (uid {}): vaultctl reads only your own config",
+            path.display(),
+            metadata.uid()
+        );
+    }
+    if metadata.mode() & 0o022 != 0 {
+        anyhow::bail!(
+            "{} may be written by group or others (mode {:o}): chmod go-w it",
+            path.display(),
+            metadata.mode() & 0o777
+        );
+    }
+    Ok(())
+}
+
 fn load_config_file(path: &Path) -> anyhow::Result<Connection> {
+    check_owned(path)?;
+    // The dev stack's directory too: whoever may write it may replace the file.
+    if let Some(dev) = path
+        .parent()
+        .filter(|dir| dir.file_name().is_some_and(|name| name == ".dev"))
+    {
+        check_owned(dev)?;
+    }
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("read config file {}", path.display()))?;
     let mut file: Connection =
