@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use integration_tests::{
-    ADMIN, Stack, StackDir, charge, http_get, postgres_storage, synthetic_pan, within,
+    ADMIN, CHARGE, Stack, StackDir, charge, http_get, postgres_storage, synthetic_pan, within,
 };
 use pgcluster::{APP_DATABASE, APP_USER, Cluster};
 use tonic::Code;
@@ -1091,5 +1091,76 @@ async fn a_longer_log_of_the_same_identity_elsewhere_refuses_nothing_here() {
     }
     let report = a.verify_audit().await.unwrap();
     assert!(report.intact, "{report:?}");
+    stack.stop().await;
+}
+
+/// Double clicks, parallel queue consumers and hedged retries land on different
+/// vaults: eight forwards under one idempotency key, sent at once to two vaults on one
+/// database, reach the processor once. The others replay its answer or are told it is
+/// in progress; none sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_vaults_on_one_database_send_one_idempotency_key_once() {
+    let cluster = Arc::new(start_cluster().await);
+    let dir = StackDir::new();
+    dir.set_storage(&storage(&cluster, "a"));
+    let stack = Stack::start_in(dir).await;
+    stack.dir.set_storage(&storage(&cluster, "b"));
+    let other = stack.start_another_vault().await;
+    let a = stack.client(ADMIN).await;
+    let b = VaultClient::connect(&stack.other_vault_config(ADMIN, &other))
+        .await
+        .unwrap();
+    let token = a
+        .clone()
+        .tokenize(Card::new("4242424242424242", 12, 2030), false)
+        .await
+        .unwrap()
+        .token;
+    let mut request = ForwardRequest {
+        idempotency_key: Some("order-double-click".into()),
+        ..charge("sandbox", &token, CHARGE)
+    };
+    // Long enough that every call arrives while the first is still with the processor.
+    request
+        .headers
+        .push(("x-sandbox-delay-ms".into(), "500".into()));
+
+    let calls: Vec<_> = (0..8)
+        .map(|i| {
+            let mut vault = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let request = request.clone();
+            tokio::spawn(async move { vault.forward(request).await })
+        })
+        .collect();
+    let (mut sent, mut replayed, mut in_progress) = (Vec::new(), 0, 0);
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(answer) if answer.replayed => replayed += 1,
+            Ok(answer) => sent.push(answer),
+            Err(err) => {
+                assert_eq!(err.code(), Some(Code::Aborted), "{err}");
+                in_progress += 1;
+            }
+        }
+    }
+    assert_eq!(
+        stack.sandbox.requests().len(),
+        1,
+        "the processor was called once"
+    );
+    assert_eq!(
+        sent.len(),
+        1,
+        "{replayed} replayed, {in_progress} in progress"
+    );
+    assert_eq!(replayed + in_progress, 7);
+    // Once it is done, either vault replays the one answer.
+    for vault in [a.clone(), b.clone()].iter_mut() {
+        let again = vault.forward(request.clone()).await.unwrap();
+        assert!(again.replayed);
+        assert_eq!((again.status, &again.body), (sent[0].status, &sent[0].body));
+    }
+    assert_eq!(stack.sandbox.requests().len(), 1);
+    other.stop().await;
     stack.stop().await;
 }

@@ -50,6 +50,10 @@ pub enum State {
 #[derive(Serialize, Deserialize)]
 struct Stored {
     state: State,
+    /// Random per claim, so that a release written by one forward can never match
+    /// another's claim of the same request (see `Forwarder`'s release).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    claim: String,
     request_sha256: String,
     created_at_unix_ms: i64,
     status: u16,
@@ -72,8 +76,13 @@ pub fn encode(
     created_at_unix_ms: i64,
     answer: &Answer,
 ) -> Vec<u8> {
+    let mut claim = [0u8; 8];
+    // Uniqueness only; an all-zero id on RNG failure still matches only its own bytes
+    // in all but the same millisecond.
+    let _ = envelope::fill_random(&mut claim);
     let stored = Stored {
         state,
+        claim: hex::encode(claim),
         request_sha256: hex::encode(digest),
         created_at_unix_ms,
         status: answer.status,
@@ -84,6 +93,15 @@ pub fn encode(
     // Serializing plain strings and numbers cannot fail.
     out.extend_from_slice(&serde_json::to_vec(&stored).unwrap_or_default());
     out
+}
+
+/// Whether a stored outcome no longer holds its key: released before anything was
+/// sent, or older than the idempotency window. An unreadable one holds it.
+pub fn replaceable(stored: &[u8], window: std::time::Duration, now_unix_ms: i64) -> bool {
+    decode(stored).is_some_and(|outcome| {
+        outcome.state == State::NotSent
+            || now_unix_ms.saturating_sub(outcome.created_at_unix_ms) >= window.as_millis() as i64
+    })
 }
 
 pub fn decode(bytes: &[u8]) -> Option<Outcome> {

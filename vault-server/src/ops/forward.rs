@@ -5,7 +5,9 @@
 //! 2. replay a stored outcome of the same idempotency key, if there is one;
 //! 3. read the record's metadata only (and check that its key is held), and count the
 //!    forward for the velocity rules;
-//! 4. claim the CVC, still sealed, and write the idempotency key `Pending`;
+//! 4. claim the idempotency key in the store (`Pending`, put-if-absent: of concurrent
+//!    forwards under one key, on any of the vaults sharing a database, one goes on),
+//!    and claim the CVC, still sealed;
 //! 5. audit the intent durably ("ForwardStarted");
 //! 6. only then open the card and the CVC, send, and drop them;
 //! 7. store the outcome for replays.
@@ -31,7 +33,7 @@ use crate::forward::template::{Encoding, Field, Template, TemplateError};
 use crate::forward::{Answer, ForwardError, Outbound, Processor, Processors, idempotency};
 use crate::policy::Caller;
 use crate::record::StoredRecord;
-use crate::store::Store;
+use crate::store::{Claim, Replaceable, Store};
 use crate::token::Token;
 use crate::velocity::{Velocity, VelocitySettings};
 
@@ -148,15 +150,23 @@ impl<S: Store> Forwarder<S> {
             in_flight,
             armed: true,
         };
+        if let Some(key) = &idempotency {
+            match self.claim_key(caller, &token, key, &mut unsent).await {
+                Ok(None) => {}
+                Ok(Some(answer)) => {
+                    return Ok(Forwarded {
+                        answer,
+                        replayed: true,
+                    });
+                }
+                Err(e) => {
+                    unsent.release().await;
+                    return Err(e);
+                }
+            }
+        }
         let opened = match self
-            .prepare(
-                caller,
-                processor,
-                &outbound,
-                &stored,
-                idempotency.as_ref(),
-                &mut unsent,
-            )
+            .prepare(caller, processor, &outbound, &stored, &mut unsent)
             .await
         {
             Ok(opened) => opened,
@@ -219,15 +229,61 @@ impl<S: Store> Forwarder<S> {
         })
     }
 
-    /// Steps 4 to 6: claims the CVC, writes the key `Pending`, audits the intent, and
-    /// only then opens the card and the CVC.
+    /// Step 4, the key: claims it in the store, `Pending`, before anything is opened
+    /// or sent. A crash from here on leaves it pending, and a retry gets ABORTED
+    /// instead of a second charge. When a concurrent forward claimed it since step 2
+    /// (on this vault or another), its stored answer to the same request is replayed,
+    /// or the call is refused.
+    async fn claim_key(
+        &self,
+        caller: &Caller,
+        token: &Token,
+        key: &IdempotencyKey,
+        unsent: &mut Unsent<'_, S>,
+    ) -> Result<Option<Answer>, VaultError> {
+        let pending = idempotency::encode(
+            idempotency::State::Pending,
+            &key.digest,
+            now_unix_ms(),
+            &Default::default(),
+        );
+        // Marked for release before the write, whose outcome may be unknown when it
+        // fails.
+        unsent.pending = Some(Held {
+            key: key.clone(),
+            pending: pending.clone(),
+        });
+        let window = self.idempotency_ttl;
+        let replaceable: Replaceable =
+            Arc::new(move |stored| idempotency::replaceable(stored, window, now_unix_ms()));
+        let claimed = self
+            .records
+            .store()
+            .claim_outcome(key.store_key.clone(), pending, replaceable)
+            .await?;
+        let Claim::Taken(stored) = claimed else {
+            return Ok(None);
+        };
+        unsent.pending = None;
+        let outcome = idempotency::decode(&stored)
+            .ok_or(VaultError::Record(crate::record::RecordError::Malformed))?;
+        if outcome.state == idempotency::State::Pending && outcome.request_digest == key.digest {
+            return Err(VaultError::IdempotencyInFlight);
+        }
+        self.replay_outcome(caller, token, key, outcome)
+            .await?
+            .map(Some)
+            .ok_or(VaultError::IdempotencyInFlight)
+    }
+
+    /// Steps 4 (the CVC) to 6: claims the CVC, audits the intent, and only then opens
+    /// the card and the CVC.
     async fn prepare(
         &self,
         caller: &Caller,
         processor: &Processor,
         outbound: &Outbound,
         stored: &StoredRecord,
-        idempotency: Option<&IdempotencyKey>,
         unsent: &mut Unsent<'_, S>,
     ) -> Result<(CardData, Option<Zeroizing<String>>), VaultError> {
         let token = unsent.token;
@@ -240,22 +296,6 @@ impl<S: Store> Forwarder<S> {
                     .claim(token)
                     .ok_or(VaultError::CvcUnavailable)?,
             );
-        }
-        if let Some(key) = idempotency {
-            // Written before sending: a crash from here on leaves a pending outcome,
-            // and a retry gets ABORTED instead of a second charge. Marked for release
-            // before the write, whose outcome may be unknown when it fails.
-            unsent.pending = Some(key.clone());
-            let pending = idempotency::encode(
-                idempotency::State::Pending,
-                &key.digest,
-                now_unix_ms(),
-                &Default::default(),
-            );
-            self.records
-                .store()
-                .put_outcome(key.store_key.clone(), pending)
-                .await?;
         }
         // The card leaves the vault only once that is on record.
         self.records
@@ -419,6 +459,18 @@ impl<S: Store> Forwarder<S> {
         };
         let outcome = idempotency::decode(&bytes)
             .ok_or(VaultError::Record(crate::record::RecordError::Malformed))?;
+        self.replay_outcome(caller, token, key, outcome).await
+    }
+
+    /// What a stored outcome means for a forward under its key: its answer to replay,
+    /// a refusal, or nothing (released or expired: the key is free).
+    async fn replay_outcome(
+        &self,
+        caller: &Caller,
+        token: &Token,
+        key: &IdempotencyKey,
+        outcome: idempotency::Outcome,
+    ) -> Result<Option<Answer>, VaultError> {
         let age_ms = now_unix_ms().saturating_sub(outcome.created_at_unix_ms);
         let live = age_ms < self.idempotency_ttl.as_millis() as i64;
         if !live || outcome.state == idempotency::State::NotSent {
@@ -493,6 +545,13 @@ impl Drop for InFlight {
     }
 }
 
+/// An idempotency key this forward claimed, and the exact `Pending` value it wrote: a
+/// release replaces only that value, never another forward's claim.
+struct Held {
+    key: IdempotencyKey,
+    pending: Vec<u8>,
+}
+
 /// What a forward holds until its request could have reached the processor: the
 /// claimed CVC and the idempotency key written `Pending`. [`Unsent::release`] gives
 /// them back (the key as `NotSent`, reusable); while `armed`, dropping does the same
@@ -503,7 +562,7 @@ struct Unsent<'a, S: Store> {
     records: &'a Records<S>,
     token: &'a Token,
     cvc: Option<Claimed>,
-    pending: Option<IdempotencyKey>,
+    pending: Option<Held>,
     in_flight: Option<InFlight>,
     armed: bool,
 }
@@ -553,12 +612,19 @@ impl<S: Store> Drop for Unsent<'_, S> {
     }
 }
 
-async fn write_not_sent<S: Store>(store: Arc<S>, key: IdempotencyKey) -> Result<(), VaultError> {
+/// Releases a claimed key: `NotSent` replaces the claim's own `Pending` value (or an
+/// absent one, when the claim's write failed), and nothing else.
+async fn write_not_sent<S: Store>(store: Arc<S>, held: Held) -> Result<(), VaultError> {
     let value = idempotency::encode(
         idempotency::State::NotSent,
-        &key.digest,
+        &held.key.digest,
         now_unix_ms(),
         &Default::default(),
     );
-    Ok(store.put_outcome(key.store_key, value).await?)
+    let pending = held.pending;
+    let own: Replaceable = Arc::new(move |stored| stored == pending.as_slice());
+    if let Claim::Taken(_) = store.claim_outcome(held.key.store_key, value, own).await? {
+        tracing::debug!("idempotency key claimed by another forward: not released");
+    }
+    Ok(())
 }

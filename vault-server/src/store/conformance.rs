@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use super::{
-    AuditSeal, Delete, DeleteOutcome, InsertOutcome, KeyUse, KeyVersions, LogEnd, NewRecord,
-    RecordIndexes, Rewrite, RewriteOutcome, Sealed, Store,
+    AuditSeal, Claim, Delete, DeleteOutcome, InsertOutcome, KeyUse, KeyVersions, LogEnd, NewRecord,
+    RecordIndexes, Replaceable, Rewrite, RewriteOutcome, Sealed, Store,
 };
 use crate::token::Token;
 
@@ -44,6 +44,7 @@ pub async fn run_all<S: Store, F: std::future::Future<Output = S>>(mut fresh: im
     delete_removes_record_and_index(fresh().await).await;
     concurrent_inserts_all_land(Arc::new(fresh().await)).await;
     outcomes_are_stored_and_replaced(fresh().await).await;
+    concurrent_claims_of_one_key_have_one_winner(Arc::new(fresh().await)).await;
     records_are_counted_and_listed_by_key_version(fresh().await).await;
     rewrite_replaces_only_an_unchanged_record(fresh().await).await;
     reuse_finds_a_card_under_an_older_fingerprint_version(fresh().await).await;
@@ -351,6 +352,61 @@ async fn outcomes_are_stored_and_replaced(store: impl Store) {
     );
     assert_eq!(store.get_outcome(b"acme/key-2").await.unwrap(), None);
     assert!(store.get_outcome(b"acme/key-1").await.unwrap().is_some());
+}
+
+/// Claims of one idempotency key: exactly one of many concurrent ones wins; a held
+/// claim is kept; a replaceable one is taken over.
+async fn concurrent_claims_of_one_key_have_one_winner<S: Store>(store: Arc<S>) {
+    let never: Replaceable = Arc::new(|_| false);
+    let claims = (0..16u8).map(|n| {
+        let (store, never) = (Arc::clone(&store), Arc::clone(&never));
+        tokio::spawn(async move {
+            store
+                .claim_outcome(b"acme/order-1".to_vec(), vec![n], never)
+                .await
+                .unwrap()
+        })
+    });
+    let mut winners = Vec::new();
+    for (n, claim) in claims.enumerate() {
+        if claim.await.unwrap() == Claim::Claimed {
+            winners.push(n as u8);
+        }
+    }
+    assert_eq!(winners.len(), 1, "one claim wins: {winners:?}");
+    let stored = store.get_outcome(b"acme/order-1").await.unwrap().unwrap();
+    assert_eq!(stored, winners);
+    assert_eq!(
+        store
+            .claim_outcome(b"acme/order-1".to_vec(), b"late".to_vec(), never)
+            .await
+            .unwrap(),
+        Claim::Taken(stored.clone())
+    );
+    // Replaceable only when it still holds what the winner wrote.
+    let only = |value: Vec<u8>| -> Replaceable { Arc::new(move |stored| stored == value) };
+    assert_eq!(
+        store
+            .claim_outcome(
+                b"acme/order-1".to_vec(),
+                b"x".to_vec(),
+                only(b"other".to_vec())
+            )
+            .await
+            .unwrap(),
+        Claim::Taken(stored.clone())
+    );
+    assert_eq!(
+        store
+            .claim_outcome(b"acme/order-1".to_vec(), b"released".to_vec(), only(stored))
+            .await
+            .unwrap(),
+        Claim::Claimed
+    );
+    assert_eq!(
+        store.get_outcome(b"acme/order-1").await.unwrap().as_deref(),
+        Some(&b"released"[..])
+    );
 }
 
 async fn insert_then_get(store: impl Store) {

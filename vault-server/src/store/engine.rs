@@ -7,8 +7,8 @@ use std::path::Path;
 use super::postgres::PgStore;
 use super::rocks::RocksStore;
 use super::{
-    AuditSeal, Delete, DeleteOutcome, InsertOutcome, JobLock, KeyUse, KeyVersions, NewRecord,
-    Rewrite, RewriteOutcome, Store, StoreError, StoreStats,
+    AuditSeal, Claim, Delete, DeleteOutcome, InsertOutcome, JobLock, KeyUse, KeyVersions,
+    NewRecord, Replaceable, Rewrite, RewriteOutcome, Store, StoreError, StoreStats,
 };
 use crate::token::Token;
 
@@ -120,6 +120,15 @@ impl Store for Engine {
     /// Backups are RocksDB checkpoints (a PostgreSQL store makes none).
     fn scan_backup(dir: &Path, visit: &mut dyn FnMut(&[u8], &[u8])) -> Result<(), StoreError> {
         RocksStore::scan_backup(dir, visit)
+    }
+
+    async fn claim_outcome(
+        &self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        replaceable: Replaceable,
+    ) -> Result<Claim, StoreError> {
+        each!(self, s => s.claim_outcome(key, value, replaceable).await)
     }
 
     async fn put_outcome(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreError> {

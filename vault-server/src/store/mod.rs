@@ -141,6 +141,19 @@ pub enum InsertOutcome {
     Existing(Token),
 }
 
+/// What [`Store::claim_outcome`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The value is stored: the key is the caller's.
+    Claimed,
+    /// Another claim holds the key; nothing was written. Its stored value.
+    Taken(Vec<u8>),
+}
+
+/// Whether a stored outcome may be replaced by a new claim (it was released, or its
+/// window ended). Decided by the caller, which knows the format and the window.
+pub type Replaceable = std::sync::Arc<dyn Fn(&[u8]) -> bool + Send + Sync>;
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The engine refused or failed a read or write; the detail is for the server log.
@@ -379,7 +392,19 @@ pub trait Store: Send + Sync + 'static {
     /// [`Store::create_backup`]. Blocking; call it off the async threads.
     fn scan_backup(dir: &Path, visit: &mut dyn FnMut(&[u8], &[u8])) -> Result<(), StoreError>;
 
+    /// Stores `value` under idempotency key `key` durably if no outcome is stored there
+    /// or the stored one is `replaceable`, atomically with respect to every other
+    /// writer, other vaults on a shared database included: of concurrent claims of one
+    /// key, exactly one wins. This is what makes N vaults one for idempotency.
+    fn claim_outcome(
+        &self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        replaceable: Replaceable,
+    ) -> impl Future<Output = Result<Claim, StoreError>> + Send;
+
     /// Stores (or replaces) a forward outcome durably. Outcomes hold no card data.
+    /// Only the holder of the key's claim writes it.
     fn put_outcome(
         &self,
         key: Vec<u8>,

@@ -43,8 +43,8 @@ use deadpool::Runtime;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    AuditSeal, Delete, DeleteOutcome, InsertOutcome, JobLock, KeyUse, KeyVersions, NewRecord,
-    Rewrite, RewriteOutcome, Store, StoreError, StoreStats,
+    AuditSeal, Claim, Delete, DeleteOutcome, InsertOutcome, JobLock, KeyUse, KeyVersions,
+    NewRecord, Replaceable, Rewrite, RewriteOutcome, Store, StoreError, StoreStats,
 };
 use crate::token::Token;
 
@@ -445,6 +445,21 @@ impl Store for PgStore {
         Err(StoreError::Unsupported(
             "PostgreSQL stores have no vault backups to scan",
         ))
+    }
+
+    async fn claim_outcome(
+        &self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        replaceable: Replaceable,
+    ) -> Result<Claim, StoreError> {
+        self.submit(|reply| Op::ClaimOutcome {
+            key,
+            value,
+            replaceable,
+            reply,
+        })
+        .await
     }
 
     async fn put_outcome(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreError> {

@@ -32,6 +32,8 @@ pub(super) struct Statements {
     pub(super) put_entry_if_stale: tokio_postgres::Statement,
     pub(super) put_meta: tokio_postgres::Statement,
     pub(super) put_outcome: tokio_postgres::Statement,
+    pub(super) add_outcome: tokio_postgres::Statement,
+    pub(super) outcome_for_update: tokio_postgres::Statement,
     pub(super) remove_outcomes: tokio_postgres::Statement,
 }
 
@@ -134,6 +136,17 @@ impl Statements {
                     "INSERT INTO outcomes (key, value) VALUES ($1, $2)
                      ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 )
+                .await?,
+            // Waits for a concurrent insert of the key to commit or roll back, so the
+            // row the next statement locks is the committed one.
+            add_outcome: client
+                .prepare_cached(
+                    "INSERT INTO outcomes (key, value) VALUES ($1, $2)
+                     ON CONFLICT (key) DO NOTHING",
+                )
+                .await?,
+            outcome_for_update: client
+                .prepare_cached("SELECT value FROM outcomes WHERE key = $1 FOR UPDATE")
                 .await?,
             remove_outcomes: client
                 .prepare_cached("DELETE FROM outcomes WHERE key = ANY($1)")

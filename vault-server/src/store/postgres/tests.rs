@@ -612,3 +612,38 @@ async fn a_lost_database_is_unavailable_then_reconnected() {
     assert!(!store.health.node_lost.load(Ordering::Relaxed));
     cluster.stop_immediate().unwrap();
 }
+
+/// Two vaults on one database claiming one idempotency key at once, over and over
+/// (each round a new key, so the claims race on the insert and, once released, on the
+/// replacement): one claim wins each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_vaults_claiming_one_idempotency_key_have_one_winner() {
+    let cluster = start().await;
+    let a = Arc::new(fresh(&cluster, "claims", "a").await);
+    let b = Arc::new(
+        PgStore::open(&settings(&cluster, "claims"), "b")
+            .await
+            .unwrap(),
+    );
+    let released: crate::store::Replaceable = Arc::new(|stored| stored == b"released");
+    for round in 0..30u32 {
+        let key = format!("acme/order-{}", round / 2).into_bytes();
+        let claims = [&a, &b, &a, &b].map(|store| {
+            let (store, key, released) = (Arc::clone(store), key.clone(), Arc::clone(&released));
+            tokio::spawn(async move {
+                store
+                    .claim_outcome(key, b"pending".to_vec(), released)
+                    .await
+            })
+        });
+        let mut won = 0;
+        for claim in claims {
+            if claim.await.unwrap().unwrap() == crate::store::Claim::Claimed {
+                won += 1;
+            }
+        }
+        assert_eq!(won, 1, "round {round}");
+        // Odd rounds race on taking over a released key.
+        a.put_outcome(key, b"released".to_vec()).await.unwrap();
+    }
+}

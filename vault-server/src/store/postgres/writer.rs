@@ -18,7 +18,8 @@ use super::planning::{Lookups, Planned, add_counts, delete_one, lookup_params, p
 use super::statements::{BEGIN, Param, Statements};
 use super::{Health, note};
 use crate::store::{
-    Delete, DeleteOutcome, InsertOutcome, NewRecord, Rewrite, RewriteOutcome, StoreError,
+    Claim, Delete, DeleteOutcome, InsertOutcome, NewRecord, Replaceable, Rewrite, RewriteOutcome,
+    StoreError,
 };
 
 const MAX_GROUP: usize = 1024;
@@ -57,6 +58,12 @@ pub(super) enum Op {
         keys: Vec<Vec<u8>>,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    ClaimOutcome {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        replaceable: Replaceable,
+        reply: oneshot::Sender<Result<Claim, StoreError>>,
+    },
 }
 
 /// What one op did, kept until the group commits.
@@ -64,6 +71,7 @@ enum Done {
     Insert(Vec<InsertOutcome>),
     Delete(DeleteOutcome),
     Rewrite(RewriteOutcome),
+    Claim(Claim),
     Unit,
 }
 
@@ -97,6 +105,12 @@ impl Op {
             Op::Rewrite { reply, .. } => {
                 let _ = reply.send(result.and_then(|done| match done {
                     Done::Rewrite(outcome) => Ok(outcome),
+                    _ => Err(mismatch()),
+                }));
+            }
+            Op::ClaimOutcome { reply, .. } => {
+                let _ = reply.send(result.and_then(|done| match done {
+                    Done::Claim(claim) => Ok(claim),
                     _ => Err(mismatch()),
                 }));
             }
@@ -281,6 +295,12 @@ async fn try_group(
                 client.execute(&statements.remove_outcomes, &[keys]).await?;
                 Done::Unit
             }
+            Op::ClaimOutcome {
+                key,
+                value,
+                replaceable,
+                ..
+            } => Done::Claim(claim_outcome(client, &statements, key, value, replaceable).await?),
         });
     }
     deltas.retain(|_, delta| *delta != 0);
@@ -369,7 +389,10 @@ pub(super) fn locks_of(group: &[Op]) -> (IndexLocks, Vec<&str>) {
                 keys.insert(index_lock(&rewrite.new_index_key));
                 tokens.insert(rewrite.token.as_str());
             }
-            Op::PutMeta { .. } | Op::PutOutcome { .. } | Op::RemoveOutcomes { .. } => {}
+            Op::PutMeta { .. }
+            | Op::PutOutcome { .. }
+            | Op::RemoveOutcomes { .. }
+            | Op::ClaimOutcome { .. } => {}
         }
     }
     let keys = if keys.len() > MAX_KEY_LOCKS {
@@ -378,4 +401,39 @@ pub(super) fn locks_of(group: &[Op]) -> (IndexLocks, Vec<&str>) {
         IndexLocks::Keys(keys.into_iter().collect())
     };
     (keys, tokens.into_iter().collect())
+}
+
+/// Put-if-absent (or if replaceable) of an idempotency outcome: a new key is inserted;
+/// an existing one is read under a row lock, so of two vaults replacing a released
+/// outcome at once the second sees the first's claim.
+async fn claim_outcome(
+    client: &Object,
+    statements: &Statements,
+    key: &Vec<u8>,
+    value: &Vec<u8>,
+    replaceable: &Replaceable,
+) -> Result<Claim, tokio_postgres::Error> {
+    let stored = loop {
+        if client
+            .execute(&statements.add_outcome, &[key, value])
+            .await?
+            == 1
+        {
+            return Ok(Claim::Claimed);
+        }
+        // Gone again if the purge removed it in between: then insert once more.
+        if let Some(row) = client
+            .query_opt(&statements.outcome_for_update, &[key])
+            .await?
+        {
+            break row.get::<_, Vec<u8>>(0);
+        }
+    };
+    if !replaceable(&stored) {
+        return Ok(Claim::Taken(stored));
+    }
+    client
+        .execute(&statements.put_outcome, &[key, value])
+        .await?;
+    Ok(Claim::Claimed)
 }

@@ -43,8 +43,8 @@ use rocksdb::{Cache, DB};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    AuditSeal, Delete, DeleteOutcome, InsertOutcome, JobLock, KeyUse, KeyVersions, NewRecord,
-    RecordIndexes, Rewrite, RewriteOutcome, Store, StoreError, StoreStats,
+    AuditSeal, Claim, Delete, DeleteOutcome, InsertOutcome, JobLock, KeyUse, KeyVersions,
+    NewRecord, RecordIndexes, Replaceable, Rewrite, RewriteOutcome, Store, StoreError, StoreStats,
 };
 use crate::token::Token;
 
@@ -502,6 +502,21 @@ impl Store for RocksStore {
     async fn get_outcome(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let db = self.db()?;
         db.get_cf(family(&db, IDEMPOTENCY)?, key).map_err(engine)
+    }
+
+    async fn claim_outcome(
+        &self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        replaceable: Replaceable,
+    ) -> Result<Claim, StoreError> {
+        self.submit(|reply| Op::Claim {
+            key,
+            value,
+            replaceable,
+            reply,
+        })
+        .await
     }
 
     async fn put_outcome(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreError> {

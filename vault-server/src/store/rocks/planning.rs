@@ -7,10 +7,10 @@ use super::indexes::{
     token_under,
 };
 use super::writer::{Pending, SortedBatch, Writer};
-use super::{CARD_INDEX, EXPIRY, RECORDS, engine};
+use super::{CARD_INDEX, EXPIRY, IDEMPOTENCY, RECORDS, engine};
 use crate::store::{
-    Delete, DeleteOutcome, InsertOutcome, KeyVersions, NewRecord, RecordIndexes, Rewrite,
-    RewriteOutcome, StoreError,
+    Claim, Delete, DeleteOutcome, InsertOutcome, KeyVersions, NewRecord, RecordIndexes,
+    Replaceable, Rewrite, RewriteOutcome, StoreError,
 };
 use crate::token::Token;
 
@@ -53,6 +53,32 @@ impl Writer {
         }
         iter.status().map_err(engine)?;
         Ok(None)
+    }
+
+    /// Put-if-absent (or if replaceable) of an idempotency outcome. This thread is the
+    /// only writer, so what it reads (the group's own writes first) is what the batch
+    /// replaces.
+    pub(super) fn plan_claim<'a>(
+        &'a self,
+        key: &[u8],
+        value: &[u8],
+        replaceable: &Replaceable,
+        batch: &mut SortedBatch<'a>,
+        pending: &mut Pending,
+    ) -> Result<Claim, StoreError> {
+        let cf = self.family(IDEMPOTENCY)?;
+        let stored = match pending.outcomes.get(key) {
+            Some(value) => Some(value.clone()),
+            None => self.db.get_cf(cf, key).map_err(engine)?,
+        };
+        if let Some(stored) = stored
+            && !replaceable(&stored)
+        {
+            return Ok(Claim::Taken(stored));
+        }
+        batch.put_cf(cf, key, value);
+        pending.outcomes.insert(key.to_vec(), value.to_vec());
+        Ok(Claim::Claimed)
     }
 
     fn family(&self, name: &str) -> Result<&rocksdb::ColumnFamily, StoreError> {

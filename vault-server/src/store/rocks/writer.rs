@@ -13,10 +13,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::audit::{log_end, seal_entries};
 use super::counts::{Counts, encode_counts};
-use super::{AUDIT, COUNTS, META, Slot, classify};
+use super::{AUDIT, COUNTS, IDEMPOTENCY, META, Slot, classify};
 use crate::store::{
-    AUDIT_HEAD_KEY, AuditSeal, Delete, DeleteOutcome, InsertOutcome, KeyUse, KeyVersions,
-    NewRecord, Rewrite, RewriteOutcome, StoreError,
+    AUDIT_HEAD_KEY, AuditSeal, Claim, Delete, DeleteOutcome, InsertOutcome, KeyUse, KeyVersions,
+    NewRecord, Replaceable, Rewrite, RewriteOutcome, StoreError,
 };
 
 /// Most operations committed in one batch; bounds batch size and latency.
@@ -48,6 +48,13 @@ pub(super) enum Op {
         family: &'static str,
         entries: Vec<(Vec<u8>, Vec<u8>)>,
         reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    /// An idempotency outcome written only if the key is free or `replaceable`.
+    Claim {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        replaceable: Replaceable,
+        reply: oneshot::Sender<Result<Claim, StoreError>>,
     },
     /// Audit events to chain onto the log's end; answered with their sequence numbers.
     Audit {
@@ -147,6 +154,7 @@ impl Writer {
         let mut deletes = Vec::new();
         let mut rewrites = Vec::new();
         let mut put_replies = Vec::new();
+        let mut claims = Vec::new();
         let mut seals = Vec::new();
         // A failed read while planning fails the whole group: the batch may already
         // hold part of that operation, so nothing is written.
@@ -202,6 +210,9 @@ impl Writer {
                     match self.db.cf_handle(family) {
                         Some(cf) => {
                             for (key, value) in entries {
+                                if family == IDEMPOTENCY {
+                                    pending.outcomes.insert(key.clone(), value.clone());
+                                }
                                 batch.put_cf(cf, key, value);
                             }
                         }
@@ -210,6 +221,20 @@ impl Writer {
                         }
                     }
                     put_replies.push(reply);
+                }
+                Op::Claim {
+                    key,
+                    value,
+                    replaceable,
+                    reply,
+                } => {
+                    let claim =
+                        self.plan_claim(&key, &value, &replaceable, &mut batch, &mut pending);
+                    let claim = claim.unwrap_or_else(|e| {
+                        failure.get_or_insert(e.to_string());
+                        Claim::Taken(Vec::new())
+                    });
+                    claims.push((reply, claim));
                 }
                 Op::Audit { seal, reply } => seals.push((seal, reply)),
             }
@@ -278,6 +303,9 @@ impl Writer {
         }
         for reply in put_replies {
             let _ = reply.send(written.clone().map_err(classify));
+        }
+        for (reply, claim) in claims {
+            let _ = reply.send(written.clone().map(|()| claim).map_err(classify));
         }
         for (reply, sequences) in appended {
             let _ = reply.send(written.clone().map(|()| sequences).map_err(classify));
@@ -377,6 +405,8 @@ pub(super) struct Pending {
     pub(super) rewritten: HashSet<Vec<u8>>,
     /// Changes to the per-version record counts, applied once the batch is durable.
     pub(super) counts: Vec<((KeyUse, u32), i64)>,
+    /// Idempotency outcomes written in this group (a later claim of one sees it).
+    pub(super) outcomes: HashMap<Vec<u8>, Vec<u8>>,
 }
 
 impl Pending {
