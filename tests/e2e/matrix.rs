@@ -143,6 +143,14 @@ async fn all_events(client: &mut Client) -> Vec<pb::AuditEvent> {
 }
 
 /// A well-formed token that was never issued (tokens are 128 random bits).
+/// The number of calls a `CallsRefused` summary counts for `reason`.
+pub fn refused_calls(detail: &str, reason: &str) -> Option<u32> {
+    let (calls, rest) = detail.split_once(" calls refused (")?;
+    rest.starts_with(&format!("{reason})"))
+        .then(|| calls.parse().ok())
+        .flatten()
+}
+
 fn unknown_token(n: u64) -> String {
     format!("tok_Unknown{n:015}")
 }
@@ -575,7 +583,8 @@ async fn repeated_failures_block_an_identity_until_lifted_or_expired() {
         .concat(),
     );
     stack.add_vault_config(
-        "[lockout]\nmax_failures = 3\nwindow_secs = 60\nblock_secs = 5\nby_address = false\n",
+        "[lockout]\nmax_failures = 3\nmax_unknown_tokens = 3\nwindow_secs = 60\nblock_secs = 5\n\
+         by_address = false\nsummary_secs = 1\n",
     );
     stack.restart_vault().await;
     let mut admin = connect(&stack, ADMIN).await;
@@ -652,15 +661,23 @@ async fn repeated_failures_block_an_identity_until_lifted_or_expired() {
         [("identity", identity(OTHER_TENANT))]
     );
 
-    // The audit log shows each block, and each call refused because of one.
+    // The audit log shows each block, and sums up the calls refused because of one
+    // (one event per caller and period, not one per call).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
     let events = all_events(&mut admin).await;
     let lockouts: Vec<&str> = events
         .iter()
         .filter(|e| e.action == "Lockout")
         .map(|e| e.detail.as_str())
         .collect();
-    let reader_blocked = format!("identity {} blocked", identity(READER));
-    let other_blocked = format!("identity {} blocked", identity(OTHER_TENANT));
+    let reader_blocked = format!(
+        "identity {} blocked after repeated permission denials",
+        identity(READER)
+    );
+    let other_blocked = format!(
+        "identity {} blocked after repeated unknown tokens",
+        identity(OTHER_TENANT)
+    );
     assert_eq!(
         lockouts,
         [
@@ -670,20 +687,22 @@ async fn repeated_failures_block_an_identity_until_lifted_or_expired() {
         ],
         "{events:#?}"
     );
-    let refused_while_blocked: Vec<(&str, &str, &str)> = events
-        .iter()
-        .filter(|e| e.detail == "blocked")
-        .map(|e| (e.actor.as_str(), e.action.as_str(), e.outcome.as_str()))
-        .collect();
-    let reader_id = identity(READER);
-    let other_id = identity(OTHER_TENANT);
+    let mut refused_while_blocked = BTreeMap::new();
+    for event in events.iter().filter(|e| e.action == "CallsRefused") {
+        let calls = refused_calls(&event.detail, "blocked").unwrap_or_else(|| panic!("{event:?}"));
+        *refused_while_blocked
+            .entry(event.actor.clone())
+            .or_insert(0) += calls;
+    }
     assert_eq!(
         refused_while_blocked,
-        [
-            (reader_id.as_str(), "GetTokenInfo", "PERMISSION_DENIED"),
-            (reader_id.as_str(), "GetTokenInfo", "PERMISSION_DENIED"),
-            (other_id.as_str(), "GetTokenInfo", "PERMISSION_DENIED"),
-        ]
+        BTreeMap::from([(identity(READER), 2), (identity(OTHER_TENANT), 1)])
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| e.outcome == "PERMISSION_DENIED" && e.action == "GetTokenInfo"),
+        "a call refused while blocked has no event of its own"
     );
     assert!(
         events
@@ -691,6 +710,162 @@ async fn repeated_failures_block_an_identity_until_lifted_or_expired() {
             .any(|e| e.action == "LiftBlock" && e.outcome == "ok" && e.actor == identity(ADMIN)),
         "the lift is audited"
     );
+    stack.stop().await;
+}
+
+/// A billing service whose customers deleted their saved cards is not probing: 25
+/// lookups of tokens another identity of its tenant deleted answer NOT_FOUND and block
+/// nothing. Unknown tokens still do, and so do another tenant's deleted ones (the
+/// tombstones are per tenant). An `alert_only` identity is flagged, never blocked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleted_tokens_lock_nobody_out_and_alert_only_services_stay_served() {
+    let mut stack = Stack::start().await;
+    write_policy(
+        &stack,
+        &[
+            policy_entry(ADMIN, "acme", &ADMIN_PERMISSIONS),
+            policy_entry(READER, "acme", &["read"]),
+            policy_entry(STRANGER, "acme", &["read"]),
+            policy_entry(OTHER_TENANT, "globex", &["tokenize", "read"]),
+        ]
+        .concat(),
+    );
+    stack.add_vault_config(&format!(
+        "[lockout]\nmax_failures = 3\nmax_unknown_tokens = 3\nalert_only = [\"uri:{}\"]\n",
+        identity(STRANGER)
+    ));
+    stack.restart_vault().await;
+    let mut admin = connect(&stack, ADMIN).await;
+    let mut reader = connect(&stack, READER).await;
+    let live = tokenize(&mut admin, card(100)).await;
+    let mut deleted = Vec::new();
+    for n in 0..25 {
+        let token = tokenize(&mut admin, card(n)).await;
+        delete(&mut admin, &token).await.unwrap();
+        deleted.push(token);
+    }
+    for token in &deleted {
+        let status = token_info(&mut reader, token).await.unwrap_err();
+        assert_eq!(status.code(), Code::NotFound);
+        assert_eq!(
+            status.message(),
+            "token not found",
+            "same answer as unknown"
+        );
+    }
+    token_info(&mut reader, &live).await.unwrap();
+    assert_eq!(list_blocks(&mut admin).await, []);
+
+    // Another tenant asking for them is probing: blocked at the third.
+    let mut other = connect(&stack, OTHER_TENANT).await;
+    for token in &deleted[..3] {
+        let status = token_info(&mut other, token).await.unwrap_err();
+        assert_eq!(status.code(), Code::NotFound);
+    }
+    // Unknown tokens block the reader at the third too.
+    for n in 0..3 {
+        let status = token_info(&mut reader, &unknown_token(n))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::NotFound);
+    }
+    let blocked: Vec<String> = list_blocks(&mut admin)
+        .await
+        .into_iter()
+        .map(|b| b.subject)
+        .collect();
+    assert_eq!(blocked, [identity(OTHER_TENANT), identity(READER)]);
+
+    // The alert-only identity probing the same way is flagged and served on.
+    let mut billing = connect(&stack, STRANGER).await;
+    for n in 0..6 {
+        let status = token_info(&mut billing, &unknown_token(n))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::NotFound);
+    }
+    token_info(&mut billing, &live).await.unwrap();
+    assert_eq!(list_blocks(&mut admin).await.len(), 2);
+    let alerts: Vec<String> = all_events(&mut admin)
+        .await
+        .into_iter()
+        .filter(|e| e.action == "LockoutAlert")
+        .map(|e| e.detail)
+        .collect();
+    let alert = format!(
+        "identity {} flagged after repeated unknown tokens (alert only, not blocked)",
+        identity(STRANGER)
+    );
+    assert_eq!(alerts, [alert.clone(), alert]);
+    stack.stop().await;
+}
+
+/// Any certificate the CA signed can call; one the policy does not list must not make
+/// the vault write an audit event per call (a tight loop would fill the audit disk,
+/// and then every tenant is refused). Its flood costs a counter and a summary per
+/// period, and a listed caller is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flood_from_an_unlisted_certificate_leaves_the_audit_log_bounded() {
+    const FLOOD: u32 = 2_000;
+    let mut stack = Stack::start().await;
+    stack.add_vault_config("[lockout]\nsummary_secs = 1\n");
+    stack.restart_vault().await;
+    let mut admin = connect(&stack, ADMIN).await;
+    let token = tokenize(&mut admin, card(1)).await;
+    let before = all_events(&mut admin).await.len();
+
+    let stranger = connect(&stack, STRANGER).await;
+    let flood: Vec<_> = (0..8)
+        .map(|_| {
+            let (mut stranger, token) = (stranger.clone(), token.clone());
+            tokio::spawn(async move {
+                for _ in 0..FLOOD / 8 {
+                    let status = token_info(&mut stranger, &token).await.unwrap_err();
+                    assert_eq!(status.code(), Code::PermissionDenied);
+                }
+            })
+        })
+        .collect();
+    // A listed caller is served while the flood runs.
+    let mut served = 0;
+    while !flood.iter().all(|f| f.is_finished()) {
+        token_info(&mut admin, &token).await.unwrap();
+        served += 1;
+    }
+    for f in flood {
+        f.await.unwrap();
+    }
+    assert!(served > 0);
+
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let events = all_events(&mut admin).await;
+    let stranger_id = identity(STRANGER);
+    let from_stranger: Vec<&pb::AuditEvent> =
+        events.iter().filter(|e| e.actor == stranger_id).collect();
+    let summed: u32 = from_stranger
+        .iter()
+        .filter(|e| e.action == "CallsRefused")
+        .map(|e| {
+            refused_calls(&e.detail, "unlisted")
+                .or_else(|| refused_calls(&e.detail, "blocked"))
+                .unwrap_or_else(|| panic!("{e:?}"))
+        })
+        .sum();
+    assert_eq!(summed, FLOOD, "every refused call is counted");
+    // The block (after the default 20 denials) and a few summaries: not 2,000 events.
+    assert!(
+        from_stranger.len() <= 30,
+        "{} events for {FLOOD} refused calls",
+        from_stranger.len()
+    );
+    assert!(
+        from_stranger
+            .iter()
+            .any(|e| e.action == "Lockout" && e.detail.contains("blocked")),
+        "the block is audited"
+    );
+    // The admin's own reads are audited one by one, as always.
+    assert!(events.len() - before >= served + from_stranger.len());
     stack.stop().await;
 }
 

@@ -174,6 +174,11 @@ pub struct RetentionSettings {
     /// How often expired tokens are purged and deleted records compacted away.
     #[serde(default = "default_purge_interval_secs")]
     pub purge_interval_secs: u64,
+    /// How long a deleted token is remembered, as a keyed id (never the token): within
+    /// it, looking the token up answers NOT_FOUND without counting towards the
+    /// lockout (a service whose customers deleted saved cards is not probing).
+    #[serde(default = "default_tombstone_days")]
+    pub tombstone_days: u64,
 }
 
 impl Default for RetentionSettings {
@@ -181,8 +186,13 @@ impl Default for RetentionSettings {
         Self {
             tenant_ttl_secs: Default::default(),
             purge_interval_secs: default_purge_interval_secs(),
+            tombstone_days: default_tombstone_days(),
         }
     }
+}
+
+fn default_tombstone_days() -> u64 {
+    90
 }
 
 fn default_purge_interval_secs() -> u64 {
@@ -471,6 +481,9 @@ impl Settings {
         if self.retention.purge_interval_secs == 0 {
             return Err("retention.purge_interval_secs must be greater than 0".into());
         }
+        if !(1..=3650).contains(&self.retention.tombstone_days) {
+            return Err("retention.tombstone_days must be 1 to 3650".into());
+        }
         if let Some((tenant, _)) = self
             .retention
             .tenant_ttl_secs
@@ -482,11 +495,14 @@ impl Settings {
             ));
         }
         if self.lockout.max_failures == 0
+            || self.lockout.max_unknown_tokens == 0
             || self.lockout.window_secs == 0
             || self.lockout.block_secs == 0
+            || self.lockout.summary_secs == 0
         {
-            return Err("lockout: every setting must be greater than 0".into());
+            return Err("lockout: every number must be greater than 0".into());
         }
+        self.lockout.alert_only_identities()?;
         if self.rewrap.rate_per_sec == 0 || !(1..=10_000).contains(&self.rewrap.batch_size) {
             return Err(
                 "rewrap: rate_per_sec must be greater than 0 and batch_size 1 to 10000".into(),

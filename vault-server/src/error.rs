@@ -21,6 +21,11 @@ pub enum VaultError {
     /// caller's mistake (it does not count towards lockout).
     #[error("token not found")]
     Expired,
+    /// The token was deleted (its tombstone is kept `tombstone_days`): answered exactly
+    /// like an unknown token, but a caller that held it is not probing (it does not
+    /// count towards lockout).
+    #[error("token not found")]
+    Deleted,
     #[error("a client certificate is required")]
     Unauthenticated,
     #[error("permission denied")]
@@ -81,7 +86,9 @@ impl VaultError {
                 tracing::info!(error = %self, "invalid argument");
                 Status::invalid_argument(self.to_string())
             }
-            VaultError::NotFound | VaultError::Expired => Status::not_found("token not found"),
+            VaultError::NotFound | VaultError::Expired | VaultError::Deleted => {
+                Status::not_found("token not found")
+            }
             VaultError::BackupNotFound => Status::not_found("backup not found"),
             VaultError::Unauthenticated => {
                 tracing::warn!("refused: no client certificate identity");

@@ -26,6 +26,7 @@ pub mod metrics;
 mod ops;
 pub mod policy;
 pub mod record;
+pub mod refusals;
 pub mod rewrap;
 pub mod store;
 mod tasks;
@@ -87,6 +88,8 @@ pub struct Bound {
     /// This vault's name among those sharing a database (PostgreSQL only).
     node: Option<String>,
     purge_interval_secs: u64,
+    /// How often refused calls are summed up in the audit log.
+    refusal_summary: Duration,
     tls: TlsMaterial,
     limits: config::LimitsSettings,
     grpc_reflection: bool,
@@ -200,6 +203,7 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
         ops::RecordSettings {
             tenant_ttl_secs: settings.retention.tenant_ttl_secs.clone(),
             outcome_ttl: Duration::from_secs(settings.forwarding.idempotency_ttl_secs),
+            tombstone_ttl: Duration::from_secs(settings.retention.tombstone_days * 86_400),
             max_batch_size: settings.max_batch_size,
         },
     ));
@@ -247,9 +251,11 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
         guards: api::Guards {
             policy,
             lockout,
+            refusals: Arc::new(refusals::Refusals::default()),
             journal,
             gaps,
         },
+        refusal_summary: Duration::from_secs(settings.lockout.summary_secs),
         tls,
         limits: settings.limits.clone(),
     })
@@ -536,6 +542,12 @@ impl Bound {
         tokio::spawn(metrics::serve_admin(
             self.admin_listener,
             Arc::clone(&self.vault) as Arc<dyn metrics::Observed>,
+            shutdown.clone(),
+        ));
+        tokio::spawn(tasks::summarise_refusals(
+            Arc::clone(&self.guards.refusals),
+            Arc::clone(&self.guards.journal),
+            self.refusal_summary,
             shutdown.clone(),
         ));
         tokio::spawn(tasks::purge_periodically(

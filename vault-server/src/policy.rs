@@ -137,7 +137,9 @@ impl SharedPolicy {
 pub enum Denied {
     /// No client certificate identity.
     Unauthenticated,
-    /// Unknown identity or permission not granted.
+    /// An identity the policy does not list.
+    Unlisted,
+    /// Permission not granted.
     PermissionDenied,
 }
 
@@ -207,7 +209,7 @@ impl Policy {
         permission: &Permission,
     ) -> Result<Caller, Denied> {
         let identity = identity.ok_or(Denied::Unauthenticated)?;
-        let grant = self.grants.get(identity).ok_or(Denied::PermissionDenied)?;
+        let grant = self.grants.get(identity).ok_or(Denied::Unlisted)?;
         if !grant.permissions.contains(permission) {
             return Err(Denied::PermissionDenied);
         }
@@ -246,7 +248,7 @@ mod tests {
         );
         assert_eq!(
             policy.authorize(Some("spiffe://other"), &Permission::Read),
-            Err(Denied::PermissionDenied)
+            Err(Denied::Unlisted)
         );
         assert_eq!(
             policy.authorize(None, &Permission::Read),
@@ -264,7 +266,7 @@ mod tests {
         );
         assert_eq!(
             Policy::default().authorize(Some("x"), &Permission::Read),
-            Err(Denied::PermissionDenied)
+            Err(Denied::Unlisted)
         );
     }
 

@@ -78,6 +78,24 @@ pub fn fingerprint(key: &SecretKey, tenant: &Tenant, pan: &Pan) -> [u8; 32] {
     )
 }
 
+/// The stored id of a deleted token: the fingerprint key version, then an HMAC of the
+/// tenant and token under that version's key. Nothing of the token can be read from
+/// it, and only a vault holding the key can tell whether a token is in the tombstones.
+pub fn tombstone(version: u32, key: &SecretKey, tenant: &Tenant, token: &Token) -> Vec<u8> {
+    let mac = envelope::hmac_sha256(
+        key,
+        &[
+            b"tokenvault.tombstone.v1",
+            tenant.as_str().as_bytes(),
+            token.as_str().as_bytes(),
+        ],
+    );
+    let mut id = Vec::with_capacity(4 + mac.len());
+    id.extend_from_slice(&version.to_be_bytes());
+    id.extend_from_slice(&mac);
+    id
+}
+
 /// A card within a tenant: tenant, fingerprint version and keyed fingerprint.
 pub fn card_key(tenant: &Tenant, fingerprint: &Fingerprint) -> Vec<u8> {
     let tenant = tenant.as_str().as_bytes();

@@ -8,7 +8,9 @@ use std::time::Duration;
 use runtime::shutdown::Shutdown;
 
 use crate::store::Engine;
-use crate::{KEYSERVICE_LINK_HEALTH, STORAGE_HEALTH, audit, cvc, error, keys, ops, store};
+use crate::{
+    KEYSERVICE_LINK_HEALTH, STORAGE_HEALTH, audit, cvc, error, keys, ops, refusals, store,
+};
 
 /// Looks at free space every few seconds and reports it as `STORAGE_HEALTH`.
 pub(crate) async fn report_storage(
@@ -114,6 +116,49 @@ pub(crate) async fn purge_periodically(
                 }
             }
             _ = &mut stop => return,
+        }
+    }
+}
+
+/// Every `period`, one audit event per caller and reason sums up the calls refused
+/// for being unlisted or blocked (which are not audited one by one); once more at
+/// shutdown.
+pub(crate) async fn summarise_refusals(
+    refusals: Arc<refusals::Refusals>,
+    journal: Arc<ops::Journal>,
+    period: Duration,
+    shutdown: Shutdown,
+) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stop = shutdown.wait();
+    tokio::pin!(stop);
+    loop {
+        let stopping = tokio::select! {
+            _ = tick.tick() => false,
+            _ = &mut stop => true,
+        };
+        for summary in refusals.take() {
+            let event = audit::AuditEvent {
+                at_unix_ms: runtime::now_unix_ms(),
+                actor: summary.actor,
+                peer: summary.peer,
+                action: "CallsRefused".into(),
+                outcome: "PERMISSION_DENIED".into(),
+                detail: format!(
+                    "{} calls refused ({}) since {} ms",
+                    summary.calls,
+                    summary.reason.name(),
+                    summary.first_at_unix_ms
+                ),
+                ..audit::AuditEvent::default()
+            };
+            if let Err(e) = journal.audit(event).await {
+                tracing::error!(error = %e, "refused calls not summed up in the audit log");
+            }
+        }
+        if stopping {
+            return;
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The envelope of every call: a request id and a span; the lockout check and the
 //! authorization; the handler; the call's audit event (written before the answer, and
 //! by a guard if the caller goes away mid-call); RPC metrics; the request id in the
-//! response or error metadata.
+//! response or error metadata. A caller refused for being unlisted or blocked gets no
+//! audit event of its own: it is counted, and summed up periodically (`refusals`).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -17,15 +18,18 @@ use tracing::Instrument;
 use super::audited::Audited;
 use crate::audit::{AuditEvent, Auditor, Gaps};
 use crate::error::VaultError;
-use crate::lockout::Lockout;
+use crate::lockout::{Failure, Lockout, Tripped};
 use crate::ops::Journal;
 use crate::policy::{Caller, Denied, Permission, SharedPolicy};
+use crate::refusals::{Reason, Refusals};
 
 /// Who may call, and what is recorded of each call.
 #[derive(Debug)]
 pub struct Guards {
     pub policy: Arc<SharedPolicy>,
     pub lockout: Arc<Lockout>,
+    /// Calls refused for being unlisted or blocked, counted instead of audited.
+    pub refusals: Arc<Refusals>,
     pub journal: Arc<Journal>,
     /// While the audit log has a gap nobody acknowledged, card data is refused.
     pub gaps: Arc<Gaps>,
@@ -109,7 +113,7 @@ impl Guards {
                 auditor: self.journal.auditor(),
                 event: None,
             };
-            let authorized = if self.lockout.is_blocked(
+            let blocked = self.lockout.is_blocked(
                 identity.as_deref(),
                 &peer,
                 || {
@@ -118,17 +122,21 @@ impl Guards {
                         .is_ok()
                 },
                 started,
-            ) {
-                tracing::warn!("refused: caller blocked after repeated failures");
-                event.detail = "blocked".into();
-                Err(VaultError::PermissionDenied)
+            );
+            let (authorized, refused_as) = if blocked {
+                tracing::debug!("refused: caller blocked after repeated failures");
+                (Err(VaultError::PermissionDenied), Some(Reason::Blocked))
             } else {
-                policy
-                    .authorize(identity.as_deref(), &permission)
-                    .map_err(|denied| match denied {
-                        Denied::Unauthenticated => VaultError::Unauthenticated,
-                        Denied::PermissionDenied => VaultError::PermissionDenied,
-                    })
+                match policy.authorize(identity.as_deref(), &permission) {
+                    Ok(caller) => (Ok(caller), None),
+                    Err(Denied::Unauthenticated) => {
+                        (Err(VaultError::Unauthenticated), Some(Reason::Unlisted))
+                    }
+                    Err(Denied::Unlisted) => {
+                        (Err(VaultError::PermissionDenied), Some(Reason::Unlisted))
+                    }
+                    Err(Denied::PermissionDenied) => (Err(VaultError::PermissionDenied), None),
+                }
             };
             let gap = self
                 .gaps
@@ -155,12 +163,14 @@ impl Guards {
                 }
             };
             let elapsed = started.elapsed();
-            let counts_as_failure = matches!(
-                result,
-                Err(VaultError::PermissionDenied
-                    | VaultError::Unauthenticated
-                    | VaultError::NotFound)
-            );
+            // A deleted or expired token is not unknown: looking one up is not probing.
+            let failure = match &result {
+                Err(VaultError::PermissionDenied | VaultError::Unauthenticated) => {
+                    Some(Failure::Denied)
+                }
+                Err(VaultError::NotFound) => Some(Failure::UnknownToken),
+                _ => None,
+            };
             let result = result.map_err(|error| error.into_status(&request_id));
             match &result {
                 Ok(body) => {
@@ -170,9 +180,16 @@ impl Guards {
                 }
                 Err(status) => {
                     event.outcome = code_name(status.code()).into();
-                    if event.detail.is_empty() && counts_as_failure {
-                        self.count_failure(identity.as_deref(), &peer, &request_id, started)
-                            .await;
+                    // A blocked caller's refusals do not extend its block.
+                    if let Some(failure) = failure.filter(|_| !blocked) {
+                        self.count_failure(
+                            identity.as_deref(),
+                            &peer,
+                            failure,
+                            &request_id,
+                            started,
+                        )
+                        .await;
                     }
                 }
             }
@@ -180,7 +197,18 @@ impl Guards {
                 .as_ref()
                 .map_or_else(|status| status.code(), |_| tonic::Code::Ok);
             self.journal.metrics().rpc.call(method, code, elapsed);
-            let audited = self.journal.audit(event).await;
+            let audited = match refused_as {
+                Some(reason) => {
+                    self.journal.metrics().event(match reason {
+                        Reason::Unlisted => "refused_unlisted",
+                        Reason::Blocked => "refused_blocked",
+                    });
+                    self.refusals
+                        .count(reason, &event.actor, &peer, event.at_unix_ms);
+                    Ok(())
+                }
+                None => self.journal.audit(event).await,
+            };
             guard.event = None;
             let result = match (audited, result) {
                 (Ok(()), result) => result,
@@ -209,25 +237,53 @@ impl Guards {
         .await
     }
 
-    /// Counts a failed call against the caller; audits the blocks it causes.
+    /// Counts a failed call against the caller; audits the blocks (and alert-only
+    /// flags) it causes.
     async fn count_failure(
         &self,
         identity: Option<&str>,
         peer: &str,
+        failure: Failure,
         request_id: &str,
         now: Instant,
     ) {
-        for (kind, subject) in self.lockout.failure(identity, peer, now) {
-            self.journal.metrics().event("lockout");
-            tracing::warn!(kind = kind.name(), %subject, "blocked after repeated failures");
+        for tripped in self.lockout.failure(identity, peer, failure, now) {
+            let Tripped {
+                kind,
+                subject,
+                failure,
+                blocked,
+            } = tripped;
+            let what = match failure {
+                Failure::Denied => "permission denials",
+                Failure::UnknownToken => "unknown tokens",
+            };
+            let (action, detail) = if blocked {
+                self.journal.metrics().event("lockout");
+                tracing::warn!(kind = kind.name(), %subject, what, "blocked after repeated failures");
+                (
+                    "Lockout",
+                    format!("{} {subject} blocked after repeated {what}", kind.name()),
+                )
+            } else {
+                self.journal.metrics().event("lockout_alert");
+                tracing::warn!(kind = kind.name(), %subject, what, "alert-only caller reached a lockout threshold; not blocked");
+                (
+                    "LockoutAlert",
+                    format!(
+                        "{} {subject} flagged after repeated {what} (alert only, not blocked)",
+                        kind.name()
+                    ),
+                )
+            };
             let event = AuditEvent {
                 at_unix_ms: now_unix_ms(),
                 actor: identity.unwrap_or("-").to_owned(),
                 peer: peer.to_owned(),
-                action: "Lockout".into(),
+                action: action.into(),
                 outcome: "ok".into(),
                 request_id: request_id.to_owned(),
-                detail: format!("{} {subject} blocked", kind.name()),
+                detail,
                 ..AuditEvent::default()
             };
             if let Err(e) = self.journal.audit(event).await {

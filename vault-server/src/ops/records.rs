@@ -15,9 +15,9 @@ use crate::cvc::CvcStore;
 use crate::error::VaultError;
 use crate::forward::idempotency;
 use crate::keys::Keys;
-use crate::policy::Caller;
+use crate::policy::{Caller, Tenant};
 use crate::record::{self, Fingerprint, StoredRecord};
-use crate::store::{Delete, DeleteOutcome, Store, StoreError};
+use crate::store::{Delete, DeleteOutcome, Store, StoreError, Tombstone};
 use crate::token::Token;
 
 /// Reads of a record that changed underneath (a rewrap) before giving up, and fresh
@@ -30,6 +30,9 @@ pub(super) const ATTEMPTS: usize = 3;
 pub struct RecordSettings {
     /// Token lifetime per tenant when `Tokenize` names none.
     pub tenant_ttl_secs: HashMap<String, u64>,
+    /// How long a deleted token is remembered (as a keyed id), so that looking it up
+    /// is not counted as probing.
+    pub tombstone_ttl: Duration,
     /// How long a forward's outcome is kept for replays (the idempotency window).
     pub outcome_ttl: Duration,
     pub max_batch_size: usize,
@@ -98,7 +101,12 @@ impl<S: Store> Records<S> {
         caller: &Caller,
         token: &Token,
     ) -> Result<(Vec<u8>, StoredRecord), VaultError> {
-        let bytes = self.store.get(token).await?.ok_or(VaultError::NotFound)?;
+        let Some(bytes) = self.store.get(token).await? else {
+            return Err(match self.was_deleted(&caller.tenant, token).await? {
+                true => VaultError::Deleted,
+                false => VaultError::NotFound,
+            });
+        };
         let stored = record::decode(&bytes)?;
         if stored.metadata.tenant != caller.tenant {
             return Err(VaultError::NotFound);
@@ -108,6 +116,20 @@ impl<S: Store> Records<S> {
             return Err(VaultError::Expired);
         }
         Ok((bytes, stored))
+    }
+
+    /// Whether the tenant's `token` was deleted within the tombstone window, under any
+    /// fingerprint version held.
+    async fn was_deleted(&self, tenant: &Tenant, token: &Token) -> Result<bool, VaultError> {
+        let ids = {
+            let keys = self.keys.snapshot();
+            let active = keys.fingerprint.active();
+            std::iter::once(active)
+                .chain(keys.fingerprint.older())
+                .map(|(version, key)| record::tombstone(version, key, tenant, token))
+                .collect()
+        };
+        Ok(self.store.tombstoned(ids).await?)
     }
 
     /// Whether the key that opens a record is held (nothing is decrypted): a record
@@ -183,6 +205,14 @@ impl<S: Store> Records<S> {
                 index_key: stored.metadata.index_key(),
                 versions: stored.metadata.versions(),
                 indexes: stored.metadata.indexes(),
+                tombstone: {
+                    let keys = self.keys.snapshot();
+                    let (version, key) = keys.fingerprint.active();
+                    Tombstone {
+                        key: record::tombstone(version, key, &stored.metadata.tenant, token),
+                        deleted_at_unix_ms: now_unix_ms(),
+                    }
+                },
             })
             .await?;
         if outcome == DeleteOutcome::Deleted {
@@ -244,7 +274,7 @@ impl<S: Store> Records<S> {
         for token in self.subject_tokens(caller, pan).await? {
             match self.delete(caller, &token).await {
                 Ok(()) => erased.push(token),
-                Err(VaultError::NotFound) => {}
+                Err(VaultError::NotFound | VaultError::Deleted) => {}
                 Err(VaultError::Expired) => {
                     if self.purge_token(&token).await? {
                         erased.push(token);
@@ -270,6 +300,16 @@ impl<S: Store> Records<S> {
             idempotency::decode(value)
                 .is_none_or(|outcome| now.saturating_sub(outcome.created_at_unix_ms) >= ttl_ms)
         };
+        let kept_from = now.saturating_sub(self.settings.tombstone_ttl.as_millis() as i64);
+        match self.store.prune_tombstones(kept_from).await {
+            Ok(0) => {}
+            Ok(pruned) => {
+                self.deleted_since_compaction
+                    .fetch_add(pruned as u64, Ordering::Relaxed);
+                tracing::info!(pruned, "tombstones past tombstone_days removed");
+            }
+            Err(e) => tracing::error!(error = %e, "tombstones not pruned"),
+        }
         match self.store.prune_outcomes(&stale).await {
             Ok(0) => {}
             Ok(pruned) => {

@@ -195,7 +195,7 @@ impl<S: Store> Records<S> {
         card: &CardData,
     ) -> Result<Option<Tokenized>, VaultError> {
         let stored = match self.load_verified(caller, &existing).await {
-            Err(VaultError::NotFound) => return Ok(None),
+            Err(VaultError::NotFound | VaultError::Deleted) => return Ok(None),
             Err(VaultError::Expired) => {
                 self.purge_token(&existing).await?;
                 return Ok(None);

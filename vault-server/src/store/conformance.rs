@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::{
     AuditSeal, Claim, Delete, DeleteOutcome, InsertOutcome, KeyUse, KeyVersions, LogEnd, NewRecord,
-    RecordIndexes, Replaceable, Rewrite, RewriteOutcome, Sealed, Store,
+    RecordIndexes, Replaceable, Rewrite, RewriteOutcome, Sealed, Store, Tombstone,
 };
 use crate::token::Token;
 
@@ -33,6 +33,10 @@ fn delete(token: &Token, expected: &[u8], index_key: &[u8], versions: KeyVersion
         index_key: index_key.to_vec(),
         versions,
         indexes: RecordIndexes::default(),
+        tombstone: Tombstone {
+            key: [b"tombstone of ", token.as_str().as_bytes()].concat(),
+            deleted_at_unix_ms: 1_000,
+        },
     }
 }
 
@@ -45,6 +49,7 @@ pub async fn run_all<S: Store, F: std::future::Future<Output = S>>(mut fresh: im
     concurrent_inserts_all_land(Arc::new(fresh().await)).await;
     outcomes_are_stored_and_replaced(fresh().await).await;
     concurrent_claims_of_one_key_have_one_winner(Arc::new(fresh().await)).await;
+    a_delete_leaves_a_tombstone_until_pruned(fresh().await).await;
     records_are_counted_and_listed_by_key_version(fresh().await).await;
     rewrite_replaces_only_an_unchanged_record(fresh().await).await;
     reuse_finds_a_card_under_an_older_fingerprint_version(fresh().await).await;
@@ -352,6 +357,40 @@ async fn outcomes_are_stored_and_replaced(store: impl Store) {
     );
     assert_eq!(store.get_outcome(b"acme/key-2").await.unwrap(), None);
     assert!(store.get_outcome(b"acme/key-1").await.unwrap().is_some());
+}
+
+async fn a_delete_leaves_a_tombstone_until_pruned(store: impl Store) {
+    let (a, b) = (Token::generate().unwrap(), Token::generate().unwrap());
+    store
+        .insert(vec![
+            record(&a, b"A", b"ia", false),
+            record(&b, b"B", b"ib", false),
+        ])
+        .await
+        .unwrap();
+    let of = |token: &Token| [b"tombstone of ", token.as_str().as_bytes()].concat();
+    assert!(!store.tombstoned(vec![of(&a), of(&b)]).await.unwrap());
+    let outcome = store.delete(delete(&a, b"A", b"ia", V1)).await.unwrap();
+    assert_eq!(outcome, DeleteOutcome::Deleted);
+    assert!(
+        store
+            .tombstoned(vec![b"other".to_vec(), of(&a)])
+            .await
+            .unwrap()
+    );
+    assert!(!store.tombstoned(vec![of(&b)]).await.unwrap());
+    // A refused delete (changed record) leaves none.
+    let outcome = store
+        .delete(delete(&b, b"changed", b"ib", V1))
+        .await
+        .unwrap();
+    assert_eq!(outcome, DeleteOutcome::Changed);
+    assert!(!store.tombstoned(vec![of(&b)]).await.unwrap());
+    // Deleted at 1,000 ms: kept by a prune of what is older, gone after one of newer.
+    assert_eq!(store.prune_tombstones(1_000).await.unwrap(), 0);
+    assert!(store.tombstoned(vec![of(&a)]).await.unwrap());
+    assert_eq!(store.prune_tombstones(1_001).await.unwrap(), 1);
+    assert!(!store.tombstoned(vec![of(&a)]).await.unwrap());
 }
 
 /// Claims of one idempotency key: exactly one of many concurrent ones wins; a held

@@ -131,6 +131,14 @@ impl Store for Engine {
         each!(self, s => s.claim_outcome(key, value, replaceable).await)
     }
 
+    async fn tombstoned(&self, keys: Vec<Vec<u8>>) -> Result<bool, StoreError> {
+        each!(self, s => s.tombstoned(keys).await)
+    }
+
+    async fn prune_tombstones(&self, before_unix_ms: i64) -> Result<usize, StoreError> {
+        each!(self, s => s.prune_tombstones(before_unix_ms).await)
+    }
+
     async fn put_outcome(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreError> {
         each!(self, s => s.put_outcome(key, value).await)
     }

@@ -114,6 +114,17 @@ pub struct Delete {
     pub index_key: Vec<u8>,
     pub versions: KeyVersions,
     pub indexes: RecordIndexes,
+    /// Written with the deletion: the deleted token's keyed id (see `record::tombstone`),
+    /// so that a later lookup of it is told apart from a probe without keeping the
+    /// token's bytes.
+    pub tombstone: Tombstone,
+}
+
+/// A deleted token's keyed id and when it was deleted.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Tombstone {
+    pub key: Vec<u8>,
+    pub deleted_at_unix_ms: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -287,7 +298,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<Vec<u8>>, StoreError>> + Send;
 
     /// Deletes a token's record durably, and its index entry if the entry names this
-    /// token, if the record still holds the bytes the caller read.
+    /// token, if the record still holds the bytes the caller read; writes its
+    /// tombstone in the same atomic write.
     fn delete(
         &self,
         delete: Delete,
@@ -349,6 +361,18 @@ pub trait Store: Send + Sync + 'static {
         now_unix_ms: i64,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Token>, StoreError>> + Send;
+
+    /// Whether a tombstone is stored under any of `keys`.
+    fn tombstoned(
+        &self,
+        keys: Vec<Vec<u8>>,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Deletes the tombstones of deletions before `before_unix_ms`; returns how many.
+    fn prune_tombstones(
+        &self,
+        before_unix_ms: i64,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
 
     /// Every token whose record has this card key.
     fn tokens_of_card(

@@ -11,11 +11,18 @@ use crate::store::StoreError;
 
 /// The schema, in order. Each runs once, in its own transaction, recorded in
 /// `schema_migrations`. Never edit a released one: add the next.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "records, fingerprint index, outcomes, meta, audit chain, version counts",
-    include_str!("0001_initial.sql"),
-)];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "records, fingerprint index, outcomes, meta, audit chain, version counts",
+        include_str!("0001_initial.sql"),
+    ),
+    (
+        2,
+        "tombstones of deleted tokens",
+        include_str!("0002_tombstones.sql"),
+    ),
+];
 
 /// Applies the migrations this database lacks, one transaction each, under a lock so
 /// that vaults starting together do not race. Refuses a schema newer than this

@@ -351,6 +351,32 @@ impl Store for PgStore {
         Ok(pruned)
     }
 
+    async fn tombstoned(&self, keys: Vec<Vec<u8>>) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM tombstones WHERE key = ANY($1))")
+            .await
+            .map_err(pg)?;
+        Ok(client
+            .query_one(&statement, &[&keys])
+            .await
+            .map_err(pg)?
+            .get(0))
+    }
+
+    async fn prune_tombstones(&self, before_unix_ms: i64) -> Result<usize, StoreError> {
+        // Not through a writer: it touches no record, count or log, and is one statement.
+        let client = self.client().await?;
+        let pruned = client
+            .execute(
+                "DELETE FROM tombstones WHERE deleted_at_unix_ms < $1",
+                &[&before_unix_ms],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(pruned as usize)
+    }
+
     async fn expired(&self, now_unix_ms: i64, limit: usize) -> Result<Vec<Token>, StoreError> {
         let client = self.client().await?;
         let rows = client
@@ -383,7 +409,7 @@ impl Store for PgStore {
         // are overwritten by PostgreSQL over time: see docs/operations.md.)
         let client = self.client().await?;
         client
-            .batch_execute("VACUUM records, fingerprints, outcomes")
+            .batch_execute("VACUUM records, fingerprints, outcomes, tombstones")
             .await
             .map_err(pg)
     }

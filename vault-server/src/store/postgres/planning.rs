@@ -200,9 +200,13 @@ pub(super) async fn delete_one(
     }
     let record_params: [&(dyn ToSql + Sync); 1] = [&token];
     let entry_params: [&(dyn ToSql + Sync); 2] = [&delete.index_key, &token];
+    let tombstone = &delete.tombstone;
+    let tombstone_params: [&(dyn ToSql + Sync); 2] =
+        [&tombstone.key, &tombstone.deleted_at_unix_ms];
     tokio::try_join!(
         client.execute(&statements.remove_record, &record_params),
         client.execute(&statements.remove_entry, &entry_params),
+        client.execute(&statements.add_tombstone, &tombstone_params),
     )?;
     count(deltas, delete.versions, -1);
     Ok(DeleteOutcome::Deleted)

@@ -28,6 +28,7 @@ pub(super) struct Statements {
     pub(super) current: tokio_postgres::Statement,
     pub(super) remove_record: tokio_postgres::Statement,
     pub(super) remove_entry: tokio_postgres::Statement,
+    pub(super) add_tombstone: tokio_postgres::Statement,
     pub(super) rewrite_record: tokio_postgres::Statement,
     pub(super) put_entry_if_stale: tokio_postgres::Statement,
     pub(super) put_meta: tokio_postgres::Statement,
@@ -139,6 +140,12 @@ impl Statements {
                 .await?,
             // Waits for a concurrent insert of the key to commit or roll back, so the
             // row the next statement locks is the committed one.
+            add_tombstone: client
+                .prepare_cached(
+                    "INSERT INTO tombstones (key, deleted_at_unix_ms) VALUES ($1, $2)
+                     ON CONFLICT (key) DO NOTHING",
+                )
+                .await?,
             add_outcome: client
                 .prepare_cached(
                     "INSERT INTO outcomes (key, value) VALUES ($1, $2)

@@ -1,5 +1,5 @@
 use super::*;
-use crate::store::{Delete, DeleteOutcome};
+use crate::store::{Delete, DeleteOutcome, Tombstone};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_record_leaves_no_file_after_compaction() {
@@ -50,6 +50,10 @@ async fn a_deleted_record_leaves_no_file_after_compaction() {
                 expires_at_unix_ms: 0,
                 created_at_unix_ms: 0,
                 card_key: b"card".to_vec(),
+            },
+            tombstone: Tombstone {
+                key: vec![7; 36],
+                deleted_at_unix_ms: 1,
             },
         })
         .await

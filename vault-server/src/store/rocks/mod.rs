@@ -2,8 +2,9 @@
 //! (one entry per record: its card, expiry and token → its key versions; see
 //! `indexes.rs`), `expiry` (records with a TTL only), `idempotency` (tenant and
 //! idempotency key → forward outcome, which holds no card data), `meta` (small state of
-//! background jobs, the record counts, the audit log's anchor) and `audit` (the audit
-//! log: sequence number → entry). A tokenization writes two data keys (three with a
+//! background jobs, the record counts, the audit log's anchor), `tombstones` (a deleted
+//! token's keyed id → when it was deleted) and `audit` (the audit log: sequence number
+//! → entry). A tokenization writes two data keys (three with a
 //! TTL); its call's audit entry follows in a later group commit of the same WAL.
 //!
 //! Writes go through one dedicated writer thread that takes everything queued, checks
@@ -61,7 +62,16 @@ const IDEMPOTENCY: &str = "idempotency";
 const META: &str = "meta";
 const EXPIRY: &str = "expiry";
 const AUDIT: &str = "audit";
-const FAMILIES: [&str; 6] = [RECORDS, CARD_INDEX, IDEMPOTENCY, META, EXPIRY, AUDIT];
+const TOMBSTONES: &str = "tombstones";
+const FAMILIES: [&str; 7] = [
+    RECORDS,
+    CARD_INDEX,
+    IDEMPOTENCY,
+    META,
+    EXPIRY,
+    AUDIT,
+    TOMBSTONES,
+];
 /// `meta` key present once every record has its card index (and expiry) entry.
 const INDEXED: &[u8] = b"indexed-v3";
 /// `meta` key holding the number of records per key use and version, written in the
@@ -497,6 +507,45 @@ impl Store for RocksStore {
         }
         iter.status().map_err(engine)?;
         Ok(keys)
+    }
+
+    async fn tombstoned(&self, keys: Vec<Vec<u8>>) -> Result<bool, StoreError> {
+        let db = self.db()?;
+        let cf = family(&db, TOMBSTONES)?;
+        for key in keys {
+            if db.get_pinned_cf(cf, key).map_err(engine)?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    async fn prune_tombstones(&self, before_unix_ms: i64) -> Result<usize, StoreError> {
+        let mut keys = Vec::new();
+        {
+            let db = self.db()?;
+            let mut iter = db.raw_iterator_cf(family(&db, TOMBSTONES)?);
+            iter.seek_to_first();
+            while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
+                let deleted_at = value.try_into().map_or(0, i64::from_be_bytes);
+                if deleted_at < before_unix_ms {
+                    keys.push(key.to_vec());
+                }
+                iter.next();
+            }
+            iter.status().map_err(engine)?;
+        }
+        let pruned = keys.len();
+        for chunk in keys.chunks(1000) {
+            let entries = chunk.to_vec();
+            self.submit(|reply| Op::Remove {
+                family: TOMBSTONES,
+                keys: entries,
+                reply,
+            })
+            .await?;
+        }
+        Ok(pruned)
     }
 
     async fn get_outcome(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {

@@ -7,7 +7,7 @@ use super::indexes::{
     token_under,
 };
 use super::writer::{Pending, SortedBatch, Writer};
-use super::{CARD_INDEX, EXPIRY, IDEMPOTENCY, RECORDS, engine};
+use super::{CARD_INDEX, EXPIRY, IDEMPOTENCY, RECORDS, TOMBSTONES, engine};
 use crate::store::{
     Claim, Delete, DeleteOutcome, InsertOutcome, KeyVersions, NewRecord, RecordIndexes,
     Replaceable, Rewrite, RewriteOutcome, StoreError,
@@ -169,6 +169,12 @@ impl Writer {
         }
         batch.delete_cf(self.family(RECORDS)?, token);
         self.delete_indexes(batch, &delete.indexes, &delete.index_key, token)?;
+        let tombstone = &delete.tombstone;
+        batch.put_cf(
+            self.family(TOMBSTONES)?,
+            &tombstone.key,
+            tombstone.deleted_at_unix_ms.to_be_bytes(),
+        );
         pending.count(delete.versions, -1);
         pending.records.insert(token.to_vec(), false);
         Ok(DeleteOutcome::Deleted)

@@ -1,6 +1,6 @@
 use super::counts::decode_counts;
 use super::*;
-use crate::store::{Delete, DeleteOutcome};
+use crate::store::{Delete, DeleteOutcome, Tombstone};
 
 fn no_versions(_: &[u8]) -> Option<(KeyVersions, RecordIndexes, Vec<u8>)> {
     None
@@ -98,6 +98,7 @@ async fn record_counts_are_stored_with_the_records_and_read_at_start() {
             index_key: gone.index_key.clone(),
             versions: gone.versions,
             indexes: gone.indexes.clone(),
+            tombstone: Tombstone::default(),
         };
         store.insert(records).await.unwrap();
         let outcome = store.delete(delete).await.unwrap();
@@ -340,6 +341,7 @@ async fn a_database_of_the_earlier_layout_is_indexed_once_and_its_old_families_d
                 created_at_unix_ms: 0,
                 card_key: b"cardA".to_vec(),
             },
+            tombstone: Tombstone::default(),
         })
         .await
         .unwrap();
