@@ -136,8 +136,15 @@ impl Bound {
             Arc::clone(&self.shared) as Arc<dyn runtime::admin::Observed>,
             shutdown.clone(),
         ));
+        // The keyservice has few callers (vaults and admins): the default limits.
+        let incoming = runtime::accept::incoming(
+            self.listener,
+            self.tls.server_config()?,
+            runtime::accept::Limits::default(),
+            shutdown.clone(),
+        );
         let mut router = tonic::transport::Server::builder()
-            .tls_config(self.tls.server_config(std::time::Duration::from_secs(10)))?
+            .layer(runtime::accept::TrackCallsLayer)
             .timeout(std::time::Duration::from_secs(30))
             .add_service(health_service)
             .add_service(KeyServiceServer::new(service));
@@ -154,7 +161,7 @@ impl Bound {
             )?;
         }
         router
-            .serve_with_incoming_shutdown(runtime::grpc::incoming(self.listener), shutdown.wait())
+            .serve_with_incoming_shutdown(incoming, shutdown.wait())
             .await?;
         rotations.abort();
         tracing::info!("keyservice stopped");

@@ -3,7 +3,10 @@
 //!
 //! It serves what the server's [`Observed`] implementation returns and nothing else:
 //! no request reaches the server's own logic, so the port holds no card data and no
-//! key material. Keep it on loopback or a monitoring network all the same.
+//! key material. Keep it on loopback or a monitoring network all the same. A scraper
+//! needs one short connection at a time: at most [`MAX_CONNECTIONS`] are served at
+//! once (more are closed at once), each gets [`HEADER_TIMEOUT`] to send its request
+//! and [`CONNECTION_TIMEOUT`] in all, and none is kept alive.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -15,6 +18,13 @@ use tokio::net::TcpListener;
 use tonic::Code;
 
 use crate::shutdown::Shutdown;
+
+/// Admin connections served at once.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Time a connection has to send its request headers.
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Time a connection may last.
+pub const CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What the admin endpoint asks the server at each request.
 pub trait Observed: Send + Sync + 'static {
@@ -94,6 +104,7 @@ impl RpcMetrics {
 pub async fn serve_admin(listener: TcpListener, server: Arc<dyn Observed>, shutdown: Shutdown) {
     let stop = shutdown.wait();
     tokio::pin!(stop);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -105,6 +116,10 @@ pub async fn serve_admin(listener: TcpListener, server: Arc<dyn Observed>, shutd
             },
             _ = &mut stop => return,
         };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::warn!(max = MAX_CONNECTIONS, "admin port busy: connection closed");
+            continue;
+        };
         // Small answers, written whole: nothing to gain from Nagle's delay.
         let _ = stream.set_nodelay(true);
         let server = Arc::clone(&server);
@@ -113,9 +128,13 @@ pub async fn serve_admin(listener: TcpListener, server: Arc<dyn Observed>, shutd
                 let server = Arc::clone(&server);
                 async move { Ok::<_, Infallible>(answer(&request, server.as_ref())) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
+            drop(slot);
         });
     }
 }

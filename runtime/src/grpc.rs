@@ -1,21 +1,10 @@
-//! The gRPC plumbing that both servers share: accepted sockets with `TCP_NODELAY`,
-//! the optional server reflection service, and the request id header.
+//! The gRPC plumbing that both servers share: the optional server reflection service,
+//! and the request id header. (Accepting connections is [`crate::accept`].)
 
-use tokio::net::TcpListener;
-use tonic::transport::server::{Router, TcpIncoming};
+use tonic::transport::server::Router;
 
 /// Response (and error) metadata key carrying the request id that the server logs.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
-
-/// The accepted connections of `listener`, each with `TCP_NODELAY` set.
-///
-/// tonic sets it only on listeners it binds itself; the servers bind their own (to learn
-/// the port before serving), and without it Nagle's algorithm meets the peer's delayed
-/// ACKs: a small response written in two segments waited about 40 ms, which was every
-/// benchmark scenario's p99.9 and the whole time of a TokenizeBatch call.
-pub fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener).with_nodelay(Some(true))
-}
 
 /// Adds gRPC server reflection (`grpc.reflection.v1` and `v1alpha`) to `router`,
 /// describing the services in `descriptor_sets` (encoded `FileDescriptorSet`s).
@@ -23,10 +12,10 @@ pub fn incoming(listener: TcpListener) -> TcpIncoming {
 /// Reflection serves the schema only (the .proto definitions, as descriptors), never
 /// data, but any peer that passes mutual TLS can call it, whatever the policy says: it
 /// is for development stacks and tools such as grpcurl, off unless configured.
-pub fn add_reflection(
-    router: Router,
+pub fn add_reflection<L>(
+    router: Router<L>,
     descriptor_sets: &[&'static [u8]],
-) -> Result<Router, ReflectionError> {
+) -> Result<Router<L>, ReflectionError> {
     // Both versions describe both reflection services (by default each lists only
     // itself), so a client sees the same list whichever it asks.
     let reflection = [

@@ -6,6 +6,7 @@
 //!
 //! Must never depend on storage, key handling or card-data code.
 
+pub mod accept;
 pub mod admin;
 pub mod grpc;
 pub mod harden;

@@ -1,12 +1,13 @@
 //! Mutual TLS for every hop, and the caller's identity taken from its certificate.
 //!
-//! tonic's rustls integration (ring provider) is used as is: TLS 1.2 and 1.3 only,
-//! client certificates required and verified against the configured CA.
+//! rustls with the ring provider: TLS 1.2 and 1.3 only, client certificates required
+//! and verified against the configured CA. Servers accept through
+//! [`crate::accept`]; clients use tonic's rustls integration.
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 /// The trust anchors in a PEM file of CA certificates, for a rustls client that talks
 /// to something other than our own services (a processor, a database). The error says
@@ -47,6 +48,8 @@ pub enum TlsError {
     },
     #[error("{what} {path} holds no PEM certificate or key")]
     NotPem { what: &'static str, path: PathBuf },
+    #[error("unusable TLS material: {0}")]
+    Unusable(String),
 }
 
 fn read_pem(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -87,15 +90,37 @@ impl TlsMaterial {
         })
     }
 
-    /// Server side: present our certificate, require a client certificate signed by
-    /// the CA.
-    /// A client that has not completed its handshake within `handshake_timeout` is
-    /// disconnected, so slow or silent connections cannot pile up.
-    pub fn server_config(&self, handshake_timeout: std::time::Duration) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(Identity::from_pem(&self.cert, self.key.as_slice()))
-            .client_ca_root(Certificate::from_pem(&self.ca))
-            .timeout(handshake_timeout)
+    /// Server side, for [`crate::accept::incoming`]: present our certificate, require a
+    /// client certificate signed by the CA, speak HTTP/2 (ALPN `h2`).
+    pub fn server_config(&self) -> Result<std::sync::Arc<rustls::ServerConfig>, TlsError> {
+        let unusable = |e: &dyn std::fmt::Display| TlsError::Unusable(e.to_string());
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pemfile::certs(&mut self.ca.as_slice()) {
+            roots
+                .add(cert.map_err(|e| unusable(&e))?)
+                .map_err(|e| unusable(&e))?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            std::sync::Arc::clone(&provider),
+        )
+        .build()
+        .map_err(|e| unusable(&e))?;
+        let chain = rustls_pemfile::certs(&mut self.cert.as_slice())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| unusable(&e))?;
+        let key = rustls_pemfile::private_key(&mut self.key.as_slice())
+            .map_err(|e| unusable(&e))?
+            .ok_or_else(|| TlsError::Unusable("no private key in the key file".into()))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| unusable(&e))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|e| unusable(&e))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(std::sync::Arc::new(config))
     }
 
     /// This side's own identity (URI SAN, else CN), as its peers see it.
@@ -117,12 +142,19 @@ impl TlsMaterial {
 }
 
 /// The caller's identity from its verified client certificate (see
-/// [`identity_of_certificate`]). `None` when the connection carries no certificate or
-/// it has no identity (deny).
-pub fn peer_identity<T>(request: &tonic::Request<T>) -> Option<String> {
-    let certs = request.peer_certs()?;
-    let leaf = certs.first()?;
-    identity_of_certificate(leaf.as_ref())
+/// [`identity_of_certificate`]), parsed once per connection by the accept loop. `None`
+/// when the connection carries no certificate or it has no identity (deny).
+pub fn peer_identity<T>(request: &tonic::Request<T>) -> Option<&str> {
+    request
+        .extensions()
+        .get::<crate::accept::Peer>()?
+        .identity
+        .as_deref()
+}
+
+/// The caller's address, as the accept loop saw it.
+pub fn peer_addr<T>(request: &tonic::Request<T>) -> Option<std::net::SocketAddr> {
+    Some(request.extensions().get::<crate::accept::Peer>()?.addr)
 }
 
 /// The identity of a DER certificate, typed by where it came from:

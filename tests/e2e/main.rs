@@ -17,6 +17,7 @@ mod faults;
 mod forward;
 mod keys;
 mod leaks;
+mod limits;
 mod matrix;
 mod metrics;
 mod postgres;

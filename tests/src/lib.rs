@@ -48,6 +48,8 @@ pub struct StackDir {
     ca: DevCa,
     /// Lines for the vault config's `[storage]` section (see [`StackDir::set_storage`]).
     storage: Mutex<String>,
+    /// More lines for its `[limits]` section (see [`StackDir::set_limits`]).
+    limits: Mutex<String>,
     /// With `TOKENVAULT_TEST_STORAGE=postgres`: the throwaway database every vault of
     /// this stack uses (see [`StackDir::new`]).
     pub postgres: Option<pgcluster::Cluster>,
@@ -138,6 +140,7 @@ permissions = ["tokenize", "read", "delete", "forward:sandbox"]
             dir,
             ca,
             storage: Mutex::new(storage),
+            limits: Mutex::new(String::new()),
             postgres,
         }
     }
@@ -166,6 +169,11 @@ permissions = ["tokenize", "read", "delete", "forward:sandbox"]
 
     pub fn set_storage(&self, toml: &str) {
         *self.storage.lock().unwrap() = toml.to_owned();
+    }
+
+    /// Lines added to the vault config's `[limits]` section at the next (re)start.
+    pub fn set_limits(&self, toml: &str) {
+        *self.limits.lock().unwrap() = toml.to_owned();
     }
 
     pub fn path(&self) -> &Path {
@@ -202,6 +210,7 @@ permissions = ["tokenize", "read", "delete", "forward:sandbox"]
     pub fn write_vault_config_with(&self, keyservice_port: u16, extra: &str) -> PathBuf {
         let path = self.path().join("vault-server.toml");
         let storage = self.storage.lock().unwrap().clone();
+        let limits = self.limits.lock().unwrap().clone();
         std::fs::write(
             &path,
             format!(
@@ -221,6 +230,7 @@ max_retry_backoff_ms = 200
 usage_report_interval_ms = 200
 [limits]
 tls_handshake_timeout_ms = 1000
+{limits}
 [admin]
 listen_addr = "127.0.0.1:0"
 [storage]

@@ -276,6 +276,29 @@ pub struct LimitsSettings {
     /// Concurrent calls on one connection.
     #[serde(default = "default_max_concurrent_streams")]
     pub max_concurrent_streams: u32,
+    /// Established connections at most; a new one beyond closes the connection idle
+    /// the longest (see `runtime::accept`). Each costs a file descriptor: keep it well
+    /// under the process's open-files limit (`LimitNOFILE` in the systemd unit).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// TLS handshakes in progress at most; a new connection beyond closes the oldest
+    /// one still in its handshake.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
+    /// A connection with no call in flight for this long is closed.
+    #[serde(default = "default_idle_secs")]
+    pub idle_secs: u64,
+}
+
+impl LimitsSettings {
+    pub fn accept(&self) -> runtime::accept::Limits {
+        runtime::accept::Limits {
+            max_connections: self.max_connections,
+            max_handshakes: self.max_handshakes,
+            handshake_timeout: std::time::Duration::from_millis(self.tls_handshake_timeout_ms),
+            idle: std::time::Duration::from_secs(self.idle_secs),
+        }
+    }
 }
 
 impl Default for LimitsSettings {
@@ -285,8 +308,21 @@ impl Default for LimitsSettings {
             request_timeout_ms: default_request_timeout_ms(),
             tls_handshake_timeout_ms: default_tls_handshake_timeout_ms(),
             max_concurrent_streams: default_max_concurrent_streams(),
+            max_connections: default_max_connections(),
+            max_handshakes: default_max_handshakes(),
+            idle_secs: default_idle_secs(),
         }
     }
+}
+
+fn default_max_connections() -> usize {
+    runtime::accept::Limits::default().max_connections
+}
+fn default_max_handshakes() -> usize {
+    runtime::accept::Limits::default().max_handshakes
+}
+fn default_idle_secs() -> u64 {
+    runtime::accept::Limits::default().idle.as_secs()
 }
 
 fn default_max_request_bytes() -> usize {
@@ -441,6 +477,9 @@ impl Settings {
             || limits.request_timeout_ms == 0
             || limits.tls_handshake_timeout_ms == 0
             || limits.max_concurrent_streams == 0
+            || limits.max_connections == 0
+            || limits.max_handshakes == 0
+            || limits.idle_secs == 0
         {
             return Err(
                 "limits: max_request_bytes must be at least 1024 and the others greater than 0"

@@ -544,11 +544,14 @@ impl Bound {
             Arc::clone(&self.vault) as Arc<dyn metrics::Observed>,
             shutdown.clone(),
         ));
-        tokio::spawn(tasks::summarise_refusals(
+        let (refusals, journal) = (
             Arc::clone(&self.guards.refusals),
             Arc::clone(&self.guards.journal),
+        );
+        let summaries = tokio::spawn(tasks::summarise_refusals(
+            Arc::clone(&refusals),
+            Arc::clone(&journal),
             self.refusal_summary,
-            shutdown.clone(),
         ));
         tokio::spawn(tasks::purge_periodically(
             Arc::clone(&self.vault),
@@ -565,11 +568,14 @@ impl Bound {
         }
         tracing::info!(addr = %self.listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()), "vault-server serving");
         let limits = &self.limits;
+        let incoming = runtime::accept::incoming(
+            self.listener,
+            self.tls.server_config()?,
+            limits.accept(),
+            shutdown.clone(),
+        );
         let mut router = tonic::transport::Server::builder()
-            .tls_config(
-                self.tls
-                    .server_config(Duration::from_millis(limits.tls_handshake_timeout_ms)),
-            )?
+            .layer(runtime::accept::TrackCallsLayer)
             .timeout(Duration::from_millis(limits.request_timeout_ms))
             .max_concurrent_streams(limits.max_concurrent_streams)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -591,9 +597,13 @@ impl Bound {
                 ],
             )?;
         }
-        router
-            .serve_with_incoming_shutdown(runtime::grpc::incoming(self.listener), shutdown.wait())
-            .await?;
+        let served = router
+            .serve_with_incoming_shutdown(incoming, shutdown.wait())
+            .await;
+        // Every call has ended: what was refused since the last summary goes on record.
+        summaries.abort();
+        tasks::flush_refusals(&refusals, &journal).await;
+        served?;
         Ok(())
     }
 }

@@ -68,6 +68,25 @@ impl Refusals {
             .calls += 1;
     }
 
+    /// Puts a summary back (its audit event could not be written): it is added to the
+    /// next period's.
+    pub fn restore(&self, summary: Summary) {
+        let mut counted = self
+            .counted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let key = (summary.reason, summary.actor.clone());
+        match counted.get_mut(&key) {
+            Some(current) => {
+                current.calls += summary.calls;
+                current.first_at_unix_ms = current.first_at_unix_ms.min(summary.first_at_unix_ms);
+            }
+            None => {
+                counted.insert(key, summary);
+            }
+        }
+    }
+
     /// The period's summaries, in a stable order; counting starts again.
     pub fn take(&self) -> Vec<Summary> {
         let counted = std::mem::take(
@@ -108,6 +127,11 @@ mod tests {
             (Reason::Blocked, 1)
         );
         assert!(refusals.take().is_empty(), "a new period starts empty");
+        // A summary whose event could not be written joins the next period's.
+        refusals.count(Reason::Blocked, "uri:spiffe://x/mallory", "10.0.0.8", 9);
+        refusals.restore(summaries[1].clone());
+        let next = refusals.take();
+        assert_eq!((next[0].calls, next[0].first_at_unix_ms), (2, 7));
 
         for n in 0..MAX_CALLERS + 50 {
             refusals.count(Reason::Unlisted, &format!("cn:caller-{n}"), "-", 0);

@@ -121,44 +121,42 @@ pub(crate) async fn purge_periodically(
 }
 
 /// Every `period`, one audit event per caller and reason sums up the calls refused
-/// for being unlisted or blocked (which are not audited one by one); once more at
-/// shutdown.
+/// for being unlisted or blocked (which are not audited one by one). Runs until
+/// aborted; the server flushes once more after it stops serving.
 pub(crate) async fn summarise_refusals(
     refusals: Arc<refusals::Refusals>,
     journal: Arc<ops::Journal>,
     period: Duration,
-    shutdown: Shutdown,
 ) {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let stop = shutdown.wait();
-    tokio::pin!(stop);
     loop {
-        let stopping = tokio::select! {
-            _ = tick.tick() => false,
-            _ = &mut stop => true,
+        tick.tick().await;
+        flush_refusals(&refusals, &journal).await;
+    }
+}
+
+/// Writes the refusals counted so far as `CallsRefused` audit events; a summary that
+/// cannot be written is put back for the next flush.
+pub(crate) async fn flush_refusals(refusals: &refusals::Refusals, journal: &ops::Journal) {
+    for summary in refusals.take() {
+        let event = audit::AuditEvent {
+            at_unix_ms: runtime::now_unix_ms(),
+            actor: summary.actor.clone(),
+            peer: summary.peer.clone(),
+            action: "CallsRefused".into(),
+            outcome: "PERMISSION_DENIED".into(),
+            detail: format!(
+                "{} calls refused ({}) since {} ms",
+                summary.calls,
+                summary.reason.name(),
+                summary.first_at_unix_ms
+            ),
+            ..audit::AuditEvent::default()
         };
-        for summary in refusals.take() {
-            let event = audit::AuditEvent {
-                at_unix_ms: runtime::now_unix_ms(),
-                actor: summary.actor,
-                peer: summary.peer,
-                action: "CallsRefused".into(),
-                outcome: "PERMISSION_DENIED".into(),
-                detail: format!(
-                    "{} calls refused ({}) since {} ms",
-                    summary.calls,
-                    summary.reason.name(),
-                    summary.first_at_unix_ms
-                ),
-                ..audit::AuditEvent::default()
-            };
-            if let Err(e) = journal.audit(event).await {
-                tracing::error!(error = %e, "refused calls not summed up in the audit log");
-            }
-        }
-        if stopping {
-            return;
+        if let Err(e) = journal.audit(event).await {
+            tracing::error!(error = %e, "refused calls not summed up in the audit log; kept for the next try");
+            refusals.restore(summary);
         }
     }
 }

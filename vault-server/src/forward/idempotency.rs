@@ -76,13 +76,15 @@ pub fn encode(
     created_at_unix_ms: i64,
     answer: &Answer,
 ) -> Vec<u8> {
-    let mut claim = [0u8; 8];
-    // Uniqueness only; an all-zero id on RNG failure still matches only its own bytes
-    // in all but the same millisecond.
-    let _ = envelope::fill_random(&mut claim);
+    // Unique per claim: random, and a process-wide counter for the case where the RNG
+    // fails (two same-request claims in one millisecond must still differ).
+    static CLAIMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut random = [0u8; 8];
+    let _ = envelope::fill_random(&mut random);
+    let count = CLAIMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let stored = Stored {
         state,
-        claim: hex::encode(claim),
+        claim: format!("{}-{count}", hex::encode(random)),
         request_sha256: hex::encode(digest),
         created_at_unix_ms,
         status: answer.status,

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use runtime::now_unix_ms;
@@ -48,7 +48,12 @@ pub struct Records<S> {
     settings: RecordSettings,
     /// Deletes since the store was last compacted (the purge job compacts).
     deleted_since_compaction: AtomicU64,
+    /// When the purge job last removed old tombstones.
+    tombstones_pruned_at_ms: AtomicI64,
 }
+
+/// How often the purge job removes tombstones past `tombstone_days`.
+const TOMBSTONE_PRUNE_INTERVAL_MS: i64 = 3_600_000;
 
 impl<S: Store> Records<S> {
     pub fn new(
@@ -65,6 +70,7 @@ impl<S: Store> Records<S> {
             cvcs,
             settings,
             deleted_since_compaction: AtomicU64::new(0),
+            tombstones_pruned_at_ms: AtomicI64::new(0),
         }
     }
 
@@ -109,6 +115,9 @@ impl<S: Store> Records<S> {
         };
         let stored = record::decode(&bytes)?;
         if stored.metadata.tenant != caller.tenant {
+            // The same look-ups as for a token that is not there, so that the time of
+            // the answer does not tell another tenant's token from none.
+            self.was_deleted(&caller.tenant, token).await?;
             return Err(VaultError::NotFound);
         }
         // An expired token answers like an unknown one at once, before the purge.
@@ -181,7 +190,8 @@ impl<S: Store> Records<S> {
             }
             match self.delete_stored(token, bytes, &stored).await? {
                 DeleteOutcome::Deleted => return Ok(()),
-                DeleteOutcome::NotFound => return Err(VaultError::NotFound),
+                // Read a moment ago: a concurrent delete (a retry) won.
+                DeleteOutcome::NotFound => return Err(VaultError::Deleted),
                 DeleteOutcome::Changed => continue,
             }
         }
@@ -300,15 +310,17 @@ impl<S: Store> Records<S> {
             idempotency::decode(value)
                 .is_none_or(|outcome| now.saturating_sub(outcome.created_at_unix_ms) >= ttl_ms)
         };
-        let kept_from = now.saturating_sub(self.settings.tombstone_ttl.as_millis() as i64);
-        match self.store.prune_tombstones(kept_from).await {
-            Ok(0) => {}
-            Ok(pruned) => {
-                self.deleted_since_compaction
-                    .fetch_add(pruned as u64, Ordering::Relaxed);
-                tracing::info!(pruned, "tombstones past tombstone_days removed");
+        // Tombstones hold no token or card bytes: removing them needs no compaction,
+        // and once an hour is soon enough (the scan reads every one).
+        let last = self.tombstones_pruned_at_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= TOMBSTONE_PRUNE_INTERVAL_MS {
+            self.tombstones_pruned_at_ms.store(now, Ordering::Relaxed);
+            let kept_from = now.saturating_sub(self.settings.tombstone_ttl.as_millis() as i64);
+            match self.store.prune_tombstones(kept_from).await {
+                Ok(0) => {}
+                Ok(pruned) => tracing::info!(pruned, "tombstones past tombstone_days removed"),
+                Err(e) => tracing::error!(error = %e, "tombstones not pruned"),
             }
-            Err(e) => tracing::error!(error = %e, "tombstones not pruned"),
         }
         match self.store.prune_outcomes(&stale).await {
             Ok(0) => {}

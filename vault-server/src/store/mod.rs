@@ -349,7 +349,9 @@ pub trait Store: Send + Sync + 'static {
     -> impl Future<Output = Result<Option<(u64, Vec<u8>)>, StoreError>> + Send;
 
     /// Deletes every stored forward outcome for which `expired(value)` holds (the
-    /// purge job: outcomes are kept only for the idempotency window). Returns how many.
+    /// purge job: outcomes are kept only for the idempotency window), each only if it
+    /// still holds the value examined: a claim made meanwhile is never removed.
+    /// Returns how many were examined as expired.
     fn prune_outcomes(
         &self,
         expired: &(dyn Fn(&[u8]) -> bool + Sync),

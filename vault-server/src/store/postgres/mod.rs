@@ -331,7 +331,7 @@ impl Store for PgStore {
         &self,
         expired: &(dyn Fn(&[u8]) -> bool + Sync),
     ) -> Result<usize, StoreError> {
-        let keys: Vec<Vec<u8>> = {
+        let stale: Vec<(Vec<u8>, Vec<u8>)> = {
             let client = self.client().await?;
             client
                 .query("SELECT key, value FROM outcomes", &[])
@@ -339,14 +339,18 @@ impl Store for PgStore {
                 .map_err(pg)?
                 .iter()
                 .filter(|row| expired(row.get::<_, &[u8]>(1)))
-                .map(|row| row.get(0))
+                .map(|row| (row.get(0), row.get(1)))
                 .collect()
         };
-        let pruned = keys.len();
-        for chunk in keys.chunks(1000) {
-            let keys = chunk.to_vec();
-            self.submit(|reply| Op::RemoveOutcomes { keys, reply })
-                .await?;
+        let pruned = stale.len();
+        for chunk in stale.chunks(1000) {
+            let (keys, values) = chunk.iter().cloned().unzip();
+            self.submit(|reply| Op::RemoveOutcomes {
+                keys,
+                values,
+                reply,
+            })
+            .await?;
         }
         Ok(pruned)
     }

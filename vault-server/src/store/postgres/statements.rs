@@ -156,7 +156,10 @@ impl Statements {
                 .prepare_cached("SELECT value FROM outcomes WHERE key = $1 FOR UPDATE")
                 .await?,
             remove_outcomes: client
-                .prepare_cached("DELETE FROM outcomes WHERE key = ANY($1)")
+                .prepare_cached(
+                    "DELETE FROM outcomes o USING unnest($1::bytea[], $2::bytea[]) AS d(key, value)
+                     WHERE o.key = d.key AND o.value = d.value",
+                )
                 .await?,
         })
     }

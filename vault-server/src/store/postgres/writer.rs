@@ -54,8 +54,10 @@ pub(super) enum Op {
         value: Vec<u8>,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    /// Deletes each outcome only if it still holds the value given.
     RemoveOutcomes {
         keys: Vec<Vec<u8>>,
+        values: Vec<Vec<u8>>,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
     ClaimOutcome {
@@ -291,8 +293,10 @@ async fn try_group(
                     .await?;
                 Done::Unit
             }
-            Op::RemoveOutcomes { keys, .. } => {
-                client.execute(&statements.remove_outcomes, &[keys]).await?;
+            Op::RemoveOutcomes { keys, values, .. } => {
+                client
+                    .execute(&statements.remove_outcomes, &[keys, values])
+                    .await?;
                 Done::Unit
             }
             Op::ClaimOutcome {

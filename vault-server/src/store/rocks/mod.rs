@@ -346,28 +346,24 @@ impl Store for RocksStore {
         &self,
         expired: &(dyn Fn(&[u8]) -> bool + Sync),
     ) -> Result<usize, StoreError> {
-        let mut keys = Vec::new();
+        let mut stale = Vec::new();
         {
             let db = self.db()?;
             let mut iter = db.raw_iterator_cf(family(&db, IDEMPOTENCY)?);
             iter.seek_to_first();
             while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
                 if expired(value) {
-                    keys.push(key.to_vec());
+                    stale.push((key.to_vec(), value.to_vec()));
                 }
                 iter.next();
             }
             iter.status().map_err(engine)?;
         }
-        let pruned = keys.len();
-        for chunk in keys.chunks(1000) {
+        let pruned = stale.len();
+        for chunk in stale.chunks(1000) {
             let entries = chunk.to_vec();
-            self.submit(|reply| Op::Remove {
-                family: IDEMPOTENCY,
-                keys: entries,
-                reply,
-            })
-            .await?;
+            self.submit(|reply| Op::RemoveOutcomes { entries, reply })
+                .await?;
         }
         Ok(pruned)
     }

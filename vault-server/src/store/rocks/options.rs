@@ -5,7 +5,7 @@ use std::path::Path;
 
 use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, Options};
 
-use super::{FAMILIES, IDEMPOTENCY, META, RECORDS, engine};
+use super::{FAMILIES, IDEMPOTENCY, META, RECORDS, TOMBSTONES, engine};
 use crate::store::StoreError;
 
 /// Opens the data database with every family it has (RocksDB refuses to open one
@@ -50,7 +50,7 @@ pub(super) fn family_options(family: Option<&str>, cache: &Cache) -> Options {
     table.set_partition_filters(true);
     table.set_metadata_block_size(4096);
     table.set_pin_top_level_index_and_filter(true);
-    if matches!(family, Some(RECORDS | IDEMPOTENCY | META)) {
+    if matches!(family, Some(RECORDS | IDEMPOTENCY | META | TOMBSTONES)) {
         table.set_bloom_filter(10.0, false);
         table.set_whole_key_filtering(true);
         options.set_memtable_prefix_bloom_ratio(0.05);

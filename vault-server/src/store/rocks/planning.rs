@@ -67,18 +67,42 @@ impl Writer {
         pending: &mut Pending,
     ) -> Result<Claim, StoreError> {
         let cf = self.family(IDEMPOTENCY)?;
-        let stored = match pending.outcomes.get(key) {
-            Some(value) => Some(value.clone()),
-            None => self.db.get_cf(cf, key).map_err(engine)?,
-        };
-        if let Some(stored) = stored
+        if let Some(stored) = self.outcome(key, pending)?
             && !replaceable(&stored)
         {
             return Ok(Claim::Taken(stored));
         }
         batch.put_cf(cf, key, value);
-        pending.outcomes.insert(key.to_vec(), value.to_vec());
+        pending.outcomes.insert(key.to_vec(), Some(value.to_vec()));
         Ok(Claim::Claimed)
+    }
+
+    /// Deletes each outcome that still holds the value the purge examined.
+    pub(super) fn plan_remove_outcomes<'a>(
+        &'a self,
+        entries: Vec<(Vec<u8>, Vec<u8>)>,
+        batch: &mut SortedBatch<'a>,
+        pending: &mut Pending,
+    ) -> Result<(), StoreError> {
+        let cf = self.family(IDEMPOTENCY)?;
+        for (key, examined) in entries {
+            if self.outcome(&key, pending)?.as_ref() == Some(&examined) {
+                batch.delete_cf(cf, &key);
+                pending.outcomes.insert(key, None);
+            }
+        }
+        Ok(())
+    }
+
+    /// An idempotency outcome as this group has left it so far.
+    fn outcome(&self, key: &[u8], pending: &Pending) -> Result<Option<Vec<u8>>, StoreError> {
+        match pending.outcomes.get(key) {
+            Some(value) => Ok(value.clone()),
+            None => self
+                .db
+                .get_cf(self.family(IDEMPOTENCY)?, key)
+                .map_err(engine),
+        }
     }
 
     fn family(&self, name: &str) -> Result<&rocksdb::ColumnFamily, StoreError> {

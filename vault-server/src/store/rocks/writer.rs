@@ -37,7 +37,12 @@ pub(super) enum Op {
         rewrite: Rewrite,
         reply: oneshot::Sender<Result<RewriteOutcome, StoreError>>,
     },
-    /// Plain deletes from `family` (expired idempotency outcomes).
+    /// Idempotency outcomes deleted only if each still holds the value given.
+    RemoveOutcomes {
+        entries: Vec<(Vec<u8>, Vec<u8>)>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    /// Plain deletes from `family` (expired tombstones).
     Remove {
         family: &'static str,
         keys: Vec<Vec<u8>>,
@@ -211,7 +216,7 @@ impl Writer {
                         Some(cf) => {
                             for (key, value) in entries {
                                 if family == IDEMPOTENCY {
-                                    pending.outcomes.insert(key.clone(), value.clone());
+                                    pending.outcomes.insert(key.clone(), Some(value.clone()));
                                 }
                                 batch.put_cf(cf, key, value);
                             }
@@ -219,6 +224,12 @@ impl Writer {
                         None => {
                             failure.get_or_insert(StoreError::Closed.to_string());
                         }
+                    }
+                    put_replies.push(reply);
+                }
+                Op::RemoveOutcomes { entries, reply } => {
+                    if let Err(e) = self.plan_remove_outcomes(entries, &mut batch, &mut pending) {
+                        failure.get_or_insert(e.to_string());
                     }
                     put_replies.push(reply);
                 }
@@ -405,8 +416,9 @@ pub(super) struct Pending {
     pub(super) rewritten: HashSet<Vec<u8>>,
     /// Changes to the per-version record counts, applied once the batch is durable.
     pub(super) counts: Vec<((KeyUse, u32), i64)>,
-    /// Idempotency outcomes written in this group (a later claim of one sees it).
-    pub(super) outcomes: HashMap<Vec<u8>, Vec<u8>>,
+    /// Idempotency outcomes written (`None`: removed) in this group, as a later
+    /// operation of the group must see them.
+    pub(super) outcomes: HashMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
 impl Pending {
