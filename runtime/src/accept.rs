@@ -66,6 +66,18 @@ pub struct Peer {
     activity: Arc<Activity>,
 }
 
+/// The caller's identity from its verified client certificate (see
+/// [`crate::tls::identity_of_certificate`]), parsed once per connection. `None` when
+/// the connection carries no certificate or it has no identity (deny).
+pub fn peer_identity<T>(request: &tonic::Request<T>) -> Option<&str> {
+    request.extensions().get::<Peer>()?.identity.as_deref()
+}
+
+/// The caller's address.
+pub fn peer_addr<T>(request: &tonic::Request<T>) -> Option<SocketAddr> {
+    Some(request.extensions().get::<Peer>()?.addr)
+}
+
 impl Peer {
     /// Marks a call in flight on this connection until the guard is dropped.
     fn busy(&self) -> Busy {

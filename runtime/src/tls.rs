@@ -1,8 +1,9 @@
 //! Mutual TLS for every hop, and the caller's identity taken from its certificate.
 //!
 //! rustls with the ring provider: TLS 1.2 and 1.3 only, client certificates required
-//! and verified against the configured CA. Servers accept through
-//! [`crate::accept`]; clients use tonic's rustls integration.
+//! and verified against the configured CA. Servers accept through the
+//! `accept` module, which builds on [`TlsMaterial::server_config`]; clients use tonic's
+//! rustls integration.
 
 use std::path::{Path, PathBuf};
 
@@ -90,7 +91,7 @@ impl TlsMaterial {
         })
     }
 
-    /// Server side, for [`crate::accept::incoming`]: present our certificate, require a
+    /// Server side, for `accept::incoming`: present our certificate, require a
     /// client certificate signed by the CA, speak HTTP/2 (ALPN `h2`).
     pub fn server_config(&self) -> Result<std::sync::Arc<rustls::ServerConfig>, TlsError> {
         let unusable = |e: &dyn std::fmt::Display| TlsError::Unusable(e.to_string());
@@ -139,22 +140,6 @@ impl TlsMaterial {
             .identity(Identity::from_pem(&self.cert, self.key.as_slice()))
             .domain_name(server_name)
     }
-}
-
-/// The caller's identity from its verified client certificate (see
-/// [`identity_of_certificate`]), parsed once per connection by the accept loop. `None`
-/// when the connection carries no certificate or it has no identity (deny).
-pub fn peer_identity<T>(request: &tonic::Request<T>) -> Option<&str> {
-    request
-        .extensions()
-        .get::<crate::accept::Peer>()?
-        .identity
-        .as_deref()
-}
-
-/// The caller's address, as the accept loop saw it.
-pub fn peer_addr<T>(request: &tonic::Request<T>) -> Option<std::net::SocketAddr> {
-    Some(request.extensions().get::<crate::accept::Peer>()?.addr)
 }
 
 /// The identity of a DER certificate, typed by where it came from:

@@ -64,7 +64,7 @@ impl KeyServiceImpl {
 
     /// The caller's identity, if its certificate names one that `role` allows.
     fn authorize<T>(&self, request: &Request<T>, role: Role) -> Result<String, ServiceError> {
-        let Some(identity) = runtime::tls::peer_identity(request).map(str::to_owned) else {
+        let Some(identity) = runtime::accept::peer_identity(request).map(str::to_owned) else {
             tracing::warn!("refused a call without a client certificate identity");
             return Err(ServiceError::Unauthenticated);
         };

@@ -82,8 +82,8 @@ impl Guards {
         Fut: Future<Output = Result<Resp, VaultError>>,
     {
         let request_id = new_request_id();
-        let identity = runtime::tls::peer_identity(&request).map(str::to_owned);
-        let peer = runtime::tls::peer_addr(&request)
+        let identity = runtime::accept::peer_identity(&request).map(str::to_owned);
+        let peer = runtime::accept::peer_addr(&request)
             .map_or_else(|| "-".to_owned(), |addr| addr.ip().to_string());
         let span = tracing::info_span!(
             "rpc",
