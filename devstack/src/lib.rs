@@ -240,7 +240,7 @@ key_file = "keyservice.key"
 
 [access]
 vault_identities = ["uri:{p}vault-server"]
-# Two admins: dual control (destroy, un-retire, root key change) needs both.
+# Two admins: dual control (retire, destroy, un-retire, root key change) needs both.
 admin_identities = ["uri:{p}admin", "uri:{p}officer"]
 
 [admin]

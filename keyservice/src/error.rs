@@ -121,7 +121,8 @@ fn refused(refusal: &Refusal) -> Status {
         | Refusal::Expired(_)
         | Refusal::InUse { .. }
         | Refusal::UsageUnknown(_)
-        | Refusal::Duplicate { .. } => Status::failed_precondition(message),
+        | Refusal::Duplicate { .. }
+        | Refusal::DualControl => Status::failed_precondition(message),
     }
 }
 

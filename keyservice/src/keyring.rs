@@ -124,6 +124,7 @@ pub enum OperationKind {
     Unretire,
     RootKeyChange,
     AuditGap,
+    Retire,
 }
 
 /// The gap an audit-gap proposal acknowledges: entries `first..=last` missing from the
@@ -150,7 +151,7 @@ pub enum ProposalState {
 pub struct Proposal {
     pub id: String,
     pub kind: OperationKind,
-    /// Destroy and un-retire: the version (purpose name and number).
+    /// Destroy, retire and un-retire: the version (purpose name and number).
     pub purpose: Option<String>,
     pub version: u32,
     /// Root key change: the new root key file on this host.
@@ -164,6 +165,16 @@ pub struct Proposal {
     /// Audit gap: the vault and the gap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit_gap: Option<AuditGapTarget>,
+    /// Retire: proposed to go ahead although records use the version.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
+    /// Retire: the records using the version when it was proposed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub records: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Proposal {

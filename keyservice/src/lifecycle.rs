@@ -32,7 +32,10 @@ pub enum Refusal {
     Expired(String),
     #[error("dual control: the proposer cannot approve their own proposal")]
     SelfApproval,
-    #[error("{purpose} version {version} is still used by {records} records; rewrap first")]
+    #[error(
+        "{purpose} version {version} is still used by {records} records; rewrap first \
+         (a retirement can be forced by two admins: propose it with --force)"
+    )]
     InUse {
         purpose: &'static str,
         version: u32,
@@ -42,6 +45,11 @@ pub enum Refusal {
     UsageUnknown(String),
     #[error("a {kind} proposal for this version is already pending as {id}")]
     Duplicate { kind: &'static str, id: String },
+    #[error(
+        "retiring needs two admins: `vaultctl keys retire` proposes it and a second admin \
+         approves it with `vaultctl keys approve`"
+    )]
+    DualControl,
 }
 
 pub fn state_name(state: State) -> &'static str {
@@ -59,6 +67,7 @@ pub fn kind_name(kind: OperationKind) -> &'static str {
         OperationKind::Unretire => "unretire",
         OperationKind::RootKeyChange => "root-key-change",
         OperationKind::AuditGap => "audit-gap",
+        OperationKind::Retire => "retire",
     }
 }
 
@@ -119,14 +128,28 @@ impl Keyring {
         Ok(next)
     }
 
-    /// Makes a decrypt-only version unusable. The active version must be rotated
-    /// away first; a destroyed one has nothing left to retire.
-    pub fn retire(&mut self, purpose: Purpose, version: u32) -> Result<(), Refusal> {
-        let v = self.version_mut(purpose, version)?;
+    /// Checks the version side of a retirement: a decrypt-only version (the active one
+    /// must be rotated away first; a destroyed one has nothing left to retire), never an
+    /// audit key. Record usage is checked by the caller, which holds the reports.
+    pub fn check_retire(&self, purpose: Purpose, version: u32) -> Result<(), Refusal> {
+        let v = self.version(purpose, version)?;
+        if purpose == Purpose::Audit {
+            return Err(wrong_state(
+                v,
+                "audit keys are never retired: the audit log is verified with them from its \
+                 first entry (rotate instead)",
+            ));
+        }
         if v.state != State::DecryptOnly {
             return Err(wrong_state(v, "only a decrypt-only version can be retired"));
         }
-        v.state = State::Retired;
+        Ok(())
+    }
+
+    /// Makes a decrypt-only version unusable (approved under dual control).
+    pub fn retire(&mut self, purpose: Purpose, version: u32) -> Result<(), Refusal> {
+        self.check_retire(purpose, version)?;
+        self.version_mut(purpose, version)?.state = State::Retired;
         Ok(())
     }
 
@@ -227,6 +250,7 @@ impl Keyring {
         if let Some(purpose) = proposal.purpose() {
             match proposal.kind {
                 OperationKind::Destroy => self.check_destroy(purpose, proposal.version)?,
+                OperationKind::Retire => self.check_retire(purpose, proposal.version)?,
                 OperationKind::Unretire => self.check_unretire(purpose, proposal.version)?,
                 OperationKind::RootKeyChange | OperationKind::AuditGap => {}
             }
@@ -340,6 +364,8 @@ mod tests {
             approved_by: None,
             approved_at_unix_ms: 0,
             audit_gap: None,
+            force: false,
+            records: 0,
         }
     }
 
@@ -420,6 +446,12 @@ mod tests {
         assert!(matches!(
             ring.check_destroy(Purpose::CardData, 9),
             Err(Refusal::NoSuchVersion { .. })
+        ));
+        // An audit key, even decrypt-only, is never retired.
+        ring.rotate(Purpose::Audit, 1).unwrap();
+        assert!(matches!(
+            ring.retire(Purpose::Audit, 1),
+            Err(Refusal::WrongState { .. })
         ));
     }
 

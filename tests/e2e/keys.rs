@@ -4,7 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use integration_tests::{ADMIN, OFFICER, Process, Stack, StackDir, synthetic_pan, within};
+use integration_tests::{
+    ADMIN, OFFICER, Process, Stack, StackDir, raw_channel, synthetic_pan, within,
+};
 use tonic::Code;
 use vault_client::{Card, KeyServiceClient, TokenInfo, VaultClient};
 
@@ -12,6 +14,23 @@ async fn key_admin(stack: &Stack, name: &str) -> KeyServiceClient {
     KeyServiceClient::connect(&stack.keyservice_config(name))
         .await
         .unwrap()
+}
+
+/// Retires a version the way the keyservice allows: one admin proposes, another
+/// approves (once the vaults' usage reports say no record needs it).
+pub(crate) async fn retire_by_two(
+    proposer: &KeyServiceClient,
+    approver: &mut KeyServiceClient,
+    purpose: &str,
+    version: u32,
+) {
+    let proposal = within(Duration::from_secs(20), "fresh usage report", || {
+        let mut proposer = proposer.clone();
+        let purpose = purpose.to_owned();
+        async move { proposer.propose_retire(&purpose, version, false).await.ok() }
+    })
+    .await;
+    approver.approve(&proposal.id).await.unwrap();
 }
 
 fn card(n: u64) -> Card {
@@ -312,17 +331,79 @@ async fn destroy_needs_no_records_and_a_second_admin_and_leaves_old_copies_usele
     stack.stop().await;
 }
 
+/// One admin cannot retire: the RetireKey RPC is refused outright, and a proposal needs
+/// a second admin. A version records still use is refused unless forced (the count
+/// shown to both); the audit key never. A retired version is unusable until two admins
+/// bring it back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_retired_version_is_unusable_until_two_admins_bring_it_back() {
+async fn retiring_needs_two_admins_and_no_record_on_the_version_unless_forced() {
     let stack = Stack::start().await;
     let mut vault = stack.client(ADMIN).await;
     let old = vault.tokenize(card(21), false).await.unwrap();
     let mut admin = key_admin(&stack, ADMIN).await;
     let mut officer = key_admin(&stack, OFFICER).await;
-    let err = admin.retire("card-data", 1).await.unwrap_err();
-    assert_eq!(err.code(), Some(Code::FailedPrecondition), "active: {err}");
+
+    let mut alone = vault_proto::keys::v1::key_service_client::KeyServiceClient::new(
+        raw_channel(&stack.dir, ADMIN, stack.keyservice_addr)
+            .await
+            .unwrap(),
+    );
     admin.rotate("card-data").await.unwrap();
-    admin.retire("card-data", 1).await.unwrap();
+    let status = alone
+        .retire_key(vault_proto::keys::v1::RetireKeyRequest {
+            purpose: vault_proto::keys::v1::KeyPurpose::CardData.into(),
+            version: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(status.message().contains("two admins"), "{status:?}");
+    let err = admin
+        .propose_retire("card-data", 2, false)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::FailedPrecondition), "active: {err}");
+    let err = within(Duration::from_secs(20), "usage reported", || {
+        let mut admin = admin.clone();
+        async move {
+            let err = admin
+                .propose_retire("card-data", 1, false)
+                .await
+                .unwrap_err();
+            err.to_string()
+                .contains("still used by 1 records")
+                .then_some(err)
+        }
+    })
+    .await;
+    assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
+    admin.rotate("audit").await.unwrap();
+    let err = admin.propose_retire("audit", 1, true).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
+    assert!(err.to_string().contains("never retired"), "{err}");
+
+    let proposal = within(Duration::from_secs(20), "fresh usage report", || {
+        let mut admin = admin.clone();
+        async move { admin.propose_retire("card-data", 1, true).await.ok() }
+    })
+    .await;
+    assert!(proposal.force);
+    assert_eq!(proposal.records, 1, "both admins see what breaks");
+    let err = admin.approve(&proposal.id).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::PermissionDenied), "{err}");
+    assert_eq!(
+        version_state(&mut admin, "card-data", 1).await,
+        "decrypt-only"
+    );
+    officer.approve(&proposal.id).await.unwrap();
+    assert_eq!(version_state(&mut admin, "card-data", 1).await, "retired");
+    let history = admin.history(0).await.unwrap();
+    assert!(
+        history.iter().any(|e| e.action == "approve"
+            && e.outcome == "ok"
+            && e.detail.contains("forced: 1 records")),
+        "{history:?}"
+    );
     let err = within(Duration::from_secs(20), "retirement picked up", || {
         let mut vault = vault.clone();
         let token = old.token.clone();
@@ -647,14 +728,15 @@ async fn an_expired_proposal_cannot_be_approved() {
     let mut admin = key_admin(&stack, ADMIN).await;
     let mut officer = key_admin(&stack, OFFICER).await;
     admin.rotate("card-data").await.unwrap();
-    admin.retire("card-data", 1).await.unwrap();
+    retire_by_two(&admin, &mut officer, "card-data", 1).await;
     let proposal = admin.propose_unretire("card-data", 1).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let err = officer.approve(&proposal.id).await.unwrap_err();
     assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
     assert!(err.to_string().contains("expired"), "{err}");
     let listed = admin.proposals().await.unwrap();
-    assert_eq!(listed[0].state, "expired");
+    let expired = listed.iter().find(|p| p.id == proposal.id).unwrap();
+    assert_eq!(expired.state, "expired");
     assert_eq!(version_state(&mut admin, "card-data", 1).await, "retired");
     stack.stop().await;
 }

@@ -288,7 +288,10 @@ async fn keyservice_metrics_follow_leases_rotations_and_proposals_without_secret
     assert!(!metrics.contains(r#"encryptions_leased{purpose="fingerprint""#));
 
     // Dual control: a pending proposal is counted until a second admin approves it.
-    admin.retire("cvc", 1).await.unwrap();
+    let mut officer = KeyServiceClient::connect(&stack.keyservice_config(OFFICER))
+        .await
+        .unwrap();
+    crate::keys::retire_by_two(&admin, &mut officer, "cvc", 1).await;
     let proposal = admin.propose_unretire("cvc", 1).await.unwrap();
     let (_, metrics) = http_get(stack.keyservice_admin_addr, "/metrics").await;
     assert_series(
@@ -320,8 +323,9 @@ async fn keyservice_metrics_follow_leases_rotations_and_proposals_without_secret
                 1.0,
             ),
             (
+                // The retirement's approval and the un-retirement's.
                 &ks(r#"rpc_calls_total{method="ApproveOperation",code="ok"}"#),
-                1.0,
+                2.0,
             ),
             (
                 &ks(r#"rpc_calls_total{method="ListKeyVersions",code="PERMISSION_DENIED"}"#),

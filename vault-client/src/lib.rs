@@ -1062,7 +1062,7 @@ pub struct KeyListing {
 pub struct Proposal {
     /// E.g. "p-3f9c1a2b"; what `approve` takes.
     pub id: String,
-    /// "destroy", "unretire" or "root-key-change".
+    /// "destroy", "retire", "unretire", "root-key-change" or "audit-gap".
     pub kind: String,
     /// The key version a destroy or unretire is about; `None` for a root key change.
     pub purpose: Option<String>,
@@ -1078,6 +1078,9 @@ pub struct Proposal {
     pub approved_at_unix_ms: Option<i64>,
     /// Audit gap: the vault identity, its node name, and the gap.
     pub audit_gap: Option<(String, String, u64, u64)>,
+    /// Retire: proposed with `force`, and the records using the version then.
+    pub force: bool,
+    pub records: u64,
 }
 
 impl Proposal {
@@ -1114,6 +1117,8 @@ impl Proposal {
                     gap.last_sequence,
                 )
             }),
+            force: p.force,
+            records: p.records,
         })
     }
 }
@@ -1218,18 +1223,26 @@ impl KeyServiceClient {
             .ok_or(Error::Incomplete)
     }
 
-    /// Retires a decrypt-only version: the keyservice stops serving it to vaults.
-    /// Undoing this needs dual control ([`Self::propose_unretire`]).
-    pub async fn retire(&mut self, purpose: &str, version: u32) -> Result<(), Error> {
+    /// Proposes retiring a decrypt-only version (the keyservice stops serving it to
+    /// vaults once a second admin approves). Refused while records use it unless
+    /// `force` (the proposal then shows how many); never allowed for an audit key.
+    /// Undoing it needs dual control too ([`Self::propose_unretire`]).
+    pub async fn propose_retire(
+        &mut self,
+        purpose: &str,
+        version: u32,
+        force: bool,
+    ) -> Result<Proposal, Error> {
         let purpose = purpose_from_name(purpose)?;
         check_version(version)?;
-        self.keys
-            .retire_key(keys_pb::RetireKeyRequest {
-                purpose: purpose.into(),
-                version,
-            })
-            .await?;
-        Ok(())
+        self.propose(keys_pb::ProposeOperationRequest {
+            kind: keys_pb::OperationKind::Retire.into(),
+            purpose: purpose.into(),
+            version,
+            force,
+            ..Default::default()
+        })
+        .await
     }
 
     /// Proposes destroying a version's material for good; the keyservice refuses while

@@ -111,30 +111,22 @@ pub(super) fn rotate_key(
     })
 }
 
+/// One admin alone cannot retire (a retirement breaks every token on the version, and
+/// for the audit key the log's verification): refused, and the refusal recorded.
 pub(super) fn retire_key(
     shared: &Shared,
     caller: &str,
     request: &pb::RetireKeyRequest,
 ) -> Result<pb::RetireKeyResponse, ServiceError> {
     let purpose = purpose_from_wire(request.purpose)?;
-    let version = request.version;
     let event = NewEvent {
         actor: caller,
         action: "retire",
         purpose: Some(purpose.name()),
-        version,
+        version: request.version,
         ..Default::default()
     };
-    shared
-        .mutate(|keyring| Ok(keyring.retire(purpose, version)?))
-        .map_err(|e| shared.refuse(event.clone(), e))?;
-    shared.announce();
-    shared.record(NewEvent {
-        outcome: "ok".into(),
-        ..event
-    })?;
-    tracing::info!(purpose = purpose.name(), version, "retired");
-    Ok(pb::RetireKeyResponse {})
+    Err(shared.refused(event, crate::lifecycle::Refusal::DualControl))
 }
 
 pub(super) fn key_history(

@@ -1,5 +1,6 @@
-//! Dual control: one admin proposes a destroy, an un-retire or a root key change, a
-//! second approves it within the window, and only then is it carried out.
+//! Dual control: one admin proposes a destroy, a retirement, an un-retire, a root key
+//! change or an audit gap's acknowledgement, a second approves it within the window,
+//! and only then is it carried out.
 
 use std::path::Path;
 
@@ -26,6 +27,47 @@ impl Shared {
         now: i64,
     ) -> Result<(), Refusal> {
         keyring.check_destroy(purpose, version)?;
+        match self.records_reported(keyring, purpose, version, now)? {
+            0 => Ok(()),
+            records => Err(Refusal::InUse {
+                purpose: purpose.name(),
+                version,
+                records,
+            }),
+        }
+    }
+
+    /// A retirement is allowed when no record uses the version, or, `force`d, whatever
+    /// they are; returns how many do.
+    fn check_retirable(
+        &self,
+        keyring: &Keyring,
+        purpose: Purpose,
+        version: u32,
+        force: bool,
+        now: i64,
+    ) -> Result<u64, Refusal> {
+        keyring.check_retire(purpose, version)?;
+        let records = self.records_reported(keyring, purpose, version, now)?;
+        if records > 0 && !force {
+            return Err(Refusal::InUse {
+                purpose: purpose.name(),
+                version,
+                records,
+            });
+        }
+        Ok(records)
+    }
+
+    /// The records that use a version, from the vaults' usage reports: every vault
+    /// must have reported recently, and after the version stopped being active.
+    fn records_reported(
+        &self,
+        keyring: &Keyring,
+        purpose: Purpose,
+        version: u32,
+        now: i64,
+    ) -> Result<u64, Refusal> {
         let deactivated = keyring.version(purpose, version)?.deactivated_at_unix_ms;
         let grace_ms = (self.lifecycle.destroy_grace_secs * 1000) as i64;
         let reports = lock(&self.usage);
@@ -58,13 +100,6 @@ impl Shared {
                 .copied()
                 .unwrap_or(0);
         }
-        if records > 0 {
-            return Err(Refusal::InUse {
-                purpose: purpose.name(),
-                version,
-                records,
-            });
-        }
         // A report counts committed records only: one sealed under the version just
         // before it stopped being active may still be on its way to the disk.
         for ((identity, _), report) in reports.iter() {
@@ -81,7 +116,7 @@ impl Shared {
                 )));
             }
         }
-        Ok(())
+        Ok(records)
     }
 
     /// Carries out an approved root key change: stage the new key beside the old one,
@@ -143,6 +178,12 @@ pub(super) fn propose(
         }
         _ => (Some(purpose_from_wire(request.purpose)?), None),
     };
+    if request.force && kind != OperationKind::Retire {
+        return Err(ServiceError::InvalidArgument {
+            field: "force",
+            rule: "only a retirement can be forced",
+        });
+    }
     let mut id_bytes = [0u8; 6];
     envelope::fill_random(&mut id_bytes).map_err(|_| ServiceError::Random)?;
     let proposal = Proposal {
@@ -162,7 +203,10 @@ pub(super) fn propose(
         approved_by: None,
         approved_at_unix_ms: 0,
         audit_gap,
+        force: request.force,
+        records: 0,
     };
+    let mut proposal = proposal;
     let event = NewEvent {
         actor: caller,
         action: "propose",
@@ -182,13 +226,32 @@ pub(super) fn propose(
         },
         ..Default::default()
     };
-    if let (OperationKind::Destroy, Some(purpose)) = (kind, purpose) {
-        // Fail fast; checked again, authoritatively, at approval.
-        let keyring = lock(&shared.keyring);
-        shared
-            .check_unused(&keyring, purpose, proposal.version, now)
-            .map_err(|r| shared.refused(event.clone(), r))?;
+    // Fail fast; checked again, authoritatively, at approval.
+    match (kind, purpose) {
+        (OperationKind::Destroy, Some(purpose)) => {
+            let keyring = lock(&shared.keyring);
+            shared
+                .check_unused(&keyring, purpose, proposal.version, now)
+                .map_err(|r| shared.refused(event.clone(), r))?;
+        }
+        (OperationKind::Retire, Some(purpose)) => {
+            let keyring = lock(&shared.keyring);
+            proposal.records = shared
+                .check_retirable(&keyring, purpose, proposal.version, proposal.force, now)
+                .map_err(|r| shared.refused(event.clone(), r))?;
+        }
+        _ => {}
     }
+    let event = NewEvent {
+        detail: match proposal.records {
+            0 => event.detail.clone(),
+            records => format!(
+                "{} (forced: {records} records use the version)",
+                event.detail
+            ),
+        },
+        ..event
+    };
     let stored = shared
         .mutate(|keyring| Ok(proposal_to_wire(&keyring.propose(proposal)?, now)))
         .map_err(|e| shared.refuse(event.clone(), e))?;
@@ -235,6 +298,27 @@ pub(super) fn approve(
                 .check_unused(&keyring, purpose, proposal.version, now)
                 .and_then(|()| keyring.destroy(purpose, proposal.version))
                 .map_err(|r| shared.refused(event.clone(), r))?;
+        }
+        (OperationKind::Retire, Some(purpose)) => {
+            let records = shared
+                .check_retirable(&keyring, purpose, proposal.version, proposal.force, now)
+                .and_then(|records| {
+                    keyring.retire(purpose, proposal.version)?;
+                    Ok(records)
+                })
+                .map_err(|r| shared.refused(event.clone(), r))?;
+            if records > 0 {
+                event.detail = format!(
+                    "{} (forced: {records} records use the version)",
+                    event.detail
+                );
+                tracing::warn!(
+                    purpose = purpose.name(),
+                    version = proposal.version,
+                    records,
+                    "retired by force: these records are unreadable until the version is un-retired"
+                );
+            }
         }
         (OperationKind::Unretire, Some(purpose)) => {
             keyring

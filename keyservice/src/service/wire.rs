@@ -34,9 +34,10 @@ pub(super) fn kind_from_wire(kind: i32) -> Result<OperationKind, ServiceError> {
         Ok(pb::OperationKind::Unretire) => Ok(OperationKind::Unretire),
         Ok(pb::OperationKind::RootKeyChange) => Ok(OperationKind::RootKeyChange),
         Ok(pb::OperationKind::AuditGap) => Ok(OperationKind::AuditGap),
+        Ok(pb::OperationKind::Retire) => Ok(OperationKind::Retire),
         _ => Err(ServiceError::InvalidArgument {
             field: "kind",
-            rule: "must be destroy, unretire, root-key-change or audit-gap",
+            rule: "must be destroy, retire, unretire, root-key-change or audit-gap",
         }),
     }
 }
@@ -56,6 +57,7 @@ fn kind_to_wire(kind: OperationKind) -> pb::OperationKind {
         OperationKind::Unretire => pb::OperationKind::Unretire,
         OperationKind::RootKeyChange => pb::OperationKind::RootKeyChange,
         OperationKind::AuditGap => pb::OperationKind::AuditGap,
+        OperationKind::Retire => pb::OperationKind::Retire,
     }
 }
 
@@ -85,5 +87,7 @@ pub(super) fn proposal_to_wire(p: &Proposal, now: i64) -> pb::Proposal {
             first_sequence: gap.first,
             last_sequence: gap.last,
         }),
+        force: p.force,
+        records: p.records,
     }
 }

@@ -671,7 +671,8 @@ mod tests {
             cli.command,
             Command::Keys(KeysCommand::Retire {
                 version: 2,
-                purpose: Purpose::CardData
+                purpose: Purpose::CardData,
+                force: false,
             })
         ));
         let cli = parse(&["keys", "propose", "unretire", "3", "--purpose", "cvc"]).unwrap();

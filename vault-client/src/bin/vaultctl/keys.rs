@@ -32,14 +32,20 @@ pub enum KeysCommand {
         #[arg(long, value_enum)]
         purpose: Purpose,
     },
-    /// Retire a decrypt-only version: the keyservice stops serving it to vaults.
-    /// Un-retiring needs a second admin (`keys propose unretire`).
+    /// Propose retiring a decrypt-only version: once a second admin approves (`keys
+    /// approve ID`), the keyservice stops serving it to vaults. Refused while records
+    /// use it (rewrap first) unless --force; never for an audit key. Un-retiring needs
+    /// two admins too (`keys propose unretire`).
     Retire {
         /// The key version, e.g. 2 (see `keys list`).
         version: u32,
         /// The key's purpose.
         #[arg(long, value_enum, default_value = "card-data")]
         purpose: Purpose,
+        /// Retire although records use the version: their tokens stop working until
+        /// it is un-retired. The proposal shows how many.
+        #[arg(long)]
+        force: bool,
     },
     /// Propose an operation that needs dual control; a different admin must approve it
     /// (`keys approve ID`) before it expires.
@@ -180,18 +186,17 @@ pub async fn run(
                 rotated_line(purpose.name(), created.version, &created.state, previous)
             );
         }
-        KeysCommand::Retire { version, purpose } => {
-            keys()
+        KeysCommand::Retire {
+            version,
+            purpose,
+            force,
+        } => {
+            let proposal = keys()
                 .await?
-                .retire(purpose.name(), version)
+                .propose_retire(purpose.name(), version, force)
                 .await
-                .context("retire key version")?;
-            let purpose = purpose.name();
-            println!(
-                "retired {purpose} version {version}: no longer served to vaults \
-                 (to undo: vaultctl keys propose unretire {version} --purpose {purpose}, \
-                 approved by another admin)"
-            );
+                .context("propose retiring the key version")?;
+            print!("{}", proposed_text(&proposal));
         }
         KeysCommand::Propose(what) => {
             let mut client = keys().await?;
@@ -358,9 +363,16 @@ fn describe(p: &Proposal) -> String {
     if let Some((identity, node, first, last)) = &p.audit_gap {
         return format!("{} {first}..={last} of {identity} at {node}", p.kind);
     }
+    let forced = match (p.force, p.records) {
+        (false, _) => String::new(),
+        (true, 0) => ", forced (no record uses it)".into(),
+        (true, n) => format!(", forced: {n} records use it and stop working"),
+    };
     match (&p.new_root_key_file, &p.purpose, p.version) {
         (Some(file), _, _) => format!("{} to {file}", p.kind),
-        (None, Some(purpose), Some(version)) => format!("{} {purpose} version {version}", p.kind),
+        (None, Some(purpose), Some(version)) => {
+            format!("{} {purpose} version {version}{forced}", p.kind)
+        }
         _ => p.kind.clone(),
     }
 }
@@ -383,6 +395,10 @@ fn approved_line(p: &Proposal) -> String {
     let done = match (p.kind.as_str(), &p.new_root_key_file) {
         ("destroy", _) => format!("destroyed {target}; its material is gone for good"),
         ("unretire", _) => format!("{target} is decrypt-only again"),
+        ("retire", _) => format!(
+            "retired {target}: no longer served to vaults (to undo: vaultctl keys propose \
+             unretire, approved by another admin)"
+        ),
         ("root-key-change", Some(file)) => {
             format!("keyring re-sealed under the root key in {file}")
         }
@@ -907,7 +923,25 @@ mod tests {
             approved_by: None,
             approved_at_unix_ms: None,
             audit_gap: None,
+            force: false,
+            records: 0,
         }
+    }
+
+    #[test]
+    fn a_forced_retirement_says_what_stops_working() {
+        let forced = Proposal {
+            force: true,
+            records: 12,
+            ..proposal("retire")
+        };
+        assert!(
+            proposed_text(&forced).contains(
+                "operation: retire card-data version 2, forced: 12 records use it and stop working"
+            ),
+            "{}",
+            proposed_text(&forced)
+        );
     }
 
     #[test]
