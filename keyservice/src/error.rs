@@ -122,7 +122,9 @@ fn refused(refusal: &Refusal) -> Status {
         | Refusal::InUse { .. }
         | Refusal::UsageUnknown(_)
         | Refusal::Duplicate { .. }
-        | Refusal::DualControl => Status::failed_precondition(message),
+        | Refusal::DualControl
+        | Refusal::Restored { .. }
+        | Refusal::NotRestored => Status::failed_precondition(message),
     }
 }
 

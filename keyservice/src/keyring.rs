@@ -10,7 +10,16 @@
 //!            created_at_unix_ms: i64 | encryptions_leased: u64 |
 //!            deactivated_at_unix_ms: i64 | has_material: u8 |
 //!            material: 32 bytes if has_material) | proposals_len: u32 | proposals (JSON)
+//! format 3 plaintext: generation: u64 | count: u32 | count × (purpose: u8 |
+//!            version: u32 | state: u8 | created_at_unix_ms: i64 |
+//!            encryptions_leased: u64 | deactivated_at_unix_ms: i64 |
+//!            material_len: u16 (0: destroyed) | material) | proposals_len: u32 |
+//!            proposals (JSON)
 //! ```
+//! The generation grows by one with every save and never moves back: vaults remember
+//! the highest they accepted, so a keyring restored from an older copy is caught
+//! (see `service::serving`). Material has a length so that later purposes may hold
+//! keys of other sizes.
 //! All integers big-endian. The plaintext only ever exists in zeroizing buffers. The
 //! proposals (dual control) hold no secrets; they are sealed with the rest so that
 //! nobody can forge an approval by editing a file.
@@ -24,6 +33,7 @@ use zeroize::Zeroizing;
 const MAGIC: &[u8; 4] = b"TVKR";
 const FORMAT_V1: u8 = 1;
 const FORMAT_V2: u8 = 2;
+const FORMAT_V3: u8 = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Purpose {
@@ -125,6 +135,7 @@ pub enum OperationKind {
     RootKeyChange,
     AuditGap,
     Retire,
+    AcceptRestore,
 }
 
 /// The gap an audit-gap proposal acknowledges: entries `first..=last` missing from the
@@ -251,6 +262,8 @@ impl RootKey {
 
 #[derive(Debug, Default)]
 pub struct Keyring {
+    /// Grows with every save (see the file format above).
+    pub(crate) generation: u64,
     pub(crate) versions: Vec<KeyVersion>,
     /// Dual-control proposals, open and recent.
     pub(crate) proposals: Vec<Proposal>,
@@ -274,6 +287,7 @@ impl Keyring {
             })
             .collect::<Result<_, KeyringError>>()?;
         Ok(Self {
+            generation: 0,
             versions,
             proposals: Vec::new(),
         })
@@ -311,7 +325,8 @@ impl Keyring {
 
     /// Encrypts the keyring under the root key.
     pub fn seal(&self, root: &RootKey) -> Result<Vec<u8>, KeyringError> {
-        let mut plain = Zeroizing::new(Vec::with_capacity(8 + self.versions.len() * 51));
+        let mut plain = Zeroizing::new(Vec::with_capacity(16 + self.versions.len() * 64));
+        plain.extend_from_slice(&self.generation.to_be_bytes());
         plain.extend_from_slice(&(self.versions.len() as u32).to_be_bytes());
         for v in &self.versions {
             plain.push(v.purpose.code());
@@ -322,16 +337,17 @@ impl Keyring {
             plain.extend_from_slice(&v.deactivated_at_unix_ms.to_be_bytes());
             match &v.material {
                 Some(key) => {
-                    plain.push(1);
-                    plain.extend_from_slice(key.expose_secret());
+                    let material = key.expose_secret();
+                    plain.extend_from_slice(&(material.len() as u16).to_be_bytes());
+                    plain.extend_from_slice(material);
                 }
-                None => plain.push(0),
+                None => plain.extend_from_slice(&0u16.to_be_bytes()),
             }
         }
         let proposals = serde_json::to_vec(&self.proposals).map_err(|_| KeyringError::Malformed)?;
         plain.extend_from_slice(&(proposals.len() as u32).to_be_bytes());
         plain.extend_from_slice(&proposals);
-        let aad = Self::aad(FORMAT_V2);
+        let aad = Self::aad(FORMAT_V3);
         let sealed = envelope::seal(&root.0, &aad, &plain).map_err(|_| KeyringError::Random)?;
         let mut out = Vec::with_capacity(5 + NONCE_LEN + sealed.ciphertext.len());
         out.extend_from_slice(&aad);
@@ -346,7 +362,7 @@ impl Keyring {
             return Err(KeyringError::Malformed);
         }
         let format = bytes[4];
-        if format != FORMAT_V1 && format != FORMAT_V2 {
+        if !matches!(format, FORMAT_V1 | FORMAT_V2 | FORMAT_V3) {
             return Err(KeyringError::UnknownFormat(format));
         }
         let mut nonce = [0u8; NONCE_LEN];
@@ -362,6 +378,11 @@ impl Keyring {
             *input = tail;
             Some(head)
         }
+        let generation = if format >= FORMAT_V3 {
+            u64::from_be_bytes(take(&mut input, 8)?.try_into().ok()?)
+        } else {
+            0
+        };
         let count = u32::from_be_bytes(take(&mut input, 4)?.try_into().ok()?);
         let mut versions = Vec::new();
         for _ in 0..count {
@@ -377,10 +398,17 @@ impl Keyring {
             } else {
                 (0, 0)
             };
-            let material = match take(&mut input, 1)?[0] {
-                0 => None,
-                1 => Some(SecretKey::from_slice(take(&mut input, KEY_LEN)?).ok()?),
-                _ => return None,
+            let material = if format >= FORMAT_V3 {
+                match u16::from_be_bytes(take(&mut input, 2)?.try_into().ok()?) as usize {
+                    0 => None,
+                    len => Some(SecretKey::from_slice(take(&mut input, len)?).ok()?),
+                }
+            } else {
+                match take(&mut input, 1)?[0] {
+                    0 => None,
+                    1 => Some(SecretKey::from_slice(take(&mut input, KEY_LEN)?).ok()?),
+                    _ => return None,
+                }
             };
             versions.push(KeyVersion {
                 purpose,
@@ -399,6 +427,7 @@ impl Keyring {
             Vec::new()
         };
         input.is_empty().then_some(Self {
+            generation,
             versions,
             proposals,
         })
@@ -414,7 +443,7 @@ impl Keyring {
     }
 
     /// Writes a new keyring file durably. Refuses to replace an existing keyring.
-    pub fn create_file(&self, path: &Path, root: &RootKey) -> Result<(), KeyringError> {
+    pub fn create_file(&mut self, path: &Path, root: &RootKey) -> Result<(), KeyringError> {
         if path.exists() {
             return Err(KeyringError::Exists {
                 path: path.display().to_string(),
@@ -425,9 +454,16 @@ impl Keyring {
 
     /// Replaces the keyring file atomically and durably: temporary file, fsync, rename,
     /// fsync of the directory. A crash at any moment leaves the old or the new keyring.
-    pub fn save(&self, path: &Path, root: &RootKey) -> Result<(), KeyringError> {
+    /// Every save is a new generation (kept in memory whether or not the write
+    /// succeeds: a generation number is never used for two different states).
+    pub fn save(&mut self, path: &Path, root: &RootKey) -> Result<(), KeyringError> {
+        self.generation += 1;
         let sealed = self.seal(root)?;
         replace_owner_only(path, &sealed)
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 }
 
@@ -474,7 +510,7 @@ mod tests {
     fn sealed_keyring_round_trips_and_hides_material() {
         let dir = tempfile::tempdir().unwrap();
         let root = root(dir.path());
-        let keyring = Keyring::generate(1_700_000_000_000).unwrap();
+        let mut keyring = Keyring::generate(1_700_000_000_000).unwrap();
         let path = dir.path().join("keyring.sealed");
         keyring.create_file(&path, &root).unwrap();
 
@@ -483,8 +519,12 @@ mod tests {
             let material = v.material.as_ref().unwrap().expose_secret();
             assert!(!on_disk.windows(KEY_LEN).any(|w| w == material));
         }
-        let loaded = Keyring::load(&path, &root).unwrap();
+        let mut loaded = Keyring::load(&path, &root).unwrap();
         assert_eq!(loaded.versions().len(), 4);
+        // Every save is the next generation, and it is sealed with the rest.
+        assert_eq!((keyring.generation(), loaded.generation()), (1, 1));
+        loaded.save(&path, &root).unwrap();
+        assert_eq!(Keyring::load(&path, &root).unwrap().generation(), 2);
         for (a, b) in keyring.versions().iter().zip(loaded.versions()) {
             assert_eq!(
                 (a.purpose, a.version, a.state),

@@ -267,7 +267,7 @@ vault_identities = ["spiffe://test/vault"]
 
         // Crashed before the keyring was resealed: the staged key is stale.
         RootKey::generate_file(&staged).unwrap();
-        let (keyring, _) = open_keyring(&settings).unwrap();
+        let (mut keyring, _) = open_keyring(&settings).unwrap();
         assert!(!staged.exists());
 
         // Crashed after resealing, before the new key file moved into place.

@@ -50,6 +50,15 @@ pub enum Refusal {
          approves it with `vaultctl keys approve`"
     )]
     DualControl,
+    #[error(
+        "this keyring (generation {ours}) is older than one a vault has used (generation \
+         {seen}): the keyservice was restored from an older copy. Until two admins accept \
+         the restore (`vaultctl keys accept-restore`, then `vaultctl keys approve`), which \
+         rotates every purpose, no key is served and no budget leased"
+    )]
+    Restored { ours: u64, seen: u64 },
+    #[error("nothing to accept: no vault has used a keyring generation above this one")]
+    NotRestored,
 }
 
 pub fn state_name(state: State) -> &'static str {
@@ -68,6 +77,7 @@ pub fn kind_name(kind: OperationKind) -> &'static str {
         OperationKind::RootKeyChange => "root-key-change",
         OperationKind::AuditGap => "audit-gap",
         OperationKind::Retire => "retire",
+        OperationKind::AcceptRestore => "accept-restore",
     }
 }
 
@@ -101,6 +111,17 @@ impl Keyring {
     /// Creates a new active version of `purpose`; the previous active one becomes
     /// decrypt-only. Returns the new version number.
     pub fn rotate(&mut self, purpose: Purpose, now_unix_ms: i64) -> Result<u32, envelope::Error> {
+        self.rotate_above(purpose, 0, now_unix_ms)
+    }
+
+    /// [`Keyring::rotate`] to a version number above `floor` too (after a restore, the
+    /// numbers of versions the restored copy lacks must never be given to new keys).
+    pub fn rotate_above(
+        &mut self,
+        purpose: Purpose,
+        floor: u32,
+        now_unix_ms: i64,
+    ) -> Result<u32, envelope::Error> {
         let material = envelope::SecretKey::generate()?;
         let next = self
             .versions
@@ -109,6 +130,7 @@ impl Keyring {
             .map(|v| v.version)
             .max()
             .unwrap_or(0)
+            .max(floor)
             + 1;
         for v in &mut self.versions {
             if v.purpose == purpose && v.state == State::Active {
@@ -251,6 +273,7 @@ impl Keyring {
             match proposal.kind {
                 OperationKind::Destroy => self.check_destroy(purpose, proposal.version)?,
                 OperationKind::Retire => self.check_retire(purpose, proposal.version)?,
+                OperationKind::AcceptRestore => {}
                 OperationKind::Unretire => self.check_unretire(purpose, proposal.version)?,
                 OperationKind::RootKeyChange | OperationKind::AuditGap => {}
             }

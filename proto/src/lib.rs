@@ -107,7 +107,10 @@ mod tests {
             state: keys::v1::KeyState::Active as i32,
             material: vec![0xAB; 32],
         };
-        let response = keys::v1::GetKeysResponse { keys: vec![key] };
+        let response = keys::v1::GetKeysResponse {
+            keys: vec![key],
+            generation: 7,
+        };
         let printed = format!("{response:?}");
         assert!(!printed.contains("171"), "{printed}"); // 0xAB as a decimal byte
         assert!(printed.contains("[REDACTED]"));

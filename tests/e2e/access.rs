@@ -30,7 +30,7 @@ async fn a_certificate_from_another_ca_is_refused() {
             .await
             .map_err(|e| e.to_string())?;
         keys_pb::key_service_client::KeyServiceClient::new(channel)
-            .get_keys(keys_pb::GetKeysRequest {})
+            .get_keys(keys_pb::GetKeysRequest::default())
             .await
             .map_err(|s| s.to_string())
     }
@@ -131,7 +131,7 @@ async fn the_keyservice_serves_material_to_the_vault_identity_only() {
             .await
             .unwrap();
         let status = keys_pb::key_service_client::KeyServiceClient::new(channel)
-            .get_keys(keys_pb::GetKeysRequest {})
+            .get_keys(keys_pb::GetKeysRequest::default())
             .await
             .unwrap_err();
         assert_eq!(status.code(), Code::PermissionDenied, "{name}");
@@ -172,7 +172,7 @@ async fn the_keyservice_serves_material_to_the_vault_identity_only() {
         .await
         .unwrap();
     let keys = keys_pb::key_service_client::KeyServiceClient::new(channel)
-        .get_keys(keys_pb::GetKeysRequest {})
+        .get_keys(keys_pb::GetKeysRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -203,7 +203,7 @@ async fn a_cn_that_reads_like_a_spiffe_id_gets_nothing() {
     };
     let status = keyservice("impostor-vault")
         .await
-        .get_keys(keys_pb::GetKeysRequest {})
+        .get_keys(keys_pb::GetKeysRequest::default())
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");

@@ -674,7 +674,7 @@ async fn key_material_is_in_no_file_but_the_sealed_keyring() {
             .await
             .unwrap();
     let keys = vault_proto::keys::v1::key_service_client::KeyServiceClient::new(channel)
-        .get_keys(vault_proto::keys::v1::GetKeysRequest {})
+        .get_keys(vault_proto::keys::v1::GetKeysRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -738,5 +738,107 @@ async fn an_expired_proposal_cannot_be_approved() {
     let expired = listed.iter().find(|p| p.id == proposal.id).unwrap();
     assert_eq!(expired.state, "expired");
     assert_eq!(version_state(&mut admin, "card-data", 1).await, "retired");
+    stack.stop().await;
+}
+
+/// The keyservice restored from an older keyring copy (normal disaster recovery, or a
+/// rollback): its GCM budgets may be spent already and destroyed keys may be back. The
+/// vault has used a later generation and says so with every request, so the keyservice
+/// refuses keys and leases until two admins accept the restore; then every purpose is
+/// rotated above any version a vault uses, and the vault is served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_keyservice_restored_from_an_older_keyring_is_caught_and_accepted_by_two() {
+    let mut stack = Stack::start().await;
+    let mut vault = stack.client(ADMIN).await;
+    vault.tokenize(card(31), false).await.unwrap();
+    let keyring = stack.dir.path().join("keyring.sealed");
+    let old_copy = std::fs::read(&keyring).unwrap();
+    let mut admin = key_admin(&stack, ADMIN).await;
+    admin.rotate("card-data").await.unwrap();
+    let on_v2 = within(Duration::from_secs(20), "rotation picked up", || {
+        let mut vault = vault.clone();
+        async move {
+            let info = vault.tokenize(card(32), false).await.unwrap();
+            (info.key_version == 2).then_some(info)
+        }
+    })
+    .await;
+
+    // Restore the older copy.
+    stack.stop_keyservice().await;
+    std::fs::write(&keyring, &old_copy).unwrap();
+    stack.start_keyservice().await;
+    let mut as_vault = vault_proto::keys::v1::key_service_client::KeyServiceClient::new(
+        raw_channel(&stack.dir, integration_tests::VAULT, stack.keyservice_addr)
+            .await
+            .unwrap(),
+    );
+    // The vault's watch reconnects with the generation it has used: refused from then on.
+    let status = within(Duration::from_secs(20), "the restore noticed", || {
+        let mut as_vault = as_vault.clone();
+        async move {
+            as_vault
+                .get_keys(vault_proto::keys::v1::GetKeysRequest { generation_seen: 0 })
+                .await
+                .err()
+        }
+    })
+    .await;
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(
+        status.message().contains("restored from an older copy"),
+        "{status:?}"
+    );
+    let err = as_vault
+        .lease_budget(vault_proto::keys::v1::LeaseBudgetRequest {
+            purpose: vault_proto::keys::v1::KeyPurpose::CardData.into(),
+            generation_seen: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::FailedPrecondition,
+        "no budget leased: {err:?}"
+    );
+
+    // Two admins accept it.
+    let mut admin = key_admin(&stack, ADMIN).await;
+    let officer = key_admin(&stack, OFFICER).await;
+    let proposal = admin.propose_accept_restore().await.unwrap();
+    let err = admin.approve(&proposal.id).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::PermissionDenied), "{err}");
+    within(
+        Duration::from_secs(20),
+        "usage reported and approved",
+        || {
+            let mut officer = officer.clone();
+            let id = proposal.id.clone();
+            async move { officer.approve(&id).await.ok() }
+        },
+    )
+    .await;
+    // Version 2 is lost with the restore (its records cannot be read); its number is
+    // never given to a new key.
+    assert_eq!(version_state(&mut admin, "card-data", 3).await, "active");
+    let fresh = within(Duration::from_secs(20), "the vault served again", || {
+        let mut vault = vault.clone();
+        async move {
+            let info = vault.tokenize(card(33), false).await.ok()?;
+            (info.key_version == 3).then_some(info)
+        }
+    })
+    .await;
+    assert_eq!(vault.token_info(&fresh.token).await.unwrap().key_version, 3);
+    assert!(
+        vault.token_info(&on_v2.token).await.is_err(),
+        "v2 went with the restore"
+    );
+    assert!(
+        as_vault
+            .get_keys(vault_proto::keys::v1::GetKeysRequest { generation_seen: 0 })
+            .await
+            .is_ok()
+    );
     stack.stop().await;
 }

@@ -254,6 +254,7 @@ async fn keyservice_metrics_follow_leases_rotations_and_proposals_without_secret
         let lease = as_vault
             .lease_budget(keys_pb::LeaseBudgetRequest {
                 purpose: keys_pb::KeyPurpose::Cvc.into(),
+                generation_seen: 0,
             })
             .await
             .unwrap()
@@ -339,7 +340,7 @@ async fn keyservice_metrics_follow_leases_rotations_and_proposals_without_secret
     let listing = admin.list_versions().await.unwrap();
     assert!(!listing.reporters.is_empty());
     let material = as_vault
-        .get_keys(keys_pb::GetKeysRequest {})
+        .get_keys(keys_pb::GetKeysRequest::default())
         .await
         .unwrap()
         .into_inner()

@@ -1266,6 +1266,17 @@ impl KeyServiceClient {
             .await
     }
 
+    /// Proposes accepting a keyring restored from an older copy (the keyservice refuses
+    /// keys and leases until then): on approval every purpose is rotated and versions
+    /// the history shows destroyed are destroyed again.
+    pub async fn propose_accept_restore(&mut self) -> Result<Proposal, Error> {
+        self.propose(keys_pb::ProposeOperationRequest {
+            kind: keys_pb::OperationKind::AcceptRestore.into(),
+            ..Default::default()
+        })
+        .await
+    }
+
     /// Proposes re-sealing the keyring under the root key in `new_root_key_file`, a path
     /// on the keyservice host (made there with `keyservice gen-root-key`).
     pub async fn propose_root_key_change(

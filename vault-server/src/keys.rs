@@ -6,6 +6,12 @@
 //! encryption draws on a budget leased from the keyservice, which records each lease
 //! durably before handing it out: no key version is used for more encryptions than
 //! its limit, across restarts and vaults (NIST SP 800-38D, 8.3).
+//!
+//! Every key set and lease carries the keyring's generation, which only grows. The vault
+//! keeps the highest it accepted (`floor`, kept in its store across restarts) and sends
+//! it with every request: a keyservice restored from an older keyring copy (whose GCM
+//! budgets may be spent and whose destroyed keys may be back) refuses until two admins
+//! accept the restore, and a key set or lease of an older generation is never used.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
@@ -60,6 +66,8 @@ impl Versions {
 /// Every key the vault holds at one moment.
 #[derive(Debug, Clone)]
 pub struct KeySet {
+    /// The keyring generation this set is from.
+    pub generation: u64,
     pub card_data: Versions,
     pub fingerprint: Versions,
     /// Seals CVCs held in memory (`cvc.rs`).
@@ -87,6 +95,7 @@ pub enum KeysError {
 
 impl KeySet {
     pub fn from_wire(response: pb::GetKeysResponse) -> Result<Self, KeysError> {
+        let generation = response.generation;
         let mut card_data = BTreeMap::new();
         let mut fingerprint = BTreeMap::new();
         let mut cvc = BTreeMap::new();
@@ -119,6 +128,7 @@ impl KeySet {
             map.insert(key.version, Arc::new(secret));
         }
         Ok(Self {
+            generation,
             card_data: Versions {
                 active: card_active.ok_or(KeysError::Unusable("no active card-data key"))?,
                 keys: card_data,
@@ -145,6 +155,7 @@ impl KeySet {
 async fn fetch_with_retry(
     settings: &KeyserviceSettings,
     endpoint: &Endpoint,
+    floor: u64,
     shutdown: Shutdown,
 ) -> Result<KeySet, KeysError> {
     let mut backoff = Duration::from_millis(200);
@@ -152,7 +163,7 @@ async fn fetch_with_retry(
     let stop = shutdown.wait();
     tokio::pin!(stop);
     loop {
-        match fetch_once(endpoint).await {
+        match fetch_once(endpoint, floor).await {
             Ok(response) => {
                 let keys = KeySet::from_wire(response)?;
                 tracing::info!(
@@ -187,21 +198,36 @@ enum Retry {
     No(KeysError),
 }
 
-async fn fetch_once(endpoint: &tonic::transport::Endpoint) -> Result<pb::GetKeysResponse, Retry> {
+async fn fetch_once(
+    endpoint: &tonic::transport::Endpoint,
+    floor: u64,
+) -> Result<pb::GetKeysResponse, Retry> {
     let channel = endpoint
         .connect()
         .await
         .map_err(|e| Retry::Yes(format!("cannot connect: {}", runtime::error_chain(&e))))?;
-    pb::key_service_client::KeyServiceClient::new(channel)
-        .get_keys(pb::GetKeysRequest {})
+    let response = pb::key_service_client::KeyServiceClient::new(channel)
+        .get_keys(pb::GetKeysRequest {
+            generation_seen: floor,
+        })
         .await
         .map(tonic::Response::into_inner)
         .map_err(|status| match status.code() {
             Code::PermissionDenied | Code::Unauthenticated => {
                 Retry::No(KeysError::Refused(status.message().to_owned()))
             }
+            // A restored keyring waiting for two admins says so: worth retrying.
+            Code::FailedPrecondition => Retry::Yes(status.message().to_owned()),
             code => Retry::Yes(format!("keyservice answered {code:?}")),
-        })
+        })?;
+    if response.generation < floor {
+        return Err(Retry::Yes(format!(
+            "the keyservice's keyring generation {} is older than {floor}, which this vault \
+             has used: it was restored from an older copy",
+            response.generation
+        )));
+    }
+    Ok(response)
 }
 
 /// AES-GCM purposes, whose encryptions draw on a leased budget.
@@ -299,6 +325,8 @@ pub struct Keys {
     reporting: tokio::sync::Mutex<()>,
     /// Bumped whenever the key set changes (for the audit log).
     changes: watch::Sender<u64>,
+    /// The highest keyring generation accepted (see the module's header).
+    floor: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Clone)]
@@ -313,9 +341,12 @@ impl std::fmt::Debug for UsageSource {
 impl Keys {
     /// Fetches the keys, retrying with backoff until the keyservice answers or
     /// `shutdown` fires; a vault never starts cold without its keys.
+    /// `floor`: the highest keyring generation this vault accepted before (from its
+    /// store).
     pub async fn connect(
         settings: &KeyserviceSettings,
         tls: tonic::transport::ClientTlsConfig,
+        floor: u64,
         shutdown: Shutdown,
     ) -> Result<Arc<Self>, KeysError> {
         let endpoint = Endpoint::from_shared(settings.endpoint.clone())
@@ -325,7 +356,8 @@ impl Keys {
             .map_err(|e| KeysError::Endpoint(e.to_string()))?;
         // Unary calls get a deadline; the watch stream must not.
         let unary = endpoint.clone().timeout(settings.connect_timeout());
-        let set = fetch_with_retry(settings, &unary, shutdown).await?;
+        let set = fetch_with_retry(settings, &unary, floor, shutdown).await?;
+        let floor = floor.max(set.generation);
         Ok(Arc::new(Self {
             current: RwLock::new(Arc::new(set)),
             card_data: Budget::default(),
@@ -338,7 +370,30 @@ impl Keys {
             usage: std::sync::OnceLock::new(),
             reporting: tokio::sync::Mutex::new(()),
             changes: watch::channel(0).0,
+            floor: std::sync::atomic::AtomicU64::new(floor),
         }))
+    }
+
+    /// The highest keyring generation accepted so far: the store keeps it (see
+    /// `tasks::keep_keyring_generation`).
+    pub fn generation_floor(&self) -> u64 {
+        self.floor.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Accepts `generation` if it is not below the floor (and raises the floor).
+    fn accept_generation(&self, generation: u64) -> bool {
+        let floor = self
+            .floor
+            .fetch_max(generation, std::sync::atomic::Ordering::AcqRel);
+        if generation < floor {
+            tracing::error!(
+                generation,
+                floor,
+                "refused keys of an older keyring generation: the keyservice was restored from an older copy (two admins must accept the restore)"
+            );
+            return false;
+        }
+        true
     }
 
     /// The key set now. Cheap: callers take one per request.
@@ -424,12 +479,18 @@ impl Keys {
             .clone()
             .lease_budget(pb::LeaseBudgetRequest {
                 purpose: purpose as i32,
+                generation_seen: self.generation_floor(),
             })
             .await
             .map_err(|status| {
                 KeysError::NoBudget(format!("{:?}: {}", status.code(), status.message()))
             })?
             .into_inner();
+        if !self.accept_generation(response.generation) {
+            return Err(KeysError::NoBudget(
+                "the lease is from an older keyring generation".into(),
+            ));
+        }
         let mut key = response
             .key
             .ok_or(KeysError::Unusable("a lease without a key"))?;
@@ -481,6 +542,9 @@ impl Keys {
     /// no longer active are dropped; a version learnt from a lease that the set does
     /// not show yet is kept.
     fn apply(&self, mut set: KeySet) {
+        if !self.accept_generation(set.generation) {
+            return;
+        }
         let mut current = self
             .current
             .write()
@@ -631,7 +695,9 @@ impl Keys {
             Err(e) => return format!("cannot connect: {}", runtime::error_chain(&e)),
         };
         let mut stream = match Client::new(channel)
-            .watch_keys(pb::WatchKeysRequest {})
+            .watch_keys(pb::WatchKeysRequest {
+                generation_seen: self.generation_floor(),
+            })
             .await
         {
             Ok(response) => response.into_inner(),

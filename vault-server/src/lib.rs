@@ -66,6 +66,8 @@ pub enum Error {
     Transport(#[from] tonic::transport::Error),
     #[error(transparent)]
     Reflection(#[from] runtime::grpc::ReflectionError),
+    #[error("cannot read or store the keyring generation: {0}")]
+    KeyringGeneration(#[from] store::StoreError),
 }
 
 /// A vault that holds its keys, has opened its database and bound its port.
@@ -110,18 +112,20 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
         })?,
         None => tls.clone(),
     };
-    let keys = keys::Keys::connect(
-        &settings.keyservice,
-        keyservice_tls.client_config(settings.keyservice.server_name()),
-        shutdown.clone(),
-    )
-    .await?;
     // This vault's name among the vaults sharing a database (PostgreSQL only).
     let node = match settings.storage.engine {
         config::EngineKind::Postgres => Some(node_name(settings)?),
         config::EngineKind::Rocksdb => None,
     };
     let store = Arc::new(open_store(settings, node.as_deref()).await?);
+    let keys = keys::Keys::connect(
+        &settings.keyservice,
+        keyservice_tls.client_config(settings.keyservice.server_name()),
+        tasks::keyring_generation(store.as_ref()).await?,
+        shutdown.clone(),
+    )
+    .await?;
+    tasks::store_keyring_generation(store.as_ref(), keys.generation_floor()).await?;
     // The name the keyservice keeps this vault's audit checkpoint under: configured (or
     // the host's), never read from the data directory, which may be an older copy.
     let audit_node = match (&settings.audit.node_name, &node) {
@@ -536,6 +540,11 @@ impl Bound {
         tokio::spawn(tasks::audit_key_changes(
             Arc::clone(&self.keys),
             Arc::clone(&self.vault),
+            shutdown.clone(),
+        ));
+        tokio::spawn(tasks::keep_keyring_generation(
+            Arc::clone(&self.keys),
+            Arc::clone(&self.store),
             shutdown.clone(),
         ));
         tracing::info!(addr = %self.admin_addr(), "admin port serving /metrics and /healthz");

@@ -161,6 +161,63 @@ pub(crate) async fn flush_refusals(refusals: &refusals::Refusals, journal: &ops:
     }
 }
 
+/// The `meta` key holding the highest keyring generation this vault (or, on a shared
+/// database, any vault) accepted: a keyservice restored from an older keyring copy is
+/// caught across restarts.
+const KEYRING_GENERATION: &str = "keyring-generation";
+
+/// The highest keyring generation accepted before (0: none).
+pub(crate) async fn keyring_generation(store: &Engine) -> Result<u64, store::StoreError> {
+    use crate::store::Store;
+    Ok(store
+        .get_meta(KEYRING_GENERATION)
+        .await?
+        .and_then(|bytes| bytes.try_into().ok())
+        .map_or(0, u64::from_be_bytes))
+}
+
+/// Stores `generation` unless a higher one is stored already.
+pub(crate) async fn store_keyring_generation(
+    store: &Engine,
+    generation: u64,
+) -> Result<(), store::StoreError> {
+    use crate::store::Store;
+    if keyring_generation(store).await? < generation {
+        store
+            .put_meta(KEYRING_GENERATION, generation.to_be_bytes().to_vec())
+            .await?;
+    }
+    Ok(())
+}
+
+/// Keeps the stored keyring generation up with the one accepted (checked every
+/// second: a vault that crashes within that second and then meets a keyservice
+/// restored to exactly that span of generations would not notice).
+pub(crate) async fn keep_keyring_generation(
+    keys: Arc<keys::Keys>,
+    store: Arc<Engine>,
+    shutdown: Shutdown,
+) {
+    let mut stored = keys.generation_floor();
+    let stop = shutdown.wait();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = &mut stop => return,
+        }
+        let floor = keys.generation_floor();
+        if floor > stored {
+            match store_keyring_generation(&store, floor).await {
+                Ok(()) => stored = floor,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the keyring generation was not stored; retried")
+                }
+            }
+        }
+    }
+}
+
 /// SIGHUP re-reads the policy file, like `vaultctl policy reload`.
 #[cfg(unix)]
 pub(crate) async fn reload_policy_on_sighup(vault: Arc<ops::Vault<Engine>>, shutdown: Shutdown) {

@@ -48,14 +48,14 @@ impl KeyServiceImpl {
         method: &'static str,
         role: Role,
         request: &Request<Req>,
-        open: impl FnOnce() -> S,
+        open: impl FnOnce() -> Result<S, ServiceError>,
     ) -> Result<Response<S>, Status> {
         let request_id = new_request_id();
         span(method, &request_id).in_scope(|| {
             let started = Instant::now();
             let result = self
                 .authorize(request, role)
-                .map(|_| open())
+                .and_then(|_| open())
                 .map_err(|error| error.into_status(&request_id));
             self.count(method, &result, started);
             with_request_id(result.map(Response::new), &request_id)

@@ -56,6 +56,9 @@ pub(crate) struct Shared {
     checkpoints: crate::checkpoints::Checkpoints,
     /// The last keyring save failed (health says degraded until one succeeds).
     save_failing: AtomicBool,
+    /// The highest keyring generation a vault says it has accepted: above the keyring's
+    /// own, the keyring was restored from an older copy (see `serving`).
+    generation_seen: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug)]

@@ -119,10 +119,77 @@ impl Shared {
         Ok(records)
     }
 
+    /// Carries out an accepted restore: every purpose rotated to a version above any
+    /// the keyring or a vault's usage report knows (the restored copy may lack versions
+    /// made after it, whose numbers must not be reused), the versions the key history
+    /// shows destroyed destroyed again, and the generation moved to `seen` (the save
+    /// then puts it above). Returns the versions destroyed again.
+    fn accept_restore(
+        &self,
+        keyring: &mut Keyring,
+        seen: u64,
+        now: i64,
+    ) -> Result<Vec<(Purpose, u32)>, ServiceError> {
+        let mut reported: std::collections::BTreeMap<Purpose, u32> = Default::default();
+        let reports = lock(&self.usage);
+        if let Some(silent) = self
+            .vault_identities
+            .iter()
+            .find(|id| !reports.keys().any(|(reporter, _)| reporter == *id))
+        {
+            return Err(ServiceError::Refused(Refusal::UsageUnknown(format!(
+                "vault identity {silent} has not reported its key usage since the keyservice \
+                 started: the new versions must be numbered above every version a vault \
+                 uses (running vaults report every few seconds)"
+            ))));
+        }
+        for report in reports.values() {
+            let versions = report
+                .records
+                .keys()
+                .copied()
+                .chain(report.active.iter().map(|(p, v)| (*p, *v)));
+            for (purpose, version) in versions {
+                let highest = reported.entry(purpose).or_insert(0);
+                *highest = (*highest).max(version);
+            }
+        }
+        drop(reports);
+        for purpose in Purpose::ALL {
+            let floor = reported.get(&purpose).copied().unwrap_or(0);
+            keyring
+                .rotate_above(purpose, floor, now)
+                .map_err(|_| ServiceError::Random)?;
+        }
+        let mut destroyed_again = Vec::new();
+        for event in self.history.read(0).map_err(ServiceError::HistoryBefore)? {
+            let destroyed = event.action == "approve"
+                && event.outcome == "ok"
+                && event.detail.starts_with("destroy ");
+            let purpose = Purpose::ALL
+                .into_iter()
+                .find(|p| Some(p.name()) == event.purpose.as_deref());
+            if let (true, Some(purpose)) = (destroyed, purpose)
+                && keyring
+                    .version(purpose, event.version)
+                    .is_ok_and(|v| v.material.is_some())
+            {
+                keyring.destroy(purpose, event.version)?;
+                destroyed_again.push((purpose, event.version));
+            }
+        }
+        keyring.generation = keyring.generation.max(seen);
+        Ok(destroyed_again)
+    }
+
     /// Carries out an approved root key change: stage the new key beside the old one,
     /// save the keyring under it, then move it into place. `bind` finishes a change
     /// that a crash interrupted.
-    fn change_root_key(&self, keyring: &Keyring, new_root_file: &str) -> Result<(), ServiceError> {
+    fn change_root_key(
+        &self,
+        keyring: &mut Keyring,
+        new_root_file: &str,
+    ) -> Result<(), ServiceError> {
         let new_root =
             RootKey::from_file(Path::new(new_root_file)).map_err(ServiceError::NewRootKey)?;
         let staged = crate::pending_root_key_file(&self.root_key_file);
@@ -164,6 +231,13 @@ pub(super) fn propose(
     };
     let (purpose, new_root_key_file) = match kind {
         OperationKind::AuditGap => (None, None),
+        OperationKind::AcceptRestore => {
+            let ours = lock(&shared.keyring).generation();
+            if shared.generation_seen() <= ours {
+                return Err(ServiceError::Refused(Refusal::NotRestored));
+            }
+            (None, None)
+        }
         OperationKind::RootKeyChange => {
             if request.new_root_key_file.is_empty() {
                 return Err(ServiceError::InvalidArgument {
@@ -326,6 +400,25 @@ pub(super) fn approve(
                 .map_err(|r| shared.refused(event.clone(), r))?;
         }
         (OperationKind::RootKeyChange, _) => {}
+        (OperationKind::AcceptRestore, _) => {
+            let seen = shared.generation_seen();
+            let ours = keyring.generation();
+            if seen <= ours {
+                return Err(shared.refused(event.clone(), Refusal::NotRestored));
+            }
+            let destroyed_again = shared.accept_restore(&mut keyring, seen, now)?;
+            event.detail = format!(
+                "{} (keyring generation {ours}, a vault had seen {seen}; every purpose \
+                 rotated; destroyed again: {destroyed_again:?})",
+                event.detail
+            );
+            tracing::warn!(
+                ours,
+                seen,
+                ?destroyed_again,
+                "restored keyring accepted: every purpose rotated"
+            );
+        }
         (OperationKind::AuditGap, _) => {
             let gap = proposal
                 .audit_gap
@@ -367,9 +460,9 @@ pub(super) fn approve(
     }
     keyring.mark_approved(id, caller, now);
     let saved = match (proposal.kind, &proposal.new_root_key_file) {
-        (OperationKind::RootKeyChange, Some(file)) => shared.change_root_key(&keyring, file),
+        (OperationKind::RootKeyChange, Some(file)) => shared.change_root_key(&mut keyring, file),
         _ => shared
-            .save(&keyring, &lock(&shared.root))
+            .save(&mut keyring, &lock(&shared.root))
             .map_err(ServiceError::Save),
     };
     if let Err(error) = saved {

@@ -13,8 +13,8 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
         &self,
         request: Request<pb::GetKeysRequest>,
     ) -> Result<Response<pb::GetKeysResponse>, Status> {
-        self.call("GetKeys", Role::Vault, request, |_, _| {
-            Ok(serving::get_keys(&self.shared))
+        self.call("GetKeys", Role::Vault, request, |_, request| {
+            serving::get_keys(&self.shared, &request)
         })
     }
 
@@ -25,7 +25,11 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
         request: Request<pb::WatchKeysRequest>,
     ) -> Result<Response<KeyStream>, Status> {
         self.open_stream("WatchKeys", Role::Vault, &request, || {
-            serving::watch_keys(&self.shared, self.shutdown.clone())
+            serving::watch_keys(
+                &self.shared,
+                request.get_ref().generation_seen,
+                self.shutdown.clone(),
+            )
         })
     }
 

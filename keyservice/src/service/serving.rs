@@ -20,6 +20,35 @@ pub(super) type KeyStream =
     Pin<Box<dyn Stream<Item = Result<pb::GetKeysResponse, tonic::Status>> + Send>>;
 
 impl Shared {
+    /// Refuses to serve keys or leases when a vault has accepted a later generation
+    /// of the keyring than this one: it was restored from an older copy, whose GCM
+    /// budgets may be spent already and whose destroyed versions may be back.
+    pub(super) fn check_not_restored(&self, generation_seen: u64) -> Result<(), ServiceError> {
+        let seen = self
+            .generation_seen
+            .fetch_max(generation_seen, std::sync::atomic::Ordering::AcqRel)
+            .max(generation_seen);
+        let ours = lock(&self.keyring).generation();
+        if seen > ours {
+            tracing::error!(
+                ours,
+                seen,
+                "the keyring is older than one a vault has used: restored from a copy; refusing keys and leases until two admins accept the restore"
+            );
+            return Err(ServiceError::Refused(crate::lifecycle::Refusal::Restored {
+                ours,
+                seen,
+            }));
+        }
+        Ok(())
+    }
+
+    /// The highest generation a vault has reported accepting.
+    pub(super) fn generation_seen(&self) -> u64 {
+        self.generation_seen
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// The versions vaults may use: active and decrypt-only, with their material.
     fn snapshot(&self) -> pb::GetKeysResponse {
         let keyring = lock(&self.keyring);
@@ -36,7 +65,10 @@ impl Shared {
                 })
             })
             .collect();
-        pb::GetKeysResponse { keys }
+        pb::GetKeysResponse {
+            keys,
+            generation: keyring.generation(),
+        }
     }
 
     /// Records on `version` of `purpose`, summed over the vaults' latest reports.
@@ -48,23 +80,32 @@ impl Shared {
     }
 }
 
-pub(super) fn get_keys(shared: &Shared) -> pb::GetKeysResponse {
+pub(super) fn get_keys(
+    shared: &Shared,
+    request: &pb::GetKeysRequest,
+) -> Result<pb::GetKeysResponse, ServiceError> {
+    shared.check_not_restored(request.generation_seen)?;
     let keys = shared.snapshot();
     tracing::info!(versions = keys.keys.len(), "served key versions");
-    keys
+    Ok(keys)
 }
 
 /// The current set at once, then one after every change. Ends at shutdown so that
 /// graceful shutdown is not held up by open streams.
-pub(super) fn watch_keys(shared: &Arc<Shared>, shutdown: Shutdown) -> KeyStream {
+pub(super) fn watch_keys(
+    shared: &Arc<Shared>,
+    generation_seen: u64,
+    shutdown: Shutdown,
+) -> Result<KeyStream, ServiceError> {
+    shared.check_not_restored(generation_seen)?;
     tracing::info!("a vault is watching the key set");
     let changes = shared.changes.subscribe();
     let shared = Arc::clone(shared);
-    Box::pin(
+    Ok(Box::pin(
         tokio_stream::wrappers::WatchStream::new(changes)
             .map(move |_| Ok(shared.snapshot()))
             .take_until(shutdown.wait()),
-    )
+    ))
 }
 
 pub(super) fn lease_budget(
@@ -73,6 +114,7 @@ pub(super) fn lease_budget(
     request: &pb::LeaseBudgetRequest,
 ) -> Result<pb::LeaseBudgetResponse, ServiceError> {
     let purpose = purpose_from_wire(request.purpose)?;
+    shared.check_not_restored(request.generation_seen)?;
     let lifecycle = &shared.lifecycle;
     let lease = shared.mutate(|keyring| {
         Ok(keyring.lease(
@@ -122,6 +164,7 @@ pub(super) fn lease_budget(
         }),
         encryptions: lease.granted,
         version_remaining: lease.remaining,
+        generation: keyring.generation(),
     })
 }
 

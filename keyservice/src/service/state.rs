@@ -35,11 +35,12 @@ impl Shared {
             metrics: Metrics::default(),
             checkpoints,
             save_failing: AtomicBool::new(false),
+            generation_seen: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
     /// Saves the keyring under `root`, keeping the save-failure metric and health.
-    pub(super) fn save(&self, keyring: &Keyring, root: &RootKey) -> Result<(), KeyringError> {
+    pub(super) fn save(&self, keyring: &mut Keyring, root: &RootKey) -> Result<(), KeyringError> {
         let saved = keyring.save(&self.keyring_file, root);
         if saved.is_err() {
             self.metrics.keyring_save_failures.inc();
@@ -56,7 +57,9 @@ impl Shared {
 
     /// Puts back the state sealed by [`Shared::seal`].
     pub(super) fn restore(&self, keyring: &mut Keyring, before: &[u8]) {
-        if let Ok(unchanged) = Keyring::open(before, &lock(&self.root)) {
+        if let Ok(mut unchanged) = Keyring::open(before, &lock(&self.root)) {
+            // The generation a failed save used is never used again.
+            unchanged.generation = unchanged.generation.max(keyring.generation);
             *keyring = unchanged;
         }
     }
@@ -72,7 +75,7 @@ impl Shared {
         let before = self.seal(&keyring)?;
         let result = change(&mut keyring)?;
         keyring.prune_proposals(now_unix_ms(), KEEP_PROPOSALS_MS);
-        let saved = self.save(&keyring, &lock(&self.root));
+        let saved = self.save(&mut keyring, &lock(&self.root));
         if let Err(error) = saved {
             self.restore(&mut keyring, &before);
             return Err(ServiceError::Save(error));

@@ -35,9 +35,10 @@ pub(super) fn kind_from_wire(kind: i32) -> Result<OperationKind, ServiceError> {
         Ok(pb::OperationKind::RootKeyChange) => Ok(OperationKind::RootKeyChange),
         Ok(pb::OperationKind::AuditGap) => Ok(OperationKind::AuditGap),
         Ok(pb::OperationKind::Retire) => Ok(OperationKind::Retire),
+        Ok(pb::OperationKind::AcceptRestore) => Ok(OperationKind::AcceptRestore),
         _ => Err(ServiceError::InvalidArgument {
             field: "kind",
-            rule: "must be destroy, retire, unretire, root-key-change or audit-gap",
+            rule: "must be destroy, retire, unretire, root-key-change, audit-gap or accept-restore",
         }),
     }
 }
@@ -58,6 +59,7 @@ fn kind_to_wire(kind: OperationKind) -> pb::OperationKind {
         OperationKind::RootKeyChange => pb::OperationKind::RootKeyChange,
         OperationKind::AuditGap => pb::OperationKind::AuditGap,
         OperationKind::Retire => pb::OperationKind::Retire,
+        OperationKind::AcceptRestore => pb::OperationKind::AcceptRestore,
     }
 }
 

@@ -398,6 +398,7 @@ mod tests {
                 key(pb::KeyPurpose::Cvc, 3),
                 key(pb::KeyPurpose::Audit, seed),
             ],
+            generation: 1,
         })
         .unwrap()
     }

@@ -598,6 +598,7 @@ mod tests {
                 key(pb::KeyPurpose::Cvc, 3),
                 key(pb::KeyPurpose::Audit, 4),
             ],
+            generation: 1,
         })
         .unwrap()
     }

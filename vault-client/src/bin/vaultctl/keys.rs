@@ -47,6 +47,11 @@ pub enum KeysCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Propose accepting a keyservice restored from an older keyring copy (it refuses
+    /// keys and leases once a vault shows it has seen a later generation). On a second
+    /// admin's approval every purpose is rotated above any version a vault uses, and
+    /// versions the key history shows destroyed are destroyed again.
+    AcceptRestore,
     /// Propose an operation that needs dual control; a different admin must approve it
     /// (`keys approve ID`) before it expires.
     #[command(subcommand)]
@@ -196,6 +201,14 @@ pub async fn run(
                 .propose_retire(purpose.name(), version, force)
                 .await
                 .context("propose retiring the key version")?;
+            print!("{}", proposed_text(&proposal));
+        }
+        KeysCommand::AcceptRestore => {
+            let proposal = keys()
+                .await?
+                .propose_accept_restore()
+                .await
+                .context("propose accepting the restored keyring")?;
             print!("{}", proposed_text(&proposal));
         }
         KeysCommand::Propose(what) => {
@@ -403,6 +416,9 @@ fn approved_line(p: &Proposal) -> String {
             format!("keyring re-sealed under the root key in {file}")
         }
         ("audit-gap", _) => format!("acknowledged {}", describe(p)),
+        ("accept-restore", _) => {
+            "accepted the restored keyring: every purpose rotated, vaults served again".into()
+        }
         _ => format!("carried out {}", describe(p)),
     };
     format!(
