@@ -454,12 +454,19 @@ impl Keyring {
 
     /// Replaces the keyring file atomically and durably: temporary file, fsync, rename,
     /// fsync of the directory. A crash at any moment leaves the old or the new keyring.
-    /// Every save is a new generation (kept in memory whether or not the write
-    /// succeeds: a generation number is never used for two different states).
+    /// Every save is the next generation; `generation` moves on only once the save is
+    /// durable, so that what is served never runs ahead of the file (a number a failed
+    /// save used was never served, and may be used again).
     pub fn save(&mut self, path: &Path, root: &RootKey) -> Result<(), KeyringError> {
-        self.generation += 1;
-        let sealed = self.seal(root)?;
-        replace_owner_only(path, &sealed)
+        let generation = self.generation;
+        self.generation = generation.checked_add(1).ok_or(KeyringError::Malformed)?;
+        let saved = self
+            .seal(root)
+            .and_then(|sealed| replace_owner_only(path, &sealed));
+        if saved.is_err() {
+            self.generation = generation;
+        }
+        saved
     }
 
     pub fn generation(&self) -> u64 {

@@ -105,6 +105,7 @@ impl Activity {
     }
 }
 
+#[derive(Debug)]
 struct Busy(Arc<Activity>);
 
 impl Drop for Busy {
@@ -133,15 +134,15 @@ pub struct TrackCalls<S> {
     inner: S,
 }
 
-impl<S, B> tower::Service<http::Request<B>> for TrackCalls<S>
+impl<S, B, R> tower::Service<http::Request<B>> for TrackCalls<S>
 where
-    S: tower::Service<http::Request<B>> + Clone + Send + 'static,
+    S: tower::Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     B: Send + 'static,
 {
-    type Response = S::Response;
+    type Response = http::Response<TrackedBody<R>>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -153,11 +154,44 @@ where
         let mut inner = self.inner.clone();
         std::mem::swap(&mut self.inner, &mut inner);
         let call = inner.call(request);
+        // Busy until the answer's body has been sent (a server stream, such as the
+        // vaults' key watch, is a call in flight for as long as it lasts).
         Box::pin(async move {
-            let answered = call.await;
-            drop(busy);
-            answered
+            let answered = call.await?;
+            Ok(answered.map(|inner| TrackedBody { inner, busy }))
         })
+    }
+}
+
+/// A response body that keeps its call counted as in flight until it ends.
+#[derive(Debug)]
+pub struct TrackedBody<B> {
+    inner: B,
+    busy: Option<Busy>,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            this.busy = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -379,14 +413,31 @@ async fn close_idle(table: Arc<Table>, idle: Duration, shutdown: Shutdown) {
         }
     }
     table.entries().handshakes.clear();
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
     loop {
         table.close_idle(Duration::ZERO);
         if table.entries().connections.is_empty() {
             return;
         }
+        if tokio::time::Instant::now() >= deadline {
+            // Streams that never end by themselves (a health watch) would hold the
+            // shutdown forever.
+            let mut entries = table.entries();
+            tracing::warn!(
+                connections = entries.connections.len(),
+                "shutting down: closing connections still busy after the grace period"
+            );
+            for (_, connection) in entries.connections.drain() {
+                let _ = connection.close.send(());
+            }
+            return;
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// How long a shutdown waits for calls in flight before closing their connections.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 async fn accept(
     listener: TcpListener,

@@ -204,3 +204,36 @@ async fn silent_connections_to_the_admin_port_are_cut() {
     assert_eq!((status, body.trim()), (200, "serving"));
     stack.stop().await;
 }
+
+/// A server stream is a call in flight for as long as it lasts: a health watch (as the
+/// vaults' key watch on the keyservice) outlives `idle_secs` on its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_open_longer_than_idle_secs_is_not_idle() {
+    let mut stack = Stack::start().await;
+    stack.dir.set_limits("idle_secs = 1\n");
+    stack.restart_vault().await;
+    let channel = integration_tests::raw_channel(&stack.dir, ADMIN, stack.vault_addr)
+        .await
+        .unwrap();
+    let mut watch = tonic_health::pb::health_client::HealthClient::new(channel)
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap();
+    assert!(first.is_some());
+    // Nothing changes; the stream must simply stay open past the idle limit.
+    let next = tokio::time::timeout(Duration::from_millis(2_500), watch.message()).await;
+    assert!(next.is_err(), "the stream ended or failed: {next:?}");
+    // A shutdown closes it after its grace period.
+    let stopping = Instant::now();
+    stack.stop().await;
+    assert!(
+        stopping.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        stopping.elapsed()
+    );
+    drop(watch);
+}

@@ -380,15 +380,17 @@ impl Keys {
         self.floor.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Accepts `generation` if it is not below the floor (and raises the floor).
-    fn accept_generation(&self, generation: u64) -> bool {
-        let floor = self
-            .floor
+    /// Accepts an answer of `generation` to a request that sent the floor `sent` (and
+    /// raises the floor). Answers on different connections (leases, the watch) may
+    /// arrive out of order: one is refused only if it is older than what its own
+    /// request said this vault had used, which the keyservice itself refuses to serve.
+    fn accept_generation(&self, generation: u64, sent: u64) -> bool {
+        self.floor
             .fetch_max(generation, std::sync::atomic::Ordering::AcqRel);
-        if generation < floor {
+        if generation < sent {
             tracing::error!(
                 generation,
-                floor,
+                floor = sent,
                 "refused keys of an older keyring generation: the keyservice was restored from an older copy (two admins must accept the restore)"
             );
             return false;
@@ -474,19 +476,20 @@ impl Keys {
             Aead::CardData => pb::KeyPurpose::CardData,
             Aead::Cvc => pb::KeyPurpose::Cvc,
         };
+        let sent = self.generation_floor();
         let response = self
             .client
             .clone()
             .lease_budget(pb::LeaseBudgetRequest {
                 purpose: purpose as i32,
-                generation_seen: self.generation_floor(),
+                generation_seen: sent,
             })
             .await
             .map_err(|status| {
                 KeysError::NoBudget(format!("{:?}: {}", status.code(), status.message()))
             })?
             .into_inner();
-        if !self.accept_generation(response.generation) {
+        if !self.accept_generation(response.generation, sent) {
             return Err(KeysError::NoBudget(
                 "the lease is from an older keyring generation".into(),
             ));
@@ -541,8 +544,8 @@ impl Keys {
     /// Replaces the key set with one from the keyservice. Leases of versions that are
     /// no longer active are dropped; a version learnt from a lease that the set does
     /// not show yet is kept.
-    fn apply(&self, mut set: KeySet) {
-        if !self.accept_generation(set.generation) {
+    fn apply(&self, mut set: KeySet, sent: u64) {
+        if !self.accept_generation(set.generation, sent) {
             return;
         }
         let mut current = self
@@ -612,6 +615,8 @@ impl Keys {
             (pb::KeyPurpose::CardData, set.card_data.active),
             (pb::KeyPurpose::Fingerprint, set.fingerprint.active),
             (pb::KeyPurpose::Cvc, set.cvc.active),
+            // So that new audit keys are numbered above it after a keyring restore.
+            (pb::KeyPurpose::Audit, set.audit.active),
         ]
         .map(|(purpose, version)| pb::VersionUsage {
             purpose: purpose as i32,
@@ -694,9 +699,10 @@ impl Keys {
             Ok(channel) => channel,
             Err(e) => return format!("cannot connect: {}", runtime::error_chain(&e)),
         };
+        let sent = self.generation_floor();
         let mut stream = match Client::new(channel)
             .watch_keys(pb::WatchKeysRequest {
-                generation_seen: self.generation_floor(),
+                generation_seen: sent,
             })
             .await
         {
@@ -707,7 +713,7 @@ impl Keys {
             match stream.message().await {
                 Ok(Some(response)) => match KeySet::from_wire(response) {
                     Ok(set) => {
-                        self.apply(set);
+                        self.apply(set, sent);
                         if !self.connected.send_replace(true) {
                             tracing::info!("keyservice watch (re)established");
                             if let Err(status) = self.report_usage(usage).await {

@@ -99,7 +99,8 @@ pub struct Bound {
 
 /// Start-up: policy, TLS material, keys from the keyservice (retrying until they come
 /// or `shutdown` fires), then the database, then the port. Nothing is served without
-/// keys.
+/// keys (the store is opened first: it holds the keyring generation the keys must
+/// not be older than).
 pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Error> {
     let policy = policy::Policy::load(&settings.policy_file)?;
     let processors =

@@ -42,9 +42,10 @@ impl Shared {
         reason: &'static str,
         detail: String,
     ) -> Result<u32, ServiceError> {
+        let floor = self.highest_reported(purpose);
         let version = self.mutate(|keyring| {
             keyring
-                .rotate(purpose, now_unix_ms())
+                .rotate_above(purpose, floor, now_unix_ms())
                 .map_err(|_| ServiceError::Random)
         })?;
         tracing::info!(purpose = purpose.name(), version, %detail, "rotated");
@@ -66,6 +67,12 @@ impl Shared {
         let Some(days) = self.lifecycle.rotate_after_days else {
             return;
         };
+        // Not before every vault has reported (and so shown the keyring generation it
+        // has used): a keyring restored from a copy must be caught first.
+        if let Some(silent) = self.silent_vault() {
+            tracing::debug!(%silent, "scheduled rotation waits for every vault's usage report");
+            return;
+        }
         let max_age_ms = i64::from(days) * 24 * 60 * 60 * 1000;
         let due = lock(&self.keyring).due_for_rotation(now_unix_ms(), max_age_ms);
         for purpose in due {

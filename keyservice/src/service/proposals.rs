@@ -70,18 +70,14 @@ impl Shared {
     ) -> Result<u64, Refusal> {
         let deactivated = keyring.version(purpose, version)?.deactivated_at_unix_ms;
         let grace_ms = (self.lifecycle.destroy_grace_secs * 1000) as i64;
-        let reports = lock(&self.usage);
-        if let Some(silent) = self
-            .vault_identities
-            .iter()
-            .find(|id| !reports.keys().any(|(reporter, _)| reporter == *id))
-        {
+        if let Some(silent) = self.silent_vault() {
             return Err(Refusal::UsageUnknown(format!(
                 "vault identity {silent} has not reported key usage since the keyservice \
                  started; a destroy needs a fresh report from every vault (running vaults \
                  report every few seconds)"
             )));
         }
+        let reports = lock(&self.usage);
         let max_age_ms = (self.lifecycle.usage_report_max_age_secs * 1000) as i64;
         let mut records = 0;
         for ((identity, _), report) in reports.iter() {
@@ -130,35 +126,21 @@ impl Shared {
         seen: u64,
         now: i64,
     ) -> Result<Vec<(Purpose, u32)>, ServiceError> {
-        let mut reported: std::collections::BTreeMap<Purpose, u32> = Default::default();
-        let reports = lock(&self.usage);
-        if let Some(silent) = self
-            .vault_identities
-            .iter()
-            .find(|id| !reports.keys().any(|(reporter, _)| reporter == *id))
-        {
+        if let Some(silent) = self.silent_vault() {
             return Err(ServiceError::Refused(Refusal::UsageUnknown(format!(
                 "vault identity {silent} has not reported its key usage since the keyservice \
                  started: the new versions must be numbered above every version a vault \
                  uses (running vaults report every few seconds)"
             ))));
         }
-        for report in reports.values() {
-            let versions = report
-                .records
-                .keys()
-                .copied()
-                .chain(report.active.iter().map(|(p, v)| (*p, *v)));
-            for (purpose, version) in versions {
-                let highest = reported.entry(purpose).or_insert(0);
-                *highest = (*highest).max(version);
-            }
+        if seen >= u64::MAX / 2 {
+            return Err(ServiceError::Inconsistent(
+                "a vault reported an implausible keyring generation",
+            ));
         }
-        drop(reports);
         for purpose in Purpose::ALL {
-            let floor = reported.get(&purpose).copied().unwrap_or(0);
             keyring
-                .rotate_above(purpose, floor, now)
+                .rotate_above(purpose, self.highest_reported(purpose), now)
                 .map_err(|_| ServiceError::Random)?;
         }
         let mut destroyed_again = Vec::new();
@@ -327,7 +309,9 @@ pub(super) fn propose(
         ..event
     };
     let stored = shared
-        .mutate(|keyring| Ok(proposal_to_wire(&keyring.propose(proposal)?, now)))
+        .mutate_if(kind == OperationKind::AcceptRestore, |keyring| {
+            Ok(proposal_to_wire(&keyring.propose(proposal)?, now))
+        })
         .map_err(|e| shared.refuse(event.clone(), e))?;
     shared.record(NewEvent {
         outcome: "ok".into(),
@@ -355,6 +339,13 @@ pub(super) fn approve(
     let proposal = keyring
         .check_approval(id, caller, now)
         .map_err(|r| shared.refused(event.clone(), r))?;
+    // A restored keyring accepts nothing but its acceptance.
+    if let Some(refusal) = shared
+        .restored(&keyring)
+        .filter(|_| proposal.kind != OperationKind::AcceptRestore)
+    {
+        return Err(shared.refused(event.clone(), refusal));
+    }
     // The state before, to restore if the change cannot be made durable.
     let before = shared.seal(&keyring)?;
     event.purpose = proposal.purpose().map(Purpose::name);
@@ -406,7 +397,14 @@ pub(super) fn approve(
             if seen <= ours {
                 return Err(shared.refused(event.clone(), Refusal::NotRestored));
             }
-            let destroyed_again = shared.accept_restore(&mut keyring, seen, now)?;
+            let destroyed_again = match shared.accept_restore(&mut keyring, seen, now) {
+                Ok(destroyed) => destroyed,
+                Err(error) => {
+                    // Rotations already made in memory must not reach the next save.
+                    shared.restore(&mut keyring, &before);
+                    return Err(error);
+                }
+            };
             event.detail = format!(
                 "{} (keyring generation {ours}, a vault had seen {seen}; every purpose \
                  rotated; destroyed again: {destroyed_again:?})",

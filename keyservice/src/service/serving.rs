@@ -24,11 +24,19 @@ impl Shared {
     /// of the keyring than this one: it was restored from an older copy, whose GCM
     /// budgets may be spent already and whose destroyed versions may be back.
     pub(super) fn check_not_restored(&self, generation_seen: u64) -> Result<(), ServiceError> {
+        let ours = lock(&self.keyring).generation();
+        // A generation no keyring reaches (2^40 saves) is a mistake, not a restore: it
+        // is refused alone instead of stopping the keyservice for every vault.
+        if generation_seen > ours.saturating_add(1 << 40) {
+            return Err(ServiceError::InvalidArgument {
+                field: "generation_seen",
+                rule: "must be a generation this keyring could have reached",
+            });
+        }
         let seen = self
             .generation_seen
             .fetch_max(generation_seen, std::sync::atomic::Ordering::AcqRel)
             .max(generation_seen);
-        let ours = lock(&self.keyring).generation();
         if seen > ours {
             tracing::error!(
                 ours,
@@ -41,6 +49,45 @@ impl Shared {
             }));
         }
         Ok(())
+    }
+
+    /// Why no change may be made now: the keyring was restored from an older copy and
+    /// two admins have not accepted it (each save would move its generation towards the
+    /// one the vaults have seen, and serving would resume unnoticed).
+    pub(super) fn restored(
+        &self,
+        keyring: &crate::keyring::Keyring,
+    ) -> Option<crate::lifecycle::Refusal> {
+        let seen = self.generation_seen();
+        let ours = keyring.generation();
+        (seen > ours).then_some(crate::lifecycle::Refusal::Restored { ours, seen })
+    }
+
+    /// A configured vault identity that has not reported its usage since start.
+    pub(super) fn silent_vault(&self) -> Option<String> {
+        let reports = lock(&self.usage);
+        self.vault_identities
+            .iter()
+            .find(|id| !reports.keys().any(|(reporter, _)| reporter == *id))
+            .cloned()
+    }
+
+    /// The highest version of `purpose` any vault's latest report names (records or
+    /// in use): new versions are numbered above it, so that a number is never given
+    /// to two keys even when the keyring lacks versions (restored from a copy).
+    pub(super) fn highest_reported(&self, purpose: Purpose) -> u32 {
+        lock(&self.usage)
+            .values()
+            .flat_map(|report| {
+                report
+                    .records
+                    .keys()
+                    .filter(|(p, _)| *p == purpose)
+                    .map(|(_, v)| *v)
+                    .chain(report.active.get(&purpose).copied())
+            })
+            .max()
+            .unwrap_or(0)
     }
 
     /// The highest generation a vault has reported accepting.

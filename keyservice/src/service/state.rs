@@ -57,9 +57,7 @@ impl Shared {
 
     /// Puts back the state sealed by [`Shared::seal`].
     pub(super) fn restore(&self, keyring: &mut Keyring, before: &[u8]) {
-        if let Ok(mut unchanged) = Keyring::open(before, &lock(&self.root)) {
-            // The generation a failed save used is never used again.
-            unchanged.generation = unchanged.generation.max(keyring.generation);
+        if let Ok(unchanged) = Keyring::open(before, &lock(&self.root)) {
             *keyring = unchanged;
         }
     }
@@ -71,7 +69,20 @@ impl Shared {
         &self,
         change: impl FnOnce(&mut Keyring) -> Result<T, ServiceError>,
     ) -> Result<T, ServiceError> {
+        self.mutate_if(false, change)
+    }
+
+    /// [`Shared::mutate`]; `while_restored`: also while a restored keyring waits for
+    /// acceptance (only the proposal to accept it).
+    pub(super) fn mutate_if<T>(
+        &self,
+        while_restored: bool,
+        change: impl FnOnce(&mut Keyring) -> Result<T, ServiceError>,
+    ) -> Result<T, ServiceError> {
         let mut keyring = lock(&self.keyring);
+        if let Some(refusal) = self.restored(&keyring).filter(|_| !while_restored) {
+            return Err(ServiceError::Refused(refusal));
+        }
         let before = self.seal(&keyring)?;
         let result = change(&mut keyring)?;
         keyring.prune_proposals(now_unix_ms(), KEEP_PROPOSALS_MS);
