@@ -14,8 +14,10 @@
 //!            version: u32 | state: u8 | created_at_unix_ms: i64 |
 //!            encryptions_leased: u64 | deactivated_at_unix_ms: i64 |
 //!            material_len: u16 (0: destroyed) | material) | proposals_len: u32 |
-//!            proposals (JSON)
+//!            proposals (JSON) | history_key_len: u16 | history_key
 //! ```
+//! The history key chains the key history's lines (see `history`); it lives here so
+//! that it survives root key changes, and never leaves the keyservice.
 //! The generation grows by one with every save and never moves back: vaults remember
 //! the highest they accepted, so a keyring restored from an older copy is caught
 //! (see `service::serving`). Material has a length so that later purposes may hold
@@ -264,6 +266,9 @@ impl RootKey {
 pub struct Keyring {
     /// Grows with every save (see the file format above).
     pub(crate) generation: u64,
+    /// Chains the key history; `None` only in a keyring from before it (added at the
+    /// next start, see `add_missing`).
+    history_key: Option<SecretKey>,
     pub(crate) versions: Vec<KeyVersion>,
     /// Dual-control proposals, open and recent.
     pub(crate) proposals: Vec<Proposal>,
@@ -288,6 +293,7 @@ impl Keyring {
             .collect::<Result<_, KeyringError>>()?;
         Ok(Self {
             generation: 0,
+            history_key: Some(SecretKey::generate().map_err(|_| KeyringError::Random)?),
             versions,
             proposals: Vec::new(),
         })
@@ -297,10 +303,21 @@ impl Keyring {
         &self.versions
     }
 
-    /// Adds version 1 of every purpose the keyring lacks (a keyring made before the
-    /// purpose existed). Returns whether it added any; the caller saves the keyring.
-    pub fn add_missing_purposes(&mut self, now_unix_ms: i64) -> Result<bool, KeyringError> {
+    /// The key that chains the key history.
+    pub fn history_key(&self) -> Option<SecretKey> {
+        let key = self.history_key.as_ref()?;
+        SecretKey::from_slice(key.expose_secret()).ok()
+    }
+
+    /// Adds what a keyring made by an older keyservice lacks: version 1 of a purpose
+    /// that did not exist then, the history key. Returns whether it added anything; the
+    /// caller saves the keyring.
+    pub fn add_missing(&mut self, now_unix_ms: i64) -> Result<bool, KeyringError> {
         let mut added = false;
+        if self.history_key.is_none() {
+            self.history_key = Some(SecretKey::generate().map_err(|_| KeyringError::Random)?);
+            added = true;
+        }
         for purpose in Purpose::ALL {
             if self.versions.iter().any(|v| v.purpose == purpose) {
                 continue;
@@ -347,6 +364,12 @@ impl Keyring {
         let proposals = serde_json::to_vec(&self.proposals).map_err(|_| KeyringError::Malformed)?;
         plain.extend_from_slice(&(proposals.len() as u32).to_be_bytes());
         plain.extend_from_slice(&proposals);
+        let history_key = self
+            .history_key
+            .as_ref()
+            .map_or(&[][..], |key| key.expose_secret());
+        plain.extend_from_slice(&(history_key.len() as u16).to_be_bytes());
+        plain.extend_from_slice(history_key);
         let aad = Self::aad(FORMAT_V3);
         let sealed = envelope::seal(&root.0, &aad, &plain).map_err(|_| KeyringError::Random)?;
         let mut out = Vec::with_capacity(5 + NONCE_LEN + sealed.ciphertext.len());
@@ -426,8 +449,17 @@ impl Keyring {
         } else {
             Vec::new()
         };
+        let history_key = if format >= FORMAT_V3 {
+            match u16::from_be_bytes(take(&mut input, 2)?.try_into().ok()?) as usize {
+                0 => None,
+                len => Some(SecretKey::from_slice(take(&mut input, len)?).ok()?),
+            }
+        } else {
+            None
+        };
         input.is_empty().then_some(Self {
             generation,
+            history_key,
             versions,
             proposals,
         })

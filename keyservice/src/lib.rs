@@ -173,19 +173,23 @@ impl Bound {
 pub async fn bind(settings: &Settings) -> Result<Bound, Error> {
     let (mut keyring, root) = open_keyring(settings)?;
     let now = runtime::now_unix_ms();
-    if keyring.add_missing_purposes(now)? {
+    if keyring.add_missing(now)? {
         keyring.save(&settings.keyring_file, &root)?;
-        tracing::info!("added version 1 of key purposes this keyring lacked");
+        tracing::info!("added what this keyring from an older keyservice lacked");
     }
     let history_file = settings
         .lifecycle
         .history_file
         .clone()
         .unwrap_or_else(|| settings.keyring_file.with_file_name("key-history.jsonl"));
-    let history = history::History::open(&history_file).map_err(|source| Error::History {
-        path: history_file.display().to_string(),
-        source,
-    })?;
+    let history_key = keyring
+        .history_key()
+        .ok_or(keyring::KeyringError::Malformed)?;
+    let history =
+        history::History::open(&history_file, history_key).map_err(|source| Error::History {
+            path: history_file.display().to_string(),
+            source,
+        })?;
     let checkpoints_file = history_file.with_file_name("audit-checkpoints.json");
     let checkpoints =
         checkpoints::Checkpoints::open(&checkpoints_file).map_err(|source| Error::History {

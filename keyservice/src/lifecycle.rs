@@ -286,6 +286,7 @@ impl Keyring {
                 && p.version == proposal.version
                 && p.new_root_key_file == proposal.new_root_key_file
                 && p.audit_gap == proposal.audit_gap
+                && p.force == proposal.force
         }) {
             return Err(Refusal::Duplicate {
                 kind: kind_name(proposal.kind),

@@ -842,3 +842,40 @@ async fn a_keyservice_restored_from_an_older_keyring_is_caught_and_accepted_by_t
     );
     stack.stop().await;
 }
+
+/// The key history is chained under a key sealed in the keyring: an operation whose
+/// line is edited on the keyservice's disk is found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_key_history_line_is_found() {
+    let stack = Stack::start().await;
+    let mut admin = key_admin(&stack, ADMIN).await;
+    admin.rotate("card-data").await.unwrap();
+    admin.rotate("fingerprint").await.unwrap();
+    let chain = admin.verify_history().await.unwrap();
+    assert_eq!((chain.broken_at, chain.unchained), (None, 0), "{chain:?}");
+    assert!(chain.events >= 2);
+
+    // Someone with the disk turns the first rotation into a refusal.
+    let path = stack.dir.path().join("key-history.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let (line_no, line) = text
+        .lines()
+        .enumerate()
+        .find(|(_, line)| line.contains("\"action\":\"rotate\""))
+        .unwrap();
+    let sequence: u64 = serde_json::from_str::<serde_json::Value>(line).unwrap()["sequence"]
+        .as_u64()
+        .unwrap();
+    let edited: Vec<String> = text
+        .lines()
+        .enumerate()
+        .map(|(n, l)| match n == line_no {
+            true => l.replace("\"outcome\":\"ok\"", "\"outcome\":\"refused: nothing\""),
+            false => l.to_owned(),
+        })
+        .collect();
+    std::fs::write(&path, edited.join("\n") + "\n").unwrap();
+    let chain = admin.verify_history().await.unwrap();
+    assert_eq!(chain.broken_at, Some(sequence), "{chain:?}");
+    stack.stop().await;
+}

@@ -1123,6 +1123,16 @@ impl Proposal {
     }
 }
 
+/// What the check of the key history's chain found.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct HistoryChain {
+    pub events: u64,
+    /// Lines from before the chain existed.
+    pub unchained: u64,
+    /// The first event that does not follow the one before; `None`: intact.
+    pub broken_at: Option<u64>,
+}
+
 /// One entry of the keyservice's audit trail of key operations (never material).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct KeyEvent {
@@ -1393,7 +1403,13 @@ impl KeyServiceClient {
     pub async fn history(&mut self, limit: u32) -> Result<Vec<KeyEvent>, Error> {
         let response = idempotent(|| {
             let mut keys = self.keys.clone();
-            async move { keys.key_history(keys_pb::KeyHistoryRequest { limit }).await }
+            async move {
+                keys.key_history(keys_pb::KeyHistoryRequest {
+                    limit,
+                    verify: false,
+                })
+                .await
+            }
         })
         .await?;
         Ok(response
@@ -1402,6 +1418,27 @@ impl KeyServiceClient {
             .into_iter()
             .map(KeyEvent::from_wire)
             .collect())
+    }
+
+    /// Checks the key history's chain on the keyservice (every line from the first).
+    pub async fn verify_history(&mut self) -> Result<HistoryChain, Error> {
+        let response = idempotent(|| {
+            let mut keys = self.keys.clone();
+            async move {
+                keys.key_history(keys_pb::KeyHistoryRequest {
+                    limit: 1,
+                    verify: true,
+                })
+                .await
+            }
+        })
+        .await?;
+        let chain = response.into_inner().chain.ok_or(Error::Incomplete)?;
+        Ok(HistoryChain {
+            events: chain.events,
+            unchained: chain.unchained,
+            broken_at: (!chain.intact).then_some(chain.broken_at_sequence),
+        })
     }
 
     pub async fn health(&mut self) -> Result<bool, Error> {

@@ -159,5 +159,22 @@ pub(super) fn key_history(
             detail: e.detail,
         })
         .collect();
-    Ok(pb::KeyHistoryResponse { events })
+    let chain = if request.verify {
+        let found = shared.history.verify().map_err(ServiceError::HistoryRead)?;
+        if let Some(sequence) = found.broken_at {
+            tracing::error!(
+                sequence,
+                "the key history's chain is broken: a line was edited, removed, inserted or reordered"
+            );
+        }
+        Some(pb::HistoryChain {
+            events: found.events,
+            unchained: found.unchained,
+            intact: found.broken_at.is_none(),
+            broken_at_sequence: found.broken_at.unwrap_or(0),
+        })
+    } else {
+        None
+    };
+    Ok(pb::KeyHistoryResponse { events, chain })
 }

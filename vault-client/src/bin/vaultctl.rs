@@ -688,7 +688,8 @@ mod tests {
             cli.command,
             Command::Keys(KeysCommand::History {
                 limit: 50,
-                json: false
+                json: false,
+                verify: false,
             })
         ));
         assert!(parse(&["keys", "propose", "root-key", "/etc/ks/root-2.key"]).is_ok());

@@ -75,6 +75,10 @@ pub enum KeysCommand {
         /// Print the events as JSON.
         #[arg(long)]
         json: bool,
+        /// Check the whole history's chain instead of printing events: exits 1 if a
+        /// line was edited, removed, inserted or reordered.
+        #[arg(long)]
+        verify: bool,
     },
     /// Re-encrypt the vault's records onto the active card-data and fingerprint
     /// versions (talks to the vault). Starts the job (or joins the running one) and
@@ -260,7 +264,35 @@ pub async fn run(
                 print!("{}", proposals_table(&proposals));
             }
         }
-        KeysCommand::History { limit, json } => {
+        KeysCommand::History {
+            verify: true, json, ..
+        } => {
+            let chain = keys()
+                .await?
+                .verify_history()
+                .await
+                .context("verify the key history")?;
+            if json {
+                print_json(&chain)?;
+            } else {
+                let before = match chain.unchained {
+                    0 => String::new(),
+                    n => format!(" ({n} from before the chain, not covered)"),
+                };
+                match chain.broken_at {
+                    None => println!("key history intact: {} events{before}", chain.events),
+                    Some(sequence) => println!(
+                        "key history BROKEN at event {sequence}: a line was edited, removed, \
+                         inserted or reordered there ({} events read)",
+                        chain.events
+                    ),
+                }
+            }
+            if chain.broken_at.is_some() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        KeysCommand::History { limit, json, .. } => {
             let events = keys()
                 .await?
                 .history(limit)
