@@ -137,7 +137,7 @@ impl Bound {
             shutdown.clone(),
         ));
         // The keyservice has few callers (vaults and admins): the default limits.
-        let incoming = runtime::accept::incoming(
+        let (incoming, listening) = runtime::accept::incoming(
             self.listener,
             self.tls.server_config()?,
             runtime::accept::Limits::default(),
@@ -160,9 +160,14 @@ impl Bound {
                 ],
             )?;
         }
-        router
+        let served = router
             .serve_with_incoming_shutdown(incoming, shutdown.wait())
-            .await?;
+            .await;
+        match &served {
+            Ok(()) => listening.closed().await,
+            Err(_) => listening.abort(),
+        }
+        served?;
         rotations.abort();
         tracing::info!("keyservice stopped");
         Ok(())

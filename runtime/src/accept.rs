@@ -364,14 +364,31 @@ impl AsyncWrite for Conn {
     }
 }
 
+/// The accept loop of a listener, running.
+#[derive(Debug)]
+pub struct Listening(tokio::task::JoinHandle<()>);
+
+impl Listening {
+    /// Waits until the listener is closed (after `shutdown`): a server restarted on the
+    /// same port right after finds it free.
+    pub async fn closed(self) {
+        let _ = self.0.await;
+    }
+
+    /// Closes the listener now (the server failed before any shutdown).
+    pub fn abort(self) {
+        self.0.abort();
+    }
+}
+
 /// Accepts on `listener` until `shutdown`: the established connections, for tonic's
-/// `serve_with_incoming_shutdown`.
+/// `serve_with_incoming_shutdown`, and the loop (see [`Listening::closed`]).
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     limits: Limits,
     shutdown: Shutdown,
-) -> ReceiverStream<std::io::Result<Conn>> {
+) -> (ReceiverStream<std::io::Result<Conn>>, Listening) {
     let (sender, receiver) = mpsc::channel(64);
     let table = Arc::new(Table {
         epoch: Instant::now(),
@@ -382,7 +399,7 @@ pub fn incoming(
         limits.idle,
         shutdown.clone(),
     ));
-    tokio::spawn(accept(
+    let accepting = tokio::spawn(accept(
         listener,
         TlsAcceptor::from(tls),
         limits,
@@ -390,7 +407,7 @@ pub fn incoming(
         sender,
         shutdown,
     ));
-    ReceiverStream::new(receiver)
+    (ReceiverStream::new(receiver), Listening(accepting))
 }
 
 /// Closes idle connections every so often; at shutdown, stops the handshakes in

@@ -578,7 +578,7 @@ impl Bound {
         }
         tracing::info!(addr = %self.listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()), "vault-server serving");
         let limits = &self.limits;
-        let incoming = runtime::accept::incoming(
+        let (incoming, listening) = runtime::accept::incoming(
             self.listener,
             self.tls.server_config()?,
             limits.accept(),
@@ -610,6 +610,10 @@ impl Bound {
         let served = router
             .serve_with_incoming_shutdown(incoming, shutdown.wait())
             .await;
+        match &served {
+            Ok(()) => listening.closed().await,
+            Err(_) => listening.abort(),
+        }
         // Every call has ended: what was refused since the last summary goes on record.
         summaries.abort();
         tasks::flush_refusals(&refusals, &journal).await;
