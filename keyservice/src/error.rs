@@ -46,6 +46,8 @@ pub(crate) enum ServiceError {
     HistoryRead(std::io::Error),
     #[error("the audit checkpoint could not be saved: {0}")]
     Checkpoint(std::io::Error),
+    #[error("the erasures could not be saved: {0}")]
+    Erasures(std::io::Error),
     #[error("the system random number generator failed")]
     Random,
     /// State that the code's invariants rule out.
@@ -79,6 +81,9 @@ impl ServiceError {
             ServiceError::NewRootKey(error) => new_root_key(error, request_id),
             ServiceError::Checkpoint(_) => {
                 internal(Code::Unavailable, "the audit checkpoint could not be saved")
+            }
+            ServiceError::Erasures(_) => {
+                internal(Code::Unavailable, "the erasures could not be saved")
             }
             ServiceError::Seal(_) => internal(Code::Internal, "the keyring could not be sealed"),
             ServiceError::Save(_) => internal(

@@ -6,6 +6,7 @@
 
 pub mod checkpoints;
 pub mod config;
+pub mod erasures;
 mod error;
 pub mod history;
 pub mod keyring;
@@ -201,6 +202,11 @@ pub async fn bind(settings: &Settings) -> Result<Bound, Error> {
             path: checkpoints_file.display().to_string(),
             source,
         })?;
+    let erasures_file = history_file.with_file_name("erasures.bin");
+    let erasures = erasures::Erasures::open(&erasures_file).map_err(|source| Error::History {
+        path: erasures_file.display().to_string(),
+        source,
+    })?;
     let tls = runtime::tls::TlsMaterial::load(&settings.tls)?;
     let listener = TcpListener::bind(settings.listen_addr)
         .await
@@ -223,6 +229,7 @@ pub async fn bind(settings: &Settings) -> Result<Bound, Error> {
             settings,
             history,
             checkpoints,
+            erasures,
         )),
         access: settings.access.clone(),
         tls,

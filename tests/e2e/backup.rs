@@ -1,5 +1,6 @@
 //! Backup drill: an online backup under load, verified, restored into a fresh data
-//! directory; every token from before the backup answers.
+//! directory; every token from before the backup answers, except those erased after
+//! it was taken: the restored vault erases them again before serving.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -74,6 +75,37 @@ async fn backup_under_load_verifies_and_restores() {
         report.records
     );
 
+    // Erased after the backup was taken: the backup still holds them.
+    let erased: Vec<String> = before[..5].iter().map(|info| info.token.clone()).collect();
+    for token in &erased {
+        client.delete(token).await.unwrap();
+    }
+    // The vault sends its erasures to the keyservice within a second; `backup verify`
+    // counts the backup's records among them.
+    let report = integration_tests::within(
+        std::time::Duration::from_secs(10),
+        "the erasures reach the keyservice",
+        || {
+            let mut client = client.clone();
+            async move {
+                let report = client.verify_backup("drill-1").await.unwrap();
+                (report.erased == 5).then_some(report)
+            }
+        },
+    )
+    .await;
+    assert_eq!(report.failed, 0, "{report:?}");
+    // The keyservice holds keyed ids only: no token's bytes.
+    let kept = std::fs::read(stack.dir.path().join("erasures.bin")).unwrap();
+    assert_eq!(kept.len() % 44, 0);
+    assert!(kept.len() >= 5 * 44, "{} bytes", kept.len());
+    for token in &erased {
+        assert!(
+            !integration_tests::contains_word(&kept, token.as_bytes()),
+            "a token in the keyservice's erasures"
+        );
+    }
+
     // Only admins.
     let mut globex = stack.client(OTHER_TENANT).await;
     assert_eq!(
@@ -100,8 +132,49 @@ async fn backup_under_load_verifies_and_restores() {
     let gaps = integration_tests::acknowledge_audit_gaps(&stack).await;
     assert_eq!(gaps.len(), 1, "{gaps:?}");
     let mut client = stack.client(ADMIN).await;
-    for info in &before {
+    for info in &before[5..] {
         assert_eq!(&client.token_info(&info.token).await.unwrap(), info);
     }
+    // What was erased after the backup stays erased.
+    for token in &erased {
+        let err = client.token_info(token).await.unwrap_err();
+        assert_eq!(err.code(), Some(Code::NotFound), "{err}");
+    }
+    // The restored vault said so in its log, and the backup still verifies with the
+    // same count: a second restore would erase them again.
+    let replayed = replay_events(&mut client).await;
+    assert_eq!(replayed.len(), 1, "{replayed:?}");
+    assert!(
+        replayed[0].starts_with("5 records erased again"),
+        "{}",
+        replayed[0]
+    );
+    assert_eq!(client.verify_backup("drill-1").await.unwrap().erased, 5);
+    // Started again on the restored data, it does not replay a second time.
+    stack.restart_vault().await;
+    let mut client = stack.client(ADMIN).await;
+    assert_eq!(replay_events(&mut client).await.len(), 1);
     stack.stop().await;
+}
+
+/// The details of every `ErasuresReplayed` event in the log.
+async fn replay_events(client: &mut vault_client::VaultClient) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = client.read_audit(after, None, None, 0).await.unwrap();
+        let Some(last) = page.events.last() else {
+            return found;
+        };
+        after = last.sequence;
+        found.extend(
+            page.events
+                .into_iter()
+                .filter(|event| event.action == "ErasuresReplayed")
+                .map(|event| event.detail.unwrap_or_default()),
+        );
+        if after >= page.last_sequence {
+            return found;
+        }
+    }
 }

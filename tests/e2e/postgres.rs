@@ -1167,3 +1167,95 @@ async fn two_vaults_on_one_database_send_one_idempotency_key_once() {
     other.stop().await;
     stack.stop().await;
 }
+
+/// Runs `sql` on the maintenance database (statements that cannot run in a
+/// transaction, one per call), once no session is left on the app database.
+fn on_maintenance_db(cluster: &Cluster, sql: &str) {
+    cluster
+        .psql(
+            "postgres",
+            &format!(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE datname = '{APP_DATABASE}' AND pid <> pg_backend_pid()"
+            ),
+        )
+        .unwrap();
+    cluster.psql("postgres", sql).unwrap();
+}
+
+/// The database restored from an older copy brings back records erased since; the
+/// first vault to start on it finds its audit log rewound and erases them again (from
+/// the keyed ids the keyservice keeps) before it serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_restored_from_an_older_copy_erases_again_what_was_erased_since() {
+    let cluster = start_cluster().await;
+    let dir = StackDir::new();
+    dir.set_storage(&storage(&cluster, "a"));
+    let mut stack = Stack::start_in(dir).await;
+    let mut vault = stack.client(ADMIN).await;
+    let mut before = Vec::new();
+    for n in 0..20 {
+        before.push(vault.tokenize(card("480001", n), false).await.unwrap());
+    }
+    // The copy: the whole database while the vault is stopped.
+    stack.stop_vault().await;
+    on_maintenance_db(
+        &cluster,
+        &format!("CREATE DATABASE older TEMPLATE {APP_DATABASE} OWNER {APP_USER}"),
+    );
+    stack.restart_vault().await;
+    let mut vault = stack.client(ADMIN).await;
+    let erased: Vec<String> = before[..4].iter().map(|i| i.token.clone()).collect();
+    for token in &erased {
+        vault.delete(token).await.unwrap();
+    }
+    within(
+        Duration::from_secs(10),
+        "the erasures reach the keyservice",
+        || async {
+            let kept = std::fs::metadata(stack.dir.path().join("erasures.bin")).ok()?;
+            (kept.len() >= 4 * 44).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(count(&cluster, "SELECT count(*) FROM unsent_erasures"), 0);
+    stack.stop_vault().await;
+
+    // The restore: the older copy replaces the database.
+    on_maintenance_db(
+        &cluster,
+        &format!("DROP DATABASE {APP_DATABASE} WITH (FORCE)"),
+    );
+    on_maintenance_db(
+        &cluster,
+        &format!("ALTER DATABASE older RENAME TO {APP_DATABASE}"),
+    );
+    assert_eq!(stored_tokens(&cluster, &erased), 4, "back with the copy");
+    stack.restart_vault().await;
+    assert_eq!(stored_tokens(&cluster, &erased), 0, "erased again");
+    let rest: Vec<String> = before[4..].iter().map(|i| i.token.clone()).collect();
+    assert_eq!(stored_tokens(&cluster, &rest), 16);
+    integration_tests::acknowledge_audit_gaps(&stack).await;
+    let mut vault = stack.client(ADMIN).await;
+    for info in &before[4..] {
+        assert_eq!(&vault.token_info(&info.token).await.unwrap(), info);
+    }
+    for token in &erased {
+        let err = vault.token_info(token).await.unwrap_err();
+        assert_eq!(err.code(), Some(Code::NotFound), "{err}");
+    }
+    let log = whole_audit_log(&mut vault).await;
+    let replayed: Vec<&AuditEvent> = log
+        .iter()
+        .filter(|event| event.action == "ErasuresReplayed")
+        .collect();
+    assert_eq!(replayed.len(), 1, "{replayed:?}");
+    assert!(
+        replayed[0]
+            .detail
+            .as_deref()
+            .is_some_and(|detail| detail.starts_with("4 records erased again of 20 examined")),
+        "{replayed:?}"
+    );
+    stack.stop().await;
+}

@@ -362,6 +362,8 @@ pub struct BackupReport {
     pub records: u64,
     pub verified: u64,
     pub failed: u64,
+    /// Records erased since the backup was taken: a restore erases them again.
+    pub erased: u64,
 }
 
 /// Retries an idempotent call while the server is unavailable.
@@ -547,6 +549,7 @@ impl VaultClient {
             records: response.records,
             verified: response.verified,
             failed: response.failed,
+            erased: response.erased,
         })
     }
 

@@ -67,6 +67,8 @@ pub enum VaultError {
     NoSuchBlock,
     #[error("the audit checkpoint could not be read from the keyservice: {0}")]
     CheckpointUnavailable(String),
+    #[error("the erasures could not be read from the keyservice: {0}")]
+    Erasures(String),
     #[error(
         "the audit log is missing entries {first}..={last}: card data is refused until two \
          admins acknowledge the gap (`vaultctl audit verify` says how)"
@@ -208,6 +210,10 @@ impl VaultError {
                 )
             }
             VaultError::AuditGap { .. } => Status::failed_precondition(self.to_string()),
+            VaultError::Erasures(_) => internal(
+                Code::Unavailable,
+                "the erasures could not be read from the keyservice; try again",
+            ),
             VaultError::CheckpointUnavailable(_) => internal(
                 Code::Unavailable,
                 "the audit log's checkpoint could not be read from the keyservice; try again",

@@ -212,6 +212,11 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
             max_batch_size: settings.max_batch_size,
         },
     ));
+    // A rewound log (a restore) brings back what was erased since: erased again here,
+    // before anything is served.
+    if settings.audit.enabled {
+        replay_erasures(&records, &gaps.all_found(), &shutdown).await?;
+    }
     let vault = ops::Vault {
         forwarder: ops::Forwarder::new(
             Arc::clone(&records),
@@ -299,6 +304,41 @@ async fn read_checkpoint(
                 return Err(Error::Storage {
                     path: "the keyservice's audit checkpoint".into(),
                     detail: "stopped before it could be read".into(),
+                });
+            }
+        }
+        wait = (wait * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// [`ops::erasures::replay_after_restore`], trying again while the keyservice does
+/// not answer (until `shutdown`).
+async fn replay_erasures(
+    records: &ops::Records<Engine>,
+    gaps: &[(u64, u64)],
+    shutdown: &Shutdown,
+) -> Result<(), Error> {
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match ops::erasures::replay_after_restore(records, gaps).await {
+            Ok(_) => return Ok(()),
+            Err(error::VaultError::Erasures(e)) => tracing::warn!(
+                error = %e,
+                "the erasures could not be read from the keyservice; trying again"
+            ),
+            Err(e) => {
+                return Err(Error::Storage {
+                    path: "the erasures replayed after a restore".into(),
+                    detail: e.to_string(),
+                });
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = shutdown.clone().wait() => {
+                return Err(Error::Storage {
+                    path: "the erasures replayed after a restore".into(),
+                    detail: "stopped before they could be read".into(),
                 });
             }
         }
@@ -529,6 +569,11 @@ impl Bound {
                 shutdown.clone(),
             ));
         }
+        tokio::spawn(ops::erasures::send_periodically(
+            Arc::clone(&self.store),
+            Arc::clone(&self.keys),
+            shutdown.clone(),
+        ));
         tokio::spawn(tasks::report_keyservice_link(
             self.keys.connected(),
             health_reporter.clone(),

@@ -163,7 +163,7 @@ impl Metadata {
 }
 
 /// A decoded (not yet authenticated) record.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct StoredRecord {
     pub metadata: Metadata,
     nonce: [u8; NONCE_LEN],

@@ -54,6 +54,8 @@ pub(crate) struct Shared {
     pub(crate) metrics: Metrics,
     /// The vaults' audit checkpoints.
     checkpoints: crate::checkpoints::Checkpoints,
+    /// The vaults' erasures.
+    erasures: crate::erasures::Erasures,
     /// The last keyring save failed (health says degraded until one succeeds).
     save_failing: AtomicBool,
     /// The highest keyring generation a vault says it has accepted: above the keyring's

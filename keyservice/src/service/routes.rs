@@ -82,6 +82,24 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
         )
     }
 
+    async fn report_erasures(
+        &self,
+        request: Request<pb::ReportErasuresRequest>,
+    ) -> Result<Response<pb::ReportErasuresResponse>, Status> {
+        self.call("ReportErasures", Role::Vault, request, |caller, request| {
+            serving::report_erasures(&self.shared, &caller, request)
+        })
+    }
+
+    async fn list_erasures(
+        &self,
+        request: Request<pb::ListErasuresRequest>,
+    ) -> Result<Response<pb::ListErasuresResponse>, Status> {
+        self.call("ListErasures", Role::Vault, request, |_, request| {
+            Ok(serving::list_erasures(&self.shared, &request))
+        })
+    }
+
     async fn list_key_versions(
         &self,
         request: Request<pb::ListKeyVersionsRequest>,

@@ -12,6 +12,7 @@ use vault_proto::keys::v1 as pb;
 use super::wire::{purpose_from_wire, purpose_to_wire, state_to_wire};
 use super::{Shared, UsageReport, lock, now_unix_ms};
 use crate::checkpoints::{Checkpoint, FoundGap, Reported};
+use crate::erasures::{Erasure, MAX_PER_CALL};
 use crate::error::ServiceError;
 use crate::history::NewEvent;
 use crate::keyring::{Purpose, State};
@@ -318,6 +319,65 @@ pub(super) fn report_audit_head(
         ),
     }
     Ok(pb::ReportAuditHeadResponse {})
+}
+
+/// Keeps a vault's erasures durably (see `crate::erasures`).
+pub(super) fn report_erasures(
+    shared: &Shared,
+    caller: &str,
+    request: pb::ReportErasuresRequest,
+) -> Result<pb::ReportErasuresResponse, ServiceError> {
+    if request.erasures.len() > MAX_PER_CALL {
+        return Err(ServiceError::InvalidArgument {
+            field: "erasures",
+            rule: "at most 4096 per call",
+        });
+    }
+    let erasures = request
+        .erasures
+        .iter()
+        .map(|erasure| {
+            Some(Erasure {
+                id: erasure.id.as_slice().try_into().ok()?,
+                deleted_at_unix_ms: erasure.deleted_at_unix_ms,
+            })
+        })
+        .collect::<Option<Vec<_>>>()
+        .ok_or(ServiceError::InvalidArgument {
+            field: "erasures.id",
+            rule: "36 bytes: a 4-byte key version and a 32-byte HMAC",
+        })?;
+    let kept = shared
+        .erasures
+        .append(&erasures)
+        .map_err(ServiceError::Erasures)?;
+    if !erasures.is_empty() {
+        tracing::debug!(caller, reported = erasures.len(), kept, "erasures kept");
+    }
+    Ok(pb::ReportErasuresResponse { kept })
+}
+
+/// A page of the erasures kept.
+pub(super) fn list_erasures(
+    shared: &Shared,
+    request: &pb::ListErasuresRequest,
+) -> pb::ListErasuresResponse {
+    let limit = match request.limit as usize {
+        0 => MAX_PER_CALL,
+        limit => limit.min(MAX_PER_CALL),
+    };
+    let (erasures, next) = shared.erasures.page(request.after, limit);
+    pb::ListErasuresResponse {
+        erasures: erasures
+            .into_iter()
+            .map(|erasure| pb::Erasure {
+                id: erasure.id.to_vec(),
+                deleted_at_unix_ms: erasure.deleted_at_unix_ms,
+            })
+            .collect(),
+        next,
+        total: shared.erasures.len(),
+    }
 }
 
 /// The checkpoint kept for the caller and `node` (sequence 0 when none).

@@ -21,6 +21,7 @@ impl Shared {
         settings: &crate::Settings,
         history: History,
         checkpoints: crate::checkpoints::Checkpoints,
+        erasures: crate::erasures::Erasures,
     ) -> Self {
         Self {
             keyring: Mutex::new(keyring),
@@ -34,6 +35,7 @@ impl Shared {
             vault_identities: settings.access.vault_identities.clone(),
             metrics: Metrics::default(),
             checkpoints,
+            erasures,
             save_failing: AtomicBool::new(false),
             generation_seen: std::sync::atomic::AtomicU64::new(0),
         }

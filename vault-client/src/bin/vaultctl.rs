@@ -557,8 +557,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut client = VaultClient::connect(&vault()?).await?;
             let report = client.verify_backup(&name).await.context("verify backup")?;
             println!(
-                "backup {name}: {} records, {} verified, {} failed",
-                report.records, report.verified, report.failed
+                "backup {name}: {} records, {} verified, {} failed; {} erased since it was \
+                 taken (a restore erases them again before serving)",
+                report.records, report.verified, report.failed, report.erased
             );
             if report.failed > 0 {
                 return Ok(ExitCode::FAILURE);

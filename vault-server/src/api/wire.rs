@@ -183,6 +183,7 @@ pub fn backup_check(check: BackupCheck) -> pb::VerifyBackupResponse {
         records: check.records,
         verified: check.verified,
         failed: check.failed,
+        erased: check.erased,
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use runtime::now_unix_ms;
 
+use super::erasures;
 use super::records::Records;
 use crate::audit::AuditEvent;
 use crate::card::Violation;
@@ -53,6 +54,8 @@ pub struct BackupCheck {
     pub records: u64,
     pub verified: u64,
     pub failed: u64,
+    /// Records erased since: a restore erases them again.
+    pub erased: u64,
 }
 
 impl<S: Store> Admin<S> {
@@ -120,6 +123,9 @@ impl<S: Store> Admin<S> {
         if !path.is_dir() {
             return Err(VaultError::BackupNotFound);
         }
+        let erasures = erasures::fetch(self.records.keys())
+            .await
+            .map_err(|status| VaultError::Erasures(status.message().to_owned()))?;
         let keys = self.records.keys().snapshot();
         let counts = tokio::task::spawn_blocking(move || {
             let mut counts = BackupCheck::default();
@@ -130,6 +136,9 @@ impl<S: Store> Admin<S> {
                 } else {
                     counts.failed += 1;
                 }
+                if erasures.holds(&keys, token, value) {
+                    counts.erased += 1;
+                }
             })
             .map(|()| counts)
         })
@@ -138,6 +147,7 @@ impl<S: Store> Admin<S> {
         tracing::info!(
             records = counts.records,
             failed = counts.failed,
+            erased = counts.erased,
             "backup verified"
         );
         Ok(counts)

@@ -12,6 +12,7 @@
 
 mod admin;
 mod audit_log;
+pub mod erasures;
 mod forward;
 mod health;
 mod journal;

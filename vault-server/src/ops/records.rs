@@ -188,7 +188,8 @@ impl<S: Store> Records<S> {
                     .intent(caller, "DeleteStarted", token, "")
                     .await?;
             }
-            match self.delete_stored(token, bytes, &stored).await? {
+            let tombstone = self.tombstone_now(&stored.metadata.tenant, token);
+            match self.delete_stored(token, bytes, &stored, tombstone).await? {
                 DeleteOutcome::Deleted => return Ok(()),
                 // Read a moment ago: a concurrent delete (a retry) won.
                 DeleteOutcome::NotFound => return Err(VaultError::Deleted),
@@ -200,12 +201,24 @@ impl<S: Store> Records<S> {
         )))
     }
 
-    /// Deletes the record `bytes` of `token` (if unchanged) and its CVC.
-    async fn delete_stored(
+    /// The tombstone of `token` deleted now, under the active fingerprint version.
+    fn tombstone_now(&self, tenant: &Tenant, token: &Token) -> Tombstone {
+        let keys = self.keys.snapshot();
+        let (version, key) = keys.fingerprint.active();
+        Tombstone {
+            key: record::tombstone(version, key, tenant, token),
+            deleted_at_unix_ms: now_unix_ms(),
+        }
+    }
+
+    /// Deletes the record `bytes` of `token` (if unchanged) and its CVC, leaving
+    /// `tombstone`.
+    pub(super) async fn delete_stored(
         &self,
         token: &Token,
         bytes: Vec<u8>,
         stored: &StoredRecord,
+        tombstone: Tombstone,
     ) -> Result<DeleteOutcome, VaultError> {
         let outcome = self
             .store
@@ -215,14 +228,7 @@ impl<S: Store> Records<S> {
                 index_key: stored.metadata.index_key(),
                 versions: stored.metadata.versions(),
                 indexes: stored.metadata.indexes(),
-                tombstone: {
-                    let keys = self.keys.snapshot();
-                    let (version, key) = keys.fingerprint.active();
-                    Tombstone {
-                        key: record::tombstone(version, key, &stored.metadata.tenant, token),
-                        deleted_at_unix_ms: now_unix_ms(),
-                    }
-                },
+                tombstone,
             })
             .await?;
         if outcome == DeleteOutcome::Deleted {
@@ -399,6 +405,7 @@ impl<S: Store> Records<S> {
                 ..AuditEvent::default()
             })
             .await?;
-        Ok(self.delete_stored(token, bytes, &stored).await? == DeleteOutcome::Deleted)
+        let tombstone = self.tombstone_now(&stored.metadata.tenant, token);
+        Ok(self.delete_stored(token, bytes, &stored, tombstone).await? == DeleteOutcome::Deleted)
     }
 }

@@ -50,6 +50,8 @@ pub async fn run_all<S: Store, F: std::future::Future<Output = S>>(mut fresh: im
     outcomes_are_stored_and_replaced(fresh().await).await;
     concurrent_claims_of_one_key_have_one_winner(Arc::new(fresh().await)).await;
     a_delete_leaves_a_tombstone_until_pruned(fresh().await).await;
+    a_delete_leaves_an_unsent_erasure_until_sent(fresh().await).await;
+    every_record_is_listed_in_token_order(fresh().await).await;
     records_are_counted_and_listed_by_key_version(fresh().await).await;
     rewrite_replaces_only_an_unchanged_record(fresh().await).await;
     reuse_finds_a_card_under_an_older_fingerprint_version(fresh().await).await;
@@ -391,6 +393,88 @@ async fn a_delete_leaves_a_tombstone_until_pruned(store: impl Store) {
     assert!(store.tombstoned(vec![of(&a)]).await.unwrap());
     assert_eq!(store.prune_tombstones(1_001).await.unwrap(), 1);
     assert!(!store.tombstoned(vec![of(&a)]).await.unwrap());
+}
+
+async fn a_delete_leaves_an_unsent_erasure_until_sent(store: impl Store) {
+    let tokens: Vec<Token> = (0..3).map(|_| Token::generate().unwrap()).collect();
+    store
+        .insert(
+            tokens
+                .iter()
+                .map(|token| {
+                    record(
+                        token,
+                        token.as_str().as_bytes(),
+                        token.as_str().as_bytes(),
+                        false,
+                    )
+                })
+                .collect(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.unsent_erasures(10).await.unwrap(), vec![]);
+    for token in &tokens {
+        let bytes = token.as_str().as_bytes();
+        let outcome = store.delete(delete(token, bytes, bytes, V1)).await.unwrap();
+        assert_eq!(outcome, DeleteOutcome::Deleted);
+    }
+    let tombstone = |token: &Token| Tombstone {
+        key: [b"tombstone of ", token.as_str().as_bytes()].concat(),
+        deleted_at_unix_ms: 1_000,
+    };
+    let mut all: Vec<Tombstone> = tokens.iter().map(tombstone).collect();
+    all.sort_by(|a, b| a.key.cmp(&b.key));
+    assert_eq!(store.unsent_erasures(10).await.unwrap(), all);
+    let first_two = store.unsent_erasures(2).await.unwrap();
+    assert_eq!(first_two, all[..2]);
+    store
+        .erasures_sent(first_two.into_iter().map(|t| t.key).collect())
+        .await
+        .unwrap();
+    assert_eq!(store.unsent_erasures(10).await.unwrap(), all[2..]);
+    // Sending does not forget the tombstone.
+    assert!(store.tombstoned(vec![all[0].key.clone()]).await.unwrap());
+}
+
+async fn every_record_is_listed_in_token_order(store: impl Store) {
+    let mut tokens: Vec<Token> = (0..5).map(|_| Token::generate().unwrap()).collect();
+    store
+        .insert(
+            tokens
+                .iter()
+                .map(|token| {
+                    record(
+                        token,
+                        token.as_str().as_bytes(),
+                        token.as_str().as_bytes(),
+                        false,
+                    )
+                })
+                .collect(),
+        )
+        .await
+        .unwrap();
+    tokens.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    let mut listed = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = store.records_after(cursor.take(), 2).await.unwrap();
+        let Some((last, _)) = page.last() else { break };
+        assert!(page.len() <= 2);
+        cursor = Some(last.clone());
+        listed.extend(page);
+    }
+    let expected: Vec<(Vec<u8>, Vec<u8>)> = tokens
+        .iter()
+        .map(|token| {
+            (
+                token.as_str().as_bytes().to_vec(),
+                token.as_str().as_bytes().to_vec(),
+            )
+        })
+        .collect();
+    assert_eq!(listed, expected);
 }
 
 /// Claims of one idempotency key: exactly one of many concurrent ones wins; a held

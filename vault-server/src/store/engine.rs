@@ -8,7 +8,8 @@ use super::postgres::PgStore;
 use super::rocks::RocksStore;
 use super::{
     AuditSeal, Claim, Delete, DeleteOutcome, InsertOutcome, JobLock, KeyUse, KeyVersions,
-    NewRecord, Replaceable, Rewrite, RewriteOutcome, Store, StoreError, StoreStats,
+    NewRecord, Replaceable, Rewrite, RewriteOutcome, Store, StoreError, StoreStats, StoredBytes,
+    Tombstone,
 };
 use crate::token::Token;
 
@@ -137,6 +138,22 @@ impl Store for Engine {
 
     async fn prune_tombstones(&self, before_unix_ms: i64) -> Result<usize, StoreError> {
         each!(self, s => s.prune_tombstones(before_unix_ms).await)
+    }
+
+    async fn unsent_erasures(&self, limit: usize) -> Result<Vec<Tombstone>, StoreError> {
+        each!(self, s => s.unsent_erasures(limit).await)
+    }
+
+    async fn erasures_sent(&self, keys: Vec<Vec<u8>>) -> Result<(), StoreError> {
+        each!(self, s => s.erasures_sent(keys).await)
+    }
+
+    async fn records_after(
+        &self,
+        cursor: Option<Vec<u8>>,
+        limit: usize,
+    ) -> Result<Vec<StoredBytes>, StoreError> {
+        each!(self, s => s.records_after(cursor, limit).await)
     }
 
     async fn put_outcome(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreError> {

@@ -120,6 +120,9 @@ pub struct Delete {
     pub tombstone: Tombstone,
 }
 
+/// A record as stored: the token's bytes and the record's.
+pub type StoredBytes = (Vec<u8>, Vec<u8>);
+
 /// A deleted token's keyed id and when it was deleted.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Tombstone {
@@ -375,6 +378,27 @@ pub trait Store: Send + Sync + 'static {
         &self,
         before_unix_ms: i64,
     ) -> impl Future<Output = Result<usize, StoreError>> + Send;
+
+    /// Up to `limit` erasures not yet reported to the keyservice (each delete writes
+    /// one with its tombstone, in the same atomic write), oldest keyed id first.
+    fn unsent_erasures(
+        &self,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Tombstone>, StoreError>> + Send;
+
+    /// Forgets the unsent erasures `keys`: the keyservice keeps them now.
+    fn erasures_sent(
+        &self,
+        keys: Vec<Vec<u8>>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Up to `limit` records in token order, starting after `cursor` (a token's
+    /// stored bytes).
+    fn records_after(
+        &self,
+        cursor: Option<Vec<u8>>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<StoredBytes>, StoreError>> + Send;
 
     /// Every token whose record has this card key.
     fn tokens_of_card(

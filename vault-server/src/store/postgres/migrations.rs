@@ -22,6 +22,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "tombstones of deleted tokens",
         include_str!("0002_tombstones.sql"),
     ),
+    (
+        3,
+        "erasures not yet reported to the keyservice",
+        include_str!("0003_unsent_erasures.sql"),
+    ),
 ];
 
 /// Applies the migrations this database lacks, one transaction each, under a lock so

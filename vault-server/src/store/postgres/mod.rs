@@ -44,7 +44,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     AuditSeal, Claim, Delete, DeleteOutcome, InsertOutcome, JobLock, KeyUse, KeyVersions,
-    NewRecord, Replaceable, Rewrite, RewriteOutcome, Store, StoreError, StoreStats,
+    NewRecord, Replaceable, Rewrite, RewriteOutcome, Store, StoreError, StoreStats, StoredBytes,
+    Tombstone,
 };
 use crate::token::Token;
 
@@ -379,6 +380,56 @@ impl Store for PgStore {
             .await
             .map_err(pg)?;
         Ok(pruned as usize)
+    }
+
+    async fn unsent_erasures(&self, limit: usize) -> Result<Vec<Tombstone>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT key, deleted_at_unix_ms FROM unsent_erasures ORDER BY key LIMIT $1",
+                &[&(limit as i64)],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows
+            .iter()
+            .map(|row| Tombstone {
+                key: row.get(0),
+                deleted_at_unix_ms: row.get(1),
+            })
+            .collect())
+    }
+
+    async fn erasures_sent(&self, keys: Vec<Vec<u8>>) -> Result<(), StoreError> {
+        // Not through a writer, like `prune_tombstones`.
+        let client = self.client().await?;
+        client
+            .execute("DELETE FROM unsent_erasures WHERE key = ANY($1)", &[&keys])
+            .await
+            .map_err(pg)?;
+        Ok(())
+    }
+
+    async fn records_after(
+        &self,
+        cursor: Option<Vec<u8>>,
+        limit: usize,
+    ) -> Result<Vec<StoredBytes>, StoreError> {
+        let client = self.client().await?;
+        let after = cursor
+            .map(|cursor| String::from_utf8_lossy(&cursor).into_owned())
+            .unwrap_or_default();
+        let rows = client
+            .query(
+                "SELECT token, value FROM records WHERE token > $1 ORDER BY token LIMIT $2",
+                &[&after, &(limit as i64)],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows
+            .iter()
+            .map(|row| (row.get::<_, String>(0).into_bytes(), row.get(1)))
+            .collect())
     }
 
     async fn expired(&self, now_unix_ms: i64, limit: usize) -> Result<Vec<Token>, StoreError> {

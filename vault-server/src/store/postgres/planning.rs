@@ -207,6 +207,7 @@ pub(super) async fn delete_one(
         client.execute(&statements.remove_record, &record_params),
         client.execute(&statements.remove_entry, &entry_params),
         client.execute(&statements.add_tombstone, &tombstone_params),
+        client.execute(&statements.add_unsent_erasure, &tombstone_params),
     )?;
     count(deltas, delete.versions, -1);
     Ok(DeleteOutcome::Deleted)

@@ -29,6 +29,7 @@ pub(super) struct Statements {
     pub(super) remove_record: tokio_postgres::Statement,
     pub(super) remove_entry: tokio_postgres::Statement,
     pub(super) add_tombstone: tokio_postgres::Statement,
+    pub(super) add_unsent_erasure: tokio_postgres::Statement,
     pub(super) rewrite_record: tokio_postgres::Statement,
     pub(super) put_entry_if_stale: tokio_postgres::Statement,
     pub(super) put_meta: tokio_postgres::Statement,
@@ -109,6 +110,12 @@ impl Statements {
             // Only if it names this token: another live token may own it.
             remove_entry: client
                 .prepare_cached("DELETE FROM fingerprints WHERE index_key = $1 AND token = $2")
+                .await?,
+            add_unsent_erasure: client
+                .prepare_cached(
+                    "INSERT INTO unsent_erasures (key, deleted_at_unix_ms) VALUES ($1, $2)
+                     ON CONFLICT (key) DO NOTHING",
+                )
                 .await?,
             rewrite_record: client
                 .prepare_cached(

@@ -221,7 +221,7 @@ async fn migrations_are_versioned_idempotent_and_checked() {
         .to_string();
     assert!(refused.contains("vault-server migrate"), "{refused}");
 
-    assert_eq!(migrate_only(&unmigrated).await.unwrap(), vec![1, 2]);
+    assert_eq!(migrate_only(&unmigrated).await.unwrap(), vec![1, 2, 3]);
     assert_eq!(migrate_only(&unmigrated).await.unwrap(), Vec::<i32>::new());
     let store = PgStore::open(&unmigrated, "n").await.unwrap();
     // The password is in the store's connection settings, never in its Debug.
@@ -236,7 +236,7 @@ async fn migrations_are_versioned_idempotent_and_checked() {
         cluster
             .psql("empty", "SELECT count(*) FROM schema_migrations")
             .unwrap(),
-        "2"
+        "3"
     );
     // A schema from a newer vault-server is refused, not used.
     cluster

@@ -46,6 +46,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{
     AuditSeal, Claim, Delete, DeleteOutcome, InsertOutcome, JobLock, KeyUse, KeyVersions,
     NewRecord, RecordIndexes, Replaceable, Rewrite, RewriteOutcome, Store, StoreError, StoreStats,
+    StoredBytes, Tombstone,
 };
 use crate::token::Token;
 
@@ -63,7 +64,8 @@ const META: &str = "meta";
 const EXPIRY: &str = "expiry";
 const AUDIT: &str = "audit";
 const TOMBSTONES: &str = "tombstones";
-const FAMILIES: [&str; 7] = [
+const UNSENT_ERASURES: &str = "unsent-erasures";
+const FAMILIES: [&str; 8] = [
     RECORDS,
     CARD_INDEX,
     IDEMPOTENCY,
@@ -71,6 +73,7 @@ const FAMILIES: [&str; 7] = [
     EXPIRY,
     AUDIT,
     TOMBSTONES,
+    UNSENT_ERASURES,
 ];
 /// `meta` key present once every record has its card index (and expiry) entry.
 const INDEXED: &[u8] = b"indexed-v3";
@@ -542,6 +545,64 @@ impl Store for RocksStore {
             .await?;
         }
         Ok(pruned)
+    }
+
+    async fn unsent_erasures(&self, limit: usize) -> Result<Vec<Tombstone>, StoreError> {
+        let db = self.db()?;
+        let mut iter = db.raw_iterator_cf(family(&db, UNSENT_ERASURES)?);
+        iter.seek_to_first();
+        let mut unsent = Vec::new();
+        while let (Some(key), Some(value), true) = (iter.key(), iter.value(), unsent.len() < limit)
+        {
+            unsent.push(Tombstone {
+                key: key.to_vec(),
+                deleted_at_unix_ms: value.try_into().map_or(0, i64::from_be_bytes),
+            });
+            iter.next();
+        }
+        iter.status().map_err(engine)?;
+        Ok(unsent)
+    }
+
+    async fn erasures_sent(&self, keys: Vec<Vec<u8>>) -> Result<(), StoreError> {
+        self.submit(|reply| Op::Remove {
+            family: UNSENT_ERASURES,
+            keys,
+            reply,
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn records_after(
+        &self,
+        cursor: Option<Vec<u8>>,
+        limit: usize,
+    ) -> Result<Vec<StoredBytes>, StoreError> {
+        let db = self.db()?;
+        tokio::task::spawn_blocking(move || {
+            let mut iter = db.raw_iterator_cf(family(&db, RECORDS)?);
+            match &cursor {
+                Some(cursor) => {
+                    iter.seek(cursor);
+                    if iter.key() == Some(cursor.as_slice()) {
+                        iter.next();
+                    }
+                }
+                None => iter.seek_to_first(),
+            }
+            let mut found = Vec::new();
+            while let (Some(key), Some(value), true) =
+                (iter.key(), iter.value(), found.len() < limit)
+            {
+                found.push((key.to_vec(), value.to_vec()));
+                iter.next();
+            }
+            iter.status().map_err(engine)?;
+            Ok(found)
+        })
+        .await
+        .map_err(|e| StoreError::Engine(e.to_string()))?
     }
 
     async fn get_outcome(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {

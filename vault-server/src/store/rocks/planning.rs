@@ -7,7 +7,7 @@ use super::indexes::{
     token_under,
 };
 use super::writer::{Pending, SortedBatch, Writer};
-use super::{CARD_INDEX, EXPIRY, IDEMPOTENCY, RECORDS, TOMBSTONES, engine};
+use super::{CARD_INDEX, EXPIRY, IDEMPOTENCY, RECORDS, TOMBSTONES, UNSENT_ERASURES, engine};
 use crate::store::{
     Claim, Delete, DeleteOutcome, InsertOutcome, KeyVersions, NewRecord, RecordIndexes,
     Replaceable, Rewrite, RewriteOutcome, StoreError,
@@ -196,6 +196,12 @@ impl Writer {
         let tombstone = &delete.tombstone;
         batch.put_cf(
             self.family(TOMBSTONES)?,
+            &tombstone.key,
+            tombstone.deleted_at_unix_ms.to_be_bytes(),
+        );
+        // Sent to the keyservice, so that a restore from an older copy erases it again.
+        batch.put_cf(
+            self.family(UNSENT_ERASURES)?,
             &tombstone.key,
             tombstone.deleted_at_unix_ms.to_be_bytes(),
         );

@@ -1,0 +1,8 @@
+-- Deletions not yet reported to the keyservice (keyed ids, as in `tombstones`): each
+-- delete writes one in its transaction; any vault on the database sends them and
+-- removes those the keyservice has kept. A database restored from an older copy
+-- erases them again at start-up (see docs/operations.md).
+CREATE TABLE unsent_erasures (
+    key bytea PRIMARY KEY,
+    deleted_at_unix_ms bigint NOT NULL
+);
