@@ -97,8 +97,9 @@ async fn backup_under_load_verifies_and_restores() {
     assert_eq!(report.failed, 0, "{report:?}");
     // The keyservice holds keyed ids only: no token's bytes.
     let kept = std::fs::read(stack.dir.path().join("erasures.bin")).unwrap();
-    assert_eq!(kept.len() % 44, 0);
-    assert!(kept.len() >= 5 * 44, "{} bytes", kept.len());
+    // 64-byte entries: store id, keyed id, time, checksum.
+    assert_eq!(kept.len() % 64, 0);
+    assert!(kept.len() >= 5 * 64, "{} bytes", kept.len());
     for token in &erased {
         assert!(
             !integration_tests::contains_word(&kept, token.as_bytes()),

@@ -15,6 +15,7 @@ mod devstack;
 mod durability;
 mod faults;
 mod forward;
+mod guessing;
 mod keys;
 mod leaks;
 mod limits;

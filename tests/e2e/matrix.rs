@@ -18,10 +18,11 @@ type Client = VaultClient<Channel>;
 
 /// Every permission the policy knows, as written in the policy file, with the label
 /// used in the names of the matrix identities.
-const PERMISSIONS: [(&str, &str); 6] = [
+const PERMISSIONS: [(&str, &str); 7] = [
     ("tokenize", "tokenize"),
     ("read", "read"),
     ("delete", "delete"),
+    ("subject", "subject"),
     ("forward:sandbox", "forward"),
     ("audit", "audit"),
     ("admin", "admin"),
@@ -29,10 +30,12 @@ const PERMISSIONS: [(&str, &str); 6] = [
 
 /// ADMIN's grants in the policies these tests write: everything, so that it can set
 /// up, inspect the audit log and manage blocks whatever the harness policy says.
-const ADMIN_PERMISSIONS: [&str; 6] = [
+const ADMIN_PERMISSIONS: [&str; 8] = [
     "tokenize",
     "read",
     "delete",
+    "subject",
+    "fingerprint",
     "forward:sandbox",
     "audit",
     "admin",
@@ -211,8 +214,9 @@ impl Rpc {
     fn permission(self) -> &'static str {
         match self {
             Rpc::Tokenize | Rpc::TokenizeBatch => "tokenize",
-            Rpc::GetTokenInfo | Rpc::FindSubject => "read",
-            Rpc::DeleteToken | Rpc::EraseSubject => "delete",
+            Rpc::GetTokenInfo => "read",
+            Rpc::DeleteToken => "delete",
+            Rpc::FindSubject | Rpc::EraseSubject => "subject",
             Rpc::Forward => "forward:sandbox",
             Rpc::ReadAudit | Rpc::VerifyAudit => "audit",
             Rpc::CreateBackup

@@ -90,7 +90,7 @@ impl StackDir {
 [[identity]]
 id = "{admin}"
 tenant = "acme"
-permissions = ["tokenize", "read", "delete", "admin", "audit", "forward:sandbox", "forward:slow", "forward:down", "forward:tiny", "forward:pinned", "forward:foreign-ca", "forward:loopback-denied"]
+permissions = ["tokenize", "read", "delete", "subject", "fingerprint", "admin", "audit", "forward:sandbox", "forward:slow", "forward:down", "forward:tiny", "forward:pinned", "forward:foreign-ca", "forward:loopback-denied"]
 
 [[identity]]
 id = "{reader}"
@@ -100,7 +100,7 @@ permissions = ["read"]
 [[identity]]
 id = "{other}"
 tenant = "globex"
-permissions = ["tokenize", "read", "delete", "forward:sandbox"]
+permissions = ["tokenize", "read", "delete", "subject", "forward:sandbox"]
 "#,
                 admin = identity(ADMIN),
                 reader = identity(READER),

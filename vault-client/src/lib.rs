@@ -905,7 +905,7 @@ impl AuditVerification {
 }
 
 /// The kinds of [`Block`], as [`VaultClient::lift_block`] takes them.
-pub const BLOCK_KINDS: [&str; 2] = ["identity", "address"];
+pub const BLOCK_KINDS: [&str; 3] = ["identity", "address", "guessing"];
 
 fn check_block_kind(kind: &str) -> Result<(), Error> {
     // When adding a kind: add it to BLOCK_KINDS and to the rule below.
@@ -914,20 +914,22 @@ fn check_block_kind(kind: &str) -> Result<(), Error> {
     } else {
         Err(Error::InvalidArgument {
             field: "kind",
-            rule: "must be identity or address",
+            rule: "must be identity, address or guessing",
         })
     }
 }
 
-/// An identity or address the vault refuses after repeated failures, until a time.
+/// An identity or address the vault refuses after repeated failures, until a time; or
+/// an identity its guessing detector flagged in one bucket, until lifted.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Block {
     /// One of [`BLOCK_KINDS`].
     pub kind: String,
-    /// The client identity or the peer address.
+    /// The client identity, the peer address, or "<identity> bucket <id>".
     pub subject: String,
+    /// 0: until lifted.
     pub until_unix_ms: i64,
-    /// Failures that led to it.
+    /// Failures (or, for a guessing flag, different cards) that led to it.
     pub failures: u32,
 }
 

@@ -58,6 +58,8 @@ pub struct Settings {
     #[serde(default)]
     pub velocity: crate::velocity::VelocitySettings,
     #[serde(default)]
+    pub guessing: crate::guessing::GuessingSettings,
+    #[serde(default)]
     pub admin: AdminSettings,
     #[serde(default)]
     pub storage: StorageSettings,

@@ -70,6 +70,13 @@ pub enum VaultError {
     #[error("the erasures could not be read from the keyservice: {0}")]
     Erasures(String),
     #[error(
+        "refused: this identity brought too many different cards with the same first six \
+         and last four digits; an admin must lift the flag (vaultctl blocks list)"
+    )]
+    Guessing,
+    #[error("too many FindSubject calls from this identity; retry in a minute")]
+    SubjectRateLimited,
+    #[error(
         "the audit log is missing entries {first}..={last}: card data is refused until two \
          admins acknowledge the gap (`vaultctl audit verify` says how)"
     )]
@@ -210,6 +217,8 @@ impl VaultError {
                 )
             }
             VaultError::AuditGap { .. } => Status::failed_precondition(self.to_string()),
+            VaultError::Guessing => Status::permission_denied(self.to_string()),
+            VaultError::SubjectRateLimited => Status::resource_exhausted(self.to_string()),
             VaultError::Erasures(_) => internal(
                 Code::Unavailable,
                 "the erasures could not be read from the keyservice; try again",

@@ -20,6 +20,7 @@ pub mod config;
 pub mod cvc;
 pub mod error;
 pub mod forward;
+pub mod guessing;
 pub mod keys;
 pub mod lockout;
 pub mod metrics;
@@ -89,6 +90,8 @@ pub struct Bound {
     rewrap: Arc<rewrap::Rewrapper<Engine>>,
     /// This vault's name among those sharing a database (PostgreSQL only).
     node: Option<String>,
+    /// The store's id at the keyservice, under which its erasures are kept.
+    store_id: Vec<u8>,
     purge_interval_secs: u64,
     /// How often refused calls are summed up in the audit log.
     refusal_summary: Duration,
@@ -198,6 +201,10 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
     ));
     let policy = Arc::new(policy::SharedPolicy::new(policy));
     let lockout = Arc::new(lockout::Lockout::new(settings.lockout.clone()));
+    let guessing = guessing::Detector::new(
+        settings.guessing.clone(),
+        tasks::guessing_bucket_key(store.as_ref()).await?,
+    );
     let records = Arc::new(ops::Records::new(
         Arc::clone(&store),
         Arc::clone(&keys),
@@ -205,6 +212,7 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
         Arc::new(cvc::CvcStore::new(Duration::from_secs(
             settings.forwarding.cvc_ttl_secs,
         ))),
+        guessing,
         ops::RecordSettings {
             tenant_ttl_secs: settings.retention.tenant_ttl_secs.clone(),
             outcome_ttl: Duration::from_secs(settings.forwarding.idempotency_ttl_secs),
@@ -212,11 +220,22 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
             max_batch_size: settings.max_batch_size,
         },
     ));
-    // A rewound log (a restore) brings back what was erased since: erased again here,
-    // before anything is served.
-    if settings.audit.enabled {
-        replay_erasures(&records, &gaps.all_found(), &shutdown).await?;
+    let flags = records
+        .load_guessing_flags()
+        .await
+        .map_err(|e| Error::Storage {
+            path: "the guessing flags".into(),
+            detail: e.to_string(),
+        })?;
+    if flags > 0 {
+        tracing::warn!(
+            flags,
+            "identities flagged for card guessing (vaultctl blocks list)"
+        );
     }
+    // A store older than erasures made since (a restore) brings them back: erased
+    // again here, before anything is served.
+    let store_id = catch_up_erasures(&records, &shutdown).await?;
     let vault = ops::Vault {
         forwarder: ops::Forwarder::new(
             Arc::clone(&records),
@@ -252,6 +271,7 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
         keys,
         rewrap,
         node,
+        store_id,
         purge_interval_secs: settings.retention.purge_interval_secs,
         grpc_reflection: settings.grpc_reflection,
         vault: Arc::new(vault),
@@ -311,35 +331,34 @@ async fn read_checkpoint(
     }
 }
 
-/// [`ops::erasures::replay_after_restore`], trying again while the keyservice does
-/// not answer (until `shutdown`).
-async fn replay_erasures(
+/// The store's id at the keyservice, once the store reflects every erasure the
+/// keyservice keeps for it ([`ops::erasures::catch_up`]), trying again while the
+/// keyservice does not answer (until `shutdown`).
+async fn catch_up_erasures(
     records: &ops::Records<Engine>,
-    gaps: &[(u64, u64)],
     shutdown: &Shutdown,
-) -> Result<(), Error> {
+) -> Result<Vec<u8>, Error> {
+    let failed = |detail: String| Error::Storage {
+        path: "the erasures kept at the keyservice".into(),
+        detail,
+    };
+    let store_id = ops::erasures::store_id(records.store().as_ref())
+        .await
+        .map_err(|e| failed(e.to_string()))?;
     let mut wait = Duration::from_millis(100);
     loop {
-        match ops::erasures::replay_after_restore(records, gaps).await {
-            Ok(_) => return Ok(()),
-            Err(error::VaultError::Erasures(e)) => tracing::warn!(
+        match ops::erasures::catch_up(records, &store_id).await {
+            Ok(_) => return Ok(store_id),
+            Err(error::VaultError::Erasures(e)) if !e.contains("upgrade") => tracing::warn!(
                 error = %e,
                 "the erasures could not be read from the keyservice; trying again"
             ),
-            Err(e) => {
-                return Err(Error::Storage {
-                    path: "the erasures replayed after a restore".into(),
-                    detail: e.to_string(),
-                });
-            }
+            Err(e) => return Err(failed(e.to_string())),
         }
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             () = shutdown.clone().wait() => {
-                return Err(Error::Storage {
-                    path: "the erasures replayed after a restore".into(),
-                    detail: "stopped before they could be read".into(),
-                });
+                return Err(failed("stopped before they could be read".into()));
             }
         }
         wait = (wait * 2).min(Duration::from_secs(5));
@@ -510,7 +529,11 @@ impl Bound {
                 Arc::clone(&self.guards.gaps),
             )
         });
+        let (keys, store_id) = (Arc::clone(&self.keys), self.store_id.clone());
         let served = self.serve_until(shutdown).await;
+        // Every call has ended: what they erased goes to the keyservice now.
+        ops::erasures::send_last(store.as_ref(), &keys, &store_id).await;
+        drop(keys);
         // Background tasks (key watch, reports, rewrap, audit writer) hold the store
         // and stop on shutdown; the database closes (and its lock is released, for a
         // restart in the same process) only once the last of them has let go.
@@ -569,9 +592,13 @@ impl Bound {
                 shutdown.clone(),
             ));
         }
+        tokio::spawn(ops::guessing::refresh_flags(
+            Arc::clone(&self.vault.records),
+            shutdown.clone(),
+        ));
         tokio::spawn(ops::erasures::send_periodically(
-            Arc::clone(&self.store),
-            Arc::clone(&self.keys),
+            Arc::clone(&self.vault.records),
+            self.store_id.clone(),
             shutdown.clone(),
         ));
         tokio::spawn(tasks::report_keyservice_link(

@@ -104,6 +104,9 @@ const MAX_TRACKED: usize = 100_000;
 pub enum Kind {
     Identity,
     Address,
+    /// A flag of the guessing detector (`crate::guessing`), listed and lifted with the
+    /// blocks; never a subject of this lockout.
+    Guessing,
 }
 
 impl Kind {
@@ -111,6 +114,7 @@ impl Kind {
         match self {
             Kind::Identity => "identity",
             Kind::Address => "address",
+            Kind::Guessing => "guessing",
         }
     }
 
@@ -118,6 +122,7 @@ impl Kind {
         match name {
             "identity" => Some(Kind::Identity),
             "address" => Some(Kind::Address),
+            "guessing" => Some(Kind::Guessing),
             _ => None,
         }
     }

@@ -41,6 +41,12 @@ pub enum Permission {
     Audit,
     /// Operations on the vault itself: backups, rewrap, policy reload, blocks.
     Admin,
+    /// Looking a card up by its number (FindSubject, EraseSubject): for the privacy
+    /// team's data-subject requests, never for services.
+    Subject,
+    /// Seeing cards' keyed fingerprints in TokenInfo (to tell two tokens of one card
+    /// apart from two cards).
+    Fingerprint,
 }
 
 impl Permission {
@@ -51,6 +57,8 @@ impl Permission {
             "delete" => Some(Self::Delete),
             "audit" => Some(Self::Audit),
             "admin" => Some(Self::Admin),
+            "subject" => Some(Self::Subject),
+            "fingerprint" => Some(Self::Fingerprint),
             _ => name
                 .strip_prefix("forward:")
                 .filter(|p| !p.is_empty())
@@ -66,6 +74,8 @@ pub struct Caller {
     pub tenant: Tenant,
     /// The call's request id, for audit events written during the call.
     pub request_id: String,
+    /// Whether the answers show cards' keyed fingerprints (`fingerprint`).
+    pub sees_fingerprints: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -168,7 +178,8 @@ impl Policy {
                     Permission::parse(p).ok_or_else(|| {
                         format!(
                             "identity[{i}].permissions: unknown permission {p:?} \
-                             (known: tokenize, read, delete, audit, admin, forward:<processor>)"
+                             (known: tokenize, read, delete, subject, fingerprint, audit, admin, \
+                             forward:<processor>)"
                         )
                     })
                 })
@@ -217,6 +228,7 @@ impl Policy {
             identity: identity.to_owned(),
             tenant: grant.tenant.clone(),
             request_id: String::new(),
+            sees_fingerprints: grant.permissions.contains(&Permission::Fingerprint),
         })
     }
 }

@@ -176,6 +176,32 @@ pub(crate) async fn keyring_generation(store: &Engine) -> Result<u64, store::Sto
         .map_or(0, u64::from_be_bytes))
 }
 
+/// The key that names the guessing detector's buckets: random, made once per store
+/// (so shared by the vaults of one database) and kept in it. It only keeps first six
+/// and last four digits out of flag names; it protects no card data.
+pub(crate) async fn guessing_bucket_key(
+    store: &Engine,
+) -> Result<envelope::SecretKey, store::StoreError> {
+    let bytes = random_meta(store, crate::guessing::BUCKET_KEY, 32).await?;
+    envelope::SecretKey::from_slice(&bytes).map_err(|e| store::StoreError::Engine(e.to_string()))
+}
+
+/// The random value of `len` bytes kept under `key`, made by the first vault that
+/// asks and the same for every vault of the store.
+pub(crate) async fn random_meta(
+    store: &Engine,
+    key: &str,
+    len: usize,
+) -> Result<Vec<u8>, store::StoreError> {
+    use crate::store::Store;
+    if let Some(stored) = store.get_meta(key).await? {
+        return Ok(stored);
+    }
+    let mut bytes = vec![0; len];
+    envelope::fill_random(&mut bytes).map_err(|e| store::StoreError::Engine(e.to_string()))?;
+    store.init_meta(key, bytes).await
+}
+
 /// Stores `generation` unless a higher one is stored already.
 pub(crate) async fn store_keyring_generation(
     store: &Engine,

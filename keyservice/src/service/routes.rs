@@ -96,7 +96,7 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
         request: Request<pb::ListErasuresRequest>,
     ) -> Result<Response<pb::ListErasuresResponse>, Status> {
         self.call("ListErasures", Role::Vault, request, |_, request| {
-            Ok(serving::list_erasures(&self.shared, &request))
+            serving::list_erasures(&self.shared, &request)
         })
     }
 

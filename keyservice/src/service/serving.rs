@@ -12,7 +12,7 @@ use vault_proto::keys::v1 as pb;
 use super::wire::{purpose_from_wire, purpose_to_wire, state_to_wire};
 use super::{Shared, UsageReport, lock, now_unix_ms};
 use crate::checkpoints::{Checkpoint, FoundGap, Reported};
-use crate::erasures::{Erasure, MAX_PER_CALL};
+use crate::erasures::{Erasure, MAX_PER_CALL, StoreId};
 use crate::error::ServiceError;
 use crate::history::NewEvent;
 use crate::keyring::{Purpose, State};
@@ -333,6 +333,7 @@ pub(super) fn report_erasures(
             rule: "at most 4096 per call",
         });
     }
+    let store = store_id(&request.store_id)?;
     let erasures = request
         .erasures
         .iter()
@@ -349,7 +350,7 @@ pub(super) fn report_erasures(
         })?;
     let kept = shared
         .erasures
-        .append(&erasures)
+        .append(&store, &erasures)
         .map_err(ServiceError::Erasures)?;
     if !erasures.is_empty() {
         tracing::debug!(caller, reported = erasures.len(), kept, "erasures kept");
@@ -357,17 +358,25 @@ pub(super) fn report_erasures(
     Ok(pb::ReportErasuresResponse { kept })
 }
 
-/// A page of the erasures kept.
+fn store_id(bytes: &[u8]) -> Result<StoreId, ServiceError> {
+    bytes.try_into().map_err(|_| ServiceError::InvalidArgument {
+        field: "store_id",
+        rule: "16 bytes",
+    })
+}
+
+/// A page of a store's erasures.
 pub(super) fn list_erasures(
     shared: &Shared,
     request: &pb::ListErasuresRequest,
-) -> pb::ListErasuresResponse {
+) -> Result<pb::ListErasuresResponse, ServiceError> {
     let limit = match request.limit as usize {
         0 => MAX_PER_CALL,
         limit => limit.min(MAX_PER_CALL),
     };
-    let (erasures, next) = shared.erasures.page(request.after, limit);
-    pb::ListErasuresResponse {
+    let store = store_id(&request.store_id)?;
+    let (erasures, next, total) = shared.erasures.page(&store, request.after, limit);
+    Ok(pb::ListErasuresResponse {
         erasures: erasures
             .into_iter()
             .map(|erasure| pb::Erasure {
@@ -376,8 +385,8 @@ pub(super) fn list_erasures(
             })
             .collect(),
         next,
-        total: shared.erasures.len(),
-    }
+        total,
+    })
 }
 
 /// The checkpoint kept for the caller and `node` (sequence 0 when none).

@@ -397,7 +397,10 @@ fn print_info(info: &TokenInfo, json: bool) -> anyhow::Result<()> {
         println!("brand:        {}", info.brand);
         println!("last four:    {}", info.last_four);
         println!("expiry:       {:02}/{}", info.exp_month, info.exp_year);
-        println!("fingerprint:  {}", info.fingerprint);
+        // Empty unless the identity has the `fingerprint` permission.
+        if !info.fingerprint.is_empty() {
+            println!("fingerprint:  {}", info.fingerprint);
+        }
         println!("created (ms): {}", info.created_at_unix_ms);
         println!("key version:  {}", info.key_version);
     }

@@ -17,7 +17,7 @@ use vault_proto::vault::v1::vault_server::VaultServer;
 pub use call::Guards;
 
 use crate::ops::Vault;
-use crate::policy::Permission;
+use crate::policy::{Caller, Permission};
 use crate::store::Store;
 
 /// The gRPC service name, for health reports.
@@ -48,9 +48,9 @@ impl<S: Store> pb::vault_server::Vault for VaultApi<S> {
         request: Request<pb::TokenizeRequest>,
     ) -> Result<Response<pb::TokenizeResponse>, Status> {
         let records = &self.vault.records;
-        let call = |caller, request| async move {
+        let call = |caller: Caller, request| async move {
             let done = records.tokenize(&caller, wire::tokenize(request)?).await?;
-            Ok(wire::tokenized(&done))
+            Ok(wire::tokenized(&done, caller.sees_fingerprints))
         };
         self.guards
             .call("Tokenize", |_| Permission::Tokenize, request, call)
@@ -62,10 +62,11 @@ impl<S: Store> pb::vault_server::Vault for VaultApi<S> {
         request: Request<pb::TokenizeBatchRequest>,
     ) -> Result<Response<pb::TokenizeBatchResponse>, Status> {
         let records = &self.vault.records;
-        let call = |caller, request| async move {
+        let call = |caller: Caller, request| async move {
             let batch = wire::tokenize_batch(request);
             Ok(wire::batch_results(
                 records.tokenize_batch(&caller, batch).await?,
+                caller.sees_fingerprints,
             ))
         };
         self.guards
@@ -78,11 +79,15 @@ impl<S: Store> pb::vault_server::Vault for VaultApi<S> {
         request: Request<pb::GetTokenInfoRequest>,
     ) -> Result<Response<pb::GetTokenInfoResponse>, Status> {
         let records = &self.vault.records;
-        let call = |caller, request: pb::GetTokenInfoRequest| async move {
+        let call = |caller: Caller, request: pb::GetTokenInfoRequest| async move {
             let token = wire::token(&request.token)?;
             let stored = records.load_verified(&caller, &token).await?;
             Ok(pb::GetTokenInfoResponse {
-                info: Some(wire::token_info(&token, &stored.metadata)),
+                info: Some(wire::token_info(
+                    &token,
+                    &stored.metadata,
+                    caller.sees_fingerprints,
+                )),
             })
         };
         self.guards
@@ -129,7 +134,7 @@ impl<S: Store> pb::vault_server::Vault for VaultApi<S> {
             Ok(wire::tokens(records.find_subject(&caller, &pan).await?))
         };
         self.guards
-            .call("FindSubject", |_| Permission::Read, request, call)
+            .call("FindSubject", |_| Permission::Subject, request, call)
             .await
     }
 
@@ -143,7 +148,7 @@ impl<S: Store> pb::vault_server::Vault for VaultApi<S> {
             Ok(wire::tokens(records.erase_subject(&caller, &pan).await?))
         };
         self.guards
-            .call("EraseSubject", |_| Permission::Delete, request, call)
+            .call("EraseSubject", |_| Permission::Subject, request, call)
             .await
     }
 
@@ -230,7 +235,9 @@ impl<S: Store> pb::vault_server::Vault for VaultApi<S> {
     ) -> Result<Response<pb::LiftBlockResponse>, Status> {
         let admin = &self.vault.admin;
         let call = |_, request: pb::LiftBlockRequest| async move {
-            admin.lift_block(wire::block_kind(&request.kind)?, &request.subject)?;
+            admin
+                .lift_block(wire::block_kind(&request.kind)?, &request.subject)
+                .await?;
             Ok(pb::LiftBlockResponse {})
         };
         self.guards

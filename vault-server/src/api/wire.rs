@@ -80,14 +80,15 @@ pub fn tokenize_batch(request: pb::TokenizeBatchRequest) -> TokenizeBatch {
     }
 }
 
-pub fn tokenized(done: &Tokenized) -> pb::TokenizeResponse {
+/// `fingerprints`: whether the caller may see keyed fingerprints (empty otherwise).
+pub fn tokenized(done: &Tokenized, fingerprints: bool) -> pb::TokenizeResponse {
     pb::TokenizeResponse {
-        info: Some(token_info(&done.token, &done.metadata)),
+        info: Some(token_info(&done.token, &done.metadata, fingerprints)),
         reused: done.reused,
     }
 }
 
-pub fn batch_results(items: Vec<BatchItem>) -> pb::TokenizeBatchResponse {
+pub fn batch_results(items: Vec<BatchItem>, fingerprints: bool) -> pb::TokenizeBatchResponse {
     use pb::batch_item_result::Outcome;
     let results = items
         .into_iter()
@@ -95,7 +96,7 @@ pub fn batch_results(items: Vec<BatchItem>) -> pb::TokenizeBatchResponse {
         .map(|(index, item)| pb::BatchItemResult {
             index: index as u32,
             outcome: Some(match item {
-                BatchItem::Stored(done) => Outcome::Stored(tokenized(&done)),
+                BatchItem::Stored(done) => Outcome::Stored(tokenized(&done, fingerprints)),
                 BatchItem::Invalid(violation) => Outcome::Invalid(pb::FieldViolation {
                     field: violation.field.to_owned(),
                     rule: violation.rule.to_owned(),
@@ -107,14 +108,17 @@ pub fn batch_results(items: Vec<BatchItem>) -> pb::TokenizeBatchResponse {
     pb::TokenizeBatchResponse { results }
 }
 
-pub fn token_info(token: &Token, metadata: &Metadata) -> pb::TokenInfo {
+pub fn token_info(token: &Token, metadata: &Metadata, fingerprints: bool) -> pb::TokenInfo {
     pb::TokenInfo {
         token: token.as_str().to_owned(),
         brand: brand(metadata.brand) as i32,
         last_four: String::from_utf8_lossy(&metadata.last_four).into_owned(),
         exp_month: u32::from(metadata.expiry.month),
         exp_year: u32::from(metadata.expiry.year),
-        fingerprint: hex::encode(metadata.fingerprint.value),
+        fingerprint: match fingerprints {
+            true => hex::encode(metadata.fingerprint.value),
+            false => String::new(),
+        },
         created_at_unix_ms: metadata.created_at_unix_ms,
         key_version: metadata.key_version,
         expires_at_unix_ms: metadata.expires_at_unix_ms,
@@ -286,6 +290,6 @@ pub fn block_kind(kind: &str) -> Result<Kind, VaultError> {
     Kind::parse(kind).ok_or(VaultError::Invalid(Violation {
         field: "kind",
         rule: "enum",
-        description: "must be identity or address",
+        description: "must be identity, address or guessing",
     }))
 }

@@ -123,9 +123,8 @@ impl<S: Store> Admin<S> {
         if !path.is_dir() {
             return Err(VaultError::BackupNotFound);
         }
-        let erasures = erasures::fetch(self.records.keys())
-            .await
-            .map_err(|status| VaultError::Erasures(status.message().to_owned()))?;
+        let store_id = erasures::store_id(self.records.store().as_ref()).await?;
+        let erasures = erasures::all(self.records.keys(), &store_id).await?;
         let keys = self.records.keys().snapshot();
         let counts = tokio::task::spawn_blocking(move || {
             let mut counts = BackupCheck::default();
@@ -191,9 +190,11 @@ impl<S: Store> Admin<S> {
         }
     }
 
-    /// The blocks in force, with when each ends.
+    /// The blocks in force, with when each ends, then the guessing flags (which end
+    /// only when lifted: 0).
     pub fn blocks(&self) -> Vec<(Block, i64)> {
         let now = now_unix_ms();
+        let flagged_after = self.records.guessing().settings().max_cards_per_bucket + 1;
         self.lockout
             .list(Instant::now())
             .into_iter()
@@ -201,11 +202,24 @@ impl<S: Store> Admin<S> {
                 let until = now + block.remaining.as_millis() as i64;
                 (block, until)
             })
+            .chain(self.records.guessing_flags().into_iter().map(|subject| {
+                let flag = Block {
+                    kind: Kind::Guessing,
+                    subject,
+                    remaining: std::time::Duration::ZERO,
+                    failures: flagged_after,
+                };
+                (flag, 0)
+            }))
             .collect()
     }
 
-    pub fn lift_block(&self, kind: Kind, subject: &str) -> Result<(), VaultError> {
-        if !self.lockout.lift(kind, subject, Instant::now()) {
+    pub async fn lift_block(&self, kind: Kind, subject: &str) -> Result<(), VaultError> {
+        let lifted = match kind {
+            Kind::Guessing => self.records.lift_guessing_flag(subject).await?,
+            Kind::Identity | Kind::Address => self.lockout.lift(kind, subject, Instant::now()),
+        };
+        if !lifted {
             return Err(VaultError::NoSuchBlock);
         }
         tracing::info!(kind = kind.name(), subject = %subject, "block lifted");

@@ -14,6 +14,7 @@ mod admin;
 mod audit_log;
 pub mod erasures;
 mod forward;
+pub mod guessing;
 mod health;
 mod journal;
 mod records;

@@ -14,6 +14,7 @@ use crate::card::{CardData, Pan};
 use crate::cvc::CvcStore;
 use crate::error::VaultError;
 use crate::forward::idempotency;
+use crate::guessing::Detector;
 use crate::keys::Keys;
 use crate::policy::{Caller, Tenant};
 use crate::record::{self, Fingerprint, StoredRecord};
@@ -45,6 +46,8 @@ pub struct Records<S> {
     journal: Arc<Journal>,
     /// Shared with the keyservice usage reports, which count them.
     cvcs: Arc<CvcStore>,
+    /// Counts the card numbers each identity brings, per first six and last four.
+    guessing: Detector,
     settings: RecordSettings,
     /// Deletes since the store was last compacted (the purge job compacts).
     deleted_since_compaction: AtomicU64,
@@ -61,6 +64,7 @@ impl<S: Store> Records<S> {
         keys: Arc<Keys>,
         journal: Arc<Journal>,
         cvcs: Arc<CvcStore>,
+        guessing: Detector,
         settings: RecordSettings,
     ) -> Self {
         Self {
@@ -68,6 +72,7 @@ impl<S: Store> Records<S> {
             keys,
             journal,
             cvcs,
+            guessing,
             settings,
             deleted_since_compaction: AtomicU64::new(0),
             tombstones_pruned_at_ms: AtomicI64::new(0),
@@ -89,6 +94,10 @@ impl<S: Store> Records<S> {
     /// The in-memory CVCs.
     pub fn cvcs(&self) -> &Arc<CvcStore> {
         &self.cvcs
+    }
+
+    pub(super) fn guessing(&self) -> &Detector {
+        &self.guessing
     }
 
     pub(super) fn settings(&self) -> &RecordSettings {
@@ -267,8 +276,15 @@ impl<S: Store> Records<S> {
         Ok(tokens)
     }
 
-    /// The caller's live tokens of the card `pan`.
+    /// The caller's live tokens of the card `pan`. Rate-limited per identity.
     pub async fn find_subject(&self, caller: &Caller, pan: &Pan) -> Result<Vec<Token>, VaultError> {
+        if !self
+            .guessing
+            .allow_find(&caller.identity, std::time::Instant::now())
+        {
+            return Err(VaultError::SubjectRateLimited);
+        }
+        self.watch_guessing(caller, pan).await?;
         let mut tokens = Vec::new();
         for token in self.subject_tokens(caller, pan).await? {
             // Another tenant's or an expired token is not the caller's.
@@ -286,6 +302,7 @@ impl<S: Store> Records<S> {
         caller: &Caller,
         pan: &Pan,
     ) -> Result<Vec<Token>, VaultError> {
+        self.watch_guessing(caller, pan).await?;
         let mut erased = Vec::new();
         for token in self.subject_tokens(caller, pan).await? {
             match self.delete(caller, &token).await {

@@ -13,6 +13,15 @@ use crate::record::{self, Fingerprint, Metadata};
 use crate::store::{InsertOutcome, NewRecord, Store};
 use crate::token::Token;
 
+/// A batch item refused by the guessing detector (the whole call is, for Tokenize).
+const GUESSING_REFUSED: Violation = Violation {
+    field: "cards",
+    rule: "guessing",
+    description: "refused: this identity brought too many different cards with the same \
+                  first six and last four digits; an admin must lift the flag \
+                  (vaultctl blocks list)",
+};
+
 /// The longest retention a token can be given: 100 years.
 const MAX_TTL_SECS: u64 = 3_155_760_000;
 
@@ -69,6 +78,8 @@ impl<S: Store> Records<S> {
         let expires_at = self.expires_at(caller, ttl_secs, now)?;
         let (mut metadata, older) = self.metadata(caller, &card, now, reuse_existing);
         metadata.expires_at_unix_ms = expires_at;
+        self.watch_fingerprint(caller, &card.pan, &metadata.fingerprint.value)
+            .await?;
         for _ in 0..ATTEMPTS {
             let record = self
                 .seal(&mut metadata, &card, reuse_existing, &older)
@@ -126,7 +137,16 @@ impl<S: Store> Records<S> {
                     let (mut metadata, older) =
                         self.metadata(caller, &card, now, request.reuse_existing);
                     metadata.expires_at_unix_ms = expires_at;
-                    waiting.push((index, card, metadata, older));
+                    match self
+                        .watch_fingerprint(caller, &card.pan, &metadata.fingerprint.value)
+                        .await
+                    {
+                        Ok(()) => waiting.push((index, card, metadata, older)),
+                        Err(VaultError::Guessing) => {
+                            results[index] = Some(BatchItem::Invalid(GUESSING_REFUSED));
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
                 Err(violation) => results[index] = Some(BatchItem::Invalid(violation)),
             }

@@ -435,6 +435,13 @@ async fn a_delete_leaves_an_unsent_erasure_until_sent(store: impl Store) {
     assert_eq!(store.unsent_erasures(10).await.unwrap(), all[2..]);
     // Sending does not forget the tombstone.
     assert!(store.tombstoned(vec![all[0].key.clone()]).await.unwrap());
+    assert_eq!(
+        store
+            .missing_tombstones(vec![b"none".to_vec(), all[1].key.clone(), b"nor".to_vec()])
+            .await
+            .unwrap(),
+        vec![b"none".to_vec(), b"nor".to_vec()]
+    );
 }
 
 async fn every_record_is_listed_in_token_order(store: impl Store) {

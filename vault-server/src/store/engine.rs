@@ -106,6 +106,10 @@ impl Store for Engine {
         each!(self, s => s.put_meta(key, value).await)
     }
 
+    async fn init_meta(&self, key: &str, value: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        each!(self, s => s.init_meta(key, value).await)
+    }
+
     async fn list_meta(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         each!(self, s => s.list_meta(prefix).await)
     }
@@ -138,6 +142,10 @@ impl Store for Engine {
 
     async fn prune_tombstones(&self, before_unix_ms: i64) -> Result<usize, StoreError> {
         each!(self, s => s.prune_tombstones(before_unix_ms).await)
+    }
+
+    async fn missing_tombstones(&self, keys: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, StoreError> {
+        each!(self, s => s.missing_tombstones(keys).await)
     }
 
     async fn unsent_erasures(&self, limit: usize) -> Result<Vec<Tombstone>, StoreError> {

@@ -373,6 +373,12 @@ pub trait Store: Send + Sync + 'static {
         keys: Vec<Vec<u8>>,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
+    /// Those of `keys` under which no tombstone is stored.
+    fn missing_tombstones(
+        &self,
+        keys: Vec<Vec<u8>>,
+    ) -> impl Future<Output = Result<Vec<Vec<u8>>, StoreError>> + Send;
+
     /// Deletes the tombstones of deletions before `before_unix_ms`; returns how many.
     fn prune_tombstones(
         &self,
@@ -421,6 +427,15 @@ pub trait Store: Send + Sync + 'static {
         key: &str,
         value: Vec<u8>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Stores `value` under `key` unless a value is stored there already (by another
+    /// vault of a shared database too), and returns the value stored: the one way to
+    /// make a value every vault of a database agrees on.
+    fn init_meta(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+    ) -> impl Future<Output = Result<Vec<u8>, StoreError>> + Send;
 
     /// The `meta` keys that start with `prefix`, without it.
     fn list_meta(

@@ -1,5 +1,6 @@
 //! `vaultctl blocks ...`: the identities and addresses the vault blocks after repeated
-//! failures, and lifting a block before it ends.
+//! failures, the identities its guessing detector flagged (until lifted), and lifting
+//! a block or flag.
 //!
 //! The table has a header line, columns at least two spaces apart, times in UTC to the
 //! second. When changing a line's wording, check `tests/` for parsers of it.
@@ -15,8 +16,8 @@ use crate::output::{Align, print_json, table, utc};
 
 #[derive(Debug, Subcommand)]
 pub enum BlocksCommand {
-    /// List the blocks in force: kind, subject, until when, and the failures that led
-    /// to each.
+    /// List the blocks in force: kind, subject, until when ("until lifted" for
+    /// guessing flags), and the failures (or different cards) that led to each.
     List {
         /// Print the blocks as JSON.
         #[arg(long)]
@@ -27,7 +28,8 @@ pub enum BlocksCommand {
         /// What is blocked.
         #[arg(value_enum)]
         kind: BlockKind,
-        /// The client identity or the address, as `blocks list` shows it.
+        /// The client identity, the address, or for a guessing flag "<identity> bucket
+        /// <id>", as `blocks list` shows it.
         subject: String,
     },
 }
@@ -39,6 +41,8 @@ pub enum BlockKind {
     Identity,
     /// A peer address.
     Address,
+    /// An identity flagged for card guessing in one bucket (first six, last four).
+    Guessing,
 }
 
 impl BlockKind {
@@ -46,6 +50,7 @@ impl BlockKind {
         match self {
             BlockKind::Identity => "identity",
             BlockKind::Address => "address",
+            BlockKind::Guessing => "guessing",
         }
     }
 }
@@ -81,7 +86,10 @@ fn blocks_table(blocks: &[Block]) -> String {
             vec![
                 b.kind.clone(),
                 b.subject.clone(),
-                utc(b.until_unix_ms),
+                match b.until_unix_ms {
+                    0 => "until lifted".to_owned(),
+                    until => utc(until),
+                },
                 b.failures.to_string(),
             ]
         })

@@ -6,3 +6,7 @@ CREATE TABLE unsent_erasures (
     key bytea PRIMARY KEY,
     deleted_at_unix_ms bigint NOT NULL
 );
+-- Deletions made before this migration are sent too, so that a backup from before it
+-- does not bring them back either.
+INSERT INTO unsent_erasures (key, deleted_at_unix_ms)
+    SELECT key, deleted_at_unix_ms FROM tombstones;

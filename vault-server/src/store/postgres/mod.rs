@@ -382,6 +382,20 @@ impl Store for PgStore {
         Ok(pruned as usize)
     }
 
+    async fn missing_tombstones(&self, keys: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query("SELECT key FROM tombstones WHERE key = ANY($1)", &[&keys])
+            .await
+            .map_err(pg)?;
+        let stored: std::collections::HashSet<Vec<u8>> =
+            rows.iter().map(|row| row.get(0)).collect();
+        Ok(keys
+            .into_iter()
+            .filter(|key| !stored.contains(key))
+            .collect())
+    }
+
     async fn unsent_erasures(&self, limit: usize) -> Result<Vec<Tombstone>, StoreError> {
         let client = self.client().await?;
         let rows = client
@@ -481,6 +495,22 @@ impl Store for PgStore {
     async fn put_meta(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
         let key = key.to_owned();
         self.submit(|reply| Op::PutMeta { key, value, reply }).await
+    }
+
+    async fn init_meta(&self, key: &str, value: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+                &[&key, &value],
+            )
+            .await
+            .map_err(pg)?;
+        let row = client
+            .query_one("SELECT value FROM meta WHERE key = $1", &[&key])
+            .await
+            .map_err(pg)?;
+        Ok(row.get(0))
     }
 
     async fn list_meta(&self, prefix: &str) -> Result<Vec<String>, StoreError> {

@@ -152,6 +152,32 @@ fn classify(message: String) -> StoreError {
     }
 }
 
+/// `meta` key present once the deletions made before erasures were sent to the
+/// keyservice (the tombstones then held) are queued to be sent too.
+const ERASURES_SEEDED: &[u8] = b"erasures-seeded";
+
+/// Queues every tombstone as an unsent erasure, once: deletions made before this
+/// version reach the keyservice too, so that an older backup does not bring them back.
+fn seed_unsent_erasures(db: &DB) -> Result<(), StoreError> {
+    let meta = family(db, META)?;
+    if db.get_cf(meta, ERASURES_SEEDED).map_err(engine)?.is_some() {
+        return Ok(());
+    }
+    let mut batch = rocksdb::WriteBatch::default();
+    let unsent = family(db, UNSENT_ERASURES)?;
+    let mut iter = db.raw_iterator_cf(family(db, TOMBSTONES)?);
+    iter.seek_to_first();
+    while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
+        batch.put_cf(unsent, key, value);
+        iter.next();
+    }
+    iter.status().map_err(engine)?;
+    batch.put_cf(meta, ERASURES_SEEDED, []);
+    let mut sync = rocksdb::WriteOptions::default();
+    sync.set_sync(true);
+    db.write_opt(batch, &sync).map_err(engine)
+}
+
 impl RocksStore {
     /// Opens (or creates) the database in `dir` and starts the writer thread. A
     /// database from before the `versions` column family is indexed once, with
@@ -177,6 +203,7 @@ impl RocksStore {
             index_records(&db, indexes_of)?;
         }
         drop_old_families(&mut db)?;
+        seed_unsent_erasures(&db)?;
         let db = Arc::new(db);
         let counts = Arc::new(Mutex::new(load_counts(&db)?));
         let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
@@ -467,6 +494,15 @@ impl Store for RocksStore {
         .await
     }
 
+    async fn init_meta(&self, key: &str, value: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        // One vault per data directory (the lock says so) and one start-up at a time.
+        if let Some(stored) = self.get_meta(key).await? {
+            return Ok(stored);
+        }
+        self.put_meta(key, value.clone()).await?;
+        Ok(value)
+    }
+
     async fn append_audit(&self, seal: AuditSeal) -> Result<Vec<u64>, StoreError> {
         // Chained and committed by the writer, with whatever data its group holds.
         self.submit(|reply| Op::Audit { seal, reply }).await
@@ -545,6 +581,18 @@ impl Store for RocksStore {
             .await?;
         }
         Ok(pruned)
+    }
+
+    async fn missing_tombstones(&self, keys: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, StoreError> {
+        let db = self.db()?;
+        let cf = family(&db, TOMBSTONES)?;
+        let mut missing = Vec::new();
+        for key in keys {
+            if db.get_pinned_cf(cf, &key).map_err(engine)?.is_none() {
+                missing.push(key);
+            }
+        }
+        Ok(missing)
     }
 
     async fn unsent_erasures(&self, limit: usize) -> Result<Vec<Tombstone>, StoreError> {
