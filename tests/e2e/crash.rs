@@ -9,7 +9,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use integration_tests::{ADMIN, Process, StackDir, synthetic_pan};
+use integration_tests::{ADMIN, Process, StackDir};
 use vault_client::{BatchItem, Card, ForwardRequest, KeyServiceClient, TokenInfo, VaultClient};
 
 const CLIENTS: usize = 8;
@@ -201,7 +201,7 @@ async fn drive(
                     let seq = first + client_no * 1_000_000 + n * 10;
                     let result = if n % 5 == 4 {
                         let cards: Vec<Card> = (0..5)
-                            .map(|k| Card::new(&synthetic_pan("53", seq + k, 16), 9, 2031))
+                            .map(|k| Card::new(&testcards::card_number(seq + k), 9, 2031))
                             .collect();
                         client.tokenize_batch(&cards, false).await.map(|items| {
                             items
@@ -214,7 +214,7 @@ async fn drive(
                         })
                     } else {
                         client
-                            .tokenize(Card::new(&synthetic_pan("41", seq, 16), 9, 2031), false)
+                            .tokenize(Card::new(&testcards::card_number(seq), 9, 2031), false)
                             .await
                             .map(|info| vec![info])
                     };
