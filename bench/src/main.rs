@@ -15,8 +15,8 @@
 //! ```
 //!
 //! Card numbers are synthetic (Luhn-valid, from `testcards`, spread over issuers as real
-//! cards are); none is ever printed. The
-//! one fixed number, in `--write-h2load-body`, is the published Visa test card.
+//! cards are); none is ever printed. The one fixed number, in `--write-h2load-body`, is
+//! the published Visa test card.
 
 // A command-line tool: what it prints is its output.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
