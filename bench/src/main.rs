@@ -359,6 +359,7 @@ async fn call(
                     body: r#"{"number":"{{card.number}}","exp_month":"{{card.exp_month}}","exp_year":"{{card.exp_year}}"}"#.into(),
                     token,
                     idempotency_key: None,
+                    reason: Some("benchmark".into()),
                 })
                 .await
                 .map(|_| 1)?)

@@ -55,6 +55,7 @@ async fn a_scripted_scenario_leaves_the_expected_events_and_no_card_data() {
             body: r#"{"number":"{{card.number}}","exp_month":"{{card.exp_month}}","exp_year":"{{card.exp_year}}","cvc":"{{card.cvc}}"}"#.into(),
             token: stored.token.clone(),
             idempotency_key: None,
+            reason: None,
         })
         .await
         .unwrap();
@@ -456,6 +457,7 @@ async fn a_forward_the_caller_abandons_is_still_audited() {
             body: r#"{"number":"{{card.number}}","exp_month":"{{card.exp_month}}","exp_year":"{{card.exp_year}}"}"#.into(),
             token: token.clone(),
             idempotency_key: None,
+            reason: None,
         })
         .await
         .unwrap_err();

@@ -146,6 +146,7 @@ async fn crash_cycles(cycles: usize) {
                 body: r#"{"number":"{{card.number}}","exp_month":"{{card.exp_month}}","exp_year":"{{card.exp_year}}"}"#.into(),
                 token: info.token.clone(),
                 idempotency_key: None,
+                reason: None,
             })
             .await
             .unwrap();

@@ -503,3 +503,73 @@ async fn an_unknown_outcome_is_not_retried_under_the_same_key() {
     );
     stack.stop().await;
 }
+
+/// A forward says why the card is sent: required where the processor's config says
+/// so, checked (bounded, printable, nothing like a card number, never echoed), and
+/// kept in the audit log with the intent and the call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_gives_its_reason_to_the_audit_log() {
+    let stack = Stack::start().await;
+    let mut client = stack.client(ADMIN).await;
+    let token = tokenize(&mut client, Card::new("4242424242424242", 12, 2030)).await;
+    let sent_before = stack.sandbox.requests().len();
+    let with_reason = |reason: Option<&str>| ForwardRequest {
+        reason: reason.map(str::to_owned),
+        ..charge("reasoned", &token, CHARGE)
+    };
+    let long = "x".repeat(201);
+    for (reason, rule) in [
+        (None, "required"),
+        (Some("refund of 4242 4242 4242 4242"), "card_number"),
+        (Some("ref 5555-5555-5555-4444 again"), "card_number"),
+        (Some("line\nbreak"), "characters"),
+        (Some(long.as_str()), "too_long"),
+    ] {
+        let err = client.forward(with_reason(reason)).await.unwrap_err();
+        assert_eq!(err.code(), Some(Code::InvalidArgument), "{reason:?}: {err}");
+        let message = err.to_string();
+        assert!(
+            message.contains("reason") && message.contains(rule),
+            "{reason:?}: {message}"
+        );
+        assert!(
+            !message.contains("4242") && !message.contains("5555"),
+            "{message}"
+        );
+    }
+    assert_eq!(
+        stack.sandbox.requests().len(),
+        sent_before,
+        "nothing was sent"
+    );
+
+    let reason = "recurring charge 2026-12 (order 12345678901)";
+    let answer = client.forward(with_reason(Some(reason))).await.unwrap();
+    assert_eq!(answer.status, 200);
+    // Elsewhere a reason is optional.
+    client
+        .forward(charge("sandbox", &token, CHARGE))
+        .await
+        .unwrap();
+
+    let events = client.read_audit(0, None, None, 0).await.unwrap().events;
+    for action in ["ForwardStarted", "Forward"] {
+        let event = events
+            .iter()
+            .find(|e| {
+                e.action == action
+                    && e.processor.as_deref() == Some("reasoned")
+                    && e.outcome != "INVALID_ARGUMENT"
+            })
+            .unwrap_or_else(|| panic!("no {action} event"));
+        assert_eq!(event.reason.as_deref(), Some(reason), "{event:?}");
+    }
+    // A refused forward's event keeps no reason: it was not checked.
+    assert!(
+        events
+            .iter()
+            .filter(|e| e.outcome == "INVALID_ARGUMENT")
+            .all(|e| e.reason.is_none())
+    );
+    stack.stop().await;
+}

@@ -111,6 +111,7 @@ async fn no_card_data_in_files_or_trace_logs() {
             body: r#"{"number":"{{card.number}}","exp_month":"{{card.exp_month}}","exp_year":"{{card.exp_year}}","name":"{{card.name}}","cvc":"{{card.cvc}}"}"#.into(),
             token: token.clone(),
             idempotency_key: Some(format!("leak-{i}")),
+            reason: None,
         };
         if i == 0 {
             request.headers.push(("x-sandbox-echo".into(), "1".into()));

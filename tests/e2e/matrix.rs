@@ -302,6 +302,7 @@ impl Rpc {
                         body: CHARGE.into(),
                         token: fixtures.token.clone(),
                         idempotency_key: String::new(),
+                        reason: String::new(),
                     })
                     .await?
                     .into_inner();

@@ -90,7 +90,7 @@ impl StackDir {
 [[identity]]
 id = "{admin}"
 tenant = "acme"
-permissions = ["tokenize", "read", "delete", "subject", "fingerprint", "admin", "audit", "forward:sandbox", "forward:slow", "forward:down", "forward:tiny", "forward:pinned", "forward:foreign-ca", "forward:loopback-denied"]
+permissions = ["tokenize", "read", "delete", "subject", "fingerprint", "admin", "audit", "forward:sandbox", "forward:slow", "forward:down", "forward:tiny", "forward:pinned", "forward:foreign-ca", "forward:loopback-denied", "forward:reasoned"]
 
 [[identity]]
 id = "{reader}"
@@ -325,6 +325,7 @@ pub fn charge(processor: &str, token: &str, body: &str) -> vault_client::Forward
         body: body.into(),
         token: token.into(),
         idempotency_key: None,
+        reason: None,
     }
 }
 
@@ -460,6 +461,7 @@ inject = {{ number = ["body"], exp_month = ["body"], exp_year = ["body"], name =
             "spki_sha256_pins = [\"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"]",
         ),
         entry("foreign-ca", &sandbox, &foreign_ca, ""),
+        entry("reasoned", &sandbox, &ca, "require_reason = true"),
         entry("loopback-denied", &sandbox, &ca, "").replace(
             "allow_private_network = true",
             "allow_private_network = false",

@@ -328,6 +328,9 @@ pub struct ForwardRequest {
     pub token: String,
     /// A retry with the same key returns the stored outcome instead of charging again.
     pub idempotency_key: Option<String>,
+    /// Why the card is sent ("recurring charge 2026-12"): kept in the audit log;
+    /// required by processors configured with `require_reason`.
+    pub reason: Option<String>,
 }
 
 impl fmt::Debug for ForwardRequest {
@@ -508,6 +511,7 @@ impl VaultClient {
                 body: request.body,
                 token: request.token,
                 idempotency_key: request.idempotency_key.unwrap_or_default(),
+                reason: request.reason.unwrap_or_default(),
             })
             .await?
             .into_inner();
@@ -803,6 +807,8 @@ pub struct AuditEvent {
     pub request_id: Option<String>,
     /// Free detail without card data (e.g. the velocity rule that flagged a forward).
     pub detail: Option<String>,
+    /// A forward's reason, as the caller gave it.
+    pub reason: Option<String>,
     /// Version of the audit key that chains this entry.
     pub audit_key_version: u32,
     /// Hex of the entry's chain value (the MAC the next entry chains on, and what the
@@ -830,6 +836,7 @@ impl AuditEvent {
             peer: text(e.peer),
             request_id: text(e.request_id),
             detail: text(e.detail),
+            reason: text(e.reason),
             audit_key_version: e.audit_key_version,
             chain: hex::encode(&e.chain),
             chained_on: (!e.chained_on.is_empty()).then(|| hex::encode(&e.chained_on)),

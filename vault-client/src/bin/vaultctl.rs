@@ -156,6 +156,9 @@ struct ForwardArgs {
     /// A retry with the same key returns the stored outcome instead of charging again.
     #[arg(long)]
     idempotency_key: Option<String>,
+    /// Why the card is sent ("recurring charge 2026-12"), kept in the audit log.
+    #[arg(long)]
+    reason: Option<String>,
     /// Print status, headers and body as JSON.
     #[arg(long)]
     json: bool,
@@ -506,6 +509,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     body,
                     token: args.token,
                     idempotency_key: args.idempotency_key,
+                    reason: args.reason,
                 })
                 .await
                 .context("forward")?;

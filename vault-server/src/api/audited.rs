@@ -77,6 +77,8 @@ impl Audited for pb::ForwardRequest {
     fn describe(&self, event: &mut AuditEvent) {
         event.token = self.token.clone();
         event.processor = self.processor.clone();
+        // Merged into the call's event only if the call succeeds, so only once checked.
+        event.reason = self.reason.clone();
     }
 }
 impl Audited for pb::ForwardResponse {

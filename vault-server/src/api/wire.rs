@@ -152,6 +152,7 @@ pub fn forward(request: pb::ForwardRequest) -> ForwardRequest {
         body: request.body,
         token: request.token,
         idempotency_key: request.idempotency_key,
+        reason: request.reason,
     }
 }
 
@@ -227,6 +228,7 @@ pub fn audit_page(page: AuditPage) -> pb::ReadAuditResponse {
 
 fn audit_event(event: AuditEvent, audit_key_version: u32, chain: [u8; 32]) -> pb::AuditEvent {
     pb::AuditEvent {
+        reason: event.reason,
         sequence: event.sequence,
         at_unix_ms: event.at_unix_ms,
         actor: event.actor,

@@ -60,6 +60,9 @@ pub struct AuditEvent {
     pub request_id: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub detail: String,
+    /// A forward's access reason (checked: no card-number-like digits).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
     /// Set on the first entry after a gap (entries missing below it): the hex chain
     /// value of the head it follows, which its MAC is computed over in place of the
     /// missing entry's. `verify` checks it, reports the gap, and goes on after it.
@@ -85,6 +88,9 @@ impl AuditEvent {
         }
         if !self.detail.is_empty() {
             event.detail = self.detail;
+        }
+        if !self.reason.is_empty() {
+            event.reason = self.reason;
         }
     }
 }

@@ -92,6 +92,7 @@ pub struct Processor {
     inject: BTreeMap<String, Vec<String>>,
     allowed_identities: Vec<String>,
     max_response_bytes: usize,
+    require_reason: bool,
     client: reqwest::Client,
 }
 
@@ -132,6 +133,7 @@ impl Processors {
                         format!("processor {:?}: allowed_identities: {e}", settings.name)
                     })?,
                 max_response_bytes: settings.max_response_bytes,
+                require_reason: settings.require_reason,
                 client: net::client(settings)?,
             };
             if processors
@@ -235,6 +237,11 @@ impl Processor {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether every forward must give a reason.
+    pub fn requires_reason(&self) -> bool {
+        self.require_reason
     }
 
     /// Renders the card into the request, sends it, and reads the masked answer.

@@ -40,6 +40,10 @@ pub struct ProcessorSettings {
     /// Allow loopback and private addresses (sandboxes and tests only). Off by default.
     #[serde(default)]
     pub allow_private_network: bool,
+    /// Every forward to this processor must give a reason (`ForwardRequest.reason`),
+    /// kept in the audit log.
+    #[serde(default)]
+    pub require_reason: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -49,6 +49,8 @@ pub struct ForwardRequest {
     pub token: String,
     /// Empty: none.
     pub idempotency_key: String,
+    /// Why the card is sent (empty: none given); see [`check_reason`].
+    pub reason: String,
 }
 
 /// What the processor answered (masked), or the stored answer replayed.
@@ -96,6 +98,53 @@ fn invalid(field: &'static str, rule: &'static str, description: &'static str) -
         rule,
         description,
     })
+}
+
+/// The longest reason, in characters.
+const MAX_REASON_CHARS: usize = 200;
+/// The shortest run of digits (with spaces, dashes or dots between) a reason may not
+/// hold: the shortest card number.
+const CARD_LIKE_DIGITS: usize = 12;
+
+/// A forward's reason: bounded, printable, and with nothing that could be a card
+/// number (a reason is free text, kept in the audit log and shown by `audit tail`).
+pub fn check_reason(reason: &str) -> Result<(), VaultError> {
+    if reason.chars().count() > MAX_REASON_CHARS {
+        return Err(invalid(
+            "reason",
+            "too_long",
+            "must be at most 200 characters",
+        ));
+    }
+    if reason.chars().any(char::is_control) {
+        return Err(invalid(
+            "reason",
+            "characters",
+            "must not hold control characters",
+        ));
+    }
+    let mut run = 0;
+    let mut separated = false;
+    for c in reason.chars() {
+        if c.is_ascii_digit() {
+            run += 1;
+            separated = false;
+        } else if matches!(c, ' ' | '-' | '.') && run > 0 && !separated {
+            // One separator between digits keeps the run going ("4242 4242 ...").
+            separated = true;
+        } else {
+            run = 0;
+            separated = false;
+        }
+        if run >= CARD_LIKE_DIGITS {
+            return Err(invalid(
+                "reason",
+                "card_number",
+                "must not hold 12 or more digits in a row: nothing that could be a card number",
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl<S: Store> Forwarder<S> {
@@ -166,7 +215,14 @@ impl<S: Store> Forwarder<S> {
             }
         }
         let opened = match self
-            .prepare(caller, processor, &outbound, &stored, &mut unsent)
+            .prepare(
+                caller,
+                processor,
+                &outbound,
+                &request.reason,
+                &stored,
+                &mut unsent,
+            )
             .await
         {
             Ok(opened) => opened,
@@ -283,6 +339,7 @@ impl<S: Store> Forwarder<S> {
         caller: &Caller,
         processor: &Processor,
         outbound: &Outbound,
+        reason: &str,
         stored: &StoredRecord,
         unsent: &mut Unsent<'_, S>,
     ) -> Result<(CardData, Option<Zeroizing<String>>), VaultError> {
@@ -300,7 +357,7 @@ impl<S: Store> Forwarder<S> {
         // The card leaves the vault only once that is on record.
         self.records
             .journal()
-            .intent(caller, "ForwardStarted", token, processor.name())
+            .intent(caller, "ForwardStarted", token, processor.name(), reason)
             .await?;
         let card = self.records.open(token, stored)?;
         let cvc = match &unsent.cvc {
@@ -393,6 +450,14 @@ impl<S: Store> Forwarder<S> {
                 "body",
                 "content_type",
                 "{{card.name}} in a body needs a JSON or form-encoded content-type header",
+            ));
+        }
+        check_reason(&request.reason)?;
+        if request.reason.is_empty() && processor.requires_reason() {
+            return Err(invalid(
+                "reason",
+                "required",
+                "this processor requires a reason for every forward",
             ));
         }
         let token = Token::parse(&request.token).map_err(VaultError::Invalid)?;
@@ -627,4 +692,41 @@ async fn write_not_sent<S: Store>(store: Arc<S>, held: Held) -> Result<(), Vault
         tracing::debug!("idempotency key claimed by another forward: not released");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(reason: &str) -> Option<&'static str> {
+        match check_reason(reason) {
+            Ok(()) => None,
+            Err(VaultError::Invalid(violation)) => Some(violation.rule),
+            Err(other) => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn a_reason_holds_nothing_like_a_card_number() {
+        for fine in [
+            "",
+            "recurring charge 2026-12",
+            "order 12345678901",
+            "ref 1234 5678 901",
+            "invoice 2026-12-07 / 10:30",
+        ] {
+            assert_eq!(rule(fine), None, "{fine}");
+        }
+        for card_like in [
+            "424242424242",
+            "pan 4242 4242 4242 4242",
+            "5555-5555-5555-4444",
+            "3782.822463.10005",
+        ] {
+            assert_eq!(rule(card_like), Some("card_number"), "{card_like}");
+        }
+        assert_eq!(rule("a\tb"), Some("characters"));
+        assert_eq!(rule(&"é".repeat(200)), None);
+        assert_eq!(rule(&"é".repeat(201)), Some("too_long"));
+    }
 }

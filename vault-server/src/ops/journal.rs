@@ -53,6 +53,7 @@ impl Journal {
         action: &str,
         token: &Token,
         processor: &str,
+        reason: &str,
     ) -> Result<(), VaultError> {
         self.audit(AuditEvent {
             at_unix_ms: now_unix_ms(),
@@ -62,6 +63,7 @@ impl Journal {
             tenant: caller.tenant.as_str().to_owned(),
             token: token.as_str().to_owned(),
             processor: processor.to_owned(),
+            reason: reason.to_owned(),
             outcome: "started".into(),
             request_id: caller.request_id.clone(),
             ..AuditEvent::default()

@@ -194,7 +194,7 @@ impl<S: Store> Records<S> {
             let (bytes, stored) = self.load_bytes(caller, token).await?;
             if attempt == 0 {
                 self.journal
-                    .intent(caller, "DeleteStarted", token, "")
+                    .intent(caller, "DeleteStarted", token, "", "")
                     .await?;
             }
             let tombstone = self.tombstone_now(&stored.metadata.tenant, token);

@@ -4,11 +4,12 @@
 //! is one line: in text,
 //!
 //! ```text
-//! #<seq> <time> <actor> <action> <outcome> tenant=<t> token=<tok> count=<n> processor=<p> key_version=<v> peer=<addr> request_id=<id> detail=<d>
+//! #<seq> <time> <actor> <action> <outcome> tenant=<t> token=<tok> count=<n> processor=<p> key_version=<v> peer=<addr> request_id=<id> reason="<r>" detail=<d>
 //! ```
 //!
 //! with the time in UTC, RFC 3339 to the millisecond, the `key=value` fields left out
-//! when empty, `detail` (free text, may hold spaces) always last, and control
+//! when empty, `reason` (a forward's, free text) quoted, `detail` (free text, may hold
+//! spaces) always last, and control
 //! characters escaped; in JSON, one object per line with every field of
 //! [`vault_client::AuditEvent`] (null when empty). When changing a line's wording,
 //! check `tests/` for parsers of it.
@@ -260,11 +261,16 @@ pub fn event_line(e: &AuditEvent) -> String {
         ("key_version", key_version.as_deref()),
         ("peer", e.peer.as_deref()),
         ("request_id", e.request_id.as_deref()),
-        ("detail", e.detail.as_deref()),
     ] {
         if let Some(value) = value.filter(|v| !v.is_empty()) {
             line.push_str(&format!(" {key}={}", printable(value)));
         }
+    }
+    if let Some(reason) = e.reason.as_deref().filter(|r| !r.is_empty()) {
+        line.push_str(&format!(" reason={:?}", printable(reason)));
+    }
+    if let Some(detail) = e.detail.as_deref().filter(|d| !d.is_empty()) {
+        line.push_str(&format!(" detail={}", printable(detail)));
     }
     line
 }
@@ -357,6 +363,7 @@ mod tests {
             peer: Some("127.0.0.1:50432".into()),
             request_id: Some("r-1".into()),
             detail: Some("velocity: 6 forwards in 60 s".into()),
+            reason: Some("recurring \"charge\" 2026-12".into()),
             audit_key_version: 1,
             chain: "ab".repeat(32),
             chained_on: None,
@@ -369,7 +376,7 @@ mod tests {
             event_line(&event()),
             "#42 2023-11-14T22:13:20.042Z spiffe://tokenvault.dev/checkout Forward ok \
              tenant=acme token=tok_abc processor=sandbox key_version=2 peer=127.0.0.1:50432 \
-             request_id=r-1 detail=velocity: 6 forwards in 60 s"
+             request_id=r-1 reason=\"recurring \\\"charge\\\" 2026-12\" detail=velocity: 6 forwards in 60 s"
         );
         let batch = AuditEvent {
             action: "TokenizeBatch".into(),
@@ -380,6 +387,7 @@ mod tests {
             processor: None,
             key_version: None,
             detail: None,
+            reason: None,
             tenant: None,
             ..event()
         };
@@ -419,7 +427,7 @@ mod tests {
         assert!(value["count"].is_null());
         assert_eq!(value["chain"], "ab".repeat(32));
         assert!(value["chained_on"].is_null());
-        assert_eq!(value.as_object().unwrap().len(), 16);
+        assert_eq!(value.as_object().unwrap().len(), 17);
     }
 
     #[test]
