@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use integration_tests::{ADMIN, OTHER_TENANT, READER, Stack, StackDir, charge};
 use tonic::Code;
-use vault_client::{Card, ForwardRequest, VaultClient};
+use vault_client::{BatchItem, Card, ForwardRequest, VaultClient};
 
 const CHARGE: &str = r#"{"amount": 1000, "number": "{{card.number}}", "exp_month": "{{card.exp_month}}", "exp_year": "{{card.exp_year}}", "name": "{{card.name}}"}"#;
 const CHARGE_WITH_CVC: &str = r#"{"amount": 1000, "number": "{{card.number}}", "exp_month": "{{card.exp_month}}", "exp_year": "{{card.exp_year}}", "cvc": "{{card.cvc}}"}"#;
@@ -571,5 +571,128 @@ async fn a_forward_gives_its_reason_to_the_audit_log() {
             .filter(|e| e.outcome == "INVALID_ARGUMENT")
             .all(|e| e.reason.is_none())
     );
+    stack.stop().await;
+}
+
+/// The CVC store is bounded per tenant and in all; a card refused for lack of room
+/// leaves no record; a used CVC frees its room; a CVC sent with `reuse_existing`
+/// replaces the one held only if the same identity sent that one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cvc_store_is_bounded_and_only_its_sender_replaces_a_cvc() {
+    let dir = StackDir::new();
+    dir.add_client_identity("second-service");
+    let policy = dir.path().join("policy.toml");
+    let mut text = std::fs::read_to_string(&policy).unwrap();
+    text.push_str(&format!(
+        "\n[[identity]]\nid = \"{}\"\ntenant = \"acme\"\npermissions = [\"tokenize\", \"read\"]\n",
+        integration_tests::identity("second-service")
+    ));
+    std::fs::write(&policy, text).unwrap();
+    let stack = Stack::start_with_forwarding(
+        dir,
+        "cvc_ttl_secs = 3600\nmax_cvcs = 5\nmax_cvcs_per_tenant = 3\n",
+    )
+    .await;
+    let mut acme = stack.client(ADMIN).await;
+    let mut globex = stack.client(OTHER_TENANT).await;
+    let with_cvc =
+        |n: u64, cvc: &str| Card::new(&testcards::card_number(n), 12, 2030).with_cvc(cvc);
+    let mut held = Vec::new();
+    for n in 0..3 {
+        held.push(
+            acme.tokenize(with_cvc(n, "123"), false)
+                .await
+                .unwrap()
+                .token,
+        );
+    }
+    // acme's share is used up: refused, and nothing stored.
+    let err = acme.tokenize(with_cvc(3, "123"), false).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::ResourceExhausted), "{err}");
+    assert!(err.to_string().contains("CVC"), "{err}");
+    assert!(
+        acme.find_subject(&testcards::card_number(3))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Without a CVC the card goes in.
+    acme.tokenize(Card::new(&testcards::card_number(3), 12, 2030), false)
+        .await
+        .unwrap();
+    // A batch: the items with a CVC are refused, the others stored.
+    let items = acme
+        .tokenize_batch(
+            &[
+                with_cvc(4, "123"),
+                Card::new(&testcards::card_number(5), 12, 2030),
+            ],
+            false,
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(&items[0], BatchItem::Invalid { field, rule, .. } if field == "cards.cvc" && rule == "capacity"),
+        "{items:?}"
+    );
+    assert!(matches!(items[1], BatchItem::Stored(_)));
+    assert!(
+        acme.find_subject(&testcards::card_number(4))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // globex has its own share, up to what is left in all (5).
+    for n in 10..12 {
+        globex.tokenize(with_cvc(n, "123"), false).await.unwrap();
+    }
+    let err = globex
+        .tokenize(with_cvc(12, "123"), false)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::ResourceExhausted), "{err}");
+    let (_, metrics) = integration_tests::http_get(stack.vault_admin_addr, "/metrics").await;
+    assert!(metrics.contains("tokenvault_cvcs_held 5"), "{metrics}");
+    assert!(
+        metrics.contains("tokenvault_events_total{kind=\"cvc_store_full\"} 3"),
+        "{metrics}"
+    );
+
+    // A forward uses a CVC up, which frees its room (two, for room for the reservation
+    // a reuse_existing call with a CVC makes below).
+    for token in &held[..2] {
+        acme.forward(charge("sandbox", token, CHARGE_WITH_CVC))
+            .await
+            .unwrap();
+    }
+    let fresh = acme
+        .tokenize(with_cvc(20, "321"), false)
+        .await
+        .unwrap()
+        .token;
+
+    // Another identity of the tenant sends the same card with another CVC: the token is
+    // reused, the CVC held stays, and the answer says so.
+    let mut second = stack.client("second-service").await;
+    let card = testcards::card_number(20);
+    let info = second
+        .tokenize(Card::new(&card, 12, 2030).with_cvc("999"), true)
+        .await
+        .unwrap();
+    assert!(info.reused && info.cvc_not_kept, "{info:?}");
+    assert_eq!(info.token, fresh);
+    // The identity that sent it may replace it.
+    let info = acme
+        .tokenize(Card::new(&card, 12, 2030).with_cvc("456"), true)
+        .await
+        .unwrap();
+    assert!(info.reused && !info.cvc_not_kept, "{info:?}");
+    let before = stack.sandbox.requests().len();
+    acme.forward(charge("sandbox", &fresh, CHARGE_WITH_CVC))
+        .await
+        .unwrap();
+    let sent: serde_json::Value =
+        serde_json::from_slice(&stack.sandbox.requests()[before].body).unwrap();
+    assert_eq!(sent["cvc"], "456");
     stack.stop().await;
 }

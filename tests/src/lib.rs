@@ -423,6 +423,21 @@ pub fn processors_config(
     closed_port: u16,
     cvc_ttl_secs: u64,
 ) -> String {
+    processors_config_with(
+        dir,
+        sandbox_port,
+        closed_port,
+        &format!("cvc_ttl_secs = {cvc_ttl_secs}\n"),
+    )
+}
+
+/// [`processors_config`] with `forwarding`, the lines of its `[forwarding]` section.
+pub fn processors_config_with(
+    dir: &Path,
+    sandbox_port: u16,
+    closed_port: u16,
+    forwarding: &str,
+) -> String {
     let ca = dir.join("ca.pem").display().to_string();
     let foreign_ca = dir.join("foreign-ca.pem").display().to_string();
     let admin = identity(ADMIN);
@@ -444,7 +459,7 @@ inject = {{ number = ["body"], exp_month = ["body"], exp_year = ["body"], name =
     };
     let sandbox = format!("https://localhost:{sandbox_port}");
     [
-        format!("[forwarding]\ncvc_ttl_secs = {cvc_ttl_secs}\n"),
+        format!("[forwarding]\n{forwarding}"),
         entry("sandbox", &sandbox, &ca, "timeout_ms = 5000"),
         entry("slow", &sandbox, &ca, "timeout_ms = 1000"),
         entry(
@@ -516,6 +531,11 @@ impl Stack {
 
     /// A stack whose vault keeps CVCs for `cvc_ttl_secs`.
     pub async fn start_with_cvc_ttl(dir: StackDir, cvc_ttl_secs: u64) -> Self {
+        Self::start_with_forwarding(dir, &format!("cvc_ttl_secs = {cvc_ttl_secs}\n")).await
+    }
+
+    /// A stack whose vault's `[forwarding]` section holds `forwarding`.
+    pub async fn start_with_forwarding(dir: StackDir, forwarding: &str) -> Self {
         let (keyservice_addr, keyservice_admin_addr, keyservice) =
             start_keyservice(&dir, None).await;
         let sandbox = SandboxServer::start(&dir).await;
@@ -528,7 +548,7 @@ impl Stack {
             .unwrap()
             .port();
         let vault_extra =
-            processors_config(dir.path(), sandbox_addr.port(), closed_port, cvc_ttl_secs);
+            processors_config_with(dir.path(), sandbox_addr.port(), closed_port, forwarding);
         let (vault_addr, vault_admin_addr, vault) =
             start_vault(&dir, keyservice_addr.port(), &vault_extra).await;
         Self {

@@ -267,6 +267,9 @@ pub struct TokenInfo {
     pub key_version: u32,
     /// True when `tokenize` with `reuse_existing` returned an existing token.
     pub reused: bool,
+    /// True when the card's CVC was not kept: the existing token holds one another
+    /// identity sent.
+    pub cvc_not_kept: bool,
     /// When the token stops answering and is erased; `None` for never.
     pub expires_at_unix_ms: Option<i64>,
 }
@@ -287,7 +290,11 @@ fn brand_name(brand: i32) -> String {
 }
 
 impl TokenInfo {
-    fn from_wire(info: Option<pb::TokenInfo>, reused: bool) -> Result<Self, Error> {
+    fn from_wire(
+        info: Option<pb::TokenInfo>,
+        reused: bool,
+        cvc_not_kept: bool,
+    ) -> Result<Self, Error> {
         let info = info.ok_or(Error::Incomplete)?;
         Ok(Self {
             brand: brand_name(info.brand),
@@ -299,6 +306,7 @@ impl TokenInfo {
             created_at_unix_ms: info.created_at_unix_ms,
             key_version: info.key_version,
             reused,
+            cvc_not_kept,
             expires_at_unix_ms: (info.expires_at_unix_ms > 0).then_some(info.expires_at_unix_ms),
         })
     }
@@ -423,7 +431,7 @@ impl VaultClient {
             ttl_secs: ttl.map_or(0, |ttl| ttl.as_secs().max(1)),
         };
         let response = self.vault.tokenize(request).await?.into_inner();
-        TokenInfo::from_wire(response.info, response.reused)
+        TokenInfo::from_wire(response.info, response.reused, response.cvc_not_kept)
     }
 
     /// Every token of the card `number` in our tenant (a data-subject request).
@@ -459,7 +467,8 @@ impl VaultClient {
             .into_iter()
             .map(|item| match item.outcome {
                 Some(pb::batch_item_result::Outcome::Stored(stored)) => {
-                    TokenInfo::from_wire(stored.info, stored.reused).map(BatchItem::Stored)
+                    TokenInfo::from_wire(stored.info, stored.reused, stored.cvc_not_kept)
+                        .map(BatchItem::Stored)
                 }
                 Some(pb::batch_item_result::Outcome::Invalid(v)) => Ok(BatchItem::Invalid {
                     field: v.field,
@@ -482,7 +491,7 @@ impl VaultClient {
             }
         })
         .await?;
-        TokenInfo::from_wire(response.into_inner().info, false)
+        TokenInfo::from_wire(response.into_inner().info, false, false)
     }
 
     pub async fn delete(&mut self, token: &str) -> Result<(), Error> {

@@ -77,6 +77,11 @@ pub enum VaultError {
     #[error("too many FindSubject calls from this identity; retry in a minute")]
     SubjectRateLimited,
     #[error(
+        "refused: the vault holds as many CVCs as it may (for this tenant or in all); \
+         send the card without its CVC, or retry later; nothing was stored"
+    )]
+    CvcStoreFull,
+    #[error(
         "the audit log is missing entries {first}..={last}: card data is refused until two \
          admins acknowledge the gap (`vaultctl audit verify` says how)"
     )]
@@ -218,7 +223,9 @@ impl VaultError {
             }
             VaultError::AuditGap { .. } => Status::failed_precondition(self.to_string()),
             VaultError::Guessing => Status::permission_denied(self.to_string()),
-            VaultError::SubjectRateLimited => Status::resource_exhausted(self.to_string()),
+            VaultError::SubjectRateLimited | VaultError::CvcStoreFull => {
+                Status::resource_exhausted(self.to_string())
+            }
             VaultError::Erasures(_) => internal(
                 Code::Unavailable,
                 "the erasures could not be read from the keyservice; try again",

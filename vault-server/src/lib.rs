@@ -209,9 +209,13 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
         Arc::clone(&store),
         Arc::clone(&keys),
         Arc::clone(&journal),
-        Arc::new(cvc::CvcStore::new(Duration::from_secs(
-            settings.forwarding.cvc_ttl_secs,
-        ))),
+        Arc::new(cvc::CvcStore::new(
+            Duration::from_secs(settings.forwarding.cvc_ttl_secs),
+            cvc::CvcLimits {
+                max_total: settings.forwarding.max_cvcs,
+                max_per_tenant: settings.forwarding.max_cvcs_per_tenant,
+            },
+        )),
         guessing,
         ops::RecordSettings {
             tenant_ttl_secs: settings.retention.tenant_ttl_secs.clone(),

@@ -47,6 +47,7 @@ pub struct Metrics {
     pub keyservice_connected: Gauge,
     pub rewrap_remaining: Gauge,
     pub rewrap_rewritten: Counter,
+    pub cvcs_held: Gauge,
     pub storage: StorageGauges,
 }
 
@@ -192,6 +193,13 @@ impl Default for Metrics {
              database, the one running the rewrap job)",
             rewrap_rewritten.clone(),
         );
+        let cvcs_held = Gauge::default();
+        registry.register(
+            "cvcs_held",
+            "CVCs held in memory (and reserved) now; [forwarding] max_cvcs bounds them, and \
+             refusals count as events{kind=\"cvc_store_full\"}",
+            cvcs_held.clone(),
+        );
         let storage = StorageGauges::default();
         storage.register(&mut registry);
         Self {
@@ -205,6 +213,7 @@ impl Default for Metrics {
             keyservice_connected,
             rewrap_remaining,
             rewrap_rewritten,
+            cvcs_held,
         }
     }
 }

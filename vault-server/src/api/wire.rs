@@ -85,6 +85,7 @@ pub fn tokenized(done: &Tokenized, fingerprints: bool) -> pb::TokenizeResponse {
     pb::TokenizeResponse {
         info: Some(token_info(&done.token, &done.metadata, fingerprints)),
         reused: done.reused,
+        cvc_not_kept: done.cvc_not_kept,
     }
 }
 

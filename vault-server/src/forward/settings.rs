@@ -63,6 +63,12 @@ pub struct ForwardingSettings {
     /// How long a forward's outcome is kept for idempotent retries.
     #[serde(default = "default_idempotency_ttl_secs")]
     pub idempotency_ttl_secs: u64,
+    /// Most CVCs held (in memory) at once, in all and per tenant. Beyond it a card
+    /// sent with a CVC is refused (RESOURCE_EXHAUSTED), and nothing is stored.
+    #[serde(default = "default_max_cvcs")]
+    pub max_cvcs: usize,
+    #[serde(default = "default_max_cvcs_per_tenant")]
+    pub max_cvcs_per_tenant: usize,
 }
 
 impl Default for ForwardingSettings {
@@ -70,6 +76,8 @@ impl Default for ForwardingSettings {
         Self {
             cvc_ttl_secs: default_cvc_ttl_secs(),
             idempotency_ttl_secs: default_idempotency_ttl_secs(),
+            max_cvcs: default_max_cvcs(),
+            max_cvcs_per_tenant: default_max_cvcs_per_tenant(),
         }
     }
 }
@@ -82,6 +90,12 @@ fn default_timeout_ms() -> u64 {
 }
 fn default_max_response_bytes() -> usize {
     1024 * 1024
+}
+fn default_max_cvcs() -> usize {
+    1_000_000
+}
+fn default_max_cvcs_per_tenant() -> usize {
+    250_000
 }
 fn default_cvc_ttl_secs() -> u64 {
     3600

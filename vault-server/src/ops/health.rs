@@ -91,6 +91,9 @@ impl<S: Store> Observed for Vault<S> {
         metrics
             .rewrap_rewritten
             .inc_by(rewritten.saturating_sub(metrics.rewrap_rewritten.get()));
+        metrics
+            .cvcs_held
+            .set(i64::try_from(self.records.cvcs().len()).unwrap_or(i64::MAX));
         metrics.storage.set(&store.stats());
         metrics.encode()
     }

@@ -6,6 +6,7 @@ use runtime::now_unix_ms;
 
 use super::records::{ATTEMPTS, Records};
 use crate::card::{CardData, Violation};
+use crate::cvc::{self, Slot};
 use crate::error::VaultError;
 use crate::keys::Aead;
 use crate::policy::Caller;
@@ -20,6 +21,14 @@ const GUESSING_REFUSED: Violation = Violation {
     description: "refused: this identity brought too many different cards with the same \
                   first six and last four digits; an admin must lift the flag \
                   (vaultctl blocks list)",
+};
+
+/// A batch item refused because the CVC store is full (Tokenize: the whole call).
+const CVC_STORE_FULL: Violation = Violation {
+    field: "cards.cvc",
+    rule: "capacity",
+    description: "refused: the vault holds as many CVCs as it may (for this tenant or in \
+                  all); send the card without its CVC, or retry later",
 };
 
 /// The longest retention a token can be given: 100 years.
@@ -50,6 +59,9 @@ pub struct Tokenized {
     pub metadata: Metadata,
     /// The card's existing token was returned.
     pub reused: bool,
+    /// The card came with a CVC that was not kept: the existing token holds one another
+    /// identity sent (only that identity replaces it).
+    pub cvc_not_kept: bool,
 }
 
 /// One card of a batch, in the batch's order.
@@ -60,8 +72,9 @@ pub enum BatchItem {
 }
 
 /// A valid card of a batch still waiting for a stored token: its index, the card, its
-/// metadata, and its index keys under older fingerprint versions.
-type Waiting = (usize, CardData, Metadata, Vec<Vec<u8>>);
+/// metadata, its index keys under older fingerprint versions, and the room reserved for
+/// its CVC.
+type Waiting<'a> = (usize, CardData, Metadata, Vec<Vec<u8>>, Option<Slot<'a>>);
 
 impl<S: Store> Records<S> {
     pub async fn tokenize(
@@ -80,14 +93,18 @@ impl<S: Store> Records<S> {
         metadata.expires_at_unix_ms = expires_at;
         self.watch_fingerprint(caller, &card.pan, &metadata.fingerprint.value)
             .await?;
+        // Room for the CVC before anything is stored: a full CVC store refuses the call,
+        // never leaves a record whose token the caller did not get.
+        let mut slot = self.cvc_slot(caller, &card)?;
         for _ in 0..ATTEMPTS {
             let record = self
                 .seal(&mut metadata, &card, reuse_existing, &older)
                 .await?;
             let token = record.token.clone();
+            let sealed = self.seal_cvc(&token, &card).await?;
             match self.store().insert(vec![record]).await?.pop() {
                 Some(InsertOutcome::Stored) => {
-                    self.keep_cvc(&token, &card).await?;
+                    self.hold_cvc(caller, slot.take(), &token, sealed, false);
                     // Successful calls log at debug: the audit log already holds one
                     // durable event per call, and a line per call at info costs the
                     // hot path a write to stderr.
@@ -96,10 +113,11 @@ impl<S: Store> Records<S> {
                         token,
                         metadata,
                         reused: false,
+                        cvc_not_kept: false,
                     });
                 }
                 Some(InsertOutcome::Existing(existing)) => {
-                    match self.existing(caller, existing, &card).await? {
+                    match self.existing(caller, existing, &card, &mut slot).await? {
                         Some(tokenized) => return Ok(tokenized),
                         None => continue,
                     }
@@ -137,13 +155,16 @@ impl<S: Store> Records<S> {
                     let (mut metadata, older) =
                         self.metadata(caller, &card, now, request.reuse_existing);
                     metadata.expires_at_unix_ms = expires_at;
-                    match self
+                    let watched = self
                         .watch_fingerprint(caller, &card.pan, &metadata.fingerprint.value)
-                        .await
-                    {
-                        Ok(()) => waiting.push((index, card, metadata, older)),
+                        .await;
+                    match watched.and_then(|()| self.cvc_slot(caller, &card)) {
+                        Ok(slot) => waiting.push((index, card, metadata, older, slot)),
                         Err(VaultError::Guessing) => {
                             results[index] = Some(BatchItem::Invalid(GUESSING_REFUSED));
+                        }
+                        Err(VaultError::CvcStoreFull) => {
+                            results[index] = Some(BatchItem::Invalid(CVC_STORE_FULL));
                         }
                         Err(e) => return Err(e),
                     }
@@ -156,31 +177,39 @@ impl<S: Store> Records<S> {
                 break;
             }
             let mut records = Vec::with_capacity(waiting.len());
-            for (_, card, metadata, older) in &mut waiting {
-                records.push(
-                    self.seal(metadata, card, request.reuse_existing, older)
-                        .await?,
-                );
+            let mut sealed_cvcs = Vec::with_capacity(waiting.len());
+            for (_, card, metadata, older, _) in &mut waiting {
+                let record = self
+                    .seal(metadata, card, request.reuse_existing, older)
+                    .await?;
+                sealed_cvcs.push(self.seal_cvc(&record.token, card).await?);
+                records.push(record);
             }
             let tokens: Vec<Token> = records.iter().map(|r| r.token.clone()).collect();
             // One durable write for every valid card of the batch.
             let outcomes = self.store().insert(records).await?;
             let mut retry = Vec::new();
-            for ((waiting, token), outcome) in waiting.into_iter().zip(tokens).zip(outcomes) {
-                let (index, card, metadata, _) = &waiting;
+            for (((mut waiting, token), sealed), outcome) in waiting
+                .into_iter()
+                .zip(tokens)
+                .zip(sealed_cvcs)
+                .zip(outcomes)
+            {
+                let (index, card, metadata, _, slot) = &mut waiting;
                 let tokenized = match outcome {
                     InsertOutcome::Stored => {
-                        self.keep_cvc(&token, card).await?;
+                        self.hold_cvc(caller, slot.take(), &token, sealed, false);
                         Tokenized {
                             token,
                             metadata: metadata.clone(),
                             reused: false,
+                            cvc_not_kept: false,
                         }
                     }
                     // Deleted or expired since the index named it: the next round
                     // stores this card anew instead of failing the whole batch.
                     InsertOutcome::Existing(existing) => {
-                        match self.existing(caller, existing, card).await? {
+                        match self.existing(caller, existing, card, slot).await? {
                             Some(tokenized) => tokenized,
                             None => {
                                 retry.push(waiting);
@@ -213,6 +242,7 @@ impl<S: Store> Records<S> {
         caller: &Caller,
         existing: Token,
         card: &CardData,
+        slot: &mut Option<Slot<'_>>,
     ) -> Result<Option<Tokenized>, VaultError> {
         let stored = match self.load_verified(caller, &existing).await {
             Err(VaultError::NotFound | VaultError::Deleted) => return Ok(None),
@@ -222,12 +252,14 @@ impl<S: Store> Records<S> {
             }
             other => other?,
         };
-        self.keep_cvc(&existing, card).await?;
+        let sealed = self.seal_cvc(&existing, card).await?;
+        let cvc_not_kept = !self.hold_cvc(caller, slot.take(), &existing, sealed, true);
         tracing::debug!(token = %existing, "returned existing token");
         Ok(Some(Tokenized {
             token: existing,
             metadata: stored.metadata,
             reused: true,
+            cvc_not_kept,
         }))
     }
 
@@ -319,12 +351,55 @@ impl<S: Store> Records<S> {
         })
     }
 
-    /// Keeps the card's CVC (memory only) for the token it was stored under.
-    async fn keep_cvc(&self, token: &Token, card: &CardData) -> Result<(), VaultError> {
-        if let Some(cvc) = &card.cvc {
-            let (version, key) = self.keys().encryption_key(Aead::Cvc).await?;
-            self.cvcs().put(version, &key, token, cvc)?;
+    /// Room in the CVC store for the card's CVC, if it has one.
+    fn cvc_slot(&self, caller: &Caller, card: &CardData) -> Result<Option<Slot<'_>>, VaultError> {
+        if card.cvc.is_none() {
+            return Ok(None);
         }
-        Ok(())
+        match self.cvcs().reserve(caller.tenant.as_str()) {
+            Ok(slot) => Ok(Some(slot)),
+            Err(cvc::Full) => {
+                self.journal().metrics().event("cvc_store_full");
+                Err(VaultError::CvcStoreFull)
+            }
+        }
+    }
+
+    /// The card's CVC sealed for `token`, if it has one: before the record is stored,
+    /// so that a CVC key that cannot be had refuses the call rather than leave a record
+    /// without its CVC.
+    async fn seal_cvc(
+        &self,
+        token: &Token,
+        card: &CardData,
+    ) -> Result<Option<cvc::Sealed>, VaultError> {
+        let Some(code) = &card.cvc else {
+            return Ok(None);
+        };
+        let (version, key) = self.keys().encryption_key(Aead::Cvc).await?;
+        Ok(Some(cvc::seal(version, &key, token, code)?))
+    }
+
+    /// Keeps the sealed CVC (memory only) for `token` in its slot; for an `existing`
+    /// token only if no other identity's CVC is held for it. Returns whether it is
+    /// kept (true when there is none).
+    fn hold_cvc(
+        &self,
+        caller: &Caller,
+        slot: Option<Slot<'_>>,
+        token: &Token,
+        sealed: Option<cvc::Sealed>,
+        existing: bool,
+    ) -> bool {
+        let (Some(slot), Some(sealed)) = (slot, sealed) else {
+            return true;
+        };
+        match existing {
+            false => {
+                self.cvcs().put(slot, token, sealed, &caller.identity);
+                true
+            }
+            true => self.cvcs().offer(slot, token, sealed, &caller.identity),
+        }
     }
 }
