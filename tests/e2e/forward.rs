@@ -402,9 +402,10 @@ async fn echoed_card_data_is_scrubbed_whatever_its_shape() {
             .with_cvc("9731"),
     )
     .await;
-    // A digit glued to the number makes the run fail Luhn; the vault scrubs the number
-    // it injected all the same, and the CVC and name too.
-    let body = r#"{"a":"9{{card.number}}","b":"{{card.number}}1","c":"{{card.cvc}}","d":"{{card.name}}","number":"{{card.number}}","exp_month":"{{card.exp_month}}","exp_year":"{{card.exp_year}}"}"#;
+    // The processor echoes every field; the vault scrubs the number it injected, and
+    // the CVC and name too. (A field glued to other digits is refused before sending:
+    // see `hostile_echoes_come_back_masked_or_refused`.)
+    let body = r#"{"c":"{{card.cvc}}","d":"{{card.name}}","number":"{{card.number}}","exp_month":"{{card.exp_month}}","exp_year":"{{card.exp_year}}"}"#;
     let mut echo = charge("sandbox", &token, body);
     echo.headers.push(("x-sandbox-echo".into(), "1".into()));
     let answer = client.forward(echo).await.unwrap();
@@ -417,7 +418,7 @@ async fn echoed_card_data_is_scrubbed_whatever_its_shape() {
     );
     let sent = body_text(&stack.sandbox.requests()[0].body);
     assert!(
-        sent.contains("94242424242424242") && sent.contains("9731") && sent.contains("Zyx Holder")
+        sent.contains("4242424242424242") && sent.contains("9731") && sent.contains("Zyx Holder")
     );
     stack.stop().await;
 }
@@ -694,5 +695,124 @@ async fn the_cvc_store_is_bounded_and_only_its_sender_replaces_a_cvc() {
     let sent: serde_json::Value =
         serde_json::from_slice(&stack.sandbox.requests()[before].body).unwrap();
     assert_eq!(sent["cvc"], "456");
+    stack.stop().await;
+}
+
+/// A processor that echoes the card back in a form meant to slip past the masker: each
+/// comes back masked, or is withheld with FAILED_PRECONDITION (the request was sent;
+/// a retry under its idempotency key gets the same, and nothing is sent twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_echoes_come_back_masked_or_refused() {
+    let stack = Stack::start().await;
+    let mut client = stack.client(ADMIN).await;
+    let token = tokenize(
+        &mut client,
+        Card::new("4242424242424242", 12, 2030).with_cardholder_name("Ada Lovelace"),
+    )
+    .await;
+    let body = r#"{"number":"{{card.number}}","name":"{{card.name}}","amount":"100"}"#;
+    let echo_as = |mode: &str| ForwardRequest {
+        headers: vec![
+            ("content-type".into(), "application/json".into()),
+            ("x-sandbox-echo-as".into(), mode.into()),
+        ],
+        ..charge("sandbox", &token, body)
+    };
+    // What the caller must never see, in any case or encoding.
+    let leaks = |text: &str| {
+        let lower = text.to_lowercase();
+        let unescaped = lower.replace("\\u00", "%");
+        let digits: String = unescaped
+            .split('%')
+            .map(|piece| {
+                piece
+                    .get(..2)
+                    .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                    .map_or_else(
+                        || piece.to_owned(),
+                        |b| format!("{}{}", b as char, &piece[2..]),
+                    )
+            })
+            .collect();
+        ["lovelace", "ada", "424242424242"]
+            .into_iter()
+            .filter(|word| lower.contains(word) || digits.contains(word))
+            .collect::<Vec<_>>()
+    };
+
+    for mode in ["upper", "unicode"] {
+        let answer = client.forward(echo_as(mode)).await.unwrap();
+        let text = body_text(&answer.body);
+        assert!(leaks(&text).is_empty(), "{mode}: {text}");
+        let last_four = match mode {
+            "upper" => "4242",
+            _ => "\\u0034\\u0032\\u0034\\u0032",
+        };
+        assert!(
+            text.contains(last_four),
+            "{mode}: the last four stay: {text}"
+        );
+    }
+    // The number cut over several headers.
+    let answer = client.forward(echo_as("split-headers")).await.unwrap();
+    let headers: String = answer
+        .headers
+        .iter()
+        .filter(|(name, _)| name.starts_with("x-echo-"))
+        .map(|(_, value)| value.as_str())
+        .collect();
+    assert!(headers.contains("\"number\""), "{headers}");
+    assert!(leaks(&headers).is_empty(), "{headers}");
+
+    // Answers the masker cannot read are withheld, without echoing their headers.
+    for mode in ["gzip", "utf16", "binary"] {
+        let before = stack.sandbox.requests().len();
+        let request = ForwardRequest {
+            idempotency_key: Some(format!("hostile-{mode}")),
+            ..echo_as(mode)
+        };
+        let err = client.forward(request.clone()).await.unwrap_err();
+        assert_eq!(err.code(), Some(Code::FailedPrecondition), "{mode}: {err}");
+        let message = err.to_string();
+        assert!(
+            message.contains("was sent") && message.contains("withheld"),
+            "{message}"
+        );
+        for value in ["gzip", "utf-16", "octet-stream"] {
+            assert!(!message.contains(value), "{mode}: {message}");
+        }
+        let again = client.forward(request).await.unwrap_err();
+        assert_eq!(
+            again.code(),
+            Some(Code::FailedPrecondition),
+            "{mode}: {again}"
+        );
+        assert_eq!(
+            stack.sandbox.requests().len(),
+            before + 1,
+            "{mode}: sent once"
+        );
+    }
+
+    // A card value glued to other characters is refused before anything is sent, and
+    // so are the headers that would ask for another representation.
+    let before = stack.sandbox.requests().len();
+    let glued = charge(
+        "sandbox",
+        &token,
+        r#"{"number":"{{card.number}}","amount":"1{{card.cvc}}"}"#,
+    );
+    let err = client.forward(glued).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
+    assert!(err.to_string().contains("glued"), "{err}");
+    for header in ["accept", "Accept-Charset"] {
+        let request = ForwardRequest {
+            headers: vec![(header.into(), "text/plain".into())],
+            ..charge("sandbox", &token, body)
+        };
+        let err = client.forward(request).await.unwrap_err();
+        assert_eq!(err.code(), Some(Code::InvalidArgument), "{header}: {err}");
+    }
+    assert_eq!(stack.sandbox.requests().len(), before, "nothing was sent");
     stack.stop().await;
 }

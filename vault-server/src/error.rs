@@ -183,9 +183,8 @@ impl VaultError {
                 tracing::warn!(error = %e, "processor response too large");
                 Status::resource_exhausted(e.to_string())
             }
-            VaultError::Forward(e @ ForwardError::Encoded(_)) => {
-                tracing::warn!(error = %e, "processor answer not returned");
-                Status::unavailable(e.to_string())
+            VaultError::Forward(e @ ForwardError::Unreadable { .. }) => {
+                Status::failed_precondition(e.to_string())
             }
             VaultError::Forward(e @ ForwardError::BadHeader) => {
                 Status::failed_precondition(e.to_string())

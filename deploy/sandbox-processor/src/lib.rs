@@ -16,7 +16,11 @@
 //! `x-sandbox-delay-ms: N` waits N ms first; `x-sandbox-status: N` answers status N;
 //! `x-sandbox-redirect: URL` answers 302 to URL; `x-sandbox-echo: 1` answers 200 with
 //! the request's headers and body echoed back (card number included: the vault must
-//! mask it).
+//! mask it); `x-sandbox-echo-as: MODE` echoes the request body as a hostile processor
+//! might, for the masker's tests: `upper` (upper-cased), `unicode` (a JSON string with
+//! every character `\uXXXX`-escaped), `split-headers` (the body cut into 4-byte pieces,
+//! one response header each), `gzip` (with `content-encoding: gzip`), `utf16` (the body
+//! in UTF-16, `charset=utf-16`), `binary` (`application/octet-stream`).
 //!
 //! It keeps every request it received in memory, for tests to inspect. It never logs a
 //! card number: only method, path and status.
@@ -194,6 +198,55 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
     response
 }
 
+/// The request body echoed back the way `mode` says (see the module's doc).
+fn hostile_echo(mode: &str, body: &[u8]) -> Response<Full<Bytes>> {
+    let text = String::from_utf8_lossy(body);
+    let (content_type, bytes): (&str, Vec<u8>) = match mode {
+        "upper" => ("text/plain", text.to_uppercase().into_bytes()),
+        "unicode" => {
+            let escaped: String = text
+                .chars()
+                .map(|c| format!("\\u{:04x}", c as u32))
+                .collect();
+            (
+                "application/json",
+                format!("{{\"echo\":\"{escaped}\"}}").into_bytes(),
+            )
+        }
+        "utf16" => (
+            "text/plain; charset=utf-16le",
+            text.encode_utf16().flat_map(u16::to_le_bytes).collect(),
+        ),
+        "binary" => ("application/octet-stream", body.to_vec()),
+        _ => ("text/plain", b"ok".to_vec()),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+    let headers = response.headers_mut();
+    if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
+        headers.insert("content-type", value);
+    }
+    match mode {
+        "gzip" => {
+            headers.insert(
+                "content-encoding",
+                hyper::header::HeaderValue::from_static("gzip"),
+            );
+        }
+        "split-headers" => {
+            for (k, piece) in body.chunks(4).enumerate() {
+                if let (Ok(name), Ok(value)) = (
+                    hyper::header::HeaderName::from_bytes(format!("x-echo-{k:03}").as_bytes()),
+                    hyper::header::HeaderValue::from_bytes(piece),
+                ) {
+                    headers.insert(name, value);
+                }
+            }
+        }
+        _ => {}
+    }
+    response
+}
+
 fn header<'a>(request: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
     request.headers().get(name).and_then(|v| v.to_str().ok())
 }
@@ -208,6 +261,7 @@ async fn handle(
     let forced_status = header(&request, "x-sandbox-status").and_then(|v| v.parse::<u16>().ok());
     let redirect = header(&request, "x-sandbox-redirect").map(str::to_owned);
     let echo = header(&request, "x-sandbox-echo").is_some();
+    let echo_as = header(&request, "x-sandbox-echo-as").map(str::to_owned);
     let headers: Vec<(String, String)> = request
         .headers()
         .iter()
@@ -254,6 +308,8 @@ async fn handle(
             StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             serde_json::json!({"error": "forced_by_test"}),
         )
+    } else if let Some(mode) = echo_as {
+        hostile_echo(&mode, &body)
     } else if echo {
         json(
             StatusCode::OK,

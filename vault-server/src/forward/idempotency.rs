@@ -45,6 +45,9 @@ pub enum State {
     Done,
     /// It failed before anything was sent: the key may be used again.
     NotSent,
+    /// The processor answered in a form the vault cannot mask (or too large): the
+    /// answer is withheld, and so it is for every retry; `status` is the processor's.
+    Withheld,
 }
 
 #[derive(Serialize, Deserialize)]

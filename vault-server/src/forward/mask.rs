@@ -1,14 +1,30 @@
-//! Masks anything in a processor's answer that looks like a card number: a run of 12 to
-//! 19 digits (single spaces or dashes between digits allowed) that passes the Luhn
-//! check keeps its last four digits, the others become `*`. Longer digit runs are
-//! searched for such a number inside them. Conservative on purpose: an order id of that
-//! length that happens to pass Luhn is masked too.
+//! What a processor's answer must not carry back to the caller. The vault knows exactly
+//! which card values it put into the request, so it masks them **by value** wherever
+//! they turn up, then anything else shaped like a card number:
+//!
+//! - the injected number's digits in order, with up to three non-alphanumeric
+//!   characters between any two (separators, quotes, a JSON array's `","`), inside
+//!   longer digit runs too; all but the last four are masked;
+//! - the injected CVC where it stands as a digit run of its own;
+//! - each word of three or more letters of the injected name, case-insensitively, on
+//!   word boundaries, with up to three non-alphanumeric characters between its letters
+//!   (a processor that cuts the name over several headers);
+//! - any run of 12 to 19 digits (single spaces or dashes between digits allowed) that
+//!   passes the Luhn check, keeping its last four; a longer run is searched for such a
+//!   number inside it. Conservative on purpose: an order id of that length that passes
+//!   Luhn is masked too.
+//!
+//! All of it is matched on a normalised view of the answer: JSON `\uXXXX` and
+//! backslash escapes, URL percent-encoding and `+`, HTML numeric character references
+//! undone, and every character in NFKC (fullwidth digits are digits). What matches is
+//! masked in the original bytes, escape sequences whole, so the length stays the same.
+//! Expiry is not masked: GetTokenInfo returns it anyway.
+
+use unicode_normalization::UnicodeNormalization;
 
 use crate::card::luhn_valid;
 
-/// The card values the vault put into a request: scrubbed from its answer by value,
-/// whatever their shape there (a processor that echoes a field, or a caller that glued
-/// a digit to the number so that the run fails Luhn).
+/// The card values the vault put into a request.
 #[derive(Clone, Copy)]
 pub struct Injected<'a> {
     pub number: &'a str,
@@ -22,118 +38,303 @@ impl std::fmt::Debug for Injected<'_> {
     }
 }
 
-/// Everything the answer must not carry: the injected number (with any separators),
-/// any other card-number-like run, the injected CVC as a digit run of its own, and the
-/// injected name (raw, JSON-escaped or form-encoded). Replacements keep the length.
+/// Masks in place everything the answer must not carry (see the module's doc).
 pub fn scrub(bytes: &mut [u8], injected: &Injected<'_>) {
-    mask_exact_number(bytes, injected.number.as_bytes());
-    mask_card_numbers(bytes);
+    let view = View::of(bytes);
+    let mut masked = vec![false; view.chars.len()];
+    mask_number(&view, injected.number.as_bytes(), &mut masked);
+    mask_card_like(&view, &mut masked);
     if let Some(cvc) = injected.cvc.filter(|c| !c.is_empty()) {
-        mask_digit_run(bytes, cvc.as_bytes());
+        mask_digit_run(&view, cvc.as_bytes(), &mut masked);
     }
-    if let Some(name) = injected.name.filter(|n| n.len() >= 2) {
-        // Sized for the worst case, so that no reallocation leaves a copy behind.
-        let mut json = zeroize::Zeroizing::new(String::with_capacity(6 * name.len()));
-        super::template::escape_json(&mut json, name);
-        let form: String = form_urlencoded::byte_serialize(name.as_bytes()).collect();
-        for form in [
-            name,
-            json.as_str(),
-            form.as_str(),
-            &name.replace(' ', "%20"),
-        ] {
-            mask_substring(bytes, form.as_bytes());
+    if let Some(name) = injected.name {
+        mask_name(&view, name, &mut masked);
+    }
+    view.apply(bytes, &masked);
+}
+
+/// Masks card-number-like runs in place (the shape rule alone).
+pub fn mask_card_numbers(bytes: &mut [u8]) {
+    let view = View::of(bytes);
+    let mut masked = vec![false; view.chars.len()];
+    mask_card_like(&view, &mut masked);
+    view.apply(bytes, &masked);
+}
+
+/// The answer as characters, each with the byte range of the original it came from.
+struct View {
+    chars: Vec<char>,
+    spans: Vec<(usize, usize)>,
+}
+
+fn hex(bytes: &[u8]) -> Option<u32> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    u32::from_str_radix(text, 16).ok()
+}
+
+impl View {
+    fn of(bytes: &[u8]) -> Self {
+        let mut view = View {
+            chars: Vec::with_capacity(bytes.len()),
+            spans: Vec::with_capacity(bytes.len()),
+        };
+        let mut i = 0;
+        while i < bytes.len() {
+            let (c, len) = decode_one(bytes, i);
+            // NFKC: a fullwidth digit is a digit, a ligature its letters.
+            for normal in std::iter::once(c).nfkc() {
+                view.chars.push(normal);
+                view.spans.push((i, i + len));
+            }
+            i += len;
         }
+        view
+    }
+
+    fn apply(&self, bytes: &mut [u8], masked: &[bool]) {
+        for (k, &(start, end)) in self.spans.iter().enumerate() {
+            if masked[k] {
+                bytes[start..end].fill(b'*');
+            }
+        }
+    }
+
+    fn digit(&self, k: usize) -> Option<u8> {
+        self.chars
+            .get(k)
+            .filter(|c| c.is_ascii_digit())
+            .map(|c| *c as u8)
     }
 }
 
-/// Masks each occurrence of `number`'s digits, separators (space, dash, dot) allowed
-/// between them, keeping the last four.
-fn mask_exact_number(bytes: &mut [u8], number: &[u8]) {
+/// The character at `i` and how many bytes it takes, escapes undone.
+fn decode_one(bytes: &[u8], i: usize) -> (char, usize) {
+    let rest = &bytes[i..];
+    match rest {
+        [b'\\', b'u', ..] if rest.len() >= 6 => {
+            if let Some(unit) = hex(&rest[2..6]) {
+                // A surrogate pair is one character.
+                if (0xD800..0xDC00).contains(&unit)
+                    && rest.len() >= 12
+                    && rest[6] == b'\\'
+                    && rest[7] == b'u'
+                    && let Some(low) = hex(&rest[8..12]).filter(|l| (0xDC00..0xE000).contains(l))
+                {
+                    let c = 0x10000 + ((unit - 0xD800) << 10) + (low - 0xDC00);
+                    return (char::from_u32(c).unwrap_or('\u{FFFD}'), 12);
+                }
+                return (char::from_u32(unit).unwrap_or('\u{FFFD}'), 6);
+            }
+        }
+        [b'\\', escaped, ..] => {
+            let c = match escaped {
+                b'"' => Some('"'),
+                b'\\' => Some('\\'),
+                b'/' => Some('/'),
+                b'b' | b'f' | b'n' | b'r' | b't' => Some(' '),
+                _ => None,
+            };
+            if let Some(c) = c {
+                return (c, 2);
+            }
+        }
+        [b'%', ..] if rest.len() >= 3 => {
+            if let Some(first) = hex(&rest[1..3]) {
+                // A multi-byte UTF-8 character is several %XX in a row.
+                let width = match first {
+                    0xC0..=0xDF => 2,
+                    0xE0..=0xEF => 3,
+                    0xF0..=0xF7 => 4,
+                    _ => 1,
+                };
+                let mut utf8 = Vec::with_capacity(width);
+                for k in 0..width {
+                    let at = 3 * k;
+                    match rest.get(at..at + 3) {
+                        Some([b'%', h1, h2]) => match hex(&[*h1, *h2]) {
+                            Some(byte) => utf8.push(byte as u8),
+                            None => break,
+                        },
+                        _ => break,
+                    }
+                }
+                if utf8.len() == width
+                    && let Some(c) = std::str::from_utf8(&utf8)
+                        .ok()
+                        .and_then(|s| s.chars().next())
+                {
+                    return (c, 3 * width);
+                }
+                return (char::from(first as u8), 3);
+            }
+        }
+        [b'+', ..] => return (' ', 1),
+        [b'&', b'#', ..] => {
+            let end = rest.iter().take(12).position(|&b| b == b';');
+            if let Some(end) = end {
+                let body = &rest[2..end];
+                let code = match body {
+                    [b'x' | b'X', digits @ ..] => hex(digits),
+                    digits => std::str::from_utf8(digits)
+                        .ok()
+                        .and_then(|d| d.parse().ok()),
+                };
+                if let Some(c) = code.and_then(char::from_u32) {
+                    return (c, end + 1);
+                }
+            }
+        }
+        _ => {}
+    }
+    // A plain UTF-8 character (an invalid byte stands alone).
+    let width = match rest[0] {
+        0xC0..=0xDF => 2,
+        0xE0..=0xEF => 3,
+        0xF0..=0xF7 => 4,
+        _ => 1,
+    };
+    match rest
+        .get(..width)
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .and_then(|s| s.chars().next())
+    {
+        Some(c) => (c, width),
+        None => ('\u{FFFD}', 1),
+    }
+}
+
+/// Most characters between two digits of the injected number that still join them.
+const MAX_GAP: usize = 3;
+
+/// Marks each occurrence of `number`'s digits in order (see the module's doc), all but
+/// the last four.
+fn mask_number(view: &View, number: &[u8], masked: &mut [bool]) {
     if number.len() < 12 {
         return;
     }
     let mut positions = Vec::with_capacity(number.len());
-    for start in 0..bytes.len() {
-        if bytes[start] != number[0] {
+    for start in 0..view.chars.len() {
+        if view.digit(start) != Some(number[0]) {
             continue;
         }
         positions.clear();
-        let mut j = start;
-        while j < bytes.len() && positions.len() < number.len() {
-            if bytes[j] == number[positions.len()] {
-                positions.push(j);
-            } else if positions.is_empty() || !matches!(bytes[j], b' ' | b'-' | b'.') {
-                break;
+        positions.push(start);
+        let mut k = start + 1;
+        let mut gap = 0;
+        while k < view.chars.len() && positions.len() < number.len() {
+            match view.digit(k) {
+                Some(d) if d == number[positions.len()] => {
+                    positions.push(k);
+                    gap = 0;
+                }
+                Some(_) => break,
+                None if view.chars[k].is_alphanumeric() || gap == MAX_GAP => break,
+                None => gap += 1,
             }
-            j += 1;
+            k += 1;
         }
         if positions.len() == number.len() {
             for &p in &positions[..positions.len() - 4] {
-                bytes[p] = b'*';
+                masked[p] = true;
             }
         }
     }
 }
 
-/// Masks `run` where it stands as a digit run of its own.
-fn mask_digit_run(bytes: &mut [u8], run: &[u8]) {
-    for i in 0..bytes.len().saturating_sub(run.len() - 1) {
-        if &bytes[i..i + run.len()] == run
-            && (i == 0 || !bytes[i - 1].is_ascii_digit())
-            && bytes.get(i + run.len()).is_none_or(|b| !b.is_ascii_digit())
-        {
-            bytes[i..i + run.len()].fill(b'*');
+/// Marks `run` where it stands as a digit run of its own.
+fn mask_digit_run(view: &View, run: &[u8], masked: &mut [bool]) {
+    let n = run.len();
+    for start in 0..view.chars.len().saturating_sub(n - 1) {
+        let matches = (0..n).all(|k| view.digit(start + k) == Some(run[k]));
+        let alone =
+            (start == 0 || view.digit(start - 1).is_none()) && view.digit(start + n).is_none();
+        if matches && alone {
+            masked[start..start + n].fill(true);
         }
     }
 }
 
-fn mask_substring(bytes: &mut [u8], needle: &[u8]) {
-    if needle.is_empty() || needle.len() > bytes.len() {
+/// Marks each word of three or more letters of `name`, case-insensitively, on word
+/// boundaries.
+fn mask_name(view: &View, name: &str, masked: &mut [bool]) {
+    let lower: Vec<char> = view.chars.iter().flat_map(|c| c.to_lowercase()).collect();
+    // Lower-casing may change the count (rarely); match on the view only then.
+    if lower.len() != view.chars.len() {
         return;
     }
-    for i in 0..=bytes.len() - needle.len() {
-        if &bytes[i..i + needle.len()] == needle {
-            bytes[i..i + needle.len()].fill(b'*');
+    let words: Vec<Vec<char>> = name
+        .nfkc()
+        .collect::<String>()
+        .split(|c: char| !c.is_alphabetic())
+        .map(|w| {
+            w.chars()
+                .flat_map(char::to_lowercase)
+                .collect::<Vec<char>>()
+        })
+        .filter(|w| w.len() >= 3)
+        .collect();
+    let mut positions = Vec::new();
+    for word in &words {
+        for start in 0..lower.len() {
+            if lower[start] != word[0] || (start > 0 && lower[start - 1].is_alphabetic()) {
+                continue;
+            }
+            positions.clear();
+            positions.push(start);
+            let (mut k, mut gap) = (start + 1, 0);
+            while k < lower.len() && positions.len() < word.len() {
+                let c = lower[k];
+                if c == word[positions.len()] {
+                    positions.push(k);
+                    gap = 0;
+                } else if c.is_alphanumeric() || gap == MAX_GAP {
+                    break;
+                } else {
+                    gap += 1;
+                }
+                k += 1;
+            }
+            let end = positions.last().map_or(start, |p| p + 1);
+            if positions.len() == word.len() && lower.get(end).is_none_or(|c| !c.is_alphabetic()) {
+                for &p in &positions {
+                    masked[p] = true;
+                }
+            }
         }
     }
 }
 
-/// Masks card-number-like runs in place.
-pub fn mask_card_numbers(bytes: &mut [u8]) {
-    let mut i = 0;
-    while i < bytes.len() {
-        if !bytes[i].is_ascii_digit() {
-            i += 1;
+/// Marks card-number-like runs (the shape rule).
+fn mask_card_like(view: &View, masked: &mut [bool]) {
+    let mut k = 0;
+    while k < view.chars.len() {
+        if view.digit(k).is_none() {
+            k += 1;
             continue;
         }
         // Positions of the digits of this run.
-        let mut digits = vec![i];
-        let mut j = i + 1;
-        while j < bytes.len() {
-            if bytes[j].is_ascii_digit() {
+        let mut digits = vec![k];
+        let mut j = k + 1;
+        while j < view.chars.len() {
+            if view.digit(j).is_some() {
                 digits.push(j);
                 j += 1;
-            } else if matches!(bytes[j], b' ' | b'-')
-                && j + 1 < bytes.len()
-                && bytes[j + 1].is_ascii_digit()
-            {
+            } else if matches!(view.chars[j], ' ' | '-') && view.digit(j + 1).is_some() {
                 j += 1;
             } else {
                 break;
             }
         }
-        mask_run(bytes, &digits);
-        i = j;
+        mask_run(view, &digits, masked);
+        k = j;
     }
 }
 
-fn mask_run(bytes: &mut [u8], positions: &[usize]) {
+fn mask_run(view: &View, positions: &[usize], masked: &mut [bool]) {
     if positions.len() < 12 {
         return;
     }
-    let values: Vec<u8> = positions.iter().map(|&p| bytes[p]).collect();
-    let mut masked = vec![false; positions.len()];
+    let values: Vec<u8> = positions.iter().filter_map(|&p| view.digit(p)).collect();
     // A run of 12 to 19 digits is judged whole; only a longer run is searched for a
     // card number inside it (any 12-15 digit window passes Luhn one time in ten).
     let lengths = if values.len() <= 19 {
@@ -144,15 +345,10 @@ fn mask_run(bytes: &mut [u8], positions: &[usize]) {
     for len in lengths {
         for start in 0..=values.len() - len {
             if luhn_valid(&values[start..start + len]) {
-                for m in &mut masked[start..start + len - 4] {
-                    *m = true;
+                for &p in &positions[start..start + len - 4] {
+                    masked[p] = true;
                 }
             }
-        }
-    }
-    for (k, &p) in positions.iter().enumerate() {
-        if masked[k] {
-            bytes[p] = b'*';
         }
     }
 }
@@ -191,6 +387,7 @@ mod tests {
                 name,
             },
         );
+        assert_eq!(bytes.len(), s.len());
         String::from_utf8(bytes).unwrap()
     }
 
@@ -206,6 +403,10 @@ mod tests {
             "****.****.****.4242 12/30"
         );
         assert_eq!(
+            scrubbed(r#"["4242","4242","4242","4242"]"#, None, None),
+            r#"["****","****","****","4242"]"#
+        );
+        assert_eq!(
             scrubbed(r#"{"cvc":"737","amount":7370}"#, Some("737"), None),
             r#"{"cvc":"***","amount":7370}"#
         );
@@ -215,8 +416,61 @@ mod tests {
                 None,
                 Some("Ada \"L\"")
             ),
-            r#"{"name":"*********","f":"***********"}"#
+            r#"{"name":"*** \"L\"","f":"***+%22L%22"}"#
         );
+    }
+
+    #[test]
+    fn escapes_and_look_alikes_are_unmasked_first() {
+        // JSON \u escapes, percent-encoding, HTML references, fullwidth digits.
+        let escaped = "\\u0034\\u0032\\u0034\\u0032424242424242";
+        assert_eq!(
+            scrubbed(escaped, None, None),
+            format!("{}********4242", "*".repeat(24))
+        );
+        assert_eq!(
+            scrubbed("%34%32%34%32424242424242", None, None),
+            format!("{}********4242", "*".repeat(12))
+        );
+        assert_eq!(
+            scrubbed("&#52;242424242424242", None, None),
+            format!("{}***********4242", "*".repeat(5))
+        );
+        let fullwidth = "４２４２４２４２４２４２４２４２";
+        let out = scrubbed(fullwidth, None, None);
+        assert!(
+            out.ends_with("４２４２") && out.starts_with(&"*".repeat(36)),
+            "{out}"
+        );
+        // A CVC escaped is still a CVC.
+        assert_eq!(
+            scrubbed(r#"{"c":"\u0037\u00337"}"#, Some("737"), None),
+            r#"{"c":"*************"}"#
+        );
+    }
+
+    #[test]
+    fn a_name_is_masked_word_by_word_whatever_its_case() {
+        assert_eq!(
+            scrubbed(
+                "holder ADA LOVELACE; lovelace again; Adams stays",
+                None,
+                Some("Ada Lovelace")
+            ),
+            "holder *** ********; ******** again; Adams stays"
+        );
+        // Escaped letters too.
+        assert_eq!(
+            scrubbed(r#""\u004cOVELACE""#, None, Some("Ada Lovelace")),
+            r#""*************""#
+        );
+        // Cut over several headers (joined with spaces), a word is still found.
+        assert_eq!(
+            scrubbed("Ada Love lace", None, Some("Ada Lovelace")),
+            "*** **** ****"
+        );
+        // Words shorter than three letters stay (too common to mean anything).
+        assert_eq!(scrubbed("Jo Li", None, Some("Jo Li")), "Jo Li");
     }
 
     #[test]
@@ -227,5 +481,6 @@ mod tests {
             "amount 12345 id 987654321"
         );
         assert_eq!(mask("2030-12-01"), "2030-12-01");
+        assert_eq!(scrubbed("exp 12/2030", Some("737"), None), "exp 12/2030");
     }
 }

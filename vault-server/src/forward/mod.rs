@@ -19,14 +19,16 @@ use template::{Encoding, Field, Template};
 
 /// Headers a caller may not set: the vault sets them itself, or they would let the
 /// answer reach the caller in a form the masker cannot read (compressed, in ranges).
-const RESERVED_HEADERS: [&str; 10] = [
+const RESERVED_HEADERS: [&str; 12] = [
     "host",
     "content-length",
     "transfer-encoding",
     "connection",
     "upgrade",
     "te",
+    "accept",
     "accept-encoding",
+    "accept-charset",
     "range",
     "if-range",
     "proxy-authorization",
@@ -50,16 +52,29 @@ pub enum ForwardError {
     Timeout,
     #[error("the processor's response exceeds max_response_bytes ({0})")]
     TooLarge(usize),
-    /// The answer is compressed or otherwise encoded: the vault cannot mask it, so it
-    /// does not return it.
-    #[error("the processor answered with content-encoding {0:?}, which the vault does not return")]
-    Encoded(String),
+    /// The request was sent and the processor answered, in a form the masker cannot
+    /// read (compressed, binary, another charset): the answer is withheld. Never names
+    /// the processor's header values.
+    #[error(
+        "the request was sent and the processor answered (HTTP {status}), but {what}, which \
+         the vault cannot mask: the answer is withheld. Check the outcome with the processor \
+         before sending again"
+    )]
+    Unreadable { status: u16, what: &'static str },
     /// A header value rendered from the card is not a valid header value.
     #[error("a header rendered from the card data is not a valid header value")]
     BadHeader,
 }
 
 impl ForwardError {
+    /// The processor's status when it answered but the answer is withheld.
+    pub fn withheld_status(&self) -> Option<u16> {
+        match self {
+            ForwardError::Unreadable { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
     /// True when the request certainly never reached the processor (so a CVC is still
     /// unused and a retry cannot charge twice).
     pub fn nothing_sent(&self) -> bool {
@@ -284,31 +299,20 @@ impl Processor {
         let body: Zeroizing<Vec<u8>> = Zeroizing::new(body.as_bytes().to_vec());
         let response = request.body(body.to_vec()).send().await.map_err(classify)?;
         let status = response.status().as_u16();
-        if let Some(encoding) = response.headers().get(reqwest::header::CONTENT_ENCODING)
-            && !encoding.as_bytes().eq_ignore_ascii_case(b"identity")
-        {
-            return Err(ForwardError::Encoded(
-                String::from_utf8_lossy(encoding.as_bytes()).into_owned(),
-            ));
+        if let Some(what) = unreadable(response.headers()) {
+            tracing::warn!(
+                status,
+                what,
+                "processor answer withheld: the masker cannot read it"
+            );
+            return Err(ForwardError::Unreadable { status, what });
         }
         let injected = mask::Injected {
             number: card.pan.expose_digits(),
             cvc,
             name: card.name.as_ref().map(|n| n.expose()),
         };
-        let mut headers: Vec<(String, String)> = response
-            .headers()
-            .iter()
-            .map(|(name, value)| {
-                let mut value = value.as_bytes().to_vec();
-                mask::scrub(&mut value, &injected);
-                (
-                    name.to_string(),
-                    String::from_utf8_lossy(&value).into_owned(),
-                )
-            })
-            .collect();
-        headers.retain(|(name, _)| !RESERVED_HEADERS.contains(&name.as_str()));
+        let headers = scrub_headers(response.headers(), &injected);
         let mut response = response;
         let mut answer = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(classify)? {
@@ -337,6 +341,78 @@ fn classify(error: reqwest::Error) -> ForwardError {
         detail,
         sent: !error.is_connect(),
     }
+}
+
+/// Why the masker cannot read an answer with these headers, if it cannot: a
+/// content-encoding (compressed), a content type that is not text, or a charset other
+/// than UTF-8 (UTF-16 digits are not ASCII digits).
+fn unreadable(headers: &reqwest::header::HeaderMap) -> Option<&'static str> {
+    if headers
+        .get_all(reqwest::header::CONTENT_ENCODING)
+        .iter()
+        .any(|encoding| !encoding.as_bytes().eq_ignore_ascii_case(b"identity"))
+    {
+        return Some("in a content-encoding");
+    }
+    let content_type = headers.get(reqwest::header::CONTENT_TYPE)?;
+    let content_type = String::from_utf8_lossy(content_type.as_bytes()).to_ascii_lowercase();
+    let mut parts = content_type.split(';');
+    let media = parts.next().unwrap_or("").trim();
+    let textual = media.starts_with("text/")
+        || matches!(
+            media,
+            "application/json"
+                | "application/xml"
+                | "application/x-www-form-urlencoded"
+                | "application/problem+json"
+                | "application/javascript"
+                | ""
+        )
+        || media.ends_with("+json")
+        || media.ends_with("+xml");
+    if !textual {
+        return Some("in a content type that is not text");
+    }
+    let charset = parts
+        .filter_map(|p| p.trim().strip_prefix("charset="))
+        .map(|c| c.trim_matches('"'))
+        .next();
+    if charset.is_some_and(|c| !matches!(c, "utf-8" | "utf8" | "us-ascii" | "iso-8859-1")) {
+        return Some("in a charset other than UTF-8");
+    }
+    None
+}
+
+/// The answer's headers the caller gets, scrubbed: the values together, as one text
+/// with a space between them, so that a number or name cut over several headers is
+/// found too; then each name.
+fn scrub_headers(
+    headers: &reqwest::header::HeaderMap,
+    injected: &mask::Injected<'_>,
+) -> Vec<(String, String)> {
+    let kept: Vec<(&reqwest::header::HeaderName, &reqwest::header::HeaderValue)> = headers
+        .iter()
+        .filter(|(name, _)| !RESERVED_HEADERS.contains(&name.as_str()))
+        .collect();
+    let mut values: Vec<u8> = Vec::new();
+    for (_, value) in &kept {
+        values.extend_from_slice(value.as_bytes());
+        values.push(b' ');
+    }
+    mask::scrub(&mut values, injected);
+    let mut rest = values.as_slice();
+    kept.iter()
+        .map(|(name, value)| {
+            let (this, after) = rest.split_at(value.as_bytes().len());
+            rest = after.get(1..).unwrap_or_default();
+            let mut name = name.as_str().as_bytes().to_vec();
+            mask::scrub(&mut name, injected);
+            (
+                String::from_utf8_lossy(&name).into_owned(),
+                String::from_utf8_lossy(this).into_owned(),
+            )
+        })
+        .collect()
 }
 
 /// Checks a caller's header name: a valid token, not one the vault sets itself.

@@ -117,6 +117,31 @@ impl Template {
         Ok(Self(parts))
     }
 
+    /// Whether a card number, CVC or name placeholder stands next to a letter, a digit
+    /// or another placeholder (`"1{{card.cvc}}"`): an answer echoing that value would
+    /// hide the card value inside a longer run the masker cannot tell apart.
+    pub fn glued(&self) -> bool {
+        let guarded =
+            |part: &Part| matches!(part, Part::Field(Field::Number | Field::Cvc | Field::Name));
+        let sticks = |part: Option<&Part>, at_end: bool| match part {
+            None => false,
+            Some(Part::Field(_)) => true,
+            Some(Part::Text(text)) => {
+                let c = if at_end {
+                    text.chars().next_back()
+                } else {
+                    text.chars().next()
+                };
+                c.is_some_and(char::is_alphanumeric)
+            }
+        };
+        self.0.iter().enumerate().any(|(i, part)| {
+            guarded(part)
+                && (sticks(i.checked_sub(1).and_then(|p| self.0.get(p)), true)
+                    || sticks(self.0.get(i + 1), false))
+        })
+    }
+
     pub fn fields(&self) -> impl Iterator<Item = Field> + '_ {
         self.0.iter().filter_map(|p| match p {
             Part::Field(f) => Some(*f),
@@ -176,6 +201,30 @@ pub fn escape_json(out: &mut String, value: &str) {
 mod tests {
     use super::*;
     use crate::card::{CardholderName, Expiry, Pan};
+
+    #[test]
+    fn a_card_value_may_not_be_glued_to_other_characters() {
+        let glued = |text: &str| Template::parse(text).unwrap().glued();
+        for alone in [
+            r#"{"cvc":"{{card.cvc}}","n":"{{card.number}}"}"#,
+            "number={{card.number}}&cvc={{card.cvc}}",
+            "{{card.exp_month}}/{{card.exp_year}}",
+            "{{card.exp_month}}{{card.exp_year}}",
+            "Bearer {{card.name}}",
+            "{{card.number}}",
+        ] {
+            assert!(!glued(alone), "{alone}");
+        }
+        for stuck in [
+            r#"{"amount":"1{{card.cvc}}"}"#,
+            "{{card.number}}{{card.cvc}}",
+            "x{{card.name}}",
+            "{{card.number}}0",
+            "{{card.exp_year}}{{card.cvc}}",
+        ] {
+            assert!(glued(stuck), "{stuck}");
+        }
+    }
 
     fn card(name: &str) -> CardData {
         CardData {

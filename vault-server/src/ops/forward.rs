@@ -263,6 +263,23 @@ impl<S: Store> Forwarder<S> {
             }
             Err(error) => {
                 forwarded("failed");
+                // Answered, but withheld: a retry under the key gets the same, never a
+                // second charge.
+                if let (Some(key), Some(status)) = (&idempotency, error.withheld_status()) {
+                    let value = idempotency::encode(
+                        idempotency::State::Withheld,
+                        &key.digest,
+                        now_unix_ms(),
+                        &Answer {
+                            status,
+                            ..Answer::default()
+                        },
+                    );
+                    self.records
+                        .store()
+                        .put_outcome(key.store_key.clone(), value)
+                        .await?;
+                }
                 return Err(VaultError::Forward(error));
             }
         };
@@ -392,6 +409,11 @@ impl<S: Store> Forwarder<S> {
                 invalid("body", "placeholder", "holds an unclosed placeholder")
             }
         })?;
+        const GLUED: &str = "a card number, CVC or name placeholder must not touch a letter, a \
+                             digit or another placeholder";
+        if body.glued() {
+            return Err(invalid("body", "glued", GLUED));
+        }
         let mut headers = Vec::with_capacity(request.headers.len());
         for (name, value) in &request.headers {
             if !crate::forward::valid_header_name(name) {
@@ -417,6 +439,9 @@ impl<S: Store> Forwarder<S> {
                     "holds an unknown or unclosed placeholder",
                 )
             })?;
+            if template.glued() {
+                return Err(invalid("headers.value", "glued", GLUED));
+            }
             headers.push((name.clone(), template));
         }
         let content_types = || {
@@ -546,6 +571,12 @@ impl<S: Store> Forwarder<S> {
         }
         if outcome.state == idempotency::State::Pending {
             return Err(VaultError::IdempotencyUnknown);
+        }
+        if outcome.state == idempotency::State::Withheld {
+            return Err(VaultError::Forward(ForwardError::Unreadable {
+                status: outcome.answer.status,
+                what: "in a form the vault could not mask",
+            }));
         }
         // A token deleted or expired since is gone for replays too.
         self.records.load(caller, token).await?;
