@@ -98,11 +98,22 @@ async fn middle_digits_cannot_be_guessed_and_the_guesser_is_flagged_until_lifted
 
     // The audit event names the identity and tenant, and a keyed bucket id: no digits
     // of the card.
-    let events = admin.read_audit(0, None, None, 0).await.unwrap().events;
-    let flag = events
-        .iter()
-        .find(|event| event.action == "GuessingFlag")
-        .expect("a GuessingFlag event");
+    // The flag is stored and audited by a task of its own (a caller that goes away
+    // cannot stop it): within moments.
+    let flag = integration_tests::within(
+        std::time::Duration::from_secs(5),
+        "the GuessingFlag event",
+        || {
+            let mut admin = admin.clone();
+            async move {
+                let events = admin.read_audit(0, None, None, 0).await.unwrap().events;
+                events
+                    .into_iter()
+                    .find(|event| event.action == "GuessingFlag")
+            }
+        },
+    )
+    .await;
     let detail = flag.detail.clone().unwrap_or_default();
     assert_eq!(flag.actor, identity(ADMIN));
     assert_eq!(flag.tenant.as_deref(), Some("acme"));

@@ -552,6 +552,22 @@ impl Settings {
         if self.forwarding.cvc_ttl_secs == 0 || self.forwarding.idempotency_ttl_secs == 0 {
             return Err("forwarding TTLs must be greater than 0".into());
         }
+        if self.forwarding.max_cvcs == 0 || self.forwarding.max_cvcs_per_tenant == 0 {
+            return Err(
+                "forwarding.max_cvcs and max_cvcs_per_tenant must be greater than 0".into(),
+            );
+        }
+        let guessing = &self.guessing;
+        if guessing.window_secs == 0
+            || guessing.max_cards_per_bucket < 2
+            || guessing.find_subject_per_minute == 0
+        {
+            return Err(
+                "guessing: window_secs and find_subject_per_minute must be greater than 0, \
+                 max_cards_per_bucket at least 2"
+                    .into(),
+            );
+        }
         for processor in &self.processors {
             processor.validate()?;
         }

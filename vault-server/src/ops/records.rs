@@ -91,6 +91,11 @@ impl<S: Store> Records<S> {
         &self.journal
     }
 
+    /// The journal, for a task that outlives the call.
+    pub(super) fn journal_handle(&self) -> Arc<Journal> {
+        Arc::clone(&self.journal)
+    }
+
     /// The in-memory CVCs.
     pub fn cvcs(&self) -> &Arc<CvcStore> {
         &self.cvcs
