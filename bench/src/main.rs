@@ -352,14 +352,8 @@ async fn call(
             };
             Ok(client
                 .forward(ForwardRequest {
-                    processor: cli.processor.clone(),
-                    method: "POST".into(),
-                    path: "/v1/charges".into(),
-                    headers: vec![("content-type".into(), "application/json".into())],
-                    body: r#"{"number":"{{card.number}}","exp_month":"{{card.exp_month}}","exp_year":"{{card.exp_year}}"}"#.into(),
-                    token,
-                    idempotency_key: None,
                     reason: Some("benchmark".into()),
+                    ..ForwardRequest::route(&cli.processor, "charge", &token, &[("amount", "1000")])
                 })
                 .await
                 .map(|_| 1)?)

@@ -58,21 +58,19 @@ def main() -> int:
     info = vault.GetTokenInfo(vault_pb2.GetTokenInfoRequest(token=token), timeout=10).info
     print(f"info: last four {info.last_four}, expires {info.exp_month:02}/{info.exp_year}, key version {info.key_version}")
 
-    # 3. Forward: the vault fills in the card and sends the request to the processor; the
-    #    answer comes back with card data masked. The idempotency key makes a retry safe.
-    body = (
-        '{"amount":1000,"number":"{{card.number}}","exp_month":"{{card.exp_month}}",'
-        '"exp_year":"{{card.exp_year}}","cvc":"{{card.cvc}}"}'
-    )
+    # 3. Forward along a route the processor's config declares ("authorize": the one
+    #    that carries the CVC). The config owns method, path, body and credentials; we
+    #    give the route's fields and a reason, kept in the audit log. The vault fills in
+    #    the card and sends it; the answer comes back with card data masked. The
+    #    idempotency key makes a retry safe.
     answer = vault.Forward(
         vault_pb2.ForwardRequest(
             processor=args.processor,
-            method="POST",
-            path="/v1/charges",
-            headers=[vault_pb2.Header(name="content-type", value="application/json")],
-            body=body,
+            route="authorize",
+            fields={"amount": "1000"},
             token=token,
             idempotency_key=f"example-{token}",
+            reason="example: customer-initiated purchase",
         ),
         timeout=15,
     )

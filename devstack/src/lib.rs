@@ -354,9 +354,29 @@ ca_file = "ca.pem"
 # A sandbox on loopback: never set this for a real processor.
 allow_private_network = true
 allowed_identities = ["uri:{p}admin", "uri:{p}checkout"]
-routes = [{{ method = "POST", path = "/v1/charges" }}]
 inject = {{ number = ["body"], exp_month = ["body"], exp_year = ["body"], name = ["body"], cvc = ["body"] }}
 timeout_ms = 10000
+
+# The requests callers may have sent to the sandbox: the config owns method, path,
+# body and credentials; a caller names a route and gives its fields.
+[[processor.route]]
+name = "charge"
+method = "POST"
+path = "/v1/charges"
+content_type = "application/json"
+body = '{{"amount":"{{{{field.amount}}}}","number":"{{{{card.number}}}}","exp_month":"{{{{card.exp_month}}}}","exp_year":"{{{{card.exp_year}}}}","name":"{{{{card.name}}}}"}}'
+secret_headers = {{ authorization = {{ file = "sandbox-api-key", prefix = "Bearer " }} }}
+fields = {{ amount = {{ kind = "amount", max_len = 12 }} }}
+
+# The same with the CVC: the one route that may carry it.
+[[processor.route]]
+name = "authorize"
+method = "POST"
+path = "/v1/charges"
+content_type = "application/json"
+body = '{{"amount":"{{{{field.amount}}}}","number":"{{{{card.number}}}}","exp_month":"{{{{card.exp_month}}}}","exp_year":"{{{{card.exp_year}}}}","cvc":"{{{{card.cvc}}}}"}}'
+secret_headers = {{ authorization = {{ file = "sandbox-api-key", prefix = "Bearer " }} }}
+fields = {{ amount = {{ kind = "amount", max_len = 12 }} }}
 {storage_tables}"#,
         vault = ports.vault,
         vault_admin = ports.vault_admin,
@@ -455,6 +475,21 @@ pub fn init_dir(dir: &Path, ports: &Ports, storage: &Storage) -> Result<bool, De
         false,
     )?;
     write_file(&dir.join("policy.toml"), policy().as_bytes(), false)?;
+    // The sandbox's "API key", which the vault sends itself (callers never see it).
+    let mut key = [0u8; 16];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").map_err(|source| DevError::Write {
+            path: "/dev/urandom".into(),
+            source,
+        })?,
+        &mut key,
+    )
+    .map_err(|source| DevError::Write {
+        path: "/dev/urandom".into(),
+        source,
+    })?;
+    let key: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    write_file(&dir.join("sandbox-api-key"), key.as_bytes(), true)?;
     write_file(
         &dir.join("vaultctl.toml"),
         vaultctl_config(ports, "admin").as_bytes(),

@@ -56,6 +56,7 @@ async fn a_scripted_scenario_leaves_the_expected_events_and_no_card_data() {
             token: stored.token.clone(),
             idempotency_key: None,
             reason: None,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -458,6 +459,7 @@ async fn a_forward_the_caller_abandons_is_still_audited() {
             token: token.clone(),
             idempotency_key: None,
             reason: None,
+            ..Default::default()
         })
         .await
         .unwrap_err();

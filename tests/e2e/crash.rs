@@ -147,6 +147,7 @@ async fn crash_cycles(cycles: usize) {
                 token: info.token.clone(),
                 idempotency_key: None,
                 reason: None,
+                ..Default::default()
             })
             .await
             .unwrap();

@@ -816,3 +816,127 @@ async fn hostile_echoes_come_back_masked_or_refused() {
     assert_eq!(stack.sandbox.requests().len(), before, "nothing was sent");
     stack.stop().await;
 }
+
+/// Processor-owned requests: a caller names a declared route and gives its fields;
+/// the config owns method, path, body and the processor's credentials. A caller can
+/// neither set a header the route does not list (the credentials least of all), nor
+/// reach a route the processor did not declare, nor send free-form to it; a field
+/// value reading like a placeholder is sent as text; fields are checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_names_a_route_and_the_config_owns_the_request() {
+    let stack = Stack::start().await;
+    let mut client = stack.client(ADMIN).await;
+    let token = tokenize(
+        &mut client,
+        Card::new("4242424242424242", 12, 2030).with_cvc("737"),
+    )
+    .await;
+    let route =
+        |name: &str, fields: &[(&str, &str)]| ForwardRequest::route("routed", name, &token, fields);
+
+    let answer = client
+        .forward(route(
+            "charge",
+            &[("amount", "10.50"), ("memo", "{{card.number}}")],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 200, "{}", body_text(&answer.body));
+    let sent = stack.sandbox.requests().last().unwrap().clone();
+    assert_eq!(
+        (sent.method.as_str(), sent.path.as_str()),
+        ("POST", "/v1/charges")
+    );
+    let body: serde_json::Value = serde_json::from_slice(&sent.body).unwrap();
+    assert_eq!(body["number"], "4242424242424242");
+    assert_eq!(body["amount"], "10.50");
+    // One pass: the caller's value stays text, never expanded into the card.
+    assert_eq!(body["memo"], "{{card.number}}");
+    let header = |name: &str| {
+        sent.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(
+        header("authorization").as_deref(),
+        Some(format!("Bearer {}", integration_tests::SANDBOX_API_KEY).as_str())
+    );
+    assert_eq!(header("content-type").as_deref(), Some("application/json"));
+    // The CVC goes only where the route declares it.
+    assert!(body.get("cvc").is_none(), "{body}");
+    client
+        .forward(route("authorize", &[("amount", "1")]))
+        .await
+        .unwrap();
+    let sent = stack.sandbox.requests().last().unwrap().clone();
+    let body: serde_json::Value = serde_json::from_slice(&sent.body).unwrap();
+    assert_eq!(body["cvc"], "737");
+    // A path field: an id, one segment.
+    client
+        .forward(route("capture", &[("charge_id", "ch_123")]))
+        .await
+        .unwrap();
+    assert_eq!(
+        stack.sandbox.requests().last().unwrap().path,
+        "/v1/charges/ch_123/capture"
+    );
+
+    let before = stack.sandbox.requests().len();
+    let caller = client.clone();
+    let refused = |request: ForwardRequest| {
+        let mut client = caller.clone();
+        async move { client.forward(request).await.unwrap_err() }
+    };
+    // Processor-owned headers, and any the route does not list.
+    for header in ["authorization", "x-forwarded-host"] {
+        let err = refused(ForwardRequest {
+            headers: vec![(header.into(), "Bearer attacker".into())],
+            ..route("charge", &[("amount", "1")])
+        })
+        .await;
+        assert_eq!(err.code(), Some(Code::InvalidArgument), "{header}: {err}");
+    }
+    // A header the route lists goes through as text.
+    client
+        .forward(ForwardRequest {
+            headers: vec![("x-request-source".into(), "{{card.number}}".into())],
+            ..route("charge", &[("amount", "1")])
+        })
+        .await
+        .unwrap();
+    let sent = stack.sandbox.requests().last().unwrap().clone();
+    assert!(
+        sent.headers
+            .contains(&("x-request-source".into(), "{{card.number}}".into()))
+    );
+    let before = before + 1;
+    // Undeclared routes, free-form, and the two mixed.
+    let err = refused(route("refund", &[("amount", "1")])).await;
+    assert_eq!(err.code(), Some(Code::PermissionDenied), "{err}");
+    let err = refused(charge("routed", &token, CHARGE)).await;
+    assert_eq!(err.code(), Some(Code::PermissionDenied), "{err}");
+    let err = refused(ForwardRequest {
+        path: "/v1/refunds".into(),
+        ..route("charge", &[("amount", "1")])
+    })
+    .await;
+    assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
+    // Fields: unknown, missing, of the wrong kind, too long, a path escape.
+    for (what, fields) in [
+        ("unknown", vec![("amount", "1"), ("account", "mine")]),
+        ("missing", vec![]),
+        ("kind", vec![("amount", "12a")]),
+        ("length", vec![("amount", "1"), ("memo", &"x".repeat(41))]),
+        ("control", vec![("amount", "1"), ("memo", "a\r\nb")]),
+    ] {
+        let err = refused(route("charge", &fields)).await;
+        assert_eq!(err.code(), Some(Code::InvalidArgument), "{what}: {err}");
+    }
+    for id in ["..", "a/b", "ch 1"] {
+        let err = refused(route("capture", &[("charge_id", id)])).await;
+        assert_eq!(err.code(), Some(Code::InvalidArgument), "{id}: {err}");
+    }
+    assert_eq!(stack.sandbox.requests().len(), before, "nothing was sent");
+    stack.stop().await;
+}

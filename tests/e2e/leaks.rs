@@ -112,6 +112,7 @@ async fn no_card_data_in_files_or_trace_logs() {
             token: token.clone(),
             idempotency_key: Some(format!("leak-{i}")),
             reason: None,
+            ..Default::default()
         };
         if i == 0 {
             request.headers.push(("x-sandbox-echo".into(), "1".into()));

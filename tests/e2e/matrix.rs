@@ -303,6 +303,7 @@ impl Rpc {
                         token: fixtures.token.clone(),
                         idempotency_key: String::new(),
                         reason: String::new(),
+                        ..Default::default()
                     })
                     .await?
                     .into_inner();

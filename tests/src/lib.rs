@@ -90,7 +90,7 @@ impl StackDir {
 [[identity]]
 id = "{admin}"
 tenant = "acme"
-permissions = ["tokenize", "read", "delete", "subject", "fingerprint", "admin", "audit", "forward:sandbox", "forward:slow", "forward:down", "forward:tiny", "forward:pinned", "forward:foreign-ca", "forward:loopback-denied", "forward:reasoned"]
+permissions = ["tokenize", "read", "delete", "subject", "fingerprint", "admin", "audit", "forward:sandbox", "forward:slow", "forward:down", "forward:tiny", "forward:pinned", "forward:foreign-ca", "forward:loopback-denied", "forward:reasoned", "forward:routed"]
 
 [[identity]]
 id = "{reader}"
@@ -315,7 +315,12 @@ impl SandboxServer {
 /// A sandbox charge body with the card's number and expiry.
 pub const CHARGE: &str = r#"{"number":"{{card.number}}","exp_month":"{{card.exp_month}}","exp_year":"{{card.exp_year}}"}"#;
 
-/// A POST /v1/charges forward of `token` to `processor` with `body` (a template).
+/// The credentials the test processors' routes send (`secret_headers`).
+pub const SANDBOX_API_KEY: &str = "sk_test_sandbox_0123456789";
+
+/// A free-form POST /v1/charges forward of `token` to `processor` with `body` (a
+/// template): the test processors take free-form forwards (`dangerous_free_form`), as
+/// these tests are of that mode.
 pub fn charge(processor: &str, token: &str, body: &str) -> vault_client::ForwardRequest {
     vault_client::ForwardRequest {
         processor: processor.into(),
@@ -324,8 +329,7 @@ pub fn charge(processor: &str, token: &str, body: &str) -> vault_client::Forward
         headers: vec![("content-type".into(), "application/json".into())],
         body: body.into(),
         token: token.into(),
-        idempotency_key: None,
-        reason: None,
+        ..Default::default()
     }
 }
 
@@ -442,6 +446,10 @@ pub fn processors_config_with(
     let foreign_ca = dir.join("foreign-ca.pem").display().to_string();
     let admin = identity(ADMIN);
     let other = identity(OTHER_TENANT);
+    let key_file = dir.join("sandbox-api-key");
+    std::fs::write(&key_file, SANDBOX_API_KEY).unwrap();
+    let key_file = key_file.display().to_string();
+    // Free-form forwards (`dangerous_free_form`): most forward tests are of that mode.
     let entry = |name: &str, url: &str, ca: &str, extra: &str| {
         format!(
             r#"
@@ -451,6 +459,7 @@ base_url = "{url}"
 ca_file = "{ca}"
 allow_private_network = true
 allowed_identities = ["{admin}", "{other}"]
+dangerous_free_form = true
 routes = [{{ method = "POST", path = "/v1/charges" }}, {{ method = "GET", path = "/v1/charges/*" }}]
 inject = {{ number = ["body"], exp_month = ["body"], exp_year = ["body"], name = ["body"], cvc = ["body"] }}
 {extra}
@@ -458,6 +467,44 @@ inject = {{ number = ["body"], exp_month = ["body"], exp_year = ["body"], name =
         )
     };
     let sandbox = format!("https://localhost:{sandbox_port}");
+    // Declared routes only: the config owns the request.
+    let routed = format!(
+        r#"
+[[processor]]
+name = "routed"
+base_url = "{sandbox}"
+ca_file = "{ca}"
+allow_private_network = true
+allowed_identities = ["{admin}", "{other}"]
+inject = {{ number = ["body"], exp_month = ["body"], exp_year = ["body"], name = ["body"], cvc = ["body"] }}
+
+[[processor.route]]
+name = "charge"
+method = "POST"
+path = "/v1/charges"
+content_type = "application/json"
+body = '{{"amount":"{{{{field.amount}}}}","memo":"{{{{field.memo}}}}","number":"{{{{card.number}}}}","exp_month":"{{{{card.exp_month}}}}","exp_year":"{{{{card.exp_year}}}}"}}'
+secret_headers = {{ authorization = {{ file = "{key_file}", prefix = "Bearer " }} }}
+caller_headers = ["x-sandbox-echo", "x-request-source"]
+fields = {{ amount = {{ kind = "amount", max_len = 12 }}, memo = {{ kind = "text", max_len = 40, required = false }} }}
+
+[[processor.route]]
+name = "authorize"
+method = "POST"
+path = "/v1/charges"
+content_type = "application/json"
+body = '{{"amount":"{{{{field.amount}}}}","number":"{{{{card.number}}}}","exp_month":"{{{{card.exp_month}}}}","exp_year":"{{{{card.exp_year}}}}","cvc":"{{{{card.cvc}}}}"}}'
+secret_headers = {{ authorization = {{ file = "{key_file}", prefix = "Bearer " }} }}
+fields = {{ amount = {{ kind = "amount", max_len = 12 }} }}
+
+[[processor.route]]
+name = "capture"
+method = "POST"
+path = "/v1/charges/{{{{field.charge_id}}}}/capture"
+secret_headers = {{ authorization = {{ file = "{key_file}", prefix = "Bearer " }} }}
+fields = {{ charge_id = {{ kind = "id", max_len = 40 }} }}
+"#
+    );
     [
         format!("[forwarding]\n{forwarding}"),
         entry("sandbox", &sandbox, &ca, "timeout_ms = 5000"),
@@ -477,6 +524,7 @@ inject = {{ number = ["body"], exp_month = ["body"], exp_year = ["body"], name =
         ),
         entry("foreign-ca", &sandbox, &foreign_ca, ""),
         entry("reasoned", &sandbox, &ca, "require_reason = true"),
+        routed,
         entry("loopback-denied", &sandbox, &ca, "").replace(
             "allow_private_network = true",
             "allow_private_network = false",

@@ -339,6 +339,26 @@ pub struct ForwardRequest {
     /// Why the card is sent ("recurring charge 2026-12"): kept in the audit log;
     /// required by processors configured with `require_reason`.
     pub reason: Option<String>,
+    /// A route the processor declares: then `method`, `path` and `body` stay empty,
+    /// and `fields` holds the route's fields.
+    pub route: Option<String>,
+    pub fields: std::collections::BTreeMap<String, String>,
+}
+
+impl ForwardRequest {
+    /// A forward along a route the processor declares, with its fields.
+    pub fn route(processor: &str, route: &str, token: &str, fields: &[(&str, &str)]) -> Self {
+        Self {
+            processor: processor.to_owned(),
+            route: Some(route.to_owned()),
+            token: token.to_owned(),
+            fields: fields
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..Self::default()
+        }
+    }
 }
 
 impl fmt::Debug for ForwardRequest {
@@ -521,6 +541,8 @@ impl VaultClient {
                 token: request.token,
                 idempotency_key: request.idempotency_key.unwrap_or_default(),
                 reason: request.reason.unwrap_or_default(),
+                route: request.route.unwrap_or_default(),
+                fields: request.fields.into_iter().collect(),
             })
             .await?
             .into_inner();

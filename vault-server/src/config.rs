@@ -436,6 +436,11 @@ impl Settings {
         }
         for processor in &mut self.processors {
             files.push(&mut processor.ca_file);
+            for route in &mut processor.named_routes {
+                for secret in route.secret_headers.values_mut() {
+                    files.push(&mut secret.file);
+                }
+            }
         }
         if let Some(dir) = &mut self.backup_dir {
             files.push(dir);

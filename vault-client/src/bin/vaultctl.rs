@@ -102,7 +102,7 @@ enum Command {
     /// Have the vault send a request to an allowlisted processor with the token's card
     /// filled into placeholders ({{card.number}}, {{card.exp_month}}, {{card.exp_year}},
     /// {{card.name}}, {{card.cvc}}). Prints the processor's status and body.
-    Forward(ForwardArgs),
+    Forward(Box<ForwardArgs>),
     /// Key lifecycle: versions, rotation, retirement, dual-control proposals and the key
     /// history (keyservice); rewrap of stored records onto the active keys (vault).
     #[command(subcommand)]
@@ -133,11 +133,19 @@ struct ForwardArgs {
     /// Processor name from the vault's allowlist.
     #[arg(long)]
     processor: String,
-    #[arg(long, default_value = "POST")]
-    method: String,
-    /// Path below the processor's base URL, e.g. /v1/charges
+    /// A route the processor's config declares (e.g. "authorize"): the config owns
+    /// method, path, body and credentials; give its fields with --field.
+    #[arg(long, conflicts_with_all = ["path", "body", "body_file"])]
+    route: Option<String>,
+    /// A route's field as NAME=VALUE; repeatable.
+    #[arg(long = "field", value_name = "NAME=VALUE", requires = "route")]
+    fields: Vec<String>,
+    /// Free-form forwards only (processors with dangerous_free_form).
     #[arg(long)]
-    path: String,
+    method: Option<String>,
+    /// Free-form forwards only: the path below the processor's base URL.
+    #[arg(long, required_unless_present = "route")]
+    path: Option<String>,
     /// A header as "Name: value"; repeatable. Put credentials in --header-file instead:
     /// arguments are visible to every user of the host.
     #[arg(long = "header", value_name = "NAME: VALUE")]
@@ -499,17 +507,35 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         .context("each --header must look like \"Name: value\"")
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
+            let fields = args
+                .fields
+                .iter()
+                .map(|f| {
+                    f.split_once('=')
+                        .map(|(n, v)| (n.trim().to_owned(), v.to_owned()))
+                        .context("each --field must look like NAME=VALUE")
+                })
+                .collect::<anyhow::Result<_>>()?;
+            let method = match (&args.route, args.method) {
+                (None, method) => method.unwrap_or_else(|| "POST".into()),
+                (Some(_), None) => String::new(),
+                (Some(_), Some(_)) => {
+                    anyhow::bail!("--method goes with free-form forwards, not --route")
+                }
+            };
             let mut client = VaultClient::connect(&vault()?).await?;
             let answer = client
                 .forward(ForwardRequest {
                     processor: args.processor,
-                    method: args.method,
-                    path: args.path,
+                    method,
+                    path: args.path.unwrap_or_default(),
                     headers,
                     body,
                     token: args.token,
                     idempotency_key: args.idempotency_key,
                     reason: args.reason,
+                    route: args.route,
+                    fields,
                 })
                 .await
                 .context("forward")?;

@@ -154,6 +154,8 @@ pub fn forward(request: pb::ForwardRequest) -> ForwardRequest {
         token: request.token,
         idempotency_key: request.idempotency_key,
         reason: request.reason,
+        route: request.route,
+        fields: request.fields.into_iter().collect(),
     }
 }
 

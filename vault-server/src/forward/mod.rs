@@ -7,6 +7,7 @@ mod address;
 pub mod idempotency;
 pub mod mask;
 pub mod net;
+pub mod route;
 pub mod settings;
 pub mod template;
 
@@ -108,6 +109,9 @@ pub struct Processor {
     allowed_identities: Vec<String>,
     max_response_bytes: usize,
     require_reason: bool,
+    /// The declared routes, by name.
+    named: HashMap<String, route::Route>,
+    free_form: bool,
     client: reqwest::Client,
 }
 
@@ -149,6 +153,16 @@ impl Processors {
                     })?,
                 max_response_bytes: settings.max_response_bytes,
                 require_reason: settings.require_reason,
+                named: settings
+                    .named_routes
+                    .iter()
+                    .map(|r| {
+                        route::Route::from_settings(r, &settings.inject)
+                            .map(|route| (r.name.clone(), route))
+                            .map_err(|e| format!("processor {:?}: {e}", settings.name))
+                    })
+                    .collect::<Result<_, _>>()?,
+                free_form: settings.dangerous_free_form,
                 client: net::client(settings)?,
             };
             if processors
@@ -207,10 +221,22 @@ impl Outbound {
 
 impl Processor {
     /// Everything the allowlist says about this request, before any card is decrypted.
-    pub fn check(&self, identity: &str, outbound: &Outbound) -> Result<(), ForwardError> {
+    /// `declared`: it was built from one of the processor's routes (else it is a
+    /// free-form forward, refused unless the processor allows them).
+    pub fn check(
+        &self,
+        identity: &str,
+        outbound: &Outbound,
+        declared: bool,
+    ) -> Result<(), ForwardError> {
         if !self.allowed_identities.iter().any(|i| i == identity) {
             return Err(ForwardError::Denied(
                 "identity not allowed for this processor",
+            ));
+        }
+        if !declared && !self.free_form {
+            return Err(ForwardError::Denied(
+                "free-form forward to a processor that takes declared routes only",
             ));
         }
         let path = &outbound.path;
@@ -221,14 +247,15 @@ impl Processor {
         if wanted.iter().any(|s| s == "." || s == "..") {
             return Err(ForwardError::Denied("dot segment in path"));
         }
-        let route_allowed = self.routes.iter().any(|(method, route)| {
-            *method == outbound.method
-                && route.len() == wanted.len()
-                && route
-                    .iter()
-                    .zip(&wanted)
-                    .all(|(r, w)| r == "*" && !w.is_empty() || r == w)
-        });
+        let route_allowed = declared
+            || self.routes.iter().any(|(method, route)| {
+                *method == outbound.method
+                    && route.len() == wanted.len()
+                    && route
+                        .iter()
+                        .zip(&wanted)
+                        .all(|(r, w)| r == "*" && !w.is_empty() || r == w)
+            });
         if !route_allowed {
             return Err(ForwardError::Denied("method and path not allowed"));
         }
@@ -257,6 +284,11 @@ impl Processor {
     /// Whether every forward must give a reason.
     pub fn requires_reason(&self) -> bool {
         self.require_reason
+    }
+
+    /// A declared route.
+    pub fn route(&self, name: &str) -> Option<&route::Route> {
+        self.named.get(name)
     }
 
     /// Renders the card into the request, sends it, and reads the masked answer.

@@ -16,7 +16,19 @@ pub struct ProcessorSettings {
     pub name: String,
     /// `https://host[:port][/prefix]`. Plain http is refused.
     pub base_url: String,
-    /// Allowed requests: method and path (a `*` segment matches any one segment).
+    /// The requests callers may have sent here, each named (`[[processor.route]]`):
+    /// the processor's config, not the caller, owns method, path, headers and body.
+    #[serde(default, rename = "route")]
+    pub named_routes: Vec<super::route::RouteSettings>,
+    /// Lets callers write the method, path, headers and body themselves (free-form
+    /// forwards), within `routes`. Off by default: a caller could then send cards to
+    /// its own account at the processor, or set the processor's own headers. For
+    /// sandboxes and tests of the mode.
+    #[serde(default)]
+    pub dangerous_free_form: bool,
+    /// With `dangerous_free_form`: allowed requests, method and path (a `*` segment
+    /// matches any one segment).
+    #[serde(default)]
     pub routes: Vec<RouteSettings>,
     /// CA that must have signed the processor's certificate (PEM).
     pub ca_file: PathBuf,
@@ -148,8 +160,28 @@ impl ProcessorSettings {
                 "is a private or loopback address; set allow_private_network = true for sandboxes",
             );
         }
-        if self.routes.is_empty() {
-            return err("routes", "must list at least one method and path");
+        match (
+            self.dangerous_free_form,
+            self.routes.is_empty(),
+            self.named_routes.is_empty(),
+        ) {
+            (true, true, _) => {
+                return err(
+                    "routes",
+                    "must list at least one method and path when dangerous_free_form = true",
+                );
+            }
+            (false, _, true) => {
+                return err(
+                    "route",
+                    "must declare at least one [[processor.route]] (or set dangerous_free_form \
+                     = true, for sandboxes)",
+                );
+            }
+            (false, false, _) => {
+                return err("routes", "apply only with dangerous_free_form = true");
+            }
+            _ => {}
         }
         for route in &self.routes {
             if !METHODS.contains(&route.method.as_str()) {

@@ -72,6 +72,9 @@ impl Encoding {
 enum Part {
     Text(String),
     Field(Field),
+    /// `{{field.<name>}}`: a value the caller supplies to a processor's route (see
+    /// `route`), bound before anything is rendered.
+    Param(String),
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -97,8 +100,30 @@ pub enum TemplateError {
     Unclosed,
 }
 
+/// A route field's name: 1 to 64 of `[a-z0-9_]`.
+fn param_name(name: &str) -> Option<&str> {
+    let name = name.strip_prefix("field.")?;
+    (!name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'))
+    .then_some(name)
+}
+
 impl Template {
+    /// A caller's template: card placeholders only.
     pub fn parse(text: &str) -> Result<Self, TemplateError> {
+        Self::parse_with(text, false)
+    }
+
+    /// A processor route's template (from the config): card placeholders and
+    /// `{{field.<name>}}`.
+    pub fn parse_route(text: &str) -> Result<Self, TemplateError> {
+        Self::parse_with(text, true)
+    }
+
+    fn parse_with(text: &str, params: bool) -> Result<Self, TemplateError> {
         let mut parts = Vec::new();
         let mut rest = text;
         while let Some(start) = rest.find("{{") {
@@ -107,14 +132,70 @@ impl Template {
             }
             let after = &rest[start + 2..];
             let end = after.find("}}").ok_or(TemplateError::Unclosed)?;
-            let field = Field::parse(after[..end].trim()).ok_or(TemplateError::Unknown)?;
-            parts.push(Part::Field(field));
+            let name = after[..end].trim();
+            let part = match (Field::parse(name), param_name(name)) {
+                (Some(field), _) => Part::Field(field),
+                (None, Some(param)) if params => Part::Param(param.to_owned()),
+                _ => return Err(TemplateError::Unknown),
+            };
+            parts.push(part);
             rest = &after[end + 2..];
         }
         if !rest.is_empty() {
             parts.push(Part::Text(rest.to_owned()));
         }
         Ok(Self(parts))
+    }
+
+    /// Plain text, no placeholder (a value that reads like one stays text).
+    pub fn text(text: &str) -> Self {
+        Self(vec![Part::Text(text.to_owned())])
+    }
+
+    /// The route fields (`{{field.<name>}}`) the template names.
+    pub fn params(&self) -> impl Iterator<Item = &str> + '_ {
+        self.0.iter().filter_map(|p| match p {
+            Part::Param(name) => Some(name.as_str()),
+            _ => None,
+        })
+    }
+
+    /// The template with each route field replaced by its value, escaped for
+    /// `encoding`, as plain text: one pass, so a value that reads like a placeholder
+    /// stays text and is never expanded. Fields without a value become empty.
+    pub fn bind(
+        &self,
+        values: &std::collections::BTreeMap<String, String>,
+        encoding: Encoding,
+    ) -> Self {
+        let parts = self
+            .0
+            .iter()
+            .map(|part| match part {
+                Part::Param(name) => {
+                    let mut text = String::new();
+                    escape_into(
+                        &mut text,
+                        values.get(name).map_or("", String::as_str),
+                        encoding,
+                    );
+                    Part::Text(text)
+                }
+                other => other.clone(),
+            })
+            .collect();
+        Self(parts)
+    }
+
+    /// The template's text when it holds no placeholder.
+    pub fn plain(&self) -> Option<String> {
+        self.0
+            .iter()
+            .map(|p| match p {
+                Part::Text(text) => Some(text.as_str()),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Whether a card number, CVC or name placeholder stands next to a letter, a digit
@@ -125,7 +206,7 @@ impl Template {
             |part: &Part| matches!(part, Part::Field(Field::Number | Field::Cvc | Field::Name));
         let sticks = |part: Option<&Part>, at_end: bool| match part {
             None => false,
-            Some(Part::Field(_)) => true,
+            Some(Part::Field(_) | Part::Param(_)) => true,
             Some(Part::Text(text)) => {
                 let c = if at_end {
                     text.chars().next_back()
@@ -145,7 +226,7 @@ impl Template {
     pub fn fields(&self) -> impl Iterator<Item = Field> + '_ {
         self.0.iter().filter_map(|p| match p {
             Part::Field(f) => Some(*f),
-            Part::Text(_) => None,
+            Part::Text(_) | Part::Param(_) => None,
         })
     }
 
@@ -160,6 +241,8 @@ impl Template {
         for part in &self.0 {
             match part {
                 Part::Text(text) => out.push_str(text),
+                // Bound before rendering (see `bind`); an unbound one renders empty.
+                Part::Param(_) => {}
                 Part::Field(field) => {
                     let value: Zeroizing<String> = Zeroizing::new(match field {
                         Field::Number => card.pan.expose_digits().to_owned(),

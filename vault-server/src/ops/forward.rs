@@ -51,6 +51,11 @@ pub struct ForwardRequest {
     pub idempotency_key: String,
     /// Why the card is sent (empty: none given); see [`check_reason`].
     pub reason: String,
+    /// A route the processor declares (empty: a free-form forward, with method,
+    /// path and body).
+    pub route: String,
+    /// The route's fields.
+    pub fields: std::collections::BTreeMap<String, String>,
 }
 
 /// What the processor answered (masked), or the stored answer replayed.
@@ -98,6 +103,70 @@ fn invalid(field: &'static str, rule: &'static str, description: &'static str) -
         rule,
         description,
     })
+}
+
+/// A free-form forward's request, as the caller wrote it (for processors with
+/// `dangerous_free_form`): its templates parsed and checked.
+fn free_form(request: &ForwardRequest) -> Result<Outbound, VaultError> {
+    let body = Template::parse(&request.body).map_err(|e| match e {
+        TemplateError::Unknown => invalid("body", "placeholder", "holds an unknown placeholder"),
+        TemplateError::Unclosed => invalid("body", "placeholder", "holds an unclosed placeholder"),
+    })?;
+    const GLUED: &str = "a card number, CVC or name placeholder must not touch a letter, a \
+                         digit or another placeholder";
+    if body.glued() {
+        return Err(invalid("body", "glued", GLUED));
+    }
+    let mut headers = Vec::with_capacity(request.headers.len());
+    for (name, value) in &request.headers {
+        if !crate::forward::valid_header_name(name) {
+            return Err(invalid(
+                "headers.name",
+                "header_name",
+                "must be a valid header name that the vault does not reserve",
+            ));
+        }
+        // Placeholders are ASCII, so a template that is a valid header value stays
+        // one except for what the card data brings (checked after rendering).
+        if tonic::codegen::http::HeaderValue::from_str(value).is_err() {
+            return Err(invalid(
+                "headers.value",
+                "characters",
+                "must be a valid header value",
+            ));
+        }
+        let template = Template::parse(value).map_err(|_| {
+            invalid(
+                "headers.value",
+                "placeholder",
+                "holds an unknown or unclosed placeholder",
+            )
+        })?;
+        if template.glued() {
+            return Err(invalid("headers.value", "glued", GLUED));
+        }
+        headers.push((name.clone(), template));
+    }
+    let content_types = || {
+        request
+            .headers
+            .iter()
+            .filter(|(name, _)| name.eq_ignore_ascii_case("content-type"))
+    };
+    if content_types().count() > 1 {
+        return Err(invalid(
+            "headers",
+            "duplicate",
+            "content-type may appear once",
+        ));
+    }
+    let outbound = Outbound {
+        method: request.method.clone(),
+        path: request.path.clone(),
+        headers,
+        body,
+    };
+    Ok(outbound)
 }
 
 /// The longest reason, in characters.
@@ -401,75 +470,36 @@ impl<S: Store> Forwarder<S> {
             .ok_or(VaultError::Forward(ForwardError::Denied(
                 "unknown processor",
             )))?;
-        let body = Template::parse(&request.body).map_err(|e| match e {
-            TemplateError::Unknown => {
-                invalid("body", "placeholder", "holds an unknown placeholder")
+        let declared = !request.route.is_empty();
+        let outbound = match declared {
+            true => {
+                if !request.method.is_empty()
+                    || !request.path.is_empty()
+                    || !request.body.is_empty()
+                {
+                    return Err(invalid(
+                        "route",
+                        "exclusive",
+                        "a forward names a route, or (free-form) a method, path and body; not both",
+                    ));
+                }
+                processor
+                    .route(&request.route)
+                    .ok_or(VaultError::Forward(ForwardError::Denied(
+                        "route not declared",
+                    )))?
+                    .outbound(&request.fields, &request.headers)
+                    .map_err(VaultError::Invalid)?
             }
-            TemplateError::Unclosed => {
-                invalid("body", "placeholder", "holds an unclosed placeholder")
-            }
-        })?;
-        const GLUED: &str = "a card number, CVC or name placeholder must not touch a letter, a \
-                             digit or another placeholder";
-        if body.glued() {
-            return Err(invalid("body", "glued", GLUED));
-        }
-        let mut headers = Vec::with_capacity(request.headers.len());
-        for (name, value) in &request.headers {
-            if !crate::forward::valid_header_name(name) {
-                return Err(invalid(
-                    "headers.name",
-                    "header_name",
-                    "must be a valid header name that the vault does not reserve",
-                ));
-            }
-            // Placeholders are ASCII, so a template that is a valid header value stays
-            // one except for what the card data brings (checked after rendering).
-            if tonic::codegen::http::HeaderValue::from_str(value).is_err() {
-                return Err(invalid(
-                    "headers.value",
-                    "characters",
-                    "must be a valid header value",
-                ));
-            }
-            let template = Template::parse(value).map_err(|_| {
-                invalid(
-                    "headers.value",
-                    "placeholder",
-                    "holds an unknown or unclosed placeholder",
-                )
-            })?;
-            if template.glued() {
-                return Err(invalid("headers.value", "glued", GLUED));
-            }
-            headers.push((name.clone(), template));
-        }
-        let content_types = || {
-            request
-                .headers
-                .iter()
-                .filter(|(name, _)| name.eq_ignore_ascii_case("content-type"))
-        };
-        if content_types().count() > 1 {
-            return Err(invalid(
-                "headers",
-                "duplicate",
-                "content-type may appear once",
-            ));
-        }
-        let outbound = Outbound {
-            method: request.method.clone(),
-            path: request.path.clone(),
-            headers,
-            body,
+            false => free_form(request)?,
         };
         processor
-            .check(&caller.identity, &outbound)
+            .check(&caller.identity, &outbound, declared)
             .map_err(VaultError::Forward)?;
         // Free text goes only where it can be escaped.
-        let content_type = content_types().next().map(|(_, value)| value.as_str());
+        let content_type = outbound.content_type().and_then(Template::plain);
         if outbound.body.fields().any(|f| f == Field::Name)
-            && Encoding::for_content_type(content_type) == Encoding::Raw
+            && Encoding::for_content_type(content_type.as_deref()) == Encoding::Raw
         {
             return Err(invalid(
                 "body",
@@ -502,8 +532,14 @@ impl<S: Store> Forwarder<S> {
                     request.path.as_bytes(),
                     request.body.as_bytes(),
                     request.token.as_bytes(),
+                    request.route.as_bytes(),
                 ];
                 for (name, value) in &request.headers {
+                    parts.push(name.as_bytes());
+                    parts.push(value.as_bytes());
+                }
+                // A BTreeMap: in name order.
+                for (name, value) in &request.fields {
                     parts.push(name.as_bytes());
                     parts.push(value.as_bytes());
                 }
