@@ -263,6 +263,18 @@ impl Route {
                 ));
             }
         }
+        // Free text is escaped only in JSON and form bodies: elsewhere (XML, plain
+        // text) it could rewrite the request around it.
+        if Encoding::for_content_type(settings.content_type.as_deref()) == Encoding::Raw {
+            for param in body.params() {
+                if settings.fields.get(param).map(|r| r.kind) == Some(FieldKind::Text) {
+                    return err(format!(
+                        "field {param:?} is free text in a body that is neither JSON nor \
+                         form-encoded, where it cannot be escaped: use kind digits, amount or id"
+                    ));
+                }
+            }
+        }
         Ok(Self {
             method: settings.method.clone(),
             path,
@@ -356,5 +368,111 @@ impl Route {
             headers,
             body: self.body.bind(fields, encoding),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inject() -> BTreeMap<String, Vec<String>> {
+        [("number", "body"), ("exp_month", "body"), ("cvc", "body")]
+            .into_iter()
+            .map(|(f, l)| (f.to_owned(), vec![l.to_owned()]))
+            .collect()
+    }
+
+    fn route(toml_text: &str) -> Result<Route, String> {
+        let settings: RouteSettings = toml::from_str(toml_text).map_err(|e| e.to_string())?;
+        Route::from_settings(&settings, &inject())
+    }
+
+    const BASE: &str = r#"
+name = "charge"
+method = "POST"
+path = "/v1/charges"
+content_type = "application/json"
+body = '{"amount":"{{field.amount}}","memo":"{{field.memo}}","number":"{{card.number}}"}'
+caller_headers = ["x-source"]
+fields = { amount = { kind = "amount" }, memo = { kind = "text", max_len = 40, required = false } }
+"#;
+
+    #[test]
+    fn a_route_binds_fields_escaped_and_once() {
+        let route = route(BASE).unwrap();
+        let fields: BTreeMap<String, String> = [
+            ("amount".to_owned(), "12.5".to_owned()),
+            ("memo".to_owned(), r#"a"},"x":"{{card.cvc}}"#.to_owned()),
+        ]
+        .into();
+        let outbound = route.outbound(&fields, &[]).unwrap();
+        assert_eq!(outbound.path, "/v1/charges");
+        // The memo is escaped for JSON, and its placeholder-like text is not a field.
+        assert!(!outbound.uses(super::super::template::Field::Cvc));
+        assert_eq!(
+            outbound.body.plain(),
+            None,
+            "the card number is still to be rendered"
+        );
+        let memo_only = BASE.replace(r#","number":"{{card.number}}""#, "");
+        let outbound =
+            super::Route::outbound(&self::route(&memo_only).unwrap(), &fields, &[]).unwrap();
+        assert_eq!(
+            outbound.body.plain().unwrap(),
+            r#"{"amount":"12.5","memo":"a\"},\"x\":\"{{card.cvc}}"}"#
+        );
+        let err = route
+            .outbound(&fields, &[("authorization".into(), "x".into())])
+            .unwrap_err();
+        assert_eq!(err.rule, "not_allowed");
+    }
+
+    #[test]
+    fn a_route_that_could_be_bent_is_refused_at_load() {
+        for (change, why) in [
+            (
+                (
+                    "content_type = \"application/json\"",
+                    "content_type = \"application/xml\"",
+                ),
+                "free text",
+            ),
+            (
+                ("path = \"/v1/charges\"", "path = \"/v1/{{field.memo}}\""),
+                "kind must be id",
+            ),
+            (
+                (
+                    "caller_headers = [\"x-source\"]",
+                    "caller_headers = [\"content-type\"]",
+                ),
+                "sets itself",
+            ),
+            (
+                (
+                    "\"number\":\"{{card.number}}\"",
+                    "\"name\":\"{{card.name}}\"",
+                ),
+                "inject",
+            ),
+            (("{{field.memo}}", "{{field.other}}"), "not declared"),
+            (
+                (
+                    "\"number\":\"{{card.number}}\"",
+                    "\"number\":\"4{{card.number}}\"",
+                ),
+                "glues",
+            ),
+            (
+                (
+                    "caller_headers = [\"x-source\"]",
+                    "caller_headers = [\"accept-encoding\"]",
+                ),
+                "lets through",
+            ),
+        ] {
+            let err = route(&BASE.replace(change.0, change.1)).unwrap_err();
+            assert!(err.contains(why), "{change:?}: {err}");
+        }
     }
 }
