@@ -65,6 +65,7 @@ fuzz_target!(|data: &[u8]| {
         number: NUMBER,
         cvc: Some(CVC),
         name: Some(NAME),
+        secrets: &[],
     };
     let before = answer.len();
     scrub(&mut answer, &injected);

@@ -235,7 +235,8 @@ async fn timeouts_unreachable_and_oversize_answers_fail_precisely() {
         .forward(charge("tiny", &token, CHARGE))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Some(Code::ResourceExhausted), "{err}");
+    // Sent and answered, but withheld: not a call to retry blindly.
+    assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
     assert!(err.to_string().contains("max_response_bytes"), "{err}");
     stack.stop().await;
 }

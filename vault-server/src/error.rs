@@ -179,9 +179,9 @@ impl VaultError {
                 tracing::warn!("processor timed out");
                 Status::deadline_exceeded("the processor did not answer within its timeout")
             }
-            VaultError::Forward(e @ ForwardError::TooLarge(_)) => {
+            VaultError::Forward(e @ ForwardError::TooLarge { .. }) => {
                 tracing::warn!(error = %e, "processor response too large");
-                Status::resource_exhausted(e.to_string())
+                Status::failed_precondition(e.to_string())
             }
             VaultError::Forward(e @ ForwardError::Unreadable { .. }) => {
                 Status::failed_precondition(e.to_string())

@@ -24,12 +24,14 @@ use unicode_normalization::UnicodeNormalization;
 
 use crate::card::luhn_valid;
 
-/// The card values the vault put into a request.
+/// The card values the vault put into a request, and the route's secret header values
+/// (the processor's credentials, which the caller must not see either).
 #[derive(Clone, Copy)]
 pub struct Injected<'a> {
     pub number: &'a str,
     pub cvc: Option<&'a str>,
     pub name: Option<&'a str>,
+    pub secrets: &'a [String],
 }
 
 impl std::fmt::Debug for Injected<'_> {
@@ -38,27 +40,37 @@ impl std::fmt::Debug for Injected<'_> {
     }
 }
 
-/// Masks in place everything the answer must not carry (see the module's doc).
+/// Masks in place everything the answer must not carry (see the module's doc): on the
+/// answer with its escapes undone, then on it as it is (an escape that is not one,
+/// such as `%41` before a number in JSON, must not hide the digits it swallows).
 pub fn scrub(bytes: &mut [u8], injected: &Injected<'_>) {
-    let view = View::of(bytes);
-    let mut masked = vec![false; view.chars.len()];
-    mask_number(&view, injected.number.as_bytes(), &mut masked);
-    mask_card_like(&view, &mut masked);
-    if let Some(cvc) = injected.cvc.filter(|c| !c.is_empty()) {
-        mask_digit_run(&view, cvc.as_bytes(), &mut masked);
+    for decode in [true, false] {
+        let view = View::of(bytes, decode);
+        let mut masked = vec![false; view.chars.len()];
+        mask_number(&view, injected.number.as_bytes(), &mut masked);
+        mask_number_pieces(&view, injected.number.as_bytes(), &mut masked);
+        mask_card_like(&view, &mut masked);
+        if let Some(cvc) = injected.cvc.filter(|c| !c.is_empty()) {
+            mask_digit_run(&view, cvc.as_bytes(), &mut masked);
+        }
+        if let Some(name) = injected.name {
+            mask_name(&view, name, &mut masked);
+        }
+        for secret in injected.secrets.iter().filter(|s| s.len() >= 4) {
+            mask_text(&view, secret, &mut masked);
+        }
+        view.apply(bytes, &masked);
     }
-    if let Some(name) = injected.name {
-        mask_name(&view, name, &mut masked);
-    }
-    view.apply(bytes, &masked);
 }
 
 /// Masks card-number-like runs in place (the shape rule alone).
 pub fn mask_card_numbers(bytes: &mut [u8]) {
-    let view = View::of(bytes);
-    let mut masked = vec![false; view.chars.len()];
-    mask_card_like(&view, &mut masked);
-    view.apply(bytes, &masked);
+    for decode in [true, false] {
+        let view = View::of(bytes, decode);
+        let mut masked = vec![false; view.chars.len()];
+        mask_card_like(&view, &mut masked);
+        view.apply(bytes, &masked);
+    }
 }
 
 /// The answer as characters, each with the byte range of the original it came from.
@@ -73,14 +85,18 @@ fn hex(bytes: &[u8]) -> Option<u32> {
 }
 
 impl View {
-    fn of(bytes: &[u8]) -> Self {
+    /// The answer's characters, with escapes undone when `decode`.
+    fn of(bytes: &[u8], decode: bool) -> Self {
         let mut view = View {
             chars: Vec::with_capacity(bytes.len()),
             spans: Vec::with_capacity(bytes.len()),
         };
         let mut i = 0;
         while i < bytes.len() {
-            let (c, len) = decode_one(bytes, i);
+            let (c, len) = match decode {
+                true => decode_one(bytes, i),
+                false => plain_one(&bytes[i..]),
+            };
             // NFKC: a fullwidth digit is a digit, a ligature its letters.
             for normal in std::iter::once(c).nfkc() {
                 view.chars.push(normal);
@@ -169,8 +185,15 @@ fn decode_one(bytes: &[u8], i: usize) -> (char, usize) {
             }
         }
         [b'+', ..] => return (' ', 1),
-        [b'&', b'#', ..] => {
+        // A named reference (`&nbsp;`, `&amp;`) stands between values: a separator.
+        [b'&', first, ..] if first.is_ascii_alphabetic() => {
             let end = rest.iter().take(12).position(|&b| b == b';');
+            if let Some(end) = end.filter(|&e| rest[1..e].iter().all(u8::is_ascii_alphanumeric)) {
+                return (' ', end + 1);
+            }
+        }
+        [b'&', b'#', ..] => {
+            let end = rest.iter().take(16).position(|&b| b == b';');
             if let Some(end) = end {
                 let body = &rest[2..end];
                 let code = match body {
@@ -186,7 +209,12 @@ fn decode_one(bytes: &[u8], i: usize) -> (char, usize) {
         }
         _ => {}
     }
-    // A plain UTF-8 character (an invalid byte stands alone).
+    plain_one(rest)
+}
+
+/// The UTF-8 character at the start of `rest` and its width (an invalid byte stands
+/// alone).
+fn plain_one(rest: &[u8]) -> (char, usize) {
     let width = match rest[0] {
         0xC0..=0xDF => 2,
         0xE0..=0xEF => 3,
@@ -203,8 +231,14 @@ fn decode_one(bytes: &[u8], i: usize) -> (char, usize) {
     }
 }
 
-/// Most characters between two digits of the injected number that still join them.
-const MAX_GAP: usize = 3;
+/// Most characters between two digits of the injected number that still join them:
+/// separators, quotes, markup (`</b> <b>`).
+const MAX_GAP: usize = 12;
+/// Most non-alphanumeric characters between two letters of a name word.
+const MAX_NAME_GAP: usize = 3;
+/// The shortest run of the injected number's digits masked on its own (a truncated
+/// echo): with the last four known, 8 leading digits leave a guessable rest.
+const MIN_PIECE: usize = 8;
 
 /// Marks each occurrence of `number`'s digits in order (see the module's doc), all but
 /// the last four.
@@ -228,7 +262,7 @@ fn mask_number(view: &View, number: &[u8], masked: &mut [bool]) {
                     gap = 0;
                 }
                 Some(_) => break,
-                None if view.chars[k].is_alphanumeric() || gap == MAX_GAP => break,
+                None if gap == MAX_GAP => break,
                 None => gap += 1,
             }
             k += 1;
@@ -239,6 +273,69 @@ fn mask_number(view: &View, number: &[u8], masked: &mut [bool]) {
             }
         }
     }
+}
+
+/// Marks each run of contiguous digits holding [`MIN_PIECE`] or more of the injected
+/// number's digits in order (but not the whole number, which [`mask_number`] masks
+/// keeping the last four): a processor that echoes a field cut short.
+fn mask_number_pieces(view: &View, number: &[u8], masked: &mut [bool]) {
+    if number.len() < 12 {
+        return;
+    }
+    let mut k = 0;
+    while k < view.chars.len() {
+        if view.digit(k).is_none() {
+            k += 1;
+            continue;
+        }
+        let start = k;
+        while view.digit(k).is_some() {
+            k += 1;
+        }
+        let run: Vec<u8> = (start..k).filter_map(|p| view.digit(p)).collect();
+        if run.windows(number.len()).any(|w| w == number) {
+            continue;
+        }
+        // Each position of the run that starts a long enough common piece.
+        for (i, _) in run.iter().enumerate() {
+            for j in 0..number.len() {
+                let len = run[i..]
+                    .iter()
+                    .zip(&number[j..])
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                if len >= MIN_PIECE {
+                    masked[start + i..start + i + len].fill(true);
+                }
+            }
+        }
+    }
+}
+
+/// Marks each occurrence of `text`, character for character.
+fn mask_text(view: &View, text: &str, masked: &mut [bool]) {
+    let needle: Vec<char> = text.chars().collect();
+    let n = needle.len();
+    for start in 0..view.chars.len().saturating_sub(n - 1) {
+        if view.chars[start..start + n] == needle[..] {
+            masked[start..start + n].fill(true);
+        }
+    }
+}
+
+/// A letter as names are compared: its base letter, lower case (`É` and `é` are `e`);
+/// a combining mark is nothing (`\0`). One character for one, so positions hold.
+fn fold(c: char) -> char {
+    if unicode_normalization::char::is_combining_mark(c) {
+        return '\0';
+    }
+    let mut base = '\0';
+    unicode_normalization::char::decompose_canonical(c, |d| {
+        if base == '\0' {
+            base = d;
+        }
+    });
+    base.to_lowercase().next().unwrap_or(base)
 }
 
 /// Marks `run` where it stands as a digit run of its own.
@@ -257,20 +354,14 @@ fn mask_digit_run(view: &View, run: &[u8], masked: &mut [bool]) {
 /// Marks each word of three or more letters of `name`, case-insensitively, on word
 /// boundaries.
 fn mask_name(view: &View, name: &str, masked: &mut [bool]) {
-    let lower: Vec<char> = view.chars.iter().flat_map(|c| c.to_lowercase()).collect();
-    // Lower-casing may change the count (rarely); match on the view only then.
-    if lower.len() != view.chars.len() {
-        return;
-    }
+    let lower: Vec<char> = view.chars.iter().map(|&c| fold(c)).collect();
     let words: Vec<Vec<char>> = name
         .nfkc()
+        .map(fold)
+        .filter(|&c| c != '\0')
         .collect::<String>()
         .split(|c: char| !c.is_alphabetic())
-        .map(|w| {
-            w.chars()
-                .flat_map(char::to_lowercase)
-                .collect::<Vec<char>>()
-        })
+        .map(|w| w.chars().collect::<Vec<char>>())
         .filter(|w| w.len() >= 3)
         .collect();
     let mut positions = Vec::new();
@@ -287,7 +378,7 @@ fn mask_name(view: &View, name: &str, masked: &mut [bool]) {
                 if c == word[positions.len()] {
                     positions.push(k);
                     gap = 0;
-                } else if c.is_alphanumeric() || gap == MAX_GAP {
+                } else if c.is_alphanumeric() || gap == MAX_NAME_GAP {
                     break;
                 } else {
                     gap += 1;
@@ -385,6 +476,10 @@ mod tests {
                 number: "4242424242424242",
                 cvc,
                 name,
+                secrets: &[
+                    "Bearer sk_live_abcdef".to_owned(),
+                    "sk_live_abcdef".to_owned(),
+                ],
             },
         );
         assert_eq!(bytes.len(), s.len());
@@ -471,6 +566,55 @@ mod tests {
         );
         // Words shorter than three letters stay (too common to mean anything).
         assert_eq!(scrubbed("Jo Li", None, Some("Jo Li")), "Jo Li");
+    }
+
+    #[test]
+    fn what_an_attacker_tried_is_masked() {
+        // One İ (two characters in lower case) once switched name masking off.
+        assert_eq!(
+            scrubbed("%C4%B0 Ada Lovelace", None, Some("Ada Lovelace")),
+            "%C4%B0 *** ********"
+        );
+        // A % before the number, in JSON, swallowed two of its digits when decoded: the
+        // rest is a piece of the number, and the raw pass finds no more (the two left are
+        // of the first six, which may be shown).
+        assert_eq!(
+            scrubbed(r#"{"d":"%4242424242424242"}"#, Some("737"), None),
+            r#"{"d":"%42**************"}"#
+        );
+        assert_eq!(
+            scrubbed(r#"{"d":"%737"}"#, Some("737"), None),
+            r#"{"d":"%***"}"#
+        );
+        // The route's credentials, echoed.
+        assert_eq!(
+            scrubbed(
+                "auth: Bearer sk_live_abcdef; key sk_live_abcdef",
+                None,
+                None
+            ),
+            format!("auth: {}; key {}", "*".repeat(21), "*".repeat(14))
+        );
+        // Accents dropped, or decomposed.
+        assert_eq!(
+            scrubbed("JOSE MULLER / Jose\u{301}", None, Some("José Müller")),
+            "**** ****** / ****\u{301}"
+        );
+        // A field cut short: 11 leading digits and the known last four rebuild it.
+        assert_eq!(scrubbed("n=42424242424", None, None), "n=***********");
+        // Markup and named references between the groups.
+        assert_eq!(
+            scrubbed("4242&nbsp;4242&nbsp;4242&nbsp;4242", None, None),
+            "****&nbsp;****&nbsp;****&nbsp;4242"
+        );
+        assert_eq!(
+            scrubbed(
+                "<b>4242</b> <b>4242</b> <b>4242</b> <b>4242</b>",
+                None,
+                None
+            ),
+            "<b>****</b> <b>****</b> <b>****</b> <b>4242</b>"
+        );
     }
 
     #[test]

@@ -51,8 +51,11 @@ pub enum ForwardError {
     Unreachable { detail: String, sent: bool },
     #[error("the processor did not answer within its timeout")]
     Timeout,
-    #[error("the processor's response exceeds max_response_bytes ({0})")]
-    TooLarge(usize),
+    #[error(
+        "the request was sent and the processor answered (HTTP {status}), but its answer \
+         exceeds max_response_bytes ({limit}): it is withheld"
+    )]
+    TooLarge { limit: usize, status: u16 },
     /// The request was sent and the processor answered, in a form the masker cannot
     /// read (compressed, binary, another charset): the answer is withheld. Never names
     /// the processor's header values.
@@ -71,7 +74,9 @@ impl ForwardError {
     /// The processor's status when it answered but the answer is withheld.
     pub fn withheld_status(&self) -> Option<u16> {
         match self {
-            ForwardError::Unreadable { status, .. } => Some(*status),
+            ForwardError::Unreadable { status, .. } | ForwardError::TooLarge { status, .. } => {
+                Some(*status)
+            }
             _ => None,
         }
     }
@@ -186,6 +191,8 @@ pub struct Outbound {
     pub path: String,
     pub headers: Vec<(String, Template)>,
     pub body: Template,
+    /// The route's secret header values: masked in the answer like card values.
+    pub secrets: Vec<String>,
 }
 
 impl std::fmt::Debug for Outbound {
@@ -343,15 +350,35 @@ impl Processor {
             number: card.pan.expose_digits(),
             cvc,
             name: card.name.as_ref().map(|n| n.expose()),
+            secrets: &outbound.secrets,
         };
         let headers = scrub_headers(response.headers(), &injected);
         let mut response = response;
         let mut answer = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(classify)? {
             if answer.len() + chunk.len() > self.max_response_bytes {
-                return Err(ForwardError::TooLarge(self.max_response_bytes));
+                return Err(ForwardError::TooLarge {
+                    limit: self.max_response_bytes,
+                    status,
+                });
             }
             answer.extend_from_slice(&chunk);
+        }
+        // What the headers say is not all: a body that is not text (compressed under a
+        // transfer-encoding, UTF-16 without a charset) is withheld too.
+        let text = std::str::from_utf8(&answer).is_ok_and(|t| {
+            !t.chars()
+                .any(|c| c.is_control() && !matches!(c, '\t' | '\r' | '\n'))
+        });
+        if !text {
+            tracing::warn!(
+                status,
+                "processor answer withheld: its body is not UTF-8 text"
+            );
+            return Err(ForwardError::Unreadable {
+                status,
+                what: "in bytes that are not UTF-8 text",
+            });
         }
         mask::scrub(&mut answer, &injected);
         Ok(Answer {
@@ -386,6 +413,19 @@ fn unreadable(headers: &reqwest::header::HeaderMap) -> Option<&'static str> {
     {
         return Some("in a content-encoding");
     }
+    // The HTTP client undoes chunking only: `gzip, chunked` leaves the body compressed.
+    let coded = |value: &[u8]| {
+        String::from_utf8_lossy(value)
+            .split(',')
+            .any(|coding| !coding.trim().eq_ignore_ascii_case("chunked"))
+    };
+    if headers
+        .get_all(reqwest::header::TRANSFER_ENCODING)
+        .iter()
+        .any(|value| coded(value.as_bytes()))
+    {
+        return Some("in a transfer-encoding");
+    }
     let content_type = headers.get(reqwest::header::CONTENT_TYPE)?;
     let content_type = String::from_utf8_lossy(content_type.as_bytes()).to_ascii_lowercase();
     let mut parts = content_type.split(';');
@@ -406,10 +446,11 @@ fn unreadable(headers: &reqwest::header::HeaderMap) -> Option<&'static str> {
         return Some("in a content type that is not text");
     }
     let charset = parts
-        .filter_map(|p| p.trim().strip_prefix("charset="))
-        .map(|c| c.trim_matches('"'))
+        .filter_map(|p| p.split_once('='))
+        .filter(|(key, _)| key.trim() == "charset")
+        .map(|(_, value)| value.trim().trim_matches('"').to_owned())
         .next();
-    if charset.is_some_and(|c| !matches!(c, "utf-8" | "utf8" | "us-ascii" | "iso-8859-1")) {
+    if charset.is_some_and(|c| !matches!(c.as_str(), "utf-8" | "utf8" | "us-ascii")) {
         return Some("in a charset other than UTF-8");
     }
     None

@@ -183,6 +183,11 @@ impl Route {
         }
         let mut headers = Vec::new();
         for (header, text) in &settings.headers {
+            if header.eq_ignore_ascii_case("content-type") {
+                return err(
+                    "headers may not set content-type: the route's content_type does".into(),
+                );
+            }
             let template = parse(&format!("headers.{header}"), text)?;
             if template.fields().any(|f| !allowed(f, "header")) {
                 return err(format!(
@@ -367,6 +372,15 @@ impl Route {
             path,
             headers,
             body: self.body.bind(fields, encoding),
+            // The whole value, and the credential without a prefix such as "Bearer ".
+            secrets: self
+                .secret_headers
+                .iter()
+                .flat_map(|(_, value)| {
+                    let bare = value.rsplit(' ').next().unwrap_or_default();
+                    [value.to_string(), bare.to_owned()]
+                })
+                .collect(),
         })
     }
 }

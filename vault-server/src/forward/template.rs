@@ -198,9 +198,11 @@ impl Template {
             .collect()
     }
 
-    /// Whether a card number, CVC or name placeholder stands next to a letter, a digit
-    /// or another placeholder (`"1{{card.cvc}}"`): an answer echoing that value would
-    /// hide the card value inside a longer run the masker cannot tell apart.
+    /// Whether a card number, CVC or name placeholder stands next to anything but a
+    /// delimiter (quote, space, `=`, `&`, `,`, `:`, `;`, `<`, `>`, brackets): next to a
+    /// digit or letter (`"1{{card.cvc}}"`), an escape (`%`, `\`, `&#`), a `.` or another
+    /// placeholder, an echo could hide the value in a longer run, or the processor
+    /// could turn it into one (`{{card.cvc}}\u0030`, `{{card.cvc}}.0e3`).
     pub fn glued(&self) -> bool {
         let guarded =
             |part: &Part| matches!(part, Part::Field(Field::Number | Field::Cvc | Field::Name));
@@ -213,7 +215,7 @@ impl Template {
                 } else {
                     text.chars().next()
                 };
-                c.is_some_and(char::is_alphanumeric)
+                c.is_some_and(|c| !(c.is_whitespace() || "\"'=&,:;<>()[]{}".contains(c)))
             }
         };
         self.0.iter().enumerate().any(|(i, part)| {
@@ -290,6 +292,7 @@ mod tests {
         let glued = |text: &str| Template::parse(text).unwrap().glued();
         for alone in [
             r#"{"cvc":"{{card.cvc}}","n":"{{card.number}}"}"#,
+            r#"{"cvc":{{card.cvc}}}"#,
             "number={{card.number}}&cvc={{card.cvc}}",
             "{{card.exp_month}}/{{card.exp_year}}",
             "{{card.exp_month}}{{card.exp_year}}",
@@ -304,6 +307,11 @@ mod tests {
             "x{{card.name}}",
             "{{card.number}}0",
             "{{card.exp_year}}{{card.cvc}}",
+            r#""{{card.cvc}}\u0030""#,
+            "cvc={{card.cvc}}%30",
+            r#"{"a":{{card.cvc}}.0e3}"#,
+            "%{{card.number}}",
+            "x-{{card.cvc}}",
         ] {
             assert!(glued(stuck), "{stuck}");
         }

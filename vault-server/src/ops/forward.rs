@@ -165,6 +165,7 @@ fn free_form(request: &ForwardRequest) -> Result<Outbound, VaultError> {
         path: request.path.clone(),
         headers,
         body,
+        secrets: Vec::new(),
     };
     Ok(outbound)
 }
@@ -526,6 +527,9 @@ impl<S: Store> Forwarder<S> {
                 ));
             }
             key => {
+                // Each part length-prefixed by the digest; the counts keep headers and
+                // fields apart.
+                let counts = format!("{} {}", request.headers.len(), request.fields.len());
                 let mut parts: Vec<&[u8]> = vec![
                     request.processor.as_bytes(),
                     request.method.as_bytes(),
@@ -533,6 +537,8 @@ impl<S: Store> Forwarder<S> {
                     request.body.as_bytes(),
                     request.token.as_bytes(),
                     request.route.as_bytes(),
+                    request.reason.as_bytes(),
+                    counts.as_bytes(),
                 ];
                 for (name, value) in &request.headers {
                     parts.push(name.as_bytes());
