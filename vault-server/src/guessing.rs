@@ -229,6 +229,10 @@ struct Inner {
 
 impl Inner {
     fn flagged(&self, identity: &str, bucket: &BucketId) -> bool {
+        // Nearly always: no flag at all, and nothing to allocate for the look-ups.
+        if self.flags.is_empty() {
+            return false;
+        }
         let key = |b: &BucketId| (identity.to_owned(), *b);
         self.flags.contains_key(&key(&ALL_BUCKETS)) || self.flags.contains_key(&key(bucket))
     }
