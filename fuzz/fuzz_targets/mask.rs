@@ -68,7 +68,10 @@ fuzz_target!(|data: &[u8]| {
         secrets: &[],
     };
     let before = answer.len();
-    scrub(&mut answer, &injected);
+    // An answer that expands too much under NFKC is withheld, not masked.
+    if !scrub(&mut answer, &injected) {
+        return;
+    }
     assert_eq!(answer.len(), before);
     let masked = |range: &std::ops::Range<usize>| answer[range.clone()].iter().all(|&b| b == b'*');
     assert!(number[..12].iter().all(masked), "number survived");

@@ -2,21 +2,25 @@
 //! which card values it put into the request, so it masks them **by value** wherever
 //! they turn up, then anything else shaped like a card number:
 //!
-//! - the injected number's digits in order, with up to three non-alphanumeric
-//!   characters between any two (separators, quotes, a JSON array's `","`), inside
-//!   longer digit runs too; all but the last four are masked;
+//! - the injected number's digits in order, with up to twelve other characters
+//!   between any two (separators, quotes, a JSON array's `","`, markup), inside longer
+//!   digit runs too; all but the last four are masked; and any run of eight or more of
+//!   its digits in order (an echo cut short);
 //! - the injected CVC where it stands as a digit run of its own;
-//! - each word of three or more letters of the injected name, case-insensitively, on
-//!   word boundaries, with up to three non-alphanumeric characters between its letters
-//!   (a processor that cuts the name over several headers);
+//! - each word of three or more letters of the injected name, case and accents
+//!   folded, also transliterated (ß as ss, ü as ue or u, ø as o...), on word boundaries,
+//!   with up to three non-alphanumeric characters between its letters (a processor
+//!   that cuts the name over several headers);
+//! - the route's secret header values (the processor's credentials);
 //! - any run of 12 to 19 digits (single spaces or dashes between digits allowed) that
 //!   passes the Luhn check, keeping its last four; a longer run is searched for such a
 //!   number inside it. Conservative on purpose: an order id of that length that passes
 //!   Luhn is masked too.
 //!
-//! All of it is matched on a normalised view of the answer: JSON `\uXXXX` and
-//! backslash escapes, URL percent-encoding and `+`, HTML numeric character references
-//! undone, and every character in NFKC (fullwidth digits are digits). What matches is
+//! All of it is matched on a normalised view of the answer (JSON `\uXXXX` and
+//! backslash escapes, URL percent-encoding and `+`, HTML numeric and common named
+//! references undone, every character in NFKC: fullwidth digits are digits), then on
+//! the answer as it is. What matches is
 //! masked in the original bytes, escape sequences whole, so the length stays the same.
 //! Expiry is not masked: GetTokenInfo returns it anyway.
 
@@ -40,12 +44,21 @@ impl std::fmt::Debug for Injected<'_> {
     }
 }
 
+/// The most characters a view may hold per byte of the answer: NFKC turns some
+/// characters into many (U+FDFA into 18), which would make masking slow.
+const MAX_GROWTH: usize = 4;
+
 /// Masks in place everything the answer must not carry (see the module's doc): on the
 /// answer with its escapes undone, then on it as it is (an escape that is not one,
 /// such as `%41` before a number in JSON, must not hide the digits it swallows).
-pub fn scrub(bytes: &mut [u8], injected: &Injected<'_>) {
+/// Returns false, masking nothing, for an answer whose normalised view would be more
+/// than [`MAX_GROWTH`] times its size: it is to be withheld.
+pub fn scrub(bytes: &mut [u8], injected: &Injected<'_>) -> bool {
     for decode in [true, false] {
         let view = View::of(bytes, decode);
+        if view.chars.len() > MAX_GROWTH * bytes.len().max(16) {
+            return false;
+        }
         let mut masked = vec![false; view.chars.len()];
         mask_number(&view, injected.number.as_bytes(), &mut masked);
         mask_number_pieces(&view, injected.number.as_bytes(), &mut masked);
@@ -61,6 +74,7 @@ pub fn scrub(bytes: &mut [u8], injected: &Injected<'_>) {
         }
         view.apply(bytes, &masked);
     }
+    true
 }
 
 /// Masks card-number-like runs in place (the shape rule alone).
@@ -185,11 +199,12 @@ fn decode_one(bytes: &[u8], i: usize) -> (char, usize) {
             }
         }
         [b'+', ..] => return (' ', 1),
-        // A named reference (`&nbsp;`, `&amp;`) stands between values: a separator.
+        // A named reference: an accented letter is its letter (`&eacute;` is e), the
+        // XML five are their characters, any other (`&nbsp;`) stands between values.
         [b'&', first, ..] if first.is_ascii_alphabetic() => {
             let end = rest.iter().take(12).position(|&b| b == b';');
             if let Some(end) = end.filter(|&e| rest[1..e].iter().all(u8::is_ascii_alphanumeric)) {
-                return (' ', end + 1);
+                return (named_reference(&rest[1..end]), end + 1);
             }
         }
         [b'&', b'#', ..] => {
@@ -210,6 +225,26 @@ fn decode_one(bytes: &[u8], i: usize) -> (char, usize) {
         _ => {}
     }
     plain_one(rest)
+}
+
+/// What a named HTML reference (without `&` and `;`) stands for, as the masker needs
+/// it: an accented letter's base letter, the XML five, else a space.
+fn named_reference(name: &[u8]) -> char {
+    const ACCENTS: [&[u8]; 8] = [
+        b"acute", b"grave", b"uml", b"circ", b"tilde", b"ring", b"cedil", b"slash",
+    ];
+    match name {
+        b"amp" => '&',
+        b"lt" => '<',
+        b"gt" => '>',
+        b"quot" => '"',
+        b"apos" => '\'',
+        b"szlig" => 's',
+        [letter, accent @ ..] if letter.is_ascii_alphabetic() && ACCENTS.contains(&accent) => {
+            char::from(*letter)
+        }
+        _ => ' ',
+    }
 }
 
 /// The UTF-8 character at the start of `rest` and its width (an invalid byte stands
@@ -309,20 +344,65 @@ fn mask_number_pieces(view: &View, number: &[u8], masked: &mut [bool]) {
 }
 
 /// Marks each occurrence of `text`, character for character.
+/// (A `+` matches a space too: the unescaped view reads a form's `+` as one.)
 fn mask_text(view: &View, text: &str, masked: &mut [bool]) {
     let needle: Vec<char> = text.chars().collect();
     let n = needle.len();
+    let same = |a: char, b: char| a == b || (b == '+' && a == ' ');
     for start in 0..view.chars.len().saturating_sub(n - 1) {
-        if view.chars[start..start + n] == needle[..] {
+        if view.chars[start..start + n]
+            .iter()
+            .zip(&needle)
+            .all(|(&a, &b)| same(a, b))
+        {
             masked[start..start + n].fill(true);
         }
     }
 }
 
+/// A word's ASCII transliterations besides itself (`strauß`: `strauss`; `müller`:
+/// `mueller` and `muller`), as processors often write names.
+fn transliterations(word: &[char]) -> Vec<Vec<char>> {
+    let map = |c: char, umlaut_e: bool| -> Option<&'static str> {
+        Some(match c {
+            'ß' => "ss",
+            'æ' => "ae",
+            'œ' => "oe",
+            'ø' => "o",
+            'ł' => "l",
+            'đ' => "d",
+            'þ' => "th",
+            'ı' => "i",
+            'ä' if umlaut_e => "ae",
+            'ö' if umlaut_e => "oe",
+            'ü' if umlaut_e => "ue",
+            _ => return None,
+        })
+    };
+    let mut variants = Vec::new();
+    for umlaut_e in [false, true] {
+        let variant: Vec<char> = word
+            .iter()
+            .flat_map(|&c| match map(c, umlaut_e) {
+                Some(s) => s.chars().collect::<Vec<_>>(),
+                None => vec![c],
+            })
+            .collect();
+        if variant != word && !variants.contains(&variant) {
+            variants.push(variant);
+        }
+    }
+    variants
+}
+
+fn is_combining(c: char) -> bool {
+    unicode_normalization::char::is_combining_mark(c)
+}
+
 /// A letter as names are compared: its base letter, lower case (`É` and `é` are `e`);
 /// a combining mark is nothing (`\0`). One character for one, so positions hold.
 fn fold(c: char) -> char {
-    if unicode_normalization::char::is_combining_mark(c) {
+    if is_combining(c) {
         return '\0';
     }
     let mut base = '\0';
@@ -351,15 +431,23 @@ fn mask_digit_run(view: &View, run: &[u8], masked: &mut [bool]) {
 /// boundaries.
 fn mask_name(view: &View, name: &str, masked: &mut [bool]) {
     let lower: Vec<char> = view.chars.iter().map(|&c| fold(c)).collect();
-    let words: Vec<Vec<char>> = name
-        .nfkc()
-        .map(fold)
-        .filter(|&c| c != '\0')
-        .collect::<String>()
-        .split(|c: char| !c.is_alphabetic())
-        .map(|w| w.chars().collect::<Vec<char>>())
-        .filter(|w| w.len() >= 3)
-        .collect();
+    // The name's words in lower case, each folded and transliterated; once each, and
+    // at most 32 (a name is at most 128 characters).
+    let lowered: String = name.nfkc().flat_map(char::to_lowercase).collect();
+    let mut words: Vec<Vec<char>> = Vec::new();
+    for word in lowered.split(|c: char| !c.is_alphabetic() && !is_combining(c)) {
+        let word: Vec<char> = word.chars().collect();
+        let folded = |w: &[char]| -> Vec<char> {
+            w.iter().map(|&c| fold(c)).filter(|&c| c != '\0').collect()
+        };
+        for candidate in
+            std::iter::once(folded(&word)).chain(transliterations(&word).iter().map(|w| folded(w)))
+        {
+            if candidate.len() >= 3 && !words.contains(&candidate) && words.len() < 32 {
+                words.push(candidate);
+            }
+        }
+    }
     let mut positions = Vec::new();
     for word in &words {
         for start in 0..lower.len() {
@@ -611,6 +699,45 @@ mod tests {
             ),
             "<b>****</b> <b>****</b> <b>****</b> <b>4242</b>"
         );
+    }
+
+    #[test]
+    fn what_a_second_review_tried_is_masked() {
+        assert_eq!(
+            scrubbed("Jos&eacute; M&uuml;ller", None, Some("José Müller")),
+            format!("{} {}", "*".repeat(11), "*".repeat(11))
+        );
+        assert_eq!(
+            scrubbed("STRAUSS, MUELLER, MULLER", None, Some("Strauß Müller")),
+            "*******, *******, ******"
+        );
+        let mut bytes = br#"{"auth":"Basic dXNl+cjpw\/YXNz"}"#.to_vec();
+        let secrets = [
+            "Basic dXNl+cjpw/YXNz".to_owned(),
+            "dXNl+cjpw/YXNz".to_owned(),
+        ];
+        assert!(scrub(
+            &mut bytes,
+            &Injected {
+                number: "4242424242424242",
+                cvc: None,
+                name: None,
+                secrets: &secrets,
+            }
+        ));
+        let text = String::from_utf8(bytes).unwrap();
+        assert!(!text.contains("dXNl") && !text.contains("YXNz"), "{text}");
+        // A character NFKC turns into 18: refused, not masked slowly.
+        let mut expanding = "\u{FDFA}".repeat(1000).into_bytes();
+        assert!(!scrub(
+            &mut expanding,
+            &Injected {
+                number: "4242424242424242",
+                cvc: None,
+                name: None,
+                secrets: &[],
+            }
+        ));
     }
 
     #[test]

@@ -352,7 +352,12 @@ impl Processor {
             name: card.name.as_ref().map(|n| n.expose()),
             secrets: &outbound.secrets,
         };
-        let headers = scrub_headers(response.headers(), &injected);
+        let Some(headers) = scrub_headers(response.headers(), &injected) else {
+            return Err(ForwardError::Unreadable {
+                status,
+                what: "in characters the masker cannot read in bounded time",
+            });
+        };
         let mut response = response;
         let mut answer = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(classify)? {
@@ -380,7 +385,36 @@ impl Processor {
                 what: "in bytes that are not UTF-8 text",
             });
         }
-        mask::scrub(&mut answer, &injected);
+        // Masking a large answer takes a while: off the async threads, on copies of the
+        // card values that are wiped after.
+        let values = Zeroizing::new((
+            injected.number.to_owned(),
+            injected.cvc.map(str::to_owned),
+            injected.name.map(str::to_owned),
+        ));
+        let secrets = outbound.secrets.clone();
+        let (answer, readable) = tokio::task::spawn_blocking(move || {
+            let (number, cvc, name) = &*values;
+            let injected = mask::Injected {
+                number,
+                cvc: cvc.as_deref(),
+                name: name.as_deref(),
+                secrets: &secrets,
+            };
+            let readable = mask::scrub(&mut answer, &injected);
+            (answer, readable)
+        })
+        .await
+        .map_err(|_| ForwardError::Unreadable {
+            status,
+            what: "in a form whose masking failed",
+        })?;
+        if !readable {
+            return Err(ForwardError::Unreadable {
+                status,
+                what: "in characters the masker cannot read in bounded time",
+            });
+        }
         Ok(Answer {
             status,
             headers,
@@ -450,7 +484,17 @@ fn unreadable(headers: &reqwest::header::HeaderMap) -> Option<&'static str> {
         .filter(|(key, _)| key.trim() == "charset")
         .map(|(_, value)| value.trim().trim_matches('"').to_owned())
         .next();
-    if charset.is_some_and(|c| !matches!(c.as_str(), "utf-8" | "utf8" | "us-ascii")) {
+    // Latin-1 and its Windows cousin are accepted for ASCII bodies: the body must be
+    // UTF-8 text anyway (checked once read), which any non-ASCII byte of theirs is not.
+    let known = [
+        "utf-8",
+        "utf8",
+        "us-ascii",
+        "iso-8859-1",
+        "latin1",
+        "windows-1252",
+    ];
+    if charset.is_some_and(|c| !known.contains(&c.as_str())) {
         return Some("in a charset other than UTF-8");
     }
     None
@@ -462,7 +506,7 @@ fn unreadable(headers: &reqwest::header::HeaderMap) -> Option<&'static str> {
 fn scrub_headers(
     headers: &reqwest::header::HeaderMap,
     injected: &mask::Injected<'_>,
-) -> Vec<(String, String)> {
+) -> Option<Vec<(String, String)>> {
     let kept: Vec<(&reqwest::header::HeaderName, &reqwest::header::HeaderValue)> = headers
         .iter()
         .filter(|(name, _)| !RESERVED_HEADERS.contains(&name.as_str()))
@@ -472,20 +516,25 @@ fn scrub_headers(
         values.extend_from_slice(value.as_bytes());
         values.push(b' ');
     }
-    mask::scrub(&mut values, injected);
+    if !mask::scrub(&mut values, injected) {
+        return None;
+    }
     let mut rest = values.as_slice();
-    kept.iter()
+    let scrubbed = kept
+        .iter()
         .map(|(name, value)| {
             let (this, after) = rest.split_at(value.as_bytes().len());
             rest = after.get(1..).unwrap_or_default();
             let mut name = name.as_str().as_bytes().to_vec();
-            mask::scrub(&mut name, injected);
+            // A header name is a short token: nothing in it expands.
+            let _ = mask::scrub(&mut name, injected);
             (
                 String::from_utf8_lossy(&name).into_owned(),
                 String::from_utf8_lossy(this).into_owned(),
             )
         })
-        .collect()
+        .collect();
+    Some(scrubbed)
 }
 
 /// Checks a caller's header name: a valid token, not one the vault sets itself.

@@ -204,9 +204,13 @@ impl Template {
     /// placeholder, an echo could hide the value in a longer run, or the processor
     /// could turn it into one (`{{card.cvc}}\u0030`, `{{card.cvc}}.0e3`).
     pub fn glued(&self) -> bool {
-        let guarded =
-            |part: &Part| matches!(part, Part::Field(Field::Number | Field::Cvc | Field::Name));
-        let sticks = |part: Option<&Part>, at_end: bool| match part {
+        // A CVC is short and all digits: next to a space, comma, quote mark or colon a
+        // lenient parser may join it to a number ("1,737", `{"cvc":012}` read as 12).
+        let delimiters = |field: Field| match field {
+            Field::Cvc => "\"=&<>",
+            _ => "\"'=&,:;<>()[]{}|^/ \t\r\n",
+        };
+        let sticks = |field: Field, part: Option<&Part>, at_end: bool| match part {
             None => false,
             Some(Part::Field(_) | Part::Param(_)) => true,
             Some(Part::Text(text)) => {
@@ -215,13 +219,15 @@ impl Template {
                 } else {
                     text.chars().next()
                 };
-                c.is_some_and(|c| !(c.is_whitespace() || "\"'=&,:;<>()[]{}".contains(c)))
+                c.is_some_and(|c| !delimiters(field).contains(c))
             }
         };
-        self.0.iter().enumerate().any(|(i, part)| {
-            guarded(part)
-                && (sticks(i.checked_sub(1).and_then(|p| self.0.get(p)), true)
-                    || sticks(self.0.get(i + 1), false))
+        self.0.iter().enumerate().any(|(i, part)| match part {
+            Part::Field(field @ (Field::Number | Field::Cvc | Field::Name)) => {
+                sticks(*field, i.checked_sub(1).and_then(|p| self.0.get(p)), true)
+                    || sticks(*field, self.0.get(i + 1), false)
+            }
+            _ => false,
         })
     }
 
@@ -292,7 +298,7 @@ mod tests {
         let glued = |text: &str| Template::parse(text).unwrap().glued();
         for alone in [
             r#"{"cvc":"{{card.cvc}}","n":"{{card.number}}"}"#,
-            r#"{"cvc":{{card.cvc}}}"#,
+            "{{card.number}}|{{card.exp_month}}",
             "number={{card.number}}&cvc={{card.cvc}}",
             "{{card.exp_month}}/{{card.exp_year}}",
             "{{card.exp_month}}{{card.exp_year}}",
@@ -312,6 +318,9 @@ mod tests {
             r#"{"a":{{card.cvc}}.0e3}"#,
             "%{{card.number}}",
             "x-{{card.cvc}}",
+            r#"{"cvc":{{card.cvc}}}"#,
+            r#"{"amount":"1,{{card.cvc}}"}"#,
+            "1 {{card.cvc}}",
         ] {
             assert!(glued(stuck), "{stuck}");
         }
