@@ -1,10 +1,12 @@
 //! The cryptographic primitives shared by the key service and the vault.
 //!
 //! One implementation per primitive (STYLE.md rule 12): AES-256-GCM from `aes-gcm`,
-//! randomness and HMAC-SHA256 from `ring`. Key bytes live only in [`SecretKey`], which
+//! randomness and HMAC-SHA256 from `ring`, HPKE (sealed cards, [`sealed`]) from `hpke`. Key bytes live only in [`SecretKey`], which
 //! zeroizes on drop and never prints its bytes.
 //!
 //! Must never depend on storage, networking or gRPC crates.
+
+pub mod sealed;
 
 use std::fmt;
 
@@ -31,6 +33,8 @@ pub enum Error {
     Random,
     #[error("a key must be {KEY_LEN} bytes")]
     KeyLength,
+    #[error("the plaintext is longer than the format allows")]
+    TooLong,
 }
 
 /// A 256-bit secret key. Zeroized on drop; `Debug` prints `[REDACTED]`; not `Clone`

@@ -74,6 +74,27 @@ impl<S: Store> pb::vault_server::Vault for VaultApi<S> {
             .await
     }
 
+    async fn get_sealing_key(
+        &self,
+        _request: Request<pb::GetSealingKeyRequest>,
+    ) -> Result<Response<pb::SealingKey>, Status> {
+        Err(Status::unimplemented("sealed intake is being built"))
+    }
+
+    async fn tokenize_sealed(
+        &self,
+        _request: Request<pb::TokenizeSealedRequest>,
+    ) -> Result<Response<pb::TokenizeResponse>, Status> {
+        Err(Status::unimplemented("sealed intake is being built"))
+    }
+
+    async fn tokenize_sealed_batch(
+        &self,
+        _request: Request<pb::TokenizeSealedBatchRequest>,
+    ) -> Result<Response<pb::TokenizeBatchResponse>, Status> {
+        Err(Status::unimplemented("sealed intake is being built"))
+    }
+
     async fn get_token_info(
         &self,
         request: Request<pb::GetTokenInfoRequest>,
