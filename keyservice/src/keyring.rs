@@ -44,14 +44,18 @@ pub enum Purpose {
     Cvc,
     /// HMAC key chaining the vault's audit log.
     Audit,
+    /// The `ikm` of an HPKE X25519 key pair that customers' devices seal cards to
+    /// (sealed intake, envelope::sealed).
+    Intake,
 }
 
 impl Purpose {
-    pub const ALL: [Purpose; 4] = [
+    pub const ALL: [Purpose; 5] = [
         Purpose::CardData,
         Purpose::Fingerprint,
         Purpose::Cvc,
         Purpose::Audit,
+        Purpose::Intake,
     ];
 
     fn code(self) -> u8 {
@@ -60,6 +64,7 @@ impl Purpose {
             Purpose::Fingerprint => 2,
             Purpose::Cvc => 3,
             Purpose::Audit => 4,
+            Purpose::Intake => 5,
         }
     }
 
@@ -79,6 +84,7 @@ impl Purpose {
             Purpose::Fingerprint => "fingerprint",
             Purpose::Cvc => "cvc",
             Purpose::Audit => "audit",
+            Purpose::Intake => "intake",
         }
     }
 }

@@ -106,6 +106,7 @@ mod tests {
             version: 1,
             state: keys::v1::KeyState::Active as i32,
             material: vec![0xAB; 32],
+            deactivated_at_unix_ms: 0,
         };
         let response = keys::v1::GetKeysResponse {
             keys: vec![key],

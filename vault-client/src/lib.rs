@@ -3,9 +3,11 @@
 //! calls, domain types in and out, `#[non_exhaustive]` errors.
 //!
 //! Must never depend on storage or key-handling crates: a client holds a certificate,
-//! never a data key.
+//! never a data key. (It uses `envelope`'s sealer only: sealing a card needs the
+//! vault's public intake key, never a private one.)
 //!
-//! - [`VaultClient`]: tokenize (one card or a batch), token info, delete, forward to a
+//! - [`VaultClient`]: tokenize (one card or a batch, or sealed cards: [`SealingKey`]
+//!   seals a card on a device that then relays it), token info, delete, forward to a
 //!   processor, backups, the rewrap job that re-encrypts records onto the active key
 //!   versions after a rotation, the policy reload, the audit log (read and verify its
 //!   chain) and the blocks put on identities and addresses after repeated failures.
@@ -156,6 +158,9 @@ pub enum Error {
         code: tonic::Code,
         message: String,
         request_id: Option<String>,
+        /// The `google.rpc.ErrorInfo` reason, where the vault gives one (e.g.
+        /// `SEALED_CARD_EXPIRED`).
+        reason: Option<String>,
     },
     #[error("the server sent an incomplete response")]
     Incomplete,
@@ -174,11 +179,21 @@ impl Error {
             _ => None,
         }
     }
+
+    /// The `ErrorInfo` reason of a refusal, if the vault gave one.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Error::Rejected { reason, .. } => reason.as_deref(),
+            _ => None,
+        }
+    }
 }
 
 impl From<tonic::Status> for Error {
     fn from(status: tonic::Status) -> Self {
+        use tonic_types::StatusExt;
         Error::Rejected {
+            reason: status.get_details_error_info().map(|info| info.reason),
             code: status.code(),
             message: status.message().to_owned(),
             request_id: status
@@ -221,6 +236,34 @@ impl Card {
         self
     }
 
+    /// The card as a sealed card's JSON (docs/sealed-intake.md), in a buffer that
+    /// zeroizes on drop and is never reallocated.
+    fn sealed_json(&self) -> Result<Zeroizing<Vec<u8>>, Error> {
+        #[derive(serde::Serialize)]
+        struct Json<'a> {
+            number: &'a str,
+            exp_month: u32,
+            exp_year: u32,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            cvc: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            name: Option<&'a str>,
+        }
+        let json = Json {
+            number: &self.number,
+            exp_month: self.exp_month,
+            exp_year: self.exp_year,
+            cvc: self.cvc.as_deref().map(String::as_str),
+            name: self.cardholder_name.as_deref().map(String::as_str),
+        };
+        let mut out = Zeroizing::new(Vec::with_capacity(envelope::sealed::MAX_PLAINTEXT_LEN * 2));
+        serde_json::to_writer(&mut *out, &json).map_err(|_| Error::InvalidArgument {
+            field: "card",
+            rule: "cannot be written as JSON",
+        })?;
+        Ok(out)
+    }
+
     fn to_wire(&self) -> pb::Card {
         pb::Card {
             number: self.number.as_str().to_owned(),
@@ -251,6 +294,65 @@ impl fmt::Debug for Card {
                 &self.cardholder_name.as_ref().map(|_| "[REDACTED]"),
             )
             .finish()
+    }
+}
+
+/// The vault's intake key as `GetSealingKey` gave it, and when it arrived: what a device
+/// (a point of sale, a batch job; browsers use clients/web) needs to seal cards so that
+/// whatever relays them never holds one (docs/sealed-intake.md).
+#[derive(Debug, Clone)]
+pub struct SealingKey {
+    pub public_key: [u8; envelope::sealed::PUBLIC_KEY_LEN],
+    pub key_id: [u8; envelope::sealed::KEY_ID_LEN],
+    pub tenant: String,
+    pub server_time_unix_ms: i64,
+    pub accepted_until_unix_ms: i64,
+    pub max_age_secs: u32,
+    received_at: std::time::Instant,
+}
+
+impl SealingKey {
+    fn from_wire(key: pb::SealingKey) -> Result<Self, Error> {
+        let suite = (key.kem_id, key.kdf_id, key.aead_id);
+        let (kem, kdf, aead) = envelope::sealed::SUITE;
+        if suite != (kem.into(), kdf.into(), aead.into()) {
+            return Err(Error::Config(
+                "the vault's sealing key uses an HPKE suite this client does not know".into(),
+            ));
+        }
+        let public_key: [u8; envelope::sealed::PUBLIC_KEY_LEN] =
+            key.public_key.try_into().map_err(|_| Error::Incomplete)?;
+        let key_id: [u8; envelope::sealed::KEY_ID_LEN] =
+            key.key_id.try_into().map_err(|_| Error::Incomplete)?;
+        if key_id != envelope::sealed::key_id(&public_key) {
+            return Err(Error::Incomplete);
+        }
+        Ok(Self {
+            public_key,
+            key_id,
+            tenant: key.tenant,
+            server_time_unix_ms: key.server_time_unix_ms,
+            accepted_until_unix_ms: key.accepted_until_unix_ms,
+            max_age_secs: key.max_age_secs,
+            received_at: std::time::Instant::now(),
+        })
+    }
+
+    /// Seals `card` to this key, stamped with the vault's time (the time the key came
+    /// with plus the time elapsed since, on this machine's monotonic clock).
+    pub fn seal(&self, card: &Card) -> Result<Vec<u8>, Error> {
+        let elapsed = i64::try_from(self.received_at.elapsed().as_millis()).unwrap_or(i64::MAX);
+        let issued_at = self.server_time_unix_ms.saturating_add(elapsed).max(0) as u64;
+        let json = card.sealed_json()?;
+        envelope::sealed::seal(&self.public_key, &self.tenant, issued_at, &json).map_err(|e| {
+            match e {
+                envelope::Error::TooLong => Error::InvalidArgument {
+                    field: "card",
+                    rule: "the card's JSON is longer than a sealed card holds (1024 bytes)",
+                },
+                _ => Error::Config("the system random number generator failed".into()),
+            }
+        })
     }
 }
 
@@ -322,6 +424,25 @@ pub enum BatchItem {
         rule: String,
         description: String,
     },
+}
+
+fn batch_items(response: pb::TokenizeBatchResponse) -> Result<Vec<BatchItem>, Error> {
+    response
+        .results
+        .into_iter()
+        .map(|item| match item.outcome {
+            Some(pb::batch_item_result::Outcome::Stored(stored)) => {
+                TokenInfo::from_wire(stored.info, stored.reused, stored.cvc_not_kept)
+                    .map(BatchItem::Stored)
+            }
+            Some(pb::batch_item_result::Outcome::Invalid(v)) => Ok(BatchItem::Invalid {
+                field: v.field,
+                rule: v.rule,
+                description: v.description,
+            }),
+            None => Err(Error::Incomplete),
+        })
+        .collect()
 }
 
 /// A request for the vault to send to an allowlisted processor, with the card of
@@ -454,6 +575,52 @@ impl VaultClient {
         TokenInfo::from_wire(response.info, response.reused, response.cvc_not_kept)
     }
 
+    /// The intake key to seal cards to (permission `tokenize`). Safe to retry.
+    pub async fn sealing_key(&mut self) -> Result<SealingKey, Error> {
+        let response = idempotent(|| {
+            let mut vault = self.vault.clone();
+            async move { vault.get_sealing_key(pb::GetSealingKeyRequest {}).await }
+        })
+        .await?;
+        SealingKey::from_wire(response.into_inner())
+    }
+
+    /// Tokenizes a sealed card. A retry with the same sealed card within its window
+    /// gets the first answer, so this one is retried on transport failures.
+    pub async fn tokenize_sealed(
+        &mut self,
+        sealed_card: &[u8],
+        reuse_existing: bool,
+    ) -> Result<TokenInfo, Error> {
+        let response = idempotent(|| {
+            let mut vault = self.vault.clone();
+            let request = pb::TokenizeSealedRequest {
+                sealed_card: sealed_card.to_vec(),
+                reuse_existing,
+                ttl_secs: 0,
+            };
+            async move { vault.tokenize_sealed(request).await }
+        })
+        .await?
+        .into_inner();
+        TokenInfo::from_wire(response.info, response.reused, response.cvc_not_kept)
+    }
+
+    /// Tokenizes several sealed cards in one durable write; one result per card.
+    pub async fn tokenize_sealed_batch(
+        &mut self,
+        sealed_cards: Vec<Vec<u8>>,
+        reuse_existing: bool,
+    ) -> Result<Vec<BatchItem>, Error> {
+        let request = pb::TokenizeSealedBatchRequest {
+            sealed_cards,
+            reuse_existing,
+            ttl_secs: 0,
+        };
+        let response = self.vault.tokenize_sealed_batch(request).await?.into_inner();
+        batch_items(response)
+    }
+
     /// Every token of the card `number` in our tenant (a data-subject request).
     pub async fn find_subject(&mut self, number: &str) -> Result<Vec<String>, Error> {
         let request = pb::SubjectRequest {
@@ -482,22 +649,7 @@ impl VaultClient {
             ttl_secs: 0,
         };
         let response = self.vault.tokenize_batch(request).await?.into_inner();
-        response
-            .results
-            .into_iter()
-            .map(|item| match item.outcome {
-                Some(pb::batch_item_result::Outcome::Stored(stored)) => {
-                    TokenInfo::from_wire(stored.info, stored.reused, stored.cvc_not_kept)
-                        .map(BatchItem::Stored)
-                }
-                Some(pb::batch_item_result::Outcome::Invalid(v)) => Ok(BatchItem::Invalid {
-                    field: v.field,
-                    rule: v.rule,
-                    description: v.description,
-                }),
-                None => Err(Error::Incomplete),
-            })
-            .collect()
+        batch_items(response)
     }
 
     pub async fn token_info(&mut self, token: &str) -> Result<TokenInfo, Error> {
@@ -991,7 +1143,7 @@ async fn health(
 }
 
 /// The key purposes by name, as [`KeyServiceClient`] takes and returns them.
-pub const KEY_PURPOSES: [&str; 4] = ["card-data", "fingerprint", "cvc", "audit"];
+pub const KEY_PURPOSES: [&str; 5] = ["card-data", "fingerprint", "cvc", "audit", "intake"];
 
 /// A purpose name (one of [`KEY_PURPOSES`]) as the wire enum.
 fn purpose_from_name(name: &str) -> Result<keys_pb::KeyPurpose, Error> {
@@ -1001,9 +1153,10 @@ fn purpose_from_name(name: &str) -> Result<keys_pb::KeyPurpose, Error> {
         "fingerprint" => Ok(keys_pb::KeyPurpose::Fingerprint),
         "cvc" => Ok(keys_pb::KeyPurpose::Cvc),
         "audit" => Ok(keys_pb::KeyPurpose::Audit),
+        "intake" => Ok(keys_pb::KeyPurpose::Intake),
         _ => Err(Error::InvalidArgument {
             field: "purpose",
-            rule: "must be one of card-data, fingerprint, cvc, audit",
+            rule: "must be one of card-data, fingerprint, cvc, audit, intake",
         }),
     }
 }

@@ -59,6 +59,9 @@ pub struct Settings {
     pub velocity: crate::velocity::VelocitySettings,
     #[serde(default)]
     pub guessing: crate::guessing::GuessingSettings,
+    /// `[sealed_intake]`: sealed cards' windows and the intake key overlap.
+    #[serde(default)]
+    pub sealed_intake: crate::intake::IntakeSettings,
     #[serde(default)]
     pub admin: AdminSettings,
     #[serde(default)]
@@ -573,6 +576,7 @@ impl Settings {
                     .into(),
             );
         }
+        self.sealed_intake.validate()?;
         for processor in &self.processors {
             processor.validate()?;
         }

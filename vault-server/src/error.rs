@@ -88,6 +88,13 @@ pub enum VaultError {
     AuditGap { first: u64, last: u64 },
     #[error("forward refused: too many forwards for this caller or card; retry later")]
     VelocityExceeded,
+    #[error("{}", .0.message())]
+    Sealed(crate::intake::Refusal),
+    #[error(
+        "sealed intake is unavailable: the keyservice holds no intake key (upgrade the \
+         keyservice; it creates one at start)"
+    )]
+    NoIntakeKey,
 }
 
 impl VaultError {
@@ -234,6 +241,11 @@ impl VaultError {
                 "the audit log's checkpoint could not be read from the keyservice; try again",
             ),
             VaultError::VelocityExceeded => Status::resource_exhausted(self.to_string()),
+            VaultError::Sealed(refusal) => sealed_refusal(refusal),
+            VaultError::NoIntakeKey => {
+                tracing::error!(error = %self, "sealed intake refused");
+                Status::failed_precondition(self.to_string())
+            }
             VaultError::PolicyInvalid(_) | VaultError::NoSuchBlock => {
                 Status::failed_precondition(self.to_string())
             }
@@ -243,4 +255,27 @@ impl VaultError {
             }
         }
     }
+}
+
+/// A sealed card's refusal, with a `google.rpc.ErrorInfo` whose reason a caller can act
+/// on (docs/sealed-intake.md). Never anything of the card.
+fn sealed_refusal(refusal: crate::intake::Refusal) -> Status {
+    use crate::intake::Refusal;
+    use tonic_types::{ErrorDetails, StatusExt};
+    let code = match refusal {
+        Refusal::UnknownKey | Refusal::Expired => Code::FailedPrecondition,
+        Refusal::Unopenable => Code::InvalidArgument,
+        Refusal::Replayed => Code::AlreadyExists,
+        Refusal::InFlight => Code::Aborted,
+    };
+    tracing::info!(reason = refusal.reason(), "sealed card refused");
+    Status::with_error_details(
+        code,
+        refusal.message(),
+        ErrorDetails::with_error_info(
+            refusal.reason(),
+            "tokenvault.dev",
+            std::collections::HashMap::<String, String>::new(),
+        ),
+    )
 }

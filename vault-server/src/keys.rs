@@ -74,6 +74,48 @@ pub struct KeySet {
     pub cvc: Versions,
     /// Chains the audit log (`audit.rs`).
     pub audit: Versions,
+    /// Opens sealed cards (`ops/sealed.rs`); empty from a keyservice that has none.
+    pub intake: IntakeKeys,
+}
+
+/// The intake key versions the keyservice serves (active and decrypt-only), each as
+/// the HPKE key pair derived from its material.
+#[derive(Debug, Clone, Default)]
+pub struct IntakeKeys {
+    versions: Vec<IntakeVersion>,
+}
+
+#[derive(Debug, Clone)]
+pub struct IntakeVersion {
+    pub version: u32,
+    /// When it stopped being active; `None` for the active version.
+    pub deactivated_at_unix_ms: Option<i64>,
+    pub key: Arc<envelope::sealed::IntakeKey>,
+}
+
+impl IntakeKeys {
+    /// The version sealers are given.
+    pub fn active(&self) -> Option<&IntakeVersion> {
+        self.versions
+            .iter()
+            .find(|v| v.deactivated_at_unix_ms.is_none())
+    }
+
+    /// The version with key id `id` if sealed cards under it are accepted at `now`:
+    /// the active one, or a previous one less than `overlap_ms` after it stopped being
+    /// active.
+    pub fn accepting(
+        &self,
+        id: &envelope::sealed::KeyId,
+        now_unix_ms: i64,
+        overlap_ms: i64,
+    ) -> Option<&IntakeVersion> {
+        self.versions.iter().find(|v| {
+            v.key.id() == *id
+                && v.deactivated_at_unix_ms
+                    .is_none_or(|at| now_unix_ms < at.saturating_add(overlap_ms))
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,10 +146,15 @@ impl KeySet {
         let mut cvc_active = None;
         let mut audit = BTreeMap::new();
         let mut audit_active = None;
+        let mut intake = IntakeKeys::default();
         for mut key in response.keys {
             // Into a zeroizing buffer first, so that no path below drops it in the clear.
             let material = zeroize::Zeroizing::new(std::mem::take(&mut key.material));
             let purpose = pb::KeyPurpose::try_from(key.purpose).ok();
+            if purpose == Some(pb::KeyPurpose::Intake) {
+                intake.versions.push(intake_version(&key, &material)?);
+                continue;
+            }
             let (map, active) = match purpose {
                 Some(pb::KeyPurpose::CardData) => (&mut card_data, &mut card_active),
                 Some(pb::KeyPurpose::Fingerprint) => (&mut fingerprint, &mut fingerprint_active),
@@ -146,8 +193,21 @@ impl KeySet {
                 active: audit_active.ok_or(KeysError::Unusable("no active audit key"))?,
                 keys: audit,
             },
+            intake,
         })
     }
+}
+
+/// An intake version from the wire; retired and destroyed versions are never sent.
+fn intake_version(key: &pb::KeyMaterial, material: &[u8]) -> Result<IntakeVersion, KeysError> {
+    let secret = SecretKey::from_slice(material)
+        .map_err(|_| KeysError::Unusable("a key is not 32 bytes"))?;
+    let active = key.state == pb::KeyState::Active as i32;
+    Ok(IntakeVersion {
+        version: key.version,
+        deactivated_at_unix_ms: (!active).then_some(key.deactivated_at_unix_ms),
+        key: Arc::new(envelope::sealed::IntakeKey::derive(&secret)),
+    })
 }
 
 /// Fetches the keys, retrying with exponential backoff while the keyservice is

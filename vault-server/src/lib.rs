@@ -21,6 +21,7 @@ pub mod cvc;
 pub mod error;
 pub mod forward;
 pub mod guessing;
+pub mod intake;
 pub mod keys;
 pub mod lockout;
 pub mod metrics;
@@ -222,6 +223,7 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
             outcome_ttl: Duration::from_secs(settings.forwarding.idempotency_ttl_secs),
             tombstone_ttl: Duration::from_secs(settings.retention.tombstone_days * 86_400),
             max_batch_size: settings.max_batch_size,
+            sealed_intake: settings.sealed_intake.clone(),
         },
     ));
     let flags = records

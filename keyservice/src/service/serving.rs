@@ -110,6 +110,7 @@ impl Shared {
                     version: v.version,
                     state: state_to_wire(v.state) as i32,
                     material: v.material.as_ref()?.expose_secret().to_vec(),
+                    deactivated_at_unix_ms: v.deactivated_at_unix_ms,
                 })
             })
             .collect();
@@ -209,6 +210,7 @@ pub(super) fn lease_budget(
             version,
             state: state_to_wire(v.state) as i32,
             material: material.expose_secret().to_vec(),
+            deactivated_at_unix_ms: v.deactivated_at_unix_ms,
         }),
         encryptions: lease.granted,
         version_remaining: lease.remaining,

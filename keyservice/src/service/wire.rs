@@ -12,6 +12,7 @@ pub(super) fn purpose_to_wire(purpose: Purpose) -> pb::KeyPurpose {
         Purpose::Fingerprint => pb::KeyPurpose::Fingerprint,
         Purpose::Cvc => pb::KeyPurpose::Cvc,
         Purpose::Audit => pb::KeyPurpose::Audit,
+        Purpose::Intake => pb::KeyPurpose::Intake,
     }
 }
 
@@ -21,6 +22,7 @@ pub(super) fn purpose_from_wire(purpose: i32) -> Result<Purpose, ServiceError> {
         Ok(pb::KeyPurpose::Fingerprint) => Ok(Purpose::Fingerprint),
         Ok(pb::KeyPurpose::Cvc) => Ok(Purpose::Cvc),
         Ok(pb::KeyPurpose::Audit) => Ok(Purpose::Audit),
+        Ok(pb::KeyPurpose::Intake) => Ok(Purpose::Intake),
         _ => Err(ServiceError::InvalidArgument {
             field: "purpose",
             rule: "must be card-data, fingerprint, cvc or audit",

@@ -55,6 +55,15 @@ impl Audited for pb::TokenizeBatchResponse {
         event.detail = format!("{stored} stored");
     }
 }
+// Sealed cards are ciphertext only the vault can open: nothing to erase or describe.
+impl Audited for pb::GetSealingKeyRequest {}
+impl Audited for pb::SealingKey {}
+impl Audited for pb::TokenizeSealedRequest {}
+impl Audited for pb::TokenizeSealedBatchRequest {
+    fn describe(&self, event: &mut AuditEvent) {
+        event.count = self.sealed_cards.len() as u32;
+    }
+}
 impl Audited for pb::GetTokenInfoRequest {
     fn describe(&self, event: &mut AuditEvent) {
         event.token = self.token.clone();

@@ -76,23 +76,53 @@ impl<S: Store> pb::vault_server::Vault for VaultApi<S> {
 
     async fn get_sealing_key(
         &self,
-        _request: Request<pb::GetSealingKeyRequest>,
+        request: Request<pb::GetSealingKeyRequest>,
     ) -> Result<Response<pb::SealingKey>, Status> {
-        Err(Status::unimplemented("sealed intake is being built"))
+        let records = &self.vault.records;
+        let call = |caller: Caller, _| async move {
+            Ok(wire::sealing_key(records.sealing_key(&caller)?))
+        };
+        self.guards
+            .call("GetSealingKey", |_| Permission::Tokenize, request, call)
+            .await
     }
 
     async fn tokenize_sealed(
         &self,
-        _request: Request<pb::TokenizeSealedRequest>,
+        request: Request<pb::TokenizeSealedRequest>,
     ) -> Result<Response<pb::TokenizeResponse>, Status> {
-        Err(Status::unimplemented("sealed intake is being built"))
+        let records = &self.vault.records;
+        let call = |caller: Caller, request: pb::TokenizeSealedRequest| async move {
+            let done = records
+                .tokenize_sealed(
+                    &caller,
+                    &request.sealed_card,
+                    request.ttl_secs,
+                    request.reuse_existing,
+                )
+                .await?;
+            Ok(wire::tokenized(&done, caller.sees_fingerprints))
+        };
+        self.guards
+            .call("TokenizeSealed", |_| Permission::Tokenize, request, call)
+            .await
     }
 
     async fn tokenize_sealed_batch(
         &self,
-        _request: Request<pb::TokenizeSealedBatchRequest>,
+        request: Request<pb::TokenizeSealedBatchRequest>,
     ) -> Result<Response<pb::TokenizeBatchResponse>, Status> {
-        Err(Status::unimplemented("sealed intake is being built"))
+        let records = &self.vault.records;
+        let call = |caller: Caller, request| async move {
+            let batch = wire::tokenize_sealed_batch(request);
+            Ok(wire::batch_results(
+                records.tokenize_sealed_batch(&caller, batch).await?,
+                caller.sees_fingerprints,
+            ))
+        };
+        self.guards
+            .call("TokenizeSealedBatch", |_| Permission::Tokenize, request, call)
+            .await
     }
 
     async fn get_token_info(

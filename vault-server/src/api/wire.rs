@@ -11,7 +11,7 @@ use crate::error::VaultError;
 use crate::lockout::{Block, Kind};
 use crate::ops::{
     AuditPage, AuditQuery, AuditReport, Backup, BackupCheck, BatchItem, ForwardRequest, Forwarded,
-    Tokenize, TokenizeBatch, Tokenized,
+    SealingKey, Tokenize, TokenizeBatch, TokenizeSealed, Tokenized,
 };
 use crate::record::Metadata;
 use crate::rewrap;
@@ -77,6 +77,29 @@ pub fn tokenize_batch(request: pb::TokenizeBatchRequest) -> TokenizeBatch {
             .collect(),
         ttl_secs: request.ttl_secs,
         reuse_existing: request.reuse_existing,
+    }
+}
+
+pub fn tokenize_sealed_batch(request: pb::TokenizeSealedBatchRequest) -> TokenizeSealed {
+    TokenizeSealed {
+        sealed_cards: request.sealed_cards,
+        ttl_secs: request.ttl_secs,
+        reuse_existing: request.reuse_existing,
+    }
+}
+
+pub fn sealing_key(key: SealingKey) -> pb::SealingKey {
+    let (kem_id, kdf_id, aead_id) = envelope::sealed::SUITE;
+    pb::SealingKey {
+        public_key: key.public_key.to_vec(),
+        key_id: key.key_id.to_vec(),
+        kem_id: kem_id.into(),
+        kdf_id: kdf_id.into(),
+        aead_id: aead_id.into(),
+        tenant: key.tenant,
+        server_time_unix_ms: key.server_time_unix_ms,
+        accepted_until_unix_ms: key.accepted_until_unix_ms,
+        max_age_secs: key.max_age_secs,
     }
 }
 

@@ -390,6 +390,7 @@ mod tests {
             version: 1,
             state: pb::KeyState::Active as i32,
             material: vec![byte; 32],
+            deactivated_at_unix_ms: 0,
         };
         KeySet::from_wire(pb::GetKeysResponse {
             keys: vec![

@@ -4,6 +4,7 @@
 //!
 //! - `records`: reading, opening, deleting and purging a tenant's records;
 //! - `tokenize`: Tokenize and TokenizeBatch (on `Records`);
+//! - `sealed`: GetSealingKey, TokenizeSealed and its batch (on `Records`);
 //! - `forward`: Forward, the one path on which a card leaves the vault;
 //! - `admin`: backups, policy reload, rewrap, lockout blocks;
 //! - `audit_log`: reading and verifying the audit log;
@@ -18,6 +19,7 @@ pub mod guessing;
 mod health;
 mod journal;
 mod records;
+mod sealed;
 mod tokenize;
 
 use std::sync::Arc;
@@ -27,6 +29,7 @@ pub use audit_log::{AuditLog, AuditPage, AuditQuery, AuditReport};
 pub use forward::{ForwardRequest, ForwardSettings, Forwarded, Forwarder};
 pub use journal::Journal;
 pub use records::{RecordSettings, Records};
+pub use sealed::{SealingKey, TokenizeSealed};
 pub use tokenize::{BatchItem, Tokenize, TokenizeBatch, Tokenized};
 
 /// Every use case of one vault.

@@ -37,6 +37,8 @@ pub struct RecordSettings {
     /// How long a forward's outcome is kept for replays (the idempotency window).
     pub outcome_ttl: Duration,
     pub max_batch_size: usize,
+    /// `[sealed_intake]`.
+    pub sealed_intake: crate::intake::IntakeSettings,
 }
 
 #[derive(Debug)]
@@ -334,7 +336,12 @@ impl<S: Store> Records<S> {
         // processor answered about a card (masked, but still about the card).
         let ttl_ms = self.settings.outcome_ttl.as_millis() as i64;
         let now = now_unix_ms();
+        // A sealed card's replay entry lives until its window ends (`intake`).
         let stale = move |value: &[u8]| {
+            if crate::intake::is_entry(value) {
+                return crate::intake::Entry::decode(value)
+                    .is_none_or(|entry| now > entry.keep_until_ms);
+            }
             idempotency::decode(value)
                 .is_none_or(|outcome| now.saturating_sub(outcome.created_at_unix_ms) >= ttl_ms)
         };

@@ -146,6 +146,7 @@ pub enum Purpose {
     Fingerprint,
     Cvc,
     Audit,
+    Intake,
 }
 
 impl Purpose {
@@ -155,6 +156,7 @@ impl Purpose {
             Purpose::Fingerprint => "fingerprint",
             Purpose::Cvc => "cvc",
             Purpose::Audit => "audit",
+            Purpose::Intake => "intake",
         }
     }
 }

@@ -371,6 +371,7 @@ mod tests {
                       name has 1 to 64 characters"
                 .into(),
             request_id: Some("r-1".into()),
+            reason: None,
         };
         assert_eq!(
             refused_text(&refused),
