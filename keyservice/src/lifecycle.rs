@@ -522,7 +522,12 @@ mod tests {
         ring.rotate(Purpose::Cvc, 500).unwrap();
         assert_eq!(
             ring.due_for_rotation(1000, 1000),
-            vec![Purpose::CardData, Purpose::Fingerprint, Purpose::Audit]
+            vec![
+                Purpose::CardData,
+                Purpose::Fingerprint,
+                Purpose::Audit,
+                Purpose::Intake
+            ]
         );
         assert!(ring.due_for_rotation(999, 1000).is_empty());
     }

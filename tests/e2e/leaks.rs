@@ -65,8 +65,16 @@ async fn no_card_data_in_files_or_trace_logs() {
     let pans: Vec<String> = (0..1000)
         .map(|n| synthetic_pan("411111", n * 7919, PAN_LEN))
         .collect();
-    let pan_set: HashSet<Vec<u8>> = pans.iter().map(|p| p.as_bytes().to_vec()).collect();
-    assert_eq!(pan_set.len(), 1000);
+    // Sealed on the client (sealed intake), opened only inside the vault.
+    let sealed_pans: Vec<String> = (0..60)
+        .map(|n| synthetic_pan("411111", 7_000_000 + n * 7919, PAN_LEN))
+        .collect();
+    let pan_set: HashSet<Vec<u8>> = pans
+        .iter()
+        .chain(&sealed_pans)
+        .map(|p| p.as_bytes().to_vec())
+        .collect();
+    assert_eq!(pan_set.len(), 1060);
 
     let mut client = VaultClient::connect(&dir.client_config(ADMIN, vault.addr))
         .await
@@ -90,6 +98,24 @@ async fn no_card_data_in_files_or_trace_logs() {
             tokens.push(info.token);
         }
     }
+    // Sealed cards (sealed intake) of new numbers, one by one and in a batch, and one
+    // refused: opened inside the vault, so they go through its logs too.
+    let sealing = client.sealing_key().await.unwrap();
+    for pan in &sealed_pans[..40] {
+        let card = Card::new(pan, 12, 2030).with_cardholder_name(NAME);
+        let blob = sealing.seal(&card).unwrap();
+        client.tokenize_sealed(&blob, false).await.unwrap();
+    }
+    let blobs = sealed_pans[40..]
+        .iter()
+        .map(|pan| sealing.seal(&Card::new(pan, 12, 2030)).unwrap())
+        .collect();
+    for item in client.tokenize_sealed_batch(blobs, false).await.unwrap() {
+        assert!(matches!(item, BatchItem::Stored(_)), "{item:?}");
+    }
+    let mut tampered = sealing.seal(&Card::new(&sealed_pans[0], 12, 2030)).unwrap();
+    *tampered.last_mut().unwrap() ^= 1;
+    client.tokenize_sealed(&tampered, false).await.unwrap_err();
     // Reads, deletes, reuse and refusals go through the logs too.
     for token in &tokens[..50] {
         client.token_info(token).await.unwrap();

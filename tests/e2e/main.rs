@@ -23,6 +23,7 @@ mod matrix;
 mod metrics;
 mod postgres;
 mod retention;
+mod sealed;
 mod startup;
 mod tokenize;
 mod vaultctl;

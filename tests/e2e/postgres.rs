@@ -1333,3 +1333,63 @@ async fn a_database_rewound_under_a_running_vault_erases_again_within_seconds() 
     );
     stack.stop().await;
 }
+
+/// Sealed intake on two vaults sharing one database: a sealed card tokenized at one
+/// vault is answered with the same token at the other (a backend retrying through
+/// another node), and another sealed card with its nonce is a replay there too. The
+/// database holds no nonce, only its HMAC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sealed_card_is_claimed_once_across_vaults_on_one_database() {
+    let cluster = start_cluster().await;
+    let dir = StackDir::new();
+    dir.set_storage(&storage(&cluster, "a"));
+    let stack = Stack::start_in(dir).await;
+    stack.dir.set_storage(&storage(&cluster, "b"));
+    let other = stack.start_another_vault().await;
+    let mut a = stack.client(ADMIN).await;
+    let mut b = VaultClient::connect(&stack.other_vault_config(ADMIN, &other))
+        .await
+        .unwrap();
+    let key = a.sealing_key().await.unwrap();
+    assert_eq!(b.sealing_key().await.unwrap().key_id, key.key_id);
+    let blob = key.seal(&Card::new("4242424242424242", 12, 2031)).unwrap();
+    let first = a.tokenize_sealed(&blob, false).await.unwrap();
+    assert_eq!(
+        b.tokenize_sealed(&blob, false).await.unwrap().token,
+        first.token
+    );
+
+    let nonce: [u8; 16] = blob[17..33].try_into().unwrap();
+    let json = br#"{"number":"5555555555554444","exp_month":12,"exp_year":2031}"#;
+    let replay = envelope::sealed::seal_deterministic(
+        &key.public_key,
+        &key.tenant,
+        key.server_time_unix_ms as u64,
+        &nonce,
+        &[9; 32],
+        json,
+    )
+    .unwrap();
+    let refused = b.tokenize_sealed(&replay, false).await.unwrap_err();
+    assert_eq!(refused.code(), Some(Code::AlreadyExists), "{refused}");
+    assert_eq!(refused.reason(), Some("SEALED_CARD_REPLAYED"));
+    let nonce_hex: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(
+        count(
+            &cluster,
+            &format!(
+                "SELECT count(*) FROM outcomes WHERE position('\\x{nonce_hex}'::bytea in key) > 0 \
+                 OR position('\\x{nonce_hex}'::bytea in value) > 0"
+            )
+        ),
+        0,
+        "the nonce is not stored"
+    );
+    assert!(
+        count(&cluster, "SELECT count(*) FROM outcomes") >= 1,
+        "the claim is stored"
+    );
+    drop((a, b));
+    other.stop().await;
+    stack.stop().await;
+}

@@ -344,15 +344,15 @@ impl SealingKey {
         let elapsed = i64::try_from(self.received_at.elapsed().as_millis()).unwrap_or(i64::MAX);
         let issued_at = self.server_time_unix_ms.saturating_add(elapsed).max(0) as u64;
         let json = card.sealed_json()?;
-        envelope::sealed::seal(&self.public_key, &self.tenant, issued_at, &json).map_err(|e| {
-            match e {
+        envelope::sealed::seal(&self.public_key, &self.tenant, issued_at, &json).map_err(
+            |e| match e {
                 envelope::Error::TooLong => Error::InvalidArgument {
                     field: "card",
                     rule: "the card's JSON is longer than a sealed card holds (1024 bytes)",
                 },
                 _ => Error::Config("the system random number generator failed".into()),
-            }
-        })
+            },
+        )
     }
 }
 
@@ -617,7 +617,11 @@ impl VaultClient {
             reuse_existing,
             ttl_secs: 0,
         };
-        let response = self.vault.tokenize_sealed_batch(request).await?.into_inner();
+        let response = self
+            .vault
+            .tokenize_sealed_batch(request)
+            .await?
+            .into_inner();
         batch_items(response)
     }
 

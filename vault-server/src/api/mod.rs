@@ -79,9 +79,8 @@ impl<S: Store> pb::vault_server::Vault for VaultApi<S> {
         request: Request<pb::GetSealingKeyRequest>,
     ) -> Result<Response<pb::SealingKey>, Status> {
         let records = &self.vault.records;
-        let call = |caller: Caller, _| async move {
-            Ok(wire::sealing_key(records.sealing_key(&caller)?))
-        };
+        let call =
+            |caller: Caller, _| async move { Ok(wire::sealing_key(records.sealing_key(&caller)?)) };
         self.guards
             .call("GetSealingKey", |_| Permission::Tokenize, request, call)
             .await
@@ -121,7 +120,12 @@ impl<S: Store> pb::vault_server::Vault for VaultApi<S> {
             ))
         };
         self.guards
-            .call("TokenizeSealedBatch", |_| Permission::Tokenize, request, call)
+            .call(
+                "TokenizeSealedBatch",
+                |_| Permission::Tokenize,
+                request,
+                call,
+            )
             .await
     }
 
