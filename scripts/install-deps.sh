@@ -11,7 +11,11 @@
 #     directory the Python tools the tests call by absolute path (kubernetes-validate,
 #     grpcio and its tools and reflection client: scripts/python-requirements.txt).
 #     Never `pip install --user` (~/.local/bin is not on PATH, and Debian's python3
-#     refuses it) and never a pyenv shim.
+#     refuses it) and never a pyenv shim;
+#   - for the browser end-to-end test (tests/e2e/checkout.rs) and the checkout demo:
+#     Debian's chromium and its chromedriver, gcore (gdb) for the test's core dump of
+#     the merchant backend, node and npm, and the browser sealer's npm packages in
+#     clients/web/node_modules (`npm ci`, exactly as package-lock.json pins them).
 # System packages are installed by scripts/apt-install.sh (apt-get as root or with
 # passwordless sudo; otherwise it says exactly what to install).
 #
@@ -26,6 +30,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 venv=${TOKENVAULT_VENV:-$HOME/.cache/tokenvault/venv}
 requirements="$here/python-requirements.txt"
+web="$here/../clients/web"
 check_only=false
 if [ "${1:-}" = "--check" ]; then
   check_only=true
@@ -71,6 +76,13 @@ venv_current() {
   [ -x "$venv/bin/python" ] && cmp -s "$requirements" "$venv/requirements.txt"
 }
 
+# clients/web/node_modules is current when `npm ci` made it from this very lock file
+# (the copy is written after a successful `npm ci`).
+node_modules_current() {
+  [ -d "$web/node_modules/@hpke/core" ] \
+    && cmp -s "$web/package-lock.json" "$web/node_modules/.tokenvault-package-lock.json"
+}
+
 missing=()
 if ! has_libclang; then
   echo "libclang: missing (no libclang.so, libclang.so.*, libclang-N.so or libclang-N.so.* in $(libclang_dirs | paste -sd' '))"
@@ -95,6 +107,29 @@ if ! /usr/bin/python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
   missing+=(python3-venv)
 fi
 
+# Debian's own browser and driver, by the names tests/e2e/checkout.rs runs them.
+if [ ! -x /usr/bin/chromium ]; then
+  echo "chromium (/usr/bin/chromium): missing"
+  missing+=(chromium)
+fi
+if [ ! -x /usr/bin/chromedriver ]; then
+  echo "chromedriver (/usr/bin/chromedriver): missing"
+  missing+=(chromium-driver)
+fi
+if ! command -v gcore >/dev/null 2>&1; then
+  echo "gcore: missing"
+  missing+=(gdb)
+fi
+# Debian 12's nodejs (18) has no npm of its own; NodeSource's nodejs includes it.
+if ! command -v node >/dev/null 2>&1; then
+  echo "node: missing"
+  missing+=(nodejs)
+fi
+if ! command -v npm >/dev/null 2>&1; then
+  echo "npm: missing"
+  missing+=(npm)
+fi
+
 if $check_only; then
   status=0
   if [ ${#missing[@]} -gt 0 ]; then
@@ -103,6 +138,10 @@ if $check_only; then
   fi
   if ! venv_current; then
     echo "python virtualenv $venv: missing or older than $requirements"
+    status=1
+  fi
+  if ! node_modules_current; then
+    echo "clients/web/node_modules: missing or older than clients/web/package-lock.json (npm ci)"
     status=1
   fi
   exit $status
@@ -122,4 +161,11 @@ if ! venv_current; then
   /usr/bin/python3 -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
   cp "$requirements" "$venv/requirements.txt"
+fi
+
+if ! node_modules_current; then
+  echo "==> Installing the browser sealer's npm packages (npm ci in clients/web)"
+  rm -f "$web/node_modules/.tokenvault-package-lock.json"
+  (cd "$web" && npm ci --no-audit --no-fund --loglevel=error)
+  cp "$web/package-lock.json" "$web/node_modules/.tokenvault-package-lock.json"
 fi
