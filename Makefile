@@ -1,5 +1,6 @@
 # The two commands of the README:
 #   make run    the dev stack (keyservice + vault-server, development CA) in the foreground
+#   make demo-checkout  the dev stack and the sealed intake checkout demo (a merchant page)
 #   make test   every test (the end-to-end ones on RocksDB, then again on PostgreSQL)
 #   make test-postgres  only the end-to-end tests, with the vault on PostgreSQL
 #   make crash-test   the long crash test (kill -9 under load, CRASH_CYCLES cycles)
@@ -24,7 +25,7 @@ export ROCKSDB_STATIC := 1
 # in a virtualenv made by scripts/install-deps.sh; never ~/.local or a pyenv shim.
 export TOKENVAULT_VENV ?= $(CACHE_DIR)/venv
 
-.PHONY: run test test-postgres crash-test bench h2load-check rewrap-bench audit-bench fuzz fresh-check build build-release lint deps rocksdb
+.PHONY: run demo-checkout test test-postgres crash-test bench h2load-check rewrap-bench audit-bench fuzz fresh-check build build-release lint deps rocksdb
 
 # The devstack binary that `build` made, beside the servers it starts: `cargo run -p
 # devstack` would resolve features for devstack alone and rebuild about 20 crates first
@@ -32,7 +33,15 @@ export TOKENVAULT_VENV ?= $(CACHE_DIR)/venv
 run: build
 	"$(or $(CARGO_TARGET_DIR),target)/debug/devstack" --dir .dev
 
+# The sealed intake demo (clients/checkout-demo): the dev stack as `make run`, and a
+# merchant's checkout page and backend on http://127.0.0.1:8080 (CHECKOUT_DEMO_LISTEN_ADDR)
+# whose browser seals the card to the vault; the backend logs the sealed cards it
+# relays. Ctrl-C stops both.
+demo-checkout: build
+	scripts/demo-checkout.sh
+
 test: build
+	cd clients/web && npm test --silent
 	cargo test --locked --workspace
 	$(MAKE) --no-print-directory test-postgres
 
@@ -108,7 +117,7 @@ build-release: rocksdb
 # need the RustSec database, which these machines cannot fetch: see deny.toml.
 CARGO_DENY_VERSION := 0.20.2
 CRATES := proto envelope runtime keyservice vault-server vault-client devstack bench \
-  deploy/sandbox-processor tests tests/pgcluster
+  deploy/sandbox-processor tests tests/pgcluster clients/checkout-demo
 lint: rocksdb
 	cargo fmt --all -- --check
 	cargo clippy --locked --workspace --all-targets -- -D warnings
