@@ -90,11 +90,11 @@ wait_ports_free() {
   done
 }
 
-run() { # name scenario connections in_flight
+run() { # name scenario connections in_flight [more vault-bench flags]
   echo "==> $1"
   "$bin/vault-bench" --config "$stack_dir/vaultctl.toml" --scenario "$2" \
     --connections "$3" --in-flight "$4" --duration "$secs" --warmup 2 \
-    "${pid_args[@]}" --json "$results/$1.json"
+    "${pid_args[@]}" --json "$results/$1.json" "${@:5}"
 }
 
 scenarios() { # result name prefix: "" (RocksDB) or "pg-"
@@ -107,6 +107,9 @@ scenarios() { # result name prefix: "" (RocksDB) or "pg-"
   # The transport baseline at tokenize-64's concurrency (4 connections x 16); it does
   # not touch storage, so once is enough.
   if [ -z "$p" ]; then run echo-64 echo 4 16; fi
+  # Sealed intake at tokenize-64's concurrency, the cards sealed before the run (more
+  # than the run can use at 30,000 calls/s).
+  run "${p}tokenize-sealed-64" tokenize-sealed 4 16 --sealed-cards $(( (secs + 2) * 30000 ))
   run "${p}info-64" info 4 16
   run "${p}batch-8" tokenize-batch 4 2
   run "${p}forward-16" forward 4 4

@@ -190,6 +190,20 @@ if tokenize64 and echo64 and echo64["calls_per_sec"] > 0:
         f"{tokenize64['latency_ms']['p99']:.2f} ms against {echo64['latency_ms']['p99']:.2f} ms.",
     ]
 
+sealed64 = reports.get("tokenize-sealed-64")
+if tokenize64 and sealed64 and sealed64["calls_per_sec"] > 0:
+    share = sealed64["calls_per_sec"] / tokenize64["calls_per_sec"]
+    cpu = ""
+    if sealed64.get("server_cpu_us_per_call") and tokenize64.get("server_cpu_us_per_call"):
+        extra = sealed64["server_cpu_us_per_call"] - tokenize64["server_cpu_us_per_call"]
+        cpu = f", {extra:+.0f} µs of vault CPU per call"
+    lines += [
+        "",
+        f"**Sealed intake:** tokenize-sealed-64 does {sealed64['calls_per_sec']:,.0f} calls/s, "
+        f"**{share:.0%} of tokenize-64**{cpu} (HPKE open, window and replay claim; the "
+        "cards sealed before the run).",
+    ]
+
 lines += [
     "",
     "![tokenize throughput and p99 against calls in flight](benchmarks.svg)",

@@ -208,11 +208,17 @@ pub fn entry_key(tenant: &Tenant, nonce_id: &[u8; 32]) -> Vec<u8> {
     out
 }
 
-/// A replay entry's value: `b'S' | keep_until_ms: i64 | blob_sha256: 32 | state: u8 |
+/// A replay entry's value: `b'S' | keep_until_ms: i64 | claimed_at_ms: i64 |
+/// blob_sha256: 32 | state: u8 |
 /// flags: u8 (1: reused, 2: CVC not kept) | token (UTF-8, Done only)`. Holds no card
 /// data.
 const FORMAT: u8 = b'S';
-const FIXED: usize = 1 + 8 + 32 + 2;
+const FIXED: usize = 1 + 8 + 8 + 32 + 2;
+
+/// How long a claim may stay pending before the same sealed card may claim it again:
+/// the call that claimed it died with its vault (a retry must not wait for the window
+/// to end and make the customer type the card again). Far above any call's deadline.
+pub const PENDING_TIMEOUT_MS: i64 = 60_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryState {
@@ -227,6 +233,7 @@ pub enum EntryState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub keep_until_ms: i64,
+    pub claimed_at_ms: i64,
     pub blob_sha256: [u8; 32],
     pub state: EntryState,
     pub reused: bool,
@@ -239,6 +246,7 @@ impl Entry {
         let mut out = Vec::with_capacity(FIXED + self.token.len());
         out.push(FORMAT);
         out.extend_from_slice(&self.keep_until_ms.to_be_bytes());
+        out.extend_from_slice(&self.claimed_at_ms.to_be_bytes());
         out.extend_from_slice(&self.blob_sha256);
         out.push(match self.state {
             EntryState::Pending => 1,
@@ -255,8 +263,9 @@ impl Entry {
             return None;
         }
         let keep_until_ms = i64::from_be_bytes(value[1..9].try_into().ok()?);
-        let blob_sha256 = value[9..41].try_into().ok()?;
-        let state = match value[41] {
+        let claimed_at_ms = i64::from_be_bytes(value[9..17].try_into().ok()?);
+        let blob_sha256 = value[17..49].try_into().ok()?;
+        let state = match value[49] {
             1 => EntryState::Pending,
             2 => EntryState::Done,
             3 => EntryState::Released,
@@ -264,17 +273,24 @@ impl Entry {
         };
         Some(Self {
             keep_until_ms,
+            claimed_at_ms,
             blob_sha256,
             state,
-            reused: value[42] & 1 != 0,
-            cvc_not_kept: value[42] & 2 != 0,
+            reused: value[50] & 1 != 0,
+            cvc_not_kept: value[50] & 2 != 0,
             token: String::from_utf8(value[FIXED..].to_vec()).ok()?,
         })
     }
 
-    /// Whether a new claim may take the entry's place.
-    pub fn replaceable(&self, now_unix_ms: i64) -> bool {
-        self.state == EntryState::Released || now_unix_ms > self.keep_until_ms
+    /// Whether a new claim of the sealed card whose SHA-256 is `blob_sha256` may take
+    /// the entry's place: the entry was released or has outlived the window, or it is
+    /// this very sealed card's claim left pending by a call that died.
+    pub fn replaceable(&self, blob_sha256: &[u8; 32], now_unix_ms: i64) -> bool {
+        self.state == EntryState::Released
+            || now_unix_ms > self.keep_until_ms
+            || (self.state == EntryState::Pending
+                && self.blob_sha256 == *blob_sha256
+                && now_unix_ms.saturating_sub(self.claimed_at_ms) > PENDING_TIMEOUT_MS)
     }
 }
 
@@ -291,6 +307,7 @@ mod tests {
     fn entries_round_trip_and_never_look_like_forward_outcomes() {
         let entry = Entry {
             keep_until_ms: 1_800_000_000_000,
+            claimed_at_ms: 1_799_999_000_000,
             blob_sha256: [7; 32],
             state: EntryState::Done,
             reused: true,
@@ -301,13 +318,23 @@ mod tests {
         assert_eq!(Entry::decode(&bytes), Some(entry.clone()));
         assert!(is_entry(&bytes));
         assert!(crate::forward::idempotency::decode(&bytes).is_none());
-        assert!(!entry.replaceable(1_800_000_000_000));
-        assert!(entry.replaceable(1_800_000_000_001));
+        assert!(!entry.replaceable(&[7; 32], 1_800_000_000_000));
+        assert!(entry.replaceable(&[7; 32], 1_800_000_000_001));
         let released = Entry {
             state: EntryState::Released,
+            ..entry.clone()
+        };
+        assert!(released.replaceable(&[8; 32], 0));
+        // A claim left pending by a dead call: the same sealed card may take it over
+        // after the timeout, another one never (before the window ends).
+        let pending = Entry {
+            state: EntryState::Pending,
             ..entry
         };
-        assert!(released.replaceable(0));
+        let later = pending.claimed_at_ms + PENDING_TIMEOUT_MS + 1;
+        assert!(!pending.replaceable(&[7; 32], pending.claimed_at_ms + 1_000));
+        assert!(pending.replaceable(&[7; 32], later));
+        assert!(!pending.replaceable(&[8; 32], later));
     }
 
     #[test]

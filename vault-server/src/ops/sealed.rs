@@ -208,6 +208,7 @@ impl<S: Store> Records<S> {
             entry_key: intake::entry_key(&caller.tenant, &nonce_id),
             entry: Entry {
                 keep_until_ms: settings.last_arrival_ms(&caller.tenant, issued_at),
+                claimed_at_ms: now,
                 blob_sha256: digest.as_ref().try_into().unwrap_or([0; 32]),
                 state: EntryState::Pending,
                 reused: false,
@@ -222,8 +223,9 @@ impl<S: Store> Records<S> {
     /// and vaults. The same sealed card again gets the first answer; another with the
     /// same nonce is a replay.
     async fn claim(&self, caller: &Caller, opened: Opened) -> Result<Claimed, VaultError> {
+        let digest = opened.entry.blob_sha256;
         let replaceable: Replaceable = Arc::new(move |stored| {
-            Entry::decode(stored).is_some_and(|entry| entry.replaceable(now_unix_ms()))
+            Entry::decode(stored).is_some_and(|entry| entry.replaceable(&digest, now_unix_ms()))
         });
         let claim = self
             .store()
