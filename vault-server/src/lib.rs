@@ -222,6 +222,7 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
             outcome_ttl: Duration::from_secs(settings.forwarding.idempotency_ttl_secs),
             tombstone_ttl: Duration::from_secs(settings.retention.tombstone_days * 86_400),
             max_batch_size: settings.max_batch_size,
+            tokens: settings.tokens.clone(),
         },
     ));
     let flags = records

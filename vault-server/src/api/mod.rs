@@ -63,7 +63,7 @@ impl<S: Store> pb::vault_server::Vault for VaultApi<S> {
     ) -> Result<Response<pb::TokenizeBatchResponse>, Status> {
         let records = &self.vault.records;
         let call = |caller: Caller, request| async move {
-            let batch = wire::tokenize_batch(request);
+            let batch = wire::tokenize_batch(request)?;
             Ok(wire::batch_results(
                 records.tokenize_batch(&caller, batch).await?,
                 caller.sees_fingerprints,

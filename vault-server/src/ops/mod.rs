@@ -27,6 +27,8 @@ pub use audit_log::{AuditLog, AuditPage, AuditQuery, AuditReport};
 pub use forward::{ForwardRequest, ForwardSettings, Forwarded, Forwarder};
 pub use journal::Journal;
 pub use records::{RecordSettings, Records};
+#[cfg(test)]
+pub(crate) use tokenize::CARD_ATTEMPTS;
 pub use tokenize::{BatchItem, Tokenize, TokenizeBatch, Tokenized};
 
 /// Every use case of one vault.

@@ -37,6 +37,8 @@ pub struct RecordSettings {
     /// How long a forward's outcome is kept for replays (the idempotency window).
     pub outcome_ttl: Duration,
     pub max_batch_size: usize,
+    /// The shape of each tenant's new tokens.
+    pub tokens: crate::config::TokenSettings,
 }
 
 #[derive(Debug)]
