@@ -199,6 +199,7 @@ fn h2load_body(scenario: Scenario) -> anyhow::Result<Vec<u8>> {
             }),
             reuse_existing: false,
             ttl_secs: 0,
+            format: 0,
         }
         .encode_to_vec(),
         // An empty service name asks for the server as a whole; the message encodes to

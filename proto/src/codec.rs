@@ -181,6 +181,7 @@ mod tests {
             cards: vec![pb::Card::default(); 3],
             reuse_existing: true,
             ttl_secs: 5,
+            format: 0,
         };
         let bytes = request.encode_to_vec();
         assert_eq!(count_field(&bytes, 1), Some(3));

@@ -89,6 +89,7 @@ mod tests {
             card: Some(card.clone()),
             reuse_existing: false,
             ttl_secs: 0,
+            format: 0,
         };
         let subject = vault::v1::SubjectRequest { card: Some(card) };
         let request = format!("{request:?} {subject:?}");

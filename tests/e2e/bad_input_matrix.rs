@@ -346,6 +346,19 @@ fn tokenize_rows(rows: &mut Rows, pans: &DuplicatePans) {
     .names("ttl_secs");
     rows.add(
         rpc,
+        "format 7 (not a TokenFormat)",
+        request(card(PAN)).varint(4, 7),
+        invalid,
+    )
+    .names("format");
+    rows.add(
+        rpc,
+        "format card",
+        request(card(PAN)).varint(4, 2),
+        Code::Ok,
+    );
+    rows.add(
+        rpc,
         "reuse_existing = 7 (bool as any varint)",
         request(card(PAN)).varint(2, 7),
         Code::Ok,
@@ -526,6 +539,19 @@ fn token_rows(rows: &mut Rows, fixtures: &Fixtures) {
             token(b"tok_Unknown000000000000001"),
             Code::NotFound,
         );
+        rows.add(
+            rpc,
+            "token unknown (card-shaped, fails Luhn)",
+            token(b"4242424242424241"),
+            Code::NotFound,
+        );
+        rows.add(
+            rpc,
+            "token is a card number (passes Luhn)",
+            token(PAN.as_bytes()),
+            invalid,
+        )
+        .names("token");
         rows.add(
             rpc,
             "token as a varint (wrong wire type)",

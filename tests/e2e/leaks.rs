@@ -110,7 +110,11 @@ async fn no_card_data_in_files_or_trace_logs() {
         .iter()
         .map(|pan| sealing.seal(&Card::new(pan, 12, 2030)).unwrap())
         .collect();
-    for item in client.tokenize_sealed_batch(blobs, false).await.unwrap() {
+    for item in client
+        .tokenize_sealed_batch(blobs, Default::default())
+        .await
+        .unwrap()
+    {
         assert!(matches!(item, BatchItem::Stored(_)), "{item:?}");
     }
     let mut tampered = sealing.seal(&Card::new(&sealed_pans[0], 12, 2030)).unwrap();

@@ -9,6 +9,7 @@ mod bad_input;
 mod bad_input_matrix;
 mod bad_input_memory;
 mod bench;
+mod card_tokens;
 mod checkout;
 mod crash;
 mod deploy;

@@ -80,6 +80,7 @@ async fn tokenize(client: &mut Client, card: pb::Card) -> String {
             ttl_secs: 0,
             card: Some(card),
             reuse_existing: false,
+            format: 0,
         })
         .await
         .unwrap()
@@ -254,6 +255,7 @@ impl Rpc {
                         ttl_secs: 0,
                         card: Some(card(1)),
                         reuse_existing: false,
+                        format: 0,
                     })
                     .await?
                     .into_inner();
@@ -269,6 +271,7 @@ impl Rpc {
                         ttl_secs: 0,
                         cards: vec![card(2), card(3)],
                         reuse_existing: false,
+                        format: 0,
                     })
                     .await?
                     .into_inner();
@@ -467,6 +470,7 @@ async fn every_permission_combination_against_every_rpc() {
             ttl_secs: 0,
             cards: (0..combinations as u64).map(|n| card(100 + n)).collect(),
             reuse_existing: false,
+            format: 0,
         })
         .await
         .unwrap()

@@ -167,7 +167,7 @@ async fn a_sealed_card_tokenizes_and_every_bad_one_is_refused_with_its_reason() 
                 unknown,
                 blob.clone(),
             ],
-            false,
+            Default::default(),
         )
         .await
         .unwrap();
@@ -196,6 +196,17 @@ async fn a_sealed_card_tokenizes_and_every_bad_one_is_refused_with_its_reason() 
         retried.token, first.token,
         "the first answer, in a batch too"
     );
+
+    // A card-shaped token, asked for with the sealed card.
+    let shaped = key.seal(&Card::new("5555555555554444", 3, 2033)).unwrap();
+    let options = vault_client::TokenizeOptions {
+        format: vault_client::TokenFormat::Card,
+        ..Default::default()
+    };
+    let shaped = vault.tokenize_sealed_with(&shaped, options).await.unwrap();
+    assert_eq!(shaped.token.len(), 16);
+    assert!(shaped.token.ends_with("4444"), "{}", shaped.token);
+    assert!(shaped.token.bytes().all(|b| b.is_ascii_digit()));
 
     // Across a restart: the first answer is kept, and so is the replay's refusal.
     stack.restart_vault().await;

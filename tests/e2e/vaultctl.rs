@@ -5,13 +5,13 @@ use std::process::Stdio;
 use integration_tests::{ADMIN, OFFICER, Stack, binary};
 use tokio::io::AsyncWriteExt;
 
-struct Output {
-    ok: bool,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Output {
+    pub(crate) ok: bool,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
-async fn vaultctl(config: &std::path::Path, args: &[&str], stdin: &str) -> Output {
+pub(crate) async fn vaultctl(config: &std::path::Path, args: &[&str], stdin: &str) -> Output {
     let mut child = tokio::process::Command::new(binary("vaultctl"))
         .arg("--config")
         .arg(config)
@@ -36,7 +36,7 @@ async fn vaultctl(config: &std::path::Path, args: &[&str], stdin: &str) -> Outpu
 }
 
 /// A vaultctl config file acting as `name` against `stack`.
-fn config_for(stack: &Stack, name: &str) -> std::path::PathBuf {
+pub(crate) fn config_for(stack: &Stack, name: &str) -> std::path::PathBuf {
     let config = stack.dir.path().join(format!("vaultctl-{name}.toml"));
     std::fs::write(
         &config,

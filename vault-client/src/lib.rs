@@ -356,6 +356,43 @@ impl SealingKey {
     }
 }
 
+/// The shape of a new token.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TokenFormat {
+    /// The tenant's default (the vault's `[tokens]` config), else opaque.
+    #[default]
+    TenantDefault,
+    /// `tok_` followed by 22 base62 characters.
+    Opaque,
+    /// Card-shaped: the card's length and last four digits (and its first six where
+    /// the tenant's config says so), failing the Luhn check.
+    Card,
+}
+
+impl TokenFormat {
+    fn to_wire(self) -> i32 {
+        match self {
+            TokenFormat::TenantDefault => pb::TokenFormat::Unspecified,
+            TokenFormat::Opaque => pb::TokenFormat::Opaque,
+            TokenFormat::Card => pb::TokenFormat::Card,
+        }
+        .into()
+    }
+}
+
+/// How to tokenize: everything but the card.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenizeOptions {
+    /// Return the tenant's existing token for the same card and expiry, if any (in
+    /// whatever format it was made).
+    pub reuse_existing: bool,
+    /// The token expires (answers NOT_FOUND, then is erased) after this long; `None`
+    /// takes the tenant's default retention.
+    pub ttl: Option<Duration>,
+    pub format: TokenFormat,
+}
+
 /// A token and the metadata the vault keeps in the clear.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct TokenInfo {
@@ -566,10 +603,26 @@ impl VaultClient {
         reuse_existing: bool,
         ttl: Option<Duration>,
     ) -> Result<TokenInfo, Error> {
+        let options = TokenizeOptions {
+            reuse_existing,
+            ttl,
+            format: TokenFormat::TenantDefault,
+        };
+        self.tokenize_with(card, options).await
+    }
+
+    /// Tokenizes one card with every option. Not retried: a retry could store the card
+    /// twice.
+    pub async fn tokenize_with(
+        &mut self,
+        card: Card,
+        options: TokenizeOptions,
+    ) -> Result<TokenInfo, Error> {
         let request = pb::TokenizeRequest {
             card: Some(card.to_wire()),
-            reuse_existing,
-            ttl_secs: ttl.map_or(0, |ttl| ttl.as_secs().max(1)),
+            reuse_existing: options.reuse_existing,
+            ttl_secs: options.ttl.map_or(0, |ttl| ttl.as_secs().max(1)),
+            format: options.format.to_wire(),
         };
         let response = self.vault.tokenize(request).await?.into_inner();
         TokenInfo::from_wire(response.info, response.reused, response.cvc_not_kept)
@@ -592,12 +645,26 @@ impl VaultClient {
         sealed_card: &[u8],
         reuse_existing: bool,
     ) -> Result<TokenInfo, Error> {
+        let options = TokenizeOptions {
+            reuse_existing,
+            ..TokenizeOptions::default()
+        };
+        self.tokenize_sealed_with(sealed_card, options).await
+    }
+
+    /// [`Self::tokenize_sealed`] with every option (retention, token format).
+    pub async fn tokenize_sealed_with(
+        &mut self,
+        sealed_card: &[u8],
+        options: TokenizeOptions,
+    ) -> Result<TokenInfo, Error> {
         let response = idempotent(|| {
             let mut vault = self.vault.clone();
             let request = pb::TokenizeSealedRequest {
                 sealed_card: sealed_card.to_vec(),
-                reuse_existing,
-                ttl_secs: 0,
+                reuse_existing: options.reuse_existing,
+                ttl_secs: options.ttl.map_or(0, |ttl| ttl.as_secs().max(1)),
+                format: options.format.to_wire(),
             };
             async move { vault.tokenize_sealed(request).await }
         })
@@ -610,12 +677,13 @@ impl VaultClient {
     pub async fn tokenize_sealed_batch(
         &mut self,
         sealed_cards: Vec<Vec<u8>>,
-        reuse_existing: bool,
+        options: TokenizeOptions,
     ) -> Result<Vec<BatchItem>, Error> {
         let request = pb::TokenizeSealedBatchRequest {
             sealed_cards,
-            reuse_existing,
-            ttl_secs: 0,
+            reuse_existing: options.reuse_existing,
+            ttl_secs: options.ttl.map_or(0, |ttl| ttl.as_secs().max(1)),
+            format: options.format.to_wire(),
         };
         let response = self
             .vault
@@ -647,10 +715,25 @@ impl VaultClient {
         cards: &[Card],
         reuse_existing: bool,
     ) -> Result<Vec<BatchItem>, Error> {
+        let options = TokenizeOptions {
+            reuse_existing,
+            ..TokenizeOptions::default()
+        };
+        self.tokenize_batch_with(cards, options).await
+    }
+
+    /// Tokenizes several cards in one durable write with every option; one result per
+    /// card, in order.
+    pub async fn tokenize_batch_with(
+        &mut self,
+        cards: &[Card],
+        options: TokenizeOptions,
+    ) -> Result<Vec<BatchItem>, Error> {
         let request = pb::TokenizeBatchRequest {
             cards: cards.iter().map(Card::to_wire).collect(),
-            reuse_existing,
-            ttl_secs: 0,
+            reuse_existing: options.reuse_existing,
+            ttl_secs: options.ttl.map_or(0, |ttl| ttl.as_secs().max(1)),
+            format: options.format.to_wire(),
         };
         let response = self.vault.tokenize_batch(request).await?.into_inner();
         batch_items(response)

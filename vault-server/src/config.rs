@@ -1,5 +1,6 @@
 //! Vault settings: a TOML file, validated before any port is bound.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -53,6 +54,9 @@ pub struct Settings {
     pub audit: AuditSettings,
     #[serde(default)]
     pub retention: RetentionSettings,
+    /// `[tokens]`: the shape of each tenant's tokens.
+    #[serde(default)]
+    pub tokens: TokenSettings,
     #[serde(default)]
     pub lockout: crate::lockout::LockoutSettings,
     #[serde(default)]
@@ -175,7 +179,7 @@ pub struct RetentionSettings {
     /// Lifetime of a tenant's tokens when `Tokenize` names none, e.g.
     /// `tenant_ttl_secs = { "shop-eu" = 63072000 }`. Unlisted tenants: forever.
     #[serde(default)]
-    pub tenant_ttl_secs: std::collections::HashMap<String, u64>,
+    pub tenant_ttl_secs: HashMap<String, u64>,
     /// How often expired tokens are purged and deleted records compacted away.
     #[serde(default = "default_purge_interval_secs")]
     pub purge_interval_secs: u64,
@@ -202,6 +206,57 @@ fn default_tombstone_days() -> u64 {
 
 fn default_purge_interval_secs() -> u64 {
     60
+}
+
+/// `[tokens]`: which tenants get card-shaped tokens by default, and which keep the
+/// card's first six digits in them. See docs/api.md ("Token formats").
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSettings {
+    /// The format of a tenant's new tokens when `Tokenize` leaves it unspecified, e.g.
+    /// `tenant_default_format = { "shop-eu" = "card" }`. Unlisted tenants: `opaque`.
+    #[serde(default)]
+    pub tenant_default_format: HashMap<String, crate::token::Format>,
+    /// Tenants whose card-shaped tokens keep the card's first six digits as well as its
+    /// last four. A 16-digit card then leaves 6 digits to draw: 9 x 10^5 tokens per
+    /// first six and last four (fewer for shorter cards), so the vault can run out of
+    /// them (RESOURCE_EXHAUSTED). Unlisted tenants keep the last four only.
+    #[serde(default)]
+    pub keep_first_six_tenants: Vec<String>,
+}
+
+impl TokenSettings {
+    /// The format of the tenant's tokens when a call names none.
+    pub fn default_format(&self, tenant: &str) -> crate::token::Format {
+        self.tenant_default_format
+            .get(tenant)
+            .copied()
+            .unwrap_or(crate::token::Format::Opaque)
+    }
+
+    pub fn keeps_first_six(&self, tenant: &str) -> bool {
+        self.keep_first_six_tenants.iter().any(|t| t == tenant)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        for tenant in self.tenant_default_format.keys() {
+            crate::policy::Tenant::parse(tenant).map_err(|why| {
+                format!("tokens.tenant_default_format: {tenant:?} is not a tenant name: {why}")
+            })?;
+        }
+        let mut seen = std::collections::HashSet::new();
+        for tenant in &self.keep_first_six_tenants {
+            crate::policy::Tenant::parse(tenant).map_err(|why| {
+                format!("tokens.keep_first_six_tenants: {tenant:?} is not a tenant name: {why}")
+            })?;
+            if !seen.insert(tenant) {
+                return Err(format!(
+                    "tokens.keep_first_six_tenants: {tenant:?} is listed twice"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `[audit]`: the tamper-evident audit log.
@@ -543,6 +598,7 @@ impl Settings {
                 "retention.tenant_ttl_secs.{tenant}: must be 1 to 3155760000 (100 years)"
             ));
         }
+        self.tokens.validate()?;
         if self.lockout.max_failures == 0
             || self.lockout.max_unknown_tokens == 0
             || self.lockout.window_secs == 0
@@ -672,6 +728,68 @@ ca_file = "db-ca.pem"
         }
         let error = on_postgres("").unwrap_err().to_string();
         assert!(error.contains("data_dir is required"), "{error}");
+    }
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::*;
+    use crate::token::Format;
+
+    fn with_tokens(section: &str) -> Result<Settings, ConfigError> {
+        let reference = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/vault-server.toml"),
+        )
+        .unwrap();
+        let text = reference.replace("\n[memory]\n", &format!("\n{section}\n[memory]\n"));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vault-server.toml");
+        std::fs::write(&path, text).unwrap();
+        Settings::load(&path)
+    }
+
+    #[test]
+    fn token_formats_are_per_tenant_with_opaque_the_default() {
+        let settings = with_tokens(
+            "[tokens]\ntenant_default_format = { \"shop-eu\" = \"card\", acme = \"opaque\" }\n\
+             keep_first_six_tenants = [\"shop-eu\"]",
+        )
+        .unwrap();
+        let tokens = &settings.tokens;
+        assert_eq!(tokens.default_format("shop-eu"), Format::Card);
+        assert_eq!(tokens.default_format("acme"), Format::Opaque);
+        assert_eq!(tokens.default_format("other"), Format::Opaque);
+        assert!(tokens.keeps_first_six("shop-eu"));
+        assert!(!tokens.keeps_first_six("acme"));
+        let none = with_tokens("").unwrap();
+        assert_eq!(none.tokens.default_format("shop-eu"), Format::Opaque);
+        assert!(!none.tokens.keeps_first_six("shop-eu"));
+    }
+
+    #[test]
+    fn bad_token_settings_are_refused_with_the_setting_named() {
+        for (section, expected) in [
+            (
+                "[tokens]\ntenant_default_format = { shop = \"digits\" }",
+                "unknown variant",
+            ),
+            (
+                "[tokens]\ntenant_default_format = { \"a b\" = \"card\" }",
+                "tokens.tenant_default_format",
+            ),
+            (
+                "[tokens]\nkeep_first_six_tenants = [\"\"]",
+                "tokens.keep_first_six_tenants",
+            ),
+            (
+                "[tokens]\nkeep_first_six_tenants = [\"a\", \"a\"]",
+                "listed twice",
+            ),
+            ("[tokens]\nkeep_first_six = true", "unknown field"),
+        ] {
+            let error = with_tokens(section).unwrap_err().to_string();
+            assert!(error.contains(expected), "{section}: {error}");
+        }
     }
 }
 

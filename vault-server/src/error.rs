@@ -38,8 +38,19 @@ pub enum VaultError {
     Store(#[from] StoreError),
     #[error("randomness failure: {0}")]
     Crypto(#[from] envelope::Error),
+    /// No free opaque token after a few draws: with 128 random bits, a sign of a
+    /// broken random number generator, not of a full vault.
     #[error("no free token after several draws")]
     TokenSpace,
+    /// No free card-shaped token for the card after `attempts` draws: the tokens that
+    /// keep its digits are (nearly) all taken. A real condition where the first six are
+    /// kept (the space is small), so the caller is told.
+    #[error(
+        "no free card-shaped token for this card after {attempts} draws: the tokens that \
+         keep its digits are nearly all taken; tokenize it with format \
+         TOKEN_FORMAT_OPAQUE; nothing was stored"
+    )]
+    CardTokenSpace { attempts: usize },
     #[error(transparent)]
     Forward(crate::forward::ForwardError),
     #[error("the CVC of this token has expired or was already used")]
@@ -240,7 +251,9 @@ impl VaultError {
                 Code::Unavailable,
                 "the audit log's checkpoint could not be read from the keyservice; try again",
             ),
-            VaultError::VelocityExceeded => Status::resource_exhausted(self.to_string()),
+            VaultError::VelocityExceeded | VaultError::CardTokenSpace { .. } => {
+                Status::resource_exhausted(self.to_string())
+            }
             VaultError::Sealed(refusal) => sealed_refusal(refusal),
             VaultError::NoIntakeKey => {
                 tracing::error!(error = %self, "sealed intake refused");

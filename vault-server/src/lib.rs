@@ -224,6 +224,7 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
             tombstone_ttl: Duration::from_secs(settings.retention.tombstone_days * 86_400),
             max_batch_size: settings.max_batch_size,
             sealed_intake: settings.sealed_intake.clone(),
+            tokens: settings.tokens.clone(),
         },
     ));
     let flags = records

@@ -30,7 +30,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
-use vault_client::{Card, ClientConfig, ForwardRequest, KeyServiceClient, TokenInfo, VaultClient};
+use vault_client::{
+    Card, ClientConfig, ForwardRequest, KeyServiceClient, TokenFormat, TokenInfo, TokenizeOptions,
+    VaultClient,
+};
 use zeroize::{Zeroize, Zeroizing};
 
 #[derive(Debug, Parser)]
@@ -72,6 +75,13 @@ struct Connection {
     timeout_secs: Option<u64>,
 }
 
+/// `--format` of `vaultctl tokenize`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum FormatArg {
+    Opaque,
+    Card,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Tokenize one card read from stdin: a card number line (with --exp), or a JSON
@@ -87,6 +97,11 @@ enum Command {
         /// e.g. 90d, 12h, 30m, 45s. Default: the tenant's retention, else forever.
         #[arg(long, value_parser = parse_ttl)]
         ttl: Option<Duration>,
+        /// The token's shape: `opaque` (tok_...) or `card` (the card's length and last
+        /// four, failing the Luhn check). Default: the tenant's ([tokens] in the vault
+        /// config), else opaque.
+        #[arg(long, value_enum)]
+        format: Option<FormatArg>,
         /// Print the token and its metadata as JSON.
         #[arg(long)]
         json: bool,
@@ -460,12 +475,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             exp,
             reuse_existing,
             ttl,
+            format,
             json,
         } => {
             let card = read_card(exp.as_deref())?;
             let mut client = VaultClient::connect(&vault()?).await?;
+            let options = TokenizeOptions {
+                reuse_existing,
+                ttl,
+                format: match format {
+                    None => TokenFormat::TenantDefault,
+                    Some(FormatArg::Opaque) => TokenFormat::Opaque,
+                    Some(FormatArg::Card) => TokenFormat::Card,
+                },
+            };
             let info = client
-                .tokenize_with_ttl(card, reuse_existing, ttl)
+                .tokenize_with(card, options)
                 .await
                 .context("tokenize")?;
             if json {

@@ -63,7 +63,7 @@ impl<S: Store> pb::vault_server::Vault for VaultApi<S> {
     ) -> Result<Response<pb::TokenizeBatchResponse>, Status> {
         let records = &self.vault.records;
         let call = |caller: Caller, request| async move {
-            let batch = wire::tokenize_batch(request);
+            let batch = wire::tokenize_batch(request)?;
             Ok(wire::batch_results(
                 records.tokenize_batch(&caller, batch).await?,
                 caller.sees_fingerprints,
@@ -91,14 +91,9 @@ impl<S: Store> pb::vault_server::Vault for VaultApi<S> {
         request: Request<pb::TokenizeSealedRequest>,
     ) -> Result<Response<pb::TokenizeResponse>, Status> {
         let records = &self.vault.records;
-        let call = |caller: Caller, request: pb::TokenizeSealedRequest| async move {
+        let call = |caller: Caller, request| async move {
             let done = records
-                .tokenize_sealed(
-                    &caller,
-                    &request.sealed_card,
-                    request.ttl_secs,
-                    request.reuse_existing,
-                )
+                .tokenize_sealed(&caller, wire::tokenize_sealed(request)?)
                 .await?;
             Ok(wire::tokenized(&done, caller.sees_fingerprints))
         };
@@ -113,7 +108,7 @@ impl<S: Store> pb::vault_server::Vault for VaultApi<S> {
     ) -> Result<Response<pb::TokenizeBatchResponse>, Status> {
         let records = &self.vault.records;
         let call = |caller: Caller, request| async move {
-            let batch = wire::tokenize_sealed_batch(request);
+            let batch = wire::tokenize_sealed_batch(request)?;
             Ok(wire::batch_results(
                 records.tokenize_sealed_batch(&caller, batch).await?,
                 caller.sees_fingerprints,

@@ -15,7 +15,7 @@ use crate::ops::{
 };
 use crate::record::Metadata;
 use crate::rewrap;
-use crate::token::Token;
+use crate::token::{Format, Token};
 
 /// Validates a wire card, erasing the wire copy of the number, name and CVC whatever
 /// the outcome.
@@ -60,32 +60,64 @@ pub fn token(token: &str) -> Result<Token, VaultError> {
 }
 
 pub fn tokenize(request: pb::TokenizeRequest) -> Result<Tokenize, VaultError> {
+    // The card first: the wire copy is erased whatever else is wrong.
+    let card = card(request.card, Today::now()).map_err(VaultError::Invalid)?;
     Ok(Tokenize {
-        card: card(request.card, Today::now()).map_err(VaultError::Invalid)?,
+        card,
+        ttl_secs: request.ttl_secs,
+        reuse_existing: request.reuse_existing,
+        format: format(request.format)?,
+    })
+}
+
+pub fn tokenize_batch(request: pb::TokenizeBatchRequest) -> Result<TokenizeBatch, VaultError> {
+    let today = Today::now();
+    // The cards first: every wire copy is erased whatever else is wrong.
+    let cards = request
+        .cards
+        .into_iter()
+        .map(|c| card(Some(c), today))
+        .collect();
+    Ok(TokenizeBatch {
+        cards,
+        ttl_secs: request.ttl_secs,
+        reuse_existing: request.reuse_existing,
+        format: format(request.format)?,
+    })
+}
+
+/// A requested token format; `None`: the tenant's default.
+fn format(value: i32) -> Result<Option<Format>, VaultError> {
+    match pb::TokenFormat::try_from(value) {
+        Ok(pb::TokenFormat::Unspecified) => Ok(None),
+        Ok(pb::TokenFormat::Opaque) => Ok(Some(Format::Opaque)),
+        Ok(pb::TokenFormat::Card) => Ok(Some(Format::Card)),
+        Err(_) => Err(VaultError::Invalid(violation(
+            "format",
+            "enum",
+            "must be TOKEN_FORMAT_UNSPECIFIED, TOKEN_FORMAT_OPAQUE or TOKEN_FORMAT_CARD",
+        ))),
+    }
+}
+
+pub fn tokenize_sealed(request: pb::TokenizeSealedRequest) -> Result<TokenizeSealed, VaultError> {
+    Ok(TokenizeSealed {
+        format: format(request.format)?,
+        sealed_cards: vec![request.sealed_card],
         ttl_secs: request.ttl_secs,
         reuse_existing: request.reuse_existing,
     })
 }
 
-pub fn tokenize_batch(request: pb::TokenizeBatchRequest) -> TokenizeBatch {
-    let today = Today::now();
-    TokenizeBatch {
-        cards: request
-            .cards
-            .into_iter()
-            .map(|c| card(Some(c), today))
-            .collect(),
-        ttl_secs: request.ttl_secs,
-        reuse_existing: request.reuse_existing,
-    }
-}
-
-pub fn tokenize_sealed_batch(request: pb::TokenizeSealedBatchRequest) -> TokenizeSealed {
-    TokenizeSealed {
+pub fn tokenize_sealed_batch(
+    request: pb::TokenizeSealedBatchRequest,
+) -> Result<TokenizeSealed, VaultError> {
+    Ok(TokenizeSealed {
+        format: format(request.format)?,
         sealed_cards: request.sealed_cards,
         ttl_secs: request.ttl_secs,
         reuse_existing: request.reuse_existing,
-    }
+    })
 }
 
 pub fn sealing_key(key: SealingKey) -> pb::SealingKey {

@@ -23,6 +23,14 @@
 //! the answer as it is. What matches is
 //! masked in the original bytes, escape sequences whole, so the length stays the same.
 //! Expiry is not masked: GetTokenInfo returns it anyway.
+//!
+//! A card-shaped token (`format = card`: the card's length and last four, maybe its
+//! first six, failing Luhn by construction) is not a card number, and the shape rule
+//! leaves it alone: a processor that echoes one (say, as a customer reference) returns
+//! it whole. The by-value rules still apply to it like to any text, so a token that
+//! repeats eight or more of the injected card's digits in a row (its first six and the
+//! next two, one token in a hundred where the first six are kept) is masked there too:
+//! the token is the caller's already, and erring towards the card costs nothing.
 
 use unicode_normalization::UnicodeNormalization;
 
@@ -568,6 +576,19 @@ mod tests {
         );
         assert_eq!(bytes.len(), s.len());
         String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn card_shaped_tokens_are_not_card_numbers() {
+        // Tokens of the injected card (first six and last four kept; last four only)
+        // and of another card: all fail Luhn, none holds eight of the card's digits
+        // in a row.
+        let answer = r#"{"ref":"4242421234564242","t":"9301982645114242","o":"7301982645114444"}"#;
+        for token in ["4242421234564242", "9301982645114242", "7301982645114444"] {
+            assert!(!luhn_valid(token.as_bytes()), "{token}");
+        }
+        assert_eq!(scrubbed(answer, None, None), answer);
+        assert_eq!(mask(answer), answer);
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub use forward::{ForwardRequest, ForwardSettings, Forwarded, Forwarder};
 pub use journal::Journal;
 pub use records::{RecordSettings, Records};
 pub use sealed::{SealingKey, TokenizeSealed};
+#[cfg(test)]
+pub(crate) use tokenize::CARD_ATTEMPTS;
 pub use tokenize::{BatchItem, Tokenize, TokenizeBatch, Tokenized};
 
 /// Every use case of one vault.

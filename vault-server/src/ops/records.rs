@@ -39,6 +39,8 @@ pub struct RecordSettings {
     pub max_batch_size: usize,
     /// `[sealed_intake]`.
     pub sealed_intake: crate::intake::IntakeSettings,
+    /// The shape of each tenant's new tokens.
+    pub tokens: crate::config::TokenSettings,
 }
 
 #[derive(Debug)]

@@ -14,7 +14,7 @@ use crate::error::VaultError;
 use crate::intake::{self, Entry, EntryState, Refusal};
 use crate::policy::Caller;
 use crate::store::{Claim, Replaceable, Store};
-use crate::token::Token;
+use crate::token::{Format, Token};
 
 /// What a sealer needs, for the caller's tenant.
 #[derive(Debug)]
@@ -33,6 +33,8 @@ pub struct TokenizeSealed {
     pub sealed_cards: Vec<Vec<u8>>,
     pub ttl_secs: u64,
     pub reuse_existing: bool,
+    /// The shape of new tokens; `None`: the tenant's default.
+    pub format: Option<Format>,
 }
 
 /// A sealed card that opened and passed every check, its replay entry not yet claimed.
@@ -66,13 +68,19 @@ impl<S: Store> Records<S> {
         })
     }
 
+    /// TokenizeSealed: `request.sealed_cards` holds the one sealed card.
     pub async fn tokenize_sealed(
         &self,
         caller: &Caller,
-        sealed_card: &[u8],
-        ttl_secs: u64,
-        reuse_existing: bool,
+        request: TokenizeSealed,
     ) -> Result<Tokenized, VaultError> {
+        let TokenizeSealed {
+            sealed_cards,
+            ttl_secs,
+            reuse_existing,
+            format,
+        } = request;
+        let sealed_card = sealed_cards.first().map(Vec::as_slice).unwrap_or_default();
         let opened = self.open_sealed(caller, sealed_card, now_unix_ms())?;
         let opened = match self.claim(caller, opened).await? {
             Claimed::Answered(first) => return Ok(first),
@@ -90,6 +98,7 @@ impl<S: Store> Records<S> {
                     card,
                     ttl_secs,
                     reuse_existing,
+                    format,
                 },
             )
             .await;
@@ -152,6 +161,7 @@ impl<S: Store> Records<S> {
                 cards,
                 ttl_secs: request.ttl_secs,
                 reuse_existing: request.reuse_existing,
+                format: request.format,
             };
             let items = match self.tokenize_batch(caller, batch).await {
                 Ok(items) => items,

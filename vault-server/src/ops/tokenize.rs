@@ -12,7 +12,7 @@ use crate::keys::Aead;
 use crate::policy::Caller;
 use crate::record::{self, Fingerprint, Metadata};
 use crate::store::{InsertOutcome, NewRecord, Store};
-use crate::token::Token;
+use crate::token::{Format, Shape, Token};
 
 /// A batch item refused by the guessing detector (the whole call is, for Tokenize).
 const GUESSING_REFUSED: Violation = Violation {
@@ -31,8 +31,38 @@ const CVC_STORE_FULL: Violation = Violation {
                   all); send the card without its CVC, or retry later",
 };
 
+/// A batch item refused because no free card-shaped token was found for it.
+const CARD_TOKEN_SPACE: Violation = Violation {
+    field: "cards",
+    rule: "token_space",
+    description: "refused: no free card-shaped token for this card after a bounded number \
+                  of draws (the tokens that keep its digits are nearly all taken); \
+                  tokenize it with format TOKEN_FORMAT_OPAQUE; nothing was stored",
+};
+
 /// The longest retention a token can be given: 100 years.
 const MAX_TTL_SECS: u64 = 3_155_760_000;
+
+/// Draws of a card-shaped token before giving up with RESOURCE_EXHAUSTED (each one a
+/// put-if-absent). Its space can be small (9 x 10^5 per first six and last four for 16
+/// digits with the first six kept, 90 for 12 digits), so a nearly full one is a real,
+/// client-visible condition rather than a broken random number generator: with a
+/// fraction f of the space taken, a call gives up with probability f^16 (10^-5 at
+/// f = 0.5, 0.19 at f = 0.9).
+pub const CARD_ATTEMPTS: usize = 16;
+
+/// How many fresh tokens of `shape` are drawn before giving up, and the error then.
+fn attempts(shape: Shape) -> (usize, VaultError) {
+    match shape {
+        Shape::Opaque => (ATTEMPTS, VaultError::TokenSpace),
+        Shape::Card { .. } => (
+            CARD_ATTEMPTS,
+            VaultError::CardTokenSpace {
+                attempts: CARD_ATTEMPTS,
+            },
+        ),
+    }
+}
 
 /// One card to tokenize.
 #[derive(Debug)]
@@ -42,6 +72,8 @@ pub struct Tokenize {
     pub ttl_secs: u64,
     /// Return the card's existing token in this tenant rather than a new one.
     pub reuse_existing: bool,
+    /// The shape of a new token; `None`: the tenant's default.
+    pub format: Option<Format>,
 }
 
 /// Cards to tokenize in one durable write; each was validated on its own.
@@ -50,6 +82,7 @@ pub struct TokenizeBatch {
     pub cards: Vec<Result<CardData, Violation>>,
     pub ttl_secs: u64,
     pub reuse_existing: bool,
+    pub format: Option<Format>,
 }
 
 /// A token and its record's clear metadata.
@@ -86,9 +119,12 @@ impl<S: Store> Records<S> {
             card,
             ttl_secs,
             reuse_existing,
+            format,
         } = request;
         let now = now_unix_ms();
         let expires_at = self.expires_at(caller, ttl_secs, now)?;
+        let shape = self.shape(caller, format);
+        let (attempts, exhausted) = attempts(shape);
         let (mut metadata, older) = self.metadata(caller, &card, now, reuse_existing);
         metadata.expires_at_unix_ms = expires_at;
         self.watch_fingerprint(caller, &card.pan, &metadata.fingerprint.value)
@@ -96,9 +132,9 @@ impl<S: Store> Records<S> {
         // Room for the CVC before anything is stored: a full CVC store refuses the call,
         // never leaves a record whose token the caller did not get.
         let mut slot = self.cvc_slot(caller, &card)?;
-        for _ in 0..ATTEMPTS {
+        for _ in 0..attempts {
             let record = self
-                .seal(&mut metadata, &card, reuse_existing, &older)
+                .seal(shape, &mut metadata, &card, reuse_existing, &older)
                 .await?;
             let token = record.token.clone();
             let sealed = self.seal_cvc(&token, &card).await?;
@@ -125,7 +161,7 @@ impl<S: Store> Records<S> {
                 Some(InsertOutcome::TokenTaken) | None => continue,
             }
         }
-        Err(VaultError::TokenSpace)
+        Err(self.exhausted(exhausted))
     }
 
     pub async fn tokenize_batch(
@@ -146,6 +182,8 @@ impl<S: Store> Records<S> {
         }
         let now = now_unix_ms();
         let expires_at = self.expires_at(caller, request.ttl_secs, now)?;
+        let shape = self.shape(caller, request.format);
+        let (attempts, exhausted) = attempts(shape);
         let mut results: Vec<Option<BatchItem>> = Vec::new();
         results.resize_with(request.cards.len(), || None);
         let mut waiting: Vec<Waiting> = Vec::new();
@@ -172,7 +210,7 @@ impl<S: Store> Records<S> {
                 Err(violation) => results[index] = Some(BatchItem::Invalid(violation)),
             }
         }
-        for _ in 0..ATTEMPTS {
+        for _ in 0..attempts {
             if waiting.is_empty() {
                 break;
             }
@@ -180,7 +218,7 @@ impl<S: Store> Records<S> {
             let mut sealed_cvcs = Vec::with_capacity(waiting.len());
             for (_, card, metadata, older, _) in &mut waiting {
                 let record = self
-                    .seal(metadata, card, request.reuse_existing, older)
+                    .seal(shape, metadata, card, request.reuse_existing, older)
                     .await?;
                 sealed_cvcs.push(self.seal_cvc(&record.token, card).await?);
                 records.push(record);
@@ -227,7 +265,15 @@ impl<S: Store> Records<S> {
             waiting = retry;
         }
         if !waiting.is_empty() {
-            return Err(VaultError::TokenSpace);
+            let exhausted = self.exhausted(exhausted);
+            if !matches!(exhausted, VaultError::CardTokenSpace { .. }) {
+                return Err(exhausted);
+            }
+            // A card whose card-shaped tokens are used up is refused alone: the others
+            // of the batch are stored, and their tokens must reach the caller.
+            for (index, ..) in waiting {
+                results[index] = Some(BatchItem::Invalid(CARD_TOKEN_SPACE));
+            }
         }
         let results: Vec<BatchItem> = results.into_iter().flatten().collect();
         tracing::debug!(items = results.len(), "batch tokenized");
@@ -261,6 +307,28 @@ impl<S: Store> Records<S> {
             reused: true,
             cvc_not_kept,
         }))
+    }
+
+    /// The shape of the caller's new tokens: `format`, else the tenant's default.
+    fn shape(&self, caller: &Caller, format: Option<Format>) -> Shape {
+        let tokens = &self.settings().tokens;
+        let tenant = caller.tenant.as_str();
+        match format.unwrap_or_else(|| tokens.default_format(tenant)) {
+            Format::Opaque => Shape::Opaque,
+            Format::Card => Shape::Card {
+                keep_first_six: tokens.keeps_first_six(tenant),
+            },
+        }
+    }
+
+    /// `exhausted`, counted: a card-shaped token space running out is for operators
+    /// to see (it says a tenant keeps too many tokens of one first six and last four).
+    fn exhausted(&self, exhausted: VaultError) -> VaultError {
+        if matches!(exhausted, VaultError::CardTokenSpace { .. }) {
+            self.journal().metrics().event("card_token_space_exhausted");
+            tracing::warn!("no free card-shaped token after {CARD_ATTEMPTS} draws");
+        }
+        exhausted
     }
 
     /// When a token made now with `ttl_secs` (0: the tenant's default) expires.
@@ -327,16 +395,17 @@ impl<S: Store> Records<S> {
         (metadata, older)
     }
 
-    /// Seals `card` under a new token with an encryption drawn from the card-data
-    /// budget, and sets `metadata.key_version` to the version used.
+    /// Seals `card` under a new token of `shape` with an encryption drawn from the
+    /// card-data budget, and sets `metadata.key_version` to the version used.
     async fn seal(
         &self,
+        shape: Shape,
         metadata: &mut Metadata,
         card: &CardData,
         reuse_existing: bool,
         older_index_keys: &[Vec<u8>],
     ) -> Result<NewRecord, VaultError> {
-        let token = Token::generate()?;
+        let token = shape.draw(&card.pan)?;
         let (version, key) = self.keys().encryption_key(Aead::CardData).await?;
         metadata.key_version = version;
         let value = record::seal(&token, metadata, card, &key)?;

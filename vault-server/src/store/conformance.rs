@@ -58,6 +58,91 @@ pub async fn run_all<S: Store, F: std::future::Future<Output = S>>(mut fresh: im
     meta_is_stored_and_replaced(fresh().await).await;
     audit_entries_are_appended_and_read_in_order(fresh().await).await;
     expired_records_and_every_token_of_a_card_are_found(fresh().await).await;
+    card_shaped_tokens_are_stored_and_indexed_like_opaque_ones(fresh().await).await;
+}
+
+/// Card-shaped tokens (12 to 19 digits) beside opaque ones: every index finds them
+/// exactly, whatever bytes precede them in an index entry (a creation time whose bytes
+/// are ASCII digits too).
+async fn card_shaped_tokens_are_stored_and_indexed_like_opaque_ones(store: impl Store) {
+    let card = |n: &str| crate::card::Pan::parse(n).unwrap();
+    let tokens = [
+        Token::generate_card(&card("4242424242424242"), false).unwrap(),
+        Token::generate().unwrap(),
+        Token::generate_card(&card("378282246310005"), true).unwrap(),
+        Token::parse("100000000000").unwrap(),
+        Token::parse("1000000000000000000").unwrap(),
+    ];
+    // "12345678": a time whose bytes are digits, just before every token.
+    let digits_time = i64::from_be_bytes(*b"12345678");
+    let mut records = Vec::new();
+    for (i, token) in tokens.iter().enumerate() {
+        let mut r = record(token, b"v", format!("card-x/i{i}").as_bytes(), false);
+        r.indexes = RecordIndexes {
+            expires_at_unix_ms: if i % 2 == 0 { 100 + i as i64 } else { 0 },
+            created_at_unix_ms: digits_time + i as i64,
+            card_key: b"card-x".to_vec(),
+        };
+        records.push(r);
+    }
+    assert_eq!(
+        store.insert(records).await.unwrap(),
+        vec![InsertOutcome::Stored; 5]
+    );
+    for token in &tokens {
+        assert_eq!(store.get(token).await.unwrap().as_deref(), Some(&b"v"[..]));
+    }
+    // Put-if-absent holds for card-shaped tokens too.
+    assert_eq!(
+        store
+            .insert(vec![record(&tokens[0], b"other", b"card-y/i0", false)])
+            .await
+            .unwrap(),
+        vec![InsertOutcome::TokenTaken]
+    );
+    let mut all = store.tokens_of_card(b"card-x").await.unwrap();
+    all.sort();
+    let mut expected = tokens.to_vec();
+    expected.sort();
+    assert_eq!(all, expected);
+    assert_eq!(
+        store.expired(1_000, 10).await.unwrap(),
+        vec![tokens[0].clone(), tokens[2].clone(), tokens[4].clone()],
+        "in expiry order"
+    );
+    // Reuse finds a live card-shaped token under its index key (one that never
+    // expires: the others' times are long past).
+    let mut again = record(&Token::generate().unwrap(), b"w", b"card-x/i3", true);
+    again.indexes.card_key = b"card-x".to_vec();
+    assert_eq!(
+        store.insert(vec![again]).await.unwrap(),
+        vec![InsertOutcome::Existing(tokens[3].clone())]
+    );
+    // Rewrap lists them from the card index.
+    let active = KeyVersions {
+        card_data: 2,
+        fingerprint: 2,
+    };
+    let mut listed: Vec<Token> = store
+        .records_off_versions(active, None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect();
+    listed.sort();
+    assert_eq!(listed, expected);
+    // A delete takes a card-shaped token out of every index.
+    let mut gone = delete(&tokens[4], b"v", b"card-x/i4", V1);
+    gone.indexes = RecordIndexes {
+        expires_at_unix_ms: 104,
+        created_at_unix_ms: digits_time + 4,
+        card_key: b"card-x".to_vec(),
+    };
+    assert_eq!(store.delete(gone).await.unwrap(), DeleteOutcome::Deleted);
+    assert_eq!(store.get(&tokens[4]).await.unwrap(), None);
+    assert_eq!(store.tokens_of_card(b"card-x").await.unwrap().len(), 4);
+    assert_eq!(store.expired(1_000, 10).await.unwrap().len(), 2);
 }
 
 /// Audit entries `first..=last`, each holding its number, chained after whatever the

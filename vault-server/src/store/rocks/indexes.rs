@@ -14,6 +14,12 @@
 //! expiry: the length byte makes the card key exact), and rewrap and counting (the
 //! versions in the value). An expiry entry (`expires_at: i64 | token`) exists only for
 //! a record with a TTL.
+//!
+//! `token` in a card index key is the token's *tail*: an opaque token as it is (26
+//! bytes, the layout from before card-shaped tokens, so nothing is rewritten), a
+//! card-shaped one (12 to 19 digits) followed by one byte holding its length, a byte no
+//! token character has. So the token is read exactly from the key's end alone, which the
+//! rewrap and data-subject scans need (they do not know the index key's length).
 
 use rocksdb::{DB, WriteBatch, WriteOptions};
 
@@ -68,21 +74,44 @@ pub(super) fn card_entry(
     let mut key = index_prefix(&indexes.card_key, index_key)?;
     // Times are positive: big-endian bytes sort oldest first.
     key.extend_from_slice(&indexes.created_at_unix_ms.to_be_bytes());
-    key.extend_from_slice(token);
+    key.extend_from_slice(&token_tail(token)?);
     Ok(key)
 }
 
-/// The token of an entry under `prefix`, if the entry is exactly `prefix | created_at
-/// | token`.
-pub(super) fn token_under<'k>(key: &'k [u8], prefix: &[u8]) -> Option<&'k [u8]> {
-    key.strip_prefix(prefix)
-        .filter(|rest| rest.len() == 8 + token::LEN)
-        .map(|rest| &rest[8..])
+/// How a token ends a card index entry (see the module's doc).
+pub(super) fn token_tail(token: &[u8]) -> Result<Vec<u8>, StoreError> {
+    if token.len() == token::OPAQUE_LEN {
+        return Ok(token.to_vec());
+    }
+    let len = u8::try_from(token.len())
+        .ok()
+        .filter(|len| token::CARD_LENS.contains(&usize::from(*len)))
+        .ok_or_else(|| StoreError::Engine("a token to index has an impossible length".into()))?;
+    Ok([token, &[len]].concat())
 }
 
-/// The token of any entry (its last bytes).
+/// The token of an entry under `prefix`, if the entry is exactly `prefix | created_at
+/// | token tail`.
+pub(super) fn token_under<'k>(key: &'k [u8], prefix: &[u8]) -> Option<&'k [u8]> {
+    let tail = key.strip_prefix(prefix)?.get(8..)?;
+    let token = entry_token(tail)?;
+    let exact = match token.len() {
+        token::OPAQUE_LEN => tail.len() == token.len(),
+        len => tail.len() == len + 1,
+    };
+    exact.then_some(token)
+}
+
+/// The token of any entry, read from its tail (see the module's doc).
 pub(super) fn entry_token(key: &[u8]) -> Option<&[u8]> {
-    key.len().checked_sub(token::LEN).map(|start| &key[start..])
+    let (&last, rest) = key.split_last()?;
+    let len = usize::from(last);
+    if token::CARD_LENS.contains(&len) {
+        return rest.len().checked_sub(len).map(|start| &rest[start..]);
+    }
+    key.len()
+        .checked_sub(token::OPAQUE_LEN)
+        .map(|start| &key[start..])
 }
 
 pub(super) fn encode_entry(versions: KeyVersions, expires_at_unix_ms: i64) -> [u8; 16] {

@@ -24,6 +24,8 @@
 
 mod audit;
 mod backup;
+#[cfg(test)]
+mod card_token_tests;
 mod counts;
 #[cfg(test)]
 mod erasure_tests;
