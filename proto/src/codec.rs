@@ -56,6 +56,10 @@ pub const MAX_BATCH_CARDS: usize = 100_000;
 pub const MAX_FORWARD_HEADERS: usize = 1_000;
 /// Most entries in each list of a keyservice usage report.
 pub const MAX_USAGE_ENTRIES: usize = 100_000;
+/// Most fields of a `Forward` request's route.
+pub const MAX_FORWARD_FIELDS: usize = 1_000;
+/// Most erasures a vault reports in one call (the keyservice refuses more than 4096).
+pub const MAX_ERASURES_PER_REPORT: usize = 4_096;
 
 /// The top-level repeated fields of request messages: (field number, field name, most
 /// entries). prost turns a 2-byte empty entry into a whole struct (an empty `Card` is
@@ -70,8 +74,15 @@ fn repeated_limits<U: 'static>() -> &'static [(u32, &'static str, usize)] {
     let message = TypeId::of::<U>();
     if message == TypeId::of::<vault::TokenizeBatchRequest>() {
         &[(1, "cards", MAX_BATCH_CARDS)]
+    } else if message == TypeId::of::<vault::TokenizeSealedBatchRequest>() {
+        &[(1, "sealed_cards", MAX_BATCH_CARDS)]
     } else if message == TypeId::of::<vault::ForwardRequest>() {
-        &[(4, "headers", MAX_FORWARD_HEADERS)]
+        &[
+            (4, "headers", MAX_FORWARD_HEADERS),
+            (10, "fields", MAX_FORWARD_FIELDS),
+        ]
+    } else if message == TypeId::of::<keys::ReportErasuresRequest>() {
+        &[(1, "erasures", MAX_ERASURES_PER_REPORT)]
     } else if message == TypeId::of::<keys::ReportUsageRequest>() {
         &[
             (1, "usage", MAX_USAGE_ENTRIES),
@@ -199,5 +210,52 @@ mod tests {
         // A bare truncated varint: no field to name.
         let error = pb::TokenizeRequest::decode(&[0x80u8][..]).unwrap_err();
         assert_eq!(field_path(&error), None);
+    }
+}
+
+#[cfg(test)]
+mod every_repeated_request_field_is_limited {
+    /// Every request message of our .proto files with a repeated (or map) field has an
+    /// entry in `repeated_limits`: a new one without would decode a request into many
+    /// times its size before anyone is authorized.
+    #[test]
+    fn check() {
+        let source = include_str!("codec.rs");
+        let limits = &source[source.find("fn repeated_limits").unwrap()..];
+        let limits = &limits[..limits.find("\n}\n").unwrap()];
+        for (package, proto) in [
+            (
+                "vault",
+                include_str!("../proto/tokenvault/vault/v1/vault.proto"),
+            ),
+            (
+                "keys",
+                include_str!("../proto/tokenvault/keys/v1/keys.proto"),
+            ),
+        ] {
+            let mut message = "";
+            for line in proto.lines() {
+                let line = line.trim();
+                if let Some(rest) = line.strip_prefix("message ") {
+                    message = rest.split_whitespace().next().unwrap();
+                    continue;
+                }
+                let repeated = line.starts_with("repeated ") || line.starts_with("map<");
+                if repeated && message.ends_with("Request") {
+                    let field = line
+                        .split('=')
+                        .next()
+                        .unwrap()
+                        .split_whitespace()
+                        .last()
+                        .unwrap();
+                    assert!(
+                        limits.contains(&format!("TypeId::of::<{package}::{message}>()"))
+                            && limits.contains(&format!("\"{field}\"")),
+                        "{package}.{message}.{field} has no entry in repeated_limits"
+                    );
+                }
+            }
+        }
     }
 }

@@ -317,3 +317,51 @@ async fn sealed_cards_feed_the_guessing_detector() {
     assert_eq!(flagged.len(), 1, "{flagged:?}");
     stack.stop().await;
 }
+
+/// A caller that gives up (a deadline of a few hundred microseconds) does not leave its
+/// sealed card stuck "in flight": the call runs to its end in the vault, and the retry
+/// gets the first answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_giving_up_leaves_no_sealed_card_in_flight() {
+    use vault_proto::vault::v1 as pb;
+    let stack = Stack::start().await;
+    let mut vault = stack.client(ADMIN).await;
+    let key = vault.sealing_key().await.unwrap();
+    let channel = integration_tests::raw_channel(&stack.dir, ADMIN, stack.vault_addr)
+        .await
+        .unwrap();
+    let mut raw = pb::vault_client::VaultClient::new(channel);
+    let mut gave_up = 0;
+    for n in 0..5u64 {
+        let body = format!("411111{:09}", 500_000 + n * 7);
+        let number = format!("{body}{}", testcards::luhn_digit(&body));
+        let blob = key.seal(&Card::new(&number, 12, 2031)).unwrap();
+        let mut request = tonic::Request::new(pb::TokenizeSealedRequest {
+            sealed_card: blob.clone(),
+            ..Default::default()
+        });
+        request.set_timeout(std::time::Duration::from_micros(300));
+        if raw.tokenize_sealed(request).await.is_err() {
+            gave_up += 1;
+        }
+        // The retry, a moment later, is answered (with the first call's token if it
+        // got that far), never refused as in flight.
+        let mut answered = None;
+        for _ in 0..50 {
+            match vault.tokenize_sealed(&blob, false).await {
+                Ok(info) => {
+                    answered = Some(info);
+                    break;
+                }
+                Err(e) if e.reason() == Some("SEALED_CARD_IN_FLIGHT") => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let info = answered.expect("the retry was answered within a second");
+        assert_eq!(info.last_four, number[12..]);
+    }
+    assert!(gave_up > 0, "no call gave up: the test proves nothing");
+    stack.stop().await;
+}

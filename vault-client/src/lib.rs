@@ -237,8 +237,23 @@ impl Card {
     }
 
     /// The card as a sealed card's JSON (docs/sealed-intake.md), in a buffer that
-    /// zeroizes on drop and is never reallocated.
+    /// zeroizes on drop and is never reallocated (a card too long for a sealed card is
+    /// refused instead, leaving no copy behind).
     fn sealed_json(&self) -> Result<Zeroizing<Vec<u8>>, Error> {
+        /// Writes into a vector's spare capacity only.
+        struct Bounded<'a>(&'a mut Vec<u8>);
+        impl std::io::Write for Bounded<'_> {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                if self.0.len() + bytes.len() > self.0.capacity() {
+                    return Err(std::io::ErrorKind::WriteZero.into());
+                }
+                self.0.extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
         #[derive(serde::Serialize)]
         struct Json<'a> {
             number: &'a str,
@@ -256,11 +271,8 @@ impl Card {
             cvc: self.cvc.as_deref().map(String::as_str),
             name: self.cardholder_name.as_deref().map(String::as_str),
         };
-        let mut out = Zeroizing::new(Vec::with_capacity(envelope::sealed::MAX_PLAINTEXT_LEN * 2));
-        serde_json::to_writer(&mut *out, &json).map_err(|_| Error::InvalidArgument {
-            field: "card",
-            rule: "cannot be written as JSON",
-        })?;
+        let mut out = Zeroizing::new(Vec::with_capacity(envelope::sealed::MAX_PLAINTEXT_LEN));
+        serde_json::to_writer(Bounded(&mut out), &json).map_err(|_| too_long())?;
         Ok(out)
     }
 
@@ -346,11 +358,11 @@ impl SealingKey {
         let json = card.sealed_json()?;
         envelope::sealed::seal(&self.public_key, &self.tenant, issued_at, &json).map_err(
             |e| match e {
-                envelope::Error::TooLong => Error::InvalidArgument {
-                    field: "card",
-                    rule: "the card's JSON is longer than a sealed card holds (1024 bytes)",
-                },
-                _ => Error::Config("the system random number generator failed".into()),
+                envelope::Error::TooLong => too_long(),
+                envelope::Error::Random => {
+                    Error::Config("the system random number generator failed".into())
+                }
+                _ => Error::Config("the sealing key is not a usable X25519 public key".into()),
             },
         )
     }
@@ -391,6 +403,13 @@ pub struct TokenizeOptions {
     /// takes the tenant's default retention.
     pub ttl: Option<Duration>,
     pub format: TokenFormat,
+}
+
+fn too_long() -> Error {
+    Error::InvalidArgument {
+        field: "card",
+        rule: "the card's JSON is longer than a sealed card holds (1024 bytes)",
+    }
 }
 
 /// A token and the metadata the vault keeps in the clear.
@@ -1732,6 +1751,62 @@ impl KeyServiceClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sealing key as GetSealingKey gives it, and the vault side's key pair.
+    fn sealing_key() -> (SealingKey, envelope::sealed::IntakeKey) {
+        let intake = envelope::sealed::IntakeKey::derive(
+            &envelope::SecretKey::from_slice(&[5; 32]).unwrap(),
+        );
+        let (kem_id, kdf_id, aead_id) = envelope::sealed::SUITE;
+        let wire = pb::SealingKey {
+            public_key: intake.public_key().to_vec(),
+            key_id: intake.id().to_vec(),
+            kem_id: kem_id.into(),
+            kdf_id: kdf_id.into(),
+            aead_id: aead_id.into(),
+            tenant: "shop".into(),
+            server_time_unix_ms: 1_800_000_000_000,
+            accepted_until_unix_ms: 1_800_086_400_000,
+            max_age_secs: 600,
+        };
+        (SealingKey::from_wire(wire).unwrap(), intake)
+    }
+
+    #[test]
+    fn the_rust_sealer_seals_what_the_vault_opens() {
+        let (key, intake) = sealing_key();
+        let card = Card::new("4242424242424242", 12, 2031)
+            .with_cvc("123")
+            .with_cardholder_name("Ada Lovelace");
+        let blob = key.seal(&card).unwrap();
+        let sealed = envelope::sealed::SealedCard::parse(&blob).unwrap();
+        assert!(sealed.header.issued_at_unix_ms >= 1_800_000_000_000);
+        let json = intake.open("shop", &sealed).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&json).unwrap(),
+            r#"{"number":"4242424242424242","exp_month":12,"exp_year":2031,"cvc":"123","name":"Ada Lovelace"}"#
+        );
+        // A card too long for a sealed card is refused, naming no value.
+        let long = Card::new("4242424242424242", 12, 2031).with_cardholder_name(&"x".repeat(2000));
+        let error = key.seal(&long).unwrap_err();
+        assert!(
+            matches!(error, Error::InvalidArgument { field: "card", .. }),
+            "{error}"
+        );
+        // A key whose id does not match is refused.
+        let mut wire_key = pb::SealingKey {
+            public_key: key.public_key.to_vec(),
+            key_id: vec![0; 8],
+            kem_id: 0x20,
+            kdf_id: 1,
+            aead_id: 2,
+            ..Default::default()
+        };
+        assert!(SealingKey::from_wire(wire_key.clone()).is_err());
+        wire_key.key_id = key.key_id.to_vec();
+        wire_key.aead_id = 1;
+        assert!(SealingKey::from_wire(wire_key).is_err());
+    }
 
     #[test]
     fn card_debug_is_redacted() {

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 
 use serde::Deserialize;
-use zeroize::Zeroize;
 
 use crate::card::{CardData, CardholderName, Cvc, Expiry, Pan, Today, Violation};
 use crate::policy::Tenant;
@@ -51,6 +50,9 @@ fn default_key_overlap_secs() -> u64 {
 
 /// The longest window a tenant may have: a day.
 const MAX_WINDOW_SECS: u32 = 86_400;
+/// How long a replay entry outlives its sealed card's window (see
+/// [`IntakeSettings::keep_entry_until_ms`]).
+const ENTRY_MARGIN_MS: i64 = 3_600_000;
 
 impl IntakeSettings {
     pub fn validate(&self) -> Result<(), String> {
@@ -80,10 +82,14 @@ impl IntakeSettings {
             .unwrap_or(self.max_age_secs)
     }
 
-    /// Until when a sealed card stamped `issued_at` can still arrive: its replay entry
-    /// must live that long.
-    pub fn last_arrival_ms(&self, tenant: &Tenant, issued_at_unix_ms: i64) -> i64 {
-        issued_at_unix_ms.saturating_add(i64::from(self.max_age_secs(tenant)) * 1000)
+    /// Until when the replay entry of a sealed card stamped `issued_at` is kept: past
+    /// the last moment the card can arrive in its tenant's window, by a margin that
+    /// covers vaults whose clocks or windows differ (a rolling change of
+    /// `max_age_secs`, a vault clock running ahead of the one that prunes).
+    pub fn keep_entry_until_ms(&self, tenant: &Tenant, issued_at_unix_ms: i64) -> i64 {
+        issued_at_unix_ms
+            .saturating_add(i64::from(self.max_age_secs(tenant)) * 1000)
+            .saturating_add(ENTRY_MARGIN_MS)
     }
 
     /// Whether a stamp is within the tenant's window at `now`.
@@ -155,25 +161,19 @@ impl Refusal {
     }
 }
 
-/// The card JSON inside a sealed card.
+/// The card JSON inside a sealed card. Its strings are borrowed from the opened
+/// plaintext (a zeroizing buffer), so parsing copies nothing of the card, whatever
+/// fails half-way; a string with an escape sequence cannot be borrowed and is refused.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CardJson {
-    number: String,
+struct CardJson<'a> {
+    number: &'a str,
     exp_month: u32,
     exp_year: u32,
     #[serde(default)]
-    cvc: String,
+    cvc: &'a str,
     #[serde(default)]
-    name: String,
-}
-
-impl Drop for CardJson {
-    fn drop(&mut self) {
-        self.number.zeroize();
-        self.cvc.zeroize();
-        self.name.zeroize();
-    }
+    name: &'a str,
 }
 
 /// Validates the card inside an opened sealed card. A JSON error says nothing of the
@@ -183,13 +183,14 @@ pub fn card(json: &[u8], today: Today) -> Result<CardData, Violation> {
         field: "sealed_card",
         rule: "card_json",
         description: "the opened card is not the JSON object docs/sealed-intake.md describes \
-                      (number, exp_month, exp_year, optional cvc and name, nothing else)",
+                      (number, exp_month, exp_year, optional cvc and name, nothing else, \
+                      no escape sequences in strings)",
     })?;
     Ok(CardData {
-        pan: Pan::parse(&card.number)?,
+        pan: Pan::parse(card.number)?,
         expiry: Expiry::parse(card.exp_month, card.exp_year, today)?,
-        name: CardholderName::parse(&card.name)?,
-        cvc: Cvc::parse(&card.cvc)?,
+        name: CardholderName::parse(card.name)?,
+        cvc: Cvc::parse(card.cvc)?,
     })
 }
 
@@ -371,6 +372,13 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(unknown.rule, "card_json");
+        // An escape sequence would make serde copy the string: refused.
+        let escaped = card(
+            br#"{"number":"\u0034242424242424242","exp_month":12,"exp_year":2040}"#,
+            today,
+        )
+        .unwrap_err();
+        assert_eq!(escaped.rule, "card_json");
         let luhn = card(
             br#"{"number":"4242424242424241","exp_month":12,"exp_year":2040}"#,
             today,

@@ -92,10 +92,11 @@ impl<S: Store> pb::vault_server::Vault for VaultApi<S> {
     ) -> Result<Response<pb::TokenizeResponse>, Status> {
         let records = &self.vault.records;
         let call = |caller: Caller, request| async move {
+            let fingerprints = caller.sees_fingerprints;
             let done = records
-                .tokenize_sealed(&caller, wire::tokenize_sealed(request)?)
+                .tokenize_sealed_settled(caller, wire::tokenize_sealed(request)?)
                 .await?;
-            Ok(wire::tokenized(&done, caller.sees_fingerprints))
+            Ok(wire::tokenized(&done, fingerprints))
         };
         self.guards
             .call("TokenizeSealed", |_| Permission::Tokenize, request, call)
@@ -108,10 +109,11 @@ impl<S: Store> pb::vault_server::Vault for VaultApi<S> {
     ) -> Result<Response<pb::TokenizeBatchResponse>, Status> {
         let records = &self.vault.records;
         let call = |caller: Caller, request| async move {
+            let fingerprints = caller.sees_fingerprints;
             let batch = wire::tokenize_sealed_batch(request)?;
             Ok(wire::batch_results(
-                records.tokenize_sealed_batch(&caller, batch).await?,
-                caller.sees_fingerprints,
+                records.tokenize_sealed_batch_settled(caller, batch).await?,
+                fingerprints,
             ))
         };
         self.guards

@@ -338,11 +338,17 @@ impl<S: Store> Records<S> {
         // processor answered about a card (masked, but still about the card).
         let ttl_ms = self.settings.outcome_ttl.as_millis() as i64;
         let now = now_unix_ms();
-        // A sealed card's replay entry lives until its window ends (`intake`).
-        let stale = move |value: &[u8]| {
+        // A sealed card's replay entry lives until its window ends (`intake`). It holds
+        // nothing of a card, so removing it needs no compaction: they are counted apart.
+        let stale_entries = AtomicU64::new(0);
+        let stale = |value: &[u8]| {
             if crate::intake::is_entry(value) {
-                return crate::intake::Entry::decode(value)
+                let stale = crate::intake::Entry::decode(value)
                     .is_none_or(|entry| now > entry.keep_until_ms);
+                if stale {
+                    stale_entries.fetch_add(1, Ordering::Relaxed);
+                }
+                return stale;
             }
             idempotency::decode(value)
                 .is_none_or(|outcome| now.saturating_sub(outcome.created_at_unix_ms) >= ttl_ms)
@@ -362,8 +368,9 @@ impl<S: Store> Records<S> {
         match self.store.prune_outcomes(&stale).await {
             Ok(0) => {}
             Ok(pruned) => {
+                let entries = stale_entries.load(Ordering::Relaxed);
                 self.deleted_since_compaction
-                    .fetch_add(pruned as u64, Ordering::Relaxed);
+                    .fetch_add((pruned as u64).saturating_sub(entries), Ordering::Relaxed);
                 tracing::info!(
                     pruned,
                     "forward outcomes past the idempotency window removed"

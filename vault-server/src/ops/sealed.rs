@@ -3,8 +3,10 @@
 //! replay), and tokenized by the same path as `Tokenize`, guessing detector included.
 //! The opened card lives for the length of the call, like any other.
 
+use std::future::Future;
 use std::sync::Arc;
 
+use futures::future::join_all;
 use runtime::now_unix_ms;
 
 use super::records::Records;
@@ -13,7 +15,7 @@ use crate::card::{CardData, Today, Violation};
 use crate::error::VaultError;
 use crate::intake::{self, Entry, EntryState, Refusal};
 use crate::policy::Caller;
-use crate::store::{Claim, Replaceable, Store};
+use crate::store::{Claim, Replaceable, Store, StoreError};
 use crate::token::{Format, Token};
 
 /// What a sealer needs, for the caller's tenant.
@@ -68,8 +70,31 @@ impl<S: Store> Records<S> {
         })
     }
 
+    /// TokenizeSealed and TokenizeSealedBatch on a task of their own: a caller going
+    /// away (its deadline, a dropped connection) must not stop a call between claiming
+    /// a sealed card and recording how it ended, or the card would stay "in flight"
+    /// and its retry be refused until the window ends.
+    pub async fn tokenize_sealed_settled(
+        self: &Arc<Self>,
+        caller: Caller,
+        request: TokenizeSealed,
+    ) -> Result<Tokenized, VaultError> {
+        let records = Arc::clone(self);
+        settled(async move { records.tokenize_sealed(&caller, request).await }).await
+    }
+
+    /// TokenizeSealedBatch, on a task of its own like [`Self::tokenize_sealed_settled`].
+    pub async fn tokenize_sealed_batch_settled(
+        self: &Arc<Self>,
+        caller: Caller,
+        request: TokenizeSealed,
+    ) -> Result<Vec<BatchItem>, VaultError> {
+        let records = Arc::clone(self);
+        settled(async move { records.tokenize_sealed_batch(&caller, request).await }).await
+    }
+
     /// TokenizeSealed: `request.sealed_cards` holds the one sealed card.
-    pub async fn tokenize_sealed(
+    async fn tokenize_sealed(
         &self,
         caller: &Caller,
         request: TokenizeSealed,
@@ -81,8 +106,9 @@ impl<S: Store> Records<S> {
             format,
         } = request;
         let sealed_card = sealed_cards.first().map(Vec::as_slice).unwrap_or_default();
-        let opened = self.open_sealed(caller, sealed_card, now_unix_ms())?;
-        let opened = match self.claim(caller, opened).await? {
+        let now = now_unix_ms();
+        let opened = self.open_sealed(caller, sealed_card, now)?;
+        let opened = match self.claim(caller, opened, now).await? {
             Claimed::Answered(first) => return Ok(first),
             Claimed::New(opened) => opened,
         };
@@ -107,7 +133,7 @@ impl<S: Store> Records<S> {
         result
     }
 
-    pub async fn tokenize_sealed_batch(
+    async fn tokenize_sealed_batch(
         &self,
         caller: &Caller,
         request: TokenizeSealed,
@@ -129,11 +155,16 @@ impl<S: Store> Records<S> {
         // The claimed cards, by index, in the order they go into the batch.
         let mut claimed: Vec<(usize, Vec<u8>, Entry)> = Vec::new();
         let mut cards = Vec::new();
-        for (index, blob) in request.sealed_cards.iter().enumerate() {
-            let opened = match self.open_sealed(caller, blob, now) {
-                Ok(opened) => self.claim(caller, opened).await,
+        // Every claim at once: the store commits them together (one sync, not one per
+        // card), all judged at the same `now` as the windows.
+        let claims = join_all(request.sealed_cards.iter().map(|blob| async move {
+            match self.open_sealed(caller, blob, now) {
+                Ok(opened) => self.claim(caller, opened, now).await,
                 Err(e) => Err(e),
-            };
+            }
+        }))
+        .await;
+        for (index, opened) in claims.into_iter().enumerate() {
             match opened {
                 Ok(Claimed::New(opened)) => {
                     claimed.push((index, opened.entry_key, opened.entry));
@@ -170,12 +201,17 @@ impl<S: Store> Records<S> {
                     return Err(e);
                 }
             };
-            for ((index, entry_key, entry), item) in claimed.into_iter().zip(items) {
-                let done = match &item {
+            // Every outcome at once, like the claims.
+            let claimed_items: Vec<_> = claimed.into_iter().zip(items).collect();
+            join_all(claimed_items.iter().map(|((_, key, entry), item)| {
+                let done = match item {
                     BatchItem::Stored(done) => Some(done),
                     BatchItem::Invalid(_) => None,
                 };
-                self.record_outcome(entry_key, entry, done).await;
+                self.record_outcome(key.clone(), entry.clone(), done)
+            }))
+            .await;
+            for ((index, _, _), item) in claimed_items {
                 results[index] = Some(item);
             }
         }
@@ -217,7 +253,7 @@ impl<S: Store> Records<S> {
             card,
             entry_key: intake::entry_key(&caller.tenant, &nonce_id),
             entry: Entry {
-                keep_until_ms: settings.last_arrival_ms(&caller.tenant, issued_at),
+                keep_until_ms: settings.keep_entry_until_ms(&caller.tenant, issued_at),
                 claimed_at_ms: now,
                 blob_sha256: digest.as_ref().try_into().unwrap_or([0; 32]),
                 state: EntryState::Pending,
@@ -232,10 +268,18 @@ impl<S: Store> Records<S> {
     /// sealed card with this nonce within its window, exactly one wins, across restarts
     /// and vaults. The same sealed card again gets the first answer; another with the
     /// same nonce is a replay.
-    async fn claim(&self, caller: &Caller, opened: Opened) -> Result<Claimed, VaultError> {
+    ///
+    /// `now` is the time the card's window was checked at: judged at a later time, an
+    /// entry could have outlived the window the card was just accepted in.
+    async fn claim(
+        &self,
+        caller: &Caller,
+        opened: Opened,
+        now: i64,
+    ) -> Result<Claimed, VaultError> {
         let digest = opened.entry.blob_sha256;
         let replaceable: Replaceable = Arc::new(move |stored| {
-            Entry::decode(stored).is_some_and(|entry| entry.replaceable(&digest, now_unix_ms()))
+            Entry::decode(stored).is_some_and(|entry| entry.replaceable(&digest, now))
         });
         let claim = self
             .store()
@@ -283,8 +327,24 @@ impl<S: Store> Records<S> {
     }
 
     async fn release_all(&self, claimed: Vec<(usize, Vec<u8>, Entry)>) {
-        for (_, key, entry) in claimed {
-            self.record_outcome(key, entry, None).await;
-        }
+        join_all(
+            claimed
+                .into_iter()
+                .map(|(_, key, entry)| self.record_outcome(key, entry, None)),
+        )
+        .await;
+    }
+}
+
+/// Runs `work` on a task of its own and waits for it: dropping the wait (the caller
+/// went away) leaves the work running to its end.
+async fn settled<T: Send + 'static>(
+    work: impl Future<Output = Result<T, VaultError>> + Send + 'static,
+) -> Result<T, VaultError> {
+    match tokio::spawn(work).await {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // Cancelled: the runtime is shutting down.
+        Err(_) => Err(VaultError::Store(StoreError::Closed)),
     }
 }
