@@ -162,7 +162,8 @@ async fn the_keyservice_serves_material_to_the_vault_identity_only() {
             ("audit", 1, "active"),
             ("card-data", 1, "active"),
             ("cvc", 1, "active"),
-            ("fingerprint", 1, "active")
+            ("fingerprint", 1, "active"),
+            ("intake", 1, "active")
         ]
     );
     assert!(keys.health().await.unwrap());

@@ -96,9 +96,16 @@ impl Row {
 
 /// Every RPC of the Vault service: (name, code of an empty request, field it names).
 /// `every_rpc_is_in_the_matrix` checks this against vault.proto.
-const RPCS: [(&str, Code, Option<&str>); 16] = [
+const RPCS: [(&str, Code, Option<&str>); 19] = [
     ("Tokenize", Code::InvalidArgument, Some("card")),
     ("TokenizeBatch", Code::InvalidArgument, Some("cards")),
+    ("GetSealingKey", Code::Ok, None),
+    ("TokenizeSealed", Code::InvalidArgument, Some("sealed_card")),
+    (
+        "TokenizeSealedBatch",
+        Code::InvalidArgument,
+        Some("sealed_cards"),
+    ),
     ("GetTokenInfo", Code::InvalidArgument, Some("token")),
     ("DeleteToken", Code::InvalidArgument, Some("token")),
     // No processor: refused exactly like a processor the caller may not use.
@@ -506,6 +513,63 @@ fn batch_rows(rows: &mut Rows, pans: &DuplicatePans) {
             })
             .collect();
         (tokens.len() != 1).then(|| format!("{} distinct tokens for one card", tokens.len()))
+    });
+}
+
+/// Sealed cards that are not sealed cards, or too many of them. (Well-formed sealed
+/// cards that fail a check are tried in tests/e2e/sealed.rs.)
+fn sealed_rows(rows: &mut Rows) {
+    let invalid = Code::InvalidArgument;
+    let rpc = "TokenizeSealed";
+    let sealed = |bytes: Vec<u8>| Wire::new().bytes(1, bytes);
+    rows.add(rpc, "80 bytes (one short)", sealed(vec![1; 80]), invalid)
+        .names("sealed_card");
+    rows.add(rpc, "1106 bytes (one over)", sealed(vec![1; 1106]), invalid)
+        .names("sealed_card");
+    rows.add(rpc, "format byte 2", sealed(vec![2; 200]), invalid)
+        .names("sealed_card");
+    // Well-formed, under a key id the vault never had.
+    rows.add(
+        rpc,
+        "format 1, unknown key id",
+        sealed(vec![1; 200]),
+        Code::FailedPrecondition,
+    );
+    let rpc = "TokenizeSealedBatch";
+    // Far more entries than any batch may have, each empty (2 bytes on the wire, 24
+    // once decoded): refused by the codec before decoding.
+    rows.add_bytes(
+        rpc,
+        "2 million empty sealed cards (4 MiB)",
+        [0x0a, 0x00].repeat(LIMIT / 2),
+        invalid,
+    )
+    .names("sealed_cards");
+    let batch = (0..=MAX_BATCH).fold(Wire::new(), |wire, _| wire.bytes(1, [1u8; 200]));
+    rows.add(
+        rpc,
+        &format!("{} sealed cards (max_batch_size + 1)", MAX_BATCH + 1),
+        batch,
+        invalid,
+    )
+    .names("cards");
+    rows.add(
+        rpc,
+        "one not a sealed card",
+        Wire::new().bytes(1, [1u8; 10]),
+        Code::Ok,
+    )
+    .check(|bytes| {
+        let response = pb::TokenizeBatchResponse::decode(bytes).ok()?;
+        let rules: Vec<String> = response
+            .results
+            .iter()
+            .map(|r| match &r.outcome {
+                Some(pb::batch_item_result::Outcome::Invalid(v)) => v.field.clone(),
+                _ => "stored".into(),
+            })
+            .collect();
+        (rules != ["sealed_card"]).then(|| format!("{rules:?}"))
     });
 }
 
@@ -1036,6 +1100,7 @@ async fn bad_input_matrix_every_rpc() {
     audit_rows(&mut rows);
     block_rows(&mut rows);
     subject_rows(&mut rows);
+    sealed_rows(&mut rows);
     // DeleteToken last of the token rows: the fixture token goes, once.
     rows.add(
         "DeleteToken",
