@@ -35,6 +35,28 @@ fn storage(cluster: &Cluster, node: &str) -> String {
     )
 }
 
+/// Two vaults, "a" (the stack's) and "b", on `cluster`'s app database, and an admin
+/// client of each.
+async fn two_vaults(
+    cluster: &Cluster,
+) -> (
+    Stack,
+    integration_tests::OtherVault,
+    VaultClient,
+    VaultClient,
+) {
+    let dir = StackDir::new();
+    dir.set_storage(&storage(cluster, "a"));
+    let stack = Stack::start_in(dir).await;
+    stack.dir.set_storage(&storage(cluster, "b"));
+    let other = stack.start_another_vault().await;
+    let a = stack.client(ADMIN).await;
+    let b = VaultClient::connect(&stack.other_vault_config(ADMIN, &other))
+        .await
+        .unwrap();
+    (stack, other, a, b)
+}
+
 /// A count (or any one value) from `sql` on the app database, as the superuser.
 fn count(cluster: &Cluster, sql: &str) -> u64 {
     let out = cluster.psql(APP_DATABASE, sql).unwrap();
@@ -951,15 +973,7 @@ async fn audit_entries_deleted_online_with_an_older_head_put_back_are_reported()
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cut_refilled_by_another_vault_is_reported_by_either() {
     let cluster = start_cluster().await;
-    let dir = StackDir::new();
-    dir.set_storage(&storage(&cluster, "a"));
-    let stack = Stack::start_in(dir).await;
-    stack.dir.set_storage(&storage(&cluster, "b"));
-    let other = stack.start_another_vault().await;
-    let mut a = stack.client(ADMIN).await;
-    let mut b = VaultClient::connect(&stack.other_vault_config(ADMIN, &other))
-        .await
-        .unwrap();
+    let (stack, _other, mut a, mut b) = two_vaults(&cluster).await;
     a.tokenize(card("482000", 0), false).await.unwrap();
     let kept = a.read_audit(0, None, None, 1).await.unwrap().last_sequence + 1;
     for n in 1..6 {
@@ -1000,15 +1014,7 @@ async fn a_cut_refilled_by_another_vault_is_reported_by_either() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cut_with_its_head_row_put_back_is_not_refilled_by_a_vault_that_never_saw_it() {
     let cluster = start_cluster().await;
-    let dir = StackDir::new();
-    dir.set_storage(&storage(&cluster, "a"));
-    let stack = Stack::start_in(dir).await;
-    stack.dir.set_storage(&storage(&cluster, "b"));
-    let other = stack.start_another_vault().await;
-    let mut a = stack.client(ADMIN).await;
-    let mut b = VaultClient::connect(&stack.other_vault_config(ADMIN, &other))
-        .await
-        .unwrap();
+    let (stack, _other, mut a, mut b) = two_vaults(&cluster).await;
     a.tokenize(card("483000", 0), false).await.unwrap();
     let kept = a.read_audit(0, None, None, 1).await.unwrap().last_sequence + 1;
     let head_at = |sequence: u64| {
@@ -1341,15 +1347,7 @@ async fn a_database_rewound_under_a_running_vault_erases_again_within_seconds() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sealed_card_is_claimed_once_across_vaults_on_one_database() {
     let cluster = start_cluster().await;
-    let dir = StackDir::new();
-    dir.set_storage(&storage(&cluster, "a"));
-    let stack = Stack::start_in(dir).await;
-    stack.dir.set_storage(&storage(&cluster, "b"));
-    let other = stack.start_another_vault().await;
-    let mut a = stack.client(ADMIN).await;
-    let mut b = VaultClient::connect(&stack.other_vault_config(ADMIN, &other))
-        .await
-        .unwrap();
+    let (stack, other, mut a, mut b) = two_vaults(&cluster).await;
     let key = a.sealing_key().await.unwrap();
     assert_eq!(b.sealing_key().await.unwrap().key_id, key.key_id);
     let blob = key.seal(&Card::new("4242424242424242", 12, 2031)).unwrap();
