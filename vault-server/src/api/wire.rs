@@ -67,6 +67,7 @@ pub fn tokenize(request: pb::TokenizeRequest) -> Result<Tokenize, VaultError> {
         ttl_secs: request.ttl_secs,
         reuse_existing: request.reuse_existing,
         format: format(request.format)?,
+        answer: None,
     })
 }
 
@@ -83,6 +84,7 @@ pub fn tokenize_batch(request: pb::TokenizeBatchRequest) -> Result<TokenizeBatch
         ttl_secs: request.ttl_secs,
         reuse_existing: request.reuse_existing,
         format: format(request.format)?,
+        answers: Vec::new(),
     })
 }
 

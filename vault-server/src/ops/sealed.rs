@@ -10,7 +10,7 @@ use futures::future::join_all;
 use runtime::now_unix_ms;
 
 use super::records::Records;
-use super::tokenize::{BatchItem, Tokenize, TokenizeBatch, Tokenized};
+use super::tokenize::{Answer, BatchItem, Tokenize, TokenizeBatch, Tokenized};
 use crate::card::{CardData, Today, Violation};
 use crate::error::VaultError;
 use crate::intake::{self, Entry, EntryState, Refusal};
@@ -117,6 +117,10 @@ impl<S: Store> Records<S> {
             entry_key,
             entry,
         } = opened;
+        let answer = Answer {
+            key: entry_key,
+            entry,
+        };
         let result = self
             .tokenize(
                 caller,
@@ -125,11 +129,11 @@ impl<S: Store> Records<S> {
                     ttl_secs,
                     reuse_existing,
                     format,
+                    answer: Some(answer.clone()),
                 },
             )
             .await;
-        self.record_outcome(entry_key, entry, result.as_ref().ok())
-            .await;
+        self.settle(answer, result.as_ref().ok()).await;
         result
     }
 
@@ -152,8 +156,8 @@ impl<S: Store> Records<S> {
         let now = now_unix_ms();
         let mut results: Vec<Option<BatchItem>> = Vec::new();
         results.resize_with(request.sealed_cards.len(), || None);
-        // The claimed cards, by index, in the order they go into the batch.
-        let mut claimed: Vec<(usize, Vec<u8>, Entry)> = Vec::new();
+        // The claimed cards' answers, by index, in the order they go into the batch.
+        let mut claimed: Vec<(usize, Answer)> = Vec::new();
         let mut cards = Vec::new();
         // Every claim at once: the store commits them together (one sync, not one per
         // card), all judged at the same `now` as the windows.
@@ -167,7 +171,11 @@ impl<S: Store> Records<S> {
         for (index, opened) in claims.into_iter().enumerate() {
             match opened {
                 Ok(Claimed::New(opened)) => {
-                    claimed.push((index, opened.entry_key, opened.entry));
+                    let answer = Answer {
+                        key: opened.entry_key,
+                        entry: opened.entry,
+                    };
+                    claimed.push((index, answer));
                     cards.push(Ok(opened.card));
                 }
                 Ok(Claimed::Answered(first)) => results[index] = Some(BatchItem::Stored(first)),
@@ -193,6 +201,7 @@ impl<S: Store> Records<S> {
                 ttl_secs: request.ttl_secs,
                 reuse_existing: request.reuse_existing,
                 format: request.format,
+                answers: claimed.iter().map(|(_, a)| Some(a.clone())).collect(),
             };
             let items = match self.tokenize_batch(caller, batch).await {
                 Ok(items) => items,
@@ -203,15 +212,15 @@ impl<S: Store> Records<S> {
             };
             // Every outcome at once, like the claims.
             let claimed_items: Vec<_> = claimed.into_iter().zip(items).collect();
-            join_all(claimed_items.iter().map(|((_, key, entry), item)| {
+            join_all(claimed_items.iter().map(|((_, answer), item)| {
                 let done = match item {
                     BatchItem::Stored(done) => Some(done),
                     BatchItem::Invalid(_) => None,
                 };
-                self.record_outcome(key.clone(), entry.clone(), done)
+                self.settle(answer.clone(), done)
             }))
             .await;
-            for ((index, _, _), item) in claimed_items {
+            for ((index, _), item) in claimed_items {
                 results[index] = Some(item);
             }
         }
@@ -326,11 +335,21 @@ impl<S: Store> Records<S> {
         }
     }
 
-    async fn release_all(&self, claimed: Vec<(usize, Vec<u8>, Entry)>) {
+    /// Settles a claimed sealed card: a new record's answer was stored with it (in
+    /// the same write); an existing token's answer, or a failure's release, is
+    /// recorded now.
+    async fn settle(&self, answer: Answer, done: Option<&Tokenized>) {
+        if done.is_some_and(|done| !done.reused) {
+            return;
+        }
+        self.record_outcome(answer.key, answer.entry, done).await;
+    }
+
+    async fn release_all(&self, claimed: Vec<(usize, Answer)>) {
         join_all(
             claimed
                 .into_iter()
-                .map(|(_, key, entry)| self.record_outcome(key, entry, None)),
+                .map(|(_, answer)| self.record_outcome(answer.key, answer.entry, None)),
         )
         .await;
     }

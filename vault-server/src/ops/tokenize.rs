@@ -74,6 +74,29 @@ pub struct Tokenize {
     pub reuse_existing: bool,
     /// The shape of a new token; `None`: the tenant's default.
     pub format: Option<Format>,
+    /// A sealed card's answer, stored with the record when a new one is stored.
+    pub answer: Option<Answer>,
+}
+
+/// A sealed card's replay entry (`intake`), to be stored, with the new token, in the
+/// same atomic write as the record.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub key: Vec<u8>,
+    pub entry: crate::intake::Entry,
+}
+
+impl Answer {
+    /// The entry answering with `token`, a new record's (so neither reused nor with a
+    /// CVC left out).
+    fn stored(&self, token: &Token) -> (Vec<u8>, Vec<u8>) {
+        let mut entry = self.entry.clone();
+        entry.state = crate::intake::EntryState::Done;
+        entry.reused = false;
+        entry.cvc_not_kept = false;
+        entry.token = token.as_str().to_owned();
+        (self.key.clone(), entry.encode())
+    }
 }
 
 /// Cards to tokenize in one durable write; each was validated on its own.
@@ -83,6 +106,8 @@ pub struct TokenizeBatch {
     pub ttl_secs: u64,
     pub reuse_existing: bool,
     pub format: Option<Format>,
+    /// Sealed cards' answers, by the index of their card (empty: none).
+    pub answers: Vec<Option<Answer>>,
 }
 
 /// A token and its record's clear metadata.
@@ -120,6 +145,7 @@ impl<S: Store> Records<S> {
             ttl_secs,
             reuse_existing,
             format,
+            answer,
         } = request;
         let now = now_unix_ms();
         let expires_at = self.expires_at(caller, ttl_secs, now)?;
@@ -133,9 +159,10 @@ impl<S: Store> Records<S> {
         // never leaves a record whose token the caller did not get.
         let mut slot = self.cvc_slot(caller, &card)?;
         for _ in 0..attempts {
-            let record = self
+            let mut record = self
                 .seal(shape, &mut metadata, &card, reuse_existing, &older)
                 .await?;
+            record.outcome = answer.as_ref().map(|a| a.stored(&record.token));
             let token = record.token.clone();
             let sealed = self.seal_cvc(&token, &card).await?;
             match self.store().insert(vec![record]).await?.pop() {
@@ -216,10 +243,15 @@ impl<S: Store> Records<S> {
             }
             let mut records = Vec::with_capacity(waiting.len());
             let mut sealed_cvcs = Vec::with_capacity(waiting.len());
-            for (_, card, metadata, older, _) in &mut waiting {
-                let record = self
+            for (index, card, metadata, older, _) in &mut waiting {
+                let mut record = self
                     .seal(shape, metadata, card, request.reuse_existing, older)
                     .await?;
+                record.outcome = request
+                    .answers
+                    .get(*index)
+                    .and_then(Option::as_ref)
+                    .map(|a| a.stored(&record.token));
                 sealed_cvcs.push(self.seal_cvc(&record.token, card).await?);
                 records.push(record);
             }
@@ -417,6 +449,7 @@ impl<S: Store> Records<S> {
             older_index_keys: older_index_keys.to_vec(),
             versions: metadata.versions(),
             indexes: metadata.indexes(),
+            outcome: None,
         })
     }
 

@@ -23,6 +23,7 @@ fn record(token: &Token, value: &[u8], index_key: &[u8], reuse_existing: bool) -
         older_index_keys: Vec::new(),
         versions: V1,
         indexes: RecordIndexes::default(),
+        outcome: None,
     }
 }
 
@@ -48,6 +49,7 @@ pub async fn run_all<S: Store, F: std::future::Future<Output = S>>(mut fresh: im
     delete_removes_record_and_index(fresh().await).await;
     concurrent_inserts_all_land(Arc::new(fresh().await)).await;
     outcomes_are_stored_and_replaced(fresh().await).await;
+    an_outcome_rides_its_record_only_when_stored(fresh().await).await;
     concurrent_claims_of_one_key_have_one_winner(Arc::new(fresh().await)).await;
     a_delete_leaves_a_tombstone_until_pruned(fresh().await).await;
     a_delete_leaves_an_unsent_erasure_until_sent(fresh().await).await;
@@ -407,6 +409,38 @@ async fn meta_is_stored_and_replaced(store: impl Store) {
     }
     assert_eq!(store.list_meta("writer/").await.unwrap(), ["a", "b"]);
     assert!(store.list_meta("none/").await.unwrap().is_empty());
+}
+
+/// A record's outcome is written in the record's own write, and only when the record
+/// is stored: not for a taken token, not when an existing token is returned.
+async fn an_outcome_rides_its_record_only_when_stored(store: impl Store) {
+    let token = Token::generate().unwrap();
+    let mut first = record(&token, b"v1", b"acme/card-1", false);
+    first.outcome = Some((b"\0sealed/1".to_vec(), b"answer one".to_vec()));
+    assert_eq!(
+        store.insert(vec![first]).await.unwrap(),
+        [InsertOutcome::Stored]
+    );
+    assert_eq!(
+        store.get_outcome(b"\0sealed/1").await.unwrap().as_deref(),
+        Some(&b"answer one"[..])
+    );
+    // The same token again: taken, and its outcome is not written.
+    let mut taken = record(&token, b"v2", b"acme/card-2", false);
+    taken.outcome = Some((b"\0sealed/2".to_vec(), b"answer two".to_vec()));
+    assert_eq!(
+        store.insert(vec![taken]).await.unwrap(),
+        [InsertOutcome::TokenTaken]
+    );
+    assert_eq!(store.get_outcome(b"\0sealed/2").await.unwrap(), None);
+    // The same card with reuse: the existing token, and no outcome.
+    let mut reuse = record(&Token::generate().unwrap(), b"v3", b"acme/card-1", true);
+    reuse.outcome = Some((b"\0sealed/3".to_vec(), b"answer three".to_vec()));
+    assert_eq!(
+        store.insert(vec![reuse]).await.unwrap(),
+        [InsertOutcome::Existing(token)]
+    );
+    assert_eq!(store.get_outcome(b"\0sealed/3").await.unwrap(), None);
 }
 
 async fn outcomes_are_stored_and_replaced(store: impl Store) {

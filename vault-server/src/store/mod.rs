@@ -36,6 +36,10 @@ pub struct NewRecord {
     pub versions: KeyVersions,
     /// The record's other indexes (expiry, card).
     pub indexes: RecordIndexes,
+    /// An outcome (key, value, as `put_outcome` takes them) written in the same atomic
+    /// write as the record, only if the record is stored: a sealed card's answer
+    /// (`intake`), so that the record never exists without it.
+    pub outcome: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// What the store indexes a record by besides its token and fingerprint entry: when

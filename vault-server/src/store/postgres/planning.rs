@@ -170,6 +170,12 @@ impl Planned<'_> {
                 client.execute(&statements.put_entries, &entry_params),
             )?;
         }
+        // The outcomes that go with stored records, in the same transaction.
+        for (key, value) in rows.iter().filter_map(|r| r.outcome.as_ref()) {
+            client
+                .execute(&statements.put_outcome, &[key, value])
+                .await?;
+        }
         Ok(())
     }
 }

@@ -61,6 +61,7 @@ fn record(token: &Token, index_key: &[u8]) -> NewRecord {
             fingerprint: 1,
         },
         indexes: RecordIndexes::default(),
+        outcome: None,
     }
 }
 

@@ -40,6 +40,7 @@ fn record(token: Token) -> NewRecord {
             created_at_unix_ms: 1,
             card_key: b"card".to_vec(),
         },
+        outcome: None,
     }
 }
 

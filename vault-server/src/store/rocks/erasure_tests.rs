@@ -30,6 +30,7 @@ async fn a_deleted_record_leaves_no_file_after_compaction() {
             created_at_unix_ms: 0,
             card_key: b"card".to_vec(),
         },
+        outcome: None,
     };
     store
         .insert(vec![

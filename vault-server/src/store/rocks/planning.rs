@@ -159,6 +159,10 @@ impl Writer {
                 .entry(prefix)
                 .or_default()
                 .push(token.to_vec());
+            if let Some((key, value)) = &record.outcome {
+                batch.put_cf(self.family(IDEMPOTENCY)?, key, value);
+                pending.outcomes.insert(key.clone(), Some(value.clone()));
+            }
             outcomes.push(InsertOutcome::Stored);
         }
         Ok(outcomes)

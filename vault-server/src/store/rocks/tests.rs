@@ -48,6 +48,7 @@ async fn data_survives_reopen() {
                     fingerprint: 1,
                 },
                 indexes: Default::default(),
+                outcome: None,
             }])
             .await
             .unwrap();
@@ -82,6 +83,7 @@ async fn record_counts_are_stored_with_the_records_and_read_at_start() {
             fingerprint: 1,
         },
         indexes: Default::default(),
+        outcome: None,
     };
     let expected = BTreeMap::from([
         ((KeyUse::CardData, 1), 2),
@@ -285,6 +287,7 @@ async fn a_database_of_the_earlier_layout_is_indexed_once_and_its_old_families_d
             created_at_unix_ms: 0,
             card_key: b"cardA".to_vec(),
         },
+        outcome: None,
     };
     assert_eq!(
         store.insert(vec![again()]).await.unwrap(),
@@ -431,6 +434,7 @@ async fn reuse_skips_expired_tokens_waiting_for_the_purge() {
             created_at_unix_ms: created,
             card_key: b"card".to_vec(),
         },
+        outcome: None,
     };
     // Three older tokens of the card, expired but not purged yet, and a live one.
     let expired: Vec<NewRecord> = (1..=3).map(|n| record(n, n, false)).collect();
