@@ -117,6 +117,7 @@ async fn crash_cycles(cycles: usize) {
     let audit = client.verify_audit().await.unwrap();
     assert!(audit.intact, "{audit:?}");
     assert!(audit.entries as usize > cycles, "{audit:?}");
+    let audited = cards_audited_as_stored(&mut client).await;
     let acknowledged = acknowledged.lock().unwrap().clone();
     let mut lost = Vec::new();
     for info in &acknowledged {
@@ -170,6 +171,13 @@ async fn crash_cycles(cycles: usize) {
         None => counts_in_rocksdb(&dir),
     };
     assert_eq!(stored, on_disk, "stored record counts against a scan");
+    // A call's data and its "ok" event commit together, whenever the kill came: every
+    // record has its event, and every such event its record.
+    assert_eq!(
+        on_disk.values().sum::<u64>(),
+        audited,
+        "records on disk against the cards the audit log says were stored"
+    );
     println!(
         "crash test summary: {cycles} vault kill cycles, {keyservice_kills} keyservice kills, {rotations} rotations with rewrap, {} tokens acknowledged, {} lost, audit log intact ({} entries), {:.1?}",
         acknowledged.len(),
@@ -182,6 +190,35 @@ async fn crash_cycles(cycles: usize) {
         "the clients got tokens acknowledged"
     );
     assert!(lost.is_empty(), "acknowledged tokens lost: {lost:?}");
+}
+
+/// The cards the audit log records as stored: one per successful Tokenize, and the
+/// count in each successful TokenizeBatch's detail ("N stored").
+async fn cards_audited_as_stored(client: &mut VaultClient) -> u64 {
+    let mut cards = 0;
+    let mut after = 0;
+    loop {
+        let page = client.read_audit(after, None, None, 1000).await.unwrap();
+        let Some(last) = page.events.last() else {
+            return cards;
+        };
+        after = last.sequence;
+        for event in page.events.iter().filter(|e| e.outcome == "ok") {
+            cards += match event.action.as_str() {
+                "Tokenize" => 1,
+                "TokenizeBatch" => {
+                    let detail = event.detail.as_deref().unwrap_or_default();
+                    let stored = detail.strip_suffix(" stored").unwrap_or_default();
+                    stored.parse::<u64>().unwrap()
+                }
+                _ => 0,
+            };
+        }
+        // Each read is audited too: the log always has one entry more.
+        if after >= page.last_sequence {
+            return cards;
+        }
+    }
 }
 
 /// Drives tokenizations from several clients until the vault dies, recording every

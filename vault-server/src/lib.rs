@@ -19,6 +19,7 @@ pub mod card;
 pub mod config;
 pub mod cvc;
 pub mod error;
+pub mod event;
 pub mod forward;
 pub mod guessing;
 pub mod intake;

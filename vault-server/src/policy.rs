@@ -76,6 +76,9 @@ pub struct Caller {
     pub request_id: String,
     /// Whether the answers show cards' keyed fingerprints (`fingerprint`).
     pub sees_fingerprints: bool,
+    /// The call's audit event, for the write that finishes the call to carry (set by
+    /// the call's envelope).
+    pub event: Option<std::sync::Arc<crate::event::CallEvent>>,
 }
 
 #[derive(Debug, Clone)]
@@ -229,6 +232,7 @@ impl Policy {
             tenant: grant.tenant.clone(),
             request_id: String::new(),
             sees_fingerprints: grant.permissions.contains(&Permission::Fingerprint),
+            event: None,
         })
     }
 }

@@ -52,7 +52,7 @@ impl Audited for pb::TokenizeBatchResponse {
             .iter()
             .filter(|r| matches!(r.outcome, Some(pb::batch_item_result::Outcome::Stored(_))))
             .count();
-        event.detail = format!("{stored} stored");
+        event.detail = crate::audit::stored_detail(stored);
     }
 }
 // Sealed cards are ciphertext only the vault can open: nothing to erase or describe.

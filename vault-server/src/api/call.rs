@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use super::audited::Audited;
-use crate::audit::{AuditEvent, Auditor, Gaps};
+use crate::audit::{AuditEvent, Auditor, CallEvent, Gaps};
 use crate::error::VaultError;
 use crate::lockout::{Failure, Lockout, Tripped};
 use crate::ops::Journal;
@@ -48,6 +48,8 @@ fn touches_card_data(method: &str, permission: &Permission) -> bool {
 struct CancelGuard {
     auditor: Option<Auditor>,
     event: Option<AuditEvent>,
+    /// The call's event as a write of the call may have carried it.
+    call_event: Option<Arc<CallEvent>>,
 }
 
 impl Drop for CancelGuard {
@@ -55,6 +57,10 @@ impl Drop for CancelGuard {
         let (Some(auditor), Some(event)) = (self.auditor.take(), self.event.take()) else {
             return;
         };
+        // The write that finished the call carried its event: the call happened.
+        if self.call_event.as_ref().is_some_and(|e| e.written()) {
+            return;
+        }
         let record = async move {
             if let Err(e) = auditor.record(event).await {
                 tracing::error!(error = %e, "a cancelled call could not be audited");
@@ -111,6 +117,7 @@ impl Guards {
             let mut guard = CancelGuard {
                 auditor: self.journal.auditor(),
                 event: None,
+                call_event: None,
             };
             let blocked = self.lockout.is_blocked(
                 identity.as_deref(),
@@ -153,6 +160,16 @@ impl Guards {
                         outcome: "CANCELLED".into(),
                         ..event.clone()
                     });
+                    // The event as it reads if the call succeeds, for the write that
+                    // finishes the call to carry (one commit for data and event).
+                    let mut succeeded = AuditEvent {
+                        outcome: "ok".into(),
+                        ..event.clone()
+                    };
+                    described.clone().merge_into(&mut succeeded);
+                    let call_event = Arc::new(CallEvent::new(succeeded));
+                    guard.call_event = Some(Arc::clone(&call_event));
+                    caller.event = Some(call_event);
                     handler(caller, request.into_inner()).await
                 }
                 Err(refused) => {
@@ -204,6 +221,12 @@ impl Guards {
                     });
                     self.refusals
                         .count(reason, &event.actor, &peer, event.at_unix_ms);
+                    Ok(())
+                }
+                // A write of the call carried its event already.
+                None if result.is_ok()
+                    && guard.call_event.as_ref().is_some_and(|e| e.written()) =>
+                {
                     Ok(())
                 }
                 None => self.journal.audit(event).await,

@@ -12,19 +12,25 @@
 //!
 //! One task assigns sequence numbers and MACs and writes everything queued as one
 //! durable batch; a caller is answered only once its event is on disk, and an event
-//! that cannot be written fails the call (DESIGN.md: no unaudited access).
+//! that cannot be written fails the call (DESIGN.md: no unaudited access). A call that
+//! ends with a write (a tokenization) has its event chained in that write instead
+//! (`Auditor::riding`): the data and the event that reports it commit together, and
+//! the call waits for one commit.
 
 use std::sync::Arc;
 
 use envelope::SecretKey;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::keys::{KeySet, Keys};
-use crate::store::{AUDIT_HEAD_KEY, LogEnd, Sealed, Store, StoreError};
+use crate::store::{
+    AUDIT_HEAD_KEY, AuditSeal, InsertOutcome, LogEnd, Riding, Sealed, Store, StoreError,
+};
 
 mod gaps;
 mod head;
+
+pub use crate::event::{AuditEvent, CallEvent, stored_detail};
 
 pub use gaps::Gaps;
 pub use head::{
@@ -36,64 +42,6 @@ const MAC_LABEL: &[u8] = b"tokenvault.audit.v1";
 const HEADER_LEN: usize = 4 + 32;
 /// Events written in one batch at most.
 const MAX_BATCH: usize = 1024;
-
-/// One audited event, as stored (JSON). Fields that do not apply stay empty.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditEvent {
-    pub sequence: u64,
-    pub at_unix_ms: i64,
-    pub actor: String,
-    pub peer: String,
-    pub action: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub tenant: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub token: String,
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub count: u32,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub processor: String,
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub key_version: u32,
-    pub outcome: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub request_id: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub detail: String,
-    /// A forward's access reason (checked: no card-number-like digits).
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub reason: String,
-    /// Set on the first entry after a gap (entries missing below it): the hex chain
-    /// value of the head it follows, which its MAC is computed over in place of the
-    /// missing entry's. `verify` checks it, reports the gap, and goes on after it.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub chained_on: String,
-}
-
-fn is_zero(n: &u32) -> bool {
-    *n == 0
-}
-
-impl AuditEvent {
-    /// Copies the fields `self` has into `event`.
-    pub fn merge_into(self, event: &mut AuditEvent) {
-        if !self.token.is_empty() {
-            event.token = self.token;
-        }
-        if !self.processor.is_empty() {
-            event.processor = self.processor;
-        }
-        if self.count != 0 {
-            event.count = self.count;
-        }
-        if !self.detail.is_empty() {
-            event.detail = self.detail;
-        }
-        if !self.reason.is_empty() {
-            event.reason = self.reason;
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -110,7 +58,28 @@ type Pending = (AuditEvent, oneshot::Sender<Result<u64, AuditError>>);
 pub struct Auditor {
     queue: mpsc::Sender<Pending>,
     heads: watch::Receiver<Option<Head>>,
+    chainer: Arc<Chainer>,
+}
+
+/// What chains events onto the log's end: for the writing task, and for the events
+/// that ride the write of the call they record (`Auditor::riding`).
+#[derive(Debug)]
+struct Chainer {
+    keys: Arc<Keys>,
+    gaps: Arc<Gaps>,
     floor: Arc<Floor>,
+    /// The durable head, after each append (for the checkpoints).
+    heads: watch::Sender<Option<Head>>,
+}
+
+/// Where a seal leaves the head it wrote (set when the seal runs).
+type HeadOut = Arc<std::sync::Mutex<Option<Head>>>;
+
+/// An event riding a write, to be settled once the write is durable.
+#[derive(Debug)]
+pub struct Ride {
+    head: HeadOut,
+    event: Arc<CallEvent>,
 }
 
 /// The highest head the other vaults sharing this log (on one database) have reported
@@ -234,19 +203,17 @@ impl Auditor {
         if known > last_sequence {
             gaps.found((last_sequence + 1, known));
         }
-        let floor = Arc::new(Floor::default());
-        tokio::spawn(write_events(
-            store,
+        let chainer = Arc::new(Chainer {
             keys,
-            receiver,
-            heads,
             gaps,
-            Arc::clone(&floor),
-        ));
+            floor: Arc::default(),
+            heads,
+        });
+        tokio::spawn(write_events(store, receiver, Arc::clone(&chainer)));
         let auditor = Self {
             queue,
             heads: watching,
-            floor,
+            chainer,
         };
         if ahead > last_sequence {
             // Said in the log itself, as the first entry after the gap.
@@ -286,47 +253,65 @@ impl Auditor {
 
     /// Where the other vaults' heads go (see [`Floor`]).
     pub fn floor(&self) -> Arc<Floor> {
-        Arc::clone(&self.floor)
+        Arc::clone(&self.chainer.floor)
+    }
+
+    /// The call's event, to ride the write that finishes the call: `finish` completes
+    /// a copy of it from the write's outcomes, or returns false when they do not
+    /// finish the call (its event is then written on its own). Settle the ride with
+    /// [`Auditor::settle`] once the write is durable.
+    pub fn riding(
+        &self,
+        event: &Arc<CallEvent>,
+        finish: impl Fn(&[InsertOutcome], &mut AuditEvent) -> bool + Send + Sync + 'static,
+    ) -> (Riding, Ride) {
+        let head: HeadOut = Arc::default();
+        let ride = Ride {
+            head: Arc::clone(&head),
+            event: Arc::clone(event),
+        };
+        let chainer = Arc::clone(&self.chainer);
+        let succeeded = event.succeeded.clone();
+        let riding: Riding = Box::new(move |outcomes: &[InsertOutcome]| {
+            // A write planned again forgets what an earlier try chained.
+            *head
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+            let mut event = succeeded.clone();
+            finish(outcomes, &mut event).then(|| chainer.seal(vec![event], Arc::clone(&head)))
+        });
+        (riding, ride)
+    }
+
+    /// After the write a ride went with is durable: whether it carried the event (then
+    /// the call's envelope writes no other, and the head moves on).
+    pub fn settle(&self, ride: Ride) -> bool {
+        let head = *ride
+            .head
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match head {
+            Some(head) => {
+                self.chainer.published(head);
+                ride.event.carried();
+                true
+            }
+            None => false,
+        }
     }
 }
 
-async fn write_events<S: Store>(
-    store: Arc<S>,
-    keys: Arc<Keys>,
-    mut receiver: mpsc::Receiver<Pending>,
-    heads: watch::Sender<Option<Head>>,
-    gaps: Arc<Gaps>,
-    floor: Arc<Floor>,
-) {
-    // After a write failed for an unexpected engine error the log's end on disk is
-    // uncertain: stop, refusing every call, until a restart re-reads the last entry.
-    let mut broken = false;
-    while let Some(first) = receiver.recv().await {
-        let mut group = vec![first];
-        while group.len() < MAX_BATCH {
-            match receiver.try_recv() {
-                Ok(pending) => group.push(pending),
-                Err(_) => break,
-            }
-        }
-        if broken {
-            for (_, reply) in group {
-                let _ = reply.send(Err(AuditError::Closed));
-            }
-            continue;
-        }
-        let (events, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
-        // The store calls `chain` with the log's end (last entry and anchor), under its
-        // lock where several vaults share one log, so the chain never forks. It
-        // continues after that entry, the anchor, or the highest head this vault knows,
-        // whichever is furthest: a log cut short is never written over, also by a vault
-        // sharing it that never saw the entries cut (the anchor still names them).
-        let set = keys.snapshot();
-        let known = Head::highest(*heads.borrow(), floor.get());
-        let appended = Arc::new(std::sync::Mutex::new(None));
-        let head_out = Arc::clone(&appended);
-        let found = Arc::clone(&gaps);
-        let chain = move |end: LogEnd| {
+impl Chainer {
+    /// A seal chaining `events` onto the log's end, after the highest head known now
+    /// (the log's last entry, its anchor, this vault's own head and the floor),
+    /// whichever is furthest: a log cut short is never written over, also by a vault
+    /// sharing it that never saw the entries cut (the anchor still names them). The
+    /// head it leaves goes to `head_out`.
+    fn seal(&self, events: Vec<AuditEvent>, head_out: HeadOut) -> AuditSeal {
+        let set = self.keys.snapshot();
+        let known = Head::highest(*self.heads.borrow(), self.floor.get());
+        let found = Arc::clone(&self.gaps);
+        Box::new(move |end: LogEnd| {
             let stored = end.last.map(|(sequence, entry)| Head {
                 sequence,
                 // Checked at start; a malformed end is reported by `verify`.
@@ -378,8 +363,50 @@ async fn write_events<S: Store>(
                 entries,
                 anchor: head.anchor(&set),
             }
-        };
-        match store.append_audit(Box::new(chain)).await {
+        })
+    }
+
+    /// A head now durable: published for the checkpoints unless a later one already
+    /// is (writes that ride and the writing task's settle in any order).
+    fn published(&self, head: Head) {
+        self.heads.send_if_modified(|published| {
+            let later = published.is_none_or(|published| head.sequence > published.sequence);
+            if later {
+                *published = Some(head);
+            }
+            later
+        });
+    }
+}
+
+async fn write_events<S: Store>(
+    store: Arc<S>,
+    mut receiver: mpsc::Receiver<Pending>,
+    chainer: Arc<Chainer>,
+) {
+    // After a write failed for an unexpected engine error the log's end on disk is
+    // uncertain: stop, refusing every call, until a restart re-reads the last entry.
+    let mut broken = false;
+    while let Some(first) = receiver.recv().await {
+        let mut group = vec![first];
+        while group.len() < MAX_BATCH {
+            match receiver.try_recv() {
+                Ok(pending) => group.push(pending),
+                Err(_) => break,
+            }
+        }
+        if broken {
+            for (_, reply) in group {
+                let _ = reply.send(Err(AuditError::Closed));
+            }
+            continue;
+        }
+        let (events, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
+        // The store runs the seal with the log's end (last entry and anchor), under its
+        // lock where several vaults share one log, so the chain never forks.
+        let appended: HeadOut = Arc::default();
+        let seal = chainer.seal(events, Arc::clone(&appended));
+        match store.append_audit(seal).await {
             Ok(sequences) => {
                 for (sequence, reply) in sequences.into_iter().zip(replies) {
                     let _ = reply.send(Ok(sequence));
@@ -389,8 +416,8 @@ async fn write_events<S: Store>(
                 let head = *appended
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if head.is_some() {
-                    heads.send_replace(head);
+                if let Some(head) = head {
+                    chainer.published(head);
                 }
             }
             // The store reads the log's end again at the next append (on a new

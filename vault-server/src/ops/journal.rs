@@ -5,10 +5,11 @@ use std::sync::Arc;
 
 use runtime::now_unix_ms;
 
-use crate::audit::{AuditEvent, Auditor};
+use crate::audit::{AuditEvent, Auditor, Ride};
 use crate::error::VaultError;
 use crate::metrics::Metrics;
 use crate::policy::Caller;
+use crate::store::{InsertOutcome, Riding};
 use crate::token::Token;
 
 #[derive(Debug)]
@@ -41,6 +42,26 @@ impl Journal {
                 Ok(())
             }
             None => Ok(()),
+        }
+    }
+
+    /// The caller's event to ride the write that finishes its call (see
+    /// `Auditor::riding`); none when auditing is off or the call has no event.
+    pub fn riding(
+        &self,
+        caller: &Caller,
+        finish: impl Fn(&[InsertOutcome], &mut AuditEvent) -> bool + Send + Sync + 'static,
+    ) -> Option<(Riding, Ride)> {
+        let auditor = self.auditor.as_ref()?;
+        Some(auditor.riding(caller.event.as_ref()?, finish))
+    }
+
+    /// Settles a ride once its write is durable (see `Auditor::settle`).
+    pub fn settle(&self, ride: Option<Ride>) {
+        if let (Some(auditor), Some(ride)) = (&self.auditor, ride)
+            && auditor.settle(ride)
+        {
+            self.metrics.event("audit");
         }
     }
 

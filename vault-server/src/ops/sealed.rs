@@ -203,7 +203,13 @@ impl<S: Store> Records<S> {
                 format: request.format,
                 answers: claimed.iter().map(|(_, a)| Some(a.clone())).collect(),
             };
-            let items = match self.tokenize_batch(caller, batch).await {
+            // The call's answer also holds replayed cards this write does not store, so
+            // its event is written on its own, after the answer is known.
+            let without_event = Caller {
+                event: None,
+                ..caller.clone()
+            };
+            let items = match self.tokenize_batch(&without_event, batch).await {
                 Ok(items) => items,
                 Err(e) => {
                     self.release_all(claimed).await;

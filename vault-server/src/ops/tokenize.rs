@@ -165,8 +165,30 @@ impl<S: Store> Records<S> {
             record.outcome = answer.as_ref().map(|a| a.stored(&record.token));
             let token = record.token.clone();
             let sealed = self.seal_cvc(&token, &card).await?;
-            match self.store().insert(vec![record]).await?.pop() {
+            // A new record finishes the call: its event commits with it.
+            let (riding, ride) = self
+                .journal()
+                .riding(caller, {
+                    let token = token.as_str().to_owned();
+                    let key_version = metadata.key_version;
+                    move |outcomes, event| {
+                        let finished = matches!(outcomes, [InsertOutcome::Stored]);
+                        if finished {
+                            event.token.clone_from(&token);
+                            event.key_version = key_version;
+                        }
+                        finished
+                    }
+                })
+                .unzip();
+            match self
+                .store()
+                .insert_audited(vec![record], riding)
+                .await?
+                .pop()
+            {
                 Some(InsertOutcome::Stored) => {
+                    self.journal().settle(ride);
                     self.hold_cvc(caller, slot.take(), &token, sealed, false);
                     // Successful calls log at debug: the audit log already holds one
                     // durable event per call, and a line per call at info costs the
@@ -256,8 +278,26 @@ impl<S: Store> Records<S> {
                 records.push(record);
             }
             let tokens: Vec<Token> = records.iter().map(|r| r.token.clone()).collect();
+            // Every card stored finishes the call: its event commits with them.
+            let stored_before = results
+                .iter()
+                .filter(|r| matches!(r, Some(BatchItem::Stored(_))))
+                .count();
+            let expected = records.len();
+            let (riding, ride) = self
+                .journal()
+                .riding(caller, move |outcomes, event| {
+                    let finished = outcomes.len() == expected
+                        && outcomes.iter().all(|o| *o == InsertOutcome::Stored);
+                    if finished {
+                        event.detail = crate::audit::stored_detail(stored_before + expected);
+                    }
+                    finished
+                })
+                .unzip();
             // One durable write for every valid card of the batch.
-            let outcomes = self.store().insert(records).await?;
+            let outcomes = self.store().insert_audited(records, riding).await?;
+            self.journal().settle(ride);
             let mut retry = Vec::new();
             for (((mut waiting, token), sealed), outcome) in waiting
                 .into_iter()

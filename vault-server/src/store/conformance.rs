@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::{
     AuditSeal, Claim, Delete, DeleteOutcome, InsertOutcome, KeyUse, KeyVersions, LogEnd, NewRecord,
-    RecordIndexes, Replaceable, Rewrite, RewriteOutcome, Sealed, Store, Tombstone,
+    RecordIndexes, Replaceable, Rewrite, RewriteOutcome, Riding, Sealed, Store, Tombstone,
 };
 use crate::token::Token;
 
@@ -50,6 +50,7 @@ pub async fn run_all<S: Store, F: std::future::Future<Output = S>>(mut fresh: im
     concurrent_inserts_all_land(Arc::new(fresh().await)).await;
     outcomes_are_stored_and_replaced(fresh().await).await;
     an_outcome_rides_its_record_only_when_stored(fresh().await).await;
+    an_event_rides_its_insert_when_it_finishes_the_call(Arc::new(fresh().await)).await;
     concurrent_claims_of_one_key_have_one_winner(Arc::new(fresh().await)).await;
     a_delete_leaves_a_tombstone_until_pruned(fresh().await).await;
     a_delete_leaves_an_unsent_erasure_until_sent(fresh().await).await;
@@ -441,6 +442,99 @@ async fn an_outcome_rides_its_record_only_when_stored(store: impl Store) {
         [InsertOutcome::Existing(token)]
     );
     assert_eq!(store.get_outcome(b"\0sealed/3").await.unwrap(), None);
+}
+
+/// An event for the call an insert finishes: chained onto the log's end in the
+/// insert's own write, given the outcomes the write had, and only when the riding says
+/// they finish the call.
+fn event_if_stored(label: &'static str) -> Riding {
+    Box::new(move |outcomes: &[InsertOutcome]| {
+        let stored = outcomes.iter().all(|o| *o == InsertOutcome::Stored);
+        let label = format!("{label}:{}", outcomes.len());
+        stored.then(|| -> AuditSeal {
+            Box::new(move |end: LogEnd| {
+                let next = end.last.map_or(0, |(sequence, _)| sequence) + 1;
+                Sealed {
+                    entries: vec![(next, label.into_bytes())],
+                    anchor: next.to_be_bytes().to_vec(),
+                }
+            })
+        })
+    })
+}
+
+async fn an_event_rides_its_insert_when_it_finishes_the_call<S: Store>(store: Arc<S>) {
+    store.append_audit(numbered(1, 1)).await.unwrap();
+    let token = Token::generate().unwrap();
+    let stored = store
+        .insert_audited(
+            vec![
+                record(&token, b"v1", b"acme/card-1", false),
+                record(&Token::generate().unwrap(), b"v2", b"acme/card-2", false),
+            ],
+            Some(event_if_stored("two stored")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(stored, [InsertOutcome::Stored, InsertOutcome::Stored]);
+    assert_eq!(
+        store.last_audit().await.unwrap(),
+        Some((2, b"two stored:2".to_vec()))
+    );
+    // A taken token does not finish the call: no event rides.
+    let taken = store
+        .insert_audited(
+            vec![record(&token, b"v3", b"acme/card-3", false)],
+            Some(event_if_stored("taken")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(taken, [InsertOutcome::TokenTaken]);
+    assert_eq!(store.last_audit().await.unwrap().unwrap().0, 2);
+    // Riding inserts and plain appends at once: one chain, every entry once, each
+    // record beside its event.
+    let tokens: Vec<Token> = (0..16).map(|_| Token::generate().unwrap()).collect();
+    let inserts = tokens.iter().enumerate().map(|(i, token)| {
+        let store = Arc::clone(&store);
+        let record = record(token, b"v", format!("acme/many-{i}").as_bytes(), false);
+        async move {
+            store
+                .insert_audited(vec![record], Some(event_if_stored("one")))
+                .await
+        }
+    });
+    let appends = (0..8).map(|_| {
+        let store = Arc::clone(&store);
+        async move {
+            store
+                .append_audit(Box::new(|end: LogEnd| {
+                    let next = end.last.map_or(0, |(sequence, _)| sequence) + 1;
+                    Sealed {
+                        entries: vec![(next, b"plain".to_vec())],
+                        anchor: next.to_be_bytes().to_vec(),
+                    }
+                }))
+                .await
+        }
+    });
+    let (inserted, appended) = tokio::join!(
+        futures::future::join_all(inserts),
+        futures::future::join_all(appends)
+    );
+    assert!(
+        inserted
+            .into_iter()
+            .all(|r| r.unwrap() == [InsertOutcome::Stored])
+    );
+    assert!(appended.into_iter().all(|r| r.unwrap().len() == 1));
+    let log = store.read_audit(0, 100).await.unwrap();
+    let sequences: Vec<u64> = log.iter().map(|(s, _)| *s).collect();
+    assert_eq!(sequences, (1..=2 + 16 + 8).collect::<Vec<u64>>());
+    let riding = log.iter().filter(|(_, e)| e == b"one:1").count();
+    assert_eq!(riding, 16);
+    for token in &tokens {
+        assert!(store.get(token).await.unwrap().is_some());
+    }
 }
 
 async fn outcomes_are_stored_and_replaced(store: impl Store) {

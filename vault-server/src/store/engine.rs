@@ -8,8 +8,8 @@ use super::postgres::PgStore;
 use super::rocks::RocksStore;
 use super::{
     AuditSeal, Claim, Delete, DeleteOutcome, InsertOutcome, JobLock, KeyUse, KeyVersions,
-    NewRecord, Replaceable, Rewrite, RewriteOutcome, Store, StoreError, StoreStats, StoredBytes,
-    Tombstone,
+    NewRecord, Replaceable, Rewrite, RewriteOutcome, Riding, Store, StoreError, StoreStats,
+    StoredBytes, Tombstone,
 };
 use crate::token::Token;
 
@@ -30,8 +30,12 @@ macro_rules! each {
 }
 
 impl Store for Engine {
-    async fn insert(&self, records: Vec<NewRecord>) -> Result<Vec<InsertOutcome>, StoreError> {
-        each!(self, s => s.insert(records).await)
+    async fn insert_audited(
+        &self,
+        records: Vec<NewRecord>,
+        riding: Option<Riding>,
+    ) -> Result<Vec<InsertOutcome>, StoreError> {
+        each!(self, s => s.insert_audited(records, riding).await)
     }
 
     async fn get(&self, token: &Token) -> Result<Option<Vec<u8>>, StoreError> {

@@ -210,6 +210,15 @@ pub struct LogEnd {
 /// Chains audit events onto the log: given its end, returns the entries to append.
 pub type AuditSeal = Box<dyn FnOnce(LogEnd) -> Sealed + Send>;
 
+/// The audit event of the call an insert finishes, committed in the same atomic,
+/// durable write as the insert's data, so that a call waits for one commit and the log
+/// says "ok" exactly when the data exists. Given the insert's outcomes, it returns the
+/// seal chaining the event, or `None` when the outcomes do not finish the call (a token
+/// taken, an existing record to check): its event is then written on its own, later.
+/// An engine calls it once per try of the write (it may plan the write again after
+/// losing a race), and chains what it returns last.
+pub type Riding = Box<dyn Fn(&[InsertOutcome]) -> Option<AuditSeal> + Send + Sync>;
+
 /// Audit entries to append, and the anchor to record with them.
 #[derive(Debug, Default)]
 pub struct Sealed {
@@ -296,6 +305,17 @@ pub trait Store: Send + Sync + 'static {
     fn insert(
         &self,
         records: Vec<NewRecord>,
+    ) -> impl Future<Output = Result<Vec<InsertOutcome>, StoreError>> + Send {
+        self.insert_audited(records, None)
+    }
+
+    /// [`Store::insert`], with the audit event `riding` makes from the outcomes chained
+    /// onto the log in the same atomic, durable write (and in the same append order as
+    /// [`Store::append_audit`]: after the log's end, atomically with every other writer).
+    fn insert_audited(
+        &self,
+        records: Vec<NewRecord>,
+        riding: Option<Riding>,
     ) -> impl Future<Output = Result<Vec<InsertOutcome>, StoreError>> + Send;
 
     /// The stored bytes of a token's record.

@@ -44,8 +44,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     AuditSeal, Claim, Delete, DeleteOutcome, InsertOutcome, JobLock, KeyUse, KeyVersions,
-    NewRecord, Replaceable, Rewrite, RewriteOutcome, Store, StoreError, StoreStats, StoredBytes,
-    Tombstone,
+    NewRecord, Replaceable, Rewrite, RewriteOutcome, Riding, Store, StoreError, StoreStats,
+    StoredBytes, Tombstone,
 };
 use crate::token::Token;
 
@@ -215,11 +215,20 @@ fn tokens_of(rows: &[tokio_postgres::Row]) -> Result<Vec<Token>, StoreError> {
 }
 
 impl Store for PgStore {
-    async fn insert(&self, records: Vec<NewRecord>) -> Result<Vec<InsertOutcome>, StoreError> {
+    async fn insert_audited(
+        &self,
+        records: Vec<NewRecord>,
+        riding: Option<Riding>,
+    ) -> Result<Vec<InsertOutcome>, StoreError> {
         if records.is_empty() {
             return Ok(Vec::new());
         }
-        self.submit(|reply| Op::Insert { records, reply }).await
+        self.submit(|reply| Op::Insert {
+            records,
+            riding,
+            reply,
+        })
+        .await
     }
 
     async fn get(&self, token: &Token) -> Result<Option<Vec<u8>>, StoreError> {

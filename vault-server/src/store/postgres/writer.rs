@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::error::SqlState;
 
+use super::audit::{AuditStatements, chain};
 use super::connect::{Object, Pool, release_after_failure};
 use super::counts::{CountMap, Counts};
 use super::errors::{pg, pool_error};
@@ -18,8 +19,8 @@ use super::planning::{Lookups, Planned, add_counts, delete_one, lookup_params, p
 use super::statements::{BEGIN, Param, Statements};
 use super::{Health, note};
 use crate::store::{
-    Claim, Delete, DeleteOutcome, InsertOutcome, NewRecord, Replaceable, Rewrite, RewriteOutcome,
-    StoreError,
+    AuditSeal, Claim, Delete, DeleteOutcome, InsertOutcome, NewRecord, Replaceable, Rewrite,
+    RewriteOutcome, Riding, StoreError,
 };
 
 const MAX_GROUP: usize = 1024;
@@ -34,6 +35,8 @@ const GROUP_TRIES: usize = 5;
 pub(super) enum Op {
     Insert {
         records: Vec<NewRecord>,
+        /// The event of the call the insert finishes, committed with it.
+        riding: Option<Riding>,
         reply: oneshot::Sender<Result<Vec<InsertOutcome>, StoreError>>,
     },
     Delete {
@@ -262,9 +265,12 @@ async fn try_group(
     }
     let mut deltas = CountMap::new();
     let mut done = Vec::with_capacity(group.len());
+    let mut seals = Vec::new();
     for op in group {
         done.push(match op {
-            Op::Insert { records, .. } => {
+            Op::Insert {
+                records, riding, ..
+            } => {
                 let (tokens, index_keys) = lookup_params(records.iter());
                 let (tokens, index_keys): (Param, Param) = ([&tokens], [&index_keys]);
                 let (taken, live) = tokio::try_join!(
@@ -275,6 +281,7 @@ async fn try_group(
                 let mut planned = Planned::default();
                 let outcomes = plan(records, &mut found, &mut planned, &mut deltas);
                 planned.write(client, &statements).await?;
+                seals.extend(riding.as_ref().and_then(|riding| riding(&outcomes)));
                 Done::Insert(outcomes)
             }
             Op::Delete { delete, .. } => {
@@ -308,11 +315,31 @@ async fn try_group(
         });
     }
     deltas.retain(|_, delta| *delta != 0);
+    let chained = match seals.is_empty() {
+        true => None,
+        false => {
+            let audit = AuditStatements::prepare(client).await?;
+            let end = audit.lock_end(client).await?;
+            Some((audit, chain(seals, end)))
+        }
+    };
     tokio::try_join!(
         add_counts(client, &statements, slot, &deltas),
+        append_chained(client, chained.as_ref()),
         client.batch_execute("COMMIT"),
     )?;
     Ok((done, deltas))
+}
+
+/// Writes the entries a group chained (see `audit::chain`), if any.
+async fn append_chained(
+    client: &Object,
+    chained: Option<&(AuditStatements, super::audit::Chained)>,
+) -> Result<(), tokio_postgres::Error> {
+    match chained {
+        Some((audit, chained)) => audit.write(client, chained).await,
+        None => Ok(()),
+    }
 }
 
 /// The common group, only tokenizations, in two round trips: BEGIN, the locks and
@@ -342,29 +369,58 @@ async fn insert_group(
         [&tokens],
         [&index_keys],
     );
-    let (_, _, _, _, taken, live) = tokio::try_join!(
+    // The chain's lock, last (see `audit`), only when the group carries events.
+    let audit = match group.iter().any(|op| {
+        matches!(
+            op,
+            Op::Insert {
+                riding: Some(_),
+                ..
+            }
+        )
+    }) {
+        true => Some(AuditStatements::prepare(client).await?),
+        false => None,
+    };
+    let log_end = async {
+        match &audit {
+            Some(audit) => audit.lock_end(client).await.map(Some),
+            None => Ok(None),
+        }
+    };
+    let (_, _, _, _, taken, live, end) = tokio::try_join!(
         client.batch_execute(BEGIN),
         client.query(&statements.lock_index_shared, &counts),
         client.query(statements.index_lock(&locks), &index),
         client.query(&statements.lock_keys, &keys),
         client.query(&statements.taken, &tokens),
         client.query(&statements.live, &index_keys),
+        log_end,
     )?;
     let mut found = Lookups::from_rows(&taken, &live);
     let mut planned = Planned::default();
     let mut deltas = CountMap::new();
+    let mut seals: Vec<AuditSeal> = Vec::new();
     let done = group
         .iter()
         .map(|op| match op {
-            Op::Insert { records, .. } => {
-                Done::Insert(plan(records, &mut found, &mut planned, &mut deltas))
+            Op::Insert {
+                records, riding, ..
+            } => {
+                let outcomes = plan(records, &mut found, &mut planned, &mut deltas);
+                seals.extend(riding.as_ref().and_then(|riding| riding(&outcomes)));
+                Done::Insert(outcomes)
             }
             _ => Done::Unit,
         })
         .collect();
+    let chained = audit
+        .zip(end)
+        .map(|(audit, end)| (audit, chain(seals, end)));
     tokio::try_join!(
         planned.write(client, statements),
         add_counts(client, statements, slot, &deltas),
+        append_chained(client, chained.as_ref()),
         client.batch_execute("COMMIT"),
     )?;
     Ok((done, deltas))

@@ -47,8 +47,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     AuditSeal, Claim, Delete, DeleteOutcome, InsertOutcome, JobLock, KeyUse, KeyVersions,
-    NewRecord, RecordIndexes, Replaceable, Rewrite, RewriteOutcome, Store, StoreError, StoreStats,
-    StoredBytes, Tombstone,
+    NewRecord, RecordIndexes, Replaceable, Rewrite, RewriteOutcome, Riding, Store, StoreError,
+    StoreStats, StoredBytes, Tombstone,
 };
 use crate::token::Token;
 
@@ -268,11 +268,20 @@ impl Drop for RocksStore {
 }
 
 impl Store for RocksStore {
-    async fn insert(&self, records: Vec<NewRecord>) -> Result<Vec<InsertOutcome>, StoreError> {
+    async fn insert_audited(
+        &self,
+        records: Vec<NewRecord>,
+        riding: Option<Riding>,
+    ) -> Result<Vec<InsertOutcome>, StoreError> {
         if records.is_empty() {
             return Ok(Vec::new());
         }
-        self.submit(|reply| Op::Insert { records, reply }).await
+        self.submit(|reply| Op::Insert {
+            records,
+            riding,
+            reply,
+        })
+        .await
     }
 
     async fn get(&self, token: &Token) -> Result<Option<Vec<u8>>, StoreError> {

@@ -16,7 +16,7 @@ use super::counts::{Counts, encode_counts};
 use super::{AUDIT, COUNTS, IDEMPOTENCY, META, Slot, classify};
 use crate::store::{
     AUDIT_HEAD_KEY, AuditSeal, Claim, Delete, DeleteOutcome, InsertOutcome, KeyUse, KeyVersions,
-    NewRecord, Replaceable, Rewrite, RewriteOutcome, StoreError,
+    NewRecord, Replaceable, Rewrite, RewriteOutcome, Riding, StoreError,
 };
 
 /// Most operations committed in one batch; bounds batch size and latency.
@@ -27,6 +27,8 @@ pub(super) const QUEUE_DEPTH: usize = 4096;
 pub(super) enum Op {
     Insert {
         records: Vec<NewRecord>,
+        /// The event of the call the insert finishes, committed with it.
+        riding: Option<Riding>,
         reply: oneshot::Sender<Result<Vec<InsertOutcome>, StoreError>>,
     },
     Delete {
@@ -166,12 +168,20 @@ impl Writer {
         let mut failure = None;
         for op in group {
             match op {
-                Op::Insert { records, reply } => {
+                Op::Insert {
+                    records,
+                    riding,
+                    reply,
+                } => {
                     let outcomes = self.plan_insert(&records, &mut batch, &mut pending);
                     let outcomes = outcomes.unwrap_or_else(|e| {
                         failure.get_or_insert(e.to_string());
                         Vec::new()
                     });
+                    // In the group's order: chained after the events queued before it.
+                    if let Some(seal) = riding.and_then(|riding| riding(&outcomes)) {
+                        seals.push((seal, None));
+                    }
                     inserts.push((reply, outcomes));
                 }
                 Op::Delete { delete, reply } => {
@@ -247,7 +257,7 @@ impl Writer {
                     });
                     claims.push((reply, claim));
                 }
-                Op::Audit { seal, reply } => seals.push((seal, reply)),
+                Op::Audit { seal, reply } => seals.push((seal, Some(reply))),
             }
         }
         // The events are chained last, once the group's data is planned, in the order
@@ -256,7 +266,9 @@ impl Writer {
         if failure.is_some() && !seals.is_empty() {
             // A failed read while planning fails the group's data operations, not the
             // audit events queued with them (a failed event stops the audit log until
-            // a restart): they are committed alone.
+            // a restart): they are committed alone. Events riding an insert fail with
+            // it: they say its data exists.
+            seals.retain(|(_, reply)| reply.is_some());
             self.commit_events_alone(seals);
         } else if !seals.is_empty() {
             match self.chain_events(seals, &mut batch) {
@@ -319,7 +331,9 @@ impl Writer {
             let _ = reply.send(written.clone().map(|()| claim).map_err(classify));
         }
         for (reply, sequences) in appended {
-            let _ = reply.send(written.clone().map(|()| sequences).map_err(classify));
+            if let Some(reply) = reply {
+                let _ = reply.send(written.clone().map(|()| sequences).map_err(classify));
+            }
         }
         written.is_err_and(|e| {
             matches!(
@@ -330,16 +344,13 @@ impl Writer {
     }
 }
 
+/// Where an audit append is answered; none for events riding an insert (its reply
+/// answers for them).
+type AuditReply = Option<oneshot::Sender<Result<Vec<u64>, StoreError>>>;
 /// Audit appends of one group, with where to answer each.
-type Seals = Vec<(AuditSeal, oneshot::Sender<Result<Vec<u64>, StoreError>>)>;
+type Seals = Vec<(AuditSeal, AuditReply)>;
 /// Each append's sequence numbers, or every reply back if the log's end was unreadable.
-type Chained = Result<
-    Vec<(oneshot::Sender<Result<Vec<u64>, StoreError>>, Vec<u64>)>,
-    (
-        StoreError,
-        Vec<oneshot::Sender<Result<Vec<u64>, StoreError>>>,
-    ),
->;
+type Chained = Result<Vec<(AuditReply, Vec<u64>)>, (StoreError, Vec<AuditReply>)>;
 
 impl Writer {
     /// Commits audit appends in a batch of their own (see `commit`).
@@ -361,7 +372,9 @@ impl Writer {
             ),
         };
         for (reply, sequences) in chained {
-            let _ = reply.send(written.clone().map(|()| sequences).map_err(classify));
+            if let Some(reply) = reply {
+                let _ = reply.send(written.clone().map(|()| sequences).map_err(classify));
+            }
         }
     }
 
