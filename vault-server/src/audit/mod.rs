@@ -23,9 +23,7 @@ use envelope::SecretKey;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::keys::{KeySet, Keys};
-use crate::store::{
-    AUDIT_HEAD_KEY, AuditSeal, InsertOutcome, LogEnd, Riding, Sealed, Store, StoreError,
-};
+use crate::store::{AUDIT_HEAD_KEY, AuditSeal, LogEnd, Riding, Sealed, Store, StoreError};
 
 mod gaps;
 mod head;
@@ -260,11 +258,11 @@ impl Auditor {
     /// a copy of it from the write's outcomes, or returns false when they do not
     /// finish the call (its event is then written on its own). Settle the ride with
     /// [`Auditor::settle`] once the write is durable.
-    pub fn riding(
+    pub fn riding<O: ?Sized>(
         &self,
         event: &Arc<CallEvent>,
-        finish: impl Fn(&[InsertOutcome], &mut AuditEvent) -> bool + Send + Sync + 'static,
-    ) -> (Riding, Ride) {
+        finish: impl Fn(&O, &mut AuditEvent) -> bool + Send + Sync + 'static,
+    ) -> (Riding<O>, Ride) {
         let head: HeadOut = Arc::default();
         let ride = Ride {
             head: Arc::clone(&head),
@@ -272,7 +270,7 @@ impl Auditor {
         };
         let chainer = Arc::clone(&self.chainer);
         let succeeded = event.succeeded.clone();
-        let riding: Riding = Box::new(move |outcomes: &[InsertOutcome]| {
+        let riding: Riding<O> = Box::new(move |outcomes: &O| {
             // A write planned again forgets what an earlier try chained.
             *head
                 .lock()

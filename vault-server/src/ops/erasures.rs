@@ -220,7 +220,7 @@ impl<S: Store> Records<S> {
         let mut stored = stored.clone();
         for _ in 0..ATTEMPTS {
             match self
-                .delete_stored(token, bytes, &stored, tombstone.clone())
+                .delete_stored(token, bytes, &stored, tombstone.clone(), None)
                 .await?
             {
                 DeleteOutcome::Deleted => return Ok(true),

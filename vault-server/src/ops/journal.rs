@@ -9,7 +9,7 @@ use crate::audit::{AuditEvent, Auditor, Ride};
 use crate::error::VaultError;
 use crate::metrics::Metrics;
 use crate::policy::Caller;
-use crate::store::{InsertOutcome, Riding};
+use crate::store::Riding;
 use crate::token::Token;
 
 #[derive(Debug)]
@@ -47,11 +47,11 @@ impl Journal {
 
     /// The caller's event to ride the write that finishes its call (see
     /// `Auditor::riding`); none when auditing is off or the call has no event.
-    pub fn riding(
+    pub fn riding<O: ?Sized>(
         &self,
         caller: &Caller,
-        finish: impl Fn(&[InsertOutcome], &mut AuditEvent) -> bool + Send + Sync + 'static,
-    ) -> Option<(Riding, Ride)> {
+        finish: impl Fn(&O, &mut AuditEvent) -> bool + Send + Sync + 'static,
+    ) -> Option<(Riding<O>, Ride)> {
         let auditor = self.auditor.as_ref()?;
         Some(auditor.riding(caller.event.as_ref()?, finish))
     }

@@ -18,7 +18,7 @@ use crate::guessing::Detector;
 use crate::keys::Keys;
 use crate::policy::{Caller, Tenant};
 use crate::record::{self, Fingerprint, StoredRecord};
-use crate::store::{Delete, DeleteOutcome, Store, StoreError, Tombstone};
+use crate::store::{Delete, DeleteOutcome, Riding, Store, StoreError, Tombstone};
 use crate::token::Token;
 
 /// Reads of a record that changed underneath (a rewrap) before giving up, and fresh
@@ -195,19 +195,43 @@ impl<S: Store> Records<S> {
         Ok(stored)
     }
 
-    /// Deletes a record of the caller's tenant, audited before the fact. The store
-    /// deletes only the bytes read here, so a rewrap in between (new versions, new
-    /// index key) means reading again.
+    /// Deletes a record of the caller's tenant; the call's event commits in the same
+    /// write, so no record is deleted unaudited.
     pub async fn delete(&self, caller: &Caller, token: &Token) -> Result<(), VaultError> {
+        self.delete_token(caller, token, false).await
+    }
+
+    /// Deletes a record of the caller's tenant. The call's event rides the delete, or,
+    /// with `intent` (a delete that is one step of a larger call, whose event comes at
+    /// its end), a `DeleteStarted` event is made durable before it. The store deletes
+    /// only the bytes read here, so a rewrap in between (new versions, new index key)
+    /// means reading again.
+    async fn delete_token(
+        &self,
+        caller: &Caller,
+        token: &Token,
+        intent: bool,
+    ) -> Result<(), VaultError> {
         for attempt in 0..ATTEMPTS {
             let (bytes, stored) = self.load_bytes(caller, token).await?;
-            if attempt == 0 {
+            if intent && attempt == 0 {
                 self.journal
                     .intent(caller, "DeleteStarted", token, "", "")
                     .await?;
             }
             let tombstone = self.tombstone_now(&stored.metadata.tenant, token);
-            match self.delete_stored(token, bytes, &stored, tombstone).await? {
+            let (riding, ride) = match intent {
+                true => None,
+                false => self.journal.riding(caller, |outcome: &DeleteOutcome, _| {
+                    *outcome == DeleteOutcome::Deleted
+                }),
+            }
+            .unzip();
+            let outcome = self
+                .delete_stored(token, bytes, &stored, tombstone, riding)
+                .await?;
+            self.journal.settle(ride);
+            match outcome {
                 DeleteOutcome::Deleted => return Ok(()),
                 // Read a moment ago: a concurrent delete (a retry) won.
                 DeleteOutcome::NotFound => return Err(VaultError::Deleted),
@@ -230,24 +254,28 @@ impl<S: Store> Records<S> {
     }
 
     /// Deletes the record `bytes` of `token` (if unchanged) and its CVC, leaving
-    /// `tombstone`.
+    /// `tombstone`, with the call's event if `riding`.
     pub(super) async fn delete_stored(
         &self,
         token: &Token,
         bytes: Vec<u8>,
         stored: &StoredRecord,
         tombstone: Tombstone,
+        riding: Option<Riding<DeleteOutcome>>,
     ) -> Result<DeleteOutcome, VaultError> {
         let outcome = self
             .store
-            .delete(Delete {
-                token: token.clone(),
-                expected: bytes,
-                index_key: stored.metadata.index_key(),
-                versions: stored.metadata.versions(),
-                indexes: stored.metadata.indexes(),
-                tombstone,
-            })
+            .delete_audited(
+                Delete {
+                    token: token.clone(),
+                    expected: bytes,
+                    index_key: stored.metadata.index_key(),
+                    versions: stored.metadata.versions(),
+                    indexes: stored.metadata.indexes(),
+                    tombstone,
+                },
+                riding,
+            )
             .await?;
         if outcome == DeleteOutcome::Deleted {
             self.cvcs.erase(token);
@@ -314,7 +342,7 @@ impl<S: Store> Records<S> {
         self.watch_guessing(caller, pan).await?;
         let mut erased = Vec::new();
         for token in self.subject_tokens(caller, pan).await? {
-            match self.delete(caller, &token).await {
+            match self.delete_token(caller, &token, true).await {
                 Ok(()) => erased.push(token),
                 Err(VaultError::NotFound | VaultError::Deleted) => {}
                 Err(VaultError::Expired) => {
@@ -444,6 +472,9 @@ impl<S: Store> Records<S> {
             })
             .await?;
         let tombstone = self.tombstone_now(&stored.metadata.tenant, token);
-        Ok(self.delete_stored(token, bytes, &stored, tombstone).await? == DeleteOutcome::Deleted)
+        let deleted = self
+            .delete_stored(token, bytes, &stored, tombstone, None)
+            .await?;
+        Ok(deleted == DeleteOutcome::Deleted)
     }
 }

@@ -171,7 +171,7 @@ impl<S: Store> Records<S> {
                 .riding(caller, {
                     let token = token.as_str().to_owned();
                     let key_version = metadata.key_version;
-                    move |outcomes, event| {
+                    move |outcomes: &[InsertOutcome], event| {
                         let finished = matches!(outcomes, [InsertOutcome::Stored]);
                         if finished {
                             event.token.clone_from(&token);
@@ -286,7 +286,7 @@ impl<S: Store> Records<S> {
             let expected = records.len();
             let (riding, ride) = self
                 .journal()
-                .riding(caller, move |outcomes, event| {
+                .riding(caller, move |outcomes: &[InsertOutcome], event| {
                     let finished = outcomes.len() == expected
                         && outcomes.iter().all(|o| *o == InsertOutcome::Stored);
                     if finished {

@@ -447,7 +447,7 @@ async fn an_outcome_rides_its_record_only_when_stored(store: impl Store) {
 /// An event for the call an insert finishes: chained onto the log's end in the
 /// insert's own write, given the outcomes the write had, and only when the riding says
 /// they finish the call.
-fn event_if_stored(label: &'static str) -> Riding {
+fn event_if_stored(label: &'static str) -> Riding<[InsertOutcome]> {
     Box::new(move |outcomes: &[InsertOutcome]| {
         let stored = outcomes.iter().all(|o| *o == InsertOutcome::Stored);
         let label = format!("{label}:{}", outcomes.len());
@@ -535,6 +535,32 @@ async fn an_event_rides_its_insert_when_it_finishes_the_call<S: Store>(store: Ar
     for token in &tokens {
         assert!(store.get(token).await.unwrap().is_some());
     }
+    // A delete's event rides it when the record is deleted, and only then.
+    let event_if_deleted = || -> Riding<DeleteOutcome> {
+        Box::new(|outcome: &DeleteOutcome| {
+            (*outcome == DeleteOutcome::Deleted).then(|| -> AuditSeal {
+                Box::new(|end: LogEnd| {
+                    let next = end.last.map_or(0, |(sequence, _)| sequence) + 1;
+                    Sealed {
+                        entries: vec![(next, b"deleted".to_vec())],
+                        anchor: next.to_be_bytes().to_vec(),
+                    }
+                })
+            })
+        })
+    };
+    let before = store.last_audit().await.unwrap().unwrap().0;
+    let gone = delete(&tokens[0], b"v", b"acme/many-0", V1);
+    let outcome = store.delete_audited(gone, Some(event_if_deleted())).await;
+    assert_eq!(outcome.unwrap(), DeleteOutcome::Deleted);
+    assert_eq!(
+        store.last_audit().await.unwrap(),
+        Some((before + 1, b"deleted".to_vec()))
+    );
+    let again = delete(&tokens[0], b"v", b"acme/many-0", V1);
+    let outcome = store.delete_audited(again, Some(event_if_deleted())).await;
+    assert_eq!(outcome.unwrap(), DeleteOutcome::NotFound);
+    assert_eq!(store.last_audit().await.unwrap().unwrap().0, before + 1);
 }
 
 async fn outcomes_are_stored_and_replaced(store: impl Store) {

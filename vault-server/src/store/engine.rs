@@ -33,7 +33,7 @@ impl Store for Engine {
     async fn insert_audited(
         &self,
         records: Vec<NewRecord>,
-        riding: Option<Riding>,
+        riding: Option<Riding<[InsertOutcome]>>,
     ) -> Result<Vec<InsertOutcome>, StoreError> {
         each!(self, s => s.insert_audited(records, riding).await)
     }
@@ -42,8 +42,12 @@ impl Store for Engine {
         each!(self, s => s.get(token).await)
     }
 
-    async fn delete(&self, delete: Delete) -> Result<DeleteOutcome, StoreError> {
-        each!(self, s => s.delete(delete).await)
+    async fn delete_audited(
+        &self,
+        delete: Delete,
+        riding: Option<Riding<DeleteOutcome>>,
+    ) -> Result<DeleteOutcome, StoreError> {
+        each!(self, s => s.delete_audited(delete, riding).await)
     }
 
     async fn rewrite(&self, rewrite: Rewrite) -> Result<RewriteOutcome, StoreError> {

@@ -210,14 +210,15 @@ pub struct LogEnd {
 /// Chains audit events onto the log: given its end, returns the entries to append.
 pub type AuditSeal = Box<dyn FnOnce(LogEnd) -> Sealed + Send>;
 
-/// The audit event of the call an insert finishes, committed in the same atomic,
-/// durable write as the insert's data, so that a call waits for one commit and the log
-/// says "ok" exactly when the data exists. Given the insert's outcomes, it returns the
-/// seal chaining the event, or `None` when the outcomes do not finish the call (a token
-/// taken, an existing record to check): its event is then written on its own, later.
-/// An engine calls it once per try of the write (it may plan the write again after
-/// losing a race), and chains what it returns last.
-pub type Riding = Box<dyn Fn(&[InsertOutcome]) -> Option<AuditSeal> + Send + Sync>;
+/// The audit event of the call a write finishes, committed in the same atomic, durable
+/// write as the write's data, so that a call waits for one commit and the log says
+/// "ok" exactly when the data exists (or is gone). Given the write's outcome, it
+/// returns the seal chaining the event, or `None` when the outcome does not finish the
+/// call (a token taken, an existing record to check, a record changed meanwhile): its
+/// event is then written on its own, later. An engine calls it once per try of the
+/// write (it may plan the write again after losing a race), and chains what it returns
+/// last.
+pub type Riding<O> = Box<dyn Fn(&O) -> Option<AuditSeal> + Send + Sync>;
 
 /// Audit entries to append, and the anchor to record with them.
 #[derive(Debug, Default)]
@@ -315,7 +316,7 @@ pub trait Store: Send + Sync + 'static {
     fn insert_audited(
         &self,
         records: Vec<NewRecord>,
-        riding: Option<Riding>,
+        riding: Option<Riding<[InsertOutcome]>>,
     ) -> impl Future<Output = Result<Vec<InsertOutcome>, StoreError>> + Send;
 
     /// The stored bytes of a token's record.
@@ -330,6 +331,16 @@ pub trait Store: Send + Sync + 'static {
     fn delete(
         &self,
         delete: Delete,
+    ) -> impl Future<Output = Result<DeleteOutcome, StoreError>> + Send {
+        self.delete_audited(delete, None)
+    }
+
+    /// [`Store::delete`], with the audit event `riding` makes from the outcome in the
+    /// same write (see [`Store::insert_audited`]).
+    fn delete_audited(
+        &self,
+        delete: Delete,
+        riding: Option<Riding<DeleteOutcome>>,
     ) -> impl Future<Output = Result<DeleteOutcome, StoreError>> + Send;
 
     /// Replaces a record with its re-encryption, atomically and durably, unless it

@@ -36,11 +36,13 @@ pub(super) enum Op {
     Insert {
         records: Vec<NewRecord>,
         /// The event of the call the insert finishes, committed with it.
-        riding: Option<Riding>,
+        riding: Option<Riding<[InsertOutcome]>>,
         reply: oneshot::Sender<Result<Vec<InsertOutcome>, StoreError>>,
     },
     Delete {
         delete: Delete,
+        /// The event of the call the delete finishes, committed with it.
+        riding: Option<Riding<DeleteOutcome>>,
         reply: oneshot::Sender<Result<DeleteOutcome, StoreError>>,
     },
     Rewrite {
@@ -284,8 +286,10 @@ async fn try_group(
                 seals.extend(riding.as_ref().and_then(|riding| riding(&outcomes)));
                 Done::Insert(outcomes)
             }
-            Op::Delete { delete, .. } => {
-                Done::Delete(delete_one(client, &statements, delete, &mut deltas).await?)
+            Op::Delete { delete, riding, .. } => {
+                let outcome = delete_one(client, &statements, delete, &mut deltas).await?;
+                seals.extend(riding.as_ref().and_then(|riding| riding(&outcome)));
+                Done::Delete(outcome)
             }
             Op::Rewrite { rewrite, .. } => {
                 Done::Rewrite(rewrite_one(client, &statements, rewrite, &mut deltas).await?)

@@ -271,7 +271,7 @@ impl Store for RocksStore {
     async fn insert_audited(
         &self,
         records: Vec<NewRecord>,
-        riding: Option<Riding>,
+        riding: Option<Riding<[InsertOutcome]>>,
     ) -> Result<Vec<InsertOutcome>, StoreError> {
         if records.is_empty() {
             return Ok(Vec::new());
@@ -292,8 +292,17 @@ impl Store for RocksStore {
             .map_err(engine)
     }
 
-    async fn delete(&self, delete: Delete) -> Result<DeleteOutcome, StoreError> {
-        self.submit(|reply| Op::Delete { delete, reply }).await
+    async fn delete_audited(
+        &self,
+        delete: Delete,
+        riding: Option<Riding<DeleteOutcome>>,
+    ) -> Result<DeleteOutcome, StoreError> {
+        self.submit(|reply| Op::Delete {
+            delete,
+            riding,
+            reply,
+        })
+        .await
     }
 
     async fn rewrite(&self, rewrite: Rewrite) -> Result<RewriteOutcome, StoreError> {

@@ -28,11 +28,13 @@ pub(super) enum Op {
     Insert {
         records: Vec<NewRecord>,
         /// The event of the call the insert finishes, committed with it.
-        riding: Option<Riding>,
+        riding: Option<Riding<[InsertOutcome]>>,
         reply: oneshot::Sender<Result<Vec<InsertOutcome>, StoreError>>,
     },
     Delete {
         delete: Delete,
+        /// The event of the call the delete finishes, committed with it.
+        riding: Option<Riding<DeleteOutcome>>,
         reply: oneshot::Sender<Result<DeleteOutcome, StoreError>>,
     },
     Rewrite {
@@ -184,12 +186,19 @@ impl Writer {
                     }
                     inserts.push((reply, outcomes));
                 }
-                Op::Delete { delete, reply } => {
+                Op::Delete {
+                    delete,
+                    riding,
+                    reply,
+                } => {
                     let outcome = self.plan_delete(&delete, &mut batch, &mut pending);
                     let outcome = outcome.unwrap_or_else(|e| {
                         failure.get_or_insert(e.to_string());
                         DeleteOutcome::Changed
                     });
+                    if let Some(seal) = riding.and_then(|riding| riding(&outcome)) {
+                        seals.push((seal, None));
+                    }
                     deletes.push((reply, outcome));
                 }
                 Op::Rewrite { rewrite, reply } => {
