@@ -98,6 +98,21 @@ impl CallEvent {
         self.written.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// The event of the call cancelled by its caller (it went away mid-call): what
+    /// the request named goes into an event only if the call succeeds.
+    pub fn cancelled(&self) -> AuditEvent {
+        AuditEvent {
+            outcome: "CANCELLED".into(),
+            token: String::new(),
+            count: 0,
+            processor: String::new(),
+            key_version: 0,
+            detail: String::new(),
+            reason: String::new(),
+            ..self.succeeded.clone()
+        }
+    }
+
     /// Marks the event written, by the durable write that carried it.
     pub(crate) fn carried(&self) {
         self.written

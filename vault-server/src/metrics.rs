@@ -29,7 +29,8 @@ pub struct PurposeLabels {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EventLabels {
-    pub kind: String,
+    /// A fixed name: no allocation per counted event.
+    pub kind: &'static str,
 }
 
 /// Every metric the vault exports.
@@ -219,10 +220,8 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn event(&self, kind: &str) {
-        self.events
-            .get_or_create(&EventLabels { kind: kind.into() })
-            .inc();
+    pub fn event(&self, kind: &'static str) {
+        self.events.get_or_create(&EventLabels { kind }).inc();
     }
 
     /// The text exposition format.

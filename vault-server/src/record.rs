@@ -225,7 +225,7 @@ pub fn seal(
     // The nonce is part of the header, which is authenticated as associated data, so
     // it is drawn before sealing.
     let mut nonce = [0u8; NONCE_LEN];
-    envelope::fill_random(&mut nonce)?;
+    envelope::fill_unique(&mut nonce)?;
     let header = encode_header(metadata, &nonce);
     let ciphertext = envelope::seal_with_nonce(key, &nonce, &aad(token, &header), &plaintext)?;
     let mut out = header;

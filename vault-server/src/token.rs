@@ -93,7 +93,7 @@ impl Token {
     /// A new opaque token.
     pub fn generate() -> Result<Self, envelope::Error> {
         let mut bytes = [0u8; 16];
-        envelope::fill_random(&mut bytes)?;
+        envelope::fill_unique(&mut bytes)?;
         let mut value = u128::from_be_bytes(bytes);
         let mut digits = [b'0'; DIGITS];
         for slot in digits.iter_mut().rev() {
@@ -196,7 +196,7 @@ impl Default for RandomDigits {
 impl RandomDigits {
     fn byte(&mut self) -> Result<u8, envelope::Error> {
         if self.next == self.bytes.len() {
-            envelope::fill_random(&mut self.bytes)?;
+            envelope::fill_unique(&mut self.bytes)?;
             self.next = 0;
         }
         self.next += 1;

@@ -47,20 +47,21 @@ fn touches_card_data(method: &str, permission: &Permission) -> bool {
 /// passed) before its audit event was written.
 struct CancelGuard {
     auditor: Option<Auditor>,
-    event: Option<AuditEvent>,
-    /// The call's event as a write of the call may have carried it.
+    /// The call's event, once authorized; taken when the call's event is written.
     call_event: Option<Arc<CallEvent>>,
 }
 
 impl Drop for CancelGuard {
     fn drop(&mut self) {
-        let (Some(auditor), Some(event)) = (self.auditor.take(), self.event.take()) else {
+        let (Some(auditor), Some(call_event)) = (self.auditor.take(), self.call_event.take())
+        else {
             return;
         };
         // The write that finished the call carried its event: the call happened.
-        if self.call_event.as_ref().is_some_and(|e| e.written()) {
+        if call_event.written() {
             return;
         }
+        let event = call_event.cancelled();
         let record = async move {
             if let Err(e) = auditor.record(event).await {
                 tracing::error!(error = %e, "a cancelled call could not be audited");
@@ -116,7 +117,6 @@ impl Guards {
             // still records the call.
             let mut guard = CancelGuard {
                 auditor: self.journal.auditor(),
-                event: None,
                 call_event: None,
             };
             let blocked = self.lockout.is_blocked(
@@ -156,10 +156,6 @@ impl Guards {
                 Ok(mut caller) => {
                     event.tenant = caller.tenant.as_str().to_owned();
                     caller.request_id = request_id.clone();
-                    guard.event = Some(AuditEvent {
-                        outcome: "CANCELLED".into(),
-                        ..event.clone()
-                    });
                     // The event as it reads if the call succeeds, for the write that
                     // finishes the call to carry (one commit for data and event).
                     let mut succeeded = AuditEvent {
@@ -231,7 +227,7 @@ impl Guards {
                 }
                 None => self.journal.audit(event).await,
             };
-            guard.event = None;
+            guard.call_event = None;
             let result = match (audited, result) {
                 (Ok(()), result) => result,
                 // No unaudited access: the answer is withheld.
@@ -318,6 +314,6 @@ impl Guards {
 fn new_request_id() -> String {
     let mut bytes = [0u8; 8];
     // A request id is for correlation only; an all-zero id on RNG failure is harmless.
-    let _ = envelope::fill_random(&mut bytes);
+    let _ = envelope::fill_unique(&mut bytes);
     hex::encode(bytes)
 }

@@ -218,6 +218,7 @@ impl RocksStore {
             cache: cache.clone(),
             refused_since: None,
             last_recovery: None,
+            log_end: Default::default(),
         };
         let writer = std::thread::Builder::new()
             .name("rocksdb-writer".into())

@@ -59,6 +59,7 @@ impl Writer {
             cache,
             refused_since,
             last_recovery,
+            log_end: _,
         } = self;
         // The old handle closes here, releasing the directory's lock. The filesystem
         // was writable a moment ago, so opening again fails only if it broke anew: the
@@ -107,6 +108,7 @@ impl Writer {
             cache,
             refused_since,
             last_recovery,
+            log_end: Default::default(),
         };
         writer.put_back();
         writer

@@ -16,7 +16,7 @@ use super::counts::{Counts, encode_counts};
 use super::{AUDIT, COUNTS, IDEMPOTENCY, META, Slot, classify};
 use crate::store::{
     AUDIT_HEAD_KEY, AuditSeal, Claim, Delete, DeleteOutcome, InsertOutcome, KeyUse, KeyVersions,
-    NewRecord, Replaceable, Rewrite, RewriteOutcome, Riding, StoreError,
+    LogEnd, NewRecord, Replaceable, Rewrite, RewriteOutcome, Riding, StoreError,
 };
 
 /// Most operations committed in one batch; bounds batch size and latency.
@@ -83,6 +83,10 @@ pub(super) struct Writer {
     /// refuses every write after that until it is reopened.
     pub(super) refused_since: Option<Instant>,
     pub(super) last_recovery: Option<Instant>,
+    /// The audit log's end after the last write that went through. This thread is the
+    /// log's only writer, so it need not read the end from the database for every
+    /// group; emptied when a write fails (the end is read again).
+    pub(super) log_end: std::cell::RefCell<Option<LogEnd>>,
 }
 
 /// A group's writes, handed to RocksDB sorted by column family and key. Inserting
@@ -272,6 +276,7 @@ impl Writer {
         // The events are chained last, once the group's data is planned, in the order
         // they came: each seal continues after the entries of the one before.
         let mut appended = Vec::with_capacity(seals.len());
+        let mut new_end = None;
         if failure.is_some() && !seals.is_empty() {
             // A failed read while planning fails the group's data operations, not the
             // audit events queued with them (a failed event stops the audit log until
@@ -281,7 +286,10 @@ impl Writer {
             self.commit_events_alone(seals);
         } else if !seals.is_empty() {
             match self.chain_events(seals, &mut batch) {
-                Ok(chained) => appended = chained,
+                Ok((chained, end)) => {
+                    appended = chained;
+                    new_end = Some(end);
+                }
                 Err((e, replies)) => {
                     failure.get_or_insert(e.to_string());
                     appended = replies.into_iter().map(|r| (r, Vec::new())).collect();
@@ -318,6 +326,9 @@ impl Writer {
                 .write_opt(batch.into_write_batch(), &sync)
                 .map_err(|e| e.into_string()),
         };
+        if written.is_ok() && new_end.is_some() {
+            *self.log_end.borrow_mut() = new_end;
+        }
         if let (Ok(()), Some(counted)) = (&written, counted) {
             *self
                 .counts
@@ -358,21 +369,25 @@ impl Writer {
 type AuditReply = Option<oneshot::Sender<Result<Vec<u64>, StoreError>>>;
 /// Audit appends of one group, with where to answer each.
 type Seals = Vec<(AuditSeal, AuditReply)>;
-/// Each append's sequence numbers, or every reply back if the log's end was unreadable.
-type Chained = Result<Vec<(AuditReply, Vec<u64>)>, (StoreError, Vec<AuditReply>)>;
+/// Each append's sequence numbers and the log's end after them, or every reply back if
+/// the log's end was unreadable.
+type Chained = Result<(Vec<(AuditReply, Vec<u64>)>, LogEnd), (StoreError, Vec<AuditReply>)>;
 
 impl Writer {
     /// Commits audit appends in a batch of their own (see `commit`).
     fn commit_events_alone(&self, seals: Seals) {
         let mut batch = SortedBatch::default();
         let (written, chained) = match self.chain_events(seals, &mut batch) {
-            Ok(chained) => {
+            Ok((chained, end)) => {
                 let mut sync = WriteOptions::default();
                 sync.set_sync(true);
                 let written = self
                     .db
                     .write_opt(batch.into_write_batch(), &sync)
                     .map_err(|e| e.into_string());
+                if written.is_ok() {
+                    *self.log_end.borrow_mut() = Some(end);
+                }
                 (written, chained)
             }
             Err((e, replies)) => (
@@ -387,9 +402,11 @@ impl Writer {
         }
     }
 
-    /// Chains each append onto the log's end (read once, then the entries before it
-    /// in this group) and puts the entries and the last anchor into `batch`. This
-    /// thread is the log's only writer, so the end read is still the end at the write.
+    /// Chains each append onto the log's end (as the last write left it, else read,
+    /// then the entries before it in this group) and puts the entries and the last
+    /// anchor into `batch`. This thread is the log's only writer, so that end is still
+    /// the end at the write. The end is taken from the cache: a failed write leaves it
+    /// to be read again.
     fn chain_events<'a>(&'a self, seals: Seals, batch: &mut SortedBatch<'a>) -> Chained {
         let (Some(log), Some(meta)) = (self.db.cf_handle(AUDIT), self.db.cf_handle(META)) else {
             return Err((
@@ -397,7 +414,8 @@ impl Writer {
                 seals.into_iter().map(|(_, r)| r).collect(),
             ));
         };
-        let mut end = match log_end(&self.db) {
+        let cached = self.log_end.borrow_mut().take();
+        let mut end = match cached.map_or_else(|| log_end(&self.db), Ok) {
             Ok(end) => end,
             Err(e) => return Err((e, seals.into_iter().map(|(_, r)| r).collect())),
         };
@@ -419,11 +437,11 @@ impl Writer {
             chained.push((reply, sequences));
         }
         if end.anchor != stored_anchor
-            && let Some(anchor) = end.anchor
+            && let Some(anchor) = &end.anchor
         {
             batch.put_cf(meta, AUDIT_HEAD_KEY, anchor);
         }
-        Ok(chained)
+        Ok((chained, end))
     }
 }
 
