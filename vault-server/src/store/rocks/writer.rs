@@ -3,7 +3,7 @@
 //! all as one synced write (group commit): the data of a group and the events of its
 //! calls become durable together, with one fsync.
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -172,6 +172,7 @@ impl Writer {
         // A failed read while planning fails the whole group: the batch may already
         // hold part of that operation, so nothing is written.
         let mut failure = None;
+        self.look_up_new_tokens(&group, &mut pending);
         for op in group {
             match op {
                 Op::Insert {
@@ -367,6 +368,40 @@ impl Writer {
 /// Where an audit append is answered; none for events riding an insert (its reply
 /// answers for them).
 type AuditReply = Option<oneshot::Sender<Result<Vec<u64>, StoreError>>>;
+impl Writer {
+    /// Whether the tokens the group's inserts bring exist, read in one batched look-up
+    /// (RocksDB's MultiGet: the keys sorted, each table's filter and index read once
+    /// for all of them) instead of one read per record while planning; noted as the
+    /// group's starting state. On a failed read, nothing is noted and each record is
+    /// read while planning, which reports the failure.
+    fn look_up_new_tokens(&self, group: &[Op], pending: &mut Pending) {
+        let mut tokens: Vec<&[u8]> = group
+            .iter()
+            .flat_map(|op| match op {
+                Op::Insert { records, .. } => records.as_slice(),
+                _ => &[],
+            })
+            .map(|record| record.token.as_str().as_bytes())
+            .collect();
+        if tokens.len() < 2 {
+            return;
+        }
+        tokens.sort_unstable();
+        tokens.dedup();
+        let Some(cf) = self.db.cf_handle(super::RECORDS) else {
+            return;
+        };
+        let found = self.db.batched_multi_get_cf(cf, &tokens, true);
+        if found.iter().any(Result::is_err) {
+            return;
+        }
+        for (token, found) in tokens.into_iter().zip(found) {
+            let exists = matches!(found, Ok(Some(_)));
+            pending.records.insert(token.to_vec(), exists);
+        }
+    }
+}
+
 /// Audit appends of one group, with where to answer each.
 type Seals = Vec<(AuditSeal, AuditReply)>;
 /// Each append's sequence numbers and the log's end after them, or every reply back if
@@ -450,15 +485,15 @@ impl Writer {
 /// prefix (see `indexes::index_prefix`).
 #[derive(Default)]
 pub(super) struct Pending {
-    pub(super) records: HashMap<Vec<u8>, bool>,
-    pub(super) cards: HashMap<Vec<u8>, Vec<Vec<u8>>>,
+    pub(super) records: FxHashMap<Vec<u8>, bool>,
+    pub(super) cards: FxHashMap<Vec<u8>, Vec<Vec<u8>>>,
     /// Records rewritten in this group (a second rewrite of one must re-read).
-    pub(super) rewritten: HashSet<Vec<u8>>,
+    pub(super) rewritten: FxHashSet<Vec<u8>>,
     /// Changes to the per-version record counts, applied once the batch is durable.
     pub(super) counts: Vec<((KeyUse, u32), i64)>,
     /// Idempotency outcomes written (`None`: removed) in this group, as a later
     /// operation of the group must see them.
-    pub(super) outcomes: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    pub(super) outcomes: FxHashMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
 impl Pending {
