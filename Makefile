@@ -90,7 +90,8 @@ audit-bench: rocksdb
 # Runs on the stable toolchain without a sanitizer (--sanitizer none); Rust's own checks
 # (bounds, overflow in debug assertions, panics) are what it catches.
 FUZZ_SECS ?= 60
-FUZZ_TARGETS := record_decode template card_parse mask policy_config idempotency_decode keyring_decode
+FUZZ_TARGETS := record_decode template card_parse mask policy_config idempotency_decode keyring_decode \
+  import_rows
 fuzz: rocksdb
 	@command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz --version 0.13.2
 	cd fuzz && for target in $(FUZZ_TARGETS); do \

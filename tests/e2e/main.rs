@@ -18,6 +18,7 @@ mod durability;
 mod faults;
 mod forward;
 mod guessing;
+mod import;
 mod keys;
 mod leaks;
 mod limits;

@@ -106,6 +106,8 @@ pub enum VaultError {
          keyservice; it creates one at start)"
     )]
     NoIntakeKey,
+    #[error("{0}")]
+    Import(crate::ops::ImportError),
 }
 
 impl VaultError {
@@ -266,6 +268,43 @@ impl VaultError {
                 tracing::error!(error = %self, "internal failure");
                 internal(Code::Internal, "internal error")
             }
+            VaultError::Import(e) => import_refusal(e, request_id),
+        }
+    }
+}
+
+/// An import call's refusal. The texts name rules, job ids, row numbers and counts;
+/// the keyservice's refusals (dual control) are passed on with their code.
+fn import_refusal(error: crate::ops::ImportError, request_id: &str) -> Status {
+    use crate::ops::ImportError as E;
+    let message = error.to_string();
+    match error {
+        E::Invalid { .. } | E::TooLarge { .. } | E::Open(_) | E::File(_) => {
+            Status::invalid_argument(message)
+        }
+        E::NoJob(_) => Status::not_found(message),
+        E::NotConfigured | E::NotApproved(_) | E::RowCount { .. } | E::NotVerified => {
+            Status::failed_precondition(message)
+        }
+        E::Gap { .. } => Status::out_of_range(message),
+        E::NoKey => Status::unavailable(message),
+        E::Keyservice(status) => match status.code() {
+            Code::PermissionDenied
+            | Code::NotFound
+            | Code::FailedPrecondition
+            | Code::InvalidArgument
+            | Code::AlreadyExists => Status::new(status.code(), status.message().to_owned()),
+            code => {
+                tracing::error!(code = ?code, "the keyservice failed an import job call");
+                Status::unavailable(format!(
+                    "the keyservice could not be reached for the import job; retry (request id \
+                     {request_id})"
+                ))
+            }
+        },
+        E::Spool(e) => {
+            tracing::error!(error = %e, "import spool failure");
+            Status::internal(format!("internal error (request id {request_id})"))
         }
     }
 }

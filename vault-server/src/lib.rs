@@ -21,6 +21,7 @@ pub mod cvc;
 pub mod error;
 pub mod forward;
 pub mod guessing;
+pub mod import;
 pub mod intake;
 pub mod keys;
 pub mod lockout;
@@ -267,6 +268,14 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
             Arc::clone(&keys),
             (audit_node.clone(), tls.identity().unwrap_or_default()),
             node.is_some(),
+        ),
+        importer: ops::Importer::new(
+            Arc::clone(&records),
+            ops::ImportSettings {
+                spool_dir: settings.import_spool_dir(),
+                max_file_bytes: settings.import.max_file_mb.saturating_mul(1024 * 1024),
+                flag_existing_share: settings.import.flag_existing_share,
+            },
         ),
         records,
         low_disk_bytes: settings.storage.low_disk_mb.saturating_mul(1024 * 1024),

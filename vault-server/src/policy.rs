@@ -47,6 +47,10 @@ pub enum Permission {
     /// Seeing cards' keyed fingerprints in TokenInfo (to tell two tokens of one card
     /// apart from two cards).
     Fingerprint,
+    /// Bulk import of an encrypted card file into the tenant (issue 21): exporting
+    /// the import key, proposing an import job, approving another identity's, and
+    /// running an approved one. Two identities with it are needed for any import.
+    Import,
 }
 
 impl Permission {
@@ -59,6 +63,7 @@ impl Permission {
             "admin" => Some(Self::Admin),
             "subject" => Some(Self::Subject),
             "fingerprint" => Some(Self::Fingerprint),
+            "import" => Some(Self::Import),
             _ => name
                 .strip_prefix("forward:")
                 .filter(|p| !p.is_empty())
@@ -178,7 +183,7 @@ impl Policy {
                     Permission::parse(p).ok_or_else(|| {
                         format!(
                             "identity[{i}].permissions: unknown permission {p:?} \
-                             (known: tokenize, read, delete, subject, fingerprint, audit, admin, \
+                             (known: tokenize, read, delete, subject, fingerprint, import, audit, admin, \
                              forward:<processor>)"
                         )
                     })

@@ -9,6 +9,7 @@
 //! - `admin`: backups, policy reload, rewrap, lockout blocks;
 //! - `audit_log`: reading and verifying the audit log;
 //! - `health`: degraded reasons and `/metrics`;
+//! - `import`: import jobs (an encrypted card file, under dual control);
 //! - `journal`: where all of them record what they did.
 
 mod admin;
@@ -17,6 +18,7 @@ pub mod erasures;
 mod forward;
 pub mod guessing;
 mod health;
+mod import;
 mod journal;
 mod records;
 mod sealed;
@@ -27,6 +29,9 @@ use std::sync::Arc;
 pub use admin::{Admin, AdminSettings, Backup, BackupCheck};
 pub use audit_log::{AuditLog, AuditPage, AuditQuery, AuditReport};
 pub use forward::{ForwardRequest, ForwardSettings, Forwarded, Forwarder};
+pub use import::{
+    FileSpec, ImportError, ImportSettings, ImportedRow, Importer, Job, RowOutcome, RowsDone,
+};
 pub use journal::Journal;
 pub use records::{RecordSettings, Records};
 pub use sealed::{SealingKey, TokenizeSealed};
@@ -41,6 +46,8 @@ pub struct Vault<S> {
     pub forwarder: Forwarder<S>,
     pub admin: Admin<S>,
     pub audit_log: AuditLog<S>,
+    /// Import jobs (`import`).
+    pub importer: Importer<S>,
     /// Free space under which the vault reports itself degraded.
     pub low_disk_bytes: u64,
 }

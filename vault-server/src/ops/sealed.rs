@@ -202,6 +202,7 @@ impl<S: Store> Records<S> {
                 reuse_existing: request.reuse_existing,
                 format: request.format,
                 answers: claimed.iter().map(|(_, a)| Some(a.clone())).collect(),
+                guessing_exempt: false,
             };
             let items = match self.tokenize_batch(caller, batch).await {
                 Ok(items) => items,
