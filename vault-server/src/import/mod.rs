@@ -11,6 +11,7 @@
 pub mod key;
 pub mod open;
 pub mod rows;
+pub mod zip;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};

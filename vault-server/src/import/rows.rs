@@ -70,6 +70,25 @@ pub enum FileError {
     Unterminated(u64),
     #[error("the plaintext could not be read")]
     Read,
+    #[error("{0}")]
+    Zip(super::zip::ZipProblem),
+}
+
+/// The rows of a plaintext that may be zipped (see `zip`).
+pub fn open<'r, R: BufRead + 'r>(
+    source: R,
+    format: FileFormat,
+    fields: Fields,
+) -> Result<RowReader<Box<dyn BufRead + 'r>>, FileError> {
+    let source = super::zip::unzip(source).map_err(|e| read_error(&e))?;
+    RowReader::new(source, format, fields)
+}
+
+fn read_error(error: &std::io::Error) -> FileError {
+    match super::zip::zip_problem(error) {
+        Some(problem) => FileError::Zip(problem),
+        None => FileError::Read,
+    }
 }
 
 /// One data row: its number (1 = the first row after a CSV header, or the first JSON
@@ -208,7 +227,7 @@ impl<R: BufRead> RowReader<R> {
     fn read_line(&mut self, row: u64) -> Result<bool, FileError> {
         self.line.clear();
         loop {
-            let available = self.source.fill_buf().map_err(|_| FileError::Read)?;
+            let available = self.source.fill_buf().map_err(|e| read_error(&e))?;
             if available.is_empty() {
                 return Ok(!self.line.is_empty());
             }

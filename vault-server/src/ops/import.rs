@@ -30,7 +30,7 @@ use super::tokenize::{BatchItem, TokenizeBatch};
 use crate::card::Violation;
 use crate::error::VaultError;
 use crate::import::open::{self, OpenError};
-use crate::import::rows::{FileError, RowReader, SourceRow};
+use crate::import::rows::{self, FileError, SourceRow};
 use crate::import::{Fields, FileFormat, ImportKey, JobState, Spool, SpoolError, valid_job_id};
 use crate::policy::Caller;
 use crate::store::Store;
@@ -343,7 +343,7 @@ impl<S: Store> Importer<S> {
         let (path, format, fields) = (spool.file(id), spec.format, spec.fields.clone());
         let counted = blocking(move || {
             open::with_plaintext(&path, &keys, sender.as_ref(), |reader| {
-                let mut rows = RowReader::new(reader, format, fields)?;
+                let mut rows = rows::open(reader, format, fields)?;
                 // Every row is parsed (a card's plaintext lives for one row), and
                 // dropped: this pass keeps nothing but the count.
                 while rows.next_row()?.is_some() {}
@@ -519,7 +519,7 @@ impl<S: Store> Importer<S> {
             .name("import-rows".into())
             .spawn(move || {
                 let result = open::with_plaintext(&path, &keys, sender.as_ref(), |reader| {
-                    let mut rows = RowReader::new(reader, format, fields).map_err(Some)?;
+                    let mut rows = rows::open(reader, format, fields).map_err(Some)?;
                     while rows.rows_read() < from_row {
                         if rows.next_row().map_err(Some)?.is_none() {
                             break;
