@@ -842,3 +842,95 @@ async fn zipped_stripe_json_lines_skip_the_guessing_detector_and_reuse_is_flagge
     assert!(flags.is_empty(), "{flags:?}");
     stack.stop().await;
 }
+
+/// The vault's peak resident memory (VmHWM), in MiB.
+fn peak_mib(process: &Process) -> u64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", process.child.id().unwrap())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        / 1024
+}
+
+/// By hand: the import rate and the vault's peak memory on the real binaries, for
+/// `IMPORT_BENCH_ROWS` rows (default 200,000); run it with two sizes to see memory stay
+/// flat (with an 8 MiB block cache). `cargo test --release -p integration-tests --test e2e import_rate -- --ignored
+/// --nocapture` (with `cargo build --release --bins` first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn import_rate_and_peak_memory() {
+    let rows: u64 = std::env::var("IMPORT_BENCH_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let dir = import_dir();
+    // A small block cache, so that what RocksDB caches (up to the cache's size, whatever
+    // the import) does not hide what the import holds.
+    dir.set_storage("block_cache_mb = 8\n");
+    let keyservice = Process::start("keyservice", &dir.path().join("keyservice.toml"), &[]).await;
+    let vault_config = dir.write_vault_config(keyservice.addr.port());
+    let vault = Process::start("vault-server", &vault_config, &[]).await;
+    let admin = config_at(dir.path(), ADMIN, vault.addr, keyservice.addr);
+    let gpg = Gpg::new();
+    let out = vaultctl(&admin, &["import", "key", "export"], "").await;
+    gpg.import(&out.stdout);
+    let fingerprint = out
+        .stderr
+        .split("fingerprint ")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let file = make_file(dir.path(), "bench", rows, &gpg, &fingerprint, None);
+    let job = vaultctl(
+        &admin,
+        &["import", "propose", "--rows", &rows.to_string()],
+        "",
+    )
+    .await
+    .stdout
+    .trim()
+    .to_owned();
+    let importer = config_at(dir.path(), IMPORTER, vault.addr, keyservice.addr);
+    assert!(
+        vaultctl(&importer, &["import", "approve", &job], "")
+            .await
+            .ok
+    );
+    let before = peak_mib(&vault);
+    let started = std::time::Instant::now();
+    let mapping = dir.path().join("bench.mapping.csv");
+    let out = vaultctl(
+        &admin,
+        &[
+            "import",
+            file.to_str().unwrap(),
+            "--job",
+            &job,
+            "--preset",
+            "stripe",
+            "--mapping",
+            mapping.to_str().unwrap(),
+            "--timeout-secs",
+            "600",
+        ],
+        "",
+    )
+    .await;
+    assert!(out.ok, "{}", out.stderr);
+    let elapsed = started.elapsed();
+    println!(
+        "import: {rows} rows, {} MiB encrypted, {:.1} s, {:.0} rows/s; vault peak RSS {} MiB \
+         before the job, {} MiB after",
+        std::fs::metadata(&file).unwrap().len() / (1024 * 1024),
+        elapsed.as_secs_f64(),
+        rows as f64 / elapsed.as_secs_f64(),
+        before,
+        peak_mib(&vault)
+    );
+    vault.kill9().await;
+    keyservice.kill9().await;
+}
