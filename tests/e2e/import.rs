@@ -592,8 +592,13 @@ async fn a_corrupt_wrongly_encrypted_or_wrongly_signed_file_stores_nothing() {
             .exists()
     );
 
-    // The right file, signed by the sender, goes through on the same job.
-    let out = import(&stack, &good, &job, &mapping, &signed).await;
+    // The right file, signed by the sender, goes through on the same job (its columns
+    // named in a fields file this time, over the preset's).
+    let fields = work.join("fields.toml");
+    std::fs::write(&fields, "number = \"card.number\"\nname = \"name\"\n").unwrap();
+    let mut with_fields = signed.to_vec();
+    with_fields.extend(["--fields", fields.to_str().unwrap()]);
+    let out = import(&stack, &good, &job, &mapping, &with_fields).await;
     assert!(out.ok, "{}", out.stderr);
     let tokens = check_mapping(&mapping, ROWS);
     wait_for_records(&stack, tokens.len() as u64).await;

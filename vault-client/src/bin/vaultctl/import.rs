@@ -84,6 +84,10 @@ pub struct RunArgs {
     /// Take the column names of a known export.
     #[arg(long, value_enum)]
     preset: Option<Preset>,
+    /// A small TOML file with the column names (`id`, `number`, `exp_month`,
+    /// `exp_year`, `name`), e.g. `number = "PAN"`; flags given too override it.
+    #[arg(long)]
+    fields: Option<PathBuf>,
     /// Column (CSV header name) or field (JSON path, e.g. card.number) of the source's id.
     #[arg(long)]
     id_field: Option<String>,
@@ -168,6 +172,23 @@ fn format(args: &RunArgs) -> anyhow::Result<ImportFormat> {
             sender_public_key: None,
         },
     };
+    if let Some(path) = &args.fields {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the fields file {}", path.display()))?;
+        let file: FieldsFile = toml::from_str(&text)
+            .with_context(|| format!("reading the fields file {}", path.display()))?;
+        for (value, field) in [
+            (file.id, &mut format.id_field),
+            (file.number, &mut format.number_field),
+            (file.exp_month, &mut format.exp_month_field),
+            (file.exp_year, &mut format.exp_year_field),
+            (file.name, &mut format.name_field),
+        ] {
+            if let Some(value) = value {
+                *field = value;
+            }
+        }
+    }
     for (value, field) in [
         (&args.id_field, &mut format.id_field),
         (&args.number_field, &mut format.number_field),
@@ -185,6 +206,17 @@ fn format(args: &RunArgs) -> anyhow::Result<ImportFormat> {
         format.sender_public_key = Some(key);
     }
     Ok(format)
+}
+
+/// `--fields FILE`: which column or field holds what.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FieldsFile {
+    id: Option<String>,
+    number: Option<String>,
+    exp_month: Option<String>,
+    exp_year: Option<String>,
+    name: Option<String>,
 }
 
 async fn run_file(client: &mut VaultClient, args: RunArgs) -> anyhow::Result<ExitCode> {
