@@ -82,6 +82,10 @@ impl From<ImportError> for VaultError {
     }
 }
 
+/// Most rows one job may name: far above any export, low enough that no count
+/// overflows.
+const MAX_ROWS: u64 = 1_000_000_000;
+
 /// `[import]` as the importer uses it.
 #[derive(Debug, Clone)]
 pub struct ImportSettings {
@@ -199,10 +203,10 @@ impl<S: Store> Importer<S> {
 
     /// Dual control, step one.
     pub async fn propose(&self, caller: &Caller, expected_rows: u64) -> Result<Job, ImportError> {
-        if expected_rows == 0 {
+        if !(1..=MAX_ROWS).contains(&expected_rows) {
             return Err(ImportError::Invalid {
                 field: "expected_rows",
-                rule: "must be at least 1",
+                rule: "must be 1 to 1,000,000,000",
             });
         }
         let proposal = self
