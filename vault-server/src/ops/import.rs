@@ -15,12 +15,14 @@
 //!    `reuse_existing`, exempt from the guessing detector. The caller names the row to
 //!    go on from (its mapping file is the durable cursor): rows done twice after a
 //!    crash get the token they got the first time, so a restarted import ends with
-//!    every row tokenized exactly once, without gaps.
+//!    every row tokenized exactly once, without gaps. The thread holds one batch ahead
+//!    and drops it if no call asks for it within two minutes; the last batch is handed
+//!    over only once this pass, too, has checked the file's tag and signature.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use vault_proto::keys::v1 as keys_pb;
@@ -147,17 +149,27 @@ pub struct RowsDone {
 
 type Batch = Result<Vec<SourceRow>, ImportError>;
 
-/// The second decryption of one job's file, on a thread of its own, a batch ahead.
+/// How long a job's decryption waits for its next call before it stops and drops the
+/// batch it prepared: no card is held for a caller that went away.
+const SESSION_IDLE: Duration = Duration::from_secs(120);
+
+/// The second decryption of one job's file, on a thread of its own, a batch ahead: it
+/// prepares a batch, then hands it over when asked (`demand`). Dropping the session
+/// stops the thread at its next step.
 #[derive(Debug)]
 struct Session {
     next_row: u64,
+    demand: std::sync::mpsc::SyncSender<()>,
     batches: mpsc::Receiver<Batch>,
-    stop: Arc<AtomicBool>,
 }
 
-impl Drop for Session {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+impl Session {
+    /// The next batch; `None` when the thread has stopped (idle too long).
+    async fn next(&mut self) -> Option<Batch> {
+        match self.demand.try_send(()) {
+            Ok(()) | Err(std::sync::mpsc::TrySendError::Full(())) => self.batches.recv().await,
+            Err(std::sync::mpsc::TrySendError::Disconnected(())) => None,
+        }
     }
 }
 
@@ -408,13 +420,18 @@ impl<S: Store> Importer<S> {
             Some(s) if s.next_row == from_row => s,
             _ => self.open_session(&state, from_row, batch_size)?,
         };
-        let rows = match session.batches.recv().await {
-            Some(Ok(rows)) => rows,
-            Some(Err(e)) => return Err(e.into()),
+        let batch = match session.next().await {
+            Some(batch) => batch,
+            // Stopped while idle: once more from the same row.
             None => {
-                return Err(ImportError::Open(OpenError::Integrity).into());
+                session = self.open_session(&state, from_row, batch_size)?;
+                session
+                    .next()
+                    .await
+                    .unwrap_or(Err(ImportError::Open(OpenError::Integrity)))
             }
         };
+        let rows = batch?;
         if rows.is_empty() {
             return Ok(self.done(&state, Vec::new(), state.total_rows));
         }
@@ -516,9 +533,13 @@ impl<S: Store> Importer<S> {
         };
         let keys = self.records.keys().snapshot().import.all().to_vec();
         let path = self.spool()?.file(&state.job_id);
-        let (tx, rx) = mpsc::channel::<Batch>(2);
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = Arc::clone(&stop);
+        let (tx, rx) = mpsc::channel::<Batch>(1);
+        let (demand, demanded) = std::sync::mpsc::sync_channel::<()>(1);
+        // Hands a batch over when the next call asks for it; false: stop (the call never
+        // came, or the session was dropped), dropping the batch.
+        let hand_over = move |batch: Batch| {
+            demanded.recv_timeout(SESSION_IDLE).is_ok() && tx.blocking_send(batch).is_ok()
+        };
         std::thread::Builder::new()
             .name("import-rows".into())
             .spawn(move || {
@@ -537,22 +558,24 @@ impl<S: Store> Importer<S> {
                                 None => break,
                             }
                         }
-                        let last = batch.len() < batch_size;
-                        if stopped.load(Ordering::Relaxed) || tx.blocking_send(Ok(batch)).is_err() {
+                        // The last batch is handed over only after the file's tag (and
+                        // signature) checked out again, at the end of this pass.
+                        if batch.len() < batch_size {
+                            return Ok(batch);
+                        }
+                        if !hand_over(Ok(batch)) {
                             // Nobody reads on: stop without reading to the end.
                             return Err(None);
                         }
-                        if last {
-                            return Ok(());
-                        }
                     }
                 });
-                let error = match result {
-                    Ok(()) | Err(Ok(None)) => return,
-                    Err(Ok(Some(e))) => ImportError::File(e),
-                    Err(Err(e)) => ImportError::Open(e),
+                let last = match result {
+                    Ok(batch) => Ok(batch),
+                    Err(Ok(None)) => return,
+                    Err(Ok(Some(e))) => Err(ImportError::File(e)),
+                    Err(Err(e)) => Err(ImportError::Open(e)),
                 };
-                let _ = tx.blocking_send(Err(error));
+                hand_over(last);
             })
             .map_err(|e| {
                 ImportError::Spool(SpoolError::Io {
@@ -562,8 +585,8 @@ impl<S: Store> Importer<S> {
             })?;
         Ok(Session {
             next_row: from_row,
+            demand,
             batches: rx,
-            stop,
         })
     }
 }
