@@ -950,3 +950,48 @@ async fn import_rate_and_peak_memory() {
     vault.kill9().await;
     keyservice.kill9().await;
 }
+
+/// The import key rotates like the others: after `keys rotate --purpose import` the
+/// vault hands out version 2 (another fingerprint), and a file encrypted to version 1
+/// before the rotation still imports, as does one encrypted to version 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_import_key_rotates_and_older_versions_still_open_files() {
+    const ROWS: u64 = 300;
+    let stack = import_stack().await;
+    let gpg = Gpg::new();
+    let first = export_import_key(&stack, &gpg).await;
+    let work = stack.dir.path().to_path_buf();
+    let old = make_file(&work, "old", ROWS, &gpg, &first, None);
+
+    let mut keys = KeyServiceClient::connect(&stack.keyservice_config(ADMIN))
+        .await
+        .unwrap();
+    let rotated = keys.rotate("import").await.unwrap();
+    assert_eq!(rotated.version, 2);
+    let config = config_for(&stack, ADMIN);
+    within(
+        Duration::from_secs(30),
+        "the vault's import key version 2",
+        || {
+            let config = config.clone();
+            async move {
+                let out = vaultctl(&config, &["import", "key", "export"], "").await;
+                out.stderr.contains("version 2,").then_some(())
+            }
+        },
+    )
+    .await;
+    let second = export_import_key(&stack, &gpg).await;
+    assert_ne!(first, second);
+    let new = make_file(&work, "new", ROWS, &gpg, &second, None);
+
+    for (file, name) in [(&old, "old"), (&new, "new")] {
+        let job = propose(&stack, ADMIN, ROWS).await;
+        assert!(approve(&stack, IMPORTER, &job).await.ok);
+        let mapping = work.join(format!("{name}.mapping.csv"));
+        let out = import(&stack, file, &job, &mapping, &[]).await;
+        assert!(out.ok, "{name}: {}", out.stderr);
+        check_mapping(&mapping, ROWS);
+    }
+    stack.stop().await;
+}
