@@ -153,13 +153,16 @@ pub enum OperationKind {
     /// A tenant's bulk import (issue 21): proposed and approved through a vault by two
     /// identities holding its `import` permission; the vault runs it once approved.
     Import,
+    /// A tenant's cards exported to a processor's OpenPGP key (issue 21), under the
+    /// `export` permission, like an import.
+    Export,
 }
 
 impl OperationKind {
     /// Jobs a vault runs for a tenant: proposed and approved through a vault (the
     /// vault's policy says who may), never carried out by the keyservice itself.
     pub fn is_tenant_job(self) -> bool {
-        matches!(self, OperationKind::Import)
+        matches!(self, OperationKind::Import | OperationKind::Export)
     }
 }
 
@@ -170,6 +173,12 @@ pub struct TenantJob {
     pub vault_identity: String,
     pub tenant: String,
     pub expected_rows: u64,
+    /// Export: the processor the cards go to.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub processor: String,
+    /// Export: which tokens: "all", or "sha256:<hex>" of the sorted token list.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub selection: String,
 }
 
 /// The gap an audit-gap proposal acknowledges: entries `first..=last` missing from the

@@ -60,8 +60,9 @@ pub enum Refusal {
     #[error("nothing to accept: no vault has used a keyring generation above this one")]
     NotRestored,
     #[error(
-        "proposal {0} is a tenant's job (import): it is approved through a vault by a \
-         second identity with the tenant's `import` permission (`vaultctl import approve`)"
+        "proposal {0} is a tenant's job (import or export): it is approved through a vault \
+         by a second identity with the tenant's `import` or `export` permission \
+         (`vaultctl import approve`, `vaultctl export approve`)"
     )]
     TenantJob(String),
     #[error("proposal {0} is not an approved job of this tenant")]
@@ -86,6 +87,7 @@ pub fn kind_name(kind: OperationKind) -> &'static str {
         OperationKind::Retire => "retire",
         OperationKind::AcceptRestore => "accept-restore",
         OperationKind::Import => "import",
+        OperationKind::Export => "export",
     }
 }
 
@@ -283,7 +285,10 @@ impl Keyring {
                 OperationKind::Retire => self.check_retire(purpose, proposal.version)?,
                 OperationKind::AcceptRestore => {}
                 OperationKind::Unretire => self.check_unretire(purpose, proposal.version)?,
-                OperationKind::RootKeyChange | OperationKind::AuditGap | OperationKind::Import => {}
+                OperationKind::RootKeyChange
+                | OperationKind::AuditGap
+                | OperationKind::Import
+                | OperationKind::Export => {}
             }
         }
         if let Some(open) = self.proposals.iter().find(|p| {

@@ -96,7 +96,7 @@ impl Row {
 
 /// Every RPC of the Vault service: (name, code of an empty request, field it names).
 /// `every_rpc_is_in_the_matrix` checks this against vault.proto.
-const RPCS: [(&str, Code, Option<&str>); 24] = [
+const RPCS: [(&str, Code, Option<&str>); 27] = [
     ("Tokenize", Code::InvalidArgument, Some("card")),
     ("TokenizeBatch", Code::InvalidArgument, Some("cards")),
     ("GetSealingKey", Code::Ok, None),
@@ -130,6 +130,9 @@ const RPCS: [(&str, Code, Option<&str>); 24] = [
     ("ApproveImport", Code::InvalidArgument, Some("job_id")),
     ("ImportUpload", Code::InvalidArgument, Some("job_id")),
     ("ImportRows", Code::InvalidArgument, Some("job_id")),
+    ("ProposeExport", Code::InvalidArgument, Some("processor")),
+    ("ApproveExport", Code::InvalidArgument, Some("job_id")),
+    ("RunExport", Code::InvalidArgument, Some("job_id")),
 ];
 
 /// Variants every RPC gets, whatever its fields.
@@ -1137,6 +1140,54 @@ fn import_rows(rows: &mut Rows) {
     );
 }
 
+/// Export jobs: processors that take no exports, malformed token lists, jobs nobody
+/// proposed. Nothing is proposed or written.
+fn export_rows(rows: &mut Rows) {
+    let invalid = Code::InvalidArgument;
+    let unknown = "p-000000000000";
+    rows.add(
+        "ProposeExport",
+        "processor unknown",
+        Wire::new().bytes(1, MARKER),
+        Code::NotFound,
+    )
+    .names("processor");
+    rows.add(
+        "ProposeExport",
+        "processor without an export key",
+        Wire::new().bytes(1, "sandbox"),
+        Code::NotFound,
+    )
+    .names("processor");
+    for rpc in ["ProposeExport", "RunExport"] {
+        let first = match rpc {
+            "RunExport" => Wire::new().bytes(1, unknown),
+            _ => Wire::new().bytes(1, "sandbox"),
+        };
+        rows.add(
+            rpc,
+            "a token that is a card number",
+            first.bytes(2, PAN),
+            invalid,
+        )
+        .names("tokens");
+        let many = (0..=vault_proto::codec::MAX_EXPORT_TOKENS)
+            .fold(Wire::new().bytes(1, unknown), |w, _| w.bytes(2, ""));
+        rows.add(rpc, "100,001 tokens", many, invalid)
+            .names("tokens");
+    }
+    for rpc in ["ApproveExport", "RunExport"] {
+        rows.add(rpc, "job_id marker", Wire::new().bytes(1, MARKER), invalid)
+            .names("job_id");
+        rows.add(
+            rpc,
+            "job nobody proposed",
+            Wire::new().bytes(1, unknown),
+            Code::NotFound,
+        );
+    }
+}
+
 /// Cards that rows tokenize with a field repeated on the wire: each must end up stored
 /// exactly once.
 struct DuplicatePans {
@@ -1211,6 +1262,7 @@ async fn bad_input_matrix_every_rpc() {
     subject_rows(&mut rows);
     sealed_rows(&mut rows);
     import_rows(&mut rows);
+    export_rows(&mut rows);
     // DeleteToken last of the token rows: the fixture token goes, once.
     rows.add(
         "DeleteToken",

@@ -11,8 +11,9 @@ use vault_client::{Card, KeyServiceClient};
 
 use crate::vaultctl::{Output, config_for, vaultctl};
 
-/// The second identity of tenant acme with `import` (the admin is the first).
-const IMPORTER: &str = "importer";
+/// The second identity of tenant acme with `import` and `export` (the admin is the
+/// first).
+pub(crate) const IMPORTER: &str = "importer";
 
 const HEADER: &str = "id,card.number,card.exp_month,card.exp_year,name";
 
@@ -24,7 +25,7 @@ async fn import_stack() -> Stack {
 
 /// A stack directory whose policy lets the admin and `importer` import into acme, and
 /// `globex-service` into globex.
-fn import_dir() -> StackDir {
+pub(crate) fn import_dir() -> StackDir {
     let dir = StackDir::new();
     dir.add_client_identity(IMPORTER);
     let policy = dir.path().join("policy.toml");
@@ -32,14 +33,14 @@ fn import_dir() -> StackDir {
         .unwrap()
         .replacen(
             "permissions = [\"tokenize\", \"read\", \"delete\", \"subject\", \"forward:sandbox\"]",
-            "permissions = [\"tokenize\", \"read\", \"delete\", \"subject\", \"import\", \"forward:sandbox\"]",
+            "permissions = [\"tokenize\", \"read\", \"delete\", \"subject\", \"import\", \"export\", \"forward:sandbox\"]",
             1,
         );
-    assert!(text.contains("\"import\", \"admin\""));
+    assert!(text.contains("\"import\", \"export\", \"admin\""));
     std::fs::write(
         &policy,
         format!(
-            "{text}\n[[identity]]\nid = \"{}\"\ntenant = \"acme\"\npermissions = [\"import\"]\n",
+            "{text}\n[[identity]]\nid = \"{}\"\ntenant = \"acme\"\npermissions = [\"import\", \"export\"]\n",
             identity(IMPORTER)
         ),
     )
@@ -48,12 +49,12 @@ fn import_dir() -> StackDir {
 }
 
 /// Debian's GnuPG with a home of its own.
-struct Gpg {
+pub(crate) struct Gpg {
     home: tempfile::TempDir,
 }
 
 impl Gpg {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let home = tempfile::Builder::new()
             .prefix("gpg")
             .tempdir_in("/tmp")
@@ -66,7 +67,7 @@ impl Gpg {
         Self { home }
     }
 
-    fn run(&self, args: &[&str]) -> std::process::Output {
+    pub(crate) fn run(&self, args: &[&str]) -> std::process::Output {
         let output = std::process::Command::new("/usr/bin/gpg")
             .arg("--homedir")
             .arg(self.home.path())
@@ -104,7 +105,7 @@ impl Gpg {
     }
 
     /// A new signing key; its fingerprint.
-    fn generate(&self, name: &str) -> String {
+    pub(crate) fn generate(&self, name: &str) -> String {
         self.run(&["--quick-gen-key", name, "ed25519", "sign", "never"]);
         let listing = self.run(&["--with-colons", "--fingerprint", "--list-secret-keys", name]);
         let text = String::from_utf8(listing.stdout).unwrap();
@@ -114,7 +115,7 @@ impl Gpg {
             .unwrap()
     }
 
-    fn export(&self, fingerprint: &str) -> String {
+    pub(crate) fn export(&self, fingerprint: &str) -> String {
         String::from_utf8(self.run(&["--armor", "--export", fingerprint]).stdout).unwrap()
     }
 

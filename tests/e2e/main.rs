@@ -15,6 +15,7 @@ mod crash;
 mod deploy;
 mod devstack;
 mod durability;
+mod export;
 mod faults;
 mod forward;
 mod guessing;

@@ -90,7 +90,7 @@ impl StackDir {
 [[identity]]
 id = "{admin}"
 tenant = "acme"
-permissions = ["tokenize", "read", "delete", "subject", "fingerprint", "import", "admin", "audit", "forward:sandbox", "forward:slow", "forward:down", "forward:tiny", "forward:pinned", "forward:foreign-ca", "forward:loopback-denied", "forward:reasoned", "forward:routed"]
+permissions = ["tokenize", "read", "delete", "subject", "fingerprint", "import", "export", "admin", "audit", "forward:sandbox", "forward:slow", "forward:down", "forward:tiny", "forward:pinned", "forward:foreign-ca", "forward:loopback-denied", "forward:reasoned", "forward:routed"]
 
 [[identity]]
 id = "{reader}"

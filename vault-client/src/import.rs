@@ -274,3 +274,102 @@ impl VaultClient {
         })
     }
 }
+
+/// An export job as the keyservice keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ExportJob {
+    pub id: String,
+    pub tenant: String,
+    pub processor: String,
+    /// "all", or "sha256:" and the digest of the token list.
+    pub selection: String,
+    pub proposed_by: String,
+    pub approved_by: Option<String>,
+    pub approved: bool,
+    pub expires_at_unix_ms: i64,
+}
+
+impl ExportJob {
+    fn from_wire(job: pb::ExportJob) -> Result<Self, Error> {
+        if job.job_id.is_empty() {
+            return Err(Error::Incomplete);
+        }
+        Ok(Self {
+            id: job.job_id,
+            tenant: job.tenant,
+            processor: job.processor,
+            selection: job.selection,
+            proposed_by: job.proposed_by,
+            approved_by: Some(job.approved_by).filter(|a| !a.is_empty()),
+            approved: job.approved,
+            expires_at_unix_ms: job.expires_at_unix_ms,
+        })
+    }
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ExportResult {
+    pub job_id: String,
+    pub processor: String,
+    /// The processor key's fingerprint the file is encrypted to.
+    pub fingerprint: String,
+    pub cards: u64,
+    /// The file, on the vault's host.
+    pub path: String,
+}
+
+impl VaultClient {
+    /// Proposes exporting our tenant's tokens (all, or `tokens`) to `processor`; a
+    /// second identity with `export` approves it. Not retried.
+    pub async fn propose_export(
+        &mut self,
+        processor: &str,
+        tokens: Vec<String>,
+    ) -> Result<ExportJob, Error> {
+        let job = self
+            .vault
+            .propose_export(pb::ProposeExportRequest {
+                processor: processor.to_owned(),
+                tokens,
+            })
+            .await?
+            .into_inner();
+        ExportJob::from_wire(job)
+    }
+
+    /// Approves another identity's export job.
+    pub async fn approve_export(&mut self, job_id: &str) -> Result<ExportJob, Error> {
+        let job = self
+            .vault
+            .approve_export(pb::ApproveExportRequest {
+                job_id: job_id.to_owned(),
+            })
+            .await?
+            .into_inner();
+        ExportJob::from_wire(job)
+    }
+
+    /// Writes the approved job's file (once). `tokens`: the list it was proposed with.
+    pub async fn run_export(
+        &mut self,
+        job_id: &str,
+        tokens: Vec<String>,
+    ) -> Result<ExportResult, Error> {
+        let done = self
+            .vault
+            .run_export(pb::RunExportRequest {
+                job_id: job_id.to_owned(),
+                tokens,
+            })
+            .await?
+            .into_inner();
+        Ok(ExportResult {
+            job_id: done.job_id,
+            processor: done.processor,
+            fingerprint: done.fingerprint,
+            cards: done.cards,
+            path: done.path,
+        })
+    }
+}

@@ -46,8 +46,8 @@ use vault_proto::vault::v1 as pb;
 use zeroize::Zeroizing;
 
 pub use import::{
-    IMPORT_PIECE_BYTES, ImportFormat, ImportJob, ImportKeyInfo, ImportStatus, ImportedRow,
-    ImportedRows,
+    ExportJob, ExportResult, IMPORT_PIECE_BYTES, ImportFormat, ImportJob, ImportKeyInfo,
+    ImportStatus, ImportedRow, ImportedRows,
 };
 
 /// Where a service is and how to prove who we are.

@@ -79,6 +79,20 @@ pub struct Settings {
     /// `[import]`: bulk import of encrypted card files.
     #[serde(default)]
     pub import: ImportSettings,
+    /// `[export]`: card exports to a processor's key.
+    #[serde(default)]
+    pub export: ExportSettings,
+}
+
+/// `[export]`: where export files are written (docs/operations.md, "Moving cards out").
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportSettings {
+    /// Default: beside `data_dir`, named after it with `-export` appended. Required
+    /// with PostgreSQL. Files here are encrypted to the processor's key and readable by
+    /// the vault's user only.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
 }
 
 /// `[import]`: bulk import of OpenPGP-encrypted card files (docs/operations.md,
@@ -539,6 +553,21 @@ impl Settings {
         Some(self.data_dir.with_file_name(format!("{name}-import")))
     }
 
+    /// Where export files go; `None` without `export.dir` or a `data_dir`.
+    pub fn export_dir(&self) -> Option<PathBuf> {
+        if let Some(dir) = &self.export.dir {
+            return Some(dir.clone());
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return None;
+        }
+        let name = self
+            .data_dir
+            .file_name()
+            .map_or_else(|| "vault".into(), |n| n.to_string_lossy().into_owned());
+        Some(self.data_dir.with_file_name(format!("{name}-export")))
+    }
+
     fn resolve_relative_paths(&mut self, base: &Path) {
         let mut files = vec![
             &mut self.policy_file,
@@ -549,8 +578,14 @@ impl Settings {
         if let Some(ca) = &mut self.keyservice.ca_file {
             files.push(ca);
         }
+        if let Some(dir) = &mut self.export.dir {
+            files.push(dir);
+        }
         for processor in &mut self.processors {
             files.push(&mut processor.ca_file);
+            if let Some(export) = &mut processor.export {
+                files.push(&mut export.public_key_file);
+            }
             for route in &mut processor.named_routes {
                 for secret in route.secret_headers.values_mut() {
                     files.push(&mut secret.file);

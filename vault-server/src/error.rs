@@ -108,6 +108,8 @@ pub enum VaultError {
     NoIntakeKey,
     #[error("{0}")]
     Import(crate::ops::ImportError),
+    #[error("{0}")]
+    Export(crate::ops::ExportError),
 }
 
 impl VaultError {
@@ -269,6 +271,27 @@ impl VaultError {
                 internal(Code::Internal, "internal error")
             }
             VaultError::Import(e) => import_refusal(e, request_id),
+            VaultError::Export(e) => export_refusal(e, request_id),
+        }
+    }
+}
+
+/// An export call's refusal; the keyservice's refusals (dual control) keep their code.
+fn export_refusal(error: crate::ops::ExportError, request_id: &str) -> Status {
+    use crate::ops::ExportError as E;
+    let message = error.to_string();
+    match error {
+        E::Invalid { .. } => Status::invalid_argument(message),
+        E::NoTarget(_) | E::NoJob(_) => Status::not_found(message),
+        E::NotApproved(_) | E::Selection | E::Done(_) | E::NotConfigured => {
+            Status::failed_precondition(message)
+        }
+        E::Keyservice(status) => {
+            import_refusal(crate::ops::ImportError::Keyservice(status), request_id)
+        }
+        E::Write(detail) => {
+            tracing::error!(detail = %detail, "export file could not be written");
+            Status::internal(format!("internal error (request id {request_id})"))
         }
     }
 }

@@ -110,6 +110,7 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
     let policy = policy::Policy::load(&settings.policy_file)?;
     let processors =
         forward::Processors::from_settings(&settings.processors).map_err(Error::Processors)?;
+    let export_targets = ops::export_targets(&settings.processors).map_err(Error::Processors)?;
     let tls = TlsMaterial::load(&settings.tls)?;
     let keyservice_tls = match &settings.keyservice.ca_file {
         Some(ca_file) => TlsMaterial::load(&TlsFiles {
@@ -269,6 +270,7 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
             (audit_node.clone(), tls.identity().unwrap_or_default()),
             node.is_some(),
         ),
+        exporter: ops::Exporter::new(Arc::clone(&records), export_targets, settings.export_dir()),
         importer: ops::Importer::new(
             Arc::clone(&records),
             ops::ImportSettings {

@@ -51,6 +51,9 @@ pub enum Permission {
     /// the import key, proposing an import job, approving another identity's, and
     /// running an approved one. Two identities with it are needed for any import.
     Import,
+    /// Exporting the tenant's cards to a processor's OpenPGP key (issue 21): proposing
+    /// an export job, approving another identity's, running an approved one.
+    Export,
 }
 
 impl Permission {
@@ -64,6 +67,7 @@ impl Permission {
             "subject" => Some(Self::Subject),
             "fingerprint" => Some(Self::Fingerprint),
             "import" => Some(Self::Import),
+            "export" => Some(Self::Export),
             _ => name
                 .strip_prefix("forward:")
                 .filter(|p| !p.is_empty())
@@ -183,8 +187,8 @@ impl Policy {
                     Permission::parse(p).ok_or_else(|| {
                         format!(
                             "identity[{i}].permissions: unknown permission {p:?} \
-                             (known: tokenize, read, delete, subject, fingerprint, import, audit, admin, \
-                             forward:<processor>)"
+                             (known: tokenize, read, delete, subject, fingerprint, import, export, \
+                             audit, admin, forward:<processor>)"
                         )
                     })
                 })

@@ -210,8 +210,9 @@ pub(super) fn propose(
     if kind.is_tenant_job() {
         return Err(ServiceError::InvalidArgument {
             field: "kind",
-            rule: "an import is proposed through a vault by an identity with the tenant's \
-                   `import` permission (vaultctl import propose), not by a key admin",
+            rule: "an import or export is proposed through a vault by an identity with the \
+                   tenant's `import` or `export` permission (vaultctl import propose, \
+                   vaultctl export propose), not by a key admin",
         });
     }
     let audit_gap = match kind {
@@ -543,7 +544,7 @@ pub(super) fn propose_job(
     if !kind.is_tenant_job() {
         return Err(ServiceError::InvalidArgument {
             field: "kind",
-            rule: "a vault proposes tenant jobs only (import)",
+            rule: "a vault proposes tenant jobs only (import, export)",
         });
     }
     let job = request.job.ok_or(ServiceError::InvalidArgument {
@@ -556,10 +557,16 @@ pub(super) fn propose_job(
             rule: "the tenant and the identity the vault proposes for are required",
         });
     }
-    if job.expected_rows == 0 {
+    if kind == OperationKind::Import && job.expected_rows == 0 {
         return Err(ServiceError::InvalidArgument {
             field: "job.expected_rows",
             rule: "must be at least 1",
+        });
+    }
+    if kind == OperationKind::Export && (job.processor.is_empty() || job.selection.is_empty()) {
+        return Err(ServiceError::InvalidArgument {
+            field: "job.processor",
+            rule: "an export names its processor and its selection",
         });
     }
     let mut id_bytes = [0u8; 6];
@@ -583,18 +590,30 @@ pub(super) fn propose_job(
             vault_identity: vault.to_owned(),
             tenant: job.tenant.clone(),
             expected_rows: job.expected_rows,
+            processor: job.processor.clone(),
+            selection: job.selection.clone(),
         }),
     };
     let event = NewEvent {
         actor: &job.on_behalf_of,
         action: "propose",
-        detail: format!(
-            "{} {} (tenant {}, {} rows, through {vault})",
-            lifecycle::kind_name(kind),
-            proposal.id,
-            job.tenant,
-            job.expected_rows
-        ),
+        detail: match kind {
+            OperationKind::Export => format!(
+                "{} {} (tenant {}, to processor {}, tokens {}, through {vault})",
+                lifecycle::kind_name(kind),
+                proposal.id,
+                job.tenant,
+                job.processor,
+                job.selection
+            ),
+            _ => format!(
+                "{} {} (tenant {}, {} rows, through {vault})",
+                lifecycle::kind_name(kind),
+                proposal.id,
+                job.tenant,
+                job.expected_rows
+            ),
+        },
         ..Default::default()
     };
     let stored = shared
@@ -625,6 +644,7 @@ pub(super) fn approve_job(
             rule: "the approver and tenant are required",
         });
     }
+    let kind = kind_from_wire(request.kind)?;
     let id = request.id.as_str();
     let mut event = NewEvent {
         actor: &request.approved_by,
@@ -636,6 +656,7 @@ pub(super) fn approve_job(
     let proposal = match keyring.proposals.iter().find(|p| p.id == id) {
         Some(p)
             if p.kind.is_tenant_job()
+                && p.kind == kind
                 && p.job.as_ref().is_some_and(|j| j.tenant == request.tenant) =>
         {
             keyring

@@ -41,6 +41,7 @@ pub(super) fn kind_from_wire(kind: i32) -> Result<OperationKind, ServiceError> {
         Ok(pb::OperationKind::Retire) => Ok(OperationKind::Retire),
         Ok(pb::OperationKind::AcceptRestore) => Ok(OperationKind::AcceptRestore),
         Ok(pb::OperationKind::Import) => Ok(OperationKind::Import),
+        Ok(pb::OperationKind::Export) => Ok(OperationKind::Export),
         _ => Err(ServiceError::InvalidArgument {
             field: "kind",
             rule: "must be destroy, retire, unretire, root-key-change, audit-gap or accept-restore",
@@ -66,6 +67,7 @@ fn kind_to_wire(kind: OperationKind) -> pb::OperationKind {
         OperationKind::Retire => pb::OperationKind::Retire,
         OperationKind::AcceptRestore => pb::OperationKind::AcceptRestore,
         OperationKind::Import => pb::OperationKind::Import,
+        OperationKind::Export => pb::OperationKind::Export,
     }
 }
 
@@ -102,6 +104,8 @@ pub(super) fn proposal_to_wire(p: &Proposal, now: i64) -> pb::Proposal {
             tenant: job.tenant.clone(),
             expected_rows: job.expected_rows,
             on_behalf_of: String::new(),
+            processor: job.processor.clone(),
+            selection: job.selection.clone(),
         }),
     }
 }

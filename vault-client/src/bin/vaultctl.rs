@@ -6,7 +6,7 @@
 //! it finds `.dev/vaultctl.toml` by itself.
 //!
 //! One module per command group under `vaultctl/`: `keys`, `policy`, `audit`,
-//! `blocks` and `import`; `output` holds what they print with.
+//! `blocks`, `import` and `export`; `output` holds what they print with.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)] // a CLI prints its results
 
@@ -15,6 +15,8 @@
 mod audit;
 #[path = "vaultctl/blocks.rs"]
 mod blocks;
+#[path = "vaultctl/export.rs"]
+mod export;
 #[path = "vaultctl/import.rs"]
 mod import;
 #[path = "vaultctl/keys.rs"]
@@ -144,6 +146,10 @@ enum Command {
     /// Move cards in: the import key, import jobs under dual control, and
     /// `import FILE --job JOB` to send an encrypted export and write its mapping.
     Import(Box<import::ImportArgs>),
+    /// Move cards out: export jobs under dual control, to a processor's pinned
+    /// OpenPGP key.
+    #[command(subcommand)]
+    Export(export::ExportCommand),
     /// Health of the vault and the keyservice.
     Health,
 }
@@ -633,6 +639,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit(command) => return audit::run(command, &vault).await,
         Command::Blocks(command) => return blocks::run(command, &vault).await,
         Command::Import(args) => return import::run(*args, &vault).await,
+        Command::Export(command) => return export::run(command, &vault).await,
         Command::Health => {
             let mut healthy = true;
             for (name, result) in [

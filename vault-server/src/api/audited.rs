@@ -197,3 +197,37 @@ impl Audited for pb::ImportRowsResponse {
         );
     }
 }
+
+// Export jobs: the event names the job, the processor, the key's fingerprint and the
+// count; never a card.
+impl Audited for pb::ProposeExportRequest {
+    fn describe(&self, event: &mut AuditEvent) {
+        event.count = self.tokens.len() as u32;
+    }
+}
+impl Audited for pb::ApproveExportRequest {}
+impl Audited for pb::ExportJob {
+    fn describe(&self, event: &mut AuditEvent) {
+        event.detail = format!(
+            "export job {} to processor {} ({} tokens; proposed by {}{})",
+            self.job_id,
+            self.processor,
+            self.selection,
+            self.proposed_by,
+            match self.approved {
+                true => format!(", approved by {}", self.approved_by),
+                false => String::new(),
+            }
+        );
+    }
+}
+impl Audited for pb::RunExportRequest {}
+impl Audited for pb::ExportResult {
+    fn describe(&self, event: &mut AuditEvent) {
+        event.count = u32::try_from(self.cards).unwrap_or(u32::MAX);
+        event.detail = format!(
+            "export job {}: {} cards to processor {}, encrypted to key {}",
+            self.job_id, self.cards, self.processor, self.fingerprint
+        );
+    }
+}

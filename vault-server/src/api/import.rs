@@ -126,3 +126,47 @@ pub fn rows(done: RowsDone) -> pb::ImportRowsResponse {
         flagged: done.flagged,
     }
 }
+
+/// Export jobs on the wire. The tokens a request lists are checked one by one (a
+/// malformed one is INVALID_ARGUMENT naming `tokens`, never echoed).
+pub fn export_tokens(tokens: &[String]) -> Result<Option<Vec<crate::token::Token>>, VaultError> {
+    if tokens.is_empty() {
+        return Ok(None);
+    }
+    tokens
+        .iter()
+        .map(|t| {
+            crate::token::Token::parse(t).map_err(|_| {
+                VaultError::Invalid(crate::card::violation(
+                    "tokens",
+                    "format",
+                    "each must be a token of this vault",
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+pub fn export_job(job: crate::ops::ExportJob) -> pb::ExportJob {
+    pb::ExportJob {
+        job_id: job.id,
+        tenant: job.tenant,
+        processor: job.processor,
+        selection: job.selection,
+        proposed_by: job.proposed_by,
+        approved_by: job.approved_by,
+        approved: job.approved,
+        expires_at_unix_ms: job.expires_at_unix_ms,
+    }
+}
+
+pub fn exported(done: crate::ops::Exported) -> pb::ExportResult {
+    pb::ExportResult {
+        job_id: done.job_id,
+        processor: done.processor,
+        fingerprint: done.fingerprint,
+        cards: done.cards,
+        path: done.path,
+    }
+}

@@ -291,6 +291,55 @@ impl<S: Store> pb::vault_server::Vault for VaultApi<S> {
             .await
     }
 
+    async fn propose_export(
+        &self,
+        request: Request<pb::ProposeExportRequest>,
+    ) -> Result<Response<pb::ExportJob>, Status> {
+        let exporter = &self.vault.exporter;
+        let call = |caller: Caller, request: pb::ProposeExportRequest| async move {
+            let tokens = import::export_tokens(&request.tokens)?;
+            let job = exporter
+                .propose(&caller, &request.processor, tokens.as_deref())
+                .await?;
+            Ok(import::export_job(job))
+        };
+        self.guards
+            .call("ProposeExport", |_| Permission::Export, request, call)
+            .await
+    }
+
+    async fn approve_export(
+        &self,
+        request: Request<pb::ApproveExportRequest>,
+    ) -> Result<Response<pb::ExportJob>, Status> {
+        let exporter = &self.vault.exporter;
+        let call = |caller: Caller, request: pb::ApproveExportRequest| async move {
+            Ok(import::export_job(
+                exporter.approve(&caller, &request.job_id).await?,
+            ))
+        };
+        self.guards
+            .call("ApproveExport", |_| Permission::Export, request, call)
+            .await
+    }
+
+    async fn run_export(
+        &self,
+        request: Request<pb::RunExportRequest>,
+    ) -> Result<Response<pb::ExportResult>, Status> {
+        let exporter = &self.vault.exporter;
+        let call = |caller: Caller, request: pb::RunExportRequest| async move {
+            let tokens = import::export_tokens(&request.tokens)?;
+            let done = exporter
+                .run(&caller, &request.job_id, tokens.as_deref())
+                .await?;
+            Ok(import::exported(done))
+        };
+        self.guards
+            .call("RunExport", |_| Permission::Export, request, call)
+            .await
+    }
+
     async fn create_backup(
         &self,
         request: Request<pb::CreateBackupRequest>,

@@ -232,6 +232,7 @@ impl<S: Store> Importer<S> {
                     tenant: caller.tenant.as_str().to_owned(),
                     expected_rows,
                     on_behalf_of: caller.identity.clone(),
+                    ..Default::default()
                 }),
             })
             .await
@@ -251,6 +252,7 @@ impl<S: Store> Importer<S> {
                 id: id.to_owned(),
                 tenant: caller.tenant.as_str().to_owned(),
                 approved_by: caller.identity.clone(),
+                kind: keys_pb::OperationKind::Import as i32,
             })
             .await
             .map_err(ImportError::Keyservice)?
@@ -282,6 +284,9 @@ impl<S: Store> Importer<S> {
             }
             Err(s) => return Err(ImportError::Keyservice(s)),
         };
+        if proposal.kind != keys_pb::OperationKind::Import as i32 {
+            return Err(ImportError::NoJob(id.to_owned()));
+        }
         let job = job(proposal);
         if job.tenant != caller.tenant.as_str() {
             return Err(ImportError::NoJob(id.to_owned()));
