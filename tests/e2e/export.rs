@@ -267,3 +267,110 @@ async fn a_processor_key_that_is_not_the_pinned_one_stops_the_vault() {
         "{error}"
     );
 }
+
+/// The done-when of issue 21: an approved export reaches the sandbox processor's upload
+/// route over HTTPS and decrypts there (the sandbox holds the test processor key) to
+/// exactly the tenant's cards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approved_export_reaches_the_sandbox_upload_route_and_decrypts_there() {
+    let dir = import_dir();
+    let sandbox = integration_tests::SandboxServer::start(&dir).await;
+    let (armored, fingerprint) = sandbox.export_key.clone();
+    let key_file = dir.path().join("sandbox-export.asc");
+    std::fs::write(&key_file, armored).unwrap();
+    let journal = sandbox.journal.clone();
+    let mut stack = Stack::start_in(dir).await;
+    stack.add_vault_config(
+        &processor_entry(&key_file, &fingerprint)
+            .replace(
+                "https://localhost:9",
+                &format!("https://localhost:{}", sandbox.addr.port()),
+            )
+            .replace(
+                &format!("fingerprint = \"{fingerprint}\""),
+                &format!("fingerprint = \"{fingerprint}\"\nupload_path = \"/v1/imports\""),
+            ),
+    );
+    stack.restart_vault().await;
+
+    let mut admin = stack.client(ADMIN).await;
+    let cards: Vec<Card> = (0..25).map(|n| Card::new(&number(n), 3, 2031)).collect();
+    let mut acme = BTreeMap::new();
+    for (n, item) in admin
+        .tokenize_batch(&cards, false)
+        .await
+        .unwrap()
+        .into_iter()
+        .enumerate()
+    {
+        let BatchItem::Stored(info) = item else {
+            panic!("{item:?}")
+        };
+        acme.insert(info.token, number(n as u64));
+    }
+    let mut globex = stack.client(OTHER_TENANT).await;
+    globex
+        .tokenize(Card::new(&number(77), 5, 2033), false)
+        .await
+        .unwrap();
+
+    let config = config_for(&stack, ADMIN);
+    let out = vaultctl(
+        &config,
+        &["export", "propose", "--processor", PROCESSOR],
+        "",
+    )
+    .await;
+    let job = out.stdout.trim().to_owned();
+    assert!(
+        vaultctl(
+            &config_for(&stack, IMPORTER),
+            &["export", "approve", &job],
+            ""
+        )
+        .await
+        .ok
+    );
+    assert!(journal.exports().is_empty());
+    let run = vaultctl(&config, &["export", "run", &job], "").await;
+    assert!(run.ok, "{}", run.stderr);
+    assert!(
+        run.stdout.contains("POST /v1/imports at processor"),
+        "{}",
+        run.stdout
+    );
+    let exports = journal.exports();
+    assert_eq!(exports.len(), 1);
+    let mut lines = exports[0].lines();
+    assert_eq!(lines.next(), Some("token,number,exp_month,exp_year,name"));
+    let received: BTreeMap<String, String> = lines
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[0].to_owned(), f[1].to_owned())
+        })
+        .collect();
+    assert_eq!(received, acme, "exactly the tenant's cards");
+    // What travelled was ciphertext: no card number in the request the sandbox got.
+    let upload = journal
+        .requests()
+        .into_iter()
+        .find(|r| r.path == "/v1/imports")
+        .unwrap();
+    for number in acme.values() {
+        assert!(
+            !upload
+                .body
+                .windows(number.len())
+                .any(|w| w == number.as_bytes())
+        );
+    }
+    let again = vaultctl(&config, &["export", "run", &job], "").await;
+    assert!(
+        !again.ok && again.stderr.contains("exported already"),
+        "{}",
+        again.stderr
+    );
+    assert_eq!(journal.exports().len(), 1);
+    stack.stop().await;
+    sandbox.stop().await;
+}

@@ -315,8 +315,8 @@ pub struct ExportResult {
     /// The processor key's fingerprint the file is encrypted to.
     pub fingerprint: String,
     pub cards: u64,
-    /// The file, on the vault's host.
-    pub path: String,
+    /// Where it went: the file on the vault's host, or the processor's upload route.
+    pub destination: String,
 }
 
 impl VaultClient {
@@ -369,7 +369,7 @@ impl VaultClient {
             processor: done.processor,
             fingerprint: done.fingerprint,
             cards: done.cards,
-            path: done.path,
+            destination: done.destination,
         })
     }
 }

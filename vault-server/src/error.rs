@@ -289,6 +289,10 @@ fn export_refusal(error: crate::ops::ExportError, request_id: &str) -> Status {
         E::Keyservice(status) => {
             import_refusal(crate::ops::ImportError::Keyservice(status), request_id)
         }
+        E::Refused(_) | E::Unreachable(_) => {
+            tracing::error!(error = %message, "export not delivered");
+            Status::unavailable(message)
+        }
         E::Write(detail) => {
             tracing::error!(detail = %detail, "export file could not be written");
             Status::internal(format!("internal error (request id {request_id})"))

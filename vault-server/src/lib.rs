@@ -270,7 +270,12 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
             (audit_node.clone(), tls.identity().unwrap_or_default()),
             node.is_some(),
         ),
-        exporter: ops::Exporter::new(Arc::clone(&records), export_targets, settings.export_dir()),
+        exporter: ops::Exporter::new(
+            Arc::clone(&records),
+            export_targets,
+            forward::Processors::from_settings(&settings.processors).map_err(Error::Processors)?,
+            settings.export_dir(),
+        ),
         importer: ops::Importer::new(
             Arc::clone(&records),
             ops::ImportSettings {

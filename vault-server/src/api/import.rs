@@ -167,6 +167,6 @@ pub fn exported(done: crate::ops::Exported) -> pb::ExportResult {
         processor: done.processor,
         fingerprint: done.fingerprint,
         cards: done.cards,
-        path: done.path,
+        destination: done.destination,
     }
 }

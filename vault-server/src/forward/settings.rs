@@ -74,6 +74,11 @@ pub struct ProcessorExportSettings {
     /// `csv` (token, number, exp_month, exp_year, name) or `json-lines`.
     #[serde(default)]
     pub format: ExportFormat,
+    /// Where the processor takes the file: POSTed (`application/pgp-encrypted`) to
+    /// `base_url` + this path over the processor's TLS settings. None: the file is
+    /// written to the vault's export directory instead.
+    #[serde(default)]
+    pub upload_path: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -198,6 +203,17 @@ impl ProcessorSettings {
                 );
             }
             // A processor that only takes exports needs no route.
+            _ if self
+                .export
+                .as_ref()
+                .and_then(|e| e.upload_path.as_deref())
+                .is_some_and(|p| !p.starts_with('/') || p.contains(['?', '#', '{'])) =>
+            {
+                return err(
+                    "export.upload_path",
+                    "must be a path starting with / (no query, fragment or placeholder)",
+                );
+            }
             (false, _, true) if self.export.is_none() => {
                 return err(
                     "route",

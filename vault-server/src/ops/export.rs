@@ -9,12 +9,12 @@
 //!    agree on the processor and the selection (all tokens, or the SHA-256 of a token
 //!    list given again at run time); the keyservice keeps the proposal.
 //! 3. `run`, once per job: the records are read and opened inside the vault, written
-//!    as CSV or JSON lines, encrypted to the processor's key (SEIPD with MDC), and
-//!    written to the export directory, readable only with the processor's secret key.
-//!    The audit event has the count, the processor and the key's fingerprint.
+//!    as CSV or JSON lines, encrypted to the processor's key (SEIPD with MDC),
+//!    readable only with the processor's secret key. The audit event has the count,
+//!    the processor and the key's fingerprint.
 //!
-//! Delivery to a processor's upload route over HTTPS is not built yet: the file is
-//! handed over from the export directory.
+//! 4. Delivered to the processor's declared upload route (`upload_path`, over the
+//!    processor's own TLS settings), or, without one, written to the export directory.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write as _;
@@ -66,6 +66,10 @@ pub enum ExportError {
     Keyservice(tonic::Status),
     #[error("the export file could not be written: {0}")]
     Write(String),
+    #[error("the processor did not take the export (HTTP status {0}); nothing else was sent")]
+    Refused(u16),
+    #[error("the processor could not be reached for the export: {0}")]
+    Unreachable(String),
 }
 
 impl From<ExportError> for VaultError {
@@ -80,6 +84,7 @@ pub struct ExportTarget {
     key: SignedPublicKey,
     fingerprint: String,
     format: ExportFormat,
+    upload_path: Option<String>,
 }
 
 /// The export targets of the processor allowlist, their keys read and checked against
@@ -129,6 +134,7 @@ pub fn export_targets(list: &[ProcessorSettings]) -> Result<HashMap<String, Expo
                 key,
                 fingerprint,
                 format: export.format,
+                upload_path: export.upload_path.clone(),
             },
         );
     }
@@ -155,14 +161,16 @@ pub struct Exported {
     pub processor: String,
     pub fingerprint: String,
     pub cards: u64,
-    /// The file, on the vault's host.
-    pub path: String,
+    /// Where it went: the file on the vault's host, or the processor's upload route.
+    pub destination: String,
 }
 
 #[derive(Debug)]
 pub struct Exporter<S> {
     records: Arc<Records<S>>,
     targets: HashMap<String, ExportTarget>,
+    /// For upload routes: the processors' own TLS settings.
+    processors: crate::forward::Processors,
     dir: Option<PathBuf>,
     busy: tokio::sync::Mutex<()>,
 }
@@ -187,11 +195,13 @@ impl<S: Store> Exporter<S> {
     pub fn new(
         records: Arc<Records<S>>,
         targets: HashMap<String, ExportTarget>,
+        processors: crate::forward::Processors,
         dir: Option<PathBuf>,
     ) -> Self {
         Self {
             records,
             targets,
+            processors,
             dir,
             busy: tokio::sync::Mutex::new(()),
         }
@@ -377,18 +387,58 @@ impl<S: Store> Exporter<S> {
             }
         }
 
+        // To an upload route: encrypted in memory, sent, and the job marked done.
+        if let Some(upload_path) = &target.upload_path {
+            let key = target.key.clone();
+            let sealed = tokio::task::spawn_blocking(move || encrypt(&key, &plain))
+                .await
+                .map_err(|_| ExportError::Write("the export's worker failed".into()))??;
+            let processor = self
+                .processors
+                .get(&job.processor)
+                .ok_or_else(|| ExportError::NoTarget(job.processor.clone()))?;
+            let marker = dir.join(format!("{id}-{}.uploaded", job.processor));
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&marker)
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::AlreadyExists => ExportError::Done(id.to_owned()),
+                    kind => ExportError::Write(kind.to_string()),
+                })?;
+            let status = match processor.upload(upload_path, sealed).await {
+                Ok(status) if (200..300).contains(&status) => status,
+                failed => {
+                    let _ = std::fs::remove_file(&marker);
+                    return Err(match failed {
+                        Ok(status) => ExportError::Refused(status),
+                        Err(e) => ExportError::Unreachable(e.to_string()),
+                    }
+                    .into());
+                }
+            };
+            tracing::info!(
+                job = %id,
+                processor = %job.processor,
+                fingerprint = %target.fingerprint,
+                cards,
+                status,
+                "export uploaded"
+            );
+            return Ok(Exported {
+                job_id: id.to_owned(),
+                processor: job.processor.clone(),
+                fingerprint: target.fingerprint.clone(),
+                cards,
+                destination: format!("POST {upload_path} at processor {}", job.processor),
+            });
+        }
+
         // Encrypted to the processor's key, written, synced, then named.
         let key = target.key.clone();
         let (staged_path, final_path) = (staged.clone(), path.clone());
         tokio::task::spawn_blocking(move || -> Result<(), ExportError> {
-            let mut builder = MessageBuilder::from_reader("", &plain[..])
-                .seipd_v1(RingRng, SymmetricKeyAlgorithm::AES256);
-            builder.compression(CompressionAlgorithm::ZLIB);
-            for sub in &key.public_subkeys {
-                builder
-                    .encrypt_to_key(RingRng, &sub.key)
-                    .map_err(|_| ExportError::Write("the export key cannot encrypt".into()))?;
-            }
+            let sealed = encrypt(&key, &plain)?;
             let mut file = std::fs::OpenOptions::new()
                 .write(true)
                 .create(true)
@@ -396,9 +446,8 @@ impl<S: Store> Exporter<S> {
                 .mode_owner_only()
                 .open(&staged_path)
                 .map_err(|e| ExportError::Write(e.kind().to_string()))?;
-            builder
-                .to_writer(RingRng, &mut file)
-                .map_err(|_| ExportError::Write("encryption failed".into()))?;
+            file.write_all(&sealed)
+                .map_err(|e| ExportError::Write(e.kind().to_string()))?;
             file.flush()
                 .and_then(|()| file.sync_all())
                 .map_err(|e| ExportError::Write(e.kind().to_string()))?;
@@ -430,9 +479,26 @@ impl<S: Store> Exporter<S> {
             processor: job.processor,
             fingerprint: target.fingerprint.clone(),
             cards,
-            path: path.display().to_string(),
+            destination: path.display().to_string(),
         })
     }
+}
+
+/// `plain` encrypted to every subkey of `key` (SEIPD v1 with MDC, AES-256, ZLIB).
+fn encrypt(key: &SignedPublicKey, plain: &[u8]) -> Result<Vec<u8>, ExportError> {
+    let mut builder =
+        MessageBuilder::from_reader("", plain).seipd_v1(RingRng, SymmetricKeyAlgorithm::AES256);
+    builder.compression(CompressionAlgorithm::ZLIB);
+    for sub in &key.public_subkeys {
+        builder
+            .encrypt_to_key(RingRng, &sub.key)
+            .map_err(|_| ExportError::Write("the export key cannot encrypt".into()))?;
+    }
+    let mut out = Vec::new();
+    builder
+        .to_writer(RingRng, &mut out)
+        .map_err(|_| ExportError::Write("encryption failed".into()))?;
+    Ok(out)
 }
 
 /// `OpenOptions` for files only the vault's user may read.

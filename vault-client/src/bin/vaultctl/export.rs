@@ -82,7 +82,7 @@ pub async fn run(command: ExportCommand, vault: ConfigFn<'_>) -> anyhow::Result<
                 .context("running the export job")?;
             println!(
                 "exported {} cards to processor {} (key {}): {}",
-                done.cards, done.processor, done.fingerprint, done.path
+                done.cards, done.processor, done.fingerprint, done.destination
             );
         }
     }
