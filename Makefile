@@ -90,7 +90,7 @@ audit-bench: rocksdb
 # The import scenario (issue 21): a file of IMPORT_BENCH_ROWS rows (first six spread
 # over issuers like a real portfolio: tests/cards), encrypted with gpg, imported by the
 # release binaries through vaultctl; prints rows per second and the vault's peak RSS
-# (tests/e2e/import.rs, import_rate_and_peak_memory).
+# (tests/e2e/import_binaries.rs, import_rate_and_peak_memory).
 IMPORT_BENCH_ROWS ?= 1000000
 import-bench: rocksdb
 	cargo build --release --locked --bins

@@ -11,10 +11,10 @@ use vault_client::{BatchItem, Card};
 use crate::import::{Gpg, IMPORTER, import_dir};
 use crate::vaultctl::{config_for, vaultctl};
 
-const PROCESSOR: &str = "new-processor";
+pub(crate) const PROCESSOR: &str = "new-processor";
 
 /// A processor entry that takes exports under `fingerprint` (its key in `key_file`).
-fn processor_entry(key_file: &Path, fingerprint: &str) -> String {
+pub(crate) fn processor_entry(key_file: &Path, fingerprint: &str) -> String {
     format!(
         r#"
 [[processor]]
@@ -35,7 +35,7 @@ fingerprint = "{fingerprint}"
 
 /// The processor's key pair in `gpg`: an EdDSA primary with a Curve25519 encryption
 /// subkey; its public key written to `file`; returns its fingerprint.
-fn processor_key(gpg: &Gpg, file: &Path) -> String {
+pub(crate) fn processor_key(gpg: &Gpg, file: &Path) -> String {
     let fingerprint = gpg.generate("New Processor <exports@new-processor.example>");
     gpg.run(&["--quick-add-key", &fingerprint, "cv25519", "encr", "never"]);
     std::fs::write(file, gpg.export(&fingerprint)).unwrap();
@@ -43,7 +43,7 @@ fn processor_key(gpg: &Gpg, file: &Path) -> String {
 }
 
 /// The file as the processor reads it: token → (number, month, year, name).
-fn decrypt(gpg: &Gpg, file: &str) -> BTreeMap<String, (String, String, String, String)> {
+pub(crate) fn decrypt(gpg: &Gpg, file: &str) -> BTreeMap<String, (String, String, String, String)> {
     let out = gpg.run(&["--decrypt", file]);
     let text = String::from_utf8(out.stdout).unwrap();
     let mut lines = text.lines();

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use integration_tests::{ADMIN, OTHER_TENANT, Process, READER, Stack, StackDir, identity, within};
+use integration_tests::{ADMIN, OTHER_TENANT, READER, Stack, StackDir, identity, within};
 use vault_client::{Card, KeyServiceClient};
 
 use crate::vaultctl::{Output, config_for, vaultctl};
@@ -92,7 +92,7 @@ impl Gpg {
     }
 
     /// Imports a public key; returns the primary fingerprints and each key's algorithms.
-    fn import(&self, armored: &str) -> Vec<String> {
+    pub(crate) fn import(&self, armored: &str) -> Vec<String> {
         let file = self.home.path().join("import.asc");
         std::fs::write(&file, armored).unwrap();
         self.run(&["--import", file.to_str().unwrap()]);
@@ -189,7 +189,7 @@ async fn export_import_key(stack: &Stack, gpg: &Gpg) -> String {
 
 /// Card `n` of the file (a synthetic, Luhn-valid number) and its CSV line; every
 /// 1000th row has a number that fails the Luhn check.
-fn row(n: u64) -> (String, String) {
+pub(crate) fn row(n: u64) -> (String, String) {
     let mut number = testcards::card_number(n);
     if n % 1000 == 999 {
         let last = number.pop().unwrap();
@@ -204,7 +204,7 @@ fn row(n: u64) -> (String, String) {
 }
 
 /// Writes a CSV of `rows` cards, encrypts it to the vault, removes the plaintext.
-fn make_file(
+pub(crate) fn make_file(
     dir: &Path,
     name: &str,
     rows: u64,
@@ -272,7 +272,7 @@ fn read_mapping(path: &Path) -> Vec<Vec<String>> {
 
 /// Checks the mapping holds rows 1..=rows once each, in order, each with the token of
 /// its card or the Luhn error; returns the tokens by row.
-fn check_mapping(path: &Path, rows: u64) -> HashMap<u64, String> {
+pub(crate) fn check_mapping(path: &Path, rows: u64) -> HashMap<u64, String> {
     let mapping = read_mapping(path);
     assert_eq!(
         mapping.len() as u64,
@@ -333,7 +333,7 @@ async fn wait_for_records(stack: &Stack, expected: u64) {
 }
 
 /// No card number of the file in `text` (any 15- or 16-digit window).
-fn assert_no_pans(text: &str, rows: u64, what: &str) {
+pub(crate) fn assert_no_pans(text: &str, rows: u64, what: &str) {
     let pans: HashSet<String> = (0..rows).map(|n| row(n).0).collect();
     let bytes = text.as_bytes();
     for len in [15, 16] {
@@ -617,175 +617,6 @@ async fn a_corrupt_wrongly_encrypted_or_wrongly_signed_file_stores_nothing() {
     stack.stop().await;
 }
 
-/// A vaultctl config for `name` against servers at these addresses.
-fn config_at(
-    dir: &Path,
-    name: &str,
-    vault: std::net::SocketAddr,
-    keys: std::net::SocketAddr,
-) -> PathBuf {
-    let config = dir.join(format!("vaultctl-{name}-{}.toml", vault.port()));
-    std::fs::write(
-        &config,
-        format!(
-            "vault_endpoint = \"https://localhost:{}\"\nkeyservice_endpoint = \"https://localhost:{}\"\n\
-             ca_file = \"ca.pem\"\ncert_file = \"{name}.pem\"\nkey_file = \"{name}.key\"\n",
-            vault.port(),
-            keys.port()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    config
-}
-
-/// The vault-server binary killed with SIGKILL in the middle of an import, twice, and
-/// started again: the import ends with every row tokenized once. Nothing the vault
-/// printed (at TRACE), nothing in its spool, and nothing vaultctl printed holds a card
-/// number of the file.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_vault_killed_mid_import_resumes_exactly_once_and_logs_no_card() {
-    const ROWS: u64 = 20_000;
-    let dir = import_dir();
-    let trace = [("KEYSERVICE_LOG", "trace"), ("VAULT_LOG", "trace")];
-    let keyservice =
-        Process::start("keyservice", &dir.path().join("keyservice.toml"), &trace).await;
-    let vault_config = dir.write_vault_config(keyservice.addr.port());
-    let mut logs = String::new();
-    let mut vault = Process::start("vault-server", &vault_config, &trace).await;
-    let admin = |vault: &Process| config_at(dir.path(), ADMIN, vault.addr, keyservice.addr);
-
-    let gpg = Gpg::new();
-    let out = vaultctl(&admin(&vault), &["import", "key", "export"], "").await;
-    assert!(out.ok, "{}", out.stderr);
-    gpg.import(&out.stdout);
-    let fingerprint = out
-        .stderr
-        .split("fingerprint ")
-        .nth(1)
-        .unwrap()
-        .trim()
-        .to_owned();
-    let file = make_file(dir.path(), "killed", ROWS, &gpg, &fingerprint, None);
-    let mapping = dir.path().join("killed.mapping.csv");
-    let out = vaultctl(
-        &admin(&vault),
-        &["import", "propose", "--rows", &ROWS.to_string()],
-        "",
-    )
-    .await;
-    let job = out.stdout.trim().to_owned();
-    let importer = config_at(dir.path(), IMPORTER, vault.addr, keyservice.addr);
-    assert!(
-        vaultctl(&importer, &["import", "approve", &job], "")
-            .await
-            .ok
-    );
-    let args = |config: &Path| -> Vec<String> {
-        [
-            "--config",
-            config.to_str().unwrap(),
-            "import",
-            file.to_str().unwrap(),
-            "--job",
-            &job,
-            "--preset",
-            "stripe",
-            "--batch",
-            "400",
-            "--mapping",
-            mapping.to_str().unwrap(),
-        ]
-        .map(str::to_owned)
-        .to_vec()
-    };
-    let mut printed = String::new();
-    for kill_after in [3_000, 11_000] {
-        let child = tokio::process::Command::new(integration_tests::binary("vaultctl"))
-            .args(args(&admin(&vault)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let lines =
-            || std::fs::read(&mapping).map_or(0, |b| b.iter().filter(|&&c| c == b'\n').count());
-        within(Duration::from_secs(120), "rows in the mapping", || {
-            let n = lines();
-            async move { (n > kill_after).then_some(()) }
-        })
-        .await;
-        logs.push_str(&vault.kill9().await);
-        let output = child.wait_with_output().await.unwrap();
-        assert!(
-            !output.status.success(),
-            "vaultctl fails when the vault dies"
-        );
-        printed.push_str(&String::from_utf8_lossy(&output.stderr));
-        println!("killed the vault after {} mapping lines", lines());
-        vault = Process::start("vault-server", &vault_config, &trace).await;
-    }
-    let out = vaultctl(
-        &admin(&vault),
-        &args(&admin(&vault))[2..]
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-        "",
-    )
-    .await;
-    assert!(out.ok, "{}", out.stderr);
-    printed.push_str(&out.stderr);
-    printed.push_str(&out.stdout);
-    let tokens = check_mapping(&mapping, ROWS);
-    let keys_config = dir.client_config(ADMIN, keyservice.addr);
-    let expected = tokens.len() as u64;
-    within(
-        Duration::from_secs(30),
-        "the vault's record count",
-        || async {
-            let mut keys = KeyServiceClient::connect(&keys_config).await.unwrap();
-            let listing = keys.list_versions().await.unwrap();
-            let records: u64 = listing
-                .versions
-                .iter()
-                .filter(|v| v.purpose == "card-data")
-                .map(|v| v.records)
-                .sum();
-            (records == expected).then_some(())
-        },
-    )
-    .await;
-    logs.push_str(&vault.kill9().await);
-    logs.push_str(&keyservice.kill9().await);
-    assert!(
-        logs.contains("import file checked"),
-        "the vault logged the check"
-    );
-    assert_no_pans(&logs, ROWS, "the vault's and keyservice's TRACE logs");
-    assert_no_pans(&printed, ROWS, "vaultctl's output");
-    let mut spooled = Vec::new();
-    for entry in walk(&dir.path().join("vault-data-import")) {
-        spooled.extend(std::fs::read(entry).unwrap());
-    }
-    assert!(!spooled.is_empty());
-    assert_no_pans(&String::from_utf8_lossy(&spooled), ROWS, "the import spool");
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            files.extend(walk(&path));
-        } else {
-            files.push(path);
-        }
-    }
-    files
-}
-
 /// Stripe's JSON lines, zipped, then encrypted: 100 cards that share their first six
 /// and last four, which the guessing detector would refuse from one identity's
 /// TokenizeBatch, all go in (an approved import is exempt). The same file imported
@@ -858,98 +689,6 @@ async fn zipped_stripe_json_lines_skip_the_guessing_detector_and_reuse_is_flagge
         .collect();
     assert!(flags.is_empty(), "{flags:?}");
     stack.stop().await;
-}
-
-/// The vault's peak resident memory (VmHWM), in MiB.
-fn peak_mib(process: &Process) -> u64 {
-    let status =
-        std::fs::read_to_string(format!("/proc/{}/status", process.child.id().unwrap())).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap()
-        / 1024
-}
-
-/// By hand: the import rate and the vault's peak memory on the real binaries, for
-/// `IMPORT_BENCH_ROWS` rows (default 200,000); run it with two sizes to see memory stay
-/// flat (with an 8 MiB block cache). `cargo test --release -p integration-tests --test e2e import_rate -- --ignored
-/// --nocapture` (with `cargo build --release --bins` first).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore]
-async fn import_rate_and_peak_memory() {
-    let rows: u64 = std::env::var("IMPORT_BENCH_ROWS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200_000);
-    let dir = import_dir();
-    // A small block cache, so that what RocksDB caches (up to the cache's size, whatever
-    // the import) does not hide what the import holds.
-    dir.set_storage("block_cache_mb = 8\n");
-    let keyservice = Process::start("keyservice", &dir.path().join("keyservice.toml"), &[]).await;
-    let vault_config = dir.write_vault_config(keyservice.addr.port());
-    let vault = Process::start("vault-server", &vault_config, &[]).await;
-    let admin = config_at(dir.path(), ADMIN, vault.addr, keyservice.addr);
-    let gpg = Gpg::new();
-    let out = vaultctl(&admin, &["import", "key", "export"], "").await;
-    gpg.import(&out.stdout);
-    let fingerprint = out
-        .stderr
-        .split("fingerprint ")
-        .nth(1)
-        .unwrap()
-        .trim()
-        .to_owned();
-    let file = make_file(dir.path(), "bench", rows, &gpg, &fingerprint, None);
-    let job = vaultctl(
-        &admin,
-        &["import", "propose", "--rows", &rows.to_string()],
-        "",
-    )
-    .await
-    .stdout
-    .trim()
-    .to_owned();
-    let importer = config_at(dir.path(), IMPORTER, vault.addr, keyservice.addr);
-    assert!(
-        vaultctl(&importer, &["import", "approve", &job], "")
-            .await
-            .ok
-    );
-    let before = peak_mib(&vault);
-    let started = std::time::Instant::now();
-    let mapping = dir.path().join("bench.mapping.csv");
-    let out = vaultctl(
-        &admin,
-        &[
-            "import",
-            file.to_str().unwrap(),
-            "--job",
-            &job,
-            "--preset",
-            "stripe",
-            "--mapping",
-            mapping.to_str().unwrap(),
-            "--timeout-secs",
-            "600",
-        ],
-        "",
-    )
-    .await;
-    assert!(out.ok, "{}", out.stderr);
-    let elapsed = started.elapsed();
-    println!(
-        "import: {rows} rows, {} MiB encrypted, {:.1} s, {:.0} rows/s; vault peak RSS {} MiB \
-         before the job, {} MiB after",
-        std::fs::metadata(&file).unwrap().len() / (1024 * 1024),
-        elapsed.as_secs_f64(),
-        rows as f64 / elapsed.as_secs_f64(),
-        before,
-        peak_mib(&vault)
-    );
-    vault.kill9().await;
-    keyservice.kill9().await;
 }
 
 /// The import key rotates like the others: after `keys rotate --purpose import` the

@@ -20,6 +20,7 @@ mod faults;
 mod forward;
 mod guessing;
 mod import;
+mod import_binaries;
 mod keys;
 mod leaks;
 mod limits;
