@@ -161,7 +161,9 @@ impl<R: BufRead> RowReader<R> {
             let header = reader.record(0)?.ok_or(FileError::NoHeader)?;
             let names: Vec<String> = header.iter().map(|c| c.trim().to_owned()).collect();
             if let Some(cvc) = names.iter().find(|n| is_cvc_name(n)) {
-                return Err(FileError::CvcColumn(cvc.clone()));
+                // Its last segment only: what precedes it is the sender's to name.
+                let last = cvc.rsplit(['.', '/']).next().unwrap_or("cvc");
+                return Err(FileError::CvcColumn(last.to_owned()));
             }
             let wanted = [
                 &reader.fields.id,
@@ -308,7 +310,7 @@ impl<R: BufRead> RowReader<R> {
     }
 
     fn json_row(&self, row: u64, value: &serde_json::Value) -> Result<SourceRow, FileError> {
-        if let Some(cvc) = find_cvc_key(value, "") {
+        if let Some(cvc) = find_cvc_key(value) {
             return Err(FileError::CvcColumn(cvc));
         }
         let get = |path: &str| -> Option<&serde_json::Value> {
@@ -406,18 +408,15 @@ fn card(
     })
 }
 
-fn find_cvc_key(value: &serde_json::Value, path: &str) -> Option<String> {
+/// The name of a CVC field anywhere in a row. Only that name is returned, not its path:
+/// the keys above it are the sender's and could be anything, a card number too.
+fn find_cvc_key(value: &serde_json::Value) -> Option<String> {
     let object = value.as_object()?;
     for (key, inner) in object {
-        let full = if path.is_empty() {
-            key.clone()
-        } else {
-            format!("{path}.{key}")
-        };
         if is_cvc_name(key) && !inner.is_null() {
-            return Some(full);
+            return Some(key.clone());
         }
-        if let Some(found) = find_cvc_key(inner, &full) {
+        if let Some(found) = find_cvc_key(inner) {
             return Some(found);
         }
     }
@@ -482,12 +481,18 @@ mod tests {
             rows(FileFormat::Csv, csv_fields(), &text).unwrap_err(),
             FileError::CvcColumn("CVC".into())
         );
+        let text = format!("id,number,exp_month,exp_year,name,{VISA}.cvv\n");
+        assert_eq!(
+            rows(FileFormat::Csv, csv_fields(), &text).unwrap_err(),
+            FileError::CvcColumn("cvv".into()),
+            "no more of the header than the security code's own name"
+        );
         let line = format!(
             "{{\"id\":\"c\",\"card\":{{\"number\":\"{VISA}\",\"exp_month\":1,\"exp_year\":2040,\"cvc\":\"123\"}}}}\n"
         );
         assert_eq!(
             rows(FileFormat::JsonLines, Fields::stripe(), &line).unwrap_err(),
-            FileError::CvcColumn("card.cvc".into())
+            FileError::CvcColumn("cvc".into())
         );
     }
 
