@@ -7,6 +7,7 @@
 #   make fuzz         every fuzz target for FUZZ_SECS seconds
 #   make rewrap-bench the rewrap rate on REWRAP_RECORDS records (release build)
 #   make audit-bench  tokenize throughput with and without the audit log (release build)
+#   make import-bench an import of IMPORT_BENCH_ROWS gpg-encrypted rows: rate, peak memory
 #   make bench        the standard load scenarios; writes docs/BENCHMARKS.md (release build)
 #   make h2load-check h2load against the running stack (`make run`), compared with vault-bench
 #   make fresh-check  by hand, as root: both commands in a new Debian 12 chroot (about an hour)
@@ -25,7 +26,7 @@ export ROCKSDB_STATIC := 1
 # in a virtualenv made by scripts/install-deps.sh; never ~/.local or a pyenv shim.
 export TOKENVAULT_VENV ?= $(CACHE_DIR)/venv
 
-.PHONY: run demo-checkout test test-postgres crash-test bench h2load-check rewrap-bench audit-bench fuzz fresh-check build build-release lint deps rocksdb
+.PHONY: run demo-checkout test test-postgres crash-test bench import-bench h2load-check rewrap-bench audit-bench fuzz fresh-check build build-release lint deps rocksdb
 
 # The devstack binary that `build` made, beside the servers it starts: `cargo run -p
 # devstack` would resolve features for devstack alone and rebuild about 20 crates first
@@ -86,11 +87,21 @@ AUDIT_BENCH_TOKENS ?= 40000
 audit-bench: rocksdb
 	AUDIT_BENCH_TOKENS=$(AUDIT_BENCH_TOKENS) cargo test --release --locked -p integration-tests --test e2e audit_cost -- --ignored --nocapture
 
+# The import scenario (issue 21): a file of IMPORT_BENCH_ROWS rows (first six spread
+# over issuers like a real portfolio: tests/cards), encrypted with gpg, imported by the
+# release binaries through vaultctl; prints rows per second and the vault's peak RSS
+# (tests/e2e/import_binaries.rs, import_rate_and_peak_memory).
+IMPORT_BENCH_ROWS ?= 1000000
+import-bench: rocksdb
+	cargo build --release --locked --bins
+	IMPORT_BENCH_ROWS=$(IMPORT_BENCH_ROWS) cargo test --release --locked -p integration-tests --test e2e import_rate -- --ignored --nocapture
+
 # Each cargo-fuzz target for FUZZ_SECS seconds (default 60), corpus in fuzz/corpus.
 # Runs on the stable toolchain without a sanitizer (--sanitizer none); Rust's own checks
 # (bounds, overflow in debug assertions, panics) are what it catches.
 FUZZ_SECS ?= 60
-FUZZ_TARGETS := record_decode template card_parse mask policy_config idempotency_decode keyring_decode
+FUZZ_TARGETS := record_decode template card_parse mask policy_config idempotency_decode keyring_decode \
+  import_rows
 fuzz: rocksdb
 	@command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz --version 0.13.2
 	cd fuzz && for target in $(FUZZ_TARGETS); do \

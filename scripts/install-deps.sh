@@ -116,6 +116,12 @@ if [ ! -x /usr/bin/chromedriver ]; then
   echo "chromedriver (/usr/bin/chromedriver): missing"
   missing+=(chromium-driver)
 fi
+# Debian's GnuPG (2.2 on Debian 12), by the path tests/e2e/import.rs runs it: the
+# import tests encrypt their files with it, as a sending party would.
+if [ ! -x /usr/bin/gpg ]; then
+  echo "gpg (/usr/bin/gpg): missing"
+  missing+=(gnupg)
+fi
 if ! command -v gcore >/dev/null 2>&1; then
   echo "gcore: missing"
   missing+=(gdb)

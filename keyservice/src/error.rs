@@ -119,7 +119,8 @@ fn refused(refusal: &Refusal) -> Status {
         Refusal::NoSuchVersion { .. } | Refusal::NoSuchProposal(_) | Refusal::NoSuchGap(_) => {
             Status::not_found(message)
         }
-        Refusal::SelfApproval => Status::permission_denied(message),
+        Refusal::SelfApproval | Refusal::TenantJob(_) => Status::permission_denied(message),
+        Refusal::NotThisJob(_) => Status::not_found(message),
         Refusal::NotAead(_) => Status::invalid_argument(message),
         Refusal::WrongState { .. }
         | Refusal::AlreadyApproved(_)

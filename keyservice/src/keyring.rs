@@ -47,15 +47,19 @@ pub enum Purpose {
     /// The `ikm` of an HPKE X25519 key pair that customers' devices seal cards to
     /// (sealed intake, envelope::sealed).
     Intake,
+    /// The seed of an OpenPGP key pair other vaults and processors encrypt card
+    /// exports to, for bulk import (vault-server `import::key` derives the key).
+    Import,
 }
 
 impl Purpose {
-    pub const ALL: [Purpose; 5] = [
+    pub const ALL: [Purpose; 6] = [
         Purpose::CardData,
         Purpose::Fingerprint,
         Purpose::Cvc,
         Purpose::Audit,
         Purpose::Intake,
+        Purpose::Import,
     ];
 
     fn code(self) -> u8 {
@@ -65,6 +69,7 @@ impl Purpose {
             Purpose::Cvc => 3,
             Purpose::Audit => 4,
             Purpose::Intake => 5,
+            Purpose::Import => 6,
         }
     }
 
@@ -85,6 +90,7 @@ impl Purpose {
             Purpose::Cvc => "cvc",
             Purpose::Audit => "audit",
             Purpose::Intake => "intake",
+            Purpose::Import => "import",
         }
     }
 }
@@ -144,6 +150,35 @@ pub enum OperationKind {
     AuditGap,
     Retire,
     AcceptRestore,
+    /// A tenant's bulk import (issue 21): proposed and approved through a vault by two
+    /// identities holding its `import` permission; the vault runs it once approved.
+    Import,
+    /// A tenant's cards exported to a processor's OpenPGP key (issue 21), under the
+    /// `export` permission, like an import.
+    Export,
+}
+
+impl OperationKind {
+    /// Jobs a vault runs for a tenant: proposed and approved through a vault (the
+    /// vault's policy says who may), never carried out by the keyservice itself.
+    pub fn is_tenant_job(self) -> bool {
+        matches!(self, OperationKind::Import | OperationKind::Export)
+    }
+}
+
+/// What a tenant job (import, and later export) names: the vault identity that relayed
+/// the proposal, the tenant, and the rows the proposer expects.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantJob {
+    pub vault_identity: String,
+    pub tenant: String,
+    pub expected_rows: u64,
+    /// Export: the processor the cards go to.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub processor: String,
+    /// Export: which tokens: "all", or "sha256:<hex>" of the sorted token list.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub selection: String,
 }
 
 /// The gap an audit-gap proposal acknowledges: entries `first..=last` missing from the
@@ -190,6 +225,10 @@ pub struct Proposal {
     /// Retire: the records using the version when it was proposed.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub records: u64,
+    /// Tenant jobs (import): the tenant and expected rows. `proposed_by` and
+    /// `approved_by` are then the identities the vault vouched for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<TenantJob>,
 }
 
 fn is_zero(n: &u64) -> bool {

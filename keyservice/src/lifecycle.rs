@@ -59,6 +59,14 @@ pub enum Refusal {
     Restored { ours: u64, seen: u64 },
     #[error("nothing to accept: no vault has used a keyring generation above this one")]
     NotRestored,
+    #[error(
+        "proposal {0} is a tenant's job (import or export): it is approved through a vault \
+         by a second identity with the tenant's `import` or `export` permission \
+         (`vaultctl import approve`, `vaultctl export approve`)"
+    )]
+    TenantJob(String),
+    #[error("proposal {0} is not an approved job of this tenant")]
+    NotThisJob(String),
 }
 
 pub fn state_name(state: State) -> &'static str {
@@ -78,6 +86,8 @@ pub fn kind_name(kind: OperationKind) -> &'static str {
         OperationKind::AuditGap => "audit-gap",
         OperationKind::Retire => "retire",
         OperationKind::AcceptRestore => "accept-restore",
+        OperationKind::Import => "import",
+        OperationKind::Export => "export",
     }
 }
 
@@ -275,7 +285,10 @@ impl Keyring {
                 OperationKind::Retire => self.check_retire(purpose, proposal.version)?,
                 OperationKind::AcceptRestore => {}
                 OperationKind::Unretire => self.check_unretire(purpose, proposal.version)?,
-                OperationKind::RootKeyChange | OperationKind::AuditGap => {}
+                OperationKind::RootKeyChange
+                | OperationKind::AuditGap
+                | OperationKind::Import
+                | OperationKind::Export => {}
             }
         }
         if let Some(open) = self.proposals.iter().find(|p| {
@@ -287,6 +300,7 @@ impl Keyring {
                 && p.new_root_key_file == proposal.new_root_key_file
                 && p.audit_gap == proposal.audit_gap
                 && p.force == proposal.force
+                && p.job == proposal.job
         }) {
             return Err(Refusal::Duplicate {
                 kind: kind_name(proposal.kind),
@@ -390,6 +404,7 @@ mod tests {
             audit_gap: None,
             force: false,
             records: 0,
+            job: None,
         }
     }
 
@@ -526,7 +541,8 @@ mod tests {
                 Purpose::CardData,
                 Purpose::Fingerprint,
                 Purpose::Audit,
-                Purpose::Intake
+                Purpose::Intake,
+                Purpose::Import
             ]
         );
         assert!(ring.due_for_rotation(999, 1000).is_empty());

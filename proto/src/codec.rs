@@ -60,6 +60,8 @@ pub const MAX_USAGE_ENTRIES: usize = 100_000;
 pub const MAX_FORWARD_FIELDS: usize = 1_000;
 /// Most erasures a vault reports in one call (the keyservice refuses more than 4096).
 pub const MAX_ERASURES_PER_REPORT: usize = 4_096;
+/// Most tokens an export job names (more: export all, or several jobs).
+pub const MAX_EXPORT_TOKENS: usize = 100_000;
 
 /// The top-level repeated fields of request messages: (field number, field name, most
 /// entries). prost turns a 2-byte empty entry into a whole struct (an empty `Card` is
@@ -81,6 +83,10 @@ fn repeated_limits<U: 'static>() -> &'static [(u32, &'static str, usize)] {
             (4, "headers", MAX_FORWARD_HEADERS),
             (10, "fields", MAX_FORWARD_FIELDS),
         ]
+    } else if message == TypeId::of::<vault::ProposeExportRequest>()
+        || message == TypeId::of::<vault::RunExportRequest>()
+    {
+        &[(2, "tokens", MAX_EXPORT_TOKENS)]
     } else if message == TypeId::of::<keys::ReportErasuresRequest>() {
         &[(1, "erasures", MAX_ERASURES_PER_REPORT)]
     } else if message == TypeId::of::<keys::ReportUsageRequest>() {

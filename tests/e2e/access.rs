@@ -163,6 +163,7 @@ async fn the_keyservice_serves_material_to_the_vault_identity_only() {
             ("card-data", 1, "active"),
             ("cvc", 1, "active"),
             ("fingerprint", 1, "active"),
+            ("import", 1, "active"),
             ("intake", 1, "active")
         ]
     );

@@ -96,7 +96,7 @@ impl Row {
 
 /// Every RPC of the Vault service: (name, code of an empty request, field it names).
 /// `every_rpc_is_in_the_matrix` checks this against vault.proto.
-const RPCS: [(&str, Code, Option<&str>); 19] = [
+const RPCS: [(&str, Code, Option<&str>); 27] = [
     ("Tokenize", Code::InvalidArgument, Some("card")),
     ("TokenizeBatch", Code::InvalidArgument, Some("cards")),
     ("GetSealingKey", Code::Ok, None),
@@ -121,6 +121,18 @@ const RPCS: [(&str, Code, Option<&str>); 19] = [
     ("LiftBlock", Code::InvalidArgument, Some("kind")),
     ("FindSubject", Code::InvalidArgument, Some("card")),
     ("EraseSubject", Code::InvalidArgument, Some("card")),
+    ("GetImportKey", Code::Ok, None),
+    (
+        "ProposeImport",
+        Code::InvalidArgument,
+        Some("expected_rows"),
+    ),
+    ("ApproveImport", Code::InvalidArgument, Some("job_id")),
+    ("ImportUpload", Code::InvalidArgument, Some("job_id")),
+    ("ImportRows", Code::InvalidArgument, Some("job_id")),
+    ("ProposeExport", Code::InvalidArgument, Some("processor")),
+    ("ApproveExport", Code::InvalidArgument, Some("job_id")),
+    ("RunExport", Code::InvalidArgument, Some("job_id")),
 ];
 
 /// Variants every RPC gets, whatever its fields.
@@ -1028,6 +1040,154 @@ fn subject_rows(rows: &mut Rows) {
     }
 }
 
+/// Import jobs: ids that are no job's or could name a path, pieces past the bound, a
+/// last piece without its format. Nothing proposed or uploaded stays.
+fn import_rows(rows: &mut Rows) {
+    let invalid = Code::InvalidArgument;
+    let unknown = "p-000000000000";
+    rows.add("GetImportKey", "the key", Wire::new(), Code::Ok)
+        .check(|bytes| {
+            let key = pb::ImportKey::decode(bytes).ok()?;
+            (key.fingerprint.len() != 40
+                || !key
+                    .armored_public_key
+                    .starts_with("-----BEGIN PGP PUBLIC KEY BLOCK-----"))
+            .then(|| format!("key {key:?}"))
+        });
+    rows.add(
+        "ProposeImport",
+        "expected_rows -1",
+        Wire::new().varint(1, MINUS_ONE),
+        invalid,
+    )
+    .names("expected_rows");
+    for (rpc, job_field) in [("ApproveImport", 1), ("ImportUpload", 1), ("ImportRows", 1)] {
+        rows.add(
+            rpc,
+            "job_id marker",
+            Wire::new().bytes(job_field, MARKER),
+            invalid,
+        )
+        .names("job_id");
+        rows.add(
+            rpc,
+            "job_id a path",
+            Wire::new().bytes(job_field, "p-../../../etc"),
+            invalid,
+        )
+        .names("job_id");
+        rows.add(
+            rpc,
+            "job_id not UTF-8",
+            Wire::new().bytes(job_field, b"p-00000000000\xff"),
+            invalid,
+        )
+        .names("job_id");
+        rows.add(
+            rpc,
+            "job nobody proposed",
+            Wire::new().bytes(job_field, unknown),
+            Code::NotFound,
+        );
+    }
+    let upload = |job: &str| Wire::new().bytes(1, job);
+    rows.add(
+        "ImportUpload",
+        "piece of 1 MiB + 1",
+        upload(unknown).bytes(3, marked(1024 * 1024 + 1)),
+        invalid,
+    )
+    .names("data");
+    rows.add(
+        "ImportUpload",
+        "last piece without a format",
+        upload(unknown).bytes(3, MARKER).varint(4, 1),
+        invalid,
+    )
+    .names("format");
+    rows.add(
+        "ImportUpload",
+        "last piece, format unknown",
+        upload(unknown)
+            .varint(4, 1)
+            .message(5, Wire::new().varint(1, 7)),
+        invalid,
+    )
+    .names("format.format");
+    rows.add(
+        "ImportUpload",
+        "last piece, number field missing",
+        upload(unknown)
+            .varint(4, 1)
+            .message(5, Wire::new().varint(1, 1).bytes(2, "id")),
+        invalid,
+    )
+    .names("format.number_field");
+    rows.add(
+        "ImportUpload",
+        "offset -1 of a job nobody proposed",
+        upload(unknown).varint(2, MINUS_ONE).bytes(3, PAN),
+        Code::NotFound,
+    );
+    rows.add(
+        "ImportRows",
+        "from_row -1 of a job nobody proposed",
+        Wire::new()
+            .bytes(1, unknown)
+            .varint(2, MINUS_ONE)
+            .varint(3, MINUS_ONE),
+        Code::NotFound,
+    );
+}
+
+/// Export jobs: processors that take no exports, malformed token lists, jobs nobody
+/// proposed. Nothing is proposed or written.
+fn export_rows(rows: &mut Rows) {
+    let invalid = Code::InvalidArgument;
+    let unknown = "p-000000000000";
+    rows.add(
+        "ProposeExport",
+        "processor unknown",
+        Wire::new().bytes(1, MARKER),
+        Code::NotFound,
+    )
+    .names("processor");
+    rows.add(
+        "ProposeExport",
+        "processor without an export key",
+        Wire::new().bytes(1, "sandbox"),
+        Code::NotFound,
+    )
+    .names("processor");
+    for rpc in ["ProposeExport", "RunExport"] {
+        let first = match rpc {
+            "RunExport" => Wire::new().bytes(1, unknown),
+            _ => Wire::new().bytes(1, "sandbox"),
+        };
+        rows.add(
+            rpc,
+            "a token that is a card number",
+            first.bytes(2, PAN),
+            invalid,
+        )
+        .names("tokens");
+        let many = (0..=vault_proto::codec::MAX_EXPORT_TOKENS)
+            .fold(Wire::new().bytes(1, unknown), |w, _| w.bytes(2, ""));
+        rows.add(rpc, "100,001 tokens", many, invalid)
+            .names("tokens");
+    }
+    for rpc in ["ApproveExport", "RunExport"] {
+        rows.add(rpc, "job_id marker", Wire::new().bytes(1, MARKER), invalid)
+            .names("job_id");
+        rows.add(
+            rpc,
+            "job nobody proposed",
+            Wire::new().bytes(1, unknown),
+            Code::NotFound,
+        );
+    }
+}
+
 /// Cards that rows tokenize with a field repeated on the wire: each must end up stored
 /// exactly once.
 struct DuplicatePans {
@@ -1101,6 +1261,8 @@ async fn bad_input_matrix_every_rpc() {
     block_rows(&mut rows);
     subject_rows(&mut rows);
     sealed_rows(&mut rows);
+    import_rows(&mut rows);
+    export_rows(&mut rows);
     // DeleteToken last of the token rows: the fixture token goes, once.
     rows.add(
         "DeleteToken",

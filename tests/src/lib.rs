@@ -90,7 +90,7 @@ impl StackDir {
 [[identity]]
 id = "{admin}"
 tenant = "acme"
-permissions = ["tokenize", "read", "delete", "subject", "fingerprint", "admin", "audit", "forward:sandbox", "forward:slow", "forward:down", "forward:tiny", "forward:pinned", "forward:foreign-ca", "forward:loopback-denied", "forward:reasoned", "forward:routed"]
+permissions = ["tokenize", "read", "delete", "subject", "fingerprint", "import", "export", "admin", "audit", "forward:sandbox", "forward:slow", "forward:down", "forward:tiny", "forward:pinned", "forward:foreign-ca", "forward:loopback-denied", "forward:reasoned", "forward:routed"]
 
 [[identity]]
 id = "{reader}"
@@ -284,6 +284,9 @@ impl Running {
 pub struct SandboxServer {
     pub addr: SocketAddr,
     pub journal: sandbox_processor::Journal,
+    /// The sandbox's test processor key for card exports: armored public key and
+    /// fingerprint.
+    pub export_key: (String, String),
     running: Running,
 }
 
@@ -298,11 +301,13 @@ impl SandboxServer {
         .unwrap();
         let addr = bound.local_addr();
         let journal = bound.journal();
+        let export_key = bound.export_key();
         let (trigger, shutdown) = shutdown::channel();
         let task = tokio::spawn(bound.serve(shutdown));
         Self {
             addr,
             journal,
+            export_key,
             running: Running { trigger, task },
         }
     }

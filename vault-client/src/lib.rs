@@ -34,6 +34,8 @@
 //! # }
 //! ```
 
+mod import;
+
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -42,6 +44,11 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use vault_proto::keys::v1 as keys_pb;
 use vault_proto::vault::v1 as pb;
 use zeroize::Zeroizing;
+
+pub use import::{
+    ExportJob, ExportResult, IMPORT_PIECE_BYTES, ImportFormat, ImportJob, ImportKeyInfo,
+    ImportStatus, ImportedRow, ImportedRows,
+};
 
 /// Where a service is and how to prove who we are.
 #[derive(Debug, Clone)]
@@ -1249,7 +1256,14 @@ async fn health(
 }
 
 /// The key purposes by name, as [`KeyServiceClient`] takes and returns them.
-pub const KEY_PURPOSES: [&str; 5] = ["card-data", "fingerprint", "cvc", "audit", "intake"];
+pub const KEY_PURPOSES: [&str; 6] = [
+    "card-data",
+    "fingerprint",
+    "cvc",
+    "audit",
+    "intake",
+    "import",
+];
 
 /// A purpose name (one of [`KEY_PURPOSES`]) as the wire enum.
 fn purpose_from_name(name: &str) -> Result<keys_pb::KeyPurpose, Error> {
@@ -1260,9 +1274,10 @@ fn purpose_from_name(name: &str) -> Result<keys_pb::KeyPurpose, Error> {
         "cvc" => Ok(keys_pb::KeyPurpose::Cvc),
         "audit" => Ok(keys_pb::KeyPurpose::Audit),
         "intake" => Ok(keys_pb::KeyPurpose::Intake),
+        "import" => Ok(keys_pb::KeyPurpose::Import),
         _ => Err(Error::InvalidArgument {
             field: "purpose",
-            rule: "must be one of card-data, fingerprint, cvc, audit, intake",
+            rule: "must be one of card-data, fingerprint, cvc, audit, intake, import",
         }),
     }
 }

@@ -76,6 +76,61 @@ pub struct Settings {
     /// The processor allowlist: `[[processor]]` entries.
     #[serde(default, rename = "processor")]
     pub processors: Vec<crate::forward::settings::ProcessorSettings>,
+    /// `[import]`: bulk import of encrypted card files.
+    #[serde(default)]
+    pub import: ImportSettings,
+    /// `[export]`: card exports to a processor's key.
+    #[serde(default)]
+    pub export: ExportSettings,
+}
+
+/// `[export]`: where export files are written (docs/operations.md, "Moving cards out").
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportSettings {
+    /// Default: beside `data_dir`, named after it with `-export` appended. Required
+    /// with PostgreSQL. Files here are encrypted to the processor's key and readable by
+    /// the vault's user only.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+}
+
+/// `[import]`: bulk import of OpenPGP-encrypted card files (docs/operations.md,
+/// "Moving cards in").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportSettings {
+    /// Where import jobs keep the uploaded file (still encrypted) and their state.
+    /// Default: beside `data_dir`, named after it with `-import` appended. Required
+    /// with PostgreSQL (no `data_dir`); a job runs on the vault that holds its file.
+    #[serde(default)]
+    pub spool_dir: Option<PathBuf>,
+    /// Largest encrypted file accepted.
+    #[serde(default = "default_import_max_file_mb")]
+    pub max_file_mb: u64,
+    /// A job whose rows match cards the tenant holds already, for more than this share
+    /// of its rows (0 to 1), is flagged: a warning in the vault's log and in the job's
+    /// answers (never which rows).
+    #[serde(default = "default_import_existing_share")]
+    pub flag_existing_share: f64,
+}
+
+impl Default for ImportSettings {
+    fn default() -> Self {
+        Self {
+            spool_dir: None,
+            max_file_mb: default_import_max_file_mb(),
+            flag_existing_share: default_import_existing_share(),
+        }
+    }
+}
+
+fn default_import_max_file_mb() -> u64 {
+    16 * 1024
+}
+
+fn default_import_existing_share() -> f64 {
+    0.05
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -482,6 +537,37 @@ impl Settings {
         })
     }
 
+    /// Where import jobs spool their files; `None` without `import.spool_dir` or a
+    /// `data_dir` to put it beside.
+    pub fn import_spool_dir(&self) -> Option<PathBuf> {
+        if let Some(dir) = &self.import.spool_dir {
+            return Some(dir.clone());
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return None;
+        }
+        let name = self
+            .data_dir
+            .file_name()
+            .map_or_else(|| "vault".into(), |n| n.to_string_lossy().into_owned());
+        Some(self.data_dir.with_file_name(format!("{name}-import")))
+    }
+
+    /// Where export files go; `None` without `export.dir` or a `data_dir`.
+    pub fn export_dir(&self) -> Option<PathBuf> {
+        if let Some(dir) = &self.export.dir {
+            return Some(dir.clone());
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return None;
+        }
+        let name = self
+            .data_dir
+            .file_name()
+            .map_or_else(|| "vault".into(), |n| n.to_string_lossy().into_owned());
+        Some(self.data_dir.with_file_name(format!("{name}-export")))
+    }
+
     fn resolve_relative_paths(&mut self, base: &Path) {
         let mut files = vec![
             &mut self.policy_file,
@@ -492,8 +578,14 @@ impl Settings {
         if let Some(ca) = &mut self.keyservice.ca_file {
             files.push(ca);
         }
+        if let Some(dir) = &mut self.export.dir {
+            files.push(dir);
+        }
         for processor in &mut self.processors {
             files.push(&mut processor.ca_file);
+            if let Some(export) = &mut processor.export {
+                files.push(&mut export.public_key_file);
+            }
             for route in &mut processor.named_routes {
                 for secret in route.secret_headers.values_mut() {
                     files.push(&mut secret.file);
@@ -504,6 +596,9 @@ impl Settings {
             files.push(dir);
         }
         if let Some(dir) = &mut self.audit_dir {
+            files.push(dir);
+        }
+        if let Some(dir) = &mut self.import.spool_dir {
             files.push(dir);
         }
         if !self.data_dir.as_os_str().is_empty() {
@@ -530,6 +625,12 @@ impl Settings {
                 "max_batch_size must be 1 to {}",
                 vault_proto::codec::MAX_BATCH_CARDS
             ));
+        }
+        if !(0.0..=1.0).contains(&self.import.flag_existing_share) {
+            return Err("import.flag_existing_share must be 0 to 1".into());
+        }
+        if self.import.max_file_mb == 0 {
+            return Err("import.max_file_mb must be greater than 0".into());
         }
         if !(8..=1_048_576).contains(&self.storage.block_cache_mb) {
             return Err("storage.block_cache_mb must be 8 to 1048576".into());

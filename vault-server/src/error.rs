@@ -106,6 +106,10 @@ pub enum VaultError {
          keyservice; it creates one at start)"
     )]
     NoIntakeKey,
+    #[error("{0}")]
+    Import(crate::ops::ImportError),
+    #[error("{0}")]
+    Export(crate::ops::ExportError),
 }
 
 impl VaultError {
@@ -266,6 +270,68 @@ impl VaultError {
                 tracing::error!(error = %self, "internal failure");
                 internal(Code::Internal, "internal error")
             }
+            VaultError::Import(e) => import_refusal(e, request_id),
+            VaultError::Export(e) => export_refusal(e, request_id),
+        }
+    }
+}
+
+/// An export call's refusal; the keyservice's refusals (dual control) keep their code.
+fn export_refusal(error: crate::ops::ExportError, request_id: &str) -> Status {
+    use crate::ops::ExportError as E;
+    let message = error.to_string();
+    match error {
+        E::Invalid { .. } => Status::invalid_argument(message),
+        E::NoTarget(_) | E::NoJob(_) => Status::not_found(message),
+        E::NotApproved(_) | E::Selection | E::Done(_) | E::NotConfigured => {
+            Status::failed_precondition(message)
+        }
+        E::Keyservice(status) => {
+            import_refusal(crate::ops::ImportError::Keyservice(status), request_id)
+        }
+        E::Refused(_) | E::Unreachable(_) => {
+            tracing::error!(error = %message, "export not delivered");
+            Status::unavailable(message)
+        }
+        E::Write(detail) => {
+            tracing::error!(detail = %detail, "export file could not be written");
+            Status::internal(format!("internal error (request id {request_id})"))
+        }
+    }
+}
+
+/// An import call's refusal. The texts name rules, job ids, row numbers and counts;
+/// the keyservice's refusals (dual control) are passed on with their code.
+fn import_refusal(error: crate::ops::ImportError, request_id: &str) -> Status {
+    use crate::ops::ImportError as E;
+    let message = error.to_string();
+    match error {
+        E::Invalid { .. } | E::TooLarge { .. } | E::Open(_) | E::File(_) => {
+            Status::invalid_argument(message)
+        }
+        E::NoJob(_) => Status::not_found(message),
+        E::NotConfigured | E::NotApproved(_) | E::RowCount { .. } | E::NotVerified => {
+            Status::failed_precondition(message)
+        }
+        E::Gap { .. } => Status::out_of_range(message),
+        E::NoKey => Status::unavailable(message),
+        E::Keyservice(status) => match status.code() {
+            Code::PermissionDenied
+            | Code::NotFound
+            | Code::FailedPrecondition
+            | Code::InvalidArgument
+            | Code::AlreadyExists => Status::new(status.code(), status.message().to_owned()),
+            code => {
+                tracing::error!(code = ?code, "the keyservice failed an import job call");
+                Status::unavailable(format!(
+                    "the keyservice could not be reached for the import job; retry (request id \
+                     {request_id})"
+                ))
+            }
+        },
+        E::Spool(e) => {
+            tracing::error!(error = %e, "import spool failure");
+            Status::internal(format!("internal error (request id {request_id})"))
         }
     }
 }

@@ -76,6 +76,28 @@ pub struct KeySet {
     pub audit: Versions,
     /// Opens sealed cards (`ops/sealed.rs`); empty from a keyservice that has none.
     pub intake: IntakeKeys,
+    /// Opens import files (`import`); empty from a keyservice that has none.
+    pub import: ImportKeys,
+}
+
+/// The import key versions the keyservice serves (active and decrypt-only), each as
+/// the OpenPGP key derived from its seed.
+#[derive(Debug, Clone, Default)]
+pub struct ImportKeys {
+    active: Option<Arc<crate::import::ImportKey>>,
+    all: Vec<Arc<crate::import::ImportKey>>,
+}
+
+impl ImportKeys {
+    /// The version senders are given.
+    pub fn active(&self) -> Option<&Arc<crate::import::ImportKey>> {
+        self.active.as_ref()
+    }
+
+    /// Every version a file may be encrypted to.
+    pub fn all(&self) -> &[Arc<crate::import::ImportKey>] {
+        &self.all
+    }
 }
 
 /// The intake key versions the keyservice serves (active and decrypt-only), each as
@@ -147,12 +169,25 @@ impl KeySet {
         let mut audit = BTreeMap::new();
         let mut audit_active = None;
         let mut intake = IntakeKeys::default();
+        let mut import = ImportKeys::default();
         for mut key in response.keys {
             // Into a zeroizing buffer first, so that no path below drops it in the clear.
             let material = zeroize::Zeroizing::new(std::mem::take(&mut key.material));
             let purpose = pb::KeyPurpose::try_from(key.purpose).ok();
             if purpose == Some(pb::KeyPurpose::Intake) {
                 intake.versions.push(intake_version(&key, &material)?);
+                continue;
+            }
+            if purpose == Some(pb::KeyPurpose::Import) {
+                let secret = SecretKey::from_slice(&material)
+                    .map_err(|_| KeysError::Unusable("a key is not 32 bytes"))?;
+                let derived = crate::import::ImportKey::derive(key.version, &secret)
+                    .map_err(|_| KeysError::Unusable("an import key could not be derived"))?;
+                let derived = Arc::new(derived);
+                if key.state == pb::KeyState::Active as i32 {
+                    import.active = Some(Arc::clone(&derived));
+                }
+                import.all.push(derived);
                 continue;
             }
             let (map, active) = match purpose {
@@ -194,6 +229,7 @@ impl KeySet {
                 keys: audit,
             },
             intake,
+            import,
         })
     }
 }
@@ -525,7 +561,7 @@ impl Keys {
     }
 
     /// A client of the keyservice for calls besides keys, budgets and usage (the audit
-    /// checkpoints).
+    /// checkpoints, tenant jobs under dual control).
     pub fn keyservice(&self) -> Client {
         self.client.clone()
     }

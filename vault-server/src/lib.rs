@@ -22,6 +22,7 @@ pub mod error;
 pub mod event;
 pub mod forward;
 pub mod guessing;
+pub mod import;
 pub mod intake;
 pub mod keys;
 pub mod lockout;
@@ -110,6 +111,7 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
     let policy = policy::Policy::load(&settings.policy_file)?;
     let processors =
         forward::Processors::from_settings(&settings.processors).map_err(Error::Processors)?;
+    let export_targets = ops::export_targets(&settings.processors).map_err(Error::Processors)?;
     let tls = TlsMaterial::load(&settings.tls)?;
     let keyservice_tls = match &settings.keyservice.ca_file {
         Some(ca_file) => TlsMaterial::load(&TlsFiles {
@@ -268,6 +270,20 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
             Arc::clone(&keys),
             (audit_node.clone(), tls.identity().unwrap_or_default()),
             node.is_some(),
+        ),
+        exporter: ops::Exporter::new(
+            Arc::clone(&records),
+            export_targets,
+            forward::Processors::from_settings(&settings.processors).map_err(Error::Processors)?,
+            settings.export_dir(),
+        ),
+        importer: ops::Importer::new(
+            Arc::clone(&records),
+            ops::ImportSettings {
+                spool_dir: settings.import_spool_dir(),
+                max_file_bytes: settings.import.max_file_mb.saturating_mul(1024 * 1024),
+                flag_existing_share: settings.import.flag_existing_share,
+            },
         ),
         records,
         low_disk_bytes: settings.storage.low_disk_mb.saturating_mul(1024 * 1024),

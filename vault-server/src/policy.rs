@@ -47,6 +47,13 @@ pub enum Permission {
     /// Seeing cards' keyed fingerprints in TokenInfo (to tell two tokens of one card
     /// apart from two cards).
     Fingerprint,
+    /// Bulk import of an encrypted card file into the tenant (issue 21): exporting
+    /// the import key, proposing an import job, approving another identity's, and
+    /// running an approved one. Two identities with it are needed for any import.
+    Import,
+    /// Exporting the tenant's cards to a processor's OpenPGP key (issue 21): proposing
+    /// an export job, approving another identity's, running an approved one.
+    Export,
 }
 
 impl Permission {
@@ -59,6 +66,8 @@ impl Permission {
             "admin" => Some(Self::Admin),
             "subject" => Some(Self::Subject),
             "fingerprint" => Some(Self::Fingerprint),
+            "import" => Some(Self::Import),
+            "export" => Some(Self::Export),
             _ => name
                 .strip_prefix("forward:")
                 .filter(|p| !p.is_empty())
@@ -181,8 +190,8 @@ impl Policy {
                     Permission::parse(p).ok_or_else(|| {
                         format!(
                             "identity[{i}].permissions: unknown permission {p:?} \
-                             (known: tokenize, read, delete, subject, fingerprint, audit, admin, \
-                             forward:<processor>)"
+                             (known: tokenize, read, delete, subject, fingerprint, import, export, \
+                             audit, admin, forward:<processor>)"
                         )
                     })
                 })

@@ -22,6 +22,12 @@
 //! one response header each), `gzip` (with `content-encoding: gzip`), `utf16` (the body
 //! in UTF-16, `charset=utf-16`), `binary` (`application/octet-stream`).
 //!
+//! `POST /v1/imports` takes a card export (`vaultctl export` to a processor whose
+//! `[processor.export]` names this route): an OpenPGP message encrypted to the
+//! sandbox's test processor key, which it generates at start ([`Bound::export_key`]).
+//! It decrypts it, answers 200 with the number of lines, and keeps the plaintext for
+//! tests ([`Journal::exports`]); anything it cannot decrypt is 400 `undecryptable`.
+//!
 //! It keeps every request it received in memory, for tests to inspect. It never logs a
 //! card number: only method, path and status.
 
@@ -36,6 +42,8 @@ use runtime::shutdown::Shutdown;
 use tokio::net::TcpListener;
 
 const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Card exports are larger than charges.
+const MAX_EXPORT_BYTES: usize = 64 * 1024 * 1024;
 
 /// A request as the sandbox received it.
 #[derive(Clone)]
@@ -61,11 +69,16 @@ impl std::fmt::Debug for Received {
 
 /// Everything the sandbox received, shared with tests.
 #[derive(Debug, Clone, Default)]
-pub struct Journal(Arc<Mutex<Vec<Received>>>);
+pub struct Journal(Arc<Mutex<Vec<Received>>>, Arc<Mutex<Vec<String>>>);
 
 impl Journal {
     pub fn requests(&self) -> Vec<Received> {
         self.0.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// The card exports received, decrypted (test data: the sandbox is not a vault).
+    pub fn exports(&self) -> Vec<String> {
+        self.1.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
     fn push(&self, received: Received) {
@@ -73,6 +86,69 @@ impl Journal {
             requests.push(received);
         }
     }
+
+    fn push_export(&self, plaintext: String) {
+        if let Ok(mut exports) = self.1.lock() {
+            exports.push(plaintext);
+        }
+    }
+}
+
+/// The sandbox's test processor key for card exports: made at start, never stored.
+struct ExportKey {
+    secret: pgp::composed::SignedSecretKey,
+    armored_public: String,
+    fingerprint: String,
+}
+
+fn export_key() -> Result<ExportKey, Error> {
+    use pgp::composed::{EncryptionCaps, KeyType, SecretKeyParamsBuilder, SubkeyParamsBuilder};
+    use pgp::crypto::ecc_curve::ECCCurve;
+    use pgp::types::KeyDetails as _;
+    use rand_chacha::rand_core::SeedableRng as _;
+    let failed = |_| Error::Tls("the export test key could not be made".into());
+    let mut seed = [0u8; 32];
+    envelope::fill_random(&mut seed).map_err(|_| Error::Tls("no randomness".into()))?;
+    let mut rng = rand_chacha::ChaCha20Rng::from_seed(seed);
+    let subkey = SubkeyParamsBuilder::default()
+        .key_type(KeyType::ECDH(ECCCurve::Curve25519Legacy))
+        .can_encrypt(EncryptionCaps::All)
+        .build()
+        .map_err(|e| failed(e.to_string()))?;
+    let secret = SecretKeyParamsBuilder::default()
+        .key_type(KeyType::Ed25519Legacy)
+        .can_certify(true)
+        .primary_user_id("Sandbox Processor <exports@sandbox.invalid>".into())
+        .subkey(subkey)
+        .build()
+        .map_err(|e| failed(e.to_string()))?
+        .generate(&mut rng)
+        .map_err(|e| failed(e.to_string()))?;
+    let public = secret.to_public_key();
+    Ok(ExportKey {
+        armored_public: public
+            .to_armored_string(None.into())
+            .map_err(|e| failed(e.to_string()))?,
+        fingerprint: hex::encode_upper(public.fingerprint().as_bytes()),
+        secret,
+    })
+}
+
+/// An export's plaintext, or `None` when it does not decrypt to the sandbox's key.
+fn decrypt_export(key: &ExportKey, body: &[u8]) -> Option<String> {
+    use std::io::Read as _;
+    let message = pgp::composed::Message::from_bytes(body).ok()?;
+    let message = message
+        .decrypt(&pgp::types::Password::empty(), &key.secret)
+        .ok()?;
+    let mut message = if message.is_compressed() {
+        message.decompress().ok()?
+    } else {
+        message
+    };
+    let mut text = String::new();
+    message.read_to_string(&mut text).ok()?;
+    Some(text)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +172,7 @@ pub struct Bound {
     listener: TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
     journal: Journal,
+    export_key: Arc<ExportKey>,
 }
 
 /// Binds `addr` with the PEM certificate chain and key at the given paths.
@@ -131,6 +208,7 @@ pub async fn bind(
         listener,
         acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
         journal: Journal::default(),
+        export_key: Arc::new(export_key()?),
     })
 }
 
@@ -153,6 +231,15 @@ impl Bound {
         self.journal.clone()
     }
 
+    /// The test processor key card exports are encrypted to: the armored public key
+    /// and its fingerprint, for the vault's `[processor.export]`.
+    pub fn export_key(&self) -> (String, String) {
+        (
+            self.export_key.armored_public.clone(),
+            self.export_key.fingerprint.clone(),
+        )
+    }
+
     pub async fn serve(self, shutdown: Shutdown) {
         let stop = shutdown.wait();
         tokio::pin!(stop);
@@ -172,12 +259,14 @@ impl Bound {
             let _ = stream.set_nodelay(true);
             let acceptor = self.acceptor.clone();
             let journal = self.journal.clone();
+            let key = Arc::clone(&self.export_key);
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(stream).await else {
                     return;
                 };
-                let service =
-                    hyper::service::service_fn(move |request| handle(request, journal.clone()));
+                let service = hyper::service::service_fn(move |request| {
+                    handle(request, journal.clone(), Arc::clone(&key))
+                });
                 let _ = hyper_util::server::conn::auto::Builder::new(
                     hyper_util::rt::TokioExecutor::new(),
                 )
@@ -254,6 +343,7 @@ fn header<'a>(request: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
 async fn handle(
     request: Request<Incoming>,
     journal: Journal,
+    export_key: Arc<ExportKey>,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     let method = request.method().to_string();
     let path = request.uri().path().to_owned();
@@ -273,10 +363,11 @@ async fn handle(
         })
         .collect();
     let content_type = header(&request, "content-type").unwrap_or("").to_owned();
-    let body = match Limited::new(request.into_body(), MAX_BODY_BYTES)
-        .collect()
-        .await
-    {
+    let limit = match path.as_str() {
+        "/v1/imports" => MAX_EXPORT_BYTES,
+        _ => MAX_BODY_BYTES,
+    };
+    let body = match Limited::new(request.into_body(), limit).collect().await {
         Ok(body) => body.to_bytes().to_vec(),
         Err(_) => {
             return Ok(json(
@@ -324,6 +415,18 @@ async fn handle(
         )
     } else if method == "POST" && path == "/v1/charges" {
         charge(&content_type, &body)
+    } else if method == "POST" && path == "/v1/imports" {
+        match decrypt_export(&export_key, &body) {
+            Some(text) => {
+                let lines = text.lines().count();
+                journal.push_export(text);
+                json(StatusCode::OK, serde_json::json!({"received_lines": lines}))
+            }
+            None => json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": "undecryptable"}),
+            ),
+        }
     } else {
         json(
             StatusCode::NOT_FOUND,

@@ -12,7 +12,7 @@ use crate::checkpoints::Acknowledgement;
 use crate::error::ServiceError;
 use crate::history::NewEvent;
 use crate::keyring::{
-    AuditGapTarget, Keyring, OperationKind, Proposal, ProposalState, Purpose, RootKey,
+    AuditGapTarget, Keyring, OperationKind, Proposal, ProposalState, Purpose, RootKey, TenantJob,
 };
 use crate::lifecycle::{self, Refusal};
 
@@ -207,6 +207,14 @@ pub(super) fn propose(
 ) -> Result<pb::Proposal, ServiceError> {
     let now = now_unix_ms();
     let kind = kind_from_wire(request.kind)?;
+    if kind.is_tenant_job() {
+        return Err(ServiceError::InvalidArgument {
+            field: "kind",
+            rule: "an import or export is proposed through a vault by an identity with the \
+                   tenant's `import` or `export` permission (vaultctl import propose, \
+                   vaultctl export propose), not by a key admin",
+        });
+    }
     let audit_gap = match kind {
         OperationKind::AuditGap => Some(audit_gap_target(request.audit_gap.as_ref())?),
         _ => None,
@@ -261,6 +269,7 @@ pub(super) fn propose(
         audit_gap,
         force: request.force,
         records: 0,
+        job: None,
     };
     let mut proposal = proposal;
     let event = NewEvent {
@@ -339,6 +348,9 @@ pub(super) fn approve(
     let proposal = keyring
         .check_approval(id, caller, now)
         .map_err(|r| shared.refused(event.clone(), r))?;
+    if proposal.kind.is_tenant_job() {
+        return Err(shared.refused(event.clone(), Refusal::TenantJob(id.to_owned())));
+    }
     // A restored keyring accepts nothing but its acceptance.
     if let Some(refusal) = shared
         .restored(&keyring)
@@ -517,4 +529,174 @@ fn audit_gap_target(gap: Option<&pb::AuditGap>) -> Result<AuditGapTarget, Servic
         first: gap.first_sequence,
         last: gap.last_sequence,
     })
+}
+
+/// A tenant job (import) proposed through vault `vault`, which checked that
+/// `request.on_behalf_of` holds the tenant's permission for it. Kept with the other
+/// proposals (sealed, in the key history); the keyservice carries nothing out.
+pub(super) fn propose_job(
+    shared: &Shared,
+    vault: &str,
+    request: pb::ProposeJobRequest,
+) -> Result<pb::Proposal, ServiceError> {
+    let now = now_unix_ms();
+    let kind = kind_from_wire(request.kind)?;
+    if !kind.is_tenant_job() {
+        return Err(ServiceError::InvalidArgument {
+            field: "kind",
+            rule: "a vault proposes tenant jobs only (import, export)",
+        });
+    }
+    let job = request.job.ok_or(ServiceError::InvalidArgument {
+        field: "job",
+        rule: "required",
+    })?;
+    if job.tenant.is_empty() || job.on_behalf_of.is_empty() {
+        return Err(ServiceError::InvalidArgument {
+            field: "job.tenant",
+            rule: "the tenant and the identity the vault proposes for are required",
+        });
+    }
+    if kind == OperationKind::Import && job.expected_rows == 0 {
+        return Err(ServiceError::InvalidArgument {
+            field: "job.expected_rows",
+            rule: "must be at least 1",
+        });
+    }
+    if kind == OperationKind::Export && (job.processor.is_empty() || job.selection.is_empty()) {
+        return Err(ServiceError::InvalidArgument {
+            field: "job.processor",
+            rule: "an export names its processor and its selection",
+        });
+    }
+    let mut id_bytes = [0u8; 6];
+    envelope::fill_random(&mut id_bytes).map_err(|_| ServiceError::Random)?;
+    let proposal = Proposal {
+        id: format!("p-{}", hex::encode(id_bytes)),
+        kind,
+        purpose: None,
+        version: 0,
+        new_root_key_file: None,
+        proposed_by: job.on_behalf_of.clone(),
+        proposed_at_unix_ms: now,
+        expires_at_unix_ms: now + (shared.lifecycle.approval_window_secs * 1000) as i64,
+        state: ProposalState::Pending,
+        approved_by: None,
+        approved_at_unix_ms: 0,
+        audit_gap: None,
+        force: false,
+        records: 0,
+        job: Some(TenantJob {
+            vault_identity: vault.to_owned(),
+            tenant: job.tenant.clone(),
+            expected_rows: job.expected_rows,
+            processor: job.processor.clone(),
+            selection: job.selection.clone(),
+        }),
+    };
+    let event = NewEvent {
+        actor: &job.on_behalf_of,
+        action: "propose",
+        detail: match kind {
+            OperationKind::Export => format!(
+                "{} {} (tenant {}, to processor {}, tokens {}, through {vault})",
+                lifecycle::kind_name(kind),
+                proposal.id,
+                job.tenant,
+                job.processor,
+                job.selection
+            ),
+            _ => format!(
+                "{} {} (tenant {}, {} rows, through {vault})",
+                lifecycle::kind_name(kind),
+                proposal.id,
+                job.tenant,
+                job.expected_rows
+            ),
+        },
+        ..Default::default()
+    };
+    let stored = shared
+        .mutate_if(false, |keyring| {
+            Ok(proposal_to_wire(&keyring.propose(proposal)?, now))
+        })
+        .map_err(|e| shared.refuse(event.clone(), e))?;
+    shared.record(NewEvent {
+        outcome: "ok".into(),
+        ..event
+    })?;
+    tracing::info!(id = %stored.id, kind = lifecycle::kind_name(kind), "job proposed");
+    Ok(stored)
+}
+
+/// Approves a tenant job for `request.approved_by`, whom vault `vault` checked holds
+/// the tenant's permission: refused for the proposer (dual control), once approved,
+/// once expired, and for another tenant's job.
+pub(super) fn approve_job(
+    shared: &Shared,
+    vault: &str,
+    request: &pb::ApproveJobRequest,
+) -> Result<pb::Proposal, ServiceError> {
+    let now = now_unix_ms();
+    if request.approved_by.is_empty() || request.tenant.is_empty() {
+        return Err(ServiceError::InvalidArgument {
+            field: "approved_by",
+            rule: "the approver and tenant are required",
+        });
+    }
+    let kind = kind_from_wire(request.kind)?;
+    let id = request.id.as_str();
+    let mut event = NewEvent {
+        actor: &request.approved_by,
+        action: "approve",
+        detail: format!("{id} (through {vault})"),
+        ..Default::default()
+    };
+    let mut keyring = lock(&shared.keyring);
+    let proposal = match keyring.proposals.iter().find(|p| p.id == id) {
+        Some(p)
+            if p.kind.is_tenant_job()
+                && p.kind == kind
+                && p.job.as_ref().is_some_and(|j| j.tenant == request.tenant) =>
+        {
+            keyring
+                .check_approval(id, &request.approved_by, now)
+                .map_err(|r| shared.refused(event.clone(), r))?
+        }
+        _ => return Err(shared.refused(event.clone(), Refusal::NotThisJob(id.to_owned()))),
+    };
+    event.detail = format!(
+        "{} {id} (through {vault})",
+        lifecycle::kind_name(proposal.kind)
+    );
+    let before = shared.seal(&keyring)?;
+    keyring.mark_approved(id, &request.approved_by, now);
+    if let Err(error) = shared.save(&mut keyring, &lock(&shared.root)) {
+        shared.restore(&mut keyring, &before);
+        return Err(ServiceError::Save(error));
+    }
+    let approved = keyring
+        .proposals
+        .iter()
+        .find(|p| p.id == id)
+        .map(|p| proposal_to_wire(p, now))
+        .ok_or(ServiceError::Inconsistent("approved proposal vanished"))?;
+    drop(keyring);
+    shared.record(NewEvent {
+        outcome: "ok".into(),
+        ..event
+    })?;
+    tracing::info!(%id, kind = lifecycle::kind_name(proposal.kind), "job approved");
+    Ok(approved)
+}
+
+/// A tenant job as the keyservice keeps it, for the vault that runs it.
+pub(super) fn get_job(shared: &Shared, id: &str) -> Result<pb::Proposal, ServiceError> {
+    let now = now_unix_ms();
+    lock(&shared.keyring)
+        .proposals
+        .iter()
+        .find(|p| p.id == id && p.kind.is_tenant_job())
+        .map(|p| proposal_to_wire(p, now))
+        .ok_or_else(|| ServiceError::Refused(Refusal::NoSuchProposal(id.to_owned())))
 }

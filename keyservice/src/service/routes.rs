@@ -160,6 +160,33 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
         )
     }
 
+    async fn propose_job(
+        &self,
+        request: Request<pb::ProposeJobRequest>,
+    ) -> Result<Response<pb::Proposal>, Status> {
+        self.call("ProposeJob", Role::Vault, request, |caller, request| {
+            proposals::propose_job(&self.shared, &caller, request)
+        })
+    }
+
+    async fn approve_job(
+        &self,
+        request: Request<pb::ApproveJobRequest>,
+    ) -> Result<Response<pb::Proposal>, Status> {
+        self.call("ApproveJob", Role::Vault, request, |caller, request| {
+            proposals::approve_job(&self.shared, &caller, &request)
+        })
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::Proposal>, Status> {
+        self.call("GetJob", Role::Vault, request, |_, request| {
+            proposals::get_job(&self.shared, &request.id)
+        })
+    }
+
     async fn list_proposals(
         &self,
         request: Request<pb::ListProposalsRequest>,

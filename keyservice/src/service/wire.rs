@@ -13,6 +13,7 @@ pub(super) fn purpose_to_wire(purpose: Purpose) -> pb::KeyPurpose {
         Purpose::Cvc => pb::KeyPurpose::Cvc,
         Purpose::Audit => pb::KeyPurpose::Audit,
         Purpose::Intake => pb::KeyPurpose::Intake,
+        Purpose::Import => pb::KeyPurpose::Import,
     }
 }
 
@@ -23,9 +24,10 @@ pub(super) fn purpose_from_wire(purpose: i32) -> Result<Purpose, ServiceError> {
         Ok(pb::KeyPurpose::Cvc) => Ok(Purpose::Cvc),
         Ok(pb::KeyPurpose::Audit) => Ok(Purpose::Audit),
         Ok(pb::KeyPurpose::Intake) => Ok(Purpose::Intake),
+        Ok(pb::KeyPurpose::Import) => Ok(Purpose::Import),
         _ => Err(ServiceError::InvalidArgument {
             field: "purpose",
-            rule: "must be card-data, fingerprint, cvc or audit",
+            rule: "must be card-data, fingerprint, cvc, audit, intake or import",
         }),
     }
 }
@@ -38,6 +40,8 @@ pub(super) fn kind_from_wire(kind: i32) -> Result<OperationKind, ServiceError> {
         Ok(pb::OperationKind::AuditGap) => Ok(OperationKind::AuditGap),
         Ok(pb::OperationKind::Retire) => Ok(OperationKind::Retire),
         Ok(pb::OperationKind::AcceptRestore) => Ok(OperationKind::AcceptRestore),
+        Ok(pb::OperationKind::Import) => Ok(OperationKind::Import),
+        Ok(pb::OperationKind::Export) => Ok(OperationKind::Export),
         _ => Err(ServiceError::InvalidArgument {
             field: "kind",
             rule: "must be destroy, retire, unretire, root-key-change, audit-gap or accept-restore",
@@ -62,6 +66,8 @@ fn kind_to_wire(kind: OperationKind) -> pb::OperationKind {
         OperationKind::AuditGap => pb::OperationKind::AuditGap,
         OperationKind::Retire => pb::OperationKind::Retire,
         OperationKind::AcceptRestore => pb::OperationKind::AcceptRestore,
+        OperationKind::Import => pb::OperationKind::Import,
+        OperationKind::Export => pb::OperationKind::Export,
     }
 }
 
@@ -93,5 +99,13 @@ pub(super) fn proposal_to_wire(p: &Proposal, now: i64) -> pb::Proposal {
         }),
         force: p.force,
         records: p.records,
+        job: p.job.as_ref().map(|job| pb::TenantJob {
+            vault_identity: job.vault_identity.clone(),
+            tenant: job.tenant.clone(),
+            expected_rows: job.expected_rows,
+            on_behalf_of: String::new(),
+            processor: job.processor.clone(),
+            selection: job.selection.clone(),
+        }),
     }
 }

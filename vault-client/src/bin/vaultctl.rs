@@ -5,8 +5,8 @@
 //! environment variables, or a config file; run from a checkout with the dev stack up,
 //! it finds `.dev/vaultctl.toml` by itself.
 //!
-//! One module per command group under `vaultctl/`: `keys`, `policy`, `audit` and
-//! `blocks`; `output` holds what they print with.
+//! One module per command group under `vaultctl/`: `keys`, `policy`, `audit`,
+//! `blocks`, `import` and `export`; `output` holds what they print with.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)] // a CLI prints its results
 
@@ -15,6 +15,10 @@
 mod audit;
 #[path = "vaultctl/blocks.rs"]
 mod blocks;
+#[path = "vaultctl/export.rs"]
+mod export;
+#[path = "vaultctl/import.rs"]
+mod import;
 #[path = "vaultctl/keys.rs"]
 mod keys;
 #[path = "vaultctl/output.rs"]
@@ -139,6 +143,13 @@ enum Command {
     /// Identities and addresses the vault blocks after repeated failures.
     #[command(subcommand)]
     Blocks(blocks::BlocksCommand),
+    /// Move cards in: the import key, import jobs under dual control, and
+    /// `import FILE --job JOB` to send an encrypted export and write its mapping.
+    Import(Box<import::ImportArgs>),
+    /// Move cards out: export jobs under dual control, to a processor's pinned
+    /// OpenPGP key.
+    #[command(subcommand)]
+    Export(export::ExportCommand),
     /// Health of the vault and the keyservice.
     Health,
 }
@@ -627,6 +638,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Policy(command) => return policy::run(command, &vault).await,
         Command::Audit(command) => return audit::run(command, &vault).await,
         Command::Blocks(command) => return blocks::run(command, &vault).await,
+        Command::Import(args) => return import::run(*args, &vault).await,
+        Command::Export(command) => return export::run(command, &vault).await,
         Command::Health => {
             let mut healthy = true;
             for (name, result) in [

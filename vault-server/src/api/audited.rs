@@ -134,3 +134,100 @@ impl Audited for pb::SubjectResponse {
         event.count = self.tokens.len() as u32;
     }
 }
+
+// Import jobs: the file is ciphertext and the answers are tokens; the event names the
+// job, its counts and what was stored, never a row's values.
+impl Audited for pb::GetImportKeyRequest {}
+impl Audited for pb::ImportKey {
+    fn describe(&self, event: &mut AuditEvent) {
+        event.key_version = self.version;
+        event.detail = format!("import key {}", self.fingerprint);
+    }
+}
+impl Audited for pb::ProposeImportRequest {}
+impl Audited for pb::ApproveImportRequest {}
+impl Audited for pb::ImportJob {
+    fn describe(&self, event: &mut AuditEvent) {
+        event.detail = format!(
+            "import job {} ({} rows; proposed by {}{})",
+            self.job_id,
+            self.expected_rows,
+            self.proposed_by,
+            match self.approved {
+                true => format!(", approved by {}", self.approved_by),
+                false => String::new(),
+            }
+        );
+    }
+}
+impl Audited for pb::ImportUploadRequest {}
+impl Audited for pb::ImportStatus {
+    fn describe(&self, event: &mut AuditEvent) {
+        event.detail = format!(
+            "import job {}: {} bytes received{}",
+            self.job_id,
+            self.received_bytes,
+            match self.verified {
+                true => format!(", file checked: {} rows", self.total_rows),
+                false => String::new(),
+            }
+        );
+    }
+}
+impl Audited for pb::ImportRowsRequest {}
+impl Audited for pb::ImportRowsResponse {
+    fn describe(&self, event: &mut AuditEvent) {
+        use pb::imported_row::Outcome;
+        let stored = self
+            .rows
+            .iter()
+            .filter(|r| matches!(r.outcome, Some(Outcome::Card(_))))
+            .count();
+        event.count = self.rows.len() as u32;
+        event.detail = format!(
+            "import rows up to {} of {}: {stored} tokenized, {} refused{}",
+            self.next_row,
+            self.total_rows,
+            self.rows.len() - stored,
+            if self.flagged {
+                "; job flagged (existing cards)"
+            } else {
+                ""
+            }
+        );
+    }
+}
+
+// Export jobs: the event names the job, the processor, the key's fingerprint and the
+// count; never a card.
+impl Audited for pb::ProposeExportRequest {
+    fn describe(&self, event: &mut AuditEvent) {
+        event.count = self.tokens.len() as u32;
+    }
+}
+impl Audited for pb::ApproveExportRequest {}
+impl Audited for pb::ExportJob {
+    fn describe(&self, event: &mut AuditEvent) {
+        event.detail = format!(
+            "export job {} to processor {} ({} tokens; proposed by {}{})",
+            self.job_id,
+            self.processor,
+            self.selection,
+            self.proposed_by,
+            match self.approved {
+                true => format!(", approved by {}", self.approved_by),
+                false => String::new(),
+            }
+        );
+    }
+}
+impl Audited for pb::RunExportRequest {}
+impl Audited for pb::ExportResult {
+    fn describe(&self, event: &mut AuditEvent) {
+        event.count = u32::try_from(self.cards).unwrap_or(u32::MAX);
+        event.detail = format!(
+            "export job {}: {} cards to processor {}, encrypted to key {}",
+            self.job_id, self.cards, self.processor, self.fingerprint
+        );
+    }
+}

@@ -5,6 +5,7 @@
 
 mod audited;
 mod call;
+mod import;
 mod wire;
 
 use std::sync::Arc;
@@ -201,6 +202,141 @@ impl<S: Store> pb::vault_server::Vault for VaultApi<S> {
         };
         self.guards
             .call("EraseSubject", |_| Permission::Subject, request, call)
+            .await
+    }
+
+    async fn get_import_key(
+        &self,
+        request: Request<pb::GetImportKeyRequest>,
+    ) -> Result<Response<pb::ImportKey>, Status> {
+        let importer = &self.vault.importer;
+        let call =
+            |_: Caller, _| async move { import::import_key(importer.import_key()?.as_ref()) };
+        self.guards
+            .call("GetImportKey", |_| Permission::Import, request, call)
+            .await
+    }
+
+    async fn propose_import(
+        &self,
+        request: Request<pb::ProposeImportRequest>,
+    ) -> Result<Response<pb::ImportJob>, Status> {
+        let importer = &self.vault.importer;
+        let call = |caller: Caller, request: pb::ProposeImportRequest| async move {
+            Ok(import::job(
+                importer.propose(&caller, request.expected_rows).await?,
+            ))
+        };
+        self.guards
+            .call("ProposeImport", |_| Permission::Import, request, call)
+            .await
+    }
+
+    async fn approve_import(
+        &self,
+        request: Request<pb::ApproveImportRequest>,
+    ) -> Result<Response<pb::ImportJob>, Status> {
+        let importer = &self.vault.importer;
+        let call = |caller: Caller, request: pb::ApproveImportRequest| async move {
+            Ok(import::job(
+                importer.approve(&caller, &request.job_id).await?,
+            ))
+        };
+        self.guards
+            .call("ApproveImport", |_| Permission::Import, request, call)
+            .await
+    }
+
+    async fn import_upload(
+        &self,
+        request: Request<pb::ImportUploadRequest>,
+    ) -> Result<Response<pb::ImportStatus>, Status> {
+        let importer = &self.vault.importer;
+        let call = |caller: Caller, request: pb::ImportUploadRequest| async move {
+            let spec = import::file_spec(&request)?;
+            let state = importer
+                .upload(
+                    &caller,
+                    &request.job_id,
+                    request.offset,
+                    &request.data,
+                    spec,
+                )
+                .await?;
+            Ok(import::status(&state))
+        };
+        self.guards
+            .call("ImportUpload", |_| Permission::Import, request, call)
+            .await
+    }
+
+    async fn import_rows(
+        &self,
+        request: Request<pb::ImportRowsRequest>,
+    ) -> Result<Response<pb::ImportRowsResponse>, Status> {
+        let importer = &self.vault.importer;
+        let call = |caller: Caller, request: pb::ImportRowsRequest| async move {
+            let done = importer
+                .rows(
+                    &caller,
+                    &request.job_id,
+                    request.from_row,
+                    request.max_rows as usize,
+                )
+                .await?;
+            Ok(import::rows(done))
+        };
+        self.guards
+            .call("ImportRows", |_| Permission::Import, request, call)
+            .await
+    }
+
+    async fn propose_export(
+        &self,
+        request: Request<pb::ProposeExportRequest>,
+    ) -> Result<Response<pb::ExportJob>, Status> {
+        let exporter = &self.vault.exporter;
+        let call = |caller: Caller, request: pb::ProposeExportRequest| async move {
+            let tokens = import::export_tokens(&request.tokens)?;
+            let job = exporter
+                .propose(&caller, &request.processor, tokens.as_deref())
+                .await?;
+            Ok(import::export_job(job))
+        };
+        self.guards
+            .call("ProposeExport", |_| Permission::Export, request, call)
+            .await
+    }
+
+    async fn approve_export(
+        &self,
+        request: Request<pb::ApproveExportRequest>,
+    ) -> Result<Response<pb::ExportJob>, Status> {
+        let exporter = &self.vault.exporter;
+        let call = |caller: Caller, request: pb::ApproveExportRequest| async move {
+            Ok(import::export_job(
+                exporter.approve(&caller, &request.job_id).await?,
+            ))
+        };
+        self.guards
+            .call("ApproveExport", |_| Permission::Export, request, call)
+            .await
+    }
+
+    async fn run_export(
+        &self,
+        request: Request<pb::RunExportRequest>,
+    ) -> Result<Response<pb::ExportResult>, Status> {
+        let exporter = &self.vault.exporter;
+        let call = |caller: Caller, request: pb::RunExportRequest| async move {
+            let tokens = import::export_tokens(&request.tokens)?;
+            let done = exporter
+                .run(&caller, &request.job_id, tokens.as_deref())
+                .await?;
+            Ok(import::exported(done))
+        };
+        self.guards
+            .call("RunExport", |_| Permission::Export, request, call)
             .await
     }
 

@@ -85,6 +85,7 @@ pub fn tokenize_batch(request: pb::TokenizeBatchRequest) -> Result<TokenizeBatch
         reuse_existing: request.reuse_existing,
         format: format(request.format)?,
         answers: Vec::new(),
+        guessing_exempt: false,
     })
 }
 

@@ -298,6 +298,26 @@ impl Processor {
         self.named.get(name)
     }
 
+    /// Sends an export file (ciphertext only: encrypted to the processor's own key) to
+    /// its declared upload path; returns the processor's status. The answer is not
+    /// read beyond its status.
+    pub async fn upload(&self, path: &str, body: Vec<u8>) -> Result<u16, ForwardError> {
+        let url = reqwest::Url::parse(&format!("{}{path}", self.base_url))
+            .map_err(|_| ForwardError::Denied("path does not form a URL"))?;
+        if url.path() != format!("{}{path}", self.base_path) || url.query().is_some() {
+            return Err(ForwardError::Denied("path changed when forming the URL"));
+        }
+        let response = self
+            .client
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/pgp-encrypted")
+            .body(body)
+            .send()
+            .await
+            .map_err(classify)?;
+        Ok(response.status().as_u16())
+    }
+
     /// Renders the card into the request, sends it, and reads the masked answer.
     pub async fn send(
         &self,

@@ -56,6 +56,37 @@ pub struct ProcessorSettings {
     /// kept in the audit log.
     #[serde(default)]
     pub require_reason: bool,
+    /// `[processor.export]`: the OpenPGP key this processor takes card exports under
+    /// (`vaultctl export`); none: no export to it.
+    #[serde(default)]
+    pub export: Option<ProcessorExportSettings>,
+}
+
+/// `[processor.export]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessorExportSettings {
+    /// The processor's ASCII-armored OpenPGP public key.
+    pub public_key_file: PathBuf,
+    /// Its primary key's fingerprint (40 hex digits, spaces allowed), as the processor
+    /// gave it out of band: a file holding another key stops the vault at start.
+    pub fingerprint: String,
+    /// `csv` (token, number, exp_month, exp_year, name) or `json-lines`.
+    #[serde(default)]
+    pub format: ExportFormat,
+    /// Where the processor takes the file: POSTed (`application/pgp-encrypted`) to
+    /// `base_url` + this path over the processor's TLS settings. None: the file is
+    /// written to the vault's export directory instead.
+    #[serde(default)]
+    pub upload_path: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExportFormat {
+    #[default]
+    Csv,
+    JsonLines,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -171,11 +202,23 @@ impl ProcessorSettings {
                     "must list at least one method and path when dangerous_free_form = true",
                 );
             }
-            (false, _, true) => {
+            // A processor that only takes exports needs no route.
+            _ if self
+                .export
+                .as_ref()
+                .and_then(|e| e.upload_path.as_deref())
+                .is_some_and(|p| !p.starts_with('/') || p.contains(['?', '#', '{'])) =>
+            {
+                return err(
+                    "export.upload_path",
+                    "must be a path starting with / (no query, fragment or placeholder)",
+                );
+            }
+            (false, _, true) if self.export.is_none() => {
                 return err(
                     "route",
                     "must declare at least one [[processor.route]] (or set dangerous_free_form \
-                     = true, for sandboxes)",
+                     = true, for sandboxes), or an [processor.export] key",
                 );
             }
             (false, false, _) => {

@@ -9,14 +9,18 @@
 //! - `admin`: backups, policy reload, rewrap, lockout blocks;
 //! - `audit_log`: reading and verifying the audit log;
 //! - `health`: degraded reasons and `/metrics`;
+//! - `import`: import jobs (an encrypted card file, under dual control);
+//! - `export`: export jobs (a tenant's cards to a processor's key, under dual control);
 //! - `journal`: where all of them record what they did.
 
 mod admin;
 mod audit_log;
 pub mod erasures;
+mod export;
 mod forward;
 pub mod guessing;
 mod health;
+mod import;
 mod journal;
 mod records;
 mod sealed;
@@ -26,7 +30,11 @@ use std::sync::Arc;
 
 pub use admin::{Admin, AdminSettings, Backup, BackupCheck};
 pub use audit_log::{AuditLog, AuditPage, AuditQuery, AuditReport};
+pub use export::{ExportError, ExportJob, Exported, Exporter, export_targets};
 pub use forward::{ForwardRequest, ForwardSettings, Forwarded, Forwarder};
+pub use import::{
+    FileSpec, ImportError, ImportSettings, ImportedRow, Importer, Job, RowOutcome, RowsDone,
+};
 pub use journal::Journal;
 pub use records::{RecordSettings, Records};
 pub use sealed::{SealingKey, TokenizeSealed};
@@ -41,6 +49,10 @@ pub struct Vault<S> {
     pub forwarder: Forwarder<S>,
     pub admin: Admin<S>,
     pub audit_log: AuditLog<S>,
+    /// Import jobs (`import`).
+    pub importer: Importer<S>,
+    /// Export jobs (`export`).
+    pub exporter: Exporter<S>,
     /// Free space under which the vault reports itself degraded.
     pub low_disk_bytes: u64,
 }

@@ -202,6 +202,7 @@ impl<S: Store> Records<S> {
                 reuse_existing: request.reuse_existing,
                 format: request.format,
                 answers: claimed.iter().map(|(_, a)| Some(a.clone())).collect(),
+                guessing_exempt: false,
             };
             // The call's answer also holds replayed cards this write does not store, so
             // its event is written on its own, after the answer is known.

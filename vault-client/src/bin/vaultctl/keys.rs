@@ -147,6 +147,7 @@ pub enum Purpose {
     Cvc,
     Audit,
     Intake,
+    Import,
 }
 
 impl Purpose {
@@ -157,6 +158,7 @@ impl Purpose {
             Purpose::Cvc => "cvc",
             Purpose::Audit => "audit",
             Purpose::Intake => "intake",
+            Purpose::Import => "import",
         }
     }
 }

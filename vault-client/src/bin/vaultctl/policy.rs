@@ -20,8 +20,8 @@ pub enum PolicyCommand {
     Reload,
     /// Check a policy file offline, by the vault's rules: every `[[identity]]` has a
     /// non-empty `id` listed once, a `tenant` of 1 to 64 of `[A-Za-z0-9._-]`, and
-    /// `permissions` from tokenize, read, delete, subject, fingerprint, audit, admin,
-    /// `forward:<processor>`.
+    /// `permissions` from tokenize, read, delete, subject, fingerprint, import, export,
+    /// audit, admin, `forward:<processor>`.
     /// Exits 1 and names the first problem if it is not valid.
     Check {
         /// The policy file (TOML).
@@ -82,12 +82,13 @@ pub fn check_file(path: &Path) -> anyhow::Result<String> {
 }
 
 /// The permissions the vault knows, as they are written in the file.
-pub const PERMISSIONS: &str =
-    "tokenize, read, delete, subject, fingerprint, audit, admin, forward:<processor>";
+pub const PERMISSIONS: &str = "tokenize, read, delete, subject, fingerprint, import, export, audit, admin, \
+     forward:<processor>";
 
 fn known_permission(name: &str) -> bool {
     match name {
-        "tokenize" | "read" | "delete" | "subject" | "fingerprint" | "audit" | "admin" => true,
+        "tokenize" | "read" | "delete" | "subject" | "fingerprint" | "import" | "export"
+        | "audit" | "admin" => true,
         _ => name.strip_prefix("forward:").is_some_and(|p| !p.is_empty()),
     }
 }
@@ -232,7 +233,7 @@ mod tests {
             check(&text),
             Err(
                 "identity[1].permissions: unknown permission \"raed\" (known: tokenize, read, \
-                 delete, subject, fingerprint, audit, admin, forward:<processor>)"
+                 delete, subject, fingerprint, import, export, audit, admin, forward:<processor>)"
                     .into()
             )
         );

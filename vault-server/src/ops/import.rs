@@ -1,0 +1,632 @@
+//! Import jobs (issue 21): a tenant's cards from another vault's or processor's
+//! OpenPGP-encrypted export, under dual control. The pipeline, in the order its
+//! invariants demand:
+//!
+//! 1. `propose` and `approve`: two identities with the tenant's `import` permission
+//!    agree on the job (tenant, expected rows); the keyservice keeps the proposal
+//!    (sealed, in its key history) and refuses self-approval.
+//! 2. `upload`: the file arrives still encrypted, in pieces at given offsets (a piece
+//!    sent again is written once), into the job's spool directory. With the last
+//!    piece the whole file is decrypted once and thrown away: integrity tag, sender
+//!    signature (if the job names a sender key), header, no CVC column, the row count
+//!    the job was approved for. A file that fails is deleted: nothing was stored.
+//! 3. `rows`: the file is decrypted again, on a thread of its own, and its rows are
+//!    tokenized a batch per call through `Records::tokenize_batch` with
+//!    `reuse_existing`, exempt from the guessing detector. The caller names the row to
+//!    go on from (its mapping file is the durable cursor): rows done twice after a
+//!    crash get the token they got the first time, so a restarted import ends with
+//!    every row tokenized exactly once, without gaps. The thread holds one batch ahead
+//!    and drops it if no call asks for it within two minutes; the last batch is handed
+//!    over only once this pass, too, has checked the file's tag and signature.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use vault_proto::keys::v1 as keys_pb;
+
+use super::records::Records;
+use super::tokenize::{BatchItem, TokenizeBatch};
+use crate::card::Violation;
+use crate::error::VaultError;
+use crate::import::open::{self, OpenError};
+use crate::import::rows::{self, FileError, SourceRow};
+use crate::import::{Fields, FileFormat, ImportKey, JobState, Spool, SpoolError, valid_job_id};
+use crate::policy::Caller;
+use crate::store::Store;
+
+/// Why an import call was refused. Texts name the rule, a job id, a row number or a
+/// count, never a value from the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("import is not set up on this vault: set import.spool_dir (required with PostgreSQL)")]
+    NotConfigured,
+    #[error("the keyservice serves no import key yet (an older keyservice?)")]
+    NoKey,
+    #[error("{field}: {rule}")]
+    Invalid {
+        field: &'static str,
+        rule: &'static str,
+    },
+    #[error("job {0} is not an import job of this tenant")]
+    NoJob(String),
+    #[error(
+        "job {0} is not approved: a second identity with this tenant's `import` permission \
+         must approve it (vaultctl import approve)"
+    )]
+    NotApproved(String),
+    #[error("offset {offset} is past the {received} bytes received; send from {received}")]
+    Gap { offset: u64, received: u64 },
+    #[error("the file is larger than import.max_file_mb ({max_mb} MiB)")]
+    TooLarge { max_mb: u64 },
+    #[error("the file was refused and nothing of it was stored: {0}")]
+    Open(#[from] OpenError),
+    #[error("the file was refused and nothing of it was stored: {0}")]
+    File(#[from] FileError),
+    #[error(
+        "the file was refused and nothing of it was stored: it holds {found} rows, the job \
+         was approved for {expected}"
+    )]
+    RowCount { found: u64, expected: u64 },
+    #[error("the file has not passed its check: send it, with its last piece marked last")]
+    NotVerified,
+    #[error("the keyservice refused: {0}")]
+    Keyservice(tonic::Status),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+}
+
+impl From<ImportError> for VaultError {
+    fn from(e: ImportError) -> Self {
+        VaultError::Import(e)
+    }
+}
+
+/// Most rows one job may name: far above any export, low enough that no count
+/// overflows.
+const MAX_ROWS: u64 = 1_000_000_000;
+
+/// `[import]` as the importer uses it.
+#[derive(Debug, Clone)]
+pub struct ImportSettings {
+    pub spool_dir: Option<PathBuf>,
+    pub max_file_bytes: u64,
+    pub flag_existing_share: f64,
+}
+
+/// A job as approved.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: String,
+    pub tenant: String,
+    pub expected_rows: u64,
+    pub proposed_by: String,
+    pub approved_by: String,
+    pub approved: bool,
+    pub expires_at_unix_ms: i64,
+}
+
+/// How the last piece of a file says it is to be read.
+#[derive(Debug, Clone)]
+pub struct FileSpec {
+    pub format: FileFormat,
+    pub fields: Fields,
+    /// The sender's armored public key: the file must be signed by it.
+    pub sender_key: Option<String>,
+}
+
+/// A row's outcome, for the mapping file.
+#[derive(Debug)]
+pub enum RowOutcome {
+    Stored {
+        token: String,
+        last_four: String,
+        /// Empty unless the caller may see fingerprints.
+        fingerprint: String,
+    },
+    Invalid(Violation),
+}
+
+#[derive(Debug)]
+pub struct ImportedRow {
+    pub row: u64,
+    pub source_id: String,
+    pub outcome: RowOutcome,
+}
+
+#[derive(Debug)]
+pub struct RowsDone {
+    pub rows: Vec<ImportedRow>,
+    /// The rows done so far, counting these: where the next call goes on from.
+    pub next_row: u64,
+    pub total_rows: u64,
+    pub done: bool,
+    /// More than `flag_existing_share` of the rows done matched cards the tenant held.
+    pub flagged: bool,
+}
+
+type Batch = Result<Vec<SourceRow>, ImportError>;
+
+/// How long a job's decryption waits for its next call before it stops and drops the
+/// batch it prepared: no card is held for a caller that went away.
+const SESSION_IDLE: Duration = Duration::from_secs(120);
+
+/// The second decryption of one job's file, on a thread of its own, a batch ahead: it
+/// prepares a batch, then hands it over when asked (`demand`). Dropping the session
+/// stops the thread at its next step.
+#[derive(Debug)]
+struct Session {
+    next_row: u64,
+    demand: std::sync::mpsc::SyncSender<()>,
+    batches: mpsc::Receiver<Batch>,
+}
+
+impl Session {
+    /// The next batch; `None` when the thread has stopped (idle too long).
+    async fn next(&mut self) -> Option<Batch> {
+        match self.demand.try_send(()) {
+            Ok(()) | Err(std::sync::mpsc::TrySendError::Full(())) => self.batches.recv().await,
+            Err(std::sync::mpsc::TrySendError::Disconnected(())) => None,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Importer<S> {
+    records: Arc<Records<S>>,
+    spool: Option<Spool>,
+    settings: ImportSettings,
+    sessions: Mutex<HashMap<String, Session>>,
+    /// Serializes the calls of one job (an upload's check, a batch of rows).
+    busy: tokio::sync::Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl<S: Store> Importer<S> {
+    pub fn new(records: Arc<Records<S>>, settings: ImportSettings) -> Self {
+        Self {
+            records,
+            spool: settings.spool_dir.clone().map(Spool::new),
+            settings,
+            sessions: Mutex::new(HashMap::new()),
+            busy: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn spool(&self) -> Result<&Spool, ImportError> {
+        self.spool.as_ref().ok_or(ImportError::NotConfigured)
+    }
+
+    /// The active import key, for the sending party.
+    pub fn import_key(&self) -> Result<Arc<ImportKey>, ImportError> {
+        self.records
+            .keys()
+            .snapshot()
+            .import
+            .active()
+            .cloned()
+            .ok_or(ImportError::NoKey)
+    }
+
+    /// Dual control, step one.
+    pub async fn propose(&self, caller: &Caller, expected_rows: u64) -> Result<Job, ImportError> {
+        if !(1..=MAX_ROWS).contains(&expected_rows) {
+            return Err(ImportError::Invalid {
+                field: "expected_rows",
+                rule: "must be 1 to 1,000,000,000",
+            });
+        }
+        let proposal = self
+            .records
+            .keys()
+            .keyservice()
+            .propose_job(keys_pb::ProposeJobRequest {
+                kind: keys_pb::OperationKind::Import as i32,
+                job: Some(keys_pb::TenantJob {
+                    vault_identity: String::new(),
+                    tenant: caller.tenant.as_str().to_owned(),
+                    expected_rows,
+                    on_behalf_of: caller.identity.clone(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map_err(ImportError::Keyservice)?
+            .into_inner();
+        Ok(job(proposal))
+    }
+
+    /// Dual control, step two: by another identity of the same tenant.
+    pub async fn approve(&self, caller: &Caller, id: &str) -> Result<Job, ImportError> {
+        check_id(id)?;
+        let proposal = self
+            .records
+            .keys()
+            .keyservice()
+            .approve_job(keys_pb::ApproveJobRequest {
+                id: id.to_owned(),
+                tenant: caller.tenant.as_str().to_owned(),
+                approved_by: caller.identity.clone(),
+                kind: keys_pb::OperationKind::Import as i32,
+            })
+            .await
+            .map_err(ImportError::Keyservice)?
+            .into_inner();
+        Ok(job(proposal))
+    }
+
+    /// The job's state: from the spool once it started; else from the keyservice, which
+    /// must hold it approved, for the caller's tenant.
+    async fn state(&self, caller: &Caller, id: &str) -> Result<JobState, ImportError> {
+        check_id(id)?;
+        let spool = self.spool()?;
+        if let Some(state) = spool.load(id)? {
+            if state.tenant != caller.tenant.as_str() {
+                return Err(ImportError::NoJob(id.to_owned()));
+            }
+            return Ok(state);
+        }
+        let proposal = match self
+            .records
+            .keys()
+            .keyservice()
+            .get_job(keys_pb::GetJobRequest { id: id.to_owned() })
+            .await
+        {
+            Ok(p) => p.into_inner(),
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                return Err(ImportError::NoJob(id.to_owned()));
+            }
+            Err(s) => return Err(ImportError::Keyservice(s)),
+        };
+        if proposal.kind != keys_pb::OperationKind::Import as i32 {
+            return Err(ImportError::NoJob(id.to_owned()));
+        }
+        let job = job(proposal);
+        if job.tenant != caller.tenant.as_str() {
+            return Err(ImportError::NoJob(id.to_owned()));
+        }
+        if !job.approved {
+            return Err(ImportError::NotApproved(id.to_owned()));
+        }
+        let state = JobState {
+            job_id: job.id,
+            tenant: job.tenant,
+            expected_rows: job.expected_rows,
+            proposed_by: job.proposed_by,
+            approved_by: job.approved_by,
+            received_bytes: 0,
+            format: None,
+            fields: None,
+            sender_key: None,
+            verified: false,
+            total_rows: 0,
+            rows_done: 0,
+            rows_existing: 0,
+        };
+        spool.save(&state)?;
+        tracing::info!(job = %state.job_id, rows = state.expected_rows, "import job started");
+        Ok(state)
+    }
+
+    /// A piece of the encrypted file; with `last`, the file's check (see the module
+    /// doc). Returns the job's state after it.
+    pub async fn upload(
+        &self,
+        caller: &Caller,
+        id: &str,
+        offset: u64,
+        data: &[u8],
+        last: Option<FileSpec>,
+    ) -> Result<JobState, ImportError> {
+        let _busy = self.busy.lock().await;
+        let mut state = self.state(caller, id).await?;
+        if state.verified {
+            return Ok(state);
+        }
+        let end = offset.saturating_add(data.len() as u64);
+        if end > self.settings.max_file_bytes {
+            return Err(ImportError::TooLarge {
+                max_mb: self.settings.max_file_bytes / (1024 * 1024),
+            });
+        }
+        let spool = self.spool()?.clone();
+        let received = {
+            let (spool, id, data) = (spool.clone(), id.to_owned(), data.to_vec());
+            blocking(move || spool.append(&id, offset, &data)).await??
+        };
+        if offset > received {
+            return Err(ImportError::Gap { offset, received });
+        }
+        state.received_bytes = received;
+        let Some(spec) = last else {
+            return Ok(state);
+        };
+        if received == 0 {
+            return Err(ImportError::Invalid {
+                field: "data",
+                rule: "the file is empty",
+            });
+        }
+        let sender = match &spec.sender_key {
+            Some(armored) => Some(open::sender_key(armored)?),
+            None => None,
+        };
+        let keys = self.records.keys().snapshot().import.all().to_vec();
+        if keys.is_empty() {
+            return Err(ImportError::NoKey);
+        }
+        let (path, format, fields) = (spool.file(id), spec.format, spec.fields.clone());
+        let counted = blocking(move || {
+            open::with_plaintext(&path, &keys, sender.as_ref(), |reader| {
+                let mut rows = rows::open(reader, format, fields)?;
+                // Every row is parsed (a card's plaintext lives for one row), and
+                // dropped: this pass keeps nothing but the count.
+                while rows.next_row()?.is_some() {}
+                Ok::<u64, FileError>(rows.rows_read())
+            })
+        })
+        .await?;
+        let found = match counted {
+            Ok(found) if found == state.expected_rows => found,
+            refused => {
+                blocking({
+                    let (spool, id) = (spool.clone(), id.to_owned());
+                    move || spool.discard_file(&id)
+                })
+                .await??;
+                state.received_bytes = 0;
+                spool.save(&state)?;
+                let error = match refused {
+                    Ok(found) => ImportError::RowCount {
+                        found,
+                        expected: state.expected_rows,
+                    },
+                    Err(Ok(e)) => ImportError::File(e),
+                    Err(Err(e)) => ImportError::Open(e),
+                };
+                tracing::warn!(job = %id, error = %error, "import file refused");
+                return Err(error);
+            }
+        };
+        state.format = Some(spec.format);
+        state.fields = Some(spec.fields);
+        state.sender_key = spec.sender_key;
+        state.verified = true;
+        state.total_rows = found;
+        spool.save(&state)?;
+        tracing::info!(job = %id, rows = found, bytes = received, "import file checked");
+        Ok(state)
+    }
+
+    /// Tokenizes the rows after the first `from_row` (at most a batch), in order.
+    pub async fn rows(
+        &self,
+        caller: &Caller,
+        id: &str,
+        from_row: u64,
+        max_rows: usize,
+    ) -> Result<RowsDone, VaultError> {
+        let _busy = self.busy.lock().await;
+        let mut state = self.state(caller, id).await?;
+        if !state.verified {
+            return Err(ImportError::NotVerified.into());
+        }
+        if from_row >= state.total_rows {
+            return Ok(self.done(&state, Vec::new(), state.total_rows));
+        }
+        let batch_size = max_rows.clamp(1, self.records.settings().max_batch_size);
+        let mut session = match lock(&self.sessions).remove(id) {
+            Some(s) if s.next_row == from_row => s,
+            _ => self.open_session(&state, from_row, batch_size)?,
+        };
+        let batch = match session.next().await {
+            Some(batch) => batch,
+            // Stopped while idle: once more from the same row.
+            None => {
+                session = self.open_session(&state, from_row, batch_size)?;
+                session
+                    .next()
+                    .await
+                    .unwrap_or(Err(ImportError::Open(OpenError::Integrity)))
+            }
+        };
+        let rows = batch?;
+        if rows.is_empty() {
+            return Ok(self.done(&state, Vec::new(), state.total_rows));
+        }
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut cards = Vec::with_capacity(rows.len());
+        for row in rows {
+            ids.push((row.row, row.source_id));
+            cards.push(row.card);
+        }
+        let items = self
+            .records
+            .tokenize_batch(
+                caller,
+                TokenizeBatch {
+                    cards,
+                    ttl_secs: 0,
+                    reuse_existing: true,
+                    format: None,
+                    answers: Vec::new(),
+                    guessing_exempt: true,
+                },
+            )
+            .await?;
+        let mut existing = 0;
+        let imported: Vec<ImportedRow> = ids
+            .into_iter()
+            .zip(items)
+            .map(|((row, source_id), item)| ImportedRow {
+                row,
+                source_id,
+                outcome: match item {
+                    BatchItem::Stored(done) => {
+                        existing += u64::from(done.reused);
+                        RowOutcome::Stored {
+                            token: done.token.as_str().to_owned(),
+                            last_four: String::from_utf8_lossy(&done.metadata.last_four)
+                                .into_owned(),
+                            fingerprint: match caller.sees_fingerprints {
+                                true => hex::encode(done.metadata.fingerprint.value),
+                                false => String::new(),
+                            },
+                        }
+                    }
+                    BatchItem::Invalid(violation) => RowOutcome::Invalid(violation),
+                },
+            })
+            .collect();
+        let next_row = imported.last().map_or(from_row, |r| r.row);
+        let was_flagged = self.flagged(&state);
+        if next_row > state.rows_done {
+            state.rows_existing += existing;
+            state.rows_done = next_row;
+            self.spool()?.save(&state).map_err(ImportError::Spool)?;
+        }
+        if !was_flagged && self.flagged(&state) {
+            tracing::warn!(
+                job = %id,
+                rows_done = state.rows_done,
+                existing = state.rows_existing,
+                share = self.settings.flag_existing_share,
+                "import job flagged: more of its rows match cards the tenant holds than \
+                 import.flag_existing_share allows"
+            );
+        }
+        session.next_row = next_row;
+        lock(&self.sessions).insert(id.to_owned(), session);
+        Ok(self.done(&state, imported, next_row))
+    }
+
+    fn flagged(&self, state: &JobState) -> bool {
+        state.rows_done > 0
+            && state.rows_existing as f64
+                > self.settings.flag_existing_share * state.rows_done as f64
+    }
+
+    fn done(&self, state: &JobState, rows: Vec<ImportedRow>, next_row: u64) -> RowsDone {
+        RowsDone {
+            rows,
+            next_row,
+            total_rows: state.total_rows,
+            done: next_row >= state.total_rows,
+            flagged: self.flagged(state),
+        }
+    }
+
+    /// Starts the second decryption, skipping the first `from_row` rows.
+    fn open_session(
+        &self,
+        state: &JobState,
+        from_row: u64,
+        batch_size: usize,
+    ) -> Result<Session, ImportError> {
+        let (Some(format), Some(fields)) = (state.format, state.fields.clone()) else {
+            return Err(ImportError::NotVerified);
+        };
+        let sender = match &state.sender_key {
+            Some(armored) => Some(open::sender_key(armored)?),
+            None => None,
+        };
+        let keys = self.records.keys().snapshot().import.all().to_vec();
+        let path = self.spool()?.file(&state.job_id);
+        let (tx, rx) = mpsc::channel::<Batch>(1);
+        let (demand, demanded) = std::sync::mpsc::sync_channel::<()>(1);
+        // Hands a batch over when the next call asks for it; false: stop (the call never
+        // came, or the session was dropped), dropping the batch.
+        let hand_over = move |batch: Batch| {
+            demanded.recv_timeout(SESSION_IDLE).is_ok() && tx.blocking_send(batch).is_ok()
+        };
+        std::thread::Builder::new()
+            .name("import-rows".into())
+            .spawn(move || {
+                let result = open::with_plaintext(&path, &keys, sender.as_ref(), |reader| {
+                    let mut rows = rows::open(reader, format, fields).map_err(Some)?;
+                    while rows.rows_read() < from_row {
+                        if rows.next_row().map_err(Some)?.is_none() {
+                            break;
+                        }
+                    }
+                    loop {
+                        let mut batch = Vec::with_capacity(batch_size);
+                        while batch.len() < batch_size {
+                            match rows.next_row().map_err(Some)? {
+                                Some(row) => batch.push(row),
+                                None => break,
+                            }
+                        }
+                        // The last batch is handed over only after the file's tag (and
+                        // signature) checked out again, at the end of this pass.
+                        if batch.len() < batch_size {
+                            return Ok(batch);
+                        }
+                        if !hand_over(Ok(batch)) {
+                            // Nobody reads on: stop without reading to the end.
+                            return Err(None);
+                        }
+                    }
+                });
+                let last = match result {
+                    Ok(batch) => Ok(batch),
+                    Err(Ok(None)) => return,
+                    Err(Ok(Some(e))) => Err(ImportError::File(e)),
+                    Err(Err(e)) => Err(ImportError::Open(e)),
+                };
+                hand_over(last);
+            })
+            .map_err(|e| {
+                ImportError::Spool(SpoolError::Io {
+                    path: "a thread for the import".into(),
+                    source: e,
+                })
+            })?;
+        Ok(Session {
+            next_row: from_row,
+            demand,
+            batches: rx,
+        })
+    }
+}
+
+fn check_id(id: &str) -> Result<(), ImportError> {
+    if valid_job_id(id) {
+        Ok(())
+    } else {
+        Err(ImportError::Invalid {
+            field: "job_id",
+            rule: "must be a job id as `vaultctl import propose` printed it (p- and 12 hex digits)",
+        })
+    }
+}
+
+fn job(p: keys_pb::Proposal) -> Job {
+    let job = p.job.unwrap_or_default();
+    Job {
+        id: p.id,
+        tenant: job.tenant,
+        expected_rows: job.expected_rows,
+        proposed_by: p.proposed_by,
+        approved_by: p.approved_by,
+        approved: p.state == keys_pb::ProposalState::Approved as i32,
+        expires_at_unix_ms: p.expires_at_unix_ms,
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ImportError> {
+    tokio::task::spawn_blocking(f).await.map_err(|_| {
+        ImportError::Spool(SpoolError::Io {
+            path: "the import's worker".into(),
+            source: std::io::Error::other("the task panicked"),
+        })
+    })
+}
