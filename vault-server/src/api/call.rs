@@ -35,6 +35,13 @@ pub struct Guards {
     pub gaps: Arc<Gaps>,
 }
 
+/// The calls whose event the one durable write that finishes them carries (see
+/// `Auditor::riding`): each ends with that write, and its event reads the same
+/// whichever writes it. Any other call's event is written after its handler, even if
+/// the handler tokenizes or deletes as one step of more (an import's batch, a subject's
+/// erasure), whose writes must not carry it.
+const RIDING: &[&str] = &["Tokenize", "TokenizeBatch", "TokenizeSealed", "DeleteToken"];
+
 /// Whether a call touches card data: every call but reading and verifying the audit
 /// log and operating the vault, except the operations that open or copy the records
 /// (a rewrap decrypts them all, a backup copies them).
@@ -165,7 +172,9 @@ impl Guards {
                     described.clone().merge_into(&mut succeeded);
                     let call_event = Arc::new(CallEvent::new(succeeded));
                     guard.call_event = Some(Arc::clone(&call_event));
-                    caller.event = Some(call_event);
+                    if RIDING.contains(&method) {
+                        caller.event = Some(call_event);
+                    }
                     handler(caller, request.into_inner()).await
                 }
                 Err(refused) => {
