@@ -260,7 +260,14 @@ impl<R: BufRead> RowReader<R> {
         let mut cells = Vec::with_capacity(8);
         let mut cell = Zeroizing::new(String::new());
         let mut quoted = false;
+        // The whole record, over all its lines, is bounded like one line: quotes closed
+        // and opened again on each line would otherwise grow it without end.
+        let mut record_bytes = 0usize;
         loop {
+            record_bytes += self.line.len() + 1;
+            if record_bytes > MAX_LINE_BYTES {
+                return Err(FileError::LineTooLong(row));
+            }
             let text = std::str::from_utf8(&self.line).map_err(|_| FileError::NotUtf8(row))?;
             let mut chars = text.chars().peekable();
             while let Some(c) = chars.next() {
@@ -326,7 +333,7 @@ impl<R: BufRead> RowReader<R> {
             _ => Number::Text(""),
         };
         let source_id = match get(&self.fields.id) {
-            Some(serde_json::Value::Number(n)) => n.to_string(),
+            Some(serde_json::Value::Number(n)) => short_id(&n.to_string()),
             _ => short_id(text(&self.fields.id)),
         };
         let card = match get(&self.fields.number) {
@@ -371,12 +378,19 @@ impl Number<'_> {
 /// as an id (it is replaced by nothing: the row's number still identifies it).
 fn short_id(id: &str) -> String {
     let id: String = id.chars().take(128).collect();
-    let digits = id.chars().filter(char::is_ascii_digit).count();
-    if digits >= 12
-        && id
-            .chars()
-            .all(|c| c.is_ascii_digit() || c == ' ' || c == '-')
-    {
+    // The longest run of digits that only separators interrupt ("4242.4242 4242-4242",
+    // "card 4242..."): letters end a run, anything else does not.
+    let mut run = 0usize;
+    let mut longest = 0usize;
+    for c in id.chars() {
+        if c.is_ascii_digit() {
+            run += 1;
+            longest = longest.max(run);
+        } else if c.is_alphanumeric() {
+            run = 0;
+        }
+    }
+    if longest >= 12 {
         return String::new();
     }
     id
@@ -414,7 +428,8 @@ fn find_cvc_key(value: &serde_json::Value) -> Option<String> {
     let object = value.as_object()?;
     for (key, inner) in object {
         if is_cvc_name(key) && !inner.is_null() {
-            return Some(key.clone());
+            // Its last dotted segment only: the rest of a key is the sender's too.
+            return Some(key.rsplit(['.', '/']).next().unwrap_or_default().to_owned());
         }
         if let Some(found) = find_cvc_key(inner) {
             return Some(found);
@@ -524,5 +539,42 @@ mod tests {
         );
         assert_eq!(short_id(VISA), "");
         assert_eq!(short_id("cus_42"), "cus_42");
+        // Separators do not hide a card number; letters end a run of digits.
+        assert_eq!(short_id("4242.4242.4242.4242"), "");
+        assert_eq!(short_id("card 4242424242424242"), "");
+        assert_eq!(short_id("order-2026-12-07-000123"), "");
+        assert_eq!(short_id("cus_202612x07000123"), "cus_202612x07000123");
+    }
+
+    /// A JSON id that is a number goes through the same check as a string one, and a
+    /// security code under a key that carries a card number names only its last part.
+    #[test]
+    fn a_numeric_json_id_or_a_cvc_key_carries_no_card_number() {
+        let line = format!(
+            "{{\"id\":{VISA},\"card\":{{\"number\":\"{VISA}\",\"exp_month\":3,\"exp_year\":2041}}}}\n"
+        );
+        let rows = rows(FileFormat::JsonLines, Fields::stripe(), &line).unwrap();
+        assert_eq!(rows[0].source_id, "");
+        let line = format!(
+            "{{\"id\":\"c\",\"card\":{{\"number\":\"{VISA}\",\"exp_month\":1,\"exp_year\":2040,\"{VISA}.cvc\":\"123\"}}}}\n"
+        );
+        let refused = rows_err(&line);
+        assert_eq!(refused, FileError::CvcColumn("cvc".into()));
+        assert!(!refused.to_string().contains("4242"));
+    }
+
+    /// Quotes closed and opened again on every line keep one CSV record going: the
+    /// record as a whole is bounded like a line, whatever its lines.
+    #[test]
+    fn a_csv_record_is_bounded_over_all_its_lines() {
+        let mut text = String::from("id,number,exp_month,exp_year,name\n\"");
+        let piece = "x\",\"x\n";
+        while text.len() < 2 * MAX_LINE_BYTES {
+            text.push_str(piece);
+        }
+        assert_eq!(
+            rows(FileFormat::Csv, csv_fields(), &text).unwrap_err(),
+            FileError::LineTooLong(1)
+        );
     }
 }
