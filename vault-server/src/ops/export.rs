@@ -21,8 +21,9 @@ use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use pgp::composed::{Deserializable as _, MessageBuilder, SignedPublicKey};
+use pgp::composed::{Deserializable as _, MessageBuilder, SignedPublicKey, SignedPublicSubKey};
 use pgp::crypto::sym::SymmetricKeyAlgorithm;
+use pgp::packet::SignatureType;
 use pgp::types::{CompressionAlgorithm, KeyDetails as _};
 use rand_chacha::rand_core::{CryptoRng, RngCore};
 use runtime::now_unix_ms;
@@ -122,9 +123,12 @@ pub fn export_targets(list: &[ProcessorSettings]) -> Result<HashMap<String, Expo
                 processor.name
             ));
         }
+        let mut key = key;
+        key.public_subkeys = bound_encryption_subkeys(&key);
         if key.public_subkeys.is_empty() {
             return Err(format!(
-                "processor {}: the export key has no encryption subkey",
+                "processor {}: the export key has no encryption subkey that its primary \
+                 key binds (a valid binding signature with encryption flags, not revoked)",
                 processor.name
             ));
         }
@@ -484,6 +488,34 @@ impl<S: Store> Exporter<S> {
     }
 }
 
+/// The subkeys of `key` an export may be encrypted to: those its primary key (the one
+/// the fingerprint pins) binds with a valid signature flagged for encryption, and has
+/// not revoked. The pin covers the primary key only; a subkey anyone appended to the
+/// key file has no valid binding and is left out.
+fn bound_encryption_subkeys(key: &SignedPublicKey) -> Vec<SignedPublicSubKey> {
+    key.public_subkeys
+        .iter()
+        .filter(|sub| {
+            let valid = |sig: &&pgp::packet::Signature, typ| {
+                sig.typ() == Some(typ)
+                    && sig
+                        .verify_subkey_binding(&key.primary_key, &sub.key)
+                        .is_ok()
+            };
+            let bound = sub.signatures.iter().any(|sig| {
+                valid(&sig, SignatureType::SubkeyBinding)
+                    && (sig.key_flags().encrypt_comms() || sig.key_flags().encrypt_storage())
+            });
+            let revoked = sub
+                .signatures
+                .iter()
+                .any(|sig| valid(&sig, SignatureType::SubkeyRevocation));
+            bound && !revoked
+        })
+        .cloned()
+        .collect()
+}
+
 /// `plain` encrypted to every subkey of `key` (SEIPD v1 with MDC, AES-256, ZLIB).
 fn encrypt(key: &SignedPublicKey, plain: &[u8]) -> Result<Vec<u8>, ExportError> {
     let mut builder =
@@ -576,3 +608,85 @@ impl RngCore for RingRng {
 }
 
 impl CryptoRng for RingRng {}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::import::{ImportKey, open, rows};
+
+    fn seed(byte: u8) -> envelope::SecretKey {
+        envelope::SecretKey::from_slice(&[byte; 32]).unwrap()
+    }
+
+    /// A key file holding the processor's primary key (so the pin matches) and a
+    /// subkey someone else appended: the export is encrypted to the processor's own
+    /// subkey only, and the other key cannot open it.
+    #[test]
+    fn a_subkey_the_pinned_key_does_not_bind_gets_nothing() {
+        let processor = ImportKey::derive(1, &seed(1)).unwrap();
+        let intruder = ImportKey::derive(1, &seed(2)).unwrap();
+        let (mut file_key, _) =
+            SignedPublicKey::from_string(&processor.public_armored().unwrap()).unwrap();
+        let (theirs, _) =
+            SignedPublicKey::from_string(&intruder.public_armored().unwrap()).unwrap();
+        let own = file_key.public_subkeys.clone();
+        file_key
+            .public_subkeys
+            .push(theirs.public_subkeys[0].clone());
+        assert_eq!(
+            hex::encode_upper(file_key.fingerprint().as_bytes()),
+            processor.fingerprint(),
+            "the pin still matches the file"
+        );
+        assert_eq!(bound_encryption_subkeys(&file_key), own);
+        file_key.public_subkeys = bound_encryption_subkeys(&file_key);
+        let sealed = encrypt(&file_key, b"token,number\ntok_1,4242424242424242\n").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("export.gpg");
+        std::fs::write(&path, sealed).unwrap();
+        let read_all = |r: &mut dyn std::io::BufRead| {
+            let mut out = Vec::new();
+            r.read_to_end(&mut out).map(|_| out)
+        };
+        assert!(open::with_plaintext(&path, &[Arc::new(intruder)], None, read_all).is_err());
+        let plain = open::with_plaintext(&path, &[Arc::new(processor)], None, read_all).unwrap();
+        assert!(plain.starts_with(b"token,number"));
+    }
+
+    /// A file changed in transit answers "integrity check failed", never what the rows'
+    /// reader made of the changed plaintext (a row number and what is wrong with it).
+    #[test]
+    fn a_tampered_file_gets_no_row_error() {
+        let key = ImportKey::derive(1, &seed(3)).unwrap();
+        let (public, _) = SignedPublicKey::from_string(&key.public_armored().unwrap()).unwrap();
+        let mut plain = String::new();
+        for i in 0..20_000 {
+            plain.push_str(&format!(
+                "{{\"id\":\"c{i}\",\"card\":{{\"number\":\"4242424242424242\",\"exp_month\":1,\"exp_year\":2040}}}}\n"
+            ));
+        }
+        let mut builder = MessageBuilder::from_reader("", plain.as_bytes())
+            .seipd_v1(RingRng, SymmetricKeyAlgorithm::AES256);
+        builder
+            .encrypt_to_key(RingRng, &public.public_subkeys[0].key)
+            .unwrap();
+        let mut sealed = Vec::new();
+        builder.to_writer(RingRng, &mut sealed).unwrap();
+        let middle = sealed.len() / 2;
+        sealed[middle] ^= 0x01;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("file.pgp");
+        std::fs::write(&path, &sealed).unwrap();
+        let result = open::with_plaintext(&path, &[Arc::new(key)], None, |reader| {
+            let mut rows = rows::open(reader, rows::FileFormat::JsonLines, rows::Fields::stripe())?;
+            while rows.next_row()?.is_some() {}
+            Ok::<u64, rows::FileError>(rows.rows_read())
+        });
+        assert!(
+            matches!(result, Err(Err(open::OpenError::Integrity))),
+            "{result:?}"
+        );
+    }
+}
