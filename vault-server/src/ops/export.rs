@@ -443,10 +443,12 @@ impl<S: Store> Exporter<S> {
         let (staged_path, final_path) = (staged.clone(), path.clone());
         tokio::task::spawn_blocking(move || -> Result<(), ExportError> {
             let sealed = encrypt(&key, &plain)?;
+            // A new file, never one already there: a link left at this name (by
+            // someone who can write the export directory) is removed, not followed.
+            let _ = std::fs::remove_file(&staged_path);
             let mut file = std::fs::OpenOptions::new()
                 .write(true)
-                .create(true)
-                .truncate(true)
+                .create_new(true)
                 .mode_owner_only()
                 .open(&staged_path)
                 .map_err(|e| ExportError::Write(e.kind().to_string()))?;

@@ -403,10 +403,16 @@ impl Mapping {
 }
 
 fn csv(value: &str) -> String {
+    // A cell a spreadsheet would take for a formula (a sender's id such as
+    // "=HYPERLINK(...)") is written as text: a leading apostrophe.
+    let value = match value.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        true => format!("'{value}"),
+        false => value.to_owned(),
+    };
     if value.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", value.replace('"', "\"\""))
     } else {
-        value.to_owned()
+        value
     }
 }
 
@@ -486,5 +492,20 @@ impl Progress {
         if self.tty && !self.quiet {
             eprintln!();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::csv;
+
+    #[test]
+    fn mapping_cells_are_quoted_and_never_read_as_formulas() {
+        assert_eq!(csv("cus_42"), "cus_42");
+        assert_eq!(csv("a,b"), "\"a,b\"");
+        assert_eq!(csv("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(csv("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
+        assert_eq!(csv("+1"), "'+1");
+        assert_eq!(csv("@sum"), "'@sum");
     }
 }
