@@ -617,69 +617,164 @@ async fn a_corrupt_wrongly_encrypted_or_wrongly_signed_file_stores_nothing() {
     stack.stop().await;
 }
 
-/// Stripe's JSON lines, zipped, then encrypted: 100 cards that share their first six
-/// and last four, which the guessing detector would refuse from one identity's
-/// TokenizeBatch, all go in (an approved import is exempt). The same file imported
-/// again matches only existing cards: the job is flagged, and its mapping gives the
-/// same tokens in the same columns (it never says which rows were in the vault).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn zipped_stripe_json_lines_skip_the_guessing_detector_and_reuse_is_flagged() {
-    let stack = import_stack().await;
-    let gpg = Gpg::new();
-    let fingerprint = export_import_key(&stack, &gpg).await;
-    let work = stack.dir.path().to_path_buf();
-    let known = "4242424242424242";
-    let cards: Vec<String> = (0..1_000_000u64)
+/// `count` card numbers other than `known` with its first six and last four: the
+/// candidates a guesser of `known` would try.
+fn candidates(known: &str, count: usize) -> Vec<String> {
+    (0..1_000_000u64)
         .filter_map(|middle| {
             let body = format!("{}{middle:06}{}", &known[..6], &known[12..15]);
             let number = format!("{body}{}", testcards::luhn_digit(&body));
-            number.ends_with(&known[12..]).then_some(number)
+            (number.ends_with(&known[12..]) && number != known).then_some(number)
         })
-        .take(100)
-        .collect();
+        .take(count)
+        .collect()
+}
+
+/// `cards` as Stripe's JSON lines (ids `card_0`...), zipped if asked, encrypted to
+/// the import key; no plaintext is left on disk.
+fn stripe_file(
+    work: &Path,
+    gpg: &Gpg,
+    fingerprint: &str,
+    cards: &[String],
+    name: &str,
+    zip: bool,
+) -> PathBuf {
     let mut jsonl = String::new();
     for (i, number) in cards.iter().enumerate() {
         jsonl.push_str(&format!(
             "{{\"id\":\"card_{i}\",\"object\":\"card\",\"name\":\"Jane Roe\",\"card\":{{\"number\":\"{number}\",\"exp_month\":7,\"exp_year\":2032,\"brand\":\"visa\"}}}}\n"
         ));
     }
-    let plain = work.join("cards.jsonl");
+    let mut plain = work.join(format!("{name}.jsonl"));
     std::fs::write(&plain, jsonl).unwrap();
-    let zipped = work.join("cards.zip");
-    let status = std::process::Command::new("/usr/bin/python3")
-        .args(["-c", "import sys, zipfile\nwith zipfile.ZipFile(sys.argv[1], 'w', zipfile.ZIP_DEFLATED) as z: z.write(sys.argv[2], 'cards.jsonl')"])
-        .arg(&zipped)
-        .arg(&plain)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    if zip {
+        let zipped = work.join(format!("{name}.zip"));
+        let status = std::process::Command::new("/usr/bin/python3")
+            .args(["-c", "import sys, zipfile\nwith zipfile.ZipFile(sys.argv[1], 'w', zipfile.ZIP_DEFLATED) as z: z.write(sys.argv[2], 'cards.jsonl')"])
+            .arg(&zipped)
+            .arg(&plain)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::fs::remove_file(&plain).unwrap();
+        plain = zipped;
+    }
+    let file = work.join(format!("{name}.gpg"));
+    gpg.encrypt(&plain, fingerprint, None, &file);
     std::fs::remove_file(&plain).unwrap();
-    let file = work.join("cards.zip.gpg");
-    gpg.encrypt(&zipped, &fingerprint, None, &file);
-    std::fs::remove_file(&zipped).unwrap();
+    file
+}
+
+/// A file of 1,001 candidates for one card (its first six and last four) is how
+/// guessing through an import looks (imports skip the guessing detector, and whoever
+/// sees fingerprints would find the card's): refused whole at its check, storing
+/// nothing. The same file cut to 1,000 goes in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_of_guesses_for_one_card_is_refused_whole() {
+    let stack = import_stack().await;
+    let gpg = Gpg::new();
+    let fingerprint = export_import_key(&stack, &gpg).await;
+    let work = stack.dir.path().to_path_buf();
+    let cards = candidates("5555555555554444", 1_001);
+    let file = stripe_file(&work, &gpg, &fingerprint, &cards, "guesses", false);
+    let job = propose(&stack, ADMIN, 1_001).await;
+    assert!(approve(&stack, IMPORTER, &job).await.ok);
+    let mapping = work.join("guesses.csv");
+    let out = import(&stack, &file, &job, &mapping, &["--format", "jsonl"]).await;
+    assert!(!out.ok, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("nothing of it was stored")
+            && out.stderr.contains("max_cards_per_bucket"),
+        "{}",
+        out.stderr
+    );
+    assert_no_pans(&out.stderr, 0, "vaultctl's error");
+    for card in &cards {
+        assert!(!out.stderr.contains(card.as_str()));
+    }
+    assert_eq!(records(&stack).await, 0);
+
+    let file = stripe_file(&work, &gpg, &fingerprint, &cards[..1_000], "spread", false);
+    let job = propose(&stack, ADMIN, 1_000).await;
+    assert!(approve(&stack, IMPORTER, &job).await.ok);
+    let out = import(&stack, &file, &job, &mapping, &["--format", "jsonl"]).await;
+    assert!(out.ok, "{}", out.stderr);
+    wait_for_records(&stack, 1_000).await;
+    stack.stop().await;
+}
+
+/// Stripe's JSON lines, zipped, then encrypted: 100 cards that share their first six
+/// and last four, which the guessing detector would refuse from one identity's
+/// TokenizeBatch, all go in (an approved import is exempt). One of them is a card a
+/// service of the tenant tokenized before: its row gets a token of its own, never the
+/// service's (which would tell the importers which of their candidates the tenant held).
+/// The same file imported again by a second job gets new tokens everywhere, and the
+/// second job, whose every row matched a known card, is flagged in the audit log and
+/// the server log, never to the importers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_never_hands_out_a_token_the_tenant_held_and_is_flagged_only_in_the_log() {
+    let stack = import_stack().await;
+    let gpg = Gpg::new();
+    let fingerprint = export_import_key(&stack, &gpg).await;
+    let work = stack.dir.path().to_path_buf();
+    let known = "4242424242424242";
+    let mut admin = stack.client(ADMIN).await;
+    let held = admin
+        .tokenize(Card::new(known, 7, 2032), false)
+        .await
+        .unwrap()
+        .token;
+    let mut cards = candidates(known, 99);
+    cards.insert(37, known.to_owned());
+    let file = stripe_file(&work, &gpg, &fingerprint, &cards, "cards", true);
 
     let mut mappings = Vec::new();
+    let mut jobs = Vec::new();
     for round in 0..2 {
         let job = propose(&stack, ADMIN, 100).await;
         assert!(approve(&stack, IMPORTER, &job).await.ok);
         let mapping = work.join(format!("zipped-{round}.csv"));
         let out = import(&stack, &file, &job, &mapping, &["--format", "jsonl"]).await;
         assert!(out.ok, "{}", out.stderr);
-        assert_eq!(out.stderr.contains("flagged"), round == 1, "{}", out.stderr);
+        assert!(!out.stderr.contains("flag"), "{}", out.stderr);
         let rows = read_mapping(&mapping);
         assert_eq!(rows.len(), 100);
         for (i, row) in rows.iter().enumerate() {
             assert_eq!(row[1], format!("card_{i}"));
             assert!(row[2].starts_with("tok_"), "{row:?}");
+            assert_ne!(row[2], held, "row {i} got the token the tenant held");
             assert_eq!(row[3], "4242");
         }
         mappings.push(rows);
+        jobs.push(job);
     }
-    assert_eq!(
-        mappings[0], mappings[1],
-        "the same tokens, and nothing says they existed"
-    );
-    let mut admin = stack.client(ADMIN).await;
+    for (first, second) in mappings[0].iter().zip(&mappings[1]) {
+        assert_ne!(
+            first[2], second[2],
+            "a second job reused the first job's token"
+        );
+    }
+    // The service's token is still the card's (Tokenize with reuse finds the oldest).
+    let again = admin
+        .tokenize(Card::new(known, 7, 2032), true)
+        .await
+        .unwrap();
+    assert_eq!(again.token, held);
+    // The audit log has each job's end; only the second is flagged.
+    let page = admin.read_audit(0, None, None, 1000).await.unwrap();
+    let finished: Vec<&str> = page
+        .events
+        .iter()
+        .filter(|e| e.action == "ImportFinished")
+        .map(|e| e.detail.as_deref().unwrap_or(""))
+        .collect();
+    assert_eq!(finished.len(), 2, "{finished:?}");
+    assert!(finished[0].contains(&jobs[0]), "{finished:?}");
+    assert!(finished[0].contains("1 of them"), "{finished:?}");
+    assert!(!finished[0].contains("flagged"), "{finished:?}");
+    assert!(finished[1].contains("100 of them"), "{finished:?}");
+    assert!(finished[1].contains("flagged"), "{finished:?}");
     let flags: Vec<_> = admin
         .list_blocks()
         .await

@@ -136,8 +136,6 @@ pub struct ImportedRows {
     pub next_row: u64,
     pub total_rows: u64,
     pub done: bool,
-    /// The job matched more existing cards than the vault's configured share.
-    pub flagged: bool,
 }
 
 /// Most bytes of the file per upload call.
@@ -270,7 +268,6 @@ impl VaultClient {
             next_row: response.next_row,
             total_rows: response.total_rows,
             done: response.done,
-            flagged: response.flagged,
         })
     }
 }

@@ -110,9 +110,14 @@ pub struct ImportSettings {
     pub max_file_mb: u64,
     /// A job whose rows match cards the tenant holds already, for more than this share
     /// of its rows (0 to 1), is flagged: a warning in the vault's log and in the job's
-    /// answers (never which rows).
+    /// `ImportFinished` audit event, never to the importers.
     #[serde(default = "default_import_existing_share")]
     pub flag_existing_share: f64,
+    /// Most cards of one file that may share a first six and last four (1 to 65,535):
+    /// a file with more is refused whole, as a guessing file (imports skip the
+    /// guessing detector).
+    #[serde(default = "default_import_max_cards_per_bucket")]
+    pub max_cards_per_bucket: u16,
 }
 
 impl Default for ImportSettings {
@@ -121,6 +126,7 @@ impl Default for ImportSettings {
             spool_dir: None,
             max_file_mb: default_import_max_file_mb(),
             flag_existing_share: default_import_existing_share(),
+            max_cards_per_bucket: default_import_max_cards_per_bucket(),
         }
     }
 }
@@ -131,6 +137,10 @@ fn default_import_max_file_mb() -> u64 {
 
 fn default_import_existing_share() -> f64 {
     0.05
+}
+
+fn default_import_max_cards_per_bucket() -> u16 {
+    1000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -628,6 +638,9 @@ impl Settings {
         }
         if !(0.0..=1.0).contains(&self.import.flag_existing_share) {
             return Err("import.flag_existing_share must be 0 to 1".into());
+        }
+        if self.import.max_cards_per_bucket == 0 {
+            return Err("import.max_cards_per_bucket must be 1 to 65535".into());
         }
         if self.import.max_file_mb == 0 {
             return Err("import.max_file_mb must be greater than 0".into());

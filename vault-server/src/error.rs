@@ -306,7 +306,7 @@ fn import_refusal(error: crate::ops::ImportError, request_id: &str) -> Status {
     use crate::ops::ImportError as E;
     let message = error.to_string();
     match error {
-        E::Invalid { .. } | E::TooLarge { .. } | E::Open(_) | E::File(_) => {
+        E::Invalid { .. } | E::TooLarge { .. } | E::Open(_) | E::File(_) | E::Crowded { .. } => {
             Status::invalid_argument(message)
         }
         E::NoJob(_) => Status::not_found(message),

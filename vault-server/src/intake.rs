@@ -201,11 +201,18 @@ pub fn entry_key(tenant: &Tenant, nonce_id: &[u8; 32]) -> Vec<u8> {
     let mut name = Vec::with_capacity(8 + 64);
     name.extend_from_slice(b"\0sealed/");
     name.extend_from_slice(hex::encode(nonce_id).as_bytes());
+    tenant_key(tenant, &name)
+}
+
+/// `name` (which starts with a zero byte) scoped to the tenant, as a stored outcome's
+/// key: an entry of this format under another name (an import row's, `ops::import`).
+pub fn tenant_key(tenant: &Tenant, name: &[u8]) -> Vec<u8> {
+    debug_assert_eq!(name.first(), Some(&0));
     let tenant = tenant.as_str().as_bytes();
     let mut out = Vec::with_capacity(1 + tenant.len() + name.len());
     out.push(tenant.len() as u8);
     out.extend_from_slice(tenant);
-    out.extend_from_slice(&name);
+    out.extend_from_slice(name);
     out
 }
 

@@ -283,6 +283,7 @@ pub async fn start(settings: &Settings, shutdown: Shutdown) -> Result<Bound, Err
                 spool_dir: settings.import_spool_dir(),
                 max_file_bytes: settings.import.max_file_mb.saturating_mul(1024 * 1024),
                 flag_existing_share: settings.import.flag_existing_share,
+                max_cards_per_bucket: settings.import.max_cards_per_bucket,
             },
         ),
         records,

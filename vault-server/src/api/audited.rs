@@ -185,15 +185,10 @@ impl Audited for pb::ImportRowsResponse {
             .count();
         event.count = self.rows.len() as u32;
         event.detail = format!(
-            "import rows up to {} of {}: {stored} tokenized, {} refused{}",
+            "import rows up to {} of {}: {stored} tokenized, {} refused",
             self.next_row,
             self.total_rows,
             self.rows.len() - stored,
-            if self.flagged {
-                "; job flagged (existing cards)"
-            } else {
-                ""
-            }
         );
     }
 }

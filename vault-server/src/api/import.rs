@@ -123,7 +123,8 @@ pub fn rows(done: RowsDone) -> pb::ImportRowsResponse {
         next_row: done.next_row,
         total_rows: done.total_rows,
         done: done.done,
-        flagged: done.flagged,
+        // Never set: see the field's comment in vault.proto.
+        flagged: false,
     }
 }
 

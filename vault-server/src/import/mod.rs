@@ -8,6 +8,7 @@
 //! encrypted: `file.pgp`) and `state.json` (the job as approved, the format, how much
 //! was received, whether the file passed its check). No plaintext is ever written.
 
+pub mod buckets;
 pub mod key;
 pub mod open;
 pub mod rows;
@@ -44,6 +45,14 @@ pub struct JobState {
     pub rows_done: u64,
     /// Rows whose card the tenant held already (counted once per row done).
     pub rows_existing: u64,
+    /// The highest row handed to tokenization, saved before it is: rows up to here
+    /// may have tokens already (a crash between the commit and `rows_done`), and are
+    /// looked up before being tokenized again (see `ops::import`).
+    #[serde(default)]
+    pub rows_started: u64,
+    /// The job's end was recorded in the audit log.
+    #[serde(default)]
+    pub finished: bool,
 }
 
 /// Job directories under the spool directory.
@@ -191,6 +200,8 @@ mod tests {
             total_rows: 0,
             rows_done: 0,
             rows_existing: 0,
+            rows_started: 0,
+            finished: false,
         };
         spool.save(&state).unwrap();
         assert_eq!(spool.load(id).unwrap(), Some(state));

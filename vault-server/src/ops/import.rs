@@ -11,11 +11,13 @@
 //!    signature (if the job names a sender key), header, no CVC column, the row count
 //!    the job was approved for. A file that fails is deleted: nothing was stored.
 //! 3. `rows`: the file is decrypted again, on a thread of its own, and its rows are
-//!    tokenized a batch per call through `Records::tokenize_batch` with
-//!    `reuse_existing`, exempt from the guessing detector. The caller names the row to
-//!    go on from (its mapping file is the durable cursor): rows done twice after a
-//!    crash get the token they got the first time, so a restarted import ends with
-//!    every row tokenized exactly once, without gaps. The thread holds one batch ahead
+//!    tokenized a batch per call through `Records::tokenize_batch`, exempt from the
+//!    guessing detector, each under a new token (never one the tenant held: see
+//!    docs/security-model.md). The caller names the row to go on from (its mapping
+//!    file is the durable cursor): each stored row writes, with its record, an entry
+//!    naming its token (`row_key`), so rows done twice after a crash get the token they
+//!    got the first time, and a restarted import ends with every row tokenized exactly
+//!    once, without gaps. The thread holds one batch ahead
 //!    and drops it if no call asks for it within two minutes; the last batch is handed
 //!    over only once this pass, too, has checked the file's tag and signature.
 
@@ -27,15 +29,22 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use vault_proto::keys::v1 as keys_pb;
 
+use runtime::now_unix_ms;
+
 use super::records::Records;
-use super::tokenize::{BatchItem, TokenizeBatch};
-use crate::card::Violation;
+use super::tokenize::{Answer, BatchItem, TokenizeBatch};
+use crate::audit::AuditEvent;
+use crate::card::{CardData, Violation};
 use crate::error::VaultError;
+use crate::import::buckets::BucketCounts;
 use crate::import::open::{self, OpenError};
 use crate::import::rows::{self, FileError, SourceRow};
 use crate::import::{Fields, FileFormat, ImportKey, JobState, Spool, SpoolError, valid_job_id};
+use crate::intake;
 use crate::policy::Caller;
+use crate::record::Metadata;
 use crate::store::Store;
+use crate::token::Token;
 
 /// Why an import call was refused. Texts name the rule, a job id, a row number or a
 /// count, never a value from the file.
@@ -70,6 +79,12 @@ pub enum ImportError {
          was approved for {expected}"
     )]
     RowCount { found: u64, expected: u64 },
+    #[error(
+        "the file was refused and nothing of it was stored: more than {limit} of its cards \
+         share one first six and last four (import.max_cards_per_bucket), the shape of a \
+         file made to guess a card number"
+    )]
+    Crowded { limit: u16 },
     #[error("the file has not passed its check: send it, with its last piece marked last")]
     NotVerified,
     #[error("the keyservice refused: {0}")]
@@ -88,12 +103,36 @@ impl From<ImportError> for VaultError {
 /// overflows.
 const MAX_ROWS: u64 = 1_000_000_000;
 
+/// How long a row's entry (the token it got, see `row_key`) is kept: a job resumed
+/// later than this after it stored a row would store that row again.
+const ROW_ENTRY_KEEP_MS: i64 = 7 * 24 * 3600 * 1000;
+
+/// The store key of the entry that says which token row `row` of job `id` got. It is
+/// written in the same atomic write as the row's record, in the format of a sealed
+/// card's replay entry (`intake`), so that the purge removes it when its time is up.
+fn row_key(caller: &Caller, id: &str, row: u64) -> Vec<u8> {
+    intake::tenant_key(&caller.tenant, format!("\0import/{id}/{row}").as_bytes())
+}
+
+/// A stored row, for the mapping.
+fn stored(caller: &Caller, token: &Token, metadata: &Metadata) -> RowOutcome {
+    RowOutcome::Stored {
+        token: token.as_str().to_owned(),
+        last_four: String::from_utf8_lossy(&metadata.last_four).into_owned(),
+        fingerprint: match caller.sees_fingerprints {
+            true => hex::encode(metadata.fingerprint.value),
+            false => String::new(),
+        },
+    }
+}
+
 /// `[import]` as the importer uses it.
 #[derive(Debug, Clone)]
 pub struct ImportSettings {
     pub spool_dir: Option<PathBuf>,
     pub max_file_bytes: u64,
     pub flag_existing_share: f64,
+    pub max_cards_per_bucket: u16,
 }
 
 /// A job as approved.
@@ -143,8 +182,6 @@ pub struct RowsDone {
     pub next_row: u64,
     pub total_rows: u64,
     pub done: bool,
-    /// More than `flag_existing_share` of the rows done matched cards the tenant held.
-    pub flagged: bool,
 }
 
 type Batch = Result<Vec<SourceRow>, ImportError>;
@@ -308,6 +345,8 @@ impl<S: Store> Importer<S> {
             total_rows: 0,
             rows_done: 0,
             rows_existing: 0,
+            rows_started: 0,
+            finished: false,
         };
         spool.save(&state)?;
         tracing::info!(job = %state.job_id, rows = state.expected_rows, "import job started");
@@ -362,16 +401,30 @@ impl<S: Store> Importer<S> {
             return Err(ImportError::NoKey);
         }
         let (path, format, fields) = (spool.file(id), spec.format, spec.fields.clone());
+        let limit = self.settings.max_cards_per_bucket;
         let counted = blocking(move || {
             open::with_plaintext(&path, &keys, sender.as_ref(), |reader| {
                 let mut rows = rows::open(reader, format, fields)?;
+                let mut buckets = BucketCounts::new(limit);
+                let mut crowded = None;
                 // Every row is parsed (a card's plaintext lives for one row), and
-                // dropped: this pass keeps nothing but the count.
-                while rows.next_row()?.is_some() {}
-                Ok::<u64, FileError>(rows.rows_read())
+                // dropped: this pass keeps nothing but counts.
+                while let Some(row) = rows.next_row()? {
+                    if let (Ok(card), None) = (&row.card, crowded) {
+                        crowded = buckets.add(&card.pan).err();
+                    }
+                }
+                Ok::<_, FileError>((rows.rows_read(), crowded))
             })
         })
         .await?;
+        // Said only now that the whole file checked out (tag, signature).
+        let counted = match counted {
+            Ok((_, Some(crowded))) => Err(Ok(Err(crowded))),
+            Ok((found, None)) => Ok(found),
+            Err(Ok(e)) => Err(Ok(Ok(e))),
+            Err(Err(e)) => Err(Err(e)),
+        };
         let found = match counted {
             Ok(found) if found == state.expected_rows => found,
             refused => {
@@ -387,7 +440,10 @@ impl<S: Store> Importer<S> {
                         found,
                         expected: state.expected_rows,
                     },
-                    Err(Ok(e)) => ImportError::File(e),
+                    Err(Ok(Ok(e))) => ImportError::File(e),
+                    Err(Ok(Err(crowded))) => ImportError::Crowded {
+                        limit: crowded.limit,
+                    },
                     Err(Err(e)) => ImportError::Open(e),
                 };
                 tracing::warn!(job = %id, error = %error, "import file refused");
@@ -440,70 +496,174 @@ impl<S: Store> Importer<S> {
         if rows.is_empty() {
             return Ok(self.done(&state, Vec::new(), state.total_rows));
         }
-        let mut ids = Vec::with_capacity(rows.len());
-        let mut cards = Vec::with_capacity(rows.len());
+        let next_row = rows.last().map_or(from_row, |r| r.row);
+        // Rows this job may have stored before (a resumed job): the token each got, from
+        // the entry written with its record. Never another job's or another call's
+        // token for the same card: that would tell the importers which of their rows'
+        // cards the tenant held (a guessing oracle).
+        let mut order = Vec::with_capacity(rows.len());
+        let mut outcomes: Vec<Option<RowOutcome>> = Vec::with_capacity(rows.len());
+        let mut fresh = Vec::new();
         for row in rows {
-            ids.push((row.row, row.source_id));
-            cards.push(row.card);
+            let before = match (&row.card, row.row <= state.rows_started) {
+                (Ok(_), true) => self.stored_before(caller, id, row.row).await?,
+                _ => None,
+            };
+            order.push((row.row, row.source_id));
+            if before.is_none() {
+                fresh.push((row.row, row.card));
+            }
+            outcomes.push(before);
         }
-        let items = self
-            .records
-            .tokenize_batch(
-                caller,
-                TokenizeBatch {
-                    cards,
-                    ttl_secs: 0,
-                    reuse_existing: true,
-                    format: None,
-                    answers: Vec::new(),
-                    guessing_exempt: true,
-                },
-            )
-            .await?;
-        let mut existing = 0;
-        let imported: Vec<ImportedRow> = ids
-            .into_iter()
-            .zip(items)
-            .map(|((row, source_id), item)| ImportedRow {
-                row,
-                source_id,
-                outcome: match item {
-                    BatchItem::Stored(done) => {
-                        existing += u64::from(done.reused);
-                        RowOutcome::Stored {
-                            token: done.token.as_str().to_owned(),
-                            last_four: String::from_utf8_lossy(&done.metadata.last_four)
-                                .into_owned(),
-                            fingerprint: match caller.sees_fingerprints {
-                                true => hex::encode(done.metadata.fingerprint.value),
-                                false => String::new(),
-                            },
-                        }
-                    }
+        let valid: Vec<&CardData> = fresh.iter().filter_map(|(_, c)| c.as_ref().ok()).collect();
+        let known = match valid.is_empty() {
+            true => 0,
+            false => self.records.known_cards(caller, &valid).await?,
+        };
+        if next_row > state.rows_started {
+            state.rows_started = next_row;
+            self.save(&state).await?;
+        }
+        if !fresh.is_empty() {
+            let keep_until_ms = now_unix_ms().saturating_add(ROW_ENTRY_KEEP_MS);
+            let (rows, cards): (Vec<u64>, Vec<_>) = fresh.into_iter().unzip();
+            let answers = rows
+                .iter()
+                .map(|&row| {
+                    Some(Answer {
+                        key: row_key(caller, id, row),
+                        entry: intake::Entry {
+                            keep_until_ms,
+                            claimed_at_ms: now_unix_ms(),
+                            blob_sha256: [0; 32],
+                            state: intake::EntryState::Done,
+                            reused: false,
+                            cvc_not_kept: false,
+                            token: String::new(),
+                        },
+                    })
+                })
+                .collect();
+            let items = self
+                .records
+                .tokenize_batch(
+                    caller,
+                    TokenizeBatch {
+                        cards,
+                        ttl_secs: 0,
+                        reuse_existing: false,
+                        format: None,
+                        answers,
+                        guessing_exempt: true,
+                    },
+                )
+                .await?;
+            let mut items = items.into_iter();
+            for slot in outcomes.iter_mut().filter(|o| o.is_none()) {
+                *slot = items.next().map(|item| match item {
+                    BatchItem::Stored(done) => stored(caller, &done.token, &done.metadata),
                     BatchItem::Invalid(violation) => RowOutcome::Invalid(violation),
-                },
+                });
+            }
+        }
+        let imported: Vec<ImportedRow> = order
+            .into_iter()
+            .zip(outcomes)
+            .filter_map(|((row, source_id), outcome)| {
+                Some(ImportedRow {
+                    row,
+                    source_id,
+                    outcome: outcome?,
+                })
             })
             .collect();
-        let next_row = imported.last().map_or(from_row, |r| r.row);
-        let was_flagged = self.flagged(&state);
         if next_row > state.rows_done {
-            state.rows_existing += existing;
+            state.rows_existing += known;
             state.rows_done = next_row;
-            self.spool()?.save(&state).map_err(ImportError::Spool)?;
+            self.save(&state).await?;
         }
-        if !was_flagged && self.flagged(&state) {
-            tracing::warn!(
-                job = %id,
-                rows_done = state.rows_done,
-                existing = state.rows_existing,
-                share = self.settings.flag_existing_share,
-                "import job flagged: more of its rows match cards the tenant holds than \
-                 import.flag_existing_share allows"
-            );
+        if next_row >= state.total_rows && !state.finished {
+            self.finish(caller, &mut state).await?;
         }
         session.next_row = next_row;
         lock(&self.sessions).insert(id.to_owned(), session);
         Ok(self.done(&state, imported, next_row))
+    }
+
+    /// The outcome of a row this job stored before, if it did (and the token is still
+    /// there: a token deleted since is made anew).
+    async fn stored_before(
+        &self,
+        caller: &Caller,
+        id: &str,
+        row: u64,
+    ) -> Result<Option<RowOutcome>, VaultError> {
+        let entry = self
+            .records
+            .store()
+            .get_outcome(&row_key(caller, id, row))
+            .await?
+            .and_then(|value| intake::Entry::decode(&value))
+            .filter(|entry| entry.state == intake::EntryState::Done);
+        let Some(token) = entry.and_then(|e| Token::parse(&e.token).ok()) else {
+            return Ok(None);
+        };
+        match self.records.load_verified(caller, &token).await {
+            Ok(record) => Ok(Some(stored(caller, &token, &record.metadata))),
+            Err(VaultError::NotFound | VaultError::Deleted | VaultError::Expired) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The job's last row is done: its end, with the share of rows whose card the tenant
+    /// held already, goes to the audit log (and the server log when above
+    /// `flag_existing_share`), never to the importers.
+    async fn finish(&self, caller: &Caller, state: &mut JobState) -> Result<(), VaultError> {
+        let flagged = self.flagged(state);
+        if flagged {
+            tracing::warn!(
+                job = %state.job_id,
+                rows = state.rows_done,
+                existing = state.rows_existing,
+                share = self.settings.flag_existing_share,
+                "import job flagged: more of its rows matched cards the tenant held than \
+                 import.flag_existing_share allows"
+            );
+        }
+        self.records
+            .journal()
+            .audit(AuditEvent {
+                at_unix_ms: now_unix_ms(),
+                actor: caller.identity.clone(),
+                peer: "-".into(),
+                action: "ImportFinished".into(),
+                tenant: caller.tenant.as_str().to_owned(),
+                count: u32::try_from(state.rows_done).unwrap_or(u32::MAX),
+                outcome: "ok".into(),
+                request_id: caller.request_id.clone(),
+                detail: format!(
+                    "job {}: {} rows, {} of them cards the tenant held already{}",
+                    state.job_id,
+                    state.rows_done,
+                    state.rows_existing,
+                    if flagged {
+                        "; flagged: above import.flag_existing_share"
+                    } else {
+                        ""
+                    }
+                ),
+                ..Default::default()
+            })
+            .await?;
+        state.finished = true;
+        self.save(state).await?;
+        Ok(())
+    }
+
+    async fn save(&self, state: &JobState) -> Result<(), ImportError> {
+        let (spool, state) = (self.spool()?.clone(), state.clone());
+        blocking(move || spool.save(&state)).await??;
+        Ok(())
     }
 
     fn flagged(&self, state: &JobState) -> bool {
@@ -518,7 +678,6 @@ impl<S: Store> Importer<S> {
             next_row,
             total_rows: state.total_rows,
             done: next_row >= state.total_rows,
-            flagged: self.flagged(state),
         }
     }
 

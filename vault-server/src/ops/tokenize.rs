@@ -435,6 +435,31 @@ impl<S: Store> Records<S> {
         Ok(now + ttl as i64 * 1000)
     }
 
+    /// How many of `cards` the caller's tenant holds a token of already (under the
+    /// active fingerprint version): an import job's share of known cards, counted
+    /// without handing their tokens out.
+    pub async fn known_cards(
+        &self,
+        caller: &Caller,
+        cards: &[&CardData],
+    ) -> Result<u64, VaultError> {
+        let keys = self.keys().snapshot();
+        let (version, key) = keys.fingerprint.active();
+        let card_keys = cards
+            .iter()
+            .map(|card| {
+                record::card_key(
+                    &caller.tenant,
+                    &Fingerprint {
+                        version,
+                        value: record::fingerprint(key, &caller.tenant, &card.pan),
+                    },
+                )
+            })
+            .collect();
+        Ok(self.store().count_known_cards(card_keys).await?)
+    }
+
     /// The fingerprint and clear metadata of a new record of `card` (the card-data
     /// version is set when it is sealed), and, for `reuse_existing`, the card's index
     /// keys under the older fingerprint versions still held.

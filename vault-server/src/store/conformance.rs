@@ -202,6 +202,18 @@ async fn expired_records_and_every_token_of_a_card_are_found(store: impl Store) 
     expected.sort_by(|a, b| a.as_str().cmp(b.as_str()));
     assert_eq!(card_a, expected);
     assert_eq!(store.tokens_of_card(b"card-").await.unwrap(), vec![]);
+    // Cards known: each key with a record, duplicates counted; a prefix is no card.
+    let keys = |keys: &[&[u8]]| keys.iter().map(|k| k.to_vec()).collect::<Vec<_>>();
+    assert_eq!(
+        store
+            .count_known_cards(keys(&[
+                b"card-a", b"card-b", b"card-c", b"card-", b"card-a"
+            ]))
+            .await
+            .unwrap(),
+        3
+    );
+    assert_eq!(store.count_known_cards(Vec::new()).await.unwrap(), 0);
     // A delete removes the record from both indexes.
     let mut gone = delete(&tokens[0], b"v", b"card-a/i0", V1);
     gone.indexes = indexes(100, b"card-a");

@@ -102,6 +102,10 @@ impl Store for Engine {
         each!(self, s => s.tokens_of_card(card_key).await)
     }
 
+    async fn count_known_cards(&self, card_keys: Vec<Vec<u8>>) -> Result<u64, StoreError> {
+        each!(self, s => s.count_known_cards(card_keys).await)
+    }
+
     async fn compact(&self) -> Result<(), StoreError> {
         each!(self, s => s.compact().await)
     }

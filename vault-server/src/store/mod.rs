@@ -447,6 +447,14 @@ pub trait Store: Send + Sync + 'static {
         card_key: &[u8],
     ) -> impl Future<Output = Result<Vec<Token>, StoreError>> + Send;
 
+    /// How many of `card_keys` (duplicates counted each time) have a record: what an
+    /// import job counts of the cards its tenant held already, without reusing their
+    /// tokens. One read for them all.
+    fn count_known_cards(
+        &self,
+        card_keys: Vec<Vec<u8>>,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
     /// Makes deleted data physically gone: flushes and compacts, so that no file of
     /// the store still holds a deleted record's bytes or token.
     fn compact(&self) -> impl Future<Output = Result<(), StoreError>> + Send;

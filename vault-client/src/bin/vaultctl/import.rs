@@ -284,7 +284,6 @@ async fn run_file(client: &mut VaultClient, args: RunArgs) -> anyhow::Result<Exi
     let (mut mapping, mut done) = Mapping::open(&mapping_path)?;
     let started_at = done;
     let total = status.total_rows;
-    let mut flagged = false;
     let mut refused = 0u64;
     while done < total {
         let batch = client
@@ -307,7 +306,6 @@ async fn run_file(client: &mut VaultClient, args: RunArgs) -> anyhow::Result<Exi
             done = row.row();
         }
         mapping.append(&batch.rows)?;
-        flagged |= batch.flagged;
         progress.rows(done - started_at, done, total);
         if batch.done {
             break;
@@ -318,12 +316,6 @@ async fn run_file(client: &mut VaultClient, args: RunArgs) -> anyhow::Result<Exi
         "import job {job}: {done} of {total} rows in {} ({refused} refused: see the mapping)",
         mapping_path.display()
     );
-    if flagged {
-        eprintln!(
-            "note: the vault flagged this job: more of its rows matched cards the tenant \
-             already holds than it is configured to expect"
-        );
-    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -490,6 +490,19 @@ impl Store for PgStore {
         tokens_of(&rows)
     }
 
+    async fn count_known_cards(&self, card_keys: Vec<Vec<u8>>) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM unnest($1::bytea[]) AS k(card_key) \
+                 WHERE EXISTS (SELECT 1 FROM records r WHERE r.card_key = k.card_key)",
+                &[&card_keys],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
     async fn compact(&self) -> Result<(), StoreError> {
         // Deleted rows are gone from queries at once; VACUUM removes their tuples and
         // index entries from the pages. (Freed page space, WAL and the standbys' copies

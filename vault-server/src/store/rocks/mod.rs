@@ -465,6 +465,24 @@ impl Store for RocksStore {
         Ok(tokens)
     }
 
+    async fn count_known_cards(&self, card_keys: Vec<Vec<u8>>) -> Result<u64, StoreError> {
+        let db = self.db()?;
+        tokio::task::spawn_blocking(move || {
+            // A card index entry exists exactly while its record does.
+            let mut iter = db.raw_iterator_cf(family(&db, CARD_INDEX)?);
+            let mut known = 0;
+            for card_key in card_keys {
+                let prefix = card_prefix(&card_key)?;
+                iter.seek(&prefix);
+                known += u64::from(iter.key().is_some_and(|key| key.starts_with(&prefix)));
+            }
+            iter.status().map_err(engine)?;
+            Ok(known)
+        })
+        .await
+        .map_err(|_| StoreError::Engine("a card count panicked".into()))?
+    }
+
     async fn compact(&self) -> Result<(), StoreError> {
         let db = self.db()?;
         tokio::task::spawn_blocking(move || {
