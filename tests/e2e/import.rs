@@ -263,7 +263,7 @@ fn read_mapping(path: &Path) -> Vec<Vec<String>> {
     let mut lines = text.lines();
     assert_eq!(
         lines.next(),
-        Some("row,source_id,token,last_four,fingerprint,error_field,error_rule")
+        Some("row,source_id,token,last_four,fingerprint,error_field,error_rule,job")
     );
     lines
         .map(|l| l.split(',').map(str::to_owned).collect())
@@ -291,7 +291,7 @@ pub(crate) fn check_mapping(path: &Path, rows: u64) -> HashMap<u64, String> {
         let (number, _) = row(n);
         if n % 1000 == 999 {
             assert_eq!(
-                &fields[2..],
+                &fields[2..7],
                 ["", "", "", "card.number", "luhn"],
                 "row {}",
                 n + 1
@@ -735,6 +735,17 @@ async fn an_import_never_hands_out_a_token_the_tenant_held_and_is_flagged_only_i
         let job = propose(&stack, ADMIN, 100).await;
         assert!(approve(&stack, IMPORTER, &job).await.ok);
         let mapping = work.join(format!("zipped-{round}.csv"));
+        if round == 1 {
+            // The first job's (complete) mapping is not this job's cursor.
+            let first = work.join("zipped-0.csv");
+            let out = import(&stack, &file, &job, &first, &["--format", "jsonl"]).await;
+            assert!(!out.ok);
+            assert!(
+                out.stderr.contains("mapping of another import job"),
+                "{}",
+                out.stderr
+            );
+        }
         let out = import(&stack, &file, &job, &mapping, &["--format", "jsonl"]).await;
         assert!(out.ok, "{}", out.stderr);
         assert!(!out.stderr.contains("flag"), "{}", out.stderr);
@@ -745,6 +756,7 @@ async fn an_import_never_hands_out_a_token_the_tenant_held_and_is_flagged_only_i
             assert!(row[2].starts_with("tok_"), "{row:?}");
             assert_ne!(row[2], held, "row {i} got the token the tenant held");
             assert_eq!(row[3], "4242");
+            assert_eq!(row[7], job);
         }
         mappings.push(rows);
         jobs.push(job);

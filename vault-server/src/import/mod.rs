@@ -111,14 +111,30 @@ impl Spool {
         }
     }
 
+    /// The job's directory, made if missing: the vault's alone (0700), whatever the
+    /// umask, like everything in it (0600).
+    fn make_job_dir(&self, id: &str) -> Result<PathBuf, SpoolError> {
+        use std::os::unix::fs::DirBuilderExt as _;
+        let dir = self.job_dir(id);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io(&dir))?;
+        Ok(dir)
+    }
+
     /// Writes the state durably (a new file renamed over the old one).
     pub fn save(&self, state: &JobState) -> Result<(), SpoolError> {
-        let dir = self.job_dir(&state.job_id);
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let dir = self.make_job_dir(&state.job_id)?;
         let path = dir.join("state.json");
         let staged = dir.join("state.json.new");
         let bytes = serde_json::to_vec_pretty(state).map_err(|_| SpoolError::Corrupt)?;
-        let mut file = std::fs::File::create(&staged).map_err(io(&staged))?;
+        let mut file = private()
+            .write(true)
+            .truncate(true)
+            .open(&staged)
+            .map_err(io(&staged))?;
         file.write_all(&bytes).map_err(io(&staged))?;
         file.sync_all().map_err(io(&staged))?;
         std::fs::rename(&staged, &path).map_err(io(&path))?;
@@ -131,14 +147,9 @@ impl Spool {
     /// (a piece sent again after a lost answer) writes nothing; the size is returned
     /// either way, and the caller refuses an offset above it.
     pub fn append(&self, id: &str, offset: u64, data: &[u8]) -> Result<u64, SpoolError> {
-        let dir = self.job_dir(id);
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        self.make_job_dir(id)?;
         let path = self.file(id);
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(io(&path))?;
+        let mut file = private().append(true).open(&path).map_err(io(&path))?;
         let size = file.metadata().map_err(io(&path))?.len();
         if offset != size || data.is_empty() {
             return Ok(size);
@@ -157,6 +168,14 @@ impl Spool {
             Err(e) => Err(io(&path)(e)),
         }
     }
+}
+
+/// Options that create a file only the vault may read (0600).
+fn private() -> std::fs::OpenOptions {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).mode(0o600);
+    options
 }
 
 #[cfg(test)]
@@ -205,6 +224,12 @@ mod tests {
         };
         spool.save(&state).unwrap();
         assert_eq!(spool.load(id).unwrap(), Some(state));
+        // The vault's alone, whatever the umask.
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&spool.job_dir(id)), 0o700);
+        assert_eq!(mode(&spool.file(id)), 0o600);
+        assert_eq!(mode(&spool.job_dir(id).join("state.json")), 0o600);
         assert_eq!(spool.load("p-000000000002").unwrap(), None);
     }
 }

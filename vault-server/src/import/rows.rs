@@ -15,6 +15,9 @@ use crate::card::{CardData, CardholderName, Expiry, Pan, Today, Violation, viola
 /// The longest line (or CSV record) accepted: a card row is a few hundred bytes.
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
 
+/// Blank lines a file may hold beyond one per row.
+const MAX_EXTRA_BLANK_LINES: u64 = 1000;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FileFormat {
@@ -70,6 +73,10 @@ pub enum FileError {
     Unterminated(u64),
     #[error("the plaintext could not be read")]
     Read,
+    #[error("the file holds more than the {0} rows the job was approved for")]
+    MoreRows(u64),
+    #[error("the file holds more blank lines than rows (after row {0})")]
+    Blank(u64),
     #[error("{0}")]
     Zip(super::zip::ZipProblem),
 }
@@ -131,6 +138,9 @@ pub struct RowReader<R> {
     /// CSV: the column of id, number, month, year and name (`usize::MAX`: none).
     columns: [usize; 5],
     row: u64,
+    /// Blank lines skipped so far: bounded, so that a file of nothing but line ends
+    /// (a few bytes each once compressed) cannot keep a pass busy without end.
+    blank: u64,
     today: Today,
     line: Zeroizing<Vec<u8>>,
 }
@@ -154,6 +164,7 @@ impl<R: BufRead> RowReader<R> {
             fields,
             columns: [usize::MAX; 5],
             row: 0,
+            blank: 0,
             today: Today::now(),
             line: Zeroizing::new(Vec::with_capacity(512)),
         };
@@ -197,7 +208,10 @@ impl<R: BufRead> RowReader<R> {
             let parsed = match self.format {
                 FileFormat::Csv => match self.record(row)? {
                     None => return Ok(None),
-                    Some(cells) if cells.iter().all(|c| c.trim().is_empty()) => continue,
+                    Some(cells) if cells.iter().all(|c| c.trim().is_empty()) => {
+                        self.skip_blank()?;
+                        continue;
+                    }
                     Some(cells) => self.csv_row(row, &cells),
                 },
                 FileFormat::JsonLines => {
@@ -207,6 +221,7 @@ impl<R: BufRead> RowReader<R> {
                     let text =
                         std::str::from_utf8(&self.line).map_err(|_| FileError::NotUtf8(row))?;
                     if text.trim().is_empty() {
+                        self.skip_blank()?;
                         continue;
                     }
                     let mut value: serde_json::Value =
@@ -222,6 +237,15 @@ impl<R: BufRead> RowReader<R> {
             };
             self.row = row;
             return Ok(Some(parsed));
+        }
+    }
+
+    /// Counts a blank line: at most as many as rows, and a thousand more.
+    fn skip_blank(&mut self) -> Result<(), FileError> {
+        self.blank += 1;
+        match self.blank > self.row + MAX_EXTRA_BLANK_LINES {
+            true => Err(FileError::Blank(self.row)),
+            false => Ok(()),
         }
     }
 
@@ -461,6 +485,33 @@ mod tests {
             out.push(row);
         }
         Ok(out)
+    }
+
+    #[test]
+    fn blank_lines_are_bounded_by_the_rows() {
+        let line = format!(
+            "{{\"id\":\"c\",\"card\":{{\"number\":\"{VISA}\",\"exp_month\":7,\"exp_year\":2040}}}}\n"
+        );
+        let text = |blank: usize| format!("{line}{line}{}{line}", "\n".repeat(blank));
+        let json = || (FileFormat::JsonLines, Fields::stripe());
+        let (format, fields) = json();
+        assert_eq!(rows(format, fields, &text(1002)).unwrap().len(), 3);
+        let (format, fields) = json();
+        assert_eq!(
+            rows(format, fields, &text(1003)).unwrap_err(),
+            FileError::Blank(2)
+        );
+        let csv = |blank: usize| {
+            format!(
+                "id,number,exp_month,exp_year,name\nc,{VISA},7,2040,\n{}",
+                ",,,,\n".repeat(blank)
+            )
+        };
+        assert!(rows(FileFormat::Csv, csv_fields(), &csv(1001)).is_ok());
+        assert_eq!(
+            rows(FileFormat::Csv, csv_fields(), &csv(1002)).unwrap_err(),
+            FileError::Blank(1)
+        );
     }
 
     fn csv_fields() -> Fields {

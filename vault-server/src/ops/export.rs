@@ -326,32 +326,13 @@ impl<S: Store> Exporter<S> {
             ExportFormat::Csv => "token,number,exp_month,exp_year,name\n",
             ExportFormat::JsonLines => "",
         };
-        plain.extend_from_slice(header.as_bytes());
+        push_zeroizing(&mut plain, header.as_bytes());
         let mut cards = 0u64;
         let mut add = |token: &Token, stored: &record::StoredRecord| -> Result<(), VaultError> {
             let card = self.records.open(token, stored)?;
             let name = card.name.as_ref().map_or("", |n| n.expose());
-            let line = Zeroizing::new(match target.format {
-                ExportFormat::Csv => format!(
-                    "{},{},{},{},{}\n",
-                    token.as_str(),
-                    card.pan.expose_digits(),
-                    card.expiry.month,
-                    card.expiry.year,
-                    csv(name)
-                ),
-                ExportFormat::JsonLines => format!(
-                    "{}\n",
-                    serde_json::json!({
-                        "token": token.as_str(),
-                        "number": card.pan.expose_digits(),
-                        "exp_month": card.expiry.month,
-                        "exp_year": card.expiry.year,
-                        "name": name,
-                    })
-                ),
-            });
-            plain.extend_from_slice(line.as_bytes());
+            let line = card_line(target.format, token, &card, name);
+            push_zeroizing(&mut plain, &line);
             cards += 1;
             Ok(())
         };
@@ -546,12 +527,71 @@ impl OwnerOnly for std::fs::OpenOptions {
     }
 }
 
-fn csv(value: &str) -> String {
-    if value.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", value.replace('"', "\"\""))
-    } else {
-        value.to_owned()
+/// Appends card data to `buf` without leaving a copy behind: a buffer that must grow
+/// is copied into one twice its size, and the old one zeroized (a `Vec` growing on its
+/// own would free it as it was).
+fn push_zeroizing(buf: &mut Zeroizing<Vec<u8>>, bytes: &[u8]) {
+    if buf.capacity() - buf.len() < bytes.len() {
+        let size = (buf.len() + bytes.len()).max(buf.capacity() * 2);
+        let mut grown = Zeroizing::new(Vec::with_capacity(size));
+        grown.extend_from_slice(buf);
+        *buf = grown;
     }
+    buf.extend_from_slice(bytes);
+}
+
+/// One card of the export file, written into a buffer sized for its worst case up
+/// front (so it never reallocates), zeroized when dropped.
+fn card_line(
+    format: ExportFormat,
+    token: &Token,
+    card: &crate::card::CardData,
+    name: &str,
+) -> Zeroizing<Vec<u8>> {
+    use std::io::Write as _;
+    // A name escaped for JSON takes at most 6 bytes per byte (\u00XX); the rest is
+    // under 128 bytes.
+    let mut line = Zeroizing::new(Vec::with_capacity(128 + 6 * name.len()));
+    let (number, month, year) = (
+        card.pan.expose_digits(),
+        card.expiry.month,
+        card.expiry.year,
+    );
+    // Writes into a Vec cannot fail.
+    let _ = match format {
+        ExportFormat::Csv => {
+            let _ = write!(line, "{},{number},{month},{year},", token.as_str());
+            push_csv_cell(&mut line, name);
+            line.write_all(b"\n")
+        }
+        ExportFormat::JsonLines => {
+            let _ = write!(
+                line,
+                "{{\"token\":\"{}\",\"number\":\"{number}\",\"exp_month\":{month},\
+                 \"exp_year\":{year},\"name\":",
+                token.as_str()
+            );
+            let _ = serde_json::to_writer(&mut *line, name);
+            line.write_all(b"}\n")
+        }
+    };
+    line
+}
+
+/// `value` as a CSV cell, quoted when it must be, written straight into `out`.
+fn push_csv_cell(out: &mut Vec<u8>, value: &str) {
+    if !value.contains([',', '"', '\n', '\r']) {
+        out.extend_from_slice(value.as_bytes());
+        return;
+    }
+    out.push(b'"');
+    for b in value.bytes() {
+        if b == b'"' {
+            out.push(b'"');
+        }
+        out.push(b);
+    }
+    out.push(b'"');
 }
 
 fn check_id(id: &str) -> Result<(), ExportError> {
@@ -617,6 +657,40 @@ mod tests {
 
     use super::*;
     use crate::import::{ImportKey, open, rows};
+
+    #[test]
+    fn card_lines_read_back_and_a_growing_buffer_keeps_every_line() {
+        use crate::card::{CardData, CardholderName, Expiry, Pan, Today};
+        let token = Token::generate().unwrap();
+        let card = CardData {
+            pan: Pan::parse("4242424242424242").unwrap(),
+            expiry: Expiry::parse(7, 2040, Today::now()).unwrap(),
+            name: None,
+            cvc: None,
+        };
+        let name = "Zoë \"Z\" O'Neil, Jr.";
+        assert!(CardholderName::parse(name).is_ok());
+        let json = card_line(ExportFormat::JsonLines, &token, &card, name);
+        let value: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(value["number"], "4242424242424242");
+        assert_eq!(value["name"], name);
+        assert_eq!(value["exp_month"], 7);
+        assert_eq!(value["token"], token.as_str());
+        let csv = card_line(ExportFormat::Csv, &token, &card, name);
+        assert_eq!(
+            std::str::from_utf8(&csv).unwrap(),
+            format!(
+                "{},4242424242424242,7,2040,\"Zoë \"\"Z\"\" O'Neil, Jr.\"\n",
+                token.as_str()
+            )
+        );
+        let mut plain = Zeroizing::new(Vec::new());
+        for _ in 0..100 {
+            push_zeroizing(&mut plain, &csv);
+        }
+        assert_eq!(plain.len(), 100 * csv.len());
+        assert!(plain.chunks(csv.len()).all(|line| line == &csv[..]));
+    }
 
     fn seed(byte: u8) -> envelope::SecretKey {
         envelope::SecretKey::from_slice(&[byte; 32]).unwrap()

@@ -210,14 +210,28 @@ impl Session {
     }
 }
 
+/// Cheap to clone: a job's call runs as a task of its own (see `rows`).
 #[derive(Debug)]
 pub struct Importer<S> {
     records: Arc<Records<S>>,
     spool: Option<Spool>,
     settings: ImportSettings,
-    sessions: Mutex<HashMap<String, Session>>,
-    /// Serializes the calls of one job (an upload's check, a batch of rows).
-    busy: tokio::sync::Mutex<()>,
+    sessions: Arc<Mutex<HashMap<String, Session>>>,
+    /// Per job: serializes its calls (an upload's check, a batch of rows). Jobs do not
+    /// wait for one another.
+    busy: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+impl<S> Clone for Importer<S> {
+    fn clone(&self) -> Self {
+        Self {
+            records: Arc::clone(&self.records),
+            spool: self.spool.clone(),
+            settings: self.settings.clone(),
+            sessions: Arc::clone(&self.sessions),
+            busy: Arc::clone(&self.busy),
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -230,9 +244,15 @@ impl<S: Store> Importer<S> {
             records,
             spool: settings.spool_dir.clone().map(Spool::new),
             settings,
-            sessions: Mutex::new(HashMap::new()),
-            busy: tokio::sync::Mutex::new(()),
+            sessions: Arc::default(),
+            busy: Arc::default(),
         }
+    }
+
+    /// Job `id`'s turn: held while one of its calls runs.
+    async fn turn(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let job = Arc::clone(lock(&self.busy).entry(id.to_owned()).or_default());
+        job.lock_owned().await
     }
 
     fn spool(&self) -> Result<&Spool, ImportError> {
@@ -363,7 +383,7 @@ impl<S: Store> Importer<S> {
         data: &[u8],
         last: Option<FileSpec>,
     ) -> Result<JobState, ImportError> {
-        let _busy = self.busy.lock().await;
+        let _turn = self.turn(id).await;
         let mut state = self.state(caller, id).await?;
         if state.verified {
             return Ok(state);
@@ -401,7 +421,7 @@ impl<S: Store> Importer<S> {
             return Err(ImportError::NoKey);
         }
         let (path, format, fields) = (spool.file(id), spec.format, spec.fields.clone());
-        let limit = self.settings.max_cards_per_bucket;
+        let (limit, expected) = (self.settings.max_cards_per_bucket, state.expected_rows);
         let counted = blocking(move || {
             open::with_plaintext(&path, &keys, sender.as_ref(), |reader| {
                 let mut rows = rows::open(reader, format, fields)?;
@@ -410,6 +430,10 @@ impl<S: Store> Importer<S> {
                 // Every row is parsed (a card's plaintext lives for one row), and
                 // dropped: this pass keeps nothing but counts.
                 while let Some(row) = rows.next_row()? {
+                    if row.row > expected {
+                        // No need to read on: the count is wrong already.
+                        return Err(FileError::MoreRows(expected));
+                    }
                     if let (Ok(card), None) = (&row.card, crowded) {
                         crowded = buckets.add(&card.pan).err();
                     }
@@ -461,6 +485,11 @@ impl<S: Store> Importer<S> {
     }
 
     /// Tokenizes the rows after the first `from_row` (at most a batch), in order.
+    ///
+    /// The work runs as a task of its own, to its end even if the caller goes away:
+    /// the job's next call waits for it and so sees every row it stored (their entries
+    /// are what makes a row done twice get its first token; a call dropped while its
+    /// write was queued would otherwise let the next one store the same rows again).
     pub async fn rows(
         &self,
         caller: &Caller,
@@ -468,7 +497,30 @@ impl<S: Store> Importer<S> {
         from_row: u64,
         max_rows: usize,
     ) -> Result<RowsDone, VaultError> {
-        let _busy = self.busy.lock().await;
+        check_id(id)?;
+        let turn = self.turn(id).await;
+        let (this, caller, id) = (self.clone(), caller.clone(), id.to_owned());
+        tokio::spawn(async move {
+            let done = this.rows_in_turn(&caller, &id, from_row, max_rows).await;
+            drop(turn);
+            done
+        })
+        .await
+        .map_err(|_| {
+            VaultError::from(ImportError::Spool(SpoolError::Io {
+                path: "the import's worker".into(),
+                source: std::io::Error::other("the task panicked"),
+            }))
+        })?
+    }
+
+    async fn rows_in_turn(
+        &self,
+        caller: &Caller,
+        id: &str,
+        from_row: u64,
+        max_rows: usize,
+    ) -> Result<RowsDone, VaultError> {
         let mut state = self.state(caller, id).await?;
         if !state.verified {
             return Err(ImportError::NotVerified.into());
@@ -698,6 +750,9 @@ impl<S: Store> Importer<S> {
         let keys = self.records.keys().snapshot().import.all().to_vec();
         let path = self.spool()?.file(&state.job_id);
         let (tx, rx) = mpsc::channel::<Batch>(1);
+        // Whether the session was dropped: checked while skipping rows, which hands
+        // nothing over for a long time.
+        let gone = tx.clone();
         let (demand, demanded) = std::sync::mpsc::sync_channel::<()>(1);
         // Hands a batch over when the next call asks for it; false: stop (the call never
         // came, or the session was dropped), dropping the batch.
@@ -710,6 +765,9 @@ impl<S: Store> Importer<S> {
                 let result = open::with_plaintext(&path, &keys, sender.as_ref(), |reader| {
                     let mut rows = rows::open(reader, format, fields).map_err(Some)?;
                     while rows.rows_read() < from_row {
+                        if rows.rows_read() % 1024 == 0 && gone.is_closed() {
+                            return Err(None);
+                        }
                         if rows.next_row().map_err(Some)?.is_none() {
                             break;
                         }

@@ -234,6 +234,8 @@ async fn run_file(client: &mut VaultClient, args: RunArgs) -> anyhow::Result<Exi
         name.push(".mapping.csv");
         PathBuf::from(name)
     });
+    // Before anything is sent: the mapping must be this job's (or new).
+    let (mut mapping, mut done) = Mapping::open(&mapping_path, &job)?;
     let mut progress = Progress::new(args.quiet);
 
     // 1. The file, still encrypted, from where the vault's copy ends.
@@ -281,7 +283,6 @@ async fn run_file(client: &mut VaultClient, args: RunArgs) -> anyhow::Result<Exi
     }
 
     // 2. The rows, a batch per call, each batch synced to the mapping before the next.
-    let (mut mapping, mut done) = Mapping::open(&mapping_path)?;
     let started_at = done;
     let total = status.total_rows;
     let mut refused = 0u64;
@@ -319,17 +320,21 @@ async fn run_file(client: &mut VaultClient, args: RunArgs) -> anyhow::Result<Exi
     Ok(ExitCode::SUCCESS)
 }
 
-/// The mapping file: a header line, then one line per row, in row order.
+/// The mapping file: a header line, then one line per row, in row order, each ending
+/// with the job's id (so that a mapping is never taken for another job's cursor).
 struct Mapping {
     file: std::fs::File,
+    job: String,
 }
 
-const MAPPING_HEADER: &str = "row,source_id,token,last_four,fingerprint,error_field,error_rule\n";
+const MAPPING_HEADER: &str =
+    "row,source_id,token,last_four,fingerprint,error_field,error_rule,job\n";
 
 impl Mapping {
-    /// Opens (or creates) the mapping, cutting a last line a crash left incomplete;
-    /// returns it and the rows it holds.
-    fn open(path: &Path) -> anyhow::Result<(Self, u64)> {
+    /// Opens (or creates) the mapping of `job`, cutting a last line a crash left
+    /// incomplete; returns it and the rows it holds. A mapping of another job is
+    /// refused: its rows would be taken for this job's and skipped.
+    fn open(path: &Path, job: &str) -> anyhow::Result<(Self, u64)> {
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .append(true)
@@ -349,7 +354,8 @@ impl Mapping {
             file.write_all(MAPPING_HEADER.as_bytes())
                 .context("writing the mapping file")?;
             file.sync_data().context("syncing the mapping file")?;
-            return Ok((Self { file }, 0));
+            let job = job.to_owned();
+            return Ok((Self { file, job }, 0));
         }
         if !text.starts_with(MAPPING_HEADER.as_bytes()) {
             bail!(
@@ -357,7 +363,19 @@ impl Mapping {
                 path.display()
             );
         }
-        Ok((Self { file }, lines - 1))
+        let last = text[..complete.saturating_sub(1)]
+            .rsplit(|&b| b == b'\n')
+            .next()
+            .unwrap_or_default();
+        if lines > 1 && !last.ends_with(format!(",{job}").as_bytes()) {
+            bail!(
+                "{} is the mapping of another import job, not of {job}; name another file \
+                 with --mapping",
+                path.display()
+            );
+        }
+        let job = job.to_owned();
+        Ok((Self { file, job }, lines - 1))
     }
 
     fn append(&mut self, rows: &[ImportedRow]) -> anyhow::Result<()> {
@@ -371,8 +389,9 @@ impl Mapping {
                     last_four,
                     fingerprint,
                 } => out.push_str(&format!(
-                    "{row},{},{token},{last_four},{fingerprint},,\n",
-                    csv(source_id)
+                    "{row},{},{token},{last_four},{fingerprint},,,{}\n",
+                    csv(source_id),
+                    self.job
                 )),
                 ImportedRow::Invalid {
                     row,
@@ -380,10 +399,11 @@ impl Mapping {
                     field,
                     rule,
                 } => out.push_str(&format!(
-                    "{row},{},,,,{},{}\n",
+                    "{row},{},,,,{},{},{}\n",
                     csv(source_id),
                     csv(field),
-                    csv(rule)
+                    csv(rule),
+                    self.job
                 )),
             }
         }
