@@ -8,7 +8,7 @@
 #   make rewrap-bench the rewrap rate on REWRAP_RECORDS records (release build)
 #   make audit-bench  tokenize throughput with and without the audit log (release build)
 #   make import-bench an import of IMPORT_BENCH_ROWS gpg-encrypted rows: rate, peak memory
-#   make bench        the standard load scenarios; writes docs/BENCHMARKS.md (release build)
+#   make bench        the standard load scenarios and the import; writes docs/BENCHMARKS.md
 #   make h2load-check h2load against the running stack (`make run`), compared with vault-bench
 #   make fresh-check  by hand, as root: both commands in a new Debian 12 chroot (about an hour)
 # Both install missing system packages first and build RocksDB's C++ only once.

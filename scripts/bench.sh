@@ -16,6 +16,10 @@
 # ports with its vault on that database (devstack --postgres-*). The same scenarios
 # (not echo: no storage in it) go to pg-<name>.json; BENCHMARKS.md puts them beside
 # RocksDB's.
+#
+# Last, unless BENCH_IMPORT=0, the import scenario (issue 21): IMPORT_BENCH_ROWS rows
+# (default 1,000,000) encrypted with gpg and imported through vaultctl (make
+# import-bench runs it alone), to import.json.
 set -euo pipefail
 
 secs="${BENCH_SECS:-10}"
@@ -167,6 +171,15 @@ if [ "${BENCH_POSTGRES:-1}" != 0 ]; then
   scenarios pg-
   stop_stack
   stop_pgcluster
+fi
+
+if [ "${BENCH_IMPORT:-1}" != 0 ]; then
+  # Last, with every stack stopped: the test starts its own keyservice and vault from
+  # the release binaries built above.
+  echo "==> import scenario: ${IMPORT_BENCH_ROWS:-1000000} rows (tests/e2e/import_binaries.rs)"
+  IMPORT_BENCH_ROWS="${IMPORT_BENCH_ROWS:-1000000}" IMPORT_BENCH_JSON="$results/import.json" \
+    cargo test --release --locked -p integration-tests --test e2e import_rate -- --ignored --nocapture \
+    || echo "warning: the import scenario failed (see above); docs/BENCHMARKS.md says so" >&2
 fi
 
 echo "==> writing docs/BENCHMARKS.md and docs/benchmarks.svg"
