@@ -44,6 +44,16 @@ pub struct JobState {
     pub rows_done: u64,
     /// Rows whose card the tenant held already (counted once per row done).
     pub rows_existing: u64,
+    /// The hex SHA-256 of the encrypted file the job was approved for (empty in a job
+    /// started by an older vault: its file is refused).
+    #[serde(default)]
+    pub file_sha256: String,
+    /// The sender key fingerprint the job was approved for; empty: none may be given.
+    #[serde(default)]
+    pub sender_key_fingerprint: String,
+    /// The keyservice has the job done (FinishJob).
+    #[serde(default)]
+    pub finished: bool,
 }
 
 /// Job directories under the spool directory.
@@ -191,6 +201,9 @@ mod tests {
             total_rows: 0,
             rows_done: 0,
             rows_existing: 0,
+            file_sha256: "ab".repeat(32),
+            sender_key_fingerprint: String::new(),
+            finished: false,
         };
         spool.save(&state).unwrap();
         assert_eq!(spool.load(id).unwrap(), Some(state));
