@@ -130,7 +130,13 @@ fn refused(refusal: &Refusal) -> Status {
         | Refusal::Duplicate { .. }
         | Refusal::DualControl
         | Refusal::Restored { .. }
-        | Refusal::NotRestored => Status::failed_precondition(message),
+        | Refusal::NotRestored
+        | Refusal::JobNotApproved(_)
+        | Refusal::ClaimExpired(_)
+        | Refusal::ClaimedElsewhere { .. }
+        | Refusal::AlreadyUsed(_)
+        | Refusal::NoFileDigest(_)
+        | Refusal::NotClaimed(_) => Status::failed_precondition(message),
     }
 }
 

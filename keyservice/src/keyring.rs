@@ -179,6 +179,30 @@ pub struct TenantJob {
     /// Export: which tokens: "all", or "sha256:<hex>" of the sorted token list.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub selection: String,
+    /// Import: the hex SHA-256 of the encrypted file the job takes (required since
+    /// finding HIGH #2; empty only in a job proposed before, which cannot be claimed).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub file_sha256: String,
+    /// Import: the sender's signing key fingerprint (upper-case hex), if the file
+    /// must be signed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sender_key_fingerprint: String,
+    /// The vault identity that claimed the job (APPROVED -> RUNNING), and when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed_by: Option<String>,
+    #[serde(default, skip_serializing_if = "is_zero_i64")]
+    pub claimed_at_unix_ms: i64,
+    /// An approved job not claimed by then cannot be claimed; 0 in a job approved
+    /// before claims existed (the approval window after approval then applies).
+    #[serde(default, skip_serializing_if = "is_zero_i64")]
+    pub claim_by_unix_ms: i64,
+    /// When the claiming vault finished the job (RUNNING -> DONE).
+    #[serde(default, skip_serializing_if = "is_zero_i64")]
+    pub finished_at_unix_ms: i64,
+}
+
+fn is_zero_i64(n: &i64) -> bool {
+    *n == 0
 }
 
 /// The gap an audit-gap proposal acknowledges: entries `first..=last` missing from the
@@ -196,6 +220,10 @@ pub struct AuditGapTarget {
 pub enum ProposalState {
     Pending,
     Approved,
+    /// Tenant jobs: claimed by a vault (`TenantJob::claimed_by`), in progress.
+    Running,
+    /// Tenant jobs: finished; the approval is used up.
+    Done,
 }
 
 /// A dual-control proposal. Sealed inside the keyring with everything else, so its
@@ -588,6 +616,25 @@ mod tests {
         let path = dir.join("root.key");
         RootKey::generate_file(&path).unwrap();
         RootKey::from_file(&path).unwrap()
+    }
+
+    /// Proposals as a keyservice before claims wrote them (no file digest, no claim
+    /// fields) still load: an approved job is approved, its deadline unset.
+    #[test]
+    fn proposals_saved_before_claims_existed_still_load() {
+        let old = r#"[{"id":"p-0123456789ab","kind":"import","purpose":null,"version":0,
+            "new_root_key_file":null,"proposed_by":"uri:a","proposed_at_unix_ms":1,
+            "expires_at_unix_ms":2,"state":"approved","approved_by":"uri:b",
+            "approved_at_unix_ms":2,"job":{"vault_identity":"uri:v","tenant":"acme",
+            "expected_rows":3}}]"#;
+        let proposals: Vec<Proposal> = serde_json::from_str(old).unwrap();
+        assert_eq!(proposals[0].state, ProposalState::Approved);
+        let job = proposals[0].job.as_ref().unwrap();
+        assert_eq!(
+            (job.file_sha256.as_str(), job.claimed_by.as_deref()),
+            ("", None)
+        );
+        assert_eq!(job.claim_by_unix_ms, 0);
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! encryption budget leases, and dual-control proposals. No I/O here; the service
 //! persists the keyring after every change and before it answers.
 
-use crate::keyring::{KeyVersion, Keyring, OperationKind, Proposal, ProposalState, Purpose, State};
+use crate::keyring::{
+    KeyVersion, Keyring, OperationKind, Proposal, ProposalState, Purpose, State, TenantJob,
+};
 
 /// NIST SP 800-38D (8.3): at most 2^32 invocations of AES-GCM with random nonces per
 /// key.
@@ -67,6 +69,35 @@ pub enum Refusal {
     TenantJob(String),
     #[error("proposal {0} is not an approved job of this tenant")]
     NotThisJob(String),
+    #[error(
+        "job {0} is not approved: a second identity with the tenant's permission must \
+         approve it first"
+    )]
+    JobNotApproved(String),
+    #[error(
+        "job {0} was approved but not started within the approval window; an unused \
+         approval lapses: propose the job again"
+    )]
+    ClaimExpired(String),
+    #[error(
+        "job {id} is already running on vault identity {by}: an approval is used by one \
+         vault only"
+    )]
+    ClaimedElsewhere { id: String, by: String },
+    #[error(
+        "job {0} was started already: an approval is used once (an export runs once, even \
+         if its file is gone); propose another job"
+    )]
+    AlreadyUsed(String),
+    #[error(
+        "import job {0} was proposed without the file's SHA-256 (by an older vault); \
+         propose it again with the file"
+    )]
+    NoFileDigest(String),
+    #[error(
+        "job {0} is not running on this vault identity; only the vault that claimed it finishes it"
+    )]
+    NotClaimed(String),
 }
 
 pub fn state_name(state: State) -> &'static str {
@@ -324,7 +355,7 @@ impl Keyring {
             .iter()
             .find(|p| p.id == id)
             .ok_or_else(|| Refusal::NoSuchProposal(id.to_owned()))?;
-        if proposal.state == ProposalState::Approved {
+        if proposal.state != ProposalState::Pending {
             return Err(Refusal::AlreadyApproved(id.to_owned()));
         }
         if proposal.expired(now_unix_ms) {
@@ -344,11 +375,146 @@ impl Keyring {
         }
     }
 
-    /// Forgets proposals that ended (approved or expired) more than `keep_ms` ago.
+    /// [`Keyring::mark_approved`] for a tenant job, which must then be claimed within
+    /// `window_ms`.
+    pub fn mark_job_approved(
+        &mut self,
+        id: &str,
+        approver: &str,
+        now_unix_ms: i64,
+        window_ms: i64,
+    ) {
+        self.mark_approved(id, approver, now_unix_ms);
+        if let Some(job) = self.job_mut(id) {
+            job.claim_by_unix_ms = now_unix_ms.saturating_add(window_ms);
+        }
+    }
+
+    fn job_mut(&mut self, id: &str) -> Option<&mut TenantJob> {
+        self.proposals
+            .iter_mut()
+            .find(|p| p.id == id)
+            .and_then(|p| p.job.as_mut())
+    }
+
+    /// The tenant job `id` if it is of `tenant` and `kind`: anything else is
+    /// [`Refusal::NotThisJob`] (NOT_FOUND), whether it exists or not.
+    fn tenant_job(
+        &self,
+        id: &str,
+        tenant: &str,
+        kind: OperationKind,
+    ) -> Result<&Proposal, Refusal> {
+        self.proposals
+            .iter()
+            .find(|p| p.id == id)
+            .filter(|p| {
+                p.kind.is_tenant_job()
+                    && p.kind == kind
+                    && p.job.as_ref().is_some_and(|j| j.tenant == tenant)
+            })
+            .ok_or_else(|| Refusal::NotThisJob(id.to_owned()))
+    }
+
+    /// Claims tenant job `id` for vault identity `vault` (APPROVED -> RUNNING): the
+    /// compare-and-set that makes an approval usable once. Refused unless the job is
+    /// approved and its claim deadline has not passed (`window_ms` after approval for a
+    /// job approved before deadlines were stored). An import RUNNING under `vault`
+    /// itself may be claimed again (the vault lost its spool state; it can only take
+    /// the approved file again); an export never. Returns whether the keyring changed
+    /// (the caller saves it).
+    pub fn claim_job(
+        &mut self,
+        id: &str,
+        tenant: &str,
+        kind: OperationKind,
+        vault: &str,
+        now_unix_ms: i64,
+        window_ms: i64,
+    ) -> Result<bool, Refusal> {
+        let proposal = self.tenant_job(id, tenant, kind)?;
+        let job = proposal
+            .job
+            .as_ref()
+            .ok_or_else(|| Refusal::NotThisJob(id.to_owned()))?;
+        match proposal.state {
+            ProposalState::Pending => return Err(Refusal::JobNotApproved(id.to_owned())),
+            ProposalState::Done => return Err(Refusal::AlreadyUsed(id.to_owned())),
+            ProposalState::Running => {
+                let by = job.claimed_by.clone().unwrap_or_default();
+                if by != vault {
+                    return Err(Refusal::ClaimedElsewhere {
+                        id: id.to_owned(),
+                        by,
+                    });
+                }
+                return match kind {
+                    OperationKind::Import => Ok(false),
+                    _ => Err(Refusal::AlreadyUsed(id.to_owned())),
+                };
+            }
+            ProposalState::Approved => {}
+        }
+        let deadline = match job.claim_by_unix_ms {
+            0 => proposal.approved_at_unix_ms.saturating_add(window_ms),
+            deadline => deadline,
+        };
+        if now_unix_ms >= deadline {
+            return Err(Refusal::ClaimExpired(id.to_owned()));
+        }
+        if kind == OperationKind::Import && job.file_sha256.is_empty() {
+            return Err(Refusal::NoFileDigest(id.to_owned()));
+        }
+        if let Some(p) = self.proposals.iter_mut().find(|p| p.id == id) {
+            p.state = ProposalState::Running;
+            if let Some(job) = p.job.as_mut() {
+                job.claimed_by = Some(vault.to_owned());
+                job.claimed_at_unix_ms = now_unix_ms;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Finishes tenant job `id` (RUNNING -> DONE), for the vault identity that claimed
+    /// it only. Again for a job it finished already: nothing to do (`Ok(false)`).
+    pub fn finish_job(
+        &mut self,
+        id: &str,
+        tenant: &str,
+        kind: OperationKind,
+        vault: &str,
+        now_unix_ms: i64,
+    ) -> Result<bool, Refusal> {
+        let proposal = self.tenant_job(id, tenant, kind)?;
+        let ours = proposal
+            .job
+            .as_ref()
+            .is_some_and(|j| j.claimed_by.as_deref() == Some(vault));
+        match proposal.state {
+            ProposalState::Running if ours => {}
+            ProposalState::Done if ours => return Ok(false),
+            _ => return Err(Refusal::NotClaimed(id.to_owned())),
+        }
+        if let Some(p) = self.proposals.iter_mut().find(|p| p.id == id) {
+            p.state = ProposalState::Done;
+            if let Some(job) = p.job.as_mut() {
+                job.finished_at_unix_ms = now_unix_ms;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Forgets proposals that ended (approved, claimed, finished or expired) more than
+    /// `keep_ms` ago.
     pub fn prune_proposals(&mut self, now_unix_ms: i64, keep_ms: i64) {
         self.proposals.retain(|p| {
+            let job = p.job.as_ref();
             let ended = match p.state {
                 ProposalState::Approved => p.approved_at_unix_ms,
+                ProposalState::Running => {
+                    job.map_or(p.approved_at_unix_ms, |j| j.claimed_at_unix_ms)
+                }
+                ProposalState::Done => job.map_or(p.approved_at_unix_ms, |j| j.finished_at_unix_ms),
                 ProposalState::Pending => p.expires_at_unix_ms,
             };
             now_unix_ms.saturating_sub(ended) < keep_ms
@@ -529,6 +695,168 @@ mod tests {
         assert_eq!(ring.proposals.len(), 1, "recent proposals are kept");
         ring.prune_proposals(20 + 50, 10);
         assert!(ring.proposals.is_empty());
+    }
+
+    fn job(kind: OperationKind, tenant: &str, now: i64) -> Proposal {
+        Proposal {
+            id: format!("p-job-{tenant}-{now}"),
+            purpose: None,
+            job: Some(TenantJob {
+                vault_identity: "uri:vault-a".into(),
+                tenant: tenant.into(),
+                expected_rows: 10,
+                processor: String::new(),
+                selection: String::new(),
+                file_sha256: "ab".repeat(32),
+                sender_key_fingerprint: String::new(),
+                claimed_by: None,
+                claimed_at_unix_ms: 0,
+                claim_by_unix_ms: 0,
+                finished_at_unix_ms: 0,
+            }),
+            ..proposal(kind, 0, "alice", now)
+        }
+    }
+
+    const WINDOW: i64 = 1000;
+
+    fn approved_job(ring: &mut Keyring, kind: OperationKind, at: i64) -> String {
+        let id = ring.propose(job(kind, "acme", at)).unwrap().id;
+        ring.check_approval(&id, "bob", at).unwrap();
+        ring.mark_job_approved(&id, "bob", at, WINDOW);
+        id
+    }
+
+    #[test]
+    fn a_job_is_claimed_once_by_one_vault_within_the_window_and_finished_by_it() {
+        let mut ring = Keyring::generate(0).unwrap();
+        let import = OperationKind::Import;
+        let pending = ring.propose(job(import, "acme", 10)).unwrap().id;
+        assert_eq!(
+            ring.claim_job(&pending, "acme", import, "uri:vault-a", 11, WINDOW),
+            Err(Refusal::JobNotApproved(pending.clone()))
+        );
+        ring.mark_job_approved(&pending, "bob", 20, WINDOW);
+        let id = pending;
+        // Another tenant's or kind's job is not found, whatever its state.
+        for (tenant, kind) in [("globex", import), ("acme", OperationKind::Export)] {
+            assert_eq!(
+                ring.claim_job(&id, tenant, kind, "uri:vault-a", 21, WINDOW),
+                Err(Refusal::NotThisJob(id.clone()))
+            );
+        }
+        assert_eq!(
+            ring.finish_job(&id, "acme", import, "uri:vault-a", 21),
+            Err(Refusal::NotClaimed(id.clone())),
+            "not claimed yet"
+        );
+        assert_eq!(
+            ring.claim_job(&id, "acme", import, "uri:vault-a", 22, WINDOW),
+            Ok(true)
+        );
+        // A second vault identity cannot take it over; the first may claim its import
+        // again (it lost its spool state), without a change.
+        assert_eq!(
+            ring.claim_job(&id, "acme", import, "uri:vault-b", 23, WINDOW),
+            Err(Refusal::ClaimedElsewhere {
+                id: id.clone(),
+                by: "uri:vault-a".into()
+            })
+        );
+        assert_eq!(
+            ring.claim_job(&id, "acme", import, "uri:vault-a", 24, WINDOW),
+            Ok(false)
+        );
+        assert_eq!(
+            ring.finish_job(&id, "acme", import, "uri:vault-b", 25),
+            Err(Refusal::NotClaimed(id.clone()))
+        );
+        assert_eq!(
+            ring.finish_job(&id, "acme", import, "uri:vault-a", 25),
+            Ok(true)
+        );
+        assert_eq!(
+            ring.finish_job(&id, "acme", import, "uri:vault-a", 26),
+            Ok(false)
+        );
+        let done = ring.proposals.iter().find(|p| p.id == id).unwrap();
+        assert_eq!(done.state, ProposalState::Done);
+        let j = done.job.as_ref().unwrap();
+        assert_eq!(
+            (
+                j.claimed_by.as_deref(),
+                j.claimed_at_unix_ms,
+                j.finished_at_unix_ms
+            ),
+            (Some("uri:vault-a"), 22, 25)
+        );
+        for vault in ["uri:vault-a", "uri:vault-b"] {
+            assert_eq!(
+                ring.claim_job(&id, "acme", import, vault, 27, WINDOW),
+                Err(Refusal::AlreadyUsed(id.clone()))
+            );
+        }
+        // A finished or running job is never approved again.
+        assert_eq!(
+            ring.check_approval(&id, "carol", 28),
+            Err(Refusal::AlreadyApproved(id.clone()))
+        );
+    }
+
+    #[test]
+    fn an_export_is_claimed_once_even_by_its_own_vault() {
+        let mut ring = Keyring::generate(0).unwrap();
+        let export = OperationKind::Export;
+        let id = approved_job(&mut ring, export, 10);
+        assert_eq!(
+            ring.claim_job(&id, "acme", export, "uri:vault-a", 11, WINDOW),
+            Ok(true)
+        );
+        assert_eq!(
+            ring.claim_job(&id, "acme", export, "uri:vault-a", 12, WINDOW),
+            Err(Refusal::AlreadyUsed(id.clone()))
+        );
+    }
+
+    #[test]
+    fn an_approved_job_not_claimed_within_the_window_lapses() {
+        let mut ring = Keyring::generate(0).unwrap();
+        let import = OperationKind::Import;
+        let id = approved_job(&mut ring, import, 100);
+        assert_eq!(
+            ring.claim_job(&id, "acme", import, "uri:vault-a", 100 + WINDOW, WINDOW),
+            Err(Refusal::ClaimExpired(id.clone()))
+        );
+        assert!(
+            ring.claim_job(&id, "acme", import, "uri:vault-a", 99 + WINDOW, WINDOW)
+                .unwrap()
+        );
+        // A job approved before deadlines were stored: the window after its approval.
+        let old = approved_job(&mut ring, OperationKind::Export, 200);
+        ring.job_mut(&old).unwrap().claim_by_unix_ms = 0;
+        assert_eq!(
+            ring.claim_job(
+                &old,
+                "acme",
+                OperationKind::Export,
+                "v",
+                200 + WINDOW,
+                WINDOW
+            ),
+            Err(Refusal::ClaimExpired(old.clone()))
+        );
+    }
+
+    #[test]
+    fn an_import_approved_without_a_file_digest_cannot_be_claimed() {
+        let mut ring = Keyring::generate(0).unwrap();
+        let import = OperationKind::Import;
+        let id = approved_job(&mut ring, import, 10);
+        ring.job_mut(&id).unwrap().file_sha256.clear();
+        assert_eq!(
+            ring.claim_job(&id, "acme", import, "uri:vault-a", 11, WINDOW),
+            Err(Refusal::NoFileDigest(id.clone()))
+        );
     }
 
     #[test]

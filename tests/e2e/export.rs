@@ -183,13 +183,32 @@ async fn an_approved_export_opens_at_the_processor_to_exactly_the_tenants_cards(
     for n in 0..100 {
         assert!(!run.stdout.contains(&number(n)) && !run.stderr.contains(&number(n)));
     }
-    // Once per job.
+    // Once per job: refused while the file is there, and after it is gone (finding
+    // HIGH #2: the approval is used up at the keyservice, not by the file's name).
     let again = vaultctl(&config, &["export", "run", &job], "").await;
     assert!(
         !again.ok && again.stderr.contains("exported already"),
         "{}",
         again.stderr
     );
+    std::fs::remove_file(&path).unwrap();
+    let again = vaultctl(&config, &["export", "run", &job], "").await;
+    assert!(
+        !again.ok
+            && again.stderr.contains("FailedPrecondition")
+            && again.stderr.contains("an approval is used once"),
+        "{}",
+        again.stderr
+    );
+    let export_dir = std::path::Path::new(&path).parent().unwrap().to_path_buf();
+    let files = |dir: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with(job.as_str()))
+            .collect()
+    };
+    assert!(files(&export_dir).is_empty(), "{:?}", files(&export_dir));
 
     // A list of tokens: the run must give the list the job was approved for.
     let list = stack.dir.path().join("tokens.txt");
@@ -364,13 +383,43 @@ async fn an_approved_export_reaches_the_sandbox_upload_route_and_decrypts_there(
                 .any(|w| w == number.as_bytes())
         );
     }
-    let again = vaultctl(&config, &["export", "run", &job], "").await;
-    assert!(
-        !again.ok && again.stderr.contains("exported already"),
-        "{}",
-        again.stderr
+    // A second run is refused before any card is read, also with the first run's
+    // marker gone: the processor gets one upload.
+    let marker_dir = stack.dir.path().join("vault-data-export");
+    for round in 0..2 {
+        let again = vaultctl(&config, &["export", "run", &job], "").await;
+        assert!(
+            !again.ok && again.stderr.contains("an approval is used once"),
+            "{}",
+            again.stderr
+        );
+        assert_eq!(journal.exports().len(), 1);
+        if round == 0 {
+            for entry in std::fs::read_dir(&marker_dir).unwrap() {
+                std::fs::remove_file(entry.unwrap().path()).unwrap();
+            }
+        }
+    }
+    assert_eq!(
+        journal
+            .requests()
+            .iter()
+            .filter(|r| r.path == "/v1/imports")
+            .count(),
+        1
     );
-    assert_eq!(journal.exports().len(), 1);
+    // The job shows as done; the audit log has its claim and its finish.
+    let out = vaultctl(&config_for(&stack, ADMIN), &["audit", "export"], "").await;
+    assert!(out.ok, "{}", out.stderr);
+    for action in ["ClaimExport", "FinishExport"] {
+        assert!(
+            out.stdout
+                .lines()
+                .any(|l| l.contains(action) && l.contains(&job)),
+            "{action}: {}",
+            out.stdout
+        );
+    }
     stack.stop().await;
     sandbox.stop().await;
 }

@@ -212,11 +212,23 @@ pub(crate) fn make_file(
     to: &str,
     signer: Option<&str>,
 ) -> PathBuf {
+    make_file_of(dir, name, 0..rows, gpg, to, signer)
+}
+
+/// [`make_file`] of the cards `numbers` (row numbers of [`row`]).
+fn make_file_of(
+    dir: &Path,
+    name: &str,
+    numbers: std::ops::Range<u64>,
+    gpg: &Gpg,
+    to: &str,
+    signer: Option<&str>,
+) -> PathBuf {
     let plain = dir.join(format!("{name}.csv"));
-    let mut text = String::with_capacity(rows as usize * 64);
+    let mut text = String::with_capacity((numbers.end - numbers.start) as usize * 64);
     text.push_str(HEADER);
     text.push('\n');
-    for n in 0..rows {
+    for n in numbers {
         text.push_str(&row(n).1);
         text.push('\n');
     }
@@ -227,15 +239,22 @@ pub(crate) fn make_file(
     out
 }
 
-async fn propose(stack: &Stack, who: &str, rows: u64) -> String {
-    let out = vaultctl(
-        &config_for(stack, who),
-        &["import", "propose", "--rows", &rows.to_string()],
-        "",
-    )
-    .await;
+/// Proposes importing `file` (`extra`: --sender-key); returns the job id.
+async fn propose(stack: &Stack, who: &str, file: &Path, rows: u64, extra: &[&str]) -> String {
+    let rows = rows.to_string();
+    let mut args = vec!["import", "propose", file.to_str().unwrap(), "--rows", &rows];
+    args.extend(extra);
+    let out = vaultctl(&config_for(stack, who), &args, "").await;
     assert!(out.ok, "{}", out.stderr);
     out.stdout.trim().to_owned()
+}
+
+/// A job for `file` proposed by the admin and approved by `importer`.
+async fn approved_job(stack: &Stack, file: &Path, rows: u64, extra: &[&str]) -> String {
+    let job = propose(stack, ADMIN, file, rows, extra).await;
+    let out = approve(stack, IMPORTER, &job).await;
+    assert!(out.ok, "{}", out.stderr);
+    job
 }
 
 async fn approve(stack: &Stack, who: &str, job: &str) -> Output {
@@ -357,7 +376,7 @@ async fn a_gpg_file_imports_100000_rows_under_dual_control_with_a_correct_mappin
     // Without `import`, nothing: not the key, not a proposal.
     for args in [
         &["import", "key", "export"][..],
-        &["import", "propose", "--rows", "1"],
+        &["import", "propose", file.to_str().unwrap(), "--rows", "1"],
     ] {
         let out = vaultctl(&config_for(&stack, READER), args, "").await;
         assert!(
@@ -368,7 +387,7 @@ async fn a_gpg_file_imports_100000_rows_under_dual_control_with_a_correct_mappin
     }
     // One identity alone cannot import: the proposer cannot approve, and an unapproved
     // job takes no file.
-    let job = propose(&stack, ADMIN, ROWS).await;
+    let job = propose(&stack, ADMIN, &file, ROWS, &[]).await;
     let refused = approve(&stack, ADMIN, &job).await;
     assert!(!refused.ok);
     assert!(
@@ -446,8 +465,7 @@ async fn a_killed_import_resumes_with_each_row_tokenized_exactly_once() {
     let work = stack.dir.path().to_path_buf();
     let file = make_file(&work, "resume", ROWS, &gpg, &fingerprint, None);
     let mapping = work.join("resume.mapping.csv");
-    let job = propose(&stack, ADMIN, ROWS).await;
-    assert!(approve(&stack, IMPORTER, &job).await.ok);
+    let job = approved_job(&stack, &file, ROWS, &[]).await;
 
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -517,9 +535,10 @@ async fn a_corrupt_wrongly_encrypted_or_wrongly_signed_file_stores_nothing() {
     let sender_key = work.join("sender.asc");
     std::fs::write(&sender_key, gpg.export(&sender)).unwrap();
     let signed = ["--sender-key", sender_key.to_str().unwrap()];
-    let job = propose(&stack, ADMIN, ROWS).await;
-    assert!(approve(&stack, IMPORTER, &job).await.ok);
     let mapping = work.join("refused.mapping.csv");
+    // Each file on a job approved for it (a job takes only its own file), so that the
+    // checks after the file's digest are reached.
+    let mut jobs = Vec::new();
 
     let refused = |out: &Output, rule: &str| {
         assert!(!out.ok, "refused");
@@ -539,6 +558,8 @@ async fn a_corrupt_wrongly_encrypted_or_wrongly_signed_file_stores_nothing() {
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x10;
     std::fs::write(&corrupt, bytes).unwrap();
+    let job = approved_job(&stack, &corrupt, ROWS, &signed).await;
+    jobs.push(job.clone());
     refused(
         &import(&stack, &corrupt, &job, &mapping, &signed).await,
         "integrity check failed",
@@ -549,6 +570,8 @@ async fn a_corrupt_wrongly_encrypted_or_wrongly_signed_file_stores_nothing() {
     let end = bytes.len() - 3;
     bytes[end] ^= 0x01;
     std::fs::write(&large, bytes).unwrap();
+    let job = approved_job(&stack, &large, 40_000, &signed).await;
+    jobs.push(job.clone());
     refused(
         &import(&stack, &large, &job, &mapping, &signed).await,
         "integrity check failed",
@@ -556,6 +579,8 @@ async fn a_corrupt_wrongly_encrypted_or_wrongly_signed_file_stores_nothing() {
 
     // 2. Encrypted to another key than the vault's.
     let other = make_file(&work, "other", ROWS, &gpg, "Other Receiver", Some(&sender));
+    let job = approved_job(&stack, &other, ROWS, &signed).await;
+    jobs.push(job.clone());
     refused(
         &import(&stack, &other, &job, &mapping, &signed).await,
         "not encrypted to an import key",
@@ -563,11 +588,15 @@ async fn a_corrupt_wrongly_encrypted_or_wrongly_signed_file_stores_nothing() {
 
     // 3. Signed by another key than the job's sender, and not signed at all.
     let forged = make_file(&work, "forged", ROWS, &gpg, &fingerprint, Some(&impostor));
+    let job = approved_job(&stack, &forged, ROWS, &signed).await;
+    jobs.push(job.clone());
     refused(
         &import(&stack, &forged, &job, &mapping, &signed).await,
         "not signed by the sender key",
     );
     let unsigned = make_file(&work, "unsigned", ROWS, &gpg, &fingerprint, None);
+    let job = approved_job(&stack, &unsigned, ROWS, &signed).await;
+    jobs.push(job.clone());
     refused(
         &import(&stack, &unsigned, &job, &mapping, &signed).await,
         "not signed by the sender key",
@@ -583,11 +612,15 @@ async fn a_corrupt_wrongly_encrypted_or_wrongly_signed_file_stores_nothing() {
     let cvc = work.join("cvc.csv.gpg");
     gpg.encrypt(&plain, &fingerprint, Some(&sender), &cvc);
     std::fs::remove_file(&plain).unwrap();
+    let job = approved_job(&stack, &cvc, ROWS, &signed).await;
+    jobs.push(job.clone());
     refused(
         &import(&stack, &cvc, &job, &mapping, &signed).await,
         "card security code",
     );
     let short = make_file(&work, "short", ROWS - 1, &gpg, &fingerprint, Some(&sender));
+    let job = approved_job(&stack, &short, ROWS, &signed).await;
+    jobs.push(job.clone());
     refused(
         &import(&stack, &short, &job, &mapping, &signed).await,
         "holds 499 rows",
@@ -596,16 +629,19 @@ async fn a_corrupt_wrongly_encrypted_or_wrongly_signed_file_stores_nothing() {
     // Nothing of any of them was stored, and the spool holds no file.
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(records(&stack).await, 0);
-    assert!(
-        !work
-            .join("vault-data-import")
-            .join(&job)
-            .join("file.pgp")
-            .exists()
-    );
+    for job in &jobs {
+        assert!(
+            !work
+                .join("vault-data-import")
+                .join(job)
+                .join("file.pgp")
+                .exists()
+        );
+    }
 
-    // The right file, signed by the sender, goes through on the same job (its columns
+    // The right file, signed by the sender, goes through on its job (its columns
     // named in a fields file this time, over the preset's).
+    let job = approved_job(&stack, &good, ROWS, &signed).await;
     let fields = work.join("fields.toml");
     std::fs::write(&fields, "number = \"card.number\"\nname = \"name\"\n").unwrap();
     let mut with_fields = signed.to_vec();
@@ -678,7 +714,7 @@ async fn a_file_of_guesses_for_one_card_is_refused_whole() {
     let work = stack.dir.path().to_path_buf();
     let cards = candidates("5555555555554444", 1_001);
     let file = stripe_file(&work, &gpg, &fingerprint, &cards, "guesses", false);
-    let job = propose(&stack, ADMIN, 1_001).await;
+    let job = propose(&stack, ADMIN, &file, 1_001, &[]).await;
     assert!(approve(&stack, IMPORTER, &job).await.ok);
     let mapping = work.join("guesses.csv");
     let out = import(&stack, &file, &job, &mapping, &["--format", "jsonl"]).await;
@@ -696,7 +732,7 @@ async fn a_file_of_guesses_for_one_card_is_refused_whole() {
     assert_eq!(records(&stack).await, 0);
 
     let file = stripe_file(&work, &gpg, &fingerprint, &cards[..1_000], "spread", false);
-    let job = propose(&stack, ADMIN, 1_000).await;
+    let job = propose(&stack, ADMIN, &file, 1_000, &[]).await;
     assert!(approve(&stack, IMPORTER, &job).await.ok);
     let out = import(&stack, &file, &job, &mapping, &["--format", "jsonl"]).await;
     assert!(out.ok, "{}", out.stderr);
@@ -732,8 +768,7 @@ async fn an_import_never_hands_out_a_token_the_tenant_held_and_is_flagged_only_i
     let mut mappings = Vec::new();
     let mut jobs = Vec::new();
     for round in 0..2 {
-        let job = propose(&stack, ADMIN, 100).await;
-        assert!(approve(&stack, IMPORTER, &job).await.ok);
+        let job = approved_job(&stack, &file, 100, &[]).await;
         let mapping = work.join(format!("zipped-{round}.csv"));
         if round == 1 {
             // The first job's (complete) mapping is not this job's cursor.
@@ -783,9 +818,9 @@ async fn an_import_never_hands_out_a_token_the_tenant_held_and_is_flagged_only_i
         .collect();
     assert_eq!(finished.len(), 2, "{finished:?}");
     assert!(finished[0].contains(&jobs[0]), "{finished:?}");
-    assert!(finished[0].contains("1 of them"), "{finished:?}");
+    assert!(finished[0].contains("1 of the 100 looked up"), "{finished:?}");
     assert!(!finished[0].contains("flagged"), "{finished:?}");
-    assert!(finished[1].contains("100 of them"), "{finished:?}");
+    assert!(finished[1].contains("100 of the 100 looked up"), "{finished:?}");
     assert!(finished[1].contains("flagged"), "{finished:?}");
     let flags: Vec<_> = admin
         .list_blocks()
@@ -833,12 +868,208 @@ async fn the_import_key_rotates_and_older_versions_still_open_files() {
     let new = make_file(&work, "new", ROWS, &gpg, &second, None);
 
     for (file, name) in [(&old, "old"), (&new, "new")] {
-        let job = propose(&stack, ADMIN, ROWS).await;
-        assert!(approve(&stack, IMPORTER, &job).await.ok);
+        let job = approved_job(&stack, file, ROWS, &[]).await;
         let mapping = work.join(format!("{name}.mapping.csv"));
         let out = import(&stack, file, &job, &mapping, &[]).await;
         assert!(out.ok, "{name}: {}", out.stderr);
         check_mapping(&mapping, ROWS);
+    }
+    stack.stop().await;
+}
+
+/// Finding HIGH #2: an approval binds the file and the sender key, and starts one job
+/// on one vault. A file other than the approved one (same row count, made the same
+/// way) is refused before it is decrypted, stores nothing and leaves no spool file; a
+/// sender key other than the approved one, or none where one was approved (and one
+/// where none was), is refused; and another vault identity cannot claim the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_takes_only_the_approved_file_and_sender_once_on_one_vault() {
+    const ROWS: u64 = 200;
+    const OTHER_VAULT: &str = "vault-b";
+    let dir = import_dir();
+    dir.add_client_identity(OTHER_VAULT);
+    let keyservice_toml = dir.path().join("keyservice.toml");
+    let text = std::fs::read_to_string(&keyservice_toml).unwrap();
+    let vault_line = format!(
+        "vault_identities = [\"uri:{}\"]",
+        identity(integration_tests::VAULT)
+    );
+    assert!(text.contains(&vault_line), "{text}");
+    std::fs::write(
+        &keyservice_toml,
+        text.replace(
+            &vault_line,
+            &format!(
+                "vault_identities = [\"uri:{}\", \"uri:{}\"]",
+                identity(integration_tests::VAULT),
+                identity(OTHER_VAULT)
+            ),
+        ),
+    )
+    .unwrap();
+    let stack = Stack::start_in(dir).await;
+    let gpg = Gpg::new();
+    let fingerprint = export_import_key(&stack, &gpg).await;
+    let sender = gpg.generate("Old Vault <export@old-vault.example>");
+    let impostor = gpg.generate("Impostor <export@impostor.example>");
+    let receiver = gpg.generate("Other Receiver <r@example>");
+    gpg.run(&["--quick-add-key", &receiver, "cv25519", "encr", "never"]);
+    let work = stack.dir.path().to_path_buf();
+    let sender_key = work.join("sender.asc");
+    std::fs::write(&sender_key, gpg.export(&sender)).unwrap();
+    let impostor_key = work.join("impostor.asc");
+    std::fs::write(&impostor_key, gpg.export(&impostor)).unwrap();
+    let signed = ["--sender-key", sender_key.to_str().unwrap()];
+    let mapping = work.join("bound.mapping.csv");
+
+    // File A is approved; file B has other cards, as many rows, the same sender.
+    let a = make_file(&work, "a", ROWS, &gpg, &fingerprint, Some(&sender));
+    let b = make_file_of(
+        &work,
+        "b",
+        10_000..10_000 + ROWS,
+        &gpg,
+        &fingerprint,
+        Some(&sender),
+    );
+    let job = propose(&stack, ADMIN, &a, ROWS, &signed).await;
+    let approved = approve(&stack, IMPORTER, &job).await;
+    assert!(approved.ok, "{}", approved.stderr);
+    let digest = vault_client::file_sha256(&a).unwrap();
+    assert!(approved.stdout.contains(&digest), "{}", approved.stdout);
+    assert!(approved.stdout.contains(&sender), "{}", approved.stdout);
+
+    let spool_file = work.join("vault-data-import").join(&job).join("file.pgp");
+    let refused = |out: &Output, rule: &str| {
+        assert!(!out.ok, "refused: {rule}");
+        assert!(
+            out.stderr.contains("nothing of it was stored") && out.stderr.contains(rule),
+            "{rule}: {}",
+            out.stderr
+        );
+        assert_no_pans(&out.stderr, 10_000 + ROWS, "the refusal");
+        assert!(!spool_file.exists(), "the refused file is deleted");
+    };
+    let not_approved_file = "SHA-256 is not the one the job was approved for";
+    refused(
+        &import(&stack, &b, &job, &mapping, &signed).await,
+        not_approved_file,
+    );
+    // Checked before decryption: a file the vault cannot even open is refused for its
+    // digest, not for its encryption.
+    let foreign = make_file(
+        &work,
+        "foreign",
+        ROWS,
+        &gpg,
+        "Other Receiver",
+        Some(&sender),
+    );
+    refused(
+        &import(&stack, &foreign, &job, &mapping, &signed).await,
+        not_approved_file,
+    );
+    // The approved file, with another sender key than the approved one, or none.
+    refused(
+        &import(
+            &stack,
+            &a,
+            &job,
+            &mapping,
+            &["--sender-key", impostor_key.to_str().unwrap()],
+        )
+        .await,
+        "not the one the job was approved for",
+    );
+    refused(
+        &import(&stack, &a, &job, &mapping, &[]).await,
+        "give the sender key",
+    );
+    // A job approved without a sender key takes none (strict).
+    let unsigned_job = approved_job(&stack, &a, ROWS, &[]).await;
+    let out = import(&stack, &a, &unsigned_job, &mapping, &signed).await;
+    assert!(
+        !out.ok && out.stderr.contains("approved without a sender key"),
+        "{}",
+        out.stderr
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        records(&stack).await,
+        0,
+        "nothing of any of them was stored"
+    );
+
+    // The approved file and key go through.
+    let out = import(&stack, &a, &job, &mapping, &signed).await;
+    assert!(out.ok, "{}", out.stderr);
+    let tokens = check_mapping(&mapping, ROWS);
+    wait_for_records(&stack, tokens.len() as u64).await;
+
+    // Claimed once: another vault identity can neither take over the job this vault
+    // started (running) nor one it finished, nor finish it.
+    let channel = integration_tests::raw_channel(&stack.dir, OTHER_VAULT, stack.keyservice_addr)
+        .await
+        .unwrap();
+    let mut other = vault_proto::keys::v1::key_service_client::KeyServiceClient::new(channel);
+    let job_of = |id: &str| vault_proto::keys::v1::GetJobRequest { id: id.to_owned() };
+    let running = other
+        .get_job(job_of(&unsigned_job))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        running.state,
+        vault_proto::keys::v1::ProposalState::Running as i32
+    );
+    assert!(
+        running
+            .claimed_by
+            .ends_with(&identity(integration_tests::VAULT)),
+        "{}",
+        running.claimed_by
+    );
+    let done = other.get_job(job_of(&job)).await.unwrap().into_inner();
+    assert_eq!(
+        done.state,
+        vault_proto::keys::v1::ProposalState::Done as i32
+    );
+    for (id, rule) in [
+        (&unsigned_job, "already running on vault identity"),
+        (&job, "an approval is used once"),
+    ] {
+        let claim = other
+            .claim_job(vault_proto::keys::v1::ClaimJobRequest {
+                id: id.clone(),
+                tenant: "acme".into(),
+                kind: vault_proto::keys::v1::OperationKind::Import as i32,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(claim.code(), tonic::Code::FailedPrecondition, "{claim:?}");
+        assert!(claim.message().contains(rule), "{}", claim.message());
+    }
+    let finish = other
+        .finish_job(vault_proto::keys::v1::FinishJobRequest {
+            id: unsigned_job.clone(),
+            tenant: "acme".into(),
+            kind: vault_proto::keys::v1::OperationKind::Import as i32,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(finish.code(), tonic::Code::FailedPrecondition);
+
+    // The vault's audit log has the claims and the finish.
+    let out = vaultctl(&config_for(&stack, ADMIN), &["audit", "export"], "").await;
+    assert!(out.ok, "{}", out.stderr);
+    for action in ["ClaimImport", "FinishImport"] {
+        assert!(
+            out.stdout
+                .lines()
+                .any(|l| l.contains(action) && l.contains(&job)),
+            "{action}: {}",
+            out.stdout
+        );
     }
     stack.stop().await;
 }

@@ -65,7 +65,13 @@ async fn a_vault_killed_mid_import_resumes_exactly_once_and_logs_no_card() {
     let mapping = dir.path().join("killed.mapping.csv");
     let out = vaultctl(
         &admin(&vault),
-        &["import", "propose", "--rows", &ROWS.to_string()],
+        &[
+            "import",
+            "propose",
+            file.to_str().unwrap(),
+            "--rows",
+            &ROWS.to_string(),
+        ],
         "",
     )
     .await;
@@ -259,7 +265,13 @@ async fn import_rate_and_peak_memory() {
     let file = make_file(dir.path(), "bench", rows, &gpg, &fingerprint, None);
     let job = vaultctl(
         &admin,
-        &["import", "propose", "--rows", &rows.to_string()],
+        &[
+            "import",
+            "propose",
+            file.to_str().unwrap(),
+            "--rows",
+            &rows.to_string(),
+        ],
         "",
     )
     .await

@@ -27,6 +27,16 @@ pub struct ImportJob {
     pub approved_by: Option<String>,
     pub approved: bool,
     pub expires_at_unix_ms: i64,
+    /// The file the job takes: the hex SHA-256 of the encrypted file.
+    pub file_sha256: String,
+    /// The sender key the file must be signed by (40 hex digits), if any.
+    pub sender_key_fingerprint: Option<String>,
+    /// "pending", "approved", "running", "done" or "expired".
+    pub state: String,
+    /// The vault identity that started the job.
+    pub claimed_by: Option<String>,
+    /// An approved job not started by then lapses (0: not approved yet).
+    pub claim_by_unix_ms: i64,
 }
 
 impl ImportJob {
@@ -42,8 +52,30 @@ impl ImportJob {
             approved_by: Some(job.approved_by).filter(|a| !a.is_empty()),
             approved: job.approved,
             expires_at_unix_ms: job.expires_at_unix_ms,
+            file_sha256: job.file_sha256,
+            sender_key_fingerprint: Some(job.sender_key_fingerprint).filter(|f| !f.is_empty()),
+            state: job.state,
+            claimed_by: Some(job.claimed_by).filter(|c| !c.is_empty()),
+            claim_by_unix_ms: job.claim_by_unix_ms,
         })
     }
+}
+
+/// The hex SHA-256 of a file, as an import job binds it (`propose_import`): the
+/// encrypted file exactly as it will be uploaded.
+pub fn file_sha256(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut file = std::fs::File::open(path)?;
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buffer = vec![0u8; 256 * 1024];
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        context.update(&buffer[..n]);
+    }
+    Ok(hex::encode(context.finish().as_ref()))
 }
 
 /// How the file's plaintext is read.
@@ -160,12 +192,23 @@ impl VaultClient {
         })
     }
 
-    /// Proposes importing `expected_rows` rows into our tenant; a second identity
-    /// with `import` approves it. Not retried (a retry would propose twice).
-    pub async fn propose_import(&mut self, expected_rows: u64) -> Result<ImportJob, Error> {
+    /// Proposes importing the file whose SHA-256 is `file_sha256` ([`file_sha256`]),
+    /// of `expected_rows` rows, into our tenant, signed by `sender_public_key`
+    /// (armored) if given; a second identity with `import` approves it, and the job
+    /// takes that file only. Not retried (a retry would propose twice).
+    pub async fn propose_import(
+        &mut self,
+        expected_rows: u64,
+        file_sha256: &str,
+        sender_public_key: Option<String>,
+    ) -> Result<ImportJob, Error> {
         let job = self
             .vault
-            .propose_import(pb::ProposeImportRequest { expected_rows })
+            .propose_import(pb::ProposeImportRequest {
+                expected_rows,
+                file_sha256: file_sha256.to_owned(),
+                sender_public_key: sender_public_key.unwrap_or_default(),
+            })
             .await?
             .into_inner();
         ImportJob::from_wire(job)
@@ -284,6 +327,12 @@ pub struct ExportJob {
     pub approved_by: Option<String>,
     pub approved: bool,
     pub expires_at_unix_ms: i64,
+    /// "pending", "approved", "running", "done" or "expired".
+    pub state: String,
+    /// The vault identity that ran the job.
+    pub claimed_by: Option<String>,
+    /// An approved job not run by then lapses (0: not approved yet).
+    pub claim_by_unix_ms: i64,
 }
 
 impl ExportJob {
@@ -300,6 +349,9 @@ impl ExportJob {
             approved_by: Some(job.approved_by).filter(|a| !a.is_empty()),
             approved: job.approved,
             expires_at_unix_ms: job.expires_at_unix_ms,
+            state: job.state,
+            claimed_by: Some(job.claimed_by).filter(|c| !c.is_empty()),
+            claim_by_unix_ms: job.claim_by_unix_ms,
         })
     }
 }

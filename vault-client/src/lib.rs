@@ -47,7 +47,7 @@ use zeroize::Zeroizing;
 
 pub use import::{
     ExportJob, ExportResult, IMPORT_PIECE_BYTES, ImportFormat, ImportJob, ImportKeyInfo,
-    ImportStatus, ImportedRow, ImportedRows,
+    ImportStatus, ImportedRow, ImportedRows, file_sha256,
 };
 
 /// Where a service is and how to prove who we are.

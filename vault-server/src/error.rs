@@ -310,9 +310,14 @@ fn import_refusal(error: crate::ops::ImportError, request_id: &str) -> Status {
             Status::invalid_argument(message)
         }
         E::NoJob(_) => Status::not_found(message),
-        E::NotConfigured | E::NotApproved(_) | E::RowCount { .. } | E::NotVerified => {
-            Status::failed_precondition(message)
-        }
+        E::NotConfigured
+        | E::NotApproved(_)
+        | E::RowCount { .. }
+        | E::NotVerified
+        | E::FileDigest
+        | E::SenderKey(_)
+        | E::NoFileDigest(_) => Status::failed_precondition(message),
+        E::Audit(e) => e.into_status(request_id),
         E::Gap { .. } => Status::out_of_range(message),
         E::NoKey => Status::unavailable(message),
         E::Keyservice(status) => match status.code() {

@@ -563,6 +563,29 @@ pub(super) fn propose_job(
             rule: "must be at least 1",
         });
     }
+    // The approval binds the file: an import names the digest of the file it takes.
+    let hex_of =
+        |text: &str, len: usize| text.len() == len && text.bytes().all(|b| b.is_ascii_hexdigit());
+    if kind == OperationKind::Import && !hex_of(&job.file_sha256, 64) {
+        return Err(ServiceError::InvalidArgument {
+            field: "job.file_sha256",
+            rule: "required for an import: the hex SHA-256 of the encrypted file (64 digits)",
+        });
+    }
+    if !job.sender_key_fingerprint.is_empty() && !hex_of(&job.sender_key_fingerprint, 40) {
+        return Err(ServiceError::InvalidArgument {
+            field: "job.sender_key_fingerprint",
+            rule: "an OpenPGP v4 fingerprint: 40 hex digits",
+        });
+    }
+    if kind == OperationKind::Export
+        && !(job.file_sha256.is_empty() && job.sender_key_fingerprint.is_empty())
+    {
+        return Err(ServiceError::InvalidArgument {
+            field: "job.file_sha256",
+            rule: "an export names no file",
+        });
+    }
     if kind == OperationKind::Export && (job.processor.is_empty() || job.selection.is_empty()) {
         return Err(ServiceError::InvalidArgument {
             field: "job.processor",
@@ -592,6 +615,12 @@ pub(super) fn propose_job(
             expected_rows: job.expected_rows,
             processor: job.processor.clone(),
             selection: job.selection.clone(),
+            file_sha256: job.file_sha256.to_ascii_lowercase(),
+            sender_key_fingerprint: job.sender_key_fingerprint.to_ascii_uppercase(),
+            claimed_by: None,
+            claimed_at_unix_ms: 0,
+            claim_by_unix_ms: 0,
+            finished_at_unix_ms: 0,
         }),
     };
     let event = NewEvent {
@@ -607,11 +636,16 @@ pub(super) fn propose_job(
                 job.selection
             ),
             _ => format!(
-                "{} {} (tenant {}, {} rows, through {vault})",
+                "{} {} (tenant {}, {} rows, file sha256 {}, sender key {}, through {vault})",
                 lifecycle::kind_name(kind),
                 proposal.id,
                 job.tenant,
-                job.expected_rows
+                job.expected_rows,
+                job.file_sha256.to_ascii_lowercase(),
+                match job.sender_key_fingerprint.as_str() {
+                    "" => "none".to_owned(),
+                    fpr => fpr.to_ascii_uppercase(),
+                }
             ),
         },
         ..Default::default()
@@ -670,7 +704,7 @@ pub(super) fn approve_job(
         lifecycle::kind_name(proposal.kind)
     );
     let before = shared.seal(&keyring)?;
-    keyring.mark_approved(id, &request.approved_by, now);
+    keyring.mark_job_approved(id, &request.approved_by, now, shared.approval_window_ms());
     if let Err(error) = shared.save(&mut keyring, &lock(&shared.root)) {
         shared.restore(&mut keyring, &before);
         return Err(ServiceError::Save(error));
@@ -699,4 +733,100 @@ pub(super) fn get_job(shared: &Shared, id: &str) -> Result<pb::Proposal, Service
         .find(|p| p.id == id && p.kind.is_tenant_job())
         .map(|p| proposal_to_wire(p, now))
         .ok_or_else(|| ServiceError::Refused(Refusal::NoSuchProposal(id.to_owned())))
+}
+
+/// Which job a claim or finish names, checked.
+fn job_target(id: &str, tenant: &str, kind: i32) -> Result<OperationKind, ServiceError> {
+    if id.is_empty() || tenant.is_empty() {
+        return Err(ServiceError::InvalidArgument {
+            field: "id",
+            rule: "the job id and tenant are required",
+        });
+    }
+    let kind = kind_from_wire(kind)?;
+    if !kind.is_tenant_job() {
+        return Err(ServiceError::InvalidArgument {
+            field: "kind",
+            rule: "only tenant jobs (import, export) are claimed",
+        });
+    }
+    Ok(kind)
+}
+
+/// A job's state change (claim, finish) for vault `vault`, durable like an approval:
+/// checked and made under the keyring lock (two claims cannot both pass), saved before
+/// it is answered (restored if the save fails), then written to the key history.
+fn job_transition(
+    shared: &Shared,
+    vault: &str,
+    action: &'static str,
+    (id, tenant, kind): (&str, &str, OperationKind),
+    change: impl FnOnce(&mut Keyring, i64) -> Result<bool, Refusal>,
+) -> Result<pb::Proposal, ServiceError> {
+    let now = now_unix_ms();
+    let event = NewEvent {
+        actor: vault,
+        action,
+        detail: format!(
+            "{} {id} (tenant {tenant}, by vault {vault})",
+            lifecycle::kind_name(kind)
+        ),
+        ..Default::default()
+    };
+    let mut keyring = lock(&shared.keyring);
+    let before = shared.seal(&keyring)?;
+    let changed = change(&mut keyring, now).map_err(|r| shared.refused(event.clone(), r))?;
+    if changed && let Err(error) = shared.save(&mut keyring, &lock(&shared.root)) {
+        shared.restore(&mut keyring, &before);
+        return Err(ServiceError::Save(error));
+    }
+    let answer = keyring
+        .proposals
+        .iter()
+        .find(|p| p.id == id)
+        .map(|p| proposal_to_wire(p, now))
+        .ok_or(ServiceError::Inconsistent("claimed job vanished"))?;
+    drop(keyring);
+    shared.record(NewEvent {
+        outcome: match changed {
+            true => "ok".into(),
+            false => "ok (again, unchanged)".into(),
+        },
+        ..event
+    })?;
+    tracing::info!(%id, kind = lifecycle::kind_name(kind), action, changed, "tenant job");
+    Ok(answer)
+}
+
+/// Claims an approved tenant job for vault `vault` (see [`Keyring::claim_job`]).
+pub(super) fn claim_job(
+    shared: &Shared,
+    vault: &str,
+    request: &pb::ClaimJobRequest,
+) -> Result<pb::Proposal, ServiceError> {
+    let kind = job_target(&request.id, &request.tenant, request.kind)?;
+    let window_ms = shared.approval_window_ms();
+    job_transition(
+        shared,
+        vault,
+        "claim",
+        (&request.id, &request.tenant, kind),
+        |keyring, now| keyring.claim_job(&request.id, &request.tenant, kind, vault, now, window_ms),
+    )
+}
+
+/// Finishes a tenant job vault `vault` claimed (see [`Keyring::finish_job`]).
+pub(super) fn finish_job(
+    shared: &Shared,
+    vault: &str,
+    request: &pb::FinishJobRequest,
+) -> Result<pb::Proposal, ServiceError> {
+    let kind = job_target(&request.id, &request.tenant, request.kind)?;
+    job_transition(
+        shared,
+        vault,
+        "finish",
+        (&request.id, &request.tenant, kind),
+        |keyring, now| keyring.finish_job(&request.id, &request.tenant, kind, vault, now),
+    )
 }

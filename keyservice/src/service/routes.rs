@@ -187,6 +187,24 @@ impl pb::key_service_server::KeyService for KeyServiceImpl {
         })
     }
 
+    async fn claim_job(
+        &self,
+        request: Request<pb::ClaimJobRequest>,
+    ) -> Result<Response<pb::Proposal>, Status> {
+        self.call("ClaimJob", Role::Vault, request, |caller, request| {
+            proposals::claim_job(&self.shared, &caller, &request)
+        })
+    }
+
+    async fn finish_job(
+        &self,
+        request: Request<pb::FinishJobRequest>,
+    ) -> Result<Response<pb::Proposal>, Status> {
+        self.call("FinishJob", Role::Vault, request, |caller, request| {
+            proposals::finish_job(&self.shared, &caller, &request)
+        })
+    }
+
     async fn list_proposals(
         &self,
         request: Request<pb::ListProposalsRequest>,

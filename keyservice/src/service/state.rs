@@ -41,6 +41,12 @@ impl Shared {
         }
     }
 
+    /// How long a proposal waits for its approval, and an approved tenant job for its
+    /// claim.
+    pub(super) fn approval_window_ms(&self) -> i64 {
+        i64::try_from(self.lifecycle.approval_window_secs.saturating_mul(1000)).unwrap_or(i64::MAX)
+    }
+
     /// Saves the keyring under `root`, keeping the save-failure metric and health.
     pub(super) fn save(&self, keyring: &mut Keyring, root: &RootKey) -> Result<(), KeyringError> {
         let saved = keyring.save(&self.keyring_file, root);

@@ -72,8 +72,12 @@ fn kind_to_wire(kind: OperationKind) -> pb::OperationKind {
 }
 
 pub(super) fn proposal_to_wire(p: &Proposal, now: i64) -> pb::Proposal {
+    let claim_by = p.job.as_ref().map_or(0, |j| j.claim_by_unix_ms);
     let state = match p.state {
+        ProposalState::Approved if claim_by != 0 && now >= claim_by => pb::ProposalState::Expired,
         ProposalState::Approved => pb::ProposalState::Approved,
+        ProposalState::Running => pb::ProposalState::Running,
+        ProposalState::Done => pb::ProposalState::Done,
         ProposalState::Pending if p.expired(now) => pb::ProposalState::Expired,
         ProposalState::Pending => pb::ProposalState::Pending,
     };
@@ -106,6 +110,16 @@ pub(super) fn proposal_to_wire(p: &Proposal, now: i64) -> pb::Proposal {
             on_behalf_of: String::new(),
             processor: job.processor.clone(),
             selection: job.selection.clone(),
+            file_sha256: job.file_sha256.clone(),
+            sender_key_fingerprint: job.sender_key_fingerprint.clone(),
         }),
+        claimed_by: p
+            .job
+            .as_ref()
+            .and_then(|j| j.claimed_by.clone())
+            .unwrap_or_default(),
+        claimed_at_unix_ms: p.job.as_ref().map_or(0, |j| j.claimed_at_unix_ms),
+        claim_by_unix_ms: claim_by,
+        finished_at_unix_ms: p.job.as_ref().map_or(0, |j| j.finished_at_unix_ms),
     }
 }

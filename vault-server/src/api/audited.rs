@@ -149,9 +149,15 @@ impl Audited for pb::ApproveImportRequest {}
 impl Audited for pb::ImportJob {
     fn describe(&self, event: &mut AuditEvent) {
         event.detail = format!(
-            "import job {} ({} rows; proposed by {}{})",
+            "import job {} ({} rows, file sha256 {}{}; {}; proposed by {}{})",
             self.job_id,
             self.expected_rows,
+            self.file_sha256,
+            match self.sender_key_fingerprint.as_str() {
+                "" => String::new(),
+                fpr => format!(", signed by {fpr}"),
+            },
+            self.state,
             self.proposed_by,
             match self.approved {
                 true => format!(", approved by {}", self.approved_by),
@@ -204,10 +210,11 @@ impl Audited for pb::ApproveExportRequest {}
 impl Audited for pb::ExportJob {
     fn describe(&self, event: &mut AuditEvent) {
         event.detail = format!(
-            "export job {} to processor {} ({} tokens; proposed by {}{})",
+            "export job {} to processor {} ({} tokens; {}; proposed by {}{})",
             self.job_id,
             self.processor,
             self.selection,
+            self.state,
             self.proposed_by,
             match self.approved {
                 true => format!(", approved by {}", self.approved_by),

@@ -28,6 +28,11 @@ pub fn job(job: Job) -> pb::ImportJob {
         approved_by: job.approved_by,
         approved: job.approved,
         expires_at_unix_ms: job.expires_at_unix_ms,
+        file_sha256: job.file_sha256,
+        sender_key_fingerprint: job.sender_key_fingerprint,
+        state: job.state.to_owned(),
+        claimed_by: job.claimed_by,
+        claim_by_unix_ms: job.claim_by_unix_ms,
     }
 }
 
@@ -159,6 +164,9 @@ pub fn export_job(job: crate::ops::ExportJob) -> pb::ExportJob {
         approved_by: job.approved_by,
         approved: job.approved,
         expires_at_unix_ms: job.expires_at_unix_ms,
+        state: job.state.to_owned(),
+        claimed_by: job.claimed_by,
+        claim_by_unix_ms: job.claim_by_unix_ms,
     }
 }
 

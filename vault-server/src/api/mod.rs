@@ -17,7 +17,7 @@ use vault_proto::vault::v1::vault_server::VaultServer;
 
 pub use call::Guards;
 
-use crate::ops::Vault;
+use crate::ops::{ImportError, Vault};
 use crate::policy::{Caller, Permission};
 use crate::store::Store;
 
@@ -223,8 +223,18 @@ impl<S: Store> pb::vault_server::Vault for VaultApi<S> {
     ) -> Result<Response<pb::ImportJob>, Status> {
         let importer = &self.vault.importer;
         let call = |caller: Caller, request: pb::ProposeImportRequest| async move {
+            if request.sender_public_key.len() > 64 * 1024 {
+                return Err(ImportError::Invalid {
+                    field: "sender_public_key",
+                    rule: "at most 64 KiB",
+                }
+                .into());
+            }
+            let sender = Some(request.sender_public_key.as_str()).filter(|k| !k.is_empty());
             Ok(import::job(
-                importer.propose(&caller, request.expected_rows).await?,
+                importer
+                    .propose(&caller, request.expected_rows, &request.file_sha256, sender)
+                    .await?,
             ))
         };
         self.guards
@@ -284,6 +294,11 @@ impl<S: Store> pb::vault_server::Vault for VaultApi<S> {
                     request.max_rows as usize,
                 )
                 .await?;
+            // The last row done: the job's approval is used up (FinishJob). Here, not
+            // in `rows`, so that an answer that could not mark it is retried.
+            if done.done {
+                importer.finish(&caller, &request.job_id).await?;
+            }
             Ok(import::rows(done))
         };
         self.guards

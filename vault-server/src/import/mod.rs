@@ -43,14 +43,28 @@ pub struct JobState {
     /// The highest row tokenized so far (the client's mapping file is the cursor that
     /// counts; a row tokenized twice returns its first token, see `ops::import`).
     pub rows_done: u64,
-    /// Rows whose card the tenant held already (counted once per row done).
+    /// Of the rows looked at (`rows_checked`), those whose card the tenant held already.
     pub rows_existing: u64,
+    /// Rows whose card was looked up among the tenant's: every row of a small job, a
+    /// random sixteenth of a large one's (see `ops::import`).
+    #[serde(default)]
+    pub rows_checked: u64,
     /// The highest row handed to tokenization, saved before it is: rows up to here
     /// may have tokens already (a crash between the commit and `rows_done`), and are
     /// looked up before being tokenized again (see `ops::import`).
     #[serde(default)]
     pub rows_started: u64,
-    /// The job's end was recorded in the audit log.
+    /// The job's end was recorded in the audit log (`ImportFinished`).
+    #[serde(default)]
+    pub end_recorded: bool,
+    /// The hex SHA-256 of the encrypted file the job was approved for (empty in a job
+    /// started by an older vault: its file is refused).
+    #[serde(default)]
+    pub file_sha256: String,
+    /// The sender key fingerprint the job was approved for; empty: none may be given.
+    #[serde(default)]
+    pub sender_key_fingerprint: String,
+    /// The keyservice has the job done (FinishJob).
     #[serde(default)]
     pub finished: bool,
 }
@@ -219,7 +233,11 @@ mod tests {
             total_rows: 0,
             rows_done: 0,
             rows_existing: 0,
+            rows_checked: 0,
             rows_started: 0,
+            end_recorded: false,
+            file_sha256: "ab".repeat(32),
+            sender_key_fingerprint: String::new(),
             finished: false,
         };
         spool.save(&state).unwrap();

@@ -8,13 +8,16 @@
 //! 2. `propose` and `approve`: two identities with the tenant's `export` permission
 //!    agree on the processor and the selection (all tokens, or the SHA-256 of a token
 //!    list given again at run time); the keyservice keeps the proposal.
-//! 3. `run`, once per job: the records are read and opened inside the vault, written
+//! 3. `run`, once per job: the job is claimed at the keyservice first (`jobs::claim`:
+//!    a second run is refused there, even if the first one's file is gone), then the
+//!    records are read and opened inside the vault, written
 //!    as CSV or JSON lines, encrypted to the processor's key (SEIPD with MDC),
 //!    readable only with the processor's secret key. The audit event has the count,
 //!    the processor and the key's fingerprint.
 //!
 //! 4. Delivered to the processor's declared upload route (`upload_path`, over the
-//!    processor's own TLS settings), or, without one, written to the export directory.
+//!    processor's own TLS settings), or, without one, written to the export directory;
+//!    then the job is marked done at the keyservice (`jobs::finish`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write as _;
@@ -30,6 +33,7 @@ use runtime::now_unix_ms;
 use vault_proto::keys::v1 as keys_pb;
 use zeroize::Zeroizing;
 
+use super::jobs::{self, StepError};
 use super::records::Records;
 use crate::error::VaultError;
 use crate::forward::settings::{ExportFormat, ProcessorSettings};
@@ -156,6 +160,10 @@ pub struct ExportJob {
     pub approved_by: String,
     pub approved: bool,
     pub expires_at_unix_ms: i64,
+    /// pending, approved, running, done or expired.
+    pub state: &'static str,
+    pub claimed_by: String,
+    pub claim_by_unix_ms: i64,
 }
 
 /// What an export wrote.
@@ -319,6 +327,11 @@ impl<S: Store> Exporter<S> {
         if path.exists() {
             return Err(ExportError::Done(id.to_owned()).into());
         }
+        // The approval is used here, once, before any card is read: a second run is
+        // refused by the keyservice whatever became of the first one's output.
+        jobs::claim(&self.records, caller, id, keys_pb::OperationKind::Export)
+            .await
+            .map_err(step_error)?;
 
         // The cards, opened here and nowhere else, in a zeroizing buffer.
         let mut plain = Zeroizing::new(Vec::new());
@@ -410,6 +423,7 @@ impl<S: Store> Exporter<S> {
                 status,
                 "export uploaded"
             );
+            self.finish(caller, id).await;
             return Ok(Exported {
                 job_id: id.to_owned(),
                 processor: job.processor.clone(),
@@ -461,6 +475,7 @@ impl<S: Store> Exporter<S> {
             cards,
             "export written"
         );
+        self.finish(caller, id).await;
         Ok(Exported {
             job_id: id.to_owned(),
             processor: job.processor,
@@ -468,6 +483,29 @@ impl<S: Store> Exporter<S> {
             cards,
             destination: path.display().to_string(),
         })
+    }
+}
+
+impl<S: Store> Exporter<S> {
+    /// Marks a delivered job done. The cards were delivered: a failure here is logged
+    /// and leaves the job RUNNING, which refuses another run all the same.
+    async fn finish(&self, caller: &Caller, id: &str) {
+        if let Err(e) =
+            jobs::finish(&self.records, caller, id, keys_pb::OperationKind::Export).await
+        {
+            let error = match e {
+                StepError::Keyservice(status) => status.message().to_owned(),
+                StepError::Audit(e) => e.to_string(),
+            };
+            tracing::warn!(job = %id, %error, "export delivered, but the job could not be marked done");
+        }
+    }
+}
+
+fn step_error(e: StepError) -> VaultError {
+    match e {
+        StepError::Keyservice(status) => ExportError::Keyservice(status).into(),
+        StepError::Audit(e) => e,
     }
 }
 
@@ -606,6 +644,10 @@ fn check_id(id: &str) -> Result<(), ExportError> {
 }
 
 fn job(p: keys_pb::Proposal) -> ExportJob {
+    let state = jobs::state_name(&p);
+    // Approved once (it may be running, done or lapsed since: see `state`); whether
+    // it may run is the claim's to say.
+    let approved = !p.approved_by.is_empty();
     let job = p.job.unwrap_or_default();
     ExportJob {
         id: p.id,
@@ -614,8 +656,11 @@ fn job(p: keys_pb::Proposal) -> ExportJob {
         selection: job.selection,
         proposed_by: p.proposed_by,
         approved_by: p.approved_by,
-        approved: p.state == keys_pb::ProposalState::Approved as i32,
+        approved,
         expires_at_unix_ms: p.expires_at_unix_ms,
+        state,
+        claimed_by: p.claimed_by,
+        claim_by_unix_ms: p.claim_by_unix_ms,
     }
 }
 

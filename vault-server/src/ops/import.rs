@@ -3,13 +3,18 @@
 //! invariants demand:
 //!
 //! 1. `propose` and `approve`: two identities with the tenant's `import` permission
-//!    agree on the job (tenant, expected rows); the keyservice keeps the proposal
-//!    (sealed, in its key history) and refuses self-approval.
-//! 2. `upload`: the file arrives still encrypted, in pieces at given offsets (a piece
-//!    sent again is written once), into the job's spool directory. With the last
-//!    piece the whole file is decrypted once and thrown away: integrity tag, sender
-//!    signature (if the job names a sender key), header, no CVC column, the row count
-//!    the job was approved for. A file that fails is deleted: nothing was stored.
+//!    agree on the job (tenant, expected rows, the SHA-256 of the encrypted file and,
+//!    optionally, the sender's signing key fingerprint); the keyservice keeps the
+//!    proposal (sealed, in its key history) and refuses self-approval.
+//! 2. `upload`: the job's first call claims it at the keyservice for this vault
+//!    (`jobs::claim`: an approval starts one job on one vault), then the file arrives
+//!    still encrypted, in pieces at given offsets (a piece sent again is written
+//!    once), into the job's spool directory. With the last piece, before anything is
+//!    decrypted, the spooled file's SHA-256 must be the approved one and the sender
+//!    key given the approved one (none if none was approved); then the whole file is
+//!    decrypted once and thrown away: integrity tag, sender signature (if the job
+//!    names a sender key), header, no CVC column, the row count the job was approved
+//!    for. A file that fails is deleted: nothing was stored.
 //! 3. `rows`: the file is decrypted again, on a thread of its own, and its rows are
 //!    tokenized a batch per call through `Records::tokenize_batch`, exempt from the
 //!    guessing detector, each under a new token (never one the tenant held: see
@@ -20,6 +25,7 @@
 //!    once, without gaps. The thread holds one batch ahead
 //!    and drops it if no call asks for it within two minutes; the last batch is handed
 //!    over only once this pass, too, has checked the file's tag and signature.
+//! 4. `finish`: after the last row, the job is marked done at the keyservice.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -31,6 +37,7 @@ use vault_proto::keys::v1 as keys_pb;
 
 use runtime::now_unix_ms;
 
+use super::jobs::{self, StepError};
 use super::records::Records;
 use super::tokenize::{Answer, BatchItem, TokenizeBatch};
 use crate::audit::AuditEvent;
@@ -87,10 +94,34 @@ pub enum ImportError {
     Crowded { limit: u16 },
     #[error("the file has not passed its check: send it, with its last piece marked last")]
     NotVerified,
+    #[error(
+        "the file was refused and nothing of it was stored: its SHA-256 is not the one the \
+         job was approved for (a job takes exactly the file `vaultctl import propose` was \
+         given)"
+    )]
+    FileDigest,
+    #[error("the file was refused and nothing of it was stored: {0}")]
+    SenderKey(&'static str),
+    #[error(
+        "job {0} names no file digest (it was started by an older vault): propose it again \
+         with the file"
+    )]
+    NoFileDigest(String),
     #[error("the keyservice refused: {0}")]
     Keyservice(tonic::Status),
+    #[error("the job's claim could not be audited")]
+    Audit(Box<VaultError>),
     #[error(transparent)]
     Spool(#[from] SpoolError),
+}
+
+impl From<StepError> for ImportError {
+    fn from(e: StepError) -> Self {
+        match e {
+            StepError::Keyservice(status) => ImportError::Keyservice(status),
+            StepError::Audit(e) => ImportError::Audit(Box::new(e)),
+        }
+    }
 }
 
 impl From<ImportError> for VaultError {
@@ -112,6 +143,31 @@ const ROW_ENTRY_KEEP_MS: i64 = 7 * 24 * 3600 * 1000;
 /// card's replay entry (`intake`), so that the purge removes it when its time is up.
 fn row_key(caller: &Caller, id: &str, row: u64) -> Vec<u8> {
     intake::tenant_key(&caller.tenant, format!("\0import/{id}/{row}").as_bytes())
+}
+
+/// Jobs up to this many rows look every card up among the tenant's; larger ones a
+/// random sixteenth of them (the look-up is a seek in the card index, most of an
+/// import's CPU when done for every row; a sixteenth of a large job measures the share
+/// of known cards as well, and the rows looked up cannot be predicted by the sender).
+const CHECK_EVERY_ROW_UP_TO: u64 = 16_000;
+
+/// The cards of a batch to look up among the tenant's (see `CHECK_EVERY_ROW_UP_TO`).
+fn sample<'a>(
+    cards: impl Iterator<Item = &'a CardData>,
+    total_rows: u64,
+) -> Result<Vec<&'a CardData>, VaultError> {
+    let cards: Vec<&CardData> = cards.collect();
+    if total_rows <= CHECK_EVERY_ROW_UP_TO {
+        return Ok(cards);
+    }
+    let mut draws = vec![0u8; cards.len()];
+    envelope::fill_unique(&mut draws)?;
+    Ok(cards
+        .into_iter()
+        .zip(draws)
+        .filter(|(_, draw)| draw % 16 == 0)
+        .map(|(card, _)| card)
+        .collect())
 }
 
 /// A stored row, for the mapping.
@@ -145,6 +201,12 @@ pub struct Job {
     pub approved_by: String,
     pub approved: bool,
     pub expires_at_unix_ms: i64,
+    pub file_sha256: String,
+    pub sender_key_fingerprint: String,
+    /// pending, approved, running, done or expired.
+    pub state: &'static str,
+    pub claimed_by: String,
+    pub claim_by_unix_ms: i64,
 }
 
 /// How the last piece of a file says it is to be read.
@@ -270,14 +332,34 @@ impl<S: Store> Importer<S> {
             .ok_or(ImportError::NoKey)
     }
 
-    /// Dual control, step one.
-    pub async fn propose(&self, caller: &Caller, expected_rows: u64) -> Result<Job, ImportError> {
+    /// Dual control, step one: the job binds the file (`file_sha256`, the hex SHA-256 of
+    /// the encrypted file as it will be uploaded) and, when given, the sender's key.
+    pub async fn propose(
+        &self,
+        caller: &Caller,
+        expected_rows: u64,
+        file_sha256: &str,
+        sender_public_key: Option<&str>,
+    ) -> Result<Job, ImportError> {
         if !(1..=MAX_ROWS).contains(&expected_rows) {
             return Err(ImportError::Invalid {
                 field: "expected_rows",
                 rule: "must be 1 to 1,000,000,000",
             });
         }
+        if file_sha256.len() != 64 || !file_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ImportError::Invalid {
+                field: "file_sha256",
+                rule: "required: the hex SHA-256 of the encrypted file (64 digits)",
+            });
+        }
+        let sender_key_fingerprint = match sender_public_key {
+            Some(armored) => sender_fingerprint(armored).map_err(|_| ImportError::Invalid {
+                field: "sender_public_key",
+                rule: "must be an armored OpenPGP public key",
+            })?,
+            None => String::new(),
+        };
         let proposal = self
             .records
             .keys()
@@ -289,6 +371,8 @@ impl<S: Store> Importer<S> {
                     tenant: caller.tenant.as_str().to_owned(),
                     expected_rows,
                     on_behalf_of: caller.identity.clone(),
+                    file_sha256: file_sha256.to_ascii_lowercase(),
+                    sender_key_fingerprint,
                     ..Default::default()
                 }),
             })
@@ -348,9 +432,15 @@ impl<S: Store> Importer<S> {
         if job.tenant != caller.tenant.as_str() {
             return Err(ImportError::NoJob(id.to_owned()));
         }
-        if !job.approved {
+        if job.approved_by.is_empty() {
             return Err(ImportError::NotApproved(id.to_owned()));
         }
+        // The approval is used here, once: claimed for this vault before the job's
+        // state exists. A claim whose state was lost (a crash before the save below)
+        // is claimed again by this vault, which can only take the approved file.
+        let job = self::job(
+            jobs::claim(&self.records, caller, id, keys_pb::OperationKind::Import).await?,
+        );
         let state = JobState {
             job_id: job.id,
             tenant: job.tenant,
@@ -365,7 +455,11 @@ impl<S: Store> Importer<S> {
             total_rows: 0,
             rows_done: 0,
             rows_existing: 0,
+            rows_checked: 0,
             rows_started: 0,
+            end_recorded: false,
+            file_sha256: job.file_sha256,
+            sender_key_fingerprint: job.sender_key_fingerprint,
             finished: false,
         };
         spool.save(&state)?;
@@ -412,9 +506,17 @@ impl<S: Store> Importer<S> {
                 rule: "the file is empty",
             });
         }
-        let sender = match &spec.sender_key {
-            Some(armored) => Some(open::sender_key(armored)?),
-            None => None,
+        // The file and sender the job was approved for, or nothing is decrypted.
+        let sender = match self
+            .check_bound(&state, &spool, id, spec.sender_key.as_deref())
+            .await
+        {
+            Ok(sender) => sender,
+            Err(refused) => {
+                self.discard(&spool, &mut state, id).await?;
+                tracing::warn!(job = %id, error = %refused, "import file refused");
+                return Err(refused);
+            }
         };
         let keys = self.records.keys().snapshot().import.all().to_vec();
         if keys.is_empty() {
@@ -452,13 +554,7 @@ impl<S: Store> Importer<S> {
         let found = match counted {
             Ok(found) if found == state.expected_rows => found,
             refused => {
-                blocking({
-                    let (spool, id) = (spool.clone(), id.to_owned());
-                    move || spool.discard_file(&id)
-                })
-                .await??;
-                state.received_bytes = 0;
-                spool.save(&state)?;
+                self.discard(&spool, &mut state, id).await?;
                 let error = match refused {
                     Ok(found) => ImportError::RowCount {
                         found,
@@ -482,6 +578,87 @@ impl<S: Store> Importer<S> {
         spool.save(&state)?;
         tracing::info!(job = %id, rows = found, bytes = received, "import file checked");
         Ok(state)
+    }
+
+    /// Checks, before anything is decrypted, that the spooled file is the one the job
+    /// was approved for (its SHA-256) and that the sender key given is the approved one
+    /// (strict: a job approved without a sender key takes none). Returns the sender
+    /// key to check the signature with.
+    async fn check_bound(
+        &self,
+        state: &JobState,
+        spool: &Spool,
+        id: &str,
+        sender_key: Option<&str>,
+    ) -> Result<Option<pgp::composed::SignedPublicKey>, ImportError> {
+        if state.file_sha256.is_empty() {
+            return Err(ImportError::NoFileDigest(id.to_owned()));
+        }
+        let path = spool.file(id);
+        let digest = blocking(move || file_sha256(&path)).await?.map_err(|e| {
+            ImportError::Spool(SpoolError::Io {
+                path: "the spooled file".into(),
+                source: e,
+            })
+        })?;
+        if !digest.eq_ignore_ascii_case(&state.file_sha256) {
+            return Err(ImportError::FileDigest);
+        }
+        match (sender_key, state.sender_key_fingerprint.as_str()) {
+            (None, "") => Ok(None),
+            (None, _) => Err(ImportError::SenderKey(
+                "the job was approved for a signed file: give the sender key it names \
+                 (--sender-key)",
+            )),
+            (Some(_), "") => Err(ImportError::SenderKey(
+                "the job was approved without a sender key: the upload may not name one \
+                 (propose the job with --sender-key to check a signature)",
+            )),
+            (Some(armored), approved) => {
+                let key = open::sender_key(armored)?;
+                if fingerprint_of(&key) != approved {
+                    return Err(ImportError::SenderKey(
+                        "the sender key given is not the one the job was approved for",
+                    ));
+                }
+                Ok(Some(key))
+            }
+        }
+    }
+
+    /// Deletes a refused file from the spool; the job waits for its file again.
+    async fn discard(
+        &self,
+        spool: &Spool,
+        state: &mut JobState,
+        id: &str,
+    ) -> Result<(), ImportError> {
+        blocking({
+            let (spool, id) = (spool.clone(), id.to_owned());
+            move || spool.discard_file(&id)
+        })
+        .await??;
+        state.received_bytes = 0;
+        spool.save(state)?;
+        Ok(())
+    }
+
+    /// Marks the job done at the keyservice once its last row is done (see
+    /// [`jobs::finish`]); once per job, and again if an earlier try failed.
+    pub async fn finish(&self, caller: &Caller, id: &str) -> Result<(), ImportError> {
+        check_id(id)?;
+        let _turn = self.turn(id).await;
+        let spool = self.spool()?;
+        let Some(mut state) = spool.load(id)? else {
+            return Ok(());
+        };
+        if state.finished || !state.verified || state.rows_done < state.total_rows {
+            return Ok(());
+        }
+        jobs::finish(&self.records, caller, id, keys_pb::OperationKind::Import).await?;
+        state.finished = true;
+        spool.save(&state)?;
+        Ok(())
     }
 
     /// Tokenizes the rows after the first `from_row` (at most a batch), in order.
@@ -567,11 +744,15 @@ impl<S: Store> Importer<S> {
             }
             outcomes.push(before);
         }
-        let valid: Vec<&CardData> = fresh.iter().filter_map(|(_, c)| c.as_ref().ok()).collect();
-        let known = match valid.is_empty() {
+        let checked = sample(
+            fresh.iter().filter_map(|(_, c)| c.as_ref().ok()),
+            state.total_rows,
+        )?;
+        let known = match checked.is_empty() {
             true => 0,
-            false => self.records.known_cards(caller, &valid).await?,
+            false => self.records.known_cards(caller, &checked).await?,
         };
+        let checked = checked.len() as u64;
         if next_row > state.rows_started {
             state.rows_started = next_row;
             self.save(&state).await?;
@@ -631,11 +812,12 @@ impl<S: Store> Importer<S> {
             .collect();
         if next_row > state.rows_done {
             state.rows_existing += known;
+            state.rows_checked += checked;
             state.rows_done = next_row;
             self.save(&state).await?;
         }
-        if next_row >= state.total_rows && !state.finished {
-            self.finish(caller, &mut state).await?;
+        if next_row >= state.total_rows && !state.end_recorded {
+            self.record_end(caller, &mut state).await?;
         }
         session.next_row = next_row;
         lock(&self.sessions).insert(id.to_owned(), session);
@@ -670,12 +852,13 @@ impl<S: Store> Importer<S> {
     /// The job's last row is done: its end, with the share of rows whose card the tenant
     /// held already, goes to the audit log (and the server log when above
     /// `flag_existing_share`), never to the importers.
-    async fn finish(&self, caller: &Caller, state: &mut JobState) -> Result<(), VaultError> {
+    async fn record_end(&self, caller: &Caller, state: &mut JobState) -> Result<(), VaultError> {
         let flagged = self.flagged(state);
         if flagged {
             tracing::warn!(
                 job = %state.job_id,
                 rows = state.rows_done,
+                checked = state.rows_checked,
                 existing = state.rows_existing,
                 share = self.settings.flag_existing_share,
                 "import job flagged: more of its rows matched cards the tenant held than \
@@ -694,10 +877,12 @@ impl<S: Store> Importer<S> {
                 outcome: "ok".into(),
                 request_id: caller.request_id.clone(),
                 detail: format!(
-                    "job {}: {} rows, {} of them cards the tenant held already{}",
+                    "job {}: {} rows; {} of the {} looked up were cards the tenant held \
+                     already{}",
                     state.job_id,
                     state.rows_done,
                     state.rows_existing,
+                    state.rows_checked,
                     if flagged {
                         "; flagged: above import.flag_existing_share"
                     } else {
@@ -707,7 +892,7 @@ impl<S: Store> Importer<S> {
                 ..Default::default()
             })
             .await?;
-        state.finished = true;
+        state.end_recorded = true;
         self.save(state).await?;
         Ok(())
     }
@@ -719,9 +904,9 @@ impl<S: Store> Importer<S> {
     }
 
     fn flagged(&self, state: &JobState) -> bool {
-        state.rows_done > 0
+        state.rows_checked > 0
             && state.rows_existing as f64
-                > self.settings.flag_existing_share * state.rows_done as f64
+                > self.settings.flag_existing_share * state.rows_checked as f64
     }
 
     fn done(&self, state: &JobState, rows: Vec<ImportedRow>, next_row: u64) -> RowsDone {
@@ -824,7 +1009,37 @@ fn check_id(id: &str) -> Result<(), ImportError> {
     }
 }
 
+/// The hex SHA-256 of the file at `path`, read in pieces.
+fn file_sha256(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut file = std::fs::File::open(path)?;
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buffer = vec![0u8; 256 * 1024];
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        context.update(&buffer[..n]);
+    }
+    Ok(hex::encode(context.finish().as_ref()))
+}
+
+/// A key's primary fingerprint, 40 upper-case hex digits (as `gpg --fingerprint`).
+fn fingerprint_of(key: &pgp::composed::SignedPublicKey) -> String {
+    use pgp::types::KeyDetails as _;
+    hex::encode_upper(key.fingerprint().as_bytes())
+}
+
+/// The fingerprint of an armored sender key.
+fn sender_fingerprint(armored: &str) -> Result<String, OpenError> {
+    open::sender_key(armored).map(|key| fingerprint_of(&key))
+}
+
 fn job(p: keys_pb::Proposal) -> Job {
+    let state = jobs::state_name(&p);
+    // Approved once (it may be running, done or lapsed since: see `state`).
+    let approved = !p.approved_by.is_empty();
     let job = p.job.unwrap_or_default();
     Job {
         id: p.id,
@@ -832,8 +1047,13 @@ fn job(p: keys_pb::Proposal) -> Job {
         expected_rows: job.expected_rows,
         proposed_by: p.proposed_by,
         approved_by: p.approved_by,
-        approved: p.state == keys_pb::ProposalState::Approved as i32,
+        approved,
         expires_at_unix_ms: p.expires_at_unix_ms,
+        file_sha256: job.file_sha256,
+        sender_key_fingerprint: job.sender_key_fingerprint,
+        state,
+        claimed_by: p.claimed_by,
+        claim_by_unix_ms: p.claim_by_unix_ms,
     }
 }
 

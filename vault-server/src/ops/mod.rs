@@ -21,6 +21,7 @@ mod forward;
 pub mod guessing;
 mod health;
 mod import;
+mod jobs;
 mod journal;
 mod records;
 mod sealed;

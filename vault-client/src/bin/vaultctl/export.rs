@@ -71,8 +71,14 @@ pub async fn run(command: ExportCommand, vault: ConfigFn<'_>) -> anyhow::Result<
                 .await
                 .context("approving the export job")?;
             println!(
-                "approved export job {} of tenant {} to processor {} (proposed by {})",
-                job.id, job.tenant, job.processor, job.proposed_by
+                "approved export job {} of tenant {} to processor {} (proposed by {}); state: \
+                 {}; run it once, before {}",
+                job.id,
+                job.tenant,
+                job.processor,
+                job.proposed_by,
+                job.state,
+                crate::output::utc(job.claim_by_unix_ms)
             );
         }
         ExportCommand::Run { job, tokens: list } => {

@@ -3,7 +3,8 @@
 //!
 //! - `import key export`: the vault's import public key (armored, on stdout) and its
 //!   fingerprint (on stderr), for the sending party;
-//! - `import propose --rows N` and `import approve JOB`: the job under dual control;
+//! - `import propose FILE --rows N [--sender-key KEY]` and `import approve JOB`: the
+//!   job under dual control, bound to the file (its SHA-256) and the sender's key;
 //! - `import FILE --job JOB ...`: sends the file as it is (still encrypted) and writes
 //!   the mapping file, one line per row: the source id and the token, last four and
 //!   fingerprint, or the row's error (field and rule, never the value).
@@ -38,12 +39,18 @@ pub enum ImportCommand {
     /// The import key for the sending party.
     #[command(subcommand)]
     Key(KeyCommand),
-    /// Propose an import job into our tenant: a second identity with the `import`
-    /// permission approves it. Prints the job id.
+    /// Propose importing FILE into our tenant: a second identity with the `import`
+    /// permission approves it. The job takes this file only (its SHA-256) and, with
+    /// --sender-key, only signed by that key. Prints the job id.
     Propose {
+        /// The encrypted file exactly as it will be uploaded.
+        file: PathBuf,
         /// Rows the file holds (the vault refuses a file with another count).
         #[arg(long)]
         rows: u64,
+        /// The sender's OpenPGP public key (armored): the file must be signed by it.
+        #[arg(long)]
+        sender_key: Option<PathBuf>,
     },
     /// Approve another identity's import job.
     Approve { job: String },
@@ -131,16 +138,37 @@ pub async fn run(args: ImportArgs, vault: ConfigFn<'_>) -> anyhow::Result<ExitCo
                 key.version, key.fingerprint
             );
         }
-        Some(ImportCommand::Propose { rows }) => {
+        Some(ImportCommand::Propose {
+            file,
+            rows,
+            sender_key,
+        }) => {
+            let digest = vault_client::file_sha256(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let sender = match &sender_key {
+                Some(path) => Some(
+                    std::fs::read_to_string(path)
+                        .with_context(|| format!("reading the sender key {}", path.display()))?,
+                ),
+                None => None,
+            };
             let job = client
-                .propose_import(rows)
+                .propose_import(rows, &digest, sender)
                 .await
                 .context("proposing the import job")?;
             println!("{}", job.id);
             eprintln!(
-                "proposed import job {} into tenant {} ({} rows); a second identity with the \
-                 `import` permission approves it: vaultctl import approve {}",
-                job.id, job.tenant, job.expected_rows, job.id
+                "proposed import job {} into tenant {} ({} rows)\n  file sha256: {}\n  sender \
+                 key: {}\na second identity with the `import` permission checks these with the \
+                 sender (out of band) and approves: vaultctl import approve {}",
+                job.id,
+                job.tenant,
+                job.expected_rows,
+                job.file_sha256,
+                job.sender_key_fingerprint
+                    .as_deref()
+                    .unwrap_or("none (the file is not to be signed)"),
+                job.id
             );
         }
         Some(ImportCommand::Approve { job }) => {
@@ -149,8 +177,16 @@ pub async fn run(args: ImportArgs, vault: ConfigFn<'_>) -> anyhow::Result<ExitCo
                 .await
                 .context("approving the import job")?;
             println!(
-                "approved import job {} ({} rows into tenant {}, proposed by {})",
-                job.id, job.expected_rows, job.tenant, job.proposed_by
+                "approved import job {} ({} rows into tenant {}, proposed by {})\n  file \
+                 sha256: {}\n  sender key: {}\n  state: {}; to be started by {}",
+                job.id,
+                job.expected_rows,
+                job.tenant,
+                job.proposed_by,
+                job.file_sha256,
+                job.sender_key_fingerprint.as_deref().unwrap_or("none"),
+                job.state,
+                crate::output::utc(job.claim_by_unix_ms)
             );
         }
         None => return run_file(&mut client, args.run).await,
