@@ -818,9 +818,15 @@ async fn an_import_never_hands_out_a_token_the_tenant_held_and_is_flagged_only_i
         .collect();
     assert_eq!(finished.len(), 2, "{finished:?}");
     assert!(finished[0].contains(&jobs[0]), "{finished:?}");
-    assert!(finished[0].contains("1 of the 100 looked up"), "{finished:?}");
+    assert!(
+        finished[0].contains("1 of the 100 looked up"),
+        "{finished:?}"
+    );
     assert!(!finished[0].contains("flagged"), "{finished:?}");
-    assert!(finished[1].contains("100 of the 100 looked up"), "{finished:?}");
+    assert!(
+        finished[1].contains("100 of the 100 looked up"),
+        "{finished:?}"
+    );
     assert!(finished[1].contains("flagged"), "{finished:?}");
     let flags: Vec<_> = admin
         .list_blocks()
