@@ -802,6 +802,22 @@ async fn an_import_never_hands_out_a_token_the_tenant_held_and_is_flagged_only_i
             "a second job reused the first job's token"
         );
     }
+    // A finished job run again (its mapping lost) stores nothing: its rows' tokens come
+    // from their entries, and a row whose token was deleted since stays deleted.
+    admin.delete(&mappings[0][5][2]).await.unwrap();
+    let again = work.join("zipped-again.csv");
+    let out = import(&stack, &file, &jobs[0], &again, &["--format", "jsonl"]).await;
+    assert!(out.ok, "{}", out.stderr);
+    let rows = read_mapping(&again);
+    assert_eq!(rows.len(), 100);
+    for (i, (row, first)) in rows.iter().zip(&mappings[0]).enumerate() {
+        match i {
+            5 => assert_eq!(&row[2..7], ["", "", "", "token", "deleted"], "{row:?}"),
+            _ => assert_eq!(row[2], first[2], "row {i}"),
+        }
+    }
+    // The card the service tokenized, 200 rows of two jobs, one of them deleted.
+    wait_for_records(&stack, 200).await;
     // The service's token is still the card's (Tokenize with reuse finds the oldest).
     let again = admin
         .tokenize(Card::new(known, 7, 2032), true)

@@ -318,7 +318,7 @@ fn import_refusal(error: crate::ops::ImportError, request_id: &str) -> Status {
         | E::SenderKey(_)
         | E::NoFileDigest(_) => Status::failed_precondition(message),
         E::Audit(e) => e.into_status(request_id),
-        E::Gap { .. } => Status::out_of_range(message),
+        E::Gap { .. } | E::Skips { .. } => Status::out_of_range(message),
         E::NoKey => Status::unavailable(message),
         E::Keyservice(status) => match status.code() {
             Code::PermissionDenied

@@ -780,12 +780,14 @@ fn job_transition(
         shared.restore(&mut keyring, &before);
         return Err(ServiceError::Save(error));
     }
-    let answer = keyring
+    let mut answer = keyring
         .proposals
         .iter()
         .find(|p| p.id == id)
         .map(|p| proposal_to_wire(p, now))
         .ok_or(ServiceError::Inconsistent("claimed job vanished"))?;
+    // A claim that changed nothing is a job RUNNING under this vault already.
+    answer.resumed = action == "claim" && !changed;
     drop(keyring);
     shared.record(NewEvent {
         outcome: match changed {

@@ -121,5 +121,6 @@ pub(super) fn proposal_to_wire(p: &Proposal, now: i64) -> pb::Proposal {
         claimed_at_unix_ms: p.job.as_ref().map_or(0, |j| j.claimed_at_unix_ms),
         claim_by_unix_ms: claim_by,
         finished_at_unix_ms: p.job.as_ref().map_or(0, |j| j.finished_at_unix_ms),
+        resumed: false,
     }
 }

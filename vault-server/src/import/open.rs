@@ -36,6 +36,20 @@ pub enum OpenError {
     SenderKey,
     #[error("the spooled file could not be read")]
     Io,
+    #[error(
+        "the file's plaintext is larger than its approved rows can fill ({0} bytes; OpenPGP \
+         compresses, and a file of nothing is how a decompression bomb looks)"
+    )]
+    TooLarge(u64),
+}
+
+/// Plaintext bytes a file may decrypt to per approved row, on average (a Stripe JSON
+/// line is about 500 bytes): the bound on what one pass inflates.
+pub const MAX_PLAINTEXT_PER_ROW: u64 = 8 * 1024;
+
+/// The most plaintext a file of `rows` rows may decrypt to (and a header's worth).
+pub fn plaintext_limit(rows: u64) -> u64 {
+    rows.saturating_add(1).saturating_mul(MAX_PLAINTEXT_PER_ROW) + (1 << 20)
 }
 
 /// The sender's public key, parsed from its armored form.
@@ -47,11 +61,13 @@ pub fn sender_key(armored: &str) -> Result<SignedPublicKey, OpenError> {
 
 /// Opens `path`, hands the plaintext to `read`, then checks the integrity tag (reading
 /// whatever `read` left) and the signature. `read` returning an error stops early, and
-/// that error is returned as `Err(Ok(e))`.
+/// that error is returned as `Err(Ok(e))`. More than `max_plaintext` bytes of
+/// plaintext stop the pass there: `TooLarge`.
 pub fn with_plaintext<T, E>(
     path: &Path,
     keys: &[Arc<ImportKey>],
     sender: Option<&SignedPublicKey>,
+    max_plaintext: u64,
     read: impl FnOnce(&mut dyn BufRead) -> Result<T, E>,
 ) -> Result<T, Result<E, OpenError>> {
     let file = std::fs::File::open(path).map_err(|_| Err(OpenError::Io))?;
@@ -95,9 +111,15 @@ pub fn with_plaintext<T, E>(
             ReadGuard {
                 message: &mut message,
                 failed: &failed,
+                left: max_plaintext,
             },
         );
         let value = read(&mut reader);
+        if reader.get_ref().left == 0
+            && reader.get_mut().message.read(&mut [0u8; 1]).ok() != Some(0)
+        {
+            return Err(Err(OpenError::TooLarge(max_plaintext)));
+        }
         // Whatever the rows' reader made of it, a failed read of the decrypted stream
         // (a bad tag, a broken compressed stream) is the file's integrity failing.
         if failed.get() {
@@ -108,6 +130,11 @@ pub fn with_plaintext<T, E>(
         // of a file whose tag and signature check out. Told of a tampered file, it
         // would describe plaintext no one has authenticated, an oracle on it.
         std::io::copy(&mut reader, &mut std::io::sink()).map_err(|_| Err(OpenError::Integrity))?;
+        if reader.get_ref().left == 0
+            && reader.get_mut().message.read(&mut [0u8; 1]).ok() != Some(0)
+        {
+            return Err(Err(OpenError::TooLarge(max_plaintext)));
+        }
         value
     };
     if let Some(sender) = sender {
@@ -130,16 +157,27 @@ fn verify(message: &Message<'_>, sender: &SignedPublicKey) -> Result<(), OpenErr
 
 /// Read errors of the decrypting reader (a failed tag among them) carry rPGP's text;
 /// they are mapped to one kind so that nothing of it reaches a caller.
+/// It also ends the plaintext after `left` more bytes (the caller tells a file that
+/// goes on from one that ended exactly there).
 struct ReadGuard<'m, 'a> {
     message: &'m mut Message<'a>,
     failed: &'m std::cell::Cell<bool>,
+    left: u64,
 }
 
 impl Read for ReadGuard<'_, '_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.message.read(buf).map_err(|_| {
+        let room = usize::try_from(self.left)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        if room == 0 {
+            return Ok(0);
+        }
+        let n = self.message.read(&mut buf[..room]).map_err(|_| {
             self.failed.set(true);
             std::io::Error::other("the file's integrity check failed")
-        })
+        })?;
+        self.left -= n as u64;
+        Ok(n)
     }
 }

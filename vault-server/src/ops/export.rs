@@ -771,9 +771,52 @@ mod tests {
             let mut out = Vec::new();
             r.read_to_end(&mut out).map(|_| out)
         };
-        assert!(open::with_plaintext(&path, &[Arc::new(intruder)], None, read_all).is_err());
-        let plain = open::with_plaintext(&path, &[Arc::new(processor)], None, read_all).unwrap();
+        assert!(
+            open::with_plaintext(&path, &[Arc::new(intruder)], None, u64::MAX, read_all).is_err()
+        );
+        let plain =
+            open::with_plaintext(&path, &[Arc::new(processor)], None, u64::MAX, read_all).unwrap();
         assert!(plain.starts_with(b"token,number"));
+    }
+
+    /// A compressed file that inflates past what its rows may fill (a decompression
+    /// bomb) stops its pass at the limit; the same file under a larger limit opens.
+    #[test]
+    fn a_file_that_inflates_past_its_limit_stops_there() {
+        let key = ImportKey::derive(1, &seed(4)).unwrap();
+        let (public, _) = SignedPublicKey::from_string(&key.public_armored().unwrap()).unwrap();
+        let plain = vec![b'\n'; 8 << 20];
+        let mut builder = MessageBuilder::from_reader("", &plain[..])
+            .seipd_v1(RingRng, SymmetricKeyAlgorithm::AES256);
+        builder.compression(CompressionAlgorithm::ZLIB);
+        builder
+            .encrypt_to_key(RingRng, &public.public_subkeys[0].key)
+            .unwrap();
+        let mut sealed = Vec::new();
+        builder.to_writer(RingRng, &mut sealed).unwrap();
+        assert!(
+            sealed.len() < 64 * 1024,
+            "compressed: {} bytes",
+            sealed.len()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("file.pgp");
+        std::fs::write(&path, &sealed).unwrap();
+        let key = Arc::new(key);
+        let read_all = |reader: &mut dyn std::io::BufRead| {
+            std::io::copy(reader, &mut std::io::sink()).map_err(|_| ())
+        };
+        let result = open::with_plaintext(&path, &[Arc::clone(&key)], None, 1 << 20, read_all);
+        assert!(
+            matches!(result, Err(Err(open::OpenError::TooLarge(_)))),
+            "{result:?}"
+        );
+        let result = open::with_plaintext(&path, &[key], None, 8 << 20, read_all);
+        assert_eq!(
+            result.unwrap(),
+            8 << 20,
+            "exactly at the limit is not past it"
+        );
     }
 
     /// A file changed in transit answers "integrity check failed", never what the rows'
@@ -800,7 +843,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("file.pgp");
         std::fs::write(&path, &sealed).unwrap();
-        let result = open::with_plaintext(&path, &[Arc::new(key)], None, |reader| {
+        let result = open::with_plaintext(&path, &[Arc::new(key)], None, u64::MAX, |reader| {
             let mut rows = rows::open(reader, rows::FileFormat::JsonLines, rows::Fields::stripe())?;
             while rows.next_row()?.is_some() {}
             Ok::<u64, rows::FileError>(rows.rows_read())

@@ -73,6 +73,11 @@ pub enum ImportError {
          must approve it (vaultctl import approve)"
     )]
     NotApproved(String),
+    #[error(
+        "from_row {from_row} is past the {done} rows done: a job goes on from a row it \
+         reached (is the mapping file this job's?)"
+    )]
+    Skips { from_row: u64, done: u64 },
     #[error("offset {offset} is past the {received} bytes received; send from {received}")]
     Gap { offset: u64, received: u64 },
     #[error("the file is larger than import.max_file_mb ({max_mb} MiB)")]
@@ -169,6 +174,28 @@ fn sample<'a>(
         .map(|(card, _)| card)
         .collect())
 }
+
+/// What a job did with a row before.
+enum Before {
+    Stored(RowOutcome),
+    /// Stored, and its token deleted or expired since: never stored again.
+    Erased,
+    Never,
+}
+
+/// A row this job stored whose token was deleted since (erased, expired).
+const ERASED: Violation = Violation {
+    field: "token",
+    rule: "deleted",
+    description: "the row was stored, and its token deleted since: it is not stored again",
+};
+
+/// A row a finished job never stored (its entry's time is up): not stored now.
+const ENDED: Violation = Violation {
+    field: "job_id",
+    rule: "finished",
+    description: "the job is finished: no row of it is stored any more",
+};
 
 /// A stored row, for the mapping.
 fn stored(caller: &Caller, token: &Token, metadata: &Metadata) -> RowOutcome {
@@ -313,7 +340,13 @@ impl<S: Store> Importer<S> {
 
     /// Job `id`'s turn: held while one of its calls runs.
     async fn turn(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let job = Arc::clone(lock(&self.busy).entry(id.to_owned()).or_default());
+        let job = {
+            let mut busy = lock(&self.busy);
+            // Locks nobody holds or waits for are dropped, so the map holds only jobs
+            // with a call under way.
+            busy.retain(|_, job| Arc::strong_count(job) > 1);
+            Arc::clone(busy.entry(id.to_owned()).or_default())
+        };
         job.lock_owned().await
     }
 
@@ -438,9 +471,15 @@ impl<S: Store> Importer<S> {
         // The approval is used here, once: claimed for this vault before the job's
         // state exists. A claim whose state was lost (a crash before the save below)
         // is claimed again by this vault, which can only take the approved file.
-        let job = self::job(
-            jobs::claim(&self.records, caller, id, keys_pb::OperationKind::Import).await?,
-        );
+        let claimed =
+            jobs::claim(&self.records, caller, id, keys_pb::OperationKind::Import).await?;
+        // Claimed before by this vault, whose state was lost: any row may be stored
+        // already, so every row is looked up before it is tokenized.
+        let rows_started = match claimed.resumed {
+            true => u64::MAX,
+            false => 0,
+        };
+        let job = self::job(claimed);
         let state = JobState {
             job_id: job.id,
             tenant: job.tenant,
@@ -456,7 +495,7 @@ impl<S: Store> Importer<S> {
             rows_done: 0,
             rows_existing: 0,
             rows_checked: 0,
-            rows_started: 0,
+            rows_started,
             end_recorded: false,
             file_sha256: job.file_sha256,
             sender_key_fingerprint: job.sender_key_fingerprint,
@@ -469,6 +508,9 @@ impl<S: Store> Importer<S> {
 
     /// A piece of the encrypted file; with `last`, the file's check (see the module
     /// doc). Returns the job's state after it.
+    ///
+    /// Like `rows`, it runs to its end under the job's turn even if the caller goes
+    /// away: a retry waits for the check under way instead of starting another.
     pub async fn upload(
         &self,
         caller: &Caller,
@@ -477,7 +519,26 @@ impl<S: Store> Importer<S> {
         data: &[u8],
         last: Option<FileSpec>,
     ) -> Result<JobState, ImportError> {
-        let _turn = self.turn(id).await;
+        check_id(id)?;
+        let turn = self.turn(id).await;
+        let (this, caller, id, data) = (self.clone(), caller.clone(), id.to_owned(), data.to_vec());
+        tokio::spawn(async move {
+            let done = this.upload_in_turn(&caller, &id, offset, &data, last).await;
+            drop(turn);
+            done
+        })
+        .await
+        .map_err(|_| worker_failed())?
+    }
+
+    async fn upload_in_turn(
+        &self,
+        caller: &Caller,
+        id: &str,
+        offset: u64,
+        data: &[u8],
+        last: Option<FileSpec>,
+    ) -> Result<JobState, ImportError> {
         let mut state = self.state(caller, id).await?;
         if state.verified {
             return Ok(state);
@@ -524,8 +585,9 @@ impl<S: Store> Importer<S> {
         }
         let (path, format, fields) = (spool.file(id), spec.format, spec.fields.clone());
         let (limit, expected) = (self.settings.max_cards_per_bucket, state.expected_rows);
+        let limit_bytes = open::plaintext_limit(expected);
         let counted = blocking(move || {
-            open::with_plaintext(&path, &keys, sender.as_ref(), |reader| {
+            open::with_plaintext(&path, &keys, sender.as_ref(), limit_bytes, |reader| {
                 let mut rows = rows::open(reader, format, fields)?;
                 let mut buckets = BucketCounts::new(limit);
                 let mut crowded = None;
@@ -652,6 +714,9 @@ impl<S: Store> Importer<S> {
         let Some(mut state) = spool.load(id)? else {
             return Ok(());
         };
+        if state.tenant != caller.tenant.as_str() {
+            return Err(ImportError::NoJob(id.to_owned()));
+        }
         if state.finished || !state.verified || state.rows_done < state.total_rows {
             return Ok(());
         }
@@ -683,12 +748,7 @@ impl<S: Store> Importer<S> {
             done
         })
         .await
-        .map_err(|_| {
-            VaultError::from(ImportError::Spool(SpoolError::Io {
-                path: "the import's worker".into(),
-                source: std::io::Error::other("the task panicked"),
-            }))
-        })?
+        .map_err(|_| VaultError::from(worker_failed()))?
     }
 
     async fn rows_in_turn(
@@ -705,6 +765,19 @@ impl<S: Store> Importer<S> {
         if from_row >= state.total_rows {
             return Ok(self.done(&state, Vec::new(), state.total_rows));
         }
+        // No row is skipped: a job goes on from a row it reached (a job whose state
+        // was lost and rebuilt trusts the caller's mapping, and looks every row up).
+        if from_row > state.rows_done && state.rows_started != u64::MAX {
+            return Err(ImportError::Skips {
+                from_row,
+                done: state.rows_done,
+            }
+            .into());
+        }
+        // A job at its end stores nothing more: what a later call asks for again is
+        // answered from the rows' entries only (an approval is used once; a row whose
+        // token was erased since is not stored again).
+        let ended = state.end_recorded || state.finished;
         let batch_size = max_rows.clamp(1, self.records.settings().max_batch_size);
         let mut session = match lock(&self.sessions).remove(id) {
             Some(s) if s.next_row == from_row => s,
@@ -734,15 +807,20 @@ impl<S: Store> Importer<S> {
         let mut outcomes: Vec<Option<RowOutcome>> = Vec::with_capacity(rows.len());
         let mut fresh = Vec::new();
         for row in rows {
-            let before = match (&row.card, row.row <= state.rows_started) {
+            let before = match (&row.card, row.row <= state.rows_started || ended) {
                 (Ok(_), true) => self.stored_before(caller, id, row.row).await?,
-                _ => None,
+                _ => Before::Never,
             };
             order.push((row.row, row.source_id));
-            if before.is_none() {
-                fresh.push((row.row, row.card));
-            }
-            outcomes.push(before);
+            outcomes.push(match (before, ended) {
+                (Before::Stored(outcome), _) => Some(outcome),
+                (Before::Erased, _) => Some(RowOutcome::Invalid(ERASED)),
+                (Before::Never, true) if row.card.is_ok() => Some(RowOutcome::Invalid(ENDED)),
+                (Before::Never, _) => {
+                    fresh.push((row.row, row.card));
+                    None
+                }
+            });
         }
         let checked = sample(
             fresh.iter().filter_map(|(_, c)| c.as_ref().ok()),
@@ -824,14 +902,14 @@ impl<S: Store> Importer<S> {
         Ok(self.done(&state, imported, next_row))
     }
 
-    /// The outcome of a row this job stored before, if it did (and the token is still
-    /// there: a token deleted since is made anew).
+    /// Whether this job stored the row before, and its outcome if its token is still
+    /// there.
     async fn stored_before(
         &self,
         caller: &Caller,
         id: &str,
         row: u64,
-    ) -> Result<Option<RowOutcome>, VaultError> {
+    ) -> Result<Before, VaultError> {
         let entry = self
             .records
             .store()
@@ -840,11 +918,13 @@ impl<S: Store> Importer<S> {
             .and_then(|value| intake::Entry::decode(&value))
             .filter(|entry| entry.state == intake::EntryState::Done);
         let Some(token) = entry.and_then(|e| Token::parse(&e.token).ok()) else {
-            return Ok(None);
+            return Ok(Before::Never);
         };
         match self.records.load_verified(caller, &token).await {
-            Ok(record) => Ok(Some(stored(caller, &token, &record.metadata))),
-            Err(VaultError::NotFound | VaultError::Deleted | VaultError::Expired) => Ok(None),
+            Ok(record) => Ok(Before::Stored(stored(caller, &token, &record.metadata))),
+            Err(VaultError::NotFound | VaultError::Deleted | VaultError::Expired) => {
+                Ok(Before::Erased)
+            }
             Err(e) => Err(e),
         }
     }
@@ -934,6 +1014,7 @@ impl<S: Store> Importer<S> {
         };
         let keys = self.records.keys().snapshot().import.all().to_vec();
         let path = self.spool()?.file(&state.job_id);
+        let limit = open::plaintext_limit(state.expected_rows);
         let (tx, rx) = mpsc::channel::<Batch>(1);
         // Whether the session was dropped: checked while skipping rows, which hands
         // nothing over for a long time.
@@ -947,7 +1028,7 @@ impl<S: Store> Importer<S> {
         std::thread::Builder::new()
             .name("import-rows".into())
             .spawn(move || {
-                let result = open::with_plaintext(&path, &keys, sender.as_ref(), |reader| {
+                let result = open::with_plaintext(&path, &keys, sender.as_ref(), limit, |reader| {
                     let mut rows = rows::open(reader, format, fields).map_err(Some)?;
                     while rows.rows_read() < from_row {
                         if rows.rows_read() % 1024 == 0 && gone.is_closed() {
@@ -1060,10 +1141,15 @@ fn job(p: keys_pb::Proposal) -> Job {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ImportError> {
-    tokio::task::spawn_blocking(f).await.map_err(|_| {
-        ImportError::Spool(SpoolError::Io {
-            path: "the import's worker".into(),
-            source: std::io::Error::other("the task panicked"),
-        })
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| worker_failed())
+}
+
+/// A job's task or blocking step panicked.
+fn worker_failed() -> ImportError {
+    ImportError::Spool(SpoolError::Io {
+        path: "the import's worker".into(),
+        source: std::io::Error::other("the task panicked"),
     })
 }
