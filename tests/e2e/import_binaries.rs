@@ -142,9 +142,10 @@ async fn a_vault_killed_mid_import_resumes_exactly_once_and_logs_no_card() {
     let tokens = check_mapping(&mapping, ROWS);
     let keys_config = dir.client_config(ADMIN, keyservice.addr);
     let expected = tokens.len() as u64;
+    let seen = std::sync::atomic::AtomicU64::new(0);
     within(
         Duration::from_secs(30),
-        "the vault's record count",
+        &format!("the vault's record count ({expected} rows tokenized)"),
         || async {
             let mut keys = KeyServiceClient::connect(&keys_config).await.unwrap();
             let listing = keys.list_versions().await.unwrap();
@@ -154,6 +155,9 @@ async fn a_vault_killed_mid_import_resumes_exactly_once_and_logs_no_card() {
                 .filter(|v| v.purpose == "card-data")
                 .map(|v| v.records)
                 .sum();
+            if seen.swap(records, std::sync::atomic::Ordering::Relaxed) != records {
+                println!("records counted: {records} (expected {expected})");
+            }
             (records == expected).then_some(())
         },
     )

@@ -160,22 +160,40 @@ impl Planned<'_> {
             &card_keys,
         ];
         let entry_params: [&(dyn ToSql + Sync); 2] = [&entry_keys, &entry_tokens];
-        if self.entries.is_empty() {
-            client
-                .execute(&statements.insert_records, &record_params)
-                .await?;
-        } else {
-            tokio::try_join!(
-                client.execute(&statements.insert_records, &record_params),
-                client.execute(&statements.put_entries, &entry_params),
-            )?;
-        }
-        // The outcomes that go with stored records, in the same transaction.
+        // The outcomes that go with stored records (sealed answers, import rows), the
+        // last of each key.
+        let mut outcomes: HashMap<&[u8], &[u8]> = HashMap::new();
         for (key, value) in rows.iter().filter_map(|r| r.outcome.as_ref()) {
-            client
-                .execute(&statements.put_outcome, &[key, value])
-                .await?;
+            outcomes.insert(key, value);
         }
+        let (outcome_keys, outcome_values): (Vec<&[u8]>, Vec<&[u8]>) = outcomes.into_iter().unzip();
+        let outcome_params: [&(dyn ToSql + Sync); 2] = [&outcome_keys, &outcome_values];
+        // Every statement is sent at the first poll, so that all of them precede the
+        // COMMIT the caller pipelines after them (`insert_group`): a statement sent
+        // after an await here would run after COMMIT, outside the transaction. (Before,
+        // the outcomes were written one by one after the records, and a vault killed
+        // between them left records without their outcomes.)
+        let entries = async {
+            match self.entries.is_empty() {
+                true => Ok(0),
+                false => client.execute(&statements.put_entries, &entry_params).await,
+            }
+        };
+        let outcomes = async {
+            match outcome_keys.is_empty() {
+                true => Ok(0),
+                false => {
+                    client
+                        .execute(&statements.put_outcomes, &outcome_params)
+                        .await
+                }
+            }
+        };
+        tokio::try_join!(
+            client.execute(&statements.insert_records, &record_params),
+            entries,
+            outcomes,
+        )?;
         Ok(())
     }
 }

@@ -34,6 +34,7 @@ pub(super) struct Statements {
     pub(super) put_entry_if_stale: tokio_postgres::Statement,
     pub(super) put_meta: tokio_postgres::Statement,
     pub(super) put_outcome: tokio_postgres::Statement,
+    pub(super) put_outcomes: tokio_postgres::Statement,
     pub(super) add_outcome: tokio_postgres::Statement,
     pub(super) outcome_for_update: tokio_postgres::Statement,
     pub(super) remove_outcomes: tokio_postgres::Statement,
@@ -142,6 +143,14 @@ impl Statements {
             put_outcome: client
                 .prepare_cached(
                     "INSERT INTO outcomes (key, value) VALUES ($1, $2)
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                )
+                .await?,
+            // Distinct keys only (one statement cannot update a row twice).
+            put_outcomes: client
+                .prepare_cached(
+                    "INSERT INTO outcomes (key, value)
+                     SELECT * FROM unnest($1::bytea[], $2::bytea[])
                      ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 )
                 .await?,
