@@ -316,7 +316,8 @@ fn import_refusal(error: crate::ops::ImportError, request_id: &str) -> Status {
         | E::NotVerified
         | E::FileDigest
         | E::SenderKey(_)
-        | E::NoFileDigest(_) => Status::failed_precondition(message),
+        | E::NoFileDigest(_)
+        | E::Swept(_) => Status::failed_precondition(message),
         E::Audit(e) => e.into_status(request_id),
         E::Gap { .. } | E::Skips { .. } => Status::out_of_range(message),
         E::NoKey => Status::unavailable(message),

@@ -114,6 +114,11 @@ pub(crate) async fn purge_periodically(
                 if let Err(e) = vault.records.purge().await {
                     tracing::error!(error = %e, "purge failed; retried at the next interval");
                 }
+                match vault.importer.sweep().await {
+                    Ok(0) => {}
+                    Ok(removed) => tracing::info!(removed, "files of import jobs ended 7 days ago removed"),
+                    Err(e) => tracing::error!(error = %e, "import spool not swept; retried at the next interval"),
+                }
             }
             _ = &mut stop => return,
         }

@@ -173,6 +173,34 @@ impl Spool {
         Ok(size + data.len() as u64)
     }
 
+    /// Removes the files of jobs whose end was recorded before `ended_before` (their
+    /// state's last save): a finished job answers from its rows' entries only, which
+    /// are kept no longer, and its file holds cards the import key still opens.
+    /// Returns how many were removed.
+    pub fn sweep(&self, ended_before: std::time::SystemTime) -> Result<usize, SpoolError> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io(&self.dir)(e)),
+        };
+        let mut removed = 0;
+        for entry in entries {
+            let name = entry.map_err(io(&self.dir))?.file_name();
+            let Some(id) = name.to_str().filter(|id| valid_job_id(id)) else {
+                continue;
+            };
+            let saved_at = std::fs::metadata(self.job_dir(id).join("state.json"))
+                .and_then(|m| m.modified())
+                .ok();
+            let ended = matches!(self.load(id), Ok(Some(state)) if state.end_recorded);
+            if ended && saved_at.is_some_and(|at| at < ended_before) && self.file(id).exists() {
+                self.discard_file(id)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Removes the job's file (a file that failed its check: nothing of it is kept).
     pub fn discard_file(&self, id: &str) -> Result<(), SpoolError> {
         let path = self.file(id);
@@ -248,6 +276,21 @@ mod tests {
         assert_eq!(mode(&spool.job_dir(id)), 0o700);
         assert_eq!(mode(&spool.file(id)), 0o600);
         assert_eq!(mode(&spool.job_dir(id).join("state.json")), 0o600);
+
+        // The sweep removes the file of a job that ended before the time given only.
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(60);
+        assert_eq!(spool.sweep(later).unwrap(), 0, "not ended");
+        let ended = JobState {
+            end_recorded: true,
+            ..spool.load(id).unwrap().unwrap()
+        };
+        spool.save(&ended).unwrap();
+        let earlier = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        assert_eq!(spool.sweep(earlier).unwrap(), 0, "ended after");
+        assert!(spool.file(id).exists());
+        assert_eq!(spool.sweep(later).unwrap(), 1);
+        assert!(!spool.file(id).exists());
+        assert_eq!(spool.load(id).unwrap(), Some(ended), "the state stays");
         assert_eq!(spool.load("p-000000000002").unwrap(), None);
     }
 }

@@ -97,6 +97,11 @@ pub enum ImportError {
          file made to guess a card number"
     )]
     Crowded { limit: u16 },
+    #[error(
+        "job {0} is finished, and its file was removed 7 days after its end (with its rows' \
+         entries): there is nothing more to read"
+    )]
+    Swept(String),
     #[error("the file has not passed its check: send it, with its last piece marked last")]
     NotVerified,
     #[error(
@@ -352,6 +357,17 @@ impl<S: Store> Importer<S> {
 
     fn spool(&self) -> Result<&Spool, ImportError> {
         self.spool.as_ref().ok_or(ImportError::NotConfigured)
+    }
+
+    /// Removes the spooled files of jobs that ended longer ago than their rows'
+    /// entries are kept (see `Spool::sweep`). Run by the purge.
+    pub async fn sweep(&self) -> Result<usize, ImportError> {
+        let Some(spool) = self.spool.clone() else {
+            return Ok(0);
+        };
+        let before =
+            std::time::SystemTime::now() - Duration::from_millis(ROW_ENTRY_KEEP_MS.unsigned_abs());
+        Ok(blocking(move || spool.sweep(before)).await??)
     }
 
     /// The active import key, for the sending party.
@@ -778,6 +794,9 @@ impl<S: Store> Importer<S> {
         // answered from the rows' entries only (an approval is used once; a row whose
         // token was erased since is not stored again).
         let ended = state.end_recorded || state.finished;
+        if ended && !self.spool()?.file(id).exists() {
+            return Err(ImportError::Swept(id.to_owned()).into());
+        }
         let batch_size = max_rows.clamp(1, self.records.settings().max_batch_size);
         let mut session = match lock(&self.sessions).remove(id) {
             Some(s) if s.next_row == from_row => s,
