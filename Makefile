@@ -3,6 +3,9 @@
 #   make demo-checkout  the dev stack and the sealed intake checkout demo (a merchant page)
 #   make test   every test (the end-to-end ones on RocksDB, then again on PostgreSQL)
 #   make test-postgres  only the end-to-end tests, with the vault on PostgreSQL
+#   make compliance   docs/compliance.md's rows checked against the tests' results
+#                     (those of the last `make test`); writes target/compliance/report.md
+#   make compliance-update  the same, and refreshes docs/compliance-report.md
 #   make crash-test   the long crash test (kill -9 under load, CRASH_CYCLES cycles)
 #   make fuzz         every fuzz target for FUZZ_SECS seconds
 #   make rewrap-bench the rewrap rate on REWRAP_RECORDS records (release build)
@@ -26,7 +29,7 @@ export ROCKSDB_STATIC := 1
 # in a virtualenv made by scripts/install-deps.sh; never ~/.local or a pyenv shim.
 export TOKENVAULT_VENV ?= $(CACHE_DIR)/venv
 
-.PHONY: run demo-checkout test test-postgres crash-test bench import-bench h2load-check rewrap-bench audit-bench fuzz fresh-check build build-release lint deps rocksdb
+.PHONY: run demo-checkout test test-workspace test-postgres compliance compliance-update crash-test bench import-bench h2load-check rewrap-bench audit-bench fuzz fresh-check build build-release lint deps rocksdb
 
 # The devstack binary that `build` made, beside the servers it starts: `cargo run -p
 # devstack` would resolve features for devstack alone and rebuild about 20 crates first
@@ -43,14 +46,43 @@ demo-checkout: build
 
 test: build
 	cd clients/web && npm test --silent
-	cargo test --locked --workspace
+	$(MAKE) --no-print-directory test-workspace
 	$(MAKE) --no-print-directory test-postgres
+
+# Each cargo test phase of `make test` keeps its output in COMPLIANCE_DIR/<phase>.log,
+# stamped with the tree it ran on, and a test that skips itself leaves a marker in
+# COMPLIANCE_DIR/skips/<phase> (integration_tests::skipped): `make compliance` reads
+# them instead of running the suite again.
+COMPLIANCE_DIR ?= target/compliance
+COMPLIANCE := /usr/bin/python3 scripts/compliance.py --dir $(COMPLIANCE_DIR)
+define test-phase
+	@$(COMPLIANCE) begin $(1)
+	set -o pipefail; TOKENVAULT_TEST_SKIP_DIR="$(abspath $(COMPLIANCE_DIR))/skips/$(1)" \
+	  $(2) 2>&1 | tee "$(COMPLIANCE_DIR)/$(1).log"
+	@$(COMPLIANCE) end $(1)
+endef
+
+# The unit tests of every crate, and the end-to-end tests on RocksDB.
+test-workspace: build
+	$(call test-phase,workspace,cargo test --locked --workspace)
 
 # Every end-to-end test again with the vault on PostgreSQL (a throwaway cluster per
 # stack) instead of RocksDB; tests about RocksDB's own files, backups and disk say
 # they are skipped. About 90 s on 2 cores; part of `make test`.
 test-postgres: build
-	TOKENVAULT_TEST_STORAGE=postgres cargo test --locked -p integration-tests --test e2e
+	$(call test-phase,postgres,TOKENVAULT_TEST_STORAGE=postgres cargo test --locked -p integration-tests --test e2e)
+
+# The control matrix (docs/compliance.md) against the tests' results: every automated
+# row's tests must exist, have run on the engines the row names, and passed without
+# skipping themselves. Reuses the logs of the last `make test` of this same tree (runs
+# a phase whose log is missing or from another tree first) and runs the `#[ignore]`d
+# tests the matrix names. Writes $(COMPLIANCE_DIR)/report.md; fails on any failed row.
+compliance: rocksdb
+	$(COMPLIANCE) report
+
+# The same, and the committed copy of the report (docs/compliance-report.md) refreshed.
+compliance-update: rocksdb
+	$(COMPLIANCE) report --update docs/compliance-report.md
 
 # kill -9 the vault (and now and then the keyservice) under concurrent load,
 # CRASH_CYCLES times (default 50); every acknowledged token must survive.

@@ -14,7 +14,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use integration_tests::{binary, on_postgres, python_tool};
+use integration_tests::{binary, python_tool};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -168,10 +168,7 @@ fn vaultctl(config: &Path, args: &[&str], stdin: &str) -> (bool, String, String)
 
 /// The dev stack runs on RocksDB whatever the suite's storage: once is enough.
 fn skip_on_postgres() -> bool {
-    if on_postgres() {
-        println!("skipped on PostgreSQL: the dev stack runs on RocksDB; the RocksDB run covers it");
-    }
-    on_postgres()
+    integration_tests::rocksdb_only("the dev stack runs on RocksDB; the RocksDB run covers it")
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -371,6 +371,35 @@ mod tests {
         (cvcs, token)
     }
 
+    /// PCI DSS 3.3.2: a CVC held before authorization (between Tokenize and the
+    /// forward) is encrypted with strong cryptography (AES-256-GCM under the `cvc` key)
+    /// and bound to its token. The attack: read the code from the vault's memory (a core
+    /// dump, swap, a debugger), or move a held CVC under another token. What the store
+    /// holds has none of the code's digits, opens only for its own token, and is exactly
+    /// the sealed form `seal` made.
+    #[test]
+    fn a_held_cvc_is_ciphertext_bound_to_its_token() {
+        let key = envelope::SecretKey::generate().unwrap();
+        let token = Token::generate().unwrap();
+        let code = Cvc::parse("7373").unwrap().unwrap();
+        let sealed = seal(1, &key, &token, &code).unwrap();
+        let ciphertext = sealed.ciphertext.clone();
+        assert!(
+            !ciphertext.windows(4).any(|w| w == b"7373"),
+            "the code in clear"
+        );
+        let opened = envelope::open(&key, &sealed.nonce, &aad(&token), &ciphertext).unwrap();
+        assert_eq!(opened.as_slice(), b"7373");
+        let other = Token::generate().unwrap();
+        assert!(envelope::open(&key, &sealed.nonce, &aad(&other), &ciphertext).is_err());
+
+        let cvcs = CvcStore::new(Duration::from_secs(60), LIMITS);
+        let slot = cvcs.reserve("acme").unwrap();
+        cvcs.put(slot, &token, sealed, "checkout");
+        let entries = cvcs.entries();
+        assert_eq!(entries.by_token.get(&token).unwrap().ciphertext, ciphertext);
+    }
+
     #[test]
     fn the_store_is_bounded_per_tenant_and_in_all_and_slots_are_freed() {
         let cvcs = CvcStore::new(Duration::from_secs(60), LIMITS);

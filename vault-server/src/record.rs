@@ -459,6 +459,34 @@ mod tests {
         );
     }
 
+    /// PCI DSS 3.5.1.1: the only hash of a card number the vault keeps is keyed
+    /// (HMAC-SHA256 under the `fingerprint` key) and separated per tenant. The attack: with
+    /// the database alone, hash every candidate number (10^5 for a known first six and last
+    /// four) and compare, or match one tenant's cards against another's. A plain SHA-256
+    /// of the number, or the same value in two tenants or under another key, fails.
+    #[test]
+    fn fingerprints_are_keyed_and_per_tenant_never_a_plain_hash() {
+        let pan = Pan::parse("4242424242424242").unwrap();
+        let (key, other_key) = (
+            SecretKey::generate().unwrap(),
+            SecretKey::generate().unwrap(),
+        );
+        let acme = Tenant::parse("acme").unwrap();
+        let value = fingerprint(&key, &acme, &pan);
+        assert_eq!(
+            value,
+            fingerprint(&key, &acme, &pan),
+            "stable for duplicate detection"
+        );
+        for plain in [&b"4242424242424242"[..], b"acme4242424242424242"] {
+            let digest = ring::digest::digest(&ring::digest::SHA256, plain);
+            assert_ne!(&value[..], digest.as_ref(), "a plain hash of the number");
+        }
+        assert_ne!(value, fingerprint(&other_key, &acme, &pan), "not keyed");
+        let globex = Tenant::parse("globex").unwrap();
+        assert_ne!(value, fingerprint(&key, &globex, &pan), "not per tenant");
+    }
+
     #[test]
     fn edited_metadata_fails() {
         let key = SecretKey::generate().unwrap();
