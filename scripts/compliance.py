@@ -23,6 +23,10 @@ both -> both. Other binaries run in the workspace phase whatever their engine.
 
 Standard library only, run by Debian's /usr/bin/python3 (which `make deps` installs).
 
+It also checks that each named test's doc comment names the rows it proves
+(`Control: PCI-3.5.1, GDPR-25 (docs/compliance.md).`) and states the attack it
+tries (`Attack: ...`, or an existing sentence saying what the attack is).
+
 Usage: compliance.py [--dir DIR] begin PHASE | end PHASE | report [--update FILE]
                                  | check-matrix
 """
@@ -177,6 +181,89 @@ def parse_matrix(path=MATRIX):
     if not rows:
         raise MatrixError(f"{path.name}: no rows between the matrix markers")
     return rows
+
+
+def crate_dirs():
+    """Library name (as libtest binaries are named) -> the crate's directory."""
+    dirs = {}
+    for manifest in sorted(ROOT.glob("**/Cargo.toml")):
+        if "target" in manifest.relative_to(ROOT).parts or manifest.parent == ROOT:
+            continue
+        text = manifest.read_text()
+        package = re.search(r'(?ms)^\[package\].*?^name = "([^"]+)"', text)
+        lib = re.search(r'(?ms)^\[lib\].*?^name = "([^"]+)"', text)
+        if package:
+            name = (lib.group(1) if lib else package.group(1)).replace("-", "_")
+            dirs.setdefault(name, manifest.parent)
+    return dirs
+
+
+def test_source(binary, test, dirs):
+    """(file, line index of `fn NAME(`) of a referenced test, or None."""
+    *modules, name = test.split("::")
+    if binary == E2E:
+        candidates = [ROOT / "tests" / "e2e" / f"{modules[0]}.rs"] if modules else []
+    elif binary in dirs:
+        candidates = sorted((dirs[binary] / "src").glob("**/*.rs"))
+    else:
+        return None
+    pattern = re.compile(r"^\s*(?:pub )?(?:async )?fn " + re.escape(name) + r"\b")
+    found = []
+    for path in candidates:
+        if not path.exists():
+            continue
+        lines = path.read_text().splitlines()
+        for index, line in enumerate(lines):
+            if pattern.match(line):
+                found.append((path, index, lines))
+    if len(found) > 1:
+        # Prefer the file whose path spells the module path.
+        parts = [m for m in modules if m not in ("tests",)]
+        found.sort(key=lambda f: -sum(part in f[0].parts or f[0].stem == part for part in parts))
+    return found[0] if found else None
+
+
+def doc_comment(lines, index):
+    """The `///` lines above line `index`, across attributes."""
+    docs, i = [], index - 1
+    while i >= 0:
+        stripped = lines[i].strip()
+        if stripped.startswith("///"):
+            docs.insert(0, stripped[3:].strip())
+        elif not stripped.startswith("#[") and not stripped.startswith("//"):
+            break
+        i -= 1
+    return " ".join(docs)
+
+
+def check_doc_comments(rows):
+    """Each named test's doc comment says which rows it proves (`Control: ID, ...`)
+    and what attack it tries: the matrix and the tests cannot drift apart."""
+    by_test = {}
+    for row in rows:
+        for binary, test, _ in row["refs"]:
+            by_test.setdefault((binary, test), set()).add(row["id"])
+    dirs, problems = crate_dirs(), []
+    for (binary, test), ids in sorted(by_test.items()):
+        source = test_source(binary, test, dirs)
+        if source is None:
+            problems.append(f"{binary}::{test}: no source found for it")
+            continue
+        path, index, lines = source
+        doc = doc_comment(lines, index)
+        where = f"{path.relative_to(ROOT)}:{index + 1}"
+        control = re.search(r"Control: ([A-Za-z0-9., -]+?) \(docs/compliance\.md\)", doc)
+        named = set(re.findall(r"[A-Z][A-Za-z0-9.-]*[A-Za-z0-9]", control.group(1))) if control else set()
+        if not control:
+            problems.append(f"{where} {test}: its doc comment has no `Control: ID, ... (docs/compliance.md)`")
+        elif named != ids:
+            problems.append(
+                f"{where} {test}: doc says Control: {', '.join(sorted(named))}; "
+                f"the matrix has {', '.join(sorted(ids))}"
+            )
+        if "attack" not in doc.lower():
+            problems.append(f"{where} {test}: its doc comment states no attack")
+    return problems
 
 
 def phases_of(binary, engine):
@@ -389,7 +476,7 @@ def report(directory, update):
         for binary, tests in sorted(wanted.items()):
             run_ignored(directory, phases[name], binary, sorted(tests))
 
-    problems = []
+    problems = check_doc_comments(rows)
     for name in needed:
         for marker in phases[name].skip_markers():
             if marker.startswith("unnamed-"):
@@ -472,7 +559,11 @@ def main():
             end(directory, args.phase)
         elif args.command == "check-matrix":
             rows = parse_matrix()
+            problems = check_doc_comments(rows)
+            for problem in problems:
+                print(f"compliance: {problem}", file=sys.stderr)
             print(f"compliance: {len(rows)} rows, {sum(len(r['refs']) for r in rows)} test references")
+            return 1 if problems else 0
         else:
             return report(directory, args.update)
     except MatrixError as error:

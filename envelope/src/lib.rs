@@ -220,6 +220,9 @@ mod tests {
 
     /// Values drawn across many refills of the pool, of odd sizes that straddle its
     /// end, and a request too large for it: all different, none left zero.
+    ///
+    /// Control: NIST-800-38D-8.2 (docs/compliance.md).
+    /// Attack: a nonce repeats when the random pool refills; none does.
     #[test]
     fn unique_values_do_not_repeat_across_pool_refills() {
         let mut seen = std::collections::HashSet::new();
@@ -234,6 +237,8 @@ mod tests {
         assert!(large.iter().filter(|b| **b == 0).count() < 64);
     }
 
+    /// Control: PCI-3.6.1 (docs/compliance.md).
+    /// Attack: get key bytes into a log through a `{:?}`; the key type prints none.
     #[test]
     fn debug_never_prints_key_bytes() {
         let key = SecretKey::from_slice(&[0x41; KEY_LEN]).unwrap();
@@ -241,6 +246,8 @@ mod tests {
         assert_eq!(printed, "SecretKey([REDACTED]) SecretKey([REDACTED])");
     }
 
+    /// Control: PCI-3.7.1 (docs/compliance.md).
+    /// Attack: use a short or truncated key as an AES-256 key; it is refused.
     #[test]
     fn wrong_key_length_is_refused() {
         assert!(matches!(
@@ -249,6 +256,9 @@ mod tests {
         ));
     }
 
+    /// Control: PCI-3.7.1, NIST-800-38D-8.2 (docs/compliance.md).
+    /// Attack: make two encryptions share a nonce under one key (which breaks GCM); nonces
+    /// never repeat.
     #[test]
     fn nonces_are_fresh() {
         let key = key();
@@ -288,6 +298,9 @@ mod tests {
             prop_assert_eq!(opened.as_slice(), plaintext.as_slice());
         }
 
+        /// Control: PCI-3.5.1 (docs/compliance.md).
+        /// Attack: flip any bit of a sealed record (ciphertext, nonce or tag) to make it
+        /// decrypt as something else; it fails to open.
         #[test]
         fn any_bit_flip_fails(plaintext in proptest::collection::vec(any::<u8>(), 1..256),
                               bit in any::<usize>(), target in 0usize..3) {

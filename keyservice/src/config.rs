@@ -252,6 +252,9 @@ impl Settings {
 mod tests {
     use super::*;
 
+    /// Control: NIST-800-57 (docs/compliance.md).
+    /// Attack: a shipped reference config whose cryptoperiod setting is silently ignored;
+    /// it parses with rotate_after_days = 365.
     #[test]
     fn the_reference_config_parses_with_its_lifecycle_settings() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/keyservice.toml");
@@ -310,6 +313,9 @@ vault_identities = ["spiffe://test/vault"]
         assert!(Settings::load(&path).is_err(), "unknown keys are errors");
     }
 
+    /// Control: NIST-800-38D-8.3 (docs/compliance.md).
+    /// Attack: configure a lease budget above 2^32 encryptions per key; the config is
+    /// refused.
     #[test]
     fn a_budget_above_the_gcm_limit_is_refused() {
         let dir = tempfile::tempdir().unwrap();

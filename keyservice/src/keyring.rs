@@ -637,6 +637,8 @@ mod tests {
         assert_eq!(job.claim_by_unix_ms, 0);
     }
 
+    /// Control: PCI-3.6.1, PCI-3.7.3 (docs/compliance.md).
+    /// Attack: read key material from the keyring file on disk; no key's bytes are in it.
     #[test]
     fn sealed_keyring_round_trips_and_hides_material() {
         let dir = tempfile::tempdir().unwrap();
@@ -672,6 +674,9 @@ mod tests {
         ));
     }
 
+    /// Control: PCI-3.6.1.2, PCI-3.7.7 (docs/compliance.md).
+    /// Attack: open the keyring with another root key, or edit or substitute the file; both
+    /// fail integrity.
     #[test]
     fn wrong_root_key_or_edit_is_an_integrity_error() {
         let dir = tempfile::tempdir().unwrap();
@@ -698,6 +703,8 @@ mod tests {
         ));
     }
 
+    /// Control: PCI-3.6.1.2 (docs/compliance.md).
+    /// Attack: start the keyservice with a malformed or short root key; refused.
     #[test]
     fn root_key_file_must_be_hex() {
         let dir = tempfile::tempdir().unwrap();

@@ -574,6 +574,40 @@ mod tests {
         }
     }
 
+    /// PCI DSS 3.7.1: every key version is a fresh 256-bit key from the CSPRNG. The
+    /// attack it stands against: a rotation that reuses, derives or zeroes material (a
+    /// "new" version an attacker holding the old one can already use). Every version of
+    /// every purpose, after rotations, is 32 bytes, non-zero and distinct from all others.
+    ///
+    /// Control: PCI-3.7.1 (docs/compliance.md).
+    #[test]
+    fn every_key_version_is_fresh_256_bit_material() {
+        let mut ring = Keyring::generate(0).unwrap();
+        for purpose in Purpose::ALL {
+            for n in 0..3 {
+                ring.rotate(purpose, n).unwrap();
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for v in &ring.versions {
+            let material = v.material.as_ref().unwrap().expose_secret();
+            assert_eq!(material.len(), 32, "{:?} v{}", v.purpose, v.version);
+            assert!(
+                material.iter().any(|&b| b != 0),
+                "{:?} v{}",
+                v.purpose,
+                v.version
+            );
+            assert!(
+                seen.insert(material.to_vec()),
+                "{:?} v{} repeats",
+                v.purpose,
+                v.version
+            );
+        }
+        assert_eq!(seen.len(), Purpose::ALL.len() * 4);
+    }
+
     #[test]
     fn rotation_keeps_exactly_one_active_version() {
         let mut ring = Keyring::generate(0).unwrap();
@@ -596,6 +630,9 @@ mod tests {
         assert_eq!(ring.active(Purpose::Fingerprint).unwrap().version, 1);
     }
 
+    /// Control: NIST-800-38D-8.3 (docs/compliance.md).
+    /// Attack: lease the same encryption budget to two vaults, or past the key's limit;
+    /// never, and the key rotates when spent.
     #[test]
     fn budget_is_never_leased_twice_and_rotates_when_spent() {
         let mut ring = Keyring::generate(0).unwrap();
@@ -628,6 +665,9 @@ mod tests {
         ));
     }
 
+    /// Control: PCI-3.7.5 (docs/compliance.md).
+    /// Attack: skip a state (destroy an active key, bring a destroyed one back); the state
+    /// rules refuse it.
     #[test]
     fn retire_destroy_and_unretire_follow_the_state_rules() {
         let mut ring = Keyring::generate(0).unwrap();
@@ -660,6 +700,9 @@ mod tests {
         ));
     }
 
+    /// Control: PCI-3.7.6 (docs/compliance.md).
+    /// Attack: an admin approves their own proposal, approves too late, or reuses an
+    /// approval; each refused.
     #[test]
     fn approvals_need_another_admin_in_time_and_only_once() {
         let mut ring = Keyring::generate(0).unwrap();
@@ -859,6 +902,8 @@ mod tests {
         );
     }
 
+    /// Control: PCI-3.7.4, NIST-800-57 (docs/compliance.md).
+    /// Attack: keep a key active past its cryptoperiod; it is due for rotation at its age.
     #[test]
     fn scheduled_rotation_is_due_by_age_of_the_active_version() {
         let mut ring = Keyring::generate(0).unwrap();

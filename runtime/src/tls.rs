@@ -227,6 +227,9 @@ pub fn configured_identity(entry: &str) -> Result<String, String> {
 mod identity_tests {
     use super::*;
 
+    /// Control: PCI-8.2.1 (docs/compliance.md).
+    /// Attack: a certificate whose CN reads like a URI identity is taken for it; identities
+    /// are typed and never compared across types.
     #[test]
     fn configured_identities_are_typed_and_a_cn_never_reads_as_a_uri() {
         let uri = "spiffe://payments.example/checkout";

@@ -3,6 +3,10 @@ use tonic::Code;
 use vault_client::{Card, VaultClient};
 use vault_proto::keys::v1 as keys_pb;
 
+/// Control: PCI-3.7.7, PCI-4.2.1, PCI-8.3.1, PCI-8.3.2 (docs/compliance.md).
+/// Attack: a client with a certificate from a CA the vault does not trust (self-made, or
+/// another environment's) calls the vault and the keyservice; the handshake is refused and
+/// nothing is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_from_another_ca_is_refused() {
     let stack = Stack::start().await;
@@ -39,6 +43,9 @@ async fn a_certificate_from_another_ca_is_refused() {
     stack.stop().await;
 }
 
+/// Control: PCI-7.2.1, GDPR-25 (docs/compliance.md).
+/// Attack: identities call RPCs they were not granted (a reader deleting, an unlisted
+/// certificate tokenizing); every call outside the grant is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permissions_are_enforced_deny_by_default() {
     let stack = Stack::start().await;
@@ -79,6 +86,10 @@ async fn permissions_are_enforced_deny_by_default() {
     stack.stop().await;
 }
 
+/// Control: PCI-7.2.2 (docs/compliance.md).
+/// Attack: a service of one tenant looks up, deletes or forwards a token of another tenant
+/// it learned; it gets NOT_FOUND, exactly as for an unknown token, so it cannot even tell
+/// the token exists.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_cannot_see_another_tenants_token() {
     let stack = Stack::start().await;
@@ -123,6 +134,9 @@ async fn a_tenant_cannot_see_another_tenants_token() {
     stack.stop().await;
 }
 
+/// Control: PCI-3.6.1, PCI-3.7.2, PCI-7.2.5 (docs/compliance.md).
+/// Attack: admins, services and strangers ask the keyservice for key material; only the
+/// vault identity gets any, and admins see versions, never material.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_keyservice_serves_material_to_the_vault_identity_only() {
     let stack = Stack::start().await;
@@ -186,6 +200,8 @@ async fn the_keyservice_serves_material_to_the_vault_identity_only() {
 /// admin's) SPIFFE id, signed by the trusted CA (standing in for an internal CA that lets
 /// a requester pick the CN). Its identity is `cn:spiffe://...`, which no list names: no
 /// key material, no admin rights, no card data. A CN-typed policy entry does name it.
+///
+/// Control: PCI-3.7.2, PCI-7.2.5, PCI-8.2.1 (docs/compliance.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cn_that_reads_like_a_spiffe_id_gets_nothing() {
     let mut stack = Stack::start().await;

@@ -32,6 +32,11 @@ async fn verify(stack: &Stack) -> pb::VerifyAuditResponse {
         .into_inner()
 }
 
+/// Control: PCI-8.2.1, PCI-10.2.1, PCI-10.2.1.1, PCI-10.2.1.3, PCI-10.2.1.4, PCI-10.2.2 (docs/compliance.md).
+/// Attack: a session of reads, forwards, a refused delete and another tenant's lookup,
+/// including a card number sent where a token belongs; every call must appear with actor,
+/// peer, time, outcome and request id, the log must read the card nowhere, and reading the
+/// log is itself an event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_scripted_scenario_leaves_the_expected_events_and_no_card_data() {
     let stack = Stack::start().await;
@@ -194,6 +199,9 @@ fn key(sequence: u64) -> [u8; 8] {
     sequence.to_be_bytes()
 }
 
+/// Control: PCI-10.3.2 (docs/compliance.md).
+/// Attack: someone with the disk edits, removes, inserts or reorders audit entries (with
+/// the anchor moved to match); `audit verify` names the first bad entry each time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn verify_finds_an_edited_removed_inserted_or_reordered_entry() {
     if integration_tests::rocksdb_only("it edits the RocksDB audit log") {
@@ -346,6 +354,9 @@ async fn verify_finds_an_edited_removed_inserted_or_reordered_entry() {
     stack.stop().await;
 }
 
+/// Control: PCI-10.3.4 (docs/compliance.md).
+/// Attack: rotate the audit key hoping older entries become unverifiable (and so quietly
+/// editable); they still verify under their own version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn old_entries_stay_verifiable_after_the_audit_key_rotates() {
     let stack = Stack::start().await;
@@ -431,6 +442,10 @@ async fn audit_cost() {
 
 /// A caller that gives up mid-forward (its deadline passes while the processor is
 /// slow): the card left the vault, and the log says so.
+///
+/// Control: PCI-10.2.1.1 (docs/compliance.md).
+/// Attack: a caller cancels its forward while the processor is slow, hoping the card leaves
+/// unrecorded; the log has the intent and the outcome.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_forward_the_caller_abandons_is_still_audited() {
     let stack = Stack::start().await;
@@ -553,6 +568,8 @@ fn fault(report: &pb::VerifyAuditResponse) -> (bool, u64, &str) {
 /// verify` said "intact". Now the checkpoint at the keyservice says entries were
 /// written: every verify after reports them removed, and new events never fill the
 /// gap.
+///
+/// Control: PCI-10.2.1.6 (docs/compliance.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_audit_log_deleted_whole_is_reported_on_every_verify_after() {
     if integration_tests::rocksdb_only("it deletes the RocksDB audit log") {
@@ -626,6 +643,8 @@ async fn an_audit_log_deleted_whole_is_reported_on_every_verify_after() {
 /// The attack: copy the vault's data directory (data and audit log in one database) aside, make more
 /// calls, stop the vault, put the older copy back, start it. Everything on the host is
 /// consistent; only the checkpoint at the keyservice shows what was cut.
+///
+/// Control: PCI-10.3.4 (docs/compliance.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_data_directory_restored_from_an_older_copy_is_reported() {
     if integration_tests::rocksdb_only("it copies the RocksDB directories") {
@@ -666,6 +685,10 @@ async fn a_data_directory_restored_from_an_older_copy_is_reported() {
 }
 
 /// The head in the data directory rewritten by hand: a forged anchor is reported.
+///
+/// Control: PCI-10.3.4 (docs/compliance.md).
+/// Attack: someone with the disk rewrites the log's anchor (its last sequence and chain
+/// value) to hide a cut; the forged anchor fails its MAC and is reported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rewritten_head_is_reported() {
     if integration_tests::rocksdb_only("it edits the RocksDB data directory") {
@@ -704,6 +727,10 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 
 /// A vault that stops sends its last head as it goes, so the entries of its last second
 /// cannot be cut unseen while it is down (its periodic reports come once a second).
+///
+/// Control: PCI-10.2.1.6 (docs/compliance.md).
+/// Attack: cut the entries of a vault's last second while it is stopped, before its
+/// periodic report; the head it sends as it stops still exposes the cut.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stopping_vault_leaves_its_last_head_at_the_keyservice() {
     let mut stack = Stack::start().await;
@@ -737,6 +764,8 @@ async fn a_stopping_vault_leaves_its_last_head_at_the_keyservice() {
 /// node. Its identity still has one: the empty log goes on after it, and card data is
 /// refused until two admins acknowledge the gap (as for a new vault added under an
 /// identity that already has one).
+///
+/// Control: PCI-10.2.1.6 (docs/compliance.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_wiped_vault_under_a_new_node_name_is_refused_until_acknowledged() {
     if integration_tests::rocksdb_only("it wipes the RocksDB data directory") {

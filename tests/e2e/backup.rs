@@ -9,6 +9,9 @@ use integration_tests::{ADMIN, OTHER_TENANT, Stack, synthetic_pan};
 use tonic::Code;
 use vault_client::Card;
 
+/// Control: GDPR-17, GDPR-32 (docs/compliance.md).
+/// Attack: restore a backup taken before some cards were erased, to bring them back; the
+/// restored vault erases them again before it serves, and every other token answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_under_load_verifies_and_restores() {
     if integration_tests::rocksdb_only("vault backups are RocksDB checkpoints") {

@@ -54,6 +54,10 @@ async fn raw_tokenize(
         .map(tonic::Response::into_inner)
 }
 
+/// Control: PCI-6.2.4 (docs/compliance.md).
+/// Attack: messages sent past the client library with missing fields, non-UTF-8 strings,
+/// overflowing integers, 10 MiB bodies, huge and malformed tokens; each gets a precise
+/// status and the vault keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_messages_get_precise_statuses() {
     let stack = Stack::start().await;

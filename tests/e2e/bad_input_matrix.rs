@@ -1196,6 +1196,9 @@ struct DuplicatePans {
     batch_twice: String,
 }
 
+/// Control: PCI-6.2.4 (docs/compliance.md).
+/// Attack: a new RPC added without bad-input cases would be an untested entry point; this
+/// fails until it has them.
 #[test]
 fn every_rpc_is_in_the_matrix() {
     let proto = std::fs::read_to_string(concat!(
@@ -1225,6 +1228,9 @@ fn echoes(message: &str) -> bool {
         || message.contains("escape")
 }
 
+/// Control: PCI-6.2.4 (docs/compliance.md).
+/// Attack: every RPC is sent each kind of bad field its messages can carry; each is refused
+/// with a precise code naming the field, and the vault keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_matrix_every_rpc() {
     if integration_tests::rocksdb_only("its CreateBackup rows expect RocksDB backups") {

@@ -108,6 +108,9 @@ async fn card_shaped_tokens_work_wherever_a_token_does() {
     stack.stop().await;
 }
 
+/// Control: TOK-DISTINGUISH (docs/compliance.md).
+/// Attack: a caller sends a real card number where a token belongs (by mistake or to
+/// probe); it is refused as no token and the number is echoed nowhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_card_number_sent_as_a_token_is_refused_and_never_echoed() {
     let stack = stack().await;

@@ -270,6 +270,9 @@ async fn drive(
     }
 }
 
+/// Control: GDPR-32 (docs/compliance.md).
+/// Attack: kill -9 the vault (and the keyservice) under concurrent load; every token
+/// acknowledged before the kill must still forward after the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_tokens_survive_kill_9_short() {
     crash_cycles(5).await;

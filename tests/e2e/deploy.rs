@@ -122,6 +122,10 @@ fn may_lock_memory() -> bool {
 /// card data never reach swap: `VmLck` in /proc/<pid>/status counts the locked
 /// mappings (all of their address space: pages lock as they are first touched), and
 /// `Locked` in smaps_rollup shows that the resident pages are locked.
+///
+/// Control: PCI-3.6.1 (docs/compliance.md).
+/// Attack: read key material from a core dump or from swap; the servers disable core dumps
+/// and lock their memory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_servers_cannot_dump_core_and_lock_their_memory() {
     let dir = StackDir::new();

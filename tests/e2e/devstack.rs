@@ -171,6 +171,9 @@ fn skip_on_postgres() -> bool {
     integration_tests::rocksdb_only("the dev stack runs on RocksDB; the RocksDB run covers it")
 }
 
+/// Control: PCI-10.3.1 (docs/compliance.md).
+/// Attack: an identity without `audit` (a service, an admin of keys) reads the audit log;
+/// only the auditor identity can.
 #[tokio::test(flavor = "multi_thread")]
 async fn readme_audit_commands_work_for_the_dev_auditor_and_nothing_else() {
     if skip_on_postgres() {

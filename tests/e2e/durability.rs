@@ -2,6 +2,9 @@ use integration_tests::{ADMIN, Stack, synthetic_pan};
 use tonic::Code;
 use vault_client::{BatchItem, Card};
 
+/// Control: GDPR-32 (docs/compliance.md).
+/// Attack: a restart loses acknowledged tokens (a write not durable when answered); every
+/// token answers after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_token_survives_a_restart() {
     let mut stack = Stack::start().await;
@@ -42,6 +45,8 @@ async fn every_token_survives_a_restart() {
 
 /// An attacker with write access to the disk swaps two records, or copies one under
 /// another token: reads fail with an integrity error and never return the other card.
+///
+/// Control: PCI-3.5.1, GDPR-32 (docs/compliance.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampered_records_fail_their_integrity_check() {
     if integration_tests::rocksdb_only("it edits RocksDB records") {

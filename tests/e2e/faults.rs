@@ -46,6 +46,11 @@ impl Drop for Unmount {
 /// audit events share one database): writes and then every audited call are refused,
 /// nothing acknowledged is lost, and once space returns everything answers again with
 /// no restart, the audit log intact.
+///
+/// Control: PCI-10.2.1, PCI-10.7.2 (docs/compliance.md).
+/// Attack: fill the vault's disk so that audit events cannot be written, hoping calls go on
+/// unaudited; every audited call is refused until space returns, nothing acknowledged is
+/// lost, and the log verifies after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_is_resource_exhausted_loses_nothing_and_recovers_without_restart() {
     if integration_tests::rocksdb_only("it fills the RocksDB data disk") {

@@ -17,6 +17,9 @@ fn body_text(body: &[u8]) -> String {
     String::from_utf8_lossy(body).into_owned()
 }
 
+/// Control: PCI-3.4.1 (docs/compliance.md).
+/// Attack: a processor echoes the card number back in its answer; the caller receives it
+/// masked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_processor_gets_the_card_and_the_caller_gets_a_masked_answer() {
     let stack = Stack::start().await;
@@ -73,6 +76,9 @@ async fn the_processor_gets_the_card_and_the_caller_gets_a_masked_answer() {
     stack.stop().await;
 }
 
+/// Control: PCI-4.2.1, PCI-7.2.6, TOK-DETOKENIZE (docs/compliance.md).
+/// Attack: forward a card to a processor not on the allowlist, a path it does not allow, or
+/// without `forward:<processor>`; refused before anything is decrypted or sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwards_outside_the_allowlist_are_refused_and_send_nothing() {
     let stack = Stack::start().await;
@@ -151,6 +157,9 @@ async fn forwards_outside_the_allowlist_are_refused_and_send_nothing() {
     stack.stop().await;
 }
 
+/// Control: PCI-4.2.1 (docs/compliance.md).
+/// Attack: a processor redirects elsewhere, presents a certificate its CA did not sign, or
+/// resolves to a private address; the card is not sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirects_bad_certificates_and_private_addresses_stop_the_card() {
     let stack = Stack::start().await;
@@ -190,6 +199,9 @@ async fn redirects_bad_certificates_and_private_addresses_stop_the_card() {
     stack.stop().await;
 }
 
+/// Control: PCI-4.2.1 (docs/compliance.md).
+/// Attack: configure a processor over plain http, so that cards travel in clear; the config
+/// is refused at load.
 #[tokio::test]
 async fn plain_http_processors_are_refused_at_config_load() {
     let dir = StackDir::new();
@@ -275,6 +287,9 @@ async fn an_idempotent_retry_charges_once() {
     stack.stop().await;
 }
 
+/// Control: PCI-3.3.1, PCI-3.3.1.2, PCI-3.3.2 (docs/compliance.md).
+/// Attack: find a CVC after its authorization: a second forward of the same token, or any
+/// file of the data directory; the first forward uses it, then it exists nowhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cvc_is_forwarded_once_and_never_stored() {
     if integration_tests::rocksdb_only("it scans the RocksDB data directory") {
@@ -343,6 +358,9 @@ async fn a_cvc_is_forwarded_once_and_never_stored() {
     stack.stop().await;
 }
 
+/// Control: PCI-3.3.1.2 (docs/compliance.md).
+/// Attack: use a held CVC long after the purchase; after its TTL a forward that needs it is
+/// refused and nothing is sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cvc_expires_after_its_ttl() {
     let stack = Stack::start_with_cvc_ttl(StackDir::new(), 1).await;
@@ -424,6 +442,10 @@ async fn echoed_card_data_is_scrubbed_whatever_its_shape() {
     stack.stop().await;
 }
 
+/// Control: PCI-6.2.4 (docs/compliance.md).
+/// Attack: a caller asks for a compressed or partial answer (which the masker could not
+/// read), hides path segments in characters a URL parser would drop, or puts the name where
+/// it cannot be escaped; each request is refused before anything is sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_that_could_hide_or_misroute_the_card_are_refused() {
     let stack = Stack::start().await;
@@ -509,6 +531,10 @@ async fn an_unknown_outcome_is_not_retried_under_the_same_key() {
 /// A forward says why the card is sent: required where the processor's config says
 /// so, checked (bounded, printable, nothing like a card number, never echoed), and
 /// kept in the audit log with the intent and the call.
+///
+/// Control: PCI-10.2.1.1, TOK-DETOKENIZE (docs/compliance.md).
+/// Attack: send cards out with no stated purpose, or smuggle a card number into the reason
+/// field; a required reason is enforced and checked, and recorded with the intent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forward_gives_its_reason_to_the_audit_log() {
     let stack = Stack::start().await;
@@ -702,6 +728,10 @@ async fn the_cvc_store_is_bounded_and_only_its_sender_replaces_a_cvc() {
 /// A processor that echoes the card back in a form meant to slip past the masker: each
 /// comes back masked, or is withheld with FAILED_PRECONDITION (the request was sent;
 /// a retry under its idempotency key gets the same, and nothing is sent twice).
+///
+/// Control: PCI-3.4.1 (docs/compliance.md).
+/// Attack: a processor (or someone who controls its answers) echoes the card in shapes
+/// meant to slip past the masker: escapes, fullwidth digits, cut over headers, compressed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_echoes_come_back_masked_or_refused() {
     let stack = Stack::start().await;
@@ -823,6 +853,10 @@ async fn hostile_echoes_come_back_masked_or_refused() {
 /// neither set a header the route does not list (the credentials least of all), nor
 /// reach a route the processor did not declare, nor send free-form to it; a field
 /// value reading like a placeholder is sent as text; fields are checked.
+///
+/// Control: PCI-6.2.4 (docs/compliance.md).
+/// Attack: a forwarding service sets the processor's headers or credentials, reaches an
+/// undeclared route, sends free-form, or injects a placeholder through a field value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_names_a_route_and_the_config_owns_the_request() {
     let stack = Stack::start().await;

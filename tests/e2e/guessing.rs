@@ -46,6 +46,10 @@ async fn flags(admin: &mut VaultClient) -> Vec<String> {
         .collect()
 }
 
+/// Control: PCI-3.5.1.1, TOK-ORACLE (docs/compliance.md).
+/// Attack: from a card's first six and last four, try every candidate middle (lookups,
+/// tokenize with reuse, fingerprints) to find the card; refused after 32 different cards
+/// per bucket and flagged until an admin lifts it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn middle_digits_cannot_be_guessed_and_the_guesser_is_flagged_until_lifted() {
     let dir = StackDir::new();
@@ -197,6 +201,9 @@ async fn middle_digits_cannot_be_guessed_and_the_guesser_is_flagged_until_lifted
     stack.stop().await;
 }
 
+/// Control: TOK-ORACLE, GDPR-15 (docs/compliance.md).
+/// Attack: use card lookup as an oracle, trying candidate numbers fast; the calls beyond
+/// the per-identity rate are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn find_subject_is_rate_limited_per_identity() {
     let stack = Stack::start().await;

@@ -706,6 +706,10 @@ fn stripe_file(
 /// guessing through an import looks (imports skip the guessing detector, and whoever
 /// sees fingerprints would find the card's): refused whole at its check, storing
 /// nothing. The same file cut to 1,000 goes in.
+///
+/// Control: TOK-ORACLE (docs/compliance.md).
+/// Attack: two importers upload every candidate for a card's middle digits as one approved
+/// import.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_of_guesses_for_one_card_is_refused_whole() {
     let stack = import_stack().await;

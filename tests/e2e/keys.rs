@@ -59,6 +59,10 @@ async fn rewrap_to_the_end(vault: &mut VaultClient) -> vault_client::RewrapStatu
     .await
 }
 
+/// Control: PCI-3.7.4, NIST-800-57 (docs/compliance.md).
+/// Attack: keep encrypting under a key past its cryptoperiod because a running vault never
+/// learns of the rotation; the vault picks up the new version without a restart, and old
+/// tokens still forward.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rotation_reaches_the_running_vault_and_old_tokens_still_forward() {
     let stack = Stack::start().await;
@@ -118,6 +122,9 @@ async fn a_rotation_reaches_the_running_vault_and_old_tokens_still_forward() {
     stack.stop().await;
 }
 
+/// Control: PCI-3.7.4 (docs/compliance.md).
+/// Attack: kill the vault mid-rewrap, and delete tokens while it runs, hoping records stay
+/// on the old key or erased cards come back; the rewrap finishes and no delete is undone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rewrap_finishes_across_a_kill_and_never_resurrects_a_delete() {
     const RECORDS: u64 = 300;
@@ -221,6 +228,10 @@ async fn rewrap_finishes_across_a_kill_and_never_resurrects_a_delete() {
     stack.stop().await;
 }
 
+/// Control: PCI-3.7.5, NIST-800-88-LIVE (docs/compliance.md).
+/// Attack: one admin destroys a key alone, or destroys one still protecting records; and
+/// someone keeps an old copy of the data hoping to read it after the destruction; refused,
+/// refused, and unreadable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn destroy_needs_no_records_and_a_second_admin_and_leaves_old_copies_useless() {
     if integration_tests::rocksdb_only("it restores a RocksDB backup") {
@@ -335,6 +346,10 @@ async fn destroy_needs_no_records_and_a_second_admin_and_leaves_old_copies_usele
 /// a second admin. A version records still use is refused unless forced (the count
 /// shown to both); the audit key never. A retired version is unusable until two admins
 /// bring it back.
+///
+/// Control: PCI-3.7.5 (docs/compliance.md).
+/// Attack: one admin retires a key alone, or retires one that still protects records, or
+/// brings a retired key back alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retiring_needs_two_admins_and_no_record_on_the_version_unless_forced() {
     let stack = Stack::start().await;
@@ -429,6 +444,9 @@ async fn retiring_needs_two_admins_and_no_record_on_the_version_unless_forced() 
     stack.stop().await;
 }
 
+/// Control: PCI-3.7.4, NIST-800-38D-8.3 (docs/compliance.md).
+/// Attack: exceed a key's GCM invocation limit through restarts or several vaults; budgets
+/// are leased once and the key rotates when its budget is spent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_encryption_budget_rotates_at_its_limit_and_is_never_handed_out_twice() {
     let dir = StackDir::new();
@@ -486,6 +504,9 @@ async fn the_encryption_budget_rotates_at_its_limit_and_is_never_handed_out_twic
     stack.stop().await;
 }
 
+/// Control: PCI-10.7.2 (docs/compliance.md).
+/// Attack: take the keyservice down to stop the vault, or to make it fall back to something
+/// weaker; it reports degraded, serves from its leases, and catches up after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_vault_serves_through_a_keyservice_outage_and_catches_up_after() {
     let mut stack = Stack::start().await;
@@ -546,6 +567,9 @@ async fn the_vault_serves_through_a_keyservice_outage_and_catches_up_after() {
     stack.stop().await;
 }
 
+/// Control: PCI-3.7.6 (docs/compliance.md).
+/// Attack: one admin changes the root key alone (to one only they know); a second admin
+/// must approve, and the vaults keep serving through the change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_root_key_changes_under_dual_control_without_vault_downtime() {
     let mut stack = Stack::start().await;
@@ -650,6 +674,10 @@ async fn rewrap_rate() {
 
 /// Key material, raw, hex or base64, is in no file but the sealed keyring: not in the
 /// key history, the vault's data directory, or a backup.
+///
+/// Control: PCI-3.6.1, PCI-3.7.3 (docs/compliance.md).
+/// Attack: search every file of both hosts (key history, data directory, backups) for any
+/// key's bytes, raw, hex or base64.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn key_material_is_in_no_file_but_the_sealed_keyring() {
     if integration_tests::rocksdb_only("it scans the RocksDB data directory") {
@@ -720,6 +748,9 @@ async fn key_material_is_in_no_file_but_the_sealed_keyring() {
     stack.stop().await;
 }
 
+/// Control: PCI-3.7.6 (docs/compliance.md).
+/// Attack: an admin's old proposal is approved long after, when its context has changed (or
+/// by someone who found it later); approval after the window is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_proposal_cannot_be_approved() {
     let dir = StackDir::new();
@@ -746,6 +777,11 @@ async fn an_expired_proposal_cannot_be_approved() {
 /// vault has used a later generation and says so with every request, so the keyservice
 /// refuses keys and leases until two admins accept the restore; then every purpose is
 /// rotated above any version a vault uses, and the vault is served again.
+///
+/// Control: PCI-3.7.6, PCI-3.7.7 (docs/compliance.md).
+/// Attack: roll the keyservice back to an older keyring (spent GCM budgets reset, destroyed
+/// keys back); vaults notice the older generation and get nothing until two admins accept
+/// the restore.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_keyservice_restored_from_an_older_keyring_is_caught_and_accepted_by_two() {
     let mut stack = Stack::start().await;
@@ -845,6 +881,10 @@ async fn a_keyservice_restored_from_an_older_keyring_is_caught_and_accepted_by_t
 
 /// The key history is chained under a key sealed in the keyring: an operation whose
 /// line is edited on the keyservice's disk is found.
+///
+/// Control: PCI-3.7.7, PCI-10.2.1.2 (docs/compliance.md).
+/// Attack: someone with the keyservice's disk edits a line of the key history to hide or
+/// change an operation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edited_key_history_line_is_found() {
     let stack = Stack::start().await;

@@ -44,6 +44,9 @@ fn scan_dir(dir: &Path, pans: &HashSet<Vec<u8>>, scanned: &mut Vec<String>) {
     }
 }
 
+/// Control: PCI-3.3.1, PCI-3.5.1, GDPR-25 (docs/compliance.md).
+/// Attack: look for card numbers, CVCs or names in every file the vault and keyservice
+/// write and in their TRACE logs; none is found.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_card_data_in_files_or_trace_logs() {
     if integration_tests::rocksdb_only(

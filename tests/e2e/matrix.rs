@@ -435,6 +435,10 @@ fn matrix_name(mask: usize) -> String {
     }
 }
 
+/// Control: PCI-7.2.1, PCI-7.2.2, PCI-7.2.6, PCI-10.3.1 (docs/compliance.md).
+/// Attack: every combination of permissions calls every RPC, looking for one that gives
+/// more than its grant (a card number, another permission's data, the audit log); each
+/// answer matches the grant exactly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_permission_combination_against_every_rpc() {
     if integration_tests::rocksdb_only("its CreateBackup cells expect RocksDB backups") {
@@ -580,6 +584,9 @@ async fn every_permission_combination_against_every_rpc() {
     stack.stop().await;
 }
 
+/// Control: PCI-8.3.4, PCI-10.2.1.5 (docs/compliance.md).
+/// Attack: an identity keeps trying calls it is denied (probing permissions or tokens);
+/// after the threshold it is blocked, audited, until the block ends or an admin lifts it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn repeated_failures_block_an_identity_until_lifted_or_expired() {
     let mut stack = Stack::start().await;
@@ -814,6 +821,10 @@ async fn deleted_tokens_lock_nobody_out_and_alert_only_services_stay_served() {
 /// the vault write an audit event per call (a tight loop would fill the audit disk,
 /// and then every tenant is refused). Its flood costs a counter and a summary per
 /// period, and a listed caller is served meanwhile.
+///
+/// Control: PCI-8.3.1, PCI-10.2.1.4 (docs/compliance.md).
+/// Attack: a certificate the CA signed but the policy does not list calls in a tight loop
+/// to fill the audit disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_flood_from_an_unlisted_certificate_leaves_the_audit_log_bounded() {
     const FLOOD: u32 = 2_000;

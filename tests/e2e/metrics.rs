@@ -384,6 +384,10 @@ async fn keyservice_metrics_follow_leases_rotations_and_proposals_without_secret
 
 /// A keyring that cannot be saved refuses the change, counts the failure and turns the
 /// keyservice's health to degraded until a save succeeds again.
+///
+/// Control: PCI-10.7.2 (docs/compliance.md).
+/// Attack: the keyring's disk fails, so key changes would silently not persist; the change
+/// is refused, counted and health turns degraded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyservice_health_is_degraded_while_the_keyring_cannot_be_saved() {
     let stack = Stack::start().await;

@@ -395,6 +395,9 @@ const BEFORE: u8 = 0;
 const FAILING_OVER: u8 = 1;
 const PROMOTED: u8 = 2;
 
+/// Control: GDPR-32 (docs/compliance.md).
+/// Attack: kill the PostgreSQL primary under load; every token acknowledged must be on the
+/// promoted standby.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failover_to_a_synchronous_standby_loses_no_acknowledged_token() {
     const TASKS: u64 = 4;
@@ -566,6 +569,9 @@ fn digit_runs(bytes: &[u8], min: usize) -> Vec<&[u8]> {
         .collect()
 }
 
+/// Control: PCI-3.5.1 (docs/compliance.md).
+/// Attack: read the database's files (heap, indexes, WAL, server log) for card numbers;
+/// none is there, while a planted number and a token are found, proving the scan works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_card_number_reaches_the_database_files() {
     let cluster = start_cluster().await;
@@ -716,6 +722,10 @@ const AUDIT_LOCKER: &str = "test-audit-outage";
 /// CVC stays in the vault and the idempotency key stays free, so the caller's retry
 /// after the outage charges once, with the CVC. The outage: another session holds
 /// the audit table locked (ACCESS EXCLUSIVE) longer than the vault waits for a lock.
+///
+/// Control: PCI-10.2.1, PCI-10.7.2 (docs/compliance.md).
+/// Attack: lock the audit table so that a forward's event cannot be written, hoping the
+/// card goes out unaudited; nothing is sent until the event can be written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_audit_outage_during_forward_keeps_the_cvc_and_the_idempotency_key() {
     let cluster = Arc::new(start_cluster().await);
@@ -817,6 +827,10 @@ async fn an_audit_outage_during_forward_keeps_the_cvc_and_the_idempotency_key() 
 /// database and says what to run; `vault-server migrate` applies the schema once; the
 /// vault then serves, and its TRACE log holds no card number and none of the
 /// PostgreSQL client's statement parameters (it logs them at DEBUG).
+///
+/// Control: GDPR-25 (docs/compliance.md).
+/// Attack: read card data from the vault's TRACE log through the PostgreSQL client's
+/// statement parameters; none is logged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_binaries_migrate_on_request_and_log_no_statement_parameters() {
     let cluster = start_cluster().await;
@@ -898,6 +912,8 @@ async fn the_binaries_migrate_on_request_and_log_no_statement_parameters() {
 /// anchor agree. The running vault remembers the head it wrote, and its checkpoint at
 /// the keyservice does too: every verify after reports the entries removed, before and
 /// after a restart, and new entries never fill the gap.
+///
+/// Control: PCI-10.3.2 (docs/compliance.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn audit_entries_deleted_online_with_an_older_head_put_back_are_reported() {
     let cluster = start_cluster().await;
@@ -970,6 +986,10 @@ async fn audit_entries_deleted_online_with_an_older_head_put_back_are_reported()
 /// the head row left as it was. Vault a never saw them, but it reads the head row with
 /// the log's end at its next append: its event goes after the head, leaving the gap,
 /// and from then on it refuses card data. Its verify reports the entries removed.
+///
+/// Control: PCI-10.3.4 (docs/compliance.md).
+/// Attack: with the database password, delete the last audit entries another vault wrote,
+/// online.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cut_refilled_by_another_vault_is_reported_by_either() {
     let cluster = start_cluster().await;
@@ -1192,6 +1212,10 @@ fn on_maintenance_db(cluster: &Cluster, sql: &str) {
 /// The database restored from an older copy brings back records erased since; the
 /// first vault to start on it finds its audit log rewound and erases them again (from
 /// the keyed ids the keyservice keeps) before it serves.
+///
+/// Control: GDPR-17 (docs/compliance.md).
+/// Attack: restore the database from before an erasure to bring erased cards back; the
+/// first vault to start erases them again before serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_restored_from_an_older_copy_erases_again_what_was_erased_since() {
     let cluster = start_cluster().await;
@@ -1269,6 +1293,10 @@ async fn a_database_restored_from_an_older_copy_erases_again_what_was_erased_sin
 /// The same, with the vault running through it: a database rewound under a running
 /// vault (here by hand: the erased rows put back, the tombstones and the store's
 /// erasure position removed) has the erased records deleted again within seconds.
+///
+/// Control: GDPR-17 (docs/compliance.md).
+/// Attack: rewind the database under a running vault (erased rows, tombstones and erasure
+/// position put back); the records are erased again within seconds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_rewound_under_a_running_vault_erases_again_within_seconds() {
     let cluster = start_cluster().await;

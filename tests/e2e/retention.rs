@@ -30,6 +30,9 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
+/// Control: PCI-3.2.1, NIST-800-88-LIVE, GDPR-17 (docs/compliance.md).
+/// Attack: read deleted or expired cards back from the data directory's files (tombstoned
+/// but not yet compacted); after the purge no file holds their ciphertext or token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn expired_and_deleted_records_are_physically_gone_after_the_purge() {
     if integration_tests::rocksdb_only("it checks RocksDB files for erased bytes") {
@@ -175,6 +178,9 @@ async fn expired_and_deleted_records_are_physically_gone_after_the_purge() {
     stack.stop().await;
 }
 
+/// Control: GDPR-15, GDPR-17 (docs/compliance.md).
+/// Attack: a data subject's erasure leaves one of their tokens behind, or reaches into
+/// another tenant's; every token of the card in the tenant goes, and nothing else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn erasing_a_subject_removes_every_token_of_the_card_in_the_tenant_and_no_others() {
     let stack = Stack::start().await;
@@ -257,6 +263,9 @@ async fn erasing_a_subject_removes_every_token_of_the_card_in_the_tenant_and_no_
     stack.stop().await;
 }
 
+/// Control: PCI-3.2.1 (docs/compliance.md).
+/// Attack: keep using a token past its retention; it answers NOT_FOUND at once, is purged,
+/// and its lookups lock nobody out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_expired_token_neither_locks_out_its_caller_nor_blocks_reuse() {
     let mut stack = Stack::start().await;

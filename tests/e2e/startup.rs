@@ -79,6 +79,9 @@ async fn the_vault_does_not_serve_without_its_keys() {
     ks_task.await.unwrap().unwrap();
 }
 
+/// Control: PCI-3.7.2 (docs/compliance.md).
+/// Attack: a vault (or an impostor) whose identity the keyservice does not list asks for
+/// keys; it gets none and stops with a clear error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vault_identity_the_keyservice_refuses_is_a_clear_startup_error() {
     let dir = StackDir::new();
@@ -114,6 +117,9 @@ async fn a_vault_identity_the_keyservice_refuses_is_a_clear_startup_error() {
     ks_task.await.unwrap().unwrap();
 }
 
+/// Control: PCI-3.6.1.2, PCI-3.7.3 (docs/compliance.md).
+/// Attack: another local user reads the root key file; the keyservice refuses to start with
+/// a root key others can read.
 #[tokio::test]
 async fn the_keyservice_refuses_a_root_key_readable_by_others() {
     use std::os::unix::fs::PermissionsExt;

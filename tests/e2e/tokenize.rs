@@ -5,6 +5,9 @@ use integration_tests::{ADMIN, Stack, synthetic_pan};
 use tonic::Code;
 use vault_client::{BatchItem, Card};
 
+/// Control: PCI-3.4.1 (docs/compliance.md).
+/// Attack: read more of the card from what the vault answers than PCI DSS allows to show;
+/// the answer has brand, last four and expiry, and a deleted token answers nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokenize_info_delete_round_trip() {
     let stack = Stack::start().await;
@@ -40,6 +43,10 @@ async fn tokenize_info_delete_round_trip() {
     stack.stop().await;
 }
 
+/// Control: PCI-3.5.1.1 (docs/compliance.md).
+/// Attack: link different cards through their fingerprints, or get a new card answered with
+/// an old token; fingerprints are equal exactly for the same number, and reuse returns only
+/// the same card's token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fingerprints_and_reuse_existing() {
     let stack = Stack::start().await;
@@ -82,6 +89,10 @@ async fn fingerprints_and_reuse_existing() {
 
 /// 10,000 sequential tokenizations: all distinct, none contains its card's digits.
 /// Prints the elapsed time (the figure the foundation issue asks for).
+///
+/// Control: TOK-IRREVERSIBLE (docs/compliance.md).
+/// Attack: read card digits from tokens, or find two cards sharing a token; 10,000 tokens
+/// are all distinct and none holds an 8-digit run of its card.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_tokenizations_give_distinct_tokens() {
     const COUNT: u64 = 10_000;
@@ -116,6 +127,9 @@ async fn ten_thousand_tokenizations_give_distinct_tokens() {
     stack.stop().await;
 }
 
+/// Control: PCI-6.2.4, GDPR-25 (docs/compliance.md).
+/// Attack: send invalid card data and read it back from the error; every refusal names
+/// field and rule, never the value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_validation_rule_names_the_field_and_hides_the_value() {
     let stack = Stack::start().await;

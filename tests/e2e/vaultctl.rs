@@ -56,6 +56,8 @@ pub(crate) fn config_for(stack: &Stack, name: &str) -> std::path::PathBuf {
 /// The attack: a `.dev/vaultctl.toml` planted in a shared parent directory (`/tmp`),
 /// pointing at the attacker's server, for an operator working in a directory below it.
 /// vaultctl never reads it; nor a config in this directory that others may write.
+///
+/// Control: PCI-8.3.2 (docs/compliance.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vaultctl_reads_no_planted_or_writable_config() {
     use std::os::unix::fs::PermissionsExt;
@@ -209,6 +211,9 @@ async fn tokenize_info_delete_keys_and_health_through_vaultctl() {
     stack.stop().await;
 }
 
+/// Control: PCI-3.7.5 (docs/compliance.md).
+/// Attack: one operator rotates and destroys a key with the CLI alone; destruction needs a
+/// second admin's approval.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotate_rewrap_and_destroy_under_dual_control_through_vaultctl() {
     let stack = Stack::start().await;
@@ -333,6 +338,10 @@ async fn rotate_rewrap_and_destroy_under_dual_control_through_vaultctl() {
     stack.stop().await;
 }
 
+/// Control: PCI-10.2.1.2, PCI-10.2.1.5 (docs/compliance.md).
+/// Attack: change access rights unnoticed, or load a broken policy hoping it opens access;
+/// the bad policy is refused, the old one stays, and the refused reload is in the audit log
+/// with the calls before it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_and_audit_through_vaultctl() {
     let stack = Stack::start().await;
@@ -414,6 +423,9 @@ async fn policy_and_audit_through_vaultctl() {
     stack.stop().await;
 }
 
+/// Control: PCI-3.2.1, GDPR-15 (docs/compliance.md).
+/// Attack: an operator's retention or erasure through the CLI does not take effect; a TTL
+/// given to the CLI is the token's, and after `subject erase` the card has no token left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_and_subject_erasure_through_vaultctl() {
     let stack = Stack::start().await;

@@ -78,6 +78,10 @@ async fn cards_opened(stack: &Stack) -> u64 {
 
 /// A forward the velocity rules refuse is refused before the record is decrypted: the
 /// card never sits in the vault's memory for a request that cannot send it.
+///
+/// Control: TOK-DETOKENIZE (docs/compliance.md).
+/// Attack: a caller past its velocity limit keeps asking, so that the card is decrypted
+/// into memory for requests that cannot be sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_forward_refused_by_velocity_never_decrypts_the_record() {
     let mut stack = Stack::start().await;

@@ -346,6 +346,9 @@ mod tests {
         assert_eq!(rule("４２４２４２４２４２４２４２４２"), "digits"); // full-width digits
     }
 
+    /// Control: PCI-3.4.1 (docs/compliance.md).
+    /// Attack: print a card number through `{:?}` in a log or error; only the last four
+    /// show.
     #[test]
     fn debug_shows_last_four_only() {
         let pan = Pan::parse("4242424242424242").unwrap();

@@ -377,6 +377,8 @@ mod tests {
     /// dump, swap, a debugger), or move a held CVC under another token. What the store
     /// holds has none of the code's digits, opens only for its own token, and is exactly
     /// the sealed form `seal` made.
+    ///
+    /// Control: PCI-3.3.2 (docs/compliance.md).
     #[test]
     fn a_held_cvc_is_ciphertext_bound_to_its_token() {
         let key = envelope::SecretKey::generate().unwrap();
@@ -441,6 +443,8 @@ mod tests {
         );
     }
 
+    /// Control: PCI-3.3.1.2 (docs/compliance.md).
+    /// Attack: use a CVC twice, or bring a used one back; once settled it is gone for good.
     #[test]
     fn a_claimed_cvc_is_gone_until_restored_and_a_settled_one_for_good() {
         let (cvcs, token) = store_with_cvc("123");

@@ -857,6 +857,10 @@ mod tests {
     }
 
     /// The last lease of a version is not refilled in advance: the next lease rotates.
+    ///
+    /// Control: NIST-800-38D-8.3 (docs/compliance.md).
+    /// Attack: the vault asks for more budget than the version has left, so as to encrypt
+    /// past its limit; the last lease is not refilled in advance.
     #[test]
     fn the_last_lease_of_a_version_is_not_refilled_in_advance() {
         let budget = Budget::default();

@@ -318,6 +318,9 @@ mod tests {
         })
     }
 
+    /// Control: PCI-8.3.4 (docs/compliance.md).
+    /// Attack: keep failing from one identity or address within the window; blocked at the
+    /// threshold.
     #[test]
     fn failures_within_the_window_block_identity_and_address() {
         let lockout = lockout();

@@ -257,6 +257,9 @@ mod tests {
         permissions = ["tokenize", "read", "forward:sandbox"]
     "#;
 
+    /// Control: PCI-7.2.1 (docs/compliance.md).
+    /// Attack: an identity or permission the policy does not name is allowed; nothing
+    /// unnamed is.
     #[test]
     fn deny_by_default() {
         let policy = Policy::parse(POLICY).unwrap();

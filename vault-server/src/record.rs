@@ -447,6 +447,9 @@ mod tests {
         );
     }
 
+    /// Control: PCI-3.5.1 (docs/compliance.md).
+    /// Attack: move a record's ciphertext under another token to read it as that card; it
+    /// fails to open.
     #[test]
     fn record_under_another_token_fails() {
         let key = SecretKey::generate().unwrap();
@@ -464,6 +467,8 @@ mod tests {
     /// the database alone, hash every candidate number (10^5 for a known first six and last
     /// four) and compare, or match one tenant's cards against another's. A plain SHA-256
     /// of the number, or the same value in two tenants or under another key, fails.
+    ///
+    /// Control: PCI-3.5.1.1 (docs/compliance.md).
     #[test]
     fn fingerprints_are_keyed_and_per_tenant_never_a_plain_hash() {
         let pan = Pan::parse("4242424242424242").unwrap();

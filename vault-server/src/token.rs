@@ -240,6 +240,9 @@ impl fmt::Display for Token {
 mod tests {
     use super::*;
 
+    /// Control: TOK-IRREVERSIBLE (docs/compliance.md).
+    /// Attack: predict or derive one token from another; two fresh tokens differ and have
+    /// the full length of 128 random bits.
     #[test]
     fn generated_tokens_parse_and_differ() {
         let a = Token::generate().unwrap();
@@ -301,6 +304,9 @@ mod tests {
         assert_eq!(Token::generate().unwrap().format(), Format::Opaque);
     }
 
+    /// Control: TOK-DISTINGUISH (docs/compliance.md).
+    /// Attack: take a card-shaped token for a card (or use one as a card); it never passes
+    /// Luhn.
     #[test]
     fn card_shaped_tokens_keep_the_shape_and_never_pass_luhn() {
         for (card, keep_first_six) in [
@@ -331,6 +337,9 @@ mod tests {
     /// Every drawn digit position is uniform (the Luhn rejection leaves each single
     /// position uniform, since another free digit spreads the sum): 200,000 tokens,
     /// 20,000 expected per digit, σ about 134; the bounds are 7σ away.
+    ///
+    /// Control: TOK-IRREVERSIBLE (docs/compliance.md).
+    /// Attack: predict a card-shaped token's hidden digits from a bias; they are uniform.
     #[test]
     fn card_token_digits_are_uniform() {
         let card = pan("4242424242424242");

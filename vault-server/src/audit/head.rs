@@ -404,6 +404,8 @@ mod tests {
         .unwrap()
     }
 
+    /// Control: PCI-10.3.2 (docs/compliance.md).
+    /// Attack: forge the log's anchor without the audit key; it does not verify.
     #[test]
     fn an_anchor_verifies_under_its_key_only() {
         let head = Head {

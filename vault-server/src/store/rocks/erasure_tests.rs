@@ -1,6 +1,9 @@
 use super::*;
 use crate::store::{Delete, DeleteOutcome, Tombstone};
 
+/// Control: NIST-800-88-LIVE (docs/compliance.md).
+/// Attack: read a deleted record from RocksDB's files after the delete; after compaction no
+/// file has it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_record_leaves_no_file_after_compaction() {
     let dir = tempfile::tempdir().unwrap();
