@@ -670,6 +670,46 @@ mod tests {
         store
     }
 
+    /// PCI DSS 10.3.2: each entry's MAC covers the entry before it, which binds it to
+    /// its place in this log, not only to its sequence number.
+    ///
+    /// Control: PCI-10.3.2 (docs/compliance.md).
+    /// Attack: vaults that share the keyservice's audit key (replicas, another region's
+    /// vault) write entries with the same key and the same sequence numbers; someone with
+    /// this vault's disk puts the other log's entry 2 in place of this one's (its MAC is
+    /// valid for its key, sequence and event) to swap what happened. `verify` reports it.
+    #[tokio::test]
+    async fn an_entry_spliced_in_from_another_log_under_the_same_key_is_found() {
+        let set = keys();
+        let event = |action: &str| AuditEvent {
+            action: action.into(),
+            outcome: "ok".into(),
+            ..AuditEvent::default()
+        };
+        let first = entry(&set, &[0; 32], 1, &event("Tokenize"));
+        let second = entry(&set, &chain_of(&first), 2, &event("Forward"));
+        let third = entry(&set, &chain_of(&second), 3, &event("DeleteToken"));
+        let other_first = entry(&set, &[0; 32], 1, &event("GetTokenInfo"));
+        let other_second = entry(&set, &chain_of(&other_first), 2, &event("GetTokenInfo"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let intact = store_with(
+            dir.path(),
+            vec![(1, first.clone()), (2, second), (3, third.clone())],
+        )
+        .await;
+        assert_eq!(verify(&intact, &set, &[]).await.unwrap().fault, None);
+
+        let dir = tempfile::tempdir().unwrap();
+        let spliced = store_with(dir.path(), vec![(1, first), (2, other_second), (3, third)]).await;
+        let found = verify(&spliced, &set, &[]).await.unwrap();
+        assert_eq!(
+            found.fault.map(|(sequence, _)| sequence),
+            Some(2),
+            "{found:?}"
+        );
+    }
+
     #[tokio::test]
     async fn a_gap_the_writer_marked_is_listed_and_the_chain_checked_past_it() {
         let set = keys();
