@@ -50,16 +50,20 @@ pub enum Purpose {
     /// The seed of an OpenPGP key pair other vaults and processors encrypt card
     /// exports to, for bulk import (vault-server `import::key` derives the key).
     Import,
+    /// The same for an OpenPGP RSA 4096 key pair, for senders whose tools cannot
+    /// encrypt to Curve25519 (vault-server `import::key`).
+    ImportRsa,
 }
 
 impl Purpose {
-    pub const ALL: [Purpose; 6] = [
+    pub const ALL: [Purpose; 7] = [
         Purpose::CardData,
         Purpose::Fingerprint,
         Purpose::Cvc,
         Purpose::Audit,
         Purpose::Intake,
         Purpose::Import,
+        Purpose::ImportRsa,
     ];
 
     fn code(self) -> u8 {
@@ -70,6 +74,7 @@ impl Purpose {
             Purpose::Audit => 4,
             Purpose::Intake => 5,
             Purpose::Import => 6,
+            Purpose::ImportRsa => 7,
         }
     }
 
@@ -91,6 +96,7 @@ impl Purpose {
             Purpose::Audit => "audit",
             Purpose::Intake => "intake",
             Purpose::Import => "import",
+            Purpose::ImportRsa => "import-rsa",
         }
     }
 }

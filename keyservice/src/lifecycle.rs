@@ -915,7 +915,8 @@ mod tests {
                 Purpose::Fingerprint,
                 Purpose::Audit,
                 Purpose::Intake,
-                Purpose::Import
+                Purpose::Import,
+                Purpose::ImportRsa
             ]
         );
         assert!(ring.due_for_rotation(999, 1000).is_empty());

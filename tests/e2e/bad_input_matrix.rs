@@ -1055,6 +1055,13 @@ fn import_rows(rows: &mut Rows) {
             .then(|| format!("key {key:?}"))
         });
     rows.add(
+        "GetImportKey",
+        "algorithm unknown",
+        Wire::new().varint(1, 99),
+        invalid,
+    )
+    .names("algorithm");
+    rows.add(
         "ProposeImport",
         "expected_rows -1",
         Wire::new().varint(1, MINUS_ONE),

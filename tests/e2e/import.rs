@@ -903,6 +903,65 @@ async fn the_import_key_rotates_and_older_versions_still_open_files() {
     stack.stop().await;
 }
 
+/// The import key for senders whose tools cannot use Curve25519: an RSA 4096 key
+/// (keyservice purpose `import-rsa`) that gpg encrypts to and the vault opens, beside
+/// the Curve25519 one.
+/// Attack: a sender forced onto RSA gets a weak or wrong key (not 4096 bits, not the
+/// fingerprint the vault prints), or a file encrypted to it does not import whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rsa_4096_import_key_opens_a_file_gpg_encrypted_to_it() {
+    const ROWS: u64 = 500;
+    let stack = import_stack().await;
+    let gpg = Gpg::new();
+    let out = vaultctl(
+        &config_for(&stack, ADMIN),
+        &["import", "key", "export", "--algorithm", "rsa4096"],
+        "",
+    )
+    .await;
+    assert!(out.ok, "{}", out.stderr);
+    assert!(out.stderr.contains("rsa4096"), "{}", out.stderr);
+    let rsa = out
+        .stderr
+        .split("fingerprint ")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let listing = gpg.import(&out.stdout);
+    assert!(
+        listing.iter().any(|l| l == &format!("fpr:::::::::{rsa}:")),
+        "gpg computes the fingerprint vaultctl printed: {listing:?}"
+    );
+    // pub and sub: RSA (algorithm 1), 4096 bits; the subkey encrypts.
+    let fields = |l: &String| l.split(':').map(str::to_owned).collect::<Vec<_>>();
+    assert!(
+        listing
+            .iter()
+            .map(fields)
+            .any(|f| f[0] == "pub" && f[2] == "4096" && f[3] == "1"),
+        "{listing:?}"
+    );
+    assert!(
+        listing
+            .iter()
+            .map(fields)
+            .any(|f| f[0] == "sub" && f[2] == "4096" && f[3] == "1" && f[11].contains('e')),
+        "{listing:?}"
+    );
+    let curve = export_import_key(&stack, &gpg).await;
+    assert_ne!(curve, rsa, "two keys, one per algorithm");
+
+    let work = stack.dir.path().to_path_buf();
+    let file = make_file(&work, "rsa", ROWS, &gpg, &rsa, None);
+    let job = approved_job(&stack, &file, ROWS, &[]).await;
+    let mapping = work.join("rsa.mapping.csv");
+    let out = import(&stack, &file, &job, &mapping, &[]).await;
+    assert!(out.ok, "{}", out.stderr);
+    check_mapping(&mapping, ROWS);
+    stack.stop().await;
+}
+
 /// Finding HIGH #2: an approval binds the file and the sender key, and starts one job
 /// on one vault. A file other than the approved one (same row count, made the same
 /// way) is refused before it is decrypted, stores nothing and leaves no spool file; a

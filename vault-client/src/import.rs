@@ -7,6 +7,15 @@ use vault_proto::vault::v1 as pb;
 
 use crate::{Error, VaultClient, idempotent};
 
+/// The two kinds of import key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImportKeyAlgorithm {
+    /// EdDSA + ECDH Curve25519 (keyservice purpose `import`); preferred.
+    Curve25519,
+    /// RSA 4096 (keyservice purpose `import-rsa`).
+    Rsa4096,
+}
+
 /// The vault's active import key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImportKeyInfo {
@@ -174,11 +183,23 @@ pub struct ImportedRows {
 pub const IMPORT_PIECE_BYTES: usize = 1024 * 1024;
 
 impl VaultClient {
-    /// The vault's active import key (permission `import`). Safe to retry.
-    pub async fn import_key(&mut self) -> Result<ImportKeyInfo, Error> {
+    /// The vault's active import key of `algorithm` (permission `import`). Safe to
+    /// retry.
+    pub async fn import_key(
+        &mut self,
+        algorithm: ImportKeyAlgorithm,
+    ) -> Result<ImportKeyInfo, Error> {
+        let algorithm = match algorithm {
+            ImportKeyAlgorithm::Curve25519 => pb::ImportKeyAlgorithm::Curve25519,
+            ImportKeyAlgorithm::Rsa4096 => pb::ImportKeyAlgorithm::Rsa4096,
+        } as i32;
         let key = idempotent(|| {
             let mut vault = self.vault.clone();
-            async move { vault.get_import_key(pb::GetImportKeyRequest {}).await }
+            async move {
+                vault
+                    .get_import_key(pb::GetImportKeyRequest { algorithm })
+                    .await
+            }
         })
         .await?
         .into_inner();

@@ -46,8 +46,8 @@ use vault_proto::vault::v1 as pb;
 use zeroize::Zeroizing;
 
 pub use import::{
-    ExportJob, ExportResult, IMPORT_PIECE_BYTES, ImportFormat, ImportJob, ImportKeyInfo,
-    ImportStatus, ImportedRow, ImportedRows, file_sha256,
+    ExportJob, ExportResult, IMPORT_PIECE_BYTES, ImportFormat, ImportJob, ImportKeyAlgorithm,
+    ImportKeyInfo, ImportStatus, ImportedRow, ImportedRows, file_sha256,
 };
 
 /// Where a service is and how to prove who we are.
@@ -1256,13 +1256,14 @@ async fn health(
 }
 
 /// The key purposes by name, as [`KeyServiceClient`] takes and returns them.
-pub const KEY_PURPOSES: [&str; 6] = [
+pub const KEY_PURPOSES: [&str; 7] = [
     "card-data",
     "fingerprint",
     "cvc",
     "audit",
     "intake",
     "import",
+    "import-rsa",
 ];
 
 /// A purpose name (one of [`KEY_PURPOSES`]) as the wire enum.
@@ -1275,9 +1276,10 @@ fn purpose_from_name(name: &str) -> Result<keys_pb::KeyPurpose, Error> {
         "audit" => Ok(keys_pb::KeyPurpose::Audit),
         "intake" => Ok(keys_pb::KeyPurpose::Intake),
         "import" => Ok(keys_pb::KeyPurpose::Import),
+        "import-rsa" => Ok(keys_pb::KeyPurpose::ImportRsa),
         _ => Err(Error::InvalidArgument {
             field: "purpose",
-            rule: "must be one of card-data, fingerprint, cvc, audit, intake, import",
+            rule: "must be one of card-data, fingerprint, cvc, audit, intake, import, import-rsa",
         }),
     }
 }

@@ -25,6 +25,7 @@ use tonic::transport::{Channel, Endpoint};
 use vault_proto::keys::v1 as pb;
 
 use crate::config::KeyserviceSettings;
+use crate::import::{Algorithm, ImportKey};
 
 pub type Client = pb::key_service_client::KeyServiceClient<Channel>;
 
@@ -80,22 +81,22 @@ pub struct KeySet {
     pub import: ImportKeys,
 }
 
-/// The import key versions the keyservice serves (active and decrypt-only), each as
-/// the OpenPGP key derived from its seed.
+/// The import key versions the keyservice serves (active and decrypt-only, of both
+/// algorithms), each as the OpenPGP key derived from its seed.
 #[derive(Debug, Clone, Default)]
 pub struct ImportKeys {
-    active: Option<Arc<crate::import::ImportKey>>,
-    all: Vec<Arc<crate::import::ImportKey>>,
+    active: Vec<Arc<ImportKey>>,
+    all: Vec<Arc<ImportKey>>,
 }
 
 impl ImportKeys {
-    /// The version senders are given.
-    pub fn active(&self) -> Option<&Arc<crate::import::ImportKey>> {
-        self.active.as_ref()
+    /// The version of `algorithm` senders are given.
+    pub fn active(&self, algorithm: Algorithm) -> Option<&Arc<ImportKey>> {
+        self.active.iter().find(|k| k.algorithm() == algorithm)
     }
 
     /// Every version a file may be encrypted to.
-    pub fn all(&self) -> &[Arc<crate::import::ImportKey>] {
+    pub fn all(&self) -> &[Arc<ImportKey>] {
         &self.all
     }
 }
@@ -178,14 +179,18 @@ impl KeySet {
                 intake.versions.push(intake_version(&key, &material)?);
                 continue;
             }
-            if purpose == Some(pb::KeyPurpose::Import) {
+            let algorithm = match purpose {
+                Some(pb::KeyPurpose::Import) => Some(Algorithm::Curve25519),
+                Some(pb::KeyPurpose::ImportRsa) => Some(Algorithm::Rsa4096),
+                _ => None,
+            };
+            if let Some(algorithm) = algorithm {
                 let secret = SecretKey::from_slice(&material)
                     .map_err(|_| KeysError::Unusable("a key is not 32 bytes"))?;
-                let derived = crate::import::ImportKey::derive(key.version, &secret)
+                let derived = ImportKey::shared(key.version, algorithm, secret)
                     .map_err(|_| KeysError::Unusable("an import key could not be derived"))?;
-                let derived = Arc::new(derived);
                 if key.state == pb::KeyState::Active as i32 {
-                    import.active = Some(Arc::clone(&derived));
+                    import.active.push(Arc::clone(&derived));
                 }
                 import.all.push(derived);
                 continue;

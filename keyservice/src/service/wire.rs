@@ -14,6 +14,7 @@ pub(super) fn purpose_to_wire(purpose: Purpose) -> pb::KeyPurpose {
         Purpose::Audit => pb::KeyPurpose::Audit,
         Purpose::Intake => pb::KeyPurpose::Intake,
         Purpose::Import => pb::KeyPurpose::Import,
+        Purpose::ImportRsa => pb::KeyPurpose::ImportRsa,
     }
 }
 
@@ -25,9 +26,10 @@ pub(super) fn purpose_from_wire(purpose: i32) -> Result<Purpose, ServiceError> {
         Ok(pb::KeyPurpose::Audit) => Ok(Purpose::Audit),
         Ok(pb::KeyPurpose::Intake) => Ok(Purpose::Intake),
         Ok(pb::KeyPurpose::Import) => Ok(Purpose::Import),
+        Ok(pb::KeyPurpose::ImportRsa) => Ok(Purpose::ImportRsa),
         _ => Err(ServiceError::InvalidArgument {
             field: "purpose",
-            rule: "must be card-data, fingerprint, cvc, audit, intake or import",
+            rule: "must be card-data, fingerprint, cvc, audit, intake, import or import-rsa",
         }),
     }
 }

@@ -5,18 +5,37 @@
 use vault_proto::vault::v1 as pb;
 
 use crate::error::VaultError;
-use crate::import::{Fields, FileFormat, ImportKey, JobState};
+use crate::import::{Algorithm, Fields, FileFormat, ImportKey, JobState};
 use crate::ops::{FileSpec, ImportError, ImportedRow, Job, RowOutcome, RowsDone};
 
 /// Most bytes of the file in one ImportUpload call.
 pub const MAX_PIECE_BYTES: usize = 1024 * 1024;
 
+/// The key as the sending party gets it (derived already: see `Importer::import_key`).
 pub fn import_key(key: &ImportKey) -> Result<pb::ImportKey, VaultError> {
     Ok(pb::ImportKey {
         armored_public_key: key.public_armored().map_err(|_| ImportError::NoKey)?,
-        fingerprint: key.fingerprint().to_owned(),
+        fingerprint: key
+            .fingerprint()
+            .map_err(|_| ImportError::NoKey)?
+            .to_owned(),
         version: key.version(),
+        algorithm: match key.algorithm() {
+            Algorithm::Curve25519 => pb::ImportKeyAlgorithm::Curve25519,
+            Algorithm::Rsa4096 => pb::ImportKeyAlgorithm::Rsa4096,
+        } as i32,
     })
+}
+
+/// Which import key a request asks for (Curve25519 when it does not say).
+pub fn import_key_algorithm(request: &pb::GetImportKeyRequest) -> Result<Algorithm, VaultError> {
+    match pb::ImportKeyAlgorithm::try_from(request.algorithm) {
+        Ok(pb::ImportKeyAlgorithm::Unspecified | pb::ImportKeyAlgorithm::Curve25519) => {
+            Ok(Algorithm::Curve25519)
+        }
+        Ok(pb::ImportKeyAlgorithm::Rsa4096) => Ok(Algorithm::Rsa4096),
+        Err(_) => Err(invalid("algorithm", "must be CURVE25519 or RSA_4096")),
+    }
 }
 
 pub fn job(job: Job) -> pb::ImportJob {

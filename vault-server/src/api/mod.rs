@@ -210,8 +210,10 @@ impl<S: Store> pb::vault_server::Vault for VaultApi<S> {
         request: Request<pb::GetImportKeyRequest>,
     ) -> Result<Response<pb::ImportKey>, Status> {
         let importer = &self.vault.importer;
-        let call =
-            |_: Caller, _| async move { import::import_key(importer.import_key()?.as_ref()) };
+        let call = |_: Caller, request: pb::GetImportKeyRequest| async move {
+            let algorithm = import::import_key_algorithm(&request)?;
+            import::import_key(importer.import_key(algorithm).await?.as_ref())
+        };
         self.guards
             .call("GetImportKey", |_| Permission::Import, request, call)
             .await

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use key::ImportKey;
+pub use key::{Algorithm, ImportKey};
 pub use rows::{Fields, FileFormat};
 
 /// What a vault keeps of a job between calls and restarts.

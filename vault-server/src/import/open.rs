@@ -70,30 +70,20 @@ pub fn with_plaintext<T, E>(
     max_plaintext: u64,
     read: impl FnOnce(&mut dyn BufRead) -> Result<T, E>,
 ) -> Result<T, Result<E, OpenError>> {
-    let file = std::fs::File::open(path).map_err(|_| Err(OpenError::Io))?;
-    let (message, _) = Message::from_reader(BufReader::with_capacity(64 * 1024, file))
-        .map_err(|_| Err(OpenError::NotOpenPgp))?;
-    if !message.is_encrypted() {
-        return Err(Err(OpenError::NotOpenPgp));
-    }
-    let secrets: Vec<_> = keys.iter().map(|k| k.expose_secret()).collect();
-    let empty = Password::empty();
-    let ring = TheRing {
-        secret_keys: secrets,
-        key_passwords: vec![&empty],
-        decrypt_options: DecryptionOptions::new().set_seipdv1_read_mode(Seipdv1ReadMode::Streaming),
-        ..Default::default()
-    };
-    let message = match message.decrypt_the_ring(ring, true) {
-        Ok((message, _)) => message,
-        Err(pgp::errors::Error::MissingKey) => return Err(Err(OpenError::WrongKey)),
-        Err(e) if format!("{e}").contains("SymEncryptedData") => {
-            return Err(Err(OpenError::Unprotected));
+    // An RSA key is derived only for a file no other key opens (it costs seconds).
+    let ready: Vec<&ImportKey> = keys
+        .iter()
+        .map(Arc::as_ref)
+        .filter(|k| k.is_derived())
+        .collect();
+    let message = match decrypt(path, &ready) {
+        Err(OpenError::WrongKey) if ready.len() < keys.len() => {
+            let all: Vec<&ImportKey> = keys.iter().map(Arc::as_ref).collect();
+            decrypt(path, &all)
         }
-        // A small message is read whole while it is opened: its tag fails here.
-        Err(pgp::errors::Error::IO { .. }) => return Err(Err(OpenError::Integrity)),
-        Err(_) => return Err(Err(OpenError::WrongKey)),
-    };
+        opened => opened,
+    }
+    .map_err(Err)?;
     let mut message = if message.is_compressed() {
         message
             .decompress()
@@ -141,6 +131,32 @@ pub fn with_plaintext<T, E>(
         verify(&message, sender).map_err(Err)?;
     }
     value.map_err(Ok)
+}
+
+/// The file at `path` decrypted (as a stream) with one of `keys`.
+fn decrypt(path: &Path, keys: &[&ImportKey]) -> Result<Message<'static>, OpenError> {
+    let file = std::fs::File::open(path).map_err(|_| OpenError::Io)?;
+    let (message, _) = Message::from_reader(BufReader::with_capacity(64 * 1024, file))
+        .map_err(|_| OpenError::NotOpenPgp)?;
+    if !message.is_encrypted() {
+        return Err(OpenError::NotOpenPgp);
+    }
+    let secrets: Vec<_> = keys.iter().filter_map(|k| k.expose_secret().ok()).collect();
+    let empty = Password::empty();
+    let ring = TheRing {
+        secret_keys: secrets,
+        key_passwords: vec![&empty],
+        decrypt_options: DecryptionOptions::new().set_seipdv1_read_mode(Seipdv1ReadMode::Streaming),
+        ..Default::default()
+    };
+    match message.decrypt_the_ring(ring, true) {
+        Ok((message, _)) => Ok(message),
+        Err(pgp::errors::Error::MissingKey) => Err(OpenError::WrongKey),
+        Err(e) if format!("{e}").contains("SymEncryptedData") => Err(OpenError::Unprotected),
+        // A small message is read whole while it is opened: its tag fails here.
+        Err(pgp::errors::Error::IO { .. }) => Err(OpenError::Integrity),
+        Err(_) => Err(OpenError::WrongKey),
+    }
 }
 
 fn verify(message: &Message<'_>, sender: &SignedPublicKey) -> Result<(), OpenError> {

@@ -758,7 +758,7 @@ mod tests {
             .push(theirs.public_subkeys[0].clone());
         assert_eq!(
             hex::encode_upper(file_key.fingerprint().as_bytes()),
-            processor.fingerprint(),
+            processor.fingerprint().unwrap(),
             "the pin still matches the file"
         );
         assert_eq!(bound_encryption_subkeys(&file_key), own);

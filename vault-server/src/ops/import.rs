@@ -46,7 +46,9 @@ use crate::error::VaultError;
 use crate::import::buckets::BucketCounts;
 use crate::import::open::{self, OpenError};
 use crate::import::rows::{self, FileError, SourceRow};
-use crate::import::{Fields, FileFormat, ImportKey, JobState, Spool, SpoolError, valid_job_id};
+use crate::import::{
+    Algorithm, Fields, FileFormat, ImportKey, JobState, Spool, SpoolError, valid_job_id,
+};
 use crate::intake;
 use crate::policy::Caller;
 use crate::record::Metadata;
@@ -370,15 +372,24 @@ impl<S: Store> Importer<S> {
         Ok(blocking(move || spool.sweep(before)).await??)
     }
 
-    /// The active import key, for the sending party.
-    pub fn import_key(&self) -> Result<Arc<ImportKey>, ImportError> {
-        self.records
+    /// The active import key of `algorithm`, for the sending party: derived, on a
+    /// blocking thread if it was not yet (an RSA key's first use costs seconds).
+    pub async fn import_key(&self, algorithm: Algorithm) -> Result<Arc<ImportKey>, ImportError> {
+        let key = self
+            .records
             .keys()
             .snapshot()
             .import
-            .active()
+            .active(algorithm)
             .cloned()
-            .ok_or(ImportError::NoKey)
+            .ok_or(ImportError::NoKey)?;
+        if !key.is_derived() {
+            let derived = Arc::clone(&key);
+            blocking(move || derived.fingerprint().map(drop))
+                .await?
+                .map_err(|_| ImportError::NoKey)?;
+        }
+        Ok(key)
     }
 
     /// Dual control, step one: the job binds the file (`file_sha256`, the hex SHA-256 of

@@ -60,7 +60,20 @@ pub enum ImportCommand {
 pub enum KeyCommand {
     /// Print the active import key (ASCII-armored OpenPGP public key) on stdout and
     /// its fingerprint on stderr.
-    Export,
+    Export {
+        /// curve25519 (preferred: GnuPG 2.2 and later encrypt to it) or rsa4096, for
+        /// senders whose tools cannot use Curve25519. The vault derives an RSA key the
+        /// first time it is asked for: that call takes seconds.
+        #[arg(long, value_enum, default_value_t = KeyAlgorithmArg::Curve25519)]
+        algorithm: KeyAlgorithmArg,
+    },
+}
+
+/// An import key's algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KeyAlgorithmArg {
+    Curve25519,
+    Rsa4096,
 }
 
 /// The file's layout.
@@ -124,9 +137,12 @@ pub struct RunArgs {
 pub async fn run(args: ImportArgs, vault: ConfigFn<'_>) -> anyhow::Result<ExitCode> {
     let mut client = VaultClient::connect(&vault()?).await?;
     match args.command {
-        Some(ImportCommand::Key(KeyCommand::Export)) => {
+        Some(ImportCommand::Key(KeyCommand::Export { algorithm })) => {
             let key = client
-                .import_key()
+                .import_key(match algorithm {
+                    KeyAlgorithmArg::Curve25519 => vault_client::ImportKeyAlgorithm::Curve25519,
+                    KeyAlgorithmArg::Rsa4096 => vault_client::ImportKeyAlgorithm::Rsa4096,
+                })
                 .await
                 .context("reading the import key")?;
             print!("{}", key.armored_public_key);
@@ -134,8 +150,13 @@ pub async fn run(args: ImportArgs, vault: ConfigFn<'_>) -> anyhow::Result<ExitCo
                 println!();
             }
             eprintln!(
-                "import key version {}, fingerprint {}",
-                key.version, key.fingerprint
+                "import key version {}, {}, fingerprint {}",
+                key.version,
+                match algorithm {
+                    KeyAlgorithmArg::Curve25519 => "curve25519",
+                    KeyAlgorithmArg::Rsa4096 => "rsa4096",
+                },
+                key.fingerprint
             );
         }
         Some(ImportCommand::Propose {

@@ -148,6 +148,7 @@ pub enum Purpose {
     Audit,
     Intake,
     Import,
+    ImportRsa,
 }
 
 impl Purpose {
@@ -159,6 +160,7 @@ impl Purpose {
             Purpose::Audit => "audit",
             Purpose::Intake => "intake",
             Purpose::Import => "import",
+            Purpose::ImportRsa => "import-rsa",
         }
     }
 }
