@@ -6,6 +6,7 @@
 //!
 //! Must never depend on storage, networking or gRPC crates.
 
+mod dhkem;
 pub mod sealed;
 
 use std::fmt;

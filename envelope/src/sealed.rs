@@ -26,6 +26,7 @@ use hpke::rand_core::{TryCryptoRng, TryRng};
 use hpke::{Deserializable, Kem as _, OpModeR, OpModeS, Serializable};
 use zeroize::{Zeroize, Zeroizing};
 
+use crate::dhkem::{Receiver, ReceiverKey};
 use crate::{Error, SecretKey, fill_random};
 
 /// The HPKE suite ids (KEM, KDF, AEAD) as RFC 9180 numbers them.
@@ -147,7 +148,7 @@ pub struct Unopenable;
 /// An intake key pair, derived from 32 bytes of keyring material with HPKE's
 /// DeriveKeyPair (RFC 9180, 7.1.3): the material is the `ikm`.
 pub struct IntakeKey {
-    private: <X25519HkdfSha256 as hpke::Kem>::PrivateKey,
+    private: ReceiverKey,
     public: [u8; PUBLIC_KEY_LEN],
     id: KeyId,
     /// Keys the stored form of a sealed card's nonce (see [`IntakeKey::nonce_id`]).
@@ -169,7 +170,7 @@ fn hex_id(id: &KeyId) -> String {
 
 impl IntakeKey {
     pub fn derive(material: &SecretKey) -> Self {
-        let (private, public) = X25519HkdfSha256::derive_keypair(material.expose_secret());
+        let (private, public) = Receiver::derive_keypair(material.expose_secret());
         let mut public_bytes = [0u8; PUBLIC_KEY_LEN];
         public_bytes.copy_from_slice(&public.to_bytes());
         let mut nonce_key = crate::hmac_sha256(material, &[b"tokenvault/sealed-card/nonce-key"]);
@@ -203,7 +204,7 @@ impl IntakeKey {
         }
         let enc = <X25519HkdfSha256 as hpke::Kem>::EncappedKey::from_bytes(sealed.enc)
             .map_err(|_| Unopenable)?;
-        hpke::single_shot_open::<AesGcm256, HkdfSha256, X25519HkdfSha256>(
+        hpke::single_shot_open::<AesGcm256, HkdfSha256, Receiver>(
             &OpModeR::Base,
             &self.private,
             &enc,
