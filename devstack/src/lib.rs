@@ -210,7 +210,7 @@ impl Ports {
 }
 
 /// Identities of the dev stack. `admin` is what vaultctl uses; `officer` is the
-/// second key admin that dual control needs; `auditor` reads and verifies the audit log
+/// second key admin that dual control needs (and the second importer); `auditor` reads and verifies the audit log
 /// and nothing else (PCI DSS keeps those who review the log apart from those who
 /// administer keys); `privacy` answers data-subject requests (card lookups, which no
 /// service identity may make); `checkout` is an example internal service in another
@@ -392,7 +392,14 @@ pub fn policy() -> String {
 [[identity]]
 id = "uri:{p}admin"
 tenant = "dev"
-permissions = ["tokenize", "read", "delete", "fingerprint", "forward:sandbox", "admin"]
+permissions = ["tokenize", "read", "delete", "fingerprint", "forward:sandbox", "admin", "import"]
+
+# The second identity that import jobs need (dual control): admin proposes, officer
+# approves (`vaultctl --config vaultctl-officer.toml import approve JOB`).
+[[identity]]
+id = "uri:{p}officer"
+tenant = "dev"
+permissions = ["import"]
 
 [[identity]]
 id = "uri:{p}auditor"
