@@ -178,6 +178,7 @@ async fn the_keyservice_serves_material_to_the_vault_identity_only() {
             ("cvc", 1, "active"),
             ("fingerprint", 1, "active"),
             ("import", 1, "active"),
+            ("import-rsa", 1, "active"),
             ("intake", 1, "active")
         ]
     );
