@@ -663,9 +663,7 @@ async fn no_card_number_reaches_the_database_files() {
         }
         // The CVC: a run of exactly its four digits, not part of a word.
         let word = |code: &str| {
-            digit_runs(&bytes, code.len())
-                .iter()
-                .any(|run| *run == code.as_bytes())
+            digit_runs(&bytes, code.len()).contains(&code.as_bytes())
                 && integration_tests::word_line(&bytes, code.as_bytes()).is_some()
         };
         if word(SCANNED_CVC) {
