@@ -49,20 +49,20 @@ test: build
 	$(MAKE) --no-print-directory test-workspace
 	$(MAKE) --no-print-directory test-postgres
 
-# Each cargo test phase of `make test` keeps its output in COMPLIANCE_DIR/<phase>.log,
-# stamped with the tree it ran on, and a test that skips itself leaves a marker in
-# COMPLIANCE_DIR/skips/<phase> (integration_tests::skipped): `make compliance` reads
-# them instead of running the suite again.
+# Each cargo test phase of `make test` runs through scripts/compliance.py, which sets
+# the phase's storage engine (TOKENVAULT_TEST_STORAGE), keeps its output in
+# COMPLIANCE_DIR/<phase>.log, stamped with the tree, engine, toolchain and exit status
+# (also when it fails), and where a test that skips itself leaves a marker
+# (COMPLIANCE_DIR/skips/<phase>, integration_tests::skipped): `make compliance` reads
+# them instead of running the suite again. The phase's exit status is the command's.
 COMPLIANCE_DIR ?= target/compliance
 COMPLIANCE := /usr/bin/python3 scripts/compliance.py --dir $(COMPLIANCE_DIR)
 define test-phase
-	@$(COMPLIANCE) begin $(1)
-	set -o pipefail; TOKENVAULT_TEST_SKIP_DIR="$(abspath $(COMPLIANCE_DIR))/skips/$(1)" \
-	  $(2) 2>&1 | tee "$(COMPLIANCE_DIR)/$(1).log"
-	@$(COMPLIANCE) end $(1)
+	$(COMPLIANCE) run $(1) -- $(2)
 endef
 
-# The unit tests of every crate, and the end-to-end tests on RocksDB.
+# The unit tests of every crate, and the end-to-end tests on RocksDB (whatever
+# TOKENVAULT_TEST_STORAGE says in the caller's environment).
 test-workspace: build
 	$(call test-phase,workspace,cargo test --locked --workspace)
 
@@ -70,7 +70,7 @@ test-workspace: build
 # stack) instead of RocksDB; tests about RocksDB's own files, backups and disk say
 # they are skipped. About 90 s on 2 cores; part of `make test`.
 test-postgres: build
-	$(call test-phase,postgres,TOKENVAULT_TEST_STORAGE=postgres cargo test --locked -p integration-tests --test e2e)
+	$(call test-phase,postgres,cargo test --locked -p integration-tests --test e2e)
 
 # The control matrix (docs/compliance.md) against the tests' results: every automated
 # row's tests must exist, have run on the engines the row names, and passed without

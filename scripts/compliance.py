@@ -2,17 +2,23 @@
 """The control matrix (docs/compliance.md) checked against the tests' own results
 (`make compliance`), and the report an assessor reads (target/compliance/report.md).
 
-The tests run once: `make test` runs each of its cargo phases through `begin`/`end`
-below, which stamp the tree the phase ran on, and keeps the phase's output
-(libtest's `test NAME ... ok` lines, and cargo's `Running ... (BINARY)` lines that say
-whose they are) in DIR/PHASE.log. A test that skips itself leaves a marker in
-DIR/skips/PHASE (tests/src/lib.rs, `skipped`), since libtest reports it `ok`.
-`report` then reads them; a phase whose log is missing, unfinished or from another
-tree is run first (`make test-workspace`, `make test-postgres`), so `make compliance`
-works from a fresh checkout and reuses `make test`'s results in CI.
+The tests run once: `make test` runs each of its cargo phases through `run` below,
+which sets the phase's environment (the storage engine: TOKENVAULT_TEST_STORAGE unset
+for `workspace`, `postgres` for `postgres`), keeps the phase's output (libtest's
+`test NAME ... ok` lines, and cargo's `Running ... (BINARY)` lines that say whose they
+are) in DIR/PHASE.log, and stamps DIR/PHASE.stamp.json with the tree, the engine, the
+toolchain, the times and the exit status, also when the phase fails. A test that skips
+itself leaves a marker in DIR/skips/PHASE (tests/src/lib.rs, `skipped`), since libtest
+reports it `ok`. `report` then reads them; a phase whose log is missing, unfinished or
+from another tree or toolchain is run first (`make test-workspace`, `make
+test-postgres`), so `make compliance` works from a fresh checkout and reuses `make
+test`'s results in CI. A phase that failed still gives its results: the tests it ran
+pass or fail their rows, the others "did not run"; the report is always written (an
+old one is deleted first).
 
 A named test fails its row when it does not exist in its binary, did not run in a phase
-its engine needs, failed, or skipped itself. One ignored by default (`#[ignore]`) is run
+its engine needs, failed (in any of its runs), or skipped itself; a skip marker that
+names no test that ran in its phase is a problem of the run. One ignored by default (`#[ignore]`) is run
 explicitly (`--ignored --exact`). Manual and not-applicable rows are listed, never
 passed. Exit status 1 when any automated row does not pass or the matrix is malformed.
 
@@ -25,9 +31,9 @@ Standard library only, run by Debian's /usr/bin/python3 (which `make deps` insta
 
 It also checks that each named test's doc comment names the rows it proves
 (`Control: PCI-3.5.1, GDPR-25 (docs/compliance.md).`) and states the attack it
-tries (`Attack: ...`, or an existing sentence saying what the attack is).
+tries on a line of its own starting `Attack:`.
 
-Usage: compliance.py [--dir DIR] begin PHASE | end PHASE | report [--update FILE]
+Usage: compliance.py [--dir DIR] run PHASE -- COMMAND... | report [--update FILE]
                                  | check-matrix
 """
 
@@ -44,6 +50,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MATRIX = ROOT / "docs" / "compliance.md"
 PHASES = ("workspace", "postgres")
+# The storage engine each phase's e2e tests run on (TOKENVAULT_TEST_STORAGE).
+ENGINE_OF = {"workspace": "rocksdb", "postgres": "postgres"}
 # Files whose edits change no test's result: left out of the tree state, so that
 # editing the matrix or refreshing the committed report does not run the tests again.
 NOT_TESTED = ("docs/compliance.md", "docs/compliance-report.md")
@@ -126,7 +134,14 @@ def parse_matrix(path=MATRIX):
         if stripped == "<!-- matrix:end -->":
             inside = False
             continue
-        if not inside or not stripped.startswith("|"):
+        if not inside:
+            if stripped.startswith("|"):
+                raise MatrixError(
+                    f"{path.name}:{number}: a table row outside the matrix markers "
+                    "(the runner would not check it)"
+                )
+            continue
+        if not stripped.startswith("|"):
             continue
         cells = [cell.strip() for cell in stripped.strip("|").split("|")]
         where = f"{path.name}:{number}"
@@ -224,7 +239,7 @@ def test_source(binary, test, dirs):
 
 
 def doc_comment(lines, index):
-    """The `///` lines above line `index`, across attributes."""
+    """The `///` lines above line `index`, across attributes, one string each."""
     docs, i = [], index - 1
     while i >= 0:
         stripped = lines[i].strip()
@@ -233,7 +248,7 @@ def doc_comment(lines, index):
         elif not stripped.startswith("#[") and not stripped.startswith("//"):
             break
         i -= 1
-    return " ".join(docs)
+    return docs
 
 
 def check_doc_comments(rows):
@@ -250,7 +265,8 @@ def check_doc_comments(rows):
             problems.append(f"{binary}::{test}: no source found for it")
             continue
         path, index, lines = source
-        doc = doc_comment(lines, index)
+        doc_lines = doc_comment(lines, index)
+        doc = " ".join(doc_lines)
         where = f"{path.relative_to(ROOT)}:{index + 1}"
         control = re.search(r"Control: ([A-Za-z0-9., -]+?) \(docs/compliance\.md\)", doc)
         named = set(re.findall(r"[A-Z][A-Za-z0-9.-]*[A-Za-z0-9]", control.group(1))) if control else set()
@@ -261,8 +277,8 @@ def check_doc_comments(rows):
                 f"{where} {test}: doc says Control: {', '.join(sorted(named))}; "
                 f"the matrix has {', '.join(sorted(ids))}"
             )
-        if "attack" not in doc.lower():
-            problems.append(f"{where} {test}: its doc comment states no attack")
+        if not any(line.startswith("Attack: ") for line in doc_lines):
+            problems.append(f"{where} {test}: its doc comment has no line starting `Attack: `")
     return problems
 
 
@@ -293,9 +309,15 @@ class Phase:
         except (OSError, ValueError):
             return {}
 
-    def fresh(self, state):
+    def fresh(self, state, toolchain):
         info = self.info()
-        return self.log.exists() and info.get("tree") == state and "finished" in info
+        return (
+            self.log.exists()
+            and info.get("tree") == state
+            and info.get("toolchain") == toolchain
+            and info.get("engine") == ENGINE_OF[self.name]
+            and "finished" in info
+        )
 
     def read(self, log=None):
         binary = None
@@ -312,9 +334,12 @@ class Phase:
             result = RESULT.match(line)
             if result and binary is not None:
                 key = (binary, result.group(1))
-                # A test run again explicitly (ignored by default) overrides `ignored`.
-                if self.results.get(key) != "ok" or result.group(2) == "FAILED":
-                    self.results[key] = result.group(2)
+                previous, outcome = self.results.get(key), result.group(2)
+                # A failure in any run sticks; a test run again explicitly (ignored by
+                # default) overrides `ignored`, never the other way round.
+                if previous == "FAILED" or (previous == "ok" and outcome == "ignored"):
+                    continue
+                self.results[key] = outcome
 
     def skip_markers(self):
         if not self.skips.is_dir():
@@ -378,11 +403,7 @@ def run_ignored(directory, phase, binary, tests):
     """Runs tests ignored by default explicitly, in `phase`'s environment; their
     output goes to DIR/PHASE-ignored.log, which `Phase.read` then reads."""
     log = directory / f"{phase.name}-ignored.log"
-    env = dict(os.environ, TOKENVAULT_TEST_SKIP_DIR=str(phase.skips.resolve()))
-    if phase.name == "postgres":
-        env["TOKENVAULT_TEST_STORAGE"] = "postgres"
-    else:
-        env.pop("TOKENVAULT_TEST_STORAGE", None)
+    env = phase_env(phase)
     with log.open("a") as out:
         for test in tests:
             command = ["cargo", "test", "--locked", *cargo_target_args(binary), "--", "--ignored", "--exact", test]
@@ -399,7 +420,37 @@ def run_ignored(directory, phase, binary, tests):
 # Commands
 
 
-def begin(directory, name):
+def toolchain():
+    """`rustc --version` and `cargo --version` as the tests' toolchain (rust-toolchain.toml
+    applies in ROOT)."""
+    versions = []
+    for tool in ("rustc", "cargo"):
+        try:
+            versions.append(
+                subprocess.run(
+                    [tool, "--version"], cwd=ROOT, capture_output=True, text=True, check=True
+                ).stdout.strip()
+            )
+        except (OSError, subprocess.CalledProcessError):
+            versions.append(f"{tool} unknown")
+    return "; ".join(versions)
+
+
+def phase_env(phase):
+    """The environment of a phase's tests: its engine and its skip marker directory,
+    whatever the caller's environment says."""
+    env = dict(os.environ, TOKENVAULT_TEST_SKIP_DIR=str(phase.skips.resolve()))
+    if ENGINE_OF[phase.name] == "postgres":
+        env["TOKENVAULT_TEST_STORAGE"] = "postgres"
+    else:
+        env.pop("TOKENVAULT_TEST_STORAGE", None)
+    return env
+
+
+def run_phase(directory, name, command):
+    """Runs one phase's `command` (a cargo test) in the phase's environment, its output
+    to the terminal and DIR/PHASE.log, and stamps the run, also when it fails. Returns
+    the command's exit status."""
     phase = Phase(directory, name)
     directory.mkdir(parents=True, exist_ok=True)
     for path in (phase.log, directory / f"{name}-ignored.log", phase.stamp):
@@ -407,14 +458,40 @@ def begin(directory, name):
     if phase.skips.is_dir():
         for marker in phase.skips.iterdir():
             marker.unlink()
-    phase.stamp.write_text(json.dumps({"tree": tree_state(), "started": utc_now()}))
-
-
-def end(directory, name):
-    phase = Phase(directory, name)
-    info = phase.info()
-    info["finished"] = utc_now()
+    info = {
+        "tree": tree_state(),
+        "engine": ENGINE_OF[name],
+        "toolchain": toolchain(),
+        "command": " ".join(command),
+        "started": utc_now(),
+    }
     phase.stamp.write_text(json.dumps(info))
+    status = 127
+    try:
+        with phase.log.open("w") as log:
+            proc = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=phase_env(phase),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                errors="replace",
+            )
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                log.write(line)
+            status = proc.wait()
+    except OSError as error:
+        print(f"compliance: cannot run {command[0]}: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        status = 130
+    finally:
+        info["finished"] = utc_now()
+        info["exit"] = status
+        phase.stamp.write_text(json.dumps(info))
+    return status
 
 
 def check_row(row, phases, directory, problems):
@@ -449,20 +526,31 @@ def check_row(row, phases, directory, problems):
 
 
 def report(directory, update):
+    (directory / "report.md").unlink(missing_ok=True)
     rows = parse_matrix()
-    state = tree_state()
+    state, tools = tree_state(), toolchain()
     phases = {name: Phase(directory, name) for name in PHASES}
     needed = {n for row in rows for b, _, e in row["refs"] for n in phases_of(b, e)}
+    problems = []
     for name in PHASES:
-        if name in needed and not phases[name].fresh(state):
+        if name in needed and not phases[name].fresh(state, tools):
             target = {"workspace": "test-workspace", "postgres": "test-postgres"}[name]
-            print(f"==> no finished `{name}` test run of this tree in {directory}: make {target}", flush=True)
-            subprocess.run(["make", "--no-print-directory", target], cwd=ROOT, check=True)
-            if not phases[name].fresh(state):
-                sys.exit(f"compliance: `make {target}` left no finished run of this tree")
+            print(
+                f"==> no finished `{name}` test run of this tree and toolchain in {directory}: "
+                f"make {target}",
+                flush=True,
+            )
+            # Its failures are read from its log below, not raised here.
+            subprocess.run(["make", "--no-print-directory", target], cwd=ROOT)
+            if not phases[name].fresh(state, tools):
+                problems.append(f"`make {target}` left no finished run of this tree")
     for name in PHASES:
         if name in needed:
-            phases[name].read()
+            if phases[name].log.exists():
+                phases[name].read()
+            exit_status = phases[name].info().get("exit")
+            if exit_status != 0:
+                problems.append(f"the `{name}` phase exited with status {exit_status}")
             log = directory / f"{name}-ignored.log"
             if log.exists():
                 phases[name].read(log)
@@ -476,11 +564,15 @@ def report(directory, update):
         for binary, tests in sorted(wanted.items()):
             run_ignored(directory, phases[name], binary, sorted(tests))
 
-    problems = check_doc_comments(rows)
-    for name in needed:
-        for marker in phases[name].skip_markers():
-            if marker.startswith("unnamed-"):
-                problems.append(f"a test of the {name} phase skipped itself on an unnamed thread")
+    problems += check_doc_comments(rows)
+    for name in sorted(needed):
+        ran = {test for (_, test), outcome in phases[name].results.items() if outcome != "ignored"}
+        for marker, why in sorted(phases[name].skip_markers().items()):
+            if marker not in ran:
+                problems.append(
+                    f"a skip marker of the {name} phase names no test that ran there: "
+                    f"{marker} ({why})"
+                )
     lines = []
     counts = {"pass": 0, "fail": 0, "manual": 0, "n/a": 0}
     for row in rows:
@@ -505,7 +597,10 @@ def report(directory, update):
     for name in PHASES:
         if name in needed:
             info = phases[name].info()
-            runs.append(f"`{name}` {info.get('started', '?')} to {info.get('finished', '?')}")
+            runs.append(
+                f"`{name}` on {info.get('engine', '?')}, {info.get('started', '?')} to "
+                f"{info.get('finished', '?')}, exit status {info.get('exit', '?')}"
+            )
     out = [
         "# Compliance report",
         "",
@@ -516,6 +611,7 @@ def report(directory, update):
         f"- Commit: {commit}",
         f"- Uncommitted changes: {dirty}",
         f"- Test runs of this tree: {'; '.join(runs) or 'none needed'}",
+        f"- Toolchain: {tools}",
         f"- Automated rows: {counts['pass']} pass, {counts['fail']} fail; manual rows: "
         f"{counts['manual']}; not applicable: {counts['n/a']}",
         "",
@@ -547,18 +643,20 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dir", default=str(ROOT / "target" / "compliance"))
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in ("begin", "end"):
-        sub.add_parser(command).add_argument("phase", choices=PHASES)
+    run = sub.add_parser("run", help="run one test phase's command, logged and stamped")
+    run.add_argument("phase", choices=PHASES)
+    run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND...")
     rep = sub.add_parser("report")
     rep.add_argument("--update", metavar="FILE", help="also write the report to FILE")
     sub.add_parser("check-matrix")
     args = parser.parse_args()
     directory = Path(args.dir).resolve()
     try:
-        if args.command == "begin":
-            begin(directory, args.phase)
-        elif args.command == "end":
-            end(directory, args.phase)
+        if args.command == "run":
+            command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+            if not command:
+                parser.error("run PHASE -- COMMAND...")
+            return run_phase(directory, args.phase, command)
         elif args.command == "check-matrix":
             rows = parse_matrix()
             problems = check_doc_comments(rows)
@@ -571,7 +669,9 @@ def main():
     except MatrixError as error:
         print(f"compliance: {error}", file=sys.stderr)
         return 1
-    return 0
+    except Exception as error:  # noqa: BLE001: a message, never a traceback, is the output
+        print(f"compliance: internal error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

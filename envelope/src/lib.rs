@@ -247,7 +247,7 @@ mod tests {
         assert_eq!(printed, "SecretKey([REDACTED]) SecretKey([REDACTED])");
     }
 
-    /// Control: PCI-3.7.1 (docs/compliance.md).
+    /// Key material is exactly 256 bits.
     /// Attack: use a short or truncated key as an AES-256 key; it is refused.
     #[test]
     fn wrong_key_length_is_refused() {
@@ -257,7 +257,7 @@ mod tests {
         ));
     }
 
-    /// Control: PCI-3.7.1, NIST-800-38D-8.2 (docs/compliance.md).
+    /// Control: NIST-800-38D-8.2 (docs/compliance.md).
     /// Attack: make two encryptions share a nonce under one key (which breaks GCM); nonces
     /// never repeat.
     #[test]

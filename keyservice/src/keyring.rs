@@ -710,15 +710,27 @@ mod tests {
     }
 
     /// Control: PCI-3.6.1.2 (docs/compliance.md).
-    /// Attack: start the keyservice with a malformed or short root key; refused.
+    /// Attack: start the keyservice with a malformed, short or long root key (not hex;
+    /// 62 or 66 hex digits, a key one byte short or long); refused. Exactly 64 hex
+    /// digits (256 bits) are accepted.
     #[test]
     fn root_key_file_must_be_hex() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("root.key");
-        runtime::secret_file::create_owner_only(&path, b"not hex").unwrap();
-        assert!(matches!(
-            RootKey::from_file(&path),
-            Err(KeyringError::RootKeyFormat)
-        ));
+        for (name, content) in [
+            ("not-hex", "not hex".to_owned()),
+            ("62", "ab".repeat(31)),
+            ("66", "ab".repeat(33)),
+            ("63", format!("{}a", "ab".repeat(31))),
+        ] {
+            let path = dir.path().join(name);
+            runtime::secret_file::create_owner_only(&path, content.as_bytes()).unwrap();
+            assert!(
+                matches!(RootKey::from_file(&path), Err(KeyringError::RootKeyFormat)),
+                "{name}"
+            );
+        }
+        let path = dir.path().join("64");
+        runtime::secret_file::create_owner_only(&path, "ab".repeat(32).as_bytes()).unwrap();
+        RootKey::from_file(&path).unwrap();
     }
 }

@@ -275,6 +275,79 @@ vault_identities = ["spiffe://test/vault"]
         settings
     }
 
+    /// The keyservice's shared state as `bind` makes it, without TLS or ports.
+    fn shared(settings: &Settings) -> service::Shared {
+        let (keyring, root) = open_keyring(settings).unwrap();
+        let history_file = settings.keyring_file.with_file_name("key-history.jsonl");
+        let history =
+            history::History::open(&history_file, keyring.history_key().unwrap()).unwrap();
+        let checkpoints =
+            checkpoints::Checkpoints::open(&history_file.with_file_name("audit-checkpoints.json"))
+                .unwrap();
+        let erasures =
+            erasures::Erasures::open(&history_file.with_file_name("erasures.bin")).unwrap();
+        service::Shared::new(keyring, root, settings, history, checkpoints, erasures)
+    }
+
+    /// Scheduled rotations done, of every purpose.
+    fn scheduled_rotations(shared: &service::Shared) -> u64 {
+        keyring::Purpose::ALL
+            .iter()
+            .map(|purpose| {
+                shared
+                    .metrics
+                    .rotations
+                    .get_or_create(&metrics::RotationLabels {
+                        purpose: purpose.name(),
+                        reason: "scheduled",
+                    })
+                    .get()
+            })
+            .sum()
+    }
+
+    /// Control: PCI-3.7.4, NIST-800-57 (docs/compliance.md).
+    /// Attack: keep a key in use past its cryptoperiod by keeping the scheduled rotation
+    /// from running (a listed vault identity that never reports, e.g. a decommissioned
+    /// vault left in `[access] vault_identities`). The task's check rotates nothing
+    /// before the period ends; after it, with a silent vault, it postpones visibly (the
+    /// `scheduled_rotations_postponed` metric counts every check, a WARN once an hour)
+    /// rather than silently; with every vault reported it rotates every purpose.
+    #[test]
+    fn the_scheduled_rotation_runs_when_due_and_a_postponement_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = setup(dir.path());
+        settings.lifecycle.rotate_after_days = Some(1);
+        let now = runtime::now_unix_ms();
+        let two_days_later = now + 2 * 24 * 60 * 60 * 1000;
+
+        let waiting = shared(&settings);
+        waiting.rotate_due_at(now);
+        assert_eq!(waiting.metrics.scheduled_rotations_postponed.get(), 0);
+        // Due, but spiffe://test/vault has not reported since start.
+        waiting.rotate_due_at(two_days_later);
+        waiting.rotate_due_at(two_days_later);
+        assert_eq!(waiting.metrics.scheduled_rotations_postponed.get(), 2);
+        assert_eq!(scheduled_rotations(&waiting), 0);
+        drop(waiting);
+
+        // No vault identity to wait for: every purpose rotates, once.
+        settings.access.vault_identities.clear();
+        let serving = shared(&settings);
+        serving.rotate_due_at(two_days_later);
+        assert_eq!(
+            scheduled_rotations(&serving),
+            keyring::Purpose::ALL.len() as u64
+        );
+        assert_eq!(serving.metrics.scheduled_rotations_postponed.get(), 0);
+        // The new versions are fresh: not due again now.
+        serving.rotate_due_at(runtime::now_unix_ms());
+        assert_eq!(
+            scheduled_rotations(&serving),
+            keyring::Purpose::ALL.len() as u64
+        );
+    }
+
     #[test]
     fn a_root_key_change_interrupted_by_a_crash_is_finished_or_undone_at_start() {
         let dir = tempfile::tempdir().unwrap();

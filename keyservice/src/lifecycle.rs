@@ -574,10 +574,10 @@ mod tests {
         }
     }
 
-    /// PCI DSS 3.7.1: every key version is a fresh 256-bit key from the CSPRNG. The
-    /// attack it stands against: a rotation that reuses, derives or zeroes material (a
-    /// "new" version an attacker holding the old one can already use). Every version of
-    /// every purpose, after rotations, is 32 bytes, non-zero and distinct from all others.
+    /// PCI DSS 3.7.1: every key version is a fresh 256-bit key from the CSPRNG.
+    /// Attack: a rotation that reuses, derives or zeroes material (a "new" version an
+    /// attacker holding the old one can already use). Every version of every purpose,
+    /// after rotations, is 32 bytes, non-zero and distinct from all others.
     ///
     /// Control: PCI-3.7.1 (docs/compliance.md).
     #[test]

@@ -51,6 +51,9 @@ pub struct Metrics {
     rpc: runtime::admin::RpcMetrics,
     pub rotations: Family<RotationLabels, Counter>,
     pub keyring_save_failures: Counter,
+    /// Checks that found a scheduled rotation due and put it off because a configured
+    /// vault identity had not reported its usage yet.
+    pub scheduled_rotations_postponed: Counter,
     pub key_versions: Family<StateLabels, Gauge>,
     pub active_versions: Family<PurposeLabels, Gauge>,
     pub encryptions_leased: Family<LeasedLabels, Gauge>,
@@ -77,6 +80,13 @@ impl Default for Metrics {
             "keyring_save_failures",
             "Keyring saves that failed since start (the change was refused)",
             keyring_save_failures.clone(),
+        );
+        let scheduled_rotations_postponed = Counter::default();
+        registry.register(
+            "scheduled_rotations_postponed",
+            "Checks (one a minute) that found a scheduled rotation due and put it off \
+             because a configured vault identity has not reported its key usage since start",
+            scheduled_rotations_postponed.clone(),
         );
         let key_versions = Family::<StateLabels, Gauge>::default();
         registry.register(
@@ -122,6 +132,7 @@ impl Default for Metrics {
             rpc,
             rotations,
             keyring_save_failures,
+            scheduled_rotations_postponed,
             key_versions,
             active_versions,
             encryptions_leased,

@@ -49,6 +49,9 @@ pub enum TlsError {
     },
     #[error("{what} {path} holds no PEM certificate or key")]
     NotPem { what: &'static str, path: PathBuf },
+    /// The private key file is missing, unreadable, or readable by group or others.
+    #[error("private key file: {0}")]
+    KeyFile(#[from] crate::secret_file::SecretFileError),
     #[error("unusable TLS material: {0}")]
     Unusable(String),
 }
@@ -59,13 +62,27 @@ fn read_pem(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
         path: path.to_owned(),
         source,
     })?;
+    check_pem(what, path, &bytes)?;
+    Ok(bytes)
+}
+
+/// The private key, from a file that group and others may not read (mode 0600 or
+/// 0400): a key others can read is refused at start-up with the `chmod` to run, like
+/// the root key and other secret files.
+fn read_private_key(path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>, TlsError> {
+    let bytes = crate::secret_file::read_owner_only(path)?;
+    check_pem("private key file", path, &bytes)?;
+    Ok(bytes)
+}
+
+fn check_pem(what: &'static str, path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
     if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
         return Err(TlsError::NotPem {
             what,
             path: path.to_owned(),
         });
     }
-    Ok(bytes)
+    Ok(())
 }
 
 /// Loaded PEM material, checked to be present and PEM-shaped before any port is bound.
@@ -87,7 +104,7 @@ impl TlsMaterial {
         Ok(Self {
             ca: read_pem("CA file", &files.ca_file)?,
             cert: read_pem("certificate file", &files.cert_file)?,
-            key: zeroize::Zeroizing::new(read_pem("private key file", &files.key_file)?),
+            key: read_private_key(&files.key_file)?,
         })
     }
 
@@ -256,6 +273,46 @@ mod identity_tests {
         ] {
             let err = configured_identity(refused).unwrap_err();
             assert!(err.contains(refused), "{err}");
+        }
+    }
+}
+
+#[cfg(all(test, unix))]
+mod key_file_tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    /// Control: PCI-8.3.2 (docs/compliance.md).
+    /// Attack: read a service's TLS private key (its authentication factor) as another
+    /// local user, from a key file left group- or world-readable; the service refuses
+    /// to start with such a file, naming it and the `chmod` to run, and starts with
+    /// mode 0600 or 0400.
+    #[test]
+    fn a_private_key_readable_by_others_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = b"-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----\n";
+        let files = TlsFiles {
+            ca_file: dir.path().join("ca.pem"),
+            cert_file: dir.path().join("cert.pem"),
+            key_file: dir.path().join("service.key"),
+        };
+        for path in [&files.ca_file, &files.cert_file, &files.key_file] {
+            std::fs::write(path, pem).unwrap();
+        }
+        for mode in [0o644, 0o640, 0o604, 0o660] {
+            std::fs::set_permissions(&files.key_file, std::fs::Permissions::from_mode(mode))
+                .unwrap();
+            let error = TlsMaterial::load(&files).unwrap_err().to_string();
+            assert!(
+                error.contains("service.key") && error.contains("chmod 600"),
+                "{mode:o}: {error}"
+            );
+        }
+        for mode in [0o600, 0o400] {
+            std::fs::set_permissions(&files.key_file, std::fs::Permissions::from_mode(mode))
+                .unwrap();
+            TlsMaterial::load(&files).unwrap();
         }
     }
 }

@@ -197,7 +197,7 @@ async fn the_keyservice_serves_material_to_the_vault_identity_only() {
     stack.stop().await;
 }
 
-/// The attack: a certificate with no URI SAN whose CN reads like the vault's (or an
+/// Attack: a certificate with no URI SAN whose CN reads like the vault's (or an
 /// admin's) SPIFFE id, signed by the trusted CA (standing in for an internal CA that lets
 /// a requester pick the CN). Its identity is `cn:spiffe://...`, which no list names: no
 /// key material, no admin rights, no card data. A CN-typed policy entry does name it.

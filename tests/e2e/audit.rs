@@ -563,7 +563,7 @@ fn fault(report: &pb::VerifyAuditResponse) -> (bool, u64, &str) {
     )
 }
 
-/// The attack: stop the vault, delete its audit log whole (the column family dropped,
+/// Attack: stop the vault, delete its audit log whole (the column family dropped,
 /// the anchor deleted), start it. Before, the vault began a new chain at 1 and `audit
 /// verify` said "intact". Now the checkpoint at the keyservice says entries were
 /// written: every verify after reports them removed, and new events never fill the
@@ -640,7 +640,7 @@ async fn an_audit_log_deleted_whole_is_reported_on_every_verify_after() {
     stack.stop().await;
 }
 
-/// The attack: copy the vault's data directory (data and audit log in one database) aside, make more
+/// Attack: copy the vault's data directory (data and audit log in one database) aside, make more
 /// calls, stop the vault, put the older copy back, start it. Everything on the host is
 /// consistent; only the checkpoint at the keyservice shows what was cut.
 ///
@@ -759,7 +759,7 @@ async fn a_stopping_vault_leaves_its_last_head_at_the_keyservice() {
     stack.stop().await;
 }
 
-/// The attack: wipe the data directory and start the vault under another node name
+/// Attack: wipe the data directory and start the vault under another node name
 /// (another port or host, or `[audit] node_name`), so that no checkpoint names its
 /// node. Its identity still has one: the empty log goes on after it, and card data is
 /// refused until two admins acknowledge the gap (as for a new vault added under an

@@ -181,6 +181,10 @@ async fn the_servers_cannot_dump_core_and_lock_their_memory() {
 /// A keyservice that may not lock its memory (finite RLIMIT_MEMLOCK, no CAP_IPC_LOCK)
 /// warns and runs unlocked, or with `[memory] require_lock = true` refuses to start
 /// and says why.
+///
+/// Control: PCI-3.6.1 (docs/compliance.md).
+/// Attack: run the keyservice where it cannot lock its memory, so that key material can
+/// reach swap; it says so at WARN, and refuses to start when the operator required it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_cannot_lock_memory_warns_or_refuses_as_configured() {
     let dir = StackDir::new();

@@ -43,8 +43,8 @@ async fn every_token_survives_a_restart() {
     stack.stop().await;
 }
 
-/// An attacker with write access to the disk swaps two records, or copies one under
-/// another token: reads fail with an integrity error and never return the other card.
+/// Attack: with write access to the disk, swap two records, or copy one under another
+/// token: reads fail with an integrity error and never return the other card.
 ///
 /// Control: PCI-3.5.1, GDPR-32 (docs/compliance.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -68,6 +68,13 @@ fn number(n: u64) -> String {
     testcards::card_number(500_000 + n)
 }
 
+/// Control: PCI-7.2.6, TOK-DETOKENIZE, PCI-3.4.1, PCI-7.2.2, PCI-10.2.1.1 (docs/compliance.md).
+/// Attack: take the tenant's cards out in bulk without a second person, with an approval
+/// of another kind or tenant, twice from one approval, or to a key other than the
+/// processor's pinned one; the proposer cannot approve, an unapproved job writes nothing,
+/// the approved file opens only with the processor's key and holds exactly the tenant's
+/// live cards (not another tenant's, not a deleted one), and no number reaches vaultctl's
+/// output.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_approved_export_opens_at_the_processor_to_exactly_the_tenants_cards() {
     let dir = import_dir();

@@ -569,9 +569,17 @@ fn digit_runs(bytes: &[u8], min: usize) -> Vec<&[u8]> {
         .collect()
 }
 
-/// Control: PCI-3.5.1 (docs/compliance.md).
-/// Attack: read the database's files (heap, indexes, WAL, server log) for card numbers;
-/// none is there, while a planted number and a token are found, proving the scan works.
+/// The CVC sent with a card and forwarded: four digits with a leading zero, which no
+/// PID, LSN or byte count prints; searched as a word (no letter or digit on either
+/// side) so that a longer number or a hex string holding it is no chance match.
+const SCANNED_CVC: &str = "0372";
+/// A CVC the vault never saw, planted in a table: the CVC search must find it.
+const CANARY_CVC: &str = "0419";
+
+/// Control: PCI-3.5.1, PCI-3.3.1, PCI-3.3.1.2 (docs/compliance.md).
+/// Attack: read the database's files (heap, indexes, WAL, server log) for card numbers
+/// and for the CVC sent with one of them and forwarded; none is there, while a planted
+/// number, a planted CVC and a token are found, proving the scan works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_card_number_reaches_the_database_files() {
     let cluster = start_cluster().await;
@@ -594,14 +602,14 @@ async fn no_card_number_reaches_the_database_files() {
     }
     let amex = Card::new(&pans[5], 9, 2030)
         .with_cardholder_name("Pat Example")
-        .with_cvc("7315");
+        .with_cvc(SCANNED_CVC);
     let with_cvc = vault.tokenize(amex, false).await.unwrap().token;
     let sent = stack
         .forward_to_sandbox(&mut vault, &with_cvc, CHARGE_WITH_CVC)
         .await;
     assert_eq!(
         (sent["number"].as_str(), sent["cvc"].as_str()),
-        (Some(&*pans[5]), Some("7315"))
+        (Some(&*pans[5]), Some(SCANNED_CVC))
     );
     tokens.push(with_cvc);
     // Reuse looks a card up: its fingerprint, not its number, goes to the database.
@@ -618,7 +626,10 @@ async fn no_card_number_reaches_the_database_files() {
     cluster
         .psql(
             APP_DATABASE,
-            &format!("CREATE TABLE canary (number text); INSERT INTO canary VALUES ('{canary}')"),
+            &format!(
+                "CREATE TABLE canary (number text); \
+                 INSERT INTO canary VALUES ('{canary}'), ('{CANARY_CVC}')"
+            ),
         )
         .unwrap();
     // Everything in the heap and index files too, not only in the WAL.
@@ -629,6 +640,7 @@ async fn no_card_number_reaches_the_database_files() {
     let mut scanned_bytes = 0;
     let mut token_in = Vec::new();
     let mut canary_in = Vec::new();
+    let mut canary_cvc_in = Vec::new();
     for file in &files {
         let Ok(bytes) = std::fs::read(file) else {
             continue;
@@ -648,6 +660,18 @@ async fn no_card_number_reaches_the_database_files() {
         }
         if holds(&canary) {
             canary_in.push(relative.to_owned());
+        }
+        // The CVC: a run of exactly its four digits, not part of a word.
+        let word = |code: &str| {
+            digit_runs(&bytes, code.len()).contains(&code.as_bytes())
+                && integration_tests::word_line(&bytes, code.as_bytes()).is_some()
+        };
+        if word(SCANNED_CVC) {
+            let line = integration_tests::word_line(&bytes, SCANNED_CVC.as_bytes());
+            panic!("the CVC in {}: {line:?}", file.display());
+        }
+        if word(CANARY_CVC) {
+            canary_cvc_in.push(relative.to_owned());
         }
         let token = tokens[1].as_bytes();
         if bytes.windows(token.len()).any(|w| w == token) {
@@ -673,6 +697,10 @@ async fn no_card_number_reaches_the_database_files() {
         canary_in.iter().any(|f| f.starts_with("base"))
             && canary_in.iter().any(|f| f.starts_with("pg_wal")),
         "the planted number was not found: {canary_in:?}"
+    );
+    assert!(
+        canary_cvc_in.iter().any(|f| f.starts_with("base")),
+        "the planted CVC was not found: {canary_cvc_in:?}"
     );
 }
 
@@ -907,7 +935,7 @@ async fn the_binaries_migrate_on_request_and_log_no_statement_parameters() {
     }
 }
 
-/// The attack on a shared database, online: with the database password, delete the
+/// Attack: on a shared database, online, with the database password, delete the
 /// audit log's last entries and put back an older head row, so that the log and its
 /// anchor agree. The running vault remembers the head it wrote, and its checkpoint at
 /// the keyservice does too: every verify after reports the entries removed, before and

@@ -53,7 +53,7 @@ pub(crate) fn config_for(stack: &Stack, name: &str) -> std::path::PathBuf {
     config
 }
 
-/// The attack: a `.dev/vaultctl.toml` planted in a shared parent directory (`/tmp`),
+/// Attack: a `.dev/vaultctl.toml` planted in a shared parent directory (`/tmp`),
 /// pointing at the attacker's server, for an operator working in a directory below it.
 /// vaultctl never reads it; nor a config in this directory that others may write.
 ///
@@ -339,9 +339,10 @@ async fn rotate_rewrap_and_destroy_under_dual_control_through_vaultctl() {
 }
 
 /// Control: PCI-10.2.1.2, PCI-10.2.1.5 (docs/compliance.md).
-/// Attack: change access rights unnoticed, or load a broken policy hoping it opens access;
-/// the bad policy is refused, the old one stays, and the refused reload is in the audit log
-/// with the calls before it.
+/// Attack: change access rights unnoticed, or load a broken policy hoping it opens access,
+/// or run administrative operations (a rewrap, a backup) unlogged; the bad policy is
+/// refused, the old one stays, and the refused reload, the rewrap and the backup are in
+/// the audit log under the admin's identity, with the calls before them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_and_audit_through_vaultctl() {
     let stack = Stack::start().await;
@@ -383,8 +384,15 @@ async fn policy_and_audit_through_vaultctl() {
         out.stderr
     );
 
+    // Administrative operations: a rewrap, and a backup (RocksDB only; on PostgreSQL
+    // the call is refused, and audited all the same).
+    let out = vaultctl(&admin, &["keys", "rewrap"], "").await;
+    assert!(out.ok, "{}", out.stderr);
+    let out = vaultctl(&admin, &["backup", "create", "audited"], "").await;
+    assert!(out.ok || integration_tests::on_postgres(), "{}", out.stderr);
+
     // The audit log tells what happened, verifies, and exports as JSON lines.
-    let out = vaultctl(&admin, &["audit", "tail", "-n", "10"], "").await;
+    let out = vaultctl(&admin, &["audit", "tail", "-n", "100"], "").await;
     assert!(out.ok, "{}", out.stderr);
     assert!(out.stdout.contains("Tokenize ok"), "{}", out.stdout);
     assert!(
@@ -397,6 +405,13 @@ async fn policy_and_audit_through_vaultctl() {
         "{}",
         out.stdout
     );
+    assert!(out.stdout.contains("StartRewrap ok"), "{}", out.stdout);
+    let backup = if integration_tests::on_postgres() {
+        "CreateBackup "
+    } else {
+        "CreateBackup ok"
+    };
+    assert!(out.stdout.contains(backup), "{}", out.stdout);
     assert!(!out.stdout.contains("4242424242424242"));
     let out = vaultctl(&admin, &["audit", "verify"], "").await;
     assert!(

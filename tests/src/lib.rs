@@ -376,8 +376,10 @@ pub const SKIP_DIR_VAR: &str = "TOKENVAULT_TEST_SKIP_DIR";
 /// caller then returns). libtest shows a returning test as `ok` and keeps what it
 /// printed to itself, so the compliance runner could not tell a skip from a pass; with
 /// [`SKIP_DIR_VAR`] set, a file named after the test (libtest names each test's thread
-/// after it) holds the reason. A test thread without a name leaves `unnamed-*`, which
-/// the runner refuses: a skip it cannot attribute fails the run.
+/// after it: `module::test`) holds the reason. A thread whose name is not a test path
+/// (a tokio worker, `spawn_blocking`, `main`, none) leaves `unattributed-*`, and the
+/// runner fails the run on any marker that names no test that ran: a skip it cannot
+/// attribute is never read as a pass.
 ///
 /// Call it from the test's own thread (the body of a `#[tokio::test]` runs there), not
 /// from a spawned task.
@@ -387,9 +389,15 @@ pub fn skipped(why: &str) {
         return;
     };
     let dir = PathBuf::from(dir);
-    let name = match std::thread::current().name() {
-        Some(name) if name != "main" => name.replace(['/', '\\'], "_"),
-        _ => format!("unnamed-{}", std::process::id()),
+    let thread = std::thread::current();
+    let name = match thread.name() {
+        Some(name) if name.contains("::") => name.replace(['/', '\\'], "_"),
+        other => format!(
+            "unattributed-{}-{}-{:?}",
+            other.unwrap_or("unnamed").replace(['/', '\\'], "_"),
+            std::process::id(),
+            thread.id()
+        ),
     };
     std::fs::create_dir_all(&dir).expect("create the skip marker directory");
     std::fs::write(dir.join(name), format!("{why}\n")).expect("write the skip marker");

@@ -107,6 +107,7 @@ impl ClientConfig {
         };
         let ca = read(&self.ca_file, "CA file")?;
         let cert = read(&self.cert_file, "certificate file")?;
+        check_owner_only(&self.key_file)?;
         let key = Zeroizing::new(read(&self.key_file, "private key file")?);
         let server_name = self
             .server_name
@@ -1765,9 +1766,66 @@ impl KeyServiceClient {
     }
 }
 
+/// A private key file must be readable by its owner only (mode 0600 or 0400): the
+/// client's authentication factor, refused with the `chmod` to run when group or
+/// others may read it.
+fn check_owner_only(path: &std::path::Path) -> Result<(), Error> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .map_err(|e| {
+                Error::Config(format!(
+                    "cannot read private key file {}: {e}",
+                    path.display()
+                ))
+            })?
+            .permissions()
+            .mode()
+            & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(Error::Config(format!(
+                "private key file {} has mode {mode:o}: it must be readable by its owner \
+                 only (run `chmod 600 {}`)",
+                path.display(),
+                path.display()
+            )));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Control: PCI-8.3.2 (docs/compliance.md).
+    /// Attack: read a vaultctl user's private key (their authentication factor) as
+    /// another local user, from a key file left group- or world-readable; vaultctl and
+    /// every other client refuse to use it, with the `chmod` to run.
+    #[cfg(unix)]
+    #[test]
+    fn a_private_key_readable_by_others_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let path = std::env::temp_dir().join(format!(
+            "vault-client-key-test-{}-{:?}.key",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::write(&path, b"-----BEGIN PRIVATE KEY-----\n").unwrap();
+        for mode in [0o644, 0o640, 0o604] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let error = check_owner_only(&path).unwrap_err().to_string();
+            assert!(error.contains("chmod 600"), "{mode:o}: {error}");
+        }
+        for mode in [0o600, 0o400] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            check_owner_only(&path).unwrap();
+        }
+        std::fs::remove_file(&path).unwrap();
+    }
 
     /// A sealing key as GetSealingKey gives it, and the vault side's key pair.
     fn sealing_key() -> (SealingKey, envelope::sealed::IntakeKey) {

@@ -373,8 +373,9 @@ mod tests {
 
     /// PCI DSS 3.3.2: a CVC held before authorization (between Tokenize and the
     /// forward) is encrypted with strong cryptography (AES-256-GCM under the `cvc` key)
-    /// and bound to its token. The attack: read the code from the vault's memory (a core
-    /// dump, swap, a debugger), or move a held CVC under another token. What the store
+    /// and bound to its token.
+    /// Attack: read the code from the vault's memory (a core dump, swap, a debugger),
+    /// or move a held CVC under another token. What the store
     /// holds has none of the code's digits, opens only for its own token, and is exactly
     /// the sealed form `seal` made.
     ///

@@ -463,8 +463,8 @@ mod tests {
     }
 
     /// PCI DSS 3.5.1.1: the only hash of a card number the vault keeps is keyed
-    /// (HMAC-SHA256 under the `fingerprint` key) and separated per tenant. The attack: with
-    /// the database alone, hash every candidate number (10^5 for a known first six and last
+    /// (HMAC-SHA256 under the `fingerprint` key) and separated per tenant.
+    /// Attack: with the database alone, hash every candidate number (10^5 for a known first six and last
     /// four) and compare, or match one tenant's cards against another's. A plain SHA-256
     /// of the number, or the same value in two tenants or under another key, fails.
     ///
@@ -492,6 +492,9 @@ mod tests {
         assert_ne!(value, fingerprint(&key, &globex, &pan), "not per tenant");
     }
 
+    /// Control: PCI-3.5.1 (docs/compliance.md).
+    /// Attack: edit a record's clear metadata on disk (its last four, to pass one card
+    /// off as another); the record fails its integrity check instead of opening.
     #[test]
     fn edited_metadata_fails() {
         let key = SecretKey::generate().unwrap();

@@ -252,6 +252,57 @@ mod tests {
         assert_eq!(Token::parse(a.as_str()).unwrap(), a);
     }
 
+    /// Control: TOK-IRREVERSIBLE (docs/compliance.md).
+    /// Attack: tokenize one card many times and look for a token that repeats (a token
+    /// derived from the number, e.g. a hash or an encryption of it, would repeat every
+    /// time). 1,000 draws for one card with the real generator: the opaque and the
+    /// card-shaped tokens are all distinct; a card-shaped token keeps the card's length
+    /// and last four, and its first six only when configured to. (With the first six
+    /// kept, six digits are left to draw, about 900,000 candidates: repeats by chance are
+    /// expected, and the store's put-if-absent draws again; nearly all still differ.)
+    #[test]
+    fn one_card_tokenized_a_thousand_times_gets_a_thousand_tokens() {
+        let card = pan("4242424242424242");
+        let draws = 1_000;
+        for shape in [
+            Shape::Opaque,
+            Shape::Card {
+                keep_first_six: false,
+            },
+            Shape::Card {
+                keep_first_six: true,
+            },
+        ] {
+            let tokens: std::collections::HashSet<Token> =
+                (0..draws).map(|_| shape.draw(&card).unwrap()).collect();
+            for token in &tokens {
+                let text = token.as_str();
+                match shape {
+                    Shape::Opaque => assert!(text.starts_with("tok_") && text.len() == 26),
+                    Shape::Card { keep_first_six } => {
+                        assert_eq!(text.len(), 16, "{text}");
+                        assert!(text.ends_with("4242"), "{text}");
+                        // Without `keep_first_six` the first six are drawn like the
+                        // rest (they may match the card's by chance, one in 900,000).
+                        assert!(!keep_first_six || text.starts_with("424242"), "{text}");
+                        assert_ne!(text, "4242424242424242");
+                    }
+                }
+            }
+            let least = match shape {
+                Shape::Card {
+                    keep_first_six: true,
+                } => draws - 10,
+                _ => draws,
+            };
+            assert!(
+                tokens.len() >= least,
+                "{shape:?}: {} distinct",
+                tokens.len()
+            );
+        }
+    }
+
     #[test]
     fn malformed_tokens_are_refused() {
         for bad in [

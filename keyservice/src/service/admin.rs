@@ -9,6 +9,9 @@ use crate::error::ServiceError;
 use crate::history::NewEvent;
 use crate::keyring::{Keyring, Purpose};
 
+/// How often a postponed scheduled rotation is logged at WARN.
+const POSTPONED_WARNING_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
 impl Shared {
     pub(super) fn version_info(
         &self,
@@ -64,17 +67,41 @@ impl Shared {
 
     /// Rotates every purpose whose active version is older than `rotate_after_days`.
     pub(crate) fn rotate_due(&self) {
+        self.rotate_due_at(now_unix_ms());
+    }
+
+    /// [`Shared::rotate_due`] as of `now_ms`. A rotation that is due waits until every
+    /// configured vault identity has reported its usage (and so shown the keyring
+    /// generation it has used: a keyring restored from a copy must be caught first);
+    /// while it waits, each check counts in `scheduled_rotations_postponed` and one an
+    /// hour logs a WARN naming the silent identity, so that a cryptoperiod overrun by a
+    /// vault that never reports (decommissioned but still listed) is seen.
+    pub(crate) fn rotate_due_at(&self, now_ms: i64) {
         let Some(days) = self.lifecycle.rotate_after_days else {
             return;
         };
-        // Not before every vault has reported (and so shown the keyring generation it
-        // has used): a keyring restored from a copy must be caught first.
-        if let Some(silent) = self.silent_vault() {
-            tracing::debug!(%silent, "scheduled rotation waits for every vault's usage report");
+        let max_age_ms = i64::from(days) * 24 * 60 * 60 * 1000;
+        let due = lock(&self.keyring).due_for_rotation(now_ms, max_age_ms);
+        if due.is_empty() {
             return;
         }
-        let max_age_ms = i64::from(days) * 24 * 60 * 60 * 1000;
-        let due = lock(&self.keyring).due_for_rotation(now_unix_ms(), max_age_ms);
+        if let Some(silent) = self.silent_vault() {
+            self.metrics.scheduled_rotations_postponed.inc();
+            let mut warned = lock(&self.postponed_warned_at);
+            if warned.is_none_or(|at| at.elapsed() >= POSTPONED_WARNING_EVERY) {
+                *warned = Some(std::time::Instant::now());
+                let purposes: Vec<&str> = due.iter().map(|p| p.name()).collect();
+                tracing::warn!(
+                    %silent,
+                    ?purposes,
+                    rotate_after_days = days,
+                    "scheduled rotation is due but postponed: a configured vault identity has \
+                     not reported its key usage since the keyservice started (remove it from \
+                     [access] vault_identities if it is gone); logged once an hour"
+                );
+            }
+            return;
+        }
         for purpose in due {
             let detail = format!("scheduled: rotate_after_days = {days}");
             if let Err(error) = self.rotate(purpose, "keyservice", "scheduled", detail) {

@@ -61,6 +61,8 @@ pub(crate) struct Shared {
     /// The highest keyring generation a vault says it has accepted: above the keyring's
     /// own, the keyring was restored from an older copy (see `serving`).
     generation_seen: std::sync::atomic::AtomicU64,
+    /// When a postponed scheduled rotation was last logged at WARN (once an hour).
+    postponed_warned_at: Mutex<Option<std::time::Instant>>,
 }
 
 #[derive(Debug)]

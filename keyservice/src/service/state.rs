@@ -38,6 +38,7 @@ impl Shared {
             erasures,
             save_failing: AtomicBool::new(false),
             generation_seen: std::sync::atomic::AtomicU64::new(0),
+            postponed_warned_at: Mutex::new(None),
         }
     }
 

@@ -200,9 +200,11 @@ struct ForwardArgs {
 
 #[derive(Debug, Subcommand)]
 enum SubjectCommand {
-    /// List every token of the card (permission `read`).
+    /// List every token of the card in the caller's tenant (permission `subject`;
+    /// rate-limited).
     Find,
-    /// Erase every token of the card (permission `delete`); the data is physically
+    /// Erase every token of the card in the caller's tenant (permission `subject`);
+    /// the data is physically
     /// gone once the vault's purge job has compacted its store.
     Erase,
 }
