@@ -490,7 +490,7 @@ impl Rpc {
             }
             Rpc::GetImportKey => {
                 let key = client
-                    .get_import_key(pb::GetImportKeyRequest {})
+                    .get_import_key(pb::GetImportKeyRequest::default())
                     .await?
                     .into_inner();
                 problem(
