@@ -395,6 +395,24 @@ mod tests {
         )
         .unwrap();
         assert_eq!(opened, pt);
+        // Our receiving KEM (crate::dhkem, which IntakeKey opens with): the RFC's
+        // shared secret, and the same plaintext.
+        let (sk_ours, _) = Receiver::derive_keypair(&ikm_r);
+        let enc = <Receiver as hpke::Kem>::EncappedKey::from_bytes(&enc.to_bytes()).unwrap();
+        assert_eq!(
+            Receiver::decap(&sk_ours, None, &enc).unwrap().0.to_vec(),
+            unhex("fe0e18c9f024ce43799ae393c7e8fe8fce9d218875e8227b0187c04e7d2ea1fc")
+        );
+        let opened = hpke::single_shot_open::<AesGcm128, HkdfSha256, Receiver>(
+            &OpModeR::Base,
+            &sk_ours,
+            &enc,
+            &info,
+            &ct,
+            &aad,
+        )
+        .unwrap();
+        assert_eq!(opened, pt);
     }
 
     fn key(byte: u8) -> IntakeKey {

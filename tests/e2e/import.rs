@@ -146,10 +146,12 @@ impl Drop for Gpg {
     }
 }
 
-/// The vault's import key, exported with vaultctl and imported into `gpg`: its
-/// fingerprint, checked against what gpg computes, with a Curve25519 ECDH subkey.
-async fn export_import_key(stack: &Stack, gpg: &Gpg) -> String {
-    let out = vaultctl(&config_for(stack, ADMIN), &["import", "key", "export"], "").await;
+/// `vaultctl import key export ARGS`, imported into `gpg`: the fingerprint vaultctl
+/// printed (checked against what gpg computes) and gpg's listing.
+async fn export_key(stack: &Stack, gpg: &Gpg, args: &[&str]) -> (String, Vec<String>) {
+    let mut command = vec!["import", "key", "export"];
+    command.extend(args);
+    let out = vaultctl(&config_for(stack, ADMIN), &command, "").await;
     assert!(out.ok, "{}", out.stderr);
     assert!(
         out.stdout
@@ -171,6 +173,13 @@ async fn export_import_key(stack: &Stack, gpg: &Gpg) -> String {
             .any(|l| l == &format!("fpr:::::::::{fingerprint}:")),
         "gpg computes the fingerprint vaultctl printed: {listing:?}"
     );
+    (fingerprint, listing)
+}
+
+/// The vault's import key, exported with vaultctl and imported into `gpg`: its
+/// fingerprint, checked against what gpg computes, with a Curve25519 ECDH subkey.
+async fn export_import_key(stack: &Stack, gpg: &Gpg) -> String {
+    let (fingerprint, listing) = export_key(stack, gpg, &[]).await;
     // pub: EdDSA (22); sub: ECDH (18) on Curve25519, for encryption.
     assert!(
         listing
@@ -913,26 +922,7 @@ async fn an_rsa_4096_import_key_opens_a_file_gpg_encrypted_to_it() {
     const ROWS: u64 = 500;
     let stack = import_stack().await;
     let gpg = Gpg::new();
-    let out = vaultctl(
-        &config_for(&stack, ADMIN),
-        &["import", "key", "export", "--algorithm", "rsa4096"],
-        "",
-    )
-    .await;
-    assert!(out.ok, "{}", out.stderr);
-    assert!(out.stderr.contains("rsa4096"), "{}", out.stderr);
-    let rsa = out
-        .stderr
-        .split("fingerprint ")
-        .nth(1)
-        .unwrap()
-        .trim()
-        .to_owned();
-    let listing = gpg.import(&out.stdout);
-    assert!(
-        listing.iter().any(|l| l == &format!("fpr:::::::::{rsa}:")),
-        "gpg computes the fingerprint vaultctl printed: {listing:?}"
-    );
+    let (rsa, listing) = export_key(&stack, &gpg, &["--algorithm", "rsa4096"]).await;
     // pub and sub: RSA (algorithm 1), 4096 bits; the subkey encrypts.
     let fields = |l: &String| l.split(':').map(str::to_owned).collect::<Vec<_>>();
     assert!(

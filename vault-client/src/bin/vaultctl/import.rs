@@ -134,8 +134,19 @@ pub struct RunArgs {
     quiet: bool,
 }
 
+/// The deadline for the first export of the RSA key on a vault: the vault derives the
+/// key then (a search for primes: seconds, longer on a busy machine).
+const RSA_KEY_DEADLINE: Duration = Duration::from_secs(120);
+
 pub async fn run(args: ImportArgs, vault: ConfigFn<'_>) -> anyhow::Result<ExitCode> {
-    let mut client = VaultClient::connect(&vault()?).await?;
+    let mut config = vault()?;
+    if let Some(ImportCommand::Key(KeyCommand::Export {
+        algorithm: KeyAlgorithmArg::Rsa4096,
+    })) = &args.command
+    {
+        config.timeout = config.timeout.max(RSA_KEY_DEADLINE);
+    }
+    let mut client = VaultClient::connect(&config).await?;
     match args.command {
         Some(ImportCommand::Key(KeyCommand::Export { algorithm })) => {
             let key = client
