@@ -62,9 +62,11 @@ define test-phase
 endef
 
 # The unit tests of every crate, and the end-to-end tests on RocksDB (whatever
-# TOKENVAULT_TEST_STORAGE says in the caller's environment).
+# TOKENVAULT_TEST_STORAGE says in the caller's environment). --no-fail-fast: a failed
+# test binary does not keep the others from running (the phase still fails), so the
+# compliance report shows every row's result, not "did not run".
 test-workspace: build
-	$(call test-phase,workspace,cargo test --locked --workspace)
+	$(call test-phase,workspace,cargo test --locked --workspace --no-fail-fast)
 
 # Every end-to-end test again with the vault on PostgreSQL (a throwaway cluster per
 # stack) instead of RocksDB; tests about RocksDB's own files, backups and disk say
