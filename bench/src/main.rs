@@ -33,7 +33,7 @@ use hdrhistogram::Histogram;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
-use vault_client::{Card, ClientConfig, ForwardRequest, VaultClient};
+use vault_client::{BatchItem, Card, ClientConfig, ForwardRequest, VaultClient};
 use vault_proto::vault::v1 as pb;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -47,9 +47,10 @@ enum Scenario {
     TokenizeSealed,
     /// `--batch-size` cards per call.
     TokenizeBatch,
-    /// GetTokenInfo on tokens made during the warm-up.
+    /// GetTokenInfo on `--tokens` tokens made before the warm-up.
     Info,
-    /// Forward to the `--processor` (the dev stack's sandbox by default).
+    /// Forward to the `--processor` (the dev stack's sandbox by default), each call
+    /// naming one of `--tokens` tokens made before the warm-up.
     Forward,
     /// 50% info, 40% tokenize, 10% forward.
     Mix,
@@ -103,9 +104,14 @@ struct Cli {
     /// How long to measure, in seconds.
     #[arg(long, default_value_t = 10)]
     duration: u64,
-    /// Warm-up before measuring, in seconds (also makes the tokens `info` reads).
+    /// Warm-up before measuring, in seconds.
     #[arg(long, default_value_t = 2)]
     warmup: u64,
+    /// info, forward and mix: tokens made before the warm-up (in batches of 1,000,
+    /// outside the timed window) for those calls to name.
+    #[arg(long, default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    tokens: u32,
     #[arg(long, default_value_t = 100)]
     batch_size: u32,
     /// tokenize-sealed: cards sealed before the run (each is tokenized once; calls
@@ -232,7 +238,8 @@ struct Shared {
     next_card: AtomicU64,
     measuring: AtomicBool,
     stop: AtomicBool,
-    tokens: Mutex<Vec<String>>,
+    /// info, forward and mix: the tokens their calls name, made before the run.
+    tokens: Vec<String>,
     /// tokenize-sealed: the cards sealed before the run, each sent once.
     sealed: Vec<Vec<u8>>,
     next_sealed: AtomicUsize,
@@ -318,10 +325,8 @@ async fn call(
     // Synthetic numbers spread over issuers as real cards are (the guessing detector
     // counts cards per first six and last four).
     let card = |k: u64| Card::new(&testcards::card_number(k), 12, 2031);
-    let token = || {
-        let tokens = shared.tokens.lock().unwrap_or_else(PoisonError::into_inner);
-        tokens.get((n as usize) % tokens.len().max(1)).cloned()
-    };
+    // Made before the run (`make_tokens`), never empty for the scenarios that read it.
+    let token = || shared.tokens[(n as usize) % shared.tokens.len()].as_str();
     let scenario = match scenario {
         Scenario::Mix => match n % 10 {
             0 => Scenario::Forward,
@@ -332,19 +337,12 @@ async fn call(
     };
     match scenario {
         Scenario::Tokenize | Scenario::Mix => {
-            let info = client
+            client
                 .tokenize(
                     card(shared.next_card.fetch_add(1, Ordering::Relaxed)),
                     false,
                 )
                 .await?;
-            if !shared.measuring.load(Ordering::Relaxed) {
-                shared
-                    .tokens
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .push(info.token);
-            }
             Ok(1)
         }
         Scenario::TokenizeSealed => {
@@ -366,18 +364,13 @@ async fn call(
             client.tokenize_batch(&cards, false).await?;
             Ok(u64::from(cli.batch_size))
         }
-        Scenario::Info => Ok(match token() {
-            Some(token) => client.token_info(&token).await.map(|_| 1)?,
-            None => client.tokenize(card(n), false).await.map(|_| 1)?,
-        }),
+        Scenario::Info => Ok(client.token_info(token()).await.map(|_| 1)?),
         Scenario::Forward => {
-            let Some(token) = token() else {
-                return Ok(client.tokenize(card(n), false).await.map(|_| 1)?);
-            };
+            let token = token();
             Ok(client
                 .forward(ForwardRequest {
                     reason: Some("benchmark".into()),
-                    ..ForwardRequest::route(&cli.processor, "charge", &token, &[("amount", "1000")])
+                    ..ForwardRequest::route(&cli.processor, "charge", token, &[("amount", "1000")])
                 })
                 .await
                 .map(|_| 1)?)
@@ -501,6 +494,43 @@ async fn open_loop(
 
 /// Seals `count` synthetic cards to the vault's intake key, on every core, before the
 /// run: the scenario measures the vault, not the sealer.
+/// Tokenizes `count` cards numbered from `first` in batches of 1,000 and returns their
+/// tokens, for the scenarios that read or forward existing tokens.
+async fn make_tokens(config: &ClientConfig, first: u64, count: u32) -> anyhow::Result<Vec<String>> {
+    let mut client = VaultClient::connect(config)
+        .await
+        .context("connect to the vault")?;
+    let started = Instant::now();
+    let mut tokens = Vec::with_capacity(count as usize);
+    let end = first + u64::from(count);
+    let mut next = first;
+    while next < end {
+        let batch_end = (next + 1_000).min(end);
+        let cards: Vec<Card> = (next..batch_end)
+            .map(|k| Card::new(&testcards::card_number(k), 12, 2031))
+            .collect();
+        for item in client
+            .tokenize_batch(&cards, false)
+            .await
+            .context("TokenizeBatch (making the tokens the run reads)")?
+        {
+            match item {
+                BatchItem::Stored(info) => tokens.push(info.token),
+                BatchItem::Invalid { field, rule, .. } => {
+                    anyhow::bail!("a card made for the run was refused: {field} ({rule})")
+                }
+            }
+        }
+        next = batch_end;
+    }
+    eprintln!(
+        "made {} tokens in {:.1} s (outside the timed window)",
+        tokens.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(tokens)
+}
+
 async fn seal_cards(
     config: &ClientConfig,
     first: u64,
@@ -572,12 +602,18 @@ async fn main() -> anyhow::Result<()> {
         Scenario::TokenizeSealed => seal_cards(&config, first_card, cli.sealed_cards).await?,
         _ => Vec::new(),
     };
+    // The cards of the tokens made first, then the sealed cards, then the run's own.
+    let tokens = match cli.scenario {
+        Scenario::Info | Scenario::Forward | Scenario::Mix => {
+            make_tokens(&config, first_card, cli.tokens).await?
+        }
+        _ => Vec::new(),
+    };
     let shared = Arc::new(Shared {
-        // tokenize-sealed's cards come first; the other scenarios' after them.
-        next_card: AtomicU64::new(first_card + sealed.len() as u64),
+        next_card: AtomicU64::new(first_card + tokens.len() as u64 + sealed.len() as u64),
         measuring: AtomicBool::new(false),
         stop: AtomicBool::new(false),
-        tokens: Mutex::new(Vec::new()),
+        tokens,
         sealed,
         next_sealed: AtomicUsize::new(0),
         calls: AtomicU64::new(0),

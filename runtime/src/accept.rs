@@ -301,6 +301,9 @@ pub struct Conn {
     table: Arc<Table>,
     closed: oneshot::Receiver<()>,
     closing: bool,
+    /// Whether the first write since the last flush has yielded once already (see
+    /// `poll_write`).
+    yielded: bool,
 }
 
 impl Conn {
@@ -352,11 +355,27 @@ impl AsyncWrite for Conn {
         if this.closing(cx) {
             return Poll::Ready(Err(std::io::ErrorKind::ConnectionAborted.into()));
         }
+        // The first write after a flush waits one turn of the scheduler. Each answer
+        // finishes in its own task, which wakes the connection's task; tokio runs a
+        // task woken that way next, so without the wait every answer would go out as
+        // its own TLS record and system call. A task that wakes itself goes to the
+        // back of the queue instead: the answers finished meanwhile (a whole group
+        // commit's) are buffered by then and leave together.
+        if !this.yielded {
+            this.yielded = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
         Pin::new(&mut this.io).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        let flushed = Pin::new(&mut this.io).poll_flush(cx);
+        if flushed.is_ready() {
+            this.yielded = false;
+        }
+        flushed
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -518,6 +537,7 @@ async fn accept(
                 table,
                 closed,
                 closing: false,
+                yielded: false,
             };
             let _ = sender.send(Ok(conn)).await;
         });
