@@ -134,16 +134,19 @@ pub struct RunArgs {
     quiet: bool,
 }
 
-/// The deadline for the first export of the RSA key on a vault: the vault derives the
-/// key then (a search for primes: seconds, longer on a busy machine).
+/// The deadline of the calls that may make a vault derive its RSA import key (a search
+/// for primes: seconds, longer on a busy machine): the key's first export, and a file's
+/// last piece, whose check tries that key when no other key opens the file.
 const RSA_KEY_DEADLINE: Duration = Duration::from_secs(120);
 
 pub async fn run(args: ImportArgs, vault: ConfigFn<'_>) -> anyhow::Result<ExitCode> {
     let mut config = vault()?;
-    if let Some(ImportCommand::Key(KeyCommand::Export {
-        algorithm: KeyAlgorithmArg::Rsa4096,
-    })) = &args.command
-    {
+    if matches!(
+        &args.command,
+        None | Some(ImportCommand::Key(KeyCommand::Export {
+            algorithm: KeyAlgorithmArg::Rsa4096,
+        }))
+    ) {
         config.timeout = config.timeout.max(RSA_KEY_DEADLINE);
     }
     let mut client = VaultClient::connect(&config).await?;
