@@ -94,10 +94,12 @@ wait_ports_free() {
   done
 }
 
-run() { # name scenario connections in_flight [more vault-bench flags]
+run() { # name scenario connections in_flight (- for open loop) [more vault-bench flags]
   echo "==> $1"
+  local concurrency=(--in-flight "$4")
+  if [ "$4" = - ]; then concurrency=(); fi
   "$bin/vault-bench" --config "$stack_dir/vaultctl.toml" --scenario "$2" \
-    --connections "$3" --in-flight "$4" --duration "$secs" --warmup 2 \
+    --connections "$3" "${concurrency[@]}" --duration "$secs" --warmup 2 \
     "${pid_args[@]}" --json "$results/$1.json" "${@:5}"
 }
 
@@ -116,8 +118,19 @@ scenarios() { # result name prefix: "" (RocksDB) or "pg-"
   run "${p}tokenize-sealed-64" tokenize-sealed 4 16 --sealed-cards $(( (secs + 2) * 30000 ))
   run "${p}info-64" info 4 16
   run "${p}batch-8" tokenize-batch 4 2
+  # Batches of 1,000 cards, one and two calls in flight (the hot-path issue's fast path).
+  run "${p}batch1000-1" tokenize-batch 1 1 --batch-size 1000
+  run "${p}batch1000-2" tokenize-batch 2 1 --batch-size 1000
   run "${p}forward-16" forward 4 4
+  # forward-16's baseline: the same charge sent by the client straight to the sandbox.
+  if [ -z "$p" ]; then run forward-direct-16 forward-direct 4 4; fi
   run "${p}mix-64" mix 4 16
+  # Open loop at 0.8 x this run's closed-loop tokenize-64: does the vault keep a
+  # schedule it can sustain, and with what latency?
+  local rate
+  rate=$(python3 -c 'import json, sys; print(max(1, int(0.8 * json.load(open(sys.argv[1]))["calls_per_sec"])))' \
+    "$results/${p}tokenize-64.json")
+  run "${p}tokenize-open" tokenize 4 - --rate "$rate"
 }
 
 echo "==> building release binaries"

@@ -52,6 +52,11 @@ enum Scenario {
     /// Forward to the `--processor` (the dev stack's sandbox by default), each call
     /// naming one of `--tokens` tokens made before the warm-up.
     Forward,
+    /// The baseline of `forward`: the same charge (a synthetic card, the route's JSON
+    /// body and the sandbox's API key) sent by this client straight to the sandbox
+    /// (`--sandbox-url`) over HTTPS/1.1, as the vault sends it; what forward adds is
+    /// the difference at the same concurrency.
+    ForwardDirect,
     /// 50% info, 40% tokenize, 10% forward.
     Mix,
     /// The transport baseline: the standard gRPC health check
@@ -120,6 +125,10 @@ struct Cli {
     sealed_cards: usize,
     #[arg(long, default_value = "sandbox")]
     processor: String,
+    /// forward-direct: the sandbox's charge URL. Its CA is the config's `ca_file` and
+    /// its API key the file `sandbox-api-key` beside the config (the dev stack's).
+    #[arg(long, default_value = "https://localhost:9443/v1/charges")]
+    sandbox_url: String,
     /// The vault's process id, to report server CPU time per call (Linux /proc).
     #[arg(long)]
     server_pid: Option<u32>,
@@ -243,6 +252,8 @@ struct Shared {
     /// tokenize-sealed: the cards sealed before the run, each sent once.
     sealed: Vec<Vec<u8>>,
     next_sealed: AtomicUsize,
+    /// forward-direct: the HTTPS client to the sandbox and its API key.
+    direct: Option<Direct>,
     /// Calls answered OK and cards they carried, in the measured window (progress).
     calls: AtomicU64,
     cards: AtomicU64,
@@ -256,6 +267,8 @@ enum CallError {
     NotServing,
     /// tokenize-sealed: every card sealed before the run was sent.
     SealedCardsUsedUp,
+    /// forward-direct: the sandbox did not answer, or not with 200 (its status).
+    Sandbox(Option<u16>),
 }
 
 impl From<vault_client::Error> for CallError {
@@ -271,6 +284,8 @@ impl CallError {
             CallError::Vault(e) => e.code().map_or("transport".into(), |c| format!("{c:?}")),
             CallError::NotServing => "NotServing".into(),
             CallError::SealedCardsUsedUp => "SealedCardsUsedUp".into(),
+            CallError::Sandbox(None) => "sandbox transport".into(),
+            CallError::Sandbox(Some(status)) => format!("sandbox HTTP {status}"),
         }
     }
 }
@@ -374,6 +389,29 @@ async fn call(
                 })
                 .await
                 .map(|_| 1)?)
+        }
+        Scenario::ForwardDirect => {
+            let direct = shared.direct.as_ref().ok_or(CallError::Sandbox(None))?;
+            let number = testcards::card_number(shared.next_card.fetch_add(1, Ordering::Relaxed));
+            // The route's body (devstack's `charge`), as the vault fills it in.
+            let body = format!(
+                r#"{{"amount":"1000","number":"{number}","exp_month":"12","exp_year":"2031","name":""}}"#
+            );
+            let answer = direct
+                .client
+                .post(&direct.url)
+                .header("authorization", &direct.authorization)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .map_err(|_| CallError::Sandbox(None))?;
+            let status = answer.status().as_u16();
+            answer.bytes().await.map_err(|_| CallError::Sandbox(None))?;
+            match status {
+                200 => Ok(1),
+                other => Err(CallError::Sandbox(Some(other))),
+            }
         }
         // vault-client's health check, as `vaultctl health` makes it: the vault's
         // channel, one Health/Check per call. (It retries UNAVAILABLE twice, after 100
@@ -574,6 +612,42 @@ async fn seal_cards(
     Ok(sealed)
 }
 
+/// forward-direct's HTTPS client: the config's CA, no client certificate, no ALPN
+/// (HTTP/1.1 with keep-alive, as the vault's processor client), and the sandbox's API
+/// key from the dev stack's directory.
+struct Direct {
+    client: reqwest::Client,
+    url: String,
+    authorization: String,
+}
+
+fn direct_client(config_path: &Path, url: &str) -> anyhow::Result<Direct> {
+    let text = std::fs::read_to_string(config_path)
+        .with_context(|| format!("read {}", config_path.display()))?;
+    let file: ConfigFile = toml::from_str(&text).context("parse the config file")?;
+    let base = config_path.parent().unwrap_or(Path::new("."));
+    let roots = runtime::tls::root_store(&base.join(file.ca_file)).map_err(anyhow::Error::msg)?;
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS versions")?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let key_file = base.join("sandbox-api-key");
+    let key = std::fs::read_to_string(&key_file)
+        .with_context(|| format!("read the sandbox's API key from {}", key_file.display()))?;
+    Ok(Direct {
+        client: reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .no_proxy()
+            .build()
+            .context("build the HTTPS client")?,
+        url: url.to_owned(),
+        authorization: format!("Bearer {}", key.trim()),
+    })
+}
+
 fn load_config(path: &Path) -> anyhow::Result<ClientConfig> {
     let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
     let file: ConfigFile = toml::from_str(&text).context("parse the config file")?;
@@ -616,6 +690,10 @@ async fn main() -> anyhow::Result<()> {
         tokens,
         sealed,
         next_sealed: AtomicUsize::new(0),
+        direct: match cli.scenario {
+            Scenario::ForwardDirect => Some(direct_client(&cli.config, &cli.sandbox_url)?),
+            _ => None,
+        },
         calls: AtomicU64::new(0),
         cards: AtomicU64::new(0),
     });

@@ -62,7 +62,13 @@ const MAX_GROWTH: usize = 4;
 /// Returns false, masking nothing, for an answer whose normalised view would be more
 /// than [`MAX_GROWTH`] times its size: it is to be withheld.
 pub fn scrub(bytes: &mut [u8], injected: &Injected<'_>) -> bool {
+    let mut masked_any = false;
     for decode in [true, false] {
+        // Without a byte that starts an escape the two views are the same, and if the
+        // first pass masked nothing the bytes are too: the second would find nothing.
+        if !decode && !masked_any && !has_escapes(bytes) {
+            break;
+        }
         let view = View::of(bytes, decode);
         if view.chars.len() > MAX_GROWTH * bytes.len().max(16) {
             return false;
@@ -80,18 +86,29 @@ pub fn scrub(bytes: &mut [u8], injected: &Injected<'_>) -> bool {
         for secret in injected.secrets.iter().filter(|s| s.len() >= 4) {
             mask_text(&view, secret, &mut masked);
         }
-        view.apply(bytes, &masked);
+        masked_any |= view.apply(bytes, &masked);
     }
     true
 }
 
+/// Whether `bytes` hold a byte that [`decode_one`] may read as the start of an escape.
+fn has_escapes(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .any(|b| matches!(b, b'\\' | b'%' | b'+' | b'&'))
+}
+
 /// Masks card-number-like runs in place (the shape rule alone).
 pub fn mask_card_numbers(bytes: &mut [u8]) {
+    let mut masked_any = false;
     for decode in [true, false] {
+        if !decode && !masked_any && !has_escapes(bytes) {
+            break;
+        }
         let view = View::of(bytes, decode);
         let mut masked = vec![false; view.chars.len()];
         mask_card_like(&view, &mut masked);
-        view.apply(bytes, &masked);
+        masked_any |= view.apply(bytes, &masked);
     }
 }
 
@@ -119,22 +136,33 @@ impl View {
                 true => decode_one(bytes, i),
                 false => plain_one(&bytes[i..]),
             };
-            // NFKC: a fullwidth digit is a digit, a ligature its letters.
-            for normal in std::iter::once(c).nfkc() {
-                view.chars.push(normal);
+            // NFKC: a fullwidth digit is a digit, a ligature its letters. (Each
+            // character on its own, so ASCII, which NFKC leaves as it is, skips it:
+            // most answers are all ASCII.)
+            if c.is_ascii() {
+                view.chars.push(c);
                 view.spans.push((i, i + len));
+            } else {
+                for normal in std::iter::once(c).nfkc() {
+                    view.chars.push(normal);
+                    view.spans.push((i, i + len));
+                }
             }
             i += len;
         }
         view
     }
 
-    fn apply(&self, bytes: &mut [u8], masked: &[bool]) {
+    /// Masks the bytes of the marked characters; returns whether any was marked.
+    fn apply(&self, bytes: &mut [u8], masked: &[bool]) -> bool {
+        let mut any = false;
         for (k, &(start, end)) in self.spans.iter().enumerate() {
             if masked[k] {
                 bytes[start..end].fill(b'*');
+                any = true;
             }
         }
+        any
     }
 
     fn digit(&self, k: usize) -> Option<u8> {
@@ -282,6 +310,8 @@ const MAX_NAME_GAP: usize = 3;
 /// The shortest run of the injected number's digits masked on its own (a truncated
 /// echo): with the last four known, 8 leading digits leave a guessable rest.
 const MIN_PIECE: usize = 8;
+// mask_number_pieces packs a piece into a u64.
+const _: () = assert!(MIN_PIECE == 8);
 
 /// Marks each occurrence of `number`'s digits in order (see the module's doc), all but
 /// the last four.
@@ -325,6 +355,11 @@ fn mask_number_pieces(view: &View, number: &[u8], masked: &mut [bool]) {
     if number.len() < 12 {
         return;
     }
+    // The number's MIN_PIECE-digit windows, each packed into one integer (at most 12
+    // of them for 19 digits): a window of the answer is compared with each at once.
+    let pack = |w: &[u8]| u64::from_le_bytes(w.try_into().unwrap_or_default());
+    let pieces: Vec<u64> = number.windows(MIN_PIECE).map(pack).collect();
+    let mut run: Vec<u8> = Vec::new();
     let mut k = 0;
     while k < view.chars.len() {
         if view.digit(k).is_none() {
@@ -332,19 +367,19 @@ fn mask_number_pieces(view: &View, number: &[u8], masked: &mut [bool]) {
             continue;
         }
         let start = k;
-        while view.digit(k).is_some() {
+        run.clear();
+        while let Some(d) = view.digit(k) {
+            run.push(d);
             k += 1;
         }
-        let run: Vec<u8> = (start..k).filter_map(|p| view.digit(p)).collect();
-        if run.windows(number.len()).any(|w| w == number) {
+        if run.len() < MIN_PIECE || run.windows(number.len()).any(|w| w == number) {
             continue;
         }
         // Every MIN_PIECE-digit window of the run that is one of the number's: linear in
         // the run (a megabyte of digits stays cheap); overlapping windows cover a
         // longer piece whole.
-        let pieces: std::collections::HashSet<&[u8]> = number.windows(MIN_PIECE).collect();
         for (i, window) in run.windows(MIN_PIECE).enumerate() {
-            if pieces.contains(window) {
+            if pieces.contains(&pack(window)) {
                 masked[start + i..start + i + MIN_PIECE].fill(true);
             }
         }
@@ -410,6 +445,9 @@ fn is_combining(c: char) -> bool {
 /// A letter as names are compared: its base letter, lower case (`É` and `é` are `e`);
 /// a combining mark is nothing (`\0`). One character for one, so positions hold.
 fn fold(c: char) -> char {
+    if c.is_ascii() {
+        return c.to_ascii_lowercase();
+    }
     if is_combining(c) {
         return '\0';
     }
