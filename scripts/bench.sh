@@ -62,8 +62,15 @@ start_stack() { # dir [devstack options]
   stack_dir="$1"
   shift
   echo "==> starting the stack in $stack_dir"
+  "$bin/devstack" --dir "$stack_dir" "$@" --init-only > "$stack_dir.log" 2>&1 7>&-
+  # One identity brings 3 to 4 million synthetic cards in a run. Over the guessing
+  # detector's default day-long window (or even 10 minutes) that fills the fullest
+  # buckets (first six, last four) past their limit, and the detector refuses the
+  # identity, as it should. The bench counts over one minute instead: the same work
+  # per call, no refusals.
+  printf '\n[guessing]\nwindow_secs = 60\n' >> "$stack_dir/vault-server.toml"
   # 7>&-: pgcluster's stdin stays open in this script only, so that it ends with it.
-  "$bin/devstack" --dir "$stack_dir" "$@" > "$stack_dir.log" 2>&1 7>&- &
+  "$bin/devstack" --dir "$stack_dir" "$@" >> "$stack_dir.log" 2>&1 7>&- &
   stack_pid=$!
   for _ in $(seq 1 120); do
     if "$bin/vaultctl" --config "$stack_dir/vaultctl.toml" health >/dev/null 2>&1; then break; fi

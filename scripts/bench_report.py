@@ -95,6 +95,9 @@ lines = [
     "fresh data directory, every acknowledged token durable (synced write-ahead log) and",
     f"audited. Each scenario runs {secs} s after a 2 s warm-up; client and servers share",
     "the machine. Compare ratios rather than absolute figures: these machines are noisy.",
+    "The guessing detector runs on every card as always, but counts over one minute",
+    "instead of a day: one identity brings millions of synthetic cards in a run, which over",
+    "a longer window fill the fullest first-six/last-four buckets and get it refused.",
     "The table is the vault on RocksDB, its default engine; [PostgreSQL](#postgresql-against-rocksdb)",
     "follows the chart.",
     "Closed loop: each of the connections x in-flight workers sends its next call when",
@@ -262,12 +265,13 @@ def targets_section():
                "-" if r is None else f"{r['cards_per_sec']:,.0f} cards/s",
                None if r is None else r["cards_per_sec"] >= 150_000)
     closed = {n: r for n, r in reports.items()
-              if n != "preload" and in_flight(r) is not None and not n.startswith("batch1000")}
+              if n != "preload" and in_flight(r) is not None
+              and not n.startswith(("batch1000", "forward-direct"))}
     if closed:
-        worst = max(closed.items(), key=lambda item: item[1]["latency_ms"]["p999"])
+        over = sorted((n for n, r in closed.items() if r["latency_ms"]["p999"] > 15), key=lambda n: n)
+        measured = ", ".join(f"{n} {closed[n]['latency_ms']['p999']:.1f} ms" for n in over)
         target("p99.9 ≤ 15 ms in every closed-loop scenario but batch-1000",
-               f"worst {worst[0]}: {worst[1]['latency_ms']['p999']:.2f} ms",
-               worst[1]["latency_ms"]["p999"] <= 15)
+               f"over it: {measured}" if over else "all under it", not over)
     for name in ("batch1000-1", "batch1000-2"):
         r = get(name)
         if r:
@@ -290,8 +294,9 @@ def targets_section():
         held = o["not_issued"] == 0 and o["unfinished"] == 0 and not opened["errors"]
         p99 = opened["latency_ms"]["p99"]
         target(f"open loop at 0.8 × tokenize-64 ({o['target_rate']:,}/s) holds its schedule, p99 ≤ 5 ms",
-               f"{opened['calls_per_sec']:,.0f}/s, not issued {o['not_issued']}, unfinished "
-               f"{o['unfinished']}, p99 {p99:.2f} ms", held and p99 <= 5)
+               f"{opened['calls_per_sec']:,.0f}/s answered OK, errors {sum(opened['errors'].values())}, "
+               f"not issued {o['not_issued']}, unfinished {o['unfinished']}, p99 {p99:.2f} ms",
+               held and p99 <= 5)
     else:
         target("open loop at 0.8 × tokenize-64 holds its schedule, p99 ≤ 5 ms", "-", None)
     sealed, plain = get("tokenize-sealed-64"), get("tokenize-64")
