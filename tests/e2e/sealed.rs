@@ -318,9 +318,10 @@ async fn sealed_cards_feed_the_guessing_detector() {
     stack.stop().await;
 }
 
-/// A caller that gives up (a deadline of a few hundred microseconds) does not leave its
-/// sealed card stuck "in flight": the call runs to its end in the vault, and the retry
-/// gets the first answer.
+/// A caller that gives up (a deadline of a few hundred microseconds) leaves nothing
+/// half done: its sealed card's nonce is claimed in the same durable write as its
+/// record, so the retry right after is answered (with the first call's token if it got
+/// that far), never refused as in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_giving_up_leaves_no_sealed_card_in_flight() {
     use vault_proto::vault::v1 as pb;
@@ -344,24 +345,74 @@ async fn a_caller_giving_up_leaves_no_sealed_card_in_flight() {
         if raw.tokenize_sealed(request).await.is_err() {
             gave_up += 1;
         }
-        // The retry, a moment later, is answered (with the first call's token if it
-        // got that far), never refused as in flight.
-        let mut answered = None;
-        for _ in 0..50 {
-            match vault.tokenize_sealed(&blob, false).await {
-                Ok(info) => {
-                    answered = Some(info);
-                    break;
-                }
-                Err(e) if e.reason() == Some("SEALED_CARD_IN_FLIGHT") => {
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                }
-                Err(e) => panic!("{e}"),
-            }
-        }
-        let info = answered.expect("the retry was answered within a second");
+        let info = vault.tokenize_sealed(&blob, false).await.unwrap();
         assert_eq!(info.last_four, number[12..]);
+        assert_eq!(
+            vault.tokenize_sealed(&blob, false).await.unwrap().token,
+            info.token
+        );
     }
     assert!(gave_up > 0, "no call gave up: the test proves nothing");
+    stack.stop().await;
+}
+
+/// The same sealed card sent by many callers at once (a backend retrying while its
+/// first call still runs), alone and twice in one batch: one record is made, and every
+/// call gets its token; another sealed card with the same nonce sent among them is
+/// refused as a replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_sealed_card_sent_at_once_is_stored_once() {
+    let stack = Stack::start().await;
+    let mut vault = stack.client(ADMIN).await;
+    let key = vault.sealing_key().await.unwrap();
+    let now = key.server_time_unix_ms;
+    let nonce = random_nonce();
+    let blob = seal_raw(&key, TENANT, now, nonce, "4242424242424242");
+    let replay = seal_raw(&key, TENANT, now, nonce, "5555555555554444");
+    let mut calls = Vec::new();
+    for n in 0..12 {
+        let mut client = stack.client(ADMIN).await;
+        let blob = if n == 6 { replay.clone() } else { blob.clone() };
+        calls.push(tokio::spawn(async move {
+            client.tokenize_sealed(&blob, false).await
+        }));
+    }
+    let mut tokens = Vec::new();
+    let mut replayed = 0;
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(info) => tokens.push(info.token),
+            Err(e) => {
+                assert_eq!(e.reason(), Some("SEALED_CARD_REPLAYED"), "{e}");
+                replayed += 1;
+            }
+        }
+    }
+    tokens.dedup();
+    // The replay may have won the nonce: then every other call is the replay.
+    match replayed {
+        1 => assert_eq!(
+            tokens.len(),
+            1,
+            "one record for one sealed card: {tokens:?}"
+        ),
+        11 => assert_eq!(tokens.len(), 1, "the replay won the nonce: {tokens:?}"),
+        _ => panic!("{replayed} replays among {tokens:?}"),
+    }
+    let items = vault
+        .tokenize_sealed_batch(vec![blob.clone(), blob.clone()], Default::default())
+        .await
+        .unwrap();
+    let stored: Vec<_> = items
+        .iter()
+        .map(|item| match item {
+            BatchItem::Stored(info) => Some(info.token.clone()),
+            BatchItem::Invalid { .. } => None,
+        })
+        .collect();
+    assert_eq!(stored[0], stored[1], "{items:?}");
+    if replayed == 1 {
+        assert_eq!(stored[0].as_ref(), Some(&tokens[0]));
+    }
     stack.stop().await;
 }

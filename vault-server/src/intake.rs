@@ -142,6 +142,15 @@ impl Refusal {
         }
     }
 
+    /// A batch item refused for this reason.
+    pub fn violation(self) -> Violation {
+        Violation {
+            field: "sealed_cards",
+            rule: self.rule(),
+            description: self.message(),
+        }
+    }
+
     pub fn message(self) -> &'static str {
         match self {
             Refusal::UnknownKey => {

@@ -95,7 +95,7 @@ impl<S: Store> pb::vault_server::Vault for VaultApi<S> {
         let call = |caller: Caller, request| async move {
             let fingerprints = caller.sees_fingerprints;
             let done = records
-                .tokenize_sealed_settled(caller, wire::tokenize_sealed(request)?)
+                .tokenize_sealed(caller, wire::tokenize_sealed(request)?)
                 .await?;
             Ok(wire::tokenized(&done, fingerprints))
         };
@@ -113,7 +113,7 @@ impl<S: Store> pb::vault_server::Vault for VaultApi<S> {
             let fingerprints = caller.sees_fingerprints;
             let batch = wire::tokenize_sealed_batch(request)?;
             Ok(wire::batch_results(
-                records.tokenize_sealed_batch_settled(caller, batch).await?,
+                records.tokenize_sealed_batch(caller, batch).await?,
                 fingerprints,
             ))
         };

@@ -894,6 +894,7 @@ impl<S: Store> Importer<S> {
                             cvc_not_kept: false,
                             token: String::new(),
                         },
+                        claim: None,
                     })
                 })
                 .collect();

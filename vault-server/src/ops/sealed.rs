@@ -3,10 +3,9 @@
 //! replay), and tokenized by the same path as `Tokenize`, guessing detector included.
 //! The opened card lives for the length of the call, like any other.
 
-use std::future::Future;
 use std::sync::Arc;
 
-use futures::future::join_all;
+use futures::future::try_join_all;
 use runtime::now_unix_ms;
 
 use super::records::Records;
@@ -15,7 +14,7 @@ use crate::card::{CardData, Today, Violation};
 use crate::error::VaultError;
 use crate::intake::{self, Entry, EntryState, Refusal};
 use crate::policy::Caller;
-use crate::store::{Claim, Replaceable, Store, StoreError};
+use crate::store::{Claim, ClaimRule, Replaceable, Store};
 use crate::token::{Format, Token};
 
 /// What a sealer needs, for the caller's tenant.
@@ -39,19 +38,30 @@ pub struct TokenizeSealed {
     pub format: Option<Format>,
 }
 
-/// A sealed card that opened and passed every check, its replay entry not yet claimed.
+/// A sealed card that opened and passed every check.
 struct Opened {
     card: CardData,
     entry_key: Vec<u8>,
     entry: Entry,
 }
 
-/// Where a sealed card stands once its replay entry was claimed (or found).
-enum Claimed {
-    /// Ours: tokenize it, then record the outcome under `entry_key`.
-    New(Opened),
-    /// The same sealed card was tokenized before: the first answer.
-    Answered(Tokenized),
+impl Opened {
+    /// The card, and its replay entry claimed in the write that stores its record:
+    /// the entry's key must be free, or hold an entry that may be replaced (released,
+    /// past its window) as judged at `now`, the time the card's window was checked at
+    /// (judged later, an entry could outlive the window the card was accepted in).
+    fn into_claim(self, now: i64) -> (CardData, Answer) {
+        let digest = self.entry.blob_sha256;
+        let rule: Replaceable = Arc::new(move |stored| {
+            Entry::decode(stored).is_some_and(|entry| entry.replaceable(&digest, now))
+        });
+        let answer = Answer {
+            key: self.entry_key,
+            entry: self.entry,
+            claim: Some(ClaimRule(rule)),
+        };
+        (self.card, answer)
+    }
 }
 
 impl<S: Store> Records<S> {
@@ -70,33 +80,14 @@ impl<S: Store> Records<S> {
         })
     }
 
-    /// TokenizeSealed and TokenizeSealedBatch on a task of their own: a caller going
-    /// away (its deadline, a dropped connection) must not stop a call between claiming
-    /// a sealed card and recording how it ended, or the card would stay "in flight"
-    /// and its retry be refused until the window ends.
-    pub async fn tokenize_sealed_settled(
-        self: &Arc<Self>,
-        caller: Caller,
-        request: TokenizeSealed,
-    ) -> Result<Tokenized, VaultError> {
-        let records = Arc::clone(self);
-        settled(async move { records.tokenize_sealed(&caller, request).await }).await
-    }
-
-    /// TokenizeSealedBatch, on a task of its own like [`Self::tokenize_sealed_settled`].
-    pub async fn tokenize_sealed_batch_settled(
-        self: &Arc<Self>,
-        caller: Caller,
-        request: TokenizeSealed,
-    ) -> Result<Vec<BatchItem>, VaultError> {
-        let records = Arc::clone(self);
-        settled(async move { records.tokenize_sealed_batch(&caller, request).await }).await
-    }
-
-    /// TokenizeSealed: `request.sealed_cards` holds the one sealed card.
-    async fn tokenize_sealed(
+    /// TokenizeSealed: `request.sealed_cards` holds the one sealed card. Its nonce is
+    /// claimed in the same durable write as its record (one commit, as a plain
+    /// Tokenize); of every call bringing a sealed card with this nonce within its
+    /// window exactly one stores it, across restarts and vaults. The same sealed card
+    /// again gets the first answer; another with the same nonce is a replay.
+    pub async fn tokenize_sealed(
         &self,
-        caller: &Caller,
+        caller: Caller,
         request: TokenizeSealed,
     ) -> Result<Tokenized, VaultError> {
         let TokenizeSealed {
@@ -107,23 +98,10 @@ impl<S: Store> Records<S> {
         } = request;
         let sealed_card = sealed_cards.first().map(Vec::as_slice).unwrap_or_default();
         let now = now_unix_ms();
-        let opened = self.open_sealed(caller, sealed_card, now)?;
-        let opened = match self.claim(caller, opened, now).await? {
-            Claimed::Answered(first) => return Ok(first),
-            Claimed::New(opened) => opened,
-        };
-        let Opened {
-            card,
-            entry_key,
-            entry,
-        } = opened;
-        let answer = Answer {
-            key: entry_key,
-            entry,
-        };
-        let result = self
+        let (card, answer) = self.open_sealed(&caller, sealed_card, now)?.into_claim(now);
+        let done = self
             .tokenize(
-                caller,
+                &caller,
                 Tokenize {
                     card,
                     ttl_secs,
@@ -132,14 +110,16 @@ impl<S: Store> Records<S> {
                     answer: Some(answer.clone()),
                 },
             )
-            .await;
-        self.settle(answer, result.as_ref().ok()).await;
-        result
+            .await?;
+        self.claim_reused(&caller, answer, done).await
     }
 
-    async fn tokenize_sealed_batch(
+    /// TokenizeSealedBatch: each sealed card opened and checked on its own (a refused
+    /// one is a refused item), then every card in one durable write with its claim, as
+    /// [`Self::tokenize_sealed`].
+    pub async fn tokenize_sealed_batch(
         &self,
-        caller: &Caller,
+        caller: Caller,
         request: TokenizeSealed,
     ) -> Result<Vec<BatchItem>, VaultError> {
         let max = self.settings().max_batch_size;
@@ -153,85 +133,55 @@ impl<S: Store> Records<S> {
         if request.sealed_cards.len() > max {
             return Err(VaultError::BatchTooLarge { max });
         }
+        // Every card judged at the same `now` as the windows.
         let now = now_unix_ms();
-        let mut results: Vec<Option<BatchItem>> = Vec::new();
-        results.resize_with(request.sealed_cards.len(), || None);
-        // The claimed cards' answers, by index, in the order they go into the batch.
-        let mut claimed: Vec<(usize, Answer)> = Vec::new();
-        let mut cards = Vec::new();
-        // Every claim at once: the store commits them together (one sync, not one per
-        // card), all judged at the same `now` as the windows.
-        let claims = join_all(request.sealed_cards.iter().map(|blob| async move {
-            match self.open_sealed(caller, blob, now) {
-                Ok(opened) => self.claim(caller, opened, now).await,
-                Err(e) => Err(e),
-            }
-        }))
-        .await;
-        for (index, opened) in claims.into_iter().enumerate() {
-            match opened {
-                Ok(Claimed::New(opened)) => {
-                    let answer = Answer {
-                        key: opened.entry_key,
-                        entry: opened.entry,
-                    };
-                    claimed.push((index, answer));
-                    cards.push(Ok(opened.card));
+        let mut cards = Vec::with_capacity(request.sealed_cards.len());
+        let mut answers = Vec::with_capacity(request.sealed_cards.len());
+        for blob in &request.sealed_cards {
+            let (card, answer) = match self.open_sealed(&caller, blob, now) {
+                Ok(opened) => {
+                    let (card, answer) = opened.into_claim(now);
+                    (Ok(card), Some(answer))
                 }
-                Ok(Claimed::Answered(first)) => results[index] = Some(BatchItem::Stored(first)),
-                Err(VaultError::Sealed(refusal)) => {
-                    results[index] = Some(BatchItem::Invalid(Violation {
-                        field: "sealed_cards",
-                        rule: refusal.rule(),
-                        description: refusal.message(),
-                    }));
-                }
-                Err(VaultError::Invalid(violation)) => {
-                    results[index] = Some(BatchItem::Invalid(violation));
-                }
-                Err(e) => {
-                    self.release_all(claimed).await;
-                    return Err(e);
-                }
-            }
+                Err(VaultError::Sealed(refusal)) => (Err(refusal.violation()), None),
+                Err(VaultError::Invalid(violation)) => (Err(violation), None),
+                Err(e) => return Err(e),
+            };
+            cards.push(card);
+            answers.push(answer);
         }
-        if !cards.is_empty() {
-            let batch = TokenizeBatch {
-                cards,
-                ttl_secs: request.ttl_secs,
-                reuse_existing: request.reuse_existing,
-                format: request.format,
-                answers: claimed.iter().map(|(_, a)| Some(a.clone())).collect(),
-                guessing_exempt: false,
-            };
-            // The call's answer also holds replayed cards this write does not store, so
-            // its event is written on its own, after the answer is known.
-            let without_event = Caller {
-                event: None,
-                ..caller.clone()
-            };
-            let items = match self.tokenize_batch(&without_event, batch).await {
-                Ok(items) => items,
-                Err(e) => {
-                    self.release_all(claimed).await;
-                    return Err(e);
-                }
-            };
-            // Every outcome at once, like the claims.
-            let claimed_items: Vec<_> = claimed.into_iter().zip(items).collect();
-            join_all(claimed_items.iter().map(|((_, answer), item)| {
-                let done = match item {
-                    BatchItem::Stored(done) => Some(done),
-                    BatchItem::Invalid(_) => None,
-                };
-                self.settle(answer.clone(), done)
-            }))
-            .await;
-            for ((index, _), item) in claimed_items {
-                results[index] = Some(item);
-            }
-        }
-        Ok(results.into_iter().flatten().collect())
+        let batch = TokenizeBatch {
+            cards,
+            ttl_secs: request.ttl_secs,
+            reuse_existing: request.reuse_existing,
+            format: request.format,
+            answers: answers.clone(),
+            guessing_exempt: false,
+        };
+        let items = self.tokenize_batch(&caller, batch).await?;
+        // Existing tokens' answers, claimed now, all at once (the store commits them
+        // together).
+        let caller = &caller;
+        try_join_all(
+            items
+                .into_iter()
+                .zip(answers)
+                .map(|(item, answer)| async move {
+                    match (item, answer) {
+                        (BatchItem::Stored(done), Some(answer)) => {
+                            match self.claim_reused(caller, answer, done).await {
+                                Ok(done) => Ok(BatchItem::Stored(done)),
+                                Err(VaultError::Sealed(refusal)) => {
+                                    Ok(BatchItem::Invalid(refusal.violation()))
+                                }
+                                Err(e) => Err(e),
+                            }
+                        }
+                        (item, _) => Ok(item),
+                    }
+                }),
+        )
+        .await
     }
 
     /// Opens a sealed card for the caller's tenant and checks it, in the order the
@@ -272,6 +222,7 @@ impl<S: Store> Records<S> {
                 keep_until_ms: settings.keep_entry_until_ms(&caller.tenant, issued_at),
                 claimed_at_ms: now,
                 blob_sha256: digest.as_ref().try_into().unwrap_or([0; 32]),
+                // Written only as `Done`, with the token (`Answer::done`).
                 state: EntryState::Pending,
                 reused: false,
                 cvc_not_kept: false,
@@ -280,97 +231,53 @@ impl<S: Store> Records<S> {
         })
     }
 
-    /// Claims the sealed card's nonce in the shared store: of every call bringing a
-    /// sealed card with this nonce within its window, exactly one wins, across restarts
-    /// and vaults. The same sealed card again gets the first answer; another with the
-    /// same nonce is a replay.
-    ///
-    /// `now` is the time the card's window was checked at: judged at a later time, an
-    /// entry could have outlived the window the card was just accepted in.
-    async fn claim(
+    /// A sealed card's answer when `done` returned the card's existing token: a new
+    /// record's answer was claimed in its own write, an existing token's is claimed
+    /// now, naming it.
+    async fn claim_reused(
         &self,
         caller: &Caller,
-        opened: Opened,
-        now: i64,
-    ) -> Result<Claimed, VaultError> {
-        let digest = opened.entry.blob_sha256;
-        let replaceable: Replaceable = Arc::new(move |stored| {
-            Entry::decode(stored).is_some_and(|entry| entry.replaceable(&digest, now))
-        });
-        let claim = self
-            .store()
-            .claim_outcome(opened.entry_key.clone(), opened.entry.encode(), replaceable)
-            .await?;
-        let Claim::Taken(stored) = claim else {
-            return Ok(Claimed::New(opened));
-        };
-        let first = Entry::decode(&stored)
+        answer: Answer,
+        done: Tokenized,
+    ) -> Result<Tokenized, VaultError> {
+        if !done.reused {
+            return Ok(done);
+        }
+        let rule = answer.claim.as_ref().map(|claim| Arc::clone(&claim.0));
+        let (key, value) = answer.done(&done);
+        let rule = rule.unwrap_or_else(|| Arc::new(|_: &[u8]| false));
+        match self.store().claim_outcome(key, value, rule).await? {
+            Claim::Claimed => Ok(done),
+            Claim::Taken(stored) => self.first_answer(caller, Some(&answer), &stored).await,
+        }
+    }
+
+    /// The answer to a sealed card whose replay entry another call holds: the first
+    /// call's token when it is this very sealed card's entry, else a replay.
+    pub(super) async fn first_answer(
+        &self,
+        caller: &Caller,
+        answer: Option<&Answer>,
+        stored: &[u8],
+    ) -> Result<Tokenized, VaultError> {
+        let first = Entry::decode(stored)
             .ok_or(VaultError::Record(crate::record::RecordError::Malformed))?;
-        if first.blob_sha256 != opened.entry.blob_sha256 {
+        if answer.is_none_or(|answer| first.blob_sha256 != answer.entry.blob_sha256) {
             tracing::warn!("sealed card refused: its nonce was used by another sealed card");
             return Err(VaultError::Sealed(Refusal::Replayed));
         }
+        // Left pending by a version that claimed before storing.
         if first.state != EntryState::Done {
             return Err(VaultError::Sealed(Refusal::InFlight));
         }
         let token = Token::parse(&first.token)
             .map_err(|_| VaultError::Record(crate::record::RecordError::Malformed))?;
         let stored = self.load_verified(caller, &token).await?;
-        Ok(Claimed::Answered(Tokenized {
+        Ok(Tokenized {
             token,
             metadata: stored.metadata,
             reused: first.reused,
             cvc_not_kept: first.cvc_not_kept,
-        }))
-    }
-
-    /// Records how a claimed sealed card ended: its token, or released for another try
-    /// when it failed. A failure to record is logged: the caller has its answer, and a
-    /// retry of the same sealed card is refused as in flight until the window ends.
-    async fn record_outcome(&self, key: Vec<u8>, mut entry: Entry, done: Option<&Tokenized>) {
-        match done {
-            Some(done) => {
-                entry.state = EntryState::Done;
-                entry.reused = done.reused;
-                entry.cvc_not_kept = done.cvc_not_kept;
-                entry.token = done.token.as_str().to_owned();
-            }
-            None => entry.state = EntryState::Released,
-        }
-        if let Err(e) = self.store().put_outcome(key, entry.encode()).await {
-            tracing::error!(error = %e, "a sealed card's outcome could not be recorded");
-        }
-    }
-
-    /// Settles a claimed sealed card: a new record's answer was stored with it (in
-    /// the same write); an existing token's answer, or a failure's release, is
-    /// recorded now.
-    async fn settle(&self, answer: Answer, done: Option<&Tokenized>) {
-        if done.is_some_and(|done| !done.reused) {
-            return;
-        }
-        self.record_outcome(answer.key, answer.entry, done).await;
-    }
-
-    async fn release_all(&self, claimed: Vec<(usize, Answer)>) {
-        join_all(
-            claimed
-                .into_iter()
-                .map(|(_, answer)| self.record_outcome(answer.key, answer.entry, None)),
-        )
-        .await;
-    }
-}
-
-/// Runs `work` on a task of its own and waits for it: dropping the wait (the caller
-/// went away) leaves the work running to its end.
-async fn settled<T: Send + 'static>(
-    work: impl Future<Output = Result<T, VaultError>> + Send + 'static,
-) -> Result<T, VaultError> {
-    match tokio::spawn(work).await {
-        Ok(result) => result,
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        // Cancelled: the runtime is shutting down.
-        Err(_) => Err(VaultError::Store(StoreError::Closed)),
+        })
     }
 }

@@ -11,7 +11,7 @@ use crate::error::VaultError;
 use crate::keys::Aead;
 use crate::policy::Caller;
 use crate::record::{self, Fingerprint, Metadata};
-use crate::store::{InsertOutcome, NewRecord, Store};
+use crate::store::{ClaimRule, InsertOutcome, NewRecord, Store};
 use crate::token::{Format, Shape, Token};
 
 /// A batch item refused by the guessing detector (the whole call is, for Tokenize).
@@ -79,21 +79,32 @@ pub struct Tokenize {
 }
 
 /// A sealed card's replay entry (`intake`), to be stored, with the new token, in the
-/// same atomic write as the record.
+/// same atomic write as the record; with `claim`, only if its key is free (else the
+/// first call's answer is returned, or the card refused as a replay).
 #[derive(Debug, Clone)]
 pub struct Answer {
     pub key: Vec<u8>,
     pub entry: crate::intake::Entry,
+    pub claim: Option<ClaimRule>,
 }
 
 impl Answer {
+    /// The entry answering with `done` (key, value, as stored).
+    pub fn done(&self, done: &Tokenized) -> (Vec<u8>, Vec<u8>) {
+        self.answering(&done.token, done.reused, done.cvc_not_kept)
+    }
+
     /// The entry answering with `token`, a new record's (so neither reused nor with a
     /// CVC left out).
     fn stored(&self, token: &Token) -> (Vec<u8>, Vec<u8>) {
+        self.answering(token, false, false)
+    }
+
+    fn answering(&self, token: &Token, reused: bool, cvc_not_kept: bool) -> (Vec<u8>, Vec<u8>) {
         let mut entry = self.entry.clone();
         entry.state = crate::intake::EntryState::Done;
-        entry.reused = false;
-        entry.cvc_not_kept = false;
+        entry.reused = reused;
+        entry.cvc_not_kept = cvc_not_kept;
         entry.token = token.as_str().to_owned();
         (self.key.clone(), entry.encode())
     }
@@ -167,6 +178,7 @@ impl<S: Store> Records<S> {
                 .seal(shape, &mut metadata, &card, reuse_existing, &older)
                 .await?;
             record.outcome = answer.as_ref().map(|a| a.stored(&record.token));
+            record.claim = answer.as_ref().and_then(|a| a.claim.clone());
             let token = record.token.clone();
             let sealed = self.seal_cvc(&token, &card).await?;
             // A new record finishes the call: its event commits with it.
@@ -210,6 +222,9 @@ impl<S: Store> Records<S> {
                         Some(tokenized) => return Ok(tokenized),
                         None => continue,
                     }
+                }
+                Some(InsertOutcome::OutcomeTaken(stored)) => {
+                    return self.first_answer(caller, answer.as_ref(), &stored).await;
                 }
                 Some(InsertOutcome::TokenTaken) | None => continue,
             }
@@ -277,11 +292,9 @@ impl<S: Store> Records<S> {
                 let mut record = self
                     .seal(shape, metadata, card, request.reuse_existing, older)
                     .await?;
-                record.outcome = request
-                    .answers
-                    .get(*index)
-                    .and_then(Option::as_ref)
-                    .map(|a| a.stored(&record.token));
+                let answer = request.answers.get(*index).and_then(Option::as_ref);
+                record.outcome = answer.map(|a| a.stored(&record.token));
+                record.claim = answer.and_then(|a| a.claim.clone());
                 sealed_cvcs.push(self.seal_cvc(&record.token, card).await?);
                 records.push(record);
             }
@@ -338,6 +351,17 @@ impl<S: Store> Records<S> {
                     InsertOutcome::TokenTaken => {
                         retry.push(waiting);
                         continue;
+                    }
+                    InsertOutcome::OutcomeTaken(stored) => {
+                        let answer = request.answers.get(*index).and_then(Option::as_ref);
+                        match self.first_answer(caller, answer, &stored).await {
+                            Ok(first) => first,
+                            Err(VaultError::Sealed(refusal)) => {
+                                results[*index] = Some(BatchItem::Invalid(refusal.violation()));
+                                continue;
+                            }
+                            Err(e) => return Err(e),
+                        }
                     }
                 };
                 results[*index] = Some(BatchItem::Stored(tokenized));
@@ -523,6 +547,7 @@ impl<S: Store> Records<S> {
             versions: metadata.versions(),
             indexes: metadata.indexes(),
             outcome: None,
+            claim: None,
         })
     }
 

@@ -4,8 +4,9 @@
 use std::sync::Arc;
 
 use super::{
-    AuditSeal, Claim, Delete, DeleteOutcome, InsertOutcome, KeyUse, KeyVersions, LogEnd, NewRecord,
-    RecordIndexes, Replaceable, Rewrite, RewriteOutcome, Riding, Sealed, Store, Tombstone,
+    AuditSeal, Claim, ClaimRule, Delete, DeleteOutcome, InsertOutcome, KeyUse, KeyVersions, LogEnd,
+    NewRecord, RecordIndexes, Replaceable, Rewrite, RewriteOutcome, Riding, Sealed, Store,
+    Tombstone,
 };
 use crate::token::Token;
 
@@ -24,6 +25,7 @@ fn record(token: &Token, value: &[u8], index_key: &[u8], reuse_existing: bool) -
         versions: V1,
         indexes: RecordIndexes::default(),
         outcome: None,
+        claim: None,
     }
 }
 
@@ -52,6 +54,7 @@ pub async fn run_all<S: Store, F: std::future::Future<Output = S>>(mut fresh: im
     an_outcome_rides_its_record_only_when_stored(fresh().await).await;
     an_event_rides_its_insert_when_it_finishes_the_call(Arc::new(fresh().await)).await;
     concurrent_claims_of_one_key_have_one_winner(Arc::new(fresh().await)).await;
+    concurrent_inserts_claiming_one_outcome_store_one_record(Arc::new(fresh().await)).await;
     a_delete_leaves_a_tombstone_until_pruned(fresh().await).await;
     a_delete_leaves_an_unsent_erasure_until_sent(fresh().await).await;
     every_record_is_listed_in_token_order(fresh().await).await;
@@ -788,6 +791,62 @@ async fn concurrent_claims_of_one_key_have_one_winner<S: Store>(store: Arc<S>) {
         store.get_outcome(b"acme/order-1").await.unwrap().as_deref(),
         Some(&b"released"[..])
     );
+}
+
+/// Records whose outcome is claimed with them (`NewRecord::claim`, a sealed card's
+/// nonce): of many inserts claiming one key at once exactly one record is stored, with
+/// its outcome; every other is told the stored outcome and leaves nothing behind. A
+/// replaceable outcome is replaced, and a record refused for its token leaves no claim.
+async fn concurrent_inserts_claiming_one_outcome_store_one_record<S: Store>(store: Arc<S>) {
+    const KEY: &[u8] = b"\0sealed/nonce-1";
+    let claiming = |value: &[u8], rule: Replaceable| {
+        let mut new = record(&Token::generate().unwrap(), value, b"acme/card-9", false);
+        new.outcome = Some((KEY.to_vec(), value.to_vec()));
+        new.claim = Some(ClaimRule(rule));
+        new
+    };
+    let never: Replaceable = Arc::new(|_| false);
+    let inserts = (0..16u8).map(|n| {
+        let (store, new) = (Arc::clone(&store), claiming(&[n], Arc::clone(&never)));
+        let token = new.token.clone();
+        tokio::spawn(async move { (token, store.insert(vec![new]).await.unwrap()) })
+    });
+    let mut stored = Vec::new();
+    let mut told = Vec::new();
+    for insert in inserts {
+        let (token, outcomes) = insert.await.unwrap();
+        match outcomes.as_slice() {
+            [InsertOutcome::Stored] => stored.push(token),
+            [InsertOutcome::OutcomeTaken(value)] => {
+                told.push(value.clone());
+                assert_eq!(store.get(&token).await.unwrap(), None, "a loser's record");
+            }
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    assert_eq!(stored.len(), 1, "one claiming insert wins");
+    let winner = store.get(&stored[0]).await.unwrap().unwrap();
+    assert_eq!(store.get_outcome(KEY).await.unwrap(), Some(winner.clone()));
+    assert!(told.iter().all(|value| *value == winner), "{told:?}");
+    // A rule that may replace what is stored: the record and its outcome are stored.
+    let replace = claiming(b"again", Arc::new(move |stored| stored == winner));
+    assert_eq!(
+        store.insert(vec![replace]).await.unwrap(),
+        [InsertOutcome::Stored]
+    );
+    assert_eq!(
+        store.get_outcome(KEY).await.unwrap().as_deref(),
+        Some(&b"again"[..])
+    );
+    // A claiming record refused for its token leaves its claim unwritten.
+    let mut taken = claiming(b"taken", Arc::new(|_| true));
+    taken.token = stored[0].clone();
+    taken.outcome = Some((b"\0sealed/nonce-2".to_vec(), b"taken".to_vec()));
+    assert_eq!(
+        store.insert(vec![taken]).await.unwrap(),
+        [InsertOutcome::TokenTaken]
+    );
+    assert_eq!(store.get_outcome(b"\0sealed/nonce-2").await.unwrap(), None);
 }
 
 async fn insert_then_get(store: impl Store) {

@@ -40,6 +40,22 @@ pub struct NewRecord {
     /// write as the record, only if the record is stored: a sealed card's answer
     /// (`intake`), so that the record never exists without it.
     pub outcome: Option<(Vec<u8>, Vec<u8>)>,
+    /// Set: `outcome` is claimed in the record's write. The record is stored only if
+    /// the outcome's key holds nothing or a value this rule says may be replaced;
+    /// otherwise nothing is written and the record's outcome is
+    /// [`InsertOutcome::OutcomeTaken`]. (A sealed card's nonce is claimed this way in
+    /// one durable write with its record, instead of a claim's write before it.)
+    pub claim: Option<ClaimRule>,
+}
+
+/// The rule of [`NewRecord::claim`].
+#[derive(Clone)]
+pub struct ClaimRule(pub Replaceable);
+
+impl std::fmt::Debug for ClaimRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClaimRule")
+    }
 }
 
 /// What the store indexes a record by besides its token and fingerprint entry: when
@@ -157,6 +173,9 @@ pub enum InsertOutcome {
     TokenTaken,
     /// `reuse_existing` was set and the index names this live token; nothing was written.
     Existing(Token),
+    /// The record's claimed outcome key holds a value its rule may not replace (see
+    /// [`NewRecord::claim`]); nothing was written. That value.
+    OutcomeTaken(Vec<u8>),
 }
 
 /// What [`Store::claim_outcome`] did.

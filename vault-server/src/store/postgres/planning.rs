@@ -132,7 +132,20 @@ pub(super) fn plan<'a>(
     outcomes
 }
 
-impl Planned<'_> {
+impl<'a> Planned<'a> {
+    /// Takes a planned record out of the plan again (its claimed outcome was taken).
+    /// A later record of the same call that the plan answered with this record's token
+    /// finds it missing when it checks it, and is stored anew (`Records::existing`).
+    pub(super) fn withdraw(&mut self, record: &'a NewRecord, deltas: &mut CountMap) {
+        let before = self.rows.len();
+        self.rows.retain(|row| !std::ptr::eq(*row, record));
+        if self.rows.len() < before {
+            let token = record.token.as_str();
+            self.entries.retain(|(_, planned)| *planned != token);
+            count(deltas, record.versions, -1);
+        }
+    }
+
     pub(super) async fn write(
         &self,
         client: &Object,

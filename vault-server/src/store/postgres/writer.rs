@@ -248,7 +248,13 @@ async fn try_group(
     writer: &Writer,
 ) -> Result<(Vec<Done>, CountMap), tokio_postgres::Error> {
     let statements = Statements::prepare(client).await?;
-    if group.iter().all(|op| matches!(op, Op::Insert { .. })) {
+    // A claimed outcome needs its own statements (`claim_planned`) between a record's
+    // plan and its write, which `insert_group`'s one pipelined round does not have.
+    let claims = |op: &Op| match op {
+        Op::Insert { records, .. } => records.iter().any(|r| r.claim.is_some()),
+        _ => false,
+    };
+    if group.iter().all(|op| matches!(op, Op::Insert { .. })) && !group.iter().any(claims) {
         return insert_group(client, &statements, group, writer).await;
     }
     let slot = writer.slot.as_str();
@@ -281,7 +287,16 @@ async fn try_group(
                 )?;
                 let mut found = Lookups::from_rows(&taken, &live);
                 let mut planned = Planned::default();
-                let outcomes = plan(records, &mut found, &mut planned, &mut deltas);
+                let mut outcomes = plan(records, &mut found, &mut planned, &mut deltas);
+                claim_planned(
+                    client,
+                    &statements,
+                    records,
+                    &mut outcomes,
+                    &mut planned,
+                    &mut deltas,
+                )
+                .await?;
                 planned.write(client, &statements).await?;
                 seals.extend(riding.as_ref().and_then(|riding| riding(&outcomes)));
                 Done::Insert(outcomes)
@@ -465,6 +480,34 @@ pub(super) fn locks_of(group: &[Op]) -> (IndexLocks, Vec<&str>) {
         IndexLocks::Keys(keys.into_iter().collect())
     };
     (keys, tokens.into_iter().collect())
+}
+
+/// Claims the outcome of each record planned for storing whose outcome is claimed
+/// (`NewRecord::claim`), as [`claim_outcome`] does, in the records' own transaction; a
+/// record whose claim is taken is withdrawn from the plan. (Of two vaults claiming the
+/// same key at once, the second waits on the first's uncommitted row, then finds it.)
+async fn claim_planned<'a>(
+    client: &Object,
+    statements: &Statements,
+    records: &'a [NewRecord],
+    outcomes: &mut [InsertOutcome],
+    planned: &mut Planned<'a>,
+    deltas: &mut CountMap,
+) -> Result<(), tokio_postgres::Error> {
+    for (record, outcome) in records.iter().zip(outcomes.iter_mut()) {
+        let (Some((key, value)), Some(claim), InsertOutcome::Stored) =
+            (&record.outcome, &record.claim, &*outcome)
+        else {
+            continue;
+        };
+        if let Claim::Taken(stored) =
+            claim_outcome(client, statements, key, value, &claim.0).await?
+        {
+            planned.withdraw(record, deltas);
+            *outcome = InsertOutcome::OutcomeTaken(stored);
+        }
+    }
+    Ok(())
 }
 
 /// Put-if-absent (or if replaceable) of an idempotency outcome: a new key is inserted;

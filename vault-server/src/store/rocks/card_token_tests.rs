@@ -41,6 +41,7 @@ fn record(token: Token) -> NewRecord {
             card_key: b"card".to_vec(),
         },
         outcome: None,
+        claim: None,
     }
 }
 
@@ -73,6 +74,7 @@ async fn store_tokens(
                         wanted += 1;
                     }
                     InsertOutcome::Existing(_) => panic!("reuse was not asked for"),
+                    InsertOutcome::OutcomeTaken(_) => panic!("no outcome was claimed"),
                 }
             }
             if wanted == 0 {

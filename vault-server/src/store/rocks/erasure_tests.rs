@@ -34,6 +34,7 @@ async fn a_deleted_record_leaves_no_file_after_compaction() {
             card_key: b"card".to_vec(),
         },
         outcome: None,
+        claim: None,
     };
     store
         .insert(vec![

@@ -119,6 +119,13 @@ impl Writer {
         let now = runtime::now_unix_ms();
         let mut outcomes = Vec::with_capacity(records.len());
         for record in records {
+            if let (Some((key, _)), Some(claim)) = (&record.outcome, &record.claim)
+                && let Some(stored) = self.outcome(key, pending)?
+                && !(claim.0)(&stored)
+            {
+                outcomes.push(InsertOutcome::OutcomeTaken(stored));
+                continue;
+            }
             let token = record.token.as_str().as_bytes();
             if self.record_exists(token, pending)? {
                 outcomes.push(InsertOutcome::TokenTaken);
