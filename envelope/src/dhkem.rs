@@ -1,11 +1,15 @@
 //! DHKEM(X25519, HKDF-SHA256) (RFC 9180, 4.1) for the side that opens, with the
-//! recipient's public key kept beside its private key.
+//! recipient's public key kept beside its private key, and X25519 from AWS-LC.
 //!
 //! Why: the `hpke` crate's own X25519 KEM recomputes the recipient's public key (a
 //! scalar multiplication by the base point) in every `decap`, because it keeps only the
-//! private key; that was a fifth of a sealed card's CPU in the vault. [`Receiver`] is
-//! the same KEM (same id, same bytes on the wire, the crate's own key types and key
-//! schedule), with decapsulation written out from RFC 9180's definition:
+//! private key; that was a fifth of a sealed card's CPU in the vault. And its X25519
+//! (curve25519-dalek's serial Montgomery ladder) was, after that, 30-40% of a sealed
+//! card's CPU: 55-60 µs per open on our 2-core VMs, where AWS-LC's (s2n-bignum's
+//! verified x86-64 and AArch64 code, through `aws-lc-rs`) takes 25-26 µs in the same
+//! sitting (docs/performance.md, "Sealed intake"). [`Receiver`] is the same KEM (same
+//! id, same bytes on the wire, the crate's own key types and key schedule), with
+//! decapsulation written out from RFC 9180's definition:
 //!
 //! ```text
 //! dh = DH(skR, pkE)                                  (X25519; all zero is refused)
@@ -14,10 +18,12 @@
 //! shared_secret = LabeledExpand(eae_prk, "shared_secret", kem_context, 32)
 //! ```
 //! with `suite_id = "KEM" || I2OSP(0x0020, 2)`. RFC 9180's published vectors check it
-//! (sealed.rs, `the_hpke_crate_matches_rfc_9180_appendix_a_1_1`), and encapsulation is
-//! the crate's own.
+//! (sealed.rs, `the_hpke_crate_matches_rfc_9180_appendix_a_1_1`), so does the crate's
+//! own Decap over many keys (below), and encapsulation is the crate's own.
 
-use curve25519_dalek::montgomery::MontgomeryPoint;
+use std::sync::Arc;
+
+use aws_lc_rs::agreement;
 use hpke::kem::{SharedSecret, X25519HkdfSha256};
 use hpke::rand_core::CryptoRng;
 use hpke::{Deserializable, HpkeError, Kem, Serializable};
@@ -30,11 +36,32 @@ type X25519Public = <X25519HkdfSha256 as Kem>::PublicKey;
 /// DHKEM(X25519, HKDF-SHA256), base mode, with [`ReceiverKey`] as its private key.
 pub(crate) struct Receiver;
 
-/// A private key and its public key, computed once.
+/// A private key and its public key, computed once, and the private key as AWS-LC
+/// takes it (`None` only if AWS-LC refused 32 bytes as an X25519 key, which it does
+/// not: every open then fails, closed).
 #[derive(Clone)]
 pub(crate) struct ReceiverKey {
     private: X25519Private,
     public: X25519Public,
+    /// Freed (and its memory cleansed, as AWS-LC frees every key) with its last clone.
+    agreement: Option<Arc<agreement::PrivateKey>>,
+}
+
+impl ReceiverKey {
+    fn new(private: X25519Private, public: X25519Public) -> Self {
+        let agreement = <[u8; 32]>::try_from(private.to_bytes().as_slice())
+            .ok()
+            .map(Zeroizing::new)
+            .and_then(|bytes| {
+                agreement::PrivateKey::from_private_key(&agreement::X25519, bytes.as_slice()).ok()
+            })
+            .map(Arc::new);
+        Self {
+            private,
+            public,
+            agreement,
+        }
+    }
 }
 
 impl subtle::ConstantTimeEq for ReceiverKey {
@@ -55,7 +82,7 @@ impl Deserializable for ReceiverKey {
     fn from_bytes(encoded: &[u8]) -> Result<Self, HpkeError> {
         let private = X25519Private::from_bytes(encoded)?;
         let public = X25519HkdfSha256::sk_to_pk(&private);
-        Ok(Self { private, public })
+        Ok(Self::new(private, public))
     }
 }
 
@@ -85,13 +112,7 @@ impl Kem for Receiver {
 
     fn derive_keypair(ikm: &[u8]) -> (ReceiverKey, X25519Public) {
         let (private, public) = X25519HkdfSha256::derive_keypair(ikm);
-        (
-            ReceiverKey {
-                private,
-                public: public.clone(),
-            },
-            public,
-        )
+        (ReceiverKey::new(private, public.clone()), public)
     }
 
     fn decap(
@@ -108,12 +129,20 @@ impl Kem for Receiver {
             .as_slice()
             .try_into()
             .map_err(|_| HpkeError::DecapError)?;
-        let scalar = Zeroizing::new(
-            <[u8; 32]>::try_from(sk_recip.private.to_bytes().as_slice())
-                .map_err(|_| HpkeError::DecapError)?,
-        );
-        // X25519 (RFC 7748, 5): the scalar clamped, the ladder on the u-coordinate.
-        let dh = Zeroizing::new(MontgomeryPoint(enc).mul_clamped(*scalar).to_bytes());
+        let private = sk_recip.agreement.as_deref().ok_or(HpkeError::DecapError)?;
+        // X25519 (RFC 7748, 5): AWS-LC clamps the scalar and refuses an all-zero
+        // result; so do we, below, as RFC 9180 asks.
+        let mut dh = Zeroizing::new([0u8; 32]);
+        agreement::agree(
+            private,
+            agreement::UnparsedPublicKey::new(&agreement::X25519, &enc),
+            HpkeError::DecapError,
+            |secret| {
+                let secret: &[u8; 32] = secret.try_into().map_err(|_| HpkeError::DecapError)?;
+                dh.copy_from_slice(secret);
+                Ok(())
+            },
+        )?;
         // "Senders and recipients MUST check whether the shared secret is the all-zero
         // value and abort if so" (RFC 9180, 7.1.4).
         if dh.iter().fold(0u8, |acc, b| acc | b) == 0 {
