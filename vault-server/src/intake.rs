@@ -115,7 +115,8 @@ pub enum Refusal {
     Expired,
     /// Another sealed card with this nonce was seen within the window.
     Replayed,
-    /// This very sealed card is being tokenized by another call right now.
+    /// This very sealed card's entry was left pending by a vault that claimed before
+    /// storing (an older version; this one claims in the record's own write).
     InFlight,
 }
 
@@ -165,7 +166,7 @@ impl Refusal {
                 "the sealed card's stamp is outside the tenant's window: seal the card anew"
             }
             Refusal::Replayed => "the sealed card's nonce was already used by another sealed card",
-            Refusal::InFlight => "this sealed card is being tokenized by another call; retry",
+            Refusal::InFlight => "this sealed card's claim is still pending; retry in a minute",
         }
     }
 }
