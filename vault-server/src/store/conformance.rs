@@ -43,6 +43,30 @@ fn delete(token: &Token, expected: &[u8], index_key: &[u8], versions: KeyVersion
     }
 }
 
+/// Runs `suite` to its end on a runtime of two workers, polled from a thread with a
+/// 64 MiB stack: in an unoptimized build the suite's future keeps every case's state
+/// side by side, which outgrows a test thread's 2 MiB (it overflowed in CI).
+pub fn on_large_stack<F, Fut>(suite: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    std::thread::Builder::new()
+        .name("conformance".into())
+        .stack_size(64 << 20)
+        .spawn(move || {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(suite())
+        })
+        .unwrap()
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+}
+
 pub async fn run_all<S: Store, F: std::future::Future<Output = S>>(mut fresh: impl FnMut() -> F) {
     insert_then_get(fresh().await).await;
     never_overwrites(fresh().await).await;

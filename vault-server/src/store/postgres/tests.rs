@@ -66,18 +66,19 @@ fn record(token: &Token, index_key: &[u8]) -> NewRecord {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conformance() {
-    let cluster = start().await;
-    let cluster = &cluster;
-    let mut n = 0;
-    // On the heap: the suite's future outgrows a test thread's stack in debug builds.
-    Box::pin(crate::store::conformance::run_all(|| {
-        n += 1;
-        let name = format!("conformance{n}");
-        async move { fresh(cluster, &name, "node").await }
-    }))
-    .await;
+#[test]
+fn conformance() {
+    crate::store::conformance::on_large_stack(|| async {
+        let cluster = start().await;
+        let cluster = &cluster;
+        let mut n = 0;
+        crate::store::conformance::run_all(|| {
+            n += 1;
+            let name = format!("conformance{n}");
+            async move { fresh(cluster, &name, "node").await }
+        })
+        .await;
+    });
 }
 
 /// Two vaults on one database tokenizing the same card at once (duplicate

@@ -6,23 +6,24 @@ fn no_versions(_: &[u8]) -> Option<(KeyVersions, RecordIndexes, Vec<u8>)> {
     None
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conformance() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut n = 0;
-    // On the heap: the suite's future outgrows a test thread's stack in debug builds.
-    Box::pin(super::super::conformance::run_all(|| {
-        n += 1;
-        let store = RocksStore::open(
-            &dir.path().join(n.to_string()),
-            &dir.path().join(format!("{n}-audit")),
-            no_versions,
-            &Tuning::default(),
-        )
-        .unwrap();
-        async { store }
-    }))
-    .await;
+#[test]
+fn conformance() {
+    super::super::conformance::on_large_stack(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut n = 0;
+        super::super::conformance::run_all(|| {
+            n += 1;
+            let store = RocksStore::open(
+                &dir.path().join(n.to_string()),
+                &dir.path().join(format!("{n}-audit")),
+                no_versions,
+                &Tuning::default(),
+            )
+            .unwrap();
+            async { store }
+        })
+        .await;
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
