@@ -99,6 +99,9 @@ impl<S: Store> Records<S> {
         let sealed_card = sealed_cards.first().map(Vec::as_slice).unwrap_or_default();
         let now = now_unix_ms();
         let (card, answer) = self.open_sealed(&caller, sealed_card, now)?.into_claim(now);
+        if let Some(first) = self.answered_before(&caller, &answer).await? {
+            return Ok(first);
+        }
         let done = self
             .tokenize(
                 &caller,
@@ -135,38 +138,58 @@ impl<S: Store> Records<S> {
         }
         // Every card judged at the same `now` as the windows.
         let now = now_unix_ms();
-        let mut cards = Vec::with_capacity(request.sealed_cards.len());
-        let mut answers = Vec::with_capacity(request.sealed_cards.len());
-        for blob in &request.sealed_cards {
-            let (card, answer) = match self.open_sealed(&caller, blob, now) {
-                Ok(opened) => {
-                    let (card, answer) = opened.into_claim(now);
-                    (Ok(card), Some(answer))
-                }
-                Err(VaultError::Sealed(refusal)) => (Err(refusal.violation()), None),
-                Err(VaultError::Invalid(violation)) => (Err(violation), None),
-                Err(e) => return Err(e),
+        let count = request.sealed_cards.len();
+        let mut results: Vec<Option<BatchItem>> = Vec::new();
+        results.resize_with(count, || None);
+        // The cards still to store: their places in the batch, the cards, their claims.
+        let (mut places, mut cards, mut answers) = (Vec::new(), Vec::new(), Vec::new());
+        for (place, blob) in request.sealed_cards.iter().enumerate() {
+            let opened = self
+                .open_sealed(&caller, blob, now)
+                .map(|o| o.into_claim(now));
+            let refused = match opened {
+                Ok((card, answer)) => match self.answered_before(&caller, &answer).await {
+                    Ok(Some(first)) => {
+                        results[place] = Some(BatchItem::Stored(first));
+                        continue;
+                    }
+                    Ok(None) => {
+                        places.push(place);
+                        cards.push(Ok(card));
+                        answers.push(Some(answer));
+                        continue;
+                    }
+                    Err(e) => e,
+                },
+                Err(e) => e,
             };
-            cards.push(card);
-            answers.push(answer);
+            results[place] = Some(match refused {
+                VaultError::Sealed(refusal) => BatchItem::Invalid(refusal.violation()),
+                VaultError::Invalid(violation) => BatchItem::Invalid(violation),
+                e => return Err(e),
+            });
         }
-        let batch = TokenizeBatch {
-            cards,
-            ttl_secs: request.ttl_secs,
-            reuse_existing: request.reuse_existing,
-            format: request.format,
-            answers: answers.clone(),
-            guessing_exempt: false,
-        };
-        let items = self.tokenize_batch(&caller, batch).await?;
-        // Existing tokens' answers, claimed now, all at once (the store commits them
-        // together).
-        let caller = &caller;
-        try_join_all(
-            items
-                .into_iter()
-                .zip(answers)
-                .map(|(item, answer)| async move {
+        if !cards.is_empty() {
+            let batch = TokenizeBatch {
+                cards,
+                ttl_secs: request.ttl_secs,
+                reuse_existing: request.reuse_existing,
+                format: request.format,
+                answers: answers.clone(),
+                guessing_exempt: false,
+            };
+            // The call's answer also holds cards this write does not store (answered
+            // before, refused), so its event is written on its own, once it is known.
+            let without_event = Caller {
+                event: None,
+                ..caller.clone()
+            };
+            let items = self.tokenize_batch(&without_event, batch).await?;
+            // Existing tokens' answers, claimed now, all at once (the store commits
+            // them together).
+            let caller = &caller;
+            let items = try_join_all(items.into_iter().zip(answers).map(
+                |(item, answer)| async move {
                     match (item, answer) {
                         (BatchItem::Stored(done), Some(answer)) => {
                             match self.claim_reused(caller, answer, done).await {
@@ -179,9 +202,14 @@ impl<S: Store> Records<S> {
                         }
                         (item, _) => Ok(item),
                     }
-                }),
-        )
-        .await
+                },
+            ))
+            .await?;
+            for (place, item) in places.into_iter().zip(items) {
+                results[place] = Some(item);
+            }
+        }
+        Ok(results.into_iter().flatten().collect())
     }
 
     /// Opens a sealed card for the caller's tenant and checks it, in the order the
@@ -229,6 +257,28 @@ impl<S: Store> Records<S> {
                 token: String::new(),
             },
         })
+    }
+
+    /// The first answer, when the sealed card's replay entry is already stored and
+    /// may not be replaced (a retry, a replay): read before anything is done with the
+    /// card, so that neither the guessing detector, nor the CVC store, nor an existing
+    /// token sees it again. Calls that pass this at once are decided by the claim in
+    /// the write.
+    async fn answered_before(
+        &self,
+        caller: &Caller,
+        answer: &Answer,
+    ) -> Result<Option<Tokenized>, VaultError> {
+        let Some(rule) = &answer.claim else {
+            return Ok(None);
+        };
+        match self.store().get_outcome(&answer.key).await? {
+            Some(stored) if !(rule.0)(&stored) => self
+                .first_answer(caller, Some(answer), &stored)
+                .await
+                .map(Some),
+            _ => Ok(None),
+        }
     }
 
     /// A sealed card's answer when `done` returned the card's existing token: a new

@@ -871,6 +871,26 @@ async fn concurrent_inserts_claiming_one_outcome_store_one_record<S: Store>(stor
         [InsertOutcome::TokenTaken]
     );
     assert_eq!(store.get_outcome(b"\0sealed/nonce-2").await.unwrap(), None);
+    // Two records of one card in one write, the first's claim taken: the second is
+    // stored, and indexed (reuse finds it), though the plan first indexed the first.
+    let mut first = record(&Token::generate().unwrap(), b"w1", b"acme/card-7", false);
+    first.outcome = Some((KEY.to_vec(), b"w1".to_vec()));
+    first.claim = Some(ClaimRule(Arc::clone(&never)));
+    let mut second = record(&Token::generate().unwrap(), b"w2", b"acme/card-7", false);
+    second.outcome = Some((b"\0sealed/nonce-3".to_vec(), b"w2".to_vec()));
+    second.claim = Some(ClaimRule(Arc::clone(&never)));
+    let second_token = second.token.clone();
+    let outcomes = store.insert(vec![first, second]).await.unwrap();
+    assert!(
+        matches!(outcomes[0], InsertOutcome::OutcomeTaken(_)),
+        "{outcomes:?}"
+    );
+    assert_eq!(outcomes[1], InsertOutcome::Stored);
+    let reuse = record(&Token::generate().unwrap(), b"w3", b"acme/card-7", true);
+    assert_eq!(
+        store.insert(vec![reuse]).await.unwrap(),
+        [InsertOutcome::Existing(second_token)]
+    );
 }
 
 async fn insert_then_get(store: impl Store) {

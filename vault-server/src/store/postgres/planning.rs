@@ -135,14 +135,27 @@ pub(super) fn plan<'a>(
 impl<'a> Planned<'a> {
     /// Takes a planned record out of the plan again (its claimed outcome was taken).
     /// A later record of the same call that the plan answered with this record's token
-    /// finds it missing when it checks it, and is stored anew (`Records::existing`).
+    /// (`reuse_existing`) finds it missing when it checks it, and is stored anew
+    /// (`Records::existing`).
     pub(super) fn withdraw(&mut self, record: &'a NewRecord, deltas: &mut CountMap) {
         let before = self.rows.len();
         self.rows.retain(|row| !std::ptr::eq(*row, record));
         if self.rows.len() < before {
             let token = record.token.as_str();
-            self.entries.retain(|(_, planned)| *planned != token);
             count(deltas, record.versions, -1);
+            // Its fingerprint entry, if the plan gave it one, goes to the next planned
+            // record of the same card (which the plan left without one, since it named
+            // this record's token).
+            if let Some(at) = self
+                .entries
+                .iter()
+                .position(|(_, planned)| *planned == token)
+            {
+                let (key, _) = self.entries.remove(at);
+                if let Some(next) = self.rows.iter().find(|row| row.index_key == key) {
+                    self.entries.push((key, next.token.as_str()));
+                }
+            }
         }
     }
 
