@@ -1,6 +1,6 @@
 //! What a transaction locks: the advisory lock keys of the vault's own range, and the
-//! fingerprint index locks of a write group (see the module documentation of
-//! `postgres`).
+//! fingerprint index and outcome locks of a write group (see the module documentation
+//! of `postgres`).
 
 /// Advisory lock keys (64-bit, the vault's own range).
 pub(super) const MIGRATION_LOCK: i64 = 0x746f_6b76_0000_0001;
@@ -16,9 +16,24 @@ pub(super) const MAX_KEY_LOCKS: usize = 128;
 /// The advisory lock key of a fingerprint index key: the first 8 bytes of its
 /// SHA-256 (index keys start with the tenant, so their own bytes are not spread).
 pub(super) fn index_lock(index_key: &[u8]) -> i64 {
-    let digest = ring::digest::digest(&ring::digest::SHA256, index_key);
+    lock_key(&[index_key])
+}
+
+/// The advisory lock key of an idempotency outcome key (a sealed card's nonce, a
+/// forward's idempotency key). A group locks every outcome key it writes in the same
+/// sorted step as its index keys: two groups claiming the same keys in different
+/// orders would otherwise each wait on the other's uncommitted row.
+pub(super) fn outcome_lock(outcome_key: &[u8]) -> i64 {
+    lock_key(&[b"outcome\0", outcome_key])
+}
+
+fn lock_key(parts: &[&[u8]]) -> i64 {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in parts {
+        context.update(part);
+    }
     let mut first = [0u8; 8];
-    first.copy_from_slice(&digest.as_ref()[..8]);
+    first.copy_from_slice(&context.finish().as_ref()[..8]);
     i64::from_be_bytes(first)
 }
 

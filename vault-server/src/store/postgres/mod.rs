@@ -7,10 +7,11 @@
 //!   after COMMIT returns, that is after the commit is durable on the primary and, with
 //!   `synchronous_standby_names` set, on the synchronous standbys.
 //! - Vaults (and writers) serialise on what they share with transaction-scoped
-//!   advisory locks on the fingerprint index keys a transaction reads or writes, taken
-//!   in one sorted step, then row locks on the records it changes, also sorted: the
-//!   fingerprint index cannot get two tokens for one card, and no two transactions
-//!   wait on each other in a cycle. A deadlock or a token taken meanwhile by another
+//!   advisory locks on the fingerprint index keys a transaction reads or writes and
+//!   on the idempotency outcome keys it claims or puts, taken in one sorted step, then
+//!   row locks on the records it changes, also sorted: the fingerprint index cannot
+//!   get two tokens for one card, and no two transactions wait on each other in a
+//!   cycle. A deadlock or a token taken meanwhile by another
 //!   vault rolls the group back and it is planned again.
 //! - The audit log is one chain for all vaults: an append locks the chain's end,
 //!   reads the last entry, and chains onto it in the same transaction.

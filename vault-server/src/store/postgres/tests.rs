@@ -652,3 +652,62 @@ async fn two_vaults_claiming_one_idempotency_key_have_one_winner() {
         a.put_outcome(key, b"released".to_vec()).await.unwrap();
     }
 }
+
+/// Two vaults on one database storing batches whose records claim the same outcome
+/// keys in opposite orders (sealed cards replayed through a second vault, in reverse):
+/// one record per key, and PostgreSQL never has to break a deadlock between them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_in_opposite_orders_on_two_vaults_do_not_deadlock() {
+    let cluster = start().await;
+    let a = Arc::new(fresh(&cluster, "opposite", "a").await);
+    let b = Arc::new(
+        PgStore::open(&settings(&cluster, "opposite"), "b")
+            .await
+            .unwrap(),
+    );
+    let never: crate::store::Replaceable = Arc::new(|_| false);
+    for round in 0..20u32 {
+        let keys: Vec<Vec<u8>> = (0..6)
+            .map(|k| format!("acme/nonce-{round}-{k}").into_bytes())
+            .collect();
+        let batch = |vault: &str, reversed: bool| -> Vec<NewRecord> {
+            let mut order: Vec<&Vec<u8>> = keys.iter().collect();
+            if reversed {
+                order.reverse();
+            }
+            order
+                .into_iter()
+                .map(|key| NewRecord {
+                    outcome: Some((key.clone(), format!("answer from {vault}").into_bytes())),
+                    claim: Some(crate::store::ClaimRule(Arc::clone(&never))),
+                    reuse_existing: false,
+                    ..record(
+                        &Token::generate().unwrap(),
+                        format!("card/{vault}/{}", String::from_utf8_lossy(key)).as_bytes(),
+                    )
+                })
+                .collect()
+        };
+        let (first, second) = (batch("a", false), batch("b", true));
+        let (a, b) = (Arc::clone(&a), Arc::clone(&b));
+        let (first, second) = tokio::join!(
+            tokio::spawn(async move { a.insert(first).await }),
+            tokio::spawn(async move { b.insert(second).await }),
+        );
+        let (first, mut second) = (first.unwrap().unwrap(), second.unwrap().unwrap());
+        second.reverse();
+        for (k, outcomes) in first.iter().zip(&second).enumerate() {
+            let stored = [outcomes.0, outcomes.1]
+                .iter()
+                .filter(|o| ***o == InsertOutcome::Stored)
+                .count();
+            assert_eq!(stored, 1, "round {round}, key {k}: {outcomes:?}");
+        }
+    }
+    let log = std::fs::read_to_string(cluster.log_file()).unwrap();
+    assert_eq!(
+        log.matches("deadlock detected").count(),
+        0,
+        "PostgreSQL broke deadlocks between the two vaults' claims"
+    );
+}

@@ -14,7 +14,7 @@ use super::connect::{Object, Pool, release_after_failure};
 use super::counts::{CountMap, Counts};
 use super::errors::{pg, pool_error};
 use super::lane::CommitLane;
-use super::locks::{INDEX_LOCK, IndexLocks, MAX_KEY_LOCKS, index_lock};
+use super::locks::{INDEX_LOCK, IndexLocks, MAX_KEY_LOCKS, index_lock, outcome_lock};
 use super::planning::{Lookups, Planned, add_counts, delete_one, lookup_params, plan, rewrite_one};
 use super::statements::{BEGIN, Param, Statements};
 use super::{Health, note};
@@ -445,7 +445,8 @@ async fn insert_group(
     Ok((done, deltas))
 }
 
-/// The index locks of a group, and the tokens of the records it changes, sorted.
+/// The index and outcome locks of a group, and the tokens of the records it changes,
+/// sorted.
 pub(super) fn locks_of(group: &[Op]) -> (IndexLocks, Vec<&str>) {
     let mut keys = BTreeSet::new();
     let mut tokens = BTreeSet::new();
@@ -456,6 +457,9 @@ pub(super) fn locks_of(group: &[Op]) -> (IndexLocks, Vec<&str>) {
                     keys.insert(index_lock(&record.index_key));
                     if record.reuse_existing {
                         keys.extend(record.older_index_keys.iter().map(|k| index_lock(k)));
+                    }
+                    if let Some((key, _)) = &record.outcome {
+                        keys.insert(outcome_lock(key));
                     }
                 }
             }
@@ -468,10 +472,15 @@ pub(super) fn locks_of(group: &[Op]) -> (IndexLocks, Vec<&str>) {
                 keys.insert(index_lock(&rewrite.new_index_key));
                 tokens.insert(rewrite.token.as_str());
             }
-            Op::PutMeta { .. }
-            | Op::PutOutcome { .. }
-            | Op::RemoveOutcomes { .. }
-            | Op::ClaimOutcome { .. } => {}
+            Op::PutOutcome { key, .. } | Op::ClaimOutcome { key, .. } => {
+                keys.insert(outcome_lock(key));
+            }
+            // Not the prune's removals: locked key by key, each chunk of a thousand
+            // would take the whole index (`MAX_KEY_LOCKS`) and stall every writer.
+            // It removes only expired or released entries; a cycle with a claim
+            // needs two of them replaced in the other order at that moment, and
+            // PostgreSQL breaks it (the group is planned again).
+            Op::RemoveOutcomes { .. } | Op::PutMeta { .. } => {}
         }
     }
     let keys = if keys.len() > MAX_KEY_LOCKS {
@@ -485,7 +494,8 @@ pub(super) fn locks_of(group: &[Op]) -> (IndexLocks, Vec<&str>) {
 /// Claims the outcome of each record planned for storing whose outcome is claimed
 /// (`NewRecord::claim`), as [`claim_outcome`] does, in the records' own transaction; a
 /// record whose claim is taken is withdrawn from the plan. (Of two vaults claiming the
-/// same key at once, the second waits on the first's uncommitted row, then finds it.)
+/// same key at once, the second waits on the first's outcome lock, taken with the
+/// group's other locks, then finds its row.)
 async fn claim_planned<'a>(
     client: &Object,
     statements: &Statements,
