@@ -3,7 +3,7 @@
 use tokio_postgres::types::ToSql;
 
 use super::connect::Object;
-use super::locks::IndexLocks;
+use super::locks::KeyLocks;
 
 /// Every write transaction: the locking (advisory locks, then look-ups under them)
 /// relies on each statement seeing what committed before it, whatever the database's
@@ -42,10 +42,12 @@ pub(super) struct Statements {
 
 impl Statements {
     /// The statement taking the index lock the way `locks` needs it.
-    pub(super) fn index_lock(&self, locks: &IndexLocks) -> &tokio_postgres::Statement {
+    /// The statement taking a kind's lock (`INDEX_LOCK`, `OUTCOME_LOCK`): shared when
+    /// its keys are locked one by one, else exclusive.
+    pub(super) fn kind_lock(&self, locks: &KeyLocks) -> &tokio_postgres::Statement {
         match locks {
-            IndexLocks::Keys(_) => &self.lock_index_shared,
-            IndexLocks::Whole => &self.lock_index,
+            KeyLocks::Keys(_) => &self.lock_index_shared,
+            KeyLocks::Whole => &self.lock_index,
         }
     }
 

@@ -711,3 +711,51 @@ async fn claims_in_opposite_orders_on_two_vaults_do_not_deadlock() {
         "PostgreSQL broke deadlocks between the two vaults' claims"
     );
 }
+
+/// The lock values must not change (vaults of two versions share a database during a
+/// rolling upgrade), and outcome keys have a budget of their own: 128 sealed cards lock
+/// 128 index keys and 128 outcome keys one by one; one more locks both kinds whole. The
+/// prune's removals lock no key.
+#[test]
+fn lock_keys_are_stable_and_outcomes_have_their_own_budget() {
+    use super::locks::{KeyLocks, index_lock, outcome_lock};
+    assert_eq!(index_lock(b"node/x"), 5_507_810_635_679_592_563);
+    assert_eq!(index_lock(b"acme/fp1/0123"), 1_755_040_125_708_557_309);
+    assert_eq!(outcome_lock(b"acme/nonce"), 2_100_543_602_660_501_552);
+    let never: crate::store::Replaceable = Arc::new(|_| false);
+    let sealed = |n: usize| {
+        let records = (0..n)
+            .map(|i| NewRecord {
+                outcome: Some((format!("acme/nonce-{i}").into_bytes(), b"answer".to_vec())),
+                claim: Some(crate::store::ClaimRule(Arc::clone(&never))),
+                ..record(
+                    &Token::generate().unwrap(),
+                    format!("acme/card-{i}").as_bytes(),
+                )
+            })
+            .collect();
+        let (reply, _) = tokio::sync::oneshot::channel();
+        vec![writer::Op::Insert {
+            records,
+            riding: None,
+            reply,
+        }]
+    };
+    let (locks, _) = writer::locks_of(&sealed(128));
+    assert!(matches!(&locks.index, KeyLocks::Keys(keys) if keys.len() == 128));
+    assert!(matches!(&locks.outcomes, KeyLocks::Keys(keys) if keys.len() == 128));
+    assert_eq!(locks.keys().len(), 256);
+    let (locks, _) = writer::locks_of(&sealed(129));
+    assert_eq!(
+        (locks.index, locks.outcomes),
+        (KeyLocks::Whole, KeyLocks::Whole)
+    );
+    let (reply, _) = tokio::sync::oneshot::channel();
+    let prune = [writer::Op::RemoveOutcomes {
+        keys: vec![b"acme/nonce-1".to_vec()],
+        values: vec![b"released".to_vec()],
+        reply,
+    }];
+    let (locks, _) = writer::locks_of(&prune);
+    assert!(locks.keys().is_empty());
+}

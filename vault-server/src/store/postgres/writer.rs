@@ -14,7 +14,7 @@ use super::connect::{Object, Pool, release_after_failure};
 use super::counts::{CountMap, Counts};
 use super::errors::{pg, pool_error};
 use super::lane::CommitLane;
-use super::locks::{INDEX_LOCK, IndexLocks, MAX_KEY_LOCKS, index_lock, outcome_lock};
+use super::locks::{GroupLocks, INDEX_LOCK, KeyLocks, OUTCOME_LOCK, index_lock, outcome_lock};
 use super::planning::{Lookups, Planned, add_counts, delete_one, lookup_params, plan, rewrite_one};
 use super::statements::{BEGIN, Param, Statements};
 use super::{Health, note};
@@ -260,12 +260,17 @@ async fn try_group(
     let slot = writer.slot.as_str();
     let (locks, tokens) = locks_of(group);
     let keys = locks.keys();
-    let (counts, index, keys_param): (Param, Param, Param) =
-        ([&writer.counts_lock], [&INDEX_LOCK], [&keys]);
+    let (counts, index, outcomes, keys_param): (Param, Param, Param, Param) = (
+        [&writer.counts_lock],
+        [&INDEX_LOCK],
+        [&OUTCOME_LOCK],
+        [&keys],
+    );
     tokio::try_join!(
         client.batch_execute(BEGIN),
         client.query(&statements.lock_index_shared, &counts),
-        client.query(statements.index_lock(&locks), &index),
+        client.query(statements.kind_lock(&locks.index), &index),
+        client.query(statements.kind_lock(&locks.outcomes), &outcomes),
         client.query(&statements.lock_keys, &keys_param),
     )?;
     if !tokens.is_empty() {
@@ -381,9 +386,17 @@ async fn insert_group(
     let (locks, _) = locks_of(group);
     let (tokens, index_keys) = lookup_params(records());
     let keys = locks.keys();
-    let (counts, index, keys, tokens, index_keys): (Param, Param, Param, Param, Param) = (
+    let (counts, index, outcomes, keys, tokens, index_keys): (
+        Param,
+        Param,
+        Param,
+        Param,
+        Param,
+        Param,
+    ) = (
         [&writer.counts_lock],
         [&INDEX_LOCK],
+        [&OUTCOME_LOCK],
         [&keys],
         [&tokens],
         [&index_keys],
@@ -407,10 +420,11 @@ async fn insert_group(
             None => Ok(None),
         }
     };
-    let (_, _, _, _, taken, live, end) = tokio::try_join!(
+    let (_, _, _, _, _, taken, live, end) = tokio::try_join!(
         client.batch_execute(BEGIN),
         client.query(&statements.lock_index_shared, &counts),
-        client.query(statements.index_lock(&locks), &index),
+        client.query(statements.kind_lock(&locks.index), &index),
+        client.query(statements.kind_lock(&locks.outcomes), &outcomes),
         client.query(&statements.lock_keys, &keys),
         client.query(&statements.taken, &tokens),
         client.query(&statements.live, &index_keys),
@@ -447,8 +461,9 @@ async fn insert_group(
 
 /// The index and outcome locks of a group, and the tokens of the records it changes,
 /// sorted.
-pub(super) fn locks_of(group: &[Op]) -> (IndexLocks, Vec<&str>) {
+pub(super) fn locks_of(group: &[Op]) -> (GroupLocks, Vec<&str>) {
     let mut keys = BTreeSet::new();
+    let mut outcomes = BTreeSet::new();
     let mut tokens = BTreeSet::new();
     for op in group {
         match op {
@@ -459,7 +474,7 @@ pub(super) fn locks_of(group: &[Op]) -> (IndexLocks, Vec<&str>) {
                         keys.extend(record.older_index_keys.iter().map(|k| index_lock(k)));
                     }
                     if let Some((key, _)) = &record.outcome {
-                        keys.insert(outcome_lock(key));
+                        outcomes.insert(outcome_lock(key));
                     }
                 }
             }
@@ -473,22 +488,22 @@ pub(super) fn locks_of(group: &[Op]) -> (IndexLocks, Vec<&str>) {
                 tokens.insert(rewrite.token.as_str());
             }
             Op::PutOutcome { key, .. } | Op::ClaimOutcome { key, .. } => {
-                keys.insert(outcome_lock(key));
+                outcomes.insert(outcome_lock(key));
             }
             // Not the prune's removals: locked key by key, each chunk of a thousand
-            // would take the whole index (`MAX_KEY_LOCKS`) and stall every writer.
-            // It removes only expired or released entries; a cycle with a claim
-            // needs two of them replaced in the other order at that moment, and
-            // PostgreSQL breaks it (the group is planned again).
+            // would take `OUTCOME_LOCK` exclusive and stall every group that claims
+            // or puts. It removes only expired or released entries; a cycle needs a
+            // group that has locked one such entry (to replace it) and waits on
+            // another the prune has just removed, at that moment. PostgreSQL breaks
+            // it, and the group is planned again.
             Op::RemoveOutcomes { .. } | Op::PutMeta { .. } => {}
         }
     }
-    let keys = if keys.len() > MAX_KEY_LOCKS {
-        IndexLocks::Whole
-    } else {
-        IndexLocks::Keys(keys.into_iter().collect())
+    let locks = GroupLocks {
+        index: KeyLocks::of(keys),
+        outcomes: KeyLocks::of(outcomes),
     };
-    (keys, tokens.into_iter().collect())
+    (locks, tokens.into_iter().collect())
 }
 
 /// Claims the outcome of each record planned for storing whose outcome is claimed
