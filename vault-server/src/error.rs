@@ -352,6 +352,7 @@ fn sealed_refusal(refusal: crate::intake::Refusal) -> Status {
         Refusal::Unopenable => Code::InvalidArgument,
         Refusal::Replayed => Code::AlreadyExists,
         Refusal::InFlight => Code::Aborted,
+        Refusal::TokenDeleted => Code::NotFound,
     };
     tracing::info!(reason = refusal.reason(), "sealed card refused");
     Status::with_error_details(

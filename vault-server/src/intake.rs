@@ -118,6 +118,9 @@ pub enum Refusal {
     /// This very sealed card's entry was left pending by a vault that claimed before
     /// storing (an older version; this one claims in the record's own write).
     InFlight,
+    /// This very sealed card was answered before, and the token it got has been
+    /// deleted (or has expired) since.
+    TokenDeleted,
 }
 
 impl Refusal {
@@ -129,6 +132,7 @@ impl Refusal {
             Refusal::Expired => "SEALED_CARD_EXPIRED",
             Refusal::Replayed => "SEALED_CARD_REPLAYED",
             Refusal::InFlight => "SEALED_CARD_IN_FLIGHT",
+            Refusal::TokenDeleted => "SEALED_CARD_TOKEN_DELETED",
         }
     }
 
@@ -140,6 +144,7 @@ impl Refusal {
             Refusal::Expired => "expired",
             Refusal::Replayed => "replayed",
             Refusal::InFlight => "in_flight",
+            Refusal::TokenDeleted => "token_deleted",
         }
     }
 
@@ -167,6 +172,10 @@ impl Refusal {
             }
             Refusal::Replayed => "the sealed card's nonce was already used by another sealed card",
             Refusal::InFlight => "this sealed card's claim is still pending; retry in a minute",
+            Refusal::TokenDeleted => {
+                "this sealed card was answered before, and its token has been deleted since: \
+                 seal the card anew to store it again"
+            }
         }
     }
 }

@@ -322,7 +322,13 @@ impl<S: Store> Records<S> {
         }
         let token = Token::parse(&first.token)
             .map_err(|_| VaultError::Record(crate::record::RecordError::Malformed))?;
-        let stored = self.load_verified(caller, &token).await?;
+        let stored = match self.load_verified(caller, &token).await {
+            // Its own refusal, so that a batch refuses this card alone.
+            Err(VaultError::Deleted | VaultError::Expired | VaultError::NotFound) => {
+                Err(VaultError::Sealed(Refusal::TokenDeleted))
+            }
+            other => other,
+        }?;
         Ok(Tokenized {
             token,
             metadata: stored.metadata,
