@@ -213,6 +213,9 @@ fn vault_error(error: &vault_client::Error) -> Response<Full<Bytes>> {
         Code::InvalidArgument => (StatusCode::BAD_REQUEST, false),
         // An unknown key or an expired stamp: the page fetches a new key and reseals.
         Code::FailedPrecondition => (StatusCode::CONFLICT, true),
+        // The same sealed card again after its token was deleted: sealed anew, it is
+        // stored again.
+        Code::NotFound => (StatusCode::CONFLICT, true),
         Code::AlreadyExists => (StatusCode::CONFLICT, false),
         Code::ResourceExhausted => (StatusCode::TOO_MANY_REQUESTS, false),
         Code::Unimplemented => (StatusCode::NOT_IMPLEMENTED, false),
