@@ -147,7 +147,11 @@ impl<S: Store> Records<S> {
 
     /// Whether the tenant's `token` was deleted within the tombstone window, under any
     /// fingerprint version held.
-    async fn was_deleted(&self, tenant: &Tenant, token: &Token) -> Result<bool, VaultError> {
+    pub(super) async fn was_deleted(
+        &self,
+        tenant: &Tenant,
+        token: &Token,
+    ) -> Result<bool, VaultError> {
         let ids = {
             let keys = self.keys.snapshot();
             let active = keys.fingerprint.active();

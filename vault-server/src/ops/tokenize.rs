@@ -9,7 +9,7 @@ use crate::card::{CardData, Violation};
 use crate::cvc::{self, Slot};
 use crate::error::VaultError;
 use crate::keys::Aead;
-use crate::policy::Caller;
+use crate::policy::{Caller, Tenant};
 use crate::record::{self, Fingerprint, Metadata};
 use crate::store::{ClaimRule, InsertOutcome, NewRecord, Store};
 use crate::token::{Format, Shape, Token};
@@ -176,7 +176,8 @@ impl<S: Store> Records<S> {
         for _ in 0..attempts {
             let mut record = self
                 .seal(shape, &mut metadata, &card, reuse_existing, &older)
-                .await?;
+                .await
+                .map_err(|e| self.exhausted(e))?;
             record.outcome = answer.as_ref().map(|a| a.stored(&record.token));
             record.claim = answer.as_ref().and_then(|a| a.claim.clone());
             let token = record.token.clone();
@@ -288,15 +289,33 @@ impl<S: Store> Records<S> {
             }
             let mut records = Vec::with_capacity(waiting.len());
             let mut sealed_cvcs = Vec::with_capacity(waiting.len());
-            for (index, card, metadata, older, _) in &mut waiting {
-                let mut record = self
+            let mut sealed_waiting = Vec::with_capacity(waiting.len());
+            for mut entry in std::mem::take(&mut waiting) {
+                let (index, card, metadata, older, _) = &mut entry;
+                let mut record = match self
                     .seal(shape, metadata, card, request.reuse_existing, older)
-                    .await?;
+                    .await
+                {
+                    Ok(record) => record,
+                    Err(VaultError::CardTokenSpace { .. }) => {
+                        self.exhausted(VaultError::CardTokenSpace {
+                            attempts: CARD_ATTEMPTS,
+                        });
+                        results[*index] = Some(BatchItem::Invalid(CARD_TOKEN_SPACE));
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 let answer = request.answers.get(*index).and_then(Option::as_ref);
                 record.outcome = answer.map(|a| a.stored(&record.token));
                 record.claim = answer.and_then(|a| a.claim.clone());
                 sealed_cvcs.push(self.seal_cvc(&record.token, card).await?);
                 records.push(record);
+                sealed_waiting.push(entry);
+            }
+            waiting = sealed_waiting;
+            if waiting.is_empty() {
+                break;
             }
             let tokens: Vec<Token> = records.iter().map(|r| r.token.clone()).collect();
             // Every card stored finishes the call: its event commits with them.
@@ -534,7 +553,7 @@ impl<S: Store> Records<S> {
         reuse_existing: bool,
         older_index_keys: &[Vec<u8>],
     ) -> Result<NewRecord, VaultError> {
-        let token = shape.draw(&card.pan)?;
+        let token = self.fresh_token(shape, &metadata.tenant, card).await?;
         let (version, key) = self.keys().encryption_key(Aead::CardData).await?;
         metadata.key_version = version;
         let value = record::seal(&token, metadata, card, &key)?;
@@ -548,6 +567,30 @@ impl<S: Store> Records<S> {
             indexes: metadata.indexes(),
             outcome: None,
             claim: None,
+        })
+    }
+
+    /// A token of `shape` for `card`. A card-shaped token the tenant deleted (within the
+    /// tombstone window) is drawn again: its space can be small, and whoever still
+    /// holds the deleted token must never reach another card with it. Opaque tokens
+    /// are too many to meet one again.
+    async fn fresh_token(
+        &self,
+        shape: Shape,
+        tenant: &Tenant,
+        card: &CardData,
+    ) -> Result<Token, VaultError> {
+        if matches!(shape, Shape::Opaque) {
+            return Ok(shape.draw(&card.pan)?);
+        }
+        for _ in 0..CARD_ATTEMPTS {
+            let token = shape.draw(&card.pan)?;
+            if !self.was_deleted(tenant, &token).await? {
+                return Ok(token);
+            }
+        }
+        Err(VaultError::CardTokenSpace {
+            attempts: CARD_ATTEMPTS,
         })
     }
 
