@@ -36,7 +36,8 @@ const CARD_TOKEN_SPACE: Violation = Violation {
     field: "cards",
     rule: "token_space",
     description: "refused: no free card-shaped token for this card after a bounded number \
-                  of draws (the tokens that keep its digits are nearly all taken); \
+                  of draws (the tokens that keep its digits are nearly all taken or \
+                  recently deleted); \
                   tokenize it with format TOKEN_FORMAT_OPAQUE; nothing was stored",
 };
 
@@ -48,7 +49,8 @@ const MAX_TTL_SECS: u64 = 3_155_760_000;
 /// digits with the first six kept, 90 for 12 digits), so a nearly full one is a real,
 /// client-visible condition rather than a broken random number generator: with a
 /// fraction f of the space taken, a call gives up with probability f^16 (10^-5 at
-/// f = 0.5, 0.19 at f = 0.9).
+/// f = 0.5, 0.19 at f = 0.9). Tokens the tenant deleted within its tombstone window
+/// count as taken (`fresh_token`).
 pub const CARD_ATTEMPTS: usize = 16;
 
 /// How many fresh tokens of `shape` are drawn before giving up, and the error then.
